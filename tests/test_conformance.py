@@ -1,0 +1,233 @@
+"""Generic tests that every optimizer configuration in ``optim_db`` must pass (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from optim_db import OPTIMIZER_DB, OptimizerInfo, OptimizerInput, all_inputs, input_id
+from torch import nn
+
+CASES = all_inputs()
+
+
+class Problem:
+    """A small regression: an MLP, four fixed training batches and a validation set."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64, seed: int = 0, unused: bool = False):
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+        if unused:
+            self.model.register_parameter("unused", nn.Parameter(torch.ones(3, dtype=dtype)))
+        w = torch.randn(4, 1, generator=gen, dtype=dtype)
+        x = torch.randn(96, 4, generator=gen, dtype=dtype)
+        y = torch.tanh(x @ w) + 0.05 * torch.randn(96, 1, generator=gen, dtype=dtype)
+        self.batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+        self.xv, self.yv = x[64:], y[64:]
+
+    def loss(self, t: int) -> torch.Tensor:
+        x, y = self.batches[t % len(self.batches)]
+        return nn.functional.mse_loss(self.model(x), y)
+
+    def full_loss(self) -> float:
+        with torch.no_grad():
+            return sum(self.loss(t).item() for t in range(len(self.batches)))
+
+    def val_loss(self) -> torch.Tensor:
+        return nn.functional.mse_loss(self.model(self.xv), self.yv)
+
+    def closure(self, opt: torch.optim.Optimizer, t: int, backward: bool = True):
+        def closure() -> torch.Tensor:
+            loss = self.loss(t)
+            if backward:
+                opt.zero_grad()
+                loss.backward()
+            return loss
+
+        return closure
+
+    def params(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.model.parameters()]
+
+
+def build(info: OptimizerInfo, inp: OptimizerInput, prob: Problem, **extra):
+    kwargs = dict(inp.kwargs, **extra)
+    if inp.use_val or info.needs_val:
+        kwargs["val_closure"] = prob.val_loss
+    return info.cls(prob.model.parameters(), **kwargs)
+
+
+def run(info: OptimizerInfo, opt, prob: Problem, start: int, n: int, backward: bool = True):
+    loss = None
+    for t in range(start, start + n):
+        loss = info.step(opt, prob.closure(opt, t, backward), t)
+    return loss
+
+
+def hyper_groups(opt) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+def assert_same_params(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+@pytest.mark.parametrize(
+    "info,err",
+    [(info, e) for info in OPTIMIZER_DB for e in info.error_inputs],
+    ids=lambda v: v.desc if hasattr(v, "error_regex") else v.name,
+)
+def test_errors(info, err):
+    with pytest.raises(err.error_type, match=err.error_regex):
+        info.cls([nn.Parameter(torch.zeros(2))], **err.kwargs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_loss_goes_down(case):
+    info, inp = case
+    if not info.lr_decreases_loss:
+        pytest.skip(f"{info.name} covers descent in its own tests")
+    prob = Problem()
+    opt = build(info, inp, prob)
+    before = prob.full_loss()
+    run(info, opt, prob, 0, 30)
+    after = prob.full_loss()
+    assert math.isfinite(after) and after < 0.9 * before, (before, after)
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_no_grad_is_noop(case):
+    info, inp = case
+    prob = Problem()
+    opt = build(info, inp, prob)
+    before = prob.params()
+    if not info.second_order:
+        opt.step()  # no closure and no .grad anywhere
+        assert_same_params(before, prob.params())
+    zero = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    info.step(opt, lambda: zero * 1.0, 0)  # a loss that no parameter enters
+    assert_same_params(before, prob.params())
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_state_dict_resumes_in_lockstep(case):
+    info, inp = case
+    prob = Problem()
+    opt = build(info, inp, prob)
+    run(info, opt, prob, 0, 10)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+
+    prob2 = Problem()
+    prob2.model.load_state_dict(prob.model.state_dict())
+    opt2 = build(info, inp, prob2, **_fresh_kwargs(inp))
+    opt2.load_state_dict(torch.load(buffer, weights_only=False))
+    assert hyper_groups(opt2) == hyper_groups(opt)
+
+    run(info, opt, prob, 10, 10)
+    run(info, opt2, prob2, 10, 10)
+    assert_same_params(prob.params(), prob2.params())
+    assert hyper_groups(opt2) == hyper_groups(opt)
+    assert opt2.history == opt.history
+
+
+def _fresh_kwargs(inp: OptimizerInput) -> dict:
+    """A fresh optimizer is built from other initial values: loading must restore them."""
+    return {"lr": inp.kwargs["lr"] * 0.5} if "lr" in inp.kwargs else {}
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_deepcopy_and_repr(case):
+    info, inp = case
+    prob = Problem()
+    opt = build(info, inp, prob)
+    run(info, opt, prob, 0, 3)
+    clone = copy.deepcopy(opt)
+    assert type(clone) is type(opt)
+    assert hyper_groups(clone) == hyper_groups(opt)
+    assert clone.history == opt.history and clone.history is not opt.history
+    text = repr(opt)
+    assert text.startswith(info.name) and "lr" in text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_dtypes(case, dtype):
+    info, inp = case
+    prob = Problem(dtype=dtype)
+    opt = build(info, inp, prob)
+    run(info, opt, prob, 0, 6)
+    for p in prob.model.parameters():
+        assert p.dtype == dtype and torch.isfinite(p).all()
+        for value in opt.state[p].values():
+            if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0:
+                assert value.dtype == dtype
+    for group in opt.param_groups:
+        assert isinstance(group["lr"], float) and math.isfinite(group["lr"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_unused_parameter(case):
+    info, inp = case
+    prob = Problem(unused=True)
+    opt = build(info, inp, prob)
+    run(info, opt, prob, 0, 5)
+    assert torch.equal(prob.model.unused, torch.ones(3, dtype=torch.float64))
+    assert prob.model.unused.grad is None
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_closure_with_and_without_backward(case):
+    info, inp = case
+    a, b = Problem(), Problem()
+    opt_a, opt_b = build(info, inp, a), build(info, inp, b)
+    run(info, opt_a, a, 0, 8, backward=True)
+    run(info, opt_b, b, 0, 8, backward=False)
+    for x, y in zip(a.params(), b.params()):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    for ga, gb in zip(opt_a.param_groups, opt_b.param_groups):
+        assert ga["lr"] == pytest.approx(gb["lr"], rel=1e-10, abs=1e-14)
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_drop_in_without_closure(case):
+    info, inp = case
+    if info.second_order:
+        pytest.skip("second-order methods need a closure; they say so in a ValueError")
+    prob = Problem()
+    opt = build(info, inp, prob)
+    for t in range(5):
+        opt.zero_grad()
+        prob.loss(t).backward()
+        opt.step()
+    assert len(opt.history[0]["lr"]) == 5
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_nan_validation_loss_is_skipped(case):
+    info, inp = case
+    if not (inp.use_val or info.needs_val):
+        pytest.skip("training-loss mode has no validation loss")
+    prob = Problem()
+    opt = build(info, inp, prob)
+    run(info, opt, prob, 0, 3)
+    before, groups = prob.params(), hyper_groups(opt)
+    skipped = sum(opt.history[0].get("skipped", []))
+    opt.val_closure = lambda: prob.val_loss() * float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        for t in range(3, 5):
+            info.step(opt, prob.closure(opt, t), t)
+    assert_same_params(before, prob.params())
+    assert hyper_groups(opt) == groups
+    assert sum(opt.history[0]["skipped"]) > skipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.val_closure = prob.val_loss
+        run(info, opt, prob, 5, 2)  # recovers, and warns only once
