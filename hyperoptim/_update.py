@@ -57,8 +57,9 @@ def sgd_direction(
     *,
     dampening: float = 0.0,
     nesterov: bool = False,
+    inplace: bool = False,
 ) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
-    r"""The part of the SGD step that does not involve the learning rate (a pure function).
+    r"""The part of the SGD step that does not involve the learning rate.
 
     Args:
         params (sequence of Tensor): the weights :math:`w_t`.
@@ -69,6 +70,9 @@ def sgd_direction(
         weight_decay (float or Tensor): L2 penalty (default: 0).
         dampening (float, optional): dampening for momentum (default: 0).
         nesterov (bool, optional): Nesterov momentum (default: False).
+        inplace (bool, optional): update existing momentum buffers in place, exactly as
+            ``torch.optim.SGD`` does (float momentum only; not differentiable). Otherwise the
+            function is pure (default: False).
 
     Returns:
         ``(g, new_bufs, directions)``: :math:`g_t` (with weight decay), :math:`v_{t+1}` (``None``
@@ -89,6 +93,8 @@ def sgd_direction(
         if _active(momentum):
             if buf is None:
                 v = g.clone()
+            elif inplace:
+                v = buf.mul_(momentum).add_(g, alpha=1 - dampening)
             else:
                 scaled = buf * momentum if isinstance(momentum, Tensor) else buf.mul(momentum)
                 v = _axpy(scaled, 1 - dampening, g)

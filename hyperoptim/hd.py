@@ -144,26 +144,29 @@ class HypergradSGD(HyperOptimizer):
         for index, (group, params) in enumerate(groups):
             grads = [p.grad for p in params]
             states = [self.state[p] for p in params]
-            gs, bufs, dirs = sgd_direction(
-                params, grads, [s.get("momentum_buffer") for s in states],
-                group["momentum"], group["weight_decay"],
-                dampening=group["dampening"], nesterov=group["nesterov"],
-            )
             prev = [self._previous_direction(group, s) for s in states]
-            objs = [objective[p] for p in params] if val_closure is not None else gs
-            # h_t = -<grad E(w_t), d_{t-1}>, elementwise first (the per-weight hypergradients).
-            elementwise = [None if d is None else -(o * d) for o, d in zip(objs, prev)]
-            present = [e.sum() for e in elementwise if e is not None]
-            h = torch.stack(present).sum() if present else torch.zeros((), dtype=torch.float64)
-            new_lrs = None
+            wd = group["weight_decay"]
+            # h_t = -<grad E(w_t), d_{t-1}>; in training-loss mode grad E = grad L + wd * w.
+            if val_closure is not None:
+                objs = [objective[p] for p in params]
+            else:
+                objs = grads if wd == 0 else [g.add(p, alpha=wd) for g, p in zip(grads, params)]
             if group["per_parameter"]:
+                elementwise = [None if d is None else -(o * d) for o, d in zip(objs, prev)]
+                present = [e.sum() for e in elementwise if e is not None]
                 new_lrs = self._per_parameter_lrs(index, group, params, states, elementwise)
                 n = sum(a.numel() for a in new_lrs)
-                mean = torch.stack([a.sum() for a in new_lrs]).sum() / n if n else h.new_zeros(())
-                scalars.append(torch.stack([h.double(), mean.double()]))
+                mean = (torch.stack([a.sum() for a in new_lrs]).sum() / n if n
+                        else torch.tensor(group["lr"]))
             else:
-                scalars.append(h.double().reshape(1))
-            plans.append((group, params, states, bufs, dirs, grads, new_lrs))
+                present = [-torch.dot(o.reshape(-1), d.reshape(-1))
+                           for o, d in zip(objs, prev) if d is not None]
+                new_lrs, mean = None, None
+            h = torch.stack(present).sum() if present else torch.zeros(())
+            scalars.append(h.double().reshape(1))
+            if mean is not None:
+                scalars.append(mean.double().reshape(1))
+            plans.append((group, params, grads, states, new_lrs))
 
         if val_loss is not None:
             scalars.append(val_loss.double().reshape(1))
@@ -176,7 +179,7 @@ class HypergradSGD(HyperOptimizer):
             return loss
 
         it = iter(values)
-        for i, (group, params, states, bufs, dirs, grads, new_lrs) in enumerate(plans):
+        for i, (group, params, grads, states, new_lrs) in enumerate(plans):
             h = next(it)
             lo, hi = group["lr_bounds"]
             if new_lrs is None:
@@ -188,12 +191,18 @@ class HypergradSGD(HyperOptimizer):
                 for s, a in zip(states, new_lrs):
                     s["lr"] = a
                 lr = new_lrs
+            _, bufs, dirs = sgd_direction(
+                params, grads, [s.get("momentum_buffer") for s in states],
+                group["momentum"], group["weight_decay"],
+                dampening=group["dampening"], nesterov=group["nesterov"], inplace=True,
+            )
             apply_update_(params, dirs, lr)
-            for p, s, buf, d, g in zip(params, states, bufs, dirs, grads):
+            keep_direction = group["momentum"] == 0 or group["nesterov"]
+            for s, buf, d, g in zip(states, bufs, dirs, grads):
                 if buf is not None:
                     s["momentum_buffer"] = buf
-                if group["momentum"] == 0 or group["nesterov"]:
-                    # Heavy ball's direction is the buffer itself; otherwise keep a private copy.
+                if keep_direction:
+                    # Heavy ball's direction is its buffer; otherwise keep a private copy.
                     s["direction"] = d.clone() if d is g else d
             self._record(i, lr=group["lr"], **{"hypergrad/lr": h})
         return loss

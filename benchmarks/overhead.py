@@ -1,0 +1,152 @@
+"""Per-step time of each hyperoptim optimizer relative to ``torch.optim.SGD``.
+
+Each case is a full training step (forward, backward, optimizer step, and whatever validation work
+the method does) on the same model and the same batches as the SGD baseline. Cases run
+interleaved in one process: every repeat times a block of steps of each case in turn, and the
+reported ratio is median(case block time) / median(SGD block time). Absolute times on shared
+machines drift; the ratio is what to compare.
+
+Run:
+    python benchmarks/overhead.py                 # small and medium MLP, all cases
+    python benchmarks/overhead.py --repeats 11 --steps 30 --threads 1
+
+To add an optimizer: write a ``make_<name>(model, data) -> step(t)`` factory below and add it
+to ``CASES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import hyperoptim
+
+Step = Callable[[int], object]
+
+
+class Data:
+    """Fixed random classification batches (training and validation, same size)."""
+
+    def __init__(self, n_in: int, n_out: int, batch: int, n_batches: int = 8, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.train = [
+            (torch.randn(batch, n_in, generator=gen), torch.randint(n_out, (batch,), generator=gen))
+            for _ in range(n_batches)
+        ]
+        self.val = (torch.randn(batch, n_in, generator=gen),
+                    torch.randint(n_out, (batch,), generator=gen))
+
+    def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.train[t % len(self.train)]
+
+
+def mlp(sizes: list[int]) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _closure(model: nn.Module, opt: torch.optim.Optimizer, data: Data, t: int):
+    def closure() -> torch.Tensor:
+        x, y = data.batch(t)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _val_closure(model: nn.Module, data: Data):
+    def val_closure() -> torch.Tensor:
+        x, y = data.val
+        return F.cross_entropy(model(x), y)
+
+    return val_closure
+
+
+def make_sgd(model: nn.Module, data: Data) -> Step:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return lambda t: opt.step(_closure(model, opt, data, t))
+
+
+def make_hd_train(model: nn.Module, data: Data) -> Step:
+    opt = hyperoptim.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-4)
+    return lambda t: opt.step(_closure(model, opt, data, t))
+
+
+def make_hd_val(model: nn.Module, data: Data) -> Step:
+    opt = hyperoptim.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-4,
+                                  val_closure=_val_closure(model, data))
+    return lambda t: opt.step(_closure(model, opt, data, t))
+
+
+CASES: dict[str, Callable[[nn.Module, Data], Step]] = {
+    "torch.optim.SGD": make_sgd,
+    "HypergradSGD (training loss)": make_hd_train,
+    "HypergradSGD (validation)": make_hd_val,
+}
+
+MODELS = {
+    "small MLP 64-128-10, batch 128": ([64, 128, 10], 128),
+    "medium MLP 784-512-512-10, batch 128": ([784, 512, 512, 10], 128),
+}
+
+
+def measure(sizes: list[int], batch: int, repeats: int, steps: int, only: list[str] | None
+            ) -> dict[str, float]:
+    """Median block time per case divided by SGD's, cases interleaved in every repeat."""
+    torch.manual_seed(0)
+    base = mlp(sizes)
+    data = Data(sizes[0], sizes[-1], batch)
+    names = [n for n in CASES if only is None or n == "torch.optim.SGD" or n in only]
+    steppers = {n: CASES[n](copy.deepcopy(base), data) for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    t = {n: 0 for n in names}
+    for n in names:  # warm-up
+        for _ in range(3):
+            steppers[n](t[n])
+            t[n] += 1
+    for _ in range(repeats):
+        for n in names:
+            start = time.perf_counter()
+            for _ in range(steps):
+                steppers[n](t[n])
+                t[n] += 1
+            times[n].append(time.perf_counter() - start)
+    ref = statistics.median(times["torch.optim.SGD"])
+    return {n: statistics.median(times[n]) / ref for n in names} | {
+        "_sgd_ms_per_step": 1000 * ref / steps
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--only", nargs="*", help="case names to run (SGD always runs)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for model_name, (sizes, batch) in MODELS.items():
+        ratios = measure(sizes, batch, args.repeats, args.steps, args.only)
+        sgd_ms = ratios.pop("_sgd_ms_per_step")
+        print(f"\n{model_name}  (SGD: {sgd_ms:.3f} ms/step, {args.threads} thread(s), "
+              f"median of {args.repeats} x {args.steps} steps)")
+        print(f"{'optimizer':<44} {'time / SGD':>10}")
+        for name, ratio in ratios.items():
+            print(f"{name:<44} {ratio:>10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
