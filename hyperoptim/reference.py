@@ -1,0 +1,383 @@
+r"""Reference hypergradients: the exact unrolled oracle and finite differences.
+
+Every hypergradient test in the package compares against these (DESIGN.md §5). They are slow and
+obviously correct rather than fast.
+
+**The inner run.** :math:`T` steps of ``torch.optim.SGD``'s rule (:mod:`hyperoptim._update`, the
+very function the optimizers use) from weights :math:`w_0`, with piecewise-constant schedules: the
+learning rate :math:`a`, momentum :math:`b` and weight decay :math:`c` each have :math:`N_x` values,
+value :math:`k` being used on the window of steps :math:`[kT/N_x, (k+1)T/N_x)`
+(:func:`hyperoptim._schedule.window_of`; a window may be a single step, a plain float is one window
+for all :math:`T` steps). With :math:`L_t` the training loss of batch :math:`t` and dampening
+:math:`\delta`,
+
+.. math::
+
+    g_t &= \nabla L_t(w_t) + c_t w_t \\
+    v_{t+1} &= b_t v_t + (1-\delta) g_t \qquad (v_1 = g_0 \text{ unless } v_0 \text{ is given})
+        \\
+    d_t &= v_{t+1} \ \text{(heavy ball)} \quad\text{or}\quad g_t + b_t v_{t+1}
+        \ \text{(Nesterov)} \\
+    w_{t+1} &= w_t - a_t d_t,
+
+written :math:`(w_{t+1}, v_{t+1}) = \Phi_t(w_t, v_t; a_t, b_t, c_t)`. The objective is the
+validation loss at the end, :math:`E(w_T)`, and the hypergradient is its derivative with respect to
+every schedule value :math:`\lambda = (a_1..a_{N_a}, b_1..b_{N_b}, c_1..c_{N_c})`.
+
+**Exact reverse mode** (:func:`unrolled_hypergrad`, "Diff-through-Opt"; Maclaurin et al. 2015, the
+thesis' Algorithm 2). The forward pass runs with the schedules as tensors that require grad and
+takes each :math:`\nabla L_t` with ``create_graph=True``; one backward pass then carries the
+adjoints :math:`\hat w_t = \partial E / \partial w_t`, :math:`\hat v_t = \partial E / \partial v_t`
+back through every step:
+
+.. math::
+
+    \hat w_T = \nabla E(w_T),\quad \hat v_T = 0,\qquad
+    (\hat w_t, \hat v_t, \hat\lambda_t) = (\hat w_{t+1}, \hat v_{t+1})^\top
+        \frac{\partial \Phi_t}{\partial (w_t, v_t, \lambda)},\qquad
+    \frac{dE}{d\lambda} = \sum_t \hat\lambda_t,
+
+so that, for instance, :math:`dE/da_k = -\sum_{t \in W_k} \langle \hat w_{t+1}, d_t \rangle`, and
+each step of the :math:`\hat w` recursion takes one Hessian-vector product :math:`H_t \hat g_t`
+(:math:`\hat g_t` the adjoint of :math:`g_t`) by double backward.
+Everything is float64. **Memory grows linearly with** :math:`T`: the autograd graph keeps, for every
+step, the weights, the buffers, the gradient and the graph of the gradient (for the double
+backward), about :math:`T` times the memory of one training step with its activations. That is the
+cost forward mode (``FDSSGD``: memory flat in :math:`T`) avoids.
+
+**Finite differences** (:func:`finite_difference_hypergrad`): for each schedule value separately,
+:math:`(E(\lambda + \varepsilon e_i) - E(\lambda - \varepsilon e_i)) / 2\varepsilon`, from
+:math:`2(N_a + N_b + N_c)` forward runs in float64; error
+:math:`O(\varepsilon^2 \partial^3 E) + O(u |E| / \varepsilon)` with :math:`u = 2^{-53}`.
+
+**Momentum exactly 0.** The schedules are differentiated as tensors, so the buffer is kept in every
+window (:math:`v_{t+1} = g_t` where :math:`b_t = 0`): the limit of ``torch.optim.SGD`` as the
+momentum tends to 0, which gives the same weights as ``torch.optim.SGD`` except after a window of
+momentum 0 followed by one with momentum (PyTorch then resumes from the buffer it had before that
+window, or starts a new one).
+Dampening with a window of momentum 0 is refused: there ``torch.optim.SGD`` steps along :math:`g_t`
+while the limit steps along :math:`(1-\delta) g_t`, and no derivative exists.
+
+References:
+    D. Maclaurin, D. Duvenaud, R. P. Adams. Gradient-based Hyperparameter Optimization through
+    Reversible Learning. ICML 2015.
+
+    J. Fu, H. Luo, J. Feng, K. H. Low, T.-S. Chua. DrMAD: Distilling Reverse-Mode Automatic
+    Differentiation for Optimizing Hyperparameters of Deep Neural Networks. IJCAI 2016.
+
+    The MSc thesis on DrMAD and adaptive methods (../shared/papers/drmad-adaptive-thesis.txt),
+    Algorithms 2 and 3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._schedule import window_of
+from ._update import sgd_step
+
+__all__ = ["finite_difference_hypergrad", "unroll", "unrolled_hypergrad"]
+
+TrainLoss = Callable[[dict[str, Tensor], int], Tensor]
+"""``(params, t) -> loss`` of batch ``t`` at ``params``, without the weight decay term."""
+
+ValLoss = Callable[[dict[str, Tensor]], Tensor]
+"""``params -> E``, the validation loss."""
+
+Schedule = float | Sequence[float]
+"""One value for all steps, or one value per window."""
+
+_NAMES = ("lr", "momentum", "weight_decay")
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Validated arguments of one inner run."""
+
+    horizon: int
+    values: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]  # lr, momentum, wd
+    dampening: float
+    nesterov: bool
+
+    def at(self, t: int, values: Sequence[Sequence[float]] | None = None) -> tuple[float, ...]:
+        """The (lr, momentum, weight_decay) values of step ``t``."""
+        values = self.values if values is None else values
+        return tuple(s[window_of(t, self.horizon, len(s))] for s in values)
+
+    def windows(self, t: int) -> tuple[int, ...]:
+        return tuple(window_of(t, self.horizon, len(s)) for s in self.values)
+
+
+def _schedule(name: str, value: Schedule, horizon: int) -> tuple[float, ...]:
+    if isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value}")
+    if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.dim() == 0):
+        values: tuple[float, ...] = (float(value),)
+    else:
+        try:
+            values = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"Invalid {name} value: {value}") from None
+    if not values or len(values) > horizon:
+        raise ValueError(f"Invalid {name} value: {value} ({len(values)} windows for a horizon of "
+                         f"{horizon} steps; expected 1 to {horizon})")
+    if not all(math.isfinite(v) and v >= 0.0 for v in values):
+        raise ValueError(f"Invalid {name} value: {value} (expected finite values >= 0)")
+    return values
+
+
+def _plan(horizon: int, lr: Schedule, momentum: Schedule, weight_decay: Schedule,
+          dampening: float, nesterov: bool) -> _Plan:
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"Invalid horizon value: {horizon} (expected an int >= 1)")
+    values = (_schedule("lr", lr, horizon), _schedule("momentum", momentum, horizon),
+              _schedule("weight_decay", weight_decay, horizon))
+    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) \
+            or not math.isfinite(dampening):
+        raise ValueError(f"Invalid dampening value: {dampening}")
+    if nesterov and dampening != 0:
+        raise ValueError("Nesterov momentum requires zero dampening")
+    if dampening != 0 and min(values[1]) == 0:
+        raise ValueError(f"Invalid dampening value: {dampening} (dampening needs a momentum > 0 "
+                         f"in every window; momentum is {momentum})")
+    return _Plan(horizon, values, float(dampening), bool(nesterov))
+
+
+def _start(params: dict[str, Tensor], momentum_buffers: dict[str, Tensor] | None,
+           dtype: torch.dtype | None) -> tuple[list[str], list[Tensor], list[Tensor | None]]:
+    """Names, detached weights and buffers (cast to ``dtype`` unless None)."""
+    if not isinstance(params, dict) or not params:
+        raise ValueError(f"Invalid params value: {params} (expected a non-empty dict of tensors)")
+    names = list(params)
+    weights = [params[k].detach() for k in names]
+    if momentum_buffers is None:
+        bufs: list[Tensor | None] = [None] * len(names)
+    else:
+        if not isinstance(momentum_buffers, dict) or set(momentum_buffers) != set(names):
+            raise ValueError("Invalid momentum_buffers value: expected a dict with the keys of "
+                             f"params {names}, got {momentum_buffers!r}")
+        bufs = [None if momentum_buffers[k] is None else momentum_buffers[k].detach()
+                for k in names]
+    if dtype is not None:
+        weights = [w.to(dtype) for w in weights]
+        bufs = [None if b is None else b.to(dtype) for b in bufs]
+    return names, weights, bufs
+
+
+def _train_grads(train_loss: TrainLoss, names: list[str], weights: Sequence[Tensor], t: int,
+                 *, create_graph: bool) -> list[Tensor]:
+    """:math:`\\nabla L_t` at ``weights`` (zeros for parameters the loss does not use)."""
+    with torch.enable_grad():
+        leaves = list(weights) if create_graph else [w.detach().requires_grad_() for w in weights]
+        loss = train_loss(dict(zip(names, leaves, strict=True)), t)
+        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, leaves, strict=True)]
+
+
+def _rollout(train_loss: TrainLoss, names: list[str], weights: list[Tensor],
+             bufs: list[Tensor | None], plan: _Plan,
+             values: Sequence[Sequence[float]] | None = None,
+             ) -> tuple[list[Tensor], list[Tensor | None]]:
+    """The forward run with float hyperparameters (``torch.optim.SGD``'s arithmetic), no graph."""
+    values = plan.values if values is None else values
+    keep_buffers = any(b is not None for b in bufs) or any(b != 0 for b in values[1])
+    for t in range(plan.horizon):
+        a, b, c = plan.at(t, values)
+        grads = _train_grads(train_loss, names, weights, t, create_graph=False)
+        # Momentum 0 with buffers in use: keep the buffer (v = 0 v + g), the limit b -> 0+.
+        momentum = torch.zeros((), dtype=weights[0].dtype) if keep_buffers and b == 0 else b
+        with torch.no_grad():
+            weights, new_bufs, _ = sgd_step(weights, grads, bufs, a, momentum, c,
+                                            dampening=plan.dampening, nesterov=plan.nesterov)
+        if keep_buffers:
+            bufs = new_bufs
+    return weights, bufs
+
+
+def unroll(
+    train_loss: TrainLoss,
+    params: dict[str, Tensor],
+    *,
+    horizon: int,
+    lr: Schedule,
+    momentum: Schedule = 0.0,
+    weight_decay: Schedule = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    momentum_buffers: dict[str, Tensor] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    r"""Run the inner SGD run forward only: :math:`(w_0, v_0) \mapsto (w_T, v_T)`.
+
+    The same floating-point operations as ``torch.optim.SGD`` (single-tensor path) with the
+    schedule's values written into ``param_groups`` before each step, so the weights are
+    bit-identical to it (see the module notes for a window of momentum exactly 0). Works in the
+    dtype of ``params``; nothing keeps a graph and ``params`` is not modified.
+
+    Args:
+        train_loss (callable): ``(params, t) -> loss`` of batch ``t``, without weight decay.
+        params (dict of Tensor): the initial weights :math:`w_0`.
+        horizon (int): the number of steps :math:`T`.
+        lr (float or sequence of float): the learning rate, one value or one per window.
+        momentum (float or sequence of float, optional): momentum factor(s) (default: 0).
+        weight_decay (float or sequence of float, optional): L2 penalty (default: 0).
+        dampening (float, optional): dampening for momentum (default: 0).
+        nesterov (bool, optional): Nesterov momentum (default: False).
+        momentum_buffers (dict of Tensor, optional): initial buffers :math:`v_0`, keyed like
+            ``params`` (default: None: PyTorch's first step, :math:`v_1 = g_0`).
+
+    Returns:
+        ``(params_T, buffers_T)``: dicts keyed like ``params``; ``buffers_T`` is None when no
+        momentum was used (every value 0 and no initial buffers).
+
+    Example:
+        >>> loss = lambda p, t: 0.5 * (p["w"] ** 2).sum()
+        >>> w_T, v_T = unroll(loss, {"w": torch.tensor([1.0])}, horizon=2, lr=0.5)
+        >>> w_T["w"], v_T
+        (tensor([0.2500]), None)
+    """
+    plan = _plan(horizon, lr, momentum, weight_decay, dampening, nesterov)
+    names, weights, bufs = _start(params, momentum_buffers, None)
+    weights, bufs = _rollout(train_loss, names, weights, bufs, plan)
+    buffers = None if all(b is None for b in bufs) else dict(zip(names, bufs, strict=True))
+    return dict(zip(names, weights, strict=True)), buffers
+
+
+def unrolled_hypergrad(
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    params: dict[str, Tensor],
+    *,
+    horizon: int,
+    lr: Schedule,
+    momentum: Schedule = 0.0,
+    weight_decay: Schedule = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    momentum_buffers: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""Exact hypergradients by reverse mode through the unrolled run (Diff-through-Opt).
+
+    Runs the :math:`T` steps of the module notes in float64 with the schedule values as tensors
+    (the same :func:`hyperoptim._update.sgd_step` the optimizers use, so the oracle differentiates
+    the very rule they apply), then one backward pass from :math:`E(w_T)`. Memory grows linearly
+    with ``horizon`` (the whole graph is kept); use it on small problems.
+
+    Args:
+        train_loss (callable): ``(params, t) -> loss`` of batch ``t`` at ``params``, without
+            weight decay; it receives float64 tensors that carry a graph (write it with
+            ``torch.func.functional_call`` for a module). For a sequence of batches:
+            ``lambda p, t: loss(p, batches[t])``.
+        val_loss (callable): ``params -> E``, a scalar.
+        params (dict of Tensor): the initial weights :math:`w_0` (not modified).
+        horizon (int): the number of steps :math:`T` (>= 1).
+        lr (float or sequence of float): the learning rate; a float is one window for all steps,
+            a sequence of :math:`N \le T` values gives window :math:`k` the steps
+            :math:`[kT/N, (k+1)T/N)`.
+        momentum (float or sequence of float, optional): momentum schedule (default: 0).
+        weight_decay (float or sequence of float, optional): weight decay schedule (default: 0).
+        dampening (float, optional): dampening for momentum (default: 0).
+        nesterov (bool, optional): Nesterov momentum (default: False).
+        momentum_buffers (dict of Tensor, optional): initial buffers :math:`v_0` keyed like
+            ``params`` (default: None: PyTorch's first step, :math:`v_1 = g_0`).
+
+    Returns:
+        ``(E, hypergrads)``: the validation loss :math:`E(w_T)` (0-d float64) and a dict with
+        ``"lr"``, ``"momentum"``, ``"weight_decay"``: :math:`dE/d` each schedule value, float64
+        tensors of shape ``(N_lr,)``, ``(N_momentum,)``, ``(N_weight_decay,)``.
+
+    Raises:
+        ValueError: a horizon < 1, more windows than steps, a negative or non-finite value,
+            dampening with Nesterov or with a window of momentum 0, ``momentum_buffers`` keyed
+            differently from ``params``.
+
+    Example:
+        >>> # E = L = w^2 / 2, so w_T = (1 - a)^T w_0 and dE/da = -T (1 - a)^(2T - 1) w_0^2.
+        >>> loss = lambda p, t: 0.5 * (p["w"] ** 2).sum()
+        >>> E, hg = unrolled_hypergrad(loss, lambda p: loss(p, 0), {"w": torch.tensor([1.0])},
+        ...                            horizon=2, lr=0.1)
+        >>> hg["lr"], round(-2 * 0.9 ** 3, 12)
+        (tensor([-1.4580], dtype=torch.float64), -1.458)
+    """
+    plan = _plan(horizon, lr, momentum, weight_decay, dampening, nesterov)
+    names, weights, bufs = _start(params, momentum_buffers, _F64)
+    hypers = [torch.tensor(v, dtype=_F64, requires_grad=True) for v in plan.values]
+    with torch.enable_grad():
+        weights = [w.clone().requires_grad_() for w in weights]
+        for t in range(plan.horizon):
+            i, j, k = plan.windows(t)
+            grads = _train_grads(train_loss, names, weights, t, create_graph=True)
+            weights, bufs, _ = sgd_step(weights, grads, bufs, hypers[0][i], hypers[1][j],
+                                        hypers[2][k], dampening=plan.dampening,
+                                        nesterov=plan.nesterov)
+        objective = val_loss(dict(zip(names, weights, strict=True)))
+        derivs = torch.autograd.grad(objective, hypers, allow_unused=True)
+    hypergrads = {name: torch.zeros_like(h) if d is None else d.detach()
+                  for name, h, d in zip(_NAMES, hypers, derivs, strict=True)}
+    return objective.detach(), hypergrads
+
+
+def finite_difference_hypergrad(
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    params: dict[str, Tensor],
+    *,
+    horizon: int,
+    lr: Schedule,
+    momentum: Schedule = 0.0,
+    weight_decay: Schedule = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    momentum_buffers: dict[str, Tensor] | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""Hypergradients by central differences of the unrolled run, for tests.
+
+    For each schedule value :math:`\lambda_i` separately,
+    :math:`dE/d\lambda_i \approx (E(\lambda + \varepsilon e_i) - E(\lambda - \varepsilon e_i)) /
+    2\varepsilon`, each :math:`E` from a float64 forward run (:func:`unroll`'s arithmetic), so
+    :math:`2(N_{lr} + N_{momentum} + N_{weight\_decay}) + 1` runs in all. A value at 0 is perturbed
+    to :math:`\pm\varepsilon` (the rule is smooth there).
+
+    Args:
+        train_loss, val_loss, params, horizon, lr, momentum, weight_decay, dampening, nesterov,
+            momentum_buffers: as in :func:`unrolled_hypergrad`.
+        eps (float, optional): the step :math:`\varepsilon` (default: 1e-6).
+
+    Returns:
+        ``(E, hypergrads)`` as :func:`unrolled_hypergrad` returns them.
+
+    Example:
+        >>> loss = lambda p, t: 0.5 * (p["w"] ** 2).sum()
+        >>> E, hg = finite_difference_hypergrad(loss, lambda p: loss(p, 0),
+        ...                                     {"w": torch.tensor([1.0])}, horizon=2, lr=0.1)
+        >>> round(hg["lr"].item(), 6)
+        -1.458
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"Invalid eps value: {eps}")
+    plan = _plan(horizon, lr, momentum, weight_decay, dampening, nesterov)
+    names, weights, bufs = _start(params, momentum_buffers, _F64)
+
+    def objective(values: Sequence[Sequence[float]]) -> float:
+        final, _ = _rollout(train_loss, names, weights, bufs, plan, values)
+        with torch.no_grad():
+            return float(val_loss(dict(zip(names, final, strict=True))))
+
+    hypergrads = {}
+    for n, name in enumerate(_NAMES):
+        column = []
+        for i in range(len(plan.values[n])):
+            ends = []
+            for sign in (1.0, -1.0):
+                values = [list(s) for s in plan.values]
+                values[n][i] += sign * eps
+                ends.append(objective(values))
+            column.append((ends[0] - ends[1]) / (2 * eps))
+        hypergrads[name] = torch.tensor(column, dtype=_F64)
+    return torch.tensor(objective(plan.values), dtype=_F64), hypergrads
