@@ -56,8 +56,9 @@ def frozen_batchnorm_stats(module: nn.Module) -> Iterator[nn.Module]:
 
     A validation forward pass in train mode normalises with batch statistics and, by default,
     also updates ``running_mean``, ``running_var`` and ``num_batches_tracked``: validation data
-    would leak into the model. Inside this context those buffers are restored on exit (also when
-    an exception is raised); the forward pass itself is unchanged. Use ``module.eval()`` instead
+    would leak into the model. Inside this context those buffers are scratch copies, and the
+    originals are put back on exit (also when an exception is raised), so the loss may still be
+    differentiated after the context ends; the forward pass itself is unchanged. Use ``module.eval()`` instead
     if the validation pass should normalise with the running statistics.
 
     Args:
@@ -71,18 +72,21 @@ def frozen_batchnorm_stats(module: nn.Module) -> Iterator[nn.Module]:
         >>> torch.equal(model[1].running_mean, before)
         True
     """
-    saved: list[tuple[Tensor, Tensor]] = []
+    # Swap in scratch copies rather than restoring in place: the validation graph saved the
+    # buffers it normalised with, and an in-place restore would break its backward pass.
+    saved: list[tuple[nn.Module, str, Tensor]] = []
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = m._buffers.get(name)
                 if buf is not None:
-                    saved.append((buf, buf.clone()))
+                    saved.append((m, name, buf))
+                    m._buffers[name] = buf.clone()
     try:
         yield module
     finally:
-        with torch.no_grad():
-            for buf, copy_ in saved:
-                buf.copy_(copy_)
+        for m, name, buf in saved:
+            m._buffers[name] = buf
 
 
 class _BackwardRecorder:

@@ -28,6 +28,7 @@ batched over tangent columns with :func:`torch.func.vmap`, so no tangent formula
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -180,8 +181,9 @@ def sgd_tangents(
 
     The tangents have a leading column dimension ``N`` (one column per hyperparameter, or per
     schedule value): ``z[i]``, ``hz[i]`` and ``c[i]`` have shape ``(N, *params[i].shape)``;
-    ``e_lr``, ``e_momentum``, ``e_weight_decay`` have shape ``(N,)`` and hold the derivative of this step's hyperparameter value with respect
-    to each column (the one-hot :math:`e_x(t)` of DESIGN.md §3, or any other seed).
+    ``e_lr``, ``e_momentum``, ``e_weight_decay`` have shape ``(N,)`` and hold the derivative of
+    this step's hyperparameter value with respect to each column (the one-hot :math:`e_x(t)` of
+    DESIGN.md §3, or any other seed).
 
     Args:
         params, grads, bufs: the primal state as in :func:`sgd_step`.

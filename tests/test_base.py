@@ -1,0 +1,221 @@
+"""The shared base: closures, validation gradients, HVPs, BatchNorm freezing, DDP averaging."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+from hyperoptim import HypergradSGD, frozen_batchnorm_stats
+from hyperoptim._base import HyperOptimizer, all_reduce_mean
+from hyperoptim._hvp import grad_and_hvp, hvp_from_grads
+
+
+class _Probe(HyperOptimizer):
+    """The smallest subclass: exposes the base's helpers to the tests."""
+
+    def __init__(self, params, val_closure=None):
+        super().__init__(params, dict(lr=0.1), val_closure=val_closure)
+
+    def step(self, closure=None, *, val_closure=None):  # pragma: no cover - unused
+        return None
+
+
+def _cubic():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    v = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def loss():
+        return (w**3).sum() * (v**2).sum() + (w[:3] * v).sum() ** 2
+
+    return [w, v], loss
+
+
+def _hessian(params, loss):
+    def f(flat):
+        w, v = flat[:4], flat[4:]
+        return (w**3).sum() * (v**2).sum() + (w[:3] * v).sum() ** 2
+
+    flat = torch.cat([p.detach() for p in params])
+    return torch.autograd.functional.hessian(f, flat)
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_training_loss_gives_gradient_graph_either_way(backward):
+    params, loss_fn = _cubic()
+    opt = _Probe(params)
+
+    def closure():
+        loss = loss_fn()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    loss, graph = opt._training_loss(closure, create_graph=True)
+    assert loss.grad_fn is None and not any(p.grad.requires_grad for p in params)
+    z = torch.randn(2, 7, dtype=torch.float64)
+    hz = hvp_from_grads([graph[p] for p in params], params, [z[:, :4], z[:, 4:]])
+    expected = z @ _hessian(params, loss_fn)
+    torch.testing.assert_close(torch.cat(hz, dim=1), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_autograd_backward_without_graph_is_a_clear_error():
+    params, loss_fn = _cubic()
+    opt = _Probe(params)
+
+    def closure():
+        loss = loss_fn()
+        torch.autograd.backward(loss)
+        return loss
+
+    with pytest.raises(ValueError, match="graph of the training gradient"):
+        opt._training_loss(closure, create_graph=True)
+
+
+def test_second_order_without_closure_says_what_to_do():
+    params, _ = _cubic()
+    with pytest.raises(ValueError, match="step\\(closure\\)"):
+        _Probe(params)._training_loss(None, create_graph=True)
+
+
+def test_closure_must_return_a_tensor():
+    params, _ = _cubic()
+    with pytest.raises(ValueError, match="Invalid closure return value"):
+        _Probe(params)._training_loss(lambda: 3.0)
+
+
+def test_functional_grad_and_hvp():
+    params, loss_fn = _cubic()
+
+    def f(p):
+        w, v = p["w"], p["v"]
+        return (w**3).sum() * (v**2).sum() + (w[:3] * v).sum() ** 2
+
+    z = torch.randn(3, 7, dtype=torch.float64)
+    g, hz = grad_and_hvp(f, {"w": params[0].detach(), "v": params[1].detach()},
+                         {"w": z[:, :4], "v": z[:, 4:]})
+    torch.testing.assert_close(torch.cat([hz["w"], hz["v"]], 1), z @ _hessian(params, loss_fn))
+    expected = torch.autograd.grad(loss_fn(), params)
+    torch.testing.assert_close(g["w"], expected[0])
+    torch.testing.assert_close(g["v"], expected[1])
+
+
+def test_validation_grads_restore_training_grads_even_on_error():
+    params, loss_fn = _cubic()
+    opt = _Probe(params)
+    loss_fn().backward()
+    saved = [p.grad.clone() for p in params]
+
+    def boom():
+        loss_fn().backward()
+        raise RuntimeError("validation failed")
+
+    with pytest.raises(RuntimeError, match="validation failed"):
+        opt._validation_grads(boom, params)
+    assert all(torch.equal(p.grad, s) for p, s in zip(params, saved))
+
+
+def test_missing_val_closure_is_a_clear_error():
+    params, _ = _cubic()
+    with pytest.raises(ValueError, match="val_closure="):
+        _Probe(params)._resolve_val_closure(None, required=True)
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 1))
+
+
+def test_frozen_batchnorm_stats_leaves_running_stats_unchanged():
+    model = _bn_model()
+    model(torch.randn(16, 3))  # some statistics to protect
+    bn = model[1]
+    before = [t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    x = torch.randn(16, 3)
+    with frozen_batchnorm_stats(model):
+        inside = model(x)
+    after = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    torch.testing.assert_close(inside, model(x))  # the forward pass itself is unchanged
+    assert not torch.equal(bn.running_mean, before[0])  # outside the context, stats move again
+
+
+def test_frozen_batchnorm_stats_restores_on_error():
+    model = _bn_model()
+    before = model[1].running_mean.clone()
+    with pytest.raises(RuntimeError):
+        with frozen_batchnorm_stats(model):
+            model(torch.randn(8, 3))
+            raise RuntimeError
+    assert torch.equal(model[1].running_mean, before)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_validation_in_hd_step_with_frozen_batchnorm(frozen):
+    """Only the training forward passes count in num_batches_tracked when validation is frozen."""
+    model = _bn_model()
+    x, y, xv, yv = torch.randn(16, 3), torch.randn(16, 1), torch.randn(16, 3), torch.randn(16, 1)
+
+    def val_closure():
+        if frozen:
+            with frozen_batchnorm_stats(model):
+                return F.mse_loss(model(xv), yv)
+        return F.mse_loss(model(xv), yv)
+
+    opt = HypergradSGD(model.parameters(), lr=0.05, val_closure=val_closure)
+    for _ in range(3):
+        opt.step(lambda: F.mse_loss(model(x), y))
+    assert model[1].num_batches_tracked.item() == (3 if frozen else 6)
+
+
+def test_all_reduce_mean_is_identity_without_distributed():
+    t = [torch.ones(2), torch.zeros(3)]
+    out = all_reduce_mean(t)
+    assert all(a is b for a, b in zip(out, t))
+
+
+def _ddp_worker(rank: int, world: int, path: str, result_path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(8, 3, generator=gen).double(), torch.randn(8, 1, generator=gen).double()
+        xv, yv = torch.randn(8, 3, generator=gen).double(), torch.randn(8, 1, generator=gen).double()
+        part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        opt = HypergradSGD(ddp.parameters(), lr=0.1, momentum=0.9, hypergrad_lr=0.05,
+                           val_closure=lambda: F.mse_loss(model(xv[part]), yv[part]))
+        for _ in range(4):
+            opt.zero_grad()
+            F.mse_loss(ddp(x[part]), y[part]).backward()
+            opt.step()
+        if rank == 0:
+            torch.save({"lr": opt.history[0]["lr"],
+                        "params": [p.detach() for p in model.parameters()]}, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_follow_the_single_process_trajectory():
+    """Validation gradients are averaged across ranks: 2 ranks x half batch == 1 rank x full."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {}
+        for world in (1, 2):
+            out = os.path.join(tmp, f"result{world}.pt")
+            mp.spawn(_ddp_worker, args=(world, os.path.join(tmp, f"store{world}"), out),
+                     nprocs=world, join=True)
+            results[world] = torch.load(out)
+    assert results[1]["lr"] == pytest.approx(results[2]["lr"], rel=1e-10)
+    assert results[1]["lr"][-1] != 0.1
+    for a, b in zip(results[1]["params"], results[2]["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
