@@ -2,7 +2,8 @@
 
 from ._base import HyperOptimizer, frozen_batchnorm_stats
 from .hd import HypergradSGD
+from .plot import plot_history
 
-__all__ = ["HyperOptimizer", "HypergradSGD", "frozen_batchnorm_stats"]
+__all__ = ["HyperOptimizer", "HypergradSGD", "frozen_batchnorm_stats", "plot_history"]
 
 __version__ = "0.1.0.dev0"
