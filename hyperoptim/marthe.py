@@ -1,0 +1,449 @@
+r"""MARTHE: an online learning-rate schedule from discounted forward-mode hypergradients
+(Donini et al., 2020)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from ._base import HyperOptimizer, check_value
+from ._hvp import hvp_from_grads
+from ._types import Closure, ParamsT
+from ._update import apply_update_, sgd_direction, sgd_tangents
+
+__all__ = ["MartheSGD"]
+
+
+def adaptive_mu(delta: float, g1: float, count: float) -> float:
+    r"""Appendix A's discount :math:`\mu_{t+1} = \tilde q^{1/(c_t + 1)}`.
+
+    With :math:`q = \Delta_{t+1} g'_1` and :math:`\tilde q = \operatorname{clip}(q / g_1'^2, 0, 1)
+    = \operatorname{clip}(\Delta_{t+1} / g'_1, 0, 1)`; :math:`g'_1 = 0` (no one-step signal) gives
+    :math:`\mu = 0`, forgetting the history.
+
+    Example:
+        >>> adaptive_mu(0.5, 1.0, 1.0)  # 0.5 ** (1 / 2)
+        0.7071067811865476
+        >>> adaptive_mu(-0.5, 1.0, 0.0), adaptive_mu(3.0, 1.0, 0.0), adaptive_mu(1.0, 0.0, 0.0)
+        (0.0, 1.0, 0.0)
+    """
+    if g1 == 0.0:
+        return 0.0
+    ratio = min(max(delta / g1, 0.0), 1.0)
+    return ratio ** (1.0 / (count + 1.0))
+
+
+class MartheSGD(HyperOptimizer):
+    r"""SGD whose learning rate follows MARTHE's discounted hypergradient (Donini et al., 2020).
+
+    PyTorch's SGD step (same arguments and update as ``torch.optim.SGD``) with one learning rate
+    per param group, adapted online from the validation loss :math:`E`. Each step carries a
+    forward-mode tangent :math:`(Z, C)` of the weights and the momentum buffer with respect to
+    the learning rate, discounted by :math:`\mu`, and moves the learning rate against
+    :math:`\Delta = \langle \nabla E, Z \rangle`. :math:`\mu = 0` is hypergradient descent on the
+    validation loss (HD, Baydin et al. 2018: the same learning rates as ``HypergradSGD`` with a
+    ``val_closure``), :math:`\mu = 1` is RTHO (Franceschi et al. 2017), ``mu="adaptive"`` is MARTHE.
+
+    **Step** :math:`t` (Algorithm 1; DESIGN.md §3 for the SGD rule :math:`\Phi` with momentum
+    :math:`b`, weight decay :math:`c`, direction :math:`d_t`):
+
+    .. math::
+
+        a_t &= \max(a_{t-1} - \beta_t \Delta_t,\ 0) \qquad (t \ge 1) \\
+        (Z, C)_{t+1} &= \mu_t A_t (Z, C)_t + B_t, \qquad
+            A_t = \frac{\partial \Phi_t}{\partial (w, v)}\Big|_{a_t, b, c},\quad
+            B_t = \frac{\partial \Phi_t}{\partial a_t} = (-d_t, 0),\quad (Z, C)_0 = 0 \\
+        w_{t+1} &= w_t - a_t d_t \qquad \text{(PyTorch's SGD step)} \\
+        \Delta_{t+1} &= \langle \nabla E(w_{t+1}), Z_{t+1} \rangle, \qquad
+            g'_1 = \langle \nabla E(w_{t+1}), -d_t \rangle \ \text{(the one-step HD hypergradient)}
+
+    :math:`A_t` uses the *current* :math:`a_t`, the momentum and the weight decay (Nesterov
+    included): with :math:`H_t` the training Hessian, :math:`(H_t + cI) Z_t` is the tangent of
+    :math:`g_t`. With :math:`\mu = 1` and a constant learning rate, :math:`\Delta_T` is exactly
+    :math:`dE(w_T)/da`. The discount and the hyper-learning rate then follow Appendix A and
+    Section 4:
+
+    .. math::
+
+        \mu_{t+1} &= \operatorname{clip}\big(\Delta_{t+1} g'_1 / g_1'^2,\ 0,\ 1\big)^{1/(c_t + 1)},
+            \qquad c_{t+1} = \mu_t (1 + c_t), \qquad \mu_0 = c_0 = 0 \\
+        \beta_{t+1} &= \max\big(\beta_t - \kappa\, \Delta_{t+1} s_t,\ 0\big),\qquad
+            s_t = \frac{\partial a_t}{\partial \beta_t} = \begin{cases} -\Delta_t &
+            a_{t-1} - \beta_t \Delta_t \ge 0 \\ 0 & \text{otherwise (clipped at 0)}\end{cases},
+            \qquad \beta_0 = 0.
+
+    ``mu`` may also be a fixed number in [0, 1] (then :math:`\mu_t = \mu`), and with
+    ``adapt_hypergrad_lr=False`` :math:`\beta_t` is the fixed ``hypergrad_lr``.
+
+    *The sign of the* :math:`\beta` *update.* Treat the schedule as a function of :math:`\beta` and
+    keep one step (the paper's ":math:`\mu = 0`" at this level): :math:`a_t = a_{t-1} - \beta_t
+    \Delta_t` gives :math:`\partial a_t / \partial \beta_t = -\Delta_t =: s_t`, and
+    :math:`\Delta_{t+1}` estimates :math:`\partial E(w_{t+1}) / \partial a_t` (exactly, when
+    :math:`\mu_t = 0`), so
+
+    .. math::
+
+        \frac{\partial E(w_{t+1})}{\partial \beta_t} = \Delta_{t+1} s_t = -\Delta_{t+1} \Delta_t,
+        \qquad \beta_{t+1} = \beta_t - \kappa \frac{\partial E(w_{t+1})}{\partial \beta_t}
+        = \beta_t + \kappa\, \Delta_{t+1} \Delta_t:
+
+    :math:`\beta` grows while consecutive hypergradients agree in sign and shrinks when they
+    disagree, as HD's learning rate does with consecutive gradients. Algorithm 1 prints
+    :math:`\beta_{t+1} = \beta_t - \kappa\, \Delta_{t+1} \Delta_t`, which with its own convention
+    :math:`a_t = a_{t-1} - \beta_t \Delta_t` would *ascend* :math:`E`; this class follows the
+    derivation. Where the learning rate was clipped at 0, :math:`s_t = 0` (the derivative of the
+    max), so :math:`\beta` does not keep growing while the learning rate rests at 0.
+
+    **When things happen.** :math:`\Delta_{t+1}`, :math:`g'_1`, :math:`\mu_{t+1}` and
+    :math:`\beta_{t+1}` need :math:`\nabla E(w_{t+1})`; it is computed at the *start* of the next
+    call to :meth:`step` (same weights, so the same numbers), just before the learning rate
+    update that uses it. A non-finite validation loss or hypergradient can then skip the whole
+    step before anything moves: weights, learning rate, :math:`\mu`, :math:`\beta` stay as they
+    were, a ``RuntimeWarning`` says so once, and ``history[i]["skipped"]`` counts it. A non-finite
+    :math:`\Delta` with a finite validation loss means the tangent itself overflowed: that group's
+    tangent column and its :math:`\mu, c` are also reset to 0 (the history is forgotten, as when
+    :math:`\mu = 0`) so that the next step can proceed.
+
+    **Cost per step** (beyond SGD's forward and backward): one validation gradient, and while some
+    :math:`\mu_t > 0`, one Hessian-vector product :math:`H_t Z_t` by double backward through the
+    training gradient (the closure's backward runs with ``create_graph=True``; a user closure on
+    live ``nn.Parameter``\ s is not a pure function, so forward-over-reverse does not apply). With
+    several param groups, :math:`Z` has one column per group's learning rate over *all*
+    parameters (a group's learning rate moves the other groups' weights through the shared
+    loss), and the columns with :math:`\mu_t > 0` go through one batched product; memory is two
+    copies of the weights per group (:math:`Z, C`; :math:`C` only with momentum).
+
+    **Validation pass.** ``val_closure`` returns :math:`E` from the live parameters; it may call
+    ``backward()`` itself or not, and ``p.grad`` is left as the training closure set it. It runs
+    as the user wrote it: to keep a train-mode BatchNorm's running statistics out of it, wrap its
+    forward pass in :func:`hyperoptim.frozen_batchnorm_stats` (or switch to ``eval()`` there). The
+    training gradients are never clipped or modified by this class.
+
+    ``param_groups[i]["lr"]`` is always the current learning rate (a Python float; assigning to
+    it works as with any optimizer), and ``history[i]`` records per step :math:`t`: ``"lr"``
+    (:math:`a_t`), ``"hypergrad/lr"`` (:math:`\Delta_t`, the raw hypergradient that moved
+    :math:`a_{t-1}` to :math:`a_t`; 0 at :math:`t = 0`), ``"mu"`` (:math:`\mu_t`, the discount
+    used in this step's tangent update), ``"hypergrad_lr"`` (:math:`\beta_t`) and ``"skipped"``.
+    With ``hypergrad_lr=0`` and ``adapt_hypergrad_lr=False`` the weights are bit-identical to
+    ``torch.optim.SGD``'s. A resumed checkpoint continues exactly (tangents, :math:`\mu, c,
+    \beta` and counters are in :meth:`state_dict`).
+
+    Args:
+        params (iterable): parameters or param-group dicts, as for ``torch.optim.SGD``.
+        lr (float, optional): initial learning rate :math:`a_0` (default: 1e-3).
+        momentum (float, optional): momentum factor (default: 0).
+        dampening (float, optional): dampening for momentum (default: 0).
+        weight_decay (float, optional): L2 penalty, part of the training step and of
+            :math:`A_t` (default: 0).
+        nesterov (bool, optional): Nesterov momentum (default: False).
+        mu (str or float, optional): ``"adaptive"`` (Appendix A's rule) or a fixed discount in
+            [0, 1]: 0 is HD, 1 is RTHO (default: ``"adaptive"``).
+        hypergrad_lr (float, optional): with ``adapt_hypergrad_lr=True``, the step size
+            :math:`\kappa` of the hyper-learning rate :math:`\beta` (which starts at 0, as the
+            paper suggests); otherwise the fixed hyper-learning rate :math:`\beta`. Its scale
+            depends on the scale of :math:`\Delta`: as the paper suggests, start high and divide
+            by 10 until training does not diverge (default: 1e-6, chosen on
+            ``benchmarks/marthe_schedules.py``, where it works for
+            ``adapt_hypergrad_lr=True``; a fixed :math:`\beta` usually needs a larger value).
+        adapt_hypergrad_lr (bool, optional): adapt :math:`\beta` online (default: True).
+        hypergrad_clip (float, optional): clip :math:`\Delta` to
+            :math:`[-\text{clip}, \text{clip}]` in the updates of :math:`a` and :math:`\beta`
+            (``history`` keeps the raw value); ``None`` turns it off (default: None).
+        val_closure (callable, optional): returns the validation loss from the live parameters;
+            may be overridden per step. Required, here or in :meth:`step` (default: None).
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(32, 3), torch.randn(32, 1)
+        >>> xv, yv = torch.randn(16, 3), torch.randn(16, 1)
+        >>> mse = torch.nn.functional.mse_loss
+        >>> opt = MartheSGD(model.parameters(), lr=0.01, momentum=0.9,
+        ...                 val_closure=lambda: mse(model(xv), yv))
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = mse(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(5):
+        ...     loss = opt.step(closure)
+        >>> sorted(opt.history[0]), isinstance(opt.param_groups[0]["lr"], float)
+        (['hypergrad/lr', 'hypergrad_lr', 'lr', 'mu', 'skipped'], True)
+
+    References:
+        M. Donini, L. Franceschi, O. Majumder, M. Pontil, P. Frasconi. MARTHE: Scheduling the
+        Learning Rate Via Online Hypergradients. IJCAI 2020 (arXiv:1910.08525).
+
+        L. Franceschi, M. Donini, P. Frasconi, M. Pontil. Forward and Reverse Gradient-Based
+        Hyperparameter Optimization. ICML 2017 (RTHO).
+
+        A. G. Baydin, R. Cornish, D. Martinez Rubio, M. Schmidt, F. Wood. Online Learning Rate
+        Adaptation with Hypergradient Descent. ICLR 2018 (HD).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        mu: str | float = "adaptive",
+        hypergrad_lr: float = 1e-6,
+        adapt_hypergrad_lr: bool = True,
+        hypergrad_clip: float | None = None,
+        val_closure: Closure | None = None,
+    ) -> None:
+        def number(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        check_value("lr", lr, number(lr) and lr >= 0.0)
+        check_value("momentum", momentum, number(momentum) and momentum >= 0.0)
+        check_value("dampening", dampening, number(dampening))
+        check_value("weight_decay", weight_decay, number(weight_decay) and weight_decay >= 0.0)
+        check_value("mu", mu, mu == "adaptive" or (number(mu) and 0.0 <= mu <= 1.0))
+        check_value("hypergrad_lr", hypergrad_lr, number(hypergrad_lr) and hypergrad_lr >= 0.0)
+        check_value("adapt_hypergrad_lr", adapt_hypergrad_lr, isinstance(adapt_hypergrad_lr, bool))
+        check_value("hypergrad_clip", hypergrad_clip,
+                    hypergrad_clip is None or (number(hypergrad_clip) and hypergrad_clip > 0.0))
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(
+            lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, mu=mu if mu == "adaptive" else float(mu),
+            hypergrad_lr=float(hypergrad_lr), adapt_hypergrad_lr=adapt_hypergrad_lr,
+            hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
+        )
+        super().__init__(params, defaults, val_closure=val_closure)
+
+    # ------------------------------------------------------------------ per-group hyper state
+    def _hyper(self, index: int) -> dict[str, float]:
+        r"""Group ``index``'s :math:`\mu_t, c_t, \beta_t, s_t` (floats in ``hyper_state``)."""
+        groups = self.hyper_state.setdefault("groups", [])
+        while len(groups) <= index:
+            group = self.param_groups[len(groups)]
+            beta = 0.0 if group["adapt_hypergrad_lr"] else group["hypergrad_lr"]
+            groups.append(dict(mu=0.0, count=0.0, beta=beta, lr_beta_grad=0.0))
+        return groups[index]
+
+    @staticmethod
+    def _previous_direction(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
+        if group["momentum"] != 0 and not group["nesterov"]:
+            return state.get("momentum_buffer")
+        return state.get("direction")
+
+    def _tangent(self, p: Tensor, n_cols: int) -> Tensor:
+        """:math:`Z` of ``p``, shape ``(n_cols, *p.shape)`` (zeros at first; padded when a
+        param group was added since)."""
+        z = self.state[p].get("tangent")
+        if z is None:
+            return p.new_zeros((n_cols, *p.shape))
+        if z.shape[0] < n_cols:
+            return torch.cat([z, z.new_zeros((n_cols - z.shape[0], *p.shape))])
+        return z
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *,
+             val_closure: Closure | None = None) -> Any:
+        """Perform one step: hypergradient at the current weights, learning-rate update, tangent
+        update, then PyTorch's SGD step.
+
+        Args:
+            closure (callable, optional): recomputes and returns the training loss; it may call
+                ``zero_grad()``/``backward()`` itself or not. Required unless ``mu=0`` (the
+                tangent update needs the Hessian-vector product :math:`H_t Z_t`).
+            val_closure (callable, optional): overrides the constructor's ``val_closure`` for this
+                step.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        # required=True: it raises rather than return None.
+        objective = cast(Closure, self._resolve_val_closure(val_closure, required=True))
+        groups = self.param_groups
+        n_cols = len(groups)
+        if closure is None and any(g["mu"] != 0 for g in groups):
+            self._training_loss(None, create_graph=True)  # raises: this needs a closure
+        hypers = [dict(self._hyper(i)) for i in range(n_cols)]  # staged, committed at the end
+
+        # 1. Delta_t = <grad E(w_t), Z_t> and g'_1 = <grad E(w_t), -d_{t-1}>: one validation
+        #    gradient and one host sync.
+        tracked = [p for g in groups for p in g["params"] if "tangent" in self.state[p]]
+        deltas, g1s = [0.0] * n_cols, [0.0] * n_cols
+        if tracked:
+            val_loss, val_grads = self._validation_grads(objective, tracked)
+            grad_e = dict(zip(tracked, val_grads, strict=True))
+            delta = torch.stack([
+                torch.mv(self._tangent(p, n_cols).reshape(n_cols, -1), grad_e[p].reshape(-1))
+                .double() for p in tracked]).sum(0)
+            g1 = []
+            for group in groups:
+                terms = []
+                for p in group["params"]:
+                    d = self._previous_direction(group, self.state[p])
+                    if p in grad_e and d is not None:
+                        terms.append(-torch.dot(grad_e[p].reshape(-1), d.reshape(-1)).double())
+                g1.append(torch.stack(terms).sum() if terms else delta.new_zeros(()))
+            scalars = torch.cat([delta, torch.stack(g1),
+                                 val_loss.double().reshape(1)])
+            values = scalars.cpu().tolist()
+            deltas, g1s = values[:n_cols], values[n_cols:2 * n_cols]
+            if not self._all_finite(*values):
+                return self._skip(closure, deltas, values[-1])
+
+            # 2. mu_t, beta_t, a_t from Delta_t (Appendix A; Section 4, sign derived above).
+            for group, h, d, g1_ in zip(groups, hypers, deltas, g1s, strict=True):
+                if group["mu"] == "adaptive":
+                    mu = adaptive_mu(d, g1_, h["count"])
+                    h["count"] = h["mu"] * (1.0 + h["count"])
+                    h["mu"] = mu
+                clip = group["hypergrad_clip"]
+                d = d if clip is None else min(max(d, -clip), clip)
+                if group["adapt_hypergrad_lr"]:
+                    h["beta"] = max(h["beta"] - group["hypergrad_lr"] * d * h["lr_beta_grad"], 0.0)
+                else:
+                    h["beta"] = group["hypergrad_lr"]
+                raw = group["lr"] - h["beta"] * d
+                h["lr_beta_grad"] = -d if raw >= 0.0 else 0.0
+                h["new_lr"] = max(raw, 0.0)
+        for group, h in zip(groups, hypers, strict=True):
+            if group["mu"] != "adaptive":
+                h["mu"] = float(group["mu"])
+            if not group["adapt_hypergrad_lr"]:
+                h["beta"] = group["hypergrad_lr"]
+            h.setdefault("new_lr", group["lr"])
+
+        # 3. The training gradient, with its graph while some column needs H_t Z_t.
+        active = [j for j in range(n_cols) if hypers[j]["mu"] != 0.0]
+        need_hvp = bool(active) and bool(tracked)
+        loss, graph_grads = self._training_loss(closure, create_graph=need_hvp)
+        plans = [(group, self._params_with_grad(group)) for group in groups]
+        everything = [p for _, ps in plans for p in ps]
+        if not everything:  # nothing to step: nothing changes
+            return loss
+
+        # 4. mu_t-scaled incoming tangents and H_t (mu_t Z_t) for the active columns (batched).
+        mus = [h["mu"] for h in hypers]
+        scaled_z = {p: _scale_columns(self._tangent(p, n_cols), mus) for p in everything}
+        if need_hvp and graph_grads is not None:
+            cols = active if len(active) < n_cols else None
+            vectors = [scaled_z[p] if cols is None else scaled_z[p][cols] for p in everything]
+            prods = hvp_from_grads([graph_grads.get(p, p.grad) for p in everything], everything,
+                                   vectors)
+            if cols is None:
+                scaled_hz = dict(zip(everything, prods, strict=True))
+            else:
+                scaled_hz = {}
+                for p, hz in zip(everything, prods, strict=True):
+                    full = hz.new_zeros((n_cols, *p.shape))
+                    full[cols] = hz
+                    scaled_hz[p] = full
+            del graph_grads, prods
+        else:
+            scaled_hz = {p: torch.zeros_like(z) for p, z in scaled_z.items()}
+
+        # 5. Per group: (Z, C)_{t+1} = mu_t A_t (Z, C)_t + B_t (with the new a_t), then the step.
+        for i, ((group, params), h) in enumerate(zip(plans, hypers, strict=True)):
+            group["lr"] = h["new_lr"]
+            if params:
+                self._advance(i, n_cols, group, params, scaled_z, scaled_hz, mus)
+            self._record(i, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
+                         **{"hypergrad/lr": deltas[i]})
+        for i, h in enumerate(hypers):
+            h.pop("new_lr")
+            self.hyper_state["groups"][i] = h
+        return loss
+
+    def _advance(self, index: int, n_cols: int, group: dict[str, Any], params: list[Tensor],
+                 scaled_z: dict[Tensor, Tensor], scaled_hz: dict[Tensor, Tensor],
+                 mus: list[float]) -> None:
+        """Tangent update through this group's SGD step, then the step itself (in place)."""
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        bufs = [s.get("momentum_buffer") for s in states]
+        ref = params[0]
+
+        def scalar(x: float) -> Tensor:  # no host-to-device copy: a fill
+            return torch.full((), x, dtype=ref.dtype, device=ref.device)
+
+        e_lr = ref.new_zeros(n_cols)
+        e_lr[index] = 1.0
+        zero = ref.new_zeros(n_cols)
+        scaled_c = [None if b is None else _scale_columns(s.get("tangent_buffer"), mus, like=b,
+                                                           n_cols=n_cols)
+                    for s, b in zip(states, bufs, strict=True)]
+        z_next, c_next = sgd_tangents(
+            params, grads, bufs, scalar(group["lr"]), scalar(group["momentum"]),
+            scalar(group["weight_decay"]), [scaled_z[p] for p in params],
+            [scaled_hz[p] for p in params], scaled_c, e_lr, zero, zero,
+            dampening=group["dampening"], nesterov=group["nesterov"],
+        )
+        _, new_bufs, dirs = sgd_direction(
+            params, grads, bufs, group["momentum"], group["weight_decay"],
+            dampening=group["dampening"], nesterov=group["nesterov"], inplace=True,
+        )
+        apply_update_(params, dirs, group["lr"])
+        keep_direction = group["momentum"] == 0 or group["nesterov"]
+        for s, buf, d, g, z, c in zip(states, new_bufs, dirs, grads, z_next, c_next, strict=True):
+            s["tangent"] = z
+            if buf is not None:
+                s["momentum_buffer"] = buf
+                s["tangent_buffer"] = c
+            else:
+                s.pop("tangent_buffer", None)
+            if keep_direction:
+                # Heavy ball's direction is its buffer; otherwise keep a private copy.
+                s["direction"] = d.clone() if d is g else d
+
+    def _skip(self, closure: Callable[[], Any] | None, deltas: list[float], val_loss: float) -> Any:
+        """The non-finite guard: nothing moves; an overflowed tangent column is reset."""
+        self._warn_nonfinite("hypergradient or validation loss")
+        bad = [j for j, d in enumerate(deltas) if not math.isfinite(d)]
+        if bad and math.isfinite(val_loss):
+            for j in bad:
+                h = self._hyper(j)
+                h["mu"], h["count"] = 0.0, 0.0
+            for group in self.param_groups:
+                for p in group["params"]:
+                    for key in ("tangent", "tangent_buffer"):
+                        t = self.state[p].get(key)
+                        if t is not None:
+                            t[[j for j in bad if j < t.shape[0]]] = 0.0
+        loss, _ = self._training_loss(closure)
+        for i, group in enumerate(self.param_groups):
+            h = self._hyper(i)
+            self._record(i, skipped=True, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
+                         **{"hypergrad/lr": deltas[i]})
+        return loss
+
+
+def _scale_columns(t: Tensor | None, mus: list[float], *, like: Tensor | None = None,
+                   n_cols: int | None = None) -> Tensor:
+    r"""Column ``j`` of ``t`` times ``mus[j]`` (a fresh tensor; ``None`` or missing columns are 0).
+
+    The tangent update is linear in its incoming tangent, so
+    :math:`\mu A (Z, C) + B` is the plain tangent step applied to :math:`(\mu Z, \mu C)` with
+    :math:`H (\mu Z)` as the gradient's tangent.
+    """
+    if t is None:
+        if like is None or n_cols is None:
+            raise ValueError("a missing tangent needs like= and n_cols=")
+        return like.new_zeros((n_cols, *like.shape))
+    n = len(mus)
+    if t.shape[0] < n:
+        t = torch.cat([t, t.new_zeros((n - t.shape[0], *t.shape[1:]))])
+    if all(m == mus[0] for m in mus):
+        return t if mus[0] == 1.0 else t * mus[0]  # read-only downstream: no copy needed
+    scale = t.new_zeros(n)
+    for j, m in enumerate(mus):
+        if m != 0.0:
+            scale[j] = m
+    return t * scale.view(n, *([1] * (t.dim() - 1)))
