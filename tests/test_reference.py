@@ -11,7 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hyperoptim._schedule import window_of
-from hyperoptim.reference import finite_difference_hypergrad, unroll, unrolled_hypergrad
+from hyperoptim.reference import (
+    drmad_hypergrad,
+    finite_difference_hypergrad,
+    unroll,
+    unrolled_hypergrad,
+)
 
 F64 = torch.float64
 MAX_T = 6
@@ -271,6 +276,185 @@ def test_zero_momentum_window_is_the_limit_of_small_momentum():
 
 
 # ---------------------------------------------------------------------------------------------
+# DrMAD: exact where the iterates are equally spaced on the segment w_0 -> w_T, approximate elsewhere
+
+
+class LinearTrain:
+    """A constant training gradient (L_t(w) = <g, w>): without weight decay, SGD with one learning
+    rate takes equal steps along a line, also with momentum when the buffer starts at its fixed
+    point v* = b v* + (1 - dampening) g. The validation loss is not linear."""
+
+    def __init__(self, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        self.g = {"W": torch.randn(3, 2, generator=gen, dtype=F64),
+                  "b": torch.randn(2, generator=gen, dtype=F64)}
+        self.params = {k: torch.randn(v.shape, generator=gen, dtype=F64) for k, v in self.g.items()}
+        self.target = torch.randn(4, 2, generator=gen, dtype=F64)
+        self.x = torch.randn(4, 3, generator=gen, dtype=F64)
+
+    def train(self, p, t):
+        return sum((p[k] * self.g[k]).sum() for k in p)
+
+    def val(self, p):
+        return ((torch.tanh(self.x @ p["W"] + p["b"]) - self.target) ** 2).mean()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), horizon=st.integers(1, 8), lr=st.floats(0.01, 0.5),
+       momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(),
+       dampening=st.sampled_from([0.0, 0.3]), data=st.data())
+def test_drmad_is_exact_on_equally_spaced_path(seed, horizon, lr, momentum, nesterov, dampening,
+                                                data):
+    prob = LinearTrain(seed)
+    if nesterov or momentum == 0:
+        dampening = 0.0
+    # one learning rate and one momentum value, possibly repeated over several windows
+    lrs = [lr] * data.draw(st.integers(1, horizon))
+    moms = [momentum] * data.draw(st.integers(1, horizon))
+    decays = [0.0] * data.draw(st.integers(1, horizon))
+    bufs = None
+    if momentum > 0:
+        bufs = {k: (1 - dampening) * g / (1 - momentum) for k, g in prob.g.items()}
+    run = dict(horizon=horizon, lr=lrs, momentum=moms, weight_decay=decays, dampening=dampening,
+               nesterov=nesterov, momentum_buffers=bufs)
+    # the premise: the iterates are equally spaced on the segment
+    steps = [prob.params]
+    for t in range(horizon):
+        steps.append(unroll(prob.train, prob.params, **dict(run, horizon=t + 1, lr=[lr],
+                                                               momentum=[momentum],
+                                                               weight_decay=[0.0]))[0])
+    for t, w in enumerate(steps):
+        for k in w:
+            line = torch.lerp(prob.params[k], steps[-1][k], t / horizon)
+            torch.testing.assert_close(w[k], line, rtol=1e-12, atol=1e-12)
+    e, exact = unrolled_hypergrad(prob.train, prob.val, prob.params, **run)
+    e_dr, approx = drmad_hypergrad(prob.train, prob.val, prob.params, **run)
+    torch.testing.assert_close(e_dr, e, rtol=1e-12, atol=0.0)
+    for name in NAMES:
+        torch.testing.assert_close(approx[name], exact[name], rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(run=runs(), seed=st.integers(0, 2**16), with_buffers=st.booleans())
+def test_drmad_is_exact_for_one_step(run, seed, with_buffers):
+    """With T = 1 the line is the run itself (w~_0 = w_0, v~_0 = v_0), for any problem."""
+    prob = Problem(seed)
+    lr = run["lr"][0] if isinstance(run["lr"], list) else run["lr"]
+    run = dict(run, horizon=1, lr=max(lr, 0.01), momentum=run["momentum"] if isinstance(
+        run["momentum"], float) else run["momentum"][0], weight_decay=0.05)
+    if run["momentum"] == 0:
+        run["dampening"] = 0.0
+    bufs = prob.buffers if with_buffers else None
+    _, exact = unrolled_hypergrad(prob.train, prob.val, prob.params, momentum_buffers=bufs, **run)
+    _, approx = drmad_hypergrad(prob.train, prob.val, prob.params, momentum_buffers=bufs, **run)
+    for name in NAMES:
+        torch.testing.assert_close(approx[name], exact[name], rtol=1e-10, atol=1e-13)
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.floats(0.2, 3.0), ah=st.floats(0.05, 0.95), horizon=st.integers(2, 10),
+       dim=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_drmad_on_isotropic_quadratic_is_straight_but_not_exact(h, ah, horizon, dim, seed):
+    """L = E = h |w|^2 / 2, no momentum or weight decay (their hypergradients taken at 0). The path
+    is straight, but its steps shrink by q = 1 - a h: x_t = q^t w_0. With S = |w_0|^2 and the
+    adjoint w^_{t+1} = q^(T-1-t) h q^T w_0 (exact in DrMAD too: the Hessian is constant),
+
+        exact: dE/da = -T h^2 q^(2T-1) S,  dE/db = -a h^2 (T-1) q^(2T-2) S,  dE/dc = -a h T q^(2T-1) S
+        DrMAD: the states w~_t = s_t w_0 with s_t = 1 - (t/T)(1 - q^T), and v~_t = (w_0 - w_T)/(T a):
+               dE/da = -h^2 q^T S sum_t q^(T-1-t) s_t,   dE/dc = -a h q^T S sum_t q^(T-1-t) s_t,
+               dE/db = -h q^T (1 - q^T) / T * S * sum_{t>=1} q^(T-1-t).
+    """
+    a = ah / h
+    q = 1 - ah
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(dim, generator=gen, dtype=F64)
+    big_s = float(w0 @ w0)
+    T = horizon
+    s = [1 - (t / T) * (1 - q ** T) for t in range(T)]
+    line_sum = sum(q ** (T - 1 - t) * s[t] for t in range(T))
+    exact_cf = {"lr": -T * h * h * q ** (2 * T - 1) * big_s,
+                "momentum": -a * h * h * (T - 1) * q ** (2 * T - 2) * big_s,
+                "weight_decay": -a * h * T * q ** (2 * T - 1) * big_s}
+    drmad_cf = {"lr": -h * h * q ** T * big_s * line_sum,
+                "momentum": -h * q ** T * (1 - q ** T) / T * big_s
+                * sum(q ** (T - 1 - t) for t in range(1, T)),
+                "weight_decay": -a * h * q ** T * big_s * line_sum}
+
+    def loss(p, t=0):
+        return 0.5 * h * (p["w"] ** 2).sum()
+
+    run = dict(horizon=T, lr=a)
+    _, exact = unrolled_hypergrad(loss, loss, {"w": w0}, **run)
+    _, approx = drmad_hypergrad(loss, loss, {"w": w0}, **run)
+    for name in NAMES:
+        torch.testing.assert_close(exact[name], torch.tensor([exact_cf[name]], dtype=F64),
+                                   rtol=1e-10, atol=1e-300)
+        torch.testing.assert_close(approx[name], torch.tensor([drmad_cf[name]], dtype=F64),
+                                   rtol=1e-10, atol=1e-300)
+        assert torch.sign(approx[name]) == torch.sign(exact[name])
+    # not exact: a straight path is not enough (the closed forms differ whenever T >= 2)
+    assert abs(drmad_cf["lr"] - exact_cf["lr"]) > 1e-6 * abs(exact_cf["lr"])
+
+
+class Logistic:
+    """Logistic regression on 64 generated points, 4 batches of 16 cycled, from w = 0."""
+
+    def __init__(self):
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 5, generator=gen, dtype=F64)
+        w = torch.randn(5, generator=gen, dtype=F64)
+        self.y = (self.x @ w + 0.5 * torch.randn(64, generator=gen, dtype=F64) > 0).to(F64)
+        self.xv = torch.randn(64, 5, generator=gen, dtype=F64)
+        self.yv = (self.xv @ w > 0).to(F64)
+        self.params = {"w": torch.zeros(5, dtype=F64), "b": torch.zeros((), dtype=F64)}
+
+    def train(self, p, t):
+        i = (t % 4) * 16
+        z = self.x[i:i + 16] @ p["w"] + p["b"]
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, self.y[i:i + 16])
+
+    def val(self, p):
+        z = self.xv @ p["w"] + p["b"]
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, self.yv)
+
+
+@pytest.mark.parametrize("run", [dict(lr=0.5), dict(lr=0.2, momentum=0.9),
+                                 dict(lr=0.2, momentum=0.9, nesterov=True)], ids=str)
+def test_drmad_approximates_elsewhere(run):
+    """20 steps of logistic regression: the path bends and the steps shrink, so DrMAD is not exact.
+    Measured relative errors (lr / momentum / weight decay): plain 0.057 / 0.018 / 0.235; heavy ball
+    0.070 / 0.050 / 0.001; Nesterov 0.073 / 0.101 / 0.105. The signs all agree."""
+    prob = Logistic()
+    _, exact = unrolled_hypergrad(prob.train, prob.val, prob.params, horizon=20, **run)
+    _, approx = drmad_hypergrad(prob.train, prob.val, prob.params, horizon=20, **run)
+    for name in NAMES:
+        assert torch.equal(torch.sign(approx[name]), torch.sign(exact[name]))
+        rel = float((approx[name] - exact[name]).norm() / exact[name].norm())
+        assert rel < 0.3, (name, rel)
+    assert float((approx["lr"] - exact["lr"]).norm() / exact["lr"].norm()) > 0.01
+
+
+def test_drmad_with_schedules_misplaces_hypergradient_between_windows():
+    """A decaying learning rate shrinks the steps, which the uniform spacing ignores. Measured:
+    relative errors 1.60 / 0.86 / 0.50 and cosines 0.941 / 0.785 / 0.950 (lr / momentum / weight
+    decay); the signs still agree."""
+    prob = Logistic()
+    run = dict(horizon=20, lr=[0.5, 0.3, 0.1, 0.05], momentum=[0.5, 0.9],
+               weight_decay=[1e-3, 1e-2])
+    _, exact = unrolled_hypergrad(prob.train, prob.val, prob.params, **run)
+    _, approx = drmad_hypergrad(prob.train, prob.val, prob.params, **run)
+    for name in NAMES:
+        assert torch.equal(torch.sign(approx[name]), torch.sign(exact[name]))
+        assert torch.nn.functional.cosine_similarity(approx[name], exact[name], dim=0) > 0.7
+    assert float((approx["lr"] - exact["lr"]).norm() / exact["lr"].norm()) > 1.0
+
+
+def test_drmad_needs_positive_learning_rates():
+    with pytest.raises(ValueError, match="Invalid lr value.*every learning rate value > 0"):
+        drmad_hypergrad(_loss, _loss, {"w": torch.ones(2)}, horizon=2, lr=[0.1, 0.0])
+
+
+# ---------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -295,7 +479,8 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("fn", [unrolled_hypergrad, finite_difference_hypergrad, unroll],
+@pytest.mark.parametrize("fn", [unrolled_hypergrad, finite_difference_hypergrad, unroll,
+                                drmad_hypergrad],
                          ids=lambda f: f.__name__)
 @pytest.mark.parametrize(("kwargs", "regex"), BAD, ids=[r for _, r in BAD])
 def test_errors(fn, kwargs, regex):
