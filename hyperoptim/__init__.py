@@ -2,8 +2,9 @@
 
 from ._base import HyperOptimizer, frozen_batchnorm_stats
 from .hd import HypergradSGD
+from .ift import IFTOptimizer
 from .plot import plot_history
 
-__all__ = ["HyperOptimizer", "HypergradSGD", "frozen_batchnorm_stats", "plot_history"]
+__all__ = ["HyperOptimizer", "HypergradSGD", "IFTOptimizer", "frozen_batchnorm_stats", "plot_history"]
 
 __version__ = "0.1.0.dev0"
