@@ -10,7 +10,7 @@ network once more from the same weights, and their test accuracies are printed s
 
 Run:
     python examples/fds_schedule.py                   # about 10-30 s on a laptop CPU
-    python examples/fds_schedule.py --outer-steps 2 --epochs 1   # smoke test
+    python examples/fds_schedule.py --outer-steps 2 --steps 4   # smoke test
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def make_model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
 
 
-def batches(data, batch_size: int, epochs: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
-    """The inner loop's minibatches: ``epochs`` shuffled passes over the training set."""
+def batches(data, batch_size: int, epochs: int, seed: int, steps: int | None = None
+            ) -> list[tuple[torch.Tensor, ...]]:
+    """The inner loop's minibatches: ``epochs`` shuffled passes over the training set (the first
+    ``steps`` of them if given)."""
     x, y = data["train"]
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -53,7 +55,7 @@ def batches(data, batch_size: int, epochs: int, seed: int) -> list[tuple[torch.T
         for i in range(0, len(y) - batch_size + 1, batch_size):
             idx = perm[i : i + batch_size]
             out.append((x[idx], y[idx]))
-    return out
+    return out[:steps]
 
 
 def accuracy(model: nn.Module, split: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -78,23 +80,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--outer-steps", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=3, help="training epochs per episode")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="inner steps per episode (default: --epochs passes over the data)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr-windows", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cosine-lrs", type=float, nargs="+", default=[0.1, 0.3, 1.0],
                         help="peak learning rates tried for the hand-set cosine schedule")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     data = load(args.seed)
-    horizon = len(batches(data, args.batch_size, args.epochs, 0))
+    per_epoch = len(data["train"][1]) // args.batch_size
+    if args.steps is not None:
+        args.epochs = -(-args.steps // per_epoch)
+    horizon = args.steps or args.epochs * per_epoch
+    lr_windows = min(args.lr_windows, horizon)
     model = make_model(args.seed)
     xv, yv = data["val"]
     opt = FDSSGD(model.parameters(), lr=0.0, momentum=0.0, weight_decay=0.0, horizon=horizon,
-                 lr_windows=args.lr_windows, val_closure=lambda: F.cross_entropy(model(xv), yv))
-    print(f"{horizon} inner steps per episode, {args.lr_windows} learning rates, 1 momentum, "
+                 lr_windows=lr_windows, val_closure=lambda: F.cross_entropy(model(xv), yv))
+    print(f"{horizon} inner steps per episode, {lr_windows} learning rates, 1 momentum, "
           "1 weight decay, all starting at 0")
 
     for outer in range(1, args.outer_steps + 1):
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # re-initialises the model, the optimizer resets its tangents and buffers itself.
         fresh = make_model(args.seed + outer)
         model.load_state_dict(fresh.state_dict())
-        train(model, opt, batches(data, args.batch_size, args.epochs, args.seed + outer))
+        train(model, opt, batches(data, args.batch_size, args.epochs, args.seed + outer, horizon))
         val_loss = opt.hyperstep().item()
         fmt = lambda values: "[" + ", ".join(f"{v:.3g}" for v in values) + "]"  # noqa: E731
         print(f"outer step {outer:2d}: val loss {val_loss:.3f} -> lr {fmt(opt.schedule('lr'))}"
@@ -111,10 +120,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # Final comparison: both schedules train the same initial network on the same batches.
     final_seed = 10_000 + args.seed
-    steps = batches(data, args.batch_size, args.epochs, final_seed)
+    steps = batches(data, args.batch_size, args.epochs, final_seed, horizon)
     learned = make_model(final_seed)
     frozen = FDSSGD(learned.parameters(), horizon=horizon, tune=(),
-                    lr_windows=args.lr_windows)
+                    lr_windows=lr_windows)
     for name in ("lr", "momentum", "weight_decay"):
         frozen.param_groups[0][f"{name}_schedule"] = opt.schedule(name)
         frozen.param_groups[0][name] = opt.schedule(name)[0]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import math
-import pathlib
 
 import pytest
 import torch
@@ -463,19 +461,3 @@ def test_float32_runs_and_keeps_dtypes():
     for p in prob.live.values():
         assert all(v.dtype == torch.float32 for v in opt.state[p].values())
     assert all(math.isfinite(h) for h in opt.history[0]["hypergrad/lr"][0])
-
-
-# ---------------------------------------------------------------- example
-def test_example_runs_with_a_tiny_budget(capsys):
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "fds_schedule.py"
-    spec = importlib.util.spec_from_file_location("fds_schedule_example", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    threads = torch.get_num_threads()
-    try:
-        results = example.main(["--outer-steps", "2", "--epochs", "1", "--cosine-lrs", "0.3"])
-    finally:
-        torch.set_num_threads(threads)  # the example sets it for its own timing
-    out = capsys.readouterr().out
-    assert "outer step  2:" in out and "test accuracy" in out
-    assert 0.0 <= results["fds"] <= 1.0 and 0.0 <= results["cosine"] <= 1.0
