@@ -3,8 +3,16 @@
 from ._base import HyperOptimizer, frozen_batchnorm_stats
 from .hd import HypergradSGD
 from .ift import IFTOptimizer
+from .marthe import MartheSGD
 from .plot import plot_history
 
-__all__ = ["HyperOptimizer", "HypergradSGD", "IFTOptimizer", "frozen_batchnorm_stats", "plot_history"]
+__all__ = [
+    "HyperOptimizer",
+    "HypergradSGD",
+    "IFTOptimizer",
+    "MartheSGD",
+    "frozen_batchnorm_stats",
+    "plot_history",
+]
 
 __version__ = "0.1.0.dev0"

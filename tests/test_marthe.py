@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 
@@ -15,6 +16,7 @@ from torch.nn import functional as F
 
 import hyperoptim.marthe as marthe_module
 from hyperoptim import HypergradSGD
+from hyperoptim._update import sgd_tangents
 from hyperoptim.marthe import MartheSGD, adaptive_mu
 from hyperoptim.reference import unrolled_hypergrad
 
@@ -180,6 +182,52 @@ def test_mu_one_two_groups_each_column_is_exact(config):
         fd = (net.sgd_objective(horizon, up, groups, **config)
               - net.sgd_objective(horizon, down, groups, **config)) / (2 * eps)
         assert opt.history[i]["hypergrad/lr"][horizon] == pytest.approx(fd, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=str)
+def test_tangent_update_is_the_jvp_of_the_sgd_rule(config):
+    r"""One step's (Z, C) update equals sgd_tangents (torch.func.jvp of the shared SGD rule) fed
+    mu Z, H (mu Z) and mu C, with the step's new learning rates and one column per group."""
+    net, mu = Net(seed=11), 0.7
+    p = net.params()
+    opt = MartheSGD(_groups(p, True), mu=mu, hypergrad_lr=0.005, adapt_hypergrad_lr=False,
+                    val_closure=lambda: net.val_loss(p), **config)
+    t = 4
+    _run(net, p, opt, 0, t)
+    names = list(p)
+    state = [opt.state[p[k]] for k in names]
+
+    def cloned(key):
+        return [None if s.get(key) is None else s[key].clone() for s in state]
+
+    w, z, c, v = [p[k].detach().clone() for k in names], cloned("tangent"), \
+        cloned("tangent_buffer"), cloned("momentum_buffer")
+    opt.step(net.closure(p, opt, t))
+    for h in opt.history:  # a_t is a new value, not 0
+        assert 0 < h["lr"][t] != h["lr"][t - 1]
+
+    leaves = [x.clone().requires_grad_() for x in w]
+    grads = torch.autograd.grad(net.train_loss(dict(zip(names, leaves, strict=True)), t), leaves,
+                                create_graph=True)
+    columns = [torch.autograd.grad(grads, leaves, [mu * zk[j] for zk in z], retain_graph=True)
+               for j in range(2)]
+    hz = [torch.stack([col[k] for col in columns]) for k in range(len(names))]
+    scalar = functools.partial(torch.tensor, dtype=F64)
+    for i, keys in enumerate([["w1", "b1"], ["w2"]]):
+        idx = [names.index(k) for k in keys]
+        z_next, c_next = sgd_tangents(
+            [w[k] for k in idx], [grads[k].detach() for k in idx], [v[k] for k in idx],
+            scalar(opt.param_groups[i]["lr"]), scalar(config.get("momentum", 0.0)),
+            scalar(config.get("weight_decay", 0.0)), [mu * z[k] for k in idx], [hz[k] for k in idx],
+            [None if c[k] is None else mu * c[k] for k in idx], torch.eye(2, dtype=F64)[i],
+            torch.zeros(2, dtype=F64), torch.zeros(2, dtype=F64),
+            dampening=config.get("dampening", 0.0), nesterov=config.get("nesterov", False))
+        for k, zn, cn in zip(idx, z_next, c_next, strict=True):
+            torch.testing.assert_close(state[k]["tangent"], zn, rtol=1e-12, atol=1e-14)
+            if config.get("momentum", 0.0):
+                torch.testing.assert_close(state[k]["tangent_buffer"], cn, rtol=1e-12, atol=1e-14)
+            else:
+                assert "tangent_buffer" not in state[k]
 
 
 # ---------------------------------------------------------------------- Appendix A by hand
