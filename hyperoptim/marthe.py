@@ -347,8 +347,8 @@ class MartheSGD(HyperOptimizer):
                     hz[p] = prod.new_zeros((n_cols, *p.shape))
                     hz[p][cols] = prod
             del graph_grads, prods
-        else:  # mu_t Z_t = 0 in every column
-            hz = {p: torch.zeros_like(self.state[p]["tangent"]) for p in everything}
+        else:  # mu_t (Z, C)_t = 0 in every column: A_t of it is 0, nothing to propagate
+            hz = None
 
         # 5. Per group: (Z, C)_{t+1} = mu_t A_t (Z, C)_t + B_t (with the new a_t), then the step.
         for i, ((group, params), h) in enumerate(zip(plans, hypers, strict=True)):
@@ -363,7 +363,7 @@ class MartheSGD(HyperOptimizer):
         return loss
 
     def _advance(self, index: int, group: dict[str, Any], params: list[Tensor],
-                 hz: dict[Tensor, Tensor]) -> None:
+                 hz: dict[Tensor, Tensor] | None) -> None:
         r"""This group's SGD step and its tangent update, in place.
 
         The incoming tangents are already :math:`(\mu Z, \mu C)`, and ``hz`` is
@@ -375,7 +375,9 @@ class MartheSGD(HyperOptimizer):
         :math:`Z \leftarrow \mu Z - a_t D` (:func:`apply_update_`) and column ``index`` takes
         :math:`B_t = \partial w_{t+1} / \partial a_t = -d_t`. ``tests/test_marthe.py`` checks
         this against :func:`hyperoptim._update.sgd_tangents` (``torch.func.jvp`` of the rule),
-        which gives the same numbers at several times the cost on small models.
+        which gives the same numbers at several times the cost on small models. ``hz=None``
+        means :math:`\mu (Z, C) = 0` (every :math:`\mu_t = 0`, or no tangent yet): then
+        :math:`(Z, C)_{t+1} = B_t` and :math:`C_{t+1} = 0` is not stored.
         """
         states = [self.state[p] for p in params]
         grads = [p.grad for p in params]
@@ -383,14 +385,16 @@ class MartheSGD(HyperOptimizer):
         momentum, weight_decay, lr = group["momentum"], group["weight_decay"], group["lr"]
         bufs = [s.get("momentum_buffer") for s in states]
         tangents = [s["tangent"] for s in states]
-        tangent_bufs = [None if b is None else s.get("tangent_buffer") for s, b in zip(
-            states, bufs, strict=True)]
-        tangent_bufs = [torch.zeros_like(z) if b is not None and c is None else c
-                        for b, c, z in zip(bufs, tangent_bufs, tangents, strict=True)]
+        new_tangent_bufs: list[Tensor | None] = [None] * len(params)
+        if hz is not None:
+            tangent_bufs = [None if b is None else s.get("tangent_buffer") for s, b in zip(
+                states, bufs, strict=True)]
+            tangent_bufs = [torch.zeros_like(z) if b is not None and c is None else c
+                            for b, c, z in zip(bufs, tangent_bufs, tangents, strict=True)]
+            _, new_tangent_bufs, tangent_dirs = sgd_direction(
+                tangents, [hz[p] for p in params], tangent_bufs, momentum, weight_decay, **config)
+            apply_update_(tangents, tangent_dirs, lr)
         _, new_bufs, dirs = sgd_direction(params, grads, bufs, momentum, weight_decay, **config)
-        _, new_tangent_bufs, tangent_dirs = sgd_direction(
-            tangents, [hz[p] for p in params], tangent_bufs, momentum, weight_decay, **config)
-        apply_update_(tangents, tangent_dirs, lr)
         for z, d in zip(tangents, dirs, strict=True):
             z[index].sub_(d)
         apply_update_(params, dirs, lr)
@@ -398,6 +402,7 @@ class MartheSGD(HyperOptimizer):
         for s, buf, c, d, g in zip(states, new_bufs, new_tangent_bufs, dirs, grads, strict=True):
             if buf is not None:
                 s["momentum_buffer"] = buf
+            if buf is not None and c is not None:
                 s["tangent_buffer"] = c
             else:
                 s.pop("tangent_buffer", None)
