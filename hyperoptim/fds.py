@@ -330,7 +330,7 @@ class FDSSGD(HyperOptimizer):
 
         for gi, group, params in groups:
             if params:
-                self._group_step(gi, group, params, t, n_prev, n_active, index, hz)
+                self._group_step(gi, group, params, t, n_active, index, hz)
         self.hyper_state["step"] = t + 1
         self._publish(t + 1)
         return loss
@@ -354,51 +354,74 @@ class FDSSGD(HyperOptimizer):
         return z
 
     def _group_step(self, gi: int, group: dict[str, Any], params: list[Tensor], t: int,
-                    n_prev: int, n_active: int, index: dict[tuple[int, int, int], int],
+                    n_active: int, index: dict[tuple[int, int, int], int],
                     hz: dict[Tensor, Tensor]) -> None:
+        r"""This group's SGD step with the values in force, and its tangent update.
+
+        For fixed hyperparameters the rule before the learning rate (:func:`sgd_direction`) is
+        linear in (weights, gradients, buffers), so applied to the tangents (weights :math:`\to
+        Z`, gradients :math:`\to H Z`, buffers :math:`\to C`) it *is* its own Jacobian-vector
+        product, for every column at once, weight decay and Nesterov included: it gives
+        :math:`C_{t+1}` and the direction's tangent :math:`D_t`, and :math:`Z \leftarrow Z - a_t
+        D_t`. The hyperparameters' own terms :math:`B_t` go to the column of the window each is
+        in: the learning rate's is :math:`-d_t` (from :math:`w_{t+1} = w_t - a_t d_t`); weight
+        decay enters the gradient as :math:`c_t w_t`, so its column's gradient tangent gains
+        :math:`w_t` before the linear pass; the momentum's, which Nesterov makes non-linear, is
+        ``torch.func.jvp`` of the rule (:func:`sgd_tangents`) on one flat vector. The update is
+        elementwise in the N columns plus a constant.
+        """
         a, b, c = (group[f"{name}_schedule"][self._window(group, name, t)] for name in NAMES)
         nesterov = group["nesterov"]
         states = [self.state[p] for p in params]
         grads = [p.grad for p in params]
         momentum = self._needs_momentum(group)
         bufs = [s.get(_BUF) if momentum else None for s in states]
+        gs, new_bufs, dirs = sgd_direction(params, grads, bufs, b, c, nesterov=nesterov)
 
         if n_active:
-            ref = params[0]
-            seeds = []
-            for ni, name in enumerate(NAMES):
-                e = [0.0] * n_active
-                if name in group["tune"]:
-                    e[index[gi, ni, self._window(group, name, t)]] = 1.0
-                seeds.append(torch.tensor(e, dtype=ref.dtype, device=ref.device))
-            hyper = [torch.tensor(v, dtype=ref.dtype, device=ref.device) for v in (a, b, c)]
+            column = {name: index[gi, ni, self._window(group, name, t)]
+                      for ni, name in enumerate(NAMES) if name in group["tune"]}
             zs = [self._tangent(p, _Z, n_active) for p in params]
-            hzs = []
-            for p in params:
-                h = hz.get(p)
-                if h is None:
-                    h = p.new_zeros((n_active, *p.shape))
-                else:
-                    if group["hz_clip"] is not None:
-                        h = h.clamp(-group["hz_clip"], group["hz_clip"])
-                    if h.shape[0] < n_active:
-                        h = torch.cat([h, h.new_zeros((n_active - h.shape[0], *p.shape))])
-                hzs.append(h)
+            hzs = [self._clipped(p, hz.get(p), n_active, group["hz_clip"]) for p in params]
+            if "weight_decay" in column:
+                for h, p in zip(hzs, params, strict=True):
+                    h[column["weight_decay"]] += p
             cs = [self._tangent(p, _C, n_active) if buf is not None else None
                   for p, buf in zip(params, bufs, strict=True)]
-            z_next, c_next = sgd_tangents(params, grads, bufs, *hyper, zs, hzs, cs, *seeds,
-                                          nesterov=nesterov)
+            g_tan, c_next, d_tan = sgd_direction(zs, hzs, cs, b, c, nesterov=nesterov)
+            z_next = [z - a * d if a != 0 else z for z, d in zip(zs, d_tan, strict=True)]
+            if momentum:  # as for the buffers below: v_{t+1} = g_t where b = 0
+                c_next = [cn if cn is not None else (g.clone() if g is h else g)
+                          for cn, g, h in zip(c_next, g_tan, hzs, strict=True)]
+            if "lr" in column:
+                for z, d in zip(z_next, dirs, strict=True):
+                    z[column["lr"]] -= d
+            if "momentum" in column:
+                dz, dc = _momentum_terms(params, grads, bufs, (a, b, c), nesterov)
+                for z, cn, dzi, dci in zip(z_next, c_next, dz, dc, strict=True):
+                    z[column["momentum"]] += dzi
+                    cn[column["momentum"]] += dci
             for s, z, cn in zip(states, z_next, c_next, strict=True):
                 s[_Z] = z
                 if momentum:
                     s[_C] = cn
 
-        gs, new_bufs, dirs = sgd_direction(params, grads, bufs, b, c, nesterov=nesterov)
         apply_update_(params, dirs, a)
         if momentum:
             for s, g, grad, buf in zip(states, gs, grads, new_bufs, strict=True):
                 # PyTorch keeps no buffer at b = 0, but v_{t+1} = g_t matters if b changes later.
                 s[_BUF] = buf if buf is not None else (g.clone() if g is grad else g)
+
+    @staticmethod
+    def _clipped(p: Tensor, h: Tensor | None, n: int, clip: float | None) -> Tensor:
+        """:math:`H Z` for ``n`` columns: clipped, zero for columns whose window starts now."""
+        if h is None:
+            return p.new_zeros((n, *p.shape))
+        if clip is not None:
+            h = h.clamp(-clip, clip)
+        if h.shape[0] < n:
+            h = torch.cat([h, h.new_zeros((n - h.shape[0], *p.shape))])
+        return h
 
     # ------------------------------------------------------------------ outer step
     @torch.no_grad()
@@ -480,3 +503,33 @@ class FDSSGD(HyperOptimizer):
         self.hyper_state["step"] = 0
         self.hyper_state["episode"] += 1
         self._publish(0)
+
+
+def _momentum_terms(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
+                    values: tuple[float, float, float], nesterov: bool
+                    ) -> tuple[list[Tensor], list[Tensor]]:
+    r""":math:`\partial(w_{t+1}, v_{t+1}) / \partial b_t`: ``torch.func.jvp`` of the rule.
+
+    Each transformed call has a fixed cost per tensor, so the group is flattened into one vector
+    first (when dtypes and buffers allow).
+    """
+    ref = params[0]
+    a, b, c = (torch.tensor(v, dtype=ref.dtype, device=ref.device) for v in values)
+    seeds = (ref.new_zeros(1), ref.new_ones(1), ref.new_zeros(1))
+    flat = (len({(p.dtype, p.device) for p in params}) == 1
+            and len({buf is None for buf in bufs}) == 1)
+    if flat and len(params) > 1:
+        sizes = [p.numel() for p in params]
+        cat = lambda ts: [torch.cat([x.reshape(-1) for x in ts])]  # noqa: E731
+        zero = [ref.new_zeros((1, sum(sizes)))]
+        with_buf = bufs[0] is not None
+        dz, dc = sgd_tangents(cat(params), cat(grads), cat(bufs) if with_buf else [None],
+                              a, b, c, zero, zero, zero if with_buf else [None], *seeds,
+                              nesterov=nesterov)
+        return ([x.view_as(p) for x, p in zip(dz[0][0].split(sizes), params, strict=True)],
+                [x.view_as(p) for x, p in zip(dc[0][0].split(sizes), params, strict=True)])
+    zeros = [p.new_zeros((1, *p.shape)) for p in params]
+    dz, dc = sgd_tangents(params, grads, bufs, a, b, c, zeros, zeros,
+                          [None if buf is None else z for buf, z in zip(bufs, zeros, strict=True)],
+                          *seeds, nesterov=nesterov)
+    return [x[0] for x in dz], [x[0] for x in dc]
