@@ -1,12 +1,14 @@
 """hyperoptim: torch.optim optimizers that learn their own hyperparameters from hypergradients."""
 
 from ._base import HyperOptimizer, frozen_batchnorm_stats
+from .fds import FDSSGD
 from .hd import HypergradSGD
 from .ift import IFTOptimizer
 from .marthe import MartheSGD
 from .plot import plot_history
 
 __all__ = [
+    "FDSSGD",
     "HyperOptimizer",
     "HypergradSGD",
     "IFTOptimizer",
