@@ -254,6 +254,11 @@ class FDSSGD(HyperOptimizer):
         """Inner steps per episode."""
         return self.defaults["horizon"]
 
+    @property
+    def episode_step(self) -> int:
+        """Inner steps taken in the current episode (``horizon`` when :meth:`hyperstep` is due)."""
+        return self.hyper_state["step"]
+
     def _columns(self) -> list[tuple[int, int, int, int]]:
         """Every tuned schedule value as ``(first step, group, name index, window)``, sorted.
 

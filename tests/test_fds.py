@@ -395,7 +395,9 @@ def test_misuse_raises_clear_errors():
     with pytest.raises(ValueError, match="only at the end of an episode"):
         opt.step(prob.closure(opt, 0), val_closure=lambda: prob.val_loss(prob.live))
     opt.step(prob.closure(opt, 0))
+    assert opt.episode_step == 1
     opt.step(prob.closure(opt, 1))
+    assert opt.episode_step == opt.horizon
     with pytest.raises(RuntimeError, match="call hyperstep"):
         opt.step(prob.closure(opt, 2))
     opt.val_closure = None

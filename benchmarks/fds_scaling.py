@@ -1,0 +1,334 @@
+"""FDSSGD's cost as the number of tangent columns N and the horizon T grow.
+
+Three measurements, each printed as a table:
+
+1. **Per-step time** of a full training step (forward, backward, optimizer) for N = 1, 3, 9, 27
+   learning-rate columns, relative to ``torch.optim.SGD`` on the same model and batches:
+   FDSSGD (one batched Hessian-vector product over all columns) against the official
+   implementation's approach (polo5/FDS ``main.py``: one double-backward HVP per column in a
+   Python loop, the tangent update in stacked tensor ops). Both are timed in the last window of an
+   episode, where all N columns are in use (FDSSGD is restored there from a checkpoint taken once,
+   which also exercises exact mid-episode resuming). Cases are interleaved in every repeat; the
+   ratios are medians of block times.
+2. **Hessian-vector product routes** for N columns: the batched double backward FDSSGD uses
+   (``hvp_from_grads``, works with any user closure), the functional forward-over-reverse route
+   (``grad_and_hvp`` on ``torch.func.functional_call``, applies only when the loss is a function
+   of a parameter dict), and the per-column loop; time relative to the batched double backward.
+3. **Memory as the horizon grows**: bytes held by FDSSGD (its state: tangents Z, C and the momentum
+   buffer, peak over the episode, plus the largest autograd graph one step keeps for its HVP)
+   against the exact reverse-mode unroll (``hyperoptim.reference.unrolled_hypergrad``: the tensors
+   its graph saves for backward, counted with ``saved_tensors_hooks``), float64 on the same MLP.
+
+Run:
+    python benchmarks/fds_scaling.py                      # a few minutes on 2 CPU cores
+    python benchmarks/fds_scaling.py --repeats 9 --sizes 32x32 256x128 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from hyperoptim._hvp import grad_and_hvp, hvp_from_grads
+from hyperoptim.fds import FDSSGD
+from hyperoptim.reference import unrolled_hypergrad
+
+LR, MOMENTUM, WD = 0.05, 0.9, 5e-4
+
+
+class Data:
+    """Fixed random classification batches and a validation batch."""
+
+    def __init__(self, n_in: int, n_out: int, batch: int, n_batches: int = 8, seed: int = 0,
+                 dtype: torch.dtype = torch.float32):
+        gen = torch.Generator().manual_seed(seed)
+        self.train = [(torch.randn(batch, n_in, generator=gen, dtype=dtype),
+                       torch.randint(n_out, (batch,), generator=gen)) for _ in range(n_batches)]
+        self.val = (torch.randn(batch, n_in, generator=gen, dtype=dtype),
+                    torch.randint(n_out, (batch,), generator=gen))
+
+    def batch(self, t: int) -> tuple[Tensor, Tensor]:
+        return self.train[t % len(self.train)]
+
+
+def mlp(n_in: int, hidden: int, n_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                         nn.Linear(hidden, n_out))
+
+
+# ------------------------------------------------------------------------- 1. per-step time
+class PerColumnLoop:
+    """The official implementation's inner step (polo5/FDS main.py, learning rates only): the HVP
+    of each column by its own double backward, then Eq. 4 on stacked (N, *shape) tangents."""
+
+    def __init__(self, model: nn.Module, n_columns: int, seed: int = 0):
+        self.params = list(model.parameters())
+        gen = torch.Generator().manual_seed(seed)
+        self.z = [1e-3 * torch.randn((n_columns, *p.shape), generator=gen) for p in self.params]
+        self.c = [1e-3 * torch.randn((n_columns, *p.shape), generator=gen) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.k = n_columns - 1  # the last window: every column is in use
+
+    def step(self, loss: Tensor) -> None:
+        grads = torch.autograd.grad(loss, self.params, create_graph=True)
+        n = self.z[0].shape[0]
+        hz = [torch.empty_like(z) for z in self.z]
+        for j in range(n):
+            col = torch.autograd.grad(grads, self.params, grad_outputs=[z[j] for z in self.z],
+                                      retain_graph=j < n - 1)
+            for h, c in zip(hz, col, strict=True):
+                h[j] = c
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
+                g = g.detach()
+                z, c, v = self.z[i], self.c[i], self.v[i]
+                b = -MOMENTUM * LR * c
+                b[self.k] -= g + WD * p + MOMENTUM * v
+                self.c[i] = MOMENTUM * c + hz[i] + WD * z
+                self.z[i] = z * (1 - LR * WD) - LR * hz[i] + b
+                self.v[i] = MOMENTUM * v + g + WD * p
+                p.sub_(LR * self.v[i])
+
+
+def per_step_times(n_columns: list[int], hidden: int, batch: int, repeats: int, steps: int
+                   ) -> list[tuple[int, float, float, float, float]]:
+    """(N, FDSSGD / SGD, loop / SGD, FDSSGD / loop, SGD ms per step) per N."""
+    torch.manual_seed(0)
+    data = Data(64, 10, batch)
+    base = mlp(64, hidden, 10)
+    rows = []
+    for n in n_columns:
+        window = steps + 1
+        horizon = n * window
+
+        # SGD
+        sgd_model = copy.deepcopy(base)
+        sgd = torch.optim.SGD(sgd_model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+
+        def sgd_block(t0: int, model: nn.Module = sgd_model, opt=sgd) -> None:
+            for t in range(t0, t0 + steps):
+                x, y = data.batch(t)
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+
+        # FDSSGD, restored at the second step of its last window (N columns in use)
+        fds_model = copy.deepcopy(base)
+        fds = FDSSGD(fds_model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD,
+                     horizon=horizon, lr_windows=n, tune=("lr",))
+
+        def fds_closure(t: int, model=fds_model, opt=fds) -> Callable[[], Tensor]:
+            def closure() -> Tensor:
+                x, y = data.batch(t)
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            return closure
+
+        start = horizon - window + 1
+        for t in range(start):
+            fds.step(fds_closure(t))
+        checkpoint = (copy.deepcopy(fds.state_dict()), copy.deepcopy(fds_model.state_dict()))
+        if fds.state[next(fds_model.parameters())]["fds_z"].shape[0] != n:
+            raise RuntimeError("the timed steps must have all N columns in use")
+
+        def fds_block(t0: int, model: nn.Module = fds_model, opt=fds, start: int = start,
+                      checkpoint: tuple = checkpoint) -> float:
+            opt.load_state_dict(checkpoint[0])
+            model.load_state_dict(checkpoint[1])
+            begin = time.perf_counter()
+            for t in range(start, start + steps):
+                opt.step(fds_closure(t))
+            return time.perf_counter() - begin
+
+        # the per-column loop
+        loop_model = copy.deepcopy(base)
+        loop = PerColumnLoop(loop_model, n)
+
+        def loop_block(t0: int, model=loop_model, opt=loop) -> None:
+            for t in range(t0, t0 + steps):
+                x, y = data.batch(t)
+                opt.step(F.cross_entropy(model(x), y))
+
+        def timed(block: Callable[[int], None]) -> Callable[[int], float]:
+            def run(t0: int) -> float:
+                begin = time.perf_counter()
+                block(t0)
+                return time.perf_counter() - begin
+            return run
+
+        cases = {"sgd": timed(sgd_block), "fds": fds_block, "loop": timed(loop_block)}
+        for case in cases.values():  # warm-up
+            case(0)
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for r in range(repeats):
+            for name, case in cases.items():
+                times[name].append(case(r * steps))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append((n, med["fds"] / med["sgd"], med["loop"] / med["sgd"], med["fds"] / med["loop"],
+                     1000 * med["sgd"] / steps))
+    return rows
+
+
+# ------------------------------------------------------------------------- 2. HVP routes
+def hvp_route_times(n_columns: list[int], hidden: int, batch: int, repeats: int
+                    ) -> list[tuple[int, float, float]]:
+    """(N, functional / batched double backward, loop / batched double backward) per N; each
+    route computes the training gradient and H Z from scratch."""
+    torch.manual_seed(0)
+    data = Data(64, 10, batch)
+    model = mlp(64, hidden, 10)
+    params = dict(model.named_parameters())
+    x, y = data.batch(0)
+
+    def loss_fn(p: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y)
+
+    rows = []
+    for n in n_columns:
+        vecs = {k: torch.randn((n, *p.shape)) for k, p in params.items()}
+        plist, vlist = list(params.values()), list(vecs.values())
+
+        def batched(plist: list[Tensor] = plist, vlist: list[Tensor] = vlist) -> None:
+            grads = torch.autograd.grad(loss_fn(params), plist, create_graph=True)
+            hvp_from_grads(grads, plist, vlist)
+
+        def functional(vecs: dict[str, Tensor] = vecs) -> None:
+            grad_and_hvp(loss_fn, {k: p.detach() for k, p in params.items()}, vecs)
+
+        def loop(plist: list[Tensor] = plist, vlist: list[Tensor] = vlist, n: int = n) -> None:
+            grads = torch.autograd.grad(loss_fn(params), plist, create_graph=True)
+            for j in range(n):
+                torch.autograd.grad(grads, plist, grad_outputs=[v[j] for v in vlist],
+                                    retain_graph=j < n - 1)
+
+        cases = {"batched": batched, "functional": functional, "loop": loop}
+        for case in cases.values():
+            case()
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(repeats):
+            for name, case in cases.items():
+                begin = time.perf_counter()
+                for _ in range(3):
+                    case()
+                times[name].append(time.perf_counter() - begin)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append((n, med["functional"] / med["batched"], med["loop"] / med["batched"]))
+    return rows
+
+
+# ------------------------------------------------------------------------- 3. memory
+class SavedBytes:
+    """Peak bytes of the tensors autograd keeps for backward, counted while they are alive."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def pack(self, tensor: Tensor) -> object:
+        counter = self
+
+        class Box:
+            def __init__(self) -> None:
+                self.tensor, self.n = tensor, tensor.numel() * tensor.element_size()
+                counter.live += self.n
+                counter.peak = max(counter.peak, counter.live)
+
+            def __del__(self) -> None:
+                counter.live -= self.n
+
+        return Box()
+
+
+def memory_rows(horizons: list[int], hidden: int, batch: int, lr_windows: int
+                ) -> list[tuple[int, int, int, int]]:
+    """(T, FDSSGD state peak, FDSSGD largest per-step graph, unrolled oracle graph) in bytes."""
+    torch.manual_seed(0)
+    data = Data(64, 10, batch, dtype=torch.float64)
+    base = mlp(64, hidden, 10).double()
+    init = {k: v.detach().clone() for k, v in base.named_parameters()}
+
+    def train_loss(p: dict[str, Tensor], t: int) -> Tensor:
+        x, y = data.batch(t)
+        return F.cross_entropy(torch.func.functional_call(base, p, (x,)), y)
+
+    def val_loss(p: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(torch.func.functional_call(base, p, (data.val[0],)), data.val[1])
+
+    rows = []
+    for horizon in horizons:
+        model = copy.deepcopy(base)
+        opt = FDSSGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD,
+                     horizon=horizon, lr_windows=min(lr_windows, horizon))
+        state_peak = graph_peak = 0
+        for t in range(horizon):
+            saved = SavedBytes()
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda box: box.tensor):
+                def closure(t: int = t, model: nn.Module = model) -> Tensor:
+                    x, y = data.batch(t)
+                    return F.cross_entropy(model(x), y)
+                opt.step(closure)
+            graph_peak = max(graph_peak, saved.peak)
+            state_peak = max(state_peak, sum(v.numel() * v.element_size()
+                                             for s in opt.state.values() for v in s.values()
+                                             if torch.is_tensor(v)))
+        saved = SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda box: box.tensor):
+            unrolled_hypergrad(train_loss, val_loss, init, horizon=horizon, lr=LR,
+                               momentum=MOMENTUM, weight_decay=WD)
+        rows.append((horizon, state_peak, graph_peak, saved.peak))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--sizes", type=str, nargs="+", default=["32x32", "128x128"],
+                        help="MLP 64-h-h-10 width and batch size, as HIDDENxBATCH")
+    parser.add_argument("--columns", type=int, nargs="+", default=[1, 3, 9, 27])
+    parser.add_argument("--horizons", type=int, nargs="+", default=[10, 20, 40, 80])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes]
+    print(f"{args.threads} thread(s), median of {args.repeats} interleaved blocks of "
+          f"{args.steps} steps; learning-rate columns only (as the official code loops)")
+
+    for hidden, batch in sizes:
+        n_params = sum(p.numel() for p in mlp(64, hidden, 10).parameters())
+        name = f"MLP 64-{hidden}-{hidden}-10 ({n_params} weights), batch {batch}"
+        rows = per_step_times(args.columns, hidden, batch, args.repeats, args.steps)
+        print(f"\n1. Per-step time, {name} (SGD: {rows[0][4]:.2f} ms/step)")
+        print(f"{'N columns':>10} {'FDSSGD / SGD':>14} {'loop / SGD':>12} {'FDSSGD / loop':>15}")
+        for n, fds, loop, ratio, _ in rows:
+            print(f"{n:>10} {fds:>13.2f}x {loop:>11.2f}x {ratio:>14.2f}x")
+
+    for hidden, batch in sizes:
+        rows = hvp_route_times(args.columns, hidden, batch, args.repeats)
+        print(f"\n2. Gradient + H Z for N columns, MLP 64-{hidden}-{hidden}-10, batch {batch}; "
+              "time relative to the batched double backward FDSSGD uses")
+        print(f"{'N columns':>10} {'forward-over-reverse':>22} {'per-column loop':>17}")
+        for n, functional, loop in rows:
+            print(f"{n:>10} {functional:>21.2f}x {loop:>16.2f}x")
+
+    hidden, batch = sizes[0]
+    rows = memory_rows(args.horizons, hidden, batch, lr_windows=5)
+    print(f"\n3. Memory, MLP 64-{hidden}-{hidden}-10, batch {batch}, float64; FDSSGD tunes 5 lr + 1 "
+          "momentum + 1 weight decay values (bytes)")
+    print(f"{'horizon T':>10} {'FDSSGD state':>14} {'FDSSGD step graph':>18} "
+          f"{'unrolled oracle graph':>22} {'oracle / FDSSGD':>16}")
+    for horizon, state, graph, oracle in rows:
+        print(f"{horizon:>10} {state:>14,} {graph:>18,} {oracle:>22,} "
+              f"{oracle / (state + graph):>15.1f}x")
+
+
+if __name__ == "__main__":
+    main()
