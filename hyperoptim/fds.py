@@ -83,9 +83,12 @@ class FDSSGD(HyperOptimizer):
     :math:`e_x(t)` the one-hot column of the window of :math:`x` that step :math:`t` uses. Only the
     columns of windows already reached are stored, and of those only the ones that have been used
     (non-zero) enter :math:`H_t Z_t`, computed for all of them at once by one batched double
-    backward through the closure's gradient (no loop over columns). With ``hz_clip`` the
-    product is clipped elementwise to :math:`\pm` ``hz_clip`` (the paper uses 100), which trades
-    exactness for robustness to a single batch with large curvature.
+    backward through the closure's gradient (no loop over columns; it works with any closure,
+    and ``benchmarks/fds_scaling.py`` measures it faster than forward-over-reverse, which would
+    need a functional loss, in most settings). The tangent update itself is elementwise in the
+    columns (see :meth:`_group_step`). With ``hz_clip`` the product is clipped elementwise to
+    :math:`\pm` ``hz_clip`` (the paper uses 100), which trades exactness for robustness to a
+    single batch with large curvature.
 
     After exactly :math:`T` steps, :meth:`hyperstep` takes the validation loss
     :math:`E(w_T)` and computes every hypergradient
@@ -122,10 +125,13 @@ class FDSSGD(HyperOptimizer):
     per-window values each), the raw hypergradients that moved them (``"hypergrad/lr"`` etc., for
     tuned hyperparameters), ``"val_loss"`` (:math:`E(w_T)`) and ``"skipped"``.
 
-    Memory: three tensors of the size of the weights per tuned schedule value at most
-    (:math:`Z`, :math:`C` and :math:`H Z`, the last one transient) and one momentum buffer:
-    :math:`O(DN)`, independent of the horizon. Everything, tangents included, is in
-    :meth:`state_dict`, so a run checkpointed mid-episode resumes exactly.
+    Memory: the state is :math:`Z` and :math:`C` (one weights-sized tensor per tuned schedule
+    value each; :math:`C` only where momentum is in play) and the momentum buffer, plus during a
+    step :math:`H Z` and the new tangents: :math:`O(DN)`, independent of the horizon, where the
+    exact reverse-mode unroll grows linearly with it. Everything, tangents included, is in
+    :meth:`state_dict`, so a run checkpointed mid-episode resumes exactly. Under
+    ``torch.distributed`` the gradients, :math:`H Z` and the validation gradient it takes are
+    averaged across ranks.
 
     Args:
         params (iterable): parameters or param-group dicts, as for ``torch.optim.SGD``. A group
@@ -230,6 +236,10 @@ class FDSSGD(HyperOptimizer):
         return group
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.hyper_state.get("step", 0):
+            # A group's columns would land among those already carried by the tangents.
+            raise RuntimeError("FDSSGD: add param groups between episodes (after hyperstep()), "
+                               "not in the middle of one.")
         options = {k: v for k, v in param_group.items() if k != "params"}
         merged = self._checked_options({**self.defaults, **options}, self.defaults["horizon"])
         group = {**param_group, **{k: merged[k] for k in options if k in merged}}
@@ -344,7 +354,9 @@ class FDSSGD(HyperOptimizer):
         """A value assigned to ``group["lr"]`` (etc.) replaces the current window's value."""
         for group in self.param_groups:
             for name in NAMES:
-                schedule, k = group[f"{name}_schedule"], self._window(group, name, t)
+                schedule, n = group[f"{name}_schedule"], group[f"{name}_windows"]
+                check_value(f"{name}_schedule", schedule, len(schedule) == n)
+                k = self._window(group, name, t)
                 if group[name] != schedule[k]:
                     check_value(name, group[name], _is_real(group[name]))
                     schedule[k] = float(group[name])

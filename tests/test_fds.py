@@ -388,6 +388,15 @@ def test_nonfinite_hypergradient_is_skipped_and_the_episode_still_ends():
 def test_misuse_raises_clear_errors():
     prob = Problem()
     opt = prob.optimizer(horizon=2)
+    extra = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="Invalid horizon value: 3"):
+        opt.add_param_group({"params": [extra], "horizon": 3})
+    with pytest.raises(ValueError, match="Invalid lr_schedule value"):
+        opt.add_param_group({"params": [extra], "lr_schedule": [0.1, 0.2]})
+    with pytest.raises(ValueError, match="Invalid lr_windows value: 3"):
+        opt.add_param_group({"params": [extra], "lr_windows": 3})
+    with pytest.raises(ValueError, match="Invalid name value"):
+        opt.schedule("beta")
     with pytest.raises(RuntimeError, match="exactly horizon=2 steps"):
         opt.hyperstep()
     with pytest.raises(ValueError, match="needs second-order information"):
@@ -396,6 +405,8 @@ def test_misuse_raises_clear_errors():
         opt.step(prob.closure(opt, 0), val_closure=lambda: prob.val_loss(prob.live))
     opt.step(prob.closure(opt, 0))
     assert opt.episode_step == 1
+    with pytest.raises(RuntimeError, match="between episodes"):
+        opt.add_param_group({"params": [extra]})
     opt.step(prob.closure(opt, 1))
     assert opt.episode_step == opt.horizon
     with pytest.raises(RuntimeError, match="call hyperstep"):
@@ -403,14 +414,10 @@ def test_misuse_raises_clear_errors():
     opt.val_closure = None
     with pytest.raises(ValueError, match="needs a validation loss"):
         opt.hyperstep()
-    with pytest.raises(ValueError, match="Invalid name value"):
-        opt.schedule("beta")
-    with pytest.raises(ValueError, match="Invalid horizon value: 3"):
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "horizon": 3})
+    opt.hyperstep(lambda: prob.val_loss(prob.live))
+    opt.param_groups[0]["lr_schedule"] = [0.1, 0.2]  # one window: a schedule of one value
     with pytest.raises(ValueError, match="Invalid lr_schedule value"):
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr_schedule": [0.1, 0.2]})
-    with pytest.raises(ValueError, match="Invalid lr_windows value: 3"):
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr_windows": 3})
+        opt.step(prob.closure(opt, 0))
 
 
 # ---------------------------------------------------------------- state and memory
