@@ -108,14 +108,17 @@ class MartheSGD(HyperOptimizer):
     tangent column and its :math:`\mu, c` are also reset to 0 (the history is forgotten, as when
     :math:`\mu = 0`) so that the next step can proceed.
 
-    **Cost per step** (beyond SGD's forward and backward): one validation gradient, and while some
+    **Cost per step** (beyond SGD's forward and backward): one validation gradient (none at the
+    first step, where :math:`Z = 0`), and while some
     :math:`\mu_t > 0`, one Hessian-vector product :math:`H_t Z_t` by double backward through the
     training gradient (the closure's backward runs with ``create_graph=True``; a user closure on
     live ``nn.Parameter``\ s is not a pure function, so forward-over-reverse does not apply). With
     several param groups, :math:`Z` has one column per group's learning rate over *all*
     parameters (a group's learning rate moves the other groups' weights through the shared
     loss), and the columns with :math:`\mu_t > 0` go through one batched product; memory is two
-    copies of the weights per group (:math:`Z, C`; :math:`C` only with momentum).
+    copies of the weights per group (:math:`Z, C`; :math:`C` only with momentum). Parameters
+    without a gradient at a step are left out of it (weights and tangents stay as they were), and
+    a step where no parameter has a gradient changes nothing.
 
     **Validation pass.** ``val_closure`` returns :math:`E` from the live parameters; it may call
     ``backward()`` itself or not, and ``p.grad`` is left as the training closure set it. It runs
@@ -145,10 +148,12 @@ class MartheSGD(HyperOptimizer):
         hypergrad_lr (float, optional): with ``adapt_hypergrad_lr=True``, the step size
             :math:`\kappa` of the hyper-learning rate :math:`\beta` (which starts at 0, as the
             paper suggests); otherwise the fixed hyper-learning rate :math:`\beta`. Its scale
-            depends on the scale of :math:`\Delta`: as the paper suggests, start high and divide
-            by 10 until training does not diverge (default: 1e-6, chosen on
-            ``benchmarks/marthe_schedules.py``, where it works for
-            ``adapt_hypergrad_lr=True``; a fixed :math:`\beta` usually needs a larger value).
+            depends on the scale of :math:`\Delta` (:math:`\kappa` scales like
+            :math:`\beta / \Delta^2`): as the paper suggests, start high and divide by 10 until
+            training does not diverge (default: 1e-6, for ``adapt_hypergrad_lr=True``: on
+            ``benchmarks/marthe_schedules.py`` (digits MLP) every :math:`\kappa` from 1e-7 to
+            1e-3 trains well, while a small linear regression in the tests diverges from 1e-5
+            on; a fixed :math:`\beta` needs its own value, 1e-4 on that benchmark).
         adapt_hypergrad_lr (bool, optional): adapt :math:`\beta` online (default: True).
         hypergrad_clip (float, optional): clip :math:`\Delta` to
             :math:`[-\text{clip}, \text{clip}]` in the updates of :math:`a` and :math:`\beta`

@@ -537,3 +537,19 @@ def test_learns_a_useful_schedule_on_a_small_problem():
         if name == "marthe":
             assert max(opt.history[0]["lr"]) > 1e-2
     assert math.isfinite(results["marthe"]) and results["marthe"] < 0.5 * results["sgd"], results
+
+
+def test_param_group_added_mid_run_gets_its_own_column():
+    net = Net(seed=12)
+    p = net.params()
+    opt = MartheSGD([p["w1"], p["b1"]], lr=0.1, mu=1.0, hypergrad_lr=0.0,
+                    adapt_hypergrad_lr=False, val_closure=lambda: net.val_loss(p))
+    p["w2"].requires_grad_(False)
+    _run(net, p, opt, 0, 3)
+    p["w2"].requires_grad_(True)
+    opt.add_param_group({"params": [p["w2"]], "lr": 0.05})
+    _run(net, p, opt, 3, 4)
+    assert opt.state[p["w1"]]["tangent"].shape[0] == 2
+    hist = opt.history[1]
+    assert len(hist["lr"]) == 4 and hist["hypergrad/lr"][0] == 0.0 != hist["hypergrad/lr"][1]
+    assert all(math.isfinite(v) for h in opt.history for v in h["hypergrad/lr"])
