@@ -91,10 +91,22 @@ def make_hd_val(model: nn.Module, data: Data) -> Step:
     return lambda t: opt.step(_closure(model, opt, data, t))
 
 
+def make_marthe(mu: str | float) -> Callable[[nn.Module, Data], Step]:
+    def make(model: nn.Module, data: Data) -> Step:
+        opt = hyperoptim.MartheSGD(model.parameters(), lr=0.01, momentum=0.9, mu=mu,
+                                   val_closure=_val_closure(model, data))
+        return lambda t: opt.step(_closure(model, opt, data, t))
+
+    return make
+
+
 CASES: dict[str, Callable[[nn.Module, Data], Step]] = {
     "torch.optim.SGD": make_sgd,
     "HypergradSGD (training loss)": make_hd_train,
     "HypergradSGD (validation)": make_hd_val,
+    "MartheSGD (adaptive mu)": make_marthe("adaptive"),
+    "MartheSGD (mu=1, HVP every step)": make_marthe(1.0),
+    "MartheSGD (mu=0, no HVP)": make_marthe(0.0),
 }
 
 MODELS = {
