@@ -48,8 +48,8 @@ def hvp_from_grads(grads: Sequence[Tensor], params: Sequence[Tensor], vectors: S
     out = [torch.zeros_like(v) for v in vectors]
     live = [i for i, g in enumerate(grads) if g.requires_grad]
     if live and all(vectors[i].shape[0] == 1 for i in live):
-        # One column: a plain double backward; vmapping the engine over a batch of one cost
-        # ~0.8 ms more per call on benchmarks/overhead.py's small MLP.
+        # One column: a plain double backward, without vmap over the autograd engine (its
+        # per-call overhead is not worth it for a batch of one).
         single = torch.autograd.grad(
             [grads[i] for i in live], list(params),
             grad_outputs=[vectors[i][0] for i in live],
