@@ -91,6 +91,21 @@ def make_hd_val(model: nn.Module, data: Data) -> Step:
     return lambda t: opt.step(_closure(model, opt, data, t))
 
 
+def make_fds(model: nn.Module, data: Data) -> Step:
+    # Episodes of 50 steps, 5 lr + 1 momentum + 1 weight decay values (up to 7 tangent columns);
+    # the hyperstep at each episode's end is part of the measured time.
+    opt = hyperoptim.FDSSGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
+                            horizon=50, lr_windows=5, val_closure=_val_closure(model, data))
+
+    def step(t: int) -> object:
+        loss = opt.step(_closure(model, opt, data, t))
+        if opt.episode_step == opt.horizon:
+            opt.hyperstep()
+        return loss
+
+    return step
+
+
 def make_marthe(mu: str | float) -> Callable[[nn.Module, Data], Step]:
     def make(model: nn.Module, data: Data) -> Step:
         opt = hyperoptim.MartheSGD(model.parameters(), lr=0.01, momentum=0.9, mu=mu,
@@ -107,6 +122,7 @@ CASES: dict[str, Callable[[nn.Module, Data], Step]] = {
     "MartheSGD (adaptive mu)": make_marthe("adaptive"),
     "MartheSGD (mu=1, HVP every step)": make_marthe(1.0),
     "MartheSGD (mu=0, no HVP)": make_marthe(0.0),
+    "FDSSGD (T=50, 7 columns)": make_fds,
 }
 
 MODELS = {
