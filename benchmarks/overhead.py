@@ -93,9 +93,11 @@ def make_hd_val(model: nn.Module, data: Data) -> Step:
 
 def make_fds(model: nn.Module, data: Data) -> Step:
     # Episodes of 50 steps, 5 lr + 1 momentum + 1 weight decay values (up to 7 tangent columns);
-    # the hyperstep at each episode's end is part of the measured time.
+    # the hyperstep at each episode's end is part of the measured time. Small outer steps keep
+    # the values near SGD's, as the weights are not re-initialised between episodes here.
     opt = hyperoptim.FDSSGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
-                            horizon=50, lr_windows=5, val_closure=_val_closure(model, data))
+                            horizon=50, lr_windows=5, val_closure=_val_closure(model, data),
+                            step_sizes={"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-5})
 
     def step(t: int) -> object:
         loss = opt.step(_closure(model, opt, data, t))
