@@ -1,6 +1,6 @@
 """FDSSGD's cost as the number of tangent columns N and the horizon T grow.
 
-Three measurements, each printed as a table:
+Four measurements, each printed as a table:
 
 1. **Per-step time** of a full training step (forward, backward, optimizer) for N = 1, 3, 9, 27
    learning-rate columns, relative to ``torch.optim.SGD`` on the same model and batches:
@@ -14,7 +14,11 @@ Three measurements, each printed as a table:
    (``hvp_from_grads``, works with any user closure), the functional forward-over-reverse route
    (``grad_and_hvp`` on ``torch.func.functional_call``, applies only when the loss is a function
    of a parameter dict), and the per-column loop; time relative to the batched double backward.
-3. **Memory as the horizon grows**: bytes held by FDSSGD (its state: tangents Z, C and the momentum
+3. **The tangent update** of one step with learning rate, momentum and weight decay tuned:
+   ``sgd_tangents`` (``torch.func.jvp`` of the rule batched with ``vmap`` over every column)
+   against FDSSGD's (the rule applied to the tangents by linearity, elementwise over the columns,
+   plus the hyperparameters' own terms; the momentum's by ``jvp`` on one flat vector), in ms.
+4. **Memory as the horizon grows**: bytes held by FDSSGD (its state: tangents Z, C and the momentum
    buffer, peak over the episode, plus the largest autograd graph one step keeps for its HVP)
    against the exact reverse-mode unroll (``hyperoptim.reference.unrolled_hypergrad``: the tensors
    its graph saves for backward, counted with ``saved_tensors_hooks``), float64 on the same MLP.
@@ -37,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from hyperoptim._hvp import grad_and_hvp, hvp_from_grads
+from hyperoptim._update import sgd_tangents
 from hyperoptim.fds import FDSSGD
 from hyperoptim.reference import unrolled_hypergrad
 
@@ -225,6 +230,68 @@ def hvp_route_times(n_columns: list[int], hidden: int, batch: int, repeats: int
     return rows
 
 
+# ------------------------------------------------------------------------- 4. tangent update
+def tangent_update_times(n_columns: list[int], hidden: int, repeats: int
+                         ) -> list[tuple[int, float, float]]:
+    """(columns, jvp+vmap ms, FDSSGD ms) for the tangent update of one step, all three tuned.
+
+    The jvp+vmap route is ``sgd_tangents`` on every column (the rule's JVP, batched with vmap);
+    FDSSGD's is its ``_group_step`` (the rule applied to the tangents by linearity, plus the
+    hyperparameters' own terms), which also applies the SGD step itself. Same random state.
+    """
+    torch.manual_seed(0)
+    model = mlp(64, hidden, 10)
+    params = list(model.parameters())
+    hyper = [torch.tensor(v) for v in (LR, MOMENTUM, WD)]
+    rows = []
+    for n in n_columns:
+        horizon = 1000 * n
+        opt = FDSSGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WD, horizon=horizon,
+                     lr_windows=n)
+        t = horizon - 500  # inside the last learning-rate window: N + 2 columns in use
+        columns = opt._columns()
+        width = sum(c[0] <= t for c in columns)
+        index = {c[1:]: j for j, c in enumerate(columns[:width])}
+        for p in params:
+            p.grad = torch.randn_like(p)
+            opt.state[p].update(fds_z=torch.randn((width, *p.shape)),
+                                fds_c=torch.randn((width, *p.shape)),
+                                momentum_buffer=torch.randn_like(p))
+        hz = {p: torch.randn((width, *p.shape)) for p in params}
+        group = opt.param_groups[0]
+        bufs = [opt.state[p]["momentum_buffer"] for p in params]
+        z = [opt.state[p]["fds_z"] for p in params]
+        c = [opt.state[p]["fds_c"] for p in params]
+        seeds = [torch.zeros(width) for _ in range(3)]
+        for seed, name in zip(seeds, ("lr", "momentum", "weight_decay"), strict=True):
+            seed[index[0, ("lr", "momentum", "weight_decay").index(name),
+                       opt._window(group, name, t)]] = 1.0
+
+        def jvp_route(z: list[Tensor] = z, c: list[Tensor] = c, seeds: list[Tensor] = seeds,
+                      bufs: list[Tensor] = bufs, hz: dict = hz) -> None:
+            sgd_tangents(params, [p.grad for p in params], bufs, *hyper, z,
+                         [hz[p] for p in params], c, *seeds)
+
+        def fds_route(opt: FDSSGD = opt, group: dict = group, t: int = t, width: int = width,
+                      index: dict = index, hz: dict = hz) -> None:
+            with torch.no_grad():
+                opt._group_step(0, group, params, t, width, index, hz)
+
+        cases = {"jvp": jvp_route, "fds": fds_route}
+        for case in cases.values():
+            case()
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(repeats):
+            for name, case in cases.items():
+                begin = time.perf_counter()
+                for _ in range(5):
+                    case()
+                times[name].append((time.perf_counter() - begin) / 5)
+        rows.append((width, 1000 * statistics.median(times["jvp"]),
+                     1000 * statistics.median(times["fds"])))
+    return rows
+
+
 # ------------------------------------------------------------------------- 3. memory
 class SavedBytes:
     """Peak bytes of the tensors autograd keeps for backward, counted while they are alive."""
@@ -319,9 +386,17 @@ def main(argv: list[str] | None = None) -> None:
         for n, functional, loop in rows:
             print(f"{n:>10} {functional:>21.2f}x {loop:>16.2f}x")
 
+    for hidden, _ in sizes:
+        rows = tangent_update_times(args.columns, hidden, args.repeats)
+        print(f"\n3. Tangent update of one step, MLP 64-{hidden}-{hidden}-10, lr/momentum/weight "
+              "decay tuned (ms)")
+        print(f"{'columns':>10} {'sgd_tangents (jvp+vmap)':>24} {'FDSSGD':>8} {'ratio':>7}")
+        for width, jvp_ms, fds_ms in rows:
+            print(f"{width:>10} {jvp_ms:>24.2f} {fds_ms:>8.2f} {fds_ms / jvp_ms:>6.2f}x")
+
     hidden, batch = sizes[0]
     rows = memory_rows(args.horizons, hidden, batch, lr_windows=5)
-    print(f"\n3. Memory, MLP 64-{hidden}-{hidden}-10, batch {batch}, float64; FDSSGD tunes 5 lr + 1 "
+    print(f"\n4. Memory, MLP 64-{hidden}-{hidden}-10, batch {batch}, float64; FDSSGD tunes 5 lr + 1 "
           "momentum + 1 weight decay values (bytes)")
     print(f"{'horizon T':>10} {'FDSSGD state':>14} {'FDSSGD step graph':>18} "
           f"{'unrolled oracle graph':>22} {'oracle / FDSSGD':>16}")
