@@ -87,10 +87,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cosine-lrs", type=float, nargs="+", default=[0.1, 0.3, 1.0],
                         help="peak learning rates tried for the hand-set cosine schedule")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads while the example runs (small model: 1 is "
+                        "fastest, more threads mostly contend)")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict[str, float]:
     start = time.perf_counter()
 
     data = load(args.seed)
