@@ -95,8 +95,9 @@ def test_hypergradient_matches_finite_differences(
     r"""h_t = dE(w_t)/da_{t-1}, with w_t(a) rebuilt by torch.optim.SGD from a snapshot of w_{t-1}."""
     nesterov = nesterov and momentum > 0
     prob = Quad(seed, *shape)
+    # The lower bound keeps a_{t-1} away from 0, so the central difference has room on both sides.
     opt = HypergradSGD(prob.params, lr=0.1, momentum=momentum, nesterov=nesterov,
-                       weight_decay=weight_decay, hypergrad_lr=0.05,
+                       weight_decay=weight_decay, hypergrad_lr=0.05, lr_bounds=(0.01, math.inf),
                        val_closure=prob.val_loss if validation else None)
     for k in range(t - 1):
         opt.step(lambda k=k: prob.train_loss(k))
