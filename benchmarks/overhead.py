@@ -91,6 +91,13 @@ def make_hd_val(model: nn.Module, data: Data) -> Step:
     return lambda t: opt.step(_closure(model, opt, data, t))
 
 
+def make_ift(model: nn.Module, data: Data) -> Step:
+    opt = hyperoptim.IFTOptimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
+                                  update_interval=10, lookback=5,
+                                  val_closure=_val_closure(model, data))
+    return lambda t: opt.step(_closure(model, opt, data, t))
+
+
 def make_fds(model: nn.Module, data: Data) -> Step:
     # Episodes of 50 steps, 5 lr + 1 momentum + 1 weight decay values (up to 7 tangent columns);
     # the hyperstep at each episode's end is part of the measured time. Small outer steps keep
@@ -124,6 +131,7 @@ CASES: dict[str, Callable[[nn.Module, Data], Step]] = {
     "MartheSGD (adaptive mu)": make_marthe("adaptive"),
     "MartheSGD (mu=1, HVP every step)": make_marthe(1.0),
     "MartheSGD (mu=0, no HVP)": make_marthe(0.0),
+    "IFTOptimizer (T=10, i=5)": make_ift,
     "FDSSGD (T=50, 7 columns)": make_fds,
 }
 

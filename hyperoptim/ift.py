@@ -427,15 +427,16 @@ class IFTOptimizer(HyperOptimizer):
                 updates.extend(a * d for a, d in zip(lrs, dirs))
 
             # acc = sum_{j < i} ((I - J)^T)^j grad L_V by i - 1 vector-Jacobian products (Eq. 6).
-            q = list(val_grads)
-            acc = list(val_grads)
+            q = list(val_grads)  # fresh tensors, owned here: updated in place below
+            acc = [g.clone() for g in val_grads]
             for _ in range(self.lookback - 1):
                 jq = torch.autograd.grad(updates, params, grad_outputs=q, retain_graph=True,
                                          allow_unused=True)
                 jq = all_reduce_mean([torch.zeros_like(p) if j is None else j
                                       for p, j in zip(params, jq)])
-                q = [a - b for a, b in zip(q, jq)]
-                acc = [a + b for a, b in zip(acc, q)]
+                for a, b, c in zip(q, jq, acc):
+                    a.sub_(b)
+                    c.add_(a)
             raw = torch.autograd.grad(updates, leaves, grad_outputs=acc, allow_unused=True)
         del updates
         hypergrads = [torch.zeros_like(x) if g is None else -g for x, g in zip(leaves, raw)]
