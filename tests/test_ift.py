@@ -632,3 +632,19 @@ def test_learns_on_a_regression_from_a_too_small_learning_rate():
     assert frozen_group["lr"] == 1e-3 and frozen_group["momentum"] == 0.5
     assert tuned_group["lr"] > 5e-3 and tuned_group["momentum"] > 0.6
     assert tuned < 0.5 * frozen, (tuned, frozen)
+
+
+def test_param_group_added_later_joins_the_hyper_optimizer():
+    net = Net(13)
+    opt = IFTOptimizer([net.params[0]], lr=0.05, update_interval=1, lookback=2,
+                       val_closure=net.val_loss)
+    opt.step(net.closure(opt, 0))
+    opt.add_param_group({"params": [net.params[1]], "lr": 0.02, "tune": ("lr",)})
+    assert len(opt._hyper_opt.param_groups) == 2
+    for t in range(1, 4):
+        opt.step(net.closure(opt, t))
+    assert len(opt.history[1]["lr"]) == 3 and opt.param_groups[1]["lr"] != 0.02
+    assert "hypergrad/momentum" not in opt.history[1]
+    with pytest.raises(ValueError, match="Invalid tune value"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "tune": ("beta",)})
+    assert len(opt.param_groups) == 2
