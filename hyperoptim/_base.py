@@ -186,6 +186,16 @@ class HyperOptimizer(Optimizer):
     def _all_finite(*values: float) -> bool:
         return all(math.isfinite(v) for v in values)
 
+    def _representable(self, *values: float) -> bool:
+        """Finite, and within range of every parameter's dtype.
+
+        A learned value that is finite as a Python float can still overflow a float32 tensor
+        (``torch.add(..., alpha=1e39)`` raises): such a hyper-update counts as non-finite.
+        """
+        limit = min((torch.finfo(p.dtype).max for g in self.param_groups for p in g["params"]
+                     if p.is_floating_point()), default=math.inf)
+        return all(math.isfinite(v) and abs(v) <= limit for v in values)
+
     @staticmethod
     def _params_with_grad(group: dict[str, Any]) -> list[Tensor]:
         """The group's parameters that have a gradient; the others are skipped."""

@@ -172,22 +172,22 @@ class HypergradSGD(HyperOptimizer):
             scalars.append(val_loss.double().reshape(1))
         values = torch.cat([s.to("cpu") for s in scalars]).tolist() if scalars else []
 
-        if not self._all_finite(*values):
+        # A learning rate that overflows the parameters' dtype counts as non-finite too.
+        group_lrs = self._new_lrs(plans, values) if self._all_finite(*values) else [math.nan]
+        if not self._representable(*group_lrs):
             self._warn_nonfinite("hypergradient or validation loss")
             for i, group in enumerate(self.param_groups):
                 self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan})
             return loss
 
         it = iter(values)
-        for i, (group, params, grads, states, new_lrs) in enumerate(plans):
+        for i, ((group, params, grads, states, new_lrs), new_lr) in enumerate(zip(plans, group_lrs)):
             h = next(it)
-            lo, hi = group["lr_bounds"]
-            if new_lrs is None:
-                lr: float | list[Tensor] = min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi)
-                group["lr"] = lr
-            else:
-                group["lr"] = next(it)
-                self.hyper_state.setdefault("published_lr", {})[i] = group["lr"]
+            group["lr"] = new_lr
+            lr: float | list[Tensor] = new_lr
+            if new_lrs is not None:
+                next(it)  # the mean, already in new_lr
+                self.hyper_state.setdefault("published_lr", {})[i] = new_lr
                 for s, a in zip(states, new_lrs):
                     s["lr"] = a
                 lr = new_lrs
@@ -206,6 +206,19 @@ class HypergradSGD(HyperOptimizer):
                     s["direction"] = d.clone() if d is g else d
             self._record(i, lr=group["lr"], **{"hypergrad/lr": h})
         return loss
+
+    @staticmethod
+    def _new_lrs(plans: list[tuple[Any, ...]], values: list[float]) -> list[float]:
+        """Each group's new learning rate (per-weight groups: the new mean), not yet committed."""
+        out, it = [], iter(values)
+        for group, *_, new_lrs in plans:
+            h = next(it)
+            if new_lrs is None:
+                lo, hi = group["lr_bounds"]
+                out.append(min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi))
+            else:
+                out.append(next(it))
+        return out
 
     @staticmethod
     def _previous_direction(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:

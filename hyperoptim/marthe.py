@@ -316,6 +316,8 @@ class MartheSGD(HyperOptimizer):
                 raw = group["lr"] - h["beta"] * d
                 h["lr_beta_grad"] = -d if raw >= 0.0 else 0.0
                 h["new_lr"] = max(raw, 0.0)
+            if not self._representable(*(h["new_lr"] for h in hypers)):
+                return self._skip(closure, deltas, values[-1])
         for group, h in zip(groups, hypers, strict=True):
             if group["mu"] != "adaptive":
                 h["mu"] = float(group["mu"])

@@ -263,3 +263,15 @@ def test_nonfinite_training_gradient_skips_step():
         opt.step(lambda: prob.train_loss(1) * math.inf)
     assert all(torch.equal(a, b) for a, b in zip(before, prob.params))
     assert opt.param_groups[0]["lr"] == lr and opt.history[0]["skipped"] == [0.0, 1.0]
+
+
+def test_learning_rate_overflowing_float32_is_skipped_not_a_crash():
+    """A finite Python float can overflow float32 weights' arithmetic: the guard catches it."""
+    w = nn.Parameter(torch.zeros(4))
+    opt = HypergradSGD([w], lr=1e38, hypergrad_lr=1e38)
+    opt.step(lambda: w.sum())  # h_0 = 0: lr stays 1e38, w = -1e38
+    before = w.detach().clone()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step(lambda: w.sum())  # would set lr = 1e38 + 1e38 * 4 > float32 max
+    assert torch.equal(w, before) and opt.param_groups[0]["lr"] == 1e38
+    assert opt.history[0]["skipped"] == [0.0, 1.0]

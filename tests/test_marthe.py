@@ -553,3 +553,18 @@ def test_param_group_added_mid_run_gets_its_own_column():
     hist = opt.history[1]
     assert len(hist["lr"]) == 4 and hist["hypergrad/lr"][0] == 0.0 != hist["hypergrad/lr"][1]
     assert all(math.isfinite(v) for h in opt.history for v in h["hypergrad/lr"])
+
+
+def test_learning_rate_overflowing_float32_is_skipped_not_a_crash():
+    """A diverging learning rate that no longer fits float32 skips the step instead of raising
+    (found with RTHO and an adapted hyper-learning rate on digits)."""
+    w = torch.nn.Parameter(torch.zeros(4))
+    # A scaled validation loss stays finite (-4) at w = -1e38, so only the learning rate overflows.
+    opt = MartheSGD([w], lr=1e38, mu=0.0, hypergrad_lr=1e69, adapt_hypergrad_lr=False,
+                    val_closure=lambda: (w * 1e-30).sum())
+    opt.step(lambda: w.sum())  # no tangent yet: lr stays, w = -1e38
+    before = w.detach().clone()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step(lambda: w.sum())  # Delta = -4e-30: lr would be 1e38 + 4e39
+    assert torch.equal(w, before) and opt.param_groups[0]["lr"] == 1e38
+    assert opt.history[0]["skipped"][-1] == 1.0
