@@ -40,6 +40,7 @@ import math
 import multiprocessing as mp
 import pathlib
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,8 @@ def run_one(task: tuple) -> dict:
     """Train one (method, initialisation) pair: its final test loss and a trajectory summary."""
     method, index, hyper, data, steps, model_seed = task
     torch.set_num_threads(1)
+    # Diverging runs make the optimizers warn about skipped updates; the tables count them.
+    warnings.filterwarnings("ignore", message=".*non-finite", category=RuntimeWarning)
     torch.manual_seed(model_seed + index)
     model = nn.Sequential(nn.Linear(data.x_train.shape[1], 50), nn.ReLU(),
                           nn.Linear(50, 1)).to(data.x_train.dtype)
