@@ -1,0 +1,35 @@
+"""Every example runs end to end with a tiny step budget, so the examples cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+SCRIPTS = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+BUDGET = {"fds_schedule.py": ["--steps", "4", "--outer", "2"]}
+
+
+def test_every_example_is_listed():
+    assert len(SCRIPTS) >= 7, [p.name for p in SCRIPTS]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_example_runs(script, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"example_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()  # examples pin one thread for their tiny models
+    try:
+        module.main(BUDGET.get(script.name, ["--steps", "6"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().out.strip()
