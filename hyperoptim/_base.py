@@ -24,6 +24,9 @@ from ._types import Closure, ParamsT
 
 __all__ = ["HyperOptimizer", "check_value", "frozen_batchnorm_stats"]
 
+# float16's range, the narrowest floating dtype's: values within it fit every parameter.
+_SMALLEST_FLOAT_MAX = torch.finfo(torch.float16).max
+
 
 def check_value(name: str, value: Any, ok: bool) -> None:
     """Raise ``ValueError("Invalid <name> value: <value>")`` unless ``ok``, as torch.optim does."""
@@ -192,6 +195,8 @@ class HyperOptimizer(Optimizer):
         A learned value that is finite as a Python float can still overflow a float32 tensor
         (``torch.add(..., alpha=1e39)`` raises): such a hyper-update counts as non-finite.
         """
+        if all(abs(v) <= _SMALLEST_FLOAT_MAX for v in values):  # the usual case: no dtype lookup
+            return True
         limit = min((torch.finfo(p.dtype).max for g in self.param_groups for p in g["params"]
                      if p.is_floating_point()), default=math.inf)
         return all(math.isfinite(v) and abs(v) <= limit for v in values)

@@ -139,8 +139,10 @@ class HypergradSGD(HyperOptimizer):
             val_loss, val_grads = self._validation_grads(val_closure, with_grad)
             objective = dict(zip(with_grad, val_grads))
 
+        # Every scalar of the step goes into one flat list and one host sync: per group, its
+        # <grad E, d_{t-1}> terms (summed on the host), then the mean of per-weight rates.
         plans = []
-        scalars: list[Tensor] = []  # gathered for the single host sync of the step
+        scalars: list[Tensor] = []
         for index, (group, params) in enumerate(groups):
             grads = [p.grad for p in params]
             states = [self.state[p] for p in params]
@@ -151,42 +153,39 @@ class HypergradSGD(HyperOptimizer):
                 objs = [objective[p] for p in params]
             else:
                 objs = grads if wd == 0 else [g.add(p, alpha=wd) for g, p in zip(grads, params)]
+            start = len(scalars)
+            new_lrs = None
             if group["per_parameter"]:
                 elementwise = [None if d is None else -(o * d) for o, d in zip(objs, prev)]
-                present = [e.sum() for e in elementwise if e is not None]
+                scalars.extend(-e.sum() for e in elementwise if e is not None)
                 new_lrs = self._per_parameter_lrs(index, group, params, states, elementwise)
-                n = sum(a.numel() for a in new_lrs)
-                mean = (torch.stack([a.sum() for a in new_lrs]).sum() / n if n
-                        else torch.tensor(group["lr"]))
             else:
-                present = [-torch.dot(o.reshape(-1), d.reshape(-1))
-                           for o, d in zip(objs, prev) if d is not None]
-                new_lrs, mean = None, None
-            h = torch.stack(present).sum() if present else torch.zeros(())
-            scalars.append(h.double().reshape(1))
-            if mean is not None:
-                scalars.append(mean.double().reshape(1))
-            plans.append((group, params, grads, states, new_lrs))
+                scalars.extend(_dot(o, d) for o, d in zip(objs, prev) if d is not None)
+            span = (start, len(scalars))
+            if new_lrs is not None:
+                n = sum(a.numel() for a in new_lrs)
+                scalars.append(torch.stack([a.sum() for a in new_lrs]).sum() / n if n
+                               else torch.tensor(group["lr"]))
+            plans.append((group, params, grads, states, span, new_lrs))
 
         if val_loss is not None:
-            scalars.append(val_loss.double().reshape(1))
-        values = torch.cat([s.to("cpu") for s in scalars]).tolist() if scalars else []
+            scalars.append(val_loss)
+        values = _host_floats(scalars)
 
+        hypergrads = [-math.fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
         # A learning rate that overflows the parameters' dtype counts as non-finite too.
-        group_lrs = self._new_lrs(plans, values) if self._all_finite(*values) else [math.nan]
-        if not self._representable(*group_lrs):
+        group_lrs = [self._new_lr(plan, h, values) for plan, h in zip(plans, hypergrads)]
+        if not (self._all_finite(*values) and self._representable(*group_lrs)):
             self._warn_nonfinite("hypergradient or validation loss")
             for i, group in enumerate(self.param_groups):
                 self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan})
             return loss
 
-        it = iter(values)
-        for i, ((group, params, grads, states, new_lrs), new_lr) in enumerate(zip(plans, group_lrs)):
-            h = next(it)
+        for i, (plan, h, new_lr) in enumerate(zip(plans, hypergrads, group_lrs)):
+            group, params, grads, states, _, new_lrs = plan
             group["lr"] = new_lr
             lr: float | list[Tensor] = new_lr
             if new_lrs is not None:
-                next(it)  # the mean, already in new_lr
                 self.hyper_state.setdefault("published_lr", {})[i] = new_lr
                 for s, a in zip(states, new_lrs):
                     s["lr"] = a
@@ -208,17 +207,13 @@ class HypergradSGD(HyperOptimizer):
         return loss
 
     @staticmethod
-    def _new_lrs(plans: list[tuple[Any, ...]], values: list[float]) -> list[float]:
-        """Each group's new learning rate (per-weight groups: the new mean), not yet committed."""
-        out, it = [], iter(values)
-        for group, *_, new_lrs in plans:
-            h = next(it)
-            if new_lrs is None:
-                lo, hi = group["lr_bounds"]
-                out.append(min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi))
-            else:
-                out.append(next(it))
-        return out
+    def _new_lr(plan: tuple[Any, ...], h: float, values: list[float]) -> float:
+        """A group's new learning rate (per-weight groups: the new mean), not yet committed."""
+        group, *_, (_, end), new_lrs = plan
+        if new_lrs is not None:
+            return values[end]
+        lo, hi = group["lr_bounds"]
+        return min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi)
 
     @staticmethod
     def _previous_direction(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
@@ -242,3 +237,18 @@ class HypergradSGD(HyperOptimizer):
                 a = (a - group["hypergrad_lr"] * h).clamp_(lo, hi)
             out.append(a)
         return out
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """<a, b> over all elements (1-D tensors skip the reshape: biases are many and small)."""
+    return torch.dot(a, b) if a.dim() == 1 else torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _host_floats(scalars: list[Tensor]) -> list[float]:
+    """0-d tensors to Python floats with one host sync (one ``stack`` when dtypes agree)."""
+    if not scalars:
+        return []
+    dtype = scalars[0].dtype
+    if any(t.dtype != dtype for t in scalars):
+        scalars = [t.double() for t in scalars]
+    return torch.stack(scalars).tolist()
