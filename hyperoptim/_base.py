@@ -22,7 +22,9 @@ from torch.optim import Optimizer
 
 from ._types import Closure, ParamsT
 
-__all__ = ["HyperOptimizer", "check_value", "frozen_batchnorm_stats"]
+__all__ = [
+    "HyperOptimizer", "check_sgd_arguments", "check_value", "frozen_batchnorm_stats", "is_real",
+]
 
 # float16's range, the narrowest floating dtype's: values within it fit every parameter.
 _SMALLEST_FLOAT_MAX = torch.finfo(torch.float16).max
@@ -32,6 +34,23 @@ def check_value(name: str, value: Any, ok: bool) -> None:
     """Raise ``ValueError("Invalid <name> value: <value>")`` unless ``ok``, as torch.optim does."""
     if not ok:
         raise ValueError(f"Invalid {name} value: {value}")
+
+
+def is_real(value: Any) -> bool:
+    """A finite Python number (``bool`` excluded): what a float hyperparameter may be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sgd_arguments(lr: Any, momentum: Any, dampening: Any, weight_decay: Any,
+                        nesterov: Any) -> None:
+    """The checks ``torch.optim.SGD`` makes, for every optimizer with SGD's arguments."""
+    check_value("lr", lr, is_real(lr) and lr >= 0.0)
+    check_value("momentum", momentum, is_real(momentum) and momentum >= 0.0)
+    check_value("dampening", dampening, is_real(dampening))
+    check_value("weight_decay", weight_decay, is_real(weight_decay) and weight_decay >= 0.0)
+    check_value("nesterov", nesterov, isinstance(nesterov, bool))
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
 def all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:

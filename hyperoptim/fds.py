@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import HyperOptimizer, check_value
+from ._base import HyperOptimizer, check_value, is_real
 from ._hvp import hvp_from_grads
 from ._schedule import window_of
 from ._types import Closure, ParamsT
@@ -24,10 +24,6 @@ DEFAULT_STEP_SIZES = {"lr": 0.1, "momentum": 0.15, "weight_decay": 4e-4}
 r"""Initial outer step sizes :math:`\gamma` (Micaelli & Storkey 2021, App. B)."""
 
 _Z, _C, _BUF = "fds_z", "fds_c", "momentum_buffer"
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_count(value: Any) -> bool:
@@ -52,7 +48,7 @@ def _normalise_step_sizes(step_sizes: Any) -> dict[str, float] | None:
         return dict(DEFAULT_STEP_SIZES)
     if not isinstance(step_sizes, Mapping):
         return None
-    if not all(k in NAMES and _is_real(v) and v > 0 for k, v in step_sizes.items()):
+    if not all(k in NAMES and is_real(v) and v > 0 for k, v in step_sizes.items()):
         return None
     return {**DEFAULT_STEP_SIZES, **{k: float(v) for k, v in step_sizes.items()}}
 
@@ -214,7 +210,7 @@ class FDSSGD(HyperOptimizer):
         group = dict(group)
         for name in NAMES:
             value = group[name]
-            check_value(name, value, _is_real(value) and value >= 0)
+            check_value(name, value, is_real(value) and value >= 0)
             group[name] = float(value)
         check_value("horizon", group["horizon"], group["horizon"] == horizon)
         for name in NAMES:
@@ -230,7 +226,7 @@ class FDSSGD(HyperOptimizer):
         check_value("step_sizes", group["step_sizes"], sizes is not None)
         group["step_sizes"] = sizes
         clip = group["hz_clip"]
-        check_value("hz_clip", clip, clip is None or (_is_real(clip) and clip > 0))
+        check_value("hz_clip", clip, clip is None or (is_real(clip) and clip > 0))
         group["hz_clip"] = None if clip is None else float(clip)
         check_value("nesterov", group["nesterov"], isinstance(group["nesterov"], bool))
         return group
@@ -249,7 +245,7 @@ class FDSSGD(HyperOptimizer):
             if schedule is None:
                 schedule = [merged[name]] * n
             check_value(key, schedule, isinstance(schedule, (list, tuple)) and len(schedule) == n
-                        and all(_is_real(v) for v in schedule))
+                        and all(is_real(v) for v in schedule))
             group[key] = [float(v) for v in schedule]
             group[name] = group[key][0]
         super().add_param_group(group)
@@ -358,7 +354,7 @@ class FDSSGD(HyperOptimizer):
                 check_value(f"{name}_schedule", schedule, len(schedule) == n)
                 k = self._window(group, name, t)
                 if group[name] != schedule[k]:
-                    check_value(name, group[name], _is_real(group[name]))
+                    check_value(name, group[name], is_real(group[name]))
                     schedule[k] = float(group[name])
 
     def _tangent(self, p: Tensor, key: str, n: int) -> Tensor:

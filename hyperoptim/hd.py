@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import HyperOptimizer, check_value
+from ._base import HyperOptimizer, check_sgd_arguments, check_value, is_real
 from ._types import Closure, ParamsT
 from ._update import apply_update_, sgd_direction
 
@@ -98,15 +98,9 @@ class HypergradSGD(HyperOptimizer):
         check_value("lr_bounds", lr_bounds,
                     isinstance(lr_bounds, (tuple, list)) and len(lr_bounds) == 2
                     and 0.0 <= lr_bounds[0] <= lr_bounds[1])
-        check_value("lr", lr, isinstance(lr, (int, float)) and lr_bounds[0] <= lr <= lr_bounds[1])
-        check_value("momentum", momentum, isinstance(momentum, (int, float)) and momentum >= 0.0)
-        check_value("dampening", dampening, isinstance(dampening, (int, float)))
-        check_value("weight_decay", weight_decay,
-                    isinstance(weight_decay, (int, float)) and weight_decay >= 0.0)
-        check_value("hypergrad_lr", hypergrad_lr,
-                    isinstance(hypergrad_lr, (int, float)) and hypergrad_lr >= 0.0)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_sgd_arguments(lr, momentum, dampening, weight_decay, nesterov)
+        check_value("lr", lr, lr_bounds[0] <= lr <= lr_bounds[1])
+        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
         defaults = dict(
             lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, hypergrad_lr=hypergrad_lr,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._base import HyperOptimizer, all_reduce_mean, check_value
+from ._base import HyperOptimizer, all_reduce_mean, check_sgd_arguments, check_value, is_real
 from ._types import Closure, ParamsT
 from ._update import apply_update_, sgd_direction
 
@@ -211,9 +211,7 @@ class IFTOptimizer(HyperOptimizer):
                     and update_interval >= 1)
         check_value("lookback", lookback,
                     isinstance(lookback, int) and not isinstance(lookback, bool) and lookback >= 1)
-        check_value("hyper_lr", hyper_lr,
-                    isinstance(hyper_lr, (int, float)) and math.isfinite(hyper_lr)
-                    and hyper_lr >= 0)
+        check_value("hyper_lr", hyper_lr, is_real(hyper_lr) and hyper_lr >= 0)
         check_value("hyper_optimizer", hyper_optimizer,
                     hyper_optimizer is None or callable(hyper_optimizer))
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, tune=tune,
@@ -241,15 +239,11 @@ class IFTOptimizer(HyperOptimizer):
                     isinstance(tune, (tuple, list)) and len(tune) > 0
                     and len(set(tune)) == len(tune) and all(n in _NAMES for n in tune))
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        real = (int, float)
-        lr_ok = isinstance(lr, real) and (bounds[0] <= lr <= bounds[1] if "lr" in tune else lr >= 0)
-        check_value("lr", lr, lr_ok and math.isfinite(lr))
-        momentum_ok = isinstance(momentum, real) and momentum >= 0.0
-        if "momentum" in tune:
-            momentum_ok = momentum_ok and momentum <= 1.0
-        check_value("momentum", momentum, momentum_ok and math.isfinite(momentum))
-        check_value("weight_decay", wd,
-                    isinstance(wd, real) and wd >= 0.0 and math.isfinite(wd))
+        check_sgd_arguments(lr, momentum, 0.0, wd, False)
+        if "lr" in tune:  # log10 learning rate lives in the bounds
+            check_value("lr", lr, bounds[0] <= lr <= bounds[1])
+        if "momentum" in tune:  # logit momentum
+            check_value("momentum", momentum, momentum <= 1.0)
         if group["per_parameter_lr"] and "lr" not in tune:
             raise ValueError(f"per_parameter_lr=True needs 'lr' in tune (tune={tuple(tune)})")
 

@@ -10,7 +10,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from ._base import HyperOptimizer, check_value
+from ._base import HyperOptimizer, check_sgd_arguments, check_value, is_real
 from ._hvp import hvp_from_grads
 from ._types import Closure, ParamsT
 from ._update import apply_update_, sgd_direction
@@ -207,20 +207,12 @@ class MartheSGD(HyperOptimizer):
         hypergrad_clip: float | None = None,
         val_closure: Closure | None = None,
     ) -> None:
-        def number(x: Any) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-        check_value("lr", lr, number(lr) and lr >= 0.0)
-        check_value("momentum", momentum, number(momentum) and momentum >= 0.0)
-        check_value("dampening", dampening, number(dampening))
-        check_value("weight_decay", weight_decay, number(weight_decay) and weight_decay >= 0.0)
-        check_value("mu", mu, mu == "adaptive" or (number(mu) and 0.0 <= mu <= 1.0))
-        check_value("hypergrad_lr", hypergrad_lr, number(hypergrad_lr) and hypergrad_lr >= 0.0)
+        check_sgd_arguments(lr, momentum, dampening, weight_decay, nesterov)
+        check_value("mu", mu, mu == "adaptive" or (is_real(mu) and 0.0 <= mu <= 1.0))
+        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
         check_value("adapt_hypergrad_lr", adapt_hypergrad_lr, isinstance(adapt_hypergrad_lr, bool))
         check_value("hypergrad_clip", hypergrad_clip,
-                    hypergrad_clip is None or (number(hypergrad_clip) and hypergrad_clip > 0.0))
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+                    hypergrad_clip is None or (is_real(hypergrad_clip) and hypergrad_clip > 0.0))
         defaults = dict(
             lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, mu=mu if mu == "adaptive" else float(mu),
