@@ -184,6 +184,21 @@ def per_step_times(n_columns: list[int], hidden: int, batch: int, repeats: int, 
 
 
 # ------------------------------------------------------------------------- 2. HVP routes
+def _interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, calls: int
+                         ) -> dict[str, float]:
+    """Median seconds per call of each case, the cases interleaved in every repeat (one warm-up)."""
+    for case in cases.values():
+        case()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            begin = time.perf_counter()
+            for _ in range(calls):
+                case()
+            times[name].append((time.perf_counter() - begin) / calls)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def hvp_route_times(n_columns: list[int], hidden: int, batch: int, repeats: int
                     ) -> list[tuple[int, float, float]]:
     """(N, functional / batched double backward, loop / batched double backward) per N; each
@@ -215,17 +230,8 @@ def hvp_route_times(n_columns: list[int], hidden: int, batch: int, repeats: int
                 torch.autograd.grad(grads, plist, grad_outputs=[v[j] for v in vlist],
                                     retain_graph=j < n - 1)
 
-        cases = {"batched": batched, "functional": functional, "loop": loop}
-        for case in cases.values():
-            case()
-        times: dict[str, list[float]] = {k: [] for k in cases}
-        for _ in range(repeats):
-            for name, case in cases.items():
-                begin = time.perf_counter()
-                for _ in range(3):
-                    case()
-                times[name].append(time.perf_counter() - begin)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = _interleaved_medians({"batched": batched, "functional": functional, "loop": loop},
+                                   repeats, calls=3)
         rows.append((n, med["functional"] / med["batched"], med["loop"] / med["batched"]))
     return rows
 
@@ -277,18 +283,8 @@ def tangent_update_times(n_columns: list[int], hidden: int, repeats: int
             with torch.no_grad():
                 opt._group_step(0, group, params, t, width, index, hz)
 
-        cases = {"jvp": jvp_route, "fds": fds_route}
-        for case in cases.values():
-            case()
-        times: dict[str, list[float]] = {k: [] for k in cases}
-        for _ in range(repeats):
-            for name, case in cases.items():
-                begin = time.perf_counter()
-                for _ in range(5):
-                    case()
-                times[name].append((time.perf_counter() - begin) / 5)
-        rows.append((width, 1000 * statistics.median(times["jvp"]),
-                     1000 * statistics.median(times["fds"])))
+        med = _interleaved_medians({"jvp": jvp_route, "fds": fds_route}, repeats, calls=5)
+        rows.append((width, 1000 * med["jvp"], 1000 * med["fds"]))
     return rows
 
 
