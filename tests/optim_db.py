@@ -83,6 +83,16 @@ def _collect() -> list[OptimizerInfo]:
 
 OPTIMIZER_DB: list[OptimizerInfo] = _collect()
 
+#: torch.optim.SGD argument combinations that an optimizer with frozen hyperparameters must
+#: reproduce bit for bit.
+SGD_CONFIGS = [
+    dict(),
+    dict(momentum=0.9),
+    dict(momentum=0.9, nesterov=True, weight_decay=0.1),
+    dict(momentum=0.5, dampening=0.3, weight_decay=0.01),
+    dict(weight_decay=0.05),
+]
+
 
 def all_inputs() -> list[tuple[OptimizerInfo, OptimizerInput]]:
     return [(info, inp) for info in OPTIMIZER_DB for inp in info.inputs]

@@ -9,18 +9,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optim_db import SGD_CONFIGS
 from torch import nn
 from torch.nn import functional as F
 
 from hyperoptim import HypergradSGD
-
-SGD_CONFIGS = [
-    dict(),
-    dict(momentum=0.9),
-    dict(momentum=0.9, nesterov=True, weight_decay=0.1),
-    dict(momentum=0.5, dampening=0.3, weight_decay=0.01),
-    dict(weight_decay=0.05),
-]
 
 
 def _mlp(dtype=torch.float64, seed=0):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optim_db import SGD_CONFIGS
 from torch import nn
 from torch.nn import functional as F
 
@@ -21,13 +22,6 @@ from hyperoptim.marthe import MartheSGD, adaptive_mu
 from hyperoptim.reference import unrolled_hypergrad
 
 F64 = torch.float64
-SGD_CONFIGS = [
-    dict(),
-    dict(momentum=0.9),
-    dict(momentum=0.9, nesterov=True, weight_decay=0.1),
-    dict(momentum=0.5, dampening=0.3, weight_decay=0.01),
-    dict(weight_decay=0.05),
-]
 
 
 class Net:
