@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._base import HyperOptimizer, all_reduce_mean, check_sgd_arguments, check_value, is_real
+from ._base import HyperOptimizer, check_sgd_arguments, check_value, is_real
+from ._hvp import SecondOrder
 from ._types import Closure, ParamsT
 from ._update import apply_update_, sgd_direction
 
@@ -163,6 +164,13 @@ class IFTOptimizer(HyperOptimizer):
             ``(1e-10, 1.0)``).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be given to :meth:`step` instead (default: None).
+        hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim._hvp`): ``"exact"``
+            (double backward; the closure must return the loss without calling ``backward()``),
+            ``"finite_difference"`` (central differences of gradients, two extra closure calls
+            per tangent column; works with ``backward()`` in the closure, DDP,
+            ``torch.compile``), ``"forward_difference"`` (one extra call per column), or
+            ``"auto"``: exact if the closure returns the loss without calling ``backward()``,
+            central differences if it calls it (default: ``"auto"``).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -205,6 +213,7 @@ class IFTOptimizer(HyperOptimizer):
         hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
         lr_bounds: tuple[float, float] = (1e-10, 1.0),
         val_closure: Closure | None = None,
+        hvp: str = "auto",
     ) -> None:
         check_value("update_interval", update_interval,
                     isinstance(update_interval, int) and not isinstance(update_interval, bool)
@@ -222,7 +231,7 @@ class IFTOptimizer(HyperOptimizer):
         self._hyper_lr = float(hyper_lr)
         self._hyper_factory = hyper_optimizer
         self._hyper_opt: Optimizer | None = None
-        super().__init__(params, self._normalised(defaults), val_closure=val_closure)
+        super().__init__(params, self._normalised(defaults), val_closure=val_closure, hvp=hvp)
         self.hyper_state.update(since_update=0, steps=0)
         self._hyper_opt = self._build_hyper_optimizer()
 
@@ -354,13 +363,18 @@ class IFTOptimizer(HyperOptimizer):
                 f"{self.lookback}): call step(closure) with a closure that recomputes and returns "
                 "the training loss (it may call backward() itself), or use lookback=1."
             )
-        loss, graph_grads = self._training_loss(closure, create_graph=second_order)
+        loss, second = self._training_loss(closure, second_order=second_order)
         groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
         if not any(params for _, params in groups):
+            if second is not None:
+                second.close()
             return loss
         if hyper:
-            done = self._hyper_update(groups, graph_grads or {}, val_closure)
-            del graph_grads
+            try:
+                done = self._hyper_update(groups, second, val_closure)
+            finally:
+                if second is not None:
+                    second.close()
             if not done:
                 return loss
         for group, params in groups:
@@ -386,7 +400,7 @@ class IFTOptimizer(HyperOptimizer):
                 s["momentum_buffer"] = buf
 
     def _hyper_update(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
-                      graph_grads: dict[Tensor, Tensor], val_closure: Closure | None) -> bool:
+                      second: SecondOrder | None, val_closure: Closure | None) -> bool:
         """One hyperparameter update at the current weights; False where it was skipped."""
         val_closure = self._resolve_val_closure(val_closure, required=True)
         params = [p for _, ps in groups for p in ps]
@@ -399,6 +413,13 @@ class IFTOptimizer(HyperOptimizer):
         targets: list[Tensor] = []
         leaves: list[Tensor] = []
         updates: list[Tensor] = []
+        # The update as a function of (w, g): its vjp in w is (du/dw)^T q + H (du/dg)^T q, with
+        # H (.) from the step's SecondOrder (either route).
+        # Copies, not views: the finite-difference route moves the live weights in place.
+        weight_leaves = [p.detach().clone().requires_grad_() for p in params]
+        grad_leaves = [p.grad.detach().requires_grad_() for p in params]
+        leaf_of = dict(zip(params, grad_leaves))
+        weight_of = dict(zip(params, weight_leaves))
         with torch.enable_grad():
             for index, group, ps in active:
                 values: dict[str, Any] = {n: group[n] for n in _NAMES}
@@ -412,10 +433,10 @@ class IFTOptimizer(HyperOptimizer):
                     leaves.extend(fresh)
                     natural = [_natural(name, x) for x in fresh]
                     values[name] = natural if per_weight else natural[0]
-                grads = [graph_grads.get(p, p.grad) for p in ps]
+                grads = [leaf_of[p] for p in ps]
                 bufs = [self.state[p].get("momentum_buffer") for p in ps]
                 # u(lambda, w) = lr * d(w; v, momentum, weight_decay), v detached (App. A.4).
-                _, _, dirs = sgd_direction(ps, grads, bufs, values["momentum"],
+                _, _, dirs = sgd_direction([weight_of[p] for p in ps], grads, bufs, values["momentum"],
                                            values["weight_decay"])
                 lrs = values["lr"] if isinstance(values["lr"], list) else [values["lr"]] * len(ps)
                 updates.extend(a * d for a, d in zip(lrs, dirs))
@@ -424,10 +445,8 @@ class IFTOptimizer(HyperOptimizer):
             q = list(val_grads)  # fresh tensors, owned here: updated in place below
             acc = [g.clone() for g in val_grads]
             for _ in range(self.lookback - 1):
-                jq = torch.autograd.grad(updates, params, grad_outputs=q, retain_graph=True,
-                                         allow_unused=True)
-                jq = all_reduce_mean([torch.zeros_like(p) if j is None else j
-                                      for p, j in zip(params, jq)])
+                jq = self._update_vjp(updates, params, weight_leaves, grad_leaves, q,
+                                      cast(SecondOrder, second))
                 for a, b, c in zip(q, jq, acc):
                     a.sub_(b)
                     c.add_(a)
@@ -497,6 +516,23 @@ class IFTOptimizer(HyperOptimizer):
             self._record(index, **self._values(group), val_loss=values[0],
                          step=float(self.hyper_state["steps"]), **hypers[index])
         return True
+
+    @staticmethod
+    def _update_vjp(updates: list[Tensor], params: list[Tensor], weights: list[Tensor],
+                    grads: list[Tensor], q: list[Tensor], second: SecondOrder) -> list[Tensor]:
+        r""":math:`(\partial u / \partial w)^\top q`, ``u`` a function of ``(w, g(w))``.
+
+        The rule's own vjp gives the direct term and the gradient's cotangent; the latter goes
+        through :math:`H` by the step's HVP route (averaged across ranks).
+        """
+        raw = torch.autograd.grad(updates, weights + grads, grad_outputs=q, retain_graph=True,
+                                  allow_unused=True)
+        n = len(params)
+        direct = [torch.zeros_like(p) if j is None else j for p, j in zip(params, raw[:n])]
+        through_g = {p: (torch.zeros_like(p) if j is None else j) for p, j in zip(params, raw[n:])}
+        hq = second.hvp([through_g.get(p, torch.zeros_like(p)).unsqueeze(0) for p in second.params])
+        by_param = dict(zip(second.params, hq))
+        return [d + by_param[p][0] if p in by_param else d for p, d in zip(params, direct)]
 
     @staticmethod
     def _values(group: dict[str, Any]) -> dict[str, float]:
