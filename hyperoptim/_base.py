@@ -323,7 +323,7 @@ class HyperOptimizer(Optimizer):
 
         The ``val_closure`` may call ``backward()`` itself or just return the loss. The training
         gradients in ``p.grad`` are put back afterwards (also on error). Unused parameters get a
-        zero gradient. The gradients are averaged across ranks.
+        zero gradient. The loss and the gradients are averaged across ranks.
         """
         params = list(params)
         everything = self._all_params()
@@ -345,7 +345,10 @@ class HyperOptimizer(Optimizer):
         finally:
             for p, g in zip(everything, saved):
                 p.grad = g
-        return loss.detach(), all_reduce_mean([g.detach() for g in grads])
+        # The loss is averaged too (it is a mean over the data as well): every rank records the
+        # same value, and skips the same steps.
+        *reduced, mean_loss = all_reduce_mean([g.detach() for g in grads] + [loss.detach()])
+        return mean_loss, reduced
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:

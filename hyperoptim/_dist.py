@@ -27,8 +27,8 @@ def world_size() -> int:
 def all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Average tensors across ranks; a no-op (the same tensors) with one rank.
 
-    One flat collective for the whole list. The inputs must not need differentiating afterwards:
-    the result carries no graph.
+    One flat collective per dtype. The inputs must not need differentiating afterwards: the
+    result carries no graph.
 
     Example:
         >>> t = [torch.ones(2)]
@@ -39,10 +39,17 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:
     world = world_size()
     if not tensors or world == 1:
         return tensors
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat.div_(world)
-    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    out: list[Tensor] = list(tensors)
+    kinds: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):  # one collective per dtype: a cat would promote
+        kinds.setdefault((t.dtype, t.device), []).append(i)
+    for index in kinds.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in index])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for i, chunk in zip(index, flat.split([tensors[i].numel() for i in index])):
+            out[i] = chunk.view_as(tensors[i])
+    return out
 
 
 def _is_sharded(p: Tensor) -> bool:

@@ -1,0 +1,180 @@
+"""Distributed lockstep with real gloo process groups on 127.0.0.1 (DESIGN.md §2, §3).
+
+N ranks that each hold 1/N of every batch must follow the trajectory of one process that holds
+the whole batch: for every optimizer, plain and ``DistributedDataParallel`` models, closures that
+return the loss (exact HVPs) and closures that call ``backward()`` (finite-difference HVPs). The
+ranks must also stay bit-identical to each other. Every collective has a timeout and every loop a
+fixed length. ``HYPEROPTIM_DIST_WORLDS=1,2,3`` runs more world sizes (CI runs 2).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+import hyperoptim
+
+STEPS = 12
+BATCH = 12  # divisible by 1, 2, 3 and 4 ranks: every rank's mean has the same weight
+WORLDS = [int(w) for w in os.environ.get("HYPEROPTIM_DIST_WORLDS", "2").split(",")]
+
+
+def _builders() -> dict[str, Callable[..., Any]]:
+    """name -> (params, val_closure) -> optimizer; one entry per optimizer and mode."""
+    out: dict[str, Callable[..., Any]] = {
+        "hd_train": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5,
+                                                         hypergrad_lr=0.02),
+        "hd_val": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5,
+                                                       hypergrad_lr=0.02, val_closure=v),
+        "marthe": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
+                                                    hypergrad_lr=1e-4, val_closure=v),
+        "ift": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
+                                                    update_interval=3, lookback=3, val_closure=v),
+        "fds": lambda p, v: hyperoptim.FDSSGD(p, horizon=4, lr=0.05, momentum=0.5,
+                                              weight_decay=1e-3, lr_windows=2, val_closure=v),
+    }
+    for name in ("HypergradAdam", "MartheAdam"):  # the Adam family, where it exists
+        cls = getattr(hyperoptim, name, None)
+        if cls is not None:
+            out[name] = lambda p, v, cls=cls: cls(p, lr=0.01, val_closure=v)
+    return out
+
+
+def _data() -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, BATCH, 3, generator=gen, dtype=torch.float64)
+    y = torch.tanh(x.sum(-1, keepdim=True)) + 0.1 * torch.randn(STEPS, BATCH, 1, generator=gen,
+                                                                 dtype=torch.float64)
+    xv = torch.randn(BATCH, 3, generator=gen, dtype=torch.float64)
+    yv = torch.tanh(xv.sum(-1, keepdim=True))
+    return x, y, xv, yv
+
+
+def run_case(name: str, wrapper: str, backward: bool, rank: int, world: int) -> dict[str, Any]:
+    """One optimizer's 12 steps on this rank's share of every batch; the final state."""
+    x, y, xv, yv = _data()
+    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    model: nn.Module = module
+    if wrapper == "ddp":
+        model = nn.parallel.DistributedDataParallel(module)
+    opt = _builders()[name](list(model.parameters()), lambda: F.mse_loss(model(xv[part]),
+                                                                         yv[part]))
+    for t in range(STEPS):
+        def closure(t: int = t) -> torch.Tensor:
+            loss = F.mse_loss(model(x[t, part]), y[t, part])
+            if backward:
+                opt.zero_grad()
+                loss.backward()
+            return loss
+
+        opt.step(closure)
+        if name == "fds" and opt.episode_step == opt.horizon:
+            opt.hyperstep()
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return {"params": [p.detach().clone() for p in module.parameters()], "groups": hyper,
+            "history": opt.history, "hyper_state": opt.state_dict()["hyper_state"]}
+
+
+CASES = [(name, wrapper, backward) for name in _builders() for wrapper in ("plain", "ddp")
+         for backward in (False, True)]
+
+
+def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        results = {case: run_case(*case, rank=rank, world=world) for case in CASES}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _flatten(obj: Any) -> list[float]:
+    if isinstance(obj, torch.Tensor):
+        return obj.double().reshape(-1).tolist()
+    if isinstance(obj, dict):
+        return [v for k in sorted(obj, key=str) for v in _flatten(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [v for item in obj for v in _flatten(item)]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return []
+    return [float(obj)]
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict[tuple[str, str, bool], dict[str, Any]]:
+    torch.set_num_threads(1)
+    return {case: run_case(case[0], "plain", case[2], rank=0, world=1) for case in CASES}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ranks_follow_the_single_process_run(world, single_process):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), tmp), nprocs=world, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    for case in CASES:
+        ref, first = single_process[case], ranks[0][case]
+        for other in ranks[1:]:  # bit-identical across ranks
+            for a, b in zip(first["params"], other[case]["params"], strict=True):
+                assert torch.equal(a, b), case
+            assert _flatten(first) == _flatten(other[case]), case
+        for a, b in zip(ref["params"], first["params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m, c=case: f"{c}: {m}")
+        learned_ref = _flatten([ref["groups"], ref["hyper_state"], ref["history"]])
+        learned = _flatten([first["groups"], first["hyper_state"], first["history"]])
+        assert len(learned) == len(learned_ref), case
+        torch.testing.assert_close(torch.tensor(learned), torch.tensor(learned_ref), rtol=1e-6,
+                                   atol=1e-6, equal_nan=True, msg=lambda m, c=case: f"{c}: {m}")
+    # The hyperparameters did learn: a lockstep of frozen values would prove nothing.
+    for case in CASES:
+        lrs = single_process[case]["history"][0].get("lr", [])
+        assert any(lr != lrs[0] for lr in lrs) or case[0] == "fds", case
+
+
+def _fsdp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+        fully_shard(model)
+        messages = []
+        for cls in (hyperoptim.HypergradSGD, hyperoptim.MartheSGD, hyperoptim.IFTOptimizer,
+                    hyperoptim.FDSSGD):
+            try:
+                kwargs = {"horizon": 4} if cls is hyperoptim.FDSSGD else {}
+                cls(model.parameters(), lr=0.1, val_closure=lambda: torch.zeros(()), **kwargs)
+                messages.append("constructed")
+            except ValueError as err:
+                messages.append(str(err))
+        with open(os.path.join(out_dir, f"fsdp{rank}.txt"), "w") as f:
+            f.write("\n".join(messages))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_is_refused_with_a_clear_error():
+    pytest.importorskip("torch.distributed.fsdp")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_fsdp_worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2, join=True)
+        for r in range(2):
+            with open(os.path.join(tmp, f"fsdp{r}.txt")) as f:
+                lines = f.read().splitlines()
+            assert len(lines) == 4
+            assert all("does not support FSDP" in m and "DistributedDataParallel" in m
+                       for m in lines), lines
