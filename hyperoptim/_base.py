@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._dist import all_reduce_mean, check_supported_parameters
-from ._hvp import HVP_ROUTES, RngReplay, SecondOrder
+from ._hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from ._types import Closure, ParamsT
 
 __all__ = [
@@ -253,7 +253,12 @@ class HyperOptimizer(Optimizer):
             if not loss.requires_grad:
                 raise ValueError("Invalid closure return value: the loss does not require grad")
             exact = route == "exact"
-            grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=exact)
+            try:
+                grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=exact)
+            except RuntimeError as err:
+                if not exact:
+                    raise
+                raise exact_route_error(err) from err
             pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
             used = [p for p, _ in pairs]
             # Averaged after differentiating: the local gradients keep their graph for H·Z.

@@ -48,10 +48,20 @@ from torch import Tensor
 
 from ._dist import all_reduce_mean
 
-__all__ = ["HVP_ROUTES", "SecondOrder", "grad_and_hvp", "hvp_from_grads"]
+__all__ = ["HVP_ROUTES", "SecondOrder", "exact_route_error", "grad_and_hvp", "hvp_from_grads"]
 
 HVP_ROUTES = ("auto", "exact", "finite_difference", "forward_difference")
 """The values of every second-order optimizer's ``hvp=`` argument."""
+
+
+def exact_route_error(err: RuntimeError) -> ValueError:
+    """The error for a double backward that autograd refused, naming the route that works."""
+    return ValueError(
+        "the exact Hessian-vector product (double backward through the training gradient) "
+        f"failed: {err}. Models compiled with torch.compile and kernels without a double "
+        "backward (fused/flash attention) need first-order gradients only: pass "
+        "hvp='finite_difference' to the optimizer."
+    )
 
 
 class RngReplay:
@@ -146,14 +156,10 @@ class SecondOrder:
             if self._graph_grads is None:
                 raise RuntimeError("SecondOrder.hvp() after close()")
             try:
-                return hvp_from_grads(self._graph_grads, self.params, vectors, retain_graph=True)
+                local = _local_hvp(self._graph_grads, self.params, vectors, retain_graph=True)
             except RuntimeError as err:
-                raise ValueError(
-                    "the exact Hessian-vector product (double backward through the training "
-                    f"gradient) failed: {err}. Models compiled with torch.compile and kernels "
-                    "without a double backward (fused/flash attention) need first-order "
-                    "gradients only: pass hvp='finite_difference' to the optimizer."
-                ) from err
+                raise exact_route_error(err) from err
+            return all_reduce_mean(local)
         return all_reduce_mean(self._finite_difference(vectors))
 
     def _finite_difference(self, vectors: Sequence[Tensor]) -> list[Tensor]:
@@ -224,6 +230,12 @@ def hvp_from_grads(grads: Sequence[Tensor], params: Sequence[Tensor], vectors: S
         tensor([[ 6.,  0.],
                 [ 0., 12.]])
     """
+    return all_reduce_mean(_local_hvp(grads, params, vectors, retain_graph=retain_graph))
+
+
+def _local_hvp(grads: Sequence[Tensor], params: Sequence[Tensor], vectors: Sequence[Tensor],
+               *, retain_graph: bool) -> list[Tensor]:
+    """:func:`hvp_from_grads` on this rank's data alone (no averaging)."""
     out = [torch.zeros_like(v) for v in vectors]
     live = [i for i, g in enumerate(grads) if g.requires_grad]
     if live and all(vectors[i].shape[0] == 1 for i in live):
@@ -242,7 +254,7 @@ def hvp_from_grads(grads: Sequence[Tensor], params: Sequence[Tensor], vectors: S
             is_grads_batched=True, allow_unused=True, retain_graph=retain_graph,
         )
         out = [p if p is not None else o for p, o in zip(prods, out)]
-    return all_reduce_mean(out)
+    return out
 
 
 def grad_and_hvp(loss_fn: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor],
