@@ -12,6 +12,14 @@ Run:
 
 To add an optimizer: write a ``make_<name>(model, data) -> step(t)`` factory below and add it
 to ``CASES``.
+
+Second-order methods run on both HVP routes: ``exact`` (the closure returns the loss; double
+backward) and ``finite_difference`` (the closure calls ``backward()``; two extra gradient
+evaluations per tangent column). Each has a *floor*: the passes that route cannot avoid, timed
+alone with no optimizer logic (``FLOORS``): for MARTHE on the exact route one training backward
+that keeps its graph, one HVP and one validation gradient; on the finite-difference route the
+training gradient, two more gradient evaluations and one validation gradient. ``time / floor`` is
+the optimizer's own overhead.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import hyperoptim
+from hyperoptim._hvp import hvp_from_grads
 
 Step = Callable[[int], object]
 
@@ -67,6 +76,15 @@ def _closure(model: nn.Module, opt: torch.optim.Optimizer, data: Data, t: int):
     return closure
 
 
+def _loss_closure(model: nn.Module, data: Data, t: int):
+    """The closure style of the exact route: it returns the loss and calls no backward()."""
+    def closure() -> torch.Tensor:
+        x, y = data.batch(t)
+        return F.cross_entropy(model(x), y)
+
+    return closure
+
+
 def _val_closure(model: nn.Module, data: Data):
     def val_closure() -> torch.Tensor:
         x, y = data.val
@@ -91,35 +109,127 @@ def make_hd_val(model: nn.Module, data: Data) -> Step:
     return lambda t: opt.step(_closure(model, opt, data, t))
 
 
-def make_ift(model: nn.Module, data: Data) -> Step:
-    opt = hyperoptim.IFTOptimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
-                                  update_interval=10, lookback=5,
-                                  val_closure=_val_closure(model, data))
-    return lambda t: opt.step(_closure(model, opt, data, t))
+def make_ift(route: str) -> Callable[[nn.Module, Data], Step]:
+    def make(model: nn.Module, data: Data) -> Step:
+        opt = hyperoptim.IFTOptimizer(model.parameters(), lr=0.01, momentum=0.9,
+                                      weight_decay=1e-4, update_interval=10, lookback=5,
+                                      val_closure=_val_closure(model, data), hvp=route)
+        return lambda t: opt.step(_make_closure(route, model, opt, data, t))
+
+    return make
 
 
-def make_fds(model: nn.Module, data: Data) -> Step:
+def _make_closure(route: str, model: nn.Module, opt: torch.optim.Optimizer, data: Data, t: int):
+    return _loss_closure(model, data, t) if route == "exact" else _closure(model, opt, data, t)
+
+
+FDS_HORIZON, FDS_LR_WINDOWS = 50, 5
+
+
+def make_fds(route: str) -> Callable[[nn.Module, Data], Step]:
     # Episodes of 50 steps, 5 lr + 1 momentum + 1 weight decay values (up to 7 tangent columns);
     # the hyperstep at each episode's end is part of the measured time. Small outer steps keep
     # the values near SGD's, as the weights are not re-initialised between episodes here.
-    opt = hyperoptim.FDSSGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
-                            horizon=50, lr_windows=5, val_closure=_val_closure(model, data),
-                            step_sizes={"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-5})
+    def make(model: nn.Module, data: Data) -> Step:
+        opt = hyperoptim.FDSSGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
+                                horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
+                                val_closure=_val_closure(model, data), hvp=route,
+                                step_sizes={"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-5})
+
+        def step(t: int) -> object:
+            loss = opt.step(_make_closure(route, model, opt, data, t))
+            if opt.episode_step == opt.horizon:
+                opt.hyperstep()
+            return loss
+
+        return step
+
+    return make
+
+
+def make_marthe(mu: str | float, route: str) -> Callable[[nn.Module, Data], Step]:
+    def make(model: nn.Module, data: Data) -> Step:
+        opt = hyperoptim.MartheSGD(model.parameters(), lr=0.01, momentum=0.9, mu=mu,
+                                   val_closure=_val_closure(model, data), hvp=route)
+        return lambda t: opt.step(_make_closure(route, model, opt, data, t))
+
+    return make
+
+
+# ---------------------------------------------------------------------- floors
+def _params(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _val_grad(model: nn.Module, data: Data) -> None:
+    x, y = data.val
+    torch.autograd.grad(F.cross_entropy(model(x), y), _params(model))
+
+
+def _second_order_passes(model: nn.Module, data: Data, t: int, columns: int, route: str) -> None:
+    """A training gradient and ``columns`` Hessian-vector products by ``route``, nothing else."""
+    params = _params(model)
+    x, y = data.batch(t)
+    if route == "exact":
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+        if columns:
+            vectors = [torch.randn(columns, *p.shape) for p in params]
+            hvp_from_grads(grads, params, vectors)
+    else:
+        torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        for _ in range(2 * columns):  # central differences: two gradients per column
+            torch.autograd.grad(F.cross_entropy(model(x), y), params)
+
+
+def floor_sgd_val(model: nn.Module, data: Data) -> Step:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step(t: int) -> object:
         loss = opt.step(_closure(model, opt, data, t))
-        if opt.episode_step == opt.horizon:
-            opt.hyperstep()
+        _val_grad(model, data)
         return loss
 
     return step
 
 
-def make_marthe(mu: str | float) -> Callable[[nn.Module, Data], Step]:
+def floor_marthe(route: str) -> Callable[[nn.Module, Data], Step]:
     def make(model: nn.Module, data: Data) -> Step:
-        opt = hyperoptim.MartheSGD(model.parameters(), lr=0.01, momentum=0.9, mu=mu,
-                                   val_closure=_val_closure(model, data))
-        return lambda t: opt.step(_closure(model, opt, data, t))
+        def step(t: int) -> object:
+            _second_order_passes(model, data, t, 1, route)
+            _val_grad(model, data)
+            return None
+
+        return step
+
+    return make
+
+
+def floor_ift(route: str) -> Callable[[nn.Module, Data], Step]:
+    def make(model: nn.Module, data: Data) -> Step:
+        def step(t: int) -> object:
+            if t % 10:
+                return _second_order_passes(model, data, t, 0, "finite_difference")
+            _second_order_passes(model, data, t, 4, route)  # lookback 5: 4 products
+            _val_grad(model, data)
+            return None
+
+        return step
+
+    return make
+
+
+def floor_fds(route: str) -> Callable[[nn.Module, Data], Step]:
+    starts = [0, 0] + [k * FDS_HORIZON // FDS_LR_WINDOWS for k in range(FDS_LR_WINDOWS)]
+
+    def make(model: nn.Module, data: Data) -> Step:
+        def step(t: int) -> object:
+            s = t % FDS_HORIZON
+            _second_order_passes(model, data, t, sum(k < s for k in starts), route)
+            if s == FDS_HORIZON - 1:
+                _val_grad(model, data)
+            return None
+
+        return step
 
     return make
 
@@ -128,12 +238,25 @@ CASES: dict[str, Callable[[nn.Module, Data], Step]] = {
     "torch.optim.SGD": make_sgd,
     "HypergradSGD (training loss)": make_hd_train,
     "HypergradSGD (validation)": make_hd_val,
-    "MartheSGD (adaptive mu)": make_marthe("adaptive"),
-    "MartheSGD (mu=1, HVP every step)": make_marthe(1.0),
-    "MartheSGD (mu=0, no HVP)": make_marthe(0.0),
-    "IFTOptimizer (T=10, i=5)": make_ift,
-    "FDSSGD (T=50, 7 columns)": make_fds,
 }
+for _route, _tag in (("exact", "exact"), ("finite_difference", "fin. diff.")):
+    CASES.update({
+        f"MartheSGD (adaptive mu, {_tag})": make_marthe("adaptive", _route),
+        f"MartheSGD (mu=1, {_tag})": make_marthe(1.0, _route),
+        f"IFTOptimizer (T=10, i=5, {_tag})": make_ift(_route),
+        f"FDSSGD (T=50, 7 columns, {_tag})": make_fds(_route),
+    })
+CASES["MartheSGD (mu=0, no HVP)"] = make_marthe(0.0, "exact")
+
+# The passes each case cannot avoid, timed alone (case name -> floor name).
+FLOORS: dict[str, tuple[str, Callable[[nn.Module, Data], Step]]] = {
+    "HypergradSGD (validation)": ("SGD step + validation gradient", floor_sgd_val),
+}
+for _route, _tag in (("exact", "exact"), ("finite_difference", "fin. diff.")):
+    FLOORS[f"MartheSGD (mu=1, {_tag})"] = (f"1 HVP + val. grad ({_tag})", floor_marthe(_route))
+    FLOORS[f"MartheSGD (adaptive mu, {_tag})"] = FLOORS[f"MartheSGD (mu=1, {_tag})"]
+    FLOORS[f"IFTOptimizer (T=10, i=5, {_tag})"] = (f"IFT passes ({_tag})", floor_ift(_route))
+    FLOORS[f"FDSSGD (T=50, 7 columns, {_tag})"] = (f"FDS passes ({_tag})", floor_fds(_route))
 
 MODELS = {
     "small MLP 64-128-10, batch 128": ([64, 128, 10], 128),
@@ -149,21 +272,26 @@ def measure(sizes: list[int], batch: int, repeats: int, steps: int, only: list[s
     data = Data(sizes[0], sizes[-1], batch)
     names = [n for n in CASES if only is None or n == "torch.optim.SGD" or n in only]
     steppers = {n: CASES[n](copy.deepcopy(base), data) for n in names}
-    times: dict[str, list[float]] = {n: [] for n in names}
-    t = {n: 0 for n in names}
-    for n in names:  # warm-up
+    for n in names:
+        if n in FLOORS:
+            floor_name, make = FLOORS[n]
+            if floor_name not in steppers:
+                steppers[floor_name] = make(copy.deepcopy(base), data)
+    times: dict[str, list[float]] = {n: [] for n in steppers}
+    t = {n: 0 for n in steppers}
+    for n in steppers:  # warm-up
         for _ in range(3):
             steppers[n](t[n])
             t[n] += 1
     for _ in range(repeats):
-        for n in names:
+        for n in steppers:
             start = time.perf_counter()
             for _ in range(steps):
                 steppers[n](t[n])
                 t[n] += 1
             times[n].append(time.perf_counter() - start)
     ref = statistics.median(times["torch.optim.SGD"])
-    return {n: statistics.median(times[n]) / ref for n in names} | {
+    return {n: statistics.median(times[n]) / ref for n in steppers} | {
         "_sgd_ms_per_step": 1000 * ref / steps
     }
 
@@ -171,7 +299,8 @@ def measure(sizes: list[int], batch: int, repeats: int, steps: int, only: list[s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="steps per timed block (50: one FDS episode, 5 IFT hyper-updates)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--only", nargs="*", help="case names to run (SGD always runs)")
     args = parser.parse_args(argv)
@@ -181,9 +310,13 @@ def main(argv: list[str] | None = None) -> None:
         sgd_ms = ratios.pop("_sgd_ms_per_step")
         print(f"\n{model_name}  (SGD: {sgd_ms:.3f} ms/step, {args.threads} thread(s), "
               f"median of {args.repeats} x {args.steps} steps)")
-        print(f"{'optimizer':<44} {'time / SGD':>10}")
+        print(f"{'optimizer':<44} {'time / SGD':>10} {'floor / SGD':>11} {'time / floor':>12}")
         for name, ratio in ratios.items():
-            print(f"{name:<44} {ratio:>10.2f}x")
+            if name not in CASES:
+                continue
+            floor = ratios.get(FLOORS[name][0]) if name in FLOORS else None
+            extra = f" {floor:>10.2f}x {ratio / floor:>11.2f}x" if floor else ""
+            print(f"{name:<44} {ratio:>10.2f}x{extra}")
 
 
 if __name__ == "__main__":

@@ -173,9 +173,10 @@ class SecondOrder:
         central = self.route == "finite_difference"
         eps = max(torch.finfo(p.dtype).eps for p in params if p.is_floating_point())
         base = eps ** (1 / 3) if central else math.sqrt(eps)
-        # One host sync for every column's step size: ||w|| and ||z_j|| in float64.
-        norm_w = torch.stack([p.detach().double().pow(2).sum() for p in params]).sum().sqrt()
-        norm_z = torch.stack([v.reshape(n, -1).double().pow(2).sum(1) for v in vectors]).sum(0).sqrt()
+        # One host sync for every column's step size: ||w|| and ||z_j||.
+        norm = torch.linalg.vector_norm
+        norm_w = norm(torch.stack([norm(p.detach()).double() for p in params]))
+        norm_z = norm(torch.stack([norm(v.reshape(n, -1), dim=1).double() for v in vectors]), dim=0)
         sizes = torch.cat([norm_w.reshape(1), norm_z]).tolist()
         steps = [base * (1.0 + sizes[0]) / s if s > 0 and math.isfinite(s) else 0.0
                  for s in sizes[1:]]
@@ -189,7 +190,7 @@ class SecondOrder:
                 minus = self._perturbed(origin, vectors, j, -h) if central else grads_now
                 scale = 1.0 / (2.0 * h) if central else 1.0 / h
                 for o, a, b in zip(out, plus, minus):
-                    o[j] = (a - b) * scale
+                    torch.sub(a, b, out=o[j]).mul_(scale)
         finally:
             with torch.no_grad():
                 for p, w in zip(params, origin):
@@ -203,7 +204,7 @@ class SecondOrder:
         gradient_at = cast(Callable[[], list[Tensor]], self._gradient_at)
         with torch.no_grad():
             for p, w, v in zip(self.params, origin, vectors):
-                p.copy_(w).add_(v[j], alpha=h)
+                torch.add(w, v[j], alpha=h, out=p)
         if self._rng is not None:
             self._rng.replay()
         return gradient_at()
