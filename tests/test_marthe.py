@@ -407,9 +407,10 @@ def test_cost_one_validation_gradient_and_one_hvp_per_step(monkeypatch):
         assert expected == (0 if mu == 0.0 else expected) and (mu == 0.0 or expected > 0)
 
 
-@pytest.mark.parametrize("route,extra_calls", [("finite_difference", 2), ("forward_difference", 1)])
+@pytest.mark.parametrize("route,extra_calls", [("finite_difference", 2)])
 def test_finite_difference_route_costs_its_closure_calls(route, extra_calls):
-    """Each HVP of one tangent column costs 2 (central) or 1 (forward) extra closure calls."""
+    """Each HVP of one tangent column costs 2 extra closure calls (central differences; a
+    retry after a kink costs 2 more, which this smooth problem never needs)."""
     net = Net(seed=6)
     p = net.params()
     opt = MartheSGD([{"params": list(p.values())}], mu=1.0, hypergrad_lr=1e-4, hvp=route,
