@@ -33,3 +33,19 @@ def test_example_runs(script, monkeypatch, capsys):
     finally:
         torch.set_num_threads(threads)
     assert capsys.readouterr().out.strip()
+
+
+def test_ddp_example_under_torchrun_with_two_ranks():
+    """The README's command, as a user runs it: two gloo ranks on 127.0.0.1, bounded in time."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(EXAMPLES / "ddp_torchrun.py"), "--steps", "6"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=EXAMPLES)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ranks 2, HVP route finite_difference" in out.stdout
