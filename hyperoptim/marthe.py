@@ -109,9 +109,11 @@ class MartheSGD(HyperOptimizer):
 
     **Cost per step** (beyond SGD's forward and backward): one validation gradient (none at the
     first step, where :math:`Z = 0`), and while some
-    :math:`\mu_t > 0`, one Hessian-vector product :math:`H_t Z_t` by double backward through the
-    training gradient (the closure's backward runs with ``create_graph=True``; a user closure on
-    live ``nn.Parameter``\ s is not a pure function, so forward-over-reverse does not apply). With
+    :math:`\mu_t > 0`, one Hessian-vector product :math:`H_t Z_t` by the route ``hvp`` selects:
+    a double backward through the training gradient when the closure returns the loss, or two
+    extra closure calls (central differences of gradients) when it calls ``backward()`` itself
+    (:mod:`hyperoptim._hvp`; a user closure on live ``nn.Parameter``\ s is not a pure function,
+    so forward-over-reverse does not apply). With
     several param groups, :math:`Z` has one column per group's learning rate over *all*
     parameters (a group's learning rate moves the other groups' weights through the shared
     loss), and the columns with :math:`\mu_t > 0` go through one batched product; memory is two
