@@ -10,6 +10,9 @@ Run:
     python benchmarks/overhead.py                 # small and medium MLP, all cases
     python benchmarks/overhead.py --repeats 11 --steps 30 --threads 1
 
+The Adam-family rows also report their ratio to ``torch.optim.Adam`` (``AdamW`` for the AdamW
+rows, ``foreach=False`` as the hyperoptim classes step one tensor at a time).
+
 To add an optimizer: write a ``make_<name>(model, data) -> step(t)`` factory below and add it
 to ``CASES``.
 """
@@ -124,6 +127,35 @@ def make_marthe(mu: str | float) -> Callable[[nn.Module, Data], Step]:
     return make
 
 
+def make_adam(decoupled: bool) -> Callable[[nn.Module, Data], Step]:
+    def make(model: nn.Module, data: Data) -> Step:
+        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+        opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 0.0,
+                  foreach=False)
+        return lambda t: opt.step(_closure(model, opt, data, t))
+
+    return make
+
+
+def make_hd_adam(decoupled: bool, validation: bool) -> Callable[[nn.Module, Data], Step]:
+    def make(model: nn.Module, data: Data) -> Step:
+        cls = hyperoptim.HypergradAdamW if decoupled else hyperoptim.HypergradAdam
+        opt = cls(model.parameters(), lr=1e-3, hypergrad_lr=1e-7,
+                  val_closure=_val_closure(model, data) if validation else None)
+        return lambda t: opt.step(_closure(model, opt, data, t))
+
+    return make
+
+
+def make_marthe_adam(mu: str | float, decoupled: bool = False) -> Callable[[nn.Module, Data], Step]:
+    def make(model: nn.Module, data: Data) -> Step:
+        cls = hyperoptim.MartheAdamW if decoupled else hyperoptim.MartheAdam
+        opt = cls(model.parameters(), lr=1e-3, mu=mu, val_closure=_val_closure(model, data))
+        return lambda t: opt.step(_closure(model, opt, data, t))
+
+    return make
+
+
 CASES: dict[str, Callable[[nn.Module, Data], Step]] = {
     "torch.optim.SGD": make_sgd,
     "HypergradSGD (training loss)": make_hd_train,
@@ -133,7 +165,19 @@ CASES: dict[str, Callable[[nn.Module, Data], Step]] = {
     "MartheSGD (mu=0, no HVP)": make_marthe(0.0),
     "IFTOptimizer (T=10, i=5)": make_ift,
     "FDSSGD (T=50, 7 columns)": make_fds,
+    "torch.optim.Adam": make_adam(False),
+    "torch.optim.AdamW": make_adam(True),
+    "HypergradAdam (training loss)": make_hd_adam(False, False),
+    "HypergradAdam (validation)": make_hd_adam(False, True),
+    "HypergradAdamW (training loss)": make_hd_adam(True, False),
+    "MartheAdam (adaptive mu)": make_marthe_adam("adaptive"),
+    "MartheAdam (mu=1, HVP every step)": make_marthe_adam(1.0),
+    "MartheAdamW (mu=1, HVP every step)": make_marthe_adam(1.0, decoupled=True),
 }
+
+#: Cases whose ratio is also reported against torch.optim.Adam (AdamW for the AdamW rows).
+ADAM_BASELINE = {name: ("torch.optim.AdamW" if "AdamW" in name else "torch.optim.Adam")
+                 for name in CASES if "Adam" in name and not name.startswith("torch")}
 
 MODELS = {
     "small MLP 64-128-10, batch 128": ([64, 128, 10], 128),
@@ -147,7 +191,8 @@ def measure(sizes: list[int], batch: int, repeats: int, steps: int, only: list[s
     torch.manual_seed(0)
     base = mlp(sizes)
     data = Data(sizes[0], sizes[-1], batch)
-    names = [n for n in CASES if only is None or n == "torch.optim.SGD" or n in only]
+    keep = {"torch.optim.SGD"} | {ADAM_BASELINE[n] for n in (only or []) if n in ADAM_BASELINE}
+    names = [n for n in CASES if only is None or n in keep or n in only]
     steppers = {n: CASES[n](copy.deepcopy(base), data) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     t = {n: 0 for n in names}
@@ -163,9 +208,11 @@ def measure(sizes: list[int], batch: int, repeats: int, steps: int, only: list[s
                 t[n] += 1
             times[n].append(time.perf_counter() - start)
     ref = statistics.median(times["torch.optim.SGD"])
-    return {n: statistics.median(times[n]) / ref for n in names} | {
-        "_sgd_ms_per_step": 1000 * ref / steps
-    }
+    ratios = {n: statistics.median(times[n]) / ref for n in names}
+    for n, base in ADAM_BASELINE.items():
+        if n in times and base in times:
+            ratios[f"_vs_adam/{n}"] = statistics.median(times[n]) / statistics.median(times[base])
+    return ratios | {"_sgd_ms_per_step": 1000 * ref / steps}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,9 +228,12 @@ def main(argv: list[str] | None = None) -> None:
         sgd_ms = ratios.pop("_sgd_ms_per_step")
         print(f"\n{model_name}  (SGD: {sgd_ms:.3f} ms/step, {args.threads} thread(s), "
               f"median of {args.repeats} x {args.steps} steps)")
-        print(f"{'optimizer':<44} {'time / SGD':>10}")
+        print(f"{'optimizer':<44} {'time / SGD':>10} {'time / Adam(W)':>15}")
         for name, ratio in ratios.items():
-            print(f"{name:<44} {ratio:>10.2f}x")
+            if name.startswith("_vs_adam/"):
+                continue
+            vs = ratios.get(f"_vs_adam/{name}")
+            print(f"{name:<44} {ratio:>10.2f}x" + (f" {vs:>14.2f}x" if vs is not None else ""))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,16 @@ hyperparameters it is differentiable, and :func:`sgd_tangents` gets the tangent 
 
 (with :math:`D_t` the tangent of :math:`d_t`) from :func:`torch.func.jvp` of the same function,
 batched over tangent columns with :func:`torch.func.vmap`, so no tangent formula is typed twice.
+
+**Rules as values.** Every method consumes an :class:`UpdateRule`: a pure ``step`` (weights,
+gradients, per-parameter buffers, hyperparameters, step counts) that is bit-identical to the torch
+optimizer with float hyperparameters and differentiable with tensor ones, the same step in place
+(``step_``, which also returns the direction :math:`d = -\partial w' / \partial a`), and how a
+param group and ``state[p]`` feed them. :func:`rule_tangents` (forward mode, ``torch.func.jvp``
+batched by ``vmap``) and :func:`rule_vjp` (reverse mode, ``torch.func.vjp``, buffers detached) work
+for any rule. Registered: :data:`SGD` here and ``ADAM`` (:mod:`hyperoptim._adam`, Adam and AdamW).
+A new rule is one file defining its ``step``/``step_`` and calling :func:`register_rule`, plus its
+import line at the end of this module.
 """
 
 from __future__ import annotations

@@ -92,6 +92,15 @@ window, or starts a new one).
 Dampening with a window of momentum 0 is refused: there ``torch.optim.SGD`` steps along :math:`g_t`
 while the limit steps along :math:`(1-\delta) g_t`, and no derivative exists.
 
+**Adam and AdamW** (:func:`adam_unroll`, :func:`adam_unrolled_hypergrad`,
+:func:`adam_finite_difference_hypergrad`). The same three estimators over ``torch.optim.Adam``'s
+rule (:func:`hyperoptim._adam.adam_step`, the function the Adam optimizers apply) from fresh
+moments, with a learning-rate schedule in windows and constant :math:`\beta_1, \beta_2, \lambda`,
+``decoupled_weight_decay=True`` for AdamW; the reverse pass carries adjoints of the weights and both
+moments and returns :math:`dE/d` (each learning-rate window, :math:`\beta_1`, :math:`\beta_2`,
+:math:`\lambda`). ``adam_unroll`` is bit-identical to ``torch.optim.Adam``/``AdamW``
+(``foreach=False``).
+
 References:
     D. Maclaurin, D. Duvenaud, R. P. Adams. Gradient-based Hyperparameter Optimization through
     Reversible Learning. ICML 2015.
