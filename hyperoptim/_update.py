@@ -437,7 +437,15 @@ def rule_tangents(
         return dp, db
 
     seed_cols = tuple(seeds[k].to(dtype) for k in seeded)
-    z_next, s_next = torch.func.vmap(one_column)(tuple(z), tuple(hz), flat_tans, seed_cols)
+    if z and all(zi.shape[0] == 1 for zi in z):
+        # One column (one param group, the common case): a plain jvp, without vmap's per-op cost.
+        def first(ts):
+            return tuple(t[0] for t in ts)
+
+        dp, db = one_column(first(z), first(hz), first(flat_tans), first(seed_cols))
+        z_next, s_next = tuple(t.unsqueeze(0) for t in dp), tuple(t.unsqueeze(0) for t in db)
+    else:
+        z_next, s_next = torch.func.vmap(one_column)(tuple(z), tuple(hz), flat_tans, seed_cols)
     return list(z_next), _unpack(out_where, s_next, names, n)
 
 
