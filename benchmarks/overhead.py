@@ -10,6 +10,9 @@ Run:
     python benchmarks/overhead.py                 # small and medium MLP, all cases
     python benchmarks/overhead.py --repeats 11 --steps 30 --threads 1
 
+The Adam-family rows also report their ratio to ``torch.optim.Adam`` (``AdamW`` for the AdamW
+rows, ``foreach=False`` as the hyperoptim classes step one tensor at a time).
+
 To add an optimizer: write a ``make_<name>(model, data) -> step(t)`` factory below and add it
 to ``CASES``.
 
@@ -234,6 +237,35 @@ def floor_fds(route: str) -> Callable[[nn.Module, Data], Step]:
     return make
 
 
+def make_adam(decoupled: bool) -> Callable[[nn.Module, Data], Step]:
+    def make(model: nn.Module, data: Data) -> Step:
+        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+        opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 0.0,
+                  foreach=False)
+        return lambda t: opt.step(_closure(model, opt, data, t))
+
+    return make
+
+
+def make_hd_adam(decoupled: bool, validation: bool) -> Callable[[nn.Module, Data], Step]:
+    def make(model: nn.Module, data: Data) -> Step:
+        cls = hyperoptim.HypergradAdamW if decoupled else hyperoptim.HypergradAdam
+        opt = cls(model.parameters(), lr=1e-3, hypergrad_lr=1e-7,
+                  val_closure=_val_closure(model, data) if validation else None)
+        return lambda t: opt.step(_closure(model, opt, data, t))
+
+    return make
+
+
+def make_marthe_adam(mu: str | float, decoupled: bool = False) -> Callable[[nn.Module, Data], Step]:
+    def make(model: nn.Module, data: Data) -> Step:
+        cls = hyperoptim.MartheAdamW if decoupled else hyperoptim.MartheAdam
+        opt = cls(model.parameters(), lr=1e-3, mu=mu, val_closure=_val_closure(model, data))
+        return lambda t: opt.step(_closure(model, opt, data, t))
+
+    return make
+
+
 CASES: dict[str, Callable[[nn.Module, Data], Step]] = {
     "torch.optim.SGD": make_sgd,
     "HypergradSGD (training loss)": make_hd_train,
@@ -247,6 +279,16 @@ for _route, _tag in (("exact", "exact"), ("finite_difference", "fin. diff.")):
         f"FDSSGD (T=50, 7 columns, {_tag})": make_fds(_route),
     })
 CASES["MartheSGD (mu=0, no HVP)"] = make_marthe(0.0, "exact")
+CASES.update({
+    "torch.optim.Adam": make_adam(False),
+    "torch.optim.AdamW": make_adam(True),
+    "HypergradAdam (training loss)": make_hd_adam(False, False),
+    "HypergradAdam (validation)": make_hd_adam(False, True),
+    "HypergradAdamW (training loss)": make_hd_adam(True, False),
+    "MartheAdam (adaptive mu)": make_marthe_adam("adaptive"),
+    "MartheAdam (mu=1, HVP every step)": make_marthe_adam(1.0),
+    "MartheAdamW (mu=1, HVP every step)": make_marthe_adam(1.0, decoupled=True),
+})
 
 # The passes each case cannot avoid, timed alone (case name -> floor name).
 FLOORS: dict[str, tuple[str, Callable[[nn.Module, Data], Step]]] = {
@@ -257,6 +299,10 @@ for _route, _tag in (("exact", "exact"), ("finite_difference", "fin. diff.")):
     FLOORS[f"MartheSGD (adaptive mu, {_tag})"] = FLOORS[f"MartheSGD (mu=1, {_tag})"]
     FLOORS[f"IFTOptimizer (T=10, i=5, {_tag})"] = (f"IFT passes ({_tag})", floor_ift(_route))
     FLOORS[f"FDSSGD (T=50, 7 columns, {_tag})"] = (f"FDS passes ({_tag})", floor_fds(_route))
+
+#: Cases whose ratio is also reported against torch.optim.Adam (AdamW for the AdamW rows).
+ADAM_BASELINE = {name: ("torch.optim.AdamW" if "AdamW" in name else "torch.optim.Adam")
+                 for name in CASES if "Adam" in name and not name.startswith("torch")}
 
 MODELS = {
     "small MLP 64-128-10, batch 128": ([64, 128, 10], 128),
@@ -270,7 +316,8 @@ def measure(sizes: list[int], batch: int, repeats: int, steps: int, only: list[s
     torch.manual_seed(0)
     base = mlp(sizes)
     data = Data(sizes[0], sizes[-1], batch)
-    names = [n for n in CASES if only is None or n == "torch.optim.SGD" or n in only]
+    keep = {"torch.optim.SGD"} | {ADAM_BASELINE[n] for n in (only or []) if n in ADAM_BASELINE}
+    names = [n for n in CASES if only is None or n in keep or n in only]
     steppers = {n: CASES[n](copy.deepcopy(base), data) for n in names}
     for n in names:
         if n in FLOORS:
@@ -291,9 +338,11 @@ def measure(sizes: list[int], batch: int, repeats: int, steps: int, only: list[s
                 t[n] += 1
             times[n].append(time.perf_counter() - start)
     ref = statistics.median(times["torch.optim.SGD"])
-    return {n: statistics.median(times[n]) / ref for n in steppers} | {
-        "_sgd_ms_per_step": 1000 * ref / steps
-    }
+    ratios = {n: statistics.median(times[n]) / ref for n in steppers}
+    for n, base in ADAM_BASELINE.items():
+        if n in times and base in times:
+            ratios[f"_vs_adam/{n}"] = statistics.median(times[n]) / statistics.median(times[base])
+    return ratios | {"_sgd_ms_per_step": 1000 * ref / steps}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -310,13 +359,16 @@ def main(argv: list[str] | None = None) -> None:
         sgd_ms = ratios.pop("_sgd_ms_per_step")
         print(f"\n{model_name}  (SGD: {sgd_ms:.3f} ms/step, {args.threads} thread(s), "
               f"median of {args.repeats} x {args.steps} steps)")
-        print(f"{'optimizer':<44} {'time / SGD':>10} {'floor / SGD':>11} {'time / floor':>12}")
+        print(f"{'optimizer':<44} {'time / SGD':>10} {'floor / SGD':>11} {'time / floor':>12}"
+              f" {'time / Adam(W)':>15}")
         for name, ratio in ratios.items():
             if name not in CASES:
                 continue
             floor = ratios.get(FLOORS[name][0]) if name in FLOORS else None
-            extra = f" {floor:>10.2f}x {ratio / floor:>11.2f}x" if floor else ""
-            print(f"{name:<44} {ratio:>10.2f}x{extra}")
+            vs = ratios.get(f"_vs_adam/{name}")
+            extra = f" {floor:>10.2f}x {ratio / floor:>11.2f}x" if floor else " " * 24
+            extra += f" {vs:>14.2f}x" if vs is not None else ""
+            print(f"{name:<44} {ratio:>10.2f}x{extra.rstrip()}")
 
 
 if __name__ == "__main__":

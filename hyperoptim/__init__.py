@@ -3,15 +3,21 @@
 from ._base import HyperOptimizer, frozen_batchnorm_stats
 from .fds import FDSSGD
 from .hd import HypergradSGD
+from .hd_adam import HypergradAdam, HypergradAdamW
 from .ift import IFTOptimizer
 from .marthe import MartheSGD
+from .marthe_adam import MartheAdam, MartheAdamW
 from .plot import plot_history
 
 __all__ = [
     "FDSSGD",
     "HyperOptimizer",
+    "HypergradAdam",
+    "HypergradAdamW",
     "HypergradSGD",
     "IFTOptimizer",
+    "MartheAdam",
+    "MartheAdamW",
     "MartheSGD",
     "frozen_batchnorm_stats",
     "plot_history",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._demo import METHODS, DemoExtrasMissing, run_demo
+from ._demo import ADAM_METHODS, ALL_METHODS, METHODS, DemoExtrasMissing, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +23,12 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer. Prints test accuracy, loss, wall time and final hyperparameters, and writes "
         "hyperoptim_demo.png (learning rate against step, validation loss against wall time).",
     )
-    demo.add_argument("--optimizer", nargs="+", choices=METHODS, default=list(METHODS),
-                      metavar="NAME", help=f"run a subset of {', '.join(METHODS)} (default: all)")
+    demo.add_argument("--optimizer", nargs="+", choices=ALL_METHODS, default=None,
+                      metavar="NAME", help=f"run a subset of {', '.join(ALL_METHODS)} (default: "
+                      "every method of the chosen --inner optimizer)")
+    demo.add_argument("--inner", choices=("sgd", "adam"), default="sgd",
+                      help="the inner optimizer: sgd (the four methods over SGD) or adam "
+                      f"({', '.join(ADAM_METHODS)}) (default: sgd)")
     demo.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
     demo.add_argument("--seed", type=int, default=0, help="data split and model seed (default: 0)")
     demo.add_argument("--quick", action="store_true",
@@ -35,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error(f"Invalid --steps value: {args.steps}")
     try:
-        run_demo(tuple(args.optimizer), steps=args.steps, seed=args.seed, quick=args.quick,
+        methods = args.optimizer or (ADAM_METHODS if args.inner == "adam" else METHODS)
+        run_demo(tuple(methods), steps=args.steps, seed=args.seed, quick=args.quick,
                  out=args.out, progress=False if args.no_progress else None)
     except DemoExtrasMissing as err:
         print(f"python -m hyperoptim demo: {err}", file=sys.stderr)

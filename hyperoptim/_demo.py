@@ -2,7 +2,8 @@
 
 The data ship with scikit-learn (no download). A small MLP trains from deliberately poor
 hyperparameters with ``torch.optim.SGD`` at those settings, ``torch.optim.SGD`` at hand-tuned
-settings (the reference), and the four hyperoptim optimizers. Train, validation and test splits
+settings (the reference), and the four hyperoptim optimizers; with ``--inner adam``, Adam at a
+poor and at its default learning rate, ``HypergradAdam`` and ``MartheAdam``. Train, validation and test splits
 are separate; the hypergradients see the validation split only, the test split is used once, for
 the final table.
 """
@@ -23,15 +24,24 @@ from torch.nn import functional as F
 
 from .fds import FDSSGD
 from .hd import HypergradSGD
+from .hd_adam import HypergradAdam
 from .ift import IFTOptimizer
 from .marthe import MartheSGD
+from .marthe_adam import MartheAdam
 
 #: The deliberately poor start every method shares: a learning rate 100x too small.
 POOR = dict(lr=1e-3, momentum=0.5, weight_decay=1e-4)
 #: What a practitioner would hand-pick: the usual SGD-with-momentum settings, not searched here.
 TUNED = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
 
+#: Adam's poor start (10x below its usual default) and the usual default (not searched here).
+POOR_ADAM = dict(lr=1e-4)
+TUNED_ADAM = dict(lr=1e-3)
+
 METHODS = ("sgd-poor", "sgd-tuned", "hd", "marthe", "ift", "fds")
+#: ``--inner adam``: the same comparison with Adam as the inner optimizer.
+ADAM_METHODS = ("adam-poor", "adam-tuned", "hd-adam", "marthe-adam")
+ALL_METHODS = METHODS + ADAM_METHODS
 COLORS = {
     "sgd-poor": "tab:gray",
     "sgd-tuned": "black",
@@ -39,6 +49,10 @@ COLORS = {
     "marthe": "tab:red",
     "ift": "tab:blue",
     "fds": "tab:purple",
+    "adam-poor": "tab:gray",
+    "adam-tuned": "black",
+    "hd-adam": "tab:olive",
+    "marthe-adam": "tab:orange",
 }
 LABELS = {
     "sgd-poor": "SGD (poor start, fixed)",
@@ -47,6 +61,10 @@ LABELS = {
     "marthe": "MartheSGD",
     "ift": "IFTOptimizer",
     "fds": "FDSSGD",
+    "adam-poor": "Adam (poor start, fixed)",
+    "adam-tuned": "Adam (default lr, fixed)",
+    "hd-adam": "HypergradAdam",
+    "marthe-adam": "MartheAdam",
 }
 
 
@@ -141,6 +159,14 @@ def _optimizer(name: str, model: nn.Module,
     if name == "ift":
         return IFTOptimizer(params, **POOR, update_interval=10, lookback=5, hyper_lr=0.05,
                             val_closure=val_closure)
+    if name == "adam-poor":
+        return torch.optim.Adam(params, **POOR_ADAM)
+    if name == "adam-tuned":
+        return torch.optim.Adam(params, **TUNED_ADAM)
+    if name == "hd-adam":
+        return HypergradAdam(params, **POOR_ADAM, hypergrad_lr=1e-5, val_closure=val_closure)
+    if name == "marthe-adam":
+        return MartheAdam(params, **POOR_ADAM, hypergrad_lr=1e-10, val_closure=val_closure)
     raise ValueError(f"Invalid optimizer value: {name!r}")
 
 
@@ -170,7 +196,7 @@ def _online(name: str, data: Splits, steps: int, batch: int, seed: int, bar: Any
     result.wall = spent
     result.test_loss, result.test_acc = _evaluate(model, data.x_test, data.y_test)
     group = opt.param_groups[0]
-    result.final = {k: group[k] for k in ("lr", "momentum", "weight_decay") if k in group}
+    result.final = {k: group[k] for k in ("lr", "momentum", "betas", "weight_decay") if k in group}
     return result
 
 

@@ -23,18 +23,33 @@ hyperparameters it is differentiable, and :func:`sgd_tangents` gets the tangent 
 
 (with :math:`D_t` the tangent of :math:`d_t`) from :func:`torch.func.jvp` of the same function,
 batched over tangent columns with :func:`torch.func.vmap`, so no tangent formula is typed twice.
+
+**Rules as values.** Every method consumes an :class:`UpdateRule`: a pure ``step`` (weights,
+gradients, per-parameter buffers, hyperparameters, step counts) that is bit-identical to the torch
+optimizer with float hyperparameters and differentiable with tensor ones, the same step in place
+(``step_``, which also returns the direction :math:`d = -\partial w' / \partial a`), and how a
+param group and ``state[p]`` feed them. :func:`rule_tangents` (forward mode, ``torch.func.jvp``
+batched by ``vmap``) and :func:`rule_vjp` (reverse mode, ``torch.func.vjp``, buffers detached) work
+for any rule. Registered: :data:`SGD` here and ``ADAM`` (:mod:`hyperoptim._adam`, Adam and AdamW).
+A new rule is one file defining its ``step``/``step_`` and calling :func:`register_rule`, plus its
+import line at the end of this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._types import Hyper
 
-__all__ = ["apply_update_", "sgd_direction", "sgd_step", "sgd_tangents"]
+__all__ = [
+    "RULES", "SGD", "UpdateRule", "apply_update_", "get_rule", "register_rule", "rule_tangents",
+    "rule_vjp", "sgd_direction", "sgd_step", "sgd_tangents",
+]
 
 
 def _active(h: Hyper) -> bool:
@@ -229,3 +244,304 @@ def sgd_tangents(
                                                    e_lr, e_momentum, e_weight_decay)
     return list(z_next), list(c_next)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule as a value (DESIGN.md §3): every method consumes an UpdateRule; tangents and reverse
+# products come from torch.func on the rule's pure ``step``, never from a typed derivative.
+# ---------------------------------------------------------------------------------------------
+
+Buffers = dict[str, list[Tensor | None]]
+"""A rule's per-parameter state, by buffer name (``state[p]`` keys, as torch names them)."""
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    r"""An inner update rule :math:`(w, g, s; \lambda) \mapsto (w', s')`, the unit every method
+    consumes.
+
+    A rule is two functions over lists of tensors (one entry per parameter) and what describes them:
+
+    - ``step(params, grads, buffers, hypers, counts, **options) -> (new_params, new_buffers)``:
+      pure (nothing is modified). With Python-float ``hypers`` it performs exactly the
+      floating-point operations of the torch optimizer it mirrors (so frozen hyperparameters are
+      bit-identical to it); with 0-d tensor ``hypers`` it is differentiable in them, and
+      :func:`rule_tangents` / :func:`rule_vjp` differentiate it with ``torch.func``.
+    - ``step_(params, grads, buffers, hypers, counts, **options) -> (new_buffers, directions)``:
+      the same step in place, as the torch optimizer does it (float ``hypers``; ``hypers["lr"]``
+      may also be a list of per-parameter tensors: per-weight learning rates). ``directions[i]``
+      is :math:`d_t = -\partial w_{t+1} / \partial a_t` for parameter ``i`` (the step's direction
+      with respect to the learning rate; it may alias a buffer, never a gradient).
+
+    ``buffers`` maps each name in ``buffer_names`` to one tensor (or ``None``: not created yet)
+    per parameter; ``counts`` is the step number :math:`t \ge 1` of this step per parameter
+    (torch's ``state["step"]`` after its increment) for rules with ``uses_counts``, else ``None``.
+
+    Attributes:
+        name (str): the registry key (:data:`RULES`).
+        hyper_names (tuple of str): the hyperparameters ``step`` can differentiate.
+        buffer_names (tuple of str): the per-parameter state the rule carries.
+        uses_counts (bool): the rule reads per-parameter step counts (torch keeps them in
+            ``state[p]["step"]``).
+        hypers (callable): a param group -> its float hyperparameters, keyed by ``hyper_names``.
+        options (callable): a param group -> the static keyword options of ``step``/``step_``.
+        step, step_ (callable): as above.
+        init_state (callable): a parameter -> the state entries a fresh parameter starts with
+            (default: none).
+    """
+
+    name: str
+    hyper_names: tuple[str, ...]
+    buffer_names: tuple[str, ...]
+    uses_counts: bool
+    hypers: Callable[[dict[str, Any]], dict[str, float]]
+    options: Callable[[dict[str, Any]], dict[str, Any]]
+    step: Callable[..., tuple[list[Tensor], Buffers]]
+    step_: Callable[..., tuple[Buffers, list[Tensor]]]
+    init_state: Callable[[Tensor], dict[str, Tensor]] = lambda p: {}
+
+    def read_state(self, states: Sequence[dict[str, Any]], params: Sequence[Tensor]
+                   ) -> tuple[Buffers, list[float] | None]:
+        """The buffers and this step's counts from ``state[p]`` dicts, initialising new ones
+        (torch's lazy state: e.g. Adam's zero moments and ``step``) without touching existing ones.
+
+        Reading a count is a ``.item()`` of a CPU tensor, as torch's Adam does: no device sync.
+        """
+        for s, p in zip(states, params):
+            for key, value in self.init_state(p).items():
+                s.setdefault(key, value)
+        buffers = {name: [s.get(name) for s in states] for name in self.buffer_names}
+        counts = [float(s["step"]) + 1.0 for s in states] if self.uses_counts else None
+        return buffers, counts
+
+    def write_state(self, states: Sequence[dict[str, Any]], buffers: Buffers) -> None:
+        """Store a step's new buffers (``None`` removes nothing) and advance the counts."""
+        for name in self.buffer_names:
+            for s, b in zip(states, buffers[name]):
+                if b is not None:
+                    s[name] = b
+        if self.uses_counts:
+            for s in states:
+                s["step"] += 1
+
+
+RULES: dict[str, UpdateRule] = {}
+"""Every registered rule by name; a new rule is one file that calls :func:`register_rule`."""
+
+
+def register_rule(rule: UpdateRule) -> UpdateRule:
+    """Add ``rule`` to :data:`RULES` (its name must be new) and return it."""
+    if rule.name in RULES:
+        raise ValueError(f"Invalid rule value: {rule.name!r} is already registered")
+    RULES[rule.name] = rule
+    return rule
+
+
+def get_rule(name: str) -> UpdateRule:
+    """The registered rule called ``name``."""
+    if name not in RULES:
+        raise ValueError(f"Invalid rule value: {name!r} (registered: {', '.join(sorted(RULES))})")
+    return RULES[name]
+
+
+def _pack(buffers: Buffers, names: Sequence[str]) -> tuple[list[tuple[int, int]], tuple[Tensor, ...]]:
+    """The non-``None`` buffers as a flat tuple, and where each came from (name index, param)."""
+    where, flat = [], []
+    for k, name in enumerate(names):
+        for i, b in enumerate(buffers[name]):
+            if b is not None:
+                where.append((k, i))
+                flat.append(b)
+    return where, tuple(flat)
+
+
+def _unpack(where: list[tuple[int, int]], flat: Sequence[Tensor], names: Sequence[str],
+            n: int) -> Buffers:
+    out: Buffers = {name: [None] * n for name in names}
+    for (k, i), b in zip(where, flat):
+        out[names[k]][i] = b
+    return out
+
+
+def rule_tangents(
+    rule: UpdateRule,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Buffers,
+    hypers: dict[str, Hyper],
+    z: Sequence[Tensor],
+    hz: Sequence[Tensor],
+    buffer_tangents: Buffers,
+    seeds: dict[str, Tensor],
+    *,
+    counts: Sequence[float] | None = None,
+    **options: Any,
+) -> tuple[list[Tensor], Buffers]:
+    r"""Batched forward-mode tangents through one step of any rule, by ``torch.func.jvp``.
+
+    :math:`(Z, S)_{t+1} = \frac{\partial \Phi}{\partial (w, s)} (Z, S)_t + \frac{\partial
+    \Phi}{\partial g} (H Z)_t + \sum_x \frac{\partial \Phi}{\partial x} e_x`, one column per
+    leading index, batched with ``torch.func.vmap``. Nothing here knows the rule's formula.
+
+    Args:
+        rule (UpdateRule): the rule :math:`\Phi`.
+        params, grads, buffers: the primal state before the step (see :class:`UpdateRule`).
+        hypers (dict): this step's hyperparameter values (floats); those named in ``seeds`` are
+            differentiated (made 0-d tensors of the parameters' dtype here).
+        z (sequence of Tensor): :math:`Z_t`, ``z[i]`` of shape ``(N, *params[i].shape)``.
+        hz (sequence of Tensor): :math:`H_t Z_t`, the tangent of the gradients, shaped like ``z``.
+        buffer_tangents (dict): :math:`S_t` by buffer name, shaped like ``z``; ``None`` where the
+            buffer is ``None`` (and allowed, meaning 0, where it is not).
+        seeds (dict of Tensor): per differentiated hyperparameter, its column seeds, shape
+            ``(N,)``: :math:`\partial x / \partial \lambda_j` for each column ``j``.
+        counts (sequence of float, optional): the step numbers, for rules that use them.
+        **options: the rule's static options.
+
+    Returns:
+        ``(z_next, buffer_tangents_next)``: :math:`Z_{t+1}` and :math:`S_{t+1}` (``None`` where
+        the new buffer is ``None``).
+
+    Example:
+        >>> w, g = [torch.ones(2)], [torch.ones(2)]
+        >>> zn, _ = rule_tangents(SGD, w, g, {"momentum_buffer": [None]},
+        ...                       dict(lr=0.1, momentum=0.0, weight_decay=0.0),
+        ...                       [torch.zeros(1, 2)], [torch.zeros(1, 2)],
+        ...                       {"momentum_buffer": [None]}, {"lr": torch.ones(1)})
+        >>> zn[0]  # d w_1 / d lr = -g
+        tensor([[-1., -1.]])
+    """
+    names = rule.buffer_names
+    n = len(params)
+    where, flat_bufs = _pack(buffers, names)
+    flat_tans = tuple(
+        buffer_tangents[names[k]][i] if buffer_tangents[names[k]][i] is not None
+        else z[i].new_zeros(z[i].shape) for k, i in where)
+    seeded = list(seeds)
+    dtype = params[0].dtype if params else torch.get_default_dtype()
+    device = params[0].device if params else None
+    hyper_primals = tuple(torch.tensor(float(hypers[k]), dtype=dtype, device=device)
+                          for k in seeded)
+    out_where: list[tuple[int, int]] = []
+
+    def step(ps, gs, bs, hs):
+        full = dict(hypers, **dict(zip(seeded, hs)))
+        new_p, new_b = rule.step(list(ps), list(gs), _unpack(where, bs, names, n), full,
+                                 counts, **options)
+        out_where[:], flat = _pack(new_b, names)
+        return tuple(new_p), flat
+
+    primals = (tuple(params), tuple(grads), flat_bufs, hyper_primals)
+
+    def one_column(zs, hzs, ss, es):
+        _, (dp, db) = torch.func.jvp(step, primals, (zs, hzs, ss, es))
+        return dp, db
+
+    seed_cols = tuple(seeds[k].to(dtype) for k in seeded)
+    if z and all(zi.shape[0] == 1 for zi in z):
+        # One column (one param group, the common case): a plain jvp, without vmap's per-op cost.
+        def first(ts):
+            return tuple(t[0] for t in ts)
+
+        dp, db = one_column(first(z), first(hz), first(flat_tans), first(seed_cols))
+        z_next, s_next = tuple(t.unsqueeze(0) for t in dp), tuple(t.unsqueeze(0) for t in db)
+    else:
+        z_next, s_next = torch.func.vmap(one_column)(tuple(z), tuple(hz), flat_tans, seed_cols)
+    return list(z_next), _unpack(out_where, s_next, names, n)
+
+
+def rule_vjp(
+    rule: UpdateRule,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Buffers,
+    hypers: dict[str, Hyper],
+    *,
+    wrt: Sequence[str] = ("lr",),
+    counts: Sequence[float] | None = None,
+    **options: Any,
+) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], tuple[list[Tensor], list[Tensor],
+                                                          dict[str, Tensor]]]]:
+    r"""The new weights :math:`u(\lambda, w, g) = w_{t+1}` of one step, and its vector-Jacobian
+    product by ``torch.func.vjp``, with the buffers *detached* (constants of the product).
+
+    This is what the implicit method (Clarke et al. 2022, Eq. 11 for Adam) differentiates:
+    for a cotangent :math:`q` (shaped like the weights) the product returns
+    :math:`((\partial u / \partial w)^\top q,\ (\partial u / \partial g)^\top q,\
+    (\partial u / \partial \lambda)^\top q)`; the total :math:`w`-derivative through
+    :math:`g(w)` is the first plus :math:`H` (``SecondOrder.hvp``) times the second.
+
+    Args:
+        rule (UpdateRule): the rule.
+        params, grads, buffers: the state before the step (buffers are not differentiated).
+        hypers (dict): hyperparameter values (floats or 0-d tensors).
+        wrt (sequence of str, optional): the hyperparameters to differentiate (default: lr).
+        counts (sequence of float, optional): the step numbers, for rules that use them.
+        **options: the rule's static options.
+
+    Returns:
+        ``(new_params, vjp_fn)``; ``vjp_fn(q)`` returns ``(dw, dg, dhypers)`` with ``dhypers`` a
+        dict of 0-d tensors keyed by ``wrt``.
+
+    Example:
+        >>> w, g = [torch.ones(2)], [torch.full((2,), 3.0)]
+        >>> new_w, vjp_fn = rule_vjp(SGD, w, g, {"momentum_buffer": [None]},
+        ...                          dict(lr=0.1, momentum=0.0, weight_decay=0.0))
+        >>> dw, dg, dh = vjp_fn([torch.ones(2)])
+        >>> dw[0], dg[0], dh["lr"]  # u = w - a g
+        (tensor([1., 1.]), tensor([-0.1000, -0.1000]), tensor(-6.))
+    """
+    names = rule.buffer_names
+    fixed = {name: [None if b is None else b.detach() for b in buffers[name]] for name in names}
+    wrt = list(wrt)
+    dtype = params[0].dtype if params else torch.get_default_dtype()
+    device = params[0].device if params else None
+    hyper_primals = tuple(
+        hypers[k].detach() if isinstance(hypers[k], Tensor)
+        else torch.tensor(float(hypers[k]), dtype=dtype, device=device) for k in wrt)
+
+    def update(ps, gs, hs):
+        full = dict(hypers, **dict(zip(wrt, hs)))
+        new_p, _ = rule.step(list(ps), list(gs), fixed, full, counts, **options)
+        return tuple(new_p)
+
+    new_params, pullback = torch.func.vjp(update, tuple(p.detach() for p in params),
+                                          tuple(g.detach() for g in grads), hyper_primals)
+
+    def vjp_fn(q: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
+        dw, dg, dh = pullback(tuple(q))
+        return list(dw), list(dg), dict(zip(wrt, dh))
+
+    return list(new_params), vjp_fn
+
+
+# ------------------------------------------------------------------ the SGD rule as a value
+def _sgd_rule_step(params, grads, buffers, hypers, counts, *, dampening=0.0, nesterov=False):
+    new_p, new_b, _ = sgd_step(params, grads, buffers["momentum_buffer"], hypers["lr"],
+                               hypers["momentum"], hypers["weight_decay"],
+                               dampening=dampening, nesterov=nesterov)
+    return new_p, {"momentum_buffer": new_b}
+
+
+def _sgd_rule_step_(params, grads, buffers, hypers, counts, *, dampening=0.0, nesterov=False):
+    _, new_b, dirs = sgd_direction(params, grads, buffers["momentum_buffer"], hypers["momentum"],
+                                   hypers["weight_decay"], dampening=dampening,
+                                   nesterov=nesterov, inplace=True)
+    apply_update_(params, dirs, hypers["lr"])
+    dirs = [d.clone() if d is g else d for d, g in zip(dirs, grads)]
+    return {"momentum_buffer": new_b}, dirs
+
+
+SGD = register_rule(UpdateRule(
+    name="sgd",
+    hyper_names=("lr", "momentum", "weight_decay"),
+    buffer_names=("momentum_buffer",),
+    uses_counts=False,
+    hypers=lambda g: {k: g[k] for k in ("lr", "momentum", "weight_decay")},
+    options=lambda g: {"dampening": g["dampening"], "nesterov": g["nesterov"]},
+    step=_sgd_rule_step,
+    step_=_sgd_rule_step_,
+))
+"""``torch.optim.SGD``'s rule (:func:`sgd_step`)."""
+
+
+from . import _adam  # noqa: E402,F401  (registers the Adam rule; a new rule adds its line here)

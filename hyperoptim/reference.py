@@ -92,6 +92,15 @@ window, or starts a new one).
 Dampening with a window of momentum 0 is refused: there ``torch.optim.SGD`` steps along :math:`g_t`
 while the limit steps along :math:`(1-\delta) g_t`, and no derivative exists.
 
+**Adam and AdamW** (:func:`adam_unroll`, :func:`adam_unrolled_hypergrad`,
+:func:`adam_finite_difference_hypergrad`). The same three estimators over ``torch.optim.Adam``'s
+rule (:func:`hyperoptim._adam.adam_step`, the function the Adam optimizers apply) from fresh
+moments, with a learning-rate schedule in windows and constant :math:`\beta_1, \beta_2, \lambda`,
+``decoupled_weight_decay=True`` for AdamW; the reverse pass carries adjoints of the weights and both
+moments and returns :math:`dE/d` (each learning-rate window, :math:`\beta_1`, :math:`\beta_2`,
+:math:`\lambda`). ``adam_unroll`` is bit-identical to ``torch.optim.Adam``/``AdamW``
+(``foreach=False``).
+
 References:
     D. Maclaurin, D. Duvenaud, R. P. Adams. Gradient-based Hyperparameter Optimization through
     Reversible Learning. ICML 2015.
@@ -112,10 +121,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._adam import adam_step
 from ._schedule import window_of
+from ._types import Hyper
 from ._update import sgd_step
 
-__all__ = ["drmad_hypergrad", "finite_difference_hypergrad", "unroll", "unrolled_hypergrad"]
+__all__ = [
+    "adam_finite_difference_hypergrad", "adam_unroll", "adam_unrolled_hypergrad", "drmad_hypergrad",
+    "finite_difference_hypergrad", "unroll", "unrolled_hypergrad",
+]
 
 TrainLoss = Callable[[dict[str, Tensor], int], Tensor]
 """``(params, t) -> loss`` of batch ``t`` at ``params``, without the weight decay term."""
@@ -521,3 +535,219 @@ def drmad_hypergrad(
         for total, window, d in zip(totals, plan.windows(t), derivs[-3:], strict=True):
             total[window] += d.detach()
     return objective.detach(), dict(zip(_NAMES, totals, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam / AdamW (hyperoptim._adam): the same three estimators over torch.optim.Adam's rule.
+# ---------------------------------------------------------------------------------------------
+
+_ADAM_NAMES = ("lr", "beta1", "beta2", "weight_decay")
+
+
+@dataclass(frozen=True)
+class _AdamPlan:
+    horizon: int
+    lr: tuple[float, ...]
+    beta1: float
+    beta2: float
+    weight_decay: float
+    eps: float
+    decoupled_weight_decay: bool
+
+    def values(self) -> tuple[tuple[float, ...], ...]:
+        return (self.lr, (self.beta1,), (self.beta2,), (self.weight_decay,))
+
+
+def _adam_plan(horizon: int, lr: Schedule, betas: tuple[float, float], eps: float,
+               weight_decay: float, decoupled_weight_decay: bool) -> _AdamPlan:
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"Invalid horizon value: {horizon} (expected an int >= 1)")
+    lrs = _schedule("lr", lr, horizon)
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"Invalid betas value: {betas}")
+    for name, value in (("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not (math.isfinite(value) and value >= 0.0):
+            raise ValueError(f"Invalid {name} value: {value}")
+    return _AdamPlan(horizon, lrs, float(betas[0]), float(betas[1]), float(weight_decay),
+                     float(eps), bool(decoupled_weight_decay))
+
+
+def _adam_rollout(train_loss: TrainLoss, names: list[str], weights: list[Tensor], plan: _AdamPlan,
+                  values: Sequence[Sequence[Hyper]], *, create_graph: bool
+                  ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """``plan.horizon`` Adam steps from fresh moments (torch's first step is t = 1)."""
+    m = [torch.zeros_like(w) for w in weights]
+    v = [torch.zeros_like(w) for w in weights]
+    lrs, (b1,), (b2,), (wd,) = values
+    for t in range(plan.horizon):
+        a = lrs[window_of(t, plan.horizon, len(lrs))]
+        grads = _train_grads(train_loss, names, weights, t, create_graph=create_graph)
+        with torch.set_grad_enabled(create_graph):
+            weights, m, v = adam_step(weights, grads, m, v, [float(t + 1)] * len(weights), a,
+                                      b1, b2, wd, eps=plan.eps,
+                                      decoupled_weight_decay=plan.decoupled_weight_decay)
+    return weights, m, v
+
+
+def adam_unroll(
+    train_loss: TrainLoss,
+    params: dict[str, Tensor],
+    *,
+    horizon: int,
+    lr: Schedule,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    r"""Run ``horizon`` steps of ``torch.optim.Adam`` (or ``AdamW``) forward only, from fresh moments.
+
+    The same floating-point operations as ``torch.optim.Adam`` (single-tensor path, float
+    hyperparameters, the schedule's learning rate written into ``param_groups`` before each step),
+    so the weights are bit-identical to it; works in the dtype of ``params``.
+
+    Args:
+        train_loss (callable): ``(params, t) -> loss`` of batch ``t``, without weight decay.
+        params (dict of Tensor): the initial weights :math:`w_0`.
+        horizon (int): the number of steps :math:`T`.
+        lr (float or sequence of float): the learning rate, one value or one per window.
+        betas (tuple of float, optional): :math:`(\beta_1, \beta_2)` (default: (0.9, 0.999)).
+        eps (float, optional): :math:`\epsilon` (default: 1e-8).
+        weight_decay (float, optional): :math:`\lambda` (default: 0).
+        decoupled_weight_decay (bool, optional): AdamW (default: False).
+
+    Returns:
+        ``(params_T, moments_T)``: the weights and ``{"exp_avg": ..., "exp_avg_sq": ...}``, each
+        a dict keyed like ``params``.
+
+    Example:
+        >>> loss = lambda p, t: 0.5 * (p["w"] ** 2).sum()
+        >>> w_T, _ = adam_unroll(loss, {"w": torch.tensor([1.0])}, horizon=1, lr=0.1)
+        >>> w_T["w"]  # Adam's first step has length lr
+        tensor([0.9000])
+    """
+    plan = _adam_plan(horizon, lr, betas, eps, weight_decay, decoupled_weight_decay)
+    names, weights, _ = _start(params, None, None)
+    weights, m, v = _adam_rollout(train_loss, names, weights, plan, plan.values(),
+                                  create_graph=False)
+    return dict(zip(names, weights, strict=True)), {
+        "exp_avg": dict(zip(names, m, strict=True)), "exp_avg_sq": dict(zip(names, v, strict=True))}
+
+
+def adam_unrolled_hypergrad(
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    params: dict[str, Tensor],
+    *,
+    horizon: int,
+    lr: Schedule,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""Exact hypergradients by reverse mode through ``horizon`` unrolled Adam/AdamW steps.
+
+    The inner run of :func:`adam_unroll` in float64, with the learning-rate schedule,
+    :math:`\beta_1`, :math:`\beta_2` and :math:`\lambda` as tensors that require grad, each
+    gradient taken with ``create_graph=True`` and the step being :func:`hyperoptim._adam.adam_step`
+    (the rule the optimizers apply), then one backward pass from :math:`E(w_T)`. The adjoints
+    run back through the weights *and both moments*:
+
+    .. math::
+
+        (\hat w_t, \hat m_t, \hat v_t, \hat\lambda_t) = (\hat w_{t+1}, \hat m_{t+1},
+        \hat v_{t+1})^\top \frac{\partial \Phi_t}{\partial (w_t, m_t, v_t, \lambda)},
+        \qquad \frac{dE}{d\lambda} = \sum_t \hat\lambda_t.
+
+    Memory grows linearly with ``horizon``; use it on small problems.
+
+    Args:
+        train_loss, val_loss, params, horizon, lr, betas, eps, weight_decay,
+            decoupled_weight_decay: as in :func:`adam_unroll` and :func:`unrolled_hypergrad`.
+
+    Returns:
+        ``(E, hypergrads)``: :math:`E(w_T)` (0-d float64) and a dict with ``"lr"`` (one entry per
+        window), ``"beta1"``, ``"beta2"``, ``"weight_decay"`` (shape ``(1,)`` each).
+
+    Example:
+        >>> # One step from w0 = 1 on L = E = w^2/2: w_1 = 1 - a, so dE/da = -(1 - a).
+        >>> loss = lambda p, t: 0.5 * (p["w"] ** 2).sum()
+        >>> E, hg = adam_unrolled_hypergrad(loss, lambda p: loss(p, 0), {"w": torch.tensor([1.0])},
+        ...                                 horizon=1, lr=0.1, eps=0.0)
+        >>> hg["lr"]
+        tensor([-0.9000], dtype=torch.float64)
+    """
+    plan = _adam_plan(horizon, lr, betas, eps, weight_decay, decoupled_weight_decay)
+    names, weights, _ = _start(params, None, _F64)
+    hypers = [torch.tensor(v, dtype=_F64, requires_grad=True) for v in plan.values()]
+    with torch.enable_grad():
+        weights = [w.clone().requires_grad_() for w in weights]
+        values = (list(hypers[0]), (hypers[1][0],), (hypers[2][0],), (hypers[3][0],))
+        weights, _, _ = _adam_rollout(train_loss, names, weights, plan, values, create_graph=True)
+        objective = val_loss(dict(zip(names, weights, strict=True)))
+        derivs = torch.autograd.grad(objective, hypers, allow_unused=True)
+    hypergrads = {name: torch.zeros_like(h) if d is None else d.detach()
+                  for name, h, d in zip(_ADAM_NAMES, hypers, derivs, strict=True)}
+    return objective.detach(), hypergrads
+
+
+def adam_finite_difference_hypergrad(
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    params: dict[str, Tensor],
+    *,
+    horizon: int,
+    lr: Schedule,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    step: float = 1e-6,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""Adam/AdamW hypergradients by central differences of float64 forward runs, for tests.
+
+    For each learning-rate window and for :math:`\beta_1, \beta_2, \lambda` separately,
+    :math:`(E(\lambda + h e_i) - E(\lambda - h e_i)) / 2h` with :math:`h` = ``step``, each
+    :math:`E` from :func:`adam_unroll`'s arithmetic in float64.
+
+    Args:
+        train_loss, val_loss, params, horizon, lr, betas, eps, weight_decay,
+            decoupled_weight_decay: as in :func:`adam_unrolled_hypergrad`.
+        step (float, optional): :math:`h` (default: 1e-6).
+
+    Returns:
+        ``(E, hypergrads)`` as :func:`adam_unrolled_hypergrad` returns them.
+
+    Example:
+        >>> loss = lambda p, t: 0.5 * (p["w"] ** 2).sum()
+        >>> _, hg = adam_finite_difference_hypergrad(loss, lambda p: loss(p, 0),
+        ...                                          {"w": torch.tensor([1.0])}, horizon=1,
+        ...                                          lr=0.1, eps=0.0)
+        >>> round(hg["lr"].item(), 6)
+        -0.9
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
+        raise ValueError(f"Invalid step value: {step}")
+    plan = _adam_plan(horizon, lr, betas, eps, weight_decay, decoupled_weight_decay)
+    names, weights, _ = _start(params, None, _F64)
+
+    def objective(values: Sequence[Sequence[float]]) -> float:
+        final, _, _ = _adam_rollout(train_loss, names, weights, plan, values, create_graph=False)
+        with torch.no_grad():
+            return float(val_loss(dict(zip(names, final, strict=True))))
+
+    hypergrads = {}
+    for n, name in enumerate(_ADAM_NAMES):
+        column = []
+        for i in range(len(plan.values()[n])):
+            ends = []
+            for sign in (1.0, -1.0):
+                values = [list(s) for s in plan.values()]
+                values[n][i] += sign * step
+                ends.append(objective(values))
+            column.append((ends[0] - ends[1]) / (2 * step))
+        hypergrads[name] = torch.tensor(column, dtype=_F64)
+    return torch.tensor(objective(plan.values()), dtype=_F64), hypergrads

@@ -43,3 +43,13 @@ def test_bad_arguments_exit_with_usage(capsys):
         main(["demo", "--steps", "0"])
     assert info.value.code == 2
     assert "Invalid --steps value: 0" in capsys.readouterr().err
+
+
+def test_demo_inner_adam(tmp_path, capsys):
+    from hyperoptim._demo import ADAM_METHODS
+
+    assert main(["demo", "--inner", "adam", "--steps", "6", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(LABELS[name] in out for name in ADAM_METHODS) and LABELS["hd"] + " " not in out
+    assert "betas" in out

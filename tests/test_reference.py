@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from hyperoptim._schedule import window_of
 from hyperoptim.reference import (
+    adam_finite_difference_hypergrad,
+    adam_unroll,
+    adam_unrolled_hypergrad,
     drmad_hypergrad,
     finite_difference_hypergrad,
     unroll,
@@ -535,3 +538,63 @@ def test_errors(fn, kwargs, regex):
 def test_finite_difference_eps_error():
     with pytest.raises(ValueError, match="Invalid eps value"):
         finite_difference_hypergrad(_loss, _loss, {"w": torch.ones(2)}, horizon=1, lr=0.1, eps=0)
+
+
+# ---------------------------------------------------------------------- Adam / AdamW
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("config", [dict(), dict(weight_decay=0.1),
+                                    dict(weight_decay=0.1, decoupled_weight_decay=True),
+                                    dict(betas=(0.5, 0.9), eps=1e-3)], ids=str)
+def test_adam_unroll_is_bit_identical_to_torch_adam(config, dtype):
+    prob = Problem(1, dtype=dtype)
+    lrs = [0.05, 0.02, 0.01]
+    w_T, moments = adam_unroll(prob.train, prob.params, horizon=MAX_T, lr=lrs, **config)
+    p = {k: v.clone().requires_grad_() for k, v in prob.params.items()}
+    decoupled = config.get("decoupled_weight_decay", False)
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    kwargs = {k: v for k, v in config.items() if k != "decoupled_weight_decay"}
+    kwargs.setdefault("weight_decay", 0.0)
+    opt = cls(list(p.values()), lr=lrs[0], foreach=False, **kwargs)
+    for t in range(MAX_T):
+        opt.param_groups[0]["lr"] = lrs[window_of(t, MAX_T, len(lrs))]
+        opt.zero_grad()
+        prob.train(p, t).backward()
+        opt.step()
+    for k in p:
+        assert torch.equal(w_T[k], p[k].detach())
+        assert torch.equal(moments["exp_avg_sq"][k], opt.state[p[k]]["exp_avg_sq"])
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    horizon=st.integers(1, MAX_T),
+    n_lr=st.integers(1, 3),
+    beta1=st.floats(0.3, 0.95),
+    beta2=st.floats(0.8, 0.999),
+    weight_decay=st.floats(0.0, 0.2),
+    eps=st.sampled_from([1e-8, 1e-3]),
+    decoupled=st.booleans(),
+)
+def test_adam_oracle_matches_finite_differences(seed, horizon, n_lr, beta1, beta2, weight_decay,
+                                                eps, decoupled):
+    """dE/d(lr windows, beta1, beta2, weight decay) through unrolled Adam/AdamW, two ways."""
+    prob = Problem(seed)
+    kwargs = dict(horizon=horizon, lr=[0.05 / (k + 1) for k in range(min(n_lr, horizon))],
+                  betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                  decoupled_weight_decay=decoupled)
+    e_exact, exact = adam_unrolled_hypergrad(prob.train, prob.val, prob.params, **kwargs)
+    e_fd, fd = adam_finite_difference_hypergrad(prob.train, prob.val, prob.params, **kwargs)
+    assert e_exact.item() == pytest.approx(e_fd.item(), rel=1e-12)
+    for name in ("lr", "beta1", "beta2", "weight_decay"):
+        torch.testing.assert_close(exact[name], fd[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_adam_oracle_errors():
+    prob = Problem(0)
+    with pytest.raises(ValueError, match="Invalid betas value"):
+        adam_unrolled_hypergrad(prob.train, prob.val, prob.params, horizon=2, lr=0.1, betas=(1.0, 0.9))
+    with pytest.raises(ValueError, match="Invalid horizon value"):
+        adam_unroll(prob.train, prob.params, horizon=0, lr=0.1)
+    with pytest.raises(ValueError, match="Invalid lr value"):
+        adam_unroll(prob.train, prob.params, horizon=2, lr=[0.1, 0.1, 0.1])

@@ -1,4 +1,4 @@
-"""The shared SGD rule and its batched tangents (hyperoptim._update)."""
+"""The update rules (SGD, Adam/AdamW) and their torch.func tangents and products (hyperoptim._update)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hyperoptim._update import sgd_direction, sgd_step, sgd_tangents
+from hyperoptim._adam import ADAM, adam_step, adam_step_
+from hyperoptim._update import (
+    RULES,
+    SGD,
+    get_rule,
+    rule_tangents,
+    rule_vjp,
+    sgd_direction,
+    sgd_step,
+    sgd_tangents,
+)
+
+F64 = torch.float64
 
 
 def _state(seed: int, shapes, n: int, first_step: bool):
@@ -102,3 +114,181 @@ def test_inplace_direction_equals_pure(nesterov):
     _, in_b, in_d = sgd_direction(params, grads, bufs, 0.9, 0.1, nesterov=nesterov, inplace=True)
     assert in_b[0] is held
     assert torch.equal(in_b[0], pure_b[0]) and torch.equal(in_d[0], pure_d[0])
+
+
+# ---------------------------------------------------------------------- the rules as values
+def test_registry_holds_both_rules():
+    assert get_rule("sgd") is SGD and get_rule("adam") is ADAM and set(RULES) >= {"sgd", "adam"}
+    with pytest.raises(ValueError, match="Invalid rule value"):
+        get_rule("lion")
+
+
+@pytest.mark.parametrize("first_step", [False, True])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_generic_tangents_over_sgd_equal_sgd_tangents(nesterov, first_step):
+    """rule_tangents knows no formula: over the SGD rule it reproduces sgd_tangents."""
+    params, grads, bufs, z, hz, c, (e_a, e_b, e_c) = _state(3, [(3, 2), (4,)], 3, first_step)
+    hypers = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+    z1, c1 = sgd_tangents(params, grads, bufs, *(torch.tensor(v, dtype=F64) for v in hypers.values()),
+                          z, hz, c, e_a, e_b, e_c, nesterov=nesterov)
+    z2, c2 = rule_tangents(SGD, params, grads, {"momentum_buffer": bufs}, hypers, z, hz,
+                           {"momentum_buffer": c}, {"lr": e_a, "momentum": e_b, "weight_decay": e_c},
+                           dampening=0.0, nesterov=nesterov)
+    for a, b in zip(z1 + c1, z2 + c2["momentum_buffer"]):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+
+
+ADAM_CONFIGS = [
+    dict(),
+    dict(weight_decay=0.1),
+    dict(weight_decay=0.1, decoupled_weight_decay=True),
+    dict(betas=(0.5, 0.9), eps=1e-3, weight_decay=0.02),
+    dict(maximize=True, weight_decay=0.01),
+    dict(maximize=True, weight_decay=0.05, decoupled_weight_decay=True),
+]
+
+
+def _adam_options(config):
+    return dict(eps=config.get("eps", 1e-8),
+                decoupled_weight_decay=config.get("decoupled_weight_decay", False),
+                maximize=config.get("maximize", False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("config", ADAM_CONFIGS, ids=str)
+def test_adam_rule_is_bit_identical_to_torch(config, dtype):
+    """adam_step (pure) and adam_step_ (in place) against torch.optim.Adam(foreach=False)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (4,)]
+    w = [torch.randn(*s, generator=gen, dtype=dtype) for s in shapes]
+    leaves = [x.clone().requires_grad_() for x in w]
+    opt = torch.optim.Adam(leaves, lr=0.01, foreach=False, **config)
+    inplace, pure = [x.clone() for x in w], [x.clone() for x in w]
+    m_in, v_in = [torch.zeros_like(x) for x in w], [torch.zeros_like(x) for x in w]
+    m_pu, v_pu = [torch.zeros_like(x) for x in w], [torch.zeros_like(x) for x in w]
+    b1, b2 = config.get("betas", (0.9, 0.999))
+    wd = config.get("weight_decay", 0.0)
+    for t in range(1, 31):
+        grads = [torch.randn(*s, generator=gen, dtype=dtype) for s in shapes]
+        if t == 3:
+            grads[1][0] = 0.0  # an exact zero gradient entry (v may be exactly 0 somewhere)
+        for p, g in zip(leaves, grads):
+            p.grad = g.clone()
+        opt.step()
+        adam_step_(inplace, grads, m_in, v_in, [float(t)] * 2, 0.01, b1, b2, wd,
+                   **_adam_options(config))
+        pure, m_pu, v_pu = adam_step(pure, grads, m_pu, v_pu, [float(t)] * 2, 0.01, b1, b2, wd,
+                                     **_adam_options(config))
+    for p, a, b, m1, m2 in zip(leaves, inplace, pure, m_in, m_pu):
+        assert torch.equal(p, a) and torch.equal(p, b)
+        assert torch.equal(opt.state[p]["exp_avg"], m1) and torch.equal(m1, m2)
+
+
+@pytest.mark.parametrize("config", ADAM_CONFIGS, ids=str)
+def test_adam_direction_is_minus_the_jvp_in_the_learning_rate(config):
+    """adam_step_'s direction d = -dw'/da is what torch.func.jvp of adam_step gives (AdamW: with
+    the decay's -lambda w term)."""
+    gen = torch.Generator().manual_seed(1)
+    w = [torch.randn(3, 2, generator=gen, dtype=F64)]
+    g = [torch.randn(3, 2, generator=gen, dtype=F64)]
+    m = [0.1 * torch.randn(3, 2, generator=gen, dtype=F64)]
+    v = [0.1 * torch.rand(3, 2, generator=gen, dtype=F64)]
+    b1, b2 = config.get("betas", (0.9, 0.999))
+    wd, opts = config.get("weight_decay", 0.0), _adam_options(config)
+
+    def step(a):
+        return adam_step(w, g, m, v, [4.0], a, b1, b2, wd, **opts)[0][0]
+
+    _, tangent = torch.func.jvp(step, (torch.tensor(0.01, dtype=F64),), (torch.tensor(1.0, dtype=F64),))
+    d = adam_step_([w[0].clone()], g, [m[0].clone()], [v[0].clone()], [4.0], 0.01, b1, b2, wd, **opts)
+    torch.testing.assert_close(d[0], -tangent, rtol=1e-13, atol=1e-15)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 3),
+    beta1=st.floats(0.0, 0.95),
+    beta2=st.floats(0.5, 0.999),
+    weight_decay=st.sampled_from([0.0, 0.05]),
+    decoupled=st.booleans(),
+    count=st.integers(1, 5),
+)
+def test_adam_tangents_are_the_directional_derivative_of_the_step(
+    seed, n, beta1, beta2, weight_decay, decoupled, count
+):
+    """Each column of rule_tangents over Adam (weights, both moments, all four hyperparameters)
+    equals a central difference of adam_step along that column."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*s, scale=1.0):
+        return scale * torch.randn(*s, generator=gen, dtype=F64)
+
+    shapes = [(3, 2), (4,)]
+    w, g = [r(*s) for s in shapes], [r(*s) for s in shapes]
+    m = [r(*s, scale=0.3) for s in shapes]
+    v = [r(*s).abs() * 0.3 + 0.01 for s in shapes]
+    z, hz = [r(n, *s) for s in shapes], [r(n, *s) for s in shapes]
+    zm, zv = [r(n, *s) for s in shapes], [r(n, *s, scale=0.01) for s in shapes]
+    names = ("lr", "beta1", "beta2", "weight_decay")
+    seeds = {k: r(n) for k in names}
+    hypers = dict(lr=0.05, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
+    opts = dict(eps=1e-3, decoupled_weight_decay=decoupled, maximize=False)
+    counts = [float(count)] * 2
+    z1, s1 = rule_tangents(ADAM, w, g, {"exp_avg": m, "exp_avg_sq": v}, hypers, z, hz,
+                           {"exp_avg": zm, "exp_avg_sq": zv}, seeds, counts=counts, **opts)
+    eps = 1e-6
+    for k in range(n):
+        def moved(s, k=k):
+            hs = {x: hypers[x] + s * seeds[x][k].item() for x in names}
+            return adam_step([a + s * b[k] for a, b in zip(w, z)], [a + s * b[k] for a, b in zip(g, hz)],
+                             [a + s * b[k] for a, b in zip(m, zm)], [a + s * b[k] for a, b in zip(v, zv)],
+                             counts, hs["lr"], hs["beta1"], hs["beta2"], hs["weight_decay"], **opts)
+
+        plus, minus = moved(eps), moved(-eps)
+        for out, (tangent) in zip(range(3), (z1, s1["exp_avg"], s1["exp_avg_sq"])):
+            for i in range(2):
+                fd = (plus[out][i] - minus[out][i]) / (2 * eps)
+                torch.testing.assert_close(tangent[i][k], fd, rtol=1e-5, atol=1e-7)
+
+
+def test_adam_tangent_is_finite_where_the_second_moment_is_zero():
+    """A weight whose gradient has always been 0 (a dead unit) has v = 0: sqrt's derivative there
+    would be 0/0; the rule's tangent is the exact dm/eps instead of nan."""
+    w, g = [torch.ones(2, dtype=F64)], [torch.tensor([0.0, 1.0], dtype=F64)]
+    zeros = [torch.zeros(2, dtype=F64)]
+    hz = [torch.tensor([[0.5, 0.0]], dtype=F64)]
+    z1, _ = rule_tangents(ADAM, w, g, {"exp_avg": zeros, "exp_avg_sq": zeros},
+                          dict(lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0),
+                          [torch.zeros(1, 2, dtype=F64)], hz, {"exp_avg": [None], "exp_avg_sq": [None]},
+                          {"lr": torch.zeros(1, dtype=F64)}, counts=[1.0], eps=1e-8,
+                          decoupled_weight_decay=False, maximize=False)
+    assert torch.isfinite(z1[0]).all()
+    # w' = w - a m/(bc1 (0 + eps)) with m = 0.1 * 0.5 s: dw'/ds = -a * 0.05 / (0.1 * eps)
+    assert z1[0][0, 0].item() == pytest.approx(-0.1 * 0.05 / (0.1 * 1e-8), rel=1e-9)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_adam_vjp_matches_autograd_with_moments_detached(decoupled):
+    """rule_vjp: (du/dw)^T q, (du/dg)^T q and (du/dlambda)^T q for every Adam hyperparameter, the
+    moments constants, as IFTAdam will use it (Clarke et al., Eq. 11)."""
+    gen = torch.Generator().manual_seed(4)
+    w, g = [torch.randn(3, generator=gen, dtype=F64)], [torch.randn(3, generator=gen, dtype=F64)]
+    m, v = [0.1 * torch.randn(3, generator=gen, dtype=F64)], [torch.rand(3, generator=gen, dtype=F64)]
+    q = [torch.randn(3, generator=gen, dtype=F64)]
+    hypers = dict(lr=0.05, beta1=0.8, beta2=0.99, weight_decay=0.1)
+    opts = dict(eps=1e-8, decoupled_weight_decay=decoupled, maximize=False)
+    names = ("lr", "beta1", "beta2", "weight_decay")
+    new_w, vjp_fn = rule_vjp(ADAM, w, g, {"exp_avg": m, "exp_avg_sq": v}, hypers, wrt=names,
+                             counts=[3.0], **opts)
+    dw, dg, dh = vjp_fn(q)
+
+    leaves = [w[0].clone().requires_grad_(), g[0].clone().requires_grad_()]
+    hs = [torch.tensor(hypers[k], dtype=F64, requires_grad=True) for k in names]
+    out = adam_step([leaves[0]], [leaves[1]], m, v, [3.0], *hs, **opts)[0][0]
+    ref = torch.autograd.grad(out, leaves + hs, q[0])
+    torch.testing.assert_close(new_w[0], out.detach(), rtol=1e-15, atol=0)
+    torch.testing.assert_close(dw[0], ref[0], rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(dg[0], ref[1], rtol=1e-13, atol=1e-15)
+    for k, r in zip(names, ref[2:]):
+        torch.testing.assert_close(dh[k], r, rtol=1e-13, atol=1e-15)

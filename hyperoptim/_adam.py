@@ -1,0 +1,251 @@
+r"""The Adam/AdamW update rule, written once (DESIGN.md §3).
+
+``torch.optim.Adam`` (``amsgrad=False``, float hyperparameters, single-tensor path), with learning
+rate :math:`a`, moment factors :math:`\beta_1, \beta_2`, :math:`\epsilon`, weight decay
+:math:`\lambda`, at its :math:`t`-th step (:math:`t \ge 1`, counted per parameter):
+
+.. math::
+
+    g &= \nabla L(w) \ (\text{negated with } \texttt{maximize}) \ + \lambda w
+        \quad \text{(Adam's L2 term; not with decoupled weight decay)} \\
+    w &\leftarrow (1 - a\lambda)\, w \quad \text{(AdamW: decoupled weight decay)} \\
+    m' &= \beta_1 m + (1 - \beta_1) g, \qquad v' = \beta_2 v + (1 - \beta_2) g^2 \\
+    w' &= w - \frac{a}{1 - \beta_1^t} \cdot \frac{m'}{\sqrt{v'} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+with :math:`\epsilon` added *after* the bias correction of :math:`\sqrt{v'}`, exactly as torch
+does. :func:`adam_step` is that rule as a pure function; with Python-float hyperparameters it does
+torch's floating-point operations (``lerp``, ``mul``/``addcmul``, ``addcdiv`` with
+``value=-a/(1-\beta_1^t)``), so weights are bit-identical to ``torch.optim.Adam``/``AdamW``
+(``foreach=False``). With 0-d tensor hyperparameters it is differentiable in them (and always in
+weights, gradients and moments), which is how :func:`hyperoptim._update.rule_tangents` and
+:func:`hyperoptim._update.rule_vjp` get every tangent and reverse product: no derivative of Adam is
+typed anywhere. The one exception is :math:`\sqrt{v}` at :math:`v = 0` (a weight whose gradient has
+been exactly 0, e.g. a dead ReLU unit): its derivative is taken as 0 rather than
+:math:`0/0`; this is the exact derivative of :math:`w'` there because :math:`\epsilon > 0`
+keeps the denominator away from 0 and :math:`m' = 0` multiplies it.
+
+:func:`adam_step_` is the same step in place (the optimizers' fast path). It also returns the
+step's direction with respect to the learning rate,
+
+.. math::
+
+    d = -\frac{\partial w'}{\partial a} = \frac{1}{1 - \beta_1^t} \cdot
+        \frac{m'}{\sqrt{v'} / \sqrt{1 - \beta_2^t} + \epsilon}\ \big(+\ \lambda w \text{ for AdamW}\big),
+
+which hypergradient descent and MARTHE need (``tests/test_update.py`` checks it against
+``torch.func.jvp`` of :func:`adam_step`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._types import Hyper
+from ._update import Buffers, UpdateRule, _active, _lr_list, register_rule
+
+__all__ = ["ADAM", "adam_step", "adam_step_", "check_adam_arguments"]
+
+
+def _sqrt(v: Tensor) -> Tensor:
+    """``v.sqrt()`` (the same bits for v >= 0) whose derivative at v = 0 is 0 instead of inf."""
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, 1.0).sqrt(), 0.0)
+
+
+def _is_t(x: Any) -> bool:
+    return isinstance(x, Tensor)
+
+
+def adam_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    counts: Sequence[float],
+    lr: Hyper | Sequence[Tensor],
+    beta1: Hyper = 0.9,
+    beta2: Hyper = 0.999,
+    weight_decay: Hyper = 0.0,
+    *,
+    eps: float = 1e-8,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    r"""One Adam/AdamW step as a pure function (nothing is modified in place).
+
+    Args:
+        params (sequence of Tensor): the weights :math:`w`.
+        grads (sequence of Tensor): the loss gradients (without weight decay).
+        exp_avgs, exp_avg_sqs (sequence of Tensor): the moments :math:`m, v` (zeros before the
+            first step, as torch initialises them).
+        counts (sequence of float): this step's number :math:`t \ge 1` per parameter (torch's
+            ``state["step"]`` after its increment).
+        lr (float, Tensor or sequence of Tensor): the learning rate :math:`a`; a sequence gives
+            one (0-d or parameter-shaped) learning rate per parameter.
+        beta1, beta2 (float or Tensor, optional): moment factors (default: 0.9, 0.999).
+        weight_decay (float or Tensor, optional): :math:`\lambda` (default: 0).
+        eps (float, optional): :math:`\epsilon` (default: 1e-8).
+        decoupled_weight_decay (bool, optional): AdamW's decay (default: False).
+        maximize (bool, optional): ascend instead (default: False).
+
+    Returns:
+        ``(new_params, new_exp_avgs, new_exp_avg_sqs)``.
+
+    Example:
+        >>> w, g, z = [torch.ones(2)], [torch.tensor([0.5, -2.0])], [torch.zeros(2)]
+        >>> new_w, m, v = adam_step(w, g, z, z, [1.0], lr=0.1)
+        >>> new_w[0]  # the first step moves each weight by about lr against its gradient's sign
+        tensor([0.9000, 1.1000])
+    """
+    new_p, new_m, new_v = [], [], []
+    for p, g, m, v, t, a in zip(params, grads, exp_avgs, exp_avg_sqs, counts,
+                                _lr_list(lr, len(params))):
+        grad = -g if maximize else g
+        if _active(weight_decay):
+            if decoupled_weight_decay:
+                p = p * (1 - a * weight_decay)
+            elif _is_t(weight_decay):
+                grad = grad + weight_decay * p
+            else:
+                grad = grad.add(p, alpha=weight_decay)
+        m = m.lerp(grad, 1 - beta1) if not _is_t(beta1) else m + (1 - beta1) * (grad - m)
+        if _is_t(beta2):
+            v = v * beta2 + (1 - beta2) * grad * grad
+        else:
+            v = v.mul(beta2).addcmul(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
+        step_size = a / bias_correction1
+        denom = _sqrt(v) / bias_correction2**0.5 + eps
+        if _is_t(step_size):
+            p = p - step_size * m / denom
+        else:
+            p = p.addcdiv(m, denom, value=-step_size)
+        new_p.append(p)
+        new_m.append(m)
+        new_v.append(v)
+    return new_p, new_m, new_v
+
+
+@torch.no_grad()
+def adam_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    counts: Sequence[float],
+    lr: float | Sequence[Tensor],
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    weight_decay: float = 0.0,
+    *,
+    eps: float = 1e-8,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> list[Tensor]:
+    r"""One Adam/AdamW step in place, exactly as ``torch.optim.Adam``'s single-tensor path.
+
+    Arguments as :func:`adam_step` (float hyperparameters; ``lr`` may be a sequence of
+    per-parameter tensors: per-weight learning rates). ``params``, ``exp_avgs`` and
+    ``exp_avg_sqs`` are updated in place; ``counts`` are not touched (the caller advances
+    ``state["step"]``).
+
+    Returns:
+        The directions :math:`d = -\partial w' / \partial a`, one new tensor per parameter.
+
+    Example:
+        >>> w, m, v = torch.ones(2), torch.zeros(2), torch.zeros(2)
+        >>> d = adam_step_([w], [torch.tensor([0.5, -2.0])], [m], [v], [1.0], lr=0.1)
+        >>> w, d[0]
+        (tensor([0.9000, 1.1000]), tensor([ 1.0000, -1.0000]))
+    """
+    directions = []
+    for p, g, m, v, t, a in zip(params, grads, exp_avgs, exp_avg_sqs, counts,
+                                _lr_list(lr, len(params))):
+        grad = -g if maximize else g
+        decay = None
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                decay = p.mul(weight_decay)  # the -lambda w_{t-1} term of dw'/da, before the decay
+                p.mul_(1 - a * weight_decay)
+            else:
+                grad = grad.add(p, alpha=weight_decay)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
+        step_size = a / bias_correction1
+        denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
+        if _is_t(step_size):
+            p.addcmul_(step_size, m / denom, value=-1)
+        else:
+            p.addcdiv_(m, denom, value=-step_size)
+        d = m.div(denom).div_(bias_correction1)
+        directions.append(d if decay is None else d.add_(decay))
+    return directions
+
+
+def _rule_step(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Buffers,
+               hypers: dict[str, Any], counts: Sequence[float], **options: Any
+               ) -> tuple[list[Tensor], Buffers]:
+    new_p, m, v = adam_step(params, grads, buffers["exp_avg"], buffers["exp_avg_sq"], counts,
+                            hypers["lr"], hypers["beta1"], hypers["beta2"],
+                            hypers["weight_decay"], **options)
+    return new_p, {"exp_avg": m, "exp_avg_sq": v}
+
+
+def _rule_step_(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Buffers,
+                hypers: dict[str, Any], counts: Sequence[float], **options: Any
+                ) -> tuple[Buffers, list[Tensor]]:
+    dirs = adam_step_(params, grads, buffers["exp_avg"], buffers["exp_avg_sq"], counts,
+                      hypers["lr"], hypers["beta1"], hypers["beta2"], hypers["weight_decay"],
+                      **options)
+    return {"exp_avg": list(buffers["exp_avg"]), "exp_avg_sq": list(buffers["exp_avg_sq"])}, dirs
+
+
+def _init_state(p: Tensor) -> dict[str, Tensor]:
+    # torch.optim.Adam's lazy state: a float32 CPU step counter and zero moments.
+    return {
+        "step": torch.tensor(0.0, dtype=torch.float32),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+
+
+ADAM = register_rule(UpdateRule(
+    name="adam",
+    hyper_names=("lr", "beta1", "beta2", "weight_decay"),
+    buffer_names=("exp_avg", "exp_avg_sq"),
+    uses_counts=True,
+    hypers=lambda g: dict(lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1],
+                          weight_decay=g["weight_decay"]),
+    options=lambda g: dict(eps=g["eps"], decoupled_weight_decay=g["decoupled_weight_decay"],
+                           maximize=g.get("maximize", False)),
+    step=_rule_step,
+    step_=_rule_step_,
+    init_state=_init_state,
+))
+"""``torch.optim.Adam``'s rule (and AdamW's, with ``decoupled_weight_decay=True``)."""
+
+
+def check_adam_arguments(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: Any,
+                         maximize: Any = False) -> None:
+    """The checks ``torch.optim.Adam`` makes (float hyperparameters), in the package's wording,
+    plus what the hyperoptim Adam optimizers do not support (``amsgrad``, ``maximize``)."""
+    from ._base import check_value, is_real
+
+    check_value("lr", lr, is_real(lr) and lr >= 0.0)
+    check_value("betas", betas, isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(is_real(b) and 0.0 <= b < 1.0 for b in betas))
+    check_value("eps", eps, is_real(eps) and eps >= 0.0)
+    check_value("weight_decay", weight_decay, is_real(weight_decay) and weight_decay >= 0.0)
+    if amsgrad is not False:
+        raise ValueError(f"Invalid amsgrad value: {amsgrad} (amsgrad=True is not supported: the "
+                         "running maximum has no useful derivative; use amsgrad=False)")
+    if maximize is not False:
+        raise ValueError(f"Invalid maximize value: {maximize} (not supported: these optimizers "
+                         "minimize; negate the loss instead)")

@@ -1,0 +1,170 @@
+r"""Hypergradient descent on the learning rate over any inner update rule (DESIGN.md §4).
+
+:class:`RuleHypergrad` is Baydin et al.'s rule written once against an
+:class:`~hyperoptim._update.UpdateRule`: with :math:`d_{t-1} = -\partial w_t / \partial a_{t-1}`
+the previous step's direction *as the rule computes it* (the rule's ``step_`` returns it),
+
+.. math::
+
+    h_t = \frac{\partial E(w_t)}{\partial a_{t-1}} = -\langle \nabla E(w_t), d_{t-1} \rangle,
+    \qquad a_t = \operatorname{clamp}(a_{t-1} - \kappa h_t,\ a_{\min}, a_{\max}),
+
+then the rule's step with :math:`a_t`. Subclasses (``HypergradAdam``, ``HypergradAdamW``) set
+the rule, check their arguments, and say what the training-loss objective's gradient is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ._base import HyperOptimizer
+from ._types import Closure
+from ._update import UpdateRule
+
+__all__ = ["RuleHypergrad"]
+
+
+class RuleHypergrad(HyperOptimizer):
+    r"""Hypergradient descent over ``rule`` (a base class; see ``HypergradAdam``).
+
+    Param groups carry ``lr``, ``hypergrad_lr`` (:math:`\kappa`), ``lr_bounds`` and
+    ``per_parameter`` next to the rule's own hyperparameters. ``state[p]`` holds the rule's state
+    (torch's names) and ``"direction"`` (:math:`d_{t-1}`), plus ``"lr"`` with per-weight learning
+    rates. ``history[i]`` records ``"lr"``, ``"hypergrad/lr"`` and ``"skipped"`` per step.
+    """
+
+    rule: ClassVar[UpdateRule]
+
+    def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
+                         grads: list[Tensor]) -> list[Tensor]:
+        """:math:`\\nabla E(w_t)` in training-loss mode: the gradient the rule descends."""
+        return grads
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *,
+             val_closure: Closure | None = None) -> Any:
+        """Perform one step: update each group's learning rate, then take the rule's step.
+
+        Args:
+            closure (callable, optional): recomputes and returns the training loss; it may call
+                ``zero_grad()``/``backward()`` itself or not.
+            val_closure (callable, optional): overrides the constructor's ``val_closure`` for this
+                step.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss, _ = self._training_loss(closure)
+        val_closure = self._resolve_val_closure(val_closure, required=False)
+
+        groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
+        objective: dict[Tensor, Tensor] = {}
+        val_loss: Tensor | None = None
+        if val_closure is not None:
+            with_grad = [p for _, ps in groups for p in ps]
+            val_loss, val_grads = self._validation_grads(val_closure, with_grad)
+            objective = dict(zip(with_grad, val_grads))
+
+        # Every scalar of the step goes into one flat list and one host sync.
+        plans = []
+        scalars: list[Tensor] = []
+        for index, (group, params) in enumerate(groups):
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            prev = [s.get("direction") for s in states]
+            if val_closure is not None:
+                objs = [objective[p] for p in params]
+            else:
+                objs = self._objective_grads(group, params, grads)
+            start = len(scalars)
+            new_lrs = None
+            if group["per_parameter"]:
+                elementwise = [None if d is None else -(o * d) for o, d in zip(objs, prev)]
+                scalars.extend(-e.sum() for e in elementwise if e is not None)
+                new_lrs = self._per_parameter_lrs(index, group, params, states, elementwise)
+            else:
+                scalars.extend(_dot(o, d) for o, d in zip(objs, prev) if d is not None)
+            span = (start, len(scalars))
+            if new_lrs is not None:
+                n = sum(a.numel() for a in new_lrs)
+                scalars.append(torch.stack([a.sum() for a in new_lrs]).sum() / n if n
+                               else torch.tensor(group["lr"]))
+            plans.append((group, params, grads, states, span, new_lrs))
+
+        if val_loss is not None:
+            scalars.append(val_loss)
+        values = _host_floats(scalars)
+
+        hypergrads = [-math.fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
+        group_lrs = [self._new_lr(plan, h, values) for plan, h in zip(plans, hypergrads)]
+        if not (self._all_finite(*values) and self._representable(*group_lrs)):
+            self._warn_nonfinite("hypergradient or validation loss")
+            for i, group in enumerate(self.param_groups):
+                self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan})
+            return loss
+
+        rule = self.rule
+        for i, (plan, h, new_lr) in enumerate(zip(plans, hypergrads, group_lrs)):
+            group, params, grads, states, _, new_lrs = plan
+            group["lr"] = new_lr
+            hypers: dict[str, Any] = rule.hypers(group)
+            if new_lrs is not None:
+                self.hyper_state.setdefault("published_lr", {})[i] = new_lr
+                for s, a in zip(states, new_lrs):
+                    s["lr"] = a
+                hypers["lr"] = new_lrs
+            if params:
+                buffers, counts = rule.read_state(states, params)
+                new_buffers, dirs = rule.step_(params, grads, buffers, hypers, counts,
+                                               **rule.options(group))
+                rule.write_state(states, new_buffers)
+                for s, d in zip(states, dirs):
+                    s["direction"] = d
+            self._record(i, lr=group["lr"], **{"hypergrad/lr": h})
+        return loss
+
+    @staticmethod
+    def _new_lr(plan: tuple[Any, ...], h: float, values: list[float]) -> float:
+        """A group's new learning rate (per-weight groups: the new mean), not yet committed."""
+        group, *_, (_, end), new_lrs = plan
+        if new_lrs is not None:
+            return values[end]
+        lo, hi = group["lr_bounds"]
+        return min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi)
+
+    def _per_parameter_lrs(self, index: int, group: dict[str, Any], params: list[Tensor],
+                           states: list[dict[str, Any]], hypergrads: list[Tensor | None]
+                           ) -> list[Tensor]:
+        """Candidate per-weight learning rates (not yet stored: the step may still be skipped)."""
+        published = self.hyper_state.get("published_lr", {}).get(index)
+        reset = published is not None and published != group["lr"]
+        lo, hi = group["lr_bounds"]
+        out = []
+        for p, s, h in zip(params, states, hypergrads):
+            a = s.get("lr")
+            if a is None or reset:
+                a = torch.full_like(p, group["lr"])
+            if h is not None:
+                a = (a - group["hypergrad_lr"] * h).clamp_(lo, hi)
+            out.append(a)
+        return out
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """<a, b> over all elements (1-D tensors skip the reshape: biases are many and small)."""
+    return torch.dot(a, b) if a.dim() == 1 else torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _host_floats(scalars: list[Tensor]) -> list[float]:
+    """0-d tensors to Python floats with one host sync (one ``stack`` when dtypes agree)."""
+    if not scalars:
+        return []
+    dtype = scalars[0].dtype
+    if any(t.dtype != dtype for t in scalars):
+        scalars = [t.double() for t in scalars]
+    return torch.stack(scalars).tolist()

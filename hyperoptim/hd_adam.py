@@ -1,0 +1,182 @@
+r"""Hypergradient descent on Adam's and AdamW's learning rate (Baydin et al., 2018: AdamHD)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch  # noqa: F401  (the examples below use it)
+from torch import Tensor
+
+from ._adam import ADAM, check_adam_arguments
+from ._base import check_value, is_real
+from ._hypergrad import RuleHypergrad
+from ._types import Closure, ParamsT
+
+__all__ = ["HypergradAdam", "HypergradAdamW"]
+
+
+class HypergradAdam(RuleHypergrad):
+    r"""Adam whose learning rate follows its hypergradient (AdamHD, exact one-step derivative).
+
+    A drop-in replacement for ``torch.optim.Adam`` (same positional arguments
+    ``params, lr, betas, eps, weight_decay, amsgrad``, same update, same ``step(closure)``):
+    before each Adam step the learning rate takes one gradient step on the derivative of the
+    objective at the current weights with respect to the *previous* learning rate,
+
+    .. math::
+
+        h_t &= \frac{\partial E(w_t)}{\partial a_{t-1}}
+            = \Big\langle \nabla E(w_t), \frac{\partial w_t}{\partial a_{t-1}} \Big\rangle
+            = -\langle \nabla E(w_t), d_{t-1} \rangle, \\
+        d_{t-1} &= \frac{1}{1 - \beta_1^{t-1}} \cdot
+            \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^{t-1}} + \epsilon}
+            \ \big(+\ \lambda\, w_{t-1} \text{ for AdamW}\big), \\
+        a_t &= \operatorname{clamp}(a_{t-1} - \kappa\, h_t,\ a_{\min}, a_{\max}),
+
+    then torch's Adam step with :math:`a_t`. :math:`d_{t-1}` is the previous step's direction
+    exactly as torch computed it (bias corrections per parameter, :math:`\epsilon` added after
+    the bias correction of :math:`\sqrt{v}`; :math:`d_{-1} = 0`), so :math:`h_t` is the exact
+    derivative, not Baydin et al.'s approximation without the bias correction. For AdamW the
+    decoupled decay :math:`w \leftarrow (1 - a\lambda) w` depends on the learning rate too, hence
+    the :math:`\lambda w_{t-1}` term.
+
+    The objective :math:`E` is the training loss (free: :math:`\nabla E(w_t)` is the gradient
+    Adam uses, including the L2 term :math:`\lambda w` of ``weight_decay``; AdamW's decoupled
+    decay is not part of a loss) unless a ``val_closure`` is given; then it is the validation
+    loss, one validation gradient per step, and ``p.grad`` is left as it was.
+
+    One learning rate per param group (the hypergradient sums over the group's parameters; never
+    one per parameter by accident). With ``per_parameter=True`` every weight has its own learning
+    rate (elementwise :math:`a_t = \operatorname{clamp}(a_{t-1} + \kappa\, \nabla E(w_t) \odot
+    d_{t-1})`), kept in ``state[p]["lr"]``; the group's ``"lr"`` shows their mean, and assigning
+    to it resets them all. ``param_groups[i]["lr"]`` is always the current learning rate as a
+    Python float, and ``history[i]`` records ``"lr"``, ``"hypergrad/lr"`` and ``"skipped"``. A
+    non-finite hypergradient or validation loss skips the whole step with one ``RuntimeWarning``.
+    With ``hypergrad_lr=0`` the weights are bit-identical to ``torch.optim.Adam``'s
+    (``torch.optim.AdamW``'s for :class:`HypergradAdamW`). ``state[p]`` holds torch's
+    ``"step"``, ``"exp_avg"``, ``"exp_avg_sq"`` and the direction ``"direction"``.
+
+    Args:
+        params (iterable): parameters or param-group dicts, as for ``torch.optim.Adam``.
+        lr (float, optional): initial learning rate :math:`a_0` (default: 1e-3).
+        betas (tuple of float, optional): :math:`(\beta_1, \beta_2)` (default: (0.9, 0.999)).
+        eps (float, optional): :math:`\epsilon` (default: 1e-8).
+        weight_decay (float, optional): :math:`\lambda`, L2 penalty added to the gradient
+            (default: 0).
+        amsgrad (bool, optional): must be False (not supported).
+        hypergrad_lr (float, optional): the hyper-learning rate :math:`\kappa` (default: 1e-7,
+            Baydin et al.'s value for Adam-HD). :math:`h_t` scales like
+            :math:`\lVert \nabla E \rVert_1`, so large models need a smaller :math:`\kappa`.
+        lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
+            :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``).
+        per_parameter (bool, optional): one learning rate per weight (default: False).
+        val_closure (callable, optional): returns the validation loss from the live parameters;
+            may be overridden per step (default: None, the training-loss rule).
+        decoupled_weight_decay (bool, optional): AdamW's decay (default: False; see
+            :class:`HypergradAdamW`).
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(32, 3), torch.randn(32, 1)
+        >>> opt = HypergradAdam(model.parameters(), lr=0.01, hypergrad_lr=1e-4)
+        >>> for _ in range(5):
+        ...     opt.zero_grad()
+        ...     torch.nn.functional.mse_loss(model(x), y).backward()
+        ...     opt.step()
+        >>> len(opt.history[0]["lr"]), opt.param_groups[0]["lr"] > 0.01
+        (5, True)
+
+    References:
+        A. G. Baydin, R. Cornish, D. Martinez Rubio, M. Schmidt, F. Wood. Online Learning Rate
+        Adaptation with Hypergradient Descent. ICLR 2018.
+
+        D. P. Kingma, J. Ba. Adam: A Method for Stochastic Optimization. ICLR 2015.
+        I. Loshchilov, F. Hutter. Decoupled Weight Decay Regularization. ICLR 2019 (AdamW).
+    """
+
+    rule = ADAM
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        hypergrad_lr: float = 1e-7,
+        lr_bounds: tuple[float, float] = (0.0, math.inf),
+        per_parameter: bool = False,
+        val_closure: Closure | None = None,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        check_value("lr_bounds", lr_bounds,
+                    isinstance(lr_bounds, (tuple, list)) and len(lr_bounds) == 2
+                    and 0.0 <= lr_bounds[0] <= lr_bounds[1])
+        check_adam_arguments(lr, betas, eps, weight_decay, amsgrad, maximize)
+        check_value("lr", lr, lr_bounds[0] <= lr <= lr_bounds[1])
+        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
+        check_value("per_parameter", per_parameter, isinstance(per_parameter, bool))
+        check_value("decoupled_weight_decay", decoupled_weight_decay,
+                    isinstance(decoupled_weight_decay, bool))
+        defaults = dict(
+            lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
+            weight_decay=float(weight_decay), amsgrad=False, maximize=False,
+            decoupled_weight_decay=decoupled_weight_decay, hypergrad_lr=float(hypergrad_lr),
+            lr_bounds=(float(lr_bounds[0]), float(lr_bounds[1])), per_parameter=per_parameter,
+        )
+        super().__init__(params, defaults, val_closure=val_closure)
+
+    def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
+                         grads: list[Tensor]) -> list[Tensor]:
+        wd = group["weight_decay"]
+        if wd == 0 or group["decoupled_weight_decay"]:
+            return grads
+        return [g.add(p, alpha=wd) for g, p in zip(grads, params)]
+
+
+class HypergradAdamW(HypergradAdam):
+    r"""AdamW whose learning rate follows its hypergradient: :class:`HypergradAdam` with
+    decoupled weight decay (``torch.optim.AdamW``'s signature and default ``weight_decay=1e-2``).
+
+    The direction of the previous step includes the decay's share,
+    :math:`d_{t-1} = \hat m_t / (\sqrt{\hat v_t} + \epsilon) + \lambda w_{t-1}`, because
+    :math:`w_t = (1 - a\lambda) w_{t-1} - a\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)`
+    (bias corrections and :math:`\epsilon` as torch places them). In training-loss mode
+    :math:`\nabla E` is the loss gradient alone. With ``hypergrad_lr=0`` the weights are
+    bit-identical to ``torch.optim.AdamW``'s. Arguments as :class:`HypergradAdam`.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = HypergradAdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+        >>> opt.zero_grad()
+        >>> model(torch.randn(8, 3)).pow(2).mean().backward()
+        >>> opt.step()
+        >>> opt.param_groups[0]["decoupled_weight_decay"]
+        True
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        hypergrad_lr: float = 1e-7,
+        lr_bounds: tuple[float, float] = (0.0, math.inf),
+        per_parameter: bool = False,
+        val_closure: Closure | None = None,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
+                         hypergrad_lr=hypergrad_lr, lr_bounds=lr_bounds,
+                         per_parameter=per_parameter, val_closure=val_closure,
+                         maximize=maximize, decoupled_weight_decay=True)

@@ -1,0 +1,180 @@
+r"""MARTHE with Adam/AdamW as the inner optimizer (Donini et al., 2020, Section 5)."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (the examples below use it)
+
+from ._adam import ADAM, check_adam_arguments
+from ._base import check_value, is_real
+from ._types import Closure, ParamsT
+from .marthe import RuleMarthe
+
+__all__ = ["MartheAdam", "MartheAdamW"]
+
+
+class MartheAdam(RuleMarthe):
+    r"""Adam whose learning rate follows MARTHE's discounted hypergradient (Donini et al., 2020).
+
+    ``torch.optim.Adam``'s step (same positional arguments and update) with one learning rate per
+    param group, adapted online from the validation loss :math:`E` exactly as
+    :class:`~hyperoptim.MartheSGD` does for SGD (HD at ``mu=0``, RTHO at ``mu=1``, MARTHE with
+    ``mu="adaptive"``; the same :math:`\mu`, :math:`\beta` rules, guard and history; see its
+    docstring), with Adam as the inner dynamics :math:`\Phi`. MARTHE's CIFAR-100 experiment
+    (Section 5, Figure 4) runs it this way.
+
+    **Tangents.** Adam's state is :math:`(w, m, v)` and its step count :math:`t`; with
+    :math:`Z, M, V` the tangents of the weights and of both moments with respect to the
+    group's current learning rate :math:`a_t`:
+
+    .. math::
+
+        (Z, M, V)_{t+1} &= \mu_t\, \frac{\partial \Phi_t}{\partial (w, m, v)} (Z, M, V)_t
+            + \mu_t\, \frac{\partial \Phi_t}{\partial g} H_t Z_t
+            + \frac{\partial \Phi_t}{\partial a_t}, \\
+        \frac{\partial \Phi_t}{\partial a_t} &= (-d_t, 0, 0), \qquad
+        d_t = \frac{1}{1 - \beta_1^t} \frac{m_{t+1}}{\sqrt{v_{t+1}}/\sqrt{1 - \beta_2^t} + \epsilon}
+            \ (+\ \lambda w_t \text{ for AdamW}),
+
+    the exact Jacobian of torch's step (the L2 term's :math:`\lambda Z` in the gradient, AdamW's
+    :math:`(1 - a\lambda)` factor, the bias corrections and :math:`\epsilon` where torch puts
+    them), obtained by ``torch.func.jvp`` of the one Adam rule
+    (:func:`hyperoptim._update.rule_tangents`), batched over one column per group. :math:`H_t
+    Z_t` comes from the shared Hessian-vector-product routes (``hvp=``). With ``mu=1`` and a
+    constant learning rate the hypergradient after :math:`T` steps is exactly the reverse-mode
+    derivative through :math:`T` unrolled Adam steps
+    (:func:`hyperoptim.reference.adam_unrolled_hypergrad`). The one-step hypergradient
+    :math:`g'_1 = -\langle \nabla E(w_{t+1}), d_t \rangle` uses the direction torch's step
+    took.
+
+    **Cost per step** beyond Adam's: one validation gradient, while some :math:`\mu_t > 0` one
+    batched Hessian-vector product and the forward-mode pass through the rule; memory is three
+    copies of the weights per group (:math:`Z, M, V`) plus the direction.
+
+    With ``hypergrad_lr=0`` and ``adapt_hypergrad_lr=False`` the weights are bit-identical to
+    ``torch.optim.Adam``'s (``torch.optim.AdamW``'s for :class:`MartheAdamW`). ``state[p]``
+    holds torch's ``"step"``, ``"exp_avg"``, ``"exp_avg_sq"``, and ``"direction"``,
+    ``"tangent"``, ``"tangent_exp_avg"``, ``"tangent_exp_avg_sq"``.
+
+    Args:
+        params (iterable): parameters or param-group dicts, as for ``torch.optim.Adam``.
+        lr (float, optional): initial learning rate :math:`a_0` (default: 1e-3).
+        betas (tuple of float, optional): :math:`(\beta_1, \beta_2)` (default: (0.9, 0.999)).
+        eps (float, optional): :math:`\epsilon` (default: 1e-8).
+        weight_decay (float, optional): :math:`\lambda` (default: 0).
+        amsgrad (bool, optional): must be False (not supported).
+        mu (str or float, optional): ``"adaptive"`` or a fixed discount in [0, 1]
+            (default: ``"adaptive"``).
+        hypergrad_lr (float, optional): with ``adapt_hypergrad_lr=True`` the step size
+            :math:`\kappa` of :math:`\beta`, otherwise the fixed :math:`\beta`. Adam's
+            hypergradients are larger than SGD's (the direction has entries of order 1), so
+            the scale is smaller (default: 1e-9; ``benchmarks/marthe_adam.py`` measures the
+            grid).
+        adapt_hypergrad_lr (bool, optional): adapt :math:`\beta` online (default: True).
+        hypergrad_clip (float, optional): clip :math:`\Delta` in the updates (default: None).
+        val_closure (callable, optional): the validation loss; required here or in
+            :meth:`step` (default: None).
+        hvp (str, optional): the Hessian-vector-product route, as for
+            :class:`~hyperoptim.MartheSGD` (default: ``"auto"``).
+        decoupled_weight_decay (bool, optional): AdamW's decay (default: False; see
+            :class:`MartheAdamW`).
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(32, 3), torch.randn(32, 1)
+        >>> xv, yv = torch.randn(16, 3), torch.randn(16, 1)
+        >>> mse = torch.nn.functional.mse_loss
+        >>> opt = MartheAdam(model.parameters(), lr=0.01, hypergrad_lr=1e-6,
+        ...                  val_closure=lambda: mse(model(xv), yv))
+        >>> for _ in range(5):
+        ...     loss = opt.step(lambda: mse(model(x), y))
+        >>> sorted(opt.history[0]), opt.hvp_route
+        (['hypergrad/lr', 'hypergrad_lr', 'lr', 'mu', 'skipped'], 'exact')
+
+    References:
+        M. Donini, L. Franceschi, O. Majumder, M. Pontil, P. Frasconi. MARTHE: Scheduling the
+        Learning Rate Via Online Hypergradients. IJCAI 2020 (arXiv:1910.08525).
+
+        D. P. Kingma, J. Ba. Adam: A Method for Stochastic Optimization. ICLR 2015.
+    """
+
+    rule = ADAM
+    buffer_tangent_keys = {"exp_avg": "tangent_exp_avg", "exp_avg_sq": "tangent_exp_avg_sq"}
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        mu: str | float = "adaptive",
+        hypergrad_lr: float = 1e-9,
+        adapt_hypergrad_lr: bool = True,
+        hypergrad_clip: float | None = None,
+        val_closure: Closure | None = None,
+        hvp: str = "auto",
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        check_adam_arguments(lr, betas, eps, weight_decay, amsgrad, maximize)
+        check_value("mu", mu, mu == "adaptive" or (is_real(mu) and 0.0 <= mu <= 1.0))
+        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
+        check_value("adapt_hypergrad_lr", adapt_hypergrad_lr, isinstance(adapt_hypergrad_lr, bool))
+        check_value("hypergrad_clip", hypergrad_clip,
+                    hypergrad_clip is None or (is_real(hypergrad_clip) and hypergrad_clip > 0.0))
+        check_value("decoupled_weight_decay", decoupled_weight_decay,
+                    isinstance(decoupled_weight_decay, bool))
+        defaults = dict(
+            lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
+            weight_decay=float(weight_decay), amsgrad=False, maximize=False,
+            decoupled_weight_decay=decoupled_weight_decay,
+            mu=mu if mu == "adaptive" else float(mu), hypergrad_lr=float(hypergrad_lr),
+            adapt_hypergrad_lr=adapt_hypergrad_lr,
+            hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
+        )
+        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp)
+
+
+class MartheAdamW(MartheAdam):
+    r"""AdamW whose learning rate follows MARTHE's hypergradient: :class:`MartheAdam` with
+    decoupled weight decay (``torch.optim.AdamW``'s signature and default ``weight_decay=1e-2``).
+
+    The decay :math:`w \leftarrow (1 - a\lambda) w` is part of the rule, so its Jacobian
+    (:math:`(1 - a\lambda) Z`) and its learning-rate derivative (:math:`-\lambda w`) enter the
+    tangents. Arguments as :class:`MartheAdam`.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> opt = MartheAdamW(model.parameters(), lr=0.01, mu=1.0,
+        ...                   val_closure=lambda: model(x).sub(y).pow(2).mean())
+        >>> _ = opt.step(lambda: model(x).sub(y).pow(2).mean())
+        >>> opt.param_groups[0]["weight_decay"], opt.param_groups[0]["decoupled_weight_decay"]
+        (0.01, True)
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        mu: str | float = "adaptive",
+        hypergrad_lr: float = 1e-9,
+        adapt_hypergrad_lr: bool = True,
+        hypergrad_clip: float | None = None,
+        val_closure: Closure | None = None,
+        hvp: str = "auto",
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, mu=mu,
+                         hypergrad_lr=hypergrad_lr, adapt_hypergrad_lr=adapt_hypergrad_lr,
+                         hypergrad_clip=hypergrad_clip, val_closure=val_closure, hvp=hvp,
+                         maximize=maximize, decoupled_weight_decay=True)
