@@ -10,7 +10,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from ._base import HyperOptimizer, check_sgd_arguments, check_value, is_real
+from ._base import LEARNED_LIMIT, HyperOptimizer, check_sgd_arguments, check_value, is_real
 from ._types import Closure, ParamsT
 from ._update import apply_update_, sgd_direction
 
@@ -213,6 +213,10 @@ class MartheSGD(HyperOptimizer):
         hypergrad_clip: float | None = None,
         val_closure: Closure | None = None,
         hvp: str = "auto",
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         check_sgd_arguments(lr, momentum, dampening, weight_decay, nesterov)
         check_value("mu", mu, mu == "adaptive" or (is_real(mu) and 0.0 <= mu <= 1.0))
@@ -226,7 +230,8 @@ class MartheSGD(HyperOptimizer):
             hypergrad_lr=float(hypergrad_lr), adapt_hypergrad_lr=adapt_hypergrad_lr,
             hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
         )
-        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp)
+        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
+                         foreach=foreach, fused=fused, differentiable=differentiable)
 
     # ------------------------------------------------------------------ per-group hyper state
     def _hyper(self, index: int) -> dict[str, float]:
@@ -314,7 +319,7 @@ class MartheSGD(HyperOptimizer):
                     h["beta"] = group["hypergrad_lr"]
                 raw = group["lr"] - h["beta"] * d
                 h["lr_beta_grad"] = -d if raw >= 0.0 else 0.0
-                h["new_lr"] = max(raw, 0.0)
+                h["new_lr"] = min(max(raw, 0.0), max(LEARNED_LIMIT, group["lr"]))
             if not self._representable(*(h["new_lr"] for h in hypers)):
                 return self._skip(closure, deltas, values[-1])
         for group, h in zip(groups, hypers, strict=True):
@@ -347,6 +352,12 @@ class MartheSGD(HyperOptimizer):
                     hz[p] = prod.new_zeros((n_cols, *p.shape))
                     hz[p][cols] = _scale_(prod, [mus[j] for j in cols])
             del prods
+        if self._guard_step(loss, plans, [{"lr": h["new_lr"]} for h in hypers]) is not None:
+            for i, group in enumerate(groups):
+                h = self._hyper(i)
+                self._record(i, skipped=True, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
+                             **{"hypergrad/lr": deltas[i]})
+            return loss
         if not everything:  # nothing to step: nothing changes
             return loss
 
