@@ -205,6 +205,10 @@ class HyperOptimizer(Optimizer):
         history_limit (int or None): entries kept per name and group (default:
             :data:`HISTORY_LIMIT`, 10,000); ``None`` keeps everything.
         val_closure (callable or None): the default validation closure.
+        train_closure (callable or None): a training closure that ``step()`` uses when it is
+            called without one (default: None). Loops that call ``optimizer.step()`` with no
+            arguments (Hugging Face's Trainer) set it once per step; see
+            ``examples/hf_trainer_hyper.py``.
     """
 
     history: list[dict[str, list[Any]]]
@@ -232,6 +236,7 @@ class HyperOptimizer(Optimizer):
         self.history_limit: int | None = HISTORY_LIMIT
         self.hyper_state: dict[str, Any] = {}
         self.val_closure = val_closure
+        self.train_closure: Closure | None = None
         self.hvp = hvp
         self._hvp_route: str | None = None
         self._flipped: list[Tensor] = []
@@ -837,6 +842,7 @@ class HyperOptimizer(Optimizer):
             "history_limit": HISTORY_LIMIT,
             "hyper_state": {},
             "val_closure": None,
+            "train_closure": None,
             "hvp": "auto",
             "_hvp_route": None,
             "_flipped": [],
@@ -865,6 +871,11 @@ def _with_step_checks(step: Callable[..., Any]) -> Callable[..., Any]:
     def checked_step(self: HyperOptimizer, *args: Any, **kwargs: Any) -> Any:
         if not self._begin_step():
             return None  # GradScaler found inf/NaN: torch.optim skips the step too
+        if self.train_closure is not None:
+            if args and args[0] is None:
+                args = args[1:]
+            if not args and kwargs.get("closure") is None:
+                kwargs["closure"] = self.train_closure
         try:
             out = step(self, *args, **kwargs)
         finally:
