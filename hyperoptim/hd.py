@@ -39,7 +39,8 @@ class HypergradSGD(HyperOptimizer):
     every weight has its own learning rate (the elementwise rule
     :math:`a_t = \operatorname{clamp}(a_{t-1} + \kappa\, \nabla E(w_t) \odot d_{t-1})`), kept in
     ``state[p]["lr"]``; the group's ``"lr"`` shows their mean, and assigning a new value to it
-    resets them all to that value.
+    (by hand or by a scheduler) scales them all by new / old, so a multiplicative scheduler
+    composes with what they learned.
 
     ``param_groups[i]["lr"]`` is always the current learning rate as a Python float, and
     ``history[i]`` records per step ``"lr"`` (:math:`a_t`), ``"hypergrad/lr"`` (:math:`h_t`; with
@@ -64,6 +65,10 @@ class HypergradSGD(HyperOptimizer):
         per_parameter (bool, optional): one learning rate per weight (default: False).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step (default: None, the training-loss rule).
+        maximize (bool, optional): maximize the objectives instead, as ``torch.optim.SGD``
+            (default: False).
+        foreach, fused, differentiable: ``torch.optim.SGD``'s switches; only their defaults
+            (None, None, False) are supported, the others raise ``ValueError``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)

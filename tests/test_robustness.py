@@ -509,3 +509,20 @@ def test_grad_scaler_is_refused_by_second_order_methods_naming_bf16(name):
     scaler.scale(task.loss()).backward()
     with pytest.raises(ValueError, match="bf16 autocast"):
         scaler.step(opt, task.closure(opt))
+
+
+@pytest.mark.parametrize("name", ["marthe", "ift", "fds"])
+def test_compiled_model_with_finite_difference_hvp(name):
+    task = Task()
+    compiled = torch.compile(task.model, backend="aot_eager")
+    opt = _make(name, task, hvp="finite_difference")
+    opt.val_closure = lambda: F.mse_loss(compiled(task.xv), task.yv)
+
+    def closure():
+        return F.mse_loss(compiled(task.x), task.y)
+
+    for t in range(6):
+        _step(opt, closure, t)
+    assert opt.hvp_route == "finite_difference" and opt.skipped_steps == 0
+    for p in task.model.parameters():
+        assert torch.isfinite(p).all()
