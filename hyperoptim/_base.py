@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -24,12 +26,25 @@ from ._hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from ._types import Closure, ParamsT
 
 __all__ = [
-    "HyperOptimizer", "all_reduce_mean", "check_sgd_arguments", "check_value",
-    "frozen_batchnorm_stats", "is_real",
+    "HISTORY_LIMIT", "LEARNED_LIMIT", "HyperOptimizer", "all_reduce_mean", "check_sgd_arguments",
+    "check_value", "frozen_batchnorm_stats", "is_real",
 ]
 
 # float16's range, the narrowest floating dtype's: values within it fit every parameter.
 _SMALLEST_FLOAT_MAX = torch.finfo(torch.float16).max
+
+LEARNED_LIMIT = 1e3
+"""Every learned hyperparameter value stays within [-1e3, 1e3] (learning rates, weight decays and
+momenta within their own, narrower ranges inside it), so that a learned value can never overflow a
+float16 tensor, let alone a wider one: a runaway hyper-step is bounded, not caught afterwards."""
+
+HISTORY_LIMIT = 10_000
+"""The default of :attr:`HyperOptimizer.history_limit`: entries kept per name and param group."""
+
+# A training loss above this multiple of its running minimum (and above its first value), or a
+# learning rate this many times its first value, is reported as a likely divergence.
+_DIVERGED_LOSS_RATIO = 100.0
+_DIVERGED_LR_RATIO = 1e4
 
 
 def check_value(name: str, value: Any, ok: bool) -> None:
@@ -53,6 +68,50 @@ def check_sgd_arguments(lr: Any, momentum: Any, dampening: Any, weight_decay: An
     check_value("nesterov", nesterov, isinstance(nesterov, bool))
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def _is_bounds(value: Any) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in value)
+            and 0.0 <= value[0] <= value[1])
+
+
+# What a param group's value must satisfy, by name, wherever it comes from (constructor defaults,
+# a per-group dict, add_param_group, a loaded state dict). Names a class does not use are absent.
+_GROUP_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "lr": lambda v: is_real(v) and v >= 0.0,
+    "momentum": lambda v: is_real(v) and v >= 0.0,
+    "dampening": is_real,
+    "weight_decay": lambda v: is_real(v) and v >= 0.0,
+    "nesterov": lambda v: isinstance(v, bool),
+    "maximize": lambda v: isinstance(v, bool),
+    "hypergrad_lr": lambda v: is_real(v) and v >= 0.0,
+    "lr_bounds": _is_bounds,
+    "per_parameter": lambda v: isinstance(v, bool),
+    "mu": lambda v: v == "adaptive" or (is_real(v) and 0.0 <= v <= 1.0),
+    "adapt_hypergrad_lr": lambda v: isinstance(v, bool),
+    "hypergrad_clip": lambda v: v is None or (is_real(v) and v > 0.0),
+}
+
+
+def check_torch_flags(owner: str, foreach: Any, fused: Any, differentiable: Any) -> None:
+    """``torch.optim.SGD``'s implementation switches: the defaults are honoured, the rest refused.
+
+    Every hyperoptim step is written per tensor (``foreach=False``): ``foreach=None`` and ``False``
+    are accepted; ``foreach=True``, ``fused=True`` and ``differentiable=True`` raise with the reason.
+    """
+    check_value("foreach", foreach, foreach is None or isinstance(foreach, bool))
+    check_value("fused", fused, fused is None or isinstance(fused, bool))
+    check_value("differentiable", differentiable, isinstance(differentiable, bool))
+    if foreach or fused:
+        flag = "foreach" if foreach else "fused"
+        raise ValueError(f"{owner} does not implement {flag}=True: its step runs per tensor and "
+                         "reads the hypergradient's inner products in between; leave "
+                         f"{flag}=None (the default).")
+    if differentiable:
+        raise ValueError(f"{owner} does not implement differentiable=True: the step is not "
+                         "differentiable through its learned hyperparameters (use "
+                         "hyperoptim._update.sgd_step for a differentiable SGD step).")
 
 
 @contextlib.contextmanager
@@ -114,32 +173,86 @@ class HyperOptimizer(Optimizer):
     ``self.hyper_state`` (a dict that :meth:`state_dict` saves and :meth:`load_state_dict`
     restores).
 
+    What the base does around every ``step()`` (written once, for every subclass):
+
+    - **Checks.** Every param group is validated the way the constructor validates its defaults
+      (constructor, per-group dicts, :meth:`add_param_group`, loaded state dicts); a value
+      assigned later (by the user or a scheduler) must still be a finite number, or ``step()``
+      raises ``ValueError`` before anything moves. Complex parameters are refused when added,
+      sparse gradients when they first appear, each with a ``ValueError`` that says why.
+    - **The guard.** A non-finite training gradient, validation loss or hypergradient, or a
+      learned value that would make the step non-finite in the weights' dtype, skips the whole
+      step before anything is committed; ``history`` counts it and a ``RuntimeWarning`` says how
+      many steps were skipped so far (at the 1st, 10th, 100th, ... skip).
+    - **Silent no-ops.** A validation loss that does not depend on the parameters (computed
+      under ``torch.no_grad()``, or on a copied/EMA model) raises ``ValueError`` at the first
+      hyper-update instead of giving a hypergradient of 0 forever.
+    - **Schedulers.** A learned value that something else overwrites at several consecutive
+      steps, not by a constant factor of what the optimizer set (an absolute scheduler such as
+      ``LambdaLR`` or ``OneCycleLR``), gets one ``RuntimeWarning`` naming what composes instead.
+    - **Divergence.** A training loss far above its running minimum (and above its first
+      value), or a learning rate 1e4 times its first value, gets one ``RuntimeWarning`` pointing
+      at the hyper-step size.
+    - ``maximize=True`` maximizes the training loss and, for the hyperparameters, the
+      validation loss (both are negated), as ``torch.optim.SGD(maximize=True)`` does.
+
     Attributes:
         history (list of dict): one dict per param group, name -> list of floats, appended by
             :meth:`_record` (values of hyperparameters and raw hypergradients ``"hypergrad/<name>"``,
-            and ``"skipped"``: 1.0 where the non-finite guard skipped the update, else 0.0).
+            and ``"skipped"``: 1.0 where the guard skipped the update, else 0.0). Each list keeps
+            the most recent :attr:`history_limit` entries (older ones are dropped in chunks of a
+            tenth of it).
+        history_limit (int or None): entries kept per name and group (default:
+            :data:`HISTORY_LIMIT`, 10,000); ``None`` keeps everything.
         val_closure (callable or None): the default validation closure.
+        train_closure (callable or None): a training closure that ``step()`` uses when it is
+            called without one (default: None). Loops that call ``optimizer.step()`` with no
+            arguments (Hugging Face's Trainer) set it once per step; see
+            ``examples/hf_trainer_hyper.py``.
     """
 
     history: list[dict[str, list[Any]]]
+    _learned_names_default: tuple[str, ...] = ("lr",)
+    _supports_grad_scaler = False
+    # torch.amp.GradScaler hands the optimizer grad_scale/found_inf instead of unscaling for it;
+    # the base unscales (HypergradSGD) or refuses with an error that names bf16 autocast.
+    _step_supports_amp_scaling = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:
+            cls.step = _with_step_checks(cls.__dict__["step"])  # type: ignore[method-assign]
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *,
-                 val_closure: Closure | None = None, hvp: str = "auto") -> None:
+                 val_closure: Closure | None = None, hvp: str = "auto", maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None,
+                 differentiable: bool = False) -> None:
         if val_closure is not None and not callable(val_closure):
             raise ValueError(f"Invalid val_closure value: {val_closure!r}")
         check_value("hvp", hvp, isinstance(hvp, str) and hvp in HVP_ROUTES)
+        check_value("maximize", maximize, isinstance(maximize, bool))
+        check_torch_flags(type(self).__name__, foreach, fused, differentiable)
         self.history = []
+        self.history_limit: int | None = HISTORY_LIMIT
         self.hyper_state: dict[str, Any] = {}
         self.val_closure = val_closure
+        self.train_closure: Closure | None = None
         self.hvp = hvp
         self._hvp_route: str | None = None
-        self._warned_nonfinite = False
-        super().__init__(params, defaults)
+        self._flipped: list[Tensor] = []
+        self._watch: dict[str, Any] = {}
+        self._val_checked = False
+        super().__init__(params, {**defaults, "maximize": maximize})
 
     @property
     def hvp_route(self) -> str | None:
         """The Hessian-vector-product route of the latest step that needed one (``None`` before)."""
         return self._hvp_route
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps the guard has skipped since construction (kept in :meth:`state_dict`)."""
+        return int(self.hyper_state.get("skipped_steps", 0))
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -152,29 +265,65 @@ class HyperOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
-            check_supported_parameters(type(self).__name__, self.param_groups[-1]["params"])
+            group = self.param_groups[-1]
+            check_supported_parameters(type(self).__name__, group["params"])
+            if any(p.is_complex() for p in group["params"]):
+                raise ValueError(
+                    f"{type(self).__name__} does not support complex parameters: its "
+                    "hypergradients are real inner products of real tensors. Keep the real and "
+                    "imaginary parts as two real parameters (torch.complex(re, im) in the "
+                    "forward pass), or pass torch.view_as_real(p) views of them."
+                )
+            self._check_group(group)
         except ValueError:
             self.param_groups.pop()
             raise
         self.history.append({})
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError("Invalid <name> value: ...")`` for any value a group may not hold.
+
+        Subclasses with options of their own extend this; every group goes through it, however
+        it was given (constructor defaults, a per-group dict, :meth:`add_param_group`, a loaded
+        state dict).
+        """
+        for name, ok in _GROUP_CHECKS.items():
+            if name in group:
+                check_value(name, group[name], ok(group[name]))
+        if group.get("nesterov") and (group.get("momentum", 0) <= 0 or group.get("dampening", 0) != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if group.get("maximize", False) != self.defaults.get("maximize", False):
+            raise ValueError(f"Invalid maximize value: {group['maximize']} (every param group of "
+                             "one optimizer shares one objective: set it in the constructor)")
+
+    def _learned_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The names in ``group`` that this optimizer learns (watched for outside overwrites)."""
+        return tuple(group.get("tune", self._learned_names_default))
+
     def _record(self, group_index: int, *, skipped: bool = False, **values: float | list[float]) -> None:
         """Append one entry per name to ``history[group_index]``; ``skipped`` is always recorded."""
         hist = self.history[group_index]
+        values["skipped"] = 1.0 if skipped else 0.0
+        limit = self.history_limit
         for name, value in values.items():
-            hist.setdefault(name, []).append(value)
-        hist.setdefault("skipped", []).append(1.0 if skipped else 0.0)
+            entries = hist.setdefault(name, [])
+            entries.append(value)
+            if limit is not None and len(entries) > limit + max(1, limit // 10):
+                del entries[: len(entries) - limit]
 
     def _warn_nonfinite(self, what: str) -> None:
-        """Warn once per optimizer that a non-finite value made it skip an update."""
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
+        """Count a skipped step; warn at the 1st, 10th, 100th, ... with how many so far."""
+        count = self.skipped_steps + 1
+        self.hyper_state["skipped_steps"] = count
+        if count == 10 ** round(math.log10(count)):
             warnings.warn(
-                f"{type(self).__name__}: non-finite {what}; the update was skipped and neither "
-                "weights nor hyperparameters changed (counted in history[...]['skipped']). "
-                "This warning is shown once.",
+                f"{type(self).__name__}: non-finite {what}; the step was skipped and neither "
+                f"weights nor hyperparameters changed ({count} step{'s' if count > 1 else ''} "
+                "skipped so far; history[...]['skipped'] marks them). If every step is skipped, "
+                "the weights or the data are non-finite; if it happens after the learning rate "
+                "grew, lower the hyper-step size.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     @staticmethod
@@ -189,14 +338,205 @@ class HyperOptimizer(Optimizer):
         """
         if all(abs(v) <= _SMALLEST_FLOAT_MAX for v in values):  # the usual case: no dtype lookup
             return True
-        limit = min((torch.finfo(p.dtype).max for g in self.param_groups for p in g["params"]
-                     if p.is_floating_point()), default=math.inf)
+        limit = self._dtype_max()
         return all(math.isfinite(v) and abs(v) <= limit for v in values)
+
+    def _dtype_max(self) -> float:
+        return min((torch.finfo(p.dtype).max for g in self.param_groups for p in g["params"]
+                    if p.is_floating_point()), default=math.inf)
 
     @staticmethod
     def _params_with_grad(group: dict[str, Any]) -> list[Tensor]:
         """The group's parameters that have a gradient; the others are skipped."""
         return [p for p in group["params"] if p.grad is not None]
+
+    # ------------------------------------------------------------------ the guard
+    def _guard_scalars(self, loss: Tensor | None,
+                       plans: Sequence[tuple[dict[str, Any], list[Tensor]]]) -> list[Tensor]:
+        r"""Device scalars the guard needs, to join the step's one host sync.
+
+        The training loss (0 without one), then per group :math:`\max|w|`, :math:`\max|g|` and
+        :math:`\max|v|` (weights, training gradients, momentum buffers; NaN propagates, so a
+        non-finite gradient shows here). Float64, one reduction per tensor.
+        """
+        device = next((p.device for _, ps in plans for p in ps), None)
+        out = [loss.detach().double().reshape(()) if loss is not None
+               else torch.zeros((), dtype=torch.float64, device=device)]
+        for _, params in plans:
+            bufs = [b for b in (self.state[p].get("momentum_buffer") for p in params) if b is not None]
+            for tensors in (params, [p.grad for p in params], bufs):
+                out.append(_max_abs(tensors, device))
+        return [t.to(out[0].device) for t in out]
+
+    def _guard_verdict(self, values: Sequence[float],
+                       plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
+                       hypers: Sequence[dict[str, float]] | None = None) -> str | None:
+        r"""Why the step must be skipped (``None``: it is safe), from :meth:`_guard_scalars`' values.
+
+        ``hypers[i]`` overrides group ``i``'s ``lr``, ``momentum``, ``weight_decay`` (the values
+        the step is about to use; a per-weight learning rate is given by its largest element).
+        The bound follows PyTorch's SGD rule with absolute values,
+        :math:`|g'| \le |g| + c|w|`, :math:`|v'| \le b|v| + |1-\delta||g'|`,
+        :math:`|d| \le |g'| + b|v'|`, :math:`|w'| \le |w| + a|d|`; every bound must stay below
+        the largest finite value of the parameters' dtype. On success it also feeds the
+        divergence watch.
+        """
+        loss = values[0]
+        if not math.isfinite(loss):
+            return "training loss"
+        limit = self._dtype_max()
+        for i, (group, params) in enumerate(plans):
+            w, g, v = values[1 + 3 * i: 4 + 3 * i]
+            if not params:
+                continue
+            if not math.isfinite(g):
+                return "training gradient"
+            h = {**group, **(hypers[i] if hypers is not None else {})}
+            a, b, c = abs(h["lr"]), abs(h.get("momentum", 0.0)), abs(h.get("weight_decay", 0.0))
+            damp = abs(1.0 - h.get("dampening", 0.0))
+            g1 = g + c * w
+            v1 = b * v + max(damp, 1.0) * g1
+            d = g1 + b * v1 if h.get("nesterov") else max(v1, g1)
+            if not all(math.isfinite(x) and x <= limit for x in (a, b, c, g1, v1, d, w + a * d)):
+                return "step (a learned value would overflow the weights' dtype)"
+        self._watch_divergence(loss, [group["lr"] if hypers is None else hypers[i].get("lr", group["lr"])
+                                      for i, (group, _) in enumerate(plans)])
+        return None
+
+    def _guard_step(self, loss: Tensor | None, plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
+                    hypers: Sequence[dict[str, float]] | None = None, *,
+                    worst_case: bool = False) -> str | None:
+        """:meth:`_guard_scalars` and :meth:`_guard_verdict` with a host sync of their own; on a
+        skip it counts and warns (see :meth:`_warn_nonfinite`) and returns the reason.
+
+        With ``worst_case=True`` every learned value is taken at the top of its range (a
+        hyper-update about to run may move it anywhere inside): ``lr_bounds[1]`` (else
+        :data:`LEARNED_LIMIT`) for a learning rate, 1 for a momentum, :data:`LEARNED_LIMIT` for a
+        weight decay.
+        """
+        if worst_case:
+            top = {"momentum": 1.0, "weight_decay": LEARNED_LIMIT}
+            hypers = [{name: max(group[name], group["lr_bounds"][1] if name == "lr" and
+                                 "lr_bounds" in group else top.get(name, LEARNED_LIMIT))
+                       for name in self._learned_names(group)} for group, _ in plans]
+        values = torch.stack(self._guard_scalars(loss, plans)).tolist()
+        reason = self._guard_verdict(values, plans, hypers)
+        if reason is not None:
+            self._warn_nonfinite(reason)
+        return reason
+
+    def _watch_divergence(self, loss: float, lrs: Sequence[float]) -> None:
+        """One warning when the training loss or a learning rate runs away."""
+        watch = self._watch
+        if watch.get("warned"):
+            return
+        first_lrs = watch.setdefault("first_lrs", list(lrs))
+        message = None
+        for i, (lr, first) in enumerate(zip(lrs, first_lrs)):
+            if first > 0 and lr > _DIVERGED_LR_RATIO * first:
+                message = (f"the learning rate of param group {i} grew from {first:.3g} to "
+                           f"{lr:.3g}")
+        if loss != 0.0 or "first_loss" in watch:
+            first_loss = watch.setdefault("first_loss", loss)
+            low = min(watch.get("min_loss", loss), loss)
+            watch["min_loss"] = low
+            if loss > max(first_loss, _DIVERGED_LOSS_RATIO * low) and loss > 0:
+                message = (f"the training loss is {loss:.4g}, above its first value "
+                           f"{first_loss:.4g} and {loss / max(low, 1e-300):.3g} times its lowest "
+                           f"so far ({low:.4g})")
+        if message is not None:
+            watch["warned"] = True
+            warnings.warn(
+                f"{type(self).__name__}: training looks divergent: {message}. The hyper-step "
+                "size is probably too large for this problem's gradient scale: divide it by 10 "
+                "(see README, 'Choosing the hyper-step size'). This warning is shown once.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    # ------------------------------------------------------------------ around every step
+    def _begin_step(self) -> bool:
+        """Checks before a step; False when a GradScaler found inf/NaN (the step is skipped)."""
+        for i, group in enumerate(self.param_groups):
+            for name in ("lr", "momentum", "dampening", "weight_decay"):
+                if name in group and not is_real(group[name]):
+                    raise ValueError(
+                        f"Invalid {name} value: {group[name]!r} (param_groups[{i}], assigned "
+                        "after construction, e.g. by a scheduler): a learned hyperparameter must "
+                        "be a finite number"
+                    )
+        self._detect_overwrites()
+        if hasattr(self, "found_inf"):
+            if not self._supports_grad_scaler:
+                raise ValueError(
+                    f"{type(self).__name__} does not support torch.amp.GradScaler: its "
+                    "hypergradients and Hessian-vector products would mix scaled and unscaled "
+                    "gradients. Use bf16 autocast (torch.autocast(device_type, "
+                    "dtype=torch.bfloat16)) without a GradScaler: bfloat16 has float32's range "
+                    "and needs no loss scaling."
+                )
+            if float(self.found_inf) != 0.0:
+                return False
+            scale = getattr(self, "grad_scale", None)
+            if scale is not None:
+                inv = scale.double().reciprocal().float()
+                for p in self._all_params():
+                    if p.grad is not None:
+                        p.grad.mul_(inv.to(p.grad.device))
+        return True
+
+    def _end_step(self) -> None:
+        """Undo what the step did to ``p.grad`` for ``maximize`` (also after an exception)."""
+        for g in self._flipped:
+            g.neg_()
+        self._flipped = []
+
+    def _published(self) -> None:
+        """Remember the learned values the step left, to notice who overwrites them."""
+        self._watch["published"] = [
+            {name: group[name] for name in self._learned_names(group) if name in group}
+            for group in self.param_groups
+        ]
+
+    def _detect_overwrites(self) -> None:
+        """Warn once if learned values are overwritten from outside at consecutive steps.
+
+        A value that differs from what the last step left was assigned by someone else (a
+        scheduler). A constant ratio to the learned value (``ExponentialLR``, a ``StepLR``
+        firing) composes: the scheduler scales what was learned. A value set from outside at 3
+        consecutive steps with a changing ratio (``LambdaLR``, ``OneCycleLR``, ``CyclicLR``,
+        Hugging Face's schedules) erases it: warn once.
+        """
+        published = self._watch.get("published")
+        if published is None or len(published) != len(self.param_groups):
+            return
+        runs = self._watch.setdefault("runs", {})
+        for i, (group, before) in enumerate(zip(self.param_groups, published)):
+            for name, old in before.items():
+                key = (i, name)
+                new = group.get(name)
+                if new == old:
+                    runs.pop(key, None)
+                    continue
+                ratio = new / old if old else math.inf
+                count, last = runs.get(key, (0, None))
+                same = last is not None and math.isclose(ratio, last, rel_tol=1e-9)
+                runs[key] = (count if same else count + 1, ratio)
+                if runs[key][0] >= 3 and not self._watch.get("overwrite_warned"):
+                    self._watch["overwrite_warned"] = True
+                    warnings.warn(
+                        f"{type(self).__name__}: param_groups[{i}]['{name}'] was set from "
+                        f"outside at {runs[key][0]} consecutive steps (a scheduler?), replacing "
+                        "the learned value rather than scaling it: what the optimizer learns is "
+                        "erased. Absolute schedules (LambdaLR, OneCycleLR, CyclicLR, Hugging "
+                        "Face's get_*_schedule*, per-step CosineAnnealingLR) do this. Use no "
+                        "scheduler, or one that multiplies the current value by a constant "
+                        "(ExponentialLR, StepLR, MultiStepLR, MultiplicativeLR with a constant "
+                        "factor, ReduceLROnPlateau); see README, 'Compatibility'. This warning is "
+                        "shown once.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
 
     # ------------------------------------------------------------------ closures
     def _all_params(self) -> list[Tensor]:
@@ -233,6 +573,8 @@ class HyperOptimizer(Optimizer):
                     "step(closure) with a closure that recomputes and returns the training loss "
                     "(it may call backward() itself)."
                 )
+            self._check_dense()
+            self._flip_for_maximize([p for p in self._all_params() if p.grad is not None])
             return None, None
         params = self._all_params()
         before = _grad_snapshot(params)
@@ -266,11 +608,15 @@ class HyperOptimizer(Optimizer):
                 p.grad = mean
             if exact:
                 graph_grads = [g for _, g in pairs]
+        self._check_dense()
+        self._flip_for_maximize(used)
         if route is None:
             return loss.detach(), None
         rng = cast(RngReplay, rng)
         rng.mark_after()
         self._hvp_route = route
+        if graph_grads is not None and self.defaults.get("maximize"):
+            graph_grads = [-g for g in graph_grads]  # H of -L
         gradient_at = None if route == "exact" else (lambda: self._gradient_at(closure, used))
         return loss.detach(), SecondOrder(used, route, graph_grads=graph_grads,
                                           gradient_at=gradient_at, rng=rng)
@@ -304,11 +650,13 @@ class HyperOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
             if any(p.grad is not None for p in everything):
-                return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            if not isinstance(loss, Tensor) or not loss.requires_grad:
-                raise ValueError("Invalid closure return value: the loss does not require grad")
-            raw = torch.autograd.grad(loss, params, allow_unused=True)
-            return [g if g is not None else torch.zeros_like(p) for p, g in zip(params, raw)]
+                out = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            else:
+                if not isinstance(loss, Tensor) or not loss.requires_grad:
+                    raise ValueError("Invalid closure return value: the loss does not require grad")
+                raw = torch.autograd.grad(loss, params, allow_unused=True)
+                out = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, raw)]
+            return [-g for g in out] if self.defaults.get("maximize") else out
         finally:
             for p, g in zip(everything, saved):
                 p.grad = g
@@ -344,36 +692,151 @@ class HyperOptimizer(Optimizer):
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             elif loss.requires_grad and params:
                 raw = torch.autograd.grad(loss, params, allow_unused=True)
+                if all(g is None for g in raw):
+                    raise ValueError(self._no_graph_message("does not depend on the parameters"))
                 grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, raw)]
+            elif params:
+                raise ValueError(self._no_graph_message("does not require grad"))
             else:
-                grads = [torch.zeros_like(p) for p in params]
+                grads = []
         finally:
             for p, g in zip(everything, saved):
                 p.grad = g
         # The loss is averaged too (it is a mean over the data as well): every rank records the
         # same value, and skips the same steps.
-        *reduced, mean_loss = all_reduce_mean([g.detach() for g in grads] + [loss.detach()])
-        return mean_loss, reduced
+        *grads, loss = all_reduce_mean([g.detach() for g in grads] + [loss.detach()])
+        if self.defaults.get("maximize"):
+            grads = [-g for g in grads]
+        if not self._val_checked and grads:
+            # Once, at the first hyper-update: a gradient of exactly 0 everywhere means the loss
+            # does not see these weights (a copied model), and every hypergradient would be 0.
+            if not bool(torch.stack([g.ne(0).any() for g in grads]).any()):
+                raise ValueError(self._no_graph_message("has a gradient of exactly 0 for every "
+                                                        "parameter"))
+            self._val_checked = True
+        return loss.detach(), grads
+
+    def _no_graph_message(self, what: str) -> str:
+        return (
+            f"{type(self).__name__}: the validation loss {what}, so every hypergradient would be "
+            "0 and nothing would be learned. The val_closure must compute the loss from the live "
+            "parameters of the model being trained, with autograd on: do not wrap it in "
+            "torch.no_grad() or torch.inference_mode() (model.eval() is fine), and do not "
+            "evaluate a copy of the model (an EMA model, copy.deepcopy). The optimizer takes the "
+            "gradient itself and leaves p.grad unchanged."
+        )
+
+    def _check_dense(self) -> None:
+        for p in self._all_params():
+            if p.grad is not None and p.grad.is_sparse:
+                raise ValueError(
+                    f"{type(self).__name__} does not support sparse gradients (e.g. "
+                    "nn.Embedding(sparse=True)): hypergradients are inner products of dense "
+                    "update directions. Use sparse=False, or train those parameters with "
+                    "torch.optim.SparseAdam / SGD in a second optimizer."
+                )
+
+    def _flip_for_maximize(self, params: Sequence[Tensor]) -> None:
+        """With ``maximize``, ``p.grad`` holds the negated gradient during the step (restored
+        after it): the optimizer then minimizes ``-loss``, exactly as torch.optim.SGD does."""
+        if not self.defaults.get("maximize"):
+            return
+        for p in params:
+            if p.grad is not None and all(p.grad is not g for g in self._flipped):
+                p.grad.neg_()
+                self._flipped.append(p.grad)
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:
-        """Torch's state dict plus ``history`` and ``hyper_state`` (deep copies)."""
-        sd = super().state_dict()
-        sd["history"] = copy.deepcopy(self.history)
+        """Torch's state dict plus the class name, ``history`` and ``hyper_state``.
+
+        ``history`` is copied list by list (its entries are immutable floats or lists never
+        changed after they are recorded), not deep-copied, so the call stays cheap; its length is
+        bounded by :attr:`history_limit`. State-dict post-hooks see the whole dict.
+        """
+        hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = hooks
+        sd["optimizer_class"] = type(self).__name__
+        sd["history"] = [{k: list(v) for k, v in h.items()} for h in self.history]
+        sd["history_limit"] = self.history_limit
         sd["hyper_state"] = copy.deepcopy(self.hyper_state)
+        for hook in hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load what :meth:`state_dict` saved; a resumed run continues exactly."""
+        """Load what :meth:`state_dict` saved; a resumed run continues exactly.
+
+        Refused with ``ValueError`` before anything changes: a state dict saved by another
+        optimizer class, or whose param groups lack this class's options or hold invalid values.
+        Load pre-hooks see, and post-hooks run after, the whole state (history included).
+        """
         state_dict = dict(state_dict)
+        pre, post = (self._optimizer_load_state_dict_pre_hooks,
+                     self._optimizer_load_state_dict_post_hooks)
+        for hook in pre.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
+        self._check_loadable(state_dict)
         history = state_dict.pop("history", None)
         hyper_state = state_dict.pop("hyper_state", None)
-        super().load_state_dict(state_dict)
+        limit = state_dict.pop("history_limit", self.history_limit)
+        state_dict.pop("optimizer_class", None)
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
         if history is not None:
-            self.history = copy.deepcopy(history)
+            self.history = [{k: list(v) for k, v in h.items()} for h in history]
+        self.history_limit = limit
         if hyper_state is not None:
             device = next((p.device for g in self.param_groups for p in g["params"]), None)
             self.hyper_state = _to_device(copy.deepcopy(hyper_state), device)
+        self._watch = {}
+        for hook in post.values():
+            hook(self)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """ValueError unless ``state_dict`` fits this optimizer (checked before any change)."""
+        name = type(self).__name__
+        saved = state_dict.get("optimizer_class")
+        if saved is not None and saved != name:
+            raise ValueError(f"{name}.load_state_dict: the state dict was saved by {saved}, not "
+                             f"{name}; load it into a {saved}.")
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+            raise ValueError(f"{name}.load_state_dict: not an optimizer state dict (no "
+                             "'state'/'param_groups')")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{name}.load_state_dict: the state dict has {len(groups)} param "
+                             f"groups, this optimizer {len(self.param_groups)}")
+        for i, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
+            missing = sorted(k for k in group if k not in saved_group and k not in _OPTIONAL_KEYS)
+            if missing:
+                raise ValueError(f"{name}.load_state_dict: param group {i} of the state dict lacks "
+                                 f"{missing}: it was not saved by a {name}")
+            if len(saved_group.get("params", ())) != len(group["params"]):
+                raise ValueError(f"{name}.load_state_dict: param group {i} has "
+                                 f"{len(saved_group.get('params', ()))} parameters in the state "
+                                 f"dict, {len(group['params'])} here")
+            self._check_group({k: v for k, v in saved_group.items() if k != "params"})
+        history = state_dict.get("history")
+        if history is not None and (not isinstance(history, list) or len(history) != len(groups)):
+            raise ValueError(f"{name}.load_state_dict: history does not have one entry per "
+                             "param group")
+        if state_dict.get("hyper_state") is not None and not isinstance(state_dict["hyper_state"],
+                                                                         dict):
+            raise ValueError(f"{name}.load_state_dict: invalid hyper_state")
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults/state/param_groups; ours must survive deepcopy too.
@@ -383,11 +846,15 @@ class HyperOptimizer(Optimizer):
         # torch's load_state_dict also calls this with state/param_groups only: keep what we have.
         missing = {
             "history": [{} for _ in state.get("param_groups", [])],
+            "history_limit": HISTORY_LIMIT,
             "hyper_state": {},
             "val_closure": None,
+            "train_closure": None,
             "hvp": "auto",
             "_hvp_route": None,
-            "_warned_nonfinite": False,
+            "_flipped": [],
+            "_watch": {},
+            "_val_checked": False,
         }
         for key, value in missing.items():
             if key not in state and key not in self.__dict__:
@@ -397,6 +864,41 @@ class HyperOptimizer(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None, *,
              val_closure: Closure | None = None) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+# Group keys that a state dict saved before they existed may lack (filled from the defaults).
+_OPTIONAL_KEYS = frozenset({"maximize", "dampening", "nesterov", "foreach", "differentiable",
+                           "fused", "param_names"})
+
+
+def _with_step_checks(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a subclass's ``step`` with the base's checks (see :class:`HyperOptimizer`)."""
+
+    @functools.wraps(step)
+    def checked_step(self: HyperOptimizer, *args: Any, **kwargs: Any) -> Any:
+        if not self._begin_step():
+            return None  # GradScaler found inf/NaN: torch.optim skips the step too
+        if self.train_closure is not None:
+            if args and args[0] is None:
+                args = args[1:]
+            if not args and kwargs.get("closure") is None:
+                kwargs["closure"] = self.train_closure
+        try:
+            out = step(self, *args, **kwargs)
+        finally:
+            self._end_step()
+        self._published()
+        return out
+
+    return checked_step
+
+
+def _max_abs(tensors: Sequence[Tensor], device: torch.device | None) -> Tensor:
+    r""":math:`\max |x|` over a list of tensors as a float64 0-d tensor (0 for an empty list)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = [torch.linalg.vector_norm(t, math.inf).double() for t in tensors]
+    return torch.stack(norms).max() if len(norms) > 1 else norms[0]
 
 
 def _to_device(obj: Any, device: torch.device | None) -> Any:

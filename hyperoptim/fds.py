@@ -3,13 +3,14 @@ r"""Forward-mode differentiation with hyperparameter sharing (FDS; Micaelli & St
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._base import HyperOptimizer, check_value, is_real
+from ._base import LEARNED_LIMIT, HyperOptimizer, check_torch_flags, check_value, is_real
 from ._schedule import window_of
 from ._types import Closure, ParamsT
 from ._update import apply_update_, sgd_direction, sgd_tangents
@@ -47,7 +48,8 @@ def _normalise_step_sizes(step_sizes: Any) -> dict[str, float] | None:
         return dict(DEFAULT_STEP_SIZES)
     if not isinstance(step_sizes, Mapping):
         return None
-    if not all(k in NAMES and is_real(v) and v > 0 for k, v in step_sizes.items()):
+    if not all(k in NAMES and is_real(v) and 0 < v <= LEARNED_LIMIT
+               for k, v in step_sizes.items()):
         return None
     return {**DEFAULT_STEP_SIZES, **{k: float(v) for k, v in step_sizes.items()}}
 
@@ -185,7 +187,9 @@ class FDSSGD(HyperOptimizer):
         params: ParamsT,
         lr: float = 0.0,
         momentum: float = 0.0,
+        dampening: float = 0.0,
         weight_decay: float = 0.0,
+        nesterov: bool = False,
         *,
         horizon: int,
         lr_windows: int = 1,
@@ -194,11 +198,20 @@ class FDSSGD(HyperOptimizer):
         tune: Iterable[str] = NAMES,
         step_sizes: Mapping[str, float] | None = None,
         hz_clip: float | None = None,
-        nesterov: bool = False,
         val_closure: Closure | None = None,
         hvp: str = "auto",
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         check_value("horizon", horizon, _is_count(horizon) and horizon >= 1)
+        check_value("dampening", dampening, is_real(dampening))
+        if dampening != 0:
+            raise ValueError(f"Invalid dampening value: {dampening} (FDSSGD implements "
+                             "torch.optim.SGD's rule with dampening=0, the paper's; its "
+                             "tangents assume it)")
+        check_torch_flags("FDSSGD", foreach, fused, differentiable)
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, horizon=horizon,
             lr_windows=lr_windows, momentum_windows=momentum_windows,
@@ -206,8 +219,24 @@ class FDSSGD(HyperOptimizer):
             hz_clip=hz_clip, nesterov=nesterov,
         )
         defaults = self._checked_options(defaults, horizon)
-        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp)
-        self.hyper_state.update(step=0, episode=0, outer={})
+        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
+                         foreach=foreach, fused=fused, differentiable=differentiable)
+        self.hyper_state.update(step=0, episode=0, outer={}, episode_skipped=0)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        # Learned schedule values may be negative (the paper's ranges include them), so the
+        # base's SGD checks do not apply; add_param_group checks the options themselves.
+        for name in NAMES:
+            schedule = group.get(f"{name}_schedule")
+            if schedule is not None:
+                check_value(f"{name}_schedule", schedule, isinstance(schedule, (list, tuple))
+                            and all(is_real(v) and abs(v) <= LEARNED_LIMIT for v in schedule))
+        if group.get("maximize", False) != self.defaults.get("maximize", False):
+            raise ValueError(f"Invalid maximize value: {group['maximize']} (every param group of "
+                             "one optimizer shares one objective: set it in the constructor)")
+
+    def _learned_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ()  # FDSSGD watches assignments to its schedules itself (_take_user_values)
 
     # ------------------------------------------------------------------ configuration
     @staticmethod
@@ -338,11 +367,20 @@ class FDSSGD(HyperOptimizer):
             with second:
                 zs = [self._tangent(p, _Z, n_prev) for p in second.params]
                 hz = dict(zip(second.params, second.hvp(zs), strict=True))
-        # Nothing changes before this line (the closure and the HVP may raise).
         self._take_user_values(t)
         groups = [(gi, group, self._params_with_grad(group))
                   for gi, group in enumerate(self.param_groups)]
-
+        in_force = [{name: group[f"{name}_schedule"][self._window(group, name, t)]
+                     for name in NAMES} for _, group, _ in groups]
+        if self._guard_step(loss, [(g, ps) for _, g, ps in groups], in_force) is not None:
+            # Skipped: weights, buffers and tangents stay (a skipped step is the identity, whose
+            # tangent is Z itself); the episode clock still advances so that the loop's horizon
+            # holds. hyperstep() records the count as "skipped_steps".
+            self.hyper_state["episode_skipped"] = self.hyper_state.get("episode_skipped", 0) + 1
+            self.hyper_state["step"] = t + 1
+            self._publish(t + 1)
+            return loss
+        # Nothing changes before this line (the closure, the HVP and the guard may raise/skip).
         for gi, group, params in groups:
             if params:
                 self._group_step(gi, group, params, t, n_active, index, hz)
@@ -351,14 +389,31 @@ class FDSSGD(HyperOptimizer):
         return loss
 
     def _take_user_values(self, t: int) -> None:
-        """A value assigned to ``group["lr"]`` (etc.) replaces the current window's value."""
-        for group in self.param_groups:
+        """A value assigned to ``group["lr"]`` (etc.) replaces the current window's value.
+
+        It rewrites the learned schedule, so the first time it happens a ``RuntimeWarning``
+        says so (a scheduler stepping this optimizer does it at every call).
+        """
+        for gi, group in enumerate(self.param_groups):
             for name in NAMES:
                 schedule, n = group[f"{name}_schedule"], group[f"{name}_windows"]
                 check_value(f"{name}_schedule", schedule, len(schedule) == n)
                 k = self._window(group, name, t)
                 if group[name] != schedule[k]:
-                    check_value(name, group[name], is_real(group[name]))
+                    check_value(name, group[name], is_real(group[name])
+                                and abs(group[name]) <= LEARNED_LIMIT)
+                    if not self._watch.get("overwrite_warned"):
+                        self._watch["overwrite_warned"] = True
+                        warnings.warn(
+                            f"FDSSGD: param_groups[{gi}]['{name}'] was set from outside (a "
+                            f"scheduler?) and replaced window {k} of the learned {name} "
+                            f"schedule ({schedule[k]:.4g} -> {group[name]:.4g}). FDSSGD learns "
+                            "the schedule itself: do not attach a learning-rate scheduler; to set "
+                            f"values on purpose, assign group['{name}_schedule'] between episodes. "
+                            "This warning is shown once.",
+                            RuntimeWarning,
+                            stacklevel=4,
+                        )
                     schedule[k] = float(group[name])
 
     def _tangent(self, p: Tensor, key: str, n: int) -> Tensor:
@@ -488,6 +543,7 @@ class FDSSGD(HyperOptimizer):
             if not skipped:
                 self._sign_update(gi, group, per_group[gi])
             self._record(gi, skipped=skipped, val_loss=loss,
+                         skipped_steps=float(self.hyper_state.get("episode_skipped", 0)),
                          **{name: list(group[f"{name}_schedule"]) for name in NAMES},
                          **{f"hypergrad/{name}": h for name, h in per_group[gi].items()})
         self._reset_episode()
@@ -508,7 +564,9 @@ class FDSSGD(HyperOptimizer):
                 if sign * state["sign"][k] < 0:
                     state["step_size"][k] *= 0.5
                 state["sign"][k] = sign
-                schedule[k] -= sign * state["step_size"][k]
+                # Bounded (LEARNED_LIMIT): a learned value can never overflow the next episode.
+                schedule[k] = min(max(schedule[k] - sign * state["step_size"][k], -LEARNED_LIMIT),
+                                  LEARNED_LIMIT)
 
     def _reset_episode(self) -> None:
         for group in self.param_groups:
@@ -518,6 +576,9 @@ class FDSSGD(HyperOptimizer):
                     for key in (_Z, _C, _BUF):
                         state.pop(key, None)
         self.hyper_state["step"] = 0
+        self.hyper_state["episode_skipped"] = 0
+        for key in ("first_loss", "min_loss"):  # each episode restarts from fresh weights
+            self._watch.pop(key, None)
         self.hyper_state["episode"] += 1
         self._publish(0)
 

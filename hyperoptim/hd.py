@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import HyperOptimizer, check_sgd_arguments, check_value, is_real
+from ._base import LEARNED_LIMIT, HyperOptimizer, check_sgd_arguments, check_value, is_real
 from ._types import Closure, ParamsT
 from ._update import apply_update_, sgd_direction
 
@@ -39,7 +39,8 @@ class HypergradSGD(HyperOptimizer):
     every weight has its own learning rate (the elementwise rule
     :math:`a_t = \operatorname{clamp}(a_{t-1} + \kappa\, \nabla E(w_t) \odot d_{t-1})`), kept in
     ``state[p]["lr"]``; the group's ``"lr"`` shows their mean, and assigning a new value to it
-    resets them all to that value.
+    (by hand or by a scheduler) scales them all by new / old, so a multiplicative scheduler
+    composes with what they learned.
 
     ``param_groups[i]["lr"]`` is always the current learning rate as a Python float, and
     ``history[i]`` records per step ``"lr"`` (:math:`a_t`), ``"hypergrad/lr"`` (:math:`h_t`; with
@@ -64,6 +65,10 @@ class HypergradSGD(HyperOptimizer):
         per_parameter (bool, optional): one learning rate per weight (default: False).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step (default: None, the training-loss rule).
+        maximize (bool, optional): maximize the objectives instead, as ``torch.optim.SGD``
+            (default: False).
+        foreach, fused, differentiable: ``torch.optim.SGD``'s switches; only their defaults
+            (None, None, False) are supported, the others raise ``ValueError``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -94,6 +99,10 @@ class HypergradSGD(HyperOptimizer):
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
         val_closure: Closure | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         check_value("lr_bounds", lr_bounds,
                     isinstance(lr_bounds, (tuple, list)) and len(lr_bounds) == 2
@@ -106,7 +115,15 @@ class HypergradSGD(HyperOptimizer):
             nesterov=nesterov, hypergrad_lr=hypergrad_lr,
             lr_bounds=(float(lr_bounds[0]), float(lr_bounds[1])), per_parameter=per_parameter,
         )
-        super().__init__(params, defaults, val_closure=val_closure)
+        super().__init__(params, defaults, val_closure=val_closure, maximize=maximize,
+                         foreach=foreach, fused=fused, differentiable=differentiable)
+
+    _supports_grad_scaler = True
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        lo, hi = group["lr_bounds"]
+        check_value("lr", group["lr"], lo <= group["lr"] <= hi)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
@@ -160,17 +177,27 @@ class HypergradSGD(HyperOptimizer):
                 n = sum(a.numel() for a in new_lrs)
                 scalars.append(torch.stack([a.sum() for a in new_lrs]).sum() / n if n
                                else torch.tensor(group["lr"]))
+                scalars.append(torch.stack([a.amax() for a in new_lrs]).amax() if n
+                               else torch.tensor(group["lr"]))
             plans.append((group, params, grads, states, span, new_lrs))
 
         if val_loss is not None:
             scalars.append(val_loss)
-        values = _host_floats(scalars)
+        guard = self._guard_scalars(loss, groups)
+        values = _host_floats(scalars + guard)
+        values, checked = values[: len(scalars)], values[len(scalars):]
 
         hypergrads = [-math.fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
-        # A learning rate that overflows the parameters' dtype counts as non-finite too.
         group_lrs = [self._new_lr(plan, h, values) for plan, h in zip(plans, hypergrads)]
-        if not (self._all_finite(*values) and self._representable(*group_lrs)):
-            self._warn_nonfinite("hypergradient or validation loss")
+        largest = [values[b + 1] if plan[-1] is not None else lr
+                   for plan, (_, b), lr in zip(plans, (p[4] for p in plans), group_lrs)]
+        # One guard for everything the step is about to commit (DESIGN.md §2): the hypergradient
+        # and validation loss, the training gradient, and the weights the new rate would give.
+        reason = None if self._all_finite(*values) else "hypergradient or validation loss"
+        if reason is None:
+            reason = self._guard_verdict(checked, groups, [{"lr": a} for a in largest])
+        if reason is not None:
+            self._warn_nonfinite(reason)
             for i, group in enumerate(self.param_groups):
                 self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan})
             return loss
@@ -206,7 +233,7 @@ class HypergradSGD(HyperOptimizer):
         group, *_, (_, end), new_lrs = plan
         if new_lrs is not None:
             return values[end]
-        lo, hi = group["lr_bounds"]
+        lo, hi = _learned_bounds(group)
         return min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi)
 
     @staticmethod
@@ -220,17 +247,28 @@ class HypergradSGD(HyperOptimizer):
                            ) -> list[Tensor]:
         """Candidate per-weight learning rates (not yet stored: the step may still be skipped)."""
         published = self.hyper_state.get("published_lr", {}).get(index)
-        reset = published is not None and published != group["lr"]
-        lo, hi = group["lr_bounds"]
+        # A new group lr from outside (a scheduler) scales every per-weight rate by new / old.
+        scale = (group["lr"] / published if published is not None and published != group["lr"]
+                 else None)
+        lo, hi = _learned_bounds(group)
         out = []
         for p, s, h in zip(params, states, hypergrads):
             a = s.get("lr")
-            if a is None or reset:
+            if a is None or (scale is not None and not math.isfinite(scale)):
                 a = torch.full_like(p, group["lr"])
+            elif scale is not None:
+                a = (a * scale).clamp_(group["lr_bounds"][0], max(hi, group["lr"]))
             if h is not None:
                 a = (a - group["hypergrad_lr"] * h).clamp_(lo, hi)
             out.append(a)
         return out
+
+
+def _learned_bounds(group: dict[str, Any]) -> tuple[float, float]:
+    """``lr_bounds``, with the upper end capped at :data:`~hyperoptim._base.LEARNED_LIMIT` (1e3)
+    unless the group's lr is already above it (a learned rate never climbs past 1e3)."""
+    lo, hi = group["lr_bounds"]
+    return lo, min(hi, max(LEARNED_LIMIT, group["lr"]))
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._base import HyperOptimizer, check_sgd_arguments, check_value, is_real
+from ._base import LEARNED_LIMIT, HyperOptimizer, check_sgd_arguments, check_value, is_real
 from ._hvp import SecondOrder
 from ._types import Closure, ParamsT
 from ._update import apply_update_, sgd_direction
@@ -202,7 +202,9 @@ class IFTOptimizer(HyperOptimizer):
         params: ParamsT,
         lr: float = 1e-3,
         momentum: float = 0.0,
+        dampening: float = 0.0,
         weight_decay: float = 0.0,
+        nesterov: bool = False,
         *,
         tune: Sequence[str] = _NAMES,
         per_parameter_lr: bool = False,
@@ -213,7 +215,16 @@ class IFTOptimizer(HyperOptimizer):
         lr_bounds: tuple[float, float] = (1e-10, 1.0),
         val_closure: Closure | None = None,
         hvp: str = "auto",
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
+        check_sgd_arguments(lr, momentum, dampening, weight_decay, nesterov)
+        if dampening != 0 or nesterov:
+            raise ValueError(f"Invalid {'dampening' if dampening != 0 else 'nesterov'} value: "
+                             f"{dampening if dampening != 0 else nesterov} (IFTOptimizer implements "
+                             "heavy-ball momentum without dampening, as Clarke et al. do)")
         check_value("update_interval", update_interval,
                     isinstance(update_interval, int) and not isinstance(update_interval, bool)
                     and update_interval >= 1)
@@ -230,7 +241,9 @@ class IFTOptimizer(HyperOptimizer):
         self._hyper_lr = float(hyper_lr)
         self._hyper_factory = hyper_optimizer
         self._hyper_opt: Optimizer | None = None
-        super().__init__(params, self._normalised(defaults), val_closure=val_closure, hvp=hvp)
+        super().__init__(params, self._normalised(defaults), val_closure=val_closure, hvp=hvp,
+                         maximize=maximize, foreach=foreach, fused=fused,
+                         differentiable=differentiable)
         self.hyper_state.update(since_update=0, steps=0)
         self._hyper_opt = self._build_hyper_optimizer()
 
@@ -368,6 +381,10 @@ class IFTOptimizer(HyperOptimizer):
             if second is not None:
                 second.close()
             return loss
+        if self._guard_step(loss, groups, worst_case=hyper) is not None:
+            if second is not None:
+                second.close()
+            return loss
         if hyper:
             try:
                 done = self._hyper_update(groups, second, val_closure)
@@ -474,6 +491,8 @@ class IFTOptimizer(HyperOptimizer):
                 lo, hi = group["lr_bounds"]
                 for x in targets[start:stop]:
                     x.clamp_(math.log10(lo), math.log10(hi))
+            if name == "weight_decay":
+                targets[start].clamp_(max=math.log10(LEARNED_LIMIT))
             if name == "lr" and group["per_parameter_lr"]:
                 fresh = {p: _natural("lr", x) for p, x in zip(ps, targets[start:stop])}
                 new_lrs[index] = list(fresh.values())

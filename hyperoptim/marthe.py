@@ -10,7 +10,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor
 
-from ._base import HyperOptimizer, check_sgd_arguments, check_value, is_real
+from ._base import LEARNED_LIMIT, HyperOptimizer, check_sgd_arguments, check_value, is_real
 from ._types import Closure, ParamsT
 from ._update import SGD, UpdateRule, apply_update_, rule_tangents, sgd_direction
 
@@ -142,7 +142,7 @@ class RuleMarthe(HyperOptimizer):
                     h["beta"] = group["hypergrad_lr"]
                 raw = group["lr"] - h["beta"] * d
                 h["lr_beta_grad"] = -d if raw >= 0.0 else 0.0
-                h["new_lr"] = max(raw, 0.0)
+                h["new_lr"] = min(max(raw, 0.0), max(LEARNED_LIMIT, group["lr"]))
             if not self._representable(*(h["new_lr"] for h in hypers)):
                 return self._skip(closure, deltas, values[-1])
         for group, h in zip(groups, hypers, strict=True):
@@ -175,6 +175,12 @@ class RuleMarthe(HyperOptimizer):
                     hz[p] = prod.new_zeros((n_cols, *p.shape))
                     hz[p][cols] = _scale_(prod, [mus[j] for j in cols])
             del prods
+        if self._guard_step(loss, plans, [{"lr": h["new_lr"]} for h in hypers]) is not None:
+            for i, group in enumerate(groups):
+                h = self._hyper(i)
+                self._record(i, skipped=True, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
+                             **{"hypergrad/lr": deltas[i]})
+            return loss
         if not everything:  # nothing to step: nothing changes
             return loss
 
@@ -342,11 +348,9 @@ class MartheSGD(RuleMarthe):
 
     **Cost per step** (beyond SGD's forward and backward): one validation gradient (none at the
     first step, where :math:`Z = 0`), and while some
-    :math:`\mu_t > 0`, one Hessian-vector product :math:`H_t Z_t` by the route ``hvp`` selects:
-    a double backward through the training gradient when the closure returns the loss, or two
-    extra closure calls (central differences of gradients) when it calls ``backward()`` itself
-    (:mod:`hyperoptim._hvp`; a user closure on live ``nn.Parameter``\ s is not a pure function,
-    so forward-over-reverse does not apply). With
+    :math:`\mu_t > 0`, one Hessian-vector product :math:`H_t Z_t` by double backward through the
+    training gradient (the closure's backward runs with ``create_graph=True``; a user closure on
+    live ``nn.Parameter``\ s is not a pure function, so forward-over-reverse does not apply). With
     several param groups, :math:`Z` has one column per group's learning rate over *all*
     parameters (a group's learning rate moves the other groups' weights through the shared
     loss), and the columns with :math:`\mu_t > 0` go through one batched product; memory is two
@@ -399,8 +403,9 @@ class MartheSGD(RuleMarthe):
             (double backward; the closure must return the loss without calling ``backward()``),
             ``"finite_difference"`` (central differences of gradients, two extra closure calls
             per tangent column; works with ``backward()`` in the closure, DDP,
-            ``torch.compile``), or ``"auto"``: exact if the closure returns the loss without
-            calling ``backward()``, finite differences if it calls it (default: ``"auto"``).
+            ``torch.compile``), ``"forward_difference"`` (one extra call per column), or
+            ``"auto"``: exact if the closure returns the loss without calling ``backward()``,
+            central differences if it calls it (default: ``"auto"``).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -450,6 +455,10 @@ class MartheSGD(RuleMarthe):
         hypergrad_clip: float | None = None,
         val_closure: Closure | None = None,
         hvp: str = "auto",
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         check_sgd_arguments(lr, momentum, dampening, weight_decay, nesterov)
         check_value("mu", mu, mu == "adaptive" or (is_real(mu) and 0.0 <= mu <= 1.0))
@@ -463,7 +472,8 @@ class MartheSGD(RuleMarthe):
             hypergrad_lr=float(hypergrad_lr), adapt_hypergrad_lr=adapt_hypergrad_lr,
             hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
         )
-        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp)
+        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
+                         foreach=foreach, fused=fused, differentiable=differentiable)
 
     @staticmethod
     def _previous_direction(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
