@@ -126,7 +126,7 @@ def digits_mlp() -> Task:
         torch.manual_seed(seed)
         return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
-    return Task("digits-mlp", "digits, MLP 64-64-10, batch 64", "accuracy", 400, 40,
+    return Task("digits-mlp", "digits, MLP 64-64-10, batch 64", "accuracy", 400, 30,
                 *_digits(), make_model=make, loss=_xent, batch=64)
 
 
@@ -141,7 +141,7 @@ def digits_cnn() -> Task:
         )
 
     return Task("digits-cnn", "digits as 8x8 images, CNN (16, 32 channels), batch 64", "accuracy",
-                250, 20, *_digits(), make_model=make, loss=_xent, batch=64)
+                250, 15, *_digits(), make_model=make, loss=_xent, batch=64)
 
 
 def regression(path: str | None = None) -> Task:
@@ -225,7 +225,7 @@ def charlm(seq: int = 24, chars: int = 200_000) -> Task:
         return F.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
 
     return Task("charlm", f"character LSTM (32-64) on {len(text) // 1000}k characters of the "
-                "standard library's source, windows of 24, batch 32", "perplexity", 150, 15,
+                "standard library's source, windows of 24, batch 32", "perplexity", 100, 10,
                 *windows(train), *windows(val, 64), *windows(test, 256), make_model=make,
                 loss=xent, batch=32)
 

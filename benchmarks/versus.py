@@ -492,6 +492,10 @@ def _rows(task: Task, method: Method, config: Config,
     return out
 
 
+def _label(method: Method, config: Config) -> str:
+    return method.label.format(trials=config.trials.get(method.key, ""))
+
+
 def _fmt_metric(task: Task, value: float) -> str:
     if not math.isfinite(value):
         return "diverged"
@@ -555,7 +559,7 @@ def table(task: Task, summary: list[dict[str, Any]], config: Config) -> str:
         "|---|---|---|---|---|",
     ]
     for s in summary:
-        lines.append(f"| {s['method'].label} | {_mean_sd(task, s['metrics'])} | "
+        lines.append(f"| {_label(s['method'], config)} | {_mean_sd(task, s['metrics'])} | "
                      f"{statistics.mean(s['walls']):.2f} | {s['reached']}/{s['compared']} | "
                      f"{s['ratio']:.3f} |")
     return "\n".join(lines)
@@ -576,7 +580,10 @@ def verdict(task: Task, summary: list[dict[str, Any]]) -> str:
     ours = [s for s in summary if s["method"].kind == "hyperoptim"]
     free = [s for s in summary if s["method"].kind == "lr-free"]
     lines = []
-    if ours:
+    if ours and not any(s["method"].key == "optuna-50" for s in summary):
+        lines.append("- target 1: no Optuna-50 reference in these results (optuna not installed or "
+                     "not run)")
+    elif ours:
         best = max(ours, key=lambda s: (s["reached"], -s["ratio"]))
         ok = best["reached"] == best["compared"] > 0 and best["ratio"] <= 0.1
         lines.append(f"- target 1 (Optuna-50's best within tolerance at <= 0.1x its wall time): "
@@ -614,10 +621,12 @@ def figure(task: Task, summary: list[dict[str, Any]], config: Config,
     for i, s in enumerate(summary):
         color, marker = cmap(i % 20), MARKERS[i % len(MARKERS)]
         rows = _rows(task, s["method"], config, results)
-        xs = [r["wall"] for r in rows.values() if math.isfinite(r["metric"] or math.nan)]
-        ys = [scale * r["metric"] for r in rows.values() if math.isfinite(r["metric"] or math.nan)]
+        done = [r for r in rows.values() if r["metric"] is not None and math.isfinite(r["metric"])
+                and not r.get("diverged")]
+        xs = [r["wall"] for r in done]
+        ys = [scale * r["metric"] for r in done]
         finite_values += ys
-        ax.scatter(xs, ys, color=color, marker=marker, s=28, label=s["method"].label,
+        ax.scatter(xs, ys, color=color, marker=marker, s=28, label=_label(s["method"], config),
                    edgecolors="black" if s["method"].kind == "hyperoptim" else "none",
                    linewidths=0.6, zorder=3)
         if s["method"].key == "optuna-50":
@@ -698,6 +707,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown task(s) {sorted(unknown)}; have {[t.name for t in tasks]}")
         tasks = [t for t in tasks if t.name in args.tasks]
+    n_seeds = args.seeds or (1 if args.quick else 5)
+    steps = {t.name: max(2, round((t.quick_steps if args.quick else t.steps) * args.steps_scale))
+             for t in tasks}
+    trials = {"optuna-20": 2 if args.quick else 20, "optuna-50": 4 if args.quick else 50,
+              "optuna-50-pruned": 4 if args.quick else 50}
+    config = Config(steps=steps, seeds=list(range(n_seeds)),
+                    episodes=args.episodes or (2 if args.quick else 3), trials=trials)
     methods = []
     for method in REGISTRY:
         if args.methods and method.key not in args.methods:
@@ -705,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         why = method.missing()
         if why:
             if method.kind != "hyperoptim" or method.hyperoptim_class in ("HypergradSGD",):
-                print(f"note: {method.label} left out: {why}")
+                print(f"note: {_label(method, config)} left out: {why}")
             continue
         methods.append(method)
     if any(m.extra.get("of") for m in methods):
@@ -716,13 +732,6 @@ def main(argv: list[str] | None = None) -> int:
     if absent:
         print(f"note: not in this hyperoptim (yet): {', '.join(absent)}")
 
-    n_seeds = args.seeds or (1 if args.quick else 5)
-    steps = {t.name: max(2, round((t.quick_steps if args.quick else t.steps) * args.steps_scale))
-             for t in tasks}
-    trials = {"optuna-20": 2 if args.quick else 20, "optuna-50": 4 if args.quick else 50,
-              "optuna-50-pruned": 4 if args.quick else 50}
-    config = Config(steps=steps, seeds=list(range(n_seeds)),
-                    episodes=args.episodes or (2 if args.quick else 3), trials=trials)
     path = args.results or os.path.join("out", "versus_quick.jsonl" if args.quick else "versus.jsonl")
     start = time.perf_counter()
     if args.report_only:
