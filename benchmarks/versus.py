@@ -616,17 +616,19 @@ def figure(task: Task, summary: list[dict[str, Any]], config: Config,
         return None
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     cmap = plt.get_cmap("tab20")
-    scale = 100.0 if task.metric == "accuracy" else 1.0
-    finite_values = []
+
+    def shown(value: float) -> float:
+        """Accuracy is drawn as the test error in percent, so that a log axis separates both
+        the near-perfect runs and the failed ones."""
+        return max(0.05, 100.0 * (1.0 - value)) if task.metric == "accuracy" else value
+
     for i, s in enumerate(summary):
         color, marker = cmap(i % 20), MARKERS[i % len(MARKERS)]
         rows = _rows(task, s["method"], config, results)
         done = [r for r in rows.values() if r["metric"] is not None and math.isfinite(r["metric"])
                 and not r.get("diverged")]
-        xs = [r["wall"] for r in done]
-        ys = [scale * r["metric"] for r in done]
-        finite_values += ys
-        ax.scatter(xs, ys, color=color, marker=marker, s=28, label=_label(s["method"], config),
+        ax.scatter([r["wall"] for r in done], [shown(r["metric"]) for r in done], color=color,
+                   marker=marker, s=30, label=_label(s["method"], config),
                    edgecolors="black" if s["method"].kind == "hyperoptim" else "none",
                    linewidths=0.6, zorder=3)
         if s["method"].key == "optuna-50":
@@ -635,18 +637,15 @@ def figure(task: Task, summary: list[dict[str, Any]], config: Config,
                 for trial in r["trials"]:
                     if "metric" in trial:
                         wall.append(trial["wall"])
-                        value.append(scale * trial["metric"])
+                        value.append(shown(trial["metric"]))
                     elif value:
                         wall.append(trial["wall"])
                         value.append(value[-1])
-                ax.step(wall, value, where="post", color=color, alpha=0.5, lw=1, zorder=2)
+                ax.step(wall, value, where="post", color=color, alpha=0.7, lw=1.2, zorder=2)
     ax.set_xscale("log")
-    if finite_values and task.metric != "accuracy":
-        ax.set_yscale("log")
-    if finite_values and task.metric == "accuracy":
-        ax.set_ylim(max(0.0, min(finite_values) - 2), 100.5)
+    ax.set_yscale("log")
     ax.set_xlabel("wall time per run or search (s, log; FDSSGD: all episodes; Optuna: whole search)")
-    ylabel = {"accuracy": "test accuracy (%)", "mse": "test MSE (standardised target)",
+    ylabel = {"accuracy": "test error (%, 100 - accuracy)", "mse": "test MSE (standardised target)",
               "perplexity": "test perplexity"}[task.metric]
     ax.set_ylabel(ylabel)
     ax.set_title(f"{task.name}: one marker per method and seed; lines: Optuna-50's running best",
