@@ -66,7 +66,10 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The task module beside this file, and the hyperoptim of the checkout this file is in (not another
+# installed copy), as running from the repository root would import.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 from _versus_tasks import Task, all_tasks  # noqa: E402
 
