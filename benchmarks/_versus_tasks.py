@@ -225,7 +225,7 @@ def charlm(seq: int = 24, chars: int = 200_000) -> Task:
         return F.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
 
     return Task("charlm", f"character LSTM (32-64) on {len(text) // 1000}k characters of the "
-                "standard library's source, windows of 24, batch 32", "perplexity", 100, 10,
+                "standard library's source, windows of 24, batch 32", "perplexity", 100, 6,
                 *windows(train), *windows(val, 64), *windows(test, 256), make_model=make,
                 loss=xent, batch=32)
 

@@ -699,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None,
                         help="JSON-lines results file, appended to and resumed from "
                         "(default out/versus.jsonl; quick: out/versus_quick.jsonl)")
-    parser.add_argument("--figures", default="out", help="directory for the PNGs (default out)")
+    parser.add_argument("--figures", default="out",
+                        help="directory for the PNGs (default out; an empty string for none)")
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--no-progress", action="store_true")

@@ -81,6 +81,7 @@ def test_quick_full_matrix_then_resume(tmp_path, capsys):
     for task in tasks:
         assert (tmp_path / f"versus_{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    argv[argv.index("--figures") + 1] = ""  # no figures the second time
     assert versus.main(argv) == 0  # resumes: everything is in the file already
     assert len(_lines(results)) == len(rows)
     assert "this invocation 0 s" in capsys.readouterr().out
