@@ -1,0 +1,115 @@
+"""``benchmarks/versus.py --quick``: the whole matrix on tiny budgets, resumable, and what it does
+when the ``bench`` extras (Optuna, the learning-rate-free optimizers) are missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("tqdm")
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_PACKAGES = ("optuna", "prodigyopt", "dadaptation", "dog", "schedulefree")
+
+
+def _load_versus():
+    spec = importlib.util.spec_from_file_location("_versus_benchmark",
+                                                  ROOT / "benchmarks" / "versus.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+versus = _load_versus()
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_quick_without_the_bench_extras_runs_ours_and_torch(tmp_path, monkeypatch, capsys):
+    """CI installs only ``.[test,demo]``: the methods whose package is missing are left out with a
+    note, and the torch baselines and every hyperoptim optimizer still run and are reported."""
+    for name in BENCH_PACKAGES:
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    results = tmp_path / "r.jsonl"
+    assert versus.main(["--quick", "--tasks", "diabetes", "--results", str(results),
+                        "--figures", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for label in ("Optuna TPE", "Prodigy", "D-Adaptation SGD", "DoG", "schedule-free SGD"):
+        assert f"note: {label}" in out
+        assert f"| {label}" not in out
+    for label in ("SGD, poor start", "SGD, hand-picked", "AdamW, hand-picked",
+                  "HypergradSGD, poor start", "MartheSGD, defaults", "IFTOptimizer, poor start",
+                  "FDSSGD, poor start"):
+        assert f"| {label} |" in out
+    assert "no Optuna-50 reference" in out
+    rows = _lines(results)
+    assert {r["method"] for r in rows} >= {"sgd-poor", "HypergradSGD-poor", "FDSSGD-default"}
+    assert all(r["task"] == "diabetes" and r["seed"] == 0 for r in rows)
+
+
+def test_quick_full_matrix_then_resume(tmp_path, capsys):
+    """Every task and every available method once; a second invocation trains nothing."""
+    for name in BENCH_PACKAGES:
+        pytest.importorskip(name)
+    results, md = tmp_path / "r.jsonl", tmp_path / "tables.md"
+    argv = ["--quick", "--results", str(results), "--figures", str(tmp_path), "--no-progress",
+            "--markdown", str(md)]
+    assert versus.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = _lines(results)
+    tasks = {t.name for t in versus.all_tasks()}
+    available = [m for m in versus.REGISTRY if m.missing() is None and "of" not in m.extra]
+    assert len(rows) == len(tasks) * len(available)
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m.key) for t in tasks for m in available}
+    for row in rows:
+        assert row["wall"] > 0 and row["metric"] is not None
+    optuna = [r for r in rows if r["method"] == "optuna-50"]
+    assert all(len(r["trials"]) == 4 and r["metric"] is not None for r in optuna)
+    for label in ("Optuna TPE, 2 trials", "Optuna TPE, 4 trials", "Prodigy", "schedule-free AdamW",
+                  "DoG (+ averaging)", "HypergradSGD, poor start", "FDSSGD, defaults"):
+        assert f"| {label} |" in out
+    assert out.count("- target 1") == len(tasks) and md.read_text().strip() in out
+    for task in tasks:
+        assert (tmp_path / f"versus_{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    argv[argv.index("--figures") + 1] = ""  # no figures the second time
+    assert versus.main(argv) == 0  # resumes: everything is in the file already
+    assert len(_lines(results)) == len(rows)
+    assert "this invocation 0 s" in capsys.readouterr().out
+
+
+def test_optuna_20_is_the_first_20_trials_of_the_50_trial_study():
+    """The 20-trial row reads the best (by validation loss) of the first trials only, and the
+    wall time at that trial; pruned trials never win."""
+    trials = [
+        dict(state="complete", val_loss=0.9, metric=0.5, wall=1.0),
+        dict(state="pruned", val_loss=0.1, wall=1.5),
+        dict(state="complete", val_loss=0.4, metric=0.7, wall=2.0),
+        dict(state="complete", val_loss=0.2, metric=0.8, wall=3.0),
+    ]
+    for trial in trials:
+        trial["params"] = {}
+    head = versus._summarise_trials(trials, 3)
+    assert (head["metric"], head["val_loss"], head["wall"], head["pruned"]) == (0.7, 0.4, 2.0, 1)
+    assert versus._summarise_trials(trials, 4)["metric"] == 0.8
+
+
+@pytest.mark.parametrize("metric, best, good, bad", [
+    ("accuracy", 0.95, 0.941, 0.939),
+    ("mse", 0.50, 0.549, 0.551),
+    ("perplexity", 10.0, 10.19, 10.21),
+])
+def test_tolerances_are_the_issues(metric, best, good, bad):
+    task = sys.modules["_versus_tasks"].digits_mlp()
+    task.metric = metric
+    assert task.within(good, best) and not task.within(bad, best)
+    assert not task.within(math.nan, best) and not task.within(math.inf, best)
