@@ -228,6 +228,7 @@ ADAM = register_rule(UpdateRule(
     step=_rule_step,
     step_=_rule_step_,
     init_state=_init_state,
+    elementwise=True,
 ))
 """``torch.optim.Adam``'s rule (and AdamW's, with ``decoupled_weight_decay=True``)."""
 

@@ -28,8 +28,8 @@ batched over tangent columns with :func:`torch.func.vmap`, so no tangent formula
 gradients, per-parameter buffers, hyperparameters, step counts) that is bit-identical to the torch
 optimizer with float hyperparameters and differentiable with tensor ones, the same step in place
 (``step_``, which also returns the direction :math:`d = -\partial w' / \partial a`), and how a
-param group and ``state[p]`` feed them. :func:`rule_tangents` (forward mode, ``torch.func.jvp``
-batched by ``vmap``) and :func:`rule_vjp` (reverse mode, ``torch.func.vjp``, buffers detached) work
+param group and ``state[p]`` feed them. :func:`rule_tangents` (Jacobian-vector products of the
+rule by autograd) and :func:`rule_vjp` (reverse mode, ``torch.func.vjp``, buffers detached) work
 for any rule. Registered: :data:`SGD` here and ``ADAM`` (:mod:`hyperoptim._adam`, Adam and AdamW).
 A new rule is one file defining its ``step``/``step_`` and calling :func:`register_rule`, plus its
 import line at the end of this module.
@@ -288,6 +288,14 @@ class UpdateRule:
         step, step_ (callable): as above.
         init_state (callable): a parameter -> the state entries a fresh parameter starts with
             (default: none).
+        elementwise (bool): ``step`` treats every element on its own, given the per-parameter
+            scalars (hyperparameters, the step count): element ``k`` of each output depends only
+            on element ``k`` of the weights, gradients and buffers. Then the parameters that share
+            a dtype, device, step count and which buffers exist can be concatenated into one
+            vector, and :func:`rule_tangents` does so (a handful of large operations instead of
+            one set per parameter; the numbers are the same up to rounding).
+            True for SGD and Adam; a rule with per-tensor norms (LARS, Adafactor) must leave it
+            False (default: False).
     """
 
     name: str
@@ -299,6 +307,7 @@ class UpdateRule:
     step: Callable[..., tuple[list[Tensor], Buffers]]
     step_: Callable[..., tuple[Buffers, list[Tensor]]]
     init_state: Callable[[Tensor], dict[str, Tensor]] = lambda p: {}
+    elementwise: bool = False
 
     def read_state(self, states: Sequence[dict[str, Any]], params: Sequence[Tensor]
                    ) -> tuple[Buffers, list[float] | None]:
@@ -377,11 +386,21 @@ def rule_tangents(
     counts: Sequence[float] | None = None,
     **options: Any,
 ) -> tuple[list[Tensor], Buffers]:
-    r"""Batched forward-mode tangents through one step of any rule, by ``torch.func.jvp``.
+    r"""Forward tangents through one step of any rule, by autograd of its ``step``.
 
     :math:`(Z, S)_{t+1} = \frac{\partial \Phi}{\partial (w, s)} (Z, S)_t + \frac{\partial
     \Phi}{\partial g} (H Z)_t + \sum_x \frac{\partial \Phi}{\partial x} e_x`, one column per
-    leading index, batched with ``torch.func.vmap``. Nothing here knows the rule's formula.
+    leading index. Nothing here knows the rule's formula.
+
+    *How.* The Jacobian-vector product :math:`J T` comes from two reverse passes (the
+    "double-vjp" trick): :math:`u \mapsto J^\top u` is linear in the cotangent :math:`u`, so its
+    own vector-Jacobian product along :math:`T` is :math:`J T`. One forward pass of ``step`` with
+    a graph, one backward pass with ``create_graph=True``, then one backward pass per column. On
+    CPU builds where forward-mode AD runs each operation through Python decompositions
+    (``torch.func.jvp`` costs about a millisecond per elementwise operation with torch 2.13),
+    this is several times faster; the numbers agree with ``torch.func.jvp`` to rounding
+    (``tests/test_update.py``). An ``elementwise`` rule is first applied to one concatenated
+    vector per dtype, device, step count and buffer pattern (:attr:`UpdateRule.elementwise`).
 
     Args:
         rule (UpdateRule): the rule :math:`\Phi`.
@@ -410,43 +429,128 @@ def rule_tangents(
         >>> zn[0]  # d w_1 / d lr = -g
         tensor([[-1., -1.]])
     """
+    if rule.elementwise and len(params) > 1 and not any(
+            isinstance(v, (list, tuple)) for v in hypers.values()):
+        chunks = _chunks(rule, params, buffers, counts)
+        if len(chunks) < len(params):
+            return _flat_tangents(rule, chunks, params, grads, buffers, hypers, z, hz,
+                                  buffer_tangents, seeds, counts, options)
+    return _rule_tangents(rule, params, grads, buffers, hypers, z, hz, buffer_tangents, seeds,
+                          counts, options)
+
+
+def _chunks(rule: UpdateRule, params: Sequence[Tensor], buffers: Buffers,
+            counts: Sequence[float] | None) -> list[list[int]]:
+    """The parameters an elementwise rule may step as one vector: same dtype, device, step
+    count and buffers present (indices, in order of first appearance)."""
+    out: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        key = (p.dtype, p.device, None if counts is None else counts[i],
+               tuple(buffers[name][i] is None for name in rule.buffer_names))
+        out.setdefault(key, []).append(i)
+    return list(out.values())
+
+
+def _flat_tangents(rule: UpdateRule, chunks: list[list[int]], params: Sequence[Tensor],
+                   grads: Sequence[Tensor], buffers: Buffers, hypers: dict[str, Hyper],
+                   z: Sequence[Tensor], hz: Sequence[Tensor], buffer_tangents: Buffers,
+                   seeds: dict[str, Tensor], counts: Sequence[float] | None,
+                   options: dict[str, Any]) -> tuple[list[Tensor], Buffers]:
+    """:func:`rule_tangents` with each chunk of parameters concatenated into one vector (the
+    primal state flat, the tangents ``(N, numel)``), then split back into shapes."""
+    names = rule.buffer_names
+    n_cols = z[0].shape[0]
+
+    def flat(ts: Sequence[Tensor], idx: list[int]) -> Tensor:
+        return ts[idx[0]].reshape(-1) if len(idx) == 1 else torch.cat(
+            [ts[i].reshape(-1) for i in idx])
+
+    def flat_cols(ts: Sequence[Tensor | None], idx: list[int]) -> Tensor | None:
+        if all(ts[i] is None for i in idx):
+            return None
+        parts = [z[i].new_zeros((n_cols, params[i].numel())) if ts[i] is None
+                 else ts[i].reshape(n_cols, -1) for i in idx]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    f_params = [flat(params, idx) for idx in chunks]
+    f_grads = [flat(grads, idx) for idx in chunks]
+    f_bufs: Buffers = {name: [None if buffers[name][idx[0]] is None
+                              else flat(buffers[name], idx) for idx in chunks] for name in names}
+    f_z = [flat_cols(z, idx) for idx in chunks]
+    f_hz = [flat_cols(hz, idx) for idx in chunks]
+    f_tans: Buffers = {name: [None if buffers[name][idx[0]] is None
+                              else flat_cols(buffer_tangents[name], idx) for idx in chunks]
+                       for name in names}
+    f_counts = None if counts is None else [counts[idx[0]] for idx in chunks]
+    zn, sn = _rule_tangents(rule, f_params, f_grads, f_bufs, hypers, f_z, f_hz, f_tans, seeds,
+                            f_counts, options)
+
+    def split(t: Tensor, idx: list[int], out: list[Tensor | None]) -> None:
+        pieces = t.split([params[i].numel() for i in idx], dim=1)
+        for i, piece in zip(idx, pieces):
+            piece = piece.reshape(n_cols, *params[i].shape)
+            # One column is contiguous already; several are copied out of the shared layout.
+            out[i] = piece if piece.is_contiguous() else piece.contiguous()
+
+    z_next: list[Tensor | None] = [None] * len(params)
+    s_next: Buffers = {name: [None] * len(params) for name in names}
+    for c, idx in enumerate(chunks):
+        split(zn[c], idx, z_next)
+        for name in names:
+            if sn[name][c] is not None:
+                split(sn[name][c], idx, s_next[name])
+    return z_next, s_next  # type: ignore[return-value]
+
+
+def _rule_tangents(rule: UpdateRule, params: Sequence[Tensor], grads: Sequence[Tensor],
+                           buffers: Buffers, hypers: dict[str, Hyper], z: Sequence[Tensor],
+                           hz: Sequence[Tensor], buffer_tangents: Buffers,
+                           seeds: dict[str, Tensor], counts: Sequence[float] | None,
+                           options: dict[str, Any]) -> tuple[list[Tensor], Buffers]:
+    """:func:`rule_tangents` over lists of parameters (any rule), by two reverse passes."""
     names = rule.buffer_names
     n = len(params)
     where, flat_bufs = _pack(buffers, names)
-    flat_tans = tuple(
-        buffer_tangents[names[k]][i] if buffer_tangents[names[k]][i] is not None
-        else z[i].new_zeros(z[i].shape) for k, i in where)
+    flat_tans = [buffer_tangents[names[k]][i] if buffer_tangents[names[k]][i] is not None
+                 else z[i].new_zeros(z[i].shape) for k, i in where]
     seeded = list(seeds)
     dtype = params[0].dtype if params else torch.get_default_dtype()
     device = params[0].device if params else None
-    hyper_primals = tuple(torch.tensor(float(hypers[k]), dtype=dtype, device=device)
-                          for k in seeded)
-    out_where: list[tuple[int, int]] = []
-
-    def step(ps, gs, bs, hs):
+    n_cols = z[0].shape[0] if z else 0
+    with torch.enable_grad():
+        ps = [p.detach().requires_grad_() for p in params]
+        gs = [g.detach().requires_grad_() for g in grads]
+        bs = [b.detach().requires_grad_() for b in flat_bufs]
+        hs = [torch.tensor(float(hypers[k]), dtype=dtype, device=device, requires_grad=True)
+              for k in seeded]
         full = dict(hypers, **dict(zip(seeded, hs)))
-        new_p, new_b = rule.step(list(ps), list(gs), _unpack(where, bs, names, n), full,
-                                 counts, **options)
-        out_where[:], flat = _pack(new_b, names)
-        return tuple(new_p), flat
-
-    primals = (tuple(params), tuple(grads), flat_bufs, hyper_primals)
-
-    def one_column(zs, hzs, ss, es):
-        _, (dp, db) = torch.func.jvp(step, primals, (zs, hzs, ss, es))
-        return dp, db
-
-    seed_cols = tuple(seeds[k].to(dtype) for k in seeded)
-    if z and all(zi.shape[0] == 1 for zi in z):
-        # One column (one param group, the common case): a plain jvp, without vmap's per-op cost.
-        def first(ts):
-            return tuple(t[0] for t in ts)
-
-        dp, db = one_column(first(z), first(hz), first(flat_tans), first(seed_cols))
-        z_next, s_next = tuple(t.unsqueeze(0) for t in dp), tuple(t.unsqueeze(0) for t in db)
-    else:
-        z_next, s_next = torch.func.vmap(one_column)(tuple(z), tuple(hz), flat_tans, seed_cols)
-    return list(z_next), _unpack(out_where, s_next, names, n)
+        new_p, new_b = rule.step(ps, gs, _unpack(where, bs, names, n), full, counts, **options)
+        out_where, flat_new_b = _pack(new_b, names)
+        outs = list(new_p) + list(flat_new_b)
+        inputs = ps + gs + bs + hs
+        tangents = list(z) + list(hz) + flat_tans + [seeds[k].to(dtype) for k in seeded]
+        live = [k for k, o in enumerate(outs) if o.requires_grad]
+        # u -> J^T u is linear in the dummy cotangent u; its vjp along T is J T.
+        us = [torch.zeros_like(outs[k], requires_grad=True) for k in live]
+        pulled = torch.autograd.grad([outs[k] for k in live], inputs, us, create_graph=True,
+                                     allow_unused=True) if live else [None] * len(inputs)
+        pairs = [(v, t) for v, t in zip(pulled, tangents) if v is not None and v.requires_grad]
+        columns: list[list[Tensor | None]] = []
+        for j in range(n_cols):
+            if pairs:
+                columns.append(list(torch.autograd.grad(
+                    [v for v, _ in pairs], us, [t[j] for _, t in pairs],
+                    retain_graph=j < n_cols - 1, allow_unused=True)))
+            else:
+                columns.append([None] * len(us))
+    out_tangents: list[Tensor] = []
+    for k, o in enumerate(outs):
+        pos = live.index(k) if k in live else None
+        cols = [None if pos is None else col[pos] for col in columns]
+        out_tangents.append(torch.stack([torch.zeros_like(o) if c is None else c for c in cols])
+                            if n_cols != 1 else (torch.zeros_like(o) if cols[0] is None
+                                                 else cols[0]).unsqueeze(0))
+    return out_tangents[:n], _unpack(out_where, out_tangents[n:], names, n)
 
 
 def rule_vjp(
@@ -540,6 +644,7 @@ SGD = register_rule(UpdateRule(
     options=lambda g: {"dampening": g["dampening"], "nesterov": g["nesterov"]},
     step=_sgd_rule_step,
     step_=_sgd_rule_step_,
+    elementwise=True,
 ))
 """``torch.optim.SGD``'s rule (:func:`sgd_step`)."""
 

@@ -3,20 +3,20 @@ r"""Hypergradient descent on the learning rate (Baydin et al., 2018)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
-import torch
+import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 
-from ._base import LEARNED_LIMIT, HyperOptimizer, check_sgd_arguments, check_value, is_real
+from ._base import check_sgd_arguments, check_value, is_real
+from ._hypergrad import RuleHypergrad
 from ._types import Closure, ParamsT
-from ._update import apply_update_, sgd_direction
+from ._update import SGD
 
 __all__ = ["HypergradSGD"]
 
 
-class HypergradSGD(HyperOptimizer):
+class HypergradSGD(RuleHypergrad):
     r"""SGD whose learning rate follows its hypergradient (hypergradient descent, HD).
 
     A drop-in replacement for ``torch.optim.SGD`` (same positional arguments, same update, same
@@ -48,6 +48,11 @@ class HypergradSGD(HyperOptimizer):
     hypergradient or validation loss skips the whole step (weights and learning rate unchanged)
     with one ``RuntimeWarning``. With ``hypergrad_lr=0`` the weights are bit-identical to
     ``torch.optim.SGD``'s.
+
+    The algorithm is written once, over an update rule (:class:`~hyperoptim._hypergrad.RuleHypergrad`
+    with the SGD rule :data:`hyperoptim._update.SGD`; ``HypergradAdam`` is the same class over
+    Adam's rule). With heavy-ball momentum the direction :math:`d_{t-1}` is the momentum buffer,
+    so no copy of it is kept; otherwise ``state[p]["direction"]`` holds it.
 
     Args:
         params (iterable): parameters or param-group dicts, as for ``torch.optim.SGD``.
@@ -118,169 +123,18 @@ class HypergradSGD(HyperOptimizer):
         super().__init__(params, defaults, val_closure=val_closure, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)
 
+    rule = SGD
     _supports_grad_scaler = True
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
-        lo, hi = group["lr_bounds"]
-        check_value("lr", group["lr"], lo <= group["lr"] <= hi)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *,
-             val_closure: Closure | None = None) -> Any:
-        """Perform one step: update each group's learning rate, then take PyTorch's SGD step.
-
-        Args:
-            closure (callable, optional): recomputes and returns the training loss; it may call
-                ``zero_grad()``/``backward()`` itself or not.
-            val_closure (callable, optional): overrides the constructor's ``val_closure`` for this
-                step.
-
-        Returns:
-            The closure's loss, or None.
-        """
-        loss, _ = self._training_loss(closure)
-        val_closure = self._resolve_val_closure(val_closure, required=False)
-
-        groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
-        objective: dict[Tensor, Tensor] = {}
-        val_loss: Tensor | None = None
-        if val_closure is not None:
-            with_grad = [p for _, ps in groups for p in ps]
-            val_loss, val_grads = self._validation_grads(val_closure, with_grad)
-            objective = dict(zip(with_grad, val_grads))
-
-        # Every scalar of the step goes into one flat list and one host sync: per group, its
-        # <grad E, d_{t-1}> terms (summed on the host), then the mean of per-weight rates.
-        plans = []
-        scalars: list[Tensor] = []
-        for index, (group, params) in enumerate(groups):
-            grads = [p.grad for p in params]
-            states = [self.state[p] for p in params]
-            prev = [self._previous_direction(group, s) for s in states]
-            wd = group["weight_decay"]
-            # h_t = -<grad E(w_t), d_{t-1}>; in training-loss mode grad E = grad L + wd * w.
-            if val_closure is not None:
-                objs = [objective[p] for p in params]
-            else:
-                objs = grads if wd == 0 else [g.add(p, alpha=wd) for g, p in zip(grads, params)]
-            start = len(scalars)
-            new_lrs = None
-            if group["per_parameter"]:
-                elementwise = [None if d is None else -(o * d) for o, d in zip(objs, prev)]
-                scalars.extend(-e.sum() for e in elementwise if e is not None)
-                new_lrs = self._per_parameter_lrs(index, group, params, states, elementwise)
-            else:
-                scalars.extend(_dot(o, d) for o, d in zip(objs, prev) if d is not None)
-            span = (start, len(scalars))
-            if new_lrs is not None:
-                n = sum(a.numel() for a in new_lrs)
-                scalars.append(torch.stack([a.sum() for a in new_lrs]).sum() / n if n
-                               else torch.tensor(group["lr"]))
-                scalars.append(torch.stack([a.amax() for a in new_lrs]).amax() if n
-                               else torch.tensor(group["lr"]))
-            plans.append((group, params, grads, states, span, new_lrs))
-
-        if val_loss is not None:
-            scalars.append(val_loss)
-        guard = self._guard_scalars(loss, groups)
-        values = _host_floats(scalars + guard)
-        values, checked = values[: len(scalars)], values[len(scalars):]
-
-        hypergrads = [-math.fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
-        group_lrs = [self._new_lr(plan, h, values) for plan, h in zip(plans, hypergrads)]
-        largest = [values[b + 1] if plan[-1] is not None else lr
-                   for plan, (_, b), lr in zip(plans, (p[4] for p in plans), group_lrs)]
-        # One guard for everything the step is about to commit (DESIGN.md §2): the hypergradient
-        # and validation loss, the training gradient, and the weights the new rate would give.
-        reason = None if self._all_finite(*values) else "hypergradient or validation loss"
-        if reason is None:
-            reason = self._guard_verdict(checked, groups, [{"lr": a} for a in largest])
-        if reason is not None:
-            self._warn_nonfinite(reason)
-            for i, group in enumerate(self.param_groups):
-                self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan})
-            return loss
-
-        for i, (plan, h, new_lr) in enumerate(zip(plans, hypergrads, group_lrs)):
-            group, params, grads, states, _, new_lrs = plan
-            group["lr"] = new_lr
-            lr: float | list[Tensor] = new_lr
-            if new_lrs is not None:
-                self.hyper_state.setdefault("published_lr", {})[i] = new_lr
-                for s, a in zip(states, new_lrs):
-                    s["lr"] = a
-                lr = new_lrs
-            _, bufs, dirs = sgd_direction(
-                params, grads, [s.get("momentum_buffer") for s in states],
-                group["momentum"], group["weight_decay"],
-                dampening=group["dampening"], nesterov=group["nesterov"], inplace=True,
-            )
-            apply_update_(params, dirs, lr)
-            keep_direction = group["momentum"] == 0 or group["nesterov"]
-            for s, buf, d, g in zip(states, bufs, dirs, grads):
-                if buf is not None:
-                    s["momentum_buffer"] = buf
-                if keep_direction:
-                    # Heavy ball's direction is its buffer; otherwise keep a private copy.
-                    s["direction"] = d.clone() if d is g else d
-            self._record(i, lr=group["lr"], **{"hypergrad/lr": h})
-        return loss
-
-    @staticmethod
-    def _new_lr(plan: tuple[Any, ...], h: float, values: list[float]) -> float:
-        """A group's new learning rate (per-weight groups: the new mean), not yet committed."""
-        group, *_, (_, end), new_lrs = plan
-        if new_lrs is not None:
-            return values[end]
-        lo, hi = _learned_bounds(group)
-        return min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi)
+    def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
+                         grads: list[Tensor]) -> list[Tensor]:
+        # In training-loss mode grad E = grad L + wd * w (the gradient SGD descends).
+        wd = group["weight_decay"]
+        return grads if wd == 0 else [g.add(p, alpha=wd) for g, p in zip(grads, params)]
 
     @staticmethod
     def _previous_direction(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
+        # Heavy ball's direction is its momentum buffer: no copy is kept.
         if group["momentum"] != 0 and not group["nesterov"]:
             return state.get("momentum_buffer")
         return state.get("direction")
-
-    def _per_parameter_lrs(self, index: int, group: dict[str, Any], params: list[Tensor],
-                           states: list[dict[str, Any]], hypergrads: list[Tensor | None]
-                           ) -> list[Tensor]:
-        """Candidate per-weight learning rates (not yet stored: the step may still be skipped)."""
-        published = self.hyper_state.get("published_lr", {}).get(index)
-        # A new group lr from outside (a scheduler) scales every per-weight rate by new / old.
-        scale = (group["lr"] / published if published is not None and published != group["lr"]
-                 else None)
-        lo, hi = _learned_bounds(group)
-        out = []
-        for p, s, h in zip(params, states, hypergrads):
-            a = s.get("lr")
-            if a is None or (scale is not None and not math.isfinite(scale)):
-                a = torch.full_like(p, group["lr"])
-            elif scale is not None:
-                a = (a * scale).clamp_(group["lr_bounds"][0], max(hi, group["lr"]))
-            if h is not None:
-                a = (a - group["hypergrad_lr"] * h).clamp_(lo, hi)
-            out.append(a)
-        return out
-
-
-def _learned_bounds(group: dict[str, Any]) -> tuple[float, float]:
-    """``lr_bounds``, with the upper end capped at :data:`~hyperoptim._base.LEARNED_LIMIT` (1e3)
-    unless the group's lr is already above it (a learned rate never climbs past 1e3)."""
-    lo, hi = group["lr_bounds"]
-    return lo, min(hi, max(LEARNED_LIMIT, group["lr"]))
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """<a, b> over all elements (1-D tensors skip the reshape: biases are many and small)."""
-    return torch.dot(a, b) if a.dim() == 1 else torch.dot(a.reshape(-1), b.reshape(-1))
-
-
-def _host_floats(scalars: list[Tensor]) -> list[float]:
-    """0-d tensors to Python floats with one host sync (one ``stack`` when dtypes agree)."""
-    if not scalars:
-        return []
-    dtype = scalars[0].dtype
-    if any(t.dtype != dtype for t in scalars):
-        scalars = [t.double() for t in scalars]
-    return torch.stack(scalars).tolist()

@@ -49,10 +49,12 @@ class HypergradAdam(RuleHypergrad):
     One learning rate per param group (the hypergradient sums over the group's parameters; never
     one per parameter by accident). With ``per_parameter=True`` every weight has its own learning
     rate (elementwise :math:`a_t = \operatorname{clamp}(a_{t-1} + \kappa\, \nabla E(w_t) \odot
-    d_{t-1})`), kept in ``state[p]["lr"]``; the group's ``"lr"`` shows their mean, and assigning
-    to it resets them all. ``param_groups[i]["lr"]`` is always the current learning rate as a
-    Python float, and ``history[i]`` records ``"lr"``, ``"hypergrad/lr"`` and ``"skipped"``. A
-    non-finite hypergradient or validation loss skips the whole step with one ``RuntimeWarning``.
+    d_{t-1})`), kept in ``state[p]["lr"]``; the group's ``"lr"`` shows their mean, and a value
+    assigned to it from outside scales them all by new / old (as ``HypergradSGD``'s).
+    ``param_groups[i]["lr"]`` is always the current learning rate as a Python float, and
+    ``history[i]`` records ``"lr"``, ``"hypergrad/lr"`` and ``"skipped"``. A non-finite
+    hypergradient, validation loss or training gradient, or a rate that would overflow the
+    weights' dtype, skips the whole step with one ``RuntimeWarning`` (the base's guard).
     With ``hypergrad_lr=0`` the weights are bit-identical to ``torch.optim.Adam``'s
     (``torch.optim.AdamW``'s for :class:`HypergradAdamW`). ``state[p]`` holds torch's
     ``"step"``, ``"exp_avg"``, ``"exp_avg_sq"`` and the direction ``"direction"``.

@@ -49,7 +49,7 @@ class RuleMarthe(HyperOptimizer):
         A_t = \frac{\partial \Phi_t}{\partial (w, s)} \text{ (with } H_t Z_t
         \text{ as the gradients' tangent)}, \quad B_t = \frac{\partial \Phi_t}{\partial a_t},
 
-    both from ``torch.func.jvp`` of the rule (:func:`hyperoptim._update.rule_tangents`), and
+    both from autograd of the rule (:func:`hyperoptim._update.rule_tangents`), and
     :math:`g'_1 = -\langle \nabla E, d_t \rangle` with the direction :math:`d_t` the rule's
     in-place step returns (kept in ``state[p]["direction"]``). Everything else (the hypergradient,
     :math:`\mu`, :math:`\beta`, the guard, the atomic order) is shared.
@@ -211,7 +211,7 @@ class RuleMarthe(HyperOptimizer):
         r"""This group's step of the rule and its tangent update, in place.
 
         The incoming tangents are already :math:`\mu (Z, S)` and ``hz`` is :math:`H (\mu Z)`;
-        :func:`~hyperoptim._update.rule_tangents` pushes them through ``torch.func.jvp`` of the
+        :func:`~hyperoptim._update.rule_tangents` pushes them through the Jacobian of the
         rule with column ``index`` seeded by the learning rate (:math:`B_t`). ``hz=None`` means
         :math:`\mu (Z, S) = 0`: then :math:`Z_{t+1} = B_t = -d_t` (the direction the in-place
         step returns) and :math:`S_{t+1} = 0` (this step's buffers do not depend on

@@ -37,8 +37,8 @@ class MartheAdam(RuleMarthe):
 
     the exact Jacobian of torch's step (the L2 term's :math:`\lambda Z` in the gradient, AdamW's
     :math:`(1 - a\lambda)` factor, the bias corrections and :math:`\epsilon` where torch puts
-    them), obtained by ``torch.func.jvp`` of the one Adam rule
-    (:func:`hyperoptim._update.rule_tangents`), batched over one column per group. :math:`H_t
+    them), obtained by autograd of the one Adam rule
+    (:func:`hyperoptim._update.rule_tangents`), one column per group. :math:`H_t
     Z_t` comes from the shared Hessian-vector-product routes (``hvp=``). With ``mu=1`` and a
     constant learning rate the hypergradient after :math:`T` steps is exactly the reverse-mode
     derivative through :math:`T` unrolled Adam steps

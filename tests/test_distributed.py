@@ -43,7 +43,8 @@ def _builders() -> dict[str, Callable[..., Any]]:
         "fds": lambda p, v: hyperoptim.FDSSGD(p, horizon=4, lr=0.05, momentum=0.5,
                                               weight_decay=1e-3, lr_windows=2, val_closure=v),
     }
-    for name in ("HypergradAdam", "MartheAdam"):  # the Adam family, where it exists
+    # The Adam family, where it exists.
+    for name in ("HypergradAdam", "MartheAdam", "HypergradAdamW", "MartheAdamW"):
         cls = getattr(hyperoptim, name, None)
         if cls is not None:
             out[name] = lambda p, v, cls=cls: cls(p, lr=0.01, val_closure=v)

@@ -292,3 +292,89 @@ def test_adam_vjp_matches_autograd_with_moments_detached(decoupled):
     torch.testing.assert_close(dg[0], ref[1], rtol=1e-13, atol=1e-15)
     for k, r in zip(names, ref[2:]):
         torch.testing.assert_close(dh[k], r, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("n_cols", [1, 3])
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_flattened_tangents_equal_per_parameter_tangents(rule, n_cols):
+    """An elementwise rule's tangents through one concatenated vector per (dtype, device, step
+    count, buffers present) are the per-parameter ones: mixed dtypes, lagging step counts,
+    a parameter whose momentum buffer does not exist yet, shapes of every rank."""
+    import dataclasses
+
+    base = get_rule(rule)
+    per_param = dataclasses.replace(base, elementwise=False)
+    assert base.elementwise
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(3, 2), (4,), (), (2, 1, 3), (5,)]
+    dtypes = [F64, F64, F64, torch.float32, F64]
+
+    def r(*s, dtype=F64):
+        return torch.randn(s, generator=gen, dtype=F64).to(dtype)
+
+    params = [r(*s, dtype=d) for s, d in zip(shapes, dtypes)]
+    grads = [r(*s, dtype=d) for s, d in zip(shapes, dtypes)]
+    z = [r(n_cols, *s, dtype=d) for s, d in zip(shapes, dtypes)]
+    hz = [r(n_cols, *s, dtype=d) for s, d in zip(shapes, dtypes)]
+    if rule == "sgd":
+        buffers = {"momentum_buffer": [r(*s, dtype=d) if i != 1 else None
+                                       for i, (s, d) in enumerate(zip(shapes, dtypes))]}
+        tangents = {"momentum_buffer": [None if b is None or i == 4 else r(n_cols, *s, dtype=d)
+                                        for i, (b, s, d) in enumerate(zip(
+                                            buffers["momentum_buffer"], shapes, dtypes))]}
+        hypers = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+        counts, options = None, dict(dampening=0.0, nesterov=True)
+        seeds = {"lr": r(n_cols), "momentum": r(n_cols)}
+    else:
+        buffers = {"exp_avg": [r(*s, dtype=d) for s, d in zip(shapes, dtypes)],
+                   "exp_avg_sq": [r(*s, dtype=d).abs() for s, d in zip(shapes, dtypes)]}
+        tangents = {name: [r(n_cols, *s, dtype=d) for s, d in zip(shapes, dtypes)]
+                    for name in buffers}
+        hypers = dict(lr=0.01, beta1=0.9, beta2=0.999, weight_decay=0.1)
+        counts, options = [3.0, 3.0, 2.0, 3.0, 3.0], dict(eps=1e-8, decoupled_weight_decay=True)
+        seeds = {"lr": r(n_cols), "beta1": r(n_cols)}
+    args = (params, grads, buffers, hypers, z, hz, tangents, seeds)
+    z_flat, s_flat = rule_tangents(base, *args, counts=counts, **options)
+    z_ref, s_ref = rule_tangents(per_param, *args, counts=counts, **options)
+    for a, b in zip(z_flat, z_ref, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for name in base.buffer_names:
+        for a, b in zip(s_flat[name], s_ref[name], strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.shape == b.shape and a.is_contiguous()
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_adam_tangents_equal_torch_func_jvp(decoupled):
+    """rule_tangents (two reverse passes) against torch.func.jvp of the Adam rule's step."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(3, 2), (4,)]
+
+    def r(*s):
+        return torch.randn(s, generator=gen, dtype=F64)
+
+    w, g = [r(*s) for s in shapes], [r(*s) for s in shapes]
+    bufs = {"exp_avg": [r(*s) for s in shapes], "exp_avg_sq": [r(*s).abs() for s in shapes]}
+    z, hz = [r(1, *s) for s in shapes], [r(1, *s) for s in shapes]
+    tans = {k: [r(1, *s) for s in shapes] for k in bufs}
+    hypers = dict(lr=0.01, beta1=0.9, beta2=0.999, weight_decay=0.1)
+    options = dict(eps=1e-8, decoupled_weight_decay=decoupled)
+    counts = [2.0, 2.0]
+    zn, sn = rule_tangents(ADAM, w, g, bufs, hypers, z, hz, tans, {"lr": torch.ones(1)},
+                           counts=counts, **options)
+
+    def step(ws, gs, ms, vs, a):
+        new_w, new_b = ADAM.step(list(ws), list(gs), {"exp_avg": list(ms), "exp_avg_sq": list(vs)},
+                                 dict(hypers, lr=a), counts, **options)
+        return tuple(new_w), tuple(new_b["exp_avg"]), tuple(new_b["exp_avg_sq"])
+
+    first = [tuple(t[0] for t in ts) for ts in (z, hz, tans["exp_avg"], tans["exp_avg_sq"])]
+    _, (dw, dm, dv) = torch.func.jvp(
+        step, (tuple(w), tuple(g), tuple(bufs["exp_avg"]), tuple(bufs["exp_avg_sq"]),
+               torch.tensor(0.01, dtype=F64)), (*first, torch.tensor(1.0, dtype=F64)))
+    for got, want in ((zn, dw), (sn["exp_avg"], dm), (sn["exp_avg_sq"], dv)):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a[0], b, rtol=1e-12, atol=1e-14)
