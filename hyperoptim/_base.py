@@ -440,10 +440,12 @@ class HyperOptimizer(Optimizer):
             first_loss = watch.setdefault("first_loss", loss)
             low = min(watch.get("min_loss", loss), loss)
             watch["min_loss"] = low
-            if loss > max(first_loss, _DIVERGED_LOSS_RATIO * low) and loss > 0:
-                message = (f"the training loss is {loss:.4g}, above its first value "
-                           f"{first_loss:.4g} and {loss / max(low, 1e-300):.3g} times its lowest "
-                           f"so far ({low:.4g})")
+            # Far above the lowest loss on the scale of the run itself (its first value and its
+            # lowest), so that losses near 0 or below it (maximize) do not look divergent.
+            scale = max(abs(first_loss - low), abs(low))
+            if scale > 0 and loss - low > _DIVERGED_LOSS_RATIO * scale:
+                message = (f"the training loss is {loss:.4g}; it started at {first_loss:.4g} "
+                           f"and its lowest so far is {low:.4g}")
         if message is not None:
             watch["warned"] = True
             warnings.warn(
