@@ -122,6 +122,8 @@ class Result:
     lr: list[float] = field(default_factory=list)
     val_curve: list[tuple[float, float]] = field(default_factory=list)  # (wall seconds, val loss)
     schedules: list[list[float]] = field(default_factory=list)  # FDS: lr schedule per outer step
+    #: (step, val loss) per episode: one curve for an online method, one per episode for FDS
+    step_curves: list[list[tuple[int, float]]] = field(default_factory=list)
     test_acc: float = math.nan
     test_loss: float = math.nan
     wall: float = 0.0
@@ -178,6 +180,7 @@ def _online(name: str, data: Splits, steps: int, batch: int, seed: int, bar: Any
     result = Result(name)
     every = max(1, steps // 50)
     spent = 0.0
+    result.step_curves.append([])
     for t, idx in enumerate(_batches(len(data.y_train), batch, steps, seed)):
         start = time.perf_counter()
 
@@ -191,7 +194,9 @@ def _online(name: str, data: Splits, steps: int, batch: int, seed: int, bar: Any
         spent += time.perf_counter() - start
         result.lr.append(float(opt.param_groups[0]["lr"]))
         if t % every == 0 or t == steps - 1:
-            result.val_curve.append((spent, _evaluate(model, data.x_val, data.y_val)[0]))
+            val_loss = _evaluate(model, data.x_val, data.y_val)[0]
+            result.val_curve.append((spent, val_loss))
+            result.step_curves[-1].append((t + 1, val_loss))
         bar.update(1)
     result.wall = spent
     result.test_loss, result.test_acc = _evaluate(model, data.x_test, data.y_test)
@@ -215,13 +220,16 @@ def _fds(data: Splits, steps: int, batch: int, seed: int, outer: int, bar: Any) 
     for episode in range(outer):
         model.load_state_dict(init)
         result.schedules.append(opt.schedule("lr"))
+        result.step_curves.append([])
         for t, idx in enumerate(batches):
             start = time.perf_counter()
             opt.step(lambda idx=idx: F.cross_entropy(model(data.x_train[idx]),
                                                      data.y_train[idx]))
             spent += time.perf_counter() - start
             if t % every == 0 or t == steps - 1:
-                result.val_curve.append((spent, _evaluate(model, data.x_val, data.y_val)[0]))
+                val_loss = _evaluate(model, data.x_val, data.y_val)[0]
+                result.val_curve.append((spent, val_loss))
+                result.step_curves[-1].append((t + 1, val_loss))
             bar.update(1)
         if episode < outer - 1:
             start = time.perf_counter()
@@ -284,35 +292,94 @@ def format_table(results: list[Result], steps: int, outer: int) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Result], out: Path, steps: int) -> Path:
+def _fds_colors(n: int) -> list[tuple[float, float, float]]:
+    """One opaque colour per FDS episode: pale (episode 0) to ``COLORS["fds"]`` (the last)."""
+    from matplotlib.colors import to_rgb
+
+    base = to_rgb(COLORS["fds"])
+    fractions = [0.45 + 0.55 * k / max(1, n - 1) for k in range(n)]
+    return [(1 - f * (1 - base[0]), 1 - f * (1 - base[1]), 1 - f * (1 - base[2])) for f in fractions]
+
+
+def _title(results: list[Result], steps: int) -> str:
+    adam = any(r.name in ADAM_METHODS for r in results)
+    start = ", ".join(f"{k} {v:g}" for k, v in (POOR_ADAM if adam else POOR).items())
+    return (f"scikit-learn digits, MLP 64-64-10, {steps} steps of batch 64; every hyperoptim "
+            f"optimizer starts from the poor {start}")
+
+
+def figure(results: list[Result], steps: int) -> Any:
+    """The demo's figure (a matplotlib ``Figure``, one legend for every panel).
+
+    Panels: learning rate against step; validation loss against wall time on a log axis (so that
+    the fast methods are not crushed by FDSSGD's episodes); with FDSSGD, validation loss against
+    step in each of its episodes. The fixed baselines are thin dashed lines drawn on top, the
+    tuned methods wide lines beneath, so that a method that sits on a baseline (FDSSGD's episode 0
+    runs the poor start) stays visible.
+    """
     _, _, matplotlib = _require_extras()
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    fig, (ax_lr, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    fds = next((r for r in results if r.name == "fds"), None)
+    fig, axes = plt.subplots(1, 3 if fds else 2, figsize=(16.5 if fds else 11.5, 5.2))
+    ax_lr, ax_time = axes[0], axes[1]
+    ax_ep = axes[2] if fds else None
+    episode_colors = _fds_colors(len(fds.schedules)) if fds else []
+    baseline = dict(linestyle="--", linewidth=1.3, zorder=5)
     for r in results:
         if r.name == "fds":
-            n = len(r.schedules)
-            for k, sched in enumerate(r.schedules):
-                xs = [t for t in range(steps)]
+            for k, (sched, curve, color) in enumerate(zip(r.schedules, r.step_curves, episode_colors)):
+                label = f"{LABELS['fds']} episode {k}"
+                xs = list(range(steps))
                 ys = [sched[min(len(sched) - 1, t * len(sched) // steps)] for t in xs]
-                ax_lr.plot(xs, ys, color=COLORS[r.name], alpha=0.3 + 0.7 * (k + 1) / n,
-                           label=f"{LABELS[r.name]} (outer {k})" if k in (0, n - 1) else None)
-        else:
-            ax_lr.plot(r.lr, color=COLORS[r.name], label=LABELS[r.name],
-                       linestyle="--" if r.name.startswith("sgd") else "-")
-        xs, ys = zip(*r.val_curve) if r.val_curve else ((), ())
-        ax_val.plot(xs, ys, color=COLORS[r.name], label=LABELS[r.name])
-    ax_lr.set_yscale("symlog", linthresh=1e-3)
+                ax_lr.plot(xs, ys, color=color, linewidth=3.0, zorder=3, label=label)
+                if ax_ep is not None:
+                    ax_ep.plot(*zip(*curve), color=color, linewidth=3.0, zorder=3, label=label)
+            # on the time axis, the episodes one after another, each in its own colour
+            points = iter(r.val_curve)
+            for k, (curve, color) in enumerate(zip(r.step_curves, episode_colors)):
+                segment = [next(points) for _ in curve]
+                ax_time.plot(*zip(*segment), color=color, linewidth=2.0, zorder=3,
+                             label=f"{LABELS['fds']} episode {k}")
+            continue
+        style = baseline if r.name in ("sgd-poor", "sgd-tuned", "adam-poor", "adam-tuned") else {
+            "linewidth": 2.0, "zorder": 3}
+        ax_lr.plot(r.lr, color=COLORS[r.name], label=LABELS[r.name], **style)
+        ax_time.plot(*zip(*r.val_curve), color=COLORS[r.name], label=LABELS[r.name], **style)
+        if ax_ep is not None:
+            ax_ep.plot(*zip(*r.step_curves[0]), color=COLORS[r.name], label=LABELS[r.name],
+                       **{**style, "linewidth": 1.0, "alpha": 0.5})
+    ax_lr.set_yscale("log")
     ax_lr.set_xlabel("step")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.legend(fontsize="small")
-    ax_val.set_xscale("symlog", linthresh=1.0)
-    ax_val.set_xlabel("wall time (s; FDSSGD: all its episodes)")
-    ax_val.set_ylabel("validation loss")
-    ax_val.set_yscale("log")
-    ax_val.legend(fontsize="small")
-    fig.tight_layout()
+    ax_lr.set_ylabel("learning rate (log)")
+    ax_lr.set_title("Learning rate at each step" + (
+        "\n(FDSSGD: the schedule each episode ran)" if fds else ""))
+    ax_time.set_xscale("log")
+    ax_time.set_yscale("log")
+    ax_time.set_xlabel("wall time, s (log; optimizer steps only)")
+    ax_time.set_ylabel("validation loss (log)")
+    ax_time.set_title("Validation loss against wall time" + (
+        "\n(FDSSGD: its episodes one after another)" if fds else ""))
+    if ax_ep is not None:
+        ax_ep.set_yscale("log")
+        ax_ep.set_xlabel("step (within the episode)")
+        ax_ep.set_ylabel("validation loss (log)")
+        ax_ep.set_title("FDSSGD: validation loss in each episode\n(faint: the other methods)")
+    handles, labels = ax_lr.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize="small",
+               frameon=False)
+    fig.suptitle(_title(results, steps))
+    rows = math.ceil(len(labels) / 5)
+    fig.tight_layout(rect=(0, 0.015 + 0.04 * rows, 1, 1))
+    return fig
+
+
+def plot(results: list[Result], out: Path, steps: int) -> Path:
+    """Write :func:`figure` to ``out/hyperoptim_demo.png``."""
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig = figure(results, steps)
     path = out / "hyperoptim_demo.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

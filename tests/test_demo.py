@@ -53,3 +53,108 @@ def test_demo_inner_adam(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(LABELS[name] in out for name in ADAM_METHODS) and LABELS["hd"] + " " not in out
     assert "betas" in out
+
+
+# --------------------------------------------------------------------------- the figure
+@pytest.fixture(scope="module")
+def demo_figure():
+    """The demo's figure from a short real run of every method (30 steps, 2 FDS episodes)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hyperoptim._demo import figure, run_demo
+
+    results, _ = run_demo(METHODS, steps=30, quick=True, out=_tmp_out(), progress=False,
+                          stream=io.StringIO())
+    fig = figure(results, 30)
+    yield fig, results
+    plt.close(fig)
+
+
+def _tmp_out():
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="hyperoptim_demo_test_")
+
+
+def _rgba(line):
+    from matplotlib.colors import to_rgba
+
+    return to_rgba(line.get_color(), line.get_alpha())
+
+
+def test_every_panel_has_a_title_naming_what_it_shows(demo_figure):
+    fig, _ = demo_figure
+    assert len(fig.axes) == 3
+    for ax in fig.axes:
+        assert ax.get_title().strip(), "an axis without a title"
+    assert "digits" in fig.get_suptitle() and "MLP" in fig.get_suptitle()
+
+
+def test_legend_swatches_have_the_colour_of_the_lines_they_label(demo_figure):
+    fig, results = demo_figure
+    legend = fig.legends[0] if fig.legends else fig.axes[0].get_legend()
+    entries = dict(zip([t.get_text() for t in legend.get_texts()], legend.get_lines()))
+    fds = next(r for r in results if r.name == "fds")
+    # every method has an entry, FDSSGD one per episode, and no two entries look the same
+    expected = [LABELS[m] for m in METHODS if m != "fds"]
+    expected += [f"{LABELS['fds']} episode {k}" for k in range(len(fds.schedules))]
+    assert sorted(entries) == sorted(expected)
+    looks = [(_rgba(h), h.get_linestyle()) for h in entries.values()]
+    assert len(set(looks)) == len(looks)
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            label = line.get_label()
+            assert label in entries, f"unlabelled line {label!r} in {ax.get_title()!r}"
+            swatch = entries[label]
+            # the faint reference lines may be lighter; the hue and the style must match
+            assert _rgba(swatch)[:3] == _rgba(line)[:3], label
+            assert swatch.get_linestyle() == line.get_linestyle(), label
+            if line.get_alpha() is None:
+                assert _rgba(swatch) == _rgba(line), label
+
+
+def test_a_line_on_top_of_another_leaves_it_visible(demo_figure):
+    """FDSSGD's episode 0 runs the poor start: its line coincides with the poor baseline's and
+    must not hide under it (the line drawn above must be the narrower one)."""
+    import numpy as np
+
+    fig, _ = demo_figure
+    coincident = 0
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        for i, a in enumerate(lines):
+            for b in lines[i + 1:]:
+                xa, ya = np.asarray(a.get_xdata(), float), np.asarray(a.get_ydata(), float)
+                xb, yb = np.asarray(b.get_xdata(), float), np.asarray(b.get_ydata(), float)
+                if xa.shape != xb.shape or not (np.allclose(xa, xb) and np.allclose(ya, yb)):
+                    continue
+                coincident += 1
+                # matplotlib draws by zorder, then in insertion order
+                below, above = (a, b) if a.get_zorder() <= b.get_zorder() else (b, a)
+                assert above.get_linewidth() < below.get_linewidth(), (
+                    f"{above.get_label()!r} hides {below.get_label()!r}")
+    assert coincident >= 1  # episode 0 and the poor baseline in the learning-rate panel
+
+
+def test_the_time_axis_shows_every_method(demo_figure):
+    """Each method's validation curve lies inside the time axis and spans a fair share of its
+    width (a symlog axis crushed the fast methods into its left sixth)."""
+    import numpy as np
+
+    fig, results = demo_figure
+    ax = next(a for a in fig.axes if "wall time" in a.get_xlabel())
+    lo, hi = ax.get_xlim()
+    to_axes = ax.transData + ax.transAxes.inverted()
+    for r in results:
+        names = {LABELS[r.name]} | {f"{LABELS[r.name]} episode {k}" for k in range(len(r.schedules))}
+        xs = np.concatenate([np.asarray(line.get_xdata(), float) for line in ax.get_lines()
+                             if line.get_label() in names])
+        inside = xs[(xs >= lo) & (xs <= hi)]
+        assert inside.size >= 0.9 * xs.size and inside.size > 0, r.name
+        fractions = to_axes.transform(np.column_stack([inside, np.ones_like(inside)]))[:, 0]
+        assert fractions.max() - fractions.min() >= 0.15, (r.name, fractions.min(), fractions.max())
