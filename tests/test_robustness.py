@@ -526,3 +526,19 @@ def test_compiled_model_with_finite_difference_hvp(name):
     assert opt.hvp_route == "finite_difference" and opt.skipped_steps == 0
     for p in task.model.parameters():
         assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("losses,warns", [
+    ([-1.0, -2.0, -3.0, -2.5, 0.5], False),  # maximize: losses below 0 are not a divergence
+    ([2.3, 1e-3, 1e-12, 1e-9, 5e-6], False),  # converging to 0, noise near 0
+    ([1.0, 0.5, 0.4, 200.0], True),  # over 100x the run's own scale (0.6) above its lowest
+])
+def test_divergence_watch_uses_the_runs_own_loss_scale(losses, warns):
+    import warnings as _warnings
+
+    opt = HypergradSGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        for loss in losses:
+            opt._watch_divergence(loss, [0.1])
+    assert any("divergent" in str(w.message) for w in caught) == warns
