@@ -355,17 +355,27 @@ class HyperOptimizer(Optimizer):
                        plans: Sequence[tuple[dict[str, Any], list[Tensor]]]) -> list[Tensor]:
         r"""Device scalars the guard needs, to join the step's one host sync.
 
-        The training loss (0 without one), then per group :math:`\max|w|`, :math:`\max|g|` and
-        :math:`\max|v|` (weights, training gradients, momentum buffers; NaN propagates, so a
-        non-finite gradient shows here). Float64, one reduction per tensor.
+        The training loss (0 without one), then per group bounds of :math:`\max|w|`,
+        :math:`\max|g|` and :math:`\max|v|` (weights, training gradients, momentum buffers: the
+        largest 2-norm of their tensors; NaN propagates, so a non-finite gradient shows here).
+        Float64, one fused reduction per group.
         """
         device = next((p.device for _, ps in plans for p in ps), None)
         out = [loss.detach().double().reshape(()) if loss is not None
                else torch.zeros((), dtype=torch.float64, device=device)]
         for _, params in plans:
             bufs = [b for b in (self.state[p].get("momentum_buffer") for p in params) if b is not None]
-            for tensors in (params, [p.grad for p in params], bufs):
-                out.append(_max_abs(tensors, device))
+            kinds = (params, [p.grad for p in params], bufs)
+            # One fused reduction over the three lists (as torch.nn.utils.clip_grad_norm_ does).
+            # The 2-norm bounds the largest element and is 20x faster on a CPU than the inf-norm;
+            # NaN and inf propagate through it.
+            norms = torch._foreach_norm([t for ts in kinds for t in ts]) if params else []
+            start = 0
+            for ts in kinds:
+                part = norms[start:start + len(ts)]
+                start += len(ts)
+                out.append(torch.stack(part).max().double() if part else
+                           torch.zeros((), dtype=torch.float64, device=device))
         return [t.to(out[0].device) for t in out]
 
     def _guard_verdict(self, values: Sequence[float],
@@ -893,14 +903,6 @@ def _with_step_checks(step: Callable[..., Any]) -> Callable[..., Any]:
         return out
 
     return checked_step
-
-
-def _max_abs(tensors: Sequence[Tensor], device: torch.device | None) -> Tensor:
-    r""":math:`\max |x|` over a list of tensors as a float64 0-d tensor (0 for an empty list)."""
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    norms = [torch.linalg.vector_norm(t, math.inf).double() for t in tensors]
-    return torch.stack(norms).max() if len(norms) > 1 else norms[0]
 
 
 def _to_device(obj: Any, device: torch.device | None) -> Any:
