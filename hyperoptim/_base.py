@@ -13,17 +13,19 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._dist import all_reduce_mean, check_supported_parameters
+from ._hvp import HVP_ROUTES, RngReplay, SecondOrder
 from ._types import Closure, ParamsT
 
 __all__ = [
-    "HyperOptimizer", "check_sgd_arguments", "check_value", "frozen_batchnorm_stats", "is_real",
+    "HyperOptimizer", "all_reduce_mean", "check_sgd_arguments", "check_value",
+    "frozen_batchnorm_stats", "is_real",
 ]
 
 # float16's range, the narrowest floating dtype's: values within it fit every parameter.
@@ -51,25 +53,6 @@ def check_sgd_arguments(lr: Any, momentum: Any, dampening: Any, weight_decay: An
     check_value("nesterov", nesterov, isinstance(nesterov, bool))
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
-
-def all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Average tensors across ranks (a no-op unless ``torch.distributed`` runs with >1 rank).
-
-    Every vector an optimizer computes itself (validation gradients, Hessian-vector products,
-    training gradients it takes with ``autograd.grad``) goes through here, so that N ranks with the
-    batch split N ways follow the trajectory of one rank with the whole batch. One flat collective.
-    """
-    tensors = list(tensors)
-    if not tensors or not (dist.is_available() and dist.is_initialized()):
-        return tensors
-    world = dist.get_world_size()
-    if world == 1:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat.div_(world)
-    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 @contextlib.contextmanager
@@ -111,36 +94,6 @@ def frozen_batchnorm_stats(module: nn.Module) -> Iterator[nn.Module]:
             m._buffers[name] = buf
 
 
-class _BackwardRecorder:
-    """Within the context, ``Tensor.backward`` keeps the graph of the gradient it computes.
-
-    Second-order methods need H·Z from the gradient graph; a torch.optim-style closure that calls
-    ``loss.backward()`` itself would free it. Forcing ``create_graph=True`` there lets both kinds of
-    closure work without a second forward pass.
-    """
-
-    def __init__(self) -> None:
-        self.called = False
-        self._orig = torch.Tensor.backward
-
-    def __enter__(self) -> _BackwardRecorder:
-        orig = self._orig
-        recorder = self
-
-        def backward(tensor: Tensor, gradient: Tensor | None = None, retain_graph: bool | None = None,
-                     create_graph: bool = False, inputs: Any = None) -> None:
-            recorder.called = True
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*create_graph=True.*reference cycle.*")
-                orig(tensor, gradient, retain_graph=True, create_graph=True, inputs=inputs)
-
-        torch.Tensor.backward = backward  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        torch.Tensor.backward = self._orig  # type: ignore[method-assign]
-
-
 def _grad_snapshot(params: Sequence[Tensor]) -> list[tuple[Tensor | None, int]]:
     # Holding the tensors keeps their ids from being reused; the version catches in-place accumulation.
     return [(p.grad, p.grad._version if p.grad is not None else -1) for p in params]
@@ -171,18 +124,38 @@ class HyperOptimizer(Optimizer):
     history: list[dict[str, list[Any]]]
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *,
-                 val_closure: Closure | None = None) -> None:
+                 val_closure: Closure | None = None, hvp: str = "auto") -> None:
         if val_closure is not None and not callable(val_closure):
             raise ValueError(f"Invalid val_closure value: {val_closure!r}")
+        check_value("hvp", hvp, isinstance(hvp, str) and hvp in HVP_ROUTES)
         self.history = []
         self.hyper_state: dict[str, Any] = {}
         self.val_closure = val_closure
+        self.hvp = hvp
+        self._hvp_route: str | None = None
         self._warned_nonfinite = False
         super().__init__(params, defaults)
+
+    @property
+    def hvp_route(self) -> str | None:
+        """The Hessian-vector-product route of the latest step that needed one (``None`` before)."""
+        return self._hvp_route
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        if self.hvp != "auto" or self._hvp_route is not None:
+            ran = f", last step: {self._hvp_route}" if self._hvp_route is not None else ""
+            text = text[:-1] + f"hvp: {self.hvp}{ran}\n)"
+        return text
 
     # ------------------------------------------------------------------ groups, history
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        try:
+            check_supported_parameters(type(self).__name__, self.param_groups[-1]["params"])
+        except ValueError:
+            self.param_groups.pop()
+            raise
         self.history.append({})
 
     def _record(self, group_index: int, *, skipped: bool = False, **values: float | list[float]) -> None:
@@ -229,25 +202,32 @@ class HyperOptimizer(Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _training_loss(self, closure: Closure | None, *, create_graph: bool = False
-                       ) -> tuple[Tensor | None, dict[Tensor, Tensor] | None]:
+    def _training_loss(self, closure: Closure | None, *, second_order: bool = False
+                       ) -> tuple[Tensor | None, SecondOrder | None]:
         r"""Run the training ``closure`` so that ``p.grad`` holds the gradient of its loss.
 
         The closure recomputes the loss from the live parameters and returns it; it may call
         ``zero_grad()``/``backward()`` itself (the torch.optim pattern) or not: if it did not, the
-        gradients are taken here with ``autograd.grad`` (averaged across ranks) and written to
-        ``p.grad``. Without a closure, the gradients already in ``p.grad`` are used.
+        gradients are taken here with ``autograd.grad`` and written to ``p.grad``. Either way the
+        gradients are averaged across ranks under ``torch.distributed`` (for a
+        ``DistributedDataParallel`` model, whose hooks already averaged them, this changes
+        nothing). Without a closure, the gradients already in ``p.grad`` are used as they are.
 
-        With ``create_graph=True`` (second-order methods) the returned dict maps every parameter
-        with a gradient to that gradient *with its graph*, from which H·Z is taken; ``p.grad`` holds
-        the detached value. Callers must drop the dict when done.
+        With ``second_order=True`` the second value is a :class:`~hyperoptim._hvp.SecondOrder`
+        giving :math:`H Z` by the route ``self.hvp`` selects (``"auto"``: exact if the closure
+        returned the loss without calling ``backward()``, finite differences if it called it).
+        Callers close it when done.
 
         Returns:
-            ``(loss, graph_grads)``: the closure's loss (``None`` without a closure) and, with
-            ``create_graph``, the gradients with their graph (``None`` otherwise).
+            ``(loss, second)``: the closure's loss (``None`` without a closure) and the
+            second-order handle (``None`` unless ``second_order``).
+
+        Raises:
+            ValueError: no closure where one is needed, a closure that returns no tensor, or
+                ``hvp="exact"`` with a closure that calls ``backward()`` itself.
         """
         if closure is None:
-            if create_graph:
+            if second_order:
                 raise ValueError(
                     f"{type(self).__name__} needs second-order information: call "
                     "step(closure) with a closure that recomputes and returns the training loss "
@@ -256,36 +236,77 @@ class HyperOptimizer(Optimizer):
             return None, None
         params = self._all_params()
         before = _grad_snapshot(params)
-        recorder = _BackwardRecorder() if create_graph else contextlib.nullcontext()
-        with torch.enable_grad(), recorder:
+        rng = RngReplay([p.device for p in params]) if second_order else None
+        with torch.enable_grad():
             loss = closure()
-        called_backward = _grads_changed(before, params)
         if not isinstance(loss, Tensor):
             raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
-        if create_graph and called_backward and not recorder.called:  # type: ignore[union-attr]
-            raise ValueError(
-                f"{type(self).__name__} needs the graph of the training gradient, but the closure "
-                "computed gradients without Tensor.backward() (e.g. torch.autograd.backward). "
-                "Return the loss from the closure, or call loss.backward() in it."
-            )
-        graph_grads: dict[Tensor, Tensor] | None = None
-        if not called_backward:
+        called_backward = _grads_changed(before, params)
+        route = self._route(called_backward) if second_order else None
+        graph_grads: list[Tensor] | None = None
+        if called_backward:
+            used = [p for p in params if p.grad is not None]
+            for g, mean in zip([p.grad for p in used], all_reduce_mean([p.grad for p in used])):
+                if mean is not g:
+                    g.copy_(mean)
+        else:
             if not loss.requires_grad:
                 raise ValueError("Invalid closure return value: the loss does not require grad")
-            grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=create_graph)
-            used = [(p, g) for p, g in zip(params, grads) if g is not None]
-            reduced = all_reduce_mean([g for _, g in used])
-            for (p, _), g in zip(used, reduced):
-                p.grad = g.detach()
-            if create_graph:
-                graph_grads = {p: g for (p, _), g in zip(used, reduced)}
-        elif create_graph:
-            graph_grads = {}
-            for p in params:
-                if p.grad is not None:
-                    graph_grads[p] = p.grad
-                    p.grad = p.grad.detach()
-        return loss.detach(), graph_grads
+            exact = route == "exact"
+            grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=exact)
+            pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+            used = [p for p, _ in pairs]
+            # Averaged after differentiating: the local gradients keep their graph for H·Z.
+            for p, mean in zip(used, all_reduce_mean([g.detach() for _, g in pairs])):
+                p.grad = mean
+            if exact:
+                graph_grads = [g for _, g in pairs]
+        if route is None:
+            return loss.detach(), None
+        rng = cast(RngReplay, rng)
+        rng.mark_after()
+        self._hvp_route = route
+        gradient_at = None if route == "exact" else (lambda: self._gradient_at(closure, used))
+        return loss.detach(), SecondOrder(used, route, graph_grads=graph_grads,
+                                          gradient_at=gradient_at, rng=rng)
+
+    def _route(self, called_backward: bool) -> str:
+        """The HVP route for this step (DESIGN.md §3), or a ValueError saying what to change."""
+        if self.hvp == "auto":
+            return "finite_difference" if called_backward else "exact"
+        if self.hvp == "exact" and called_backward:
+            raise ValueError(
+                f"{type(self).__name__}(hvp='exact') takes H·Z by double backward through the "
+                "training gradient, but the closure called backward() itself, which frees that "
+                "graph. Return the loss from the closure without calling backward(), or pass "
+                "hvp='finite_difference' (first-order gradients only: works with backward() in "
+                "the closure, DDP, torch.compile and Lightning)."
+            )
+        return self.hvp
+
+    def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
+        """The closure's training gradient at the live (perturbed) weights, local to this rank.
+
+        ``p.grad`` of every parameter is left exactly as it was: the closure runs with no
+        gradients present (so one that accumulates without ``zero_grad()`` is still right), and
+        the original gradient tensors are put back afterwards.
+        """
+        everything = self._all_params()
+        saved = [p.grad for p in everything]
+        for p in everything:
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                loss = closure()
+            if any(p.grad is not None for p in everything):
+                return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if not isinstance(loss, Tensor) or not loss.requires_grad:
+                raise ValueError("Invalid closure return value: the loss does not require grad")
+            raw = torch.autograd.grad(loss, params, allow_unused=True)
+            return [g if g is not None else torch.zeros_like(p) for p, g in zip(params, raw)]
+        finally:
+            for p, g in zip(everything, saved):
+                p.grad = g
 
     def _resolve_val_closure(self, val_closure: Closure | None, *, required: bool) -> Closure | None:
         val_closure = val_closure if val_closure is not None else self.val_closure
@@ -356,6 +377,8 @@ class HyperOptimizer(Optimizer):
             "history": [{} for _ in state.get("param_groups", [])],
             "hyper_state": {},
             "val_closure": None,
+            "hvp": "auto",
+            "_hvp_route": None,
             "_warned_nonfinite": False,
         }
         for key, value in missing.items():

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from ._base import HyperOptimizer, check_value, is_real
-from ._hvp import hvp_from_grads
 from ._schedule import window_of
 from ._types import Closure, ParamsT
 from ._update import apply_update_, sgd_direction, sgd_tangents
@@ -150,6 +149,13 @@ class FDSSGD(HyperOptimizer):
         nesterov (bool, optional): Nesterov momentum (default: False).
         val_closure (callable, optional): returns the validation loss from the live parameters,
             evaluated by :meth:`hyperstep`; may be overridden there (default: None).
+        hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim._hvp`): ``"exact"``
+            (double backward; the closure must return the loss without calling ``backward()``),
+            ``"finite_difference"`` (central differences of gradients, two extra closure calls
+            per tangent column; works with ``backward()`` in the closure, DDP,
+            ``torch.compile``), ``"forward_difference"`` (one extra call per column), or
+            ``"auto"``: exact if the closure returns the loss without calling ``backward()``,
+            central differences if it calls it (default: ``"auto"``).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -191,6 +197,7 @@ class FDSSGD(HyperOptimizer):
         hz_clip: float | None = None,
         nesterov: bool = False,
         val_closure: Closure | None = None,
+        hvp: str = "auto",
     ) -> None:
         check_value("horizon", horizon, _is_count(horizon) and horizon >= 1)
         defaults = dict(
@@ -200,7 +207,7 @@ class FDSSGD(HyperOptimizer):
             hz_clip=hz_clip, nesterov=nesterov,
         )
         defaults = self._checked_options(defaults, horizon)
-        super().__init__(params, defaults, val_closure=val_closure)
+        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp)
         self.hyper_state.update(step=0, episode=0, outer={})
 
     # ------------------------------------------------------------------ configuration
@@ -326,18 +333,16 @@ class FDSSGD(HyperOptimizer):
                 "FDSSGD needs second-order information: call step(closure) with a closure that "
                 "recomputes and returns the training loss (it may call backward() itself)."
             )
+        loss, second = self._training_loss(closure, second_order=n_prev > 0)
+        hz: dict[Tensor, Tensor] = {}
+        if second is not None:
+            with second:
+                zs = [self._tangent(p, _Z, n_prev) for p in second.params]
+                hz = dict(zip(second.params, second.hvp(zs), strict=True))
+        # Nothing changes before this line (the closure and the HVP may raise).
         self._take_user_values(t)
-        loss, graph_grads = self._training_loss(closure, create_graph=n_prev > 0)
-
         groups = [(gi, group, self._params_with_grad(group))
                   for gi, group in enumerate(self.param_groups)]
-        everything = [p for _, _, ps in groups for p in ps]
-        hz: dict[Tensor, Tensor] = {}
-        if n_prev and everything:
-            zs = [self._tangent(p, _Z, n_prev) for p in everything]
-            grads = [graph_grads.get(p, p.grad) if graph_grads else p.grad for p in everything]
-            hz = dict(zip(everything, hvp_from_grads(grads, everything, zs), strict=True))
-        del graph_grads
 
         for gi, group, params in groups:
             if params:

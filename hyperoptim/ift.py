@@ -6,13 +6,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._base import HyperOptimizer, all_reduce_mean, check_sgd_arguments, check_value, is_real
+from ._base import HyperOptimizer, check_sgd_arguments, check_value, is_real
+from ._hvp import SecondOrder
 from ._types import Closure, ParamsT
 from ._update import sgd_direction
 
@@ -74,16 +75,24 @@ def _mean_over_weights(values: Sequence[Tensor], params: Sequence[Tensor]) -> Te
 
 
 def _vjp_through_update(updates: Sequence[Tensor], params: Sequence[Tensor],
-                        vectors: Sequence[Tensor]) -> list[Tensor]:
-    r""":math:`(\partial\mathbf u/\partial w)^\top q`: every second-order product IFT takes.
+                        weights: Sequence[Tensor], grads: Sequence[Tensor],
+                        q: Sequence[Tensor], second: SecondOrder) -> list[Tensor]:
+    r""":math:`(\partial\mathbf u/\partial w)^\top q`, ``u`` a function of ``(w, g(w))``: every
+    second-order product IFT takes.
 
-    ``updates`` carry the graph of the training gradient, so this is the double backward that
-    holds :math:`H q`; averaged across ranks. (One place, to move onto the base's
-    ``SecondOrder.hvp`` routes: :math:`(\partial u/\partial w)^\top q + H (\partial u/\partial g)^\top q`.)
+    The rule's own vector-Jacobian product gives the direct term (weight decay) and the
+    gradient's cotangent; the latter goes through :math:`H` by the step's HVP route
+    (:class:`hyperoptim._hvp.SecondOrder`, averaged across ranks):
+    :math:`(\partial u/\partial w)^\top q + H (\partial u/\partial g)^\top q`.
     """
-    out = torch.autograd.grad(list(updates), list(params), grad_outputs=list(vectors),
+    raw = torch.autograd.grad(list(updates), list(weights) + list(grads), grad_outputs=list(q),
                               retain_graph=True, allow_unused=True)
-    return all_reduce_mean([torch.zeros_like(p) if j is None else j for p, j in zip(params, out)])
+    n = len(params)
+    direct = [torch.zeros_like(p) if j is None else j for p, j in zip(params, raw[:n])]
+    through_g = {p: (torch.zeros_like(p) if j is None else j) for p, j in zip(params, raw[n:])}
+    hq = second.hvp([through_g.get(p, torch.zeros_like(p)).unsqueeze(0) for p in second.params])
+    by_param = dict(zip(second.params, hq))
+    return [d + by_param[p][0] if p in by_param else d for p, d in zip(params, direct)]
 
 
 class SignSGD(Optimizer):
@@ -264,6 +273,14 @@ class IFTOptimizer(HyperOptimizer):
             (above; default: ``"taken"``, the authors').
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be given to :meth:`step` instead (default: None).
+        hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim._hvp`): ``"exact"``
+            (double backward; the closure must return the loss without calling ``backward()``),
+            ``"finite_difference"`` (central differences of gradients, two extra closure calls
+            per product; works with ``backward()`` in the closure, DDP, ``torch.compile``),
+            ``"forward_difference"`` (one extra call per product), or ``"auto"``: exact if the
+            closure returns the loss without calling ``backward()``, central differences if it
+            calls it (default: ``"auto"``). With ``update_timing="taken"`` the products are taken
+            with :math:`w_{t-1}` in the parameters, so both routes differentiate the update taken.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -309,6 +326,7 @@ class IFTOptimizer(HyperOptimizer):
         lr_bounds: tuple[float, float] = (1e-10, 1.0),
         update_timing: str = "taken",
         val_closure: Closure | None = None,
+        hvp: str = "auto",
     ) -> None:
         check_value("update_interval", update_interval,
                     isinstance(update_interval, int) and not isinstance(update_interval, bool)
@@ -330,7 +348,7 @@ class IFTOptimizer(HyperOptimizer):
         self._hyper_lr = float(hyper_lr)
         self._hyper_factory = hyper_optimizer
         self._hyper_opt: Optimizer | None = None
-        super().__init__(params, self._normalised(defaults), val_closure=val_closure)
+        super().__init__(params, self._normalised(defaults), val_closure=val_closure, hvp=hvp)
         self.hyper_state.update(since_update=0, steps=0)
         self._hyper_opt = self._build_hyper_optimizer()
 
@@ -476,13 +494,18 @@ class IFTOptimizer(HyperOptimizer):
                 f"{self.lookback}): call step(closure) with a closure that recomputes and returns "
                 "the training loss (it may call backward() itself), or use lookback=1."
             )
-        loss, graph_grads = self._training_loss(closure, create_graph=second_order)
+        loss, second = self._training_loss(closure, second_order=second_order)
         groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
         if not any(params for _, params in groups):
+            if second is not None:
+                second.close()
             return loss
         if hyper:
-            done = self._hyper_step(groups, graph_grads or {}, val_closure, taken)
-            del graph_grads
+            try:
+                done = self._hyper_step(groups, second, val_closure, taken)
+            finally:
+                if second is not None:
+                    second.close()
             if not done:
                 return loss
         else:
@@ -551,7 +574,7 @@ class IFTOptimizer(HyperOptimizer):
         return new, bufs
 
     def _hyper_step(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
-                    graph_grads: dict[Tensor, Tensor], val_closure: Closure | None,
+                    second: SecondOrder | None, val_closure: Closure | None,
                     taken: bool) -> bool:
         """A step with a hyper-update; False where it was skipped (nothing changed)."""
         val_closure = self._resolve_val_closure(val_closure, required=True)
@@ -559,7 +582,9 @@ class IFTOptimizer(HyperOptimizer):
         if taken:
             # The update this step takes, as new tensors; the validation gradient at w_t is taken
             # with w_t in the parameters' storage and w_{t-1} put back bit for bit afterwards
-            # (through .data: the version counters, and the training graph at w_{t-1}, stay valid).
+            # (through .data: the version counters, and the training graph at w_{t-1} that the
+            # exact HVP route differentiates, stay valid). The Hessian products below are then
+            # taken at w_{t-1} by either route.
             news = [self._sgd_values(group, ps) if ps else ([], []) for group, ps in groups]
             new_weights = [w for ws, _ in news for w in ws]
             previous = [p.detach().clone() for p in params]
@@ -573,7 +598,7 @@ class IFTOptimizer(HyperOptimizer):
             del previous
         else:
             val_loss, val_grads = self._validation_grads(val_closure, params)
-        result = self._hyper_update(groups, graph_grads, val_loss, val_grads, taken)
+        result = self._hyper_update(groups, second, val_loss, val_grads, taken)
         if not result:
             return False
         # Commit the weights (and buffers) after every fallible call of the step.
@@ -590,7 +615,7 @@ class IFTOptimizer(HyperOptimizer):
         return True
 
     def _hyper_update(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
-                      graph_grads: dict[Tensor, Tensor], val_loss: Tensor,
+                      second: SecondOrder | None, val_loss: Tensor,
                       val_grads: list[Tensor], taken: bool) -> bool:
         """The hypergradient of the update u(lambda, w) at the live weights and buffers against
         ``val_grads``, and one hyper-optimizer step; False (nothing changed) where non-finite."""
@@ -602,6 +627,12 @@ class IFTOptimizer(HyperOptimizer):
         targets: list[Tensor] = []
         leaves: list[Tensor] = []
         updates: list[Tensor] = []
+        # u as a function of (w, g): copies, not views (the finite-difference route moves the
+        # live weights in place while it runs).
+        weight_leaves = [p.detach().clone().requires_grad_() for p in params]
+        grad_leaves = [p.grad.detach().requires_grad_() for p in params]
+        weight_of = dict(zip(params, weight_leaves))
+        grad_of = dict(zip(params, grad_leaves))
         with torch.enable_grad():
             for index, group, ps in active:
                 values: dict[str, Any] = {n: group[n] for n in _NAMES}
@@ -614,11 +645,10 @@ class IFTOptimizer(HyperOptimizer):
                     leaves.extend(fresh)
                     natural = [_natural(name, x) for x in fresh]
                     values[name] = natural if per_param else natural[0]
-                grads = [graph_grads.get(p, p.grad) for p in ps]
                 bufs = [self.state[p].get("momentum_buffer") for p in ps]
                 # u(lambda, w) = lr * d(w; v, momentum, weight_decay), v detached (App. A.4).
-                _, dirs = self._directions(ps, grads, bufs, values["momentum"],
-                                           values["weight_decay"])
+                _, dirs = self._directions([weight_of[p] for p in ps], [grad_of[p] for p in ps],
+                                           bufs, values["momentum"], values["weight_decay"])
                 lrs = values["lr"] if isinstance(values["lr"], list) else [values["lr"]] * len(ps)
                 updates.extend(a * d for a, d in zip(lrs, dirs))
 
@@ -626,7 +656,8 @@ class IFTOptimizer(HyperOptimizer):
             q = list(val_grads)  # fresh tensors, owned here: updated in place below
             acc = [g.clone() for g in val_grads]
             for _ in range(self.lookback - 1):
-                jq = _vjp_through_update(updates, params, q)
+                jq = _vjp_through_update(updates, params, weight_leaves, grad_leaves, q,
+                                         cast(SecondOrder, second))
                 for a, b, c in zip(q, jq, acc):
                     a.sub_(b)
                     c.add_(a)

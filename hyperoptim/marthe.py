@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from ._base import HyperOptimizer, check_sgd_arguments, check_value, is_real
-from ._hvp import hvp_from_grads
 from ._types import Closure, ParamsT
 from ._update import apply_update_, sgd_direction
 
@@ -161,6 +160,13 @@ class MartheSGD(HyperOptimizer):
             (``history`` keeps the raw value); ``None`` turns it off (default: None).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step. Required, here or in :meth:`step` (default: None).
+        hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim._hvp`): ``"exact"``
+            (double backward; the closure must return the loss without calling ``backward()``),
+            ``"finite_difference"`` (central differences of gradients, two extra closure calls
+            per tangent column; works with ``backward()`` in the closure, DDP,
+            ``torch.compile``), ``"forward_difference"`` (one extra call per column), or
+            ``"auto"``: exact if the closure returns the loss without calling ``backward()``,
+            central differences if it calls it (default: ``"auto"``).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -206,6 +212,7 @@ class MartheSGD(HyperOptimizer):
         adapt_hypergrad_lr: bool = True,
         hypergrad_clip: float | None = None,
         val_closure: Closure | None = None,
+        hvp: str = "auto",
     ) -> None:
         check_sgd_arguments(lr, momentum, dampening, weight_decay, nesterov)
         check_value("mu", mu, mu == "adaptive" or (is_real(mu) and 0.0 <= mu <= 1.0))
@@ -219,7 +226,7 @@ class MartheSGD(HyperOptimizer):
             hypergrad_lr=float(hypergrad_lr), adapt_hypergrad_lr=adapt_hypergrad_lr,
             hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
         )
-        super().__init__(params, defaults, val_closure=val_closure)
+        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp)
 
     # ------------------------------------------------------------------ per-group hyper state
     def _hyper(self, index: int) -> dict[str, float]:
@@ -265,7 +272,7 @@ class MartheSGD(HyperOptimizer):
         groups = self.param_groups
         n_cols = len(groups)
         if closure is None and any(g["mu"] != 0 for g in groups):
-            self._training_loss(None, create_graph=True)  # raises: this needs a closure
+            self._training_loss(None, second_order=True)  # raises: this needs a closure
         hypers = [dict(self._hyper(i)) for i in range(n_cols)]  # staged, committed at the end
 
         # 1. Delta_t = <grad E(w_t), Z_t> and g'_1 = <grad E(w_t), -d_{t-1}>: one validation
@@ -317,38 +324,41 @@ class MartheSGD(HyperOptimizer):
                 h["beta"] = group["hypergrad_lr"]
             h.setdefault("new_lr", group["lr"])
 
-        # 3. The training gradient, with its graph while some column needs H_t Z_t.
+        # 3. The training gradient, and H_t Z_t for the columns with mu_t > 0 (one batched
+        #    product). H (mu Z) = mu (H Z): the product reads the stored tangents, which change
+        #    only after the last call that can fail (closure, HVP, collective).
         active = [j for j in range(n_cols) if hypers[j]["mu"] != 0.0]
         need_hvp = bool(active) and bool(tracked)
-        loss, graph_grads = self._training_loss(closure, create_graph=need_hvp)
+        loss, second = self._training_loss(closure, second_order=need_hvp)
         plans = [(group, self._params_with_grad(group)) for group in groups]
         everything = [p for _, ps in plans for p in ps]
+        mus = [h["mu"] for h in hypers]
+        hz: dict[Tensor, Tensor] | None = None
+        if second is not None:
+            with second:
+                cols = active if len(active) < n_cols else None
+                stored = [self._tangent(p, n_cols) for p in second.params]
+                prods = second.hvp(stored if cols is None else [z[cols] for z in stored])
+            hz = {}
+            for p, prod in zip(second.params, prods, strict=True):
+                if cols is None:
+                    hz[p] = _scale_(prod, mus)
+                else:
+                    hz[p] = prod.new_zeros((n_cols, *p.shape))
+                    hz[p][cols] = _scale_(prod, [mus[j] for j in cols])
+            del prods
         if not everything:  # nothing to step: nothing changes
             return loss
 
-        # 4. (Z, C) <- mu_t (Z, C) in place, and H_t (mu_t Z_t) for the active columns (batched).
-        mus = [h["mu"] for h in hypers]
+        # 4. Commit from here on: (Z, C) <- mu_t (Z, C) in place.
         for p in everything:
             state = self.state[p]
             state["tangent"] = _scale_(self._tangent(p, n_cols), mus)
             if state.get("tangent_buffer") is not None:
                 state["tangent_buffer"] = _scale_(_pad(state["tangent_buffer"], n_cols), mus)
-        if need_hvp and graph_grads is not None:
-            cols = active if len(active) < n_cols else None
-            vectors = [self.state[p]["tangent"] if cols is None else self.state[p]["tangent"][cols]
-                       for p in everything]
-            prods = hvp_from_grads([graph_grads.get(p, p.grad) for p in everything], everything,
-                                   vectors)
-            if cols is None:
-                hz = dict(zip(everything, prods, strict=True))
-            else:
-                hz = {}
-                for p, prod in zip(everything, prods, strict=True):
-                    hz[p] = prod.new_zeros((n_cols, *p.shape))
-                    hz[p][cols] = prod
-            del graph_grads, prods
-        else:  # mu_t (Z, C)_t = 0 in every column: A_t of it is 0, nothing to propagate
-            hz = None
+        if hz is not None:
+            for p in everything:
+                hz.setdefault(p, p.new_zeros((n_cols, *p.shape)))
 
         # 5. Per group: (Z, C)_{t+1} = mu_t A_t (Z, C)_t + B_t (with the new a_t), then the step.
         for i, ((group, params), h) in enumerate(zip(plans, hypers, strict=True)):

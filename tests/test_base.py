@@ -47,10 +47,21 @@ def _hessian(params, loss):
     return torch.autograd.functional.hessian(f, flat)
 
 
+class _Probe2(_Probe):
+    def __init__(self, params, hvp="auto"):
+        HyperOptimizer.__init__(self, params, dict(lr=0.1), hvp=hvp)
+
+
+# The exact route is double backward (rounding only); central differences err by about
+# eps^(2/3) relative (hyperoptim._hvp), far inside 1e-7 here in float64.
+_ROUTE_TOL = {"exact": 1e-12, "finite_difference": 1e-7, "forward_difference": 1e-5}
+
+
+@pytest.mark.parametrize("hvp", ["auto", "exact", "finite_difference", "forward_difference"])
 @pytest.mark.parametrize("backward", [True, False])
-def test_training_loss_gives_gradient_graph_either_way(backward):
+def test_training_loss_gives_hvp_by_the_chosen_route(backward, hvp):
     params, loss_fn = _cubic()
-    opt = _Probe(params)
+    opt = _Probe2(params, hvp=hvp)
 
     def closure():
         loss = loss_fn()
@@ -59,31 +70,75 @@ def test_training_loss_gives_gradient_graph_either_way(backward):
             loss.backward()
         return loss
 
-    loss, graph = opt._training_loss(closure, create_graph=True)
+    if hvp == "exact" and backward:
+        with pytest.raises(ValueError, match="hvp='finite_difference'"):
+            opt._training_loss(closure, second_order=True)
+        return
+    loss, second = opt._training_loss(closure, second_order=True)
+    route = ("finite_difference" if backward else "exact") if hvp == "auto" else hvp
+    assert second.route == route == opt.hvp_route
     assert loss.grad_fn is None and not any(p.grad.requires_grad for p in params)
+    grads = [p.grad.clone() for p in params]
+    before = [p.detach().clone() for p in params]
     z = torch.randn(2, 7, dtype=torch.float64)
-    hz = hvp_from_grads([graph[p] for p in params], params, [z[:, :4], z[:, 4:]])
+    hz = second.hvp([z[:, :4], z[:, 4:]])
+    second.close()
     expected = z @ _hessian(params, loss_fn)
-    torch.testing.assert_close(torch.cat(hz, dim=1), expected, rtol=1e-12, atol=1e-12)
+    tol = _ROUTE_TOL[route]
+    torch.testing.assert_close(torch.cat(hz, dim=1), expected, rtol=tol, atol=tol)
+    # The finite-difference route leaves weights and gradients bit-for-bit as they were.
+    for p, w, g in zip(params, before, grads):
+        assert torch.equal(p.detach(), w) and torch.equal(p.grad, g)
 
 
-def test_autograd_backward_without_graph_is_a_clear_error():
+def test_autograd_backward_in_the_closure_takes_finite_differences():
     params, loss_fn = _cubic()
-    opt = _Probe(params)
+    opt = _Probe2(params)
 
     def closure():
         loss = loss_fn()
         torch.autograd.backward(loss)
         return loss
 
-    with pytest.raises(ValueError, match="graph of the training gradient"):
-        opt._training_loss(closure, create_graph=True)
+    _, second = opt._training_loss(closure, second_order=True)
+    assert second.route == "finite_difference"
+    z = torch.randn(1, 7, dtype=torch.float64)
+    hz = second.hvp([z[:, :4], z[:, 4:]])
+    torch.testing.assert_close(torch.cat(hz, dim=1), z @ _hessian(params, loss_fn), rtol=1e-7,
+                               atol=1e-7)
+
+
+def test_finite_differences_replay_dropout_and_leave_the_rng_as_one_call_would():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1)).double()
+    x, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    params = list(model.parameters())
+    opt = _Probe2(params, hvp="finite_difference")
+    torch.manual_seed(1)
+    _, second = opt._training_loss(lambda: F.mse_loss(model(x), y), second_order=True)
+    state_after_one_call = torch.get_rng_state()
+    z = [torch.randn(1, *p.shape, dtype=torch.float64) for p in params]
+    hz = second.hvp(z)
+    assert torch.equal(torch.get_rng_state(), state_after_one_call)
+    # The exact product with the same dropout mask (same seed, so the same draws).
+    torch.manual_seed(1)
+    loss = F.mse_loss(model(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    exact = hvp_from_grads(grads, params, z)
+    for a, b in zip(hz, exact):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 def test_second_order_without_closure_says_what_to_do():
     params, _ = _cubic()
     with pytest.raises(ValueError, match="step\\(closure\\)"):
-        _Probe(params)._training_loss(None, create_graph=True)
+        _Probe(params)._training_loss(None, second_order=True)
+
+
+def test_invalid_hvp_route_is_refused():
+    params, _ = _cubic()
+    with pytest.raises(ValueError, match="Invalid hvp value"):
+        _Probe2(params, hvp="double_backward")
 
 
 def test_closure_must_return_a_tensor():

@@ -185,15 +185,41 @@ def test_unused_parameter(case):
 
 @pytest.mark.parametrize("case", CASES, ids=input_id)
 def test_closure_with_and_without_backward(case):
+    """Both closure styles give the same run on the same HVP route (the finite-difference
+    route is the one that serves both)."""
     info, inp = case
+    extra = {"hvp": "finite_difference"} if info.second_order else {}
     a, b = Problem(), Problem()
-    opt_a, opt_b = build(info, inp, a), build(info, inp, b)
+    opt_a, opt_b = build(info, inp, a, **extra), build(info, inp, b, **extra)
     run(info, opt_a, a, 0, 8, backward=True)
     run(info, opt_b, b, 0, 8, backward=False)
     for x, y in zip(a.params(), b.params()):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
     for ga, gb in zip(opt_a.param_groups, opt_b.param_groups):
         assert ga["lr"] == pytest.approx(gb["lr"], rel=1e-10, abs=1e-14)
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_auto_route_follows_the_closure_style(case):
+    """hvp="auto" is exactly "exact" for a closure that returns the loss, and exactly
+    "finite_difference" for one that calls backward(); "exact" refuses the latter."""
+    info, inp = case
+    if not info.second_order:
+        pytest.skip("first-order method: no HVP route")
+    for backward, route in ((False, "exact"), (True, "finite_difference")):
+        a, b = Problem(), Problem()
+        opt_a, opt_b = build(info, inp, a), build(info, inp, b, hvp=route)
+        run(info, opt_a, a, 0, 8, backward=backward)
+        run(info, opt_b, b, 0, 8, backward=backward)
+        assert_same_params(a.params(), b.params())
+        assert hyper_groups(opt_a) == hyper_groups(opt_b)
+        assert opt_a.hvp_route in (None, route)
+    if opt_a.hvp_route is None:
+        return  # this configuration never needed an HVP in 8 steps
+    c = Problem()
+    opt_c = build(info, inp, c, hvp="exact")
+    with pytest.raises(ValueError, match="hvp='finite_difference'"):
+        run(info, opt_c, c, 0, 8, backward=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=input_id)

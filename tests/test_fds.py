@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hyperoptim.fds as fds_module
+from hyperoptim._hvp import SecondOrder
 from hyperoptim._schedule import window_of
 from hyperoptim.fds import FDSSGD, NAMES
 from hyperoptim.reference import finite_difference_hypergrad, unrolled_hypergrad
@@ -270,13 +271,13 @@ def test_assigning_the_group_value_sets_the_current_window():
 
 def test_only_reached_columns_are_stored_and_one_batched_hvp_per_step(monkeypatch):
     calls = []
-    original = fds_module.hvp_from_grads
+    original = SecondOrder.hvp
 
-    def spy(grads, params, vectors, **kw):
+    def spy(self, vectors):
         calls.append({v.shape[0] for v in vectors})
-        return original(grads, params, vectors, **kw)
+        return original(self, vectors)
 
-    monkeypatch.setattr(fds_module, "hvp_from_grads", spy)
+    monkeypatch.setattr(SecondOrder, "hvp", spy)
     horizon = 9
     prob = Problem()
     opt = prob.optimizer(horizon=horizon, lr_windows=3, momentum_windows=1,

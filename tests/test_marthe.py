@@ -15,8 +15,8 @@ from optim_db import SGD_CONFIGS
 from torch import nn
 from torch.nn import functional as F
 
-import hyperoptim.marthe as marthe_module
 from hyperoptim import HypergradSGD
+from hyperoptim._hvp import SecondOrder
 from hyperoptim._update import sgd_tangents
 from hyperoptim.marthe import MartheSGD, adaptive_mu
 from hyperoptim.reference import unrolled_hypergrad
@@ -186,8 +186,8 @@ def test_tangent_update_is_the_jvp_of_the_sgd_rule(config):
     p = net.params()
     opt = MartheSGD(_groups(p, True), mu=mu, hypergrad_lr=0.005, adapt_hypergrad_lr=False,
                     val_closure=lambda: net.val_loss(p), **config)
-    t = 4
-    _run(net, p, opt, 0, t)
+    t = 4  # closures that return the loss: the exact HVP route, as the check below computes
+    _run(net, p, opt, 0, t, backward=False)
     names = list(p)
     state = [opt.state[p[k]] for k in names]
 
@@ -196,7 +196,7 @@ def test_tangent_update_is_the_jvp_of_the_sgd_rule(config):
 
     w, z, c, v = [p[k].detach().clone() for k in names], cloned("tangent"), \
         cloned("tangent_buffer"), cloned("momentum_buffer")
-    opt.step(net.closure(p, opt, t))
+    opt.step(net.closure(p, opt, t, backward=False))
     for h in opt.history:  # a_t is a new value, not 0
         assert 0 < h["lr"][t] != h["lr"][t - 1]
 
@@ -281,9 +281,9 @@ def test_adaptive_mu_guards_and_clips():
 
 
 # ---------------------------------------------------------------------- the beta rule
-def _run(net, p, opt, start, n):
+def _run(net, p, opt, start, n, backward=True):
     for t in range(start, start + n):
-        opt.step(net.closure(p, opt, t))
+        opt.step(net.closure(p, opt, t, backward))
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -374,13 +374,13 @@ def test_frozen_learning_rate_is_bit_identical_to_torch_sgd(config, dtype, mu):
 
 def test_cost_one_validation_gradient_and_one_hvp_per_step(monkeypatch):
     calls = {"val": 0, "train": 0, "hvp": 0}
-    real = marthe_module.hvp_from_grads
+    real = SecondOrder.hvp
 
-    def counting_hvp(*args, **kwargs):
+    def counting_hvp(self, vectors):
         calls["hvp"] += 1
-        return real(*args, **kwargs)
+        return real(self, vectors)
 
-    monkeypatch.setattr(marthe_module, "hvp_from_grads", counting_hvp)
+    monkeypatch.setattr(SecondOrder, "hvp", counting_hvp)
     net = Net(seed=6)
     for mu in (0.0, 1.0, "adaptive"):
         p = net.params()
@@ -392,7 +392,7 @@ def test_cost_one_validation_gradient_and_one_hvp_per_step(monkeypatch):
         opt = MartheSGD(_groups(p, True), mu=mu, hypergrad_lr=1e-4, val_closure=val)
         calls.update(val=0, train=0, hvp=0)
         for t in range(10):
-            inner = net.closure(p, opt, t)
+            inner = net.closure(p, opt, t, backward=False)  # the exact route
 
             def closure(inner=inner):
                 calls["train"] += 1
@@ -405,6 +405,27 @@ def test_cost_one_validation_gradient_and_one_hvp_per_step(monkeypatch):
         expected = sum(any(h["mu"][t] > 0 for h in opt.history) for t in range(1, 10))
         assert calls["hvp"] == expected
         assert expected == (0 if mu == 0.0 else expected) and (mu == 0.0 or expected > 0)
+
+
+@pytest.mark.parametrize("route,extra_calls", [("finite_difference", 2), ("forward_difference", 1)])
+def test_finite_difference_route_costs_its_closure_calls(route, extra_calls):
+    """Each HVP of one tangent column costs 2 (central) or 1 (forward) extra closure calls."""
+    net = Net(seed=6)
+    p = net.params()
+    opt = MartheSGD([{"params": list(p.values())}], mu=1.0, hypergrad_lr=1e-4, hvp=route,
+                    val_closure=lambda: net.val_loss(p))
+    calls = 0
+    for t in range(6):
+        inner = net.closure(p, opt, t)
+
+        def closure(inner=inner):
+            nonlocal calls
+            calls += 1
+            return inner()
+
+        opt.step(closure)
+    assert opt.hvp_route == route
+    assert calls == 6 + extra_calls * 5  # no tangent (Z = 0) at step 0: no product there
 
 
 def test_validation_pass_leaves_training_gradients_alone():
