@@ -235,10 +235,15 @@ def run_one(task: tuple) -> dict:
                                       update_timing=timing, val_closure=val_closure,
                                       **IFT_TUNE[method])
 
+    first_order = method in ("Random", "Baydin")
+
     def closure() -> torch.Tensor:
-        opt.zero_grad()
+        # hyperoptim's optimizers take the gradient themselves when the closure only returns the
+        # loss, and then differentiate it twice exactly (hvp="auto" picks the exact route).
         loss = F.mse_loss(model(x), y)
-        loss.backward()
+        if first_order:
+            opt.zero_grad()
+            loss.backward()
         return loss
 
     start = time.perf_counter()
