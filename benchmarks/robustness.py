@@ -397,6 +397,20 @@ def hypergradient_gap(data: Split, inits: list[dict[str, float]], model_seed: in
               f"same sign {agree[n]}/{len(inits)}")
 
 
+class _Serial:
+    """``Pool.imap_unordered`` in this process (``--workers 1``)."""
+
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @staticmethod
+    def imap_unordered(fn, tasks, chunksize: int = 1):
+        return map(fn, tasks)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="CSV path, last column the target (default: diabetes)")
@@ -414,18 +428,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--out", help="write every run's result to this JSON file")
-    parser.add_argument("--load", nargs="*", help="print the tables of JSON files written by --out")
+    parser.add_argument("--load", nargs="*",
+                        help="print the tables of JSON files written by --out (or of OUT.partial, "
+                             "the runs an interrupted invocation finished, with its --data)")
     parser.add_argument("--hypergradient-gap", action="store_true",
                         help="only compare the first hyper-update with Diff-through-Opt")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.load:
         results, wall = [], 0.0
+        given = args
         for path in args.load:
-            saved = json.loads(pathlib.Path(path).read_text())
+            text = pathlib.Path(path).read_text()
+            if path.endswith(".partial"):  # the runs a stopped invocation finished (JSON lines)
+                results += [json.loads(line) for line in text.splitlines() if line.strip()]
+                continue
+            saved = json.loads(text)
             results += saved["results"]
             wall += saved.get("seconds", math.nan)
-        args = argparse.Namespace(**saved["args"])
+            args = argparse.Namespace(**saved["args"])
+        if args is given:  # only partial files: the command line describes the data
+            args.inits = max(r["index"] for r in results) + 1
+        if args.splits == 0 and any(r["split"].startswith("random") for r in results):
+            args.splits = 1 + max(int(r["split"][6:]) for r in results
+                                  if r["split"].startswith("random"))
         data = splits(args.data, args.splits, args.split_seed, getattr(torch, args.dtype))
         data = {k: v for k, v in data.items() if any(r["split"] == k for r in results)}
         report(results, data, args, wall)
@@ -441,11 +467,14 @@ def main(argv: list[str] | None = None) -> None:
              for i, h in enumerate(inits[: args.inits if name == "authors" else further])
              for m in args.methods]
     start = time.perf_counter()
-    if args.workers > 1:
-        with mp.get_context("fork").Pool(args.workers) as pool:
-            results = pool.map(run_one, tasks, chunksize=1)
-    else:
-        results = [run_one(t) for t in tasks]
+    partial = pathlib.Path(f"{args.out}.partial") if args.out else None
+    results = []
+    with mp.get_context("fork").Pool(args.workers) if args.workers > 1 else _Serial() as pool:
+        for row in pool.imap_unordered(run_one, tasks, chunksize=1):
+            results.append(row)
+            if partial is not None:  # every finished run, as it comes: a killed run keeps them
+                with partial.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
     seconds = time.perf_counter() - start
     report(results, data, args, seconds)
     if args.out:
