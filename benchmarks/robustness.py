@@ -34,9 +34,10 @@ scikit-learn's diabetes set with a random 10% test / 20% validation split.
 
 A run whose training loss becomes non-finite is stopped there and counted as diverged, and so is a
 run whose final test MSE on the standardised target exceeds 1e3 (a thousand times the constant
-predictor's). Reported per split and pooled over splits: median test MSE in the target's original
-units (standardised MSE times the target's variance) over the runs that did not diverge, with a
-bootstrap standard error (1000 resamples), the best run, and the number of diverged runs.
+predictor's) or whose last hyper-update the non-finite guard skipped (it ended frozen). Reported
+per split and pooled over splits: median test MSE in the target's original units (standardised MSE
+times the target's variance) over the runs that did not diverge, with a bootstrap standard error
+(1000 resamples), the best run, and the number of diverged runs.
 
 Run:
     python benchmarks/robustness.py                                  # diabetes, small
@@ -260,6 +261,10 @@ def run_one(task: tuple) -> dict:
                test_mse_original=test * data.y_var, seconds=seconds,
                final={k: opt.param_groups[0][k] for k in ("lr", "momentum", "weight_decay")})
     history = getattr(opt, "history", [{}])[0]
+    skipped = history.get("skipped", [])
+    # A run whose last hyper-update was skipped as non-finite ended frozen by the guard (every
+    # later step retried it): counted as diverged, like a non-finite loss.
+    out.update(skipped=int(sum(skipped)), stuck=bool(skipped and skipped[-1]))
     if "weight_decay" in history and history["weight_decay"]:
         wd = [hyper["weight_decay"]] + [v for v in history["weight_decay"] if math.isfinite(v)]
         out["weight_decay_peak"] = max(wd)
@@ -282,7 +287,8 @@ def summarise(results: list[dict], seed: int = 0) -> dict[str, dict]:
         if not rows:
             continue
         ok = [r["test_mse_original"] for r in rows
-              if math.isfinite(r["test_mse"]) and r["test_mse"] <= OUTLIER]
+              if math.isfinite(r["test_mse"]) and r["test_mse"] <= OUTLIER
+              and not r.get("stuck", False)]
         finite = np.array(ok)
         table[method] = dict(
             runs=len(rows), diverged=len(rows) - len(ok),
