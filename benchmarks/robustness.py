@@ -424,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split-inits", type=int, default=None,
                         help="initialisations on each further split (default: --inits)")
     parser.add_argument("--steps", type=int, default=4000, help="full-batch steps per run")
+    parser.add_argument("--first-init", type=int, default=0,
+                        help="skip the initialisations before this index (to extend a run)")
     parser.add_argument("--splits", type=int, default=0,
                         help="further random splits of the same sizes")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
@@ -455,6 +457,11 @@ def main(argv: list[str] | None = None) -> None:
             args = argparse.Namespace(**saved["args"])
         if args is given:  # only partial files: the command line describes the data
             args.inits = max(r["index"] for r in results) + 1
+        # One row per (split, method, initialisation) (extended runs may repeat one), and only
+        # the methods asked for.
+        unique = {(r["split"], r["method"], r["index"]): r for r in results
+                  if r["method"] in given.methods}
+        results = list(unique.values())
         if args.splits == 0 and any(r["split"].startswith("random") for r in results):
             args.splits = 1 + max(int(r["split"][6:]) for r in results
                                   if r["split"].startswith("random"))
@@ -471,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     tasks = [(name, m, i, h, split, args.steps, 1000 * args.seed, args.timing)
              for name, split in data.items()
              for i, h in enumerate(inits[: args.inits if name == "authors" else further])
+             if i >= args.first_init
              for m in args.methods]
     start = time.perf_counter()
     partial = pathlib.Path(f"{args.out}.partial") if args.out else None
