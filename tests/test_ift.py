@@ -187,6 +187,7 @@ def test_hypergradient_equals_closed_form_from_explicit_jacobians(
     opt = IFTOptimizer(groups, tune=tune, per_parameter_lr=per_lr,
                        per_parameter_weight_decay=per_wd, sharing=sharing,
                        update_interval=interval, lookback=lookback, update_timing=timing,
+                       lr_bounds=(1e-10, 1e6),  # wide: the learning rate's clamp must not bind
                        hyper_optimizer=torch.optim.SGD, hyper_lr=1.0, val_closure=net.val_loss)
     # "taken": the hyper-update ends step interval - 1 and differentiates that step's update;
     # "next": it starts step interval and differentiates the update that step takes.
@@ -217,8 +218,7 @@ def test_hypergradient_equals_closed_form_from_explicit_jacobians(
         hist = opt.history[gi][f"hypergrad/{name}"]
         assert len(hist) == 1
         if (name == "lr" and per_lr) or (name == "weight_decay" and per_wd):
-            # The hyper optimizer is SGD with lr 1: the step is minus the hypergradient (before
-            # the learning rate's clamp, which does not bind here).
+            # The hyper optimizer is SGD with lr 1: the step is minus the hypergradient.
             moved = transformed[gi][name] - opt.state[net.params[gi]][f"log10_{name}"]
             got.append(moved.reshape(-1))
             assert hist[0] == pytest.approx(value.sum().item(), rel=1e-8, abs=1e-14)

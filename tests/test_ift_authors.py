@@ -129,10 +129,10 @@ def test_unit_sharing_sums_the_per_weight_hypergradients(name):
                            per_parameter_lr=name == "lr",
                            per_parameter_weight_decay=name == "weight_decay", sharing=sharing,
                            update_interval=3, lookback=3, hyper_optimizer=torch.optim.SGD,
-                           hyper_lr=1.0, val_closure=lambda: val(params))
+                           hyper_lr=1.0, val_closure=lambda v=val, ps=params: v(ps))
         start = [opt.state[p][f"log10_{name}"].clone() for p in params]
         for _ in range(3):
-            opt.step(lambda: train(params))
+            opt.step(lambda t=train, ps=params: t(ps))
         moved[sharing] = [s - opt.state[p][f"log10_{name}"] for s, p in zip(start, params)]
     for per_weight, per_unit, shape in zip(moved["weight"], moved["unit"], ((3, 1), (5, 1))):
         assert per_unit.shape == shape
