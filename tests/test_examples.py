@@ -13,7 +13,8 @@ pytest.importorskip("sklearn")
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
-BUDGET = {"fds_schedule.py": ["--steps", "4", "--outer", "2"]}
+BUDGET = {"fds_schedule.py": ["--steps", "4", "--outer", "2"],
+          "ift_adaptive_thesis.py": ["--steps", "6", "--interval", "3", "--plot", ""]}
 
 
 def test_every_example_is_listed():

@@ -106,82 +106,93 @@ def _ridge_run(prob: Ridge, w0: torch.Tensor, steps: int, **kwargs):
 
 
 # ---------------------------------------------------------------- the closed form, exactly
+PER_KEY = {"lr": "per_parameter_lr", "weight_decay": "per_parameter_weight_decay"}
+
+
 def _closed_form(net: Net, groups: list[dict], weights: list[torch.Tensor],
-                 bufs: list[torch.Tensor | None], transformed: list[dict], t: int, lookback: int):
+                 bufs: list[torch.Tensor | None], transformed: list[dict], t: int, lookback: int,
+                 val_weights: list[torch.Tensor] | None = None):
     r"""-grad L_V^T sum_{j<i} (I - du/dw)^j du/dlambda from explicit full Jacobians.
 
     ``u`` is written out here from Appendix A.4 (not through hyperoptim._update):
     u = lr * (momentum * v + grad L_T(w) + weight_decay * w), per group, with the transformed
-    hyperparameters (log10 lr / weight decay, logit momentum) as the variables.
+    hyperparameters (log10 lr / weight decay, logit momentum; per-parameter ones broadcast) as
+    the variables, at ``weights``; grad L_V at ``val_weights`` (default: ``weights``).
     """
     shapes = [w.shape for w in weights]
     sizes = [w.numel() for w in weights]
-    layout = []  # (group index, name, numel)
+    layout = []  # (group index, name, numel, shape)
     for gi, group in enumerate(groups):
         for name in group["tune"]:
-            numel = sizes[gi] if name == "lr" and group["per_parameter_lr"] else 1
-            layout.append((gi, name, numel))
-    lam0 = torch.cat([transformed[gi][name].reshape(-1) for gi, name, _ in layout])
+            per = group.get(PER_KEY.get(name, ""), False)
+            shape = transformed[gi][name].shape if per else ()
+            layout.append((gi, name, max(1, math.prod(shape)), shape))
+    lam0 = torch.cat([transformed[gi][name].reshape(-1) for gi, name, _, _ in layout])
 
     def update(lam, wflat):
         ws = [c.view(s) for c, s in zip(wflat.split(sizes), shapes)]
         loss = net.train_loss(t, ws)
         grads = torch.autograd.grad(loss, ws, create_graph=True)
         natural = {}
-        for (gi, name, _), x in zip(layout, lam.split([n for _, _, n in layout])):
+        for (gi, name, _, shape), x in zip(layout, lam.split([n for _, _, n, _ in layout])):
             value = torch.sigmoid(x) if name == "momentum" else 10.0 ** x
-            natural[gi, name] = value if value.numel() > 1 else value.reshape(())
+            natural[gi, name] = value.reshape(shape)
         out = []
         for gi, (w, g, v) in enumerate(zip(ws, grads, bufs)):
             hp = {n: natural.get((gi, n), groups[gi][n]) for n in NAMES}
             d = g + hp["weight_decay"] * w
             if v is not None:
                 d = d + hp["momentum"] * v
-            lr = hp["lr"]
-            if torch.is_tensor(lr) and lr.dim():
-                lr = lr.view(w.shape)
-            out.append((lr * d).reshape(-1))
+            out.append((hp["lr"] * d).reshape(-1))
         return torch.cat(out)
 
     wflat = torch.cat([w.reshape(-1) for w in weights])
     jac_lam, jac_w = torch.autograd.functional.jacobian(update, (lam0, wflat))
-    wl = wflat.clone().requires_grad_()
+    wl = torch.cat([w.reshape(-1) for w in (val_weights or weights)]).requires_grad_()
     vgrad = torch.autograd.grad(net.val_loss([c.view(s) for c, s in zip(wl.split(sizes), shapes)]),
                                 wl)[0]
     eye = torch.eye(wflat.numel(), dtype=torch.float64)
     series = sum(torch.linalg.matrix_power(eye - jac_w, j) for j in range(lookback))
     hyper = -(vgrad @ series @ jac_lam)
     out, start = {}, 0
-    for gi, name, numel in layout:
+    for gi, name, numel, _ in layout:
         out[gi, name] = hyper[start:start + numel]
         start += numel
     return out
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     lookback=st.integers(1, 5),
     interval=st.integers(2, 3),
     tune=st.sets(st.sampled_from(NAMES), min_size=1),
-    per_parameter_lr=st.booleans(),
+    per_parameter=st.sets(st.sampled_from(("lr", "weight_decay"))),
+    sharing=st.sampled_from(("weight", "unit")),
     momentum=st.sampled_from([0.0, 0.4, 0.8]),
     weight_decay=st.sampled_from([0.0, 1e-3, 0.05]),
+    timing=st.sampled_from(("taken", "next")),
 )
 def test_hypergradient_equals_closed_form_from_explicit_jacobians(
-        seed, lookback, interval, tune, per_parameter_lr, momentum, weight_decay):
-    per_parameter_lr = per_parameter_lr and "lr" in tune
+        seed, lookback, interval, tune, per_parameter, sharing, momentum, weight_decay, timing):
     tune = tuple(n for n in NAMES if n in tune)
+    per_lr, per_wd = "lr" in per_parameter and "lr" in tune, \
+        "weight_decay" in per_parameter and "weight_decay" in tune
     net = Net(seed)
     # Two groups with their own values: the Hessian couples them, so J is joint.
     groups = [{"params": [net.params[0]], "lr": 0.07, "momentum": momentum,
                "weight_decay": weight_decay},
               {"params": [net.params[1]], "lr": 0.03, "momentum": 0.5 * momentum,
                "weight_decay": 2 * weight_decay}]
-    opt = IFTOptimizer(groups, tune=tune, per_parameter_lr=per_parameter_lr,
-                       update_interval=interval, lookback=lookback,
+    opt = IFTOptimizer(groups, tune=tune, per_parameter_lr=per_lr,
+                       per_parameter_weight_decay=per_wd, sharing=sharing,
+                       update_interval=interval, lookback=lookback, update_timing=timing,
+                       lr_bounds=(1e-10, 1e6),  # wide: the learning rate's clamp must not bind
                        hyper_optimizer=torch.optim.SGD, hyper_lr=1.0, val_closure=net.val_loss)
-    for t in range(interval):
+    # "taken": the hyper-update ends step interval - 1 and differentiates that step's update;
+    # "next": it starts step interval and differentiates the update that step takes.
+    t_hyper = interval - 1 if timing == "taken" else interval
+    for t in range(t_hyper):
         opt.step(net.closure(opt, t))
     assert "lr" not in opt.history[0]  # no hyper-update yet
 
@@ -191,21 +202,24 @@ def test_hypergradient_equals_closed_form_from_explicit_jacobians(
     transformed = []
     for gi in range(len(opt.param_groups)):
         entry = {n: x.clone() for n, x in opt.hyper_state["transformed"][gi].items()}
-        if per_parameter_lr:
-            entry["lr"] = opt.state[net.params[gi]]["log10_lr"].clone()
+        for name, per in (("lr", per_lr), ("weight_decay", per_wd)):
+            if per:
+                entry[name] = opt.state[net.params[gi]][f"log10_{name}"].clone()
         transformed.append(entry)
     frozen_groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
-    opt.step(net.closure(opt, interval))  # the hyper-update
-    expected = _closed_form(net, frozen_groups, weights, bufs, transformed, interval, lookback)
+    opt.step(net.closure(opt, t_hyper))  # the hyper-update
+    after = [p.detach().clone() for p in net.params]
+    expected = _closed_form(net, frozen_groups, weights, bufs, transformed, t_hyper, lookback,
+                            val_weights=after if timing == "taken" else None)
 
     got, want = [], []
     for (gi, name), value in expected.items():
         hist = opt.history[gi][f"hypergrad/{name}"]
         assert len(hist) == 1
-        if name == "lr" and per_parameter_lr:
+        if (name == "lr" and per_lr) or (name == "weight_decay" and per_wd):
             # The hyper optimizer is SGD with lr 1: the step is minus the hypergradient.
-            moved = transformed[gi]["lr"] - opt.state[net.params[gi]]["log10_lr"]
+            moved = transformed[gi][name] - opt.state[net.params[gi]][f"log10_{name}"]
             got.append(moved.reshape(-1))
             assert hist[0] == pytest.approx(value.sum().item(), rel=1e-8, abs=1e-14)
         else:
@@ -233,27 +247,26 @@ def test_lookback_converges_to_the_implicit_function_theorem_value():
                            lookback=lookback, hyper_optimizer=torch.optim.SGD, hyper_lr=0.0,
                            val_closure=lambda: 0.5 * ((w - target) ** 2).sum())
         closure = lambda: 0.5 * w @ hessian @ w - b @ w  # noqa: E731
-        for _ in range(2):
-            opt.step(closure)
-        state = (w.detach().clone(), opt.state[w]["momentum_buffer"].clone())
         opt.step(closure)
-        return state, [opt.history[0][f"hypergrad/{n}"][0] for n in NAMES]
+        state = (w.detach().clone(), opt.state[w]["momentum_buffer"].clone())
+        opt.step(closure)  # the hyper-update differentiates this step's update, at w_{t-1}
+        return state, w.detach().clone(), [opt.history[0][f"hypergrad/{n}"][0] for n in NAMES]
 
-    (w, v), _ = run(1)
+    (w, v), w_new, _ = run(1)
     # The implicit function theorem on u (Eq. 7): -grad L_V^T (du/dw)^{-1} du/dlambda.
     du_dw = lr * (hessian + wd * torch.eye(d, dtype=torch.float64))
     direction = momentum * v + hessian @ w - b + wd * w
     du_dlam = torch.stack([lr * LN10 * direction,                      # d/d log10 lr
                            lr * momentum * (1 - momentum) * v,         # d/d logit momentum
                            lr * wd * LN10 * w], dim=1)                 # d/d log10 weight decay
-    grad_v = w - target
+    grad_v = w_new - target  # the validation gradient at the weights the update produced
     ift = -(grad_v @ torch.linalg.solve(du_dw, du_dlam))
     rho = torch.linalg.matrix_norm(torch.eye(d, dtype=torch.float64) - du_dw, ord=2).item()
     scale = (torch.linalg.vector_norm(grad_v) * torch.linalg.matrix_norm(du_dlam, ord=2)).item()
     errors = []
     for lookback in (1, 3, 10, 30, 100, 300):
-        (w_i, v_i), hyper = run(lookback)
-        assert torch.equal(w_i, w) and torch.equal(v_i, v)
+        (w_i, v_i), w_new_i, hyper = run(lookback)
+        assert torch.equal(w_i, w) and torch.equal(v_i, v) and torch.equal(w_new_i, w_new)
         err = torch.linalg.vector_norm(torch.tensor(hyper, dtype=torch.float64) - ift).item()
         # The tail of the Neumann series: |sum_{j >= i} (I - J)^j| <= rho^i / (1 - rho).
         assert err <= 1.0001 * scale * rho ** lookback / (1 - rho) + 1e-12, (lookback, err)
@@ -265,21 +278,22 @@ def test_lookback_converges_to_the_implicit_function_theorem_value():
 # ------------------------------------------------------- Table 5 transforms: the chain rule
 @pytest.mark.parametrize("momentum", [0.3, 0.9])
 def test_transformed_hypergradients_match_chain_rule_on_natural_finite_differences(momentum):
-    """lookback 1: h = -grad L_V(w)^T du/dlambda with u = w - SGD_step(w); the natural-space
-    derivative comes from central differences of torch.optim.SGD steps (no hyperoptim code), and
-    the chain rule gives d/dlog10 = ln(10) x d/dx, d/dlogit m = m (1 - m) d/dm."""
+    """lookback 1: h = -grad L_V(w_t)^T du/dlambda with u = w_{t-1} - SGD_step(w_{t-1}) the step
+    just taken; the natural-space derivative comes from central differences of torch.optim.SGD
+    steps (no hyperoptim code), and the chain rule gives d/dlog10 = ln(10) x d/dx,
+    d/dlogit m = m (1 - m) d/dm."""
     net = Net(7)
     lr, wd = 0.05, 0.01
-    opt = IFTOptimizer(net.params, lr=lr, momentum=momentum, weight_decay=wd, update_interval=2,
+    opt = IFTOptimizer(net.params, lr=lr, momentum=momentum, weight_decay=wd, update_interval=3,
                        lookback=1, val_closure=net.val_loss)
     for t in range(2):
         opt.step(net.closure(opt, t))
     weights = [p.detach().clone() for p in net.params]
     bufs = [opt.state[p]["momentum_buffer"].clone() for p in net.params]
-    opt.step(net.closure(opt, 2))
+    opt.step(net.closure(opt, 2))  # the third step ends with the hyper-update
     hyper = {n: opt.history[0][f"hypergrad/{n}"][0] for n in NAMES}
 
-    leaves = [w.clone().requires_grad_() for w in weights]
+    leaves = [p.detach().clone().requires_grad_() for p in net.params]
     val_grad = torch.autograd.grad(net.val_loss(leaves), leaves)
 
     def projected_update(**hp):
@@ -468,17 +482,19 @@ def test_validation_only_at_hyper_updates_and_nan_skips_that_step():
     poisoned = False
     opt = IFTOptimizer(net.params, lr=0.05, momentum=0.5, weight_decay=1e-3, update_interval=3,
                        lookback=2, val_closure=val)
-    for t in range(3):
+    for t in range(2):
         opt.step(net.closure(opt, t))
-    assert calls == []  # steps 0-2 never look at the validation set
+    assert calls == []  # steps 0-1 never look at the validation set
     poisoned = True
     before = [p.detach().clone() for p in net.params]
     groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
                             for g in opt.param_groups])
     transformed = copy.deepcopy(opt.hyper_state["transformed"])
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in net.params]
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        opt.step(net.closure(opt, 3))
+        opt.step(net.closure(opt, 2))  # the third step ends with a hyper-update: all skipped
     assert len(calls) == 1
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(net.params, bufs))
     for p, q in zip(net.params, before):
         assert torch.equal(p, q)
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
@@ -486,12 +502,12 @@ def test_validation_only_at_hyper_updates_and_nan_skips_that_step():
                for n in NAMES)
     assert opt._hyper_opt.state == {} or all(s["step"] == 0 for s in opt._hyper_opt.state.values())
     assert opt.history[0]["skipped"] == [1.0]
-    assert opt.hyper_state["since_update"] == 3  # the next step tries again
+    assert opt.hyper_state["since_update"] == 2  # the next step tries again
     poisoned = False
-    opt.step(net.closure(opt, 4))
+    opt.step(net.closure(opt, 3))
     assert len(calls) == 2 and opt.history[0]["skipped"] == [1.0, 0.0]
     assert any(not torch.equal(p, q) for p, q in zip(net.params, before))
-    opt.step(net.closure(opt, 5))
+    opt.step(net.closure(opt, 4))
     assert len(calls) == 2  # back to the interval
 
 
@@ -499,15 +515,15 @@ def test_assignment_to_param_groups_restarts_the_transform():
     net = Net(4)
     opt = IFTOptimizer(net.params, lr=0.05, momentum=0.5, weight_decay=1e-3, update_interval=2,
                        lookback=2, val_closure=net.val_loss)
-    for t in range(5):
+    for t in range(4):  # hyper-updates end steps 1 and 3
         opt.step(net.closure(opt, t))
     opt.param_groups[0]["lr"] = 0.01
     opt.param_groups[0]["momentum"] = 0.25
-    opt.step(net.closure(opt, 5))  # no hyper-update: the assigned values are used as they are
+    opt.step(net.closure(opt, 4))  # no hyper-update: the assigned values are used as they are
     assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[0]["momentum"] == 0.25
     assert opt.hyper_state["transformed"][0]["lr"].item() == pytest.approx(-2.0)
     assert opt.hyper_state["transformed"][0]["momentum"].item() == pytest.approx(math.log(1 / 3))
-    opt.step(net.closure(opt, 6))  # a hyper-update starts from them: Adam moves <= ~hyper_lr
+    opt.step(net.closure(opt, 5))  # a hyper-update starts from them: Adam moves <= ~hyper_lr
     assert abs(math.log10(opt.param_groups[0]["lr"]) + 2.0) <= 0.0501
 
 
@@ -568,8 +584,7 @@ def test_hyper_optimizer_factory_is_used():
     opt = IFTOptimizer(net.params, lr=0.05, tune=("lr",), update_interval=1, lookback=2,
                        hyper_optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1),
                        val_closure=net.val_loss)
-    opt.step(net.closure(opt, 0))
-    opt.step(net.closure(opt, 1))
+    opt.step(net.closure(opt, 0))  # update_interval 1: every step ends with a hyper-update
     h = opt.history[0]["hypergrad/lr"][0]
     assert math.log10(opt.param_groups[0]["lr"]) == pytest.approx(math.log10(0.05) - 0.1 * h,
                                                                   rel=1e-12)
@@ -579,14 +594,15 @@ def test_closure_needed_at_hyper_updates_unless_lookback_is_one():
     net = Net(11)
     opt = IFTOptimizer(net.params, lr=0.05, update_interval=2, lookback=3,
                        val_closure=net.val_loss)
-    for t in range(2):
-        opt.zero_grad()
-        net.train_loss(t).backward()
-        opt.step()  # first-order steps work without a closure
     opt.zero_grad()
-    net.train_loss(2).backward()
+    net.train_loss(0).backward()
+    opt.step()  # first-order steps work without a closure
+    opt.zero_grad()
+    net.train_loss(1).backward()
+    before = [p.detach().clone() for p in net.params]
     with pytest.raises(ValueError, match="update_interval=2.*step\\(closure\\)"):
-        opt.step()
+        opt.step()  # the second step ends with a hyper-update
+    assert all(torch.equal(p, q) for p, q in zip(net.params, before))
 
     greedy = IFTOptimizer(net.params, lr=0.05, update_interval=2, lookback=1,
                           val_closure=net.val_loss)
@@ -594,15 +610,17 @@ def test_closure_needed_at_hyper_updates_unless_lookback_is_one():
         greedy.zero_grad()
         net.train_loss(t).backward()
         greedy.step()
-    assert len(greedy.history[0]["lr"]) == 2
+    assert len(greedy.history[0]["lr"]) == 3  # after steps 2, 4, 6
 
 
 def test_needs_a_validation_loss_at_hyper_updates():
     net = Net(12)
-    opt = IFTOptimizer(net.params, lr=0.05, update_interval=1, lookback=2)
+    opt = IFTOptimizer(net.params, lr=0.05, update_interval=2, lookback=2)
     opt.step(net.closure(opt, 0))
+    before = [p.detach().clone() for p in net.params]
     with pytest.raises(ValueError, match="val_closure"):
         opt.step(net.closure(opt, 1))
+    assert all(torch.equal(p, q) for p, q in zip(net.params, before))
     opt.step(net.closure(opt, 1), val_closure=net.val_loss)
     assert len(opt.history[0]["lr"]) == 1
 
@@ -640,7 +658,9 @@ def test_param_group_added_later_joins_the_hyper_optimizer():
                        val_closure=net.val_loss)
     opt.step(net.closure(opt, 0))
     opt.add_param_group({"params": [net.params[1]], "lr": 0.02, "tune": ("lr",)})
-    assert len(opt._hyper_opt.param_groups) == 2
+    # One hyper-optimizer group per (param group, tuned name).
+    assert [g["name"] for g in opt._hyper_opt.param_groups] == ["lr", "momentum", "weight_decay",
+                                                                 "lr"]
     for t in range(1, 4):
         opt.step(net.closure(opt, t))
     assert len(opt.history[1]["lr"]) == 3 and opt.param_groups[1]["lr"] != 0.02
