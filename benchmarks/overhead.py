@@ -152,7 +152,11 @@ def make_fds(route: str) -> Callable[[nn.Module, Data], Step]:
 
 def make_marthe(mu: str | float, route: str) -> Callable[[nn.Module, Data], Step]:
     def make(model: nn.Module, data: Data) -> Step:
+        # A fixed hyper-step of 0: every step does all of MARTHE's work (validation gradient,
+        # HVP, tangents, mu), but the random labels here cannot drive the learning rate into
+        # divergence and skipped steps, which would time the guard instead of the method.
         opt = hyperoptim.MartheSGD(model.parameters(), lr=0.01, momentum=0.9, mu=mu,
+                                   hypergrad_lr=0.0, adapt_hypergrad_lr=False,
                                    val_closure=_val_closure(model, data), hvp=route)
         return lambda t: opt.step(_make_closure(route, model, opt, data, t))
 
@@ -260,7 +264,8 @@ def make_hd_adam(decoupled: bool, validation: bool) -> Callable[[nn.Module, Data
 def make_marthe_adam(mu: str | float, decoupled: bool = False) -> Callable[[nn.Module, Data], Step]:
     def make(model: nn.Module, data: Data) -> Step:
         cls = hyperoptim.MartheAdamW if decoupled else hyperoptim.MartheAdam
-        opt = cls(model.parameters(), lr=1e-3, mu=mu, val_closure=_val_closure(model, data))
+        opt = cls(model.parameters(), lr=1e-3, mu=mu, hypergrad_lr=0.0,  # as make_marthe
+                  adapt_hypergrad_lr=False, val_closure=_val_closure(model, data))
         return lambda t: opt.step(_closure(model, opt, data, t))
 
     return make
