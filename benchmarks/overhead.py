@@ -271,6 +271,16 @@ def make_marthe_adam(mu: str | float, decoupled: bool = False) -> Callable[[nn.M
     return make
 
 
+def make_ift_adam(decoupled: bool, route: str = "exact") -> Callable[[nn.Module, Data], Step]:
+    def make(model: nn.Module, data: Data) -> Step:
+        cls = hyperoptim.IFTAdamW if decoupled else hyperoptim.IFTAdam
+        opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 1e-4,
+                  update_interval=10, lookback=5, val_closure=_val_closure(model, data), hvp=route)
+        return lambda t: opt.step(_make_closure(route, model, opt, data, t))
+
+    return make
+
+
 CASES: dict[str, Callable[[nn.Module, Data], Step]] = {
     "torch.optim.SGD": make_sgd,
     "HypergradSGD (training loss)": make_hd_train,
@@ -293,6 +303,8 @@ CASES.update({
     "MartheAdam (adaptive mu)": make_marthe_adam("adaptive"),
     "MartheAdam (mu=1, HVP every step)": make_marthe_adam(1.0),
     "MartheAdamW (mu=1, HVP every step)": make_marthe_adam(1.0, decoupled=True),
+    "IFTAdam (T=10, i=5, exact)": make_ift_adam(False),
+    "IFTAdamW (T=10, i=5, exact)": make_ift_adam(True),
 })
 
 # The passes each case cannot avoid, timed alone (case name -> floor name).
@@ -304,6 +316,8 @@ for _route, _tag in (("exact", "exact"), ("finite_difference", "fin. diff.")):
     FLOORS[f"MartheSGD (adaptive mu, {_tag})"] = FLOORS[f"MartheSGD (mu=1, {_tag})"]
     FLOORS[f"IFTOptimizer (T=10, i=5, {_tag})"] = (f"IFT passes ({_tag})", floor_ift(_route))
     FLOORS[f"FDSSGD (T=50, 7 columns, {_tag})"] = (f"FDS passes ({_tag})", floor_fds(_route))
+for _name in ("IFTAdam (T=10, i=5, exact)", "IFTAdamW (T=10, i=5, exact)"):
+    FLOORS[_name] = ("IFT passes (exact)", floor_ift("exact"))
 
 #: Cases whose ratio is also reported against torch.optim.Adam (AdamW for the AdamW rows).
 ADAM_BASELINE = {name: ("torch.optim.AdamW" if "AdamW" in name else "torch.optim.Adam")

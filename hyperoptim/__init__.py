@@ -5,6 +5,7 @@ from .fds import FDSSGD
 from .hd import HypergradSGD
 from .hd_adam import HypergradAdam, HypergradAdamW
 from .ift import IFTOptimizer
+from .ift_adam import IFTAdam, IFTAdamW
 from .marthe import MartheSGD
 from .marthe_adam import MartheAdam, MartheAdamW
 from .plot import plot_history
@@ -15,6 +16,8 @@ __all__ = [
     "HypergradAdam",
     "HypergradAdamW",
     "HypergradSGD",
+    "IFTAdam",
+    "IFTAdamW",
     "IFTOptimizer",
     "MartheAdam",
     "MartheAdamW",

@@ -339,6 +339,28 @@ class IFTOptimizer(HyperOptimizer):
             raise ValueError(f"Invalid {'dampening' if dampening != 0 else 'nesterov'} value: "
                              f"{dampening if dampening != 0 else nesterov} (IFTOptimizer implements "
                              "heavy-ball momentum without dampening, as Clarke et al. do)")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, tune=tune,
+                        per_parameter_lr=per_parameter_lr,
+                        per_parameter_weight_decay=per_parameter_weight_decay, sharing=sharing,
+                        lr_bounds=lr_bounds)
+        self._setup(params, defaults, update_interval=update_interval, lookback=lookback,
+                    hyper_lr=hyper_lr, hyper_optimizer=hyper_optimizer,
+                    update_timing=update_timing, val_closure=val_closure, hvp=hvp,
+                    maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
+
+    # ------------------------------------------------------------------ the inner rule
+    # What depends on the inner optimizer (SGD here; Adam/AdamW in hyperoptim.ift_adam): the names
+    # it can tune, its argument checks, its step in place and out of place, and u(lambda, w).
+    _tunable: tuple[str, ...] = _NAMES
+    """The hyperparameters ``tune`` may name, in their canonical order (also recorded in
+    ``history``)."""
+
+    def _setup(self, params: ParamsT, defaults: dict[str, Any], *, update_interval: int,
+               lookback: int, hyper_lr: float,
+               hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None,
+               update_timing: str, val_closure: Closure | None, hvp: str,
+               **flags: Any) -> None:
+        """The rule-independent part of the constructor: IFT's own arguments, then the groups."""
         check_value("update_interval", update_interval,
                     isinstance(update_interval, int) and not isinstance(update_interval, bool)
                     and update_interval >= 1)
@@ -348,10 +370,6 @@ class IFTOptimizer(HyperOptimizer):
         check_value("hyper_optimizer", hyper_optimizer,
                     hyper_optimizer is None or callable(hyper_optimizer))
         check_value("update_timing", update_timing, update_timing in TIMINGS)
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, tune=tune,
-                        per_parameter_lr=per_parameter_lr,
-                        per_parameter_weight_decay=per_parameter_weight_decay, sharing=sharing,
-                        lr_bounds=lr_bounds)
         self._check_group(defaults)
         self.update_interval = update_interval
         self.lookback = lookback
@@ -360,14 +378,20 @@ class IFTOptimizer(HyperOptimizer):
         self._hyper_factory = hyper_optimizer
         self._hyper_opt: Optimizer | None = None
         super().__init__(params, self._normalised(defaults), val_closure=val_closure, hvp=hvp,
-                         maximize=maximize, foreach=foreach, fused=fused,
-                         differentiable=differentiable)
+                         **flags)
         self.hyper_state.update(since_update=0, steps=0)
         self._hyper_opt = self._build_hyper_optimizer()
 
     # ------------------------------------------------------------------ groups
     @staticmethod
-    def _check_group(group: dict[str, Any]) -> None:
+    def _check_rule_group(group: dict[str, Any]) -> None:
+        """The inner rule's checks of a group's values (``torch.optim.SGD``'s, in logit range)."""
+        check_sgd_arguments(group["lr"], group["momentum"], 0.0, group["weight_decay"], False)
+        if "momentum" in group["tune"]:  # logit momentum
+            check_value("momentum", group["momentum"], group["momentum"] <= 1.0)
+
+    @classmethod
+    def _check_group(cls, group: dict[str, Any]) -> None:
         bounds = group["lr_bounds"]
         check_value("lr_bounds", bounds,
                     isinstance(bounds, (tuple, list)) and len(bounds) == 2
@@ -376,24 +400,21 @@ class IFTOptimizer(HyperOptimizer):
         tune = group["tune"]
         check_value("tune", tune,
                     isinstance(tune, (tuple, list)) and len(tune) > 0
-                    and len(set(tune)) == len(tune) and all(n in _NAMES for n in tune))
+                    and len(set(tune)) == len(tune) and all(n in cls._tunable for n in tune))
         check_value("sharing", group["sharing"], group["sharing"] in SHARINGS)
-        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        check_sgd_arguments(lr, momentum, 0.0, wd, False)
+        cls._check_rule_group(group)
         if "lr" in tune:  # log10 learning rate lives in the bounds
-            check_value("lr", lr, bounds[0] <= lr <= bounds[1])
-        if "momentum" in tune:  # logit momentum
-            check_value("momentum", momentum, momentum <= 1.0)
+            check_value("lr", group["lr"], bounds[0] <= group["lr"] <= bounds[1])
         for name, key in _PER_PARAMETER.items():
             if group[key] and name not in tune:
                 raise ValueError(f"{key}=True needs '{name}' in tune (tune={tuple(tune)})")
 
-    @staticmethod
-    def _normalised(group: dict[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def _normalised(cls, group: dict[str, Any]) -> dict[str, Any]:
         out = dict(group)
-        for name in _NAMES:
+        for name in cls._tunable:
             out[name] = float(out[name])
-        out["tune"] = tuple(n for n in _NAMES if n in out["tune"])
+        out["tune"] = tuple(n for n in cls._tunable if n in out["tune"])
         for key in _PER_PARAMETER.values():
             out[key] = bool(out[key])
         out["lr_bounds"] = (float(out["lr_bounds"][0]), float(out["lr_bounds"][1]))
@@ -528,7 +549,7 @@ class IFTOptimizer(HyperOptimizer):
         else:
             for group, params in groups:
                 if params:
-                    self._sgd_step(group, params)
+                    self._weight_step(group, params)
         self.hyper_state["since_update"] = (0 if taken else 1) if hyper else since + 1
         self.hyper_state["steps"] += 1
         return loss
@@ -568,7 +589,7 @@ class IFTOptimizer(HyperOptimizer):
                 out.append(p.add(d, alpha=-a) if out_of_place else p.add_(d, alpha=-a))
         return out
 
-    def _sgd_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _weight_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """PyTorch's SGD step with the group's current hyperparameters, in place."""
         states = [self.state[p] for p in params]
         bufs, dirs = self._directions(
@@ -580,15 +601,29 @@ class IFTOptimizer(HyperOptimizer):
             if buf is not None:
                 s["momentum_buffer"] = buf
 
-    def _sgd_values(self, group: dict[str, Any], params: list[Tensor]
-                    ) -> tuple[list[Tensor], list[Tensor | None]]:
-        """The same step as new tensors ``(w_new, v_new)``, nothing written (bit-identical)."""
+    def _weight_values(self, group: dict[str, Any], params: list[Tensor]
+                       ) -> tuple[list[Tensor], list[dict[str, Any]]]:
+        """The same step as new tensors, nothing written (bit-identical): the new weights and,
+        per parameter, the ``state[p]`` entries the step sets."""
         bufs, dirs = self._directions(
             params, [p.grad for p in params],
             [self.state[p].get("momentum_buffer") for p in params], group["momentum"],
             self._per_parameter_values(group, params, "weight_decay"))
         new = self._apply(params, dirs, self._per_parameter_values(group, params, "lr"), True)
-        return new, bufs
+        return new, [{} if buf is None else {"momentum_buffer": buf} for buf in bufs]
+
+    def _update_functions(self, group: dict[str, Any], params: Sequence[Tensor],
+                          weights: Sequence[Tensor], grads: Sequence[Tensor],
+                          values: dict[str, Any]) -> list[Tensor]:
+        """``u(lambda, w)`` per parameter, differentiable in ``weights``, ``grads`` and the
+        tensors in ``values`` (the tuned hyperparameters; the others are the group's floats), the
+        rule's state before the step detached: ``lr * d(w; v, momentum, weight_decay)``
+        (App. A.4)."""
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        _, dirs = self._directions(weights, grads, bufs, values["momentum"],
+                                   values["weight_decay"])
+        lrs = values["lr"] if isinstance(values["lr"], list) else [values["lr"]] * len(params)
+        return [a * d for a, d in zip(lrs, dirs)]
 
     def _hyper_step(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
                     second: SecondOrder | None, val_closure: Closure | None,
@@ -602,7 +637,7 @@ class IFTOptimizer(HyperOptimizer):
             # (through .data: the version counters, and the training graph at w_{t-1} that the
             # exact HVP route differentiates, stay valid). The Hessian products below are then
             # taken at w_{t-1} by either route.
-            news = [self._sgd_values(group, ps) if ps else ([], []) for group, ps in groups]
+            news = [self._weight_values(group, ps) if ps else ([], []) for group, ps in groups]
             new_weights = [w for ws, _ in news for w in ws]
             previous = [p.detach().clone() for p in params]
             try:
@@ -620,15 +655,14 @@ class IFTOptimizer(HyperOptimizer):
             return False
         # Commit the weights (and buffers) after every fallible call of the step.
         if taken:
-            for (_, ps), (ws, bufs) in zip(groups, news):
-                for p, w, buf in zip(ps, ws, bufs):
+            for (_, ps), (ws, entries) in zip(groups, news):
+                for p, w, entry in zip(ps, ws, entries):
                     p.copy_(w)
-                    if buf is not None:
-                        self.state[p]["momentum_buffer"] = buf
+                    self.state[p].update(entry)
         else:
             for group, ps in groups:
                 if ps:
-                    self._sgd_step(group, ps)
+                    self._weight_step(group, ps)
         return True
 
     def _hyper_update(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
@@ -652,7 +686,7 @@ class IFTOptimizer(HyperOptimizer):
         grad_of = dict(zip(params, grad_leaves))
         with torch.enable_grad():
             for index, group, ps in active:
-                values: dict[str, Any] = {n: group[n] for n in _NAMES}
+                values: dict[str, Any] = {n: group[n] for n in self._tunable}
                 for name in group["tune"]:
                     per_param = self._per_parameter(group, name)
                     stored = self._stored(index, name, ps)
@@ -662,12 +696,8 @@ class IFTOptimizer(HyperOptimizer):
                     leaves.extend(fresh)
                     natural = [_natural(name, x) for x in fresh]
                     values[name] = natural if per_param else natural[0]
-                bufs = [self.state[p].get("momentum_buffer") for p in ps]
-                # u(lambda, w) = lr * d(w; v, momentum, weight_decay), v detached (App. A.4).
-                _, dirs = self._directions([weight_of[p] for p in ps], [grad_of[p] for p in ps],
-                                           bufs, values["momentum"], values["weight_decay"])
-                lrs = values["lr"] if isinstance(values["lr"], list) else [values["lr"]] * len(ps)
-                updates.extend(a * d for a, d in zip(lrs, dirs))
+                updates.extend(self._update_functions(group, ps, [weight_of[p] for p in ps],
+                                                      [grad_of[p] for p in ps], values))
 
             # acc = sum_{j < i} ((I - J)^T)^j grad L_V by i - 1 vector-Jacobian products (Eq. 6).
             q = list(val_grads)  # fresh tensors, owned here: updated in place below
@@ -747,9 +777,8 @@ class IFTOptimizer(HyperOptimizer):
                          **hypers[index])
         return True
 
-    @staticmethod
-    def _values(group: dict[str, Any]) -> dict[str, float]:
-        return {name: group[name] for name in _NAMES}
+    def _values(self, group: dict[str, Any]) -> dict[str, float]:
+        return {name: group[name] for name in self._tunable}
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:

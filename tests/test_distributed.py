@@ -44,10 +44,13 @@ def _builders() -> dict[str, Callable[..., Any]]:
                                               weight_decay=1e-3, lr_windows=2, val_closure=v),
     }
     # The Adam family, where it exists.
-    for name in ("HypergradAdam", "MartheAdam", "HypergradAdamW", "MartheAdamW"):
+    ift = dict(update_interval=3, lookback=3)  # hyper-updates within STEPS
+    for name in ("HypergradAdam", "MartheAdam", "HypergradAdamW", "MartheAdamW", "IFTAdam",
+                 "IFTAdamW"):
         cls = getattr(hyperoptim, name, None)
         if cls is not None:
-            out[name] = lambda p, v, cls=cls: cls(p, lr=0.01, val_closure=v)
+            kwargs = ift if name.startswith("IFT") else {}
+            out[name] = lambda p, v, cls=cls, kw=kwargs: cls(p, lr=0.01, val_closure=v, **kw)
     return out
 
 

@@ -1,0 +1,292 @@
+r"""One-pass hyperparameter optimisation by implicit differentiation (Clarke et al., 2022) over
+Adam's and AdamW's weight update."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._adam import ADAM, check_adam_arguments
+from ._base import check_value
+from ._types import Closure, ParamsT
+from ._update import Buffers
+from .ift import _PER_PARAMETER, HyperOptimizerFactory, IFTOptimizer
+
+__all__ = ["IFTAdam", "IFTAdamW"]
+
+_REFUSED = ("beta1", "beta2", "betas", "momentum")
+
+
+class IFTAdam(IFTOptimizer):
+    r"""Adam whose learning rate and weight decay learn from implicit hypergradients.
+
+    A drop-in replacement for ``torch.optim.Adam`` (same positional arguments
+    ``params, lr, betas, eps, weight_decay, amsgrad``; every step is torch's Adam step with the
+    current hyperparameters, bit-identical to ``torch.optim.Adam(foreach=False)`` while they stay
+    put) that runs :class:`~hyperoptim.IFTOptimizer`'s method, Clarke et al.'s Algorithm 1, on
+    Adam's weight update instead of SGD's: every ``update_interval`` steps the hyperparameters
+    take one step of a hyper optimizer (Adam, ``hyper_lr``) on the Neumann approximation of the
+    implicit hypergradient of the validation loss :math:`L_V`. Everything but the update function
+    (transforms, look-back, timing, hyper optimizer, state, history, non-finite skips, HVP routes)
+    is :class:`~hyperoptim.IFTOptimizer`'s; see its documentation.
+
+    **The update function** (Appendix, Eq. 11). With Adam's moments :math:`m, v` and step count
+    :math:`t` held constant (detached: the state before the step, as torch keeps it in
+    ``exp_avg``, ``exp_avg_sq``, ``step``), the weight update is a differentiable function of
+    :math:`\lambda = (a, c)` (learning rate, weight decay) and the weights:
+
+    .. math::
+
+        g &= \nabla L_T(w) + c\, w, \qquad
+        m' = \beta_1 m + (1 - \beta_1) g, \qquad v' = \beta_2 v + (1 - \beta_2) g^2, \\
+        \mathbf u(\lambda, w) &= \frac{a}{1 - \beta_1^t} \cdot
+            \frac{m'}{\sqrt{v'} / \sqrt{1 - \beta_2^t} + \epsilon}, \qquad
+        w \leftarrow w - \mathbf u(\lambda, w),
+
+    with :math:`\epsilon` after the bias correction, where torch puts it (the paper's Eq. 11
+    writes :math:`\sqrt{\hat v_t + \epsilon}`). For :class:`IFTAdamW` the decay is decoupled,
+    :math:`w' = (1 - a c)\, w - a\,\hat m' / (\sqrt{\hat v'} + \epsilon)` with
+    :math:`g = \nabla L_T(w)`, so :math:`\mathbf u` gains :math:`a c\, w`. :math:`\mathbf u` is
+    computed as :math:`w - w'` with :math:`w'` from the rule's pure step
+    (:func:`hyperoptim._adam.adam_step` through :data:`hyperoptim._adam.ADAM`), the same rule the
+    optimizer steps with, so no derivative of Adam is typed here: autograd gives
+    :math:`J = \partial\mathbf u / \partial w` (through :math:`g(w)`, hence the training Hessian,
+    by the step's HVP route) and :math:`\partial\mathbf u/\partial\lambda`.
+
+    **The hypergradient**, as for :class:`~hyperoptim.IFTOptimizer`: with look-back :math:`i`,
+
+    .. math::
+
+        \frac{dL_V}{d\lambda} \approx -\nabla L_V^\top
+            \sum_{0 \le j < i} (I - J)^j\, \frac{\partial \mathbf u}{\partial \lambda},
+
+    with respect to :math:`\log_{10} a` and :math:`\log_{10} c` (Table 5's space; the learning
+    rate clamped to ``lr_bounds``). A tuned weight decay of 0 starts from
+    :data:`hyperoptim.ift.WEIGHT_DECAY_FLOOR` (1e-7), shown in ``param_groups`` from the start; to
+    keep it at exactly 0 leave it out of ``tune``. :math:`\beta_1, \beta_2` stay fixed (``tune``
+    refuses them): the moments are detached, so Eq. 11 differentiates them only through this
+    step's :math:`m', v'`.
+
+    **State.** ``state[p]`` holds torch's ``"step"``, ``"exp_avg"`` and ``"exp_avg_sq"`` (a
+    checkpoint of ``torch.optim.Adam`` loads into it); the rest as
+    :class:`~hyperoptim.IFTOptimizer`: the transformed values, the hyper optimizer's state and
+    the interval counter are saved, so a resumed run continues exactly; ``history[i]`` records
+    ``"lr"``, ``"weight_decay"``, ``"hypergrad/<name>"``, ``"val_loss"``, ``"step"`` and
+    ``"skipped"`` per hyper-update.
+
+    **Cost.** Between hyper-updates, torch's Adam step (single-tensor path). A hyper-update costs
+    what :class:`~hyperoptim.IFTOptimizer`'s does: one closure with the graph of the training
+    gradient (when ``lookback > 1``), one validation gradient and ``lookback - 1`` Hessian-vector
+    products.
+
+    Args:
+        params (iterable): parameters or param-group dicts, as for ``torch.optim.Adam``. A group
+            may set its own ``lr``, ``betas``, ``eps``, ``weight_decay``, ``tune`` and
+            ``lr_bounds``.
+        lr (float, optional): initial learning rate (default: 1e-3).
+        betas (tuple of float, optional): :math:`(\beta_1, \beta_2)`, fixed (default: (0.9, 0.999)).
+        eps (float, optional): :math:`\epsilon` (default: 1e-8).
+        weight_decay (float, optional): initial weight decay :math:`c` (default: 0; tuned from
+            1e-7 then).
+        amsgrad (bool, optional): must be False (not supported).
+        tune (sequence of str, optional): which of ``"lr"`` and ``"weight_decay"`` learn
+            (default: both).
+        update_interval, lookback, hyper_lr, hyper_optimizer, lr_bounds, update_timing,
+            val_closure, hvp: as for :class:`~hyperoptim.IFTOptimizer` (defaults: 10, 5, 0.05,
+            Adam, ``(1e-10, 1.0)``, ``"taken"``, None, ``"auto"``).
+        decoupled_weight_decay (bool, optional): AdamW's decay (default: False; see
+            :class:`IFTAdamW`).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(32, 3), torch.randn(32, 1)
+        >>> xv, yv = torch.randn(16, 3), torch.randn(16, 1)
+        >>> val = lambda: torch.nn.functional.mse_loss(model(xv), yv)
+        >>> opt = IFTAdam(model.parameters(), lr=0.01, weight_decay=1e-4, update_interval=5,
+        ...               lookback=3, val_closure=val)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(20):
+        ...     _ = opt.step(closure)
+        >>> len(opt.history[0]["lr"]), sorted(k for k in opt.history[0] if k.startswith("hyper"))
+        (4, ['hypergrad/lr', 'hypergrad/weight_decay'])
+
+    References:
+        R. M. Clarke, E. T. Oldewage, J. M. Hernández-Lobato. Scalable One-Pass Optimisation of
+        High-Dimensional Weight-Update Hyperparameters by Implicit Differentiation. ICLR 2022
+        (Appendix A.4, Eq. 11).
+
+        D. P. Kingma, J. Ba. Adam: A Method for Stochastic Optimization. ICLR 2015.
+        I. Loshchilov, F. Hutter. Decoupled Weight Decay Regularization. ICLR 2019 (AdamW).
+    """
+
+    _tunable = ("lr", "weight_decay")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        tune: Sequence[str] = ("lr", "weight_decay"),
+        update_interval: int = 10,
+        lookback: int = 5,
+        hyper_lr: float = 0.05,
+        hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
+        lr_bounds: tuple[float, float] = (1e-10, 1.0),
+        update_timing: str = "taken",
+        val_closure: Closure | None = None,
+        hvp: str = "auto",
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        check_adam_arguments(lr, betas, eps, weight_decay, amsgrad, maximize)
+        check_value("decoupled_weight_decay", decoupled_weight_decay,
+                    isinstance(decoupled_weight_decay, bool))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False,
+                        decoupled_weight_decay=decoupled_weight_decay, tune=tune,
+                        per_parameter_lr=False, per_parameter_weight_decay=False,
+                        sharing="weight", lr_bounds=lr_bounds)
+        self._setup(params, defaults, update_interval=update_interval, lookback=lookback,
+                    hyper_lr=hyper_lr, hyper_optimizer=hyper_optimizer,
+                    update_timing=update_timing, val_closure=val_closure, hvp=hvp,
+                    maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
+
+    # ------------------------------------------------------------------ groups
+    @classmethod
+    def _check_group(cls, group: dict[str, Any]) -> None:
+        tune = group["tune"]
+        refused = [n for n in tune if n in _REFUSED] if isinstance(tune, (tuple, list)) else []
+        if refused:
+            raise ValueError(
+                f"Invalid tune value: {tuple(tune)} ({cls.__name__} tunes 'lr' and 'weight_decay'; "
+                f"{refused[0]!r} is not tunable: Adam's betas stay fixed)")
+        for key in _PER_PARAMETER.values():
+            if group.get(key, False) is not False:
+                raise ValueError(f"Invalid {key} value: {group[key]!r} ({cls.__name__} has one "
+                                 "learning rate and weight decay per param group)")
+        super()._check_group(group)
+
+    @staticmethod
+    def _check_rule_group(group: dict[str, Any]) -> None:
+        """``torch.optim.Adam``'s checks (:func:`hyperoptim._adam.check_adam_arguments`)."""
+        check_adam_arguments(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                             group.get("amsgrad", False), group.get("maximize", False))
+
+    @classmethod
+    def _normalised(cls, group: dict[str, Any]) -> dict[str, Any]:
+        out = super()._normalised(group)
+        out["betas"] = (float(out["betas"][0]), float(out["betas"][1]))
+        out["eps"] = float(out["eps"])
+        return out
+
+    # ------------------------------------------------------------------ the rule
+    def _peek_state(self, params: Sequence[Tensor]) -> tuple[Buffers, list[float]]:
+        """The moments and this step's counts, as ``torch.optim.Adam`` would start them for a
+        fresh parameter, without writing anything to ``state``."""
+        states = [self.state[p] for p in params]
+        buffers: Buffers = {
+            name: [s[name] if name in s else torch.zeros_like(p, memory_format=torch.preserve_format)
+                   for s, p in zip(states, params)]
+            for name in ADAM.buffer_names}
+        counts = [float(s["step"]) + 1.0 if "step" in s else 1.0 for s in states]
+        return buffers, counts
+
+    def _weight_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """torch's Adam/AdamW step with the group's current values, in place."""
+        states = [self.state[p] for p in params]
+        buffers, counts = ADAM.read_state(states, params)
+        new, _ = ADAM.step_(params, [p.grad for p in params], buffers, ADAM.hypers(group), counts,
+                            **ADAM.options(group))
+        ADAM.write_state(states, new)
+
+    def _weight_values(self, group: dict[str, Any], params: list[Tensor]
+                       ) -> tuple[list[Tensor], list[dict[str, Any]]]:
+        """The same step as new tensors (bit-identical), and the ``state[p]`` entries it sets."""
+        buffers, counts = self._peek_state(params)
+        new, new_buffers = ADAM.step(params, [p.grad for p in params], buffers, ADAM.hypers(group),
+                                     counts, **ADAM.options(group))
+        entries = []
+        for i, p in enumerate(params):
+            step = self.state[p].get("step")
+            entries.append({"step": torch.tensor(1.0, dtype=torch.float32) if step is None else step + 1,
+                            **{name: new_buffers[name][i] for name in ADAM.buffer_names}})
+        return new, entries
+
+    def _update_functions(self, group: dict[str, Any], params: Sequence[Tensor],
+                          weights: Sequence[Tensor], grads: Sequence[Tensor],
+                          values: dict[str, Any]) -> list[Tensor]:
+        """``u = w - w'`` with ``w'`` the rule's pure step at ``(weights, grads)``, the moments and
+        counts of the state before the step held constant (Eq. 11)."""
+        buffers, counts = self._peek_state(params)
+        hypers = {**ADAM.hypers(group), **values}
+        new, _ = ADAM.step(list(weights), list(grads), buffers, hypers, counts,
+                           **ADAM.options(group))
+        return [w - n for w, n in zip(weights, new)]
+
+
+class IFTAdamW(IFTAdam):
+    r"""AdamW whose learning rate and weight decay learn from implicit hypergradients:
+    :class:`IFTAdam` with decoupled weight decay (``torch.optim.AdamW``'s signature and default
+    ``weight_decay=1e-2``).
+
+    The update differentiated is AdamW's, :math:`\mathbf u(\lambda, w) = w - w'` with
+    :math:`w' = (1 - a c)\, w - \frac{a}{1 - \beta_1^t}\,
+    \frac{m'}{\sqrt{v'}/\sqrt{1 - \beta_2^t} + \epsilon}` and :math:`m', v'` from the loss
+    gradient alone, so :math:`\partial\mathbf u/\partial c = a\, w` and the decay enters
+    :math:`J = \partial \mathbf u/\partial w` as :math:`a c I`. With ``hyper_lr=0`` the weights
+    are bit-identical to ``torch.optim.AdamW(foreach=False)``'s. Arguments as :class:`IFTAdam`.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = IFTAdamW(model.parameters(), lr=0.01, update_interval=2, lookback=2,
+        ...                val_closure=lambda: model.weight.pow(2).sum())
+        >>> for _ in range(4):
+        ...     _ = opt.step(lambda: model(torch.ones(8, 3)).pow(2).mean())
+        >>> opt.param_groups[0]["decoupled_weight_decay"], len(opt.history[0]["weight_decay"])
+        (True, 2)
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        tune: Sequence[str] = ("lr", "weight_decay"),
+        update_interval: int = 10,
+        lookback: int = 5,
+        hyper_lr: float = 0.05,
+        hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
+        lr_bounds: tuple[float, float] = (1e-10, 1.0),
+        update_timing: str = "taken",
+        val_closure: Closure | None = None,
+        hvp: str = "auto",
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, tune=tune,
+                         update_interval=update_interval, lookback=lookback, hyper_lr=hyper_lr,
+                         hyper_optimizer=hyper_optimizer, lr_bounds=lr_bounds,
+                         update_timing=update_timing, val_closure=val_closure, hvp=hvp,
+                         maximize=maximize, foreach=foreach, fused=fused,
+                         differentiable=differentiable, decoupled_weight_decay=True)
