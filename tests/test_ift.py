@@ -227,7 +227,10 @@ def test_hypergradient_equals_closed_form_from_explicit_jacobians(
         want.append(value.reshape(-1))
     got, want = torch.cat(got), torch.cat(want)
     error = torch.linalg.vector_norm(got - want)
-    assert error <= 1e-8 * torch.linalg.vector_norm(want), (got, want)
+    # Per-parameter values are read back as (log10 before) - (log10 after): O(1) numbers whose
+    # difference carries ~1e-15 of rounding, whatever the hypergradient's size (hypothesis found
+    # one of 1e-9 at the weight-decay floor), hence the absolute floor.
+    assert error <= 1e-8 * torch.linalg.vector_norm(want) + 1e-13, (got, want)
 
 
 # ------------------------------------------- Section 2.3: lookback -> infinity on a quadratic
