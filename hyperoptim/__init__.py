@@ -4,7 +4,7 @@ from ._base import HyperOptimizer, frozen_batchnorm_stats
 from .fds import FDSSGD
 from .hd import HypergradSGD
 from .hd_adam import HypergradAdam, HypergradAdamW
-from .ift import IFTOptimizer
+from .ift import IFTOptimizer, SignSGD, thesis_adaptive
 from .ift_adam import IFTAdam, IFTAdamW
 from .marthe import MartheSGD
 from .marthe_adam import MartheAdam, MartheAdamW
@@ -22,8 +22,10 @@ __all__ = [
     "MartheAdam",
     "MartheAdamW",
     "MartheSGD",
+    "SignSGD",
     "frozen_batchnorm_stats",
     "plot_history",
+    "thesis_adaptive",
 ]
 
 __version__ = "0.1.0.dev0"
