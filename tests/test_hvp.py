@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -77,3 +79,28 @@ def test_without_the_retry_the_kink_would_cost_a_quarter(monkeypatch):
     _, second = _Probe([w], "finite_difference")._training_loss(loss, second_order=True)
     (hz,) = second.hvp([torch.ones(1, 1, dtype=torch.float64)])
     assert abs(hz.item() - 2.0) > 0.4  # (w0 + 3h) / 2h ~ 1.55: what the check prevents
+
+
+def test_a_kink_that_no_retry_escapes_warns_once_and_stops_retrying():
+    """w0 = 1e-12: even the 100x smaller step crosses the kink. The optimizer says the products
+    are unreliable and what to do, once, and later products cost two closure calls, not six."""
+    w = nn.Parameter(torch.tensor([1e-12], dtype=torch.float64))
+    calls = [0]
+
+    def loss():
+        calls[0] += 1
+        return 0.5 * torch.relu(w).pow(2).sum() + 0.5 * w.pow(2).sum()
+
+    opt = _Probe([w], "finite_difference")
+    one = torch.ones(1, 1, dtype=torch.float64)
+    _, second = opt._training_loss(loss, second_order=True)
+    calls[0] = 0
+    with pytest.warns(RuntimeWarning, match="unreliable.*hvp='exact'"):
+        second.hvp([one])
+    assert calls[0] == 6  # three step sizes, two calls each
+    _, second = opt._training_loss(loss, second_order=True)
+    calls[0] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second.hvp([one])
+    assert calls[0] == 2
