@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._base import HyperOptimizer
 from .fds import FDSSGD
 from .hd import HypergradSGD
 from .hd_adam import HypergradAdam
@@ -177,6 +178,7 @@ def _online(name: str, data: Splits, steps: int, batch: int, seed: int, bar: Any
     model = make_model(seed)
     val_closure = lambda: F.cross_entropy(model(data.x_val), data.y_val)  # noqa: E731
     opt = _optimizer(name, model, val_closure)
+    hyper = isinstance(opt, HyperOptimizer)
     result = Result(name)
     every = max(1, steps // 50)
     spent = 0.0
@@ -185,9 +187,10 @@ def _online(name: str, data: Splits, steps: int, batch: int, seed: int, bar: Any
         start = time.perf_counter()
 
         def closure(idx: torch.Tensor = idx) -> torch.Tensor:
-            opt.zero_grad()
             loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            loss.backward()
+            if not hyper:  # torch.optim reads p.grad; hyperoptim takes the gradient itself,
+                opt.zero_grad()  # and a closure that returns the loss gets exact H·Z
+                loss.backward()
             return loss
 
         opt.step(closure)
