@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from test_ift import Net  # the same tiny tanh network as IFTOptimizer's tests
 from torch import nn
 
 from hyperoptim import IFTAdam, IFTAdamW
@@ -25,39 +26,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-class Net:
-    """A tiny tanh network as two parameter tensors, with fixed batches and a validation set."""
-
-    def __init__(self, seed: int, dtype: torch.dtype = torch.float64):
-        gen = torch.Generator().manual_seed(seed)
-        self.params = [nn.Parameter(0.6 * torch.randn(3, 4, generator=gen, dtype=dtype)),
-                       nn.Parameter(0.6 * torch.randn(4, 2, generator=gen, dtype=dtype))]
-        self.batches = [(torch.randn(7, 3, generator=gen, dtype=dtype),
-                         torch.randn(7, 2, generator=gen, dtype=dtype)) for _ in range(5)]
-        self.val = (torch.randn(9, 3, generator=gen, dtype=dtype),
-                    torch.randn(9, 2, generator=gen, dtype=dtype))
-
-    @staticmethod
-    def loss_at(params, batch) -> torch.Tensor:
-        x, y = batch
-        return ((torch.tanh(x @ params[0]) @ params[1] - y) ** 2).mean()
-
-    def train_loss(self, t: int, params=None) -> torch.Tensor:
-        return self.loss_at(self.params if params is None else params,
-                            self.batches[t % len(self.batches)])
-
-    def val_loss(self, params=None) -> torch.Tensor:
-        return self.loss_at(self.params if params is None else params, self.val)
-
-    def closure(self, opt, t: int, backward: bool = True):
-        def closure():
-            loss = self.train_loss(t)
-            if backward:
-                opt.zero_grad()
-                loss.backward()
-            return loss
-
-        return closure
 
 
 def _state_before(opt, params):
