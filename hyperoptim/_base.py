@@ -671,12 +671,17 @@ class HyperOptimizer(Optimizer):
             )
         return self.hvp
 
-    def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
-        """The closure's training gradient at the live (perturbed) weights, local to this rank.
+    def _isolated_gradient(self, closure: Closure, params: Sequence[Tensor], name: str
+                           ) -> tuple[Tensor, list[Tensor | None] | None, bool]:
+        """Run ``closure`` with every ``p.grad`` cleared and put the original gradient tensors
+        back afterwards (also on error), so the step's own gradients are never touched and a
+        closure that accumulates without ``zero_grad()`` is still right.
 
-        ``p.grad`` of every parameter is left exactly as it was: the closure runs with no
-        gradients present (so one that accumulates without ``zero_grad()`` is still right), and
-        the original gradient tensors are put back afterwards.
+        Returns:
+            ``(loss, grads, called_backward)``: ``grads[i]`` is the gradient of ``params[i]``
+            (``None`` where it got none), taken from ``p.grad`` if the closure called
+            ``backward()`` and with ``autograd.grad`` otherwise; ``grads`` is ``None`` when the
+            loss carries no graph at all.
         """
         everything = self._all_params()
         saved = [p.grad for p in everything]
@@ -685,17 +690,27 @@ class HyperOptimizer(Optimizer):
         try:
             with torch.enable_grad():
                 loss = closure()
+            if not isinstance(loss, Tensor):
+                raise ValueError(f"Invalid {name} return value: {loss!r} (expected a tensor)")
             if any(p.grad is not None for p in everything):
-                out = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            else:
-                if not isinstance(loss, Tensor) or not loss.requires_grad:
-                    raise ValueError("Invalid closure return value: the loss does not require grad")
-                raw = torch.autograd.grad(loss, params, allow_unused=True)
-                out = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, raw)]
-            return [-g for g in out] if self.defaults.get("maximize") else out
+                return loss, [p.grad for p in params], True
+            if not loss.requires_grad:
+                return loss, None, False
+            if not params:
+                return loss, [], False
+            return loss, list(torch.autograd.grad(loss, list(params), allow_unused=True)), False
         finally:
             for p, g in zip(everything, saved):
                 p.grad = g
+
+    def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
+        """The closure's training gradient at the live (perturbed) weights, local to this rank;
+        ``p.grad`` is left exactly as it was (:meth:`_isolated_gradient`)."""
+        _, raw, _ = self._isolated_gradient(closure, params, "closure")
+        if raw is None:
+            raise ValueError("Invalid closure return value: the loss does not require grad")
+        out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+        return [-g for g in out] if self.defaults.get("maximize") else out
 
     def _resolve_val_closure(self, val_closure: Closure | None, *, required: bool) -> Closure | None:
         val_closure = val_closure if val_closure is not None else self.val_closure
@@ -715,29 +730,12 @@ class HyperOptimizer(Optimizer):
         zero gradient. The loss and the gradients are averaged across ranks.
         """
         params = list(params)
-        everything = self._all_params()
-        saved = [p.grad for p in everything]
-        for p in everything:
-            p.grad = None
-        try:
-            with torch.enable_grad():
-                loss = val_closure()
-            if not isinstance(loss, Tensor):
-                raise ValueError(f"Invalid val_closure return value: {loss!r} (expected a tensor)")
-            if any(p.grad is not None for p in params):
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            elif loss.requires_grad and params:
-                raw = torch.autograd.grad(loss, params, allow_unused=True)
-                if all(g is None for g in raw):
-                    raise ValueError(self._no_graph_message("does not depend on the parameters"))
-                grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, raw)]
-            elif params:
-                raise ValueError(self._no_graph_message("does not require grad"))
-            else:
-                grads = []
-        finally:
-            for p, g in zip(everything, saved):
-                p.grad = g
+        loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
+        if raw is None and params:
+            raise ValueError(self._no_graph_message("does not require grad"))
+        if params and not called_backward and all(g is None for g in (raw or [])):
+            raise ValueError(self._no_graph_message("does not depend on the parameters"))
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw or [])]
         # The loss is averaged too (it is a mean over the data as well): every rank records the
         # same value, and skips the same steps.
         *grads, loss = all_reduce_mean([g.detach() for g in grads] + [loss.detach()])
