@@ -40,10 +40,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from hyperoptim._hvp import grad_and_hvp, hvp_from_grads
-from hyperoptim._update import sgd_tangents
 from hyperoptim.fds import FDSSGD
+from hyperoptim.hvp import grad_and_hvp, hvp_from_grads
 from hyperoptim.reference import unrolled_hypergrad
+from hyperoptim.rules.sgd import sgd_tangents
 
 LR, MOMENTUM, WD = 0.05, 0.9, 5e-4
 

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import hyperoptim
-from hyperoptim._hvp import hvp_from_grads
+from hyperoptim.hvp import hvp_from_grads
 
 Step = Callable[[int], object]
 

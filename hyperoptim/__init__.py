@@ -1,6 +1,7 @@
 """hyperoptim: torch.optim optimizers that learn their own hyperparameters from hypergradients."""
 
-from ._base import HyperOptimizer, frozen_batchnorm_stats
+from .core.base import HyperOptimizer
+from .core.batchnorm import frozen_batchnorm_stats
 from .fds import FDSSGD
 from .hd import HypergradSGD
 from .hd_adam import HypergradAdam, HypergradAdamW

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._base import HyperOptimizer
+from .core.base import HyperOptimizer
 from .fds import FDSSGD
 from .hd import HypergradSGD
 from .hd_adam import HypergradAdam

@@ -10,10 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import LEARNED_LIMIT, HyperOptimizer, check_torch_flags, check_value, is_real
-from ._schedule import window_of
-from ._types import Closure, ParamsT
-from ._update import apply_update_, sgd_direction, sgd_tangents
+from .core.base import LEARNED_LIMIT, HyperOptimizer
+from .core.checks import check_torch_flags, check_value, is_real
+from .core.schedule import window_of
+from .core.types import Closure, ParamsT
+from .rules.base import apply_update_
+from .rules.sgd import sgd_direction, sgd_tangents
 
 __all__ = ["FDSSGD"]
 
@@ -151,7 +153,7 @@ class FDSSGD(HyperOptimizer):
         nesterov (bool, optional): Nesterov momentum (default: False).
         val_closure (callable, optional): returns the validation loss from the live parameters,
             evaluated by :meth:`hyperstep`; may be overridden there (default: None).
-        hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim._hvp`): ``"exact"``
+        hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim.hvp`): ``"exact"``
             (double backward; the closure must return the loss without calling ``backward()``),
             ``"finite_difference"`` (central differences of gradients, two extra closure calls
             per tangent column; works with ``backward()`` in the closure, DDP,

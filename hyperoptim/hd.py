@@ -8,10 +8,10 @@ from typing import Any
 import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 
-from ._base import check_sgd_arguments, check_value, is_real
-from ._hypergrad import RuleHypergrad
-from ._types import Closure, ParamsT
-from ._update import SGD
+from .core.checks import check_sgd_arguments, check_value, is_real
+from .core.types import Closure, ParamsT
+from .methods.hd import RuleHypergrad
+from .rules.sgd import SGD
 
 __all__ = ["HypergradSGD"]
 
@@ -49,8 +49,8 @@ class HypergradSGD(RuleHypergrad):
     with one ``RuntimeWarning``. With ``hypergrad_lr=0`` the weights are bit-identical to
     ``torch.optim.SGD``'s.
 
-    The algorithm is written once, over an update rule (:class:`~hyperoptim._hypergrad.RuleHypergrad`
-    with the SGD rule :data:`hyperoptim._update.SGD`; ``HypergradAdam`` is the same class over
+    The algorithm is written once, over an update rule (:class:`~hyperoptim.methods.hd.RuleHypergrad`
+    with the SGD rule :data:`hyperoptim.rules.SGD`; ``HypergradAdam`` is the same class over
     Adam's rule). With heavy-ball momentum the direction :math:`d_{t-1}` is the momentum buffer,
     so no copy of it is kept; otherwise ``state[p]["direction"]`` holds it.
 

@@ -8,10 +8,10 @@ from typing import Any
 import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 
-from ._adam import ADAM, check_adam_arguments
-from ._base import check_value, is_real
-from ._hypergrad import RuleHypergrad
-from ._types import Closure, ParamsT
+from .core.checks import check_value, is_real
+from .core.types import Closure, ParamsT
+from .methods.hd import RuleHypergrad
+from .rules.adam import ADAM, check_adam_arguments
 
 __all__ = ["HypergradAdam", "HypergradAdamW"]
 

@@ -12,10 +12,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._base import LEARNED_LIMIT, HyperOptimizer, check_sgd_arguments, check_value, is_real
-from ._hvp import SecondOrder
-from ._types import Closure, ParamsT
-from ._update import sgd_direction
+from .core.base import LEARNED_LIMIT, HyperOptimizer
+from .core.checks import check_sgd_arguments, check_value, is_real
+from .core.types import Closure, ParamsT
+from .hvp import SecondOrder
+from .rules.sgd import sgd_direction
 
 __all__ = ["IFTOptimizer", "SignSGD", "thesis_adaptive"]
 
@@ -82,7 +83,7 @@ def _vjp_through_update(updates: Sequence[Tensor], params: Sequence[Tensor],
 
     The rule's own vector-Jacobian product gives the direct term (weight decay) and the
     gradient's cotangent; the latter goes through :math:`H` by the step's HVP route
-    (:class:`hyperoptim._hvp.SecondOrder`, averaged across ranks):
+    (:class:`hyperoptim.hvp.SecondOrder`, averaged across ranks):
     :math:`(\partial u/\partial w)^\top q + H (\partial u/\partial g)^\top q`.
     """
     raw = torch.autograd.grad(list(updates), list(weights) + list(grads), grad_outputs=list(q),
@@ -152,7 +153,7 @@ class IFTOptimizer(HyperOptimizer):
         \mathbf u(\lambda, w) = a\,\big(b\, v + \nabla L_T(w) + c\, w\big), \qquad
         w \leftarrow w - \mathbf u(\lambda, w),
 
-    written here with :func:`hyperoptim._update.sgd_direction`, the rule the step itself applies
+    written here with :func:`hyperoptim.rules.sgd_direction`, the rule the step itself applies
     (:math:`a` and :math:`c` may be tensors: per-weight or per-unit values, broadcast).
 
     **The hypergradient** (Eq. 6 with Eq. 2; the direct term :math:`\partial L_V/\partial\lambda`
@@ -273,7 +274,7 @@ class IFTOptimizer(HyperOptimizer):
             (above; default: ``"taken"``, the authors').
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be given to :meth:`step` instead (default: None).
-        hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim._hvp`): ``"exact"``
+        hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim.hvp`): ``"exact"``
             (double backward; the closure must return the loss without calling ``backward()``),
             ``"finite_difference"`` (central differences of gradients, two extra closure calls
             per product; works with ``backward()`` in the closure, DDP, ``torch.compile``), or

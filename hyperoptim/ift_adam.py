@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._adam import ADAM, check_adam_arguments
-from ._base import check_value
-from ._types import Closure, ParamsT
-from ._update import Buffers
+from .core.checks import check_value
+from .core.types import Closure, ParamsT
 from .ift import _PER_PARAMETER, HyperOptimizerFactory, IFTOptimizer
+from .rules.adam import ADAM, check_adam_arguments
+from .rules.base import Buffers
 
 __all__ = ["IFTAdam", "IFTAdamW"]
 
@@ -52,7 +52,7 @@ class IFTAdam(IFTOptimizer):
     :math:`w' = (1 - a c)\, w - a\,\hat m' / (\sqrt{\hat v'} + \epsilon)` with
     :math:`g = \nabla L_T(w)`, so :math:`\mathbf u` gains :math:`a c\, w`. :math:`\mathbf u` is
     computed as :math:`w - w'` with :math:`w'` from the rule's pure step
-    (:func:`hyperoptim._adam.adam_step` through :data:`hyperoptim._adam.ADAM`), the same rule the
+    (:func:`hyperoptim.rules.adam.adam_step` through :data:`hyperoptim.rules.adam.ADAM`), the same rule the
     optimizer steps with, so no derivative of Adam is typed here: autograd gives
     :math:`J = \partial\mathbf u / \partial w` (through :math:`g(w)`, hence the training Hessian,
     by the step's HVP route) and :math:`\partial\mathbf u/\partial\lambda`.
@@ -183,7 +183,7 @@ class IFTAdam(IFTOptimizer):
 
     @staticmethod
     def _check_rule_group(group: dict[str, Any]) -> None:
-        """``torch.optim.Adam``'s checks (:func:`hyperoptim._adam.check_adam_arguments`)."""
+        """``torch.optim.Adam``'s checks (:func:`hyperoptim.rules.adam.check_adam_arguments`)."""
         check_adam_arguments(group["lr"], group["betas"], group["eps"], group["weight_decay"],
                              group.get("amsgrad", False), group.get("maximize", False))
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (the examples below use it)
 
-from ._adam import ADAM, check_adam_arguments
-from ._base import check_value, is_real
-from ._types import Closure, ParamsT
-from .marthe import RuleMarthe
+from .core.checks import check_value, is_real
+from .core.types import Closure, ParamsT
+from .methods.marthe import RuleMarthe
+from .rules.adam import ADAM, check_adam_arguments
 
 __all__ = ["MartheAdam", "MartheAdamW"]
 
@@ -38,7 +38,7 @@ class MartheAdam(RuleMarthe):
     the exact Jacobian of torch's step (the L2 term's :math:`\lambda Z` in the gradient, AdamW's
     :math:`(1 - a\lambda)` factor, the bias corrections and :math:`\epsilon` where torch puts
     them), obtained by autograd of the one Adam rule
-    (:func:`hyperoptim._update.rule_tangents`), one column per group. :math:`H_t
+    (:func:`hyperoptim.rules.rule_tangents`), one column per group. :math:`H_t
     Z_t` comes from the shared Hessian-vector-product routes (``hvp=``). With ``mu=1`` and a
     constant learning rate the hypergradient after :math:`T` steps is exactly the reverse-mode
     derivative through :math:`T` unrolled Adam steps

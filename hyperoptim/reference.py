@@ -3,11 +3,11 @@ r"""Reference hypergradients: the exact unrolled oracle, finite differences, DrM
 Every hypergradient test in the package compares against these (DESIGN.md §5). They are slow and
 obviously correct rather than fast.
 
-**The inner run.** :math:`T` steps of ``torch.optim.SGD``'s rule (:mod:`hyperoptim._update`, the
+**The inner run.** :math:`T` steps of ``torch.optim.SGD``'s rule (:mod:`hyperoptim.rules`, the
 very function the optimizers use) from weights :math:`w_0`, with piecewise-constant schedules: the
 learning rate :math:`a`, momentum :math:`b` and weight decay :math:`c` each have :math:`N_x` values,
 value :math:`k` being used on the window of steps :math:`[kT/N_x, (k+1)T/N_x)`
-(:func:`hyperoptim._schedule.window_of`; a window may be a single step, a plain float is one window
+(:func:`hyperoptim.core.schedule.window_of`; a window may be a single step, a plain float is one window
 for all :math:`T` steps). With :math:`L_t` the training loss of batch :math:`t` and dampening
 :math:`\delta`,
 
@@ -94,7 +94,7 @@ while the limit steps along :math:`(1-\delta) g_t`, and no derivative exists.
 
 **Adam and AdamW** (:func:`adam_unroll`, :func:`adam_unrolled_hypergrad`,
 :func:`adam_finite_difference_hypergrad`). The same three estimators over ``torch.optim.Adam``'s
-rule (:func:`hyperoptim._adam.adam_step`, the function the Adam optimizers apply) from fresh
+rule (:func:`hyperoptim.rules.adam.adam_step`, the function the Adam optimizers apply) from fresh
 moments, with a learning-rate schedule in windows and constant :math:`\beta_1, \beta_2, \lambda`,
 ``decoupled_weight_decay=True`` for AdamW; the reverse pass carries adjoints of the weights and both
 moments and returns :math:`dE/d` (each learning-rate window, :math:`\beta_1`, :math:`\beta_2`,
@@ -121,10 +121,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._adam import adam_step
-from ._schedule import window_of
-from ._types import Hyper
-from ._update import sgd_step
+from .core.schedule import window_of
+from .core.types import Hyper
+from .rules.adam import adam_step
+from .rules.sgd import sgd_step
 
 __all__ = [
     "adam_finite_difference_hypergrad", "adam_unroll", "adam_unrolled_hypergrad", "drmad_hypergrad",
@@ -312,7 +312,7 @@ def unrolled_hypergrad(
     r"""Exact hypergradients by reverse mode through the unrolled run (Diff-through-Opt).
 
     Runs the :math:`T` steps of the module notes in float64 with the schedule values as tensors
-    (the same :func:`hyperoptim._update.sgd_step` the optimizers use, so the oracle differentiates
+    (the same :func:`hyperoptim.rules.sgd_step` the optimizers use, so the oracle differentiates
     the very rule they apply), then one backward pass from :math:`E(w_T)`. Memory grows linearly
     with ``horizon`` (the whole graph is kept); use it on small problems.
 
@@ -448,7 +448,7 @@ def drmad_hypergrad(
 
     Runs the inner run forward without a graph (float64), then the reverse recursion of
     :func:`unrolled_hypergrad` one step at a time, each step the vector-Jacobian product of the
-    same :func:`hyperoptim._update.sgd_step` evaluated at the reconstructed state
+    same :func:`hyperoptim.rules.sgd_step` evaluated at the reconstructed state
     :math:`(\tilde w_t, \tilde v_t)` of the module notes instead of the stored one. Memory stays at
     a few copies of the weights whatever the horizon; the cost is one forward run plus, per
     reverse step, one gradient with its Hessian-vector product (and one more gradient with
@@ -538,7 +538,7 @@ def drmad_hypergrad(
 
 
 # ---------------------------------------------------------------------------------------------
-# Adam / AdamW (hyperoptim._adam): the same three estimators over torch.optim.Adam's rule.
+# Adam / AdamW (hyperoptim.rules.adam): the same three estimators over torch.optim.Adam's rule.
 # ---------------------------------------------------------------------------------------------
 
 _ADAM_NAMES = ("lr", "beta1", "beta2", "weight_decay")
@@ -652,7 +652,7 @@ def adam_unrolled_hypergrad(
 
     The inner run of :func:`adam_unroll` in float64, with the learning-rate schedule,
     :math:`\beta_1`, :math:`\beta_2` and :math:`\lambda` as tensors that require grad, each
-    gradient taken with ``create_graph=True`` and the step being :func:`hyperoptim._adam.adam_step`
+    gradient taken with ``create_graph=True`` and the step being :func:`hyperoptim.rules.adam.adam_step`
     (the rule the optimizers apply), then one backward pass from :math:`E(w_T)`. The adjoints
     run back through the weights *and both moments*:
 

@@ -13,8 +13,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from hyperoptim import HypergradSGD, frozen_batchnorm_stats
-from hyperoptim._base import HyperOptimizer, all_reduce_mean
-from hyperoptim._hvp import grad_and_hvp, hvp_from_grads
+from hyperoptim.core.base import HyperOptimizer
+from hyperoptim.core.dist import all_reduce_mean
+from hyperoptim.hvp import grad_and_hvp, hvp_from_grads
 
 
 class _Probe(HyperOptimizer):
@@ -53,7 +54,7 @@ class _Probe2(_Probe):
 
 
 # The exact route is double backward (rounding only); central differences with the step
-# sqrt(eps) err by about 1e-8 relative in float64 (hyperoptim._hvp).
+# sqrt(eps) err by about 1e-8 relative in float64 (hyperoptim.hvp).
 _ROUTE_TOL = {"exact": 1e-12, "finite_difference": 1e-7}
 
 

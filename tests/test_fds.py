@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hyperoptim.fds as fds_module
-from hyperoptim._hvp import SecondOrder
-from hyperoptim._schedule import window_of
+from hyperoptim.core.schedule import window_of
 from hyperoptim.fds import FDSSGD, NAMES
+from hyperoptim.hvp import SecondOrder
 from hyperoptim.reference import finite_difference_hypergrad, unrolled_hypergrad
 
 F64 = torch.float64

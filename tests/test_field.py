@@ -13,9 +13,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import hyperoptim
-import hyperoptim._base as base_module
-import hyperoptim._hvp as hvp_module
-from hyperoptim._hvp import SecondOrder
+import hyperoptim.core.base as base_module
+import hyperoptim.hvp as hvp_module
+from hyperoptim.hvp import SecondOrder
 
 F64 = torch.float64
 

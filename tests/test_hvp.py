@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import hyperoptim._hvp as hvp_module
-from hyperoptim._base import HyperOptimizer
-from hyperoptim._hvp import hvp_from_grads
+import hyperoptim.hvp as hvp_module
+from hyperoptim.core.base import HyperOptimizer
+from hyperoptim.hvp import hvp_from_grads
 
 
 class _Probe(HyperOptimizer):

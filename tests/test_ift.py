@@ -114,7 +114,7 @@ def _closed_form(net: Net, groups: list[dict], weights: list[torch.Tensor],
                  val_weights: list[torch.Tensor] | None = None):
     r"""-grad L_V^T sum_{j<i} (I - du/dw)^j du/dlambda from explicit full Jacobians.
 
-    ``u`` is written out here from Appendix A.4 (not through hyperoptim._update):
+    ``u`` is written out here from Appendix A.4 (not through hyperoptim.rules):
     u = lr * (momentum * v + grad L_T(w) + weight_decay * w), per group, with the transformed
     hyperparameters (log10 lr / weight decay, logit momentum; per-parameter ones broadcast) as
     the variables, at ``weights``; grad L_V at ``val_weights`` (default: ``weights``).

@@ -16,10 +16,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from hyperoptim import HypergradSGD
-from hyperoptim._hvp import SecondOrder
-from hyperoptim._update import sgd_tangents
-from hyperoptim.marthe import MartheSGD, adaptive_mu
+from hyperoptim.hvp import SecondOrder
+from hyperoptim.marthe import MartheSGD
+from hyperoptim.methods.marthe import adaptive_mu
 from hyperoptim.reference import unrolled_hypergrad
+from hyperoptim.rules.sgd import sgd_tangents
 
 F64 = torch.float64
 

@@ -13,7 +13,7 @@ from test_marthe import Net, _groups
 from torch import nn
 
 from hyperoptim import HypergradAdam, HypergradAdamW, MartheAdam, MartheAdamW, MartheSGD
-from hyperoptim.marthe import RuleMarthe
+from hyperoptim.methods.marthe import RuleMarthe
 from hyperoptim.reference import adam_unrolled_hypergrad
 
 F64 = torch.float64

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hyperoptim._schedule import window_of
+from hyperoptim.core.schedule import window_of
 from hyperoptim.reference import (
     adam_finite_difference_hypergrad,
     adam_unroll,

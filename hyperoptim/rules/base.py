@@ -1,28 +1,4 @@
-r"""The SGD update rule, written once, and its forward-mode tangents.
-
-PyTorch's SGD with learning rate :math:`a`, momentum :math:`b`, dampening :math:`\delta`,
-weight decay :math:`c` (DESIGN.md §3):
-
-.. math::
-
-    g_t &= \nabla L_t(w_t) + c\, w_t \\
-    v_{t+1} &= b\, v_t + (1 - \delta)\, g_t \qquad (v_1 = g_0) \\
-    d_t &= v_{t+1} \ \text{(heavy ball)} \quad\text{or}\quad g_t + b\, v_{t+1} \ \text{(Nesterov)} \\
-    w_{t+1} &= w_t - a\, d_t
-
-:func:`sgd_step` is that rule as a pure function of lists of tensors (:func:`sgd_direction` is
-everything before the learning rate, :func:`apply_update_` the last line done in place). With Python-float
-hyperparameters it performs exactly the floating-point operations of ``torch.optim.SGD``
-(single-tensor path), so frozen hyperparameters give bit-identical weights. With tensor
-hyperparameters it is differentiable, and :func:`sgd_tangents` gets the tangent recursion
-
-.. math::
-
-    C_{t+1} &= b\, C_t + (1-\delta)\big((H_t + c I) Z_t + e_c w_t\big) + e_b v_t \\
-    Z_{t+1} &= Z_t - a\, D_t - e_a d_t
-
-(with :math:`D_t` the tangent of :math:`d_t`) from :func:`torch.func.jvp` of the same function,
-batched over tangent columns with :func:`torch.func.vmap`, so no tangent formula is typed twice.
+r"""Update rules as values: the interface every method consumes, and its generic derivatives.
 
 **Rules as values.** Every method consumes an :class:`UpdateRule`: a pure ``step`` (weights,
 gradients, per-parameter buffers, hyperparameters, step counts) that is bit-identical to the torch
@@ -30,7 +6,7 @@ optimizer with float hyperparameters and differentiable with tensor ones, the sa
 (``step_``, which also returns the direction :math:`d = -\partial w' / \partial a`), and how a
 param group and ``state[p]`` feed them. :func:`rule_tangents` (Jacobian-vector products of the
 rule by autograd) and :func:`rule_vjp` (reverse mode, ``torch.func.vjp``, buffers detached) work
-for any rule. Registered: :data:`SGD` here and ``ADAM`` (:mod:`hyperoptim._adam`, Adam and AdamW).
+for any rule. Registered: :data:`SGD` here and ``ADAM`` (:mod:`hyperoptim.rules.adam`, Adam and AdamW).
 A new rule is one file defining its ``step``/``step_`` and calling :func:`register_rule`, plus its
 import line at the end of this module.
 """
@@ -44,11 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._types import Hyper
+from ..core.types import Hyper
 
 __all__ = [
-    "RULES", "SGD", "UpdateRule", "apply_update_", "get_rule", "register_rule", "rule_tangents",
-    "rule_vjp", "sgd_direction", "sgd_step", "sgd_tangents",
+    "RULES", "Buffers", "UpdateRule", "apply_update_", "get_rule", "register_rule", "rule_tangents",
+    "rule_vjp",
 ]
 
 
@@ -62,65 +38,6 @@ def _axpy(x: Tensor, a: Hyper, y: Tensor) -> Tensor:
     if isinstance(a, Tensor):
         return x + a * y
     return x.add(y, alpha=a)
-
-
-def sgd_direction(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    bufs: Sequence[Tensor | None],
-    momentum: Hyper = 0.0,
-    weight_decay: Hyper = 0.0,
-    *,
-    dampening: float = 0.0,
-    nesterov: bool = False,
-    inplace: bool = False,
-) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
-    r"""The part of the SGD step that does not involve the learning rate.
-
-    Args:
-        params (sequence of Tensor): the weights :math:`w_t`.
-        grads (sequence of Tensor): the loss gradients :math:`\nabla L_t(w_t)`, without weight decay.
-        bufs (sequence of Tensor or None): momentum buffers :math:`v_t`; ``None`` before the first
-            step, where PyTorch sets :math:`v_1 = g_0`.
-        momentum (float or Tensor): momentum factor (default: 0).
-        weight_decay (float or Tensor): L2 penalty (default: 0).
-        dampening (float, optional): dampening for momentum (default: 0).
-        nesterov (bool, optional): Nesterov momentum (default: False).
-        inplace (bool, optional): update existing momentum buffers in place, exactly as
-            ``torch.optim.SGD`` does (float momentum only; not differentiable). Otherwise the
-            function is pure (default: False).
-
-    Returns:
-        ``(g, new_bufs, directions)``: :math:`g_t` (with weight decay), :math:`v_{t+1}` (``None``
-        where momentum is off) and :math:`d_t`. ``g[i]`` *is* ``grads[i]`` when there is no weight
-        decay, and ``directions[i]`` may be ``g[i]`` or ``new_bufs[i]``: copy before keeping them.
-
-    Example:
-        >>> g, v, d = sgd_direction([torch.ones(2)], [torch.ones(2)], [None], momentum=0.9,
-        ...                         weight_decay=0.5)
-        >>> d[0]
-        tensor([1.5000, 1.5000])
-    """
-    gs: list[Tensor] = []
-    new_bufs: list[Tensor | None] = []
-    directions: list[Tensor] = []
-    for param, grad, buf in zip(params, grads, bufs):
-        g = _axpy(grad, weight_decay, param) if _active(weight_decay) else grad
-        if _active(momentum):
-            if buf is None:
-                v = g.clone()
-            elif inplace:
-                v = buf.mul_(momentum).add_(g, alpha=1 - dampening)
-            else:
-                scaled = buf * momentum if isinstance(momentum, Tensor) else buf.mul(momentum)
-                v = _axpy(scaled, 1 - dampening, g)
-            d = _axpy(g, momentum, v) if nesterov else v
-        else:
-            v, d = None, g
-        gs.append(g)
-        new_bufs.append(v)
-        directions.append(d)
-    return gs, new_bufs, directions
 
 
 def _lr_list(lr: Hyper | Sequence[Tensor], n: int) -> Sequence[Hyper]:
@@ -139,111 +56,6 @@ def apply_update_(params: Sequence[Tensor], directions: Sequence[Tensor],
             param.addcmul_(d, a, value=-1)
         else:
             param.add_(d, alpha=-a)
-
-
-def sgd_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    bufs: Sequence[Tensor | None],
-    lr: Hyper | Sequence[Tensor],
-    momentum: Hyper = 0.0,
-    weight_decay: Hyper = 0.0,
-    *,
-    dampening: float = 0.0,
-    nesterov: bool = False,
-) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
-    r"""One SGD step as a pure function (nothing is modified in place): :math:`w_{t+1} = w_t - a d_t`.
-
-    Args:
-        params, grads, bufs, momentum, weight_decay, dampening, nesterov: as in
-            :func:`sgd_direction`.
-        lr (float, Tensor or sequence of Tensor): learning rate; a sequence gives one learning
-            rate per parameter tensor (0-d or shaped like it: per-weight learning rates).
-
-    Returns:
-        ``(new_params, new_bufs, directions)``: :math:`w_{t+1}`, :math:`v_{t+1}` and :math:`d_t`.
-
-    Example:
-        >>> new_w, new_v, d = sgd_step([torch.ones(2)], [torch.full((2,), 0.5)], [None], lr=0.1,
-        ...                            momentum=0.9)
-        >>> new_w[0]
-        tensor([0.9500, 0.9500])
-    """
-    _, new_bufs, directions = sgd_direction(params, grads, bufs, momentum, weight_decay,
-                                            dampening=dampening, nesterov=nesterov)
-    new_params = [_axpy(p, -a, d) for p, d, a in zip(params, directions, _lr_list(lr, len(params)))]
-    return new_params, new_bufs, directions
-
-
-def sgd_tangents(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    bufs: Sequence[Tensor | None],
-    lr: Tensor,
-    momentum: Tensor,
-    weight_decay: Tensor,
-    z: Sequence[Tensor],
-    hz: Sequence[Tensor],
-    c: Sequence[Tensor | None],
-    e_lr: Tensor,
-    e_momentum: Tensor,
-    e_weight_decay: Tensor,
-    *,
-    dampening: float = 0.0,
-    nesterov: bool = False,
-) -> tuple[list[Tensor], list[Tensor | None]]:
-    r"""Propagate batched tangents through one SGD step: :math:`(Z, C)_t \mapsto (Z, C)_{t+1}`.
-
-    The tangents have a leading column dimension ``N`` (one column per hyperparameter, or per
-    schedule value): ``z[i]``, ``hz[i]`` and ``c[i]`` have shape ``(N, *params[i].shape)``;
-    ``e_lr``, ``e_momentum``, ``e_weight_decay`` have shape ``(N,)`` and hold the derivative of
-    this step's hyperparameter value with respect to each column (the one-hot :math:`e_x(t)` of
-    DESIGN.md §3, or any other seed).
-
-    Args:
-        params, grads, bufs: the primal state as in :func:`sgd_step`.
-        lr, momentum, weight_decay (Tensor): 0-d tensors with this step's values.
-        z (sequence of Tensor): :math:`Z_t = \partial w_t / \partial\lambda`.
-        hz (sequence of Tensor): :math:`H_t Z_t`, the tangent of the loss gradient.
-        c (sequence of Tensor or None): :math:`C_t = \partial v_t / \partial\lambda`; ``None``
-            where ``bufs`` is ``None``.
-        e_lr, e_momentum, e_weight_decay (Tensor): the hyperparameter seeds, shape ``(N,)``.
-        dampening (float, optional): as in :func:`sgd_step` (default: 0).
-        nesterov (bool, optional): as in :func:`sgd_step` (default: False).
-
-    Returns:
-        ``(z_next, c_next)``, both shaped like ``z`` (``momentum`` is a tensor here, so every
-        parameter has a buffer after the step and ``c_next`` holds no ``None``).
-
-    Example:
-        >>> w, g = [torch.ones(2)], [torch.ones(2)]
-        >>> z = [torch.zeros(1, 2)]
-        >>> one, zero = torch.tensor(0.1), torch.tensor(0.0)
-        >>> zn, cn = sgd_tangents(w, g, [None], one, zero, zero, z, z, [None],
-        ...                       torch.ones(1), torch.zeros(1), torch.zeros(1))
-        >>> zn[0]  # d w_1 / d lr = -g
-        tensor([[-1., -1.]])
-    """
-    has_buf = [b is not None for b in bufs]
-    buf_primals = tuple(b for b in bufs if b is not None)
-
-    def step(ps, gs, bs, a, b, wd):
-        it = iter(bs)
-        full = [next(it) if h else None for h in has_buf]
-        new_p, new_b, _ = sgd_step(ps, gs, full, a, b, wd, dampening=dampening, nesterov=nesterov)
-        return tuple(new_p), tuple(new_b)
-
-    primals = (tuple(params), tuple(grads), buf_primals, lr, momentum, weight_decay)
-    c_tangents = tuple(ci for ci, h in zip(c, has_buf) if h)
-
-    def one_column(zs, hzs, cs, ea, eb, ec):
-        _, (dp, db) = torch.func.jvp(step, primals, (zs, hzs, cs, ea, eb, ec))
-        return dp, db
-
-    z_next, c_next = torch.func.vmap(one_column)(tuple(z), tuple(hz), c_tangents,
-                                                   e_lr, e_momentum, e_weight_decay)
-    return list(z_next), list(c_next)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +233,7 @@ def rule_tangents(
         the new buffer is ``None``).
 
     Example:
+        >>> from hyperoptim.rules import SGD
         >>> w, g = [torch.ones(2)], [torch.ones(2)]
         >>> zn, _ = rule_tangents(SGD, w, g, {"momentum_buffer": [None]},
         ...                       dict(lr=0.1, momentum=0.0, weight_decay=0.0),
@@ -587,6 +400,7 @@ def rule_vjp(
         dict of 0-d tensors keyed by ``wrt``.
 
     Example:
+        >>> from hyperoptim.rules import SGD
         >>> w, g = [torch.ones(2)], [torch.full((2,), 3.0)]
         >>> new_w, vjp_fn = rule_vjp(SGD, w, g, {"momentum_buffer": [None]},
         ...                          dict(lr=0.1, momentum=0.0, weight_decay=0.0))
@@ -616,37 +430,3 @@ def rule_vjp(
         return list(dw), list(dg), dict(zip(wrt, dh))
 
     return list(new_params), vjp_fn
-
-
-# ------------------------------------------------------------------ the SGD rule as a value
-def _sgd_rule_step(params, grads, buffers, hypers, counts, *, dampening=0.0, nesterov=False):
-    new_p, new_b, _ = sgd_step(params, grads, buffers["momentum_buffer"], hypers["lr"],
-                               hypers["momentum"], hypers["weight_decay"],
-                               dampening=dampening, nesterov=nesterov)
-    return new_p, {"momentum_buffer": new_b}
-
-
-def _sgd_rule_step_(params, grads, buffers, hypers, counts, *, dampening=0.0, nesterov=False):
-    _, new_b, dirs = sgd_direction(params, grads, buffers["momentum_buffer"], hypers["momentum"],
-                                   hypers["weight_decay"], dampening=dampening,
-                                   nesterov=nesterov, inplace=True)
-    apply_update_(params, dirs, hypers["lr"])
-    dirs = [d.clone() if d is g else d for d, g in zip(dirs, grads)]
-    return {"momentum_buffer": new_b}, dirs
-
-
-SGD = register_rule(UpdateRule(
-    name="sgd",
-    hyper_names=("lr", "momentum", "weight_decay"),
-    buffer_names=("momentum_buffer",),
-    uses_counts=False,
-    hypers=lambda g: {k: g[k] for k in ("lr", "momentum", "weight_decay")},
-    options=lambda g: {"dampening": g["dampening"], "nesterov": g["nesterov"]},
-    step=_sgd_rule_step,
-    step_=_sgd_rule_step_,
-    elementwise=True,
-))
-"""``torch.optim.SGD``'s rule (:func:`sgd_step`)."""
-
-
-from . import _adam  # noqa: E402,F401  (registers the Adam rule; a new rule adds its line here)

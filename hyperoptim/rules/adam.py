@@ -17,8 +17,8 @@ does. :func:`adam_step` is that rule as a pure function; with Python-float hyper
 torch's floating-point operations (``lerp``, ``mul``/``addcmul``, ``addcdiv`` with
 ``value=-a/(1-\beta_1^t)``), so weights are bit-identical to ``torch.optim.Adam``/``AdamW``
 (``foreach=False``). With 0-d tensor hyperparameters it is differentiable in them (and always in
-weights, gradients and moments), which is how :func:`hyperoptim._update.rule_tangents` and
-:func:`hyperoptim._update.rule_vjp` get every tangent and reverse product: no derivative of Adam is
+weights, gradients and moments), which is how :func:`hyperoptim.rules.rule_tangents` and
+:func:`hyperoptim.rules.rule_vjp` get every tangent and reverse product: no derivative of Adam is
 typed anywhere. The one exception is :math:`\sqrt{v}` at :math:`v = 0` (a weight whose gradient has
 been exactly 0, e.g. a dead ReLU unit): its derivative is taken as 0 rather than
 :math:`0/0`; this is the exact derivative of :math:`w'` there because :math:`\epsilon > 0`
@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._types import Hyper
-from ._update import Buffers, UpdateRule, _active, _lr_list, register_rule
+from ..core.types import Hyper
+from .base import Buffers, UpdateRule, _active, _lr_list, register_rule
 
 __all__ = ["ADAM", "adam_step", "adam_step_", "check_adam_arguments"]
 
@@ -237,7 +237,7 @@ def check_adam_arguments(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgr
                          maximize: Any = False) -> None:
     """The checks ``torch.optim.Adam`` makes (float hyperparameters), in the package's wording,
     plus what the hyperoptim Adam optimizers do not support (``amsgrad``, ``maximize``)."""
-    from ._base import check_value, is_real
+    from ..core.checks import check_value, is_real
 
     check_value("lr", lr, is_real(lr) and lr >= 0.0)
     check_value("betas", betas, isinstance(betas, (tuple, list)) and len(betas) == 2

@@ -1,7 +1,7 @@
 r"""Hypergradient descent on the learning rate over any inner update rule (DESIGN.md §4).
 
 :class:`RuleHypergrad` is Baydin et al.'s rule written once against an
-:class:`~hyperoptim._update.UpdateRule`: with :math:`d_{t-1} = -\partial w_t / \partial a_{t-1}`
+:class:`~hyperoptim.rules.UpdateRule`: with :math:`d_{t-1} = -\partial w_t / \partial a_{t-1}`
 the previous step's direction *as the rule computes it* (the rule's ``step_`` returns it),
 
 .. math::
@@ -23,9 +23,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._base import LEARNED_LIMIT, HyperOptimizer, check_value
-from ._types import Closure
-from ._update import UpdateRule
+from ..core.base import LEARNED_LIMIT, HyperOptimizer
+from ..core.checks import check_value
+from ..core.types import Closure
+from ..rules.base import UpdateRule
 
 __all__ = ["RuleHypergrad"]
 
@@ -45,7 +46,7 @@ class RuleHypergrad(HyperOptimizer):
     group's ``"lr"`` shows their mean, and a new value assigned to it from outside (by hand or by
     a scheduler) scales them all by new / old, so a multiplicative scheduler composes with what
     they learned. A learned rate stays within ``lr_bounds`` and below
-    :data:`~hyperoptim._base.LEARNED_LIMIT` (unless it started above it).
+    :data:`~hyperoptim.core.base.LEARNED_LIMIT` (unless it started above it).
 
     Every step is guarded once (DESIGN.md §2): a non-finite hypergradient, validation loss,
     training loss or gradient, or a rate that would overflow the weights' dtype skips the whole
@@ -204,7 +205,7 @@ class RuleHypergrad(HyperOptimizer):
 
 
 def _learned_bounds(group: dict[str, Any]) -> tuple[float, float]:
-    """``lr_bounds``, with the upper end capped at :data:`~hyperoptim._base.LEARNED_LIMIT` (1e3)
+    """``lr_bounds``, with the upper end capped at :data:`~hyperoptim.core.base.LEARNED_LIMIT` (1e3)
     unless the group's lr is already above it (a learned rate never climbs past 1e3)."""
     lo, hi = group["lr_bounds"]
     return lo, min(hi, max(LEARNED_LIMIT, group["lr"]))

@@ -45,7 +45,7 @@ optimizer's ``hvp=`` argument (never by patching ``Tensor.backward``):
 
 Under ``torch.distributed`` each rank differentiates its own data, and the products (exact) or
 the perturbed gradients (finite differences) are averaged after differentiation
-(:func:`hyperoptim._dist.all_reduce_mean`).
+(:func:`hyperoptim.core.dist.all_reduce_mean`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from ._dist import all_reduce_mean
+from ..core.dist import all_reduce_mean
 
 __all__ = ["HVP_ROUTES", "SecondOrder", "exact_route_error", "grad_and_hvp", "hvp_from_grads"]
 

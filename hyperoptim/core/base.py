@@ -8,22 +8,23 @@ carries everything a resumed run needs.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
-from ._dist import all_reduce_mean, check_supported_parameters
-from ._hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
-from ._types import Closure, ParamsT
+from ..hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
+from .batchnorm import frozen_batchnorm_stats
+from .checks import _GROUP_CHECKS, check_sgd_arguments, check_torch_flags, check_value, is_real
+from .dist import all_reduce_mean, check_supported_parameters
+from .types import Closure, ParamsT
 
 __all__ = [
     "HISTORY_LIMIT", "LEARNED_LIMIT", "HyperOptimizer", "all_reduce_mean", "check_sgd_arguments",
@@ -45,112 +46,6 @@ HISTORY_LIMIT = 10_000
 # learning rate this many times its first value, is reported as a likely divergence.
 _DIVERGED_LOSS_RATIO = 100.0
 _DIVERGED_LR_RATIO = 1e4
-
-
-def check_value(name: str, value: Any, ok: bool) -> None:
-    """Raise ``ValueError("Invalid <name> value: <value>")`` unless ``ok``, as torch.optim does."""
-    if not ok:
-        raise ValueError(f"Invalid {name} value: {value}")
-
-
-def is_real(value: Any) -> bool:
-    """A finite Python number (``bool`` excluded): what a float hyperparameter may be."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_sgd_arguments(lr: Any, momentum: Any, dampening: Any, weight_decay: Any,
-                        nesterov: Any) -> None:
-    """The checks ``torch.optim.SGD`` makes, for every optimizer with SGD's arguments."""
-    check_value("lr", lr, is_real(lr) and lr >= 0.0)
-    check_value("momentum", momentum, is_real(momentum) and momentum >= 0.0)
-    check_value("dampening", dampening, is_real(dampening))
-    check_value("weight_decay", weight_decay, is_real(weight_decay) and weight_decay >= 0.0)
-    check_value("nesterov", nesterov, isinstance(nesterov, bool))
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
-
-def _is_bounds(value: Any) -> bool:
-    return (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in value)
-            and 0.0 <= value[0] <= value[1])
-
-
-# What a param group's value must satisfy, by name, wherever it comes from (constructor defaults,
-# a per-group dict, add_param_group, a loaded state dict). Names a class does not use are absent.
-_GROUP_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "lr": lambda v: is_real(v) and v >= 0.0,
-    "momentum": lambda v: is_real(v) and v >= 0.0,
-    "dampening": is_real,
-    "weight_decay": lambda v: is_real(v) and v >= 0.0,
-    "nesterov": lambda v: isinstance(v, bool),
-    "maximize": lambda v: isinstance(v, bool),
-    "hypergrad_lr": lambda v: is_real(v) and v >= 0.0,
-    "lr_bounds": _is_bounds,
-    "per_parameter": lambda v: isinstance(v, bool),
-    "mu": lambda v: v == "adaptive" or (is_real(v) and 0.0 <= v <= 1.0),
-    "adapt_hypergrad_lr": lambda v: isinstance(v, bool),
-    "hypergrad_clip": lambda v: v is None or (is_real(v) and v > 0.0),
-}
-
-
-def check_torch_flags(owner: str, foreach: Any, fused: Any, differentiable: Any) -> None:
-    """``torch.optim.SGD``'s implementation switches: the defaults are honoured, the rest refused.
-
-    Every hyperoptim step is written per tensor (``foreach=False``): ``foreach=None`` and ``False``
-    are accepted; ``foreach=True``, ``fused=True`` and ``differentiable=True`` raise with the reason.
-    """
-    check_value("foreach", foreach, foreach is None or isinstance(foreach, bool))
-    check_value("fused", fused, fused is None or isinstance(fused, bool))
-    check_value("differentiable", differentiable, isinstance(differentiable, bool))
-    if foreach or fused:
-        flag = "foreach" if foreach else "fused"
-        raise ValueError(f"{owner} does not implement {flag}=True: its step runs per tensor and "
-                         "reads the hypergradient's inner products in between; leave "
-                         f"{flag}=None (the default).")
-    if differentiable:
-        raise ValueError(f"{owner} does not implement differentiable=True: the step is not "
-                         "differentiable through its learned hyperparameters (use "
-                         "hyperoptim._update.sgd_step for a differentiable SGD step).")
-
-
-@contextlib.contextmanager
-def frozen_batchnorm_stats(module: nn.Module) -> Iterator[nn.Module]:
-    """Leave BatchNorm running statistics unchanged by whatever runs inside.
-
-    A validation forward pass in train mode normalises with batch statistics and, by default,
-    also updates ``running_mean``, ``running_var`` and ``num_batches_tracked``: validation data
-    would leak into the model. Inside this context those buffers are scratch copies, and the
-    originals are put back on exit (also when an exception is raised), so the loss may still be
-    differentiated after the context ends; the forward pass itself is unchanged. Use ``module.eval()`` instead
-    if the validation pass should normalise with the running statistics.
-
-    Args:
-        module (nn.Module): the model; every ``_BatchNorm`` submodule is covered.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-        >>> before = model[1].running_mean.clone()
-        >>> with frozen_batchnorm_stats(model):
-        ...     _ = model(torch.randn(8, 3))
-        >>> torch.equal(model[1].running_mean, before)
-        True
-    """
-    # Swap in scratch copies rather than restoring in place: the validation graph saved the
-    # buffers it normalised with, and an in-place restore would break its backward pass.
-    saved: list[tuple[nn.Module, str, Tensor]] = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                buf = m._buffers.get(name)
-                if buf is not None:
-                    saved.append((m, name, buf))
-                    m._buffers[name] = buf.clone()
-    try:
-        yield module
-    finally:
-        for m, name, buf in saved:
-            m._buffers[name] = buf
 
 
 def _grad_snapshot(params: Sequence[Tensor]) -> list[tuple[Tensor | None, int]]:
@@ -566,7 +461,7 @@ class HyperOptimizer(Optimizer):
         ``DistributedDataParallel`` model, whose hooks already averaged them, this changes
         nothing). Without a closure, the gradients already in ``p.grad`` are used as they are.
 
-        With ``second_order=True`` the second value is a :class:`~hyperoptim._hvp.SecondOrder`
+        With ``second_order=True`` the second value is a :class:`~hyperoptim.hvp.SecondOrder`
         giving :math:`H Z` by the route ``self.hvp`` selects (``"auto"``: exact if the closure
         returned the loss without calling ``backward()``, finite differences if it called it).
         Callers close it when done.
