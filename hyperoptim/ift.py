@@ -4,14 +4,14 @@ SGD, and the adaptive per-weight method of the DrMAD thesis built on it."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch  # noqa: F401  (the examples below use it)
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .core.checks import check_sgd_arguments, check_value
+from .core.checks import check_sgd_arguments, check_value, is_real
 from .core.types import Closure, ParamsT
 from .methods.ift import (
     _NAMES,
@@ -19,11 +19,46 @@ from .methods.ift import (
     WEIGHT_DECAY_FLOOR,
     HyperOptimizerFactory,
     RuleIFT,
-    SignSGD,
 )
 from .rules.sgd import SGD, sgd_direction
 
 __all__ = ["MOMENTUM_RANGE", "WEIGHT_DECAY_FLOOR", "IFTOptimizer", "SignSGD", "thesis_adaptive"]
+
+
+class SignSGD(Optimizer):
+    r"""Constant steps against the sign of the gradient: :math:`x \leftarrow x - \eta\,\mathrm{sign}(g)`.
+
+    The thesis' hyper optimizer (Section 2.4): "the vector of the signs of the hypergradient is
+    used, with a constant learning rate". Each param group may set its own ``lr``.
+
+    Args:
+        params (iterable): tensors or param-group dicts.
+        lr (float, optional): the step :math:`\eta` (default: 0.01).
+
+    Example:
+        >>> x = torch.tensor([1.0, -2.0], requires_grad=True)
+        >>> opt = SignSGD([x], lr=0.5)
+        >>> x.grad = torch.tensor([3.0, -0.1])
+        >>> opt.step()
+        >>> x.detach()
+        tensor([ 0.5000, -1.5000])
+    """
+
+    def __init__(self, params: ParamsT, lr: float = 0.01) -> None:
+        check_value("lr", lr, is_real(lr) and lr >= 0)
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for x in group["params"]:
+                if x.grad is not None:
+                    x.add_(torch.sign(x.grad), alpha=-group["lr"])
+        return loss
 
 
 class IFTOptimizer(RuleIFT):

@@ -1,5 +1,5 @@
 r"""One-pass hyperparameter optimisation by implicit differentiation (Clarke et al., 2022) over any
-update rule, and the thesis' hyper optimizer :class:`SignSGD`.
+update rule.
 
 :class:`RuleIFT` is Algorithm 1 written once against an :class:`~hyperoptim.rules.UpdateRule`:
 every ``update_interval`` steps, with :math:`\mathbf u(\lambda, w) = w - w'` the update the rule
@@ -32,7 +32,7 @@ from ..core.types import Closure, ParamsT
 from ..hvp import SecondOrder
 from ..rules.base import Buffers, UpdateRule
 
-__all__ = ["MOMENTUM_RANGE", "WEIGHT_DECAY_FLOOR", "RuleIFT", "SignSGD"]
+__all__ = ["MOMENTUM_RANGE", "WEIGHT_DECAY_FLOOR", "RuleIFT"]
 
 _NAMES = ("lr", "momentum", "weight_decay")
 _PER_PARAMETER = {"lr": "per_parameter_lr", "weight_decay": "per_parameter_weight_decay"}
@@ -118,54 +118,17 @@ def _rule_call(fn: Callable[..., tuple[Any, Any]], params: Sequence[Tensor],
     time with that parameter's values, and the per-parameter results are joined back in order."""
     if not any(isinstance(v, list) for v in hypers.values()):
         return fn(params, grads, buffers, hypers, counts, **options)
-    parts = []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        one = {k: v[i] if isinstance(v, list) else v for k, v in hypers.items()}
-        parts.append(fn([p], [g], {name: [b[i]] for name, b in buffers.items()}, one,
-                        None if counts is None else [counts[i]], **options))
-
-    def join(pieces: list[Any]) -> Any:
-        if isinstance(pieces[0], dict):
-            return {k: [x for piece in pieces for x in piece[k]] for k in pieces[0]}
-        return [x for piece in pieces for x in piece]
-
-    return join([a for a, _ in parts]), join([b for _, b in parts])
+    parts = [fn([p], [g], {name: [b[i]] for name, b in buffers.items()},
+                {k: v[i] if isinstance(v, list) else v for k, v in hypers.items()},
+                counts and [counts[i]], **options) for i, (p, g) in enumerate(zip(params, grads))]
+    return _join([a for a, _ in parts]), _join([b for _, b in parts])
 
 
-class SignSGD(Optimizer):
-    r"""Constant steps against the sign of the gradient: :math:`x \leftarrow x - \eta\,\mathrm{sign}(g)`.
-
-    The thesis' hyper optimizer (Section 2.4): "the vector of the signs of the hypergradient is
-    used, with a constant learning rate". Each param group may set its own ``lr``.
-
-    Args:
-        params (iterable): tensors or param-group dicts.
-        lr (float, optional): the step :math:`\eta` (default: 0.01).
-
-    Example:
-        >>> x = torch.tensor([1.0, -2.0], requires_grad=True)
-        >>> opt = SignSGD([x], lr=0.5)
-        >>> x.grad = torch.tensor([3.0, -0.1])
-        >>> opt.step()
-        >>> x.detach()
-        tensor([ 0.5000, -1.5000])
-    """
-
-    def __init__(self, params: ParamsT, lr: float = 0.01) -> None:
-        check_value("lr", lr, is_real(lr) and lr >= 0)
-        super().__init__(params, dict(lr=lr))
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for x in group["params"]:
-                if x.grad is not None:
-                    x.add_(torch.sign(x.grad), alpha=-group["lr"])
-        return loss
+def _join(pieces: list[Any]) -> Any:
+    """Per-parameter results of a rule, each a list or a dict of lists, joined in order."""
+    if isinstance(pieces[0], dict):
+        return {k: [x for piece in pieces for x in piece[k]] for k in pieces[0]}
+    return [x for piece in pieces for x in piece]
 
 
 class RuleIFT(HyperOptimizer):
@@ -434,16 +397,14 @@ class RuleIFT(HyperOptimizer):
         """The rule's static options for ``group``."""
         return self.rule.options(group)
 
-    def _peek_state(self, params: Sequence[Tensor]) -> tuple[Buffers, list[float] | None]:
-        """The rule's buffers and this step's counts, with a fresh parameter's state as the rule
-        would start it (e.g. Adam's zero moments), without writing anything to ``state``."""
-        rule = self.rule
-        keys = (*rule.buffer_names, "step") if rule.uses_counts else rule.buffer_names
-        states = [s if all(k in s for k in keys) else {**rule.init_state(p), **s}
-                  for s, p in ((self.state[p], p) for p in params)]
-        buffers: Buffers = {name: [s.get(name) for s in states] for name in rule.buffer_names}
-        counts = [float(s["step"]) + 1.0 for s in states] if rule.uses_counts else None
-        return buffers, counts
+    def _peek_state(self, params: Sequence[Tensor]
+                    ) -> tuple[list[dict[str, Any]], Buffers, list[float] | None]:
+        """Each parameter's state as the rule sees it (a fresh one as the rule would start it,
+        e.g. Adam's zero moments), its buffers and this step's counts; nothing is written."""
+        states = [{**self.rule.init_state(p), **self.state[p]} for p in params]
+        buffers: Buffers = {name: [s.get(name) for s in states] for name in self.rule.buffer_names}
+        counts = [float(s["step"]) + 1.0 for s in states] if self.rule.uses_counts else None
+        return states, buffers, counts
 
     def _weight_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """The rule's step (the torch optimizer's) with the group's current values, in place."""
@@ -457,20 +418,17 @@ class RuleIFT(HyperOptimizer):
                        ) -> tuple[list[Tensor], list[dict[str, Any]]]:
         """The same step on copies, nothing written (so bit-identical to it): the new weights
         and, per parameter, the ``state[p]`` entries the step sets."""
-        buffers, counts = self._peek_state(params)
+        states, buffers, counts = self._peek_state(params)
         copies = {name: [None if b is None else b.clone() for b in bufs]
                   for name, bufs in buffers.items()}
         new = [p.detach().clone() for p in params]
         new_buffers, _ = _rule_call(self.rule.step_, new, [p.grad for p in params], copies,
                                     self._hypers(group, params), counts, self._options(group))
-        entries: list[dict[str, Any]] = []
-        for i, p in enumerate(params):
-            entry = {name: new_buffers[name][i] for name in self.rule.buffer_names
-                     if new_buffers[name][i] is not None}
-            if self.rule.uses_counts:
-                step = self.state[p].get("step")
-                entry["step"] = (self.rule.init_state(p)["step"] if step is None else step) + 1
-            entries.append(entry)
+        entries = [{name: b for name, bs in new_buffers.items() if (b := bs[i]) is not None}
+                   for i in range(len(params))]
+        if self.rule.uses_counts:
+            for entry, s in zip(entries, states):
+                entry["step"] = s["step"] + 1
         return new, entries
 
     def _update_functions(self, group: dict[str, Any], params: Sequence[Tensor],
@@ -480,7 +438,7 @@ class RuleIFT(HyperOptimizer):
         differentiable in ``weights``, ``grads`` and the tensors in ``values`` (the tuned
         hyperparameters; the others are the group's floats), the rule's state before the step
         held constant (App. A.4, Eq. 11)."""
-        buffers, counts = self._peek_state(params)
+        _, buffers, counts = self._peek_state(params)
         new, _ = _rule_call(self.rule.step, list(weights), list(grads), buffers,
                             {**self.rule.hypers(group), **values}, counts, self._options(group))
         return [w - n for w, n in zip(weights, new)]
