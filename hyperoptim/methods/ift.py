@@ -401,7 +401,10 @@ class RuleIFT(HyperOptimizer):
                     ) -> tuple[list[dict[str, Any]], Buffers, list[float] | None]:
         """Each parameter's state as the rule sees it (a fresh one as the rule would start it,
         e.g. Adam's zero moments), its buffers and this step's counts; nothing is written."""
-        states = [{**self.rule.init_state(p), **self.state[p]} for p in params]
+        keys = {*self.rule.buffer_names, *(("step",) if self.rule.uses_counts else ())}
+        # init_state allocates (Adam: two moments), so only for a parameter that lacks a key.
+        states = [s if keys <= s.keys() else {**self.rule.init_state(p), **s}
+                  for p, s in zip(params, (self.state[p] for p in params))]
         buffers: Buffers = {name: [s.get(name) for s in states] for name in self.rule.buffer_names}
         counts = [float(s["step"]) + 1.0 for s in states] if self.rule.uses_counts else None
         return states, buffers, counts
