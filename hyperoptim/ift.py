@@ -501,7 +501,7 @@ class IFTOptimizer(HyperOptimizer):
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *,
+    def _step(self, closure: Callable[[], Any] | None = None, *,
              val_closure: Closure | None = None) -> Any:
         """One step: PyTorch's SGD step, and a hyper-update every ``update_interval`` steps.
 

@@ -74,7 +74,7 @@ class RuleHypergrad(HyperOptimizer):
         return state.get("direction")
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *,
+    def _step(self, closure: Callable[[], Any] | None = None, *,
              val_closure: Closure | None = None) -> Any:
         """Perform one step: update each group's learning rate, then take the rule's step
         (PyTorch's SGD or Adam step) with it.
