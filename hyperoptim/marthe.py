@@ -27,7 +27,7 @@ class MartheSGD(RuleMarthe):
     validation loss (HD, Baydin et al. 2018: the same learning rates as ``HypergradSGD`` with a
     ``val_closure``), :math:`\mu = 1` is RTHO (Franceschi et al. 2017), ``mu="adaptive"`` is MARTHE.
 
-    **Step** :math:`t` (Algorithm 1; DESIGN.md §3 for the SGD rule :math:`\Phi` with momentum
+    **Step** :math:`t` (Algorithm 1; docs/design.md §3 for the SGD rule :math:`\Phi` with momentum
     :math:`b`, weight decay :math:`c`, direction :math:`d_t`):
 
     .. math::

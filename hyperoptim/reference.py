@@ -1,6 +1,6 @@
 r"""Reference hypergradients: the exact unrolled oracle, finite differences, DrMAD.
 
-Every hypergradient test in the package compares against these (DESIGN.md §5). They are slow and
+Every hypergradient test in the package compares against these (docs/design.md §5). They are slow and
 obviously correct rather than fast.
 
 **The inner run.** :math:`T` steps of ``torch.optim.SGD``'s rule (:mod:`hyperoptim.rules`, the

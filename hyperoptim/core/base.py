@@ -1,4 +1,4 @@
-r"""The base every hyperoptim optimizer shares (DESIGN.md §2).
+r"""The base every hyperoptim optimizer shares (docs/design.md §2).
 
 It owns what is the same for all four methods: argument checks, the closure contract (training
 ``closure`` and ``val_closure``), gradients the optimizer takes itself (averaged across ranks under
@@ -547,7 +547,7 @@ class HyperOptimizer(Optimizer):
         )
 
     def _route(self, called_backward: bool) -> str:
-        """The HVP route for this step (DESIGN.md §3), or a ValueError saying what to change."""
+        """The HVP route for this step (docs/design.md §8), or a ValueError saying what to change."""
         if self.hvp == "auto":
             return "finite_difference" if called_backward else "exact"
         if self.hvp == "exact" and called_backward:

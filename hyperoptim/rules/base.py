@@ -59,7 +59,7 @@ def apply_update_(params: Sequence[Tensor], directions: Sequence[Tensor],
 
 
 # ---------------------------------------------------------------------------------------------
-# The rule as a value (DESIGN.md §3): every method consumes an UpdateRule; tangents and reverse
+# The rule as a value (docs/design.md §3): every method consumes an UpdateRule; tangents and reverse
 # products come from torch.func on the rule's pure ``step``, never from a typed derivative.
 # ---------------------------------------------------------------------------------------------
 
