@@ -144,9 +144,8 @@ class MartheSGD(RuleMarthe):
             (double backward; the closure must return the loss without calling ``backward()``),
             ``"finite_difference"`` (central differences of gradients, two extra closure calls
             per tangent column; works with ``backward()`` in the closure, DDP,
-            ``torch.compile``), ``"forward_difference"`` (one extra call per column), or
-            ``"auto"``: exact if the closure returns the loss without calling ``backward()``,
-            central differences if it calls it (default: ``"auto"``).
+            ``torch.compile``), or ``"auto"``: exact if the closure returns the loss without
+            calling ``backward()``, central differences if it calls it (default: ``"auto"``).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
