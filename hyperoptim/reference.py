@@ -1,7 +1,7 @@
 r"""Reference hypergradients: the exact unrolled oracle, finite differences, DrMAD.
 
-Every hypergradient test in the package compares against these. They are slow and obviously
-correct rather than fast.
+Every hypergradient test in the package compares against these (docs/design.md §5). They are
+slow and obviously correct rather than fast.
 
 **Any rule** (:func:`rule_unroll`, :func:`rule_unrolled_hypergrad`,
 :func:`rule_finite_difference_hypergrad`). One inner run written once over an

@@ -326,7 +326,7 @@ class RuleIFT(HyperOptimizer):
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *,
+    def _step(self, closure: Callable[[], Any] | None = None, *,
              val_closure: Closure | None = None) -> Any:
         """One step: the rule's step (PyTorch's), and a hyper-update every ``update_interval`` steps.
 
