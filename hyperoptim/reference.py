@@ -240,6 +240,16 @@ def _fresh_buffers(rule: UpdateRule, names: list[str], weights: Sequence[Tensor]
     return buffers
 
 
+def _prepare(rule: UpdateRule, params: dict[str, Tensor], horizon: int,
+             hypers: Mapping[str, Schedule],
+             buffers: Mapping[str, dict[str, Tensor] | None] | None, dtype: torch.dtype | None
+             ) -> tuple[dict[str, tuple[float, ...]], list[str], list[Tensor], Buffers]:
+    """The public functions' arguments, checked: schedules, names, weights and the start state."""
+    values = _rule_schedules(rule, hypers, horizon)
+    names, weights = _weights(params, dtype)
+    return values, names, weights, _fresh_buffers(rule, names, weights, buffers, dtype)
+
+
 def _run(rule: UpdateRule, train_loss: TrainLoss, names: list[str], weights: list[Tensor],
          buffers: Buffers, horizon: int, values: Values, options: Mapping[str, Any], *,
          create_graph: bool) -> tuple[list[Tensor], Buffers]:
@@ -353,9 +363,7 @@ def rule_unroll(
         >>> w_T["w"], s_T
         (tensor([0.2500]), {'momentum_buffer': None})
     """
-    values = _rule_schedules(rule, hypers, horizon)
-    names, weights = _weights(params, None)
-    state = _fresh_buffers(rule, names, weights, buffers, None)
+    values, names, weights, state = _prepare(rule, params, horizon, hypers, buffers, None)
     weights, state = _run(rule, train_loss, names, weights, state, horizon, values,
                           dict(options or {}), create_graph=False)
     return (dict(zip(names, weights, strict=True)),
@@ -409,9 +417,7 @@ def rule_unrolled_hypergrad(
         >>> hg["lr"]
         tensor([-0.9000], dtype=torch.float64)
     """
-    values = _rule_schedules(rule, hypers, horizon)
-    names, weights = _weights(params, _F64)
-    state = _fresh_buffers(rule, names, weights, buffers, _F64)
+    values, names, weights, state = _prepare(rule, params, horizon, hypers, buffers, _F64)
     return _exact(rule, train_loss, val_loss, names, weights, state, horizon, values,
                   dict(options or {}))
 
@@ -452,9 +458,7 @@ def rule_finite_difference_hypergrad(
         >>> round(hg["lr"].item(), 6)
         -0.9
     """
-    values = _rule_schedules(rule, hypers, horizon)
-    names, weights = _weights(params, _F64)
-    state = _fresh_buffers(rule, names, weights, buffers, _F64)
+    values, names, weights, state = _prepare(rule, params, horizon, hypers, buffers, _F64)
     opts = dict(options or {})
     return _central_differences(
         lambda moved: _final_loss(rule, train_loss, val_loss, names, weights, state, horizon,
