@@ -73,4 +73,5 @@ def check_torch_flags(owner: str, foreach: Any, fused: Any, differentiable: Any)
     if differentiable:
         raise ValueError(f"{owner} does not implement differentiable=True: the step is not "
                          "differentiable through its learned hyperparameters (use "
-                         "hyperoptim.rules.sgd_step for a differentiable SGD step).")
+                         "hyperoptim.rules.sgd.sgd_step or hyperoptim.rules.adam.adam_step for a "
+                         "differentiable step).")
