@@ -25,7 +25,14 @@ from ..hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from .batchnorm import frozen_batchnorm_stats
 from .checks import check_sgd_arguments, check_torch_flags, check_value, is_real
 from .dist import all_reduce_mean, check_supported_parameters
-from .options import check_group, check_hyper_state, check_param_state, coerce_group, validate_groups
+from .options import (
+    check_group,
+    check_hyper_state,
+    check_param_state,
+    coerce_group,
+    fixed_values,
+    validate_groups,
+)
 from .types import Closure, ParamsT
 
 __all__ = [
@@ -178,6 +185,7 @@ class HyperOptimizer(Optimizer):
             self.param_groups.pop()
             raise
         self.history.append({})
+        self.__dict__.setdefault("_fixed_options", []).append(fixed_values(self, group))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError("Invalid <name> value: ...")`` for any value a group may not hold.
@@ -738,6 +746,7 @@ class HyperOptimizer(Optimizer):
             self._optimizer_load_state_dict_post_hooks = post
         if history is not None:
             self.history = [{k: list(v) for k, v in h.items()} for h in history]
+        self._fixed_options = [fixed_values(self, group) for group in self.param_groups]
         self.history_limit = limit
         if hyper_state is not None:
             device = next((p.device for g in self.param_groups for p in g["params"]), None)

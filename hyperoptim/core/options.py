@@ -60,8 +60,8 @@ from .checks import _GROUP_CHECKS, check_value, is_real
 
 __all__ = [
     "CLASS_COMPONENTS", "HYPER_STEP_NAMES", "OPTIONS", "Option", "check_arguments", "check_group",
-    "check_hyper_state", "check_param_state", "coerce_group", "components", "is_number", "options_of",
-    "validate_groups",
+    "check_hyper_state", "check_param_state", "coerce_group", "components", "fixed_values",
+    "is_number", "options_of", "validate_groups",
 ]
 
 # Every learned value stays within [-LEARNED_LIMIT, LEARNED_LIMIT] (core.base.LEARNED_LIMIT).
@@ -81,6 +81,8 @@ class Option:
         expect: what a valid value is, in words (the end of the error message).
         used_by: the components that use it.
         in_group: a key of every param group (False: a constructor argument only).
+        fixed: part of the group's structure (the state it holds, the hyper optimizer's groups,
+            the tangent columns): a value assigned after the group was added is refused.
     """
 
     name: str
@@ -89,6 +91,7 @@ class Option:
     expect: str
     used_by: tuple[str, ...]
     in_group: bool = True
+    fixed: bool = False
 
 
 def is_number(v: Any) -> bool:
@@ -190,10 +193,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("hypergrad_clip", None, lambda v: v is None or (is_number(v) and float(v) > 0.0),
            "None or a number > 0", ("marthe",)),
     # IFT (one-pass implicit differentiation).
-    Option("tune", _NAMES, _tune(False), _TUNE + ", not empty", ("ift",)),
-    Option("per_parameter_lr", False, _flag, "True or False", ("ift",)),
-    Option("per_parameter_weight_decay", False, _flag, "True or False", ("ift",)),
-    Option("sharing", "weight", lambda v: v in ("weight", "unit"), "'weight' or 'unit'", ("ift",)),
+    Option("tune", _NAMES, _tune(False), _TUNE + ", not empty", ("ift",), fixed=True),
+    Option("per_parameter_lr", False, _flag, "True or False", ("ift",), fixed=True),
+    Option("per_parameter_weight_decay", False, _flag, "True or False", ("ift",), fixed=True),
+    Option("sharing", "weight", lambda v: v in ("weight", "unit"), "'weight' or 'unit'", ("ift",),
+           fixed=True),
     Option("lr_bounds", (1e-10, 1.0), _ift_bounds, "(low, high) with 0 < low <= high < inf",
            ("ift",)),
     Option("hyper_lr", 0.05, _at_least(0.0), _NON_NEGATIVE, ("ift",), in_group=False),
@@ -208,20 +212,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("nesterov", False, lambda v: v is False, "False: IFTOptimizer implements heavy-ball "
            "momentum, as Clarke et al. do", ("ift-sgd",)),
     Option("per_parameter_lr", False, lambda v: v is False, "False: one learning rate per param "
-           "group", ("ift-adam",)),
+           "group", ("ift-adam",), fixed=True),
     Option("per_parameter_weight_decay", False, lambda v: v is False, "False: one weight decay "
-           "per param group", ("ift-adam",)),
+           "per param group", ("ift-adam",), fixed=True),
     # FDS (forward-mode differentiation with sharing): learned schedules may go negative.
     Option("dampening", 0.0, _zero, "0: FDSSGD implements torch.optim.SGD's rule with "
            "dampening=0, the paper's; its tangents assume it", ("fds",)),
     Option("lr", 0.0, _bounded, f"a finite number within +-{_LIMIT:g}", ("fds",)),
     Option("momentum", 0.0, _bounded, f"a finite number within +-{_LIMIT:g}", ("fds",)),
     Option("weight_decay", 0.0, _bounded, f"a finite number within +-{_LIMIT:g}", ("fds",)),
-    Option("horizon", None, _count, "an integer >= 1", ("fds",)),
-    Option("lr_windows", 1, _count, "an integer >= 1", ("fds",)),
-    Option("momentum_windows", 1, _count, "an integer >= 1", ("fds",)),
-    Option("weight_decay_windows", 1, _count, "an integer >= 1", ("fds",)),
-    Option("tune", _NAMES, _tune(True), _TUNE, ("fds",)),
+    Option("horizon", None, _count, "an integer >= 1", ("fds",), fixed=True),
+    Option("lr_windows", 1, _count, "an integer >= 1", ("fds",), fixed=True),
+    Option("momentum_windows", 1, _count, "an integer >= 1", ("fds",), fixed=True),
+    Option("weight_decay_windows", 1, _count, "an integer >= 1", ("fds",), fixed=True),
+    Option("tune", _NAMES, _tune(True), _TUNE, ("fds",), fixed=True),
     Option("step_sizes", None, lambda v: v is None or _step_sizes(v),
            f"a dict from names to step sizes in (0, {_LIMIT:g}]", ("fds",)),
     Option("hz_clip", None, lambda v: v is None or (is_real(v) and v > 0), "None or a number > 0",
@@ -373,12 +377,29 @@ def coerce_group(group: dict[str, Any]) -> None:
             group[key] = float(value.item())
 
 
+def fixed_values(owner: Any, group: Mapping[str, Any]) -> dict[str, Any]:
+    """The group's values of ``owner``'s :attr:`Option.fixed` options (kept when it is added)."""
+    return {name: group[name] for name, option in options_of(owner).items()
+            if option.fixed and name in group}
+
+
 def validate_groups(optimizer: Any) -> None:
     """Check every param group again (values assigned after construction, by the user or a
-    scheduler), before a step writes anything; the error says which group."""
+    scheduler), before a step writes anything; the error says which group.
+
+    A :attr:`Option.fixed` option must still hold the value it had when the group was added
+    (``optimizer._fixed_options``, one dict per group, kept by ``add_param_group`` and
+    ``load_state_dict``)."""
+    fixed = getattr(optimizer, "_fixed_options", None)
     for i, group in enumerate(optimizer.param_groups):
         coerce_group(group)
         try:
+            if fixed is not None and i < len(fixed):
+                for name, value in fixed[i].items():
+                    if group.get(name) != value:
+                        raise _refuse(name, group.get(name), f"it was {value} when the group was "
+                                      "added and shapes what the optimizer keeps for it: add a "
+                                      "new param group, or build a new optimizer")
             optimizer._check_group(group)
         except ValueError as err:
             raise ValueError(f"{err} (param_groups[{i}], assigned after construction, e.g. by a "
@@ -422,7 +443,7 @@ def _finite_numbers(values: Any) -> bool:
         return all(_finite_numbers(v) for v in values)
     if isinstance(values, Tensor):
         return not values.is_floating_point() or bool(torch.isfinite(values).all())
-    return is_real(values) or values is None or isinstance(values, (bool, str))
+    return is_real(values) or values is None or isinstance(values, bool)
 
 
 def check_hyper_state(owner: Any, hyper_state: Any, n_groups: int) -> None:
@@ -442,6 +463,8 @@ def check_hyper_state(owner: Any, hyper_state: Any, n_groups: int) -> None:
                         steps=counter)
     elif "fds" in parts:
         required = dict(step=counter, episode=counter, outer=lambda v: isinstance(v, Mapping))
+        if "episode_skipped" in hyper_state:  # absent from state dicts saved before it existed
+            required["episode_skipped"] = counter
     elif "marthe" in parts and "groups" in hyper_state:
         required = dict(groups=lambda v: isinstance(v, list) and len(v) <= n_groups and all(
             isinstance(g, Mapping) and {"mu", "count", "beta", "lr_beta_grad"} <= set(g)
