@@ -56,12 +56,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checks import _GROUP_CHECKS, check_value, is_real
+from .checks import is_real
 
 __all__ = [
     "CLASS_COMPONENTS", "HYPER_STEP_NAMES", "OPTIONS", "Option", "check_arguments", "check_group",
-    "check_hyper_state", "check_param_state", "coerce_group", "components", "fixed_values",
-    "is_number", "options_of", "validate_groups",
+    "check_hyper_state", "check_param_state", "check_rule_arguments", "coerce_group", "components",
+    "fixed_values", "is_number", "options_of", "validate_groups",
 ]
 
 # Every learned value stays within [-LEARNED_LIMIT, LEARNED_LIMIT] (core.base.LEARNED_LIMIT).
@@ -276,7 +276,15 @@ def components(owner: Any) -> tuple[str, ...] | None:
 
 def options_of(owner: Any) -> dict[str, Option]:
     """Name -> :class:`Option` for ``owner``'s class (later components override earlier)."""
-    parts = components(owner) or ()
+    return _table(components(owner) or ())
+
+
+# A class outside CLASS_COMPONENTS (a new rule or method) gets the checks of these components for
+# the keys it has, and no refusal of other keys.
+_FALLBACK = ("torch", "sgd", "hd", "marthe")
+
+
+def _table(parts: tuple[str, ...]) -> dict[str, Option]:
     out: dict[str, Option] = {}
     for part in parts:
         for option in OPTIONS:
@@ -307,6 +315,14 @@ def check_arguments(owner: Any, **values: Any) -> None:
     _check_constraints(owner, values)
 
 
+def check_rule_arguments(rule: str, **values: Any) -> None:
+    """:func:`check_arguments` for one update rule's options (``"sgd"``, ``"adam"``)."""
+    table = _table((rule,))
+    for name, value in values.items():
+        _check_one(table[name], value)
+    _check_constraints((rule,), values)
+
+
 def check_group(owner: Any, group: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
                 ) -> None:
     """Check every option in a param group (however it entered) for ``owner``'s class.
@@ -326,9 +342,10 @@ def check_group(owner: Any, group: Mapping[str, Any], defaults: Mapping[str, Any
             elif key in _VOCABULARY:
                 raise _refuse(key, value, f"{name} has no option {key!r}; it would be ignored")
     else:  # a class outside the table (a new rule or method): the checks every group shares
-        for key, ok in _GROUP_CHECKS.items():
-            if key in group:
-                check_value(key, group[key], ok(group[key]))
+        fallback = _table(_FALLBACK)
+        for key, value in group.items():
+            if key in fallback:
+                _check_one(fallback[key], value)
     _check_constraints(owner, group)
     if defaults is not None and "maximize" in group and \
             group["maximize"] != defaults.get("maximize", False):
@@ -338,7 +355,7 @@ def check_group(owner: Any, group: Mapping[str, Any], defaults: Mapping[str, Any
 
 def _check_constraints(owner: Any, group: Mapping[str, Any]) -> None:
     """The constraints between options (each message names the options involved)."""
-    parts = components(owner) or ()
+    parts = owner if isinstance(owner, tuple) else components(owner) or ()
     # FDS learns its momentum schedule (it may pass 0 with Nesterov on): no constraint there.
     if group.get("nesterov") is True and ("sgd" in parts or not parts) and "fds" not in parts and (
             not is_number(group.get("momentum", 0.0)) or float(group.get("momentum", 0.0)) <= 0
