@@ -705,7 +705,8 @@ class HyperOptimizer(Optimizer):
         shape or dtype or with NaN/inf, a malformed ``history`` or ``hyper_state``. Group keys
         that older state dicts may lack (``maximize``, ``dampening``, ``nesterov``, torch's
         switches) take this optimizer's values. A load that fails anyway leaves the optimizer
-        exactly as it was. Load pre-hooks see, and post-hooks run after, the whole state (history included).
+        exactly as it was. Load pre-hooks see, and post-hooks run after, the whole state
+        (history included).
         """
         state_dict = dict(state_dict)
         pre, post = (self._optimizer_load_state_dict_pre_hooks,
