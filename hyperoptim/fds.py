@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .core.base import LEARNED_LIMIT, HyperOptimizer
 from .core.checks import check_torch_flags, check_value, is_real
+from .core.options import check_group, is_number
 from .core.schedule import window_of
 from .core.types import Closure, ParamsT
 from .rules.base import apply_update_
@@ -226,16 +227,9 @@ class FDSSGD(HyperOptimizer):
         self.hyper_state.update(step=0, episode=0, outer={}, episode_skipped=0)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        # Learned schedule values may be negative (the paper's ranges include them), so the
-        # base's SGD checks do not apply; add_param_group checks the options themselves.
-        for name in NAMES:
-            schedule = group.get(f"{name}_schedule")
-            if schedule is not None:
-                check_value(f"{name}_schedule", schedule, isinstance(schedule, (list, tuple))
-                            and all(is_real(v) and abs(v) <= LEARNED_LIMIT for v in schedule))
-        if group.get("maximize", False) != self.defaults.get("maximize", False):
-            raise ValueError(f"Invalid maximize value: {group['maximize']} (every param group of "
-                             "one optimizer shares one objective: set it in the constructor)")
+        # Learned schedule values may be negative (the paper's ranges include them): FDS's own
+        # table (hyperoptim.core.options); the initial values are checked by _checked_options.
+        check_group(self, group, self.defaults)
 
     def _learned_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ()  # FDSSGD watches assignments to its schedules itself (_take_user_values)
@@ -247,7 +241,7 @@ class FDSSGD(HyperOptimizer):
         group = dict(group)
         for name in NAMES:
             value = group[name]
-            check_value(name, value, is_real(value) and value >= 0)
+            check_value(name, value, is_number(value) and value >= 0)
             group[name] = float(value)
         check_value("horizon", group["horizon"], group["horizon"] == horizon)
         for name in NAMES:

@@ -8,7 +8,7 @@ from typing import Any
 import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 
-from .core.checks import check_sgd_arguments, check_value, is_real
+from .core.options import check_arguments
 from .core.types import Closure, ParamsT
 from .methods.hd import RuleHypergrad
 from .rules.sgd import SGD
@@ -109,12 +109,9 @@ class HypergradSGD(RuleHypergrad):
         fused: bool | None = None,
         differentiable: bool = False,
     ) -> None:
-        check_value("lr_bounds", lr_bounds,
-                    isinstance(lr_bounds, (tuple, list)) and len(lr_bounds) == 2
-                    and 0.0 <= lr_bounds[0] <= lr_bounds[1])
-        check_sgd_arguments(lr, momentum, dampening, weight_decay, nesterov)
-        check_value("lr", lr, lr_bounds[0] <= lr <= lr_bounds[1])
-        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
+        check_arguments(self, lr_bounds=lr_bounds, lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, hypergrad_lr=hypergrad_lr,
+                        per_parameter=per_parameter)
         defaults = dict(
             lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, hypergrad_lr=hypergrad_lr,

@@ -8,10 +8,10 @@ from typing import Any
 import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 
-from .core.checks import check_value, is_real
+from .core.options import check_arguments
 from .core.types import Closure, ParamsT
 from .methods.hd import RuleHypergrad
-from .rules.adam import ADAM, check_adam_arguments
+from .rules.adam import ADAM
 
 __all__ = ["HypergradAdam", "HypergradAdamW"]
 
@@ -75,6 +75,9 @@ class HypergradAdam(RuleHypergrad):
         per_parameter (bool, optional): one learning rate per weight (default: False).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step (default: None, the training-loss rule).
+        foreach, fused, differentiable: ``torch.optim.Adam``'s switches; their defaults
+            (None, None, False) and False are accepted, True raises ``ValueError`` with the
+            reason.
         decoupled_weight_decay (bool, optional): AdamW's decay (default: False; see
             :class:`HypergradAdamW`).
 
@@ -115,24 +118,23 @@ class HypergradAdam(RuleHypergrad):
         per_parameter: bool = False,
         val_closure: Closure | None = None,
         maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
         decoupled_weight_decay: bool = False,
     ) -> None:
-        check_value("lr_bounds", lr_bounds,
-                    isinstance(lr_bounds, (tuple, list)) and len(lr_bounds) == 2
-                    and 0.0 <= lr_bounds[0] <= lr_bounds[1])
-        check_adam_arguments(lr, betas, eps, weight_decay, amsgrad, maximize)
-        check_value("lr", lr, lr_bounds[0] <= lr <= lr_bounds[1])
-        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
-        check_value("per_parameter", per_parameter, isinstance(per_parameter, bool))
-        check_value("decoupled_weight_decay", decoupled_weight_decay,
-                    isinstance(decoupled_weight_decay, bool))
+        check_arguments(self, lr_bounds=lr_bounds, lr=lr, betas=betas, eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        hypergrad_lr=hypergrad_lr, per_parameter=per_parameter,
+                        decoupled_weight_decay=decoupled_weight_decay)
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
             weight_decay=float(weight_decay), amsgrad=False, maximize=False,
             decoupled_weight_decay=decoupled_weight_decay, hypergrad_lr=float(hypergrad_lr),
             lr_bounds=(float(lr_bounds[0]), float(lr_bounds[1])), per_parameter=per_parameter,
         )
-        super().__init__(params, defaults, val_closure=val_closure)
+        super().__init__(params, defaults, val_closure=val_closure, foreach=foreach, fused=fused,
+                         differentiable=differentiable)
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:
@@ -177,8 +179,12 @@ class HypergradAdamW(HypergradAdam):
         per_parameter: bool = False,
         val_closure: Closure | None = None,
         maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
                          hypergrad_lr=hypergrad_lr, lr_bounds=lr_bounds,
                          per_parameter=per_parameter, val_closure=val_closure,
-                         maximize=maximize, decoupled_weight_decay=True)
+                         maximize=maximize, foreach=foreach, fused=fused,
+                         differentiable=differentiable, decoupled_weight_decay=True)

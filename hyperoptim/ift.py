@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .core.checks import check_sgd_arguments, check_value, is_real
+from .core.checks import check_value, is_real
+from .core.options import check_arguments
 from .core.types import Closure, ParamsT
 from .methods.ift import (
     _NAMES,
@@ -265,11 +266,8 @@ class IFTOptimizer(RuleIFT):
         fused: bool | None = None,
         differentiable: bool = False,
     ) -> None:
-        check_sgd_arguments(lr, momentum, dampening, weight_decay, nesterov)
-        if dampening != 0 or nesterov:
-            raise ValueError(f"Invalid {'dampening' if dampening != 0 else 'nesterov'} value: "
-                             f"{dampening if dampening != 0 else nesterov} (IFTOptimizer implements "
-                             "heavy-ball momentum without dampening, as Clarke et al. do)")
+        check_arguments(self, lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, tune=tune,
                         per_parameter_lr=per_parameter_lr,
                         per_parameter_weight_decay=per_parameter_weight_decay, sharing=sharing,
@@ -289,13 +287,6 @@ class IFTOptimizer(RuleIFT):
     releases before 0.2, so trajectories stay bit-identical to them) instead of the generic
     ``w - w'`` through the rule's pure step; both are the same function, and their
     hypergradients agree to rounding (``tests/test_ift.py``)."""
-
-    @staticmethod
-    def _check_rule_group(group: dict[str, Any]) -> None:
-        """The inner rule's checks of a group's values (``torch.optim.SGD``'s, in logit range)."""
-        check_sgd_arguments(group["lr"], group["momentum"], 0.0, group["weight_decay"], False)
-        if "momentum" in group["tune"]:  # logit momentum
-            check_value("momentum", group["momentum"], group["momentum"] <= 1.0)
 
     def _options(self, group: dict[str, Any]) -> dict[str, Any]:
         """Heavy-ball momentum without dampening (the constructor refuses the others)."""

@@ -9,10 +9,10 @@ from typing import Any
 import torch  # noqa: F401  (the examples below use it)
 from torch.optim import Optimizer
 
-from .core.checks import check_value
+from .core.options import check_arguments
 from .core.types import Closure, ParamsT
-from .methods.ift import _PER_PARAMETER, HyperOptimizerFactory, RuleIFT
-from .rules.adam import ADAM, check_adam_arguments
+from .methods.ift import HyperOptimizerFactory, RuleIFT
+from .rules.adam import ADAM
 
 __all__ = ["IFTAdam", "IFTAdamW"]
 
@@ -154,9 +154,9 @@ class IFTAdam(RuleIFT):
         differentiable: bool = False,
         decoupled_weight_decay: bool = False,
     ) -> None:
-        check_adam_arguments(lr, betas, eps, weight_decay, amsgrad, maximize)
-        check_value("decoupled_weight_decay", decoupled_weight_decay,
-                    isinstance(decoupled_weight_decay, bool))
+        check_arguments(self, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False,
                         decoupled_weight_decay=decoupled_weight_decay, tune=tune,
                         per_parameter_lr=False, per_parameter_weight_decay=False,
@@ -167,25 +167,14 @@ class IFTAdam(RuleIFT):
                     maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
 
     # ------------------------------------------------------------------ groups
-    @classmethod
-    def _check_group(cls, group: dict[str, Any]) -> None:
-        tune = group["tune"]
+    def _check_group(self, group: dict[str, Any]) -> None:
+        tune = group.get("tune", ())
         refused = [n for n in tune if n in _REFUSED] if isinstance(tune, (tuple, list)) else []
         if refused:
             raise ValueError(
-                f"Invalid tune value: {tuple(tune)} ({cls.__name__} tunes 'lr' and 'weight_decay'; "
-                f"{refused[0]!r} is not tunable: Adam's betas stay fixed)")
-        for key in _PER_PARAMETER.values():
-            if group.get(key, False) is not False:
-                raise ValueError(f"Invalid {key} value: {group[key]!r} ({cls.__name__} has one "
-                                 "learning rate and weight decay per param group)")
+                f"Invalid tune value: {tuple(tune)} ({type(self).__name__} tunes 'lr' and "
+                f"'weight_decay'; {refused[0]!r} is not tunable: Adam's betas stay fixed)")
         super()._check_group(group)
-
-    @staticmethod
-    def _check_rule_group(group: dict[str, Any]) -> None:
-        """``torch.optim.Adam``'s checks (:func:`hyperoptim.rules.adam.check_adam_arguments`)."""
-        check_adam_arguments(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                             group.get("amsgrad", False), group.get("maximize", False))
 
     @classmethod
     def _normalised(cls, group: dict[str, Any]) -> dict[str, Any]:

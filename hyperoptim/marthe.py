@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core.checks import check_sgd_arguments, check_value, is_real
+from .core.options import check_arguments
 from .core.types import Closure, ParamsT
 from .methods.marthe import RuleMarthe
 from .rules.base import apply_update_
@@ -200,12 +200,10 @@ class MartheSGD(RuleMarthe):
         fused: bool | None = None,
         differentiable: bool = False,
     ) -> None:
-        check_sgd_arguments(lr, momentum, dampening, weight_decay, nesterov)
-        check_value("mu", mu, mu == "adaptive" or (is_real(mu) and 0.0 <= mu <= 1.0))
-        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
-        check_value("adapt_hypergrad_lr", adapt_hypergrad_lr, isinstance(adapt_hypergrad_lr, bool))
-        check_value("hypergrad_clip", hypergrad_clip,
-                    hypergrad_clip is None or (is_real(hypergrad_clip) and hypergrad_clip > 0.0))
+        check_arguments(self, lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, mu=mu,
+                        hypergrad_lr=hypergrad_lr, adapt_hypergrad_lr=adapt_hypergrad_lr,
+                        hypergrad_clip=hypergrad_clip)
         defaults = dict(
             lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, mu=mu if mu == "adaptive" else float(mu),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (the examples below use it)
 
-from .core.checks import check_value, is_real
+from .core.options import check_arguments
 from .core.types import Closure, ParamsT
 from .methods.marthe import RuleMarthe
-from .rules.adam import ADAM, check_adam_arguments
+from .rules.adam import ADAM
 
 __all__ = ["MartheAdam", "MartheAdamW"]
 
@@ -75,6 +75,9 @@ class MartheAdam(RuleMarthe):
             :meth:`step` (default: None).
         hvp (str, optional): the Hessian-vector-product route, as for
             :class:`~hyperoptim.MartheSGD` (default: ``"auto"``).
+        foreach, fused, differentiable: ``torch.optim.Adam``'s switches; their defaults
+            (None, None, False) and False are accepted, True raises ``ValueError`` with the
+            reason.
         decoupled_weight_decay (bool, optional): AdamW's decay (default: False; see
             :class:`MartheAdamW`).
 
@@ -118,16 +121,15 @@ class MartheAdam(RuleMarthe):
         val_closure: Closure | None = None,
         hvp: str = "auto",
         maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
         decoupled_weight_decay: bool = False,
     ) -> None:
-        check_adam_arguments(lr, betas, eps, weight_decay, amsgrad, maximize)
-        check_value("mu", mu, mu == "adaptive" or (is_real(mu) and 0.0 <= mu <= 1.0))
-        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
-        check_value("adapt_hypergrad_lr", adapt_hypergrad_lr, isinstance(adapt_hypergrad_lr, bool))
-        check_value("hypergrad_clip", hypergrad_clip,
-                    hypergrad_clip is None or (is_real(hypergrad_clip) and hypergrad_clip > 0.0))
-        check_value("decoupled_weight_decay", decoupled_weight_decay,
-                    isinstance(decoupled_weight_decay, bool))
+        check_arguments(self, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, mu=mu, hypergrad_lr=hypergrad_lr,
+                        adapt_hypergrad_lr=adapt_hypergrad_lr, hypergrad_clip=hypergrad_clip,
+                        decoupled_weight_decay=decoupled_weight_decay)
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
             weight_decay=float(weight_decay), amsgrad=False, maximize=False,
@@ -136,7 +138,8 @@ class MartheAdam(RuleMarthe):
             adapt_hypergrad_lr=adapt_hypergrad_lr,
             hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
         )
-        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp)
+        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, foreach=foreach,
+                         fused=fused, differentiable=differentiable)
 
 
 class MartheAdamW(MartheAdam):
@@ -173,8 +176,12 @@ class MartheAdamW(MartheAdam):
         val_closure: Closure | None = None,
         hvp: str = "auto",
         maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, mu=mu,
                          hypergrad_lr=hypergrad_lr, adapt_hypergrad_lr=adapt_hypergrad_lr,
                          hypergrad_clip=hypergrad_clip, val_closure=val_closure, hvp=hvp,
-                         maximize=maximize, decoupled_weight_decay=True)
+                         maximize=maximize, foreach=foreach, fused=fused,
+                         differentiable=differentiable, decoupled_weight_decay=True)

@@ -8,11 +8,12 @@ carries everything a resumed run needs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -21,8 +22,16 @@ from torch.optim import Optimizer
 
 from ..hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from .batchnorm import frozen_batchnorm_stats
-from .checks import _GROUP_CHECKS, check_sgd_arguments, check_torch_flags, check_value, is_real
+from .checks import check_sgd_arguments, check_torch_flags, check_value, is_real
 from .dist import all_reduce_mean, check_supported_parameters
+from .options import (
+    check_group,
+    check_hyper_state,
+    check_param_state,
+    coerce_group,
+    fixed_values,
+    validate_groups,
+)
 from .types import Closure, ParamsT
 
 __all__ = [
@@ -156,6 +165,7 @@ class HyperOptimizer(Optimizer):
         super().add_param_group(param_group)
         try:
             group = self.param_groups[-1]
+            coerce_group(group)
             check_supported_parameters(type(self).__name__, group["params"])
             if any(p.is_complex() for p in group["params"]):
                 raise ValueError(
@@ -169,6 +179,7 @@ class HyperOptimizer(Optimizer):
             self.param_groups.pop()
             raise
         self.history.append({})
+        self.__dict__.setdefault("_fixed_options", []).append(fixed_values(self, group))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError("Invalid <name> value: ...")`` for any value a group may not hold.
@@ -177,14 +188,7 @@ class HyperOptimizer(Optimizer):
         it was given (constructor defaults, a per-group dict, :meth:`add_param_group`, a loaded
         state dict).
         """
-        for name, ok in _GROUP_CHECKS.items():
-            if name in group:
-                check_value(name, group[name], ok(group[name]))
-        if group.get("nesterov") and (group.get("momentum", 0) <= 0 or group.get("dampening", 0) != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if group.get("maximize", False) != self.defaults.get("maximize", False):
-            raise ValueError(f"Invalid maximize value: {group['maximize']} (every param group of "
-                             "one optimizer shares one objective: set it in the constructor)")
+        check_group(self, group, getattr(self, "defaults", None))
 
     def _learned_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         """The names in ``group`` that this optimizer learns (watched for outside overwrites)."""
@@ -359,14 +363,7 @@ class HyperOptimizer(Optimizer):
     # ------------------------------------------------------------------ around every step
     def _begin_step(self) -> bool:
         """Checks before a step; False when a GradScaler found inf/NaN (the step is skipped)."""
-        for i, group in enumerate(self.param_groups):
-            for name in ("lr", "momentum", "dampening", "weight_decay"):
-                if name in group and not is_real(group[name]):
-                    raise ValueError(
-                        f"Invalid {name} value: {group[name]!r} (param_groups[{i}], assigned "
-                        "after construction, e.g. by a scheduler): a learned hyperparameter must "
-                        "be a finite number"
-                    )
+        validate_groups(self)
         self._detect_overwrites()
         if hasattr(self, "found_inf"):
             if not self._supports_grad_scaler:
@@ -696,9 +693,14 @@ class HyperOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` saved; a resumed run continues exactly.
 
-        Refused with ``ValueError`` before anything changes: a state dict saved by another
-        optimizer class, or whose param groups lack this class's options or hold invalid values.
-        Load pre-hooks see, and post-hooks run after, the whole state (history included).
+        Refused with ``ValueError`` naming the offending key before anything changes
+        (:meth:`_check_loadable`): a state dict saved by another optimizer class, param groups
+        that lack this class's options or hold invalid values, per-parameter state of the wrong
+        shape or dtype or with NaN/inf, a malformed ``history`` or ``hyper_state``. Group keys
+        that older state dicts may lack (``maximize``, ``dampening``, ``nesterov``, torch's
+        switches) take this optimizer's values. A load that fails anyway leaves the optimizer
+        exactly as it was. Load pre-hooks see, and post-hooks run after, the whole state
+        (history included).
         """
         state_dict = dict(state_dict)
         pre, post = (self._optimizer_load_state_dict_pre_hooks,
@@ -707,7 +709,25 @@ class HyperOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = dict(result)
-        self._check_loadable(state_dict)
+        state_dict = self._check_loadable(state_dict)
+        with self._all_or_nothing():
+            self._load_checked(state_dict, pre, post)
+        for hook in post.values():
+            hook(self)
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """On an exception, put every attribute back as it was (then re-raise): torch's load
+        rebinds ``state`` and ``param_groups`` to new objects, so the old ones are intact."""
+        saved = dict(self.__dict__)
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
+    def _load_checked(self, state_dict: dict[str, Any], pre: Any, post: Any) -> None:
         history = state_dict.pop("history", None)
         hyper_state = state_dict.pop("hyper_state", None)
         limit = state_dict.pop("history_limit", self.history_limit)
@@ -721,16 +741,21 @@ class HyperOptimizer(Optimizer):
             self._optimizer_load_state_dict_post_hooks = post
         if history is not None:
             self.history = [{k: list(v) for k, v in h.items()} for h in history]
+        self._fixed_options = [fixed_values(self, group) for group in self.param_groups]
         self.history_limit = limit
         if hyper_state is not None:
             device = next((p.device for g in self.param_groups for p in g["params"]), None)
             self.hyper_state = _to_device(copy.deepcopy(hyper_state), device)
         self._watch = {}
-        for hook in post.values():
-            hook(self)
 
-    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
-        """ValueError unless ``state_dict`` fits this optimizer (checked before any change)."""
+    def _check_loadable(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """ValueError unless ``state_dict`` fits this optimizer (checked before any change):
+        the class, the param groups (every option, :mod:`hyperoptim.core.options`), every
+        parameter's state (shapes, dtypes, finiteness), ``history`` and ``hyper_state``.
+
+        Returns the state dict to load: group keys a state dict saved before they existed may
+        lack (:data:`_OPTIONAL_KEYS`) filled from this optimizer's groups; the caller's dict is
+        not modified."""
         name = type(self).__name__
         saved = state_dict.get("optimizer_class")
         if saved is not None and saved != name:
@@ -743,6 +768,12 @@ class HyperOptimizer(Optimizer):
         if len(groups) != len(self.param_groups):
             raise ValueError(f"{name}.load_state_dict: the state dict has {len(groups)} param "
                              f"groups, this optimizer {len(self.param_groups)}")
+        if not all(isinstance(g, dict) for g in groups):
+            raise ValueError(f"{name}.load_state_dict: a param group of the state dict is not a "
+                             "dict")
+        groups = [{**{k: v for k, v in group.items() if k in _OPTIONAL_KEYS and k != "params"},
+                   **saved_group} for saved_group, group in zip(groups, self.param_groups)]
+        state_dict = {**state_dict, "param_groups": groups}
         for i, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
             missing = sorted(k for k in group if k not in saved_group and k not in _OPTIONAL_KEYS)
             if missing:
@@ -752,14 +783,26 @@ class HyperOptimizer(Optimizer):
                 raise ValueError(f"{name}.load_state_dict: param group {i} has "
                                  f"{len(saved_group.get('params', ()))} parameters in the state "
                                  f"dict, {len(group['params'])} here")
-            self._check_group({k: v for k, v in saved_group.items() if k != "params"})
+            try:
+                self._check_group({k: v for k, v in saved_group.items() if k != "params"})
+            except ValueError as err:
+                raise ValueError(f"{name}.load_state_dict: param_groups[{i}]: {err}") from None
+        params = {k: p for g, group in zip(groups, self.param_groups)
+                  for k, p in zip(g["params"], group["params"])}
+        for key, state in state_dict["state"].items():
+            if key not in params:
+                raise ValueError(f"{name}.load_state_dict: state[{key!r}] belongs to no parameter "
+                                 "of the state dict's param groups")
+            check_param_state(name, key, state, params[key])
         history = state_dict.get("history")
-        if history is not None and (not isinstance(history, list) or len(history) != len(groups)):
-            raise ValueError(f"{name}.load_state_dict: history does not have one entry per "
-                             "param group")
-        if state_dict.get("hyper_state") is not None and not isinstance(state_dict["hyper_state"],
-                                                                         dict):
-            raise ValueError(f"{name}.load_state_dict: invalid hyper_state")
+        if history is not None and (not isinstance(history, list) or len(history) != len(groups)
+                                    or not all(isinstance(h, dict) and all(
+                                        isinstance(v, list) for v in h.values()) for h in history)):
+            raise ValueError(f"{name}.load_state_dict: history does not have one dict of lists "
+                             "per param group")
+        if state_dict.get("hyper_state") is not None:
+            check_hyper_state(self, state_dict["hyper_state"], len(groups))
+        return state_dict
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults/state/param_groups; ours must survive deepcopy too.

@@ -27,7 +27,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
-from ..core.checks import check_value, is_real
+from ..core.checks import check_value
+from ..core.options import check_group, check_rule_arguments
 from ..core.types import Closure, ParamsT
 from ..hvp import SecondOrder
 from ..rules.base import Buffers, UpdateRule
@@ -189,15 +190,9 @@ class RuleIFT(HyperOptimizer):
                update_timing: str, val_closure: Closure | None, hvp: str,
                **flags: Any) -> None:
         """The rule-independent part of the constructor: IFT's own arguments, then the groups."""
-        check_value("update_interval", update_interval,
-                    isinstance(update_interval, int) and not isinstance(update_interval, bool)
-                    and update_interval >= 1)
-        check_value("lookback", lookback,
-                    isinstance(lookback, int) and not isinstance(lookback, bool) and lookback >= 1)
-        check_value("hyper_lr", hyper_lr, is_real(hyper_lr) and hyper_lr >= 0)
-        check_value("hyper_optimizer", hyper_optimizer,
-                    hyper_optimizer is None or callable(hyper_optimizer))
-        check_value("update_timing", update_timing, update_timing in TIMINGS)
+        check_rule_arguments("ift", update_interval=update_interval, lookback=lookback,
+                             hyper_lr=hyper_lr, hyper_optimizer=hyper_optimizer,
+                             update_timing=update_timing)
         self._check_group(defaults)
         self.update_interval = update_interval
         self.lookback = lookback
@@ -216,24 +211,14 @@ class RuleIFT(HyperOptimizer):
         """The inner rule's checks of a group's values (the public classes give their torch
         optimizer's)."""
 
-    @classmethod
-    def _check_group(cls, group: dict[str, Any]) -> None:
-        bounds = group["lr_bounds"]
-        check_value("lr_bounds", bounds,
-                    isinstance(bounds, (tuple, list)) and len(bounds) == 2
-                    and all(isinstance(b, (int, float)) for b in bounds)
-                    and 0.0 < bounds[0] <= bounds[1] < math.inf)
-        tune = group["tune"]
-        check_value("tune", tune,
-                    isinstance(tune, (tuple, list)) and len(tune) > 0
-                    and len(set(tune)) == len(tune) and all(n in cls._tunable for n in tune))
-        check_value("sharing", group["sharing"], group["sharing"] in SHARINGS)
-        cls._check_rule_group(group)
-        if "lr" in tune:  # log10 learning rate lives in the bounds
-            check_value("lr", group["lr"], bounds[0] <= group["lr"] <= bounds[1])
-        for name, key in _PER_PARAMETER.items():
-            if group[key] and name not in tune:
-                raise ValueError(f"{key}=True needs '{name}' in tune (tune={tuple(tune)})")
+    def _check_group(self, group: dict[str, Any]) -> None:
+        # Every option (hyperoptim.core.options; a tuned lr within lr_bounds, a tuned momentum
+        # within [0, 1], per-parameter values only for tuned names), what this rule tunes, and
+        # the checks a rule outside the options table brings (_check_rule_group).
+        check_group(self, group, getattr(self, "defaults", None))
+        tune = group.get("tune", ())
+        check_value("tune", tune, all(n in self._tunable for n in tune))
+        self._check_rule_group(group)
 
     @classmethod
     def _normalised(cls, group: dict[str, Any]) -> dict[str, Any]:
@@ -612,7 +597,12 @@ class RuleIFT(HyperOptimizer):
         """Load what :meth:`state_dict` saved; a resumed run continues exactly."""
         state_dict = dict(state_dict)
         hyper_opt_state = state_dict.pop("hyper_optimizer", None)
-        super().load_state_dict(state_dict)
-        self._hyper_opt = self._build_hyper_optimizer()
-        if hyper_opt_state is not None:
-            self._hyper_opt.load_state_dict(hyper_opt_state)
+        with self._all_or_nothing():
+            super().load_state_dict(state_dict)
+            self._hyper_opt = self._build_hyper_optimizer()
+            if hyper_opt_state is not None:
+                try:
+                    self._hyper_opt.load_state_dict(hyper_opt_state)
+                except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_optimizer: "
+                                     f"{err!r}") from err

@@ -237,16 +237,7 @@ def check_adam_arguments(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgr
                          maximize: Any = False) -> None:
     """The checks ``torch.optim.Adam`` makes (float hyperparameters), in the package's wording,
     plus what the hyperoptim Adam optimizers do not support (``amsgrad``, ``maximize``)."""
-    from ..core.checks import check_value, is_real
+    from ..core.options import check_rule_arguments
 
-    check_value("lr", lr, is_real(lr) and lr >= 0.0)
-    check_value("betas", betas, isinstance(betas, (tuple, list)) and len(betas) == 2
-                and all(is_real(b) and 0.0 <= b < 1.0 for b in betas))
-    check_value("eps", eps, is_real(eps) and eps >= 0.0)
-    check_value("weight_decay", weight_decay, is_real(weight_decay) and weight_decay >= 0.0)
-    if amsgrad is not False:
-        raise ValueError(f"Invalid amsgrad value: {amsgrad} (amsgrad=True is not supported: the "
-                         "running maximum has no useful derivative; use amsgrad=False)")
-    if maximize is not False:
-        raise ValueError(f"Invalid maximize value: {maximize} (not supported: these optimizers "
-                         "minimize; negate the loss instead)")
+    check_rule_arguments("adam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize)

@@ -1,0 +1,498 @@
+r"""Every option of every update rule and method, declared once, and the one place they are checked.
+
+An :class:`Option` names a value a user can set (a constructor argument, and for most of them a
+key of every param group), its default, what it may be, and which *components* use it. A component
+is an update rule (``"sgd"``, ``"adam"``), a method (``"hd"``, ``"marthe"``, ``"ift"``, ``"fds"``),
+a method over a rule where the pair restricts something (``"ift-sgd"``, ``"ift-adam"``), or
+torch's implementation switches (``"torch"``); each public class is a list of components
+(:data:`CLASS_COMPONENTS`), later ones overriding earlier ones where they declare the same name.
+
+The same checks run wherever a value enters:
+
+- the constructor (:func:`check_arguments`, and every group of the defaults),
+- a per-group dict and :meth:`~torch.optim.Optimizer.add_param_group` (:func:`check_group`),
+- :meth:`~torch.optim.Optimizer.load_state_dict` (:func:`check_group` on every saved group,
+  :func:`check_param_state` on every parameter's state, :func:`check_hyper_state`), before anything
+  changes,
+- values assigned into ``param_groups`` after construction (by the user or a scheduler):
+  :func:`validate_groups` at the start of the next ``step()``, before anything is written.
+
+An invalid value raises ``ValueError("Invalid <name> value: <value> (<what it may be>)")``, the
+wording of ``torch.optim``. A key of the package's vocabulary that the class does not use (say
+``'momentum'`` in a ``HypergradAdam`` group, or ``'amsgrad': True``) is refused by name, never
+ignored; keys outside the vocabulary (``'initial_lr'`` from a scheduler, a user's own ``'name'``)
+are left alone, as torch does. A 0-dim (or one-element) floating tensor ``lr`` is accepted as
+torch accepts it and stored as a Python float (every learned value in ``param_groups`` is one).
+
+The hyper-step vocabulary
+-------------------------
+Four names mean "the size of the step the hyperparameters take" today:
+
+=====================  ======================================================  ===============
+method                 today                                                   unified name
+=====================  ======================================================  ===============
+HD                     ``hypergrad_lr`` (the hyper-learning rate kappa)        ``hyper_lr``
+MARTHE                 ``hypergrad_lr`` (kappa of beta, or the fixed beta)     ``hyper_lr``
+MARTHE                 ``adapt_hypergrad_lr``                                  ``adapt_hyper_lr``
+IFT                    ``hyper_lr`` (the hyper optimizer's learning rate)      ``hyper_lr``
+FDS                    ``step_sizes`` (a step size per scheduled name)         ``hyper_lr``
+                                                                               (float or dict)
+=====================  ======================================================  ===============
+
+:data:`HYPER_STEP_NAMES` records this mapping. ``hypergrad_clip`` (MARTHE: clips the
+hypergradient) and ``hz_clip`` (FDS: clips :math:`H Z`) clip different things and keep their names.
+The old names stay the accepted ones in this release: renaming them changes ``param_groups`` keys
+and ``history`` names that checkpoints and user code read, and is left to a release that can
+carry the deprecation (old name accepted with a ``DeprecationWarning``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checks import is_real
+
+__all__ = [
+    "CLASS_COMPONENTS", "HYPER_STEP_NAMES", "OPTIONS", "Option", "check_arguments", "check_group",
+    "check_hyper_state", "check_param_state", "check_rule_arguments", "coerce_group", "components",
+    "fixed_values", "is_number", "options_of", "validate_groups",
+]
+
+# Every learned value stays within [-LEARNED_LIMIT, LEARNED_LIMIT] (core.base.LEARNED_LIMIT).
+_LIMIT = 1e3
+_NAMES = ("lr", "momentum", "weight_decay")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its name, default, what it may be, and where it is used.
+
+    Attributes:
+        name: the constructor argument (and param-group key, if ``in_group``).
+        default: the default (the class's signature wins where it differs, e.g. AdamW's
+            ``weight_decay``).
+        check: ``check(value) -> bool``, True for a valid value.
+        expect: what a valid value is, in words (the end of the error message).
+        used_by: the components that use it.
+        in_group: a key of every param group (False: a constructor argument only).
+        fixed: part of the group's structure (the state it holds, the hyper optimizer's groups,
+            the tangent columns): a value assigned after the group was added is refused.
+    """
+
+    name: str
+    default: Any
+    check: Callable[[Any], bool]
+    expect: str
+    used_by: tuple[str, ...]
+    in_group: bool = True
+    fixed: bool = False
+
+
+def is_number(v: Any) -> bool:
+    """A finite real number, or a one-element floating tensor holding one (torch's tensor lr)."""
+    if isinstance(v, Tensor):
+        return (v.numel() == 1 and v.is_floating_point() and not v.is_complex()
+                and bool(torch.isfinite(v).all()))
+    return is_real(v)
+
+
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: is_number(v) and float(v) >= low
+
+
+def _flag(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _bounded(v: Any) -> bool:
+    return is_real(v) and abs(v) <= _LIMIT
+
+
+def _hd_bounds(v: Any) -> bool:
+    return (isinstance(v, (tuple, list)) and len(v) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v)
+            and not math.isnan(v[0]) and not math.isnan(v[1]) and 0.0 <= v[0] <= v[1])
+
+
+def _ift_bounds(v: Any) -> bool:
+    return _hd_bounds(v) and 0.0 < v[0] and v[1] < math.inf
+
+
+def _betas(v: Any) -> bool:
+    return (isinstance(v, (tuple, list)) and len(v) == 2
+            and all(is_number(b) and 0.0 <= float(b) < 1.0 for b in v))
+
+
+def _tune(empty_ok: bool) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        return (isinstance(v, (tuple, list)) and (empty_ok or len(v) > 0)
+                and all(isinstance(n, str) and n in _NAMES for n in v) and len(set(v)) == len(v))
+    return check
+
+
+def _step_sizes(v: Any) -> bool:
+    return isinstance(v, Mapping) and all(k in _NAMES and is_real(s) and 0 < s <= _LIMIT
+                                          for k, s in v.items())
+
+
+def _schedule(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(_bounded(x) for x in v)
+
+
+def _zero(v: Any) -> bool:
+    return is_number(v) and float(v) == 0.0
+
+
+_NON_NEGATIVE = "a finite number >= 0"
+_TUNE = "a tuple of distinct names from ('lr', 'momentum', 'weight_decay')"
+
+OPTIONS: tuple[Option, ...] = (
+    # torch.optim's implementation switches: their defaults are honoured, the rest refused.
+    Option("foreach", None, lambda v: v is None or v is False, "None or False: the step runs per "
+           "tensor", ("torch",)),
+    Option("fused", None, lambda v: v is None or v is False, "None or False: no fused kernel",
+           ("torch",)),
+    Option("differentiable", False, lambda v: v is False, "False: the step is not differentiable "
+           "through its learned hyperparameters", ("torch",)),
+    Option("capturable", False, lambda v: v is False, "False: no CUDA-graph capture", ("torch",)),
+    # The SGD rule (torch.optim.SGD's arguments and checks).
+    Option("lr", 1e-3, _at_least(0.0), _NON_NEGATIVE, ("sgd", "adam")),
+    Option("momentum", 0.0, _at_least(0.0), _NON_NEGATIVE, ("sgd",)),
+    Option("dampening", 0.0, is_number, "a finite number", ("sgd",)),
+    Option("weight_decay", 0.0, _at_least(0.0), _NON_NEGATIVE, ("sgd", "adam")),
+    Option("nesterov", False, _flag, "True or False", ("sgd",)),
+    Option("maximize", False, _flag, "True or False", ("sgd",)),
+    # The Adam/AdamW rule (torch.optim.Adam's).
+    Option("betas", (0.9, 0.999), _betas, "two numbers in [0, 1)", ("adam",)),
+    Option("eps", 1e-8, _at_least(0.0), _NON_NEGATIVE, ("adam",)),
+    Option("amsgrad", False, lambda v: v is False, "amsgrad=True is not supported: the running "
+           "maximum has no useful derivative; use amsgrad=False", ("adam",)),
+    Option("maximize", False, lambda v: v is False, "not supported: these optimizers minimize; "
+           "negate the loss instead", ("adam",)),
+    Option("decoupled_weight_decay", False, _flag, "True or False", ("adam",)),
+    # Hypergradient descent.
+    Option("hypergrad_lr", 1e-3, _at_least(0.0), _NON_NEGATIVE, ("hd", "marthe")),
+    Option("lr_bounds", (0.0, math.inf), _hd_bounds, "(low, high) with 0 <= low <= high",
+           ("hd",)),
+    Option("per_parameter", False, _flag, "True or False", ("hd",)),
+    # MARTHE.
+    Option("mu", "adaptive", lambda v: v == "adaptive" if isinstance(v, str)
+           else is_number(v) and 0.0 <= float(v) <= 1.0, "'adaptive' or a number in [0, 1]",
+           ("marthe",)),
+    Option("adapt_hypergrad_lr", True, _flag, "True or False", ("marthe",)),
+    Option("hypergrad_clip", None, lambda v: v is None or (is_number(v) and float(v) > 0.0),
+           "None or a number > 0", ("marthe",)),
+    # IFT (one-pass implicit differentiation).
+    Option("tune", _NAMES, _tune(False), _TUNE + ", not empty", ("ift",), fixed=True),
+    Option("per_parameter_lr", False, _flag, "True or False", ("ift",), fixed=True),
+    Option("per_parameter_weight_decay", False, _flag, "True or False", ("ift",), fixed=True),
+    Option("sharing", "weight", lambda v: v in ("weight", "unit"), "'weight' or 'unit'", ("ift",),
+           fixed=True),
+    Option("lr_bounds", (1e-10, 1.0), _ift_bounds, "(low, high) with 0 < low <= high < inf",
+           ("ift",)),
+    Option("hyper_lr", 0.05, _at_least(0.0), _NON_NEGATIVE, ("ift",), in_group=False),
+    Option("update_interval", 10, _count, "an integer >= 1", ("ift",), in_group=False),
+    Option("lookback", 5, _count, "an integer >= 1", ("ift",), in_group=False),
+    Option("update_timing", "taken", lambda v: v in ("taken", "next"), "'taken' or 'next'",
+           ("ift",), in_group=False),
+    Option("hyper_optimizer", None, lambda v: v is None or callable(v),
+           "None, a torch.optim.Optimizer class or a factory", ("ift",), in_group=False),
+    Option("dampening", 0.0, _zero, "0: IFTOptimizer implements heavy-ball momentum "
+           "without dampening, as Clarke et al. do", ("ift-sgd",)),
+    Option("nesterov", False, lambda v: v is False, "False: IFTOptimizer implements heavy-ball "
+           "momentum, as Clarke et al. do", ("ift-sgd",)),
+    Option("per_parameter_lr", False, lambda v: v is False, "False: one learning rate per param "
+           "group", ("ift-adam",), fixed=True),
+    Option("per_parameter_weight_decay", False, lambda v: v is False, "False: one weight decay "
+           "per param group", ("ift-adam",), fixed=True),
+    # FDS (forward-mode differentiation with sharing): learned schedules may go negative.
+    Option("dampening", 0.0, _zero, "0: FDSSGD implements torch.optim.SGD's rule with "
+           "dampening=0, the paper's; its tangents assume it", ("fds",)),
+    Option("lr", 0.0, _bounded, f"a finite number within +-{_LIMIT:g}", ("fds",)),
+    Option("momentum", 0.0, _bounded, f"a finite number within +-{_LIMIT:g}", ("fds",)),
+    Option("weight_decay", 0.0, _bounded, f"a finite number within +-{_LIMIT:g}", ("fds",)),
+    Option("horizon", None, _count, "an integer >= 1", ("fds",), fixed=True),
+    Option("lr_windows", 1, _count, "an integer >= 1", ("fds",), fixed=True),
+    Option("momentum_windows", 1, _count, "an integer >= 1", ("fds",), fixed=True),
+    Option("weight_decay_windows", 1, _count, "an integer >= 1", ("fds",), fixed=True),
+    Option("tune", _NAMES, _tune(True), _TUNE, ("fds",), fixed=True),
+    Option("step_sizes", None, lambda v: v is None or _step_sizes(v),
+           f"a dict from names to step sizes in (0, {_LIMIT:g}]", ("fds",)),
+    Option("hz_clip", None, lambda v: v is None or (is_real(v) and v > 0), "None or a number > 0",
+           ("fds",)),
+    Option("lr_schedule", None, _schedule, f"a list of finite numbers within +-{_LIMIT:g}",
+           ("fds",)),
+    Option("momentum_schedule", None, _schedule, f"a list of finite numbers within +-{_LIMIT:g}",
+           ("fds",)),
+    Option("weight_decay_schedule", None, _schedule,
+           f"a list of finite numbers within +-{_LIMIT:g}", ("fds",)),
+)
+
+CLASS_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "HypergradSGD": ("torch", "sgd", "hd"),
+    "HypergradAdam": ("torch", "adam", "hd"),
+    "MartheSGD": ("torch", "sgd", "marthe"),
+    "MartheAdam": ("torch", "adam", "marthe"),
+    "IFTOptimizer": ("torch", "sgd", "ift", "ift-sgd"),
+    "IFTAdam": ("torch", "adam", "ift", "ift-adam"),
+    "FDSSGD": ("torch", "sgd", "fds"),
+}
+"""The components of each public class (subclasses inherit their base's)."""
+
+HYPER_STEP_NAMES: dict[tuple[str, str], str] = {
+    ("hd", "hypergrad_lr"): "hyper_lr",
+    ("marthe", "hypergrad_lr"): "hyper_lr",
+    ("marthe", "adapt_hypergrad_lr"): "adapt_hyper_lr",
+    ("ift", "hyper_lr"): "hyper_lr",
+    ("fds", "step_sizes"): "hyper_lr",
+}
+"""(method, today's name) -> the unified name proposed for the hyper-step knobs (module doc)."""
+
+_VOCABULARY = frozenset(o.name for o in OPTIONS if o.in_group)
+# Keys torch or the package put in groups that are not options.
+_NOT_OPTIONS = frozenset({"params", "param_names"})
+# Group values given as one-element tensors, stored as floats.
+_FLOATS = frozenset({"lr", "momentum", "dampening", "weight_decay", "eps", "hypergrad_lr"})
+
+
+def components(owner: Any) -> tuple[str, ...] | None:
+    """The components of ``owner`` (an optimizer or its class), None for an unknown class."""
+    cls = owner if isinstance(owner, type) else type(owner)
+    for base in cls.__mro__:
+        if base.__name__ in CLASS_COMPONENTS:
+            return CLASS_COMPONENTS[base.__name__]
+    return None
+
+
+def options_of(owner: Any) -> dict[str, Option]:
+    """Name -> :class:`Option` for ``owner``'s class (later components override earlier)."""
+    return _table(components(owner) or ())
+
+
+# A class outside CLASS_COMPONENTS (a new rule or method) gets the checks of these components for
+# the keys it has, and no refusal of other keys.
+_FALLBACK = ("torch", "sgd", "hd", "marthe")
+
+
+def _table(parts: tuple[str, ...]) -> dict[str, Option]:
+    out: dict[str, Option] = {}
+    for part in parts:
+        for option in OPTIONS:
+            if part in option.used_by:
+                out[option.name] = option
+    return out
+
+
+def _refuse(name: str, value: Any, why: str) -> ValueError:
+    # torch.optim's wording: the value as str() shows it (a string without quotes)
+    return ValueError(f"Invalid {name} value: {value} ({why})")
+
+
+def _check_one(option: Option, value: Any) -> None:
+    if not option.check(value):
+        why = option.expect
+        raise _refuse(option.name, value, why if why.startswith(("amsgrad", "not "))
+                      else f"expected {why}")
+
+
+def check_arguments(owner: Any, **values: Any) -> None:
+    """Check constructor arguments by name against ``owner``'s options (in the order given),
+    then the constraints between them; ``ValueError("Invalid <name> value: ...")`` otherwise."""
+    table = options_of(owner)
+    for name, value in values.items():
+        if name in table:
+            _check_one(table[name], value)
+    _check_constraints(owner, values)
+
+
+def check_rule_arguments(rule: str, **values: Any) -> None:
+    """:func:`check_arguments` for one update rule's options (``"sgd"``, ``"adam"``)."""
+    table = _table((rule,))
+    for name, value in values.items():
+        _check_one(table[name], value)
+    _check_constraints((rule,), values)
+
+
+def check_group(owner: Any, group: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+                ) -> None:
+    """Check every option in a param group (however it entered) for ``owner``'s class.
+
+    A key of the package's vocabulary that this class does not use is refused by name; a key
+    outside it is left alone. ``defaults`` (the optimizer's) checks what every group must share.
+    """
+    table = options_of(owner)
+    if table:
+        name = type(owner).__name__ if not isinstance(owner, type) else owner.__name__
+        for key, value in group.items():
+            if key in _NOT_OPTIONS:
+                continue
+            if key in table:
+                if table[key].in_group:
+                    _check_one(table[key], value)
+            elif key in _VOCABULARY:
+                raise _refuse(key, value, f"{name} has no option {key!r}; it would be ignored")
+    else:  # a class outside the table (a new rule or method): the checks every group shares
+        fallback = _table(_FALLBACK)
+        for key, value in group.items():
+            if key in fallback:
+                _check_one(fallback[key], value)
+    _check_constraints(owner, group)
+    if defaults is not None and "maximize" in group and \
+            group["maximize"] != defaults.get("maximize", False):
+        raise ValueError(f"Invalid maximize value: {group['maximize']} (every param group of "
+                         "one optimizer shares one objective: set it in the constructor)")
+
+
+def _check_constraints(owner: Any, group: Mapping[str, Any]) -> None:
+    """The constraints between options (each message names the options involved)."""
+    parts = owner if isinstance(owner, tuple) else components(owner) or ()
+    # FDS learns its momentum schedule (it may pass 0 with Nesterov on): no constraint there.
+    if group.get("nesterov") is True and ("sgd" in parts or not parts) and "fds" not in parts and (
+            not is_number(group.get("momentum", 0.0)) or float(group.get("momentum", 0.0)) <= 0
+            or group.get("dampening", 0) != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    bounds, lr = group.get("lr_bounds"), group.get("lr")
+    tune = group.get("tune")
+    tuned = "ift" not in parts or (isinstance(tune, (tuple, list)) and "lr" in tune)
+    if (bounds is not None and lr is not None and tuned and _hd_bounds(bounds) and is_number(lr)
+            and not bounds[0] <= float(lr) <= bounds[1]):
+        raise _refuse("lr", lr, f"outside lr_bounds={tuple(bounds)}")
+    if "ift" in parts and isinstance(tune, (tuple, list)):
+        if "momentum" in tune and is_number(group.get("momentum", 0.0)) and \
+                float(group.get("momentum", 0.0)) > 1.0:
+            raise _refuse("momentum", group["momentum"], "a tuned momentum lies in [0, 1]")
+        for name, key in (("lr", "per_parameter_lr"), ("weight_decay", "per_parameter_weight_decay")):
+            if group.get(key) is True and name not in tune:
+                raise ValueError(f"{key}=True needs '{name}' in tune (tune={tuple(tune)})")
+    if "fds" in parts:
+        horizon = group.get("horizon")
+        for name in _NAMES:
+            n, schedule = group.get(f"{name}_windows"), group.get(f"{name}_schedule")
+            if _count(horizon) and _count(n) and n > horizon:
+                raise _refuse(f"{name}_windows", n, f"expected 1 <= {name}_windows <= "
+                              f"horizon={horizon}")
+            if schedule is not None and _count(n) and isinstance(schedule, (list, tuple)) \
+                    and len(schedule) != n:
+                raise _refuse(f"{name}_schedule", schedule, f"expected {n} values, one per window")
+
+
+def coerce_group(group: dict[str, Any]) -> None:
+    """Store one-element floating tensors given for float options as Python floats (in place)."""
+    for key in _FLOATS:
+        value = group.get(key)
+        if isinstance(value, Tensor) and is_number(value):
+            group[key] = float(value.item())
+
+
+def fixed_values(owner: Any, group: Mapping[str, Any]) -> dict[str, Any]:
+    """The group's values of ``owner``'s :attr:`Option.fixed` options (kept when it is added)."""
+    return {name: group[name] for name, option in options_of(owner).items()
+            if option.fixed and name in group}
+
+
+def validate_groups(optimizer: Any) -> None:
+    """Check every param group again (values assigned after construction, by the user or a
+    scheduler), before a step writes anything; the error says which group.
+
+    A :attr:`Option.fixed` option must still hold the value it had when the group was added
+    (``optimizer._fixed_options``, one dict per group, kept by ``add_param_group`` and
+    ``load_state_dict``)."""
+    fixed = getattr(optimizer, "_fixed_options", None)
+    for i, group in enumerate(optimizer.param_groups):
+        coerce_group(group)
+        try:
+            if fixed is not None and i < len(fixed):
+                for name, value in fixed[i].items():
+                    if group.get(name) != value:
+                        raise _refuse(name, group.get(name), f"it was {value} when the group was "
+                                      "added and shapes what the optimizer keeps for it: add a "
+                                      "new param group, or build a new optimizer")
+            optimizer._check_group(group)
+        except ValueError as err:
+            raise ValueError(f"{err} (param_groups[{i}], assigned after construction, e.g. by a "
+                             "scheduler)") from None
+
+
+def _shape_fits(value: Tensor, param: Tensor) -> bool:
+    """A 0-dim value, the parameter's shape, one broadcast along it (per-unit sharing), or
+    columns of it (a tangent: ``(k, *param.shape)``)."""
+    if value.dim() == 0:
+        return True
+    if value.dim() == param.dim() + 1:
+        return value.shape[1:] == param.shape
+    return value.dim() == param.dim() and all(a in (b, 1) for a, b in zip(value.shape, param.shape))
+
+
+def check_param_state(owner: str, key: Any, state: Any, param: Tensor) -> None:
+    """One parameter's saved state: a dict of tensors of a fitting shape, floating and finite
+    (``"step"`` may hold any real dtype), or numbers / None."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{owner}.load_state_dict: state[{key!r}] is not a dict")
+    for name, value in state.items():
+        where = f"{owner}.load_state_dict: state[{key!r}][{name!r}]"
+        if isinstance(value, Tensor):
+            if value.is_complex() or value.dtype == torch.bool or (
+                    not value.is_floating_point() and name != "step"):
+                raise ValueError(f"{where} has dtype {value.dtype}; expected a floating dtype")
+            if not _shape_fits(value, param):
+                raise ValueError(f"{where} has shape {tuple(value.shape)}, which does not fit the "
+                                 f"parameter's shape {tuple(param.shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{where} holds non-finite values (NaN or inf)")
+        elif value is not None and not (is_real(value) or isinstance(value, bool)):
+            raise ValueError(f"{where} is {value!r}; expected a tensor or a number")
+
+
+def _finite_numbers(values: Any) -> bool:
+    if isinstance(values, Mapping):
+        return all(_finite_numbers(v) for v in values.values())
+    if isinstance(values, (list, tuple)):
+        return all(_finite_numbers(v) for v in values)
+    if isinstance(values, Tensor):
+        return not values.is_floating_point() or bool(torch.isfinite(values).all())
+    return is_real(values) or values is None or isinstance(values, bool)
+
+
+def check_hyper_state(owner: Any, hyper_state: Any, n_groups: int) -> None:
+    """The saved ``hyper_state``: a dict whose learned numbers are finite, with the structure the
+    class's method keeps (IFT: ``transformed``/``published`` per group and its counters; MARTHE:
+    one entry per group; FDS: its counters)."""
+    name = type(owner).__name__
+    if not isinstance(hyper_state, Mapping):
+        raise ValueError(f"{name}.load_state_dict: invalid hyper_state (not a dict)")
+    parts = components(owner) or ()
+    required: dict[str, Callable[[Any], bool]] = {}
+    per_group = lambda v: isinstance(v, list) and len(v) == n_groups and all(  # noqa: E731
+        isinstance(g, Mapping) for g in v)
+    counter = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if "ift" in parts:
+        required = dict(transformed=per_group, published=per_group, since_update=counter,
+                        steps=counter)
+    elif "fds" in parts:
+        required = dict(step=counter, episode=counter, outer=lambda v: isinstance(v, Mapping))
+        if "episode_skipped" in hyper_state:  # absent from state dicts saved before it existed
+            required["episode_skipped"] = counter
+    elif "marthe" in parts and "groups" in hyper_state:
+        required = dict(groups=lambda v: isinstance(v, list) and len(v) <= n_groups and all(
+            isinstance(g, Mapping) and {"mu", "count", "beta", "lr_beta_grad"} <= set(g)
+            for g in v))
+    for key, ok in required.items():
+        if key not in hyper_state:
+            raise ValueError(f"{name}.load_state_dict: hyper_state lacks {key!r}")
+        if not ok(hyper_state[key]):
+            raise ValueError(f"{name}.load_state_dict: hyper_state[{key!r}] is malformed: "
+                             f"{hyper_state[key]!r}")
+    for key, value in hyper_state.items():
+        if not _finite_numbers(value):
+            raise ValueError(f"{name}.load_state_dict: hyper_state[{key!r}] holds a non-finite "
+                             "or non-numeric value")
