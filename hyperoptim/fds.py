@@ -1,0 +1,310 @@
+r"""FDSSGD: forward-mode differentiation with hyperparameter sharing (FDS; Micaelli & Storkey, 2021)
+over torch.optim.SGD's rule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .core.checks import check_torch_flags, check_value, is_real
+from .core.types import Closure, ParamsT
+from .methods.fds import RuleFDS
+from .rules.base import apply_update_
+from .rules.sgd import SGD, sgd_direction, sgd_tangents
+
+__all__ = ["FDSSGD"]
+
+NAMES = ("lr", "momentum", "weight_decay")
+"""The hyperparameters FDSSGD schedules, in the order used for columns and ``tune``."""
+
+DEFAULT_STEP_SIZES = {"lr": 0.1, "momentum": 0.15, "weight_decay": 4e-4}
+r"""Initial outer step sizes :math:`\gamma` (Micaelli & Storkey 2021, App. B)."""
+
+_Z, _C, _BUF = "fds_z", "fds_c", "momentum_buffer"
+
+
+class FDSSGD(RuleFDS):
+    r"""SGD whose learning-rate, momentum and weight-decay *schedules* learn non-greedily (FDS).
+
+    Training is split into episodes of ``horizon`` (:math:`T`) inner steps, each started by the
+    user from freshly initialised weights. Within an episode the optimizer is PyTorch's SGD
+    (heavy ball or Nesterov, dampening 0) driven by piecewise-constant schedules: the learning
+    rate has ``lr_windows`` values, window :math:`k` covering steps
+    :math:`[kT/N, (k+1)T/N)` (likewise momentum and weight decay). Along the way it carries the
+    forward-mode tangents of the weights and momentum buffers with respect to every tuned schedule
+    value :math:`\lambda_j` (one column each; Micaelli & Storkey 2021, Eq. 4 and App. A), with
+    :math:`a, b, c` the learning rate, momentum and weight decay in force at step :math:`t`:
+
+    .. math::
+
+        C_{t+1} &= b\, C_t + (H_t + c I) Z_t + e_b(t)\, v_t + e_c(t)\, w_t \\
+        Z_{t+1} &= Z_t - a\, C_{t+1} - e_a(t)\, v_{t+1} \qquad\text{(heavy ball; Nesterov alike)}
+
+    where :math:`H_t` is the Hessian of the training loss on step :math:`t`'s batch and
+    :math:`e_x(t)` the one-hot column of the window of :math:`x` that step :math:`t` uses. Only the
+    columns of windows already reached are stored, and of those only the ones that have been used
+    (non-zero) enter :math:`H_t Z_t`, computed for all of them at once by one batched double
+    backward through the closure's gradient (no loop over columns; it works with any closure,
+    and ``benchmarks/fds_scaling.py`` measures it faster than forward-over-reverse, which would
+    need a functional loss, in most settings). The tangent update itself is elementwise in the
+    columns (see :meth:`_group_step`): FDSSGD is the FDS method written once over any update rule
+    (:class:`~hyperoptim.methods.fds.RuleFDS`) paired with the SGD rule, with this hand-written
+    update as a fast path of the generic one. With ``hz_clip`` the product is clipped elementwise to
+    :math:`\pm` ``hz_clip`` (the paper uses 100), which trades exactness for robustness to a
+    single batch with large curvature.
+
+    After exactly :math:`T` steps, :meth:`hyperstep` takes the validation loss
+    :math:`E(w_T)` and computes every hypergradient
+    :math:`\partial E(w_T)/\partial\lambda_j = \langle \nabla E(w_T), Z_T[:, j] \rangle`.
+    This is the *raw* derivative with respect to the shared value, i.e. the sum of the per-step
+    hypergradients of the :math:`W_j` steps of its window; the paper's Algorithm 1 divides it
+    by :math:`W_j` to report their mean. The outer update only uses its sign, so the two agree:
+    each value moves by a fixed step against the sign, and the step halves whenever the sign flips
+    between consecutive hypersteps (a zero sign neither moves nor counts as a flip):
+
+    .. math::
+
+        s_j = \operatorname{sign}\Big(\frac{\partial E}{\partial\lambda_j}\Big), \qquad
+        \gamma_j \leftarrow \gamma_j / 2 \ \text{ if } s_j s_j^{\text{prev}} < 0, \qquad
+        \lambda_j \leftarrow \lambda_j - \gamma_j s_j .
+
+    The initial :math:`\gamma` are 0.1 (learning rate), 0.15 (momentum) and 4e-4 (weight decay)
+    as in the paper, which starts every hyperparameter from 0; the values are not clipped (the
+    paper's search ranges include negative ones). ``lr_windows == horizon`` gives one value per
+    step: the exact non-greedy hypergradient without sharing.
+
+    :meth:`hyperstep` then resets the tangents, the momentum buffers and the step counter for the
+    next episode; re-initialising the model is left to the user (see the example). A non-finite
+    validation loss or hypergradient leaves the schedules unchanged (one ``RuntimeWarning``,
+    counted in ``history[i]["skipped"]``) and still starts a new episode.
+
+    Schedules are per param group: ``group["lr_schedule"]`` (likewise ``"momentum_schedule"``,
+    ``"weight_decay_schedule"``) is the list of values, also returned by :meth:`schedule`, and may
+    be assigned between episodes; ``group["lr"]`` shows the value in force at the current step,
+    and assigning to it sets the current window's value. With several groups, every group's
+    values are columns of the same tangents (a group's learning rate moves the other groups'
+    weights through the Hessian), so all hypergradients are exact. ``history[i]`` records, per
+    hyperstep, the updated schedules (``"lr"``, ``"momentum"``, ``"weight_decay"``: one list of
+    per-window values each), the raw hypergradients that moved them (``"hypergrad/lr"`` etc., for
+    tuned hyperparameters), ``"val_loss"`` (:math:`E(w_T)`) and ``"skipped"``.
+
+    Memory: the state is :math:`Z` and :math:`C` (one weights-sized tensor per tuned schedule
+    value each; :math:`C` only where momentum is in play) and the momentum buffer, plus during a
+    step :math:`H Z` and the new tangents: :math:`O(DN)`, independent of the horizon, where the
+    exact reverse-mode unroll grows linearly with it. Everything, tangents included, is in
+    :meth:`state_dict`, so a run checkpointed mid-episode resumes exactly. Under
+    ``torch.distributed`` the gradients, :math:`H Z` and the validation gradient it takes are
+    averaged across ranks.
+
+    Args:
+        params (iterable): parameters or param-group dicts, as for ``torch.optim.SGD``. A group
+            may set its own values and ``*_windows``, ``tune``, ``step_sizes``, ``hz_clip``,
+            ``nesterov`` and ``*_schedule`` lists; ``horizon`` is shared.
+        lr (float, optional): initial value of every learning-rate window (default: 0).
+        momentum (float, optional): initial value of every momentum window (default: 0).
+        weight_decay (float, optional): initial value of every weight-decay window (default: 0).
+        horizon (int): inner steps per episode, :math:`T`.
+        lr_windows (int, optional): learning-rate values shared over contiguous steps,
+            :math:`1 \le N \le T` (default: 1).
+        momentum_windows (int, optional): momentum values (default: 1).
+        weight_decay_windows (int, optional): weight-decay values (default: 1).
+        tune (iterable of str, optional): which schedules learn, a subset of
+            ``("lr", "momentum", "weight_decay")`` (default: all three).
+        step_sizes (dict, optional): initial outer step sizes :math:`\gamma` by name; missing
+            names keep the defaults (default: None, i.e. 0.1, 0.15, 4e-4).
+        hz_clip (float, optional): clip :math:`H Z` elementwise to this magnitude (default: None,
+            exact).
+        nesterov (bool, optional): Nesterov momentum (default: False).
+        val_closure (callable, optional): returns the validation loss from the live parameters,
+            evaluated by :meth:`hyperstep`; may be overridden there (default: None).
+        hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim.hvp`): ``"exact"``
+            (double backward; the closure must return the loss without calling ``backward()``),
+            ``"finite_difference"`` (central differences of gradients, two extra closure calls
+            per tangent column; works with ``backward()`` in the closure, DDP,
+            ``torch.compile``), or ``"auto"``: exact if the closure returns the loss without
+            calling ``backward()``, finite differences if it calls it (default: ``"auto"``).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.randn(96, 3), torch.randn(96, 1)
+        >>> model = torch.nn.Linear(3, 1)
+        >>> init = {k: v.clone() for k, v in model.state_dict().items()}
+        >>> loss_fn = torch.nn.functional.mse_loss
+        >>> opt = FDSSGD(model.parameters(), horizon=8, lr_windows=2, tune=("lr", "momentum"),
+        ...              val_closure=lambda: loss_fn(model(x[64:]), y[64:]))
+        >>> for episode in range(4):
+        ...     _ = model.load_state_dict(init)  # every episode starts from the same weights
+        ...     for t in range(8):
+        ...         batch = slice(8 * t, 8 * t + 8)
+        ...         _ = opt.step(lambda: loss_fn(model(x[batch]), y[batch]))
+        ...     _ = opt.hyperstep()
+        >>> opt.history[0]["lr"][0]  # from 0, each window moved up by its step size 0.1
+        [0.1, 0.1]
+        >>> opt.history[0]["val_loss"][-1] < opt.history[0]["val_loss"][0]
+        True
+
+    References:
+        P. Micaelli, A. Storkey. Gradient-based Hyperparameter Optimization Over Long Horizons.
+        NeurIPS 2021.
+    """
+
+    rule = SGD
+    names = NAMES
+    default_step_sizes = DEFAULT_STEP_SIZES
+    buffer_tangent_keys = {"momentum_buffer": _C}
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 0.0,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        horizon: int,
+        lr_windows: int = 1,
+        momentum_windows: int = 1,
+        weight_decay_windows: int = 1,
+        tune: Iterable[str] = NAMES,
+        step_sizes: Mapping[str, float] | None = None,
+        hz_clip: float | None = None,
+        val_closure: Closure | None = None,
+        hvp: str = "auto",
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+    ) -> None:
+        check_value("horizon", horizon, isinstance(horizon, int) and not isinstance(horizon, bool)
+                    and horizon >= 1)
+        check_value("dampening", dampening, is_real(dampening))
+        if dampening != 0:
+            raise ValueError(f"Invalid dampening value: {dampening} (FDSSGD implements "
+                             "torch.optim.SGD's rule with dampening=0, the paper's; its "
+                             "tangents assume it)")
+        check_torch_flags("FDSSGD", foreach, fused, differentiable)
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, horizon=horizon,
+            lr_windows=lr_windows, momentum_windows=momentum_windows,
+            weight_decay_windows=weight_decay_windows, tune=tune, step_sizes=step_sizes,
+            hz_clip=hz_clip, nesterov=nesterov, dampening=0.0,
+        )
+        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
+                         foreach=foreach, fused=fused, differentiable=differentiable)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("dampening", 0.0)  # saved before the SGD rule's options were kept
+
+    @classmethod
+    def _checked_options(cls, group: dict[str, Any], horizon: int) -> dict[str, Any]:
+        group = super()._checked_options(group, horizon)
+        check_value("nesterov", group["nesterov"], isinstance(group["nesterov"], bool))
+        check_value("dampening", group.get("dampening", 0.0), group.get("dampening", 0.0) == 0)
+        return group
+
+    @staticmethod
+    def _needs_momentum(group: dict[str, Any]) -> bool:
+        """Whether the group's velocity (and its tangent) can matter in this episode."""
+        return "momentum" in group["tune"] or any(b != 0 for b in group["momentum_schedule"])
+
+    def _group_step(self, gi: int, group: dict[str, Any], params: list[Tensor], t: int,
+                    n_active: int, index: dict[tuple[int, int, int], int],
+                    hz: dict[Tensor, Tensor]) -> None:
+        r"""This group's SGD step with the values in force, and its tangent update.
+
+        For fixed hyperparameters the rule before the learning rate (:func:`sgd_direction`) is
+        linear in (weights, gradients, buffers), so applied to the tangents (weights :math:`\to
+        Z`, gradients :math:`\to H Z`, buffers :math:`\to C`) it *is* its own Jacobian-vector
+        product, for every column at once, weight decay and Nesterov included: it gives
+        :math:`C_{t+1}` and the direction's tangent :math:`D_t`, and :math:`Z \leftarrow Z - a_t
+        D_t`. The hyperparameters' own terms :math:`B_t` go to the column of the window each is
+        in: the learning rate's is :math:`-d_t` (from :math:`w_{t+1} = w_t - a_t d_t`); weight
+        decay enters the gradient as :math:`c_t w_t`, so its column's gradient tangent gains
+        :math:`w_t` before the linear pass; the momentum's, which Nesterov makes non-linear, is
+        ``torch.func.jvp`` of the rule (:func:`sgd_tangents`) on one flat vector. The update is
+        elementwise in the N columns plus a constant.
+
+        This replaces the generic :meth:`RuleFDS._group_step` (``rule_tangents``, one reverse pass
+        per column) for two reasons. Speed: ``benchmarks/fds_scaling.py`` (table 3) measures it
+        1.0x, 1.4x, 2.3x and 4x faster with 3, 5, 11 and 29 columns on a 64-32-32-10 MLP; the
+        two agree to rounding (``tests/test_fds_method.py``). Semantics: a window of momentum 0
+        keeps the velocity :math:`v_{t+1} = g_t` for the next window, as the schedule's
+        recursion (and the oracle) have it, where PyTorch's SGD rule keeps no buffer.
+        """
+        a, b, c = (group[f"{name}_schedule"][self._window(group, name, t)] for name in NAMES)
+        nesterov = group["nesterov"]
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        momentum = self._needs_momentum(group)
+        bufs = [s.get(_BUF) if momentum else None for s in states]
+        gs, new_bufs, dirs = sgd_direction(params, grads, bufs, b, c, nesterov=nesterov)
+
+        if n_active:
+            column = {name: index[gi, ni, self._window(group, name, t)]
+                      for ni, name in enumerate(NAMES) if name in group["tune"]}
+            zs = [self._tangent(p, _Z, n_active) for p in params]
+            hzs = [self._clipped(p, hz.get(p), n_active, group["hz_clip"]) for p in params]
+            if "weight_decay" in column:
+                for h, p in zip(hzs, params, strict=True):
+                    h[column["weight_decay"]] += p
+            cs = [self._tangent(p, _C, n_active) if buf is not None else None
+                  for p, buf in zip(params, bufs, strict=True)]
+            g_tan, c_next, d_tan = sgd_direction(zs, hzs, cs, b, c, nesterov=nesterov)
+            z_next = [z - a * d if a != 0 else z for z, d in zip(zs, d_tan, strict=True)]
+            if momentum:  # as for the buffers below: v_{t+1} = g_t where b = 0
+                c_next = [cn if cn is not None else (g.clone() if g is h else g)
+                          for cn, g, h in zip(c_next, g_tan, hzs, strict=True)]
+            if "lr" in column:
+                for z, d in zip(z_next, dirs, strict=True):
+                    z[column["lr"]] -= d
+            if "momentum" in column:
+                dz, dc = _momentum_terms(params, grads, bufs, (a, b, c), nesterov)
+                for z, cn, dzi, dci in zip(z_next, c_next, dz, dc, strict=True):
+                    z[column["momentum"]] += dzi
+                    cn[column["momentum"]] += dci
+            for s, z, cn in zip(states, z_next, c_next, strict=True):
+                s[_Z] = z
+                if momentum:
+                    s[_C] = cn
+
+        apply_update_(params, dirs, a)
+        if momentum:
+            for s, g, grad, buf in zip(states, gs, grads, new_bufs, strict=True):
+                # PyTorch keeps no buffer at b = 0, but v_{t+1} = g_t matters if b changes later.
+                s[_BUF] = buf if buf is not None else (g.clone() if g is grad else g)
+
+
+def _momentum_terms(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
+                    values: tuple[float, float, float], nesterov: bool
+                    ) -> tuple[list[Tensor], list[Tensor]]:
+    r""":math:`\partial(w_{t+1}, v_{t+1}) / \partial b_t`: ``torch.func.jvp`` of the rule.
+
+    Each transformed call has a fixed cost per tensor, so the group is flattened into one vector
+    first (when dtypes and buffers allow).
+    """
+    ref = params[0]
+    a, b, c = (torch.tensor(v, dtype=ref.dtype, device=ref.device) for v in values)
+    seeds = (ref.new_zeros(1), ref.new_ones(1), ref.new_zeros(1))
+    flat = (len({(p.dtype, p.device) for p in params}) == 1
+            and len({buf is None for buf in bufs}) == 1)
+    if flat and len(params) > 1:
+        sizes = [p.numel() for p in params]
+        cat = lambda ts: [torch.cat([x.reshape(-1) for x in ts])]  # noqa: E731
+        zero = [ref.new_zeros((1, sum(sizes)))]
+        with_buf = bufs[0] is not None
+        dz, dc = sgd_tangents(cat(params), cat(grads), cat(bufs) if with_buf else [None],
+                              a, b, c, zero, zero, zero if with_buf else [None], *seeds,
+                              nesterov=nesterov)
+        return ([x.view_as(p) for x, p in zip(dz[0][0].split(sizes), params, strict=True)],
+                [x.view_as(p) for x, p in zip(dc[0][0].split(sizes), params, strict=True)])
+    zeros = [p.new_zeros((1, *p.shape)) for p in params]
+    dz, dc = sgd_tangents(params, grads, bufs, a, b, c, zeros, zeros,
+                          [None if buf is None else z for buf, z in zip(bufs, zeros, strict=True)],
+                          *seeds, nesterov=nesterov)
+    return [x[0] for x in dz], [x[0] for x in dc]
