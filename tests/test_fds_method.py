@@ -74,3 +74,20 @@ def test_fast_path_keeps_the_velocity_through_a_zero_momentum_window():
             opt.step(prob.closure(opt, t))
         runs.append([p.detach().clone() for p in prob.live.values()])
     assert not all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_a_checkpoint_saved_before_groups_carried_dampening_loads():
+    """The SGD rule reads ``group["dampening"]``; FDSSGD's groups carry it now, and a state dict
+    saved without it gets the only value FDSSGD allows."""
+    prob = Problem()
+    opt = GenericFDSSGD(list(prob.live.values()), horizon=2, lr=0.1, momentum=0.5,
+                        val_closure=lambda: prob.val_loss(prob.live))
+    opt.step(prob.closure(opt, 0))
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["dampening"]
+    fresh = GenericFDSSGD(list(prob.live.values()), horizon=2,
+                          val_closure=lambda: prob.val_loss(prob.live))
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["dampening"] == 0.0
+    fresh.step(prob.closure(fresh, 1))  # the generic path reads the rule's options
+    fresh.hyperstep()
