@@ -246,38 +246,59 @@ class FDSSGD(RuleFDS):
         gs, new_bufs, dirs = sgd_direction(params, grads, bufs, b, c, nesterov=nesterov)
 
         if n_active:
-            column = {name: index[gi, ni, self._window(group, name, t)]
-                      for ni, name in enumerate(NAMES) if name in group["tune"]}
-            zs = [self._tangent(p, _Z, n_active) for p in params]
-            hzs = [self._clipped(p, hz.get(p), n_active, group["hz_clip"]) for p in params]
-            if "weight_decay" in column:
-                for h, p in zip(hzs, params, strict=True):
-                    h[column["weight_decay"]] += p
-            cs = [self._tangent(p, _C, n_active) if buf is not None else None
-                  for p, buf in zip(params, bufs, strict=True)]
-            g_tan, c_next, d_tan = sgd_direction(zs, hzs, cs, b, c, nesterov=nesterov)
-            z_next = [z - a * d if a != 0 else z for z, d in zip(zs, d_tan, strict=True)]
-            if momentum:  # as for the buffers below: v_{t+1} = g_t where b = 0
-                c_next = [cn if cn is not None else (g.clone() if g is h else g)
-                          for cn, g, h in zip(c_next, g_tan, hzs, strict=True)]
-            if "lr" in column:
-                for z, d in zip(z_next, dirs, strict=True):
-                    z[column["lr"]] -= d
-            if "momentum" in column:
-                dz, dc = _momentum_terms(params, grads, bufs, (a, b, c), nesterov)
-                for z, cn, dzi, dci in zip(z_next, c_next, dz, dc, strict=True):
-                    z[column["momentum"]] += dzi
-                    cn[column["momentum"]] += dci
-            for s, z, cn in zip(states, z_next, c_next, strict=True):
-                s[_Z] = z
-                if momentum:
-                    s[_C] = cn
+            self._fast_tangents(gi, group, params, t, n_active, index, hz, bufs, dirs)
 
         apply_update_(params, dirs, a)
         if momentum:
             for s, g, grad, buf in zip(states, gs, grads, new_bufs, strict=True):
                 # PyTorch keeps no buffer at b = 0, but v_{t+1} = g_t matters if b changes later.
                 s[_BUF] = buf if buf is not None else (g.clone() if g is grad else g)
+
+    def _fast_tangents(self, gi: int, group: dict[str, Any], params: list[Tensor], t: int,
+                       n_active: int, index: dict[tuple[int, int, int], int],
+                       hz: dict[Tensor, Tensor], bufs: list[Tensor | None],
+                       dirs: list[Tensor]) -> None:
+        """The tangent update of :meth:`_group_step` (see there), from the buffers ``bufs``
+        before the step and its directions ``dirs``; stores :math:`Z_{t+1}, C_{t+1}`."""
+        a, b, c = (group[f"{name}_schedule"][self._window(group, name, t)] for name in NAMES)
+        nesterov = group["nesterov"]
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        momentum = self._needs_momentum(group)
+        column = {name: index[gi, ni, self._window(group, name, t)]
+                  for ni, name in enumerate(NAMES) if name in group["tune"]}
+        zs = [self._tangent(p, _Z, n_active) for p in params]
+        hzs = [self._clipped(p, hz.get(p), n_active, group["hz_clip"]) for p in params]
+        if "weight_decay" in column:
+            for h, p in zip(hzs, params, strict=True):
+                h[column["weight_decay"]] += p
+        cs = [self._tangent(p, _C, n_active) if buf is not None else None
+              for p, buf in zip(params, bufs, strict=True)]
+        g_tan, c_next, d_tan = sgd_direction(zs, hzs, cs, b, c, nesterov=nesterov)
+        z_next = [z - a * d if a != 0 else z for z, d in zip(zs, d_tan, strict=True)]
+        if momentum:  # as for the buffers in _group_step: v_{t+1} = g_t where b = 0
+            c_next = [cn if cn is not None else (g.clone() if g is h else g)
+                      for cn, g, h in zip(c_next, g_tan, hzs, strict=True)]
+        _add_own_terms(column, z_next, c_next, params, grads, bufs, dirs, (a, b, c), nesterov)
+        for s, z, cn in zip(states, z_next, c_next, strict=True):
+            s[_Z] = z
+            if momentum:
+                s[_C] = cn
+
+
+def _add_own_terms(column: dict[str, int], z_next: list[Tensor], c_next: list[Tensor | None],
+                   params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
+                   dirs: list[Tensor], values: tuple[float, float, float], nesterov: bool) -> None:
+    r"""Add the learning rate's and the momentum's own terms :math:`B_t` to their columns, in
+    place (the weight decay's entered the gradient's tangent before the linear pass)."""
+    if "lr" in column:
+        for z, d in zip(z_next, dirs, strict=True):
+            z[column["lr"]] -= d
+    if "momentum" in column:
+        dz, dc = _momentum_terms(params, grads, bufs, values, nesterov)
+        for z, cn, dzi, dci in zip(z_next, c_next, dz, dc, strict=True):
+            z[column["momentum"]] += dzi
+            cn[column["momentum"]] += dci
 
 
 def _momentum_terms(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],

@@ -39,6 +39,13 @@ def _first_step(k: int, horizon: int, n_windows: int) -> int:
     return -(-k * horizon // n_windows)
 
 
+def _one_hot(like: Tensor, n: int, j: int) -> Tensor:
+    """Column ``j`` of ``n`` as a seed vector in ``like``'s dtype and device."""
+    seed = like.new_zeros(n)
+    seed[j] = 1.0
+    return seed
+
+
 class RuleFDS(HyperOptimizer):
     r"""FDS over an inner update rule :math:`\Phi`: the algorithm of :class:`~hyperoptim.FDSSGD`,
     written once.
@@ -276,10 +283,7 @@ class RuleFDS(HyperOptimizer):
         if t >= self.horizon:
             raise RuntimeError(f"{name}: the episode of horizon={self.horizon} steps is over; "
                                "call hyperstep() before the next step().")
-        columns = self._columns()
-        n_prev = sum(c[0] < t for c in columns)  # columns already used: Z may be non-zero
-        n_active = sum(c[0] <= t for c in columns)  # plus those whose window starts now (Z = 0)
-        index = {c[1:]: j for j, c in enumerate(columns[:n_active])}
+        n_prev, n_active, index = self._column_plan(t)
         if n_active and closure is None:
             raise ValueError(
                 f"{name} needs second-order information: call step(closure) with a closure that "
@@ -310,6 +314,15 @@ class RuleFDS(HyperOptimizer):
         self.hyper_state["step"] = t + 1
         self._publish(t + 1)
         return loss
+
+    def _column_plan(self, t: int) -> tuple[int, int, dict[tuple[int, int, int], int]]:
+        """At step ``t``: the columns already used (:math:`Z` may be non-zero), those in use
+        (plus the windows that start now, :math:`Z = 0`), and the position of each in use by
+        ``(group, name index, window)``."""
+        columns = self._columns()
+        n_prev = sum(c[0] < t for c in columns)
+        n_active = sum(c[0] <= t for c in columns)
+        return n_prev, n_active, {c[1:]: j for j, c in enumerate(columns[:n_active])}
 
     def _take_user_values(self, t: int) -> None:
         """A value assigned to ``group["lr"]`` (etc.) replaces the current window's value.
@@ -379,12 +392,9 @@ class RuleFDS(HyperOptimizer):
         hypers = {**rule.hypers(group), **{k: v for k, v in values.items() if k in rule.hyper_names}}
         options = rule.options(group)
         if n_active:
-            seeds = {}
-            for ni, name in enumerate(self.names):
-                if name in group["tune"]:
-                    seed = params[0].new_zeros(n_active)
-                    seed[index[gi, ni, self._window(group, name, t)]] = 1.0
-                    seeds[name] = seed
+            # e_x(t): each tuned hyperparameter seeds the column of the window it is in.
+            seeds = {name: _one_hot(params[0], n_active, index[gi, ni, self._window(group, name, t)])
+                     for ni, name in enumerate(self.names) if name in group["tune"]}
             zs = [self._tangent(p, _Z, n_active) for p in params]
             hzs = [self._clipped(p, hz.get(p), n_active, group["hz_clip"]) for p in params]
             buffer_tangents = {
@@ -393,16 +403,21 @@ class RuleFDS(HyperOptimizer):
                 for name, key in self.buffer_tangent_keys.items()}
             z_next, s_next = rule_tangents(rule, params, grads, buffers, hypers, zs, hzs,
                                            buffer_tangents, seeds, counts=counts, **options)
-            for i, s in enumerate(states):
-                s[_Z] = z_next[i]
-                for name, key in self.buffer_tangent_keys.items():
-                    c = s_next[name][i]
-                    if c is None:
-                        s.pop(key, None)
-                    else:
-                        s[key] = c
+            self._store_tangents(states, z_next, s_next)
         new_buffers, _ = rule.step_(params, grads, buffers, hypers, counts, **options)
         rule.write_state(states, new_buffers)
+
+    def _store_tangents(self, states: list[dict[str, Any]], z_next: list[Tensor],
+                        s_next: dict[str, list[Tensor | None]]) -> None:
+        """Keep :math:`Z_{t+1}` and each buffer's tangent (none where the buffer has none)."""
+        for i, s in enumerate(states):
+            s[_Z] = z_next[i]
+            for name, key in self.buffer_tangent_keys.items():
+                c = s_next[name][i]
+                if c is None:
+                    s.pop(key, None)
+                else:
+                    s[key] = c
 
     # ------------------------------------------------------------------ outer step
     @torch.no_grad()
