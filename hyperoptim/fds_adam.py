@@ -8,7 +8,7 @@ from typing import Any
 
 import torch  # noqa: F401  (the examples below use it)
 
-from .core.checks import check_value
+from .core.checks import check_value, is_real
 from .core.types import Closure, ParamsT
 from .methods.fds import RuleFDS
 from .rules.adam import ADAM, check_adam_arguments
@@ -175,6 +175,15 @@ class FDSAdam(RuleFDS):
         )
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)
+
+    @classmethod
+    def _checked_options(cls, group: dict[str, Any], horizon: int) -> dict[str, Any]:
+        group = super()._checked_options(group, horizon)
+        check_value("eps", group["eps"], is_real(group["eps"]) and group["eps"] >= 0.0)
+        check_value("decoupled_weight_decay", group["decoupled_weight_decay"],
+                    isinstance(group["decoupled_weight_decay"], bool))
+        check_value("amsgrad", group["amsgrad"], group["amsgrad"] is False)
+        return group
 
     @classmethod
     def _get_value(cls, group: dict[str, Any], name: str) -> Any:

@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_fds import Problem, assert_rel_close  # the same tanh MLP and batches as FDSSGD's tests
 
 from hyperoptim import FDSAdam, FDSAdamW
@@ -69,6 +71,31 @@ def test_hypergrads_match_the_unrolled_adam_oracle(decoupled, route, tol):
     # Per name too: the smallest hypergradient is not drowned by the largest.
     for name in NAMES:
         assert_rel_close({name: ours[name]}, {name: exact[name]}, 100 * tol)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_lr_schedules_match_the_oracle(data):
+    """Any horizon, number of lr windows, tuned subset, Adam or AdamW, on the exact route."""
+    horizon = data.draw(st.integers(1, 6), label="horizon")
+    n = data.draw(st.integers(1, horizon), label="lr_windows")
+    tune = data.draw(st.sets(st.sampled_from(NAMES), min_size=1), label="tune")
+    decoupled = data.draw(st.booleans(), label="decoupled")
+    lr = [data.draw(st.floats(0.001, 0.1), label="lr") for _ in range(n)]
+    betas = (data.draw(st.floats(0.0, 0.95), label="beta1"),
+             data.draw(st.floats(0.5, 0.999), label="beta2"))
+    wd = data.draw(st.sampled_from([0.0, 0.05]), label="weight_decay")
+    prob = Problem(seed=horizon)
+    opt = make(prob, decoupled, lr=lr[0], betas=betas, weight_decay=wd, horizon=horizon,
+               lr_windows=n, tune=tune)
+    opt.param_groups[0]["lr_schedule"] = list(lr)
+    episode(prob, opt)
+    _, exact = adam_unrolled_hypergrad(prob.train_loss, prob.val_loss, prob.init, horizon=horizon,
+                                       lr=lr, betas=betas, weight_decay=wd,
+                                       decoupled_weight_decay=decoupled)
+    ours = hypergrads(opt)
+    assert set(ours) == set(tune)
+    assert_rel_close(ours, {name: exact[name] for name in tune}, 1e-12)
 
 
 @pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
@@ -241,3 +268,10 @@ def test_arguments_are_torch_adams_positional_ones():
         FDSAdam(p, tune=("momentum",), horizon=3)
     with pytest.raises(ValueError, match="Invalid beta2_windows value: 4"):
         FDSAdam(p, beta2_windows=4, horizon=3)
+    extra = [torch.nn.Parameter(torch.zeros(2))]
+    for bad, message in (({"eps": -1.0}, "Invalid eps value"),
+                         ({"betas": (0.9, 1.0)}, "Invalid beta2 value"),
+                         ({"betas": 0.9}, "Invalid betas value"),
+                         ({"amsgrad": True}, "Invalid amsgrad value")):
+        with pytest.raises(ValueError, match=message):
+            opt.add_param_group({"params": extra, **bad})
