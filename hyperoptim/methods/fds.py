@@ -1,5 +1,5 @@
 r"""Forward-mode differentiation with hyperparameter sharing (FDS; Micaelli & Storkey, 2021), written
-once over any update rule.
+once over any update rule (docs/design.md §3, §4).
 
 :class:`RuleFDS` is the method: episodes of ``horizon`` inner steps of an
 :class:`~hyperoptim.rules.UpdateRule` driven by piecewise-constant schedules of the rule's
@@ -262,7 +262,7 @@ class RuleFDS(HyperOptimizer):
     # ------------------------------------------------------------------ inner step
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None = None, *,
-             val_closure: Closure | None = None) -> Any:
+              val_closure: Closure | None = None) -> Any:
         """One inner step of the rule with the schedule values in force, updating the tangents.
 
         Args:
