@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_fds import Problem, assert_rel_close  # the same tanh MLP and batches as FDSSGD's tests
 
@@ -80,6 +80,10 @@ def test_random_lr_schedules_match_the_oracle(data):
     horizon = data.draw(st.integers(1, 6), label="horizon")
     n = data.draw(st.integers(1, horizon), label="lr_windows")
     tune = data.draw(st.sets(st.sampled_from(NAMES), min_size=1), label="tune")
+    # One Adam step from zero moments is g / (|g| + eps): it depends on the betas and on an L2
+    # weight decay only through eps, so their hypergradients are 0 up to rounding, with no scale
+    # to be relative to.
+    assume(horizon > 1 or "lr" in tune)
     decoupled = data.draw(st.booleans(), label="decoupled")
     lr = [data.draw(st.floats(0.001, 0.1), label="lr") for _ in range(n)]
     betas = (data.draw(st.floats(0.0, 0.95), label="beta1"),
