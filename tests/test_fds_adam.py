@@ -14,7 +14,12 @@ from test_fds import Problem, assert_rel_close  # the same tanh MLP and batches 
 
 from hyperoptim import FDSAdam, FDSAdamW
 from hyperoptim.fds_adam import NAMES
-from hyperoptim.reference import adam_finite_difference_hypergrad, adam_unrolled_hypergrad
+from hyperoptim.reference import (
+    adam_finite_difference_hypergrad,
+    adam_unrolled_hypergrad,
+    rule_unrolled_hypergrad,
+)
+from hyperoptim.rules import ADAM
 
 F64 = torch.float64
 CLASSES = {False: FDSAdam, True: FDSAdamW}
@@ -115,6 +120,25 @@ def test_one_window_per_step_is_the_exact_unshared_lr_hypergradient(decoupled):
                                        lr=lr, weight_decay=0.02,
                                        decoupled_weight_decay=decoupled)
     assert_rel_close(hypergrads(opt), {"lr": exact["lr"]}, 1e-12)
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_every_schedule_matches_the_rule_oracle(decoupled):
+    """Several windows for all four names at once, against reverse mode through the unrolled run
+    of the Adam rule (``rule_unrolled_hypergrad``, a schedule for every hyperparameter)."""
+    horizon = 6
+    hypers = {"lr": [0.03, 0.01, 0.02], "beta1": [0.9, 0.5], "beta2": [0.99, 0.9, 0.999],
+              "weight_decay": [0.05, 0.0]}
+    prob = Problem(seed=11)
+    opt = make(prob, decoupled, horizon=horizon, tune=NAMES,
+               **{f"{n}_windows": len(v) for n, v in hypers.items()})
+    set_schedules(opt, hypers)
+    val = episode(prob, opt)
+    e, exact = rule_unrolled_hypergrad(
+        ADAM, prob.train_loss, prob.val_loss, prob.init, horizon=horizon, hypers=hypers,
+        options=dict(eps=1e-8, decoupled_weight_decay=decoupled, maximize=False))
+    torch.testing.assert_close(val, e, rtol=1e-12, atol=0)
+    assert_rel_close(hypergrads(opt), exact, 1e-12)
 
 
 @pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
