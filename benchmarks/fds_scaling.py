@@ -15,8 +15,9 @@ Four measurements, each printed as a table:
    (``grad_and_hvp`` on ``torch.func.functional_call``, applies only when the loss is a function
    of a parameter dict), and the per-column loop; time relative to the batched double backward.
 3. **The tangent update** of one step with learning rate, momentum and weight decay tuned:
-   ``sgd_tangents`` (``torch.func.jvp`` of the rule batched with ``vmap`` over every column)
-   against FDSSGD's (the rule applied to the tangents by linearity, elementwise over the columns,
+   ``sgd_tangents`` (``torch.func.jvp`` of the rule batched with ``vmap`` over every column), the
+   generic FDS method's (``RuleFDS._group_step``: ``rule_tangents`` of the SGD rule, any rule's
+   route) and FDSSGD's fast path (the rule applied to the tangents by linearity, elementwise over the columns,
    plus the hyperparameters' own terms; the momentum's by ``jvp`` on one flat vector), in ms.
 4. **Memory as the horizon grows**: bytes held by FDSSGD (its state: tangents Z, C and the momentum
    buffer, peak over the episode, plus the largest autograd graph one step keeps for its HVP)
@@ -42,6 +43,7 @@ from torch.nn import functional as F
 
 from hyperoptim.fds import FDSSGD
 from hyperoptim.hvp import grad_and_hvp, hvp_from_grads
+from hyperoptim.methods.fds import RuleFDS
 from hyperoptim.reference import unrolled_hypergrad
 from hyperoptim.rules.sgd import sgd_tangents
 
@@ -238,12 +240,15 @@ def hvp_route_times(n_columns: list[int], hidden: int, batch: int, repeats: int
 
 # ------------------------------------------------------------------------- 4. tangent update
 def tangent_update_times(n_columns: list[int], hidden: int, repeats: int
-                         ) -> list[tuple[int, float, float]]:
-    """(columns, jvp+vmap ms, FDSSGD ms) for the tangent update of one step, all three tuned.
+                         ) -> list[tuple[int, float, float, float]]:
+    """(columns, jvp+vmap ms, FDSSGD ms, generic ms) for the tangent update of one step, all
+    three tuned.
 
     The jvp+vmap route is ``sgd_tangents`` on every column (the rule's JVP, batched with vmap);
     FDSSGD's is its ``_group_step`` (the rule applied to the tangents by linearity, plus the
-    hyperparameters' own terms), which also applies the SGD step itself. Same random state.
+    hyperparameters' own terms), which also applies the SGD step itself; the generic one is
+    ``RuleFDS._group_step`` (``rule_tangents`` of the SGD rule, then its in-place step). Same
+    random state.
     """
     torch.manual_seed(0)
     model = mlp(64, hidden, 10)
@@ -283,8 +288,14 @@ def tangent_update_times(n_columns: list[int], hidden: int, repeats: int
             with torch.no_grad():
                 opt._group_step(0, group, params, t, width, index, hz)
 
-        med = _interleaved_medians({"jvp": jvp_route, "fds": fds_route}, repeats, calls=5)
-        rows.append((width, 1000 * med["jvp"], 1000 * med["fds"]))
+        def generic_route(opt: FDSSGD = opt, group: dict = group, t: int = t, width: int = width,
+                          index: dict = index, hz: dict = hz) -> None:
+            with torch.no_grad():
+                RuleFDS._group_step(opt, 0, group, params, t, width, index, hz)
+
+        med = _interleaved_medians({"jvp": jvp_route, "fds": fds_route, "generic": generic_route},
+                                   repeats, calls=5)
+        rows.append((width, 1000 * med["jvp"], 1000 * med["fds"], 1000 * med["generic"]))
     return rows
 
 
@@ -386,9 +397,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = tangent_update_times(args.columns, hidden, args.repeats)
         print(f"\n3. Tangent update of one step, MLP 64-{hidden}-{hidden}-10, lr/momentum/weight "
               "decay tuned (ms)")
-        print(f"{'columns':>10} {'sgd_tangents (jvp+vmap)':>24} {'FDSSGD':>8} {'ratio':>7}")
-        for width, jvp_ms, fds_ms in rows:
-            print(f"{width:>10} {jvp_ms:>24.2f} {fds_ms:>8.2f} {fds_ms / jvp_ms:>6.2f}x")
+        print(f"{'columns':>10} {'sgd_tangents (jvp+vmap)':>24} {'generic (rule_tangents)':>24} "
+              f"{'FDSSGD':>8} {'FDSSGD / jvp':>13} {'FDSSGD / generic':>17}")
+        for width, jvp_ms, fds_ms, generic_ms in rows:
+            print(f"{width:>10} {jvp_ms:>24.2f} {generic_ms:>24.2f} {fds_ms:>8.2f} "
+                  f"{fds_ms / jvp_ms:>12.2f}x {fds_ms / generic_ms:>16.2f}x")
 
     hidden, batch = sizes[0]
     rows = memory_rows(args.horizons, hidden, batch, lr_windows=5)

@@ -281,6 +281,27 @@ def make_ift_adam(decoupled: bool, route: str = "exact") -> Callable[[nn.Module,
     return make
 
 
+def make_fds_adam(decoupled: bool) -> Callable[[nn.Module, Data], Step]:
+    # As make_fds: episodes of 50 steps, here 5 lr + 1 weight decay values (up to 6 columns),
+    # exact HVP route, small outer steps; the hyperstep is part of the measured time.
+    def make(model: nn.Module, data: Data) -> Step:
+        cls = hyperoptim.FDSAdamW if decoupled else hyperoptim.FDSAdam
+        opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 1e-4,
+                  horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
+                  val_closure=_val_closure(model, data),
+                  step_sizes={"lr": 1e-5, "weight_decay": 1e-5})
+
+        def step(t: int) -> object:
+            loss = opt.step(_loss_closure(model, data, t))
+            if opt.episode_step == opt.horizon:
+                opt.hyperstep()
+            return loss
+
+        return step
+
+    return make
+
+
 CASES: dict[str, Callable[[nn.Module, Data], Step]] = {
     "torch.optim.SGD": make_sgd,
     "HypergradSGD (training loss)": make_hd_train,
@@ -305,6 +326,8 @@ CASES.update({
     "MartheAdamW (mu=1, HVP every step)": make_marthe_adam(1.0, decoupled=True),
     "IFTAdam (T=10, i=5, exact)": make_ift_adam(False),
     "IFTAdamW (T=10, i=5, exact)": make_ift_adam(True),
+    "FDSAdam (T=50, 6 columns, exact)": make_fds_adam(False),
+    "FDSAdamW (T=50, 6 columns, exact)": make_fds_adam(True),
 })
 
 # The passes each case cannot avoid, timed alone (case name -> floor name).

@@ -3,6 +3,7 @@
 from .core.base import HyperOptimizer
 from .core.batchnorm import frozen_batchnorm_stats
 from .fds import FDSSGD
+from .fds_adam import FDSAdam, FDSAdamW
 from .hd import HypergradSGD
 from .hd_adam import HypergradAdam, HypergradAdamW
 from .ift import IFTOptimizer, SignSGD, thesis_adaptive
@@ -13,6 +14,8 @@ from .plot import plot_history
 
 __all__ = [
     "FDSSGD",
+    "FDSAdam",
+    "FDSAdamW",
     "HyperOptimizer",
     "HypergradAdam",
     "HypergradAdamW",

@@ -42,6 +42,12 @@ def _builders() -> dict[str, Callable[..., Any]]:
                                                     update_interval=3, lookback=3, val_closure=v),
         "fds": lambda p, v: hyperoptim.FDSSGD(p, horizon=4, lr=0.05, momentum=0.5,
                                               weight_decay=1e-3, lr_windows=2, val_closure=v),
+        "fds_adam": lambda p, v: hyperoptim.FDSAdam(p, horizon=4, lr=0.01, weight_decay=1e-3,
+                                                    lr_windows=2, step_sizes={"lr": 0.005},
+                                                    val_closure=v),
+        "fds_adamw": lambda p, v: hyperoptim.FDSAdamW(p, horizon=4, lr=0.01, lr_windows=2,
+                                                      tune=("lr", "beta1", "weight_decay"),
+                                                      step_sizes={"lr": 0.005}, val_closure=v),
     }
     # The Adam family, where it exists.
     ift = dict(update_interval=3, lookback=3)  # hyper-updates within STEPS
@@ -84,7 +90,7 @@ def run_case(name: str, wrapper: str, backward: bool, rank: int, world: int) -> 
             return loss
 
         opt.step(closure)
-        if name == "fds" and opt.episode_step == opt.horizon:
+        if name.startswith("fds") and opt.episode_step == opt.horizon:
             opt.hyperstep()
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     return {"params": [p.detach().clone() for p in module.parameters()], "groups": hyper,

@@ -1,15 +1,11 @@
 """A new inner rule in one file: RMSprop without momentum, defined and registered here, gets hypergradient
-descent, MARTHE and IFT (each a thin subclass of the method written once) and the reference oracle,
-with nothing edited outside this file; each method is exact against the oracle where it should be.
+descent, MARTHE, IFT and FDS (each a thin subclass of the method written once) and the reference
+oracle, with nothing edited outside this file; each method is exact against the oracle where it
+should be.
 
 The rule (``torch.optim.RMSprop`` with ``momentum=0``, ``centered=False``, no weight decay):
 
     v' = alpha v + (1 - alpha) g^2,        w' = w - lr g / (sqrt(v') + eps).
-
-FDS is not here yet: it is written for SGD only. Once it runs over ``rule_tangents`` like MARTHE, it
-needs a thin subclass here (the rule, its buffer tangents' state keys) and one test of an episode's
-hypergradient against ``rule_unrolled_hypergrad(RMSPROP, hypers=dict(lr=[...], alpha=[...]))``,
-whose windows for every hyperparameter the first test below already checks.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from hyperoptim.methods.fds import RuleFDS
 from hyperoptim.methods.hd import RuleHypergrad
 from hyperoptim.methods.ift import RuleIFT
 from hyperoptim.methods.marthe import RuleMarthe
@@ -117,6 +114,22 @@ class IFTRMSprop(RuleIFT):
                     val_closure=val_closure, hvp=hvp)
 
 
+class FDSRMSprop(RuleFDS):
+    rule = RMSPROP
+    names = ("lr", "alpha")
+    default_step_sizes = {"lr": 1e-3, "alpha": 0.01}
+    buffer_tangent_keys = {"square_avg": "fds_square_avg"}
+    bounds = {"alpha": (0.0, 1.0)}
+
+    def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-8, *, horizon, lr_windows=1,
+                 alpha_windows=1, tune=("lr", "alpha"), step_sizes=None, val_closure=None,
+                 hvp="auto"):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, horizon=horizon,
+                                      lr_windows=lr_windows, alpha_windows=alpha_windows,
+                                      tune=tune, step_sizes=step_sizes, hz_clip=None),
+                         val_closure=val_closure, hvp=hvp)
+
+
 # ------------------------------------------------------------------------------------ problem
 class Problem:
     """tanh(x W + b) with squared error, a batch per step, float64; the weights as a dict (for the
@@ -205,7 +218,8 @@ def test_the_rule_is_torch_rmsprop_and_its_oracle_matches_finite_differences():
                                adapt_hypergrad_lr=False, val_closure=v),
     lambda p, v: IFTRMSprop(p, lr=0.01, alpha=0.9, update_interval=2, lookback=2, hyper_lr=0.0,
                             val_closure=v),
-], ids=["hd", "marthe", "ift"])
+    lambda p, v: FDSRMSprop(p, lr=0.01, alpha=0.9, horizon=6, lr_windows=2, val_closure=v),
+], ids=["hd", "marthe", "ift", "fds"])
 def test_with_a_zero_hyper_step_every_method_is_torch_rmsprop(make):
     prob, ref = Problem(1), Problem(1)
     opt = make(prob.params, lambda: prob.val(prob.live()))
@@ -245,6 +259,27 @@ def test_marthe_mu_one_is_the_oracle_through_the_whole_run():
                                        hypers=dict(lr=0.02, alpha=0.8))
     assert opt.hvp_route == "exact"
     assert opt.history[0]["hypergrad/lr"][horizon] == pytest.approx(exact["lr"].item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["exact_hvp", "fd_hvp"])
+def test_fds_episode_is_the_oracle_for_every_window(backward):
+    """Schedules of both hyperparameters, windows of uneven length: dE(w_T)/d each value."""
+    prob, horizon = Problem(5), 6
+    hypers = dict(lr=[0.02, 0.01, 0.03], alpha=[0.9, 0.7])
+    opt = FDSRMSprop(prob.params, lr=0.02, alpha=0.9, horizon=horizon, lr_windows=3,
+                     alpha_windows=2, val_closure=lambda: prob.val(prob.live()))
+    for name, values in hypers.items():
+        opt.param_groups[0][f"{name}_schedule"] = list(values)
+    for t in range(horizon):
+        opt.step(prob.closure(opt, t, backward))
+    val = opt.hyperstep()
+    e, exact = rule_unrolled_hypergrad(RMSPROP, prob.train, prob.val, prob.init, horizon=horizon,
+                                       hypers=hypers)
+    assert val.item() == pytest.approx(e.item(), rel=1e-12)
+    for name in ("lr", "alpha"):
+        ours = torch.tensor(opt.history[0][f"hypergrad/{name}"][-1], dtype=F64)
+        torch.testing.assert_close(ours, exact[name], rtol=1e-7 if backward else 1e-12, atol=0,
+                                   msg=name)
 
 
 def test_ift_lookback_one_is_the_oracle_one_step_derivative():
