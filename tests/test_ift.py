@@ -221,7 +221,12 @@ def test_hypergradient_equals_closed_form_from_explicit_jacobians(
             # The hyper optimizer is SGD with lr 1: the step is minus the hypergradient.
             moved = transformed[gi][name] - opt.state[net.params[gi]][f"log10_{name}"]
             got.append(moved.reshape(-1))
-            assert hist[0] == pytest.approx(value.sum().item(), rel=1e-8, abs=1e-14)
+            # The history holds the sum of the elementwise hypergradients: its rounding is
+            # relative to the sum of their magnitudes, not to the (possibly cancelling) sum
+            # (hypothesis: seed=703, lookback=3, interval=3, every name tuned per parameter,
+            # timing="next": terms summing to 7e-7 carried 1.7e-14 of rounding).
+            assert hist[0] == pytest.approx(value.sum().item(), rel=1e-8,
+                                            abs=1e-8 * value.abs().sum().item() + 1e-14)
         else:
             got.append(torch.tensor([hist[0]], dtype=torch.float64))
         want.append(value.reshape(-1))
