@@ -75,6 +75,8 @@ def run_case(name: str, wrapper: str, backward: bool, rank: int, world: int) -> 
         model = nn.parallel.DistributedDataParallel(module)
     opt = _builders()[name](list(model.parameters()), lambda: F.mse_loss(model(xv[part]),
                                                                          yv[part]))
+    if wrapper == "ddp":
+        opt.declare_ddp(model)  # DDP averages what backward() writes: not sent twice
     for t in range(STEPS):
         def closure(t: int = t) -> torch.Tensor:
             loss = F.mse_loss(model(x[t, part]), y[t, part])

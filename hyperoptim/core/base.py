@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from ..hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from .batchnorm import frozen_batchnorm_stats
 from .checks import _GROUP_CHECKS, check_sgd_arguments, check_torch_flags, check_value, is_real
-from .dist import all_reduce_mean, check_supported_parameters
+from .dist import all_reduce_mean, average_unless_synced, check_supported_parameters, ddp_synced_ids
 from .types import Closure, ParamsT
 
 __all__ = [
@@ -132,6 +132,7 @@ class HyperOptimizer(Optimizer):
         self._flipped: list[Tensor] = []
         self._watch: dict[str, Any] = {}
         self._val_checked = False
+        self._ddp_synced: frozenset[int] = frozenset()
         super().__init__(params, {**defaults, "maximize": maximize})
 
     @property
@@ -143,6 +144,24 @@ class HyperOptimizer(Optimizer):
     def skipped_steps(self) -> int:
         """Steps the guard has skipped since construction (kept in :meth:`state_dict`)."""
         return int(self.hyper_state.get("skipped_steps", 0))
+
+    def declare_ddp(self, model: torch.nn.Module) -> None:
+        """Declare that ``model``, a ``DistributedDataParallel``, averages the gradients that
+        ``backward()`` writes for this optimizer's parameters, so that the optimizer does not
+        all-reduce them a second time (once per optimizer; see README, "Distributed training").
+
+        Gradients the optimizer takes itself with ``torch.autograd.grad`` (closures that return
+        the loss) bypass DDP's hooks and are still averaged here, as are parameters DDP ignores.
+
+        Raises:
+            ValueError: ``model`` is not a ``DistributedDataParallel`` over the default process
+                group, or holds none of this optimizer's parameters.
+        """
+        self._ddp_synced = ddp_synced_ids(type(self).__name__, model, self._all_params())
+
+    def _synced(self, params: Sequence[Tensor], called_backward: bool) -> list[bool]:
+        """Per parameter: is its gradient already averaged (by DDP's hooks, see :meth:`declare_ddp`)?"""
+        return [called_backward and id(p) in self._ddp_synced for p in params]
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -490,7 +509,8 @@ class HyperOptimizer(Optimizer):
         graph_grads: list[Tensor] | None = None
         if called_backward:
             used = [p for p in params if p.grad is not None]
-            for g, mean in zip([p.grad for p in used], all_reduce_mean([p.grad for p in used])):
+            grads = [p.grad for p in used]
+            for g, mean in zip(grads, average_unless_synced(grads, self._synced(used, True))):
                 if mean is not g:
                     g.copy_(mean)
         else:
@@ -593,12 +613,13 @@ class HyperOptimizer(Optimizer):
                 p.grad = g
 
     def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
-        """The closure's training gradient at the live (perturbed) weights, local to this rank;
-        ``p.grad`` is left exactly as it was (:meth:`_isolated_gradient`)."""
-        _, raw, _ = self._isolated_gradient(closure, params, "closure")
+        """The closure's training gradient at the live (perturbed) weights, averaged across
+        ranks; ``p.grad`` is left exactly as it was (:meth:`_isolated_gradient`)."""
+        _, raw, called_backward = self._isolated_gradient(closure, params, "closure")
         if raw is None:
             raise ValueError("Invalid closure return value: the loss does not require grad")
         out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+        out = average_unless_synced([g.detach() for g in out], self._synced(params, called_backward))
         return [-g for g in out] if self.defaults.get("maximize") else out
 
     def _resolve_val_closure(self, val_closure: Closure | None, *, required: bool) -> Closure | None:
@@ -627,7 +648,8 @@ class HyperOptimizer(Optimizer):
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw or [])]
         # The loss is averaged too (it is a mean over the data as well): every rank records the
         # same value, and skips the same steps.
-        *grads, loss = all_reduce_mean([g.detach() for g in grads] + [loss.detach()])
+        *grads, loss = average_unless_synced([g.detach() for g in grads] + [loss.detach()],
+                                             self._synced(params, called_backward) + [False])
         if self.defaults.get("maximize"):
             grads = [-g for g in grads]
         if not self._val_checked and grads:
@@ -779,6 +801,7 @@ class HyperOptimizer(Optimizer):
             "_flipped": [],
             "_watch": {},
             "_val_checked": False,
+            "_ddp_synced": frozenset(),
         }
         for key, value in missing.items():
             if key not in state and key not in self.__dict__:

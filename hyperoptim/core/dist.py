@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_mean", "check_supported_parameters", "world_size"]
+__all__ = ["all_reduce_mean", "average_unless_synced", "check_supported_parameters", "ddp_synced_ids",
+           "world_size"]
 
 
 def world_size() -> int:
@@ -50,6 +51,51 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:
         for i, chunk in zip(index, flat.split([tensors[i].numel() for i in index])):
             out[i] = chunk.view_as(tensors[i])
     return out
+
+
+def average_unless_synced(tensors: Sequence[Tensor], synced: Sequence[bool]) -> list[Tensor]:
+    """:func:`all_reduce_mean` of the tensors whose ``synced`` entry is False; the others, already
+    averaged (by DDP's gradient hooks), are returned as they are, at no cost.
+
+    One collective (per dtype) or none, as :func:`all_reduce_mean`.
+    """
+    own = [i for i, done in enumerate(synced) if not done]
+    out = list(tensors)
+    for i, mean in zip(own, all_reduce_mean([tensors[i] for i in own])):
+        out[i] = mean
+    return out
+
+
+def ddp_synced_ids(owner: str, model: object, params: Iterable[Tensor]) -> frozenset[int]:
+    """The ids of ``params`` whose gradients ``model``'s hooks average when ``backward()`` runs.
+
+    ``model`` must be a ``DistributedDataParallel`` over the default process group (the one the
+    optimizer averages over); parameters that DDP ignores (``_ddp_params_and_buffers_to_ignore``)
+    are not among them, so the optimizer keeps averaging those itself.
+
+    Raises:
+        ValueError: ``model`` is not a ``DistributedDataParallel``, averages over another group,
+            or holds none of ``params``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        raise ValueError(f"{owner}.declare_ddp: expected the DistributedDataParallel model, got "
+                         f"{type(model).__name__}")
+    group_size = dist.get_world_size(model.process_group)
+    if group_size != world_size():
+        raise ValueError(
+            f"{owner}.declare_ddp: the model's DDP averages over a process group of {group_size} "
+            f"ranks, the optimizer over the default group of {world_size()}: give DDP the default "
+            "group."
+        )
+    theirs = {id(p) for p in model.module.parameters()
+              if p.requires_grad and not getattr(p, "_ddp_ignored", False)}
+    synced = frozenset(id(p) for p in params if id(p) in theirs)
+    if not synced:
+        raise ValueError(f"{owner}.declare_ddp: none of the optimizer's parameters belong to the "
+                         "model (pass the model whose parameters the optimizer trains)")
+    return synced
 
 
 def _is_sharded(p: Tensor) -> bool:
