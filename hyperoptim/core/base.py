@@ -23,6 +23,7 @@ from ..hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from .batchnorm import frozen_batchnorm_stats
 from .checks import _GROUP_CHECKS, check_sgd_arguments, check_torch_flags, check_value, is_real
 from .dist import all_reduce_mean, average_unless_synced, check_supported_parameters, ddp_synced_ids
+from .shard import any_nonzero, check_sharded_closure, is_sharded, tensor_norms
 from .types import Closure, ParamsT
 
 __all__ = [
@@ -108,6 +109,8 @@ class HyperOptimizer(Optimizer):
     history: list[dict[str, list[Any]]]
     _learned_names_default: tuple[str, ...] = ("lr",)
     _supports_grad_scaler = False
+    # FSDP2 (fully_shard): every reduction the class takes goes through hyperoptim.core.shard.
+    _supports_fsdp2 = False
     # torch.amp.GradScaler hands the optimizer grad_scale/found_inf instead of unscaling for it;
     # the base unscales (HypergradSGD) or refuses with an error that names bf16 autocast.
     _step_supports_amp_scaling = True
@@ -160,8 +163,9 @@ class HyperOptimizer(Optimizer):
         self._ddp_synced = ddp_synced_ids(type(self).__name__, model, self._all_params())
 
     def _synced(self, params: Sequence[Tensor], called_backward: bool) -> list[bool]:
-        """Per parameter: is its gradient already averaged (by DDP's hooks, see :meth:`declare_ddp`)?"""
-        return [called_backward and id(p) in self._ddp_synced for p in params]
+        """Per parameter: is its gradient already averaged (by DDP's hooks, see :meth:`declare_ddp`,
+        or FSDP2's reduce-scatter)?"""
+        return [called_backward and (id(p) in self._ddp_synced or is_sharded(p)) for p in params]
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -175,7 +179,9 @@ class HyperOptimizer(Optimizer):
         super().add_param_group(param_group)
         try:
             group = self.param_groups[-1]
-            check_supported_parameters(type(self).__name__, group["params"])
+            check_supported_parameters(type(self).__name__, [p for g in self.param_groups
+                                                             for p in g["params"]],
+                                       fsdp2=self._supports_fsdp2)
             if any(p.is_complex() for p in group["params"]):
                 raise ValueError(
                     f"{type(self).__name__} does not support complex parameters: its "
@@ -267,18 +273,23 @@ class HyperOptimizer(Optimizer):
         The training loss (0 without one), then per group bounds of :math:`\max|w|`,
         :math:`\max|g|` and :math:`\max|v|` (weights, training gradients, momentum buffers: the
         largest 2-norm of their tensors; NaN propagates, so a non-finite gradient shows here).
-        Float64, one fused reduction per group.
+        Float64, one fused reduction for all groups.
         """
         device = next((p.device for _, ps in plans for p in ps), None)
         out = [loss.detach().double().reshape(()) if loss is not None
                else torch.zeros((), dtype=torch.float64, device=device)]
+        every = []
         for _, params in plans:
             bufs = [b for b in (self.state[p].get("momentum_buffer") for p in params) if b is not None]
-            kinds = (params, [p.grad for p in params], bufs)
-            # One fused reduction over the three lists (as torch.nn.utils.clip_grad_norm_ does).
-            # The 2-norm bounds the largest element and is 20x faster on a CPU than the inf-norm;
-            # NaN and inf propagate through it.
-            norms = torch._foreach_norm([t for ts in kinds for t in ts]) if params else []
+            every.append((params, [p.grad for p in params], bufs))
+        # One fused reduction over every list (as torch.nn.utils.clip_grad_norm_ does), with one
+        # all-reduce of the squared shard norms under FSDP2. The 2-norm bounds the largest element
+        # and is 20x faster on a CPU than the inf-norm; NaN and inf propagate through it.
+        all_norms = tensor_norms([t for kinds in every for ts in kinds for t in ts])
+        at = 0
+        for kinds in every:
+            norms = all_norms[at:at + sum(len(ts) for ts in kinds)]
+            at += len(norms)
             start = 0
             for ts in kinds:
                 part = norms[start:start + len(ts)]
@@ -505,6 +516,7 @@ class HyperOptimizer(Optimizer):
         if not isinstance(loss, Tensor):
             raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
         called_backward = _grads_changed(before, params)
+        check_sharded_closure(type(self).__name__, params, called_backward, "closure")
         route = self._route(called_backward) if second_order else None
         graph_grads: list[Tensor] | None = None
         if called_backward:
@@ -641,6 +653,7 @@ class HyperOptimizer(Optimizer):
         """
         params = list(params)
         loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
+        check_sharded_closure(type(self).__name__, params, called_backward, "val_closure")
         if raw is None and params:
             raise ValueError(self._no_graph_message("does not require grad"))
         if params and not called_backward and all(g is None for g in (raw or [])):
@@ -655,7 +668,7 @@ class HyperOptimizer(Optimizer):
         if not self._val_checked and grads:
             # Once, at the first hyper-update: a gradient of exactly 0 everywhere means the loss
             # does not see these weights (a copied model), and every hypergradient would be 0.
-            if not bool(torch.stack([g.ne(0).any() for g in grads]).any()):
+            if not any_nonzero(grads):
                 raise ValueError(self._no_graph_message("has a gradient of exactly 0 for every "
                                                         "parameter"))
             self._val_checked = True

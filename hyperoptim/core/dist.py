@@ -98,23 +98,34 @@ def ddp_synced_ids(owner: str, model: object, params: Iterable[Tensor]) -> froze
     return synced
 
 
-def _is_sharded(p: Tensor) -> bool:
-    # FSDP2 (fully_shard) turns parameters into DTensors; FSDP1 flattens them into FlatParameters.
-    name = type(p).__name__
-    return name in ("DTensor", "FlatParameter") or hasattr(p, "_local_tensor")
-
-
-def check_supported_parameters(owner: str, params: Iterable[Tensor]) -> None:
+def check_supported_parameters(owner: str, params: Iterable[Tensor], *, fsdp2: bool = False) -> None:
     """Refuse parameters sharded by FSDP with an error that says what is supported.
 
-    A hyperoptim optimizer takes inner products and Hessian-vector products over whole
-    parameters and steps them in place; sharded parameters would need every one of those to be
-    sharding-aware. DistributedDataParallel (replicated parameters) is supported.
+    FSDP2 (``fully_shard``: ``DTensor`` parameters sharded on dim 0) is supported by the classes
+    that pass ``fsdp2=True`` (the hypergradient-descent family), whose inner products are sums of
+    per-shard partial sums (:mod:`hyperoptim.core.shard`). The others take Hessian-vector
+    products and tangents over whole parameters and refuse it. FSDP1 (``FullyShardedDataParallel``,
+    flat parameters) is refused by every class: FSDP2 is the way. DistributedDataParallel
+    (replicated parameters) is supported by all.
     """
-    if any(_is_sharded(p) for p in params):
+    from .shard import check_fsdp2_parameters, is_sharded
+
+    params = list(params)
+    # torch's FlatParameter(...) returns an nn.Parameter marked _is_flat_param (its metaclass's
+    # isinstance check reads the mark): the type's name is Parameter.
+    if any(getattr(p, "_is_flat_param", False) for p in params):
         raise ValueError(
-            f"{owner} does not support FSDP (fully_shard / FullyShardedDataParallel): its "
-            "parameters are sharded. Wrap the model in torch.nn.parallel.DistributedDataParallel "
-            "(supported: gradients and Hessian-vector products are averaged across ranks), or "
-            "train it in one process."
+            f"{owner} does not support FSDP1 (FullyShardedDataParallel): its flat parameters "
+            "concatenate many tensors and pad them. Shard the model with FSDP2 instead "
+            "(torch.distributed.fsdp.fully_shard, supported by HypergradSGD, HypergradAdam and "
+            "HypergradAdamW), or wrap it in torch.nn.parallel.DistributedDataParallel."
         )
+    if any(is_sharded(p) for p in params):
+        if not fsdp2:
+            raise ValueError(
+                f"{owner} does not support FSDP2 (fully_shard) yet: it takes Hessian-vector "
+                "products and tangents over whole parameters. HypergradSGD, HypergradAdam and "
+                "HypergradAdamW support FSDP2; or wrap the model in "
+                "torch.nn.parallel.DistributedDataParallel (supported by every class)."
+            )
+        check_fsdp2_parameters(owner, params)

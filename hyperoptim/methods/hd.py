@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value
+from ..core.shard import is_sharded, local, sum_across_shards
 from ..core.types import Closure
 from ..rules.base import UpdateRule
 
@@ -57,11 +58,15 @@ class RuleHypergrad(HyperOptimizer):
     """
 
     rule: ClassVar[UpdateRule]
+    _supports_fsdp2 = True
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         lo, hi = group["lr_bounds"]
         check_value("lr", group["lr"], lo <= group["lr"] <= hi)
+        if group["per_parameter"] and any(is_sharded(p) for p in group.get("params", ())):
+            raise ValueError(f"{type(self).__name__}(per_parameter=True) does not support FSDP2 "
+                             "(fully_shard) yet: use one learning rate per param group.")
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:
@@ -130,6 +135,8 @@ class RuleHypergrad(HyperOptimizer):
                                else torch.tensor(group["lr"]))
             plans.append((group, params, grads, states, span, new_lrs))
 
+        if any(is_sharded(p) for _, ps in groups for p in ps):
+            scalars = sum_across_shards(scalars)  # FSDP2: one all-reduce completes every dot
         if val_loss is not None:
             scalars.append(val_loss)
         guard = self._guard_scalars(loss, groups)
@@ -213,6 +220,7 @@ def _learned_bounds(group: dict[str, Any]) -> tuple[float, float]:
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """<a, b> over all elements (1-D tensors skip the reshape: biases are many and small)."""
+    a, b = local(a), local(b)  # FSDP2: this rank's partial sum
     return torch.dot(a, b) if a.dim() == 1 else torch.dot(a.reshape(-1), b.reshape(-1))
 
 
