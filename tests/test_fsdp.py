@@ -5,7 +5,8 @@ follow one unsharded process that holds the whole batch: final weights and every
 within 1e-6 in float64, ranks consistent. The hypergradient-descent family supports FSDP2 (its
 inner products are per-shard partial sums completed by one all-reduce of scalars); the other
 classes, and FSDP1, are refused with errors that say what works. Every collective has a timeout
-and every loop a fixed length.
+and every loop a fixed length. ``HYPEROPTIM_DIST_WORLDS=2,3`` runs more world sizes (CI runs 2;
+3 ranks shard the 8-row layer unevenly).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import hyperoptim
 pytest.importorskip("torch.distributed.fsdp")
 
 STEPS = 8
-WORLD = 2
+WORLDS = [w for w in (int(w) for w in os.environ.get("HYPEROPTIM_DIST_WORLDS", "2").split(",")) if w > 1]
 BUILDERS = {
     "sgd_train": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
                                                       hypergrad_lr=0.02),
@@ -109,24 +110,25 @@ def _refusals() -> list[str]:
     return out
 
 
-def _worker(rank: int, store: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
-        results: dict[str, Any] = {name: run_case(name, rank, WORLD, True) for name in BUILDERS}
+        results: dict[str, Any] = {name: run_case(name, rank, world, True) for name in BUILDERS}
         results["refusals"] = _refusals()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks() -> list[dict[str, Any]]:
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
+def ranks(request) -> list[dict[str, Any]]:
+    world = request.param
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "store"), tmp), nprocs=WORLD, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), tmp), nprocs=world, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
