@@ -266,26 +266,36 @@ class HyperOptimizer(Optimizer):
         return [p for p in group["params"] if p.grad is not None]
 
     # ------------------------------------------------------------------ the guard
+    def _guard_tensors(self, plans: Sequence[tuple[dict[str, Any], list[Tensor]]]
+                       ) -> list[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+        """Per group, the weights, training gradients and momentum buffers the guard bounds."""
+        every = []
+        for _, params in plans:
+            bufs = [b for b in (self.state[p].get("momentum_buffer") for p in params) if b is not None]
+            every.append((params, [p.grad for p in params], bufs))
+        return every
+
     def _guard_scalars(self, loss: Tensor | None,
-                       plans: Sequence[tuple[dict[str, Any], list[Tensor]]]) -> list[Tensor]:
+                       plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
+                       norms: Sequence[Tensor] | None = None) -> list[Tensor]:
         r"""Device scalars the guard needs, to join the step's one host sync.
 
         The training loss (0 without one), then per group bounds of :math:`\max|w|`,
         :math:`\max|g|` and :math:`\max|v|` (weights, training gradients, momentum buffers: the
         largest 2-norm of their tensors; NaN propagates, so a non-finite gradient shows here).
-        Float64, one fused reduction for all groups.
+        Float64, one fused reduction for all groups. ``norms``: the 2-norms of
+        :meth:`_guard_tensors`' tensors in order, if the caller took them already (under FSDP2,
+        in the step's one all-reduce).
         """
         device = next((p.device for _, ps in plans for p in ps), None)
         out = [loss.detach().double().reshape(()) if loss is not None
                else torch.zeros((), dtype=torch.float64, device=device)]
-        every = []
-        for _, params in plans:
-            bufs = [b for b in (self.state[p].get("momentum_buffer") for p in params) if b is not None]
-            every.append((params, [p.grad for p in params], bufs))
+        every = self._guard_tensors(plans)
         # One fused reduction over every list (as torch.nn.utils.clip_grad_norm_ does), with one
         # all-reduce of the squared shard norms under FSDP2. The 2-norm bounds the largest element
         # and is 20x faster on a CPU than the inf-norm; NaN and inf propagate through it.
-        all_norms = tensor_norms([t for kinds in every for ts in kinds for t in ts])
+        all_norms = (list(norms) if norms is not None else
+                     tensor_norms([t for kinds in every for ts in kinds for t in ts]))
         at = 0
         for kinds in every:
             norms = all_norms[at:at + sum(len(ts) for ts in kinds)]

@@ -19,7 +19,7 @@ from torch import Tensor
 from .dist import world_size
 
 __all__ = ["any_nonzero", "check_fsdp2_parameters", "check_sharded_closure", "is_sharded", "local",
-           "sum_across_shards", "tensor_norms"]
+           "sum_across_shards", "sums_and_norms", "tensor_norms"]
 
 
 def _dtensor_type() -> type | None:
@@ -98,8 +98,16 @@ def tensor_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     square root of their squared local norms summed across ranks (one all-reduce)."""
     if not any(is_sharded(t) for t in tensors):
         return list(torch._foreach_norm(list(tensors))) if tensors else []
-    squares = [n.double().square() for n in torch._foreach_norm([local(t) for t in tensors])]
-    return [s.sqrt() for s in sum_across_shards(squares)]
+    return sums_and_norms([], tensors)[1]
+
+
+def sums_and_norms(partials: Sequence[Tensor], tensors: Sequence[Tensor]
+                   ) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`sum_across_shards` of ``partials`` and the 2-norms of the sharded ``tensors``, in
+    one all-reduce (float64)."""
+    local_norms = torch._foreach_norm([local(t) for t in tensors]) if tensors else []
+    done = sum_across_shards(list(partials) + [n.double().square() for n in local_norms])
+    return done[:len(partials)], [s.sqrt() for s in done[len(partials):]]
 
 
 def any_nonzero(tensors: Sequence[Tensor]) -> bool:

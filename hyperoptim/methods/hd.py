@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value
-from ..core.shard import is_sharded, local, sum_across_shards
+from ..core.shard import is_sharded, local, sums_and_norms
 from ..core.types import Closure
 from ..rules.base import UpdateRule
 
@@ -135,11 +135,14 @@ class RuleHypergrad(HyperOptimizer):
                                else torch.tensor(group["lr"]))
             plans.append((group, params, grads, states, span, new_lrs))
 
+        norms = None
         if any(is_sharded(p) for _, ps in groups for p in ps):
-            scalars = sum_across_shards(scalars)  # FSDP2: one all-reduce completes every dot
+            # FSDP2: one all-reduce completes every dot and the guard's norms.
+            tensors = [t for kinds in self._guard_tensors(groups) for ts in kinds for t in ts]
+            scalars, norms = sums_and_norms(scalars, tensors)
         if val_loss is not None:
             scalars.append(val_loss)
-        guard = self._guard_scalars(loss, groups)
+        guard = self._guard_scalars(loss, groups, norms)
         values = _host_floats(scalars + guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
 
