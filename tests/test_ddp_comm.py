@@ -72,13 +72,30 @@ def _run(name: str, backward: bool, val_backward: bool, declare: bool, rank: int
             "params": [p.detach().clone() for p in module.parameters()]}
 
 
+def _declare_errors() -> list[str]:
+    """declare_ddp's refusals: a model that is not DDP, a DDP model holding none of the params."""
+    import hyperoptim
+
+    net = nn.Linear(3, 1).double()
+    other = nn.parallel.DistributedDataParallel(nn.Linear(3, 1).double())
+    out = []
+    for model in (net, other):
+        try:
+            hyperoptim.HypergradSGD(net.parameters(), lr=0.1).declare_ddp(model)
+            out.append("declared")
+        except ValueError as err:
+            out.append(str(err))
+    return out
+
+
 def _worker(rank: int, store: str, out_dir: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
-        results = {"floor": _run("sgd", True, False, False, rank)}
+        results: dict[Any, Any] = {"floor": _run("sgd", True, False, False, rank),
+                                   "errors": _declare_errors()}
         for case in CASES:
             for declare in (False, True):
                 results[(*case, declare)] = _run(*case, declare, rank)
@@ -97,6 +114,12 @@ def counts() -> dict[Any, dict[str, Any]]:
 def test_counting_sees_ddp_and_nothing_else_under_torch_sgd(counts):
     floor = counts["floor"]
     assert floor["ddp"] == STEPS and floor["own"] == 0, floor  # one bucket per backward
+
+
+def test_declare_ddp_refuses_what_it_cannot_trust(counts):
+    not_ddp, foreign = counts["errors"]
+    assert "expected the DistributedDataParallel model, got Linear" in not_ddp, not_ddp
+    assert "none of the optimizer's parameters belong to the model" in foreign, foreign
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
