@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from ..hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from .batchnorm import frozen_batchnorm_stats
 from .checks import _GROUP_CHECKS, check_sgd_arguments, check_torch_flags, check_value, is_real
-from .dist import all_reduce_mean, average_unless_synced, check_supported_parameters, ddp_synced_ids
+from .dist import all_reduce_mean, check_supported_parameters, ddp_synced_ids
 from .shard import any_nonzero, check_sharded_closure, is_sharded, tensor_norms
 from .types import Closure, ParamsT
 
@@ -166,6 +166,16 @@ class HyperOptimizer(Optimizer):
         """Per parameter: is its gradient already averaged (by DDP's hooks, see :meth:`declare_ddp`,
         or FSDP2's reduce-scatter)?"""
         return [called_backward and (id(p) in self._ddp_synced or is_sharded(p)) for p in params]
+
+    @staticmethod
+    def _average(tensors: Sequence[Tensor], synced: Sequence[bool]) -> list[Tensor]:
+        """:func:`all_reduce_mean` of the tensors whose ``synced`` entry is False (one collective);
+        the others, already averaged, are returned as they are."""
+        own = [i for i, done in enumerate(synced) if not done]
+        out = list(tensors)
+        for i, mean in zip(own, all_reduce_mean([tensors[i] for i in own])):
+            out[i] = mean
+        return out
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -532,7 +542,7 @@ class HyperOptimizer(Optimizer):
         if called_backward:
             used = [p for p in params if p.grad is not None]
             grads = [p.grad for p in used]
-            for g, mean in zip(grads, average_unless_synced(grads, self._synced(used, True))):
+            for g, mean in zip(grads, self._average(grads, self._synced(used, True))):
                 if mean is not g:
                     g.copy_(mean)
         else:
@@ -641,7 +651,7 @@ class HyperOptimizer(Optimizer):
         if raw is None:
             raise ValueError("Invalid closure return value: the loss does not require grad")
         out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
-        out = average_unless_synced([g.detach() for g in out], self._synced(params, called_backward))
+        out = self._average([g.detach() for g in out], self._synced(params, called_backward))
         return [-g for g in out] if self.defaults.get("maximize") else out
 
     def _resolve_val_closure(self, val_closure: Closure | None, *, required: bool) -> Closure | None:
@@ -671,8 +681,8 @@ class HyperOptimizer(Optimizer):
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw or [])]
         # The loss is averaged too (it is a mean over the data as well): every rank records the
         # same value, and skips the same steps.
-        *grads, loss = average_unless_synced([g.detach() for g in grads] + [loss.detach()],
-                                             self._synced(params, called_backward) + [False])
+        *grads, loss = self._average([g.detach() for g in grads] + [loss.detach()],
+                                     self._synced(params, called_backward) + [False])
         if self.defaults.get("maximize"):
             grads = [-g for g in grads]
         if not self._val_checked and grads:

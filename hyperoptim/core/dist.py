@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_mean", "average_unless_synced", "check_supported_parameters", "ddp_synced_ids",
-           "world_size"]
+__all__ = ["all_reduce_mean", "check_supported_parameters", "ddp_synced_ids", "world_size"]
 
 
 def world_size() -> int:
@@ -50,19 +49,6 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:
         flat.div_(world)
         for i, chunk in zip(index, flat.split([tensors[i].numel() for i in index])):
             out[i] = chunk.view_as(tensors[i])
-    return out
-
-
-def average_unless_synced(tensors: Sequence[Tensor], synced: Sequence[bool]) -> list[Tensor]:
-    """:func:`all_reduce_mean` of the tensors whose ``synced`` entry is False; the others, already
-    averaged (by DDP's gradient hooks), are returned as they are, at no cost.
-
-    One collective (per dtype) or none, as :func:`all_reduce_mean`.
-    """
-    own = [i for i, done in enumerate(synced) if not done]
-    out = list(tensors)
-    for i, mean in zip(own, all_reduce_mean([tensors[i] for i in own])):
-        out[i] = mean
     return out
 
 
