@@ -101,6 +101,11 @@ def _refusals() -> list[str]:
             out.append(f"{name}: constructed")
         except ValueError as err:
             out.append(f"{name}: {err}")
+    try:
+        hyperoptim.HypergradAdamW(model.parameters(), lr=0.1, per_parameter=True)
+        out.append("per_parameter: constructed")
+    except ValueError as err:
+        out.append(f"per_parameter: {err}")
     opt = hyperoptim.HypergradSGD(model.parameters(), lr=0.1)
     try:
         opt.step(lambda: model(torch.ones(2, 3, dtype=torch.float64)).sum())
@@ -175,10 +180,11 @@ def test_fsdp2_step_sends_one_scalar_all_reduce_of_its_own(ranks):
 def test_fsdp2_refuses_what_it_cannot_do_by_name(ranks):
     for rank in ranks:
         lines = rank["refusals"]
-        assert len(lines) == len(REFUSED) + 1
+        assert len(lines) == len(REFUSED) + 2
         for name, line in zip(REFUSED, lines):
             assert line.startswith(f"{name}: {name} does not support FSDP2"), line
             assert "HypergradAdamW support FSDP2" in line and "DistributedDataParallel" in line
+        assert "HypergradAdamW(per_parameter=True) does not support FSDP2" in lines[-2], lines[-2]
         assert "must call zero_grad() and backward() itself" in lines[-1], lines[-1]
 
 
