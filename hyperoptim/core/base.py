@@ -663,13 +663,15 @@ class HyperOptimizer(Optimizer):
             )
         return val_closure
 
-    def _validation_grads(self, val_closure: Closure, params: Sequence[Tensor]
-                          ) -> tuple[Tensor, list[Tensor]]:
+    def _validation_grads(self, val_closure: Closure, params: Sequence[Tensor], *,
+                          average_loss: bool = True) -> tuple[Tensor, list[Tensor]]:
         r"""Validation loss and its gradient with respect to ``params``, without touching ``p.grad``.
 
         The ``val_closure`` may call ``backward()`` itself or just return the loss. The training
         gradients in ``p.grad`` are put back afterwards (also on error). Unused parameters get a
-        zero gradient. The loss and the gradients are averaged across ranks.
+        zero gradient. The loss and the gradients are averaged across ranks; with
+        ``average_loss=False`` the loss is this rank's, for a caller that averages it in a
+        collective of its own (FSDP2's one all-reduce of scalars per step).
         """
         params = list(params)
         loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
@@ -682,7 +684,7 @@ class HyperOptimizer(Optimizer):
         # The loss is averaged too (it is a mean over the data as well): every rank records the
         # same value, and skips the same steps.
         *grads, loss = self._average([g.detach() for g in grads] + [loss.detach()],
-                                     self._synced(params, called_backward) + [False])
+                                     self._synced(params, called_backward) + [not average_loss])
         if self.defaults.get("maximize"):
             grads = [-g for g in grads]
         if not self._val_checked and grads:

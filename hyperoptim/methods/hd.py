@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value
+from ..core.dist import world_size
 from ..core.shard import is_sharded, local, sums_and_norms
 from ..core.types import Closure
 from ..rules.base import UpdateRule
@@ -97,11 +98,13 @@ class RuleHypergrad(HyperOptimizer):
         val_closure = self._resolve_val_closure(val_closure, required=False)
 
         groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
+        sharded = any(is_sharded(p) for _, ps in groups for p in ps)  # FSDP2
         objective: dict[Tensor, Tensor] = {}
         val_loss: Tensor | None = None
         if val_closure is not None:
             with_grad = [p for _, ps in groups for p in ps]
-            val_loss, val_grads = self._validation_grads(val_closure, with_grad)
+            val_loss, val_grads = self._validation_grads(val_closure, with_grad,
+                                                         average_loss=not sharded)
             objective = dict(zip(with_grad, val_grads))
 
         # Every scalar of the step goes into one flat list and one host sync: per group, its
@@ -136,10 +139,14 @@ class RuleHypergrad(HyperOptimizer):
             plans.append((group, params, grads, states, span, new_lrs))
 
         norms = None
-        if any(is_sharded(p) for _, ps in groups for p in ps):
-            # FSDP2: one all-reduce completes every dot and the guard's norms.
+        if sharded:
+            # FSDP2: one all-reduce completes every dot and the guard's norms, and sums the
+            # ranks' validation losses.
             tensors = [t for kinds in self._guard_tensors(groups) for ts in kinds for t in ts]
-            scalars, norms = sums_and_norms(scalars, tensors)
+            sums, norms = sums_and_norms(scalars + ([] if val_loss is None else [val_loss]), tensors)
+            scalars = sums[:len(scalars)]
+            if val_loss is not None:
+                val_loss = sums[-1] / world_size()
         if val_loss is not None:
             scalars.append(val_loss)
         guard = self._guard_scalars(loss, groups, norms)
