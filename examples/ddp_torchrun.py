@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         mine = slice(rank, None, world)  # this rank's share of every batch
         opt = hyperoptim.MartheSGD(model.parameters(), lr=0.01, momentum=0.9,
                                    val_closure=lambda: F.cross_entropy(model(xva[mine]), yva[mine]))
+        if launched:
+            opt.declare_ddp(model)  # DDP averages what backward() writes: the optimizer sends it once
         for idx in batches(len(ytr), 64, args.steps):
             x, y = xtr[idx][mine], ytr[idx][mine]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -47,6 +48,9 @@ def test_ddp_example_under_torchrun_with_two_ranks():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(port),
            str(EXAMPLES / "ddp_torchrun.py"), "--steps", "6"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=EXAMPLES)
+    # This checkout's package, not whichever one is installed (an editable install of another).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(EXAMPLES.parent),
+                                                                    os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=EXAMPLES, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ranks 2, HVP route finite_difference" in out.stdout

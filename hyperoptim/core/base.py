@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from ..hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from .batchnorm import frozen_batchnorm_stats
 from .checks import check_sgd_arguments, check_torch_flags, check_value, is_real
-from .dist import all_reduce_mean, check_supported_parameters
+from .dist import all_reduce_mean, check_supported_parameters, ddp_synced_ids
 from .options import (
     check_group,
     check_hyper_state,
@@ -32,6 +32,7 @@ from .options import (
     fixed_values,
     validate_groups,
 )
+from .shard import any_nonzero, check_sharded_closure, is_sharded, tensor_norms
 from .types import Closure, ParamsT
 
 __all__ = [
@@ -117,6 +118,8 @@ class HyperOptimizer(Optimizer):
     history: list[dict[str, list[Any]]]
     _learned_names_default: tuple[str, ...] = ("lr",)
     _supports_grad_scaler = False
+    # FSDP2 (fully_shard): every reduction the class takes goes through hyperoptim.core.shard.
+    _supports_fsdp2 = False
     # torch.amp.GradScaler hands the optimizer grad_scale/found_inf instead of unscaling for it;
     # the base unscales (HypergradSGD) or refuses with an error that names bf16 autocast.
     _step_supports_amp_scaling = True
@@ -141,6 +144,7 @@ class HyperOptimizer(Optimizer):
         self._flipped: list[Tensor] = []
         self._watch: dict[str, Any] = {}
         self._val_checked = False
+        self._ddp_synced: frozenset[int] = frozenset()
         super().__init__(params, {**defaults, "maximize": maximize})
 
     @property
@@ -152,6 +156,35 @@ class HyperOptimizer(Optimizer):
     def skipped_steps(self) -> int:
         """Steps the guard has skipped since construction (kept in :meth:`state_dict`)."""
         return int(self.hyper_state.get("skipped_steps", 0))
+
+    def declare_ddp(self, model: torch.nn.Module) -> None:
+        """Declare that ``model``, a ``DistributedDataParallel``, averages the gradients that
+        ``backward()`` writes for this optimizer's parameters, so that the optimizer does not
+        all-reduce them a second time (once per optimizer; see README, "Distributed training").
+
+        Gradients the optimizer takes itself with ``torch.autograd.grad`` (closures that return
+        the loss) bypass DDP's hooks and are still averaged here, as are parameters DDP ignores.
+
+        Raises:
+            ValueError: ``model`` is not a ``DistributedDataParallel`` over the default process
+                group, or holds none of this optimizer's parameters.
+        """
+        self._ddp_synced = ddp_synced_ids(type(self).__name__, model, self._all_params())
+
+    def _synced(self, params: Sequence[Tensor], called_backward: bool) -> list[bool]:
+        """Per parameter: is its gradient already averaged (by DDP's hooks, see :meth:`declare_ddp`,
+        or FSDP2's reduce-scatter)?"""
+        return [called_backward and (id(p) in self._ddp_synced or is_sharded(p)) for p in params]
+
+    @staticmethod
+    def _average(tensors: Sequence[Tensor], synced: Sequence[bool]) -> list[Tensor]:
+        """:func:`all_reduce_mean` of the tensors whose ``synced`` entry is False (one collective);
+        the others, already averaged, are returned as they are."""
+        own = [i for i, done in enumerate(synced) if not done]
+        out = list(tensors)
+        for i, mean in zip(own, all_reduce_mean([tensors[i] for i in own])):
+            out[i] = mean
+        return out
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -166,7 +199,9 @@ class HyperOptimizer(Optimizer):
         try:
             group = self.param_groups[-1]
             coerce_group(group)
-            check_supported_parameters(type(self).__name__, group["params"])
+            check_supported_parameters(type(self).__name__, [p for g in self.param_groups
+                                                             for p in g["params"]],
+                                       fsdp2=self._supports_fsdp2)
             if any(p.is_complex() for p in group["params"]):
                 raise ValueError(
                     f"{type(self).__name__} does not support complex parameters: its "
@@ -245,25 +280,40 @@ class HyperOptimizer(Optimizer):
         return [p for p in group["params"] if p.grad is not None]
 
     # ------------------------------------------------------------------ the guard
+    def _guard_tensors(self, plans: Sequence[tuple[dict[str, Any], list[Tensor]]]
+                       ) -> list[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+        """Per group, the weights, training gradients and momentum buffers the guard bounds."""
+        every = []
+        for _, params in plans:
+            bufs = [b for b in (self.state[p].get("momentum_buffer") for p in params) if b is not None]
+            every.append((params, [p.grad for p in params], bufs))
+        return every
+
     def _guard_scalars(self, loss: Tensor | None,
-                       plans: Sequence[tuple[dict[str, Any], list[Tensor]]]) -> list[Tensor]:
+                       plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
+                       norms: Sequence[Tensor] | None = None) -> list[Tensor]:
         r"""Device scalars the guard needs, to join the step's one host sync.
 
         The training loss (0 without one), then per group bounds of :math:`\max|w|`,
         :math:`\max|g|` and :math:`\max|v|` (weights, training gradients, momentum buffers: the
         largest 2-norm of their tensors; NaN propagates, so a non-finite gradient shows here).
-        Float64, one fused reduction per group.
+        Float64, one fused reduction for all groups. ``norms``: the 2-norms of
+        :meth:`_guard_tensors`' tensors in order, if the caller took them already (under FSDP2,
+        in the step's one all-reduce).
         """
         device = next((p.device for _, ps in plans for p in ps), None)
         out = [loss.detach().double().reshape(()) if loss is not None
                else torch.zeros((), dtype=torch.float64, device=device)]
-        for _, params in plans:
-            bufs = [b for b in (self.state[p].get("momentum_buffer") for p in params) if b is not None]
-            kinds = (params, [p.grad for p in params], bufs)
-            # One fused reduction over the three lists (as torch.nn.utils.clip_grad_norm_ does).
-            # The 2-norm bounds the largest element and is 20x faster on a CPU than the inf-norm;
-            # NaN and inf propagate through it.
-            norms = torch._foreach_norm([t for ts in kinds for t in ts]) if params else []
+        every = self._guard_tensors(plans)
+        # One fused reduction over every list (as torch.nn.utils.clip_grad_norm_ does), with one
+        # all-reduce of the squared shard norms under FSDP2. The 2-norm bounds the largest element
+        # and is 20x faster on a CPU than the inf-norm; NaN and inf propagate through it.
+        all_norms = (list(norms) if norms is not None else
+                     tensor_norms([t for kinds in every for ts in kinds for t in ts]))
+        at = 0
+        for kinds in every:
+            norms = all_norms[at:at + sum(len(ts) for ts in kinds)]
+            at += len(norms)
             start = 0
             for ts in kinds:
                 part = norms[start:start + len(ts)]
@@ -483,11 +533,13 @@ class HyperOptimizer(Optimizer):
         if not isinstance(loss, Tensor):
             raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
         called_backward = _grads_changed(before, params)
+        check_sharded_closure(type(self).__name__, params, called_backward, "closure")
         route = self._route(called_backward) if second_order else None
         graph_grads: list[Tensor] | None = None
         if called_backward:
             used = [p for p in params if p.grad is not None]
-            for g, mean in zip([p.grad for p in used], all_reduce_mean([p.grad for p in used])):
+            grads = [p.grad for p in used]
+            for g, mean in zip(grads, self._average(grads, self._synced(used, True))):
                 if mean is not g:
                     g.copy_(mean)
         else:
@@ -590,12 +642,13 @@ class HyperOptimizer(Optimizer):
                 p.grad = g
 
     def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
-        """The closure's training gradient at the live (perturbed) weights, local to this rank;
-        ``p.grad`` is left exactly as it was (:meth:`_isolated_gradient`)."""
-        _, raw, _ = self._isolated_gradient(closure, params, "closure")
+        """The closure's training gradient at the live (perturbed) weights, averaged across
+        ranks; ``p.grad`` is left exactly as it was (:meth:`_isolated_gradient`)."""
+        _, raw, called_backward = self._isolated_gradient(closure, params, "closure")
         if raw is None:
             raise ValueError("Invalid closure return value: the loss does not require grad")
         out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+        out = self._average([g.detach() for g in out], self._synced(params, called_backward))
         return [-g for g in out] if self.defaults.get("maximize") else out
 
     def _resolve_val_closure(self, val_closure: Closure | None, *, required: bool) -> Closure | None:
@@ -607,16 +660,19 @@ class HyperOptimizer(Optimizer):
             )
         return val_closure
 
-    def _validation_grads(self, val_closure: Closure, params: Sequence[Tensor]
-                          ) -> tuple[Tensor, list[Tensor]]:
+    def _validation_grads(self, val_closure: Closure, params: Sequence[Tensor], *,
+                          average_loss: bool = True) -> tuple[Tensor, list[Tensor]]:
         r"""Validation loss and its gradient with respect to ``params``, without touching ``p.grad``.
 
         The ``val_closure`` may call ``backward()`` itself or just return the loss. The training
         gradients in ``p.grad`` are put back afterwards (also on error). Unused parameters get a
-        zero gradient. The loss and the gradients are averaged across ranks.
+        zero gradient. The loss and the gradients are averaged across ranks; with
+        ``average_loss=False`` the loss is this rank's, for a caller that averages it in a
+        collective of its own (FSDP2's one all-reduce of scalars per step).
         """
         params = list(params)
         loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
+        check_sharded_closure(type(self).__name__, params, called_backward, "val_closure")
         if raw is None and params:
             raise ValueError(self._no_graph_message("does not require grad"))
         if params and not called_backward and all(g is None for g in (raw or [])):
@@ -624,13 +680,14 @@ class HyperOptimizer(Optimizer):
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw or [])]
         # The loss is averaged too (it is a mean over the data as well): every rank records the
         # same value, and skips the same steps.
-        *grads, loss = all_reduce_mean([g.detach() for g in grads] + [loss.detach()])
+        *grads, loss = self._average([g.detach() for g in grads] + [loss.detach()],
+                                     self._synced(params, called_backward) + [not average_loss])
         if self.defaults.get("maximize"):
             grads = [-g for g in grads]
         if not self._val_checked and grads:
             # Once, at the first hyper-update: a gradient of exactly 0 everywhere means the loss
             # does not see these weights (a copied model), and every hypergradient would be 0.
-            if not bool(torch.stack([g.ne(0).any() for g in grads]).any()):
+            if not any_nonzero(grads):
                 raise ValueError(self._no_graph_message("has a gradient of exactly 0 for every "
                                                         "parameter"))
             self._val_checked = True
@@ -822,6 +879,7 @@ class HyperOptimizer(Optimizer):
             "_flipped": [],
             "_watch": {},
             "_val_checked": False,
+            "_ddp_synced": frozenset(),
         }
         for key, value in missing.items():
             if key not in state and key not in self.__dict__:

@@ -221,9 +221,9 @@ class SecondOrder:
                     continue
                 retries = KINK_RETRIES if self._kink_check else 0
                 for retry in range(retries + 1):
-                    # Averaged at once, so every rank sees the same numbers and decides alike.
-                    plus = all_reduce_mean(self._perturbed(origin, vectors, j, h))
-                    minus = all_reduce_mean(self._perturbed(origin, vectors, j, -h))
+                    # Averaged as they come (gradient_at), so every rank decides alike.
+                    plus = self._perturbed(origin, vectors, j, h)
+                    minus = self._perturbed(origin, vectors, j, -h)
                     rough = self._kink_check and _asymmetric(plus, minus, at_origin)
                     if rough and retry < retries:
                         h *= 0.1

@@ -25,6 +25,8 @@ from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value
+from ..core.dist import world_size
+from ..core.shard import is_sharded, local, sums_and_norms
 from ..core.types import Closure
 from ..rules.base import UpdateRule
 
@@ -57,11 +59,15 @@ class RuleHypergrad(HyperOptimizer):
     """
 
     rule: ClassVar[UpdateRule]
+    _supports_fsdp2 = True
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         lo, hi = group["lr_bounds"]
         check_value("lr", group["lr"], lo <= group["lr"] <= hi)
+        if group["per_parameter"] and any(is_sharded(p) for p in group.get("params", ())):
+            raise ValueError(f"{type(self).__name__}(per_parameter=True) does not support FSDP2 "
+                             "(fully_shard) yet: use one learning rate per param group.")
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:
@@ -92,11 +98,13 @@ class RuleHypergrad(HyperOptimizer):
         val_closure = self._resolve_val_closure(val_closure, required=False)
 
         groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
+        sharded = any(is_sharded(p) for _, ps in groups for p in ps)  # FSDP2
         objective: dict[Tensor, Tensor] = {}
         val_loss: Tensor | None = None
         if val_closure is not None:
             with_grad = [p for _, ps in groups for p in ps]
-            val_loss, val_grads = self._validation_grads(val_closure, with_grad)
+            val_loss, val_grads = self._validation_grads(val_closure, with_grad,
+                                                         average_loss=not sharded)
             objective = dict(zip(with_grad, val_grads))
 
         # Every scalar of the step goes into one flat list and one host sync: per group, its
@@ -130,9 +138,18 @@ class RuleHypergrad(HyperOptimizer):
                                else torch.tensor(group["lr"]))
             plans.append((group, params, grads, states, span, new_lrs))
 
+        norms = None
+        if sharded:
+            # FSDP2: one all-reduce completes every dot and the guard's norms, and sums the
+            # ranks' validation losses.
+            tensors = [t for kinds in self._guard_tensors(groups) for ts in kinds for t in ts]
+            sums, norms = sums_and_norms(scalars + ([] if val_loss is None else [val_loss]), tensors)
+            scalars = sums[:len(scalars)]
+            if val_loss is not None:
+                val_loss = sums[-1] / world_size()
         if val_loss is not None:
             scalars.append(val_loss)
-        guard = self._guard_scalars(loss, groups)
+        guard = self._guard_scalars(loss, groups, norms)
         values = _host_floats(scalars + guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
 
@@ -213,6 +230,7 @@ def _learned_bounds(group: dict[str, Any]) -> tuple[float, float]:
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """<a, b> over all elements (1-D tensors skip the reshape: biases are many and small)."""
+    a, b = local(a), local(b)  # FSDP2: this rank's partial sum
     return torch.dot(a, b) if a.dim() == 1 else torch.dot(a.reshape(-1), b.reshape(-1))
 
 

@@ -1,0 +1,120 @@
+r"""FSDP2 (``fully_shard``) parameters, written once (README, "Distributed training").
+
+Under FSDP2 every parameter is a ``DTensor`` sharded on dim 0 over a 1-D device mesh, and a
+``backward()`` leaves in ``p.grad`` this rank's shard of the gradient already averaged across
+ranks (FSDP2's reduce-scatter). Elementwise work (the update rules, their state) then runs on the
+DTensors as it is, with no communication. A reduction over a whole parameter is a sum of
+per-shard partial sums: each rank takes its local part (``to_local()``) and one all-reduce of a
+few scalars completes them. Nothing here gathers a parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .dist import world_size
+
+__all__ = ["any_nonzero", "check_fsdp2_parameters", "check_sharded_closure", "is_sharded", "local",
+           "sum_across_shards", "sums_and_norms", "tensor_norms"]
+
+
+def _dtensor_type() -> type | None:
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(p: Tensor) -> bool:
+    """Is ``p`` an FSDP2 parameter (or its gradient, or state kept beside it): a ``DTensor``?"""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(p, cls)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of ``t`` (``t`` itself unless it is a ``DTensor``); shares its storage."""
+    return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
+
+
+def check_fsdp2_parameters(owner: str, params: Iterable[Tensor]) -> None:
+    """``ValueError`` unless ``params`` are all plain tensors, or all DTensors sharded as FSDP2
+    shards them: dim 0 over a 1-D mesh of all ranks (the default group, which the optimizer
+    averages over)."""
+    from torch.distributed.tensor import Shard
+
+    params = list(params)
+    sharded = [is_sharded(p) for p in params]
+    if any(sharded) and not all(sharded):
+        raise ValueError(
+            f"{owner} got both FSDP2 (DTensor) and plain parameters: apply fully_shard to the "
+            "root module too, so that every parameter the optimizer trains is sharded."
+        )
+    for p in params:
+        if not is_sharded(p):
+            continue
+        mesh, placements = p.device_mesh, tuple(p.placements)  # type: ignore[attr-defined]
+        if mesh.ndim != 1 or placements != (Shard(0),) or mesh.size() != world_size():
+            raise ValueError(
+                f"{owner} supports DTensor parameters as fully_shard (FSDP2) makes them: sharded "
+                f"on dim 0 over a 1-D mesh of all {world_size()} ranks; got placements "
+                f"{placements} over a mesh of shape {tuple(mesh.shape)} (HSDP and tensor "
+                "parallelism are not supported)."
+            )
+
+
+def check_sharded_closure(owner: str, params: Sequence[Tensor], called_backward: bool,
+                          name: str) -> None:
+    """``ValueError`` for a closure that returned an FSDP2 model's loss without ``backward()``."""
+    if not called_backward and any(is_sharded(p) for p in params):
+        raise ValueError(
+            f"{owner} under FSDP2 (fully_shard) takes gradients from backward(), whose hooks "
+            f"reduce-scatter them into the shards: the {name} must call zero_grad() and "
+            "backward() itself (the torch.optim idiom), not only return the loss."
+        )
+
+
+def sum_across_shards(partials: Sequence[Tensor]) -> list[Tensor]:
+    """Complete per-shard partial sums (0-d tensors) with one all-reduce; float64 results.
+
+    Example:
+        >>> sum_across_shards([torch.tensor(2.0)])  # one process: nothing to add
+        [tensor(2., dtype=torch.float64)]
+    """
+    if not partials:
+        return []
+    flat = torch.stack([t.detach().double().reshape(()) for t in partials])
+    if world_size() > 1:
+        dist.all_reduce(flat)
+    return list(flat.unbind())
+
+
+def tensor_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The 2-norm of each whole tensor: ``torch._foreach_norm``, or for ``DTensor`` shards the
+    square root of their squared local norms summed across ranks (one all-reduce)."""
+    if not any(is_sharded(t) for t in tensors):
+        return list(torch._foreach_norm(list(tensors))) if tensors else []
+    return sums_and_norms([], tensors)[1]
+
+
+def sums_and_norms(partials: Sequence[Tensor], tensors: Sequence[Tensor]
+                   ) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`sum_across_shards` of ``partials`` and the 2-norms of the sharded ``tensors``, in
+    one all-reduce (float64)."""
+    local_norms = torch._foreach_norm([local(t) for t in tensors]) if tensors else []
+    done = sum_across_shards(list(partials) + [n.double().square() for n in local_norms])
+    return done[:len(partials)], [s.sqrt() for s in done[len(partials):]]
+
+
+def any_nonzero(tensors: Sequence[Tensor]) -> bool:
+    """Is any element of any tensor nonzero, on any rank's shard (the same answer everywhere)?"""
+    if not tensors:
+        return False
+    flag = torch.stack([local(t).ne(0).any() for t in tensors]).any().double()
+    if any(is_sharded(t) for t in tensors):
+        flag = sum_across_shards([flag])[0]
+    return bool(flag > 0)
