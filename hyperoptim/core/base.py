@@ -24,6 +24,7 @@ from ..hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from .batchnorm import frozen_batchnorm_stats
 from .checks import _GROUP_CHECKS, check_sgd_arguments, check_torch_flags, check_value, is_real
 from .dist import all_reduce_mean, check_supported_parameters
+from .grads import GradIsolation, ReachedLeaves
 from .types import Closure, ParamsT
 
 __all__ = [
@@ -398,6 +399,7 @@ class HyperOptimizer(Optimizer):
         for g in self._flipped:
             g.neg_()
         self._flipped = []
+        self._reached().forget_pending()
 
     def _published(self) -> None:
         """Remember the learned values the step left, to notice who overwrites them."""
@@ -491,6 +493,7 @@ class HyperOptimizer(Optimizer):
             loss = closure()
         if not isinstance(loss, Tensor):
             raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
+        self._reached().note(loss)
         called_backward = _grads_changed(before, params)
         route = self._route(called_backward) if second_order else None
         graph_grads: list[Tensor] | None = None
@@ -568,9 +571,11 @@ class HyperOptimizer(Optimizer):
 
     def _isolated_gradient(self, closure: Closure, params: Sequence[Tensor], name: str
                            ) -> tuple[Tensor, list[Tensor | None] | None, bool]:
-        """Run ``closure`` with every ``p.grad`` cleared and put the original gradient tensors
-        back afterwards (also on error), so the step's own gradients are never touched and a
-        closure that accumulates without ``zero_grad()`` is still right.
+        """Run ``closure`` with the ``p.grad`` of every leaf it reaches cleared, this optimizer's
+        or not (:class:`~hyperoptim.core.grads.GradIsolation`), and put the original gradient
+        tensors back afterwards (also on error): the step's own gradients, and those of a model
+        another optimizer trains, are never touched, and a closure that accumulates without
+        ``zero_grad()`` is still right.
 
         Returns:
             ``(loss, grads, called_backward)``: ``grads[i]`` is the gradient of ``params[i]``
@@ -579,12 +584,8 @@ class HyperOptimizer(Optimizer):
             loss carries no graph at all.
         """
         everything = self._all_params()
-        saved = [p.grad for p in everything]
-        for p in everything:
-            p.grad = None
-        try:
-            with torch.enable_grad():
-                loss = closure()
+        with GradIsolation(everything, self._reached()) as isolation, torch.enable_grad():
+            loss = isolation.call(closure)
             if not isinstance(loss, Tensor):
                 raise ValueError(f"Invalid {name} return value: {loss!r} (expected a tensor)")
             if any(p.grad is not None for p in everything):
@@ -594,9 +595,10 @@ class HyperOptimizer(Optimizer):
             if not params:
                 return loss, [], False
             return loss, list(torch.autograd.grad(loss, list(params), allow_unused=True)), False
-        finally:
-            for p, g in zip(everything, saved):
-                p.grad = g
+
+    def _reached(self) -> ReachedLeaves:
+        """The leaves outside this optimizer that its closures reach (:mod:`.grads`)."""
+        return self.__dict__.setdefault("_reached_leaves", ReachedLeaves())
 
     def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
         """The closure's training gradient at the live (perturbed) weights, local to this rank;
