@@ -104,3 +104,55 @@ def test_a_kink_that_no_retry_escapes_warns_once_and_stops_retrying():
         warnings.simplefilter("error")
         second.hvp([one])
     assert calls[0] == 2
+
+
+# ---------------------------------------------------------------------- errors keep their type
+class _RaiseInBackward(torch.autograd.Function):
+    """Identity whose backward raises ``error`` (set per test): reached only by double backward
+    when applied to a gradient."""
+
+    error: Exception = RuntimeError("unset")
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise _RaiseInBackward.error
+
+
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _RaiseInBackward.apply(3 * x**2 * g)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (injected)"),
+                                   _Boom("the model's own backward failed")],
+                         ids=["OutOfMemoryError", "own_RuntimeError"])
+def test_an_error_in_the_exact_double_backward_keeps_its_type_with_the_route_as_a_note(error):
+    from hyperoptim import MartheSGD
+
+    _RaiseInBackward.error = error
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = MartheSGD([w], lr=0.1, hvp="exact", val_closure=lambda: (w**2).sum())
+    opt.step(lambda: _Cube.apply(w).sum())  # no tangent yet: no HVP
+    before = w.detach().clone()
+    with pytest.raises(type(error)) as info:
+        opt.step(lambda: _Cube.apply(w).sum())
+    assert info.value is error and type(info.value) is type(error)
+    text = "\n".join(getattr(info.value, "__notes__", [])) + str(info.value)
+    assert "hvp='finite_difference'" in text
+    assert torch.equal(w.detach(), before)  # the failed step changed nothing
+

@@ -51,6 +51,7 @@ the perturbed gradients (finite differences) are averaged after differentiation
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -65,14 +66,41 @@ HVP_ROUTES = ("auto", "exact", "finite_difference")
 """The values of every second-order optimizer's ``hvp=`` argument."""
 
 
-def exact_route_error(err: RuntimeError) -> ValueError:
-    """The error for a double backward that autograd refused, naming the route that works."""
-    return ValueError(
-        "the exact Hessian-vector product (double backward through the training gradient) "
-        f"failed: {err}. Models compiled with torch.compile and kernels without a double "
-        "backward (fused/flash attention) need first-order gradients only: pass "
-        "hvp='finite_difference' to the optimizer."
-    )
+_ROUTE_HINT = (
+    "Models compiled with torch.compile and kernels without a double backward (fused/flash "
+    "attention) need first-order gradients only: pass hvp='finite_difference' to the optimizer."
+)
+
+# What autograd says when a graph cannot be differentiated twice (a compiled graph, an op or
+# a custom Function without a double backward): the finite-difference route is the answer.
+_NO_DOUBLE_BACKWARD = re.compile(
+    r"double backward|not implemented|does not require grad|once_differentiable|differentiate twice"
+    r"|create_graph|aot_autograd|torch\.compile", re.IGNORECASE)
+
+
+def exact_route_error(err: RuntimeError) -> Exception:
+    """What to raise for an error in the double backward of the exact route.
+
+    Autograd's refusal to differentiate twice becomes a ``ValueError`` naming the route that
+    works (the original chained as its cause). Any other error (``torch.OutOfMemoryError``, an
+    error raised by the model's own code) is the original exception, type and traceback kept,
+    with the route hint added as a note (Python 3.11+; on 3.10, appended to its message). Raise
+    the result with ``raise exact_route_error(err) from err`` in the ``except`` block (an
+    exception that is its own cause prints once).
+    """
+    if _NO_DOUBLE_BACKWARD.search(str(err)):
+        return ValueError(
+            "the exact Hessian-vector product (double backward through the training gradient) "
+            f"failed: {err}. {_ROUTE_HINT}"
+        )
+    hint = (f"hyperoptim: raised by the exact Hessian-vector product (double backward through "
+            f"the training gradient). {_ROUTE_HINT}")
+    if hasattr(err, "add_note"):
+        if hint not in getattr(err, "__notes__", ()):
+            err.add_note(hint)
+    elif err.args and isinstance(err.args[0], str) and hint not in err.args[0]:
+        err.args = (f"{err.args[0]}\n{hint}", *err.args[1:])  # Python 3.10: no notes
+    return err
 
 
 KINK_RETRIES = 2
@@ -183,7 +211,9 @@ class SecondOrder:
         Raises:
             ValueError: the exact route could not differentiate twice (``torch.compile``\ d
                 models, kernels without a double backward); the message names the
-                finite-difference route.
+                finite-difference route. Any other error of the double backward
+                (``torch.OutOfMemoryError`` included) propagates as itself, with that hint as a
+                note.
         """
         if len(vectors) != len(self.params):
             raise ValueError(f"expected {len(self.params)} tangent tensors, got {len(vectors)}")
