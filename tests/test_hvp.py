@@ -156,3 +156,37 @@ def test_an_error_in_the_exact_double_backward_keeps_its_type_with_the_route_as_
     assert "hvp='finite_difference'" in text
     assert torch.equal(w.detach(), before)  # the failed step changed nothing
 
+
+
+# ---------------------------------------------------------------------- threads and the RNG
+def test_finite_differences_with_dropout_show_another_thread_no_repeated_random_numbers():
+    import threading
+
+    from hyperoptim import MartheSGD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Dropout(0.5), nn.Linear(64, 1)).double()
+    x, y = torch.randn(256, 8, dtype=torch.float64), torch.randn(256, 1, dtype=torch.float64)
+    opt = MartheSGD(model.parameters(), lr=0.01, hvp="finite_difference",
+                    val_closure=lambda: F.mse_loss(model(x), y))
+    draws: list[tuple[float, ...]] = []
+    stop = threading.Event()
+
+    def draw():
+        for _ in range(200_000):  # bounded; stopped as soon as the steps are done
+            if stop.is_set():
+                return
+            draws.append(tuple(torch.rand(16).tolist()))
+
+    other = threading.Thread(target=draw, daemon=True)
+    other.start()
+    try:
+        for _ in range(6):
+            opt.step(lambda: F.mse_loss(model(x), y))
+    finally:
+        stop.set()
+        other.join(timeout=60)
+    assert not other.is_alive()
+    assert opt.hvp_route == "finite_difference" and len(draws) > 100
+    # 16 uniform floats repeat as a whole only if the generator was rewound under the thread.
+    assert len(set(draws)) == len(draws)
