@@ -487,6 +487,8 @@ class HyperOptimizer(Optimizer):
             self._flip_for_maximize([p for p in self._all_params() if p.grad is not None])
             return None, None
         params = self._all_params()
+        if not params:
+            return self._nothing_to_train(closure)
         before = _grad_snapshot(params)
         rng = RngReplay([p.device for p in params]) if second_order else None
         with torch.enable_grad():
@@ -533,6 +535,15 @@ class HyperOptimizer(Optimizer):
                                           gradient_at=gradient_at, rng=rng,
                                           kink_check=not self._fd_rough,
                                           on_rough=self._note_rough_differences)
+
+    def _nothing_to_train(self, closure: Closure) -> tuple[Tensor | None, None]:
+        """No parameter requires grad (all frozen, empty groups, integer tensors): as with
+        ``torch.optim.SGD``, the closure runs and nothing else happens."""
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor):
+            raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
+        return loss.detach(), None
 
     def _note_rough_differences(self) -> None:
         """The finite-difference route could not find a step where the gradient is smooth.
