@@ -111,6 +111,7 @@ class HypergradSGD(RuleHypergrad):
     ) -> None:
         check_value("lr_bounds", lr_bounds,
                     isinstance(lr_bounds, (tuple, list)) and len(lr_bounds) == 2
+                    and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in lr_bounds)
                     and 0.0 <= lr_bounds[0] <= lr_bounds[1])
         check_sgd_arguments(lr, momentum, dampening, weight_decay, nesterov)
         check_value("lr", lr, lr_bounds[0] <= lr <= lr_bounds[1])

@@ -119,6 +119,7 @@ class HypergradAdam(RuleHypergrad):
     ) -> None:
         check_value("lr_bounds", lr_bounds,
                     isinstance(lr_bounds, (tuple, list)) and len(lr_bounds) == 2
+                    and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in lr_bounds)
                     and 0.0 <= lr_bounds[0] <= lr_bounds[1])
         check_adam_arguments(lr, betas, eps, weight_decay, amsgrad, maximize)
         check_value("lr", lr, lr_bounds[0] <= lr <= lr_bounds[1])
