@@ -233,6 +233,11 @@ class FDSSGD(HyperOptimizer):
             if schedule is not None:
                 check_value(f"{name}_schedule", schedule, isinstance(schedule, (list, tuple))
                             and all(is_real(v) and abs(v) <= LEARNED_LIMIT for v in schedule))
+            # The value in force too: a checkpoint holding NaN is refused when it is loaded, not
+            # at the next step (where it would look assigned by a scheduler).
+            if name in group:
+                check_value(name, group[name], is_real(group[name])
+                            and abs(group[name]) <= LEARNED_LIMIT)
         if group.get("maximize", False) != self.defaults.get("maximize", False):
             raise ValueError(f"Invalid maximize value: {group['maximize']} (every param group of "
                              "one optimizer shares one objective: set it in the constructor)")
