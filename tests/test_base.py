@@ -272,7 +272,7 @@ def test_ddp_two_ranks_follow_the_single_process_trajectory():
             out = os.path.join(tmp, f"result{world}.pt")
             mp.spawn(_ddp_worker, args=(world, os.path.join(tmp, f"store{world}"), out),
                      nprocs=world, join=True)
-            results[world] = torch.load(out)
+            results[world] = torch.load(out, weights_only=True)
     assert results[1]["lr"] == pytest.approx(results[2]["lr"], rel=1e-10)
     assert results[1]["lr"][-1] != 0.1
     for a, b in zip(results[1]["params"], results[2]["params"]):

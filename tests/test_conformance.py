@@ -128,7 +128,7 @@ def test_state_dict_resumes_in_lockstep(case):
     prob2 = Problem()
     prob2.model.load_state_dict(prob.model.state_dict())
     opt2 = build(info, inp, prob2, **_fresh_kwargs(inp))
-    opt2.load_state_dict(torch.load(buffer, weights_only=False))
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
     assert hyper_groups(opt2) == hyper_groups(opt)
 
     run(info, opt, prob, 10, 10)

@@ -129,7 +129,7 @@ def single_process() -> dict[tuple[str, str, bool], dict[str, Any]]:
 def test_ranks_follow_the_single_process_run(world, single_process):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), tmp), nprocs=world, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(world)]
     for case in CASES:
         ref, first = single_process[case], ranks[0][case]
         for other in ranks[1:]:  # bit-identical across ranks

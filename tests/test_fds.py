@@ -437,7 +437,7 @@ def test_checkpoint_mid_episode_resumes_exactly():
     torch.save({"opt": opt.state_dict(), "model": {k: v.detach().clone()
                                                      for k, v in ref.live.items()}}, buffer)
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
+    saved = torch.load(buffer, weights_only=True)
     resumed = Problem()
     opt2 = resumed.optimizer(**{**kwargs, "lr": 0.3, "momentum": 0.0})
     with torch.no_grad():
