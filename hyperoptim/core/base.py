@@ -25,6 +25,7 @@ from .batchnorm import frozen_batchnorm_stats
 from .checks import _GROUP_CHECKS, check_sgd_arguments, check_torch_flags, check_value, is_real
 from .dist import all_reduce_mean, check_supported_parameters
 from .grads import GradIsolation, ReachedLeaves
+from .replicas import check_replicas_once
 from .types import Closure, ParamsT
 
 __all__ = [
@@ -374,6 +375,7 @@ class HyperOptimizer(Optimizer):
                         "after construction, e.g. by a scheduler): a learned hyperparameter must "
                         "be a finite number"
                     )
+        check_replicas_once(self)
         self._detect_overwrites()
         if hasattr(self, "found_inf"):
             if not self._supports_grad_scaler:
