@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.save({"model": model_a.state_dict(), "optimizer": opt_a.state_dict()}, buffer)
 
     buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=False)
+    checkpoint = torch.load(buffer, weights_only=True)
     model_b, opt_b = make(xva, yva)  # fresh objects, as after a restart
     model_b.load_state_dict(checkpoint["model"])
     opt_b.load_state_dict(checkpoint["optimizer"])

@@ -23,6 +23,8 @@ INFOS = [
             ErrorOptimizerInput(dict(weight_decay=-1.0), "Invalid weight_decay value", "wd"),
             ErrorOptimizerInput(dict(hypergrad_lr=-1.0), "Invalid hypergrad_lr value", "hlr"),
             ErrorOptimizerInput(dict(lr_bounds=(0.5, 0.1)), "Invalid lr_bounds value", "bounds"),
+            ErrorOptimizerInput(dict(lr_bounds=(0.0, None)), "Invalid lr_bounds value",
+                                "bounds_none"),
             ErrorOptimizerInput(dict(lr=2.0, lr_bounds=(0.0, 1.0)), "Invalid lr value", "out"),
             ErrorOptimizerInput(dict(val_closure=3), "Invalid val_closure value", "val_closure"),
             ErrorOptimizerInput(dict(nesterov=True), "Nesterov momentum requires", "nesterov"),

@@ -128,7 +128,7 @@ def test_state_dict_resumes_in_lockstep(case):
     prob2 = Problem()
     prob2.model.load_state_dict(prob.model.state_dict())
     opt2 = build(info, inp, prob2, **_fresh_kwargs(inp))
-    opt2.load_state_dict(torch.load(buffer, weights_only=False))
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
     assert hyper_groups(opt2) == hyper_groups(opt)
 
     run(info, opt, prob, 10, 10)
@@ -257,3 +257,32 @@ def test_nan_validation_loss_is_skipped(case):
         warnings.simplefilter("error")
         opt.val_closure = prob.val_loss
         run(info, opt, prob, 5, 2)  # recovers, and warns only once
+
+
+@pytest.mark.parametrize("frozen", ["all_frozen", "integer_tensor", "empty_group"])
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_nothing_trainable_is_a_no_op_like_torch_sgd(case, frozen):
+    """torch.optim.SGD steps a frozen model without error; so does every configuration (it used to
+    crash at the first step: "`inputs` argument to `grad()` cannot be empty")."""
+    info, inp = case
+    prob = Problem()
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))  # outside the optimizer
+    for p in prob.model.parameters():
+        p.requires_grad_(False)
+    params = {"all_frozen": list(prob.model.parameters()),
+              "integer_tensor": [torch.zeros(3, dtype=torch.long)],
+              "empty_group": [{"params": []}]}[frozen]
+    kwargs = dict(inp.kwargs)
+    if inp.use_val or info.needs_val:
+        kwargs["val_closure"] = prob.val_loss
+    opt = info.cls(params, **kwargs)
+    before = prob.params()
+    for t in range(8):
+        def closure(t=t):
+            loss = prob.loss(t) + (extra**2).sum()
+            if t % 2:  # both closure styles
+                loss.backward()
+            return loss
+
+        info.step(opt, closure, t)
+    assert_same_params(before, prob.params())

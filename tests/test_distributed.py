@@ -137,7 +137,7 @@ def single_process() -> dict[tuple[str, str, bool], dict[str, Any]]:
 def test_ranks_follow_the_single_process_run(world, single_process):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), tmp), nprocs=world, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(world)]
     for case in CASES:
         ref, first = single_process[case], ranks[0][case]
         for other in ranks[1:]:  # bit-identical across ranks
@@ -192,3 +192,45 @@ def test_fsdp_is_refused_with_a_clear_error():
             assert lines[0] == "constructed", lines
             assert all("does not support FSDP" in m and "DistributedDataParallel" in m
                        for m in lines[1:]), lines
+
+
+def _mismatch_worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        x, y, xv, yv = _data()
+        messages = []
+        for what in ("weights", "lr"):
+            for name, build in _builders().items():
+                torch.manual_seed(rank if what == "weights" else 0)  # plain model, no broadcast
+                model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+                before = [p.detach().clone() for p in model.parameters()]
+                opt = build(list(model.parameters()), lambda m=model: F.mse_loss(m(xv), yv))
+                if what == "lr":
+                    opt.param_groups[0]["lr"] *= 1.0 + rank
+                try:
+                    opt.step(lambda m=model: F.mse_loss(m(x[0]), y[0]))
+                    messages.append(f"{what} {name}: stepped")
+                except ValueError as err:
+                    unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+                    messages.append(f"{what} {name}: unchanged={unchanged}: {err}")
+        with open(os.path.join(out_dir, f"mismatch{rank}.txt"), "w") as f:
+            f.write("\n".join(messages))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_weights_or_hyperparameters_are_refused_at_the_first_step():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_mismatch_worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2, join=True)
+        for r in range(2):
+            with open(os.path.join(tmp, f"mismatch{r}.txt")) as f:
+                lines = f.read().splitlines()
+            assert len(lines) == 2 * len(_builders())
+            for line in lines:
+                assert "unchanged=True" in line and "ranks disagree at the first step" in line, line
+                what = line.split()[0]
+                expected = "['params'][0]" if what == "weights" else "param_groups[0]['lr']"
+                assert expected in line, line

@@ -437,7 +437,7 @@ def test_checkpoint_mid_episode_resumes_exactly():
     torch.save({"opt": opt.state_dict(), "model": {k: v.detach().clone()
                                                      for k, v in ref.live.items()}}, buffer)
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
+    saved = torch.load(buffer, weights_only=True)
     resumed = Problem()
     opt2 = resumed.optimizer(**{**kwargs, "lr": 0.3, "momentum": 0.0})
     with torch.no_grad():
@@ -488,3 +488,20 @@ def test_float32_runs_and_keeps_dtypes():
     for p in prob.live.values():
         assert all(v.dtype == torch.float32 for v in opt.state[p].values())
     assert all(math.isfinite(h) for h in opt.history[0]["hypergrad/lr"][0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_checkpoint_with_a_nan_value_is_refused_at_load_not_blamed_on_a_scheduler(name):
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = FDSSGD([w], horizon=2, val_closure=lambda: (w**2).sum())
+    for _ in range(2):
+        opt.step(lambda: (w**2).sum())
+    opt.hyperstep()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0][name] = math.nan
+    fresh = FDSSGD([w], horizon=2, val_closure=lambda: (w**2).sum())
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=f"Invalid {name} value: nan") as info:
+        fresh.load_state_dict(saved)
+    assert "scheduler" not in str(info.value)
+    assert fresh.state_dict() == before

@@ -268,3 +268,19 @@ def test_learning_rate_overflowing_float32_is_skipped_not_a_crash():
         opt.step(lambda: w.sum())  # would set lr = 1e38 + 1e38 * 4 > float32 max
     assert torch.equal(w, before) and opt.param_groups[0]["lr"] == 1e38
     assert opt.history[0]["skipped"] == [0.0, 1.0]
+
+
+def test_overflowing_hypergradient_products_skip_the_step_instead_of_crashing_fsum():
+    # <grad, d_prev> overflows float32 to +inf for one parameter and -inf for the other: the
+    # exact sum (math.fsum) would raise "-inf + inf in fsum"; the guard skips the step instead.
+    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = HypergradSGD([a, b], lr=0.01, hypergrad_lr=1e-3)
+    opt.step(lambda: 1e20 * (a.sum() + b.sum()))  # d_prev = 1e20 for both
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step(lambda: 1e20 * (a.sum() - b.sum()))
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert opt.param_groups[0]["lr"] == 0.01 and opt.history[0]["skipped"] == [0.0, 1.0]
+    opt.step(lambda: (a ** 2 + b ** 2).sum())  # and the run goes on
+    assert opt.history[0]["skipped"][-1] == 0.0
+

@@ -104,3 +104,89 @@ def test_a_kink_that_no_retry_escapes_warns_once_and_stops_retrying():
         warnings.simplefilter("error")
         second.hvp([one])
     assert calls[0] == 2
+
+
+# ---------------------------------------------------------------------- errors keep their type
+class _RaiseInBackward(torch.autograd.Function):
+    """Identity whose backward raises ``error`` (set per test): reached only by double backward
+    when applied to a gradient."""
+
+    error: Exception = RuntimeError("unset")
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise _RaiseInBackward.error
+
+
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _RaiseInBackward.apply(3 * x**2 * g)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (injected)"),
+                                   _Boom("the model's own backward failed")],
+                         ids=["OutOfMemoryError", "own_RuntimeError"])
+def test_an_error_in_the_exact_double_backward_keeps_its_type_with_the_route_as_a_note(error):
+    from hyperoptim import MartheSGD
+
+    _RaiseInBackward.error = error
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = MartheSGD([w], lr=0.1, hvp="exact", val_closure=lambda: (w**2).sum())
+    opt.step(lambda: _Cube.apply(w).sum())  # no tangent yet: no HVP
+    before = w.detach().clone()
+    with pytest.raises(type(error)) as info:
+        opt.step(lambda: _Cube.apply(w).sum())
+    assert info.value is error and type(info.value) is type(error)
+    text = "\n".join(getattr(info.value, "__notes__", [])) + str(info.value)
+    assert "hvp='finite_difference'" in text
+    assert torch.equal(w.detach(), before)  # the failed step changed nothing
+
+
+
+# ---------------------------------------------------------------------- threads and the RNG
+def test_finite_differences_with_dropout_show_another_thread_no_repeated_random_numbers():
+    import threading
+
+    from hyperoptim import MartheSGD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Dropout(0.5), nn.Linear(64, 1)).double()
+    x, y = torch.randn(256, 8, dtype=torch.float64), torch.randn(256, 1, dtype=torch.float64)
+    opt = MartheSGD(model.parameters(), lr=0.01, hvp="finite_difference",
+                    val_closure=lambda: F.mse_loss(model(x), y))
+    draws: list[tuple[float, ...]] = []
+    stop = threading.Event()
+
+    def draw():
+        for _ in range(200_000):  # bounded; stopped as soon as the steps are done
+            if stop.is_set():
+                return
+            draws.append(tuple(torch.rand(16).tolist()))
+
+    other = threading.Thread(target=draw, daemon=True)
+    other.start()
+    try:
+        for _ in range(6):
+            opt.step(lambda: F.mse_loss(model(x), y))
+    finally:
+        stop.set()
+        other.join(timeout=60)
+    assert not other.is_alive()
+    assert opt.hvp_route == "finite_difference" and len(draws) > 100
+    # 16 uniform floats repeat as a whole only if the generator was rewound under the thread.
+    assert len(set(draws)) == len(draws)

@@ -448,7 +448,7 @@ def test_resume_mid_interval_in_lockstep(config):
             p.copy_(q)
     opt2 = IFTOptimizer(b.params, lr=0.01, update_interval=3, lookback=3, val_closure=b.val_loss,
                         **config)
-    opt2.load_state_dict(torch.load(buffer, weights_only=False))
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
     assert opt2.hyper_state["since_update"] == 1
     assert [s["step"] for s in opt2._hyper_opt.state.values()] == \
         [s["step"] for s in opt._hyper_opt.state.values()]  # Adam's step counts came back

@@ -6,6 +6,7 @@ hyper-updates on problems where the right direction is known."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -305,3 +306,18 @@ def test_betas_and_per_parameter_values_are_refused_clearly():
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "per_parameter_lr": True})
     assert opt.param_groups[0]["weight_decay"] == 1e-7  # WEIGHT_DECAY_FLOOR: tuned from 0
     assert IFTAdam([w], tune=("lr",)).param_groups[0]["weight_decay"] == 0.0
+
+
+def test_a_learning_rate_pinned_at_its_bound_warns_once():
+    # Far from the optimum, Adam's steps (about lr each) ask for a larger rate at every
+    # hyper-update: the rate climbs to lr_bounds[1] = 1.0 and stays there, set by the bound.
+    w = nn.Parameter(torch.full((4,), 100.0, dtype=torch.float64))
+    opt = IFTAdam([w], lr=0.1, update_interval=1, lookback=2, hyper_lr=0.5, tune=("lr",),
+                  val_closure=lambda: (w**2).sum())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(20):
+            opt.step(lambda: (w**2).sum())
+    assert opt.history[0]["lr"][-10:] == [1.0] * 10
+    pinned = [str(c.message) for c in caught if "bound" in str(c.message)]
+    assert len(pinned) == 1 and "lr_bounds[1]=1" in pinned[0] and "IFTAdam" in pinned[0]

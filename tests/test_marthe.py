@@ -585,3 +585,19 @@ def test_learning_rate_overflowing_float32_is_skipped_not_a_crash():
         opt.step(lambda: w.sum())  # Delta = -4e-30: lr would be 1e38 + 4e39
     assert torch.equal(w, before) and opt.param_groups[0]["lr"] == 1e38
     assert opt.history[0]["skipped"][-1] == 1.0
+
+
+def test_a_failed_first_step_leaves_no_state_entry_and_no_hyper_state():
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = MartheSGD([w], lr=0.1, val_closure=lambda: (w**2).sum())
+    empty = copy.deepcopy(opt.state_dict())
+
+    def failing():
+        raise KeyError("the data loader failed")
+
+    with pytest.raises(KeyError):
+        opt.step(failing)
+    assert len(opt.state) == 0 and opt.hyper_state == {}
+    assert opt.state_dict() == empty
+    opt.step(lambda: (w**3).sum())  # and the retried step works
+    assert "direction" in opt.state[w] and len(opt.hyper_state["groups"]) == 1

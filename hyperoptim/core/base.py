@@ -24,6 +24,7 @@ from ..hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from .batchnorm import frozen_batchnorm_stats
 from .checks import check_sgd_arguments, check_torch_flags, check_value, is_real
 from .dist import all_reduce_mean, check_supported_parameters, ddp_synced_ids
+from .grads import GradIsolation, ReachedLeaves
 from .options import (
     check_group,
     check_hyper_state,
@@ -32,6 +33,7 @@ from .options import (
     fixed_values,
     validate_groups,
 )
+from .replicas import check_replicas_once
 from .shard import any_nonzero, check_sharded_closure, is_sharded, tensor_norms
 from .types import Closure, ParamsT
 
@@ -414,6 +416,7 @@ class HyperOptimizer(Optimizer):
     def _begin_step(self) -> bool:
         """Checks before a step; False when a GradScaler found inf/NaN (the step is skipped)."""
         validate_groups(self)
+        check_replicas_once(self)
         self._detect_overwrites()
         if hasattr(self, "found_inf"):
             if not self._supports_grad_scaler:
@@ -439,6 +442,7 @@ class HyperOptimizer(Optimizer):
         for g in self._flipped:
             g.neg_()
         self._flipped = []
+        self._reached().forget_pending()
 
     def _published(self) -> None:
         """Remember the learned values the step left, to notice who overwrites them."""
@@ -526,12 +530,15 @@ class HyperOptimizer(Optimizer):
             self._flip_for_maximize([p for p in self._all_params() if p.grad is not None])
             return None, None
         params = self._all_params()
+        if not params:
+            return self._nothing_to_train(closure)
         before = _grad_snapshot(params)
         rng = RngReplay([p.device for p in params]) if second_order else None
         with torch.enable_grad():
             loss = closure()
         if not isinstance(loss, Tensor):
             raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
+        self._reached().note(loss)
         called_backward = _grads_changed(before, params)
         check_sharded_closure(type(self).__name__, params, called_backward, "closure")
         route = self._route(called_backward) if second_order else None
@@ -574,6 +581,15 @@ class HyperOptimizer(Optimizer):
                                           kink_check=not self._fd_rough,
                                           on_rough=self._note_rough_differences)
 
+    def _nothing_to_train(self, closure: Closure) -> tuple[Tensor | None, None]:
+        """No parameter requires grad (all frozen, empty groups, integer tensors): as with
+        ``torch.optim.SGD``, the closure runs and nothing else happens."""
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor):
+            raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
+        return loss.detach(), None
+
     def _note_rough_differences(self) -> None:
         """The finite-difference route could not find a step where the gradient is smooth.
 
@@ -611,9 +627,11 @@ class HyperOptimizer(Optimizer):
 
     def _isolated_gradient(self, closure: Closure, params: Sequence[Tensor], name: str
                            ) -> tuple[Tensor, list[Tensor | None] | None, bool]:
-        """Run ``closure`` with every ``p.grad`` cleared and put the original gradient tensors
-        back afterwards (also on error), so the step's own gradients are never touched and a
-        closure that accumulates without ``zero_grad()`` is still right.
+        """Run ``closure`` with the ``p.grad`` of every leaf it reaches cleared, this optimizer's
+        or not (:class:`~hyperoptim.core.grads.GradIsolation`), and put the original gradient
+        tensors back afterwards (also on error): the step's own gradients, and those of a model
+        another optimizer trains, are never touched, and a closure that accumulates without
+        ``zero_grad()`` is still right.
 
         Returns:
             ``(loss, grads, called_backward)``: ``grads[i]`` is the gradient of ``params[i]``
@@ -622,12 +640,8 @@ class HyperOptimizer(Optimizer):
             loss carries no graph at all.
         """
         everything = self._all_params()
-        saved = [p.grad for p in everything]
-        for p in everything:
-            p.grad = None
-        try:
-            with torch.enable_grad():
-                loss = closure()
+        with GradIsolation(everything, self._reached()) as isolation, torch.enable_grad():
+            loss = isolation.call(closure)
             if not isinstance(loss, Tensor):
                 raise ValueError(f"Invalid {name} return value: {loss!r} (expected a tensor)")
             if any(p.grad is not None for p in everything):
@@ -637,9 +651,10 @@ class HyperOptimizer(Optimizer):
             if not params:
                 return loss, [], False
             return loss, list(torch.autograd.grad(loss, list(params), allow_unused=True)), False
-        finally:
-            for p, g in zip(everything, saved):
-                p.grad = g
+
+    def _reached(self) -> ReachedLeaves:
+        """The leaves outside this optimizer that its closures reach (:mod:`.grads`)."""
+        return self.__dict__.setdefault("_reached_leaves", ReachedLeaves())
 
     def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
         """The closure's training gradient at the live (perturbed) weights, averaged across

@@ -17,8 +17,9 @@ optimizer's ``hvp=`` argument (never by patching ``Tensor.backward``):
       \qquad h = \sqrt{\epsilon}\, \frac{1 + \lVert w \rVert}{\lVert z \rVert},
 
   with two extra closure calls per non-zero column at perturbed weights (restored bit-for-bit;
-  ``p.grad`` and the random-number state too, so dropout draws the same masks as in the step's own
-  call, as ``torch.utils.checkpoint`` does). :math:`\epsilon` is the machine epsilon of the
+  ``p.grad`` too; dropout draws the same masks as in the step's own call, from a thread-local copy
+  of the random-number state it started from, so the global generator, which other threads
+  share, is not touched: :class:`RngReplay`). :math:`\epsilon` is the machine epsilon of the
   parameters' dtype. The step is the forward-difference one, smaller than the central optimum
   :math:`\epsilon^{1/3}`: with piecewise-linear activations (ReLU) the gradient has kinks, and a
   perturbation that switches an activation makes the quotient jump. Such a crossing shows as
@@ -50,12 +51,15 @@ the perturbed gradients (finite differences) are averaged after differentiation
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core.dist import all_reduce_mean
 
@@ -65,14 +69,41 @@ HVP_ROUTES = ("auto", "exact", "finite_difference")
 """The values of every second-order optimizer's ``hvp=`` argument."""
 
 
-def exact_route_error(err: RuntimeError) -> ValueError:
-    """The error for a double backward that autograd refused, naming the route that works."""
-    return ValueError(
-        "the exact Hessian-vector product (double backward through the training gradient) "
-        f"failed: {err}. Models compiled with torch.compile and kernels without a double "
-        "backward (fused/flash attention) need first-order gradients only: pass "
-        "hvp='finite_difference' to the optimizer."
-    )
+_ROUTE_HINT = (
+    "Models compiled with torch.compile and kernels without a double backward (fused/flash "
+    "attention) need first-order gradients only: pass hvp='finite_difference' to the optimizer."
+)
+
+# What autograd says when a graph cannot be differentiated twice (a compiled graph, an op or
+# a custom Function without a double backward): the finite-difference route is the answer.
+_NO_DOUBLE_BACKWARD = re.compile(
+    r"double backward|not implemented|does not require grad|once_differentiable|differentiate twice"
+    r"|create_graph|aot_autograd|torch\.compile", re.IGNORECASE)
+
+
+def exact_route_error(err: RuntimeError) -> Exception:
+    """What to raise for an error in the double backward of the exact route.
+
+    Autograd's refusal to differentiate twice becomes a ``ValueError`` naming the route that
+    works (the original chained as its cause). Any other error (``torch.OutOfMemoryError``, an
+    error raised by the model's own code) is the original exception, type and traceback kept,
+    with the route hint added as a note (Python 3.11+; on 3.10, appended to its message). Raise
+    the result with ``raise exact_route_error(err) from err`` in the ``except`` block (an
+    exception that is its own cause prints once).
+    """
+    if _NO_DOUBLE_BACKWARD.search(str(err)):
+        return ValueError(
+            "the exact Hessian-vector product (double backward through the training gradient) "
+            f"failed: {err}. {_ROUTE_HINT}"
+        )
+    hint = (f"hyperoptim: raised by the exact Hessian-vector product (double backward through "
+            f"the training gradient). {_ROUTE_HINT}")
+    if hasattr(err, "add_note"):
+        if hint not in getattr(err, "__notes__", ()):
+            err.add_note(hint)
+    elif err.args and isinstance(err.args[0], str) and hint not in err.args[0]:
+        err.args = (f"{err.args[0]}\n{hint}", *err.args[1:])  # Python 3.10: no notes
+    return err
 
 
 KINK_RETRIES = 2
@@ -95,11 +126,44 @@ def _asymmetric(plus: Sequence[Tensor], minus: Sequence[Tensor], origin: Sequenc
     return bool(diff > (KINK_TOLERANCE ** 2) * total)
 
 
+class _PrivateCpuGenerator(TorchDispatchMode):
+    """Random CPU ops of this thread draw from a private generator instead of the global one.
+
+    Thread-local (a dispatch mode): another thread drawing from the global generator meanwhile
+    sees neither a rewound nor an advanced state. Ops that take a ``generator`` argument
+    (``bernoulli_`` behind CPU dropout, ``rand``, ``normal_``, ...) get the private one.
+    """
+
+    def __init__(self, state: Tensor) -> None:
+        super().__init__()
+        self._generator = torch.Generator()
+        self._generator.set_state(state)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if kwargs.get("generator") is None and _on_cpu(args, kwargs) and any(
+                a.name == "generator" for a in func._schema.arguments):
+            kwargs["generator"] = self._generator
+        return func(*args, **kwargs)
+
+
+def _on_cpu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type != "cpu":
+        return False
+    return all(a.device.type == "cpu" for a in args if isinstance(a, Tensor))
+
+
 class RngReplay:
     """The random-number state around the step's closure call, to replay it for extra calls.
 
-    Only touched where the closure drew random numbers (dropout): a deterministic closure leaves
-    the global generators exactly as it found them, also for other threads.
+    Only used where the closure drew random numbers (dropout): a deterministic closure runs
+    as it is. The replay never touches the global CPU generator: each extra call draws, in its
+    own thread, from a private generator started at the state the step's call started from
+    (:class:`_PrivateCpuGenerator`), so other threads see no repeated numbers. CUDA generators
+    (whose fused dropout takes no generator argument) are replayed in place and left as the
+    step's own call left them.
     """
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
@@ -110,9 +174,8 @@ class RngReplay:
     def _get(self) -> tuple[Tensor, list[Tensor]]:
         return torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in self._cuda]
 
-    def _set(self, state: tuple[Tensor, list[Tensor]]) -> None:
-        torch.set_rng_state(state[0])
-        for i, s in zip(self._cuda, state[1]):
+    def _set_cuda(self, states: list[Tensor]) -> None:
+        for i, s in zip(self._cuda, states):
             torch.cuda.set_rng_state(s, i)
 
     def mark_after(self) -> None:
@@ -122,15 +185,17 @@ class RngReplay:
             torch.equal(a, b) for a, b in zip(after[1], self.before[1]))
         self.after = None if same else after
 
-    def replay(self) -> None:
-        """Set the state the step's closure call started from (if it drew random numbers)."""
-        if self.after is not None:
-            self._set(self.before)
+    def replay(self) -> contextlib.AbstractContextManager[Any]:
+        """A context in which the closure draws what the step's own call drew."""
+        if self.after is None:
+            return contextlib.nullcontext()
+        self._set_cuda(self.before[1])
+        return _PrivateCpuGenerator(self.before[0])
 
     def restore(self) -> None:
-        """Leave the state as the step's own closure call left it."""
+        """Leave the CUDA generators as the step's own closure call left them."""
         if self.after is not None:
-            self._set(self.after)
+            self._set_cuda(self.after[1])
 
 
 class SecondOrder:
@@ -183,7 +248,9 @@ class SecondOrder:
         Raises:
             ValueError: the exact route could not differentiate twice (``torch.compile``\ d
                 models, kernels without a double backward); the message names the
-                finite-difference route.
+                finite-difference route. Any other error of the double backward
+                (``torch.OutOfMemoryError`` included) propagates as itself, with that hint as a
+                note.
         """
         if len(vectors) != len(self.params):
             raise ValueError(f"expected {len(self.params)} tangent tensors, got {len(vectors)}")
@@ -247,9 +314,10 @@ class SecondOrder:
         with torch.no_grad():
             for p, w, v in zip(self.params, origin, vectors):
                 torch.add(w, v[j], alpha=h, out=p)
-        if self._rng is not None:
-            self._rng.replay()
-        return gradient_at()
+        if self._rng is None:
+            return gradient_at()
+        with self._rng.replay():
+            return gradient_at()
 
 
 def hvp_from_grads(grads: Sequence[Tensor], params: Sequence[Tensor], vectors: Sequence[Tensor],

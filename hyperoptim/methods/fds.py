@@ -145,6 +145,11 @@ class RuleFDS(HyperOptimizer):
                 lo, hi = self._bounds(name)
                 check_value(f"{name}_schedule", schedule, isinstance(schedule, (list, tuple))
                             and all(is_real(v) and lo <= v <= hi for v in schedule))
+            # The value in force too: a checkpoint holding NaN is refused when it is loaded, not
+            # at the next step (where it would look assigned by a scheduler).
+            if name in group:
+                check_value(name, group[name], is_real(group[name])
+                            and abs(group[name]) <= LEARNED_LIMIT)
 
     def _learned_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ()  # the schedules are watched here (_take_user_values), not by the base

@@ -153,7 +153,7 @@ class RuleHypergrad(HyperOptimizer):
         values = _host_floats(scalars + guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
 
-        hypergrads = [-math.fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
+        hypergrads = [-_fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
         group_lrs = [self._new_lr(plan, h, values) for plan, h in zip(plans, hypergrads)]
         largest = [values[b + 1] if plan[-1] is not None else lr
                    for plan, (_, b), lr in zip(plans, (p[4] for p in plans), group_lrs)]
@@ -226,6 +226,12 @@ def _learned_bounds(group: dict[str, Any]) -> tuple[float, float]:
     unless the group's lr is already above it (a learned rate never climbs past 1e3)."""
     lo, hi = group["lr_bounds"]
     return lo, min(hi, max(LEARNED_LIMIT, group["lr"]))
+
+
+def _fsum(values: list[float]) -> float:
+    """The exact sum of ``values``; NaN if one is not finite (products that overflowed: the guard
+    then skips the step), where ``math.fsum`` would raise on ``-inf + inf``."""
+    return math.fsum(values) if all(math.isfinite(v) for v in values) else math.nan
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:

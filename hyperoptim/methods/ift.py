@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, cast
 
@@ -46,6 +47,10 @@ value."""
 
 MOMENTUM_RANGE = (1e-3, 1.0 - 1e-3)
 """The interval a tuned momentum is held to when set from a float (logit of 0 or 1 is infinite)."""
+
+_PINNED_UPDATES = 5
+"""Consecutive hyper-updates with a learned learning rate at an end of ``lr_bounds`` before the
+optimizer warns that the bound sets it."""
 
 HyperOptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 
@@ -581,7 +586,32 @@ class RuleIFT(HyperOptimizer):
         for index, group, _ in active:
             self._record(index, **self._values(group), val_loss=values[0], step=steps,
                          **hypers[index])
+        self._watch_pinned_lr(active)
         return True
+
+    def _watch_pinned_lr(self, active: Sequence[tuple[int, dict[str, Any], Any]]) -> None:
+        """Warn once when a learned learning rate sits at an end of ``lr_bounds`` for
+        :data:`_PINNED_UPDATES` consecutive hyper-updates: the bound, not the hypergradient, then
+        sets it (IFTAdam's default upper bound of 1.0 is far above a useful Adam rate)."""
+        runs = self._watch.setdefault("pinned", {})
+        for index, group, _ in active:
+            if "lr" not in group["tune"] or self._watch.get("pinned_warned"):
+                continue
+            lo, hi = group["lr_bounds"]
+            end = next((e for e in (("upper", 1, hi), ("lower", 0, lo))
+                        if math.isclose(group["lr"], e[2], rel_tol=1e-9)), None)
+            runs[index] = runs.get(index, 0) + 1 if end is not None else 0
+            if end is not None and runs[index] >= _PINNED_UPDATES:
+                self._watch["pinned_warned"] = True
+                warnings.warn(
+                    f"{type(self).__name__}: the learned learning rate of param group {index} has "
+                    f"sat at its {end[0]} bound lr_bounds[{end[1]}]={end[2]:g} for {runs[index]} "
+                    "consecutive hyper-updates: the bound, not the hypergradient, sets it. If the "
+                    "bound is deliberate, ignore this; otherwise widen lr_bounds or lower hyper_lr. "
+                    "This warning is shown once.",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
 
     def _values(self, group: dict[str, Any]) -> dict[str, float]:
         return {name: group[name] for name in self._tunable}

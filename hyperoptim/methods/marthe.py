@@ -63,10 +63,17 @@ class RuleMarthe(HyperOptimizer):
         r"""Group ``index``'s :math:`\mu_t, c_t, \beta_t, s_t` (floats in ``hyper_state``)."""
         groups = self.hyper_state.setdefault("groups", [])
         while len(groups) <= index:
-            group = self.param_groups[len(groups)]
-            beta = 0.0 if group["adapt_hypergrad_lr"] else group["hypergrad_lr"]
-            groups.append(dict(mu=0.0, count=0.0, beta=beta, lr_beta_grad=0.0))
+            groups.append(self._staged_hyper(len(groups)))
         return groups[index]
+
+    def _staged_hyper(self, index: int) -> dict[str, float]:
+        """A copy of :meth:`_hyper`'s values that stores nothing (a failed step leaves no trace)."""
+        groups = self.hyper_state.get("groups", [])
+        if index < len(groups):
+            return dict(groups[index])
+        group = self.param_groups[index]
+        beta = 0.0 if group["adapt_hypergrad_lr"] else group["hypergrad_lr"]
+        return dict(mu=0.0, count=0.0, beta=beta, lr_beta_grad=0.0)
 
     @staticmethod
     def _previous_direction(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
@@ -101,11 +108,12 @@ class RuleMarthe(HyperOptimizer):
         n_cols = len(groups)
         if closure is None and any(g["mu"] != 0 for g in groups):
             self._training_loss(None, second_order=True)  # raises: this needs a closure
-        hypers = [dict(self._hyper(i)) for i in range(n_cols)]  # staged, committed at the end
+        hypers = [self._staged_hyper(i) for i in range(n_cols)]  # committed at the end
 
         # 1. Delta_t = <grad E(w_t), Z_t> and g'_1 = <grad E(w_t), -d_{t-1}>: one validation
         #    gradient and one host sync.
-        tracked = [p for g in groups for p in g["params"] if "tangent" in self.state[p]]
+        # self.state.get: reading must not create an empty state entry (a failed step leaves none).
+        tracked = [p for g in groups for p in g["params"] if "tangent" in self.state.get(p, ())]
         deltas, g1s = [0.0] * n_cols, [0.0] * n_cols
         if tracked:
             val_loss, val_grads = self._validation_grads(objective, tracked)
@@ -202,6 +210,7 @@ class RuleMarthe(HyperOptimizer):
                 self._advance(i, group, params, hz)
             self._record(i, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
                          **{"hypergrad/lr": deltas[i]})
+        self._hyper(n_cols - 1)
         for i, h in enumerate(hypers):
             h.pop("new_lr")
             self.hyper_state["groups"][i] = h
