@@ -23,11 +23,33 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._base import LEARNED_LIMIT, HyperOptimizer, check_value
+from ._base import LEARNED_LIMIT, HyperOptimizer, check_value, is_real
 from ._types import Closure
 from ._update import UpdateRule
+from .hyperstep import Additive, HyperStep, resolve
 
-__all__ = ["RuleHypergrad"]
+__all__ = ["RuleHypergrad", "hyper_step_option"]
+
+
+def hyper_step_option(hypergrad_lr: float | None, hyper_step: HyperStep | str | None,
+                      default_kappa: float, default: HyperStep | str) -> tuple[float, str]:
+    r"""The constructor's ``hypergrad_lr`` and ``hyper_step`` as the group's ``(hypergrad_lr,
+    hyper_step)``: a float ``hypergrad_lr`` alone is the additive policy with that
+    :math:`\kappa` (every trajectory as before the policies existed); ``hyper_step`` alone is that
+    policy (``Additive(kappa)`` sets ``hypergrad_lr``); neither is the class default."""
+    if hypergrad_lr is not None and hyper_step is not None:
+        raise ValueError(f"Invalid hyper_step value: {hyper_step!r} (hypergrad_lr={hypergrad_lr} "
+                         "already chooses the additive policy: pass one of hypergrad_lr and "
+                         "hyper_step)")
+    if hypergrad_lr is not None:
+        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
+        return float(hypergrad_lr), Additive.name
+    policy = resolve(default if hyper_step is None else hyper_step)
+    if isinstance(policy, Additive):
+        kappa = default_kappa if policy.kappa is None else policy.kappa
+        check_value("hypergrad_lr", kappa, is_real(kappa) and kappa >= 0.0)
+        return float(kappa), Additive.name
+    return float(default_kappa), repr(policy)
 
 
 class RuleHypergrad(HyperOptimizer):
@@ -51,6 +73,14 @@ class RuleHypergrad(HyperOptimizer):
     training loss or gradient, or a rate that would overflow the weights' dtype skips the whole
     step before anything is committed.
 
+    The hyper-step itself is a policy (:mod:`hyperoptim.hyperstep`), named by the group's
+    ``"hyper_step"`` (a policy's ``repr``; ``"additive"``, also what a group without the key
+    means, is :math:`a_t = a_{t-1} - \kappa h_t` with :math:`\kappa` the group's
+    ``hypergrad_lr``). Normalised policies read :math:`h_t` with its scale,
+    :math:`\lVert \nabla E(w_t) \rVert \lVert d_{t-1} \rVert`; their state (plain floats) is in
+    ``hyper_state["hyper_step"]``, and ``history`` adds ``"hypergrad/lr_cosine"`` and
+    ``"hyper_step/phase"``. Per-weight learning rates take the additive policy only.
+
     Subclasses set ``rule``, check their arguments, and say what the training-loss objective's
     gradient is (:meth:`_objective_grads`).
     """
@@ -61,6 +91,23 @@ class RuleHypergrad(HyperOptimizer):
         super()._check_group(group)
         lo, hi = group["lr_bounds"]
         check_value("lr", group["lr"], lo <= group["lr"] <= hi)
+        policy = self._policy(group)
+        if group["per_parameter"] and not isinstance(policy, Additive):
+            raise ValueError(f"Invalid hyper_step value: {group['hyper_step']} (per_parameter=True "
+                             "takes the additive hyper-step: pass hypergrad_lr)")
+
+    @staticmethod
+    def _policy(group: dict[str, Any]) -> HyperStep:
+        r"""The group's hyper-step policy (``"additive"``: :math:`\kappa` = ``hypergrad_lr``)."""
+        spec = group.get("hyper_step", Additive.name)
+        if spec == Additive.name:
+            return Additive(group["hypergrad_lr"])
+        return resolve(spec)
+
+    @staticmethod
+    def _momentum(group: dict[str, Any]) -> float:
+        """The inner rule's momentum, which paces the policy's growth (SGD's ``momentum``)."""
+        return float(group.get("momentum", 0.0))
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:
@@ -121,6 +168,11 @@ class RuleHypergrad(HyperOptimizer):
             else:
                 scalars.extend(_dot(o, d) for o, d in zip(objs, prev) if d is not None)
             span = (start, len(scalars))
+            if not group["per_parameter"] and self._policy(group).normalised:
+                # ||grad E(w_t)||^2 and ||d_{t-1}||^2 over the terms of h_t: its scale.
+                pairs = [(o, d) for o, d in zip(objs, prev) if d is not None]
+                scalars.append(_squares([o for o, _ in pairs], objs))
+                scalars.append(_squares([d for _, d in pairs], objs))
             if new_lrs is not None:
                 n = sum(a.numel() for a in new_lrs)
                 scalars.append(torch.stack([a.sum() for a in new_lrs]).sum() / n if n
@@ -135,8 +187,13 @@ class RuleHypergrad(HyperOptimizer):
         values = _host_floats(scalars + guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
 
-        hypergrads = [-math.fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
-        group_lrs = [self._new_lr(plan, h, values) for plan, h in zip(plans, hypergrads)]
+        hypergrads = [-_fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
+        # The training loss (the first guard scalar), for policies that read it.
+        train_loss = None if loss is None else (-checked[0] if self.defaults["maximize"]
+                                                else checked[0])
+        stepped = [self._new_lr(i, plan, h, values, train_loss)
+                   for i, (plan, h) in enumerate(zip(plans, hypergrads))]
+        group_lrs = [lr for lr, _, _ in stepped]
         largest = [values[b + 1] if plan[-1] is not None else lr
                    for plan, (_, b), lr in zip(plans, (p[4] for p in plans), group_lrs)]
         # One guard for everything the step is about to commit (DESIGN.md §2): the hypergradient
@@ -147,13 +204,18 @@ class RuleHypergrad(HyperOptimizer):
         if reason is not None:
             self._warn_nonfinite(reason)
             for i, group in enumerate(self.param_groups):
-                self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan})
+                extra = {} if not stepped[i][2] else dict.fromkeys(stepped[i][2], math.nan)
+                self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan},
+                             **extra)
             return loss
 
         rule = self.rule
-        for i, (plan, h, new_lr) in enumerate(zip(plans, hypergrads, group_lrs)):
+        for i, (plan, h, (new_lr, policy_state, extra)) in enumerate(
+                zip(plans, hypergrads, stepped)):
             group, params, grads, states, _, new_lrs = plan
             group["lr"] = new_lr
+            if policy_state is not None:
+                self.hyper_state.setdefault("hyper_step", {})[i] = policy_state
             hypers: dict[str, Any] = rule.hypers(group)
             if new_lrs is not None:
                 self.hyper_state.setdefault("published_lr", {})[i] = new_lr
@@ -169,17 +231,30 @@ class RuleHypergrad(HyperOptimizer):
                     # Kept unless the rule's state already holds it (heavy ball's buffer).
                     if self._previous_direction(group, s) is not d:
                         s["direction"] = d
-            self._record(i, lr=group["lr"], **{"hypergrad/lr": h})
+            self._record(i, lr=group["lr"], **{"hypergrad/lr": h}, **extra)
         return loss
 
-    @staticmethod
-    def _new_lr(plan: tuple[Any, ...], h: float, values: list[float]) -> float:
-        """A group's new learning rate (per-weight groups: the new mean), not yet committed."""
+    def _new_lr(self, index: int, plan: tuple[Any, ...], h: float, values: list[float],
+                train_loss: float | None) -> tuple[float, dict[str, float] | None,
+                                                   dict[str, float]]:
+        """A group's new learning rate (per-weight groups: the new mean), the policy's new state
+        and what it adds to ``history``; nothing is committed (the step may still be skipped)."""
         group, *_, (_, end), new_lrs = plan
         if new_lrs is not None:
-            return values[end]
+            return values[end], None, {}
         lo, hi = _learned_bounds(group)
-        return min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi)
+        policy = self._policy(group)
+        if isinstance(policy, Additive):
+            return min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi), None, {}
+        norm = math.sqrt(values[end]) * math.sqrt(values[end + 1]) if policy.normalised else 0.0
+        state = self.hyper_state.get("hyper_step", {}).get(index)
+        if state is None:
+            state = policy.init_state(group["lr"])
+        lr, state = policy.update(group["lr"], h, norm, state, momentum=self._momentum(group),
+                                  loss=train_loss)
+        extra = {"hypergrad/lr_cosine": h / norm if norm > 0.0 else 0.0,
+                 "hyper_step/phase": policy.phase(state)}
+        return min(max(lr, lo), hi), state, extra
 
     def _per_parameter_lrs(self, index: int, group: dict[str, Any], params: list[Tensor],
                            states: list[dict[str, Any]], hypergrads: list[Tensor | None]
@@ -208,6 +283,19 @@ def _learned_bounds(group: dict[str, Any]) -> tuple[float, float]:
     unless the group's lr is already above it (a learned rate never climbs past 1e3)."""
     lo, hi = group["lr_bounds"]
     return lo, min(hi, max(LEARNED_LIMIT, group["lr"]))
+
+
+def _fsum(values: list[float]) -> float:
+    """``math.fsum``, or the plain sum (inf or nan, for the guard) when a term is not finite:
+    fsum raises ``ValueError`` on ``inf + -inf``."""
+    return math.fsum(values) if all(map(math.isfinite, values)) else sum(values)
+
+
+def _squares(tensors: list[Tensor], like: list[Tensor]) -> Tensor:
+    """The sum of squares of ``tensors`` (0 in ``like``'s dtype when there are none)."""
+    if not tensors:
+        return like[0].new_zeros(()) if like else torch.zeros((), dtype=torch.float64)
+    return torch.stack([_dot(t, t) for t in tensors]).sum()
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:

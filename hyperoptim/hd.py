@@ -8,10 +8,11 @@ from typing import Any
 import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 
-from ._base import check_sgd_arguments, check_value, is_real
-from ._hypergrad import RuleHypergrad
+from ._base import check_sgd_arguments, check_value
+from ._hypergrad import RuleHypergrad, hyper_step_option
 from ._types import Closure, ParamsT
 from ._update import SGD
+from .hyperstep import HyperStep
 
 __all__ = ["HypergradSGD"]
 
@@ -61,9 +62,14 @@ class HypergradSGD(RuleHypergrad):
         dampening (float, optional): dampening for momentum (default: 0).
         weight_decay (float, optional): L2 penalty (default: 0).
         nesterov (bool, optional): Nesterov momentum (default: False).
-        hypergrad_lr (float, optional): the hyper-learning rate :math:`\kappa` (default: 1e-3,
-            Baydin et al.'s value for SGD-HD). Its scale depends on the gradients' scale: divide
-            it by 10 if the learning rate oscillates.
+        hypergrad_lr (float, optional): the hyper-learning rate :math:`\kappa` of the additive
+            hyper-step :math:`a_t = a_{t-1} - \kappa h_t` (Baydin et al.'s value for SGD-HD is
+            1e-3). Its scale depends on the gradients' scale: divide it by 10 if the learning rate
+            oscillates. Giving it chooses the additive policy (default: None).
+        hyper_step (HyperStep or str, optional): the policy that turns :math:`h_t` into
+            :math:`a_t` (:mod:`hyperoptim.hyperstep`: a policy, or a name such as
+            ``"scale_free"``); not together with ``hypergrad_lr`` (default: None, the class's
+            :attr:`default_hyper_step`).
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``). Public
             implementations let the learning rate go negative; this one does not.
@@ -100,7 +106,8 @@ class HypergradSGD(RuleHypergrad):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
-        hypergrad_lr: float = 1e-3,
+        hypergrad_lr: float | None = None,
+        hyper_step: HyperStep | str | None = None,
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
         val_closure: Closure | None = None,
@@ -114,10 +121,11 @@ class HypergradSGD(RuleHypergrad):
                     and 0.0 <= lr_bounds[0] <= lr_bounds[1])
         check_sgd_arguments(lr, momentum, dampening, weight_decay, nesterov)
         check_value("lr", lr, lr_bounds[0] <= lr <= lr_bounds[1])
-        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
+        kappa, policy = hyper_step_option(hypergrad_lr, hyper_step, self.default_hypergrad_lr,
+                                          self.default_hyper_step)
         defaults = dict(
             lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, hypergrad_lr=hypergrad_lr,
+            nesterov=nesterov, hypergrad_lr=kappa, hyper_step=policy,
             lr_bounds=(float(lr_bounds[0]), float(lr_bounds[1])), per_parameter=per_parameter,
         )
         super().__init__(params, defaults, val_closure=val_closure, maximize=maximize,
@@ -125,6 +133,10 @@ class HypergradSGD(RuleHypergrad):
 
     rule = SGD
     _supports_grad_scaler = True
+    #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
+    default_hypergrad_lr = 1e-3
+    #: The policy when neither ``hypergrad_lr`` nor ``hyper_step`` is given.
+    default_hyper_step: HyperStep | str = "additive"
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:

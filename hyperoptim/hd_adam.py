@@ -9,9 +9,10 @@ import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 
 from ._adam import ADAM, check_adam_arguments
-from ._base import check_value, is_real
-from ._hypergrad import RuleHypergrad
+from ._base import check_value
+from ._hypergrad import RuleHypergrad, hyper_step_option
 from ._types import Closure, ParamsT
+from .hyperstep import HyperStep
 
 __all__ = ["HypergradAdam", "HypergradAdamW"]
 
@@ -67,9 +68,13 @@ class HypergradAdam(RuleHypergrad):
         weight_decay (float, optional): :math:`\lambda`, L2 penalty added to the gradient
             (default: 0).
         amsgrad (bool, optional): must be False (not supported).
-        hypergrad_lr (float, optional): the hyper-learning rate :math:`\kappa` (default: 1e-7,
-            Baydin et al.'s value for Adam-HD). :math:`h_t` scales like
+        hypergrad_lr (float, optional): the hyper-learning rate :math:`\kappa` of the additive
+            hyper-step (Baydin et al.'s value for Adam-HD is 1e-7); giving it chooses the
+            additive policy (default: None). :math:`h_t` scales like
             :math:`\lVert \nabla E \rVert_1`, so large models need a smaller :math:`\kappa`.
+        hyper_step (HyperStep or str, optional): the policy that turns :math:`h_t` into
+            :math:`a_t` (:mod:`hyperoptim.hyperstep`); not together with ``hypergrad_lr``
+            (default: None, the class's :attr:`default_hyper_step`).
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``).
         per_parameter (bool, optional): one learning rate per weight (default: False).
@@ -100,6 +105,10 @@ class HypergradAdam(RuleHypergrad):
     """
 
     rule = ADAM
+    #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
+    default_hypergrad_lr = 1e-7
+    #: The policy when neither ``hypergrad_lr`` nor ``hyper_step`` is given.
+    default_hyper_step: HyperStep | str = "additive"
 
     def __init__(
         self,
@@ -110,7 +119,8 @@ class HypergradAdam(RuleHypergrad):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
-        hypergrad_lr: float = 1e-7,
+        hypergrad_lr: float | None = None,
+        hyper_step: HyperStep | str | None = None,
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
         val_closure: Closure | None = None,
@@ -122,17 +132,22 @@ class HypergradAdam(RuleHypergrad):
                     and 0.0 <= lr_bounds[0] <= lr_bounds[1])
         check_adam_arguments(lr, betas, eps, weight_decay, amsgrad, maximize)
         check_value("lr", lr, lr_bounds[0] <= lr <= lr_bounds[1])
-        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
+        kappa, policy = hyper_step_option(hypergrad_lr, hyper_step, self.default_hypergrad_lr,
+                                          self.default_hyper_step)
         check_value("per_parameter", per_parameter, isinstance(per_parameter, bool))
         check_value("decoupled_weight_decay", decoupled_weight_decay,
                     isinstance(decoupled_weight_decay, bool))
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
             weight_decay=float(weight_decay), amsgrad=False, maximize=False,
-            decoupled_weight_decay=decoupled_weight_decay, hypergrad_lr=float(hypergrad_lr),
+            decoupled_weight_decay=decoupled_weight_decay, hypergrad_lr=kappa, hyper_step=policy,
             lr_bounds=(float(lr_bounds[0]), float(lr_bounds[1])), per_parameter=per_parameter,
         )
         super().__init__(params, defaults, val_closure=val_closure)
+
+    @staticmethod
+    def _momentum(group: dict[str, Any]) -> float:
+        return float(group["betas"][0])
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:
@@ -172,13 +187,14 @@ class HypergradAdamW(HypergradAdam):
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         *,
-        hypergrad_lr: float = 1e-7,
+        hypergrad_lr: float | None = None,
+        hyper_step: HyperStep | str | None = None,
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
         val_closure: Closure | None = None,
         maximize: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
-                         hypergrad_lr=hypergrad_lr, lr_bounds=lr_bounds,
+                         hypergrad_lr=hypergrad_lr, hyper_step=hyper_step, lr_bounds=lr_bounds,
                          per_parameter=per_parameter, val_closure=val_closure,
                          maximize=maximize, decoupled_weight_decay=True)
