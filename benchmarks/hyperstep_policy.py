@@ -17,6 +17,9 @@ the class's default kappa: 1e-3 for SGD, 1e-7 for Adam), ``multiplicative``, ``g
 ``adam_log`` and ``scale_free`` at their defaults (``--policies`` picks, and accepts any policy
 ``repr``, e.g. ``"ScaleFree(tau=0.3)"``).
 
+``--val`` makes E the validation loss (``val_closure``), as ``benchmarks/versus.py`` runs the
+hyperoptim rows; by default E is the training loss.
+
 Printed: per task and optimizer, one row per policy, the mean final test metric over seeds
 (accuracy in %, MSE) from each start, the median final learning rate, and whether the issue's
 targets hold for that row: from the poor start within 2 points of accuracy (5% of MSE) of the
@@ -58,13 +61,14 @@ TASKS = {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn, "diabetes": regress
 POLICIES = ("fixed", "additive", "multiplicative", "growth", "adam_log", "scale_free")
 
 
-def make_optimizer(cls: str, params, lr: float, policy: str) -> torch.optim.Optimizer:
+def make_optimizer(cls: str, params, lr: float, policy: str, val=None) -> torch.optim.Optimizer:
     opt_cls = getattr(hyperoptim, cls)
+    kwargs = dict(lr=lr, val_closure=val, **EXTRA[cls])
     if policy == "fixed":
-        return opt_cls(params, lr=lr, hypergrad_lr=0.0, **EXTRA[cls])
+        return opt_cls(params, hypergrad_lr=0.0, **kwargs)
     if policy == "additive":
-        return opt_cls(params, lr=lr, hypergrad_lr=opt_cls.default_hypergrad_lr, **EXTRA[cls])
-    return opt_cls(params, lr=lr, hyper_step=policy, **EXTRA[cls])
+        return opt_cls(params, hypergrad_lr=opt_cls.default_hypergrad_lr, **kwargs)
+    return opt_cls(params, hyper_step=policy, **kwargs)
 
 
 def starts_for(task: Task, cls: str) -> dict[str, float]:
@@ -75,9 +79,11 @@ def starts_for(task: Task, cls: str) -> dict[str, float]:
     return STARTS[cls]
 
 
-def run(task: Task, cls: str, start: str, policy: str, seed: int, steps: int) -> dict:
+def run(task: Task, cls: str, start: str, policy: str, seed: int, steps: int,
+        use_val: bool = False) -> dict:
     model = task.make_model(seed)
-    opt = make_optimizer(cls, model.parameters(), starts_for(task, cls)[start], policy)
+    val = (lambda: task.loss(model, task.x_val, task.y_val)) if use_val else None
+    opt = make_optimizer(cls, model.parameters(), starts_for(task, cls)[start], policy, val)
     diverged = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -117,6 +123,9 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps-scale", type=float, default=1.0)
+    parser.add_argument("--val", action="store_true",
+                        help="E = the validation loss (val_closure, as benchmarks/versus.py "
+                        "runs hyperoptim), instead of the training loss")
     parser.add_argument("--json", default=None, help="append every run as a JSON line here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -125,7 +134,9 @@ def main() -> None:
         task = TASKS[name]()
         steps = max(1, round(task.steps * args.steps_scale))
         unit = "test acc %" if task.metric == "accuracy" else f"test {task.metric}"
-        print(f"\n{task.title}: {steps} steps, seeds {args.seeds}; {unit} (median final lr)")
+        mode = "validation" if args.val else "training"
+        print(f"\n{task.title}: {steps} steps, seeds {args.seeds}, E = {mode} loss; {unit} "
+              "(median final lr)")
         for cls in args.optimizers:
             starts = starts_for(task, cls)
             print(f"  {cls:<14} " + "".join(f"{s} ({starts[s]:g})".ljust(22) for s in starts)
@@ -133,12 +144,14 @@ def main() -> None:
             for policy in args.policies:
                 cells, means = [], {}
                 for start in starts:
-                    runs = [run(task, cls, start, policy, seed, steps) for seed in args.seeds]
+                    runs = [run(task, cls, start, policy, seed, steps, args.val)
+                            for seed in args.seeds]
                     if args.json:
                         with open(args.json, "a") as f:
                             for seed, r in zip(args.seeds, runs):
                                 f.write(json.dumps(dict(task=name, optimizer=cls, start=start,
-                                                        policy=policy, seed=seed, **r)) + "\n")
+                                                        policy=policy, seed=seed, val=args.val,
+                                                        **r)) + "\n")
                     vals = [r["metric"] for r in runs]
                     means[start] = (statistics.fmean(vals) if all(map(math.isfinite, vals))
                                     else math.inf)

@@ -96,6 +96,12 @@ class RuleHypergrad(HyperOptimizer):
             raise ValueError(f"Invalid hyper_step value: {group['hyper_step']} (per_parameter=True "
                              "takes the additive hyper-step: pass hypergrad_lr)")
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            # A checkpoint saved before the policies existed took the additive step.
+            group.setdefault("hyper_step", Additive.name)
+
     @staticmethod
     def _policy(group: dict[str, Any]) -> HyperStep:
         r"""The group's hyper-step policy (``"additive"``: :math:`\kappa` = ``hypergrad_lr``)."""
@@ -252,8 +258,9 @@ class RuleHypergrad(HyperOptimizer):
             state = policy.init_state(group["lr"])
         lr, state = policy.update(group["lr"], h, norm, state, momentum=self._momentum(group),
                                   loss=train_loss)
-        extra = {"hypergrad/lr_cosine": h / norm if norm > 0.0 else 0.0,
-                 "hyper_step/phase": policy.phase(state)}
+        extra = {"hyper_step/phase": policy.phase(state)}
+        if policy.normalised:
+            extra["hypergrad/lr_cosine"] = h / norm if norm > 0.0 else 0.0
         return min(max(lr, lo), hi), state, extra
 
     def _per_parameter_lrs(self, index: int, group: dict[str, Any], params: list[Tensor],

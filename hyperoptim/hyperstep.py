@@ -196,6 +196,8 @@ class AdamLog(HyperStep):
         t = state["t"] + 1.0
         m = self.beta1 * state["m"] + (1.0 - self.beta1) * g
         v = self.beta2 * state["v"] + (1.0 - self.beta2) * g * g
+        if v == 0.0:  # g * g underflowed: no scale to normalise by yet
+            return value, state
         m_hat, v_hat = m / (1.0 - self.beta1 ** t), v / (1.0 - self.beta2 ** t)
         step = self.lr * m_hat / math.sqrt(v_hat)
         return value * math.exp(-step), {"m": m, "v": v, "t": t}
