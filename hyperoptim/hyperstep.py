@@ -75,6 +75,8 @@ class HyperStep:
     name: ClassVar[str] = ""
     #: Whether :meth:`update` reads ``norm`` (the optimizer skips computing it otherwise).
     normalised: ClassVar[bool] = True
+    #: Whether :meth:`update` reads ``loss``.
+    uses_loss: ClassVar[bool] = False
 
     def init_state(self, value: float) -> dict[str, float]:
         return {}
@@ -238,6 +240,7 @@ class ScaleFree(HyperStep):
     smooth: float = 0.1
     name: ClassVar[str] = "scale_free"
     normalised: ClassVar[bool] = False
+    uses_loss: ClassVar[bool] = True
 
     def init_state(self, value: float) -> dict[str, float]:
         return {"m": 0.0, "v": 0.0, "t": 0.0, "seen": 0.0, "first": 0.0, "ema": 0.0,

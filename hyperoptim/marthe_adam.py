@@ -2,12 +2,15 @@ r"""MARTHE with Adam/AdamW as the inner optimizer (Donini et al., 2020, Section 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch  # noqa: F401  (the examples below use it)
 
 from ._adam import ADAM, check_adam_arguments
 from ._base import check_value, is_real
 from ._types import Closure, ParamsT
-from .marthe import RuleMarthe
+from .hyperstep import HyperStep
+from .marthe import RuleMarthe, marthe_hyper_step
 
 __all__ = ["MartheAdam", "MartheAdamW"]
 
@@ -71,6 +74,8 @@ class MartheAdam(RuleMarthe):
             grid).
         adapt_hypergrad_lr (bool, optional): adapt :math:`\beta` online (default: True).
         hypergrad_clip (float, optional): clip :math:`\Delta` in the updates (default: None).
+        hyper_step (HyperStep or str, optional): a policy of :mod:`hyperoptim.hyperstep` in
+            place of MARTHE's step, as for :class:`~hyperoptim.MartheSGD` (default: None).
         val_closure (callable, optional): the validation loss; required here or in
             :meth:`step` (default: None).
         hvp (str, optional): the Hessian-vector-product route, as for
@@ -115,12 +120,14 @@ class MartheAdam(RuleMarthe):
         hypergrad_lr: float = 1e-9,
         adapt_hypergrad_lr: bool = True,
         hypergrad_clip: float | None = None,
+        hyper_step: HyperStep | str | None = None,
         val_closure: Closure | None = None,
         hvp: str = "auto",
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
     ) -> None:
         check_adam_arguments(lr, betas, eps, weight_decay, amsgrad, maximize)
+        policy = marthe_hyper_step(hyper_step)
         check_value("mu", mu, mu == "adaptive" or (is_real(mu) and 0.0 <= mu <= 1.0))
         check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
         check_value("adapt_hypergrad_lr", adapt_hypergrad_lr, isinstance(adapt_hypergrad_lr, bool))
@@ -135,8 +142,13 @@ class MartheAdam(RuleMarthe):
             mu=mu if mu == "adaptive" else float(mu), hypergrad_lr=float(hypergrad_lr),
             adapt_hypergrad_lr=adapt_hypergrad_lr,
             hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
+            hyper_step=policy,
         )
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp)
+
+    @staticmethod
+    def _momentum(group: dict[str, Any]) -> float:
+        return float(group["betas"][0])
 
 
 class MartheAdamW(MartheAdam):
@@ -170,11 +182,13 @@ class MartheAdamW(MartheAdam):
         hypergrad_lr: float = 1e-9,
         adapt_hypergrad_lr: bool = True,
         hypergrad_clip: float | None = None,
+        hyper_step: HyperStep | str | None = None,
         val_closure: Closure | None = None,
         hvp: str = "auto",
         maximize: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, mu=mu,
                          hypergrad_lr=hypergrad_lr, adapt_hypergrad_lr=adapt_hypergrad_lr,
-                         hypergrad_clip=hypergrad_clip, val_closure=val_closure, hvp=hvp,
+                         hypergrad_clip=hypergrad_clip, hyper_step=hyper_step,
+                         val_closure=val_closure, hvp=hvp,
                          maximize=maximize, decoupled_weight_decay=True)

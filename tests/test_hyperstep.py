@@ -40,10 +40,14 @@ class Net:
                          torch.randn(8, 2, generator=gen, dtype=torch.float64))
                         for _ in range(steps)]
 
-    def loss(self, t: int, params=None) -> torch.Tensor:
-        w = self.params if params is None else params
-        x, y = self.batches[t % len(self.batches)]
+    @staticmethod
+    def loss_at(w, batch) -> torch.Tensor:
+        x, y = batch
         return ((torch.tanh(x @ w[0]) @ w[1] - y) ** 2).mean()
+
+    def loss(self, t: int, params=None) -> torch.Tensor:
+        return self.loss_at(self.params if params is None else params,
+                            self.batches[t % len(self.batches)])
 
 
 def _run(opt, net: Net, steps: int, scale: float = 1.0, start: int = 0) -> None:
@@ -305,3 +309,56 @@ def test_old_checkpoint_without_hyper_step_is_additive():
     _run(opt, net, 3, start=3)
     _run(resumed, net2, 3, start=3)
     assert resumed.history[0]["lr"] == opt.history[0]["lr"]
+
+
+# ----------------------------------------------------------------------------- MARTHE
+
+
+def _marthe(net: Net, lr: float, policy, scale: float = 1.0, **kw):
+    from hyperoptim import MartheSGD
+
+    val = net.batches[-1]
+    return MartheSGD(net.params, lr=lr, momentum=0.5, hyper_step=policy,
+                     val_closure=lambda: scale * Net.loss_at(net.params, val), **kw)
+
+
+@pytest.mark.parametrize("policy", NORMALISED, ids=repr)
+def test_marthe_policy_is_loss_scale_invariant(policy):
+    """MARTHE's Delta_t over ||grad E|| ||Z_t||: c*L from lr a/c learns a_t / c (c = 4)."""
+    c = 4.0
+    net_a, net_b = Net(8), Net(8)
+    oa = _marthe(net_a, 0.05, policy)
+    ob = _marthe(net_b, 0.05 / c, policy, scale=c)
+    _run(oa, net_a, 10)
+    _run(ob, net_b, 10, scale=c)
+    assert [a / c for a in oa.history[0]["lr"]] == pytest.approx(ob.history[0]["lr"], rel=1e-9)
+    assert oa.history[0]["lr"][-1] != 0.05
+
+
+def test_marthe_default_is_its_own_step_and_resume_mid_growth_is_exact():
+    from hyperoptim import MartheSGD
+
+    default = _marthe(Net(9), 1e-3, None)
+    assert isinstance(default, MartheSGD) and default.param_groups[0]["hyper_step"] == "additive"
+    net2 = Net(9, steps=30)
+    net = Net(9, steps=30)
+    opt = _marthe(net, 1e-4, Growth())
+    _run(opt, net, 5)
+    assert opt.hyper_state["hyper_step"][0]["phase"] == 0.0
+    sd = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for p in net.params]
+    _run(opt, net, 10, start=5)
+    with torch.no_grad():
+        for p, w in zip(net2.params, weights):
+            p.copy_(w)
+    resumed = _marthe(net2, 1e-4, Growth())
+    resumed.load_state_dict(sd)
+    _run(resumed, net2, 10, start=5)
+    assert resumed.history[0]["lr"] == opt.history[0]["lr"]
+
+
+def test_marthe_rejects_an_additive_kappa():
+    from hyperoptim import MartheSGD
+
+    with pytest.raises(ValueError, match="hypergrad_lr and adapt_hypergrad_lr"):
+        MartheSGD(Net(0).params, hyper_step=Additive(0.1))
