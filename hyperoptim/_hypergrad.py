@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
 
-from ._base import LEARNED_LIMIT, HyperOptimizer, check_value, is_real
+from ._base import LEARNED_LIMIT, HyperOptimizer, all_reduce_mean, check_value, is_real
 from ._types import Closure
 from ._update import UpdateRule
 from .hyperstep import Additive, HyperStep, resolve
@@ -189,14 +189,20 @@ class RuleHypergrad(HyperOptimizer):
 
         if val_loss is not None:
             scalars.append(val_loss)
+        # A policy that reads the training loss reads its mean over ranks (every rank's policy
+        # state must stay identical; the closure's loss is this rank's own).
+        reads_loss = loss is not None and any(self._policy(g).uses_loss for g, _ in groups)
+        if reads_loss:
+            scalars.append(all_reduce_mean([cast(Tensor, loss).detach().reshape(())])[0])
         guard = self._guard_scalars(loss, groups)
         values = _host_floats(scalars + guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
 
         hypergrads = [-_fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
         # The training loss (the first guard scalar), for policies that read it.
-        train_loss = None if loss is None else (-checked[0] if self.defaults["maximize"]
-                                                else checked[0])
+        train_loss = None
+        if reads_loss:
+            train_loss = -values[-1] if self.defaults["maximize"] else values[-1]
         stepped = [self._new_lr(i, plan, h, values, train_loss)
                    for i, (plan, h) in enumerate(zip(plans, hypergrads))]
         group_lrs = [lr for lr, _, _ in stepped]

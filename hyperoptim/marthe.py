@@ -10,7 +10,14 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor
 
-from ._base import LEARNED_LIMIT, HyperOptimizer, check_sgd_arguments, check_value, is_real
+from ._base import (
+    LEARNED_LIMIT,
+    HyperOptimizer,
+    all_reduce_mean,
+    check_sgd_arguments,
+    check_value,
+    is_real,
+)
 from ._types import Closure, ParamsT
 from ._update import SGD, UpdateRule, apply_update_, rule_tangents, sgd_direction
 from .hyperstep import Additive, HyperStep, resolve
@@ -272,7 +279,7 @@ class RuleMarthe(HyperOptimizer):
         if loss is not None and any(getattr(self._policy(g), "uses_loss", False) for g in groups):
             # The training loss at w_t reaches a policy at the next step (MARTHE updates the
             # learning rate before the training closure runs).
-            value = float(loss)
+            value = float(all_reduce_mean([loss.detach().reshape(())])[0])  # the same on every rank
             self.hyper_state["last_loss"] = -value if self.defaults["maximize"] else value
         return loss
     def _advance(self, index: int, group: dict[str, Any], params: list[Tensor],

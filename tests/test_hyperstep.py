@@ -172,7 +172,8 @@ def test_a_start_ten_to_the_k_away_follows_the_same_trajectory_scaled(index, k, 
 
 
 def test_scale_free_brings_a_runaway_loss_down_fast():
-    """While the loss is far above its smoothed minimum and rising, the value halves per step."""
+    """While the loss gives back more than half its progress and rises, the value halves per
+    step; minibatch noise far below the first loss does not trip it."""
     policy = ScaleFree()
     value, state = 1.0, policy.init_state(1.0)
     for loss in (1.0, 0.8, 0.6, 0.5):
@@ -183,6 +184,22 @@ def test_scale_free_brings_a_runaway_loss_down_fast():
     assert value == 1.0 / 8
     value, state = policy.update(value, 0.0, 0.0, state, loss=7.0)  # falling: no reaction
     assert value == 1.0 / 8
+
+    value, state = 1.0, policy.init_state(1.0)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(300):  # from 2.3 down to a noisy 0.01-0.2
+        loss = 2.3 * 0.97 ** t + 0.2 * float(torch.rand((), generator=gen))
+        value, state = policy.update(value, 0.0, 0.0, state, loss=loss)
+    assert value == 1.0
+
+
+def test_scale_free_grows_at_the_momentum_pace_and_shrinks_faster():
+    policy = ScaleFree()
+    for momentum, h, expected in ((0.9, -1.0, 0.1 * math.log(2)), (0.0, -1.0, math.log(2)),
+                                  (0.9, 1.0, -0.2)):
+        value, state = 1.0, policy.init_state(1.0)
+        value, state = policy.update(value, h, 1.0, state, momentum=momentum)
+        assert math.log(value) == pytest.approx(expected)  # the first normalised step is +-1
 
 
 def test_growth_grows_at_the_momentum_pace_then_steps_back_once():
