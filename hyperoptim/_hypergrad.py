@@ -199,7 +199,7 @@ class RuleHypergrad(HyperOptimizer):
         values, checked = values[: len(scalars)], values[len(scalars):]
 
         hypergrads = [-_fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
-        # The training loss (the first guard scalar), for policies that read it.
+        # The training loss's mean over ranks (the last scalar), for policies that read it.
         train_loss = None
         if reads_loss:
             train_loss = -values[-1] if self.defaults["maximize"] else values[-1]

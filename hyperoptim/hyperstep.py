@@ -31,8 +31,9 @@ Policies:
   ``factor ** (1 - momentum)`` per step; at the first change of sign it steps back once.
 - :class:`AdamLog` ``(lr, betas)``: Adam on :math:`\log a` with the gradient
   :math:`\partial E / \partial \log a = a h`; each step moves :math:`\log a` by about ``lr``.
-- :class:`ScaleFree` (the reasoning is in its docstring): :class:`AdamLog`, and a fast
-  reactive decrease while the training loss runs away.
+- :class:`ScaleFree` (the reasoning is in its docstring): Adam-normalised steps on
+  :math:`\log a` with little hyper-momentum, and a fast reactive decrease while the training
+  loss runs away.
 
 :func:`resolve` turns a policy, its name (``"scale_free"``) or its ``repr``
 (``"ScaleFree(beta=0.05)"``) into a policy; param groups keep the ``repr`` (a plain string, so a
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import math
 from typing import Any, ClassVar
 
@@ -207,42 +209,44 @@ class AdamLog(HyperStep):
 
 @dataclasses.dataclass(frozen=True)
 class ScaleFree(HyperStep):
-    r"""The scale-free policy: Adam-normalised steps on :math:`\log a`, paced by the inner
-    momentum when growing, faster when shrinking, and a reactive decrease when the training loss
-    gives back its progress.
+    r"""The scale-free policy: Adam-normalised steps on :math:`\log a` with little
+    hyper-momentum, and a fast reactive decrease when the training loss runs away.
 
     1. *Normalised steps on the log value.* With :math:`g_t = a h_t = \partial E / \partial
        \log a`, Adam's moments (``beta1``, ``beta2``, bias-corrected, no :math:`\epsilon`) give
        :math:`r_t = \hat m_t / \sqrt{\hat v_t}`, which does not depend on the scale of the loss,
-       of the parameters or of :math:`a` (so a start :math:`10^k` away follows the same steps,
-       only for longer). :math:`\log a` moves by :math:`-\eta_\uparrow r_t` when
-       :math:`r_t < 0` (growing) and by :math:`-\eta_\downarrow r_t` otherwise. The growth step
-       is paced by the inner momentum :math:`m` (SGD's momentum, Adam's :math:`\beta_1`):
-       :math:`\eta_\uparrow = \ln 2\,(1 - m)` (``up=None``) doubles :math:`a` at most once per
-       :math:`1/(1-m)` steps, the time the momentum buffer takes to answer a new learning rate;
-       growing faster overshoots and, with ReLUs, kills the run in one step (measured: the
-       digits CNN from its good start died at 0.44 with unpaced steps of 0.15). Shrinking is not
-       paced (``down`` = 0.2: 10x in about 12 steps), because a learning rate 10x too large with
-       momentum 0.9 loses the run in about 15 steps while one too small only costs steps. The
-       asymmetry also biases the equilibrium under noise slightly towards the smaller value,
-       which is the safe side. ``beta1`` = 0.5 keeps little momentum in the hyper-step: a
-       hyper-momentum of 0.9 carried :math:`a` on upwards after its signal had turned.
-    2. *Reactive decrease.* A run that gives back more than ``lost`` of the progress it made
-       (the training loss :math:`L_t` above :math:`\ell + \text{lost}\,(L_0 - \ell)`, with
-       :math:`\ell` the lowest EMA of the loss, weight ``smooth``) while the loss is still
-       rising halves :math:`a` (``shrink``) at each such step: the training loss sees a runaway
-       before any one-step hypergradient does. Minibatch noise late in training (batch losses
-       several times the running minimum, yet far below the first loss) does not trip it; a
-       climb back towards the first loss's level does. Invariant to scaling the loss by
-       :math:`c > 0`. Without a loss (a ``step()`` whose closure returns none) this part is off.
+       of the parameters or of :math:`a`; :math:`\log a` moves by :math:`-\eta r_t` with
+       :math:`\eta` = ``up`` when growing (:math:`r_t < 0`) and ``down`` when shrinking. A start
+       :math:`10^k` away follows the same steps, only for longer: 100x takes about
+       :math:`4.6/\eta` steps of consistent signal (23 at 0.2), in either direction.
+       Why these choices (``benchmarks/hyperstep_policy.py``, three tasks, SGD with momentum 0.9
+       and Adam, three starts): the normalised multiplicative rule and its growth phase read
+       single-step cosines, which on the digits CNN started 10x too large stay at +0.1 to +0.5
+       while the run dies, and whose growth phase ends at the first noisy sign flip from 100x
+       too small; Adam's normalisation turns the same weak but consistent signal into full
+       steps. ``beta1`` = 0.5: with Adam's 0.9 the value kept climbing after its signal had
+       turned and killed the CNN from its good start (lr 0.1 -> 0.44 in 16 steps, dead ReLUs)
+       at :math:`\eta` = 0.15. :math:`\eta` = 0.1 left diabetes from its large start 17% worse
+       (4 seeds) and lost the CNN at 0.05; pacing growth by the inner momentum
+       (:math:`\ln 2\,(1 - m)` per step) left Adam's CNN at 55% from 100x too small.
+    2. *Reactive decrease.* While the training loss is above its smoothed running minimum
+       :math:`\ell` (an EMA with weight ``smooth``) by more than the run's own scale,
+       :math:`L_t > \ell + \max(L_0 - \ell, |\ell|)`, *and still rising*, the value is divided
+       by ``shrink`` at each step: the training loss sees a runaway before any one-step
+       hypergradient (alone, Adam on the log value let full-batch diabetes grow its learning
+       rate to 0.23 and diverge on both seeds from 100x too small). The scale is the base's
+       divergence warning's, so minibatch noise late in training (batch losses several times
+       the running minimum, yet far below the first loss) does not trip it. Invariant to
+       scaling the loss by :math:`c > 0`; off without a loss (a closure that returns none).
+       It cannot undo a single step that kills a ReLU network; the small hyper-momentum is
+       what prevents those.
     """
 
-    up: float | None = None
+    up: float = 0.2
     down: float = 0.2
     beta1: float = 0.5
     beta2: float = 0.999
     shrink: float = 2.0
-    lost: float = 0.5
     smooth: float = 0.1
     name: ClassVar[str] = "scale_free"
     normalised: ClassVar[bool] = False
@@ -262,9 +266,7 @@ class ScaleFree(HyperStep):
             v = self.beta2 * state["v"] + (1.0 - self.beta2) * g * g
             if v > 0.0:
                 r = (m / (1.0 - self.beta1 ** t)) / math.sqrt(v / (1.0 - self.beta2 ** t))
-                up = math.log(2.0) * (1.0 - min(max(momentum, 0.0), 1.0)) if self.up is None \
-                    else self.up
-                value *= math.exp(-(up if r < 0.0 else self.down) * r)
+                value *= math.exp(-(self.up if r < 0.0 else self.down) * r)
                 state = {**state, "m": m, "v": v, "t": t}
         if loss is None or not math.isfinite(loss):
             return value, state
@@ -273,8 +275,8 @@ class ScaleFree(HyperStep):
                            "prev": loss}
         ema = (1.0 - self.smooth) * state["ema"] + self.smooth * loss
         low = min(state["low"], ema)
-        progress = state["first"] - low
-        if progress > 0.0 and loss > low + self.lost * progress and loss > state["prev"]:
+        scale = max(state["first"] - low, abs(low))
+        if loss > low + scale and loss > state["prev"]:
             value /= self.shrink
         return value, {**state, "ema": ema, "low": low, "prev": loss}
 
@@ -302,6 +304,13 @@ def resolve(spec: HyperStep | str) -> HyperStep:
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"Invalid hyper_step value: {spec!r}")
+    return _parse(spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(spec: str) -> HyperStep:
+    """:func:`resolve` for strings (cached: optimizers resolve their groups' policy every step,
+    and policies are immutable)."""
     if spec in POLICIES:
         return POLICIES[spec]()
     try:
