@@ -160,7 +160,7 @@ def main() -> None:
                 poor_ok = meets(task, means["poor"], means["good"], 2, 0.05)
                 large_ok = meets(task, means["large"], means["good"], 5, 0.10)
                 marks = f"{'ok' if poor_ok else '--'} / {'ok' if large_ok else '--'}"
-                print(f"    {policy:<13}" + "".join(cells) + marks, flush=True)
+                print(f"    {policy:<14} " + "".join(cells) + marks, flush=True)
     print(f"\n{time.perf_counter() - begin:.0f} s")
 
 
