@@ -232,9 +232,11 @@ class ScaleFree(HyperStep):
     2. *Reactive decrease.* While the training loss is above its smoothed running minimum
        :math:`\ell` (an EMA with weight ``smooth``) by more than the run's own scale,
        :math:`L_t > \ell + \max(L_0 - \ell, |\ell|)`, *and still rising*, the value is divided
-       by ``shrink`` at each step: the training loss sees a runaway before any one-step
-       hypergradient (alone, Adam on the log value let full-batch diabetes grow its learning
-       rate to 0.23 and diverge on both seeds from 100x too small). The scale is the base's
+       by ``shrink`` at each step and Adam's moments restart: the training loss sees a runaway
+       before any one-step hypergradient (alone, Adam on the log value let full-batch diabetes
+       grow its learning rate to 0.23 and diverge on both seeds from 100x too small; the
+       moments restart because the runaway's hypergradients, remembered by the second moment,
+       held a tiny regression's learning rate still for 150 steps). The scale is the base's
        divergence warning's, so minibatch noise late in training (batch losses several times
        the running minimum, yet far below the first loss) does not trip it. Invariant to
        scaling the loss by :math:`c > 0`; off without a loss (a closure that returns none).
@@ -277,7 +279,10 @@ class ScaleFree(HyperStep):
         low = min(state["low"], ema)
         scale = max(state["first"] - low, abs(low))
         if loss > low + scale and loss > state["prev"]:
+            # Forget the moments too: the runaway's hypergradients are not this run's scale, and
+            # a second moment that remembers them holds the value still for many steps.
             value /= self.shrink
+            state = {**state, "m": 0.0, "v": 0.0, "t": 0.0}
         return value, {**state, "ema": ema, "low": low, "prev": loss}
 
     def phase(self, state: dict[str, float]) -> float:

@@ -193,6 +193,20 @@ def test_scale_free_brings_a_runaway_loss_down_fast():
     assert value == 1.0
 
 
+def test_scale_free_restarts_its_moments_after_a_runaway():
+    """The runaway's hypergradients would dominate Adam's second moment for hundreds of steps."""
+    policy = ScaleFree()
+    value, state = 1.0, policy.init_state(1.0)
+    for loss in (1.0, 0.5, 0.4):
+        value, state = policy.update(value, -1.0, 1.0, state, loss=loss)
+    grown = value
+    assert grown > 1.0 and state["v"] > 0.0
+    value, state = policy.update(value, 1e6, 1.0, state, loss=50.0)
+    assert value < grown / 1.9 and (state["m"], state["v"], state["t"]) == (0.0, 0.0, 0.0)
+    value, state = policy.update(value, -1.0, 1.0, state, loss=0.4)  # full steps again
+    assert state["t"] == 1.0
+
+
 def test_scale_free_steps_are_normalised():
     policy = ScaleFree(up=0.2, down=0.3)
     for h, expected in ((-1e-9, 0.2), (-1e9, 0.2), (1.0, -0.3)):
