@@ -108,7 +108,7 @@ class HypergradAdam(RuleHypergrad):
     #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
     default_hypergrad_lr = 1e-7
     #: The policy when neither ``hypergrad_lr`` nor ``hyper_step`` is given.
-    default_hyper_step: HyperStep | str = "additive"
+    default_hyper_step: HyperStep | str = "scale_free"
 
     def __init__(
         self,
