@@ -10,7 +10,8 @@ from torch import Tensor
 
 from .core.options import check_arguments
 from .core.types import Closure, ParamsT
-from .methods.hd import RuleHypergrad
+from .hyperstep import HyperStep
+from .methods.hd import RuleHypergrad, hyper_step_option
 from .rules.sgd import SGD
 
 __all__ = ["HypergradSGD"]
@@ -61,9 +62,14 @@ class HypergradSGD(RuleHypergrad):
         dampening (float, optional): dampening for momentum (default: 0).
         weight_decay (float, optional): L2 penalty (default: 0).
         nesterov (bool, optional): Nesterov momentum (default: False).
-        hypergrad_lr (float, optional): the hyper-learning rate :math:`\kappa` (default: 1e-3,
-            Baydin et al.'s value for SGD-HD). Its scale depends on the gradients' scale: divide
-            it by 10 if the learning rate oscillates.
+        hypergrad_lr (float, optional): the hyper-learning rate :math:`\kappa` of the additive
+            hyper-step :math:`a_t = a_{t-1} - \kappa h_t` (Baydin et al.'s value for SGD-HD is
+            1e-3). Its scale depends on the gradients' scale: divide it by 10 if the learning rate
+            oscillates. Giving it chooses the additive policy (default: None).
+        hyper_step (HyperStep or str, optional): the policy that turns :math:`h_t` into
+            :math:`a_t` (:mod:`hyperoptim.hyperstep`: a policy, or a name such as
+            ``"scale_free"``); not together with ``hypergrad_lr`` (default: None, the class's
+            :attr:`default_hyper_step`).
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``). Public
             implementations let the learning rate go negative; this one does not.
@@ -100,7 +106,8 @@ class HypergradSGD(RuleHypergrad):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
-        hypergrad_lr: float = 1e-3,
+        hypergrad_lr: float | None = None,
+        hyper_step: HyperStep | str | None = None,
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
         val_closure: Closure | None = None,
@@ -110,11 +117,12 @@ class HypergradSGD(RuleHypergrad):
         differentiable: bool = False,
     ) -> None:
         check_arguments(self, lr_bounds=lr_bounds, lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, hypergrad_lr=hypergrad_lr,
-                        per_parameter=per_parameter)
+                        weight_decay=weight_decay, nesterov=nesterov, per_parameter=per_parameter)
+        kappa, policy = hyper_step_option(hypergrad_lr, hyper_step, self.default_hypergrad_lr,
+                                          self.default_hyper_step)
         defaults = dict(
             lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, hypergrad_lr=hypergrad_lr,
+            nesterov=nesterov, hypergrad_lr=kappa, hyper_step=policy,
             lr_bounds=(float(lr_bounds[0]), float(lr_bounds[1])), per_parameter=per_parameter,
         )
         super().__init__(params, defaults, val_closure=val_closure, maximize=maximize,
@@ -122,6 +130,10 @@ class HypergradSGD(RuleHypergrad):
 
     rule = SGD
     _supports_grad_scaler = True
+    #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
+    default_hypergrad_lr = 1e-3
+    #: The policy when neither ``hypergrad_lr`` nor ``hyper_step`` is given.
+    default_hyper_step: HyperStep | str = "scale_free"
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:

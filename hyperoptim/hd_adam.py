@@ -10,7 +10,8 @@ from torch import Tensor
 
 from .core.options import check_arguments
 from .core.types import Closure, ParamsT
-from .methods.hd import RuleHypergrad
+from .hyperstep import HyperStep
+from .methods.hd import RuleHypergrad, hyper_step_option
 from .rules.adam import ADAM
 
 __all__ = ["HypergradAdam", "HypergradAdamW"]
@@ -67,9 +68,13 @@ class HypergradAdam(RuleHypergrad):
         weight_decay (float, optional): :math:`\lambda`, L2 penalty added to the gradient
             (default: 0).
         amsgrad (bool, optional): must be False (not supported).
-        hypergrad_lr (float, optional): the hyper-learning rate :math:`\kappa` (default: 1e-7,
-            Baydin et al.'s value for Adam-HD). :math:`h_t` scales like
+        hypergrad_lr (float, optional): the hyper-learning rate :math:`\kappa` of the additive
+            hyper-step (Baydin et al.'s value for Adam-HD is 1e-7); giving it chooses the
+            additive policy (default: None). :math:`h_t` scales like
             :math:`\lVert \nabla E \rVert_1`, so large models need a smaller :math:`\kappa`.
+        hyper_step (HyperStep or str, optional): the policy that turns :math:`h_t` into
+            :math:`a_t` (:mod:`hyperoptim.hyperstep`); not together with ``hypergrad_lr``
+            (default: None, the class's :attr:`default_hyper_step`).
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``).
         per_parameter (bool, optional): one learning rate per weight (default: False).
@@ -103,6 +108,10 @@ class HypergradAdam(RuleHypergrad):
     """
 
     rule = ADAM
+    #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
+    default_hypergrad_lr = 1e-7
+    #: The policy when neither ``hypergrad_lr`` nor ``hyper_step`` is given.
+    default_hyper_step: HyperStep | str = "scale_free"
 
     def __init__(
         self,
@@ -113,7 +122,8 @@ class HypergradAdam(RuleHypergrad):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
-        hypergrad_lr: float = 1e-7,
+        hypergrad_lr: float | None = None,
+        hyper_step: HyperStep | str | None = None,
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
         val_closure: Closure | None = None,
@@ -125,16 +135,22 @@ class HypergradAdam(RuleHypergrad):
     ) -> None:
         check_arguments(self, lr_bounds=lr_bounds, lr=lr, betas=betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        hypergrad_lr=hypergrad_lr, per_parameter=per_parameter,
+                        per_parameter=per_parameter,
                         decoupled_weight_decay=decoupled_weight_decay)
+        kappa, policy = hyper_step_option(hypergrad_lr, hyper_step, self.default_hypergrad_lr,
+                                          self.default_hyper_step)
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
             weight_decay=float(weight_decay), amsgrad=False, maximize=False,
-            decoupled_weight_decay=decoupled_weight_decay, hypergrad_lr=float(hypergrad_lr),
+            decoupled_weight_decay=decoupled_weight_decay, hypergrad_lr=kappa, hyper_step=policy,
             lr_bounds=(float(lr_bounds[0]), float(lr_bounds[1])), per_parameter=per_parameter,
         )
         super().__init__(params, defaults, val_closure=val_closure, foreach=foreach, fused=fused,
                          differentiable=differentiable)
+
+    @staticmethod
+    def _momentum(group: dict[str, Any]) -> float:
+        return float(group["betas"][0])
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:
@@ -174,7 +190,8 @@ class HypergradAdamW(HypergradAdam):
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         *,
-        hypergrad_lr: float = 1e-7,
+        hypergrad_lr: float | None = None,
+        hyper_step: HyperStep | str | None = None,
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
         val_closure: Closure | None = None,
@@ -184,7 +201,7 @@ class HypergradAdamW(HypergradAdam):
         differentiable: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
-                         hypergrad_lr=hypergrad_lr, lr_bounds=lr_bounds,
+                         hypergrad_lr=hypergrad_lr, hyper_step=hyper_step, lr_bounds=lr_bounds,
                          per_parameter=per_parameter, val_closure=val_closure,
                          maximize=maximize, foreach=foreach, fused=fused,
                          differentiable=differentiable, decoupled_weight_decay=True)

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from .core.options import check_arguments
 from .core.types import Closure, ParamsT
-from .methods.marthe import RuleMarthe
+from .hyperstep import HyperStep
+from .methods.marthe import RuleMarthe, marthe_hyper_step
 from .rules.base import apply_update_
 from .rules.sgd import SGD, sgd_direction
 
@@ -138,6 +139,11 @@ class MartheSGD(RuleMarthe):
         hypergrad_clip (float, optional): clip :math:`\Delta` to
             :math:`[-\text{clip}, \text{clip}]` in the updates of :math:`a` and :math:`\beta`
             (``history`` keeps the raw value); ``None`` turns it off (default: None).
+        hyper_step (HyperStep or str, optional): a policy of :mod:`hyperoptim.hyperstep` that
+            turns :math:`\Delta_t` into :math:`a_t` instead of MARTHE's :math:`a_{t-1} - \beta_t
+            \Delta_t` (normalised by :math:`\lVert \nabla E \rVert \lVert Z_t \rVert`; a policy
+            that reads the training loss gets the previous step's); ``mu`` still discounts the
+            tangent (default: None, MARTHE's own step).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step. Required, here or in :meth:`step` (default: None).
         hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim.hvp`): ``"exact"``
@@ -193,6 +199,7 @@ class MartheSGD(RuleMarthe):
         hypergrad_lr: float = 1e-6,
         adapt_hypergrad_lr: bool = True,
         hypergrad_clip: float | None = None,
+        hyper_step: HyperStep | str | None = None,
         val_closure: Closure | None = None,
         hvp: str = "auto",
         maximize: bool = False,
@@ -204,11 +211,13 @@ class MartheSGD(RuleMarthe):
                         weight_decay=weight_decay, nesterov=nesterov, mu=mu,
                         hypergrad_lr=hypergrad_lr, adapt_hypergrad_lr=adapt_hypergrad_lr,
                         hypergrad_clip=hypergrad_clip)
+        policy = marthe_hyper_step(hyper_step)
         defaults = dict(
             lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, mu=mu if mu == "adaptive" else float(mu),
             hypergrad_lr=float(hypergrad_lr), adapt_hypergrad_lr=adapt_hypergrad_lr,
             hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
+            hyper_step=policy,
         )
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)

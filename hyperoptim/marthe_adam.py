@@ -2,11 +2,14 @@ r"""MARTHE with Adam/AdamW as the inner optimizer (Donini et al., 2020, Section 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch  # noqa: F401  (the examples below use it)
 
 from .core.options import check_arguments
 from .core.types import Closure, ParamsT
-from .methods.marthe import RuleMarthe
+from .hyperstep import HyperStep
+from .methods.marthe import RuleMarthe, marthe_hyper_step
 from .rules.adam import ADAM
 
 __all__ = ["MartheAdam", "MartheAdamW"]
@@ -71,6 +74,8 @@ class MartheAdam(RuleMarthe):
             grid).
         adapt_hypergrad_lr (bool, optional): adapt :math:`\beta` online (default: True).
         hypergrad_clip (float, optional): clip :math:`\Delta` in the updates (default: None).
+        hyper_step (HyperStep or str, optional): a policy of :mod:`hyperoptim.hyperstep` in
+            place of MARTHE's step, as for :class:`~hyperoptim.MartheSGD` (default: None).
         val_closure (callable, optional): the validation loss; required here or in
             :meth:`step` (default: None).
         hvp (str, optional): the Hessian-vector-product route, as for
@@ -118,6 +123,7 @@ class MartheAdam(RuleMarthe):
         hypergrad_lr: float = 1e-9,
         adapt_hypergrad_lr: bool = True,
         hypergrad_clip: float | None = None,
+        hyper_step: HyperStep | str | None = None,
         val_closure: Closure | None = None,
         hvp: str = "auto",
         maximize: bool = False,
@@ -130,6 +136,7 @@ class MartheAdam(RuleMarthe):
                         amsgrad=amsgrad, maximize=maximize, mu=mu, hypergrad_lr=hypergrad_lr,
                         adapt_hypergrad_lr=adapt_hypergrad_lr, hypergrad_clip=hypergrad_clip,
                         decoupled_weight_decay=decoupled_weight_decay)
+        policy = marthe_hyper_step(hyper_step)
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
             weight_decay=float(weight_decay), amsgrad=False, maximize=False,
@@ -137,9 +144,14 @@ class MartheAdam(RuleMarthe):
             mu=mu if mu == "adaptive" else float(mu), hypergrad_lr=float(hypergrad_lr),
             adapt_hypergrad_lr=adapt_hypergrad_lr,
             hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
+            hyper_step=policy,
         )
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, foreach=foreach,
                          fused=fused, differentiable=differentiable)
+
+    @staticmethod
+    def _momentum(group: dict[str, Any]) -> float:
+        return float(group["betas"][0])
 
 
 class MartheAdamW(MartheAdam):
@@ -173,6 +185,7 @@ class MartheAdamW(MartheAdam):
         hypergrad_lr: float = 1e-9,
         adapt_hypergrad_lr: bool = True,
         hypergrad_clip: float | None = None,
+        hyper_step: HyperStep | str | None = None,
         val_closure: Closure | None = None,
         hvp: str = "auto",
         maximize: bool = False,
@@ -182,6 +195,7 @@ class MartheAdamW(MartheAdam):
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, mu=mu,
                          hypergrad_lr=hypergrad_lr, adapt_hypergrad_lr=adapt_hypergrad_lr,
-                         hypergrad_clip=hypergrad_clip, val_closure=val_closure, hvp=hvp,
+                         hypergrad_clip=hypergrad_clip, hyper_step=hyper_step,
+                         val_closure=val_closure, hvp=hvp,
                          maximize=maximize, foreach=foreach, fused=fused,
                          differentiable=differentiable, decoupled_weight_decay=True)

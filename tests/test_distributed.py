@@ -38,6 +38,15 @@ def _builders() -> dict[str, Callable[..., Any]]:
                                                        hypergrad_lr=0.02, val_closure=v),
         "marthe": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
                                                     hypergrad_lr=1e-4, val_closure=v),
+        # The policies of hyperoptim.hyperstep: their state (the loss-reading ScaleFree's too)
+        # must be identical across ranks.
+        "hd_scale_free": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5,
+                                                              hyper_step="scale_free"),
+        "hd_growth_val": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5,
+                                                              hyper_step="growth", val_closure=v),
+        "marthe_scale_free": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5,
+                                                               hyper_step="scale_free",
+                                                               val_closure=v),
         "ift": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
                                                     update_interval=3, lookback=3, val_closure=v),
         "fds": lambda p, v: hyperoptim.FDSSGD(p, horizon=4, lr=0.05, momentum=0.5,

@@ -945,7 +945,7 @@ class HyperOptimizer(Optimizer):
 
 # Group keys that a state dict saved before they existed may lack (filled from the defaults).
 _OPTIONAL_KEYS = frozenset({"maximize", "dampening", "nesterov", "foreach", "differentiable",
-                           "fused", "param_names"})
+                           "fused", "param_names", "hyper_step"})
 
 
 def _to_device(obj: Any, device: torch.device | None) -> Any:

@@ -18,19 +18,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
-from ..core.checks import check_value
-from ..core.dist import world_size
+from ..core.checks import check_value, is_real
+from ..core.dist import all_reduce_mean, world_size
 from ..core.shard import is_sharded, local, sums_and_norms
 from ..core.types import Closure
+from ..hyperstep import Additive, HyperStep, resolve
 from ..rules.base import UpdateRule
 
-__all__ = ["RuleHypergrad"]
+__all__ = ["RuleHypergrad", "hyper_step_option"]
+
+
+def hyper_step_option(hypergrad_lr: float | None, hyper_step: HyperStep | str | None,
+                      default_kappa: float, default: HyperStep | str) -> tuple[float, str]:
+    r"""The constructor's ``hypergrad_lr`` and ``hyper_step`` as the group's ``(hypergrad_lr,
+    hyper_step)``: a float ``hypergrad_lr`` alone is the additive policy with that
+    :math:`\kappa` (every trajectory as before the policies existed); ``hyper_step`` alone is that
+    policy (``Additive(kappa)`` sets ``hypergrad_lr``); neither is the class default."""
+    if hypergrad_lr is not None and hyper_step is not None:
+        raise ValueError(f"Invalid hyper_step value: {hyper_step!r} (hypergrad_lr={hypergrad_lr} "
+                         "already chooses the additive policy: pass one of hypergrad_lr and "
+                         "hyper_step)")
+    if hypergrad_lr is not None:
+        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
+        return float(hypergrad_lr), Additive.name
+    policy = resolve(default if hyper_step is None else hyper_step)
+    if isinstance(policy, Additive):
+        kappa = default_kappa if policy.kappa is None else policy.kappa
+        check_value("hypergrad_lr", kappa, is_real(kappa) and kappa >= 0.0)
+        return float(kappa), Additive.name
+    return float(default_kappa), repr(policy)
 
 
 class RuleHypergrad(HyperOptimizer):
@@ -68,6 +90,30 @@ class RuleHypergrad(HyperOptimizer):
         if group["per_parameter"] and any(is_sharded(p) for p in group.get("params", ())):
             raise ValueError(f"{type(self).__name__}(per_parameter=True) does not support FSDP2 "
                              "(fully_shard) yet: use one learning rate per param group.")
+        policy = self._policy(group)
+        if group["per_parameter"] and not isinstance(policy, Additive):
+            raise ValueError(f"Invalid hyper_step value: {group['hyper_step']} (per_parameter=True "
+                             "takes the additive hyper-step: pass hypergrad_lr)")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            # A checkpoint saved before the policies existed took the additive step.
+            group.setdefault("hyper_step", Additive.name)
+
+    @staticmethod
+    def _policy(group: dict[str, Any]) -> HyperStep:
+        r"""The group's hyper-step policy (``"additive"``: :math:`\kappa` = ``hypergrad_lr``)."""
+        spec = group.get("hyper_step", Additive.name)
+        if spec == Additive.name:
+            return Additive(group["hypergrad_lr"])
+        return resolve(spec)
+
+    @staticmethod
+    def _momentum(group: dict[str, Any]) -> float:
+        """The inner rule's momentum, which paces the policy's growth (SGD's ``momentum``)."""
+        return float(group.get("momentum", 0.0))
+
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:
@@ -130,6 +176,12 @@ class RuleHypergrad(HyperOptimizer):
             else:
                 scalars.extend(_dot(o, d) for o, d in zip(objs, prev) if d is not None)
             span = (start, len(scalars))
+            if not group["per_parameter"] and self._policy(group).normalised:
+                # ||grad E(w_t)||^2 and ||d_{t-1}||^2 over the terms of h_t: its scale (partial
+                # sums under FSDP2, completed with the dots).
+                pairs = [(o, d) for o, d in zip(objs, prev) if d is not None]
+                scalars.append(_squares([o for o, _ in pairs], objs))
+                scalars.append(_squares([d for _, d in pairs], objs))
             if new_lrs is not None:
                 n = sum(a.numel() for a in new_lrs)
                 scalars.append(torch.stack([a.sum() for a in new_lrs]).sum() / n if n
@@ -149,12 +201,23 @@ class RuleHypergrad(HyperOptimizer):
                 val_loss = sums[-1] / world_size()
         if val_loss is not None:
             scalars.append(val_loss)
+        # A policy that reads the training loss reads its mean over ranks (every rank's policy
+        # state must stay identical; the closure's loss is this rank's own).
+        reads_loss = loss is not None and any(self._policy(g).uses_loss for g, _ in groups)
+        if reads_loss:
+            scalars.append(all_reduce_mean([cast(Tensor, loss).detach().reshape(())])[0])
         guard = self._guard_scalars(loss, groups, norms)
         values = _host_floats(scalars + guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
 
         hypergrads = [-_fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
-        group_lrs = [self._new_lr(plan, h, values) for plan, h in zip(plans, hypergrads)]
+        # The training loss's mean over ranks (the last scalar), for policies that read it.
+        train_loss = None
+        if reads_loss:
+            train_loss = -values[-1] if self.defaults["maximize"] else values[-1]
+        stepped = [self._new_lr(i, plan, h, values, train_loss)
+                   for i, (plan, h) in enumerate(zip(plans, hypergrads))]
+        group_lrs = [lr for lr, _, _ in stepped]
         largest = [values[b + 1] if plan[-1] is not None else lr
                    for plan, (_, b), lr in zip(plans, (p[4] for p in plans), group_lrs)]
         # One guard for everything the step is about to commit (docs/design.md §7): the hypergradient
@@ -165,13 +228,18 @@ class RuleHypergrad(HyperOptimizer):
         if reason is not None:
             self._warn_nonfinite(reason)
             for i, group in enumerate(self.param_groups):
-                self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan})
+                extra = {} if not stepped[i][2] else dict.fromkeys(stepped[i][2], math.nan)
+                self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan},
+                             **extra)
             return loss
 
         rule = self.rule
-        for i, (plan, h, new_lr) in enumerate(zip(plans, hypergrads, group_lrs)):
+        for i, (plan, h, (new_lr, policy_state, extra)) in enumerate(
+                zip(plans, hypergrads, stepped)):
             group, params, grads, states, _, new_lrs = plan
             group["lr"] = new_lr
+            if policy_state is not None:
+                self.hyper_state.setdefault("hyper_step", {})[i] = policy_state
             hypers: dict[str, Any] = rule.hypers(group)
             if new_lrs is not None:
                 self.hyper_state.setdefault("published_lr", {})[i] = new_lr
@@ -187,17 +255,31 @@ class RuleHypergrad(HyperOptimizer):
                     # Kept unless the rule's state already holds it (heavy ball's buffer).
                     if self._previous_direction(group, s) is not d:
                         s["direction"] = d
-            self._record(i, lr=group["lr"], **{"hypergrad/lr": h})
+            self._record(i, lr=group["lr"], **{"hypergrad/lr": h}, **extra)
         return loss
 
-    @staticmethod
-    def _new_lr(plan: tuple[Any, ...], h: float, values: list[float]) -> float:
-        """A group's new learning rate (per-weight groups: the new mean), not yet committed."""
+    def _new_lr(self, index: int, plan: tuple[Any, ...], h: float, values: list[float],
+                train_loss: float | None) -> tuple[float, dict[str, float] | None,
+                                                   dict[str, float]]:
+        """A group's new learning rate (per-weight groups: the new mean), the policy's new state
+        and what it adds to ``history``; nothing is committed (the step may still be skipped)."""
         group, *_, (_, end), new_lrs = plan
         if new_lrs is not None:
-            return values[end]
+            return values[end], None, {}
         lo, hi = _learned_bounds(group)
-        return min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi)
+        policy = self._policy(group)
+        if isinstance(policy, Additive):
+            return min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi), None, {}
+        norm = math.sqrt(values[end]) * math.sqrt(values[end + 1]) if policy.normalised else 0.0
+        state = self.hyper_state.get("hyper_step", {}).get(index)
+        if state is None:
+            state = policy.init_state(group["lr"])
+        lr, state = policy.update(group["lr"], h, norm, state, momentum=self._momentum(group),
+                                  loss=train_loss)
+        extra = {"hyper_step/phase": policy.phase(state)}
+        if policy.normalised:
+            extra["hypergrad/lr_cosine"] = h / norm if norm > 0.0 else 0.0
+        return min(max(lr, lo), hi), state, extra
 
     def _per_parameter_lrs(self, index: int, group: dict[str, Any], params: list[Tensor],
                            states: list[dict[str, Any]], hypergrads: list[Tensor | None]
@@ -232,6 +314,13 @@ def _fsum(values: list[float]) -> float:
     """The exact sum of ``values``; NaN if one is not finite (products that overflowed: the guard
     then skips the step), where ``math.fsum`` would raise on ``-inf + inf``."""
     return math.fsum(values) if all(math.isfinite(v) for v in values) else math.nan
+
+
+def _squares(tensors: list[Tensor], like: list[Tensor]) -> Tensor:
+    """The sum of squares of ``tensors`` (0 in ``like``'s dtype when there are none)."""
+    if not tensors:
+        return like[0].new_zeros(()) if like else torch.zeros((), dtype=torch.float64)
+    return torch.stack([_dot(t, t) for t in tensors]).sum()
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:

@@ -11,10 +11,27 @@ import torch
 from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
+from ..core.dist import all_reduce_mean
 from ..core.types import Closure
+from ..hyperstep import Additive, HyperStep, resolve
 from ..rules.base import UpdateRule, rule_tangents
 
-__all__ = ["RuleMarthe", "adaptive_mu"]
+__all__ = ["RuleMarthe", "adaptive_mu", "marthe_hyper_step"]
+
+
+def marthe_hyper_step(hyper_step: HyperStep | str | None) -> str:
+    r"""The group's ``"hyper_step"`` for MARTHE's constructor option: ``None`` or ``"additive"``
+    is MARTHE's own step (:math:`\beta` from ``hypergrad_lr``/``adapt_hypergrad_lr``); any other
+    policy (:mod:`hyperoptim.hyperstep`) replaces it."""
+    if hyper_step is None:
+        return Additive.name
+    policy = resolve(hyper_step)
+    if isinstance(policy, Additive):
+        if policy.kappa is not None:
+            raise ValueError(f"Invalid hyper_step value: {hyper_step!r} (MARTHE's additive step "
+                             "takes its size from hypergrad_lr and adapt_hypergrad_lr)")
+        return Additive.name
+    return repr(policy)
 
 
 def adaptive_mu(delta: float, g1: float, count: float) -> float:
@@ -79,6 +96,28 @@ class RuleMarthe(HyperOptimizer):
     def _previous_direction(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
         return state.get("direction")
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        self._policy(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            # A checkpoint saved before the policies existed took MARTHE's own step.
+            group.setdefault("hyper_step", Additive.name)
+
+    @staticmethod
+    def _policy(group: dict[str, Any]) -> HyperStep | None:
+        r"""The group's hyper-step policy; None for MARTHE's own step :math:`a - \beta_t \Delta_t`
+        (``"additive"``, with :math:`\beta_t` adapted or fixed as the group says)."""
+        spec = group.get("hyper_step", Additive.name)
+        return None if spec == Additive.name else resolve(spec)
+
+    @staticmethod
+    def _momentum(group: dict[str, Any]) -> float:
+        """The inner rule's momentum, which paces a policy's growth (SGD's ``momentum``)."""
+        return float(group.get("momentum", 0.0))
+
     def _tangent(self, p: Tensor, n_cols: int) -> Tensor:
         """:math:`Z` of ``p``, shape ``(n_cols, *p.shape)`` (zeros at first; padded when a
         param group was added since)."""
@@ -129,19 +168,42 @@ class RuleMarthe(HyperOptimizer):
                     if p in grad_e and d is not None:
                         terms.append(-torch.dot(grad_e[p].reshape(-1), d.reshape(-1)).double())
                 g1.append(torch.stack(terms).sum() if terms else delta.new_zeros(()))
-            scalars = torch.cat([delta, torch.stack(g1),
-                                 val_loss.double().reshape(1)])
+            policies = [self._policy(g) for g in groups]
+            parts = [delta, torch.stack(g1)]
+            if any(pol is not None and pol.normalised for pol in policies):
+                # The scale of Delta_t = <grad E, Z_t[i]>: ||grad E||^2, then ||Z_t[i]||^2 per
+                # column, over the tracked weights.
+                parts.append(torch.stack([grad_e[p].double().pow(2).sum() for p in tracked])
+                             .sum().reshape(1))
+                parts.append(torch.stack([
+                    self._tangent(p, n_cols).reshape(n_cols, -1).double().pow(2).sum(1)
+                    for p in tracked]).sum(0))
+            scalars = torch.cat([*parts, val_loss.double().reshape(1)])
             values = scalars.cpu().tolist()
             deltas, g1s = values[:n_cols], values[n_cols:2 * n_cols]
+            norms = ([math.sqrt(values[2 * n_cols]) * math.sqrt(z)
+                      for z in values[2 * n_cols + 1:3 * n_cols + 1]]
+                     if len(parts) > 2 else [0.0] * n_cols)
             if not self._all_finite(*values):
                 return self._skip(closure, deltas, values[-1])
 
             # 2. mu_t, beta_t, a_t from Delta_t (Appendix A; Section 4, sign derived above).
-            for group, h, d, g1_ in zip(groups, hypers, deltas, g1s, strict=True):
+            for i, (group, h, d, g1_) in enumerate(zip(groups, hypers, deltas, g1s, strict=True)):
                 if group["mu"] == "adaptive":
                     mu = adaptive_mu(d, g1_, h["count"])
                     h["count"] = h["mu"] * (1.0 + h["count"])
                     h["mu"] = mu
+                policy = policies[i]
+                if policy is not None:
+                    # A policy turns the unclipped Delta_t into a_t (beta is not used).
+                    state = self.hyper_state.get("hyper_step", {}).get(i)
+                    if state is None:
+                        state = policy.init_state(group["lr"])
+                    raw, h["policy_state"] = policy.update(
+                        group["lr"], d, norms[i], state, momentum=self._momentum(group),
+                        loss=self.hyper_state.get("last_loss"))
+                    h["new_lr"] = min(max(raw, 0.0), max(LEARNED_LIMIT, group["lr"]))
+                    continue
                 clip = group["hypergrad_clip"]
                 d = d if clip is None else min(max(d, -clip), clip)
                 if group["adapt_hypergrad_lr"]:
@@ -213,7 +275,15 @@ class RuleMarthe(HyperOptimizer):
         self._hyper(n_cols - 1)
         for i, h in enumerate(hypers):
             h.pop("new_lr")
+            policy_state = h.pop("policy_state", None)
+            if policy_state is not None:
+                self.hyper_state.setdefault("hyper_step", {})[i] = policy_state
             self.hyper_state["groups"][i] = h
+        if loss is not None and any(getattr(self._policy(g), "uses_loss", False) for g in groups):
+            # The training loss at w_t reaches a policy at the next step (MARTHE updates the
+            # learning rate before the training closure runs).
+            value = float(all_reduce_mean([loss.detach().reshape(())])[0])  # the same on every rank
+            self.hyper_state["last_loss"] = -value if self.defaults["maximize"] else value
         return loss
     def _advance(self, index: int, group: dict[str, Any], params: list[Tensor],
                  hz: dict[Tensor, Tensor] | None) -> None:

@@ -1,0 +1,330 @@
+r"""Hyper-step policies: how a hypergradient becomes the next value of a learned hyperparameter.
+
+Every method computes a hypergradient :math:`h_t = \partial E / \partial a` of a learned value
+:math:`a` (a learning rate); a *policy* turns it into the next value. The hypergradient is the
+method's business and stays exact; the policy is written once here and used by every method.
+
+A policy is a small frozen value with two pure functions on Python floats:
+
+- ``init_state(value) -> dict`` of plain floats (kept in the optimizer's ``hyper_state``, so a
+  ``state_dict`` resumes a run exactly, mid-growth included, and every DDP rank computes the same
+  thing from the same all-reduced scalars);
+- ``update(value, h, norm, state, *, momentum=0.0) -> (new_value, new_state)``, where ``h`` is the
+  raw hypergradient, ``norm`` its scale normaliser (for the learning rate of hypergradient descent
+  :math:`\lVert \nabla E(w_t) \rVert \, \lVert d_{t-1} \rVert`, so that ``-h / norm`` is the cosine
+  of the new gradient and the previous step) and ``momentum`` the inner rule's momentum
+  (SGD's momentum, Adam's :math:`\beta_1`), which sets how many steps the signal takes to answer
+  a change of the value. Neither argument is modified; the caller commits ``new_state`` only if the
+  step is taken, and clamps ``new_value`` to its bounds.
+
+Policies:
+
+- :class:`Additive` ``(kappa)``: :math:`a \leftarrow a - \kappa h`, Baydin et al.'s rule (every
+  method's behaviour before this module, bit for bit). Scale-dependent: :math:`h` scales like the
+  squared gradient, so a :math:`\kappa` right for one model is decades off for the next.
+- :class:`Multiplicative` ``(beta)``: :math:`a \leftarrow a\,(1 - \beta \cos_t)`, with
+  :math:`\cos_t = h_t / \text{norm}_t`; Martinez Rubio's normalised rule (MSc dissertation, eq.
+  3.4). Invariant to rescaling the loss, the parameters and the initial value's decade; moves
+  :math:`a` by at most a factor :math:`1 \pm \beta` per step, so it is slow from a far start.
+- :class:`Growth` ``(beta, factor)``: a bracketing phase, then :class:`Multiplicative`. While the
+  cosine keeps its first sign, :math:`a` is multiplied (or divided) by
+  ``factor ** (1 - momentum)`` per step; at the first change of sign it steps back once.
+- :class:`AdamLog` ``(lr, betas)``: Adam on :math:`\log a` with the gradient
+  :math:`\partial E / \partial \log a = a h`; each step moves :math:`\log a` by about ``lr``.
+- :class:`ScaleFree` (the reasoning is in its docstring): Adam-normalised steps on
+  :math:`\log a` with little hyper-momentum, and a fast reactive decrease while the training
+  loss runs away.
+
+:func:`resolve` turns a policy, its name (``"scale_free"``) or its ``repr``
+(``"ScaleFree(beta=0.05)"``) into a policy; param groups keep the ``repr`` (a plain string, so a
+``state_dict`` loads with ``torch.load(weights_only=True)``).
+
+Example:
+    >>> policy = Growth(beta=0.05, factor=2.0)
+    >>> state = policy.init_state(0.01)
+    >>> a = 0.01
+    >>> for h in (-1.0, -1.0, 1.0, 0.5):   # two steps that ask for more, then opposition
+    ...     a, state = policy.update(a, h, norm=2.0, state=state)
+    >>> round(a, 6), state["phase"]
+    (0.01975, 1.0)
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import math
+from typing import Any, ClassVar
+
+__all__ = ["POLICIES", "AdamLog", "Additive", "Growth", "HyperStep", "Multiplicative",
+           "ScaleFree", "resolve"]
+
+
+def _cosine(h: float, norm: float) -> float | None:
+    """:math:`h / \text{norm}` clamped to [-1, 1]; ``None`` when there is no signal (the first
+    step, a zero gradient or direction) or it is not finite."""
+    if not (norm > 0.0 and math.isfinite(norm) and math.isfinite(h)):
+        return None
+    return min(max(h / norm, -1.0), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperStep:
+    """Base of the policies (see the module docstring for the interface)."""
+
+    #: The name :func:`resolve` accepts.
+    name: ClassVar[str] = ""
+    #: Whether :meth:`update` reads ``norm`` (the optimizer skips computing it otherwise).
+    normalised: ClassVar[bool] = True
+    #: Whether :meth:`update` reads ``loss``.
+    uses_loss: ClassVar[bool] = False
+
+    def init_state(self, value: float) -> dict[str, float]:
+        return {}
+
+    def update(self, value: float, h: float, norm: float, state: dict[str, float], *,
+               momentum: float = 0.0, loss: float | None = None
+               ) -> tuple[float, dict[str, float]]:
+        raise NotImplementedError
+
+    def phase(self, state: dict[str, float]) -> float:
+        """A float for ``history``: 0 while bracketing, 1 after (policies without phases: 1)."""
+        return float(state.get("phase", 1.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Additive(HyperStep):
+    r""":math:`a \leftarrow a - \kappa h` (Baydin et al., 2018): the raw hypergradient times a
+    fixed hyper-learning rate ``kappa``. ``kappa=None`` reads the param group's
+    ``hypergrad_lr``."""
+
+    kappa: float | None = None
+    name: ClassVar[str] = "additive"
+    normalised: ClassVar[bool] = False
+
+    def update(self, value: float, h: float, norm: float, state: dict[str, float], *,
+               momentum: float = 0.0, loss: float | None = None
+               ) -> tuple[float, dict[str, float]]:
+        if self.kappa is None:
+            raise ValueError("Additive(): kappa is read from the param group's hypergrad_lr")
+        return value - self.kappa * h, state
+
+
+@dataclasses.dataclass(frozen=True)
+class Multiplicative(HyperStep):
+    r""":math:`a \leftarrow a\,(1 - \beta \cos_t)`, :math:`\cos_t = h_t / \text{norm}_t`
+    (Martinez Rubio, eq. 3.4). ``beta`` in (0, 1)."""
+
+    beta: float = 0.05
+    name: ClassVar[str] = "multiplicative"
+
+    def update(self, value: float, h: float, norm: float, state: dict[str, float], *,
+               momentum: float = 0.0, loss: float | None = None
+               ) -> tuple[float, dict[str, float]]:
+        cos = _cosine(h, norm)
+        if cos is None:
+            return value, state
+        return value * (1.0 - self.beta * cos), state
+
+
+@dataclasses.dataclass(frozen=True)
+class Growth(HyperStep):
+    r"""Bracketing, then :class:`Multiplicative`.
+
+    The first informative step fixes a direction :math:`s_0 = -\operatorname{sign} \cos`
+    (+1: the value should grow). While :math:`-\operatorname{sign}\cos_t = s_0` the value is
+    multiplied by :math:`f^{s_0}`, :math:`f =` ``factor`` :math:`^{1 - m}` with :math:`m` the
+    inner momentum: a heavy-ball buffer answers a new learning rate in about :math:`1/(1-m)`
+    steps, so the value doubles once per response time (an unscaled x2 per step overshoots with
+    momentum 0.9). At the first opposite sign it steps back once (divides by :math:`f^{s_0}`) and
+    the multiplicative rule takes over.
+    """
+
+    beta: float = 0.05
+    factor: float = 2.0
+    name: ClassVar[str] = "growth"
+
+    def init_state(self, value: float) -> dict[str, float]:
+        return {"phase": 0.0, "direction": 0.0}
+
+    def update(self, value: float, h: float, norm: float, state: dict[str, float], *,
+               momentum: float = 0.0, loss: float | None = None
+               ) -> tuple[float, dict[str, float]]:
+        cos = _cosine(h, norm)
+        if cos is None:
+            return value, state
+        if state["phase"] == 0.0:
+            return _bracket(value, cos, state, self.factor ** (1.0 - momentum),
+                            self.factor ** (1.0 - momentum))
+        return value * (1.0 - self.beta * cos), state
+
+
+def _bracket(value: float, cos: float, state: dict[str, float], up: float, down: float
+             ) -> tuple[float, dict[str, float]]:
+    """One bracketing step: multiply by ``up`` (direction +1) or divide by ``down`` (-1) while
+    the signal keeps its first sign; at the first change step back once and end the phase."""
+    sign = 1.0 if cos < 0.0 else -1.0 if cos > 0.0 else 0.0
+    direction = state["direction"] or sign
+    if sign == 0.0:
+        return value, {**state, "direction": direction}
+    if sign == direction:
+        return value * (up if direction > 0 else 1.0 / down), {**state, "direction": direction}
+    back = value / up if direction > 0 else value * down
+    return back, {**state, "direction": direction, "phase": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamLog(HyperStep):
+    r"""Adam on :math:`\log a`: gradient :math:`g = a h` (:math:`= \partial E / \partial \log a`),
+    :math:`\log a \leftarrow \log a - \eta\, \hat m / \sqrt{\hat v}` with Adam's moments and bias
+    corrections and no :math:`\epsilon` (a step is skipped while :math:`\hat v = 0`), so the rule
+    is exactly invariant to the scale of the loss and of the value. ``lr`` (:math:`\eta`) is in
+    natural-log units per step."""
+
+    lr: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    name: ClassVar[str] = "adam_log"
+    normalised: ClassVar[bool] = False
+
+    def init_state(self, value: float) -> dict[str, float]:
+        return {"m": 0.0, "v": 0.0, "t": 0.0}
+
+    def update(self, value: float, h: float, norm: float, state: dict[str, float], *,
+               momentum: float = 0.0, loss: float | None = None
+               ) -> tuple[float, dict[str, float]]:
+        g = value * h
+        if not math.isfinite(g) or value <= 0.0 or (g == 0.0 and state["v"] == 0.0):
+            return value, state
+        t = state["t"] + 1.0
+        m = self.beta1 * state["m"] + (1.0 - self.beta1) * g
+        v = self.beta2 * state["v"] + (1.0 - self.beta2) * g * g
+        if v == 0.0:  # g * g underflowed: no scale to normalise by yet
+            return value, state
+        m_hat, v_hat = m / (1.0 - self.beta1 ** t), v / (1.0 - self.beta2 ** t)
+        step = self.lr * m_hat / math.sqrt(v_hat)
+        return value * math.exp(-step), {"m": m, "v": v, "t": t}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleFree(HyperStep):
+    r"""The scale-free policy: Adam-normalised steps on :math:`\log a` with little
+    hyper-momentum, and a fast reactive decrease when the training loss runs away.
+
+    1. *Normalised steps on the log value.* With :math:`g_t = a h_t = \partial E / \partial
+       \log a`, Adam's moments (``beta1``, ``beta2``, bias-corrected, no :math:`\epsilon`) give
+       :math:`r_t = \hat m_t / \sqrt{\hat v_t}`, which does not depend on the scale of the loss,
+       of the parameters or of :math:`a`; :math:`\log a` moves by :math:`-\eta r_t` with
+       :math:`\eta` = ``up`` when growing (:math:`r_t < 0`) and ``down`` when shrinking. A start
+       :math:`10^k` away follows the same steps, only for longer: 100x takes about
+       :math:`4.6/\eta` steps of consistent signal (23 at 0.2), in either direction.
+       Why these choices (``benchmarks/hyperstep_policy.py``, three tasks, SGD with momentum 0.9
+       and Adam, three starts): the normalised multiplicative rule and its growth phase read
+       single-step cosines, which on the digits CNN started 10x too large stay at +0.1 to +0.5
+       while the run dies, and whose growth phase ends at the first noisy sign flip from 100x
+       too small; Adam's normalisation turns the same weak but consistent signal into full
+       steps. ``beta1`` = 0.5: with Adam's 0.9 the value kept climbing after its signal had
+       turned and killed the CNN from its good start (lr 0.1 -> 0.44 in 16 steps, dead ReLUs)
+       at :math:`\eta` = 0.15. :math:`\eta` = 0.1 left diabetes from its large start 17% worse
+       (4 seeds) and lost the CNN at 0.05; pacing growth by the inner momentum
+       (:math:`\ln 2\,(1 - m)` per step) left Adam's CNN at 55% from 100x too small.
+    2. *Reactive decrease.* While the training loss is above its smoothed running minimum
+       :math:`\ell` (an EMA with weight ``smooth``) by more than the run's own scale,
+       :math:`L_t > \ell + \max(L_0 - \ell, |\ell|)`, *and still rising*, the value is divided
+       by ``shrink`` at each step and Adam's moments restart: the training loss sees a runaway
+       before any one-step hypergradient (alone, Adam on the log value let full-batch diabetes
+       grow its learning rate to 0.23 and diverge on both seeds from 100x too small; the
+       moments restart because the runaway's hypergradients, remembered by the second moment,
+       held a tiny regression's learning rate still for 150 steps). The scale is the base's
+       divergence warning's, so minibatch noise late in training (batch losses several times
+       the running minimum, yet far below the first loss) does not trip it. Invariant to
+       scaling the loss by :math:`c > 0`; off without a loss (a closure that returns none).
+       It cannot undo a single step that kills a ReLU network; the small hyper-momentum is
+       what prevents those.
+    """
+
+    up: float = 0.2
+    down: float = 0.2
+    beta1: float = 0.5
+    beta2: float = 0.999
+    shrink: float = 2.0
+    smooth: float = 0.1
+    name: ClassVar[str] = "scale_free"
+    normalised: ClassVar[bool] = False
+    uses_loss: ClassVar[bool] = True
+
+    def init_state(self, value: float) -> dict[str, float]:
+        return {"m": 0.0, "v": 0.0, "t": 0.0, "seen": 0.0, "first": 0.0, "ema": 0.0,
+                "low": 0.0, "prev": 0.0}
+
+    def update(self, value: float, h: float, norm: float, state: dict[str, float], *,
+               momentum: float = 0.0, loss: float | None = None
+               ) -> tuple[float, dict[str, float]]:
+        g = value * h
+        if math.isfinite(g) and value > 0.0 and not (g == 0.0 and state["v"] == 0.0):
+            t = state["t"] + 1.0
+            m = self.beta1 * state["m"] + (1.0 - self.beta1) * g
+            v = self.beta2 * state["v"] + (1.0 - self.beta2) * g * g
+            if v > 0.0:
+                r = (m / (1.0 - self.beta1 ** t)) / math.sqrt(v / (1.0 - self.beta2 ** t))
+                value *= math.exp(-(self.up if r < 0.0 else self.down) * r)
+                state = {**state, "m": m, "v": v, "t": t}
+        if loss is None or not math.isfinite(loss):
+            return value, state
+        if state["seen"] == 0.0:
+            return value, {**state, "seen": 1.0, "first": loss, "ema": loss, "low": loss,
+                           "prev": loss}
+        ema = (1.0 - self.smooth) * state["ema"] + self.smooth * loss
+        low = min(state["low"], ema)
+        scale = max(state["first"] - low, abs(low))
+        if loss > low + scale and loss > state["prev"]:
+            # Forget the moments too: the runaway's hypergradients are not this run's scale, and
+            # a second moment that remembers them holds the value still for many steps.
+            value /= self.shrink
+            state = {**state, "m": 0.0, "v": 0.0, "t": 0.0}
+        return value, {**state, "ema": ema, "low": low, "prev": loss}
+
+    def phase(self, state: dict[str, float]) -> float:
+        return 1.0
+
+
+#: Every policy by its name.
+POLICIES: dict[str, type[HyperStep]] = {
+    cls.name: cls for cls in (Additive, Multiplicative, Growth, AdamLog, ScaleFree)
+}
+_BY_CLASS = {cls.__name__: cls for cls in POLICIES.values()}
+
+
+def resolve(spec: HyperStep | str) -> HyperStep:
+    """A policy from a policy, a name in :data:`POLICIES` or a policy's ``repr``.
+
+    Example:
+        >>> resolve("growth")
+        Growth(beta=0.05, factor=2.0)
+        >>> resolve("Multiplicative(beta=0.1)") == Multiplicative(0.1)
+        True
+    """
+    if isinstance(spec, HyperStep):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"Invalid hyper_step value: {spec!r}")
+    return _parse(spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(spec: str) -> HyperStep:
+    """:func:`resolve` for strings (cached: optimizers resolve their groups' policy every step,
+    and policies are immutable)."""
+    if spec in POLICIES:
+        return POLICIES[spec]()
+    try:
+        call = ast.parse(spec.strip(), mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+                and call.func.id in _BY_CLASS and not call.args):
+            raise ValueError
+        kwargs: dict[str, Any] = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        return _BY_CLASS[call.func.id](**kwargs)
+    except (SyntaxError, ValueError, TypeError) as error:
+        raise ValueError(f"Invalid hyper_step value: {spec!r} (a policy, one of "
+                         f"{sorted(POLICIES)}, or a policy's repr)") from error

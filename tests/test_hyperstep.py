@@ -1,0 +1,394 @@
+"""The hyper-step policies (hyperoptim.hyperstep) and HD over them: additive bit-identity with the
+rule before the policies existed, scale invariance, resume mid-growth, bounds, repr and history."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from hyperoptim import HypergradAdam, HypergradSGD
+from hyperoptim.hyperstep import (
+    POLICIES,
+    AdamLog,
+    Additive,
+    Growth,
+    Multiplicative,
+    ScaleFree,
+    resolve,
+)
+
+NORMALISED = [Multiplicative(), Growth(), AdamLog(), ScaleFree()]
+
+
+class Net:
+    """tanh(x W1) W2 against targets, float64, as plain parameters; a fixed list of batches."""
+
+    def __init__(self, seed: int, steps: int = 12):
+        gen = torch.Generator().manual_seed(seed)
+        self.params = [
+            nn.Parameter(0.5 * torch.randn(4, 6, generator=gen, dtype=torch.float64)),
+            nn.Parameter(0.5 * torch.randn(6, 2, generator=gen, dtype=torch.float64)),
+        ]
+        self.batches = [(torch.randn(8, 4, generator=gen, dtype=torch.float64),
+                         torch.randn(8, 2, generator=gen, dtype=torch.float64))
+                        for _ in range(steps)]
+
+    @staticmethod
+    def loss_at(w, batch) -> torch.Tensor:
+        x, y = batch
+        return ((torch.tanh(x @ w[0]) @ w[1] - y) ** 2).mean()
+
+    def loss(self, t: int, params=None) -> torch.Tensor:
+        return self.loss_at(self.params if params is None else params,
+                            self.batches[t % len(self.batches)])
+
+
+def _run(opt, net: Net, steps: int, scale: float = 1.0, start: int = 0) -> None:
+    for t in range(start, start + steps):
+        opt.step(lambda t=t: scale * net.loss(t))
+
+
+# ----------------------------------------------------------------------------- additive
+
+
+def _reference_hd(net: Net, lr: float, kappa: float, momentum: float, steps: int) -> list[float]:
+    """Baydin et al.'s rule over torch.optim.SGD, written out as HypergradSGD computed it before
+    the policies existed: h_t = -fsum_p <g_t, d_{t-1}>, a_t = clamp(a_{t-1} - kappa h_t)."""
+    sgd = torch.optim.SGD(net.params, lr=lr, momentum=momentum)
+    prev: list[torch.Tensor | None] = [None] * len(net.params)
+    lrs = []
+    for t in range(steps):
+        sgd.zero_grad()
+        net.loss(t).backward()
+        grads = [p.grad for p in net.params]
+        if momentum:
+            prev = [sgd.state[p].get("momentum_buffer") for p in net.params]
+        terms = [torch.dot(g.reshape(-1), d.reshape(-1)) for g, d in zip(grads, prev)
+                 if d is not None]
+        h = -math.fsum(torch.stack(terms).tolist()) if terms else -math.fsum([])
+        lr = min(max(lr - kappa * h, 0.0), max(1e3, lr))
+        sgd.param_groups[0]["lr"] = lr
+        sgd.step()
+        if not momentum:
+            prev = [g.clone() for g in grads]
+        lrs.append(lr)
+    return lrs
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("spelling", ["hypergrad_lr", "Additive", "name"])
+def test_additive_is_bit_identical_to_the_rule_before_policies(momentum, spelling):
+    kappa, steps = 0.05, 15
+    ref_net, net = Net(0), Net(0)
+    expected = _reference_hd(ref_net, 0.1, kappa, momentum, steps)
+    option = {"hypergrad_lr": dict(hypergrad_lr=kappa),
+              "Additive": dict(hyper_step=Additive(kappa)),
+              "name": dict(hyper_step="additive")}[spelling]
+    cls = type("Hd", (HypergradSGD,), {"default_hypergrad_lr": kappa}) if spelling == "name" \
+        else HypergradSGD
+    opt = cls(net.params, lr=0.1, momentum=momentum, **option)
+    _run(opt, net, steps)
+    assert opt.history[0]["lr"] == expected
+    for a, b in zip(net.params, ref_net.params):
+        assert torch.equal(a, b)
+    assert "hyper_step/phase" not in opt.history[0]  # the history is what it was
+    assert "hyper_step" not in opt.hyper_state
+
+
+def test_additive_group_kappa_is_the_groups_hypergrad_lr():
+    """A group's own hypergrad_lr (and a later assignment to it) is the additive kappa."""
+    net = Net(1)
+    opt = HypergradSGD([{"params": [net.params[0]], "hypergrad_lr": 0.0},
+                        {"params": [net.params[1]]}], lr=0.1, hypergrad_lr=0.05)
+    _run(opt, net, 5)
+    assert opt.history[0]["lr"] == [0.1] * 5
+    assert opt.history[1]["lr"][-1] != 0.1
+    opt.param_groups[1]["hypergrad_lr"] = 0.0
+    before = opt.param_groups[1]["lr"]
+    _run(opt, net, 3, start=5)
+    assert opt.history[1]["lr"][-3:] == [before] * 3
+
+
+# ----------------------------------------------------------------------------- invariance
+
+
+@settings(max_examples=20, deadline=None)
+@given(index=st.integers(0, len(NORMALISED) - 1), k=st.integers(-8, 8),
+       momentum=st.sampled_from([0.0, 0.9]), seed=st.integers(0, 2**16))
+def test_loss_scale_leaves_the_learned_lr_trajectory_unchanged(index, k, momentum, seed):
+    """SGD on c*L from lr a/c takes exactly SGD's steps on L from a; a normalised policy then
+    learns exactly a_t / c (c = 2^k, so every scaling is exact in floating point)."""
+    policy, c = NORMALISED[index], 2.0 ** k
+    net_a, net_b = Net(seed), Net(seed)
+    oa = HypergradSGD(net_a.params, lr=0.05, momentum=momentum, hyper_step=policy)
+    ob = HypergradSGD(net_b.params, lr=0.05 / c, momentum=momentum, hyper_step=policy)
+    _run(oa, net_a, 12)
+    _run(ob, net_b, 12, scale=c)
+    assert [a / c for a in oa.history[0]["lr"]] == ob.history[0]["lr"]
+    for a, b in zip(net_a.params, net_b.params):
+        assert torch.equal(a, b)
+
+
+@settings(max_examples=10, deadline=None)
+@given(index=st.integers(0, len(NORMALISED) - 1), k=st.integers(-8, 8),
+       seed=st.integers(0, 2**16))
+def test_adam_loss_scale_leaves_the_learned_lr_trajectory_unchanged(index, k, seed):
+    """Adam's direction does not see the loss's scale (eps=0), nor does a normalised policy."""
+    policy, c = NORMALISED[index], 2.0 ** k
+    net_a, net_b = Net(seed), Net(seed)
+    oa = HypergradAdam(net_a.params, lr=1e-2, eps=0.0, hyper_step=policy)
+    ob = HypergradAdam(net_b.params, lr=1e-2, eps=0.0, hyper_step=policy)
+    _run(oa, net_a, 10)
+    _run(ob, net_b, 10, scale=c)
+    assert oa.history[0]["lr"] == ob.history[0]["lr"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(index=st.integers(0, len(NORMALISED) - 1), k=st.integers(-4, 4),
+       momentum=st.sampled_from([0.0, 0.5, 0.9]),
+       signals=st.lists(st.tuples(st.floats(-1.0, 1.0).filter(lambda c: c == 0 or abs(c) > 1e-6),
+                                  st.floats(0.5, 2.0), st.floats(0.1, 3.0)),
+                        min_size=1, max_size=40))
+def test_a_start_ten_to_the_k_away_follows_the_same_trajectory_scaled(index, k, momentum,
+                                                                      signals):
+    r"""Every normalised policy is homogeneous in the value: fed the same signals (cosine,
+    hypergradient's scale, loss), a start 10^k times larger stays 10^k times larger, growth phase
+    included; so a start a decade off is the same run once that decade is made up."""
+    policy, factor = NORMALISED[index], 10.0 ** k
+    a, b = 1e-2, 1e-2 * factor
+    sa, sb = policy.init_state(a), policy.init_state(b)
+    for cos, norm, loss in signals:
+        a, sa = policy.update(a, cos * norm, norm, sa, momentum=momentum, loss=loss)
+        b, sb = policy.update(b, cos * norm, norm, sb, momentum=momentum, loss=loss)
+        assert b == pytest.approx(a * factor, rel=1e-9)
+        assert policy.phase(sa) == policy.phase(sb)
+
+
+def test_scale_free_brings_a_runaway_loss_down_fast():
+    """While the loss is above its smoothed minimum by the run's own scale and rising, the value
+    halves per step; minibatch noise far below the first loss does not trip it."""
+    policy = ScaleFree()
+    value, state = 1.0, policy.init_state(1.0)
+    for loss in (1.0, 0.8, 0.6, 0.5):
+        value, state = policy.update(value, 0.0, 0.0, state, loss=loss)
+    assert value == 1.0
+    for loss in (2.0, 4.0, 8.0):
+        value, state = policy.update(value, 0.0, 0.0, state, loss=loss)
+    assert value == 1.0 / 8  # each above 0.90 + max(1 - 0.90, 0.90) (the EMA's low) and rising
+    value, state = policy.update(value, 0.0, 0.0, state, loss=7.0)  # falling: no reaction
+    assert value == 1.0 / 8
+
+    value, state = 1.0, policy.init_state(1.0)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(300):  # from 2.3 down to a noisy 0.01-0.2
+        loss = 2.3 * 0.97 ** t + 0.2 * float(torch.rand((), generator=gen))
+        value, state = policy.update(value, 0.0, 0.0, state, loss=loss)
+    assert value == 1.0
+
+
+def test_scale_free_restarts_its_moments_after_a_runaway():
+    """The runaway's hypergradients would dominate Adam's second moment for hundreds of steps."""
+    policy = ScaleFree()
+    value, state = 1.0, policy.init_state(1.0)
+    for loss in (1.0, 0.5, 0.4):
+        value, state = policy.update(value, -1.0, 1.0, state, loss=loss)
+    grown = value
+    assert grown > 1.0 and state["v"] > 0.0
+    value, state = policy.update(value, 1e6, 1.0, state, loss=50.0)
+    assert value < grown / 1.9 and (state["m"], state["v"], state["t"]) == (0.0, 0.0, 0.0)
+    value, state = policy.update(value, -1.0, 1.0, state, loss=0.4)  # full steps again
+    assert state["t"] == 1.0
+
+
+def test_scale_free_steps_are_normalised():
+    policy = ScaleFree(up=0.2, down=0.3)
+    for h, expected in ((-1e-9, 0.2), (-1e9, 0.2), (1.0, -0.3)):
+        value, state = 1.0, policy.init_state(1.0)
+        value, state = policy.update(value, h, 1.0, state, momentum=0.9)
+        assert math.log(value) == pytest.approx(expected)  # the first normalised step is +-1
+
+
+def test_growth_grows_at_the_momentum_pace_then_steps_back_once():
+    policy = Growth(beta=0.05, factor=2.0)
+    value, state = 1.0, policy.init_state(1.0)
+    for _ in range(10):  # cos < 0: a larger value would have helped
+        value, state = policy.update(value, -0.5, 1.0, state, momentum=0.9)
+    assert value == pytest.approx(2.0 ** (10 * 0.1)) and state["phase"] == 0.0
+    value, state = policy.update(value, 0.5, 1.0, state, momentum=0.9)
+    assert value == pytest.approx(2.0 ** (9 * 0.1)) and state["phase"] == 1.0
+    value, state = policy.update(value, 0.5, 1.0, state, momentum=0.9)
+    assert value == pytest.approx(2.0 ** 0.9 * (1 - 0.05 * 0.5))
+
+
+# ----------------------------------------------------------------------------- state, bounds
+
+
+@pytest.mark.parametrize("policy", [Growth(), ScaleFree(), AdamLog()], ids=repr)
+def test_resume_mid_growth_is_bit_exact(policy):
+    net, net2 = Net(2, steps=30), Net(2, steps=30)
+    opt = HypergradSGD(net.params, lr=1e-4, momentum=0.5, hyper_step=policy)
+    _run(opt, net, 6)
+    if isinstance(policy, Growth):
+        assert opt.hyper_state["hyper_step"][0]["phase"] == 0.0  # still growing
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    saved_weights = [p.detach().clone() for p in net.params]
+    _run(opt, net, 14, start=6)
+
+    with torch.no_grad():
+        for p, w in zip(net2.params, saved_weights):
+            p.copy_(w)
+    resumed = HypergradSGD(net2.params, lr=1e-4, momentum=0.5, hyper_step=policy)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    _run(resumed, net2, 14, start=6)
+    assert resumed.history[0]["lr"] == opt.history[0]["lr"]
+    assert resumed.hyper_state["hyper_step"] == opt.hyper_state["hyper_step"]
+    for a, b in zip(net.params, net2.params):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("policy", NORMALISED + [Growth(factor=64.0)], ids=repr)
+@pytest.mark.parametrize("start", [1e-6, 0.5])
+def test_learned_lr_stays_within_bounds(policy, start):
+    net = Net(3)
+    bounds = (1e-4, 0.2) if start < 0.2 else (1e-4, 1.0)
+    opt = HypergradSGD(net.params, lr=max(start, bounds[0]), momentum=0.9, hyper_step=policy,
+                       lr_bounds=bounds)
+    _run(opt, net, 30)
+    assert all(bounds[0] <= a <= bounds[1] for a in opt.history[0]["lr"])
+
+
+def test_learned_lr_stays_below_the_learned_limit():
+    net = Net(4)
+    opt = HypergradSGD(net.params, lr=1e-3, hyper_step=Growth(factor=1e6))
+    _run(opt, net, 10)
+    assert max(opt.history[0]["lr"]) <= 1e3
+
+
+def test_policy_in_repr_history_and_state_dict():
+    net = Net(5)
+    opt = HypergradSGD(net.params, lr=0.1, momentum=0.9, hyper_step="growth")
+    assert "hyper_step: Growth(beta=0.05, factor=2.0)" in repr(opt)
+    _run(opt, net, 4)
+    hist = opt.history[0]
+    assert len(hist["hyper_step/phase"]) == len(hist["hypergrad/lr_cosine"]) == len(hist["lr"]) == 4
+    assert all(-1.0 <= c <= 1.0 for c in hist["hypergrad/lr_cosine"])
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["hyper_step"] == "Growth(beta=0.05, factor=2.0)"
+    assert set(sd["hyper_state"]["hyper_step"][0]) == {"phase", "direction"}
+
+
+def test_deepcopy_continues_identically():
+    net = Net(6)
+    opt = HypergradSGD(net.params, lr=1e-3, momentum=0.9, hyper_step="scale_free")
+    _run(opt, net, 5)
+    net2 = copy.deepcopy(net)
+    clone = HypergradSGD(net2.params, lr=1e-3, momentum=0.9, hyper_step="scale_free")
+    clone.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _run(opt, net, 5, start=5)
+    _run(clone, net2, 5, start=5)
+    assert clone.history[0]["lr"] == opt.history[0]["lr"]
+
+
+# ----------------------------------------------------------------------------- names, errors
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_resolve_round_trips_names_and_reprs(name):
+    policy = resolve(name)
+    assert resolve(repr(policy)) == policy
+    assert resolve(policy) is policy
+
+
+@pytest.mark.parametrize("bad", ["nope", "ScaleFree(lr=)", "os.system('x')", "ScaleFree(1)",
+                                 "ScaleFree(nope=1.0)", 3])
+def test_invalid_hyper_step_raises(bad):
+    with pytest.raises(ValueError, match="Invalid hyper_step value"):
+        HypergradSGD(Net(0).params, hyper_step=bad)
+
+
+def test_hypergrad_lr_and_hyper_step_conflict():
+    with pytest.raises(ValueError, match="hypergrad_lr.*hyper_step"):
+        HypergradSGD(Net(0).params, hypergrad_lr=0.01, hyper_step="growth")
+
+
+def test_per_parameter_takes_the_additive_policy_only():
+    with pytest.raises(ValueError, match="per_parameter"):
+        HypergradSGD(Net(0).params, per_parameter=True, hyper_step="growth")
+    HypergradSGD(Net(0).params, per_parameter=True, hypergrad_lr=0.01)
+
+
+def test_old_checkpoint_without_hyper_step_is_additive():
+    net = Net(7)
+    opt = HypergradSGD(net.params, lr=0.1, hypergrad_lr=0.02)
+    _run(opt, net, 3)
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        del group["hyper_step"]
+    net2 = copy.deepcopy(net)
+    resumed = HypergradSGD(net2.params, lr=0.1, hyper_step="scale_free")
+    resumed.load_state_dict(sd)
+    _run(opt, net, 3, start=3)
+    _run(resumed, net2, 3, start=3)
+    assert resumed.history[0]["lr"] == opt.history[0]["lr"]
+
+
+# ----------------------------------------------------------------------------- MARTHE
+
+
+def _marthe(net: Net, lr: float, policy, scale: float = 1.0, **kw):
+    from hyperoptim import MartheSGD
+
+    val = net.batches[-1]
+    return MartheSGD(net.params, lr=lr, momentum=0.5, hyper_step=policy,
+                     val_closure=lambda: scale * Net.loss_at(net.params, val), **kw)
+
+
+@pytest.mark.parametrize("policy", NORMALISED, ids=repr)
+def test_marthe_policy_is_loss_scale_invariant(policy):
+    """MARTHE's Delta_t over ||grad E|| ||Z_t||: c*L from lr a/c learns a_t / c (c = 4)."""
+    c = 4.0
+    net_a, net_b = Net(8), Net(8)
+    oa = _marthe(net_a, 0.05, policy)
+    ob = _marthe(net_b, 0.05 / c, policy, scale=c)
+    _run(oa, net_a, 10)
+    _run(ob, net_b, 10, scale=c)
+    assert [a / c for a in oa.history[0]["lr"]] == pytest.approx(ob.history[0]["lr"], rel=1e-9)
+    assert oa.history[0]["lr"][-1] != 0.05
+
+
+def test_marthe_default_is_its_own_step_and_resume_mid_growth_is_exact():
+    from hyperoptim import MartheSGD
+
+    default = _marthe(Net(9), 1e-3, None)
+    assert isinstance(default, MartheSGD) and default.param_groups[0]["hyper_step"] == "additive"
+    net2 = Net(9, steps=30)
+    net = Net(9, steps=30)
+    opt = _marthe(net, 1e-4, Growth())
+    _run(opt, net, 5)
+    assert opt.hyper_state["hyper_step"][0]["phase"] == 0.0
+    sd = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for p in net.params]
+    _run(opt, net, 10, start=5)
+    with torch.no_grad():
+        for p, w in zip(net2.params, weights):
+            p.copy_(w)
+    resumed = _marthe(net2, 1e-4, Growth())
+    resumed.load_state_dict(sd)
+    _run(resumed, net2, 10, start=5)
+    assert resumed.history[0]["lr"] == opt.history[0]["lr"]
+
+
+def test_marthe_rejects_an_additive_kappa():
+    from hyperoptim import MartheSGD
+
+    with pytest.raises(ValueError, match="hypergrad_lr and adapt_hypergrad_lr"):
+        MartheSGD(Net(0).params, hyper_step=Additive(0.1))
