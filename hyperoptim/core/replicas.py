@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .dist import world_size
+from .shard import is_sharded
 
 __all__ = ["check_replicas_once"]
 
@@ -58,7 +59,9 @@ def check_replicas(owner: str, param_groups: Sequence[dict[str, Any]]) -> None:
                 names += [f"param_groups[{i}][{key!r}]"] * len(numbers)
                 parts.append(torch.tensor(numbers, dtype=torch.float64, device=device))
         for j, p in enumerate(group["params"]):
-            if p.is_floating_point():
+            # An FSDP2 shard differs across ranks by design (fully_shard broadcast the whole
+            # parameter from rank 0 when it sharded it).
+            if p.is_floating_point() and not is_sharded(p):
                 names += [f"param_groups[{i}]['params'][{j}] (shape {tuple(p.shape)})"] * 2
                 parts.append(_checksums(p).to(device))
     world = world_size()
