@@ -844,6 +844,7 @@ class HyperOptimizer(Optimizer):
             raise ValueError(f"{name}.load_state_dict: a param group of the state dict is not a "
                              "dict")
         groups = [{**{k: v for k, v in group.items() if k in _OPTIONAL_KEYS and k != "params"},
+                   **{k: v for k, v in _LEGACY_VALUES.items() if k in group},
                    **saved_group} for saved_group, group in zip(groups, self.param_groups)]
         state_dict = {**state_dict, "param_groups": groups}
         for i, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
@@ -946,6 +947,9 @@ class HyperOptimizer(Optimizer):
 # Group keys that a state dict saved before they existed may lack (filled from the defaults).
 _OPTIONAL_KEYS = frozenset({"maximize", "dampening", "nesterov", "foreach", "differentiable",
                            "fused", "param_names", "hyper_step"})
+# Optional keys whose absence means what the package did before they existed, whatever this
+# optimizer's value: a checkpoint saved before hyper-step policies took the additive step.
+_LEGACY_VALUES = {"hyper_step": "additive"}
 
 
 def _to_device(obj: Any, device: torch.device | None) -> Any:

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..hyperstep import resolve
 from .checks import is_real
 
 __all__ = [
@@ -149,6 +150,14 @@ def _schedule(v: Any) -> bool:
     return isinstance(v, (list, tuple)) and len(v) > 0 and all(_bounded(x) for x in v)
 
 
+def _hyper_step(v: Any) -> bool:
+    try:
+        resolve(v)
+    except ValueError:
+        return False
+    return True
+
+
 def _zero(v: Any) -> bool:
     return is_number(v) and float(v) == 0.0
 
@@ -185,6 +194,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("lr_bounds", (0.0, math.inf), _hd_bounds, "(low, high) with 0 <= low <= high",
            ("hd",)),
     Option("per_parameter", False, _flag, "True or False", ("hd",)),
+    Option("hyper_step", "additive", _hyper_step, "a policy of hyperoptim.hyperstep or its name",
+           ("hd", "marthe")),
     # MARTHE.
     Option("mu", "adaptive", lambda v: v == "adaptive" if isinstance(v, str)
            else is_number(v) and 0.0 <= float(v) <= 1.0, "'adaptive' or a number in [0, 1]",
