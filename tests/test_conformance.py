@@ -51,6 +51,10 @@ class Problem:
 
         return closure
 
+    def loss_closure(self, t: int):
+        """A closure that returns batch ``t``'s loss without calling ``backward()``."""
+        return lambda: self.loss(t)
+
     def params(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.model.parameters()]
 
@@ -257,3 +261,107 @@ def test_nan_validation_loss_is_skipped(case):
         warnings.simplefilter("error")
         opt.val_closure = prob.val_loss
         run(info, opt, prob, 5, 2)  # recovers, and warns only once
+
+
+# ---------------------------------------------------------------------- the gradient contract
+_TORCH_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+
+
+def _first_step_state(opt, prob: Problem) -> list[torch.Tensor]:
+    """The weights and torch's per-parameter buffers after a step, in a fixed order (learned
+    per-weight values may already depend on a Hessian product at the first step)."""
+    out = prob.params()
+    for p in prob.model.parameters():
+        out += [opt.state[p][k] for k in _TORCH_STATE if k in opt.state[p]]
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_prepared_gradient_is_the_steps_gradient(case):
+    """Gradients accumulated over two batches, then ``step(closure)`` with a closure that returns
+    the last batch's loss: the step uses the accumulated gradient in ``p.grad`` (as torch.optim
+    does), not the closure's. At the first step no Hessian product reaches the weights or the
+    state, so it equals a step whose closure returns the sum of both losses."""
+    info, inp = case
+    a, b = Problem(), Problem()
+    opt_a, opt_b = build(info, inp, a), build(info, inp, b)
+    a.loss(0).backward()
+    a.loss(1).backward()
+    info.step(opt_a, lambda: a.loss(1), 0)
+    info.step(opt_b, lambda: b.loss(0) + b.loss(1), 0)
+    for x, y in zip(_first_step_state(opt_a, a), _first_step_state(opt_b, b)):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_clipped_gradient_is_the_steps_gradient(case):
+    """``clip_grad_norm_`` before ``step(closure)``: the clipped gradient is stepped, never a
+    recomputed unclipped one (equal at the first step to a closure whose loss is scaled by the
+    clipping factor)."""
+    info, inp = case
+    a, b = Problem(), Problem()
+    opt_a, opt_b = build(info, inp, a), build(info, inp, b)
+    a.loss(0).backward()
+    norm = float(nn.utils.clip_grad_norm_(a.model.parameters(), 0.01))
+    coef = 0.01 / (norm + 1e-6)
+    assert coef < 0.1
+    info.step(opt_a, lambda: a.loss(0), 0)
+    info.step(opt_b, lambda: b.loss(0) * coef, 0)
+    for x, y in zip(_first_step_state(opt_a, a), _first_step_state(opt_b, b)):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_stale_gradient_is_not_stepped_again(case):
+    """With closures that return the loss and no ``zero_grad()`` in the loop, a parameter that
+    gets no gradient in a step is not moved (no momentum, no weight decay), as with torch.optim
+    and the ``backward()`` closure style; the others keep learning from their fresh gradients."""
+    info, inp = case
+    prob = Problem(unused=True)
+    opt = build(info, inp, prob)
+    extra = prob.model.unused
+
+    def loss(t: int) -> torch.Tensor:
+        return prob.loss(t) + (extra.sum() ** 2 * 1e-2 if t == 0 else 0.0)
+
+    for t in range(6):
+        info.step(opt, lambda t=t: loss(t), t)
+        if t == 0:
+            after_first = extra.detach().clone()
+    assert torch.equal(extra, after_first)
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_layer_frozen_after_the_first_step(case):
+    """A layer frozen (``requires_grad_(False)``) after the first step stays where it is, and the
+    other layers keep training, with both closure styles."""
+    info, inp = case
+    for backward in (False, True):
+        prob = Problem()
+        opt = build(info, inp, prob)
+        run(info, opt, prob, 0, 1, backward=backward)
+        last = prob.model[2]
+        last.requires_grad_(False)
+        frozen = [p.detach().clone() for p in last.parameters()]
+        run(info, opt, prob, 1, 5, backward=backward)
+        assert all(torch.equal(p, q) for p, q in zip(last.parameters(), frozen))
+        assert all(torch.isfinite(p).all() for p in prob.model.parameters())
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_step_never_writes_the_users_gradient(case):
+    """``p.grad`` prepared before ``step()`` keeps its values and its version counter (a graph
+    built on it can still be differentiated), with and without ``maximize``."""
+    info, inp = case
+    for maximize in (False, True):
+        prob = Problem()
+        try:
+            opt = build(info, inp, prob, maximize=maximize)
+        except ValueError:
+            assert maximize  # the Adam family refuses maximize=True
+            continue
+        prob.loss(0).backward()
+        grads = [(p.grad, p.grad.clone(), p.grad._version) for p in prob.model.parameters()]
+        info.step(opt, prob.loss_closure(0), 0)
+        for p, (g, value, version) in zip(prob.model.parameters(), grads):
+            assert p.grad is g and g._version == version and torch.equal(g, value)

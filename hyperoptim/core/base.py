@@ -24,6 +24,7 @@ from ..hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from .batchnorm import frozen_batchnorm_stats
 from .checks import _GROUP_CHECKS, check_sgd_arguments, check_torch_flags, check_value, is_real
 from .dist import all_reduce_mean, check_supported_parameters
+from .grads import GradLedger
 from .types import Closure, ParamsT
 
 __all__ = [
@@ -135,7 +136,8 @@ class HyperOptimizer(Optimizer):
         self.hvp = hvp
         self._hvp_route: str | None = None
         self._fd_rough = False
-        self._flipped: list[Tensor] = []
+        self._flipped: list[tuple[Tensor, Tensor]] = []
+        self._grad_ledger = GradLedger()
         self._watch: dict[str, Any] = {}
         self._val_checked = False
         super().__init__(params, {**defaults, "maximize": maximize})
@@ -395,8 +397,8 @@ class HyperOptimizer(Optimizer):
 
     def _end_step(self) -> None:
         """Undo what the step did to ``p.grad`` for ``maximize`` (also after an exception)."""
-        for g in self._flipped:
-            g.neg_()
+        for p, g in self._flipped:
+            p.grad = g
         self._flipped = []
 
     def _published(self) -> None:
@@ -485,6 +487,9 @@ class HyperOptimizer(Optimizer):
             self._flip_for_maximize([p for p in self._all_params() if p.grad is not None])
             return None, None
         params = self._all_params()
+        self._grad_ledger.drop_stale()
+        self._check_dense()
+        prepared = GradLedger.prepared(params)
         before = _grad_snapshot(params)
         rng = RngReplay([p.device for p in params]) if second_order else None
         with torch.enable_grad():
@@ -494,7 +499,11 @@ class HyperOptimizer(Optimizer):
         called_backward = _grads_changed(before, params)
         route = self._route(called_backward) if second_order else None
         graph_grads: list[Tensor] | None = None
-        if called_backward:
+        origin_grads: list[Tensor] | None = None
+        if prepared and not called_backward:
+            used, graph_grads, origin_grads = self._prepared_gradients(loss, prepared, route)
+            self._grad_ledger.remember(used)  # stepped once: unchanged, it is stale next time
+        elif called_backward:
             used = [p for p in params if p.grad is not None]
             for g, mean in zip([p.grad for p in used], all_reduce_mean([p.grad for p in used])):
                 if mean is not g:
@@ -516,6 +525,7 @@ class HyperOptimizer(Optimizer):
                 p.grad = mean
             if exact:
                 graph_grads = [g for _, g in pairs]
+            self._grad_ledger.remember(used)
         self._check_dense()
         self._flip_for_maximize(used)
         if route is None:
@@ -523,13 +533,49 @@ class HyperOptimizer(Optimizer):
         rng = cast(RngReplay, rng)
         rng.mark_after()
         self._hvp_route = route
-        if graph_grads is not None and self.defaults.get("maximize"):
-            graph_grads = [-g for g in graph_grads]  # H of -L
+        if self.defaults.get("maximize"):
+            if graph_grads is not None:
+                graph_grads = [-g for g in graph_grads]  # H of -L
+            if origin_grads is not None:
+                origin_grads = [-g for g in origin_grads]
         gradient_at = None if route == "exact" else (lambda: self._gradient_at(closure, used))
         return loss.detach(), SecondOrder(used, route, graph_grads=graph_grads,
                                           gradient_at=gradient_at, rng=rng,
                                           kink_check=not self._fd_rough,
-                                          on_rough=self._note_rough_differences)
+                                          on_rough=self._note_rough_differences,
+                                          origin_grads=origin_grads)
+
+    def _prepared_gradients(self, loss: Tensor, prepared: list[Tensor], route: str | None
+                            ) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor] | None]:
+        """The gradient contract for a closure that returns the loss while ``p.grad`` already
+        holds gradients the user prepared (accumulated, clipped): those are the step's gradient,
+        averaged across ranks like any other; the closure's loss gives only the second-order
+        information (its gradient's graph for the exact route, its gradient at the unperturbed
+        weights for the finite-difference route's kink check).
+
+        Returns:
+            ``(used, graph_grads, origin_grads)``: the parameters stepped, and the closure's
+            gradients for :class:`~hyperoptim.hvp.SecondOrder` (``None`` where not needed).
+        """
+        used = list(prepared)
+        for g, mean in zip([p.grad for p in used], all_reduce_mean([p.grad for p in used])):
+            if mean is not g:
+                g.copy_(mean)
+        if route is None:
+            return used, None, None
+        if not loss.requires_grad:
+            raise ValueError("Invalid closure return value: the loss does not require grad")
+        exact = route == "exact"
+        try:
+            grads = torch.autograd.grad(loss, used, allow_unused=True, create_graph=exact)
+        except RuntimeError as err:
+            if not exact:
+                raise
+            raise exact_route_error(err) from err
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(used, grads)]
+        if exact:
+            return used, grads, None
+        return used, None, all_reduce_mean([g.detach() for g in grads])
 
     def _note_rough_differences(self) -> None:
         """The finite-difference route could not find a step where the gradient is smooth.
@@ -591,9 +637,14 @@ class HyperOptimizer(Optimizer):
                 return loss, [p.grad for p in params], True
             if not loss.requires_grad:
                 return loss, None, False
-            if not params:
-                return loss, [], False
-            return loss, list(torch.autograd.grad(loss, list(params), allow_unused=True)), False
+            # A parameter frozen since (requires_grad_(False)) gets no gradient, as with backward().
+            live = [i for i, p in enumerate(params) if p.requires_grad]
+            if not live:
+                return loss, [None] * len(params), False
+            grads: list[Tensor | None] = [None] * len(params)
+            for i, g in zip(live, torch.autograd.grad(loss, [params[i] for i in live], allow_unused=True)):
+                grads[i] = g
+            return loss, grads, False
         finally:
             for p, g in zip(everything, saved):
                 p.grad = g
@@ -666,14 +717,16 @@ class HyperOptimizer(Optimizer):
                 )
 
     def _flip_for_maximize(self, params: Sequence[Tensor]) -> None:
-        """With ``maximize``, ``p.grad`` holds the negated gradient during the step (restored
-        after it): the optimizer then minimizes ``-loss``, exactly as torch.optim.SGD does."""
+        """With ``maximize``, ``p.grad`` holds a negated copy of the gradient during the step
+        (the original tensor is put back after it): the optimizer then minimizes ``-loss``,
+        exactly as torch.optim.SGD does. The user's tensor is never written (its version counter
+        stays, so a graph that uses it can still be differentiated)."""
         if not self.defaults.get("maximize"):
             return
         for p in params:
-            if p.grad is not None and all(p.grad is not g for g in self._flipped):
-                p.grad.neg_()
-                self._flipped.append(p.grad)
+            if p.grad is not None and all(p is not q for q, _ in self._flipped):
+                self._flipped.append((p, p.grad))
+                p.grad = torch.neg(p.grad)
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:
@@ -783,6 +836,7 @@ class HyperOptimizer(Optimizer):
             "_hvp_route": None,
             "_fd_rough": False,
             "_flipped": [],
+            "_grad_ledger": GradLedger(),
             "_watch": {},
             "_val_checked": False,
         }

@@ -151,8 +151,10 @@ class SecondOrder:
                  gradient_at: Callable[[], list[Tensor]] | None = None,
                  rng: RngReplay | None = None,
                  kink_check: bool = True,
-                 on_rough: Callable[[], None] | None = None) -> None:
+                 on_rough: Callable[[], None] | None = None,
+                 origin_grads: list[Tensor] | None = None) -> None:
         self.params = params
+        self._origin_grads = origin_grads
         self.route = route
         self._graph_grads = graph_grads
         self._gradient_at = gradient_at
@@ -214,7 +216,9 @@ class SecondOrder:
         steps = [math.sqrt(eps) * (1.0 + sizes[0]) / s if s > 0 and math.isfinite(s) else 0.0
                  for s in sizes[1:]]
         origin = [p.detach().clone() for p in params]
-        at_origin = [p.grad for p in params]  # the step's own gradient, averaged across ranks
+        # The closure's gradient at w (averaged across ranks): the step's own gradient unless
+        # the user prepared p.grad before step() (the gradient contract).
+        at_origin = self._origin_grads if self._origin_grads is not None else [p.grad for p in params]
         try:
             for j, h in enumerate(steps):
                 if h == 0.0:
