@@ -420,7 +420,7 @@ class FDSSGD(HyperOptimizer):
 
     def _tangent(self, p: Tensor, key: str, n: int) -> Tensor:
         """``state[p][key]`` with ``n`` columns (zeros for columns it does not have yet)."""
-        z = self.state[p].get(key)
+        z = self.state.get(p, {}).get(key)
         if z is None:
             return p.new_zeros((n, *p.shape))
         if z.shape[0] < n:
@@ -521,7 +521,7 @@ class FDSSGD(HyperOptimizer):
                                f"{self.horizon} steps, but {t} step(s) have been taken.")
         val_closure = self._resolve_val_closure(val_closure, required=True)
         columns = self._columns()
-        params = [p for g in self.param_groups for p in g["params"] if _Z in self.state[p]]
+        params = [p for g in self.param_groups for p in g["params"] if _Z in self.state.get(p, {})]
         val_loss, val_grads = self._validation_grads(val_closure, params)
         hyper = torch.zeros(len(columns), dtype=torch.float64, device=val_loss.device)
         for p, g in zip(params, val_grads, strict=True):
@@ -577,6 +577,8 @@ class FDSSGD(HyperOptimizer):
                 if state:
                     for key in (_Z, _C, _BUF):
                         state.pop(key, None)
+                    if not state:  # torch.optim keeps no empty entries
+                        del self.state[p]
         self.hyper_state["step"] = 0
         self.hyper_state["episode_skipped"] = 0
         for key in ("first_loss", "min_loss"):  # each episode restarts from fresh weights

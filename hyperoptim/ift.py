@@ -45,6 +45,22 @@ def _into_domain(name: str, value: float, lr_bounds: tuple[float, float]) -> flo
     return min(max(value, MOMENTUM_RANGE[0]), MOMENTUM_RANGE[1])
 
 
+
+def _internal_step(opt: Optimizer) -> None:
+    """Step the hyper optimizer without ``torch.optim``'s hook wrapper.
+
+    ``Optimizer.step`` is wrapped to run the process-wide hooks
+    (``torch.optim.optimizer.register_optimizer_step_pre_hook``) and the profiler's record: they
+    belong to the user's optimizers, not to an Adam that lives inside this one. The wrapped
+    function is the same arithmetic, so the result is bit-identical.
+    """
+    step = type(opt).step
+    raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
+    if raw is None:
+        opt.step()
+    else:
+        raw(opt)
+
 def _transform(name: str, value: float) -> float:
     """Table 5's optimisation space: log10 for lr and weight decay, logit for momentum."""
     if name == "momentum":
@@ -592,15 +608,16 @@ class IFTOptimizer(HyperOptimizer):
 
     def _weight_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """PyTorch's SGD step with the group's current hyperparameters, in place."""
-        states = [self.state[p] for p in params]
+        # Read with .get: state[p] stays absent, as in torch.optim.SGD, where nothing is kept.
         bufs, dirs = self._directions(
-            params, [p.grad for p in params], [s.get("momentum_buffer") for s in states],
+            params, [p.grad for p in params],
+            [self.state.get(p, {}).get("momentum_buffer") for p in params],
             group["momentum"], self._per_parameter_values(group, params, "weight_decay"),
             inplace=True)
         self._apply(params, dirs, self._per_parameter_values(group, params, "lr"), False)
-        for s, buf in zip(states, bufs):
+        for p, buf in zip(params, bufs):
             if buf is not None:
-                s["momentum_buffer"] = buf
+                self.state[p]["momentum_buffer"] = buf
 
     def _weight_values(self, group: dict[str, Any], params: list[Tensor]
                        ) -> tuple[list[Tensor], list[dict[str, Any]]]:
@@ -608,7 +625,7 @@ class IFTOptimizer(HyperOptimizer):
         per parameter, the ``state[p]`` entries the step sets."""
         bufs, dirs = self._directions(
             params, [p.grad for p in params],
-            [self.state[p].get("momentum_buffer") for p in params], group["momentum"],
+            [self.state.get(p, {}).get("momentum_buffer") for p in params], group["momentum"],
             self._per_parameter_values(group, params, "weight_decay"))
         new = self._apply(params, dirs, self._per_parameter_values(group, params, "lr"), True)
         return new, [{} if buf is None else {"momentum_buffer": buf} for buf in bufs]
@@ -620,7 +637,7 @@ class IFTOptimizer(HyperOptimizer):
         tensors in ``values`` (the tuned hyperparameters; the others are the group's floats), the
         rule's state before the step detached: ``lr * d(w; v, momentum, weight_decay)``
         (App. A.4)."""
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        bufs = [self.state.get(p, {}).get("momentum_buffer") for p in params]
         _, dirs = self._directions(weights, grads, bufs, values["momentum"],
                                    values["weight_decay"])
         lrs = values["lr"] if isinstance(values["lr"], list) else [values["lr"]] * len(params)
@@ -659,7 +676,8 @@ class IFTOptimizer(HyperOptimizer):
             for (_, ps), (ws, entries) in zip(groups, news):
                 for p, w, entry in zip(ps, ws, entries):
                     p.copy_(w)
-                    self.state[p].update(entry)
+                    if entry:
+                        self.state[p].update(entry)
         else:
             for group, ps in groups:
                 if ps:
@@ -720,7 +738,7 @@ class IFTOptimizer(HyperOptimizer):
                     for k, entry in self._hyper_opt.state.items()}
         for x, g in zip(targets, hypergrads):
             x.grad = g
-        self._hyper_opt.step()
+        _internal_step(self._hyper_opt)
         for x in targets:
             x.grad = None
 

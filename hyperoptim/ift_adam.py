@@ -12,11 +12,23 @@ from torch.optim import Optimizer
 
 from .core.checks import check_value
 from .core.types import Closure, ParamsT
-from .ift import _PER_PARAMETER, HyperOptimizerFactory, IFTOptimizer
+from .ift import _PER_PARAMETER, WEIGHT_DECAY_FLOOR, HyperOptimizerFactory, IFTOptimizer
 from .rules.adam import ADAM, check_adam_arguments
 from .rules.base import Buffers
 
 __all__ = ["IFTAdam", "IFTAdamW"]
+
+
+def _step_hypers(group: dict[str, Any]) -> dict[str, Any]:
+    """The group's values for the weight step: a tuned weight decay at or below
+    :data:`~hyperoptim.ift.WEIGHT_DECAY_FLOOR` (where a tuned 0 starts: its log needs a positive
+    value) steps as 0. Adam normalises the decay term, so even 1e-7 would move a weight whose
+    gradient is 0 by about the learning rate, where ``torch.optim.Adam(weight_decay=0)`` leaves it.
+    The hypergradient is still taken at the floor value, so the decay can learn away from it."""
+    hypers = ADAM.hypers(group)
+    if "weight_decay" in group["tune"] and hypers["weight_decay"] <= WEIGHT_DECAY_FLOOR:
+        hypers["weight_decay"] = 0.0
+    return hypers
 
 _REFUSED = ("beta1", "beta2", "betas", "momentum")
 
@@ -210,7 +222,7 @@ class IFTAdam(IFTOptimizer):
         """torch's Adam/AdamW step with the group's current values, in place."""
         states = [self.state[p] for p in params]
         buffers, counts = ADAM.read_state(states, params)
-        new, _ = ADAM.step_(params, [p.grad for p in params], buffers, ADAM.hypers(group), counts,
+        new, _ = ADAM.step_(params, [p.grad for p in params], buffers, _step_hypers(group), counts,
                             **ADAM.options(group))
         ADAM.write_state(states, new)
 
@@ -218,7 +230,7 @@ class IFTAdam(IFTOptimizer):
                        ) -> tuple[list[Tensor], list[dict[str, Any]]]:
         """The same step as new tensors (bit-identical), and the ``state[p]`` entries it sets."""
         buffers, counts = self._peek_state(params)
-        new, new_buffers = ADAM.step(params, [p.grad for p in params], buffers, ADAM.hypers(group),
+        new, new_buffers = ADAM.step(params, [p.grad for p in params], buffers, _step_hypers(group),
                                      counts, **ADAM.options(group))
         entries = []
         for i, p in enumerate(params):

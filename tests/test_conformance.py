@@ -365,3 +365,36 @@ def test_step_never_writes_the_users_gradient(case):
         info.step(opt, prob.loss_closure(0), 0)
         for p, (g, value, version) in zip(prob.model.parameters(), grads):
             assert p.grad is g and g._version == version and torch.equal(g, value)
+
+
+# ---------------------------------------------------------------------- torch.optim's contracts
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_global_step_hooks_fire_once_per_step(case):
+    """``register_optimizer_step_pre_hook``/``post_hook`` see the user's optimizer once per step
+    and no optimizer the user never made (IFT's internal hyper optimizer stepped through them)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    info, inp = case
+    prob = Problem()
+    opt = build(info, inp, prob)
+    seen: list[tuple[str, object]] = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("pre", o))),
+               register_optimizer_step_post_hook(lambda o, a, k: seen.append(("post", o)))]
+    try:
+        run(info, opt, prob, 0, 4)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [kind for kind, _ in seen] == ["pre", "post"] * 4
+    assert all(o is opt for _, o in seen)
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_no_empty_state_entries(case):
+    """As in torch.optim, ``state`` holds an entry only for a parameter with something in it."""
+    info, inp = case
+    prob = Problem()
+    opt = build(info, inp, prob)
+    run(info, opt, prob, 0, 4)
+    assert all(len(entry) > 0 for entry in opt.state.values())
+    assert all(len(entry) > 0 for entry in opt.state_dict()["state"].values())

@@ -671,3 +671,16 @@ def test_param_group_added_later_joins_the_hyper_optimizer():
     with pytest.raises(ValueError, match="Invalid tune value"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "tune": ("beta",)})
     assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("timing", ["taken", "next"])
+def test_lr_only_without_momentum_keeps_no_state(timing):
+    """tune=("lr",) with momentum 0 has nothing per parameter to keep: ``state`` stays empty, as
+    ``torch.optim.SGD``'s does (it held one empty dict per parameter)."""
+    net = Net(0)
+    opt = IFTOptimizer(net.params, lr=0.05, tune=("lr",), update_interval=2, lookback=2,
+                       update_timing=timing, val_closure=net.val_loss)
+    for t in range(4):
+        opt.step(net.closure(opt, t))
+    assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
+    assert len(opt.history[0]["lr"]) >= 1  # a hyper-update ran

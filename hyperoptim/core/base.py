@@ -262,7 +262,8 @@ class HyperOptimizer(Optimizer):
         out = [loss.detach().double().reshape(()) if loss is not None
                else torch.zeros((), dtype=torch.float64, device=device)]
         for _, params in plans:
-            bufs = [b for b in (self.state[p].get("momentum_buffer") for p in params) if b is not None]
+            bufs = [b for b in (self.state.get(p, {}).get("momentum_buffer") for p in params)
+                    if b is not None]
             kinds = (params, [p.grad for p in params], bufs)
             # One fused reduction over the three lists (as torch.nn.utils.clip_grad_norm_ does).
             # The 2-norm bounds the largest element and is 20x faster on a CPU than the inf-norm;
