@@ -2,6 +2,7 @@
 
 from .core.base import HyperOptimizer
 from .core.batchnorm import frozen_batchnorm_stats
+from .core.warn import HyperoptimWarning
 from .fds import FDSSGD
 from .hd import HypergradSGD
 from .hd_adam import HypergradAdam, HypergradAdamW
@@ -14,6 +15,7 @@ from .plot import plot_history
 __all__ = [
     "FDSSGD",
     "HyperOptimizer",
+    "HyperoptimWarning",
     "HypergradAdam",
     "HypergradAdamW",
     "HypergradSGD",

@@ -3,7 +3,6 @@ r"""Forward-mode differentiation with hyperparameter sharing (FDS; Micaelli & St
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -14,6 +13,7 @@ from .core.base import LEARNED_LIMIT, HyperOptimizer
 from .core.checks import check_torch_flags, check_value, is_real
 from .core.schedule import window_of
 from .core.types import Closure, ParamsT
+from .core.warn import warn
 from .rules.base import apply_update_
 from .rules.sgd import sgd_direction, sgd_tangents
 
@@ -406,15 +406,13 @@ class FDSSGD(HyperOptimizer):
                                 and abs(group[name]) <= LEARNED_LIMIT)
                     if not self._watch.get("overwrite_warned"):
                         self._watch["overwrite_warned"] = True
-                        warnings.warn(
+                        warn(
                             f"FDSSGD: param_groups[{gi}]['{name}'] was set from outside (a "
                             f"scheduler?) and replaced window {k} of the learned {name} "
                             f"schedule ({schedule[k]:.4g} -> {group[name]:.4g}). FDSSGD learns "
                             "the schedule itself: do not attach a learning-rate scheduler; to set "
                             f"values on purpose, assign group['{name}_schedule'] between episodes. "
-                            "This warning is shown once.",
-                            RuntimeWarning,
-                            stacklevel=4,
+                            "This warning is shown once."
                         )
                     schedule[k] = float(group[name])
 

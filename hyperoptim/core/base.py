@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -25,7 +24,9 @@ from .batchnorm import frozen_batchnorm_stats
 from .checks import _GROUP_CHECKS, check_sgd_arguments, check_torch_flags, check_value, is_real
 from .dist import all_reduce_mean, check_supported_parameters
 from .grads import GradLedger
+from .schedulers import detect_overwrites, outside_factor
 from .types import Closure, ParamsT
+from .warn import warn
 
 __all__ = [
     "HISTORY_LIMIT", "LEARNED_LIMIT", "HyperOptimizer", "all_reduce_mean", "check_sgd_arguments",
@@ -214,14 +215,12 @@ class HyperOptimizer(Optimizer):
         count = self.skipped_steps + 1
         self.hyper_state["skipped_steps"] = count
         if count == 10 ** round(math.log10(count)):
-            warnings.warn(
+            warn(
                 f"{type(self).__name__}: non-finite {what}; the step was skipped and neither "
                 f"weights nor hyperparameters changed ({count} step{'s' if count > 1 else ''} "
                 "skipped so far; history[...]['skipped'] marks them). If every step is skipped, "
                 "the weights or the data are non-finite; if it happens after the learning rate "
-                "grew, lower the hyper-step size.",
-                RuntimeWarning,
-                stacklevel=4,
+                "grew, lower the hyper-step size."
             )
 
     @staticmethod
@@ -342,7 +341,8 @@ class HyperOptimizer(Optimizer):
         first_lrs = watch.setdefault("first_lrs", list(lrs))
         message = None
         for i, (lr, first) in enumerate(zip(lrs, first_lrs)):
-            if first > 0 and lr > _DIVERGED_LR_RATIO * first:
+            # Growth from outside (a warm-up schedule) is not the hyper-step's doing.
+            if first > 0 and lr > _DIVERGED_LR_RATIO * first * outside_factor(watch, i):
                 message = (f"the learning rate of param group {i} grew from {first:.3g} to "
                            f"{lr:.3g}")
         if loss != 0.0 or "first_loss" in watch:
@@ -357,12 +357,10 @@ class HyperOptimizer(Optimizer):
                            f"and its lowest so far is {low:.4g}")
         if message is not None:
             watch["warned"] = True
-            warnings.warn(
+            warn(
                 f"{type(self).__name__}: training looks divergent: {message}. The hyper-step "
                 "size is probably too large for this problem's gradient scale: divide it by 10 "
-                "(see README, 'Choosing the hyper-step size'). This warning is shown once.",
-                RuntimeWarning,
-                stacklevel=4,
+                "(see README, 'Choosing the hyper-step size'). This warning is shown once."
             )
 
     # ------------------------------------------------------------------ around every step
@@ -410,44 +408,9 @@ class HyperOptimizer(Optimizer):
         ]
 
     def _detect_overwrites(self) -> None:
-        """Warn once if learned values are overwritten from outside at consecutive steps.
-
-        A value that differs from what the last step left was assigned by someone else (a
-        scheduler). A constant ratio to the learned value (``ExponentialLR``, a ``StepLR``
-        firing) composes: the scheduler scales what was learned. A value set from outside at 3
-        consecutive steps with a changing ratio (``LambdaLR``, ``OneCycleLR``, ``CyclicLR``,
-        Hugging Face's schedules) erases it: warn once.
-        """
-        published = self._watch.get("published")
-        if published is None or len(published) != len(self.param_groups):
-            return
-        runs = self._watch.setdefault("runs", {})
-        for i, (group, before) in enumerate(zip(self.param_groups, published)):
-            for name, old in before.items():
-                key = (i, name)
-                new = group.get(name)
-                if new == old:
-                    runs.pop(key, None)
-                    continue
-                ratio = new / old if old else math.inf
-                count, last = runs.get(key, (0, None))
-                same = last is not None and math.isclose(ratio, last, rel_tol=1e-9)
-                runs[key] = (count if same else count + 1, ratio)
-                if runs[key][0] >= 3 and not self._watch.get("overwrite_warned"):
-                    self._watch["overwrite_warned"] = True
-                    warnings.warn(
-                        f"{type(self).__name__}: param_groups[{i}]['{name}'] was set from "
-                        f"outside at {runs[key][0]} consecutive steps (a scheduler?), replacing "
-                        "the learned value rather than scaling it: what the optimizer learns is "
-                        "erased. Absolute schedules (LambdaLR, OneCycleLR, CyclicLR, Hugging "
-                        "Face's get_*_schedule*, per-step CosineAnnealingLR) do this. Use no "
-                        "scheduler, or one that multiplies the current value by a constant "
-                        "(ExponentialLR, StepLR, MultiStepLR, MultiplicativeLR with a constant "
-                        "factor, ReduceLROnPlateau); see README, 'Compatibility'. This warning is "
-                        "shown once.",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
+        """Warn once if a schedule overwrites learned values rather than scaling them (judged by
+        what it does to the values: :mod:`hyperoptim.core.schedulers`)."""
+        detect_overwrites(self)
 
     # ------------------------------------------------------------------ closures
     def _all_params(self) -> list[Tensor]:
@@ -588,15 +551,13 @@ class HyperOptimizer(Optimizer):
         if self._fd_rough:
             return
         self._fd_rough = True
-        warnings.warn(
+        warn(
             f"{type(self).__name__}: the finite-difference Hessian-vector products are unreliable "
             "here: even at a 100x smaller step the two one-sided differences of the gradient "
             "disagree (many ReLU-type kinks within the step, or float32 rounding; on a "
             "784-512-512-10 ReLU MLP in float32 the products were 20x off). Prefer the exact "
             "route: a closure that returns the loss without calling backward() (hvp='exact'), "
-            "or train in float64. Continuing without further retries.",
-            RuntimeWarning,
-            stacklevel=5,
+            "or train in float64. Continuing without further retries."
         )
 
     def _route(self, called_backward: bool) -> str:

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from ..core.dist import all_reduce_mean
+from ..core.threads import FORWARD_AD_LOCK
 
 __all__ = ["HVP_ROUTES", "SecondOrder", "exact_route_error", "grad_and_hvp", "hvp_from_grads"]
 
@@ -329,7 +330,8 @@ def grad_and_hvp(loss_fn: Callable[[dict[str, Tensor]], Tensor], params: dict[st
     def one_column(v: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         return torch.func.jvp(grad_fn, (params,), (v,))
 
-    grads, hz = torch.func.vmap(one_column, out_dims=(None, 0))(vectors)
+    with FORWARD_AD_LOCK:  # forward-AD levels are process-wide: one thread at a time
+        grads, hz = torch.func.vmap(one_column, out_dims=(None, 0))(vectors)
     keys = list(params)
     reduced = all_reduce_mean([grads[k] for k in keys] + [hz[k] for k in keys])
     return dict(zip(keys, reduced[: len(keys)])), dict(zip(keys, reduced[len(keys):]))
