@@ -398,3 +398,61 @@ def test_no_empty_state_entries(case):
     run(info, opt, prob, 0, 4)
     assert all(len(entry) > 0 for entry in opt.state.values())
     assert all(len(entry) > 0 for entry in opt.state_dict()["state"].values())
+
+
+def _torch_twin(info: OptimizerInfo, inp: OptimizerInput, params):
+    """The torch.optim optimizer this configuration steps like, with its torch-named values."""
+    adam = "betas" in info.cls([nn.Parameter(torch.zeros(1))], **_torch_free(info, inp)).defaults
+    decoupled = info.name.endswith("W")
+    cls = (torch.optim.AdamW if decoupled else torch.optim.Adam) if adam else torch.optim.SGD
+    names = ("lr", "betas", "eps", "weight_decay") if adam else ("lr", "momentum", "dampening",
+                                                                  "weight_decay", "nesterov")
+    kwargs = {k: v for k, v in inp.kwargs.items() if k in names}
+    if not adam and kwargs.get("dampening") and info.name in ("IFTOptimizer", "FDSSGD"):
+        kwargs.pop("dampening")
+    if info.name == "FDSSGD":
+        kwargs["lr"] = 0.05
+    return cls(params, **kwargs)
+
+
+def _torch_free(info: OptimizerInfo, inp: OptimizerInput) -> dict:
+    kwargs = dict(inp.kwargs)
+    if info.needs_val or inp.use_val:
+        kwargs["val_closure"] = lambda: torch.zeros(())
+    return kwargs
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_torch_checkpoint_migrates(case):
+    """The matching torch.optim optimizer's state dict loads (README's migration claim): its
+    values and per-parameter state are kept, the hyper state is fresh, history notes it, and
+    training continues."""
+    info, inp = case
+    src, prob = Problem(), Problem()
+    ref = _torch_twin(info, inp, src.model.parameters())
+    for t in range(3):
+        ref.step(src.closure(ref, t))
+    prob.model.load_state_dict(src.model.state_dict())
+    opt = build(info, inp, prob)
+    opt.load_state_dict(ref.state_dict())
+    for i, (a, b) in enumerate(zip(opt.param_groups, ref.param_groups)):
+        for key in ("lr", "momentum", "betas", "eps", "weight_decay"):
+            if key in a:
+                assert a[key] == b[key], (i, key)
+        assert any("torch.optim" in note for note in opt.history[i]["note"])
+    for p, q in zip(prob.model.parameters(), src.model.parameters()):
+        for key, value in ref.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+    run(info, opt, prob, 0, 4)  # t counts this optimizer's steps (FDSSGD's episode ends)
+    assert all(torch.isfinite(p).all() for p in prob.model.parameters())
+
+
+def test_torch_checkpoint_of_another_kind_is_refused():
+    from hyperoptim import HypergradAdam, HypergradAdamW, HypergradSGD
+
+    p = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="torch.optim.Adam state dict"):
+        HypergradSGD(p).load_state_dict(torch.optim.Adam(p).state_dict())
+    with pytest.raises(ValueError, match="torch.optim.AdamW state dict"):
+        HypergradAdam(p).load_state_dict(torch.optim.AdamW(p).state_dict())
+    HypergradAdamW(p).load_state_dict(torch.optim.AdamW(p).state_dict())

@@ -24,6 +24,7 @@ from .batchnorm import frozen_batchnorm_stats
 from .checks import _GROUP_CHECKS, check_sgd_arguments, check_torch_flags, check_value, is_real
 from .dist import all_reduce_mean, check_supported_parameters
 from .grads import GradLedger
+from .migrate import from_torch
 from .schedulers import detect_overwrites, outside_factor
 from .types import Closure, ParamsT
 from .warn import warn
@@ -717,6 +718,11 @@ class HyperOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` saved; a resumed run continues exactly.
 
+        A plain ``torch.optim`` state dict of the matching kind (SGD for the SGD-based classes,
+        Adam/AdamW for the Adam family) migrates: torch's values and per-parameter state are
+        kept, the hyper state starts fresh, and ``history[i]["note"]`` says so
+        (:mod:`hyperoptim.core.migrate`).
+
         Refused with ``ValueError`` before anything changes: a state dict saved by another
         optimizer class, or whose param groups lack this class's options or hold invalid values.
         Load pre-hooks see, and post-hooks run after, the whole state (history included).
@@ -728,6 +734,7 @@ class HyperOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = dict(result)
+        state_dict = from_torch(self, state_dict)  # a torch.optim checkpoint: migrate it
         self._check_loadable(state_dict)
         history = state_dict.pop("history", None)
         hyper_state = state_dict.pop("hyper_state", None)
