@@ -353,7 +353,11 @@ class FDSSGD(HyperOptimizer):
         t = self.hyper_state["step"]
         if t >= self.horizon:
             raise RuntimeError(f"FDSSGD: the episode of horizon={self.horizon} steps is over; "
-                               "call hyperstep() before the next step().")
+                               "call hyperstep() before the next step(). In a training framework "
+                               "(PyTorch Lightning, a Trainer) end each episode from a callback "
+                               "that runs when optimizer.episode_step == optimizer.horizon: "
+                               "restore the episode's initial weights and call hyperstep() "
+                               "(examples/lightning_fds.py, class EndEpisodes).")
         columns = self._columns()
         n_prev = sum(c[0] < t for c in columns)  # columns already used: Z may be non-zero
         n_active = sum(c[0] <= t for c in columns)  # plus those whose window starts now (Z = 0)

@@ -100,6 +100,9 @@ class HypergradAdam(RuleHypergrad):
     """
 
     rule = ADAM
+    # No Hessian-vector product: the base unscales GradScaler's gradients before the step, as for
+    # HypergradSGD, and skips the steps where the scaler found inf/NaN.
+    _supports_grad_scaler = True
 
     def __init__(
         self,

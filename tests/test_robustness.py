@@ -546,6 +546,29 @@ def test_grad_scaler_with_hypergrad_sgd_matches_unscaled_run():
     assert opt_b.param_groups[0]["lr"] == pytest.approx(opt_a.param_groups[0]["lr"], rel=1e-4)
 
 
+@pytest.mark.parametrize("cls", ["HypergradAdam", "HypergradAdamW"])
+def test_grad_scaler_with_hypergrad_adam_matches_unscaled_run(cls):
+    """HypergradAdam(W) takes no Hessian-vector product: GradScaler works as with HypergradSGD."""
+    import hyperoptim
+
+    a, b = Task(dtype=torch.float32), Task(dtype=torch.float32)
+    make = getattr(hyperoptim, cls)
+    opt_a = make(a.model.parameters(), lr=0.01, hypergrad_lr=1e-4)
+    opt_b = make(b.model.parameters(), lr=0.01, hypergrad_lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(5):
+        opt_a.zero_grad()
+        a.loss().backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        scaler.scale(b.loss()).backward()
+        scaler.step(opt_b)
+        scaler.update()
+    for x, y in zip(a.params(), b.params()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert opt_b.param_groups[0]["lr"] == pytest.approx(opt_a.param_groups[0]["lr"], rel=1e-4)
+
+
 def test_grad_scaler_skips_an_overflowed_step_like_torch():
     task = Task(dtype=torch.float32)
     opt = HypergradSGD(task.model.parameters(), lr=0.05)
