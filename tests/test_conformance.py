@@ -456,3 +456,51 @@ def test_torch_checkpoint_of_another_kind_is_refused():
     with pytest.raises(ValueError, match="torch.optim.AdamW state dict"):
         HypergradAdam(p).load_state_dict(torch.optim.AdamW(p).state_dict())
     HypergradAdamW(p).load_state_dict(torch.optim.AdamW(p).state_dict())
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_state_dict_weights_only_round_trip_is_deterministic(case):
+    """torch.load(weights_only=True) reads the state dict (only tensors and plain containers),
+    and two state dicts of the same optimizer, or of a reloaded copy, are equal."""
+    info, inp = case
+    prob = Problem()
+    opt = build(info, inp, prob)
+    run(info, opt, prob, 0, 5)
+    first, second = opt.state_dict(), opt.state_dict()
+    buffer = io.BytesIO()
+    torch.save(first, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    twin = Problem()
+    twin.model.load_state_dict(prob.model.state_dict())
+    opt2 = build(info, inp, twin)
+    opt2.load_state_dict(loaded)
+    for sd in (second, loaded, opt2.state_dict()):
+        _assert_same_tree(first, sd)
+
+
+def _assert_same_tree(a, b, path="sd"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), (path, set(a) ^ set(b))
+        for k in a:
+            _assert_same_tree(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tree(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), (path, a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_instance_step_hooks_fire_once_per_step(case):
+    info, inp = case
+    prob = Problem()
+    opt = build(info, inp, prob)
+    seen: list[str] = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    run(info, opt, prob, 0, 3)
+    assert seen == ["pre", "post"] * 3

@@ -161,6 +161,9 @@ def _closed_form(net: Net, groups: list[dict], weights: list[torch.Tensor],
     return out
 
 
+# hyper_lr=1 on a plain SGD hyper optimizer moves learning rates by decades: the divergence
+# warning it may give is beside the point of this test of hypergradient values.
+@pytest.mark.filterwarnings("ignore:.*training looks divergent:hyperoptim.HyperoptimWarning")
 @settings(max_examples=16, deadline=None)
 @given(
     seed=st.integers(0, 10_000),

@@ -389,12 +389,16 @@ def test_state_dict_of_another_class_is_refused_before_any_change(src, dst):
     _step(b, task.closure(b), 2)  # still usable
 
 
-def test_torch_sgd_state_dict_is_refused():
+def test_torch_sgd_state_dict_migrates_and_a_truncated_one_is_refused():
+    """A plain torch.optim.SGD state dict now migrates (issue 17: torch's values kept); one that
+    claims to be a HypergradSGD's but lacks its options is still refused, naming them."""
     task = Task()
     sgd = torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9)
     opt = HypergradSGD(task.model.parameters(), lr=0.05)
+    opt.load_state_dict(sgd.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["momentum"] == 0.9
     with pytest.raises(ValueError, match="lacks"):
-        opt.load_state_dict(sgd.state_dict())
+        opt.load_state_dict({**sgd.state_dict(), "optimizer_class": "HypergradSGD"})
 
 
 # ---------------------------------------------------------------- 4. history

@@ -449,12 +449,12 @@ class HyperOptimizer(Optimizer):
                     "(it may call backward() itself)."
                 )
             self._check_dense()
-            self._flip_for_maximize([p for p in self._all_params() if p.grad is not None])
+            used = [p for p in self._all_params() if p.grad is not None]
+            self._grad_ledger.remember(used)
+            self._flip_for_maximize(used)
             return None, None
         params = self._all_params()
         self._grad_ledger.drop_stale()
-        self._check_dense()
-        prepared = GradLedger.prepared(params)
         before = _grad_snapshot(params)
         rng = RngReplay([p.device for p in params]) if second_order else None
         with torch.enable_grad():
@@ -465,9 +465,13 @@ class HyperOptimizer(Optimizer):
         route = self._route(called_backward) if second_order else None
         graph_grads: list[Tensor] | None = None
         origin_grads: list[Tensor] | None = None
-        if prepared and not called_backward:
+        # A closure that calls backward() replaces p.grad (as for torch.optim); one that does not
+        # leaves it as the user prepared it, and only then is it looked at (one host sync).
+        if not called_backward:
+            self._check_dense()
+        prepared = [] if called_backward else GradLedger.prepared(params)
+        if prepared:
             used, graph_grads, origin_grads = self._prepared_gradients(loss, prepared, route)
-            self._grad_ledger.remember(used)  # stepped once: unchanged, it is stale next time
         elif called_backward:
             used = [p for p in params if p.grad is not None]
             for g, mean in zip([p.grad for p in used], all_reduce_mean([p.grad for p in used])):
@@ -490,8 +494,9 @@ class HyperOptimizer(Optimizer):
                 p.grad = mean
             if exact:
                 graph_grads = [g for _, g in pairs]
-            self._grad_ledger.remember(used)
         self._check_dense()
+        # Stepped once: left unchanged, these gradients are stale at the next step(closure).
+        self._grad_ledger.remember(used)
         self._flip_for_maximize(used)
         if route is None:
             return loss.detach(), None

@@ -4,10 +4,10 @@ The gradient a step uses is what ``p.grad`` holds when ``step()`` is called, as 
 ``torch.optim``: accumulation, ``clip_grad_norm_``, a GradScaler's unscaling and DDP's averaging
 all apply to it. A closure that returns the loss (without calling ``backward()``) is differentiated
 by the optimizer itself; what it gives is used as the step's gradient only where the user
-prepared none. The gradients the optimizer writes to ``p.grad`` are remembered (tensor and
-version counter), so that at the next step they are told apart from gradients the user prepared
-since: one left exactly as the optimizer wrote it is stale, and is dropped rather than stepped
-again.
+prepared none. The gradients each step used (whoever wrote them: the optimizer, the closure's
+``backward()``, the user before ``step()``) are remembered (tensor and version counter), so that
+at the next ``step(closure)`` they are told apart from gradients prepared since: one left exactly
+as it was is stale, and is dropped rather than stepped again.
 """
 
 from __future__ import annotations
@@ -21,22 +21,22 @@ __all__ = ["GradLedger"]
 
 
 class GradLedger:
-    """The gradients an optimizer wrote to ``p.grad`` itself, to tell them from the user's.
+    """The gradients the latest step used, to tell them from gradients prepared since.
 
     Attributes:
-        written (list of tuple): ``(param, grad, version)`` for every ``p.grad`` the optimizer set
-            at its latest step (``grad._version`` when it was set).
+        written (list of tuple): ``(param, grad, version)`` for every ``p.grad`` the latest step
+            used (``grad._version`` when it was used).
     """
 
     def __init__(self) -> None:
         self.written: list[tuple[Tensor, Tensor, int]] = []
 
     def remember(self, params: Iterable[Tensor]) -> None:
-        """Record the current ``p.grad`` of ``params`` as written by the optimizer."""
+        """Record the current ``p.grad`` of ``params`` as used by this step."""
         self.written = [(p, p.grad, p.grad._version) for p in params if p.grad is not None]
 
     def drop_stale(self) -> None:
-        """Set ``p.grad = None`` where it still holds, unchanged, what the optimizer wrote.
+        """Set ``p.grad = None`` where it still holds, unchanged, what the latest step used.
 
         Such a gradient belongs to an earlier step's batch; stepping it again would move a
         parameter that gets no gradient now (momentum and weight decay included), which neither
