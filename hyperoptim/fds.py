@@ -333,7 +333,7 @@ class FDSSGD(HyperOptimizer):
 
     # ------------------------------------------------------------------ inner step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *,
+    def _step(self, closure: Callable[[], Any] | None = None, *,
              val_closure: Closure | None = None) -> Any:
         """One inner SGD step with the schedule values in force, updating the tangents.
 

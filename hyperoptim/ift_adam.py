@@ -6,34 +6,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .core.checks import check_value
 from .core.types import Closure, ParamsT
-from .ift import _PER_PARAMETER, WEIGHT_DECAY_FLOOR, HyperOptimizerFactory, IFTOptimizer
+from .methods.ift import _PER_PARAMETER, WEIGHT_DECAY_FLOOR, HyperOptimizerFactory, RuleIFT
 from .rules.adam import ADAM, check_adam_arguments
-from .rules.base import Buffers
 
 __all__ = ["IFTAdam", "IFTAdamW"]
-
-
-def _step_hypers(group: dict[str, Any]) -> dict[str, Any]:
-    """The group's values for the weight step: a tuned weight decay at or below
-    :data:`~hyperoptim.ift.WEIGHT_DECAY_FLOOR` (where a tuned 0 starts: its log needs a positive
-    value) steps as 0. Adam normalises the decay term, so even 1e-7 would move a weight whose
-    gradient is 0 by about the learning rate, where ``torch.optim.Adam(weight_decay=0)`` leaves it.
-    The hypergradient is still taken at the floor value, so the decay can learn away from it."""
-    hypers = ADAM.hypers(group)
-    if "weight_decay" in group["tune"] and hypers["weight_decay"] <= WEIGHT_DECAY_FLOOR:
-        hypers["weight_decay"] = 0.0
-    return hypers
 
 _REFUSED = ("beta1", "beta2", "betas", "momentum")
 
 
-class IFTAdam(IFTOptimizer):
+class IFTAdam(RuleIFT):
     r"""Adam whose learning rate and weight decay learn from implicit hypergradients.
 
     A drop-in replacement for ``torch.optim.Adam`` (same positional arguments
@@ -44,7 +31,8 @@ class IFTAdam(IFTOptimizer):
     take one step of a hyper optimizer (Adam, ``hyper_lr``) on the Neumann approximation of the
     implicit hypergradient of the validation loss :math:`L_V`. Everything but the update function
     (transforms, look-back, timing, hyper optimizer, state, history, non-finite skips, HVP routes)
-    is :class:`~hyperoptim.IFTOptimizer`'s; see its documentation.
+    is :class:`~hyperoptim.IFTOptimizer`'s, the one implementation over any rule
+    (:class:`hyperoptim.methods.ift.RuleIFT`) given the ADAM rule here; see its documentation.
 
     **The update function** (Appendix, Eq. 11). With Adam's moments :math:`m, v` and step count
     :math:`t` held constant (detached: the state before the step, as torch keeps it in
@@ -140,6 +128,7 @@ class IFTAdam(IFTOptimizer):
         I. Loshchilov, F. Hutter. Decoupled Weight Decay Regularization. ICLR 2019 (AdamW).
     """
 
+    rule = ADAM
     _tunable = ("lr", "weight_decay")
 
     def __init__(
@@ -206,49 +195,18 @@ class IFTAdam(IFTOptimizer):
         out["eps"] = float(out["eps"])
         return out
 
-    # ------------------------------------------------------------------ the rule
-    def _peek_state(self, params: Sequence[Tensor]) -> tuple[Buffers, list[float]]:
-        """The moments and this step's counts, as ``torch.optim.Adam`` would start them for a
-        fresh parameter, without writing anything to ``state``."""
-        states = [self.state[p] for p in params]
-        buffers: Buffers = {
-            name: [s[name] if name in s else torch.zeros_like(p, memory_format=torch.preserve_format)
-                   for s, p in zip(states, params)]
-            for name in ADAM.buffer_names}
-        counts = [float(s["step"]) + 1.0 if "step" in s else 1.0 for s in states]
-        return buffers, counts
-
-    def _weight_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """torch's Adam/AdamW step with the group's current values, in place."""
-        states = [self.state[p] for p in params]
-        buffers, counts = ADAM.read_state(states, params)
-        new, _ = ADAM.step_(params, [p.grad for p in params], buffers, _step_hypers(group), counts,
-                            **ADAM.options(group))
-        ADAM.write_state(states, new)
-
-    def _weight_values(self, group: dict[str, Any], params: list[Tensor]
-                       ) -> tuple[list[Tensor], list[dict[str, Any]]]:
-        """The same step as new tensors (bit-identical), and the ``state[p]`` entries it sets."""
-        buffers, counts = self._peek_state(params)
-        new, new_buffers = ADAM.step(params, [p.grad for p in params], buffers, _step_hypers(group),
-                                     counts, **ADAM.options(group))
-        entries = []
-        for i, p in enumerate(params):
-            step = self.state[p].get("step")
-            entries.append({"step": torch.tensor(1.0, dtype=torch.float32) if step is None else step + 1,
-                            **{name: new_buffers[name][i] for name in ADAM.buffer_names}})
-        return new, entries
-
-    def _update_functions(self, group: dict[str, Any], params: Sequence[Tensor],
-                          weights: Sequence[Tensor], grads: Sequence[Tensor],
-                          values: dict[str, Any]) -> list[Tensor]:
-        """``u = w - w'`` with ``w'`` the rule's pure step at ``(weights, grads)``, the moments and
-        counts of the state before the step held constant (Eq. 11)."""
-        buffers, counts = self._peek_state(params)
-        hypers = {**ADAM.hypers(group), **values}
-        new, _ = ADAM.step(list(weights), list(grads), buffers, hypers, counts,
-                           **ADAM.options(group))
-        return [w - n for w, n in zip(weights, new)]
+    def _hypers(self, group: dict[str, Any], params: Sequence[Tensor]) -> dict[str, Any]:
+        """The group's values for the weight step: a tuned weight decay at or below
+        :data:`~hyperoptim.ift.WEIGHT_DECAY_FLOOR` (where a tuned 0 starts: its log needs a
+        positive value) steps as 0. Adam normalises the decay term, so even 1e-7 would move a
+        weight whose gradient is 0 by about the learning rate, where
+        ``torch.optim.Adam(weight_decay=0)`` leaves it. The hypergradient is still taken at the
+        floor value (:meth:`_update_functions`), so the decay can learn away from it."""
+        hypers = super()._hypers(group, params)
+        wd = hypers.get("weight_decay")
+        if "weight_decay" in group["tune"] and isinstance(wd, float) and wd <= WEIGHT_DECAY_FLOOR:
+            hypers["weight_decay"] = 0.0
+        return hypers
 
 
 class IFTAdamW(IFTAdam):

@@ -27,7 +27,7 @@ class MartheSGD(RuleMarthe):
     validation loss (HD, Baydin et al. 2018: the same learning rates as ``HypergradSGD`` with a
     ``val_closure``), :math:`\mu = 1` is RTHO (Franceschi et al. 2017), ``mu="adaptive"`` is MARTHE.
 
-    **Step** :math:`t` (Algorithm 1; DESIGN.md §3 for the SGD rule :math:`\Phi` with momentum
+    **Step** :math:`t` (Algorithm 1; docs/design.md §3 for the SGD rule :math:`\Phi` with momentum
     :math:`b`, weight decay :math:`c`, direction :math:`d_t`):
 
     .. math::
@@ -144,9 +144,8 @@ class MartheSGD(RuleMarthe):
             (double backward; the closure must return the loss without calling ``backward()``),
             ``"finite_difference"`` (central differences of gradients, two extra closure calls
             per tangent column; works with ``backward()`` in the closure, DDP,
-            ``torch.compile``), ``"forward_difference"`` (one extra call per column), or
-            ``"auto"``: exact if the closure returns the loss without calling ``backward()``,
-            central differences if it calls it (default: ``"auto"``).
+            ``torch.compile``), or ``"auto"``: exact if the closure returns the loss without
+            calling ``backward()``, central differences if it calls it (default: ``"auto"``).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS

@@ -1,7 +1,20 @@
 r"""Reference hypergradients: the exact unrolled oracle, finite differences, DrMAD.
 
-Every hypergradient test in the package compares against these (DESIGN.md §5). They are slow and
-obviously correct rather than fast.
+Every hypergradient test in the package compares against these (docs/design.md §5). They are
+slow and obviously correct rather than fast.
+
+**Any rule** (:func:`rule_unroll`, :func:`rule_unrolled_hypergrad`,
+:func:`rule_finite_difference_hypergrad`). One inner run written once over an
+:class:`~hyperoptim.rules.UpdateRule` :math:`\Phi`: from the rule's fresh state :math:`s_0` (or
+given buffers), :math:`(w_{t+1}, s_{t+1}) = \Phi(w_t, \nabla L_t(w_t), s_t; \lambda_t)` by the
+rule's own pure step, with a piecewise-constant schedule for *every* hyperparameter of the rule
+(window :math:`k` of :math:`N_x` covers steps :math:`[kT/N_x, (k+1)T/N_x)`), and the three
+estimators below (forward run, exact reverse mode, central differences) over it. Nothing in them
+knows a rule's formula, so a new rule gets its oracle by being a rule. The SGD and Adam functions
+further down are these with their optimizers' argument names. The exact estimator differentiates
+the rule with tensor hyperparameters; where a rule's float step skips work at a value of exactly
+0 (SGD's momentum), finite differences see the float step, so compare them away from such zeros
+(the SGD functions take the limit there, below).
 
 **The inner run.** :math:`T` steps of ``torch.optim.SGD``'s rule (:mod:`hyperoptim.rules`, the
 very function the optimizers use) from weights :math:`w_0`, with piecewise-constant schedules: the
@@ -115,20 +128,23 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .core.schedule import window_of
 from .core.types import Hyper
-from .rules.adam import adam_step
-from .rules.sgd import sgd_step
+from .rules.adam import ADAM
+from .rules.base import Buffers, UpdateRule
+from .rules.sgd import SGD, sgd_step
 
 __all__ = [
     "adam_finite_difference_hypergrad", "adam_unroll", "adam_unrolled_hypergrad", "drmad_hypergrad",
-    "finite_difference_hypergrad", "unroll", "unrolled_hypergrad",
+    "finite_difference_hypergrad", "rule_finite_difference_hypergrad", "rule_unroll",
+    "rule_unrolled_hypergrad", "unroll", "unrolled_hypergrad",
 ]
 
 TrainLoss = Callable[[dict[str, Tensor], int], Tensor]
@@ -140,8 +156,330 @@ ValLoss = Callable[[dict[str, Tensor]], Tensor]
 Schedule = float | Sequence[float]
 """One value for all steps, or one value per window."""
 
-_NAMES = ("lr", "momentum", "weight_decay")
+Values = Mapping[str, Sequence[Hyper]]
+"""Per hyperparameter name, its schedule's values (floats, or 0-d tensors that carry a graph)."""
+
 _F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# The inner run of any rule, and the three estimators over it
+# ---------------------------------------------------------------------------------------------
+
+def _check_horizon(horizon: int) -> None:
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"Invalid horizon value: {horizon} (expected an int >= 1)")
+
+
+def _schedule(name: str, value: Schedule, horizon: int, *, nonnegative: bool = True
+              ) -> tuple[float, ...]:
+    if isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value}")
+    if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.dim() == 0):
+        values: tuple[float, ...] = (float(value),)
+    else:
+        try:
+            values = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"Invalid {name} value: {value}") from None
+    if not values or len(values) > horizon:
+        raise ValueError(f"Invalid {name} value: {value} ({len(values)} windows for a horizon of "
+                         f"{horizon} steps; expected 1 to {horizon})")
+    if not all(math.isfinite(v) and (v >= 0.0 or not nonnegative) for v in values):
+        raise ValueError(f"Invalid {name} value: {value} (expected finite values"
+                         f"{' >= 0' if nonnegative else ''})")
+    return values
+
+
+def _rule_schedules(rule: UpdateRule, hypers: Mapping[str, Schedule], horizon: int
+                    ) -> dict[str, tuple[float, ...]]:
+    """Every hyperparameter of ``rule`` as a validated schedule, in the rule's order."""
+    _check_horizon(horizon)
+    if not isinstance(hypers, Mapping) or set(hypers) != set(rule.hyper_names):
+        raise ValueError(f"Invalid hypers value: {hypers!r} (the {rule.name!r} rule takes a "
+                         f"schedule for each of {', '.join(rule.hyper_names)})")
+    return {name: _schedule(name, hypers[name], horizon, nonnegative=False)
+            for name in rule.hyper_names}
+
+
+def _weights(params: dict[str, Tensor], dtype: torch.dtype | None) -> tuple[list[str], list[Tensor]]:
+    """Names and detached weights (cast to ``dtype`` unless None)."""
+    if not isinstance(params, dict) or not params:
+        raise ValueError(f"Invalid params value: {params} (expected a non-empty dict of tensors)")
+    names = list(params)
+    weights = [params[k].detach() for k in names]
+    return names, weights if dtype is None else [w.to(dtype) for w in weights]
+
+
+def _given(arg: str, names: list[str], given: dict[str, Tensor] | None,
+           dtype: torch.dtype | None) -> list[Tensor | None] | None:
+    """One buffer per parameter from a dict keyed like ``params`` (detached, cast), or None."""
+    if given is None:
+        return None
+    if not isinstance(given, dict) or set(given) != set(names):
+        raise ValueError(f"Invalid {arg} value: expected a dict with the keys of params {names}, "
+                         f"got {given!r}")
+    out = [None if given[k] is None else given[k].detach() for k in names]
+    return out if dtype is None else [None if b is None else b.to(dtype) for b in out]
+
+
+def _fresh_buffers(rule: UpdateRule, names: list[str], weights: Sequence[Tensor],
+                   given: Mapping[str, dict[str, Tensor] | None] | None,
+                   dtype: torch.dtype | None) -> Buffers:
+    """The rule's state before the first step: ``given`` buffers where set, else the rule's
+    fresh state (``init_state``; ``None`` where the rule creates the buffer at its first step)."""
+    given = {} if given is None else given
+    if not isinstance(given, Mapping) or not set(given) <= set(rule.buffer_names):
+        raise ValueError(f"Invalid buffers value: {given!r} (the {rule.name!r} rule's buffers are "
+                         f"{', '.join(rule.buffer_names)})")
+    inits = [rule.init_state(w) for w in weights]
+    buffers: Buffers = {}
+    for name in rule.buffer_names:
+        chosen = _given("buffers", names, given.get(name), dtype)
+        buffers[name] = chosen if chosen is not None else [s.get(name) for s in inits]
+    return buffers
+
+
+def _prepare(rule: UpdateRule, params: dict[str, Tensor], horizon: int,
+             hypers: Mapping[str, Schedule],
+             buffers: Mapping[str, dict[str, Tensor] | None] | None, dtype: torch.dtype | None
+             ) -> tuple[dict[str, tuple[float, ...]], list[str], list[Tensor], Buffers]:
+    """The public functions' arguments, checked: schedules, names, weights and the start state."""
+    values = _rule_schedules(rule, hypers, horizon)
+    names, weights = _weights(params, dtype)
+    return values, names, weights, _fresh_buffers(rule, names, weights, buffers, dtype)
+
+
+def _run(rule: UpdateRule, train_loss: TrainLoss, names: list[str], weights: list[Tensor],
+         buffers: Buffers, horizon: int, values: Values, options: Mapping[str, Any], *,
+         create_graph: bool) -> tuple[list[Tensor], Buffers]:
+    r"""The inner run: ``horizon`` steps :math:`(w, s)_{t+1} = \Phi(w_t, \nabla L_t(w_t), s_t;
+    \lambda_t)` of ``rule.step``, step :math:`t` using each schedule's value of its window, the
+    step counts from 1 (a fresh run). A step that returns ``None`` for a buffer keeps the old one
+    (as :meth:`~hyperoptim.rules.UpdateRule.write_state` does)."""
+    for t in range(horizon):
+        hypers = {name: s[window_of(t, horizon, len(s))] for name, s in values.items()}
+        grads = _train_grads(train_loss, names, weights, t, create_graph=create_graph)
+        counts = [float(t + 1)] * len(weights) if rule.uses_counts else None
+        with torch.set_grad_enabled(create_graph):
+            weights, new = rule.step(weights, grads, buffers, hypers, counts, **options)
+        buffers = {name: [b if n is None else n for b, n in zip(buffers[name], new[name])]
+                   for name in rule.buffer_names}
+    return weights, buffers
+
+
+def _by_name(names: list[str], tensors: Sequence[Tensor | None]) -> dict[str, Tensor] | None:
+    return None if all(b is None for b in tensors) else dict(zip(names, tensors, strict=True))
+
+
+def _exact(rule: UpdateRule, train_loss: TrainLoss, val_loss: ValLoss, names: list[str],
+           weights: list[Tensor], buffers: Buffers, horizon: int,
+           values: Mapping[str, Sequence[float]], options: Mapping[str, Any]
+           ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Reverse mode through the float64 run with every schedule a tensor that requires grad."""
+    hypers = {name: torch.tensor(v, dtype=_F64, requires_grad=True) for name, v in values.items()}
+    with torch.enable_grad():
+        weights = [w.clone().requires_grad_() for w in weights]
+        weights, _ = _run(rule, train_loss, names, weights, buffers, horizon, hypers, options,
+                          create_graph=True)
+        objective = val_loss(dict(zip(names, weights, strict=True)))
+        derivs = torch.autograd.grad(objective, list(hypers.values()), allow_unused=True)
+    hypergrads = {name: torch.zeros_like(h) if d is None else d.detach()
+                  for (name, h), d in zip(hypers.items(), derivs, strict=True)}
+    return objective.detach(), hypergrads
+
+
+def _central_differences(objective: Callable[[dict[str, list[float]]], float],
+                         values: Mapping[str, Sequence[float]], step: float
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
+    r""":math:`(E(\lambda + h e_i) - E(\lambda - h e_i)) / 2h` for every schedule value, and
+    :math:`E(\lambda)`."""
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
+        raise ValueError(f"Invalid step value: {step}")
+    hypergrads = {}
+    for name, schedule in values.items():
+        column = []
+        for i in range(len(schedule)):
+            ends = []
+            for sign in (1.0, -1.0):
+                moved = {n: list(s) for n, s in values.items()}
+                moved[name][i] += sign * step
+                ends.append(objective(moved))
+            column.append((ends[0] - ends[1]) / (2 * step))
+        hypergrads[name] = torch.tensor(column, dtype=_F64)
+    return torch.tensor(objective({n: list(s) for n, s in values.items()}), dtype=_F64), hypergrads
+
+
+def _final_loss(rule: UpdateRule, train_loss: TrainLoss, val_loss: ValLoss, names: list[str],
+                weights: list[Tensor], buffers: Buffers, horizon: int, values: Values,
+                options: Mapping[str, Any]) -> float:
+    """:math:`E(w_T)` of a forward run without a graph."""
+    final, _ = _run(rule, train_loss, names, weights, buffers, horizon, values, options,
+                    create_graph=False)
+    with torch.no_grad():
+        return float(val_loss(dict(zip(names, final, strict=True))))
+
+
+def rule_unroll(
+    rule: UpdateRule,
+    train_loss: TrainLoss,
+    params: dict[str, Tensor],
+    *,
+    horizon: int,
+    hypers: Mapping[str, Schedule],
+    options: Mapping[str, Any] | None = None,
+    buffers: Mapping[str, dict[str, Tensor] | None] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor] | None]]:
+    r"""Run ``horizon`` steps of any update rule forward only: :math:`(w_0, s_0) \mapsto (w_T, s_T)`.
+
+    Step :math:`t` is the rule's pure step (:attr:`~hyperoptim.rules.UpdateRule.step`) at
+    :math:`(w_t, \nabla L_t(w_t), s_t)` with each hyperparameter's value of the window holding
+    :math:`t` (:func:`hyperoptim.core.schedule.window_of`) and step count :math:`t + 1`, from the
+    rule's fresh state (torch's lazy state: e.g. Adam's zero moments) unless ``buffers`` gives
+    it. With float hyperparameters the rule does its torch optimizer's arithmetic, so the weights
+    are bit-identical to that optimizer with the schedule written into ``param_groups`` before
+    each step. Works in the dtype of ``params``; nothing keeps a graph and nothing is modified.
+
+    Args:
+        rule (UpdateRule): the inner rule :math:`\Phi` (any registered or hand-made rule).
+        train_loss (callable): ``(params, t) -> loss`` of batch ``t``, without weight decay.
+        params (dict of Tensor): the initial weights :math:`w_0`.
+        horizon (int): the number of steps :math:`T`.
+        hypers (dict): a schedule (one float, or one float per window) for every name in
+            ``rule.hyper_names``.
+        options (dict, optional): the rule's static keyword options (default: none).
+        buffers (dict, optional): initial buffers by buffer name, each a dict keyed like
+            ``params`` (default: the rule's fresh state).
+
+    Returns:
+        ``(params_T, buffers_T)``: the weights keyed like ``params``, and per buffer name a dict
+        keyed like ``params`` (``None`` where the rule never created that buffer).
+
+    Example:
+        >>> from hyperoptim.rules import SGD
+        >>> loss = lambda p, t: 0.5 * (p["w"] ** 2).sum()
+        >>> w_T, s_T = rule_unroll(SGD, loss, {"w": torch.tensor([1.0])}, horizon=2,
+        ...                        hypers=dict(lr=0.5, momentum=0.0, weight_decay=0.0))
+        >>> w_T["w"], s_T
+        (tensor([0.2500]), {'momentum_buffer': None})
+    """
+    values, names, weights, state = _prepare(rule, params, horizon, hypers, buffers, None)
+    weights, state = _run(rule, train_loss, names, weights, state, horizon, values,
+                          dict(options or {}), create_graph=False)
+    return (dict(zip(names, weights, strict=True)),
+            {name: _by_name(names, state[name]) for name in rule.buffer_names})
+
+
+def rule_unrolled_hypergrad(
+    rule: UpdateRule,
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    params: dict[str, Tensor],
+    *,
+    horizon: int,
+    hypers: Mapping[str, Schedule],
+    options: Mapping[str, Any] | None = None,
+    buffers: Mapping[str, dict[str, Tensor] | None] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""Exact hypergradients of :math:`E(w_T)` by reverse mode through ``horizon`` unrolled steps
+    of any rule, for every value of every hyperparameter's schedule.
+
+    The run of :func:`rule_unroll` in float64 with each schedule a tensor that requires grad and
+    each gradient taken with ``create_graph=True``, then one backward pass: the adjoints
+    :math:`\hat w_t = \partial E / \partial w_t` and :math:`\hat s_t = \partial E / \partial s_t`
+    of the weights and of every buffer run back through the rule's own step,
+
+    .. math::
+
+        (\hat w_t, \hat s_t, \hat\lambda_t) = (\hat w_{t+1}, \hat s_{t+1})^\top
+        \frac{\partial \Phi_t}{\partial (w_t, s_t, \lambda)}, \qquad
+        \frac{dE}{d\lambda_k} = \sum_{t \in W_k} \hat\lambda_t,
+
+    with :math:`\nabla L_t(w_t)`'s dependence on :math:`w_t` (the Hessian) included by double
+    backward. Nothing here knows a rule's formula. Memory grows linearly with ``horizon``.
+
+    Args:
+        rule, train_loss, params, horizon, hypers, options, buffers: as in :func:`rule_unroll`
+            (``train_loss`` receives float64 tensors that carry a graph).
+        val_loss (callable): ``params -> E``, a scalar.
+
+    Returns:
+        ``(E, hypergrads)``: :math:`E(w_T)` (0-d float64) and, per name of ``rule.hyper_names``,
+        :math:`dE/d` each of its schedule values (float64, shape ``(N_x,)``).
+
+    Example:
+        >>> # E = L = w^2 / 2 and one SGD step: w_1 = (1 - a) w_0, so dE/da = -(1 - a) w_0^2.
+        >>> from hyperoptim.rules import SGD
+        >>> loss = lambda p, t: 0.5 * (p["w"] ** 2).sum()
+        >>> E, hg = rule_unrolled_hypergrad(SGD, loss, lambda p: loss(p, 0),
+        ...                                 {"w": torch.tensor([1.0])}, horizon=1,
+        ...                                 hypers=dict(lr=0.1, momentum=0.0, weight_decay=0.0))
+        >>> hg["lr"]
+        tensor([-0.9000], dtype=torch.float64)
+    """
+    values, names, weights, state = _prepare(rule, params, horizon, hypers, buffers, _F64)
+    return _exact(rule, train_loss, val_loss, names, weights, state, horizon, values,
+                  dict(options or {}))
+
+
+def rule_finite_difference_hypergrad(
+    rule: UpdateRule,
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    params: dict[str, Tensor],
+    *,
+    horizon: int,
+    hypers: Mapping[str, Schedule],
+    options: Mapping[str, Any] | None = None,
+    buffers: Mapping[str, dict[str, Tensor] | None] | None = None,
+    step: float = 1e-6,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""Hypergradients of any rule's run by central differences of float64 forward runs, for tests.
+
+    For each schedule value :math:`\lambda_i` separately,
+    :math:`(E(\lambda + h e_i) - E(\lambda - h e_i)) / 2h` with :math:`h` = ``step``, each
+    :math:`E` from :func:`rule_unroll`'s arithmetic in float64; error
+    :math:`O(h^2 \partial^3 E) + O(u |E| / h)` with :math:`u = 2^{-53}`.
+
+    Args:
+        rule, train_loss, val_loss, params, horizon, hypers, options, buffers: as in
+            :func:`rule_unrolled_hypergrad`.
+        step (float, optional): :math:`h` (default: 1e-6).
+
+    Returns:
+        ``(E, hypergrads)`` as :func:`rule_unrolled_hypergrad` returns them.
+
+    Example:
+        >>> from hyperoptim.rules import SGD
+        >>> loss = lambda p, t: 0.5 * (p["w"] ** 2).sum()
+        >>> _, hg = rule_finite_difference_hypergrad(
+        ...     SGD, loss, lambda p: loss(p, 0), {"w": torch.tensor([1.0])}, horizon=1,
+        ...     hypers=dict(lr=0.1, momentum=0.0, weight_decay=0.0))
+        >>> round(hg["lr"].item(), 6)
+        -0.9
+    """
+    values, names, weights, state = _prepare(rule, params, horizon, hypers, buffers, _F64)
+    opts = dict(options or {})
+    return _central_differences(
+        lambda moved: _final_loss(rule, train_loss, val_loss, names, weights, state, horizon,
+                                  moved, opts), values, step)
+
+
+def _train_grads(train_loss: TrainLoss, names: list[str], weights: Sequence[Tensor], t: int,
+                 *, create_graph: bool) -> list[Tensor]:
+    """:math:`\\nabla L_t` at ``weights`` (zeros for parameters the loss does not use)."""
+    with torch.enable_grad():
+        leaves = list(weights) if create_graph else [w.detach().requires_grad_() for w in weights]
+        loss = train_loss(dict(zip(names, leaves, strict=True)), t)
+        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, leaves, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# SGD (torch.optim.SGD's rule): the estimators above with SGD's arguments, and DrMAD
+# ---------------------------------------------------------------------------------------------
+
+_NAMES = SGD.hyper_names  # lr, momentum, weight_decay
 
 
 @dataclass(frozen=True)
@@ -161,29 +499,13 @@ class _Plan:
     def windows(self, t: int) -> tuple[int, ...]:
         return tuple(window_of(t, self.horizon, len(s)) for s in self.values)
 
-
-def _schedule(name: str, value: Schedule, horizon: int) -> tuple[float, ...]:
-    if isinstance(value, bool):
-        raise ValueError(f"Invalid {name} value: {value}")
-    if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.dim() == 0):
-        values: tuple[float, ...] = (float(value),)
-    else:
-        try:
-            values = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ValueError(f"Invalid {name} value: {value}") from None
-    if not values or len(values) > horizon:
-        raise ValueError(f"Invalid {name} value: {value} ({len(values)} windows for a horizon of "
-                         f"{horizon} steps; expected 1 to {horizon})")
-    if not all(math.isfinite(v) and v >= 0.0 for v in values):
-        raise ValueError(f"Invalid {name} value: {value} (expected finite values >= 0)")
-    return values
+    def options(self) -> dict[str, Any]:
+        return dict(dampening=self.dampening, nesterov=self.nesterov)
 
 
 def _plan(horizon: int, lr: Schedule, momentum: Schedule, weight_decay: Schedule,
           dampening: float, nesterov: bool) -> _Plan:
-    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
-        raise ValueError(f"Invalid horizon value: {horizon} (expected an int >= 1)")
+    _check_horizon(horizon)
     values = (_schedule("lr", lr, horizon), _schedule("momentum", momentum, horizon),
               _schedule("weight_decay", weight_decay, horizon))
     if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) \
@@ -198,54 +520,29 @@ def _plan(horizon: int, lr: Schedule, momentum: Schedule, weight_decay: Schedule
 
 
 def _start(params: dict[str, Tensor], momentum_buffers: dict[str, Tensor] | None,
-           dtype: torch.dtype | None) -> tuple[list[str], list[Tensor], list[Tensor | None]]:
-    """Names, detached weights and buffers (cast to ``dtype`` unless None)."""
-    if not isinstance(params, dict) or not params:
-        raise ValueError(f"Invalid params value: {params} (expected a non-empty dict of tensors)")
-    names = list(params)
-    weights = [params[k].detach() for k in names]
-    if momentum_buffers is None:
-        bufs: list[Tensor | None] = [None] * len(names)
-    else:
-        if not isinstance(momentum_buffers, dict) or set(momentum_buffers) != set(names):
-            raise ValueError("Invalid momentum_buffers value: expected a dict with the keys of "
-                             f"params {names}, got {momentum_buffers!r}")
-        bufs = [None if momentum_buffers[k] is None else momentum_buffers[k].detach()
-                for k in names]
-    if dtype is not None:
-        weights = [w.to(dtype) for w in weights]
-        bufs = [None if b is None else b.to(dtype) for b in bufs]
-    return names, weights, bufs
+           dtype: torch.dtype | None) -> tuple[list[str], list[Tensor], Buffers]:
+    """Names, detached weights and SGD's buffers (cast to ``dtype`` unless None)."""
+    names, weights = _weights(params, dtype)
+    bufs = _given("momentum_buffers", names, momentum_buffers, dtype)
+    return names, weights, {"momentum_buffer": [None] * len(names) if bufs is None else bufs}
 
 
-def _train_grads(train_loss: TrainLoss, names: list[str], weights: Sequence[Tensor], t: int,
-                 *, create_graph: bool) -> list[Tensor]:
-    """:math:`\\nabla L_t` at ``weights`` (zeros for parameters the loss does not use)."""
-    with torch.enable_grad():
-        leaves = list(weights) if create_graph else [w.detach().requires_grad_() for w in weights]
-        loss = train_loss(dict(zip(names, leaves, strict=True)), t)
-        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, leaves, strict=True)]
+def _sgd_values(values: Sequence[Sequence[float]], buffers: Buffers, dtype: torch.dtype
+                ) -> dict[str, Sequence[Hyper]]:
+    """The schedules a float run steps with: a momentum of exactly 0 becomes a 0-d tensor (the
+    rule then keeps the buffer, ``v = 0 v + g``: the limit b -> 0+) once buffers are in use."""
+    lr, momentum, weight_decay = values
+    if any(b is not None for b in buffers["momentum_buffer"]) or any(b != 0 for b in momentum):
+        momentum = [torch.zeros((), dtype=dtype) if b == 0 else b for b in momentum]
+    return dict(zip(_NAMES, (lr, momentum, weight_decay), strict=True))
 
 
-def _rollout(train_loss: TrainLoss, names: list[str], weights: list[Tensor],
-             bufs: list[Tensor | None], plan: _Plan,
-             values: Sequence[Sequence[float]] | None = None,
-             ) -> tuple[list[Tensor], list[Tensor | None]]:
-    """The forward run with float hyperparameters (``torch.optim.SGD``'s arithmetic), no graph."""
-    values = plan.values if values is None else values
-    keep_buffers = any(b is not None for b in bufs) or any(b != 0 for b in values[1])
-    for t in range(plan.horizon):
-        a, b, c = plan.at(t, values)
-        grads = _train_grads(train_loss, names, weights, t, create_graph=False)
-        # Momentum 0 with buffers in use: keep the buffer (v = 0 v + g), the limit b -> 0+.
-        momentum = torch.zeros((), dtype=weights[0].dtype) if keep_buffers and b == 0 else b
-        with torch.no_grad():
-            weights, new_bufs, _ = sgd_step(weights, grads, bufs, a, momentum, c,
-                                            dampening=plan.dampening, nesterov=plan.nesterov)
-        if keep_buffers:
-            bufs = new_bufs
-    return weights, bufs
+def _sgd_final_loss(train_loss: TrainLoss, val_loss: ValLoss, names: list[str],
+                    weights: list[Tensor], buffers: Buffers, plan: _Plan,
+                    moved: dict[str, list[float]]) -> float:
+    values = _sgd_values([moved[name] for name in _NAMES], buffers, weights[0].dtype)
+    return _final_loss(SGD, train_loss, val_loss, names, weights, buffers, plan.horizon, values,
+                       plan.options())
 
 
 def unroll(
@@ -291,9 +588,10 @@ def unroll(
     """
     plan = _plan(horizon, lr, momentum, weight_decay, dampening, nesterov)
     names, weights, bufs = _start(params, momentum_buffers, None)
-    weights, bufs = _rollout(train_loss, names, weights, bufs, plan)
-    buffers = None if all(b is None for b in bufs) else dict(zip(names, bufs, strict=True))
-    return dict(zip(names, weights, strict=True)), buffers
+    weights, bufs = _run(SGD, train_loss, names, weights, bufs, plan.horizon,
+                         _sgd_values(plan.values, bufs, weights[0].dtype), plan.options(),
+                         create_graph=False)
+    return dict(zip(names, weights, strict=True)), _by_name(names, bufs["momentum_buffer"])
 
 
 def unrolled_hypergrad(
@@ -354,20 +652,8 @@ def unrolled_hypergrad(
     """
     plan = _plan(horizon, lr, momentum, weight_decay, dampening, nesterov)
     names, weights, bufs = _start(params, momentum_buffers, _F64)
-    hypers = [torch.tensor(v, dtype=_F64, requires_grad=True) for v in plan.values]
-    with torch.enable_grad():
-        weights = [w.clone().requires_grad_() for w in weights]
-        for t in range(plan.horizon):
-            i, j, k = plan.windows(t)
-            grads = _train_grads(train_loss, names, weights, t, create_graph=True)
-            weights, bufs, _ = sgd_step(weights, grads, bufs, hypers[0][i], hypers[1][j],
-                                        hypers[2][k], dampening=plan.dampening,
-                                        nesterov=plan.nesterov)
-        objective = val_loss(dict(zip(names, weights, strict=True)))
-        derivs = torch.autograd.grad(objective, hypers, allow_unused=True)
-    hypergrads = {name: torch.zeros_like(h) if d is None else d.detach()
-                  for name, h, d in zip(_NAMES, hypers, derivs, strict=True)}
-    return objective.detach(), hypergrads
+    return _exact(SGD, train_loss, val_loss, names, weights, bufs, plan.horizon,
+                  dict(zip(_NAMES, plan.values, strict=True)), plan.options())
 
 
 def finite_difference_hypergrad(
@@ -411,24 +697,9 @@ def finite_difference_hypergrad(
         raise ValueError(f"Invalid eps value: {eps}")
     plan = _plan(horizon, lr, momentum, weight_decay, dampening, nesterov)
     names, weights, bufs = _start(params, momentum_buffers, _F64)
-
-    def objective(values: Sequence[Sequence[float]]) -> float:
-        final, _ = _rollout(train_loss, names, weights, bufs, plan, values)
-        with torch.no_grad():
-            return float(val_loss(dict(zip(names, final, strict=True))))
-
-    hypergrads = {}
-    for n, name in enumerate(_NAMES):
-        column = []
-        for i in range(len(plan.values[n])):
-            ends = []
-            for sign in (1.0, -1.0):
-                values = [list(s) for s in plan.values]
-                values[n][i] += sign * eps
-                ends.append(objective(values))
-            column.append((ends[0] - ends[1]) / (2 * eps))
-        hypergrads[name] = torch.tensor(column, dtype=_F64)
-    return torch.tensor(objective(plan.values), dtype=_F64), hypergrads
+    return _central_differences(
+        lambda moved: _sgd_final_loss(train_loss, val_loss, names, weights, bufs, plan, moved),
+        dict(zip(_NAMES, plan.values, strict=True)), eps)
 
 
 def drmad_hypergrad(
@@ -483,8 +754,10 @@ def drmad_hypergrad(
     if min(plan.values[0]) <= 0:
         raise ValueError(f"Invalid lr value: {lr} (DrMAD recovers the momentum buffers from the "
                          "straight line, which needs every learning rate value > 0)")
-    names, start, start_bufs = _start(params, momentum_buffers, _F64)
-    final, _ = _rollout(train_loss, names, start, start_bufs, plan)
+    names, start, state = _start(params, momentum_buffers, _F64)
+    final, _ = _run(SGD, train_loss, names, start, state, plan.horizon,
+                    _sgd_values(plan.values, state, _F64), plan.options(), create_graph=False)
+    start_bufs = state["momentum_buffer"]
     steps = plan.horizon
 
     with torch.enable_grad():
@@ -538,30 +811,14 @@ def drmad_hypergrad(
 
 
 # ---------------------------------------------------------------------------------------------
-# Adam / AdamW (hyperoptim.rules.adam): the same three estimators over torch.optim.Adam's rule.
+# Adam / AdamW (hyperoptim.rules.adam): the same three estimators with torch.optim.Adam's arguments
 # ---------------------------------------------------------------------------------------------
 
-_ADAM_NAMES = ("lr", "beta1", "beta2", "weight_decay")
-
-
-@dataclass(frozen=True)
-class _AdamPlan:
-    horizon: int
-    lr: tuple[float, ...]
-    beta1: float
-    beta2: float
-    weight_decay: float
-    eps: float
-    decoupled_weight_decay: bool
-
-    def values(self) -> tuple[tuple[float, ...], ...]:
-        return (self.lr, (self.beta1,), (self.beta2,), (self.weight_decay,))
-
-
-def _adam_plan(horizon: int, lr: Schedule, betas: tuple[float, float], eps: float,
-               weight_decay: float, decoupled_weight_decay: bool) -> _AdamPlan:
-    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
-        raise ValueError(f"Invalid horizon value: {horizon} (expected an int >= 1)")
+def _adam_run(horizon: int, lr: Schedule, betas: tuple[float, float], eps: float,
+              weight_decay: float, decoupled_weight_decay: bool
+              ) -> tuple[dict[str, Schedule], dict[str, Any]]:
+    """Adam's arguments, checked, as the ADAM rule's schedules and options."""
+    _check_horizon(horizon)
     lrs = _schedule("lr", lr, horizon)
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
             and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
@@ -570,25 +827,9 @@ def _adam_plan(horizon: int, lr: Schedule, betas: tuple[float, float], eps: floa
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not (math.isfinite(value) and value >= 0.0):
             raise ValueError(f"Invalid {name} value: {value}")
-    return _AdamPlan(horizon, lrs, float(betas[0]), float(betas[1]), float(weight_decay),
-                     float(eps), bool(decoupled_weight_decay))
-
-
-def _adam_rollout(train_loss: TrainLoss, names: list[str], weights: list[Tensor], plan: _AdamPlan,
-                  values: Sequence[Sequence[Hyper]], *, create_graph: bool
-                  ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """``plan.horizon`` Adam steps from fresh moments (torch's first step is t = 1)."""
-    m = [torch.zeros_like(w) for w in weights]
-    v = [torch.zeros_like(w) for w in weights]
-    lrs, (b1,), (b2,), (wd,) = values
-    for t in range(plan.horizon):
-        a = lrs[window_of(t, plan.horizon, len(lrs))]
-        grads = _train_grads(train_loss, names, weights, t, create_graph=create_graph)
-        with torch.set_grad_enabled(create_graph):
-            weights, m, v = adam_step(weights, grads, m, v, [float(t + 1)] * len(weights), a,
-                                      b1, b2, wd, eps=plan.eps,
-                                      decoupled_weight_decay=plan.decoupled_weight_decay)
-    return weights, m, v
+    hypers = dict(lr=lrs, beta1=float(betas[0]), beta2=float(betas[1]),
+                  weight_decay=float(weight_decay))
+    return hypers, dict(eps=float(eps), decoupled_weight_decay=bool(decoupled_weight_decay))
 
 
 def adam_unroll(
@@ -628,12 +869,8 @@ def adam_unroll(
         >>> w_T["w"]  # Adam's first step has length lr
         tensor([0.9000])
     """
-    plan = _adam_plan(horizon, lr, betas, eps, weight_decay, decoupled_weight_decay)
-    names, weights, _ = _start(params, None, None)
-    weights, m, v = _adam_rollout(train_loss, names, weights, plan, plan.values(),
-                                  create_graph=False)
-    return dict(zip(names, weights, strict=True)), {
-        "exp_avg": dict(zip(names, m, strict=True)), "exp_avg_sq": dict(zip(names, v, strict=True))}
+    hypers, options = _adam_run(horizon, lr, betas, eps, weight_decay, decoupled_weight_decay)
+    return rule_unroll(ADAM, train_loss, params, horizon=horizon, hypers=hypers, options=options)
 
 
 def adam_unrolled_hypergrad(
@@ -680,18 +917,9 @@ def adam_unrolled_hypergrad(
         >>> hg["lr"]
         tensor([-0.9000], dtype=torch.float64)
     """
-    plan = _adam_plan(horizon, lr, betas, eps, weight_decay, decoupled_weight_decay)
-    names, weights, _ = _start(params, None, _F64)
-    hypers = [torch.tensor(v, dtype=_F64, requires_grad=True) for v in plan.values()]
-    with torch.enable_grad():
-        weights = [w.clone().requires_grad_() for w in weights]
-        values = (list(hypers[0]), (hypers[1][0],), (hypers[2][0],), (hypers[3][0],))
-        weights, _, _ = _adam_rollout(train_loss, names, weights, plan, values, create_graph=True)
-        objective = val_loss(dict(zip(names, weights, strict=True)))
-        derivs = torch.autograd.grad(objective, hypers, allow_unused=True)
-    hypergrads = {name: torch.zeros_like(h) if d is None else d.detach()
-                  for name, h, d in zip(_ADAM_NAMES, hypers, derivs, strict=True)}
-    return objective.detach(), hypergrads
+    hypers, options = _adam_run(horizon, lr, betas, eps, weight_decay, decoupled_weight_decay)
+    return rule_unrolled_hypergrad(ADAM, train_loss, val_loss, params, horizon=horizon,
+                                   hypers=hypers, options=options)
 
 
 def adam_finite_difference_hypergrad(
@@ -729,25 +957,6 @@ def adam_finite_difference_hypergrad(
         >>> round(hg["lr"].item(), 6)
         -0.9
     """
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
-        raise ValueError(f"Invalid step value: {step}")
-    plan = _adam_plan(horizon, lr, betas, eps, weight_decay, decoupled_weight_decay)
-    names, weights, _ = _start(params, None, _F64)
-
-    def objective(values: Sequence[Sequence[float]]) -> float:
-        final, _, _ = _adam_rollout(train_loss, names, weights, plan, values, create_graph=False)
-        with torch.no_grad():
-            return float(val_loss(dict(zip(names, final, strict=True))))
-
-    hypergrads = {}
-    for n, name in enumerate(_ADAM_NAMES):
-        column = []
-        for i in range(len(plan.values()[n])):
-            ends = []
-            for sign in (1.0, -1.0):
-                values = [list(s) for s in plan.values()]
-                values[n][i] += sign * step
-                ends.append(objective(values))
-            column.append((ends[0] - ends[1]) / (2 * step))
-        hypergrads[name] = torch.tensor(column, dtype=_F64)
-    return torch.tensor(objective(plan.values()), dtype=_F64), hypergrads
+    hypers, options = _adam_run(horizon, lr, betas, eps, weight_decay, decoupled_weight_decay)
+    return rule_finite_difference_hypergrad(ADAM, train_loss, val_loss, params, horizon=horizon,
+                                            hypers=hypers, options=options, step=step)

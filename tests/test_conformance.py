@@ -1,4 +1,4 @@
-"""Generic tests that every optimizer configuration in ``optim_db`` must pass (DESIGN.md §5)."""
+"""Generic tests that every optimizer configuration in ``optim_db`` must pass (docs/design.md §5)."""
 
 from __future__ import annotations
 

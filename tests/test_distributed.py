@@ -1,4 +1,4 @@
-"""Distributed lockstep with real gloo process groups on 127.0.0.1 (DESIGN.md §2, §3).
+"""Distributed lockstep with real gloo process groups on 127.0.0.1 (docs/design.md §8).
 
 N ranks that each hold 1/N of every batch must follow the trajectory of one process that holds
 the whole batch: for every optimizer, plain and ``DistributedDataParallel`` models, closures that

@@ -1,5 +1,5 @@
 """Second-order plumbing where users train: no global patch, threads, torch.compile, frozen
-backbones, and atomic steps under injected failures (DESIGN.md §2-§3)."""
+backbones, and atomic steps under injected failures (docs/design.md §2, §8)."""
 
 from __future__ import annotations
 

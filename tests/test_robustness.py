@@ -647,3 +647,32 @@ def test_warnings_point_at_the_users_line():
         opt.step(task.closure(opt, scale=float("nan")))  # the guard skips it and warns
     assert {w.category for w in rec} == {HyperoptimWarning}, rec
     assert len(rec) == 2 and all(w.filename == __file__ for w in rec), [(w.filename, w.lineno) for w in rec]
+
+
+def test_a_subclass_that_calls_super_step_unscales_a_grad_scaler_once():
+    """The base's step is explicit (no wrapping of subclasses' step): a user subclass that
+    overrides step() and calls super().step() runs the pipeline once, so GradScaler gradients
+    are unscaled once (the old wrapper unscaled them twice) and the run matches an unscaled one."""
+
+    class Logged(HypergradSGD):
+        calls = 0
+
+        def step(self, closure=None, **kwargs):
+            type(self).calls += 1
+            return super().step(closure, **kwargs)
+
+    a, b = Task(dtype=torch.float32), Task(dtype=torch.float32)
+    opt_a = HypergradSGD(a.model.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-2)
+    opt_b = Logged(b.model.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(3):
+        opt_a.zero_grad()
+        a.loss().backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        scaler.scale(b.loss()).backward()
+        scaler.step(opt_b)
+        scaler.update()
+    assert Logged.calls == 3
+    for x, y in zip(a.params(), b.params()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

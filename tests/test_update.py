@@ -67,7 +67,7 @@ def test_tangents_are_the_directional_derivative_of_the_step(
 
 
 def test_tangents_match_the_written_out_recursion():
-    """DESIGN.md section 3 for heavy ball, typed here once as the independent reference."""
+    """docs/design.md section 3 for heavy ball, typed here once as the independent reference."""
     params, grads, bufs, z, hz, c, (e_a, e_b, e_c) = _state(0, [(5,)], 3, first_step=False)
     a, b, wd = 0.1, 0.9, 0.01
     z1, c1 = sgd_tangents(params, grads, bufs, *(torch.tensor(v, dtype=torch.float64)

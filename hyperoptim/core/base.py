@@ -1,4 +1,4 @@
-r"""The base every hyperoptim optimizer shares (DESIGN.md §2).
+r"""The base every hyperoptim optimizer shares (docs/design.md §2).
 
 It owns what is the same for all four methods: argument checks, the closure contract (training
 ``closure`` and ``val_closure``), gradients the optimizer takes itself (averaged across ranks under
@@ -9,7 +9,6 @@ carries everything a resumed run needs.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -65,11 +64,11 @@ class HyperOptimizer(Optimizer):
     r"""Base class of the hyperoptim optimizers: a ``torch.optim.Optimizer`` with hyperparameters
     that learn from hypergradients.
 
-    Subclasses implement :meth:`step`. They read and write hyperparameters as plain floats in
-    ``param_groups`` (so assignment by the user works as with any torch optimizer), keep
-    per-parameter tensors in ``self.state[p]``, and keep anything else a resumed run needs in
-    ``self.hyper_state`` (a dict that :meth:`state_dict` saves and :meth:`load_state_dict`
-    restores).
+    Subclasses implement :meth:`_step`; :meth:`step` is the base's pipeline around it. They read
+    and write hyperparameters as plain floats in ``param_groups`` (so assignment by the user works
+    as with any torch optimizer), keep per-parameter tensors in ``self.state[p]``, and keep anything
+    else a resumed run needs in ``self.hyper_state`` (a dict that :meth:`state_dict` saves and
+    :meth:`load_state_dict` restores).
 
     What the base does around every ``step()`` (written once, for every subclass):
 
@@ -115,11 +114,6 @@ class HyperOptimizer(Optimizer):
     # torch.amp.GradScaler hands the optimizer grad_scale/found_inf instead of unscaling for it;
     # the base unscales (HypergradSGD) or refuses with an error that names bf16 autocast.
     _step_supports_amp_scaling = True
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "step" in cls.__dict__:
-            cls.step = _with_step_checks(cls.__dict__["step"])  # type: ignore[method-assign]
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *,
                  val_closure: Closure | None = None, hvp: str = "auto", maximize: bool = False,
@@ -567,7 +561,7 @@ class HyperOptimizer(Optimizer):
         )
 
     def _route(self, called_backward: bool) -> str:
-        """The HVP route for this step (DESIGN.md §3), or a ValueError saying what to change."""
+        """The HVP route for this step (docs/design.md §8), or a ValueError saying what to change."""
         if self.hvp == "auto":
             return "finite_difference" if called_backward else "exact"
         if self.hvp == "exact" and called_backward:
@@ -819,36 +813,51 @@ class HyperOptimizer(Optimizer):
                 state[key] = value
         super().__setstate__(state)
 
+    # ------------------------------------------------------------------ the step
     def step(self, closure: Callable[[], Any] | None = None, *,
-             val_closure: Closure | None = None) -> Any:  # pragma: no cover - abstract
+             val_closure: Closure | None = None) -> Any:
+        r"""Perform one optimization step, and update the learned hyperparameters.
+
+        The same pipeline for every method (docs/design.md, "The step"):
+
+        1. **begin** (:meth:`_begin_step`): groups re-checked (values assigned since the last
+           step), outside overwrites noticed, a ``torch.amp.GradScaler``'s gradients unscaled
+           (or the step skipped where it found inf/NaN, as torch.optim does);
+        2. the method's :meth:`_step`: it runs the closure, computes its hypergradients and
+           proposed values without writing anything, asks the guard, then commits weights,
+           buffers, tangents and hyperparameters together and records ``history``;
+        3. **end** (:meth:`_end_step`, also after an exception): ``p.grad`` as the user left it
+           (``maximize``), and the learned values remembered to notice who overwrites them.
+
+        Args:
+            closure (callable, optional): recomputes and returns the training loss; it may call
+                ``zero_grad()``/``backward()`` itself or not. Without one, :attr:`train_closure`
+                is used if set, else the gradients already in ``p.grad``.
+            val_closure (callable, optional): overrides the constructor's ``val_closure`` for this
+                step.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        if not self._begin_step():
+            return None  # GradScaler found inf/NaN: torch.optim skips the step too
+        if closure is None:
+            closure = self.train_closure
+        try:
+            loss = self._step(closure, val_closure=val_closure)
+        finally:
+            self._end_step()
+        self._published()
+        return loss
+
+    def _step(self, closure: Closure | None, *, val_closure: Closure | None = None) -> Any:
+        """The method's step (see :meth:`step`); every subclass implements it."""
         raise NotImplementedError
 
 
 # Group keys that a state dict saved before they existed may lack (filled from the defaults).
 _OPTIONAL_KEYS = frozenset({"maximize", "dampening", "nesterov", "foreach", "differentiable",
                            "fused", "param_names"})
-
-
-def _with_step_checks(step: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a subclass's ``step`` with the base's checks (see :class:`HyperOptimizer`)."""
-
-    @functools.wraps(step)
-    def checked_step(self: HyperOptimizer, *args: Any, **kwargs: Any) -> Any:
-        if not self._begin_step():
-            return None  # GradScaler found inf/NaN: torch.optim skips the step too
-        if self.train_closure is not None:
-            if args and args[0] is None:
-                args = args[1:]
-            if not args and kwargs.get("closure") is None:
-                kwargs["closure"] = self.train_closure
-        try:
-            out = step(self, *args, **kwargs)
-        finally:
-            self._end_step()
-        self._published()
-        return out
-
-    return checked_step
 
 
 def _to_device(obj: Any, device: torch.device | None) -> Any:

@@ -1,4 +1,4 @@
-r"""Distributed data parallelism, written once (DESIGN.md §2, §3).
+r"""Distributed data parallelism, written once (docs/design.md §8).
 
 Every vector an optimizer obtains itself (training and validation gradients, Hessian-vector
 products) is linear in the data, so N ranks that each hold 1/N of the batch recover the

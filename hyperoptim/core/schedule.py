@@ -1,4 +1,4 @@
-"""Piecewise-constant hyperparameter schedules with sharing windows (FDS, DESIGN.md §4)."""
+"""Piecewise-constant hyperparameter schedules with sharing windows (FDS, docs/design.md §4)."""
 
 from __future__ import annotations
 

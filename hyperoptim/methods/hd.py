@@ -1,4 +1,4 @@
-r"""Hypergradient descent on the learning rate over any inner update rule (DESIGN.md §4).
+r"""Hypergradient descent on the learning rate over any inner update rule (docs/design.md §4).
 
 :class:`RuleHypergrad` is Baydin et al.'s rule written once against an
 :class:`~hyperoptim.rules.UpdateRule`: with :math:`d_{t-1} = -\partial w_t / \partial a_{t-1}`
@@ -48,7 +48,7 @@ class RuleHypergrad(HyperOptimizer):
     they learned. A learned rate stays within ``lr_bounds`` and below
     :data:`~hyperoptim.core.base.LEARNED_LIMIT` (unless it started above it).
 
-    Every step is guarded once (DESIGN.md §2): a non-finite hypergradient, validation loss,
+    Every step is guarded once (docs/design.md §7): a non-finite hypergradient, validation loss,
     training loss or gradient, or a rate that would overflow the weights' dtype skips the whole
     step before anything is committed.
 
@@ -74,7 +74,7 @@ class RuleHypergrad(HyperOptimizer):
         return state.get("direction")
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *,
+    def _step(self, closure: Callable[[], Any] | None = None, *,
              val_closure: Closure | None = None) -> Any:
         """Perform one step: update each group's learning rate, then take the rule's step
         (PyTorch's SGD or Adam step) with it.
@@ -140,7 +140,7 @@ class RuleHypergrad(HyperOptimizer):
         group_lrs = [self._new_lr(plan, h, values) for plan, h in zip(plans, hypergrads)]
         largest = [values[b + 1] if plan[-1] is not None else lr
                    for plan, (_, b), lr in zip(plans, (p[4] for p in plans), group_lrs)]
-        # One guard for everything the step is about to commit (DESIGN.md §2): the hypergradient
+        # One guard for everything the step is about to commit (docs/design.md §7): the hypergradient
         # and validation loss, the training gradient, and the weights the new rate would give.
         reason = None if self._all_finite(*values) else "hypergradient or validation loss"
         if reason is None:

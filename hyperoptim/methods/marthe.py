@@ -80,7 +80,7 @@ class RuleMarthe(HyperOptimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *,
+    def _step(self, closure: Callable[[], Any] | None = None, *,
              val_closure: Closure | None = None) -> Any:
         """Perform one step: hypergradient at the current weights, learning-rate update, tangent
         update, then the rule's step (PyTorch's SGD or Adam step).

@@ -1,4 +1,4 @@
-r"""The Adam/AdamW update rule, written once (DESIGN.md §3).
+r"""The Adam/AdamW update rule, written once (docs/design.md §3).
 
 ``torch.optim.Adam`` (``amsgrad=False``, float hyperparameters, single-tensor path), with learning
 rate :math:`a`, moment factors :math:`\beta_1, \beta_2`, :math:`\epsilon`, weight decay

@@ -1,7 +1,7 @@
 r"""The SGD update rule, written once, and its forward-mode tangents.
 
 PyTorch's SGD with learning rate :math:`a`, momentum :math:`b`, dampening :math:`\delta`,
-weight decay :math:`c` (DESIGN.md §3):
+weight decay :math:`c` (docs/design.md §3):
 
 .. math::
 
@@ -155,7 +155,7 @@ def sgd_tangents(
     schedule value): ``z[i]``, ``hz[i]`` and ``c[i]`` have shape ``(N, *params[i].shape)``;
     ``e_lr``, ``e_momentum``, ``e_weight_decay`` have shape ``(N,)`` and hold the derivative of
     this step's hyperparameter value with respect to each column (the one-hot :math:`e_x(t)` of
-    DESIGN.md §3, or any other seed).
+    docs/design.md §3, or any other seed).
 
     Args:
         params, grads, bufs: the primal state as in :func:`sgd_step`.
