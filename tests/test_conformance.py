@@ -504,3 +504,23 @@ def test_instance_step_hooks_fire_once_per_step(case):
     opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
     run(info, opt, prob, 0, 3)
     assert seen == ["pre", "post"] * 3
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_zero_gradients_are_a_noop(case):
+    """torch's test_step_is_noop_for_zero_grads: with every gradient exactly 0 and no weight
+    decay, a step leaves the weights where they are (momentum buffers start at 0)."""
+    info, inp = case
+    if inp.kwargs.get("weight_decay", 0.0) != 0.0 or info.name.startswith("HypergradAdamW") \
+            or info.name.startswith("MartheAdamW") or info.name.startswith("IFTAdamW"):
+        pytest.skip("weight decay moves weights without a gradient")
+    if info.name.startswith("IFT") and "weight_decay" in inp.kwargs.get("tune", ("weight_decay",)):
+        # IFTOptimizer steps the 1e-7 floor; IFTAdam learns the decay up from it, and Adam's
+        # normalisation turns any decay into a step of about lr where the gradient is 0.
+        pytest.skip("a tuned weight decay of 0 starts at its 1e-7 floor and learns")
+    prob = Problem()
+    opt = build(info, inp, prob)
+    before = prob.params()
+    for t in range(3):
+        info.step(opt, lambda: prob.loss(0) * 0.0, t)
+    assert_same_params(before, prob.params())
