@@ -551,13 +551,16 @@ class HyperOptimizer(Optimizer):
         if self._fd_rough:
             return
         self._fd_rough = True
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in self._all_params()})
         warn(
             f"{type(self).__name__}: the finite-difference Hessian-vector products are unreliable "
             "here: even at a 100x smaller step the two one-sided differences of the gradient "
-            "disagree (many ReLU-type kinks within the step, or float32 rounding; on a "
-            "784-512-512-10 ReLU MLP in float32 the products were 20x off). Prefer the exact "
+            "disagree. Either the model has kinks within the step (ReLU, max-pooling, clamping) "
+            f"or the gradient's rounding dominates (weights in {', '.join(dtypes)}; under "
+            "torch.autocast the forward pass rounds to bfloat16/float16, far coarser); on a "
+            "784-512-512-10 ReLU MLP in float32 the products were 20x off. Prefer the exact "
             "route: a closure that returns the loss without calling backward() (hvp='exact'), "
-            "or train in float64. Continuing without further retries."
+            "or train in float64 without autocast. Continuing without further retries."
         )
 
     def _route(self, called_backward: bool) -> str:
