@@ -22,7 +22,7 @@ from ..hvp import HVP_ROUTES, RngReplay, SecondOrder, exact_route_error
 from .batchnorm import frozen_batchnorm_stats
 from .checks import _GROUP_CHECKS, check_sgd_arguments, check_torch_flags, check_value, is_real
 from .dist import all_reduce_mean, check_supported_parameters
-from .grads import GradLedger
+from .ledger import GradLedger
 from .migrate import from_torch
 from .schedulers import detect_overwrites, outside_factor
 from .types import Closure, ParamsT
