@@ -3,19 +3,21 @@
 The Trainer calls ``optimizer.step()`` with no arguments and, by default, attaches a linear
 LambdaLR schedule that overwrites the learning rate at every step. ``HyperTrainer`` fixes both:
 
-- ``training_step`` builds the usual closure (``zero_grad``, ``compute_loss``,
-  ``accelerator.backward``) and hands it to the optimizer as ``train_closure``, which ``step()``
-  uses when it is called without one. MartheSGD and IFTOptimizer then take their
-  Hessian-vector products by finite differences (the closure calls ``backward()``).
+- ``training_step`` runs the Trainer's own ``training_step`` (its ``backward()``, scaled for
+  gradient accumulation) and hands the optimizer a closure that returns the same micro-batch's
+  loss without calling ``backward()``, as ``train_closure``, which ``step()`` uses when it is
+  called without one. By the gradient contract (README) the step uses the gradient the Trainer
+  prepared in ``p.grad``, accumulated over ``gradient_accumulation_steps`` micro-batches and
+  clipped to ``max_grad_norm``; the closure gives only the second-order information (MartheSGD
+  and IFTOptimizer take exact Hessian-vector products of the last micro-batch's loss).
 - ``create_scheduler`` attaches ``MultiplicativeLR(factor 1)``, which scales the current value by
   1: the learned learning rate is left alone (any schedule that multiplies the current value by
   a constant composes; see README, "Compatibility").
 
-Limits: ``gradient_accumulation_steps=1`` (the closure recomputes one micro-batch), no
-``max_grad_norm`` clipping for the second-order methods (the closure recomputes the gradients
-after the Trainer clipped them), and FDSSGD (its episodes restart the model: use a plain loop or
-Lightning, ``examples/lightning_fds.py``). HypergradSGD needs no closure and no subclass beyond the
-scheduler. The step runs the closure once more than the Trainer's own ``training_step`` did.
+FDSSGD does not fit (its episodes restart the model: use a plain loop or Lightning,
+``examples/lightning_fds.py``); ``HyperTrainer`` refuses it by name. HypergradSGD needs no closure
+and no subclass beyond the scheduler. The step runs the closure once more than the Trainer's own
+``training_step`` did.
 
 Run:  python examples/hf_trainer_hyper.py [--steps N]
 """
@@ -65,19 +67,20 @@ if Trainer is not None:
 
         def training_step(self, model: nn.Module, inputs: dict[str, Any],
                           num_items_in_batch: Any = None) -> torch.Tensor:
-            model.train()
-            inputs = self._prepare_inputs(inputs)
             opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+            if isinstance(opt, hyperoptim.FDSSGD):
+                raise ValueError("HyperTrainer: FDSSGD does not fit the Trainer (each episode "
+                                 "restarts the model from fresh weights); use a plain loop or "
+                                 "Lightning (examples/lightning_fds.py)")
+            batch = self._prepare_inputs(inputs)
 
             def closure() -> torch.Tensor:
-                opt.zero_grad()
+                # The loss only: the step's gradient is what the Trainer left in p.grad.
                 with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-                self.accelerator.backward(loss)
-                return loss
+                    return self.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
 
             opt.train_closure = closure
-            return closure().detach()
+            return super().training_step(model, inputs, num_items_in_batch)
 
 
 class TinyRegressor(nn.Module):
@@ -109,8 +112,10 @@ def data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tanh(x @ torch.linspace(-1, 1, 4).reshape(4, 1))
 
 
-def train(name: str, steps: int) -> hyperoptim.HyperOptimizer:
-    """Train ``TinyRegressor`` for ``steps`` Trainer steps with optimizer ``name``."""
+def train(name: str, steps: int, **arguments: Any) -> hyperoptim.HyperOptimizer:
+    """Train ``TinyRegressor`` for ``steps`` Trainer steps with optimizer ``name``; ``arguments``
+    override the ``TrainingArguments`` below (``max_grad_norm``, ``gradient_accumulation_steps``,
+    ``per_device_train_batch_size``)."""
     torch.manual_seed(0)
     model = TinyRegressor()
     xv, yv = data(1)
@@ -123,13 +128,15 @@ def train(name: str, steps: int) -> hyperoptim.HyperOptimizer:
         "IFTOptimizer": lambda m: hyperoptim.IFTOptimizer(m.parameters(), lr=0.02, momentum=0.5,
                                                           update_interval=2, lookback=2,
                                                           val_closure=val),
+        "FDSSGD": lambda m: hyperoptim.FDSSGD(m.parameters(), horizon=steps, val_closure=val),
     }
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=16, report_to=[],
-            save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
-            max_grad_norm=0.0, dataloader_num_workers=0,
-        )
+        args = TrainingArguments(**{
+            "output_dir": out, "max_steps": steps, "per_device_train_batch_size": 16,
+            "report_to": [], "save_strategy": "no", "logging_strategy": "no",
+            "disable_tqdm": True, "use_cpu": True, "max_grad_norm": 0.0,
+            "dataloader_num_workers": 0, **arguments,
+        })
         trainer = HyperTrainer(model=model, args=args, train_dataset=Pairs(*data(0)),
                                make_optimizer=factories[name])
         trainer.train()

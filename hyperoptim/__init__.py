@@ -2,6 +2,7 @@
 
 from .core.base import HyperOptimizer
 from .core.batchnorm import frozen_batchnorm_stats
+from .core.warn import HyperoptimWarning
 from .fds import FDSSGD
 from .fds_adam import FDSAdam, FDSAdamW
 from .hd import HypergradSGD
@@ -17,6 +18,7 @@ __all__ = [
     "FDSAdam",
     "FDSAdamW",
     "HyperOptimizer",
+    "HyperoptimWarning",
     "HypergradAdam",
     "HypergradAdamW",
     "HypergradSGD",

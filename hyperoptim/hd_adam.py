@@ -111,7 +111,10 @@ class HypergradAdam(RuleHypergrad):
     #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
     default_hypergrad_lr = 1e-7
     #: The policy when neither ``hypergrad_lr`` nor ``hyper_step`` is given.
-    default_hyper_step: HyperStep | str = "scale_free"
+    default_hyper_step: HyperStep | str = "additive"
+    # No Hessian-vector product: the base unscales GradScaler's gradients before the step, as for
+    # HypergradSGD, and skips the steps where the scaler found inf/NaN.
+    _supports_grad_scaler = True
 
     def __init__(
         self,

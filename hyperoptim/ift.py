@@ -299,7 +299,7 @@ class IFTOptimizer(RuleIFT):
         the generic form without :attr:`fast_path`."""
         if not self.fast_path:
             return super()._update_functions(group, params, weights, grads, values)
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        bufs = [self.state.get(p, {}).get("momentum_buffer") for p in params]
         _, dirs = _directions(weights, grads, bufs, values["momentum"], values["weight_decay"])
         lrs = values["lr"] if isinstance(values["lr"], list) else [values["lr"]] * len(params)
         return [a * d for a, d in zip(lrs, dirs)]

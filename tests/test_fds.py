@@ -265,7 +265,8 @@ def test_assigning_the_group_value_sets_the_current_window():
     opt.step(prob.closure(opt, 0))
     opt.step(prob.closure(opt, 1))
     opt.param_groups[0]["lr"] = 0.25  # step 2 is in window 1
-    opt.step(prob.closure(opt, 2))
+    with pytest.warns(RuntimeWarning, match="replaced window 1 of the learned lr schedule"):
+        opt.step(prob.closure(opt, 2))
     assert opt.schedule("lr") == [0.1, 0.25]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import sys
 import threading
 
 import pytest
@@ -148,6 +149,47 @@ def test_two_threads_give_the_sequential_results(backward):
         for a, b in zip(serial[n].net.parameters(), parallel[n].net.parameters()):
             assert torch.equal(a, b), n
         assert opts[n].param_groups[0]["lr"] == popts[n].param_groups[0]["lr"], n
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_two_of_a_kind_in_two_threads(name):
+    """Two optimizers of the same class in two threads (Optuna's study.optimize(n_jobs=2)) each
+    get exactly the sequential result; FDSSGD's forward-mode AD levels are process-wide, and two
+    FDSSGD used to fail with "no level exists"."""
+    steps = 100 if name == "fds" else 24  # FDS: long enough for the old race to show
+
+    def pair():
+        tasks = [Task(seed=i) for i in range(2)]
+        return tasks, [ALL[name](t.net.parameters(), t.val) for t in tasks]
+
+    serial_tasks, serial = pair()
+    for opt, task in zip(serial, serial_tasks):
+        drive(name, opt, task, 0, steps, backward=False)
+    tasks, opts = pair()
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def work(i):
+        try:
+            start.wait(timeout=60)
+            drive(name, opts[i], tasks[i], 0, steps, backward=False)
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so that their steps interleave
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and not any(th.is_alive() for th in threads), errors
+    for a_task, b_task in zip(serial_tasks, tasks):
+        for a, b in zip(a_task.net.parameters(), b_task.net.parameters()):
+            assert torch.equal(a, b)
 
 
 def test_an_unrelated_backward_in_another_thread_is_untouched():

@@ -55,8 +55,13 @@ BOUNDS = {
 @pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU], ids=["tanh", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_finite_differences_meet_their_stated_error(dtype, activation):
-    worst = max(_relative_error("finite_difference", dtype, activation, seed=s) for s in range(3))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        worst = max(_relative_error("finite_difference", dtype, activation, seed=s) for s in range(3))
     assert worst <= BOUNDS[dtype, activation], worst
+    # ReLU kinks in float32 may make the products rough: the one warning allowed says so.
+    assert all("unreliable" in str(w.message) for w in rec), [str(w.message) for w in rec]
+    assert not rec or (dtype, activation) == (torch.float32, nn.ReLU)
 
 
 def _kinked():
@@ -77,7 +82,8 @@ def test_without_the_retry_the_kink_would_cost_a_quarter(monkeypatch):
     monkeypatch.setattr(hvp_module, "KINK_RETRIES", 0)
     w, loss = _kinked()
     _, second = _Probe([w], "finite_difference")._training_loss(loss, second_order=True)
-    (hz,) = second.hvp([torch.ones(1, 1, dtype=torch.float64)])
+    with pytest.warns(RuntimeWarning, match="unreliable"):  # no retry left: it says so at once
+        (hz,) = second.hvp([torch.ones(1, 1, dtype=torch.float64)])
     assert abs(hz.item() - 2.0) > 0.4  # (w0 + 3h) / 2h ~ 1.55: what the check prevents
 
 
@@ -95,8 +101,11 @@ def test_a_kink_that_no_retry_escapes_warns_once_and_stops_retrying():
     one = torch.ones(1, 1, dtype=torch.float64)
     _, second = opt._training_loss(loss, second_order=True)
     calls[0] = 0
-    with pytest.warns(RuntimeWarning, match="unreliable.*hvp='exact'"):
+    with pytest.warns(RuntimeWarning, match="unreliable.*hvp='exact'") as rec:
         second.hvp([one])
+    # It names what may cause it without blaming ReLUs alone (a tanh MLP under bf16 autocast
+    # gets it from rounding): the weights' dtype and autocast.
+    assert "float64" in str(rec[0].message) and "autocast" in str(rec[0].message)
     assert calls[0] == 6  # three step sizes, two calls each
     _, second = opt._training_loss(loss, second_order=True)
     calls[0] = 0
@@ -159,6 +168,9 @@ def test_an_error_in_the_exact_double_backward_keeps_its_type_with_the_route_as_
 
 
 # ---------------------------------------------------------------------- threads and the RNG
+# Dropout makes the gradient rough for finite differences; the warning saying so is not what
+# this test is about.
+@pytest.mark.filterwarnings("ignore:.*finite-difference Hessian-vector products are unreliable")
 def test_finite_differences_with_dropout_show_another_thread_no_repeated_random_numbers():
     import threading
 

@@ -321,3 +321,28 @@ def test_a_learning_rate_pinned_at_its_bound_warns_once():
     assert opt.history[0]["lr"][-10:] == [1.0] * 10
     pinned = [str(c.message) for c in caught if "bound" in str(c.message)]
     assert len(pinned) == 1 and "lr_bounds[1]=1" in pinned[0] and "IFTAdam" in pinned[0]
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_zero_gradient_parameter_stays_at_zero_hyper_lr(kind):
+    """weight_decay=0, tuned (it starts at the 1e-7 floor): a parameter whose gradient is 0 stays
+    where torch.optim.Adam/AdamW(weight_decay=0) leaves it (before: 0.9918 after 9 steps)."""
+    cls, ref_cls = CLASSES[kind]
+    a, b = Net(0), Net(0)
+    still_a, still_b = nn.Parameter(torch.ones(3, dtype=a.params[0].dtype)), nn.Parameter(
+        torch.ones(3, dtype=b.params[0].dtype))
+    ref = ref_cls(a.params + [still_a], lr=0.05, weight_decay=0.0, foreach=False)
+    opt = cls(b.params + [still_b], lr=0.05, weight_decay=0.0, update_interval=3, lookback=2,
+              hyper_lr=0.0, val_closure=b.val_loss)
+    for t in range(9):
+        for net, o, still in ((a, ref, still_a), (b, opt, still_b)):
+            closure = net.closure(o, t)
+
+            def with_zero(closure=closure, still=still):
+                loss = closure()
+                still.grad = torch.zeros_like(still)
+                return loss
+
+            o.step(with_zero)
+    assert torch.equal(still_b, still_a) and torch.equal(still_a, torch.ones(3, dtype=still_a.dtype))
+    assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))

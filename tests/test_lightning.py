@@ -97,3 +97,19 @@ def test_lightning_automatic_optimization(name):
         assert module.val_loss().item() < before
     if name in ("MartheSGD", "IFTOptimizer", "FDSSGD"):
         assert opt.hvp_route == "finite_difference"  # Lightning's closure calls backward()
+
+
+def test_fdssgd_without_the_episode_callback_names_the_recipe():
+    """Without a callback that ends the episodes, FDSSGD stops after ``horizon`` steps with an
+    error that names the recipe (the callback in examples/lightning_fds.py)."""
+    torch.set_num_threads(1)
+    module = Regression(OPTIMIZERS["FDSSGD"])
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
+        with pytest.raises(RuntimeError, match=r"callback.*examples/lightning_fds\.py"):
+            trainer.fit(module, loader)

@@ -159,6 +159,65 @@ def test_scheduler_scales_per_weight_rates_instead_of_resetting_them():
     assert cosine == pytest.approx(plain, rel=1e-2)
 
 
+_SCHEDULED = {
+    "hd": lambda t: HypergradSGD(t.model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-2),
+    "marthe": lambda t: MartheSGD(t.model.parameters(), lr=0.01, momentum=0.9, val_closure=t.val),
+    "ift": lambda t: IFTOptimizer(t.model.parameters(), lr=0.05, momentum=0.5, update_interval=1,
+                                  lookback=1, val_closure=t.val),
+}
+
+
+def _hf_linear_warmup(warmup: int, total: int):
+    """Hugging Face's get_linear_schedule_with_warmup, as the LambdaLR it builds."""
+    return lambda s: s / warmup if s < warmup else max(0.0, (total - s) / (total - warmup))
+
+
+def _overwrite_warnings(make, schedule, steps=40):
+    task = Task()
+    opt = make(task)
+    sched = schedule(opt)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            opt.step(task.closure(opt))
+            sched.step()
+    return [str(w.message) for w in rec]
+
+
+@pytest.mark.parametrize("name", list(_SCHEDULED))
+@pytest.mark.parametrize("schedule", [
+    lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.1, 1.0, total_iters=20),
+    lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 50),
+], ids=["LinearLR_warmup", "CosineAnnealingLR_per_step"])
+def test_chainable_schedulers_scale_the_learned_value_without_warning(name, schedule):
+    """torch's chainable LinearLR and CosineAnnealingLR multiply the current value (a ratio that
+    changes every step): they compose with what is learned, so nothing is reported."""
+    messages = _overwrite_warnings(_SCHEDULED[name], schedule)
+    assert not messages, messages
+
+
+@pytest.mark.parametrize("name", list(_SCHEDULED))
+@pytest.mark.parametrize("schedule", [
+    lambda o: torch.optim.lr_scheduler.LambdaLR(o, _hf_linear_warmup(10, 100)),
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=50),
+], ids=["hf_linear_warmup", "OneCycleLR"])
+def test_absolute_schedules_are_reported(name, schedule):
+    """A schedule that sets the value from its own formula erases what is learned: one warning,
+    and no divergence warning for the warm-up's growth."""
+    messages = _overwrite_warnings(_SCHEDULED[name], schedule)
+    assert sum("set from outside" in m for m in messages) == 1, messages
+    assert not any("divergent" in m for m in messages), messages
+
+
+def test_warmup_growth_is_not_reported_as_divergence():
+    """IFTOptimizer (tuning every 10 steps) under a warm-up from 0: the learning rate grows by
+    orders of magnitude because of the schedule, not the hyper-step: no divergence warning."""
+    messages = _overwrite_warnings(
+        lambda t: IFTOptimizer(t.model.parameters(), lr=0.05, momentum=0.5, val_closure=t.val),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, _hf_linear_warmup(20, 200)), steps=40)
+    assert not any("divergent" in m for m in messages), messages
+
+
 def test_scheduler_on_fds_warns_that_it_rewrites_the_schedule():
     task = Task()
     opt = _make("fds", task)
@@ -330,12 +389,16 @@ def test_state_dict_of_another_class_is_refused_before_any_change(src, dst):
     _step(b, task.closure(b), 2)  # still usable
 
 
-def test_torch_sgd_state_dict_is_refused():
+def test_torch_sgd_state_dict_migrates_and_a_truncated_one_is_refused():
+    """A plain torch.optim.SGD state dict now migrates (issue 17: torch's values kept); one that
+    claims to be a HypergradSGD's but lacks its options is still refused, naming them."""
     task = Task()
     sgd = torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9)
     opt = HypergradSGD(task.model.parameters(), lr=0.05)
+    opt.load_state_dict(sgd.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["momentum"] == 0.9
     with pytest.raises(ValueError, match="lacks"):
-        opt.load_state_dict(sgd.state_dict())
+        opt.load_state_dict({**sgd.state_dict(), "optimizer_class": "HypergradSGD"})
 
 
 # ---------------------------------------------------------------- 4. history
@@ -487,6 +550,29 @@ def test_grad_scaler_with_hypergrad_sgd_matches_unscaled_run():
     assert opt_b.param_groups[0]["lr"] == pytest.approx(opt_a.param_groups[0]["lr"], rel=1e-4)
 
 
+@pytest.mark.parametrize("cls", ["HypergradAdam", "HypergradAdamW"])
+def test_grad_scaler_with_hypergrad_adam_matches_unscaled_run(cls):
+    """HypergradAdam(W) takes no Hessian-vector product: GradScaler works as with HypergradSGD."""
+    import hyperoptim
+
+    a, b = Task(dtype=torch.float32), Task(dtype=torch.float32)
+    make = getattr(hyperoptim, cls)
+    opt_a = make(a.model.parameters(), lr=0.01, hypergrad_lr=1e-4)
+    opt_b = make(b.model.parameters(), lr=0.01, hypergrad_lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(5):
+        opt_a.zero_grad()
+        a.loss().backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        scaler.scale(b.loss()).backward()
+        scaler.step(opt_b)
+        scaler.update()
+    for x, y in zip(a.params(), b.params()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert opt_b.param_groups[0]["lr"] == pytest.approx(opt_a.param_groups[0]["lr"], rel=1e-4)
+
+
 def test_grad_scaler_skips_an_overflowed_step_like_torch():
     task = Task(dtype=torch.float32)
     opt = HypergradSGD(task.model.parameters(), lr=0.05)
@@ -542,6 +628,25 @@ def test_divergence_watch_uses_the_runs_own_loss_scale(losses, warns):
         for loss in losses:
             opt._watch_divergence(loss, [0.1])
     assert any("divergent" in str(w.message) for w in caught) == warns
+
+
+def test_warnings_point_at_the_users_line():
+    """Every warning of the package is attributed to the line that called into it (here: this
+    file), whatever the path through hyperoptim and torch (a scheduler's patched step, the
+    guard, the divergence watch), and is a HyperoptimWarning (a RuntimeWarning)."""
+    from hyperoptim import HyperoptimWarning
+
+    task = Task()
+    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            opt.step(task.closure(opt))
+            sched.step()
+        opt.step(task.closure(opt, scale=float("nan")))  # the guard skips it and warns
+    assert {w.category for w in rec} == {HyperoptimWarning}, rec
+    assert len(rec) == 2 and all(w.filename == __file__ for w in rec), [(w.filename, w.lineno) for w in rec]
 
 
 def test_a_subclass_that_calls_super_step_unscales_a_grad_scaler_once():

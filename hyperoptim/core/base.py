@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
@@ -25,6 +24,8 @@ from .batchnorm import frozen_batchnorm_stats
 from .checks import check_sgd_arguments, check_torch_flags, check_value, is_real
 from .dist import all_reduce_mean, check_supported_parameters, ddp_synced_ids
 from .grads import GradIsolation, ReachedLeaves
+from .ledger import GradLedger
+from .migrate import from_torch
 from .options import (
     check_group,
     check_hyper_state,
@@ -34,8 +35,10 @@ from .options import (
     validate_groups,
 )
 from .replicas import check_replicas_once
+from .schedulers import detect_overwrites, outside_factor
 from .shard import any_nonzero, check_sharded_closure, is_sharded, tensor_norms
 from .types import Closure, ParamsT
+from .warn import warn
 
 __all__ = [
     "HISTORY_LIMIT", "LEARNED_LIMIT", "HyperOptimizer", "all_reduce_mean", "check_sgd_arguments",
@@ -143,7 +146,8 @@ class HyperOptimizer(Optimizer):
         self.hvp = hvp
         self._hvp_route: str | None = None
         self._fd_rough = False
-        self._flipped: list[Tensor] = []
+        self._flipped: list[tuple[Tensor, Tensor]] = []
+        self._grad_ledger = GradLedger()
         self._watch: dict[str, Any] = {}
         self._val_checked = False
         self._ddp_synced: frozenset[int] = frozenset()
@@ -247,14 +251,12 @@ class HyperOptimizer(Optimizer):
         count = self.skipped_steps + 1
         self.hyper_state["skipped_steps"] = count
         if count == 10 ** round(math.log10(count)):
-            warnings.warn(
+            warn(
                 f"{type(self).__name__}: non-finite {what}; the step was skipped and neither "
                 f"weights nor hyperparameters changed ({count} step{'s' if count > 1 else ''} "
                 "skipped so far; history[...]['skipped'] marks them). If every step is skipped, "
                 "the weights or the data are non-finite; if it happens after the learning rate "
-                "grew, lower the hyper-step size.",
-                RuntimeWarning,
-                stacklevel=4,
+                "grew, lower the hyper-step size."
             )
 
     @staticmethod
@@ -287,7 +289,8 @@ class HyperOptimizer(Optimizer):
         """Per group, the weights, training gradients and momentum buffers the guard bounds."""
         every = []
         for _, params in plans:
-            bufs = [b for b in (self.state[p].get("momentum_buffer") for p in params) if b is not None]
+            bufs = [b for b in (self.state.get(p, {}).get("momentum_buffer") for p in params)
+                    if b is not None]
             every.append((params, [p.grad for p in params], bufs))
         return every
 
@@ -389,7 +392,8 @@ class HyperOptimizer(Optimizer):
         first_lrs = watch.setdefault("first_lrs", list(lrs))
         message = None
         for i, (lr, first) in enumerate(zip(lrs, first_lrs)):
-            if first > 0 and lr > _DIVERGED_LR_RATIO * first:
+            # Growth from outside (a warm-up schedule) is not the hyper-step's doing.
+            if first > 0 and lr > _DIVERGED_LR_RATIO * first * outside_factor(watch, i):
                 message = (f"the learning rate of param group {i} grew from {first:.3g} to "
                            f"{lr:.3g}")
         if loss != 0.0 or "first_loss" in watch:
@@ -404,12 +408,10 @@ class HyperOptimizer(Optimizer):
                            f"and its lowest so far is {low:.4g}")
         if message is not None:
             watch["warned"] = True
-            warnings.warn(
+            warn(
                 f"{type(self).__name__}: training looks divergent: {message}. The hyper-step "
                 "size is probably too large for this problem's gradient scale: divide it by 10 "
-                "(see README, 'Choosing the hyper-step size'). This warning is shown once.",
-                RuntimeWarning,
-                stacklevel=4,
+                "(see README, 'Choosing the hyper-step size'). This warning is shown once."
             )
 
     # ------------------------------------------------------------------ around every step
@@ -439,8 +441,8 @@ class HyperOptimizer(Optimizer):
 
     def _end_step(self) -> None:
         """Undo what the step did to ``p.grad`` for ``maximize`` (also after an exception)."""
-        for g in self._flipped:
-            g.neg_()
+        for p, g in self._flipped:
+            p.grad = g
         self._flipped = []
         self._reached().forget_pending()
 
@@ -452,44 +454,9 @@ class HyperOptimizer(Optimizer):
         ]
 
     def _detect_overwrites(self) -> None:
-        """Warn once if learned values are overwritten from outside at consecutive steps.
-
-        A value that differs from what the last step left was assigned by someone else (a
-        scheduler). A constant ratio to the learned value (``ExponentialLR``, a ``StepLR``
-        firing) composes: the scheduler scales what was learned. A value set from outside at 3
-        consecutive steps with a changing ratio (``LambdaLR``, ``OneCycleLR``, ``CyclicLR``,
-        Hugging Face's schedules) erases it: warn once.
-        """
-        published = self._watch.get("published")
-        if published is None or len(published) != len(self.param_groups):
-            return
-        runs = self._watch.setdefault("runs", {})
-        for i, (group, before) in enumerate(zip(self.param_groups, published)):
-            for name, old in before.items():
-                key = (i, name)
-                new = group.get(name)
-                if new == old:
-                    runs.pop(key, None)
-                    continue
-                ratio = new / old if old else math.inf
-                count, last = runs.get(key, (0, None))
-                same = last is not None and math.isclose(ratio, last, rel_tol=1e-9)
-                runs[key] = (count if same else count + 1, ratio)
-                if runs[key][0] >= 3 and not self._watch.get("overwrite_warned"):
-                    self._watch["overwrite_warned"] = True
-                    warnings.warn(
-                        f"{type(self).__name__}: param_groups[{i}]['{name}'] was set from "
-                        f"outside at {runs[key][0]} consecutive steps (a scheduler?), replacing "
-                        "the learned value rather than scaling it: what the optimizer learns is "
-                        "erased. Absolute schedules (LambdaLR, OneCycleLR, CyclicLR, Hugging "
-                        "Face's get_*_schedule*, per-step CosineAnnealingLR) do this. Use no "
-                        "scheduler, or one that multiplies the current value by a constant "
-                        "(ExponentialLR, StepLR, MultiStepLR, MultiplicativeLR with a constant "
-                        "factor, ReduceLROnPlateau); see README, 'Compatibility'. This warning is "
-                        "shown once.",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
+        """Warn once if a schedule overwrites learned values rather than scaling them (judged by
+        what it does to the values: :mod:`hyperoptim.core.schedulers`)."""
+        detect_overwrites(self)
 
     # ------------------------------------------------------------------ closures
     def _all_params(self) -> list[Tensor]:
@@ -527,11 +494,14 @@ class HyperOptimizer(Optimizer):
                     "(it may call backward() itself)."
                 )
             self._check_dense()
-            self._flip_for_maximize([p for p in self._all_params() if p.grad is not None])
+            used = [p for p in self._all_params() if p.grad is not None]
+            self._grad_ledger.remember(used)
+            self._flip_for_maximize(used)
             return None, None
         params = self._all_params()
         if not params:
             return self._nothing_to_train(closure)
+        self._grad_ledger.drop_stale()
         before = _grad_snapshot(params)
         rng = RngReplay([p.device for p in params]) if second_order else None
         with torch.enable_grad():
@@ -543,7 +513,15 @@ class HyperOptimizer(Optimizer):
         check_sharded_closure(type(self).__name__, params, called_backward, "closure")
         route = self._route(called_backward) if second_order else None
         graph_grads: list[Tensor] | None = None
-        if called_backward:
+        origin_grads: list[Tensor] | None = None
+        # A closure that calls backward() replaces p.grad (as for torch.optim); one that does not
+        # leaves it as the user prepared it, and only then is it looked at (one host sync).
+        if not called_backward:
+            self._check_dense()
+        prepared = [] if called_backward else GradLedger.prepared(params)
+        if prepared:
+            used, graph_grads, origin_grads = self._prepared_gradients(loss, prepared, route)
+        elif called_backward:
             used = [p for p in params if p.grad is not None]
             grads = [p.grad for p in used]
             for g, mean in zip(grads, self._average(grads, self._synced(used, True))):
@@ -567,19 +545,57 @@ class HyperOptimizer(Optimizer):
             if exact:
                 graph_grads = [g for _, g in pairs]
         self._check_dense()
+        # Stepped once: left unchanged, these gradients are stale at the next step(closure).
+        self._grad_ledger.remember(used)
         self._flip_for_maximize(used)
         if route is None:
             return loss.detach(), None
         rng = cast(RngReplay, rng)
         rng.mark_after()
         self._hvp_route = route
-        if graph_grads is not None and self.defaults.get("maximize"):
-            graph_grads = [-g for g in graph_grads]  # H of -L
+        if self.defaults.get("maximize"):
+            if graph_grads is not None:
+                graph_grads = [-g for g in graph_grads]  # H of -L
+            if origin_grads is not None:
+                origin_grads = [-g for g in origin_grads]
         gradient_at = None if route == "exact" else (lambda: self._gradient_at(closure, used))
         return loss.detach(), SecondOrder(used, route, graph_grads=graph_grads,
                                           gradient_at=gradient_at, rng=rng,
                                           kink_check=not self._fd_rough,
-                                          on_rough=self._note_rough_differences)
+                                          on_rough=self._note_rough_differences,
+                                          origin_grads=origin_grads)
+
+    def _prepared_gradients(self, loss: Tensor, prepared: list[Tensor], route: str | None
+                            ) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor] | None]:
+        """The gradient contract for a closure that returns the loss while ``p.grad`` already
+        holds gradients the user prepared (accumulated, clipped): those are the step's gradient,
+        averaged across ranks like any other; the closure's loss gives only the second-order
+        information (its gradient's graph for the exact route, its gradient at the unperturbed
+        weights for the finite-difference route's kink check).
+
+        Returns:
+            ``(used, graph_grads, origin_grads)``: the parameters stepped, and the closure's
+            gradients for :class:`~hyperoptim.hvp.SecondOrder` (``None`` where not needed).
+        """
+        used = list(prepared)
+        for g, mean in zip([p.grad for p in used], all_reduce_mean([p.grad for p in used])):
+            if mean is not g:
+                g.copy_(mean)
+        if route is None:
+            return used, None, None
+        if not loss.requires_grad:
+            raise ValueError("Invalid closure return value: the loss does not require grad")
+        exact = route == "exact"
+        try:
+            grads = torch.autograd.grad(loss, used, allow_unused=True, create_graph=exact)
+        except RuntimeError as err:
+            if not exact:
+                raise
+            raise exact_route_error(err) from err
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(used, grads)]
+        if exact:
+            return used, grads, None
+        return used, None, all_reduce_mean([g.detach() for g in grads])
 
     def _nothing_to_train(self, closure: Closure) -> tuple[Tensor | None, None]:
         """No parameter requires grad (all frozen, empty groups, integer tensors): as with
@@ -600,15 +616,16 @@ class HyperOptimizer(Optimizer):
         if self._fd_rough:
             return
         self._fd_rough = True
-        warnings.warn(
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in self._all_params()})
+        warn(
             f"{type(self).__name__}: the finite-difference Hessian-vector products are unreliable "
             "here: even at a 100x smaller step the two one-sided differences of the gradient "
-            "disagree (many ReLU-type kinks within the step, or float32 rounding; on a "
-            "784-512-512-10 ReLU MLP in float32 the products were 20x off). Prefer the exact "
+            "disagree. Either the model has kinks within the step (ReLU, max-pooling, clamping) "
+            f"or the gradient's rounding dominates (weights in {', '.join(dtypes)}; under "
+            "torch.autocast the forward pass rounds to bfloat16/float16, far coarser); on a "
+            "784-512-512-10 ReLU MLP in float32 the products were 20x off. Prefer the exact "
             "route: a closure that returns the loss without calling backward() (hvp='exact'), "
-            "or train in float64. Continuing without further retries.",
-            RuntimeWarning,
-            stacklevel=5,
+            "or train in float64 without autocast. Continuing without further retries."
         )
 
     def _route(self, called_backward: bool) -> str:
@@ -648,9 +665,14 @@ class HyperOptimizer(Optimizer):
                 return loss, [p.grad for p in params], True
             if not loss.requires_grad:
                 return loss, None, False
-            if not params:
-                return loss, [], False
-            return loss, list(torch.autograd.grad(loss, list(params), allow_unused=True)), False
+            # A parameter frozen since (requires_grad_(False)) gets no gradient, as with backward().
+            live = [i for i, p in enumerate(params) if p.requires_grad]
+            if not live:
+                return loss, [None] * len(params), False
+            grads: list[Tensor | None] = [None] * len(params)
+            for i, g in zip(live, torch.autograd.grad(loss, [params[i] for i in live], allow_unused=True)):
+                grads[i] = g
+            return loss, grads, False
 
     def _reached(self) -> ReachedLeaves:
         """The leaves outside this optimizer that its closures reach (:mod:`.grads`)."""
@@ -729,14 +751,16 @@ class HyperOptimizer(Optimizer):
                 )
 
     def _flip_for_maximize(self, params: Sequence[Tensor]) -> None:
-        """With ``maximize``, ``p.grad`` holds the negated gradient during the step (restored
-        after it): the optimizer then minimizes ``-loss``, exactly as torch.optim.SGD does."""
+        """With ``maximize``, ``p.grad`` holds a negated copy of the gradient during the step
+        (the original tensor is put back after it): the optimizer then minimizes ``-loss``,
+        exactly as torch.optim.SGD does. The user's tensor is never written (its version counter
+        stays, so a graph that uses it can still be differentiated)."""
         if not self.defaults.get("maximize"):
             return
         for p in params:
-            if p.grad is not None and all(p.grad is not g for g in self._flipped):
-                p.grad.neg_()
-                self._flipped.append(p.grad)
+            if p.grad is not None and all(p is not q for q, _ in self._flipped):
+                self._flipped.append((p, p.grad))
+                p.grad = torch.neg(p.grad)
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:
@@ -765,6 +789,11 @@ class HyperOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` saved; a resumed run continues exactly.
 
+        A plain ``torch.optim`` state dict of the matching kind (SGD for the SGD-based classes,
+        Adam/AdamW for the Adam family) migrates: torch's values and per-parameter state are
+        kept, the hyper state starts fresh, and ``history[i]["note"]`` says so
+        (:mod:`hyperoptim.core.migrate`).
+
         Refused with ``ValueError`` naming the offending key before anything changes
         (:meth:`_check_loadable`): a state dict saved by another optimizer class, param groups
         that lack this class's options or hold invalid values, per-parameter state of the wrong
@@ -781,6 +810,7 @@ class HyperOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = dict(result)
+        state_dict = from_torch(self, state_dict)  # a torch.optim checkpoint: migrate it
         state_dict = self._check_loadable(state_dict)
         with self._all_or_nothing():
             self._load_checked(state_dict, pre, post)
@@ -893,6 +923,7 @@ class HyperOptimizer(Optimizer):
             "_hvp_route": None,
             "_fd_rough": False,
             "_flipped": [],
+            "_grad_ledger": GradLedger(),
             "_watch": {},
             "_val_checked": False,
             "_ddp_synced": frozenset(),

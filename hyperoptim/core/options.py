@@ -419,8 +419,14 @@ def validate_groups(optimizer: Any) -> None:
     (``optimizer._fixed_options``, one dict per group, kept by ``add_param_group`` and
     ``load_state_dict``)."""
     fixed = getattr(optimizer, "_fixed_options", None)
+    ift = "ift" in (components(optimizer) or ())
     for i, group in enumerate(optimizer.param_groups):
         coerce_group(group)
+        bounds, lr = group.get("lr_bounds"), group.get("lr")
+        if ift and _ift_bounds(bounds) and is_number(lr) and "lr" in group.get("tune", ()):
+            # IFT learns log10(lr) within lr_bounds: a value assigned from outside (a warm-up
+            # from 0) is taken into them, as its hyper-update does, rather than refused.
+            group["lr"] = min(max(float(lr), bounds[0]), bounds[1])
         try:
             if fixed is not None and i < len(fixed):
                 for name, value in fixed[i].items():

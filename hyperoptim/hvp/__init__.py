@@ -62,6 +62,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core.dist import all_reduce_mean
+from ..core.threads import FORWARD_AD_LOCK
 
 __all__ = ["HVP_ROUTES", "SecondOrder", "exact_route_error", "grad_and_hvp", "hvp_from_grads"]
 
@@ -216,8 +217,10 @@ class SecondOrder:
                  gradient_at: Callable[[], list[Tensor]] | None = None,
                  rng: RngReplay | None = None,
                  kink_check: bool = True,
-                 on_rough: Callable[[], None] | None = None) -> None:
+                 on_rough: Callable[[], None] | None = None,
+                 origin_grads: list[Tensor] | None = None) -> None:
         self.params = params
+        self._origin_grads = origin_grads
         self.route = route
         self._graph_grads = graph_grads
         self._gradient_at = gradient_at
@@ -281,7 +284,9 @@ class SecondOrder:
         steps = [math.sqrt(eps) * (1.0 + sizes[0]) / s if s > 0 and math.isfinite(s) else 0.0
                  for s in sizes[1:]]
         origin = [p.detach().clone() for p in params]
-        at_origin = [p.grad for p in params]  # the step's own gradient, averaged across ranks
+        # The closure's gradient at w (averaged across ranks): the step's own gradient unless
+        # the user prepared p.grad before step() (the gradient contract).
+        at_origin = self._origin_grads if self._origin_grads is not None else [p.grad for p in params]
         try:
             for j, h in enumerate(steps):
                 if h == 0.0:
@@ -393,7 +398,8 @@ def grad_and_hvp(loss_fn: Callable[[dict[str, Tensor]], Tensor], params: dict[st
     def one_column(v: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         return torch.func.jvp(grad_fn, (params,), (v,))
 
-    grads, hz = torch.func.vmap(one_column, out_dims=(None, 0))(vectors)
+    with FORWARD_AD_LOCK:  # forward-AD levels are process-wide: one thread at a time
+        grads, hz = torch.func.vmap(one_column, out_dims=(None, 0))(vectors)
     keys = list(params)
     reduced = all_reduce_mean([grads[k] for k in keys] + [hz[k] for k in keys])
     return dict(zip(keys, reduced[: len(keys)])), dict(zip(keys, reduced[len(keys):]))

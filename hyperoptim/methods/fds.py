@@ -12,7 +12,6 @@ The public classes pair it with a rule: :class:`~hyperoptim.FDSSGD` (SGD),
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -24,6 +23,7 @@ from ..core.checks import check_value, is_real
 from ..core.options import check_group, components, is_number
 from ..core.schedule import window_of
 from ..core.types import Closure, ParamsT
+from ..core.warn import warn
 from ..rules.base import UpdateRule, rule_tangents
 
 __all__ = ["RuleFDS"]
@@ -291,7 +291,11 @@ class RuleFDS(HyperOptimizer):
         t = self.hyper_state["step"]
         if t >= self.horizon:
             raise RuntimeError(f"{name}: the episode of horizon={self.horizon} steps is over; "
-                               "call hyperstep() before the next step().")
+                               "call hyperstep() before the next step(). In a training framework "
+                               "(PyTorch Lightning, a Trainer) end each episode from a callback "
+                               "that runs when optimizer.episode_step == optimizer.horizon: "
+                               "restore the episode's initial weights and call hyperstep() "
+                               "(examples/lightning_fds.py, class EndEpisodes).")
         n_prev, n_active, index = self._column_plan(t)
         if n_active and closure is None:
             raise ValueError(
@@ -351,15 +355,13 @@ class RuleFDS(HyperOptimizer):
                     check_value(name, value, is_real(value) and lo <= value <= hi)
                     if not self._watch.get("overwrite_warned"):
                         self._watch["overwrite_warned"] = True
-                        warnings.warn(
+                        warn(
                             f"{cls}: param_groups[{gi}]['{name}'] was set from outside (a "
                             f"scheduler?) and replaced window {k} of the learned {name} "
                             f"schedule ({schedule[k]:.4g} -> {value:.4g}). {cls} learns "
                             "the schedule itself: do not attach a learning-rate scheduler; to set "
                             f"values on purpose, assign group['{name}_schedule'] between episodes. "
-                            "This warning is shown once.",
-                            RuntimeWarning,
-                            stacklevel=4,
+                            "This warning is shown once."
                         )
                     schedule[k] = float(value)
 
@@ -512,6 +514,8 @@ class RuleFDS(HyperOptimizer):
                 if state:
                     for key in keys:
                         state.pop(key, None)
+                    if not state:  # torch.optim keeps no empty entries
+                        del self.state[p]
         self.hyper_state["step"] = 0
         self.hyper_state["episode_skipped"] = 0
         for key in ("first_loss", "min_loss"):  # each episode restarts from fresh weights

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, cast
 
@@ -31,6 +30,7 @@ from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value
 from ..core.options import check_group, check_rule_arguments
 from ..core.types import Closure, ParamsT
+from ..core.warn import warn
 from ..hvp import SecondOrder
 from ..rules.base import Buffers, UpdateRule
 
@@ -128,6 +128,22 @@ def _rule_call(fn: Callable[..., tuple[Any, Any]], params: Sequence[Tensor],
                 {k: v[i] if isinstance(v, list) else v for k, v in hypers.items()},
                 counts and [counts[i]], **options) for i, (p, g) in enumerate(zip(params, grads))]
     return _join([a for a, _ in parts]), _join([b for _, b in parts])
+
+
+def _internal_step(opt: Optimizer) -> None:
+    """Step the hyper optimizer without ``torch.optim``'s hook wrapper.
+
+    ``Optimizer.step`` is wrapped to run the process-wide hooks
+    (``torch.optim.optimizer.register_optimizer_step_pre_hook``) and the profiler's record: they
+    belong to the user's optimizers, not to an Adam that lives inside this one. The wrapped
+    function is the same arithmetic, so the result is bit-identical.
+    """
+    step = type(opt).step
+    raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
+    if raw is None:
+        opt.step()
+    else:
+        raw(opt)
 
 
 def _join(pieces: list[Any]) -> Any:
@@ -394,7 +410,7 @@ class RuleIFT(HyperOptimizer):
         keys = {*self.rule.buffer_names, *(("step",) if self.rule.uses_counts else ())}
         # init_state allocates (Adam: two moments), so only for a parameter that lacks a key.
         states = [s if keys <= s.keys() else {**self.rule.init_state(p), **s}
-                  for p, s in zip(params, (self.state[p] for p in params))]
+                  for p, s in zip(params, (self.state.get(p, {}) for p in params))]
         buffers: Buffers = {name: [s.get(name) for s in states] for name in self.rule.buffer_names}
         counts = [float(s["step"]) + 1.0 for s in states] if self.rule.uses_counts else None
         return states, buffers, counts
@@ -406,6 +422,9 @@ class RuleIFT(HyperOptimizer):
         new, _ = _rule_call(self.rule.step_, params, [p.grad for p in params], buffers,
                             self._hypers(group, params), counts, self._options(group))
         self.rule.write_state(states, new)
+        for p in params:  # torch.optim keeps no empty entries (SGD without momentum)
+            if not self.state[p]:
+                del self.state[p]
 
     def _weight_values(self, group: dict[str, Any], params: list[Tensor]
                        ) -> tuple[list[Tensor], list[dict[str, Any]]]:
@@ -469,7 +488,8 @@ class RuleIFT(HyperOptimizer):
             for (_, ps), (ws, entries) in zip(groups, news):
                 for p, w, entry in zip(ps, ws, entries):
                     p.copy_(w)
-                    self.state[p].update(entry)
+                    if entry:
+                        self.state[p].update(entry)
         else:
             for group, ps in groups:
                 if ps:
@@ -530,7 +550,7 @@ class RuleIFT(HyperOptimizer):
                     for k, entry in self._hyper_opt.state.items()}
         for x, g in zip(targets, hypergrads):
             x.grad = g
-        self._hyper_opt.step()
+        _internal_step(self._hyper_opt)
         for x in targets:
             x.grad = None
 
@@ -603,14 +623,12 @@ class RuleIFT(HyperOptimizer):
             runs[index] = runs.get(index, 0) + 1 if end is not None else 0
             if end is not None and runs[index] >= _PINNED_UPDATES:
                 self._watch["pinned_warned"] = True
-                warnings.warn(
+                warn(
                     f"{type(self).__name__}: the learned learning rate of param group {index} has "
                     f"sat at its {end[0]} bound lr_bounds[{end[1]}]={end[2]:g} for {runs[index]} "
                     "consecutive hyper-updates: the bound, not the hypergradient, sets it. If the "
                     "bound is deliberate, ignore this; otherwise widen lr_bounds or lower hyper_lr. "
-                    "This warning is shown once.",
-                    RuntimeWarning,
-                    stacklevel=5,
+                    "This warning is shown once."
                 )
 
     def _values(self, group: dict[str, Any]) -> dict[str, float]:

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..core.threads import FORWARD_AD_LOCK
 from ..core.types import Hyper
 from .base import UpdateRule, _active, _axpy, _lr_list, apply_update_, register_rule
 
@@ -196,8 +197,9 @@ def sgd_tangents(
         _, (dp, db) = torch.func.jvp(step, primals, (zs, hzs, cs, ea, eb, ec))
         return dp, db
 
-    z_next, c_next = torch.func.vmap(one_column)(tuple(z), tuple(hz), c_tangents,
-                                                   e_lr, e_momentum, e_weight_decay)
+    with FORWARD_AD_LOCK:  # forward-AD levels are process-wide: one thread at a time
+        z_next, c_next = torch.func.vmap(one_column)(tuple(z), tuple(hz), c_tangents,
+                                                       e_lr, e_momentum, e_weight_decay)
     return list(z_next), list(c_next)
 
 
