@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import hyperoptim
-import hyperoptim.core.base as base_module
+import hyperoptim.core.closures as closures_module
 import hyperoptim.hvp as hvp_module
 from hyperoptim.hvp import SecondOrder
 
@@ -319,8 +319,8 @@ def test_a_failure_anywhere_in_a_step_changes_nothing(name, backward, monkeypatc
 
     with monkeypatch.context() as m:
         m.setattr(SecondOrder, "hvp", counting("hvp", SecondOrder.hvp))
-        reduce = counting("collective", base_module.all_reduce_mean)
-        m.setattr(base_module, "all_reduce_mean", reduce)
+        reduce = counting("collective", closures_module.all_reduce_mean)
+        m.setattr(closures_module, "all_reduce_mean", reduce)
         m.setattr(hvp_module, "all_reduce_mean", reduce)
         p_opt.val_closure = counting("val", p_task.val)
         p_opt.step(counting("closure", p_task.closure(p_opt, start, backward)))
@@ -341,8 +341,8 @@ def test_a_failure_anywhere_in_a_step_changes_nothing(name, backward, monkeypatc
                 m.setattr(SecondOrder, "hvp", _failing(SecondOrder.hvp, k)[0])
             else:
                 # A collective that fails: our own seam, as if the process group broke.
-                fail = _failing(base_module.all_reduce_mean, k)[0]
-                m.setattr(base_module, "all_reduce_mean", fail)
+                fail = _failing(closures_module.all_reduce_mean, k)[0]
+                m.setattr(closures_module, "all_reduce_mean", fail)
                 m.setattr(hvp_module, "all_reduce_mean", fail)
             opt.val_closure = val
             try:

@@ -1,0 +1,367 @@
+r"""The closure contract: training and validation closures, the gradients it takes, HVP routes.
+
+A part of :class:`~hyperoptim.core.base.HyperOptimizer` (docs/design.md §7), kept in its own module;
+it is not meant to be used on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+import torch
+from torch import Tensor
+
+from ..hvp import RngReplay, SecondOrder, exact_route_error
+from .dist import all_reduce_mean, ddp_synced_ids
+from .grads import GradIsolation, ReachedLeaves
+from .ledger import GradLedger
+from .shard import any_nonzero, check_sharded_closure, is_sharded
+from .types import Closure
+from .warn import warn
+
+
+def _grad_snapshot(params: Sequence[Tensor]) -> list[tuple[Tensor | None, int]]:
+    # Holding the tensors keeps their ids from being reused; the version catches in-place accumulation.
+    return [(p.grad, p.grad._version if p.grad is not None else -1) for p in params]
+
+def _grads_changed(before: list[tuple[Tensor | None, int]], params: Sequence[Tensor]) -> bool:
+    return any(p.grad is not g or (g is not None and g._version != v)
+               for p, (g, v) in zip(params, before))
+
+
+class _Closures:
+    """The closure contract: training and validation closures, the gradients it takes, HVP routes."""
+
+    def declare_ddp(self, model: torch.nn.Module) -> None:
+        """Declare that ``model``, a ``DistributedDataParallel``, averages the gradients that
+        ``backward()`` writes for this optimizer's parameters, so that the optimizer does not
+        all-reduce them a second time (once per optimizer; see README, "Distributed training").
+
+        Gradients the optimizer takes itself with ``torch.autograd.grad`` (closures that return
+        the loss) bypass DDP's hooks and are still averaged here, as are parameters DDP ignores.
+
+        Raises:
+            ValueError: ``model`` is not a ``DistributedDataParallel`` over the default process
+                group, or holds none of this optimizer's parameters.
+        """
+        self._ddp_synced = ddp_synced_ids(type(self).__name__, model, self._all_params())
+
+    def _synced(self, params: Sequence[Tensor], called_backward: bool) -> list[bool]:
+        """Per parameter: is its gradient already averaged (by DDP's hooks, see :meth:`declare_ddp`,
+        or FSDP2's reduce-scatter)?"""
+        return [called_backward and (id(p) in self._ddp_synced or is_sharded(p)) for p in params]
+
+    @staticmethod
+    def _average(tensors: Sequence[Tensor], synced: Sequence[bool]) -> list[Tensor]:
+        """:func:`all_reduce_mean` of the tensors whose ``synced`` entry is False (one collective);
+        the others, already averaged, are returned as they are."""
+        own = [i for i, done in enumerate(synced) if not done]
+        out = list(tensors)
+        for i, mean in zip(own, all_reduce_mean([tensors[i] for i in own])):
+            out[i] = mean
+        return out
+
+    # ------------------------------------------------------------------ closures
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _training_loss(self, closure: Closure | None, *, second_order: bool = False
+                       ) -> tuple[Tensor | None, SecondOrder | None]:
+        r"""Run the training ``closure`` so that ``p.grad`` holds the gradient of its loss.
+
+        The closure recomputes the loss from the live parameters and returns it; it may call
+        ``zero_grad()``/``backward()`` itself (the torch.optim pattern) or not: if it did not, the
+        gradients are taken here with ``autograd.grad`` and written to ``p.grad``. Either way the
+        gradients are averaged across ranks under ``torch.distributed`` (for a
+        ``DistributedDataParallel`` model, whose hooks already averaged them, this changes
+        nothing). Without a closure, the gradients already in ``p.grad`` are used as they are.
+
+        With ``second_order=True`` the second value is a :class:`~hyperoptim.hvp.SecondOrder`
+        giving :math:`H Z` by the route ``self.hvp`` selects (``"auto"``: exact if the closure
+        returned the loss without calling ``backward()``, finite differences if it called it).
+        Callers close it when done.
+
+        Returns:
+            ``(loss, second)``: the closure's loss (``None`` without a closure) and the
+            second-order handle (``None`` unless ``second_order``).
+
+        Raises:
+            ValueError: no closure where one is needed, a closure that returns no tensor, or
+                ``hvp="exact"`` with a closure that calls ``backward()`` itself.
+        """
+        if closure is None:
+            if second_order:
+                raise ValueError(
+                    f"{type(self).__name__} needs second-order information: call "
+                    "step(closure) with a closure that recomputes and returns the training loss "
+                    "(it may call backward() itself)."
+                )
+            self._check_dense()
+            used = [p for p in self._all_params() if p.grad is not None]
+            self._grad_ledger.remember(used)
+            self._flip_for_maximize(used)
+            return None, None
+        params = self._all_params()
+        if not params:
+            return self._nothing_to_train(closure)
+        self._grad_ledger.drop_stale()
+        before = _grad_snapshot(params)
+        rng = RngReplay([p.device for p in params]) if second_order else None
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor):
+            raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
+        self._reached().note(loss)
+        called_backward = _grads_changed(before, params)
+        check_sharded_closure(type(self).__name__, params, called_backward, "closure")
+        route = self._route(called_backward) if second_order else None
+        graph_grads: list[Tensor] | None = None
+        origin_grads: list[Tensor] | None = None
+        # A closure that calls backward() replaces p.grad (as for torch.optim); one that does not
+        # leaves it as the user prepared it, and only then is it looked at (one host sync).
+        if not called_backward:
+            self._check_dense()
+        prepared = [] if called_backward else GradLedger.prepared(params)
+        if prepared:
+            used, graph_grads, origin_grads = self._prepared_gradients(loss, prepared, route)
+        elif called_backward:
+            used = [p for p in params if p.grad is not None]
+            grads = [p.grad for p in used]
+            for g, mean in zip(grads, self._average(grads, self._synced(used, True))):
+                if mean is not g:
+                    g.copy_(mean)
+        else:
+            if not loss.requires_grad:
+                raise ValueError("Invalid closure return value: the loss does not require grad")
+            exact = route == "exact"
+            try:
+                grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=exact)
+            except RuntimeError as err:
+                if not exact:
+                    raise
+                raise exact_route_error(err) from err
+            pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+            used = [p for p, _ in pairs]
+            # Averaged after differentiating: the local gradients keep their graph for H·Z.
+            for p, mean in zip(used, all_reduce_mean([g.detach() for _, g in pairs])):
+                p.grad = mean
+            if exact:
+                graph_grads = [g for _, g in pairs]
+        self._check_dense()
+        # Stepped once: left unchanged, these gradients are stale at the next step(closure).
+        self._grad_ledger.remember(used)
+        self._flip_for_maximize(used)
+        if route is None:
+            return loss.detach(), None
+        rng = cast(RngReplay, rng)
+        rng.mark_after()
+        self._hvp_route = route
+        if self.defaults.get("maximize"):
+            if graph_grads is not None:
+                graph_grads = [-g for g in graph_grads]  # H of -L
+            if origin_grads is not None:
+                origin_grads = [-g for g in origin_grads]
+        gradient_at = None if route == "exact" else (lambda: self._gradient_at(closure, used))
+        return loss.detach(), SecondOrder(used, route, graph_grads=graph_grads,
+                                          gradient_at=gradient_at, rng=rng,
+                                          kink_check=not self._fd_rough,
+                                          on_rough=self._note_rough_differences,
+                                          origin_grads=origin_grads)
+
+    def _prepared_gradients(self, loss: Tensor, prepared: list[Tensor], route: str | None
+                            ) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor] | None]:
+        """The gradient contract for a closure that returns the loss while ``p.grad`` already
+        holds gradients the user prepared (accumulated, clipped): those are the step's gradient,
+        averaged across ranks like any other; the closure's loss gives only the second-order
+        information (its gradient's graph for the exact route, its gradient at the unperturbed
+        weights for the finite-difference route's kink check).
+
+        Returns:
+            ``(used, graph_grads, origin_grads)``: the parameters stepped, and the closure's
+            gradients for :class:`~hyperoptim.hvp.SecondOrder` (``None`` where not needed).
+        """
+        used = list(prepared)
+        for g, mean in zip([p.grad for p in used], all_reduce_mean([p.grad for p in used])):
+            if mean is not g:
+                g.copy_(mean)
+        if route is None:
+            return used, None, None
+        if not loss.requires_grad:
+            raise ValueError("Invalid closure return value: the loss does not require grad")
+        exact = route == "exact"
+        try:
+            grads = torch.autograd.grad(loss, used, allow_unused=True, create_graph=exact)
+        except RuntimeError as err:
+            if not exact:
+                raise
+            raise exact_route_error(err) from err
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(used, grads)]
+        if exact:
+            return used, grads, None
+        return used, None, all_reduce_mean([g.detach() for g in grads])
+
+    def _nothing_to_train(self, closure: Closure) -> tuple[Tensor | None, None]:
+        """No parameter requires grad (all frozen, empty groups, integer tensors): as with
+        ``torch.optim.SGD``, the closure runs and nothing else happens."""
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor):
+            raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
+        return loss.detach(), None
+
+    def _note_rough_differences(self) -> None:
+        """The finite-difference route could not find a step where the gradient is smooth.
+
+        Warn once, with what to do, and stop retrying (each retry costs two closure calls and
+        the answer would not improve): from then on, this optimizer's products are central
+        differences at the first step size.
+        """
+        if self._fd_rough:
+            return
+        self._fd_rough = True
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in self._all_params()})
+        warn(
+            f"{type(self).__name__}: the finite-difference Hessian-vector products are unreliable "
+            "here: even at a 100x smaller step the two one-sided differences of the gradient "
+            "disagree. Either the model has kinks within the step (ReLU, max-pooling, clamping) "
+            f"or the gradient's rounding dominates (weights in {', '.join(dtypes)}; under "
+            "torch.autocast the forward pass rounds to bfloat16/float16, far coarser); on a "
+            "784-512-512-10 ReLU MLP in float32 the products were 20x off. Prefer the exact "
+            "route: a closure that returns the loss without calling backward() (hvp='exact'), "
+            "or train in float64 without autocast. Continuing without further retries."
+        )
+
+    def _route(self, called_backward: bool) -> str:
+        """The HVP route for this step (docs/design.md §8), or a ValueError saying what to change."""
+        if self.hvp == "auto":
+            return "finite_difference" if called_backward else "exact"
+        if self.hvp == "exact" and called_backward:
+            raise ValueError(
+                f"{type(self).__name__}(hvp='exact') takes H·Z by double backward through the "
+                "training gradient, but the closure called backward() itself, which frees that "
+                "graph. Return the loss from the closure without calling backward(), or pass "
+                "hvp='finite_difference' (first-order gradients only: works with backward() in "
+                "the closure, DDP, torch.compile and Lightning)."
+            )
+        return self.hvp
+
+    def _isolated_gradient(self, closure: Closure, params: Sequence[Tensor], name: str
+                           ) -> tuple[Tensor, list[Tensor | None] | None, bool]:
+        """Run ``closure`` with the ``p.grad`` of every leaf it reaches cleared, this optimizer's
+        or not (:class:`~hyperoptim.core.grads.GradIsolation`), and put the original gradient
+        tensors back afterwards (also on error): the step's own gradients, and those of a model
+        another optimizer trains, are never touched, and a closure that accumulates without
+        ``zero_grad()`` is still right.
+
+        Returns:
+            ``(loss, grads, called_backward)``: ``grads[i]`` is the gradient of ``params[i]``
+            (``None`` where it got none), taken from ``p.grad`` if the closure called
+            ``backward()`` and with ``autograd.grad`` otherwise; ``grads`` is ``None`` when the
+            loss carries no graph at all.
+        """
+        everything = self._all_params()
+        with GradIsolation(everything, self._reached()) as isolation, torch.enable_grad():
+            loss = isolation.call(closure)
+            if not isinstance(loss, Tensor):
+                raise ValueError(f"Invalid {name} return value: {loss!r} (expected a tensor)")
+            if any(p.grad is not None for p in everything):
+                return loss, [p.grad for p in params], True
+            if not loss.requires_grad:
+                return loss, None, False
+            # A parameter frozen since (requires_grad_(False)) gets no gradient, as with backward().
+            live = [i for i, p in enumerate(params) if p.requires_grad]
+            if not live:
+                return loss, [None] * len(params), False
+            grads: list[Tensor | None] = [None] * len(params)
+            for i, g in zip(live, torch.autograd.grad(loss, [params[i] for i in live], allow_unused=True)):
+                grads[i] = g
+            return loss, grads, False
+
+    def _reached(self) -> ReachedLeaves:
+        """The leaves outside this optimizer that its closures reach (:mod:`.grads`)."""
+        return self.__dict__.setdefault("_reached_leaves", ReachedLeaves())
+
+    def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
+        """The closure's training gradient at the live (perturbed) weights, averaged across
+        ranks; ``p.grad`` is left exactly as it was (:meth:`_isolated_gradient`)."""
+        _, raw, called_backward = self._isolated_gradient(closure, params, "closure")
+        if raw is None:
+            raise ValueError("Invalid closure return value: the loss does not require grad")
+        out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+        out = self._average([g.detach() for g in out], self._synced(params, called_backward))
+        return [-g for g in out] if self.defaults.get("maximize") else out
+
+    def _resolve_val_closure(self, val_closure: Closure | None, *, required: bool) -> Closure | None:
+        val_closure = val_closure if val_closure is not None else self.val_closure
+        if val_closure is None and required:
+            raise ValueError(
+                f"{type(self).__name__} needs a validation loss: pass val_closure= to the "
+                "constructor or to step()."
+            )
+        return val_closure
+
+    def _validation_grads(self, val_closure: Closure, params: Sequence[Tensor], *,
+                          average_loss: bool = True) -> tuple[Tensor, list[Tensor]]:
+        r"""Validation loss and its gradient with respect to ``params``, without touching ``p.grad``.
+
+        The ``val_closure`` may call ``backward()`` itself or just return the loss. The training
+        gradients in ``p.grad`` are put back afterwards (also on error). Unused parameters get a
+        zero gradient. The loss and the gradients are averaged across ranks; with
+        ``average_loss=False`` the loss is this rank's, for a caller that averages it in a
+        collective of its own (FSDP2's one all-reduce of scalars per step).
+        """
+        params = list(params)
+        loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
+        check_sharded_closure(type(self).__name__, params, called_backward, "val_closure")
+        if raw is None and params:
+            raise ValueError(self._no_graph_message("does not require grad"))
+        if params and not called_backward and all(g is None for g in (raw or [])):
+            raise ValueError(self._no_graph_message("does not depend on the parameters"))
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw or [])]
+        # The loss is averaged too (it is a mean over the data as well): every rank records the
+        # same value, and skips the same steps.
+        *grads, loss = self._average([g.detach() for g in grads] + [loss.detach()],
+                                     self._synced(params, called_backward) + [not average_loss])
+        if self.defaults.get("maximize"):
+            grads = [-g for g in grads]
+        if not self._val_checked and grads:
+            # Once, at the first hyper-update: a gradient of exactly 0 everywhere means the loss
+            # does not see these weights (a copied model), and every hypergradient would be 0.
+            if not any_nonzero(grads):
+                raise ValueError(self._no_graph_message("has a gradient of exactly 0 for every "
+                                                        "parameter"))
+            self._val_checked = True
+        return loss.detach(), grads
+
+    def _no_graph_message(self, what: str) -> str:
+        return (
+            f"{type(self).__name__}: the validation loss {what}, so every hypergradient would be "
+            "0 and nothing would be learned. The val_closure must compute the loss from the live "
+            "parameters of the model being trained, with autograd on: do not wrap it in "
+            "torch.no_grad() or torch.inference_mode() (model.eval() is fine), and do not "
+            "evaluate a copy of the model (an EMA model, copy.deepcopy). The optimizer takes the "
+            "gradient itself and leaves p.grad unchanged."
+        )
+
+    def _check_dense(self) -> None:
+        for p in self._all_params():
+            if p.grad is not None and p.grad.is_sparse:
+                raise ValueError(
+                    f"{type(self).__name__} does not support sparse gradients (e.g. "
+                    "nn.Embedding(sparse=True)): hypergradients are inner products of dense "
+                    "update directions. Use sparse=False, or train those parameters with "
+                    "torch.optim.SparseAdam / SGD in a second optimizer."
+                )
+
+    def _flip_for_maximize(self, params: Sequence[Tensor]) -> None:
+        """With ``maximize``, ``p.grad`` holds a negated copy of the gradient during the step
+        (the original tensor is put back after it): the optimizer then minimizes ``-loss``,
+        exactly as torch.optim.SGD does. The user's tensor is never written (its version counter
+        stays, so a graph that uses it can still be differentiated)."""
+        if not self.defaults.get("maximize"):
+            return
+        for p in params:
+            if p.grad is not None and all(p is not q for q, _ in self._flipped):
+                self._flipped.append((p, p.grad))
+                p.grad = torch.neg(p.grad)

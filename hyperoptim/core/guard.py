@@ -1,0 +1,199 @@
+r"""The step guard and the divergence watch: what decides that a step is skipped.
+
+A part of :class:`~hyperoptim.core.base.HyperOptimizer` (docs/design.md §7), kept in its own module;
+it is not meant to be used on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .schedulers import outside_factor
+from .shard import tensor_norms
+from .warn import warn
+
+# float16's range, the narrowest floating dtype's: values within it fit every parameter.
+_SMALLEST_FLOAT_MAX = torch.finfo(torch.float16).max
+
+LEARNED_LIMIT = 1e3
+"""Every learned hyperparameter value stays within [-1e3, 1e3] (learning rates, weight decays and
+momenta within their own, narrower ranges inside it), so that a learned value can never overflow a
+float16 tensor, let alone a wider one: a runaway hyper-step is bounded, not caught afterwards."""
+
+# A training loss above this multiple of its running minimum (and above its first value), or a
+# learning rate this many times its first value, is reported as a likely divergence.
+_DIVERGED_LOSS_RATIO = 100.0
+
+_DIVERGED_LR_RATIO = 1e4
+
+
+class _Guard:
+    """The step guard and the divergence watch: what decides that a step is skipped."""
+
+    def _warn_nonfinite(self, what: str) -> None:
+        """Count a skipped step; warn at the 1st, 10th, 100th, ... with how many so far."""
+        count = self.skipped_steps + 1
+        self.hyper_state["skipped_steps"] = count
+        if count == 10 ** round(math.log10(count)):
+            warn(
+                f"{type(self).__name__}: non-finite {what}; the step was skipped and neither "
+                f"weights nor hyperparameters changed ({count} step{'s' if count > 1 else ''} "
+                "skipped so far; history[...]['skipped'] marks them). If every step is skipped, "
+                "the weights or the data are non-finite; if it happens after the learning rate "
+                "grew, lower the hyper-step size."
+            )
+
+    @staticmethod
+    def _all_finite(*values: float) -> bool:
+        return all(math.isfinite(v) for v in values)
+
+    def _representable(self, *values: float) -> bool:
+        """Finite, and within range of every parameter's dtype.
+
+        A learned value that is finite as a Python float can still overflow a float32 tensor
+        (``torch.add(..., alpha=1e39)`` raises): such a hyper-update counts as non-finite.
+        """
+        if all(abs(v) <= _SMALLEST_FLOAT_MAX for v in values):  # the usual case: no dtype lookup
+            return True
+        limit = self._dtype_max()
+        return all(math.isfinite(v) and abs(v) <= limit for v in values)
+
+    def _dtype_max(self) -> float:
+        return min((torch.finfo(p.dtype).max for g in self.param_groups for p in g["params"]
+                    if p.is_floating_point()), default=math.inf)
+
+    # ------------------------------------------------------------------ the guard
+    def _guard_tensors(self, plans: Sequence[tuple[dict[str, Any], list[Tensor]]]
+                       ) -> list[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+        """Per group, the weights, training gradients and momentum buffers the guard bounds."""
+        every = []
+        for _, params in plans:
+            bufs = [b for b in (self.state.get(p, {}).get("momentum_buffer") for p in params)
+                    if b is not None]
+            every.append((params, [p.grad for p in params], bufs))
+        return every
+
+    def _guard_scalars(self, loss: Tensor | None,
+                       plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
+                       norms: Sequence[Tensor] | None = None) -> list[Tensor]:
+        r"""Device scalars the guard needs, to join the step's one host sync.
+
+        The training loss (0 without one), then per group bounds of :math:`\max|w|`,
+        :math:`\max|g|` and :math:`\max|v|` (weights, training gradients, momentum buffers: the
+        largest 2-norm of their tensors; NaN propagates, so a non-finite gradient shows here).
+        Float64, one fused reduction for all groups. ``norms``: the 2-norms of
+        :meth:`_guard_tensors`' tensors in order, if the caller took them already (under FSDP2,
+        in the step's one all-reduce).
+        """
+        device = next((p.device for _, ps in plans for p in ps), None)
+        out = [loss.detach().double().reshape(()) if loss is not None
+               else torch.zeros((), dtype=torch.float64, device=device)]
+        every = self._guard_tensors(plans)
+        # One fused reduction over every list (as torch.nn.utils.clip_grad_norm_ does), with one
+        # all-reduce of the squared shard norms under FSDP2. The 2-norm bounds the largest element
+        # and is 20x faster on a CPU than the inf-norm; NaN and inf propagate through it.
+        all_norms = (list(norms) if norms is not None else
+                     tensor_norms([t for kinds in every for ts in kinds for t in ts]))
+        at = 0
+        for kinds in every:
+            norms = all_norms[at:at + sum(len(ts) for ts in kinds)]
+            at += len(norms)
+            start = 0
+            for ts in kinds:
+                part = norms[start:start + len(ts)]
+                start += len(ts)
+                out.append(torch.stack(part).max().double() if part else
+                           torch.zeros((), dtype=torch.float64, device=device))
+        return [t.to(out[0].device) for t in out]
+
+    def _guard_verdict(self, values: Sequence[float],
+                       plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
+                       hypers: Sequence[dict[str, float]] | None = None) -> str | None:
+        r"""Why the step must be skipped (``None``: it is safe), from :meth:`_guard_scalars`' values.
+
+        ``hypers[i]`` overrides group ``i``'s ``lr``, ``momentum``, ``weight_decay`` (the values
+        the step is about to use; a per-weight learning rate is given by its largest element).
+        The bound follows PyTorch's SGD rule with absolute values,
+        :math:`|g'| \le |g| + c|w|`, :math:`|v'| \le b|v| + |1-\delta||g'|`,
+        :math:`|d| \le |g'| + b|v'|`, :math:`|w'| \le |w| + a|d|`; every bound must stay below
+        the largest finite value of the parameters' dtype. On success it also feeds the
+        divergence watch.
+        """
+        loss = values[0]
+        if not math.isfinite(loss):
+            return "training loss"
+        limit = self._dtype_max()
+        for i, (group, params) in enumerate(plans):
+            w, g, v = values[1 + 3 * i: 4 + 3 * i]
+            if not params:
+                continue
+            if not math.isfinite(g):
+                return "training gradient"
+            h = {**group, **(hypers[i] if hypers is not None else {})}
+            a, b, c = abs(h["lr"]), abs(h.get("momentum", 0.0)), abs(h.get("weight_decay", 0.0))
+            damp = abs(1.0 - h.get("dampening", 0.0))
+            g1 = g + c * w
+            v1 = b * v + max(damp, 1.0) * g1
+            d = g1 + b * v1 if h.get("nesterov") else max(v1, g1)
+            if not all(math.isfinite(x) and x <= limit for x in (a, b, c, g1, v1, d, w + a * d)):
+                return "step (a learned value would overflow the weights' dtype)"
+        self._watch_divergence(loss, [group["lr"] if hypers is None else hypers[i].get("lr", group["lr"])
+                                      for i, (group, _) in enumerate(plans)])
+        return None
+
+    def _guard_step(self, loss: Tensor | None, plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
+                    hypers: Sequence[dict[str, float]] | None = None, *,
+                    worst_case: bool = False) -> str | None:
+        """:meth:`_guard_scalars` and :meth:`_guard_verdict` with a host sync of their own; on a
+        skip it counts and warns (see :meth:`_warn_nonfinite`) and returns the reason.
+
+        With ``worst_case=True`` every learned value is taken at the top of its range (a
+        hyper-update about to run may move it anywhere inside): ``lr_bounds[1]`` (else
+        :data:`LEARNED_LIMIT`) for a learning rate, 1 for a momentum, :data:`LEARNED_LIMIT` for a
+        weight decay.
+        """
+        if worst_case:
+            top = {"momentum": 1.0, "weight_decay": LEARNED_LIMIT}
+            hypers = [{name: max(group[name], group["lr_bounds"][1] if name == "lr" and
+                                 "lr_bounds" in group else top.get(name, LEARNED_LIMIT))
+                       for name in self._learned_names(group)} for group, _ in plans]
+        values = torch.stack(self._guard_scalars(loss, plans)).tolist()
+        reason = self._guard_verdict(values, plans, hypers)
+        if reason is not None:
+            self._warn_nonfinite(reason)
+        return reason
+
+    def _watch_divergence(self, loss: float, lrs: Sequence[float]) -> None:
+        """One warning when the training loss or a learning rate runs away."""
+        watch = self._watch
+        if watch.get("warned"):
+            return
+        first_lrs = watch.setdefault("first_lrs", list(lrs))
+        message = None
+        for i, (lr, first) in enumerate(zip(lrs, first_lrs)):
+            # Growth from outside (a warm-up schedule) is not the hyper-step's doing.
+            if first > 0 and lr > _DIVERGED_LR_RATIO * first * outside_factor(watch, i):
+                message = (f"the learning rate of param group {i} grew from {first:.3g} to "
+                           f"{lr:.3g}")
+        if loss != 0.0 or "first_loss" in watch:
+            first_loss = watch.setdefault("first_loss", loss)
+            low = min(watch.get("min_loss", loss), loss)
+            watch["min_loss"] = low
+            # Far above the lowest loss on the scale of the run itself (its first value and its
+            # lowest), so that losses near 0 or below it (maximize) do not look divergent.
+            scale = max(abs(first_loss - low), abs(low))
+            if scale > 0 and loss - low > _DIVERGED_LOSS_RATIO * scale:
+                message = (f"the training loss is {loss:.4g}; it started at {first_loss:.4g} "
+                           f"and its lowest so far is {low:.4g}")
+        if message is not None:
+            watch["warned"] = True
+            warn(
+                f"{type(self).__name__}: training looks divergent: {message}. The hyper-step "
+                "size is probably too large for this problem's gradient scale: divide it by 10 "
+                "(see README, 'Choosing the hyper-step size'). This warning is shown once."
+            )

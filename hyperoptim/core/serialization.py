@@ -1,0 +1,223 @@
+r"""state_dict, load_state_dict and pickling: everything a resumed run needs.
+
+A part of :class:`~hyperoptim.core.base.HyperOptimizer` (docs/design.md §7), kept in its own module;
+it is not meant to be used on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .ledger import GradLedger
+from .migrate import from_torch
+from .options import (
+    check_hyper_state,
+    check_param_state,
+    fixed_values,
+)
+
+HISTORY_LIMIT = 10_000
+"""The default of :attr:`HyperOptimizer.history_limit`: entries kept per name and param group."""
+
+# Group keys that a state dict saved before they existed may lack (filled from the defaults).
+_OPTIONAL_KEYS = frozenset({"maximize", "dampening", "nesterov", "foreach", "differentiable",
+                           "fused", "param_names", "hyper_step"})
+
+# Optional keys whose absence means what the package did before they existed, whatever this
+# optimizer's value: a checkpoint saved before hyper-step policies took the additive step.
+_LEGACY_VALUES = {"hyper_step": "additive"}
+
+def _to_device(obj: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return obj
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_device(v, device) for v in obj)
+    return obj
+
+
+class _Serialization:
+    """state_dict, load_state_dict and pickling: everything a resumed run needs."""
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's state dict plus the class name, ``history`` and ``hyper_state``.
+
+        ``history`` is copied list by list (its entries are immutable floats or lists never
+        changed after they are recorded), not deep-copied, so the call stays cheap; its length is
+        bounded by :attr:`history_limit`. State-dict post-hooks see the whole dict.
+        """
+        hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = hooks
+        sd["optimizer_class"] = type(self).__name__
+        sd["history"] = [{k: list(v) for k, v in h.items()} for h in self.history]
+        sd["history_limit"] = self.history_limit
+        sd["hyper_state"] = copy.deepcopy(self.hyper_state)
+        for hook in hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` saved; a resumed run continues exactly.
+
+        A plain ``torch.optim`` state dict of the matching kind (SGD for the SGD-based classes,
+        Adam/AdamW for the Adam family) migrates: torch's values and per-parameter state are
+        kept, the hyper state starts fresh, and ``history[i]["note"]`` says so
+        (:mod:`hyperoptim.core.migrate`).
+
+        Refused with ``ValueError`` naming the offending key before anything changes
+        (:meth:`_check_loadable`): a state dict saved by another optimizer class, param groups
+        that lack this class's options or hold invalid values, per-parameter state of the wrong
+        shape or dtype or with NaN/inf, a malformed ``history`` or ``hyper_state``. Group keys
+        that older state dicts may lack (``maximize``, ``dampening``, ``nesterov``, torch's
+        switches) take this optimizer's values. A load that fails anyway leaves the optimizer
+        exactly as it was. Load pre-hooks see, and post-hooks run after, the whole state
+        (history included).
+        """
+        state_dict = dict(state_dict)
+        pre, post = (self._optimizer_load_state_dict_pre_hooks,
+                     self._optimizer_load_state_dict_post_hooks)
+        for hook in pre.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
+        state_dict = from_torch(self, state_dict)  # a torch.optim checkpoint: migrate it
+        state_dict = self._check_loadable(state_dict)
+        with self._all_or_nothing():
+            self._load_checked(state_dict, pre, post)
+        for hook in post.values():
+            hook(self)
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """On an exception, put every attribute back as it was (then re-raise): torch's load
+        rebinds ``state`` and ``param_groups`` to new objects, so the old ones are intact."""
+        saved = dict(self.__dict__)
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
+    def _load_checked(self, state_dict: dict[str, Any], pre: Any, post: Any) -> None:
+        history = state_dict.pop("history", None)
+        hyper_state = state_dict.pop("hyper_state", None)
+        limit = state_dict.pop("history_limit", self.history_limit)
+        state_dict.pop("optimizer_class", None)
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
+        if history is not None:
+            self.history = [{k: list(v) for k, v in h.items()} for h in history]
+        self._fixed_options = [fixed_values(self, group) for group in self.param_groups]
+        self.history_limit = limit
+        if hyper_state is not None:
+            device = next((p.device for g in self.param_groups for p in g["params"]), None)
+            self.hyper_state = _to_device(copy.deepcopy(hyper_state), device)
+        self._watch = {}
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """ValueError unless ``state_dict`` fits this optimizer (checked before any change):
+        the class, the param groups (every option, :mod:`hyperoptim.core.options`), every
+        parameter's state (shapes, dtypes, finiteness), ``history`` and ``hyper_state``.
+
+        Returns the state dict to load: group keys a state dict saved before they existed may
+        lack (:data:`_OPTIONAL_KEYS`) filled from this optimizer's groups; the caller's dict is
+        not modified."""
+        name = type(self).__name__
+        saved = state_dict.get("optimizer_class")
+        if saved is not None and saved != name:
+            raise ValueError(f"{name}.load_state_dict: the state dict was saved by {saved}, not "
+                             f"{name}; load it into a {saved}.")
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+            raise ValueError(f"{name}.load_state_dict: not an optimizer state dict (no "
+                             "'state'/'param_groups')")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{name}.load_state_dict: the state dict has {len(groups)} param "
+                             f"groups, this optimizer {len(self.param_groups)}")
+        if not all(isinstance(g, dict) for g in groups):
+            raise ValueError(f"{name}.load_state_dict: a param group of the state dict is not a "
+                             "dict")
+        groups = [{**{k: v for k, v in group.items() if k in _OPTIONAL_KEYS and k != "params"},
+                   **{k: v for k, v in _LEGACY_VALUES.items() if k in group},
+                   **saved_group} for saved_group, group in zip(groups, self.param_groups)]
+        state_dict = {**state_dict, "param_groups": groups}
+        for i, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
+            missing = sorted(k for k in group if k not in saved_group and k not in _OPTIONAL_KEYS)
+            if missing:
+                raise ValueError(f"{name}.load_state_dict: param group {i} of the state dict lacks "
+                                 f"{missing}: it was not saved by a {name}")
+            if len(saved_group.get("params", ())) != len(group["params"]):
+                raise ValueError(f"{name}.load_state_dict: param group {i} has "
+                                 f"{len(saved_group.get('params', ()))} parameters in the state "
+                                 f"dict, {len(group['params'])} here")
+            try:
+                self._check_group({k: v for k, v in saved_group.items() if k != "params"})
+            except ValueError as err:
+                raise ValueError(f"{name}.load_state_dict: param_groups[{i}]: {err}") from None
+        params = {k: p for g, group in zip(groups, self.param_groups)
+                  for k, p in zip(g["params"], group["params"])}
+        for key, state in state_dict["state"].items():
+            if key not in params:
+                raise ValueError(f"{name}.load_state_dict: state[{key!r}] belongs to no parameter "
+                                 "of the state dict's param groups")
+            check_param_state(name, key, state, params[key])
+        history = state_dict.get("history")
+        if history is not None and (not isinstance(history, list) or len(history) != len(groups)
+                                    or not all(isinstance(h, dict) and all(
+                                        isinstance(v, list) for v in h.values()) for h in history)):
+            raise ValueError(f"{name}.load_state_dict: history does not have one dict of lists "
+                             "per param group")
+        if state_dict.get("hyper_state") is not None:
+            check_hyper_state(self, state_dict["hyper_state"], len(groups))
+        return state_dict
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults/state/param_groups; ours must survive deepcopy too.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's load_state_dict also calls this with state/param_groups only: keep what we have.
+        missing = {
+            "history": [{} for _ in state.get("param_groups", [])],
+            "history_limit": HISTORY_LIMIT,
+            "hyper_state": {},
+            "val_closure": None,
+            "train_closure": None,
+            "hvp": "auto",
+            "_hvp_route": None,
+            "_fd_rough": False,
+            "_flipped": [],
+            "_grad_ledger": GradLedger(),
+            "_watch": {},
+            "_val_checked": False,
+            "_ddp_synced": frozenset(),
+        }
+        for key, value in missing.items():
+            if key not in state and key not in self.__dict__:
+                state[key] = value
+        super().__setstate__(state)
