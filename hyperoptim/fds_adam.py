@@ -8,10 +8,11 @@ from typing import Any
 
 import torch  # noqa: F401  (the examples below use it)
 
-from .core.checks import check_value, is_real
+from .core.checks import check_value
+from .core.options import check_rule_arguments
 from .core.types import Closure, ParamsT
 from .methods.fds import RuleFDS
-from .rules.adam import ADAM, check_adam_arguments
+from .rules.adam import ADAM
 
 __all__ = ["FDSAdam", "FDSAdamW"]
 
@@ -163,9 +164,9 @@ class FDSAdam(RuleFDS):
         differentiable: bool = False,
         decoupled_weight_decay: bool = False,
     ) -> None:
-        check_adam_arguments(lr, betas, eps, weight_decay, amsgrad, maximize)
-        check_value("decoupled_weight_decay", decoupled_weight_decay,
-                    isinstance(decoupled_weight_decay, bool))
+        check_rule_arguments("adam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             amsgrad=amsgrad, maximize=maximize,
+                             decoupled_weight_decay=decoupled_weight_decay)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=float(eps), weight_decay=weight_decay, amsgrad=False,
             decoupled_weight_decay=decoupled_weight_decay, horizon=horizon,
@@ -179,10 +180,9 @@ class FDSAdam(RuleFDS):
     @classmethod
     def _checked_options(cls, group: dict[str, Any], horizon: int) -> dict[str, Any]:
         group = super()._checked_options(group, horizon)
-        check_value("eps", group["eps"], is_real(group["eps"]) and group["eps"] >= 0.0)
-        check_value("decoupled_weight_decay", group["decoupled_weight_decay"],
-                    isinstance(group["decoupled_weight_decay"], bool))
-        check_value("amsgrad", group["amsgrad"], group["amsgrad"] is False)
+        # The Adam rule's own options, checked by the one options table (hyperoptim.core.options).
+        check_rule_arguments("adam", eps=group["eps"], amsgrad=group["amsgrad"],
+                             decoupled_weight_decay=group["decoupled_weight_decay"])
         return group
 
     @classmethod
