@@ -22,9 +22,11 @@ batches per seed, the same step budget per run, the same evaluation code:
   with the cosine annealing its README recommends), D-Adaptation SGD and Adam (``lr=1``), DoG
   with its polynomial-decay iterate averager (the averaged model is evaluated), schedule-free SGD
   and AdamW (constructor defaults, ``optimizer.train()`` / ``optimizer.eval()`` around training
-  and evaluation);
-- every hyperoptim optimizer (and the Adam family once the package has it: ``REGISTRY`` picks up
-  any listed class that exists), from the same poor start and from its constructor defaults, with
+  and evaluation), Mechanic over SGD and AdamW (``mechanize(cls)(params, lr=1.0)``, its README's
+  usage);
+- every hyperoptim optimizer (``REGISTRY`` picks up any listed class that exists) from three
+  starts, poor (learning rate 100x too small), good (the hand-picked settings) and large (10x too
+  large: SGD lr 1.0 with momentum 0.9, Adam lr 1e-2), and from its constructor defaults, with
   the library's default hyper-learning rates and a ``val_closure`` on the validation split;
   FDSSGD runs ``--episodes`` episodes of the budget from the same initial weights (5 learning-rate
   windows), all counted in its wall time.
@@ -80,6 +82,13 @@ POOR_SGD = dict(lr=1e-3, momentum=0.5, weight_decay=1e-4)
 HAND_SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
 POOR_ADAM = dict(lr=1e-5)
 HAND_ADAMW = dict(lr=1e-3, weight_decay=1e-2)
+#: The large start: 10x above the usual value (SGD at lr 1.0 with momentum 0.9 dies within about
+#: 15 steps on the digits CNN).
+LARGE_SGD = dict(lr=1.0, momentum=0.9, weight_decay=1e-4)
+LARGE_ADAM = dict(lr=1e-2)
+#: Per-family starts of the hyperoptim rows: poor (100x too small), good (hand-picked), large.
+STARTS = {"sgd": dict(poor=POOR_SGD, good=HAND_SGD, large=LARGE_SGD),
+          "adam": dict(poor=POOR_ADAM, good=dict(lr=1e-3), large=LARGE_ADAM)}
 #: Optuna's search space for SGD: (log lr, momentum, log weight decay).
 SPACE = dict(lr=(1e-4, 1.0), momentum=(0.0, 0.99), weight_decay=(1e-6, 1e-2))
 DIVERGED_LOSS = 1e10  # what a diverged Optuna trial reports (a finite, very bad value)
@@ -115,6 +124,8 @@ class Method:
     requires: tuple[str, ...] = ()
     hyperoptim_class: str | None = None
     poor_start: bool = False
+    #: For hyperoptim rows: "poor", "good", "large" or "" (the constructor's defaults).
+    start: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def missing(self) -> str | None:
@@ -167,6 +178,17 @@ def _schedulefree(cls: str) -> Build:
     return build
 
 
+def _mechanic(cls: str) -> Build:
+    def build(model: nn.Module, val: Callable, steps: int) -> Setup:
+        from mechanic_pytorch import mechanize
+
+        # The usage its README documents: wrap the base class, lr=1.0 (the scale it learns
+        # multiplies it; s_init=1e-8 is its underestimate of the right value).
+        return Setup(mechanize(getattr(torch.optim, cls))(model.parameters(), lr=1.0))
+
+    return build
+
+
 def _hyperoptim(cls: str, start: dict[str, float]) -> Build:
     def build(model: nn.Module, val: Callable, steps: int) -> Setup:
         return Setup(getattr(hyperoptim, cls)(model.parameters(), **start, val_closure=val),
@@ -181,6 +203,8 @@ def _registry() -> list[Method]:
         Method("sgd-hand", "SGD, hand-picked", "torch", _torch("SGD", HAND_SGD)),
         Method("adamw-poor", "AdamW, poor start", "torch", _torch("AdamW", POOR_ADAM)),
         Method("adamw-hand", "AdamW, hand-picked", "torch", _torch("AdamW", HAND_ADAMW)),
+        Method("sgd-large", "SGD, large start", "torch", _torch("SGD", LARGE_SGD)),
+        Method("adamw-large", "AdamW, large start", "torch", _torch("AdamW", LARGE_ADAM)),
         Method("optuna-20", "Optuna TPE, {trials} trials", "optuna", requires=("optuna",),
                extra=dict(trials=20, of="optuna-50")),
         Method("optuna-50", "Optuna TPE, {trials} trials", "optuna", requires=("optuna",),
@@ -195,6 +219,9 @@ def _registry() -> list[Method]:
                ("schedulefree",)),
         Method("sf-adamw", "schedule-free AdamW", "lr-free", _schedulefree("AdamWScheduleFree"),
                ("schedulefree",)),
+        Method("mechanic-sgd", "Mechanic (SGD)", "lr-free", _mechanic("SGD"), ("mechanic_pytorch",)),
+        Method("mechanic-adamw", "Mechanic (AdamW)", "lr-free", _mechanic("AdamW"),
+               ("mechanic_pytorch",)),
     ]
     # hyperoptim: every class listed here that the package has, from the poor start and from its
     # constructor defaults. Adding an optimizer is one entry; absent classes are skipped.
@@ -202,13 +229,17 @@ def _registry() -> list[Method]:
     adam_family = ("HypergradAdam", "HypergradAdamW", "MartheAdam", "MartheAdamW", "IFTAdam",
                    "IFTAdamW")
     for cls in sgd_family + adam_family:
-        poor = POOR_SGD if cls in sgd_family else POOR_ADAM
-        rows.append(Method(f"{cls}-poor", f"{cls}, poor start", "hyperoptim", _hyperoptim(cls, poor),
-                           hyperoptim_class=cls, poor_start=True))
+        starts = STARTS["sgd" if cls in sgd_family else "adam"]
+        for name, settings in starts.items():
+            rows.append(Method(f"{cls}-{name}", f"{cls}, {name} start", "hyperoptim",
+                               _hyperoptim(cls, settings), hyperoptim_class=cls,
+                               poor_start=name == "poor", start=name))
         rows.append(Method(f"{cls}-default", f"{cls}, defaults", "hyperoptim", _hyperoptim(cls, {}),
                            hyperoptim_class=cls))
-    rows.append(Method("FDSSGD-poor", "FDSSGD, poor start", "hyperoptim", hyperoptim_class="FDSSGD",
-                       poor_start=True, extra=dict(start=POOR_SGD)))
+    for name, settings in STARTS["sgd"].items():
+        rows.append(Method(f"FDSSGD-{name}", f"FDSSGD, {name} start", "hyperoptim",
+                           hyperoptim_class="FDSSGD", poor_start=name == "poor", start=name,
+                           extra=dict(start=settings)))
     rows.append(Method("FDSSGD-default", "FDSSGD, defaults", "hyperoptim", hyperoptim_class="FDSSGD",
                        extra=dict(start={})))
     return rows
@@ -616,7 +647,39 @@ def verdict(task: Task, summary: list[dict[str, Any]]) -> str:
                      f"optimizer): {'MET' if ok else 'NOT MET'}; {top['method'].label} "
                      f"{_mean_sd(task, top['metrics'])} against {rival['method'].label} "
                      f"{_mean_sd(task, rival['metrics'])}")
+    lines += _scale_free_verdict(task, ours, mean)
     return "\n".join(lines)
+
+
+def _scale_free_verdict(task: Task, ours: list[dict[str, Any]],
+                        mean: Callable[[dict[str, Any]], float]) -> list[str]:
+    """Target 3, per hyperoptim class: from the poor start within 2 points of accuracy (5% of
+    MSE or perplexity) of its own good-start result, and from the large start within 5 points
+    (10%)."""
+    by_class: dict[str, dict[str, dict[str, Any]]] = {}
+    for s in ours:
+        if s["method"].start:
+            by_class.setdefault(s["method"].hyperoptim_class or "", {})[s["method"].start] = s
+    out = []
+    for cls, starts in by_class.items():
+        good = starts.get("good")
+        if good is None:
+            continue
+        verdicts = []
+        for name, points, ratio in (("poor", 0.02, 0.05), ("large", 0.05, 0.10)):
+            other = starts.get(name)
+            if other is None:
+                continue
+            g, o = mean(good), mean(other)
+            if task.higher_is_better:
+                ok, gap = o >= g - points, f"{100 * (o - g):+.1f} points"
+            else:
+                ok = math.isfinite(o) and o <= g * (1.0 + ratio)
+                gap = f"{100 * (o / g - 1.0):+.1f}%" if math.isfinite(o) and g > 0 else "diverged"
+            verdicts.append(f"{name} {'ok' if ok else 'MISSED'} ({gap})")
+        if verdicts:
+            out.append(f"- target 3 (scale-free), {cls}: " + ", ".join(verdicts))
+    return out
 
 
 MARKERS = "os^vD<>pPX*hH8d"
