@@ -91,17 +91,7 @@ class _Closures:
                 ``hvp="exact"`` with a closure that calls ``backward()`` itself.
         """
         if closure is None:
-            if second_order:
-                raise ValueError(
-                    f"{type(self).__name__} needs second-order information: call "
-                    "step(closure) with a closure that recomputes and returns the training loss "
-                    "(it may call backward() itself)."
-                )
-            self._check_dense()
-            used = [p for p in self._all_params() if p.grad is not None]
-            self._grad_ledger.remember(used)
-            self._flip_for_maximize(used)
-            return None, None
+            return self._without_closure(second_order)
         params = self._all_params()
         if not params:
             return self._nothing_to_train(closure)
@@ -116,45 +106,82 @@ class _Closures:
         called_backward = _grads_changed(before, params)
         check_sharded_closure(type(self).__name__, params, called_backward, "closure")
         route = self._route(called_backward) if second_order else None
-        graph_grads: list[Tensor] | None = None
-        origin_grads: list[Tensor] | None = None
-        # A closure that calls backward() replaces p.grad (as for torch.optim); one that does not
-        # leaves it as the user prepared it, and only then is it looked at (one host sync).
-        if not called_backward:
-            self._check_dense()
-        prepared = [] if called_backward else GradLedger.prepared(params)
-        if prepared:
-            used, graph_grads, origin_grads = self._prepared_gradients(loss, prepared, route)
-        elif called_backward:
-            used = [p for p in params if p.grad is not None]
-            grads = [p.grad for p in used]
-            for g, mean in zip(grads, self._average(grads, self._synced(used, True))):
-                if mean is not g:
-                    g.copy_(mean)
-        else:
-            if not loss.requires_grad:
-                raise ValueError("Invalid closure return value: the loss does not require grad")
-            exact = route == "exact"
-            try:
-                grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=exact)
-            except RuntimeError as err:
-                if not exact:
-                    raise
-                raise exact_route_error(err) from err
-            pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
-            used = [p for p, _ in pairs]
-            # Averaged after differentiating: the local gradients keep their graph for H·Z.
-            for p, mean in zip(used, all_reduce_mean([g.detach() for _, g in pairs])):
-                p.grad = mean
-            if exact:
-                graph_grads = [g for _, g in pairs]
+        used, graph_grads, origin_grads = self._step_gradients(loss, params, called_backward, route)
         self._check_dense()
         # Stepped once: left unchanged, these gradients are stale at the next step(closure).
         self._grad_ledger.remember(used)
         self._flip_for_maximize(used)
         if route is None:
             return loss.detach(), None
-        rng = cast(RngReplay, rng)
+        return loss.detach(), self._second_order(closure, used, route, cast(RngReplay, rng),
+                                                 graph_grads, origin_grads)
+
+    def _without_closure(self, second_order: bool) -> tuple[None, None]:
+        """``step()`` without a closure: the gradients already in ``p.grad`` are the step's."""
+        if second_order:
+            raise ValueError(
+                f"{type(self).__name__} needs second-order information: call "
+                "step(closure) with a closure that recomputes and returns the training loss "
+                "(it may call backward() itself)."
+            )
+        self._check_dense()
+        used = [p for p in self._all_params() if p.grad is not None]
+        self._grad_ledger.remember(used)
+        self._flip_for_maximize(used)
+        return None, None
+
+    def _step_gradients(self, loss: Tensor, params: list[Tensor], called_backward: bool,
+                        route: str | None
+                        ) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor] | None]:
+        """Put the step's gradient, averaged across ranks, in ``p.grad`` after the closure ran.
+
+        A closure that calls backward() replaces p.grad (as for torch.optim); one that does not
+        leaves it as the user prepared it, and only then is it looked at (one host sync).
+
+        Returns:
+            ``(used, graph_grads, origin_grads)`` as :meth:`_prepared_gradients` does.
+        """
+        if called_backward:
+            return self._backward_gradients(params), None, None
+        self._check_dense()
+        prepared = GradLedger.prepared(params)
+        if prepared:
+            return self._prepared_gradients(loss, prepared, route)
+        grads = self._closure_grads(loss, params, route)
+        pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+        used = [p for p, _ in pairs]
+        # Averaged after differentiating: the local gradients keep their graph for H·Z.
+        for p, mean in zip(used, all_reduce_mean([g.detach() for _, g in pairs])):
+            p.grad = mean
+        return used, ([g for _, g in pairs] if route == "exact" else None), None
+
+    def _backward_gradients(self, params: list[Tensor]) -> list[Tensor]:
+        """The gradients the closure's ``backward()`` wrote, averaged in place where DDP did not."""
+        used = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in used]
+        for g, mean in zip(grads, self._average(grads, self._synced(used, True))):
+            if mean is not g:
+                g.copy_(mean)
+        return used
+
+    @staticmethod
+    def _closure_grads(loss: Tensor, params: list[Tensor], route: str | None
+                       ) -> tuple[Tensor | None, ...]:
+        """``autograd.grad`` of the closure's ``loss``, with its graph kept for the exact route."""
+        if not loss.requires_grad:
+            raise ValueError("Invalid closure return value: the loss does not require grad")
+        exact = route == "exact"
+        try:
+            return torch.autograd.grad(loss, params, allow_unused=True, create_graph=exact)
+        except RuntimeError as err:
+            if not exact:
+                raise
+            raise exact_route_error(err) from err
+
+    def _second_order(self, closure: Closure, used: list[Tensor], route: str, rng: RngReplay,
+                      graph_grads: list[Tensor] | None, origin_grads: list[Tensor] | None
+                      ) -> SecondOrder:
+        """The :class:`~hyperoptim.hvp.SecondOrder` handle for this step's training loss."""
         rng.mark_after()
         self._hvp_route = route
         if self.defaults.get("maximize"):
@@ -163,11 +190,9 @@ class _Closures:
             if origin_grads is not None:
                 origin_grads = [-g for g in origin_grads]
         gradient_at = None if route == "exact" else (lambda: self._gradient_at(closure, used))
-        return loss.detach(), SecondOrder(used, route, graph_grads=graph_grads,
-                                          gradient_at=gradient_at, rng=rng,
-                                          kink_check=not self._fd_rough,
-                                          on_rough=self._note_rough_differences,
-                                          origin_grads=origin_grads)
+        return SecondOrder(used, route, graph_grads=graph_grads, gradient_at=gradient_at, rng=rng,
+                           kink_check=not self._fd_rough, on_rough=self._note_rough_differences,
+                           origin_grads=origin_grads)
 
     def _prepared_gradients(self, loss: Tensor, prepared: list[Tensor], route: str | None
                             ) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor] | None]:
@@ -187,17 +212,9 @@ class _Closures:
                 g.copy_(mean)
         if route is None:
             return used, None, None
-        if not loss.requires_grad:
-            raise ValueError("Invalid closure return value: the loss does not require grad")
-        exact = route == "exact"
-        try:
-            grads = torch.autograd.grad(loss, used, allow_unused=True, create_graph=exact)
-        except RuntimeError as err:
-            if not exact:
-                raise
-            raise exact_route_error(err) from err
+        grads = self._closure_grads(loss, used, route)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(used, grads)]
-        if exact:
+        if route == "exact":
             return used, grads, None
         return used, None, all_reduce_mean([g.detach() for g in grads])
 
@@ -314,10 +331,7 @@ class _Closures:
         params = list(params)
         loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
         check_sharded_closure(type(self).__name__, params, called_backward, "val_closure")
-        if raw is None and params:
-            raise ValueError(self._no_graph_message("does not require grad"))
-        if params and not called_backward and all(g is None for g in (raw or [])):
-            raise ValueError(self._no_graph_message("does not depend on the parameters"))
+        self._check_val_graph(params, raw, called_backward)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw or [])]
         # The loss is averaged too (it is a mean over the data as well): every rank records the
         # same value, and skips the same steps.
@@ -326,13 +340,24 @@ class _Closures:
         if self.defaults.get("maximize"):
             grads = [-g for g in grads]
         if not self._val_checked and grads:
-            # Once, at the first hyper-update: a gradient of exactly 0 everywhere means the loss
-            # does not see these weights (a copied model), and every hypergradient would be 0.
-            if not any_nonzero(grads):
-                raise ValueError(self._no_graph_message("has a gradient of exactly 0 for every "
-                                                        "parameter"))
-            self._val_checked = True
+            self._check_val_nonzero(grads)
         return loss.detach(), grads
+
+    def _check_val_graph(self, params: list[Tensor], raw: list[Tensor | None] | None,
+                         called_backward: bool) -> None:
+        """ValueError unless the validation loss has a graph that reaches ``params``."""
+        if raw is None and params:
+            raise ValueError(self._no_graph_message("does not require grad"))
+        if params and not called_backward and all(g is None for g in (raw or [])):
+            raise ValueError(self._no_graph_message("does not depend on the parameters"))
+
+    def _check_val_nonzero(self, grads: list[Tensor]) -> None:
+        """Once, at the first hyper-update: a gradient of exactly 0 everywhere means the loss
+        does not see these weights (a copied model), and every hypergradient would be 0."""
+        if not any_nonzero(grads):
+            raise ValueError(self._no_graph_message("has a gradient of exactly 0 for every "
+                                                    "parameter"))
+        self._val_checked = True
 
     def _no_graph_message(self, what: str) -> str:
         return (

@@ -30,6 +30,38 @@ def _family(groups: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def _torch_source(optimizer: Any, state_dict: dict[str, Any]) -> str | None:
+    """The torch.optim class that saved ``state_dict`` if it is a plain torch state dict this
+    optimizer can migrate (``None``: load it as it is); ValueError if it is of another kind."""
+    if "optimizer_class" in state_dict or "hyper_state" in state_dict:
+        return None
+    saved_groups = state_dict.get("param_groups")
+    if not isinstance(saved_groups, list) or not isinstance(state_dict.get("state"), dict):
+        return None
+    name = type(optimizer).__name__
+    source, target = _family(saved_groups), _family(optimizer.param_groups)
+    if source is None or target is None:
+        return None
+    if source != target:
+        raise ValueError(f"{name}.load_state_dict: this is a torch.optim.{source} state dict, and "
+                         f"{name} steps like torch.optim.{target}: load it into the hyperoptim "
+                         f"class over {source} instead")
+    if len(saved_groups) != len(optimizer.param_groups):
+        return None  # the usual check reports the mismatch
+    return source
+
+
+def _group(saved: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+    """Our param group with torch's values where torch has them."""
+    ours = {k: (saved[k] if k in saved else v) for k, v in group.items() if k != "params"}
+    for schedule in ("lr", "momentum", "weight_decay"):  # FDSSGD: start every window there
+        key = f"{schedule}_schedule"
+        if key in ours and schedule in saved:
+            ours[key] = [float(saved[schedule])] * len(group[key])
+    ours["params"] = list(saved.get("params", []))
+    return ours
+
+
 def from_torch(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` rewritten as ``optimizer`` would have saved it, if it is a plain
     ``torch.optim`` state dict of the matching kind; any other state dict is returned unchanged.
@@ -38,29 +70,12 @@ def from_torch(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
         ValueError: a torch state dict of another kind (an Adam checkpoint into an SGD-based
             optimizer, Adam into AdamW), with the class it fits.
     """
-    if "optimizer_class" in state_dict or "hyper_state" in state_dict:
+    source = _torch_source(optimizer, state_dict)
+    if source is None:
         return state_dict
-    saved_groups = state_dict.get("param_groups")
-    if not isinstance(saved_groups, list) or not isinstance(state_dict.get("state"), dict):
-        return state_dict
-    name = type(optimizer).__name__
-    source, target = _family(saved_groups), _family(optimizer.param_groups)
-    if source is None or target is None:
-        return state_dict
-    if source != target:
-        raise ValueError(f"{name}.load_state_dict: this is a torch.optim.{source} state dict, and "
-                         f"{name} steps like torch.optim.{target}: load it into the hyperoptim "
-                         f"class over {source} instead")
-    if len(saved_groups) != len(optimizer.param_groups):
-        return state_dict  # the usual check reports the mismatch
     groups, state = [], {}
-    for saved, group in zip(saved_groups, optimizer.param_groups):
-        ours = {k: (saved[k] if k in saved else v) for k, v in group.items() if k != "params"}
-        for schedule in ("lr", "momentum", "weight_decay"):  # FDSSGD: start every window there
-            key = f"{schedule}_schedule"
-            if key in ours and schedule in saved:
-                ours[key] = [float(saved[schedule])] * len(group[key])
-        ours["params"] = list(saved.get("params", []))
+    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups):
+        ours = _group(saved, group)
         groups.append(ours)
         for index, p in zip(ours["params"], group["params"]):
             entry = dict(optimizer.state.get(p, {}))
@@ -70,5 +85,6 @@ def from_torch(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     history = [{k: list(v) for k, v in h.items()} for h in optimizer.history]
     for h in history:
         h.setdefault("note", []).append(_NOTE.format(source))
-    return {"state": state, "param_groups": groups, "optimizer_class": name, "history": history,
-            "history_limit": optimizer.history_limit, "hyper_state": optimizer.hyper_state}
+    return {"state": state, "param_groups": groups, "optimizer_class": type(optimizer).__name__,
+            "history": history, "history_limit": optimizer.history_limit,
+            "hyper_state": optimizer.hyper_state}

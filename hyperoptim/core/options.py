@@ -365,36 +365,60 @@ def check_group(owner: Any, group: Mapping[str, Any], defaults: Mapping[str, Any
 
 
 def _check_constraints(owner: Any, group: Mapping[str, Any]) -> None:
-    """The constraints between options (each message names the options involved)."""
+    """The constraints between options (each message names the options involved), checked in
+    the order of :data:`_CONSTRAINTS`."""
     parts = owner if isinstance(owner, tuple) else components(owner) or ()
+    for check in _CONSTRAINTS:
+        check(parts, group)
+
+
+def _nesterov_needs_momentum(parts: tuple[str, ...], group: Mapping[str, Any]) -> None:
     # FDS learns its momentum schedule (it may pass 0 with Nesterov on): no constraint there.
     if group.get("nesterov") is True and ("sgd" in parts or not parts) and "fds" not in parts and (
             not is_number(group.get("momentum", 0.0)) or float(group.get("momentum", 0.0)) <= 0
             or group.get("dampening", 0) != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def _lr_within_bounds(parts: tuple[str, ...], group: Mapping[str, Any]) -> None:
     bounds, lr = group.get("lr_bounds"), group.get("lr")
     tune = group.get("tune")
     tuned = "ift" not in parts or (isinstance(tune, (tuple, list)) and "lr" in tune)
     if (bounds is not None and lr is not None and tuned and _hd_bounds(bounds) and is_number(lr)
             and not bounds[0] <= float(lr) <= bounds[1]):
         raise _refuse("lr", lr, f"outside lr_bounds={tuple(bounds)}")
-    if "ift" in parts and isinstance(tune, (tuple, list)):
-        if "momentum" in tune and is_number(group.get("momentum", 0.0)) and \
-                float(group.get("momentum", 0.0)) > 1.0:
-            raise _refuse("momentum", group["momentum"], "a tuned momentum lies in [0, 1]")
-        for name, key in (("lr", "per_parameter_lr"), ("weight_decay", "per_parameter_weight_decay")):
-            if group.get(key) is True and name not in tune:
-                raise ValueError(f"{key}=True needs '{name}' in tune (tune={tuple(tune)})")
-    if "fds" in parts:
-        horizon = group.get("horizon")
-        for name in _NAMES:
-            n, schedule = group.get(f"{name}_windows"), group.get(f"{name}_schedule")
-            if _count(horizon) and _count(n) and n > horizon:
-                raise _refuse(f"{name}_windows", n, f"expected 1 <= {name}_windows <= "
-                              f"horizon={horizon}")
-            if schedule is not None and _count(n) and isinstance(schedule, (list, tuple)) \
-                    and len(schedule) != n:
-                raise _refuse(f"{name}_schedule", schedule, f"expected {n} values, one per window")
+
+
+def _ift_tune_fits(parts: tuple[str, ...], group: Mapping[str, Any]) -> None:
+    tune = group.get("tune")
+    if "ift" not in parts or not isinstance(tune, (tuple, list)):
+        return
+    if "momentum" in tune and is_number(group.get("momentum", 0.0)) and \
+            float(group.get("momentum", 0.0)) > 1.0:
+        raise _refuse("momentum", group["momentum"], "a tuned momentum lies in [0, 1]")
+    for name, key in (("lr", "per_parameter_lr"), ("weight_decay", "per_parameter_weight_decay")):
+        if group.get(key) is True and name not in tune:
+            raise ValueError(f"{key}=True needs '{name}' in tune (tune={tuple(tune)})")
+
+
+def _fds_windows_fit(parts: tuple[str, ...], group: Mapping[str, Any]) -> None:
+    if "fds" not in parts:
+        return
+    horizon = group.get("horizon")
+    for name in _NAMES:
+        n, schedule = group.get(f"{name}_windows"), group.get(f"{name}_schedule")
+        if _count(horizon) and _count(n) and n > horizon:
+            raise _refuse(f"{name}_windows", n, f"expected 1 <= {name}_windows <= "
+                          f"horizon={horizon}")
+        if schedule is not None and _count(n) and isinstance(schedule, (list, tuple)) \
+                and len(schedule) != n:
+            raise _refuse(f"{name}_schedule", schedule, f"expected {n} values, one per window")
+
+
+# In this order: where a group breaks two constraints, the first one here is reported.
+_CONSTRAINTS: tuple[Callable[[tuple[str, ...], Mapping[str, Any]], None], ...] = (
+    _nesterov_needs_momentum, _lr_within_bounds, _ift_tune_fits, _fds_windows_fit,
+)
 
 
 def coerce_group(group: dict[str, Any]) -> None:
@@ -480,6 +504,43 @@ def _finite_numbers(values: Any) -> bool:
     return is_real(values) or values is None or isinstance(values, bool)
 
 
+def _counter(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _ift_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
+                     ) -> dict[str, Callable[[Any], bool]]:
+    def per_group(v: Any) -> bool:
+        return isinstance(v, list) and len(v) == n_groups and all(isinstance(g, Mapping) for g in v)
+    return dict(transformed=per_group, published=per_group, since_update=_counter,
+                steps=_counter)
+
+
+def _fds_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
+                     ) -> dict[str, Callable[[Any], bool]]:
+    required = dict(step=_counter, episode=_counter, outer=lambda v: isinstance(v, Mapping))
+    if "episode_skipped" in hyper_state:  # absent from state dicts saved before it existed
+        required["episode_skipped"] = _counter
+    return required
+
+
+def _marthe_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
+                        ) -> dict[str, Callable[[Any], bool]]:
+    if "groups" not in hyper_state:
+        return {}
+    return dict(groups=lambda v: isinstance(v, list) and len(v) <= n_groups and all(
+        isinstance(g, Mapping) and {"mu", "count", "beta", "lr_beta_grad"} <= set(g) for g in v))
+
+
+# Method -> the keys its hyper_state must hold and a check of each; the first method of the
+# class's components found here decides.
+_HYPER_STATE: dict[str, Callable[[Mapping[str, Any], int], dict[str, Callable[[Any], bool]]]] = {
+    "ift": _ift_hyper_state,
+    "fds": _fds_hyper_state,
+    "marthe": _marthe_hyper_state,
+}
+
+
 def check_hyper_state(owner: Any, hyper_state: Any, n_groups: int) -> None:
     """The saved ``hyper_state``: a dict whose learned numbers are finite, with the structure the
     class's method keeps (IFT: ``transformed``/``published`` per group and its counters; MARTHE:
@@ -488,21 +549,8 @@ def check_hyper_state(owner: Any, hyper_state: Any, n_groups: int) -> None:
     if not isinstance(hyper_state, Mapping):
         raise ValueError(f"{name}.load_state_dict: invalid hyper_state (not a dict)")
     parts = components(owner) or ()
-    required: dict[str, Callable[[Any], bool]] = {}
-    per_group = lambda v: isinstance(v, list) and len(v) == n_groups and all(  # noqa: E731
-        isinstance(g, Mapping) for g in v)
-    counter = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
-    if "ift" in parts:
-        required = dict(transformed=per_group, published=per_group, since_update=counter,
-                        steps=counter)
-    elif "fds" in parts:
-        required = dict(step=counter, episode=counter, outer=lambda v: isinstance(v, Mapping))
-        if "episode_skipped" in hyper_state:  # absent from state dicts saved before it existed
-            required["episode_skipped"] = counter
-    elif "marthe" in parts and "groups" in hyper_state:
-        required = dict(groups=lambda v: isinstance(v, list) and len(v) <= n_groups and all(
-            isinstance(g, Mapping) and {"mu", "count", "beta", "lr_beta_grad"} <= set(g)
-            for g in v))
+    method = next((m for m in _HYPER_STATE if m in parts), None)
+    required = _HYPER_STATE[method](hyper_state, n_groups) if method is not None else {}
     for key, ok in required.items():
         if key not in hyper_state:
             raise ValueError(f"{name}.load_state_dict: hyper_state lacks {key!r}")

@@ -48,6 +48,14 @@ def _to_device(obj: Any, device: torch.device | None) -> Any:
     return obj
 
 
+def _history_fits(history: Any, n_groups: int) -> bool:
+    """``history`` is absent or one dict of lists per param group."""
+    return history is None or (isinstance(history, list) and len(history) == n_groups
+                               and all(isinstance(h, dict) and all(isinstance(v, list)
+                                                                   for v in h.values())
+                                       for h in history))
+
+
 class _Serialization:
     """state_dict, load_state_dict and pickling: everything a resumed run needs."""
 
@@ -148,6 +156,24 @@ class _Serialization:
         lack (:data:`_OPTIONAL_KEYS`) filled from this optimizer's groups; the caller's dict is
         not modified."""
         name = type(self).__name__
+        self._check_envelope(name, state_dict)
+        groups = [{**{k: v for k, v in group.items() if k in _OPTIONAL_KEYS and k != "params"},
+                   **{k: v for k, v in _LEGACY_VALUES.items() if k in group},
+                   **saved_group}
+                  for saved_group, group in zip(state_dict["param_groups"], self.param_groups)]
+        state_dict = {**state_dict, "param_groups": groups}
+        for i, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
+            self._check_saved_group(name, i, saved_group, group)
+        self._check_saved_state(name, state_dict["state"], groups)
+        if not _history_fits(state_dict.get("history"), len(groups)):
+            raise ValueError(f"{name}.load_state_dict: history does not have one dict of lists "
+                             "per param group")
+        if state_dict.get("hyper_state") is not None:
+            check_hyper_state(self, state_dict["hyper_state"], len(groups))
+        return state_dict
+
+    def _check_envelope(self, name: str, state_dict: dict[str, Any]) -> None:
+        """The state dict's class and the number and kind of its param groups."""
         saved = state_dict.get("optimizer_class")
         if saved is not None and saved != name:
             raise ValueError(f"{name}.load_state_dict: the state dict was saved by {saved}, not "
@@ -162,39 +188,33 @@ class _Serialization:
         if not all(isinstance(g, dict) for g in groups):
             raise ValueError(f"{name}.load_state_dict: a param group of the state dict is not a "
                              "dict")
-        groups = [{**{k: v for k, v in group.items() if k in _OPTIONAL_KEYS and k != "params"},
-                   **{k: v for k, v in _LEGACY_VALUES.items() if k in group},
-                   **saved_group} for saved_group, group in zip(groups, self.param_groups)]
-        state_dict = {**state_dict, "param_groups": groups}
-        for i, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
-            missing = sorted(k for k in group if k not in saved_group and k not in _OPTIONAL_KEYS)
-            if missing:
-                raise ValueError(f"{name}.load_state_dict: param group {i} of the state dict lacks "
-                                 f"{missing}: it was not saved by a {name}")
-            if len(saved_group.get("params", ())) != len(group["params"]):
-                raise ValueError(f"{name}.load_state_dict: param group {i} has "
-                                 f"{len(saved_group.get('params', ()))} parameters in the state "
-                                 f"dict, {len(group['params'])} here")
-            try:
-                self._check_group({k: v for k, v in saved_group.items() if k != "params"})
-            except ValueError as err:
-                raise ValueError(f"{name}.load_state_dict: param_groups[{i}]: {err}") from None
+
+    def _check_saved_state(self, name: str, state: dict[Any, Any],
+                           groups: list[dict[str, Any]]) -> None:
+        """Every parameter's saved state, against the parameter its key maps to."""
         params = {k: p for g, group in zip(groups, self.param_groups)
                   for k, p in zip(g["params"], group["params"])}
-        for key, state in state_dict["state"].items():
+        for key, entry in state.items():
             if key not in params:
                 raise ValueError(f"{name}.load_state_dict: state[{key!r}] belongs to no parameter "
                                  "of the state dict's param groups")
-            check_param_state(name, key, state, params[key])
-        history = state_dict.get("history")
-        if history is not None and (not isinstance(history, list) or len(history) != len(groups)
-                                    or not all(isinstance(h, dict) and all(
-                                        isinstance(v, list) for v in h.values()) for h in history)):
-            raise ValueError(f"{name}.load_state_dict: history does not have one dict of lists "
-                             "per param group")
-        if state_dict.get("hyper_state") is not None:
-            check_hyper_state(self, state_dict["hyper_state"], len(groups))
-        return state_dict
+            check_param_state(name, key, entry, params[key])
+
+    def _check_saved_group(self, name: str, i: int, saved_group: dict[str, Any],
+                           group: dict[str, Any]) -> None:
+        """Param group ``i`` of the state dict (optional keys filled) against this optimizer's."""
+        missing = sorted(k for k in group if k not in saved_group and k not in _OPTIONAL_KEYS)
+        if missing:
+            raise ValueError(f"{name}.load_state_dict: param group {i} of the state dict lacks "
+                             f"{missing}: it was not saved by a {name}")
+        if len(saved_group.get("params", ())) != len(group["params"]):
+            raise ValueError(f"{name}.load_state_dict: param group {i} has "
+                             f"{len(saved_group.get('params', ()))} parameters in the state "
+                             f"dict, {len(group['params'])} here")
+        try:
+            self._check_group({k: v for k, v in saved_group.items() if k != "params"})
+        except ValueError as err:
+            raise ValueError(f"{name}.load_state_dict: param_groups[{i}]: {err}") from None
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults/state/param_groups; ours must survive deepcopy too.
