@@ -179,7 +179,12 @@ class MartheAdamW(MartheAdam):
         **options: Any,
     ) -> None:
         # ``options``: MartheAdam's keyword arguments but the one this class fixes (the signature
-        # set below lists them).
+        # set below lists them); anything else is refused as Python would refuse it here.
+        known = inspect.signature(MartheAdamW).parameters
+        for name in options:
+            if name not in known:
+                raise TypeError(f"{MartheAdamW.__init__.__qualname__}() got an unexpected "
+                                f"keyword argument {name!r}")
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **options,
                          decoupled_weight_decay=True)
 
