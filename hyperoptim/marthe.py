@@ -10,7 +10,7 @@ from torch import Tensor
 from .core.options import check_arguments
 from .core.types import Closure, ParamsT
 from .hyperstep import HyperStep
-from .methods.marthe import RuleMarthe, marthe_hyper_step
+from .methods.marthe import RuleMarthe, marthe_options
 from .rules.base import apply_update_
 from .rules.sgd import SGD, sgd_direction
 
@@ -211,14 +211,10 @@ class MartheSGD(RuleMarthe):
                         weight_decay=weight_decay, nesterov=nesterov, mu=mu,
                         hypergrad_lr=hypergrad_lr, adapt_hypergrad_lr=adapt_hypergrad_lr,
                         hypergrad_clip=hypergrad_clip)
-        policy = marthe_hyper_step(hyper_step)
         defaults = dict(
             lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, mu=mu if mu == "adaptive" else float(mu),
-            hypergrad_lr=float(hypergrad_lr), adapt_hypergrad_lr=adapt_hypergrad_lr,
-            hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
-            hyper_step=policy,
-        )
+            nesterov=nesterov,
+            **marthe_options(mu, hypergrad_lr, adapt_hypergrad_lr, hypergrad_clip, hyper_step))
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)
 
@@ -253,6 +249,7 @@ class MartheSGD(RuleMarthe):
         tangents = [s["tangent"] for s in states]
         new_tangent_bufs: list[Tensor | None] = [None] * len(params)
         if hz is not None:
+            # The rule on (mu Z, H mu Z, mu C): mu C_{t+1} and D, then Z <- mu Z - a_t D.
             tangent_bufs = [None if b is None else s.get("tangent_buffer") for s, b in zip(
                 states, bufs, strict=True)]
             tangent_bufs = [torch.zeros_like(z) if b is not None and c is None else c
@@ -264,14 +261,22 @@ class MartheSGD(RuleMarthe):
         for z, d in zip(tangents, dirs, strict=True):
             z[index].sub_(d)
         apply_update_(params, dirs, lr)
-        keep_direction = momentum == 0 or group["nesterov"]
-        for s, buf, c, d, g in zip(states, new_bufs, new_tangent_bufs, dirs, grads, strict=True):
-            if buf is not None:
-                s["momentum_buffer"] = buf
-            if buf is not None and c is not None:
-                s["tangent_buffer"] = c
-            else:
-                s.pop("tangent_buffer", None)
-            if keep_direction:
-                # Heavy ball's direction is its buffer; otherwise keep a private copy.
-                s["direction"] = d.clone() if d is g else d
+        _store(states, new_bufs, new_tangent_bufs, dirs, grads,
+               keep_direction=momentum == 0 or group["nesterov"])
+
+
+def _store(states: list[dict[str, Any]], bufs: list[Tensor | None],
+           tangent_bufs: list[Tensor | None], dirs: list[Tensor], grads: list[Tensor | None], *,
+           keep_direction: bool) -> None:
+    """The new momentum buffers and their tangents :math:`C` into ``state[p]`` (:math:`C` only
+    where both exist), and the directions where the buffer is not already the direction."""
+    for s, buf, c, d, g in zip(states, bufs, tangent_bufs, dirs, grads, strict=True):
+        if buf is not None:
+            s["momentum_buffer"] = buf
+        if buf is not None and c is not None:
+            s["tangent_buffer"] = c
+        else:
+            s.pop("tangent_buffer", None)
+        if keep_direction:
+            # Heavy ball's direction is its buffer; otherwise keep a private copy.
+            s["direction"] = d.clone() if d is g else d

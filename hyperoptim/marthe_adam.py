@@ -2,6 +2,7 @@ r"""MARTHE with Adam/AdamW as the inner optimizer (Donini et al., 2020, Section 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch  # noqa: F401  (the examples below use it)
@@ -9,7 +10,7 @@ import torch  # noqa: F401  (the examples below use it)
 from .core.options import check_arguments
 from .core.types import Closure, ParamsT
 from .hyperstep import HyperStep
-from .methods.marthe import RuleMarthe, marthe_hyper_step
+from .methods.marthe import RuleMarthe, marthe_options
 from .rules.adam import ADAM
 
 __all__ = ["MartheAdam", "MartheAdamW"]
@@ -136,16 +137,11 @@ class MartheAdam(RuleMarthe):
                         amsgrad=amsgrad, maximize=maximize, mu=mu, hypergrad_lr=hypergrad_lr,
                         adapt_hypergrad_lr=adapt_hypergrad_lr, hypergrad_clip=hypergrad_clip,
                         decoupled_weight_decay=decoupled_weight_decay)
-        policy = marthe_hyper_step(hyper_step)
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
             weight_decay=float(weight_decay), amsgrad=False, maximize=False,
             decoupled_weight_decay=decoupled_weight_decay,
-            mu=mu if mu == "adaptive" else float(mu), hypergrad_lr=float(hypergrad_lr),
-            adapt_hypergrad_lr=adapt_hypergrad_lr,
-            hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
-            hyper_step=policy,
-        )
+            **marthe_options(mu, hypergrad_lr, adapt_hypergrad_lr, hypergrad_clip, hyper_step))
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, foreach=foreach,
                          fused=fused, differentiable=differentiable)
 
@@ -180,22 +176,27 @@ class MartheAdamW(MartheAdam):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
-        *,
-        mu: str | float = "adaptive",
-        hypergrad_lr: float = 1e-9,
-        adapt_hypergrad_lr: bool = True,
-        hypergrad_clip: float | None = None,
-        hyper_step: HyperStep | str | None = None,
-        val_closure: Closure | None = None,
-        hvp: str = "auto",
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        differentiable: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, mu=mu,
-                         hypergrad_lr=hypergrad_lr, adapt_hypergrad_lr=adapt_hypergrad_lr,
-                         hypergrad_clip=hypergrad_clip, hyper_step=hyper_step,
-                         val_closure=val_closure, hvp=hvp,
-                         maximize=maximize, foreach=foreach, fused=fused,
-                         differentiable=differentiable, decoupled_weight_decay=True)
+        # ``options``: MartheAdam's keyword arguments but the one this class fixes (the signature
+        # set below lists them); anything else is refused as Python would refuse it here.
+        known = inspect.signature(MartheAdamW).parameters
+        for name in options:
+            if name not in known:
+                raise TypeError(f"{MartheAdamW.__init__.__qualname__}() got an unexpected "
+                                f"keyword argument {name!r}")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **options,
+                         decoupled_weight_decay=True)
+
+
+def _adamw_signature() -> inspect.Signature:
+    """MartheAdamW's signature as help() and the docs show it: its own arguments, then
+    MartheAdam's keyword arguments but ``decoupled_weight_decay``."""
+    own = inspect.signature(MartheAdamW.__init__)
+    keywords = [p for p in inspect.signature(MartheAdam.__init__).parameters.values()
+                if p.kind is p.KEYWORD_ONLY and p.name != "decoupled_weight_decay"]
+    positional = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    return own.replace(parameters=[*positional, *keywords])
+
+
+MartheAdamW.__init__.__signature__ = _adamw_signature()  # type: ignore[attr-defined]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -13,10 +13,11 @@ from torch import Tensor
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.dist import all_reduce_mean
 from ..core.types import Closure
+from ..hvp import SecondOrder
 from ..hyperstep import Additive, HyperStep, resolve
 from ..rules.base import UpdateRule, rule_tangents
 
-__all__ = ["RuleMarthe", "adaptive_mu", "marthe_hyper_step"]
+__all__ = ["RuleMarthe", "adaptive_mu", "marthe_hyper_step", "marthe_options"]
 
 
 def marthe_hyper_step(hyper_step: HyperStep | str | None) -> str:
@@ -32,6 +33,24 @@ def marthe_hyper_step(hyper_step: HyperStep | str | None) -> str:
                              "takes its size from hypergrad_lr and adapt_hypergrad_lr)")
         return Additive.name
     return repr(policy)
+
+
+def marthe_options(mu: str | float, hypergrad_lr: float, adapt_hypergrad_lr: bool,
+                   hypergrad_clip: float | None, hyper_step: HyperStep | str | None
+                   ) -> dict[str, Any]:
+    """MARTHE's entries of a public class's ``defaults``, from its checked constructor arguments:
+    numbers as floats, ``"adaptive"`` as it is, the policy as :func:`marthe_hyper_step` names it.
+
+    Example:
+        >>> marthe_options(1, 1e-6, True, None, None)
+        {'mu': 1.0, 'hypergrad_lr': 1e-06, 'adapt_hypergrad_lr': True, 'hypergrad_clip': None, \
+'hyper_step': 'additive'}
+    """
+    policy = marthe_hyper_step(hyper_step)
+    return dict(mu=mu if mu == "adaptive" else float(mu), hypergrad_lr=float(hypergrad_lr),
+                adapt_hypergrad_lr=adapt_hypergrad_lr,
+                hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
+                hyper_step=policy)
 
 
 def adaptive_mu(delta: float, g1: float, count: float) -> float:
@@ -149,112 +168,149 @@ class RuleMarthe(HyperOptimizer):
             self._training_loss(None, second_order=True)  # raises: this needs a closure
         hypers = [self._staged_hyper(i) for i in range(n_cols)]  # committed at the end
 
-        # 1. Delta_t = <grad E(w_t), Z_t> and g'_1 = <grad E(w_t), -d_{t-1}>: one validation
-        #    gradient and one host sync.
-        # self.state.get: reading must not create an empty state entry (a failed step leaves none).
+        # 1.-2. Delta_t and g'_1 from one validation gradient, then mu_t, beta_t and the proposed
+        #    a_t; a non-finite value skips the step. self.state.get: reading must not create an
+        #    empty state entry (a failed step leaves none).
         tracked = [p for g in groups for p in g["params"] if "tangent" in self.state.get(p, ())]
-        deltas, g1s = [0.0] * n_cols, [0.0] * n_cols
+        deltas = [0.0] * n_cols
         if tracked:
-            val_loss, val_grads = self._validation_grads(objective, tracked)
-            grad_e = dict(zip(tracked, val_grads, strict=True))
-            delta = torch.stack([
-                torch.mv(self._tangent(p, n_cols).reshape(n_cols, -1), grad_e[p].reshape(-1))
-                .double() for p in tracked]).sum(0)
-            g1 = []
-            for group in groups:
-                terms = []
-                for p in group["params"]:
-                    d = self._previous_direction(group, self.state[p])
-                    if p in grad_e and d is not None:
-                        terms.append(-torch.dot(grad_e[p].reshape(-1), d.reshape(-1)).double())
-                g1.append(torch.stack(terms).sum() if terms else delta.new_zeros(()))
-            policies = [self._policy(g) for g in groups]
-            parts = [delta, torch.stack(g1)]
-            if any(pol is not None and pol.normalised for pol in policies):
-                # The scale of Delta_t = <grad E, Z_t[i]>: ||grad E||^2, then ||Z_t[i]||^2 per
-                # column, over the tracked weights.
-                parts.append(torch.stack([grad_e[p].double().pow(2).sum() for p in tracked])
-                             .sum().reshape(1))
-                parts.append(torch.stack([
-                    self._tangent(p, n_cols).reshape(n_cols, -1).double().pow(2).sum(1)
-                    for p in tracked]).sum(0))
-            scalars = torch.cat([*parts, val_loss.double().reshape(1)])
-            values = scalars.cpu().tolist()
-            deltas, g1s = values[:n_cols], values[n_cols:2 * n_cols]
-            norms = ([math.sqrt(values[2 * n_cols]) * math.sqrt(z)
-                      for z in values[2 * n_cols + 1:3 * n_cols + 1]]
-                     if len(parts) > 2 else [0.0] * n_cols)
-            if not self._all_finite(*values):
-                return self._skip(closure, deltas, values[-1])
-
-            # 2. mu_t, beta_t, a_t from Delta_t (Appendix A; Section 4, sign derived above).
-            for i, (group, h, d, g1_) in enumerate(zip(groups, hypers, deltas, g1s, strict=True)):
-                if group["mu"] == "adaptive":
-                    mu = adaptive_mu(d, g1_, h["count"])
-                    h["count"] = h["mu"] * (1.0 + h["count"])
-                    h["mu"] = mu
-                policy = policies[i]
-                if policy is not None:
-                    # A policy turns the unclipped Delta_t into a_t (beta is not used).
-                    state = self.hyper_state.get("hyper_step", {}).get(i)
-                    if state is None:
-                        state = policy.init_state(group["lr"])
-                    raw, h["policy_state"] = policy.update(
-                        group["lr"], d, norms[i], state, momentum=self._momentum(group),
-                        loss=self.hyper_state.get("last_loss"))
-                    h["new_lr"] = min(max(raw, 0.0), max(LEARNED_LIMIT, group["lr"]))
-                    continue
-                clip = group["hypergrad_clip"]
-                d = d if clip is None else min(max(d, -clip), clip)
-                if group["adapt_hypergrad_lr"]:
-                    h["beta"] = max(h["beta"] - group["hypergrad_lr"] * d * h["lr_beta_grad"], 0.0)
-                else:
-                    h["beta"] = group["hypergrad_lr"]
-                raw = group["lr"] - h["beta"] * d
-                h["lr_beta_grad"] = -d if raw >= 0.0 else 0.0
-                h["new_lr"] = min(max(raw, 0.0), max(LEARNED_LIMIT, group["lr"]))
+            measured = self._hypergradients(objective, tracked)
+            deltas = measured.deltas
+            if not measured.finite:
+                return self._skip(closure, deltas, measured.val_loss)
+            self._propose(hypers, measured)
             if not self._representable(*(h["new_lr"] for h in hypers)):
-                return self._skip(closure, deltas, values[-1])
-        for group, h in zip(groups, hypers, strict=True):
-            if group["mu"] != "adaptive":
-                h["mu"] = float(group["mu"])
-            if not group["adapt_hypergrad_lr"]:
-                h["beta"] = group["hypergrad_lr"]
-            h.setdefault("new_lr", group["lr"])
+                return self._skip(closure, deltas, measured.val_loss)
+        _settle(hypers, groups)
+        return self._descend(closure, hypers, deltas, bool(tracked))
 
-        # 3. The training gradient, and H_t Z_t for the columns with mu_t > 0 (one batched
-        #    product). H (mu Z) = mu (H Z): the product reads the stored tangents, which change
-        #    only after the last call that can fail (closure, HVP, collective).
-        active = [j for j in range(n_cols) if hypers[j]["mu"] != 0.0]
-        need_hvp = bool(active) and bool(tracked)
-        loss, second = self._training_loss(closure, second_order=need_hvp)
-        plans = [(group, self._params_with_grad(group)) for group in groups]
-        everything = [p for _, ps in plans for p in ps]
+    def _descend(self, closure: Callable[[], Any] | None, hypers: list[dict[str, Any]],
+                 deltas: list[float], tracked: bool) -> Any:
+        r"""Steps 3-5 with the staged ``hypers``: the training gradient, :math:`H (\mu Z)`, the
+        guard, then the commit; returns the closure's loss."""
+        # H (mu Z) = mu (H Z) for the columns with mu_t > 0, in one batched product: it reads the
+        # stored tangents, which change only after the last call that can fail (closure, HVP,
+        # collective).
         mus = [h["mu"] for h in hypers]
-        hz: dict[Tensor, Tensor] | None = None
-        if second is not None:
-            with second:
-                cols = active if len(active) < n_cols else None
-                stored = [self._tangent(p, n_cols) for p in second.params]
-                prods = second.hvp(stored if cols is None else [z[cols] for z in stored])
-            hz = {}
-            for p, prod in zip(second.params, prods, strict=True):
-                if cols is None:
-                    hz[p] = _scale_(prod, mus)
-                else:
-                    hz[p] = prod.new_zeros((n_cols, *p.shape))
-                    hz[p][cols] = _scale_(prod, [mus[j] for j in cols])
-            del prods
+        active = [j for j, mu in enumerate(mus) if mu != 0.0]
+        loss, second = self._training_loss(closure, second_order=bool(active) and tracked)
+        plans = [(group, self._params_with_grad(group)) for group in self.param_groups]
+        hz = None if second is None else self._hessian_tangents(second, mus, active)
         if self._guard_step(loss, plans, [{"lr": h["new_lr"]} for h in hypers]) is not None:
-            for i, group in enumerate(groups):
-                h = self._hyper(i)
-                self._record(i, skipped=True, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
-                             **{"hypergrad/lr": deltas[i]})
+            self._record_skipped(deltas)
             return loss
+        everything = [p for _, ps in plans for p in ps]
         if not everything:  # nothing to step: nothing changes
             return loss
+        self._commit(plans, everything, hypers, hz, deltas)
+        if loss is not None:
+            self._remember_loss(loss)
+        return loss
 
-        # 4. Commit from here on: (Z, C) <- mu_t (Z, C) in place.
+    def _remember_loss(self, loss: Tensor) -> None:
+        """Keep the training loss at :math:`w_t` for a policy that reads it: it reaches the policy
+        at the next step (MARTHE updates the learning rate before the training closure runs)."""
+        if any(getattr(self._policy(g), "uses_loss", False) for g in self.param_groups):
+            value = float(all_reduce_mean([loss.detach().reshape(())])[0])  # the same on every rank
+            self.hyper_state["last_loss"] = -value if self.defaults["maximize"] else value
+
+    def _hypergradients(self, objective: Closure, tracked: list[Tensor]) -> _Hypergradients:
+        r"""Step 1: per group :math:`\Delta_t = \langle \nabla E(w_t), Z_t \rangle`,
+        :math:`g'_1 = \langle \nabla E(w_t), -d_{t-1} \rangle` and the norm a normalised policy
+        divides by (0 when no policy needs it), :math:`E(w_t)`, whether all of these are finite,
+        and the groups' policies: one validation gradient and one host sync."""
+        groups = self.param_groups
+        n_cols = len(groups)
+        val_loss, val_grads = self._validation_grads(objective, tracked)
+        grad_e = dict(zip(tracked, val_grads, strict=True))
+        delta = torch.stack([
+            torch.mv(self._tangent(p, n_cols).reshape(n_cols, -1), grad_e[p].reshape(-1))
+            .double() for p in tracked]).sum(0)
+        parts = [delta, self._one_step_hypergradients(grad_e, delta.new_zeros(()))]
+        policies = [self._policy(g) for g in groups]
+        if any(pol is not None and pol.normalised for pol in policies):
+            # The scale of Delta_t = <grad E, Z_t[i]>: ||grad E||^2, then ||Z_t[i]||^2 per
+            # column, over the tracked weights.
+            parts.append(torch.stack([grad_e[p].double().pow(2).sum() for p in tracked])
+                         .sum().reshape(1))
+            parts.append(torch.stack([
+                self._tangent(p, n_cols).reshape(n_cols, -1).double().pow(2).sum(1)
+                for p in tracked]).sum(0))
+        values = torch.cat([*parts, val_loss.double().reshape(1)]).cpu().tolist()
+        norms = ([math.sqrt(values[2 * n_cols]) * math.sqrt(z)
+                  for z in values[2 * n_cols + 1:3 * n_cols + 1]]
+                 if len(parts) > 2 else [0.0] * n_cols)
+        return _Hypergradients(values[:n_cols], values[n_cols:2 * n_cols], norms, values[-1],
+                               self._all_finite(*values), policies)
+
+    def _one_step_hypergradients(self, grad_e: dict[Tensor, Tensor], zero: Tensor) -> Tensor:
+        r""":math:`g'_1 = -\langle \nabla E, d_{t-1} \rangle` per group (``zero`` where no
+        parameter of the group has a previous direction)."""
+        g1 = []
+        for group in self.param_groups:
+            terms = []
+            for p in group["params"]:
+                d = self._previous_direction(group, self.state[p])
+                if p in grad_e and d is not None:
+                    terms.append(-torch.dot(grad_e[p].reshape(-1), d.reshape(-1)).double())
+            g1.append(torch.stack(terms).sum() if terms else zero)
+        return torch.stack(g1)
+
+    def _propose(self, hypers: list[dict[str, Any]], measured: _Hypergradients) -> None:
+        r"""Step 2: :math:`\mu_t, \beta_t` and the proposed :math:`a_t` (``"new_lr"``) of every
+        group from :math:`\Delta_t` (Appendix A; Section 4, sign derived in
+        :class:`~hyperoptim.MartheSGD`), into the staged ``hypers``."""
+        for i, (group, h, d, g1_) in enumerate(
+                zip(self.param_groups, hypers, measured.deltas, measured.g1s, strict=True)):
+            if group["mu"] == "adaptive":
+                mu = adaptive_mu(d, g1_, h["count"])
+                h["count"] = h["mu"] * (1.0 + h["count"])
+                h["mu"] = mu
+            policy = measured.policies[i]
+            if policy is None:
+                raw = _additive_lr(group, h, d)
+            else:
+                raw = self._policy_lr(i, group, h, d, measured.norms[i], policy)
+            h["new_lr"] = min(max(raw, 0.0), max(LEARNED_LIMIT, group["lr"]))
+
+    def _policy_lr(self, index: int, group: dict[str, Any], h: dict[str, Any], delta: float,
+                   norm: float, policy: HyperStep) -> float:
+        r"""The unclipped :math:`a_t` a policy makes of the unclipped :math:`\Delta_t`
+        (:math:`\beta` is not used); its new state is staged in ``h``."""
+        state = self.hyper_state.get("hyper_step", {}).get(index)
+        if state is None:
+            state = policy.init_state(group["lr"])
+        raw, h["policy_state"] = policy.update(
+            group["lr"], delta, norm, state, momentum=self._momentum(group),
+            loss=self.hyper_state.get("last_loss"))
+        return raw
+
+    def _hessian_tangents(self, second: SecondOrder, mus: list[float], active: list[int]
+                          ) -> dict[Tensor, Tensor]:
+        r""":math:`H (\mu Z)` of the parameters ``second`` differentiates, from one batched
+        product over the ``active`` columns (:math:`\mu_j \ne 0`); the other columns are 0."""
+        n_cols = len(mus)
+        with second:
+            cols = active if len(active) < n_cols else None
+            stored = [self._tangent(p, n_cols) for p in second.params]
+            prods = second.hvp(stored if cols is None else [z[cols] for z in stored])
+        hz: dict[Tensor, Tensor] = {}
+        for p, prod in zip(second.params, prods, strict=True):
+            if cols is None:
+                hz[p] = _scale_(prod, mus)
+            else:
+                hz[p] = prod.new_zeros((n_cols, *p.shape))
+                hz[p][cols] = _scale_(prod, [mus[j] for j in cols])
+        return hz
+
+    def _commit(self, plans: list[tuple[dict[str, Any], list[Tensor]]], everything: list[Tensor],
+                hypers: list[dict[str, Any]], hz: dict[Tensor, Tensor] | None,
+                deltas: list[float]) -> None:
+        r"""Steps 4-5, past the guard: :math:`(Z, S) \leftarrow \mu_t (Z, S)`, then per group
+        :math:`(Z, S)_{t+1} = \mu_t A_t (Z, S)_t + B_t` with the new :math:`a_t` and the rule's
+        step, ``history``, and the staged hyper-state stored."""
+        n_cols = len(hypers)
+        mus = [h["mu"] for h in hypers]
         for p in everything:
             state = self.state[p]
             state["tangent"] = _scale_(self._tangent(p, n_cols), mus)
@@ -264,27 +320,24 @@ class RuleMarthe(HyperOptimizer):
         if hz is not None:
             for p in everything:
                 hz.setdefault(p, p.new_zeros((n_cols, *p.shape)))
-
-        # 5. Per group: (Z, C)_{t+1} = mu_t A_t (Z, C)_t + B_t (with the new a_t), then the step.
         for i, ((group, params), h) in enumerate(zip(plans, hypers, strict=True)):
             group["lr"] = h["new_lr"]
             if params:
                 self._advance(i, group, params, hz)
             self._record(i, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
                          **{"hypergrad/lr": deltas[i]})
-        self._hyper(n_cols - 1)
+        self._store_hypers(hypers)
+
+    def _store_hypers(self, hypers: list[dict[str, Any]]) -> None:
+        """The staged per-group hyper-state, and the policies' states, into ``hyper_state``."""
+        self._hyper(len(hypers) - 1)
         for i, h in enumerate(hypers):
             h.pop("new_lr")
             policy_state = h.pop("policy_state", None)
             if policy_state is not None:
                 self.hyper_state.setdefault("hyper_step", {})[i] = policy_state
             self.hyper_state["groups"][i] = h
-        if loss is not None and any(getattr(self._policy(g), "uses_loss", False) for g in groups):
-            # The training loss at w_t reaches a policy at the next step (MARTHE updates the
-            # learning rate before the training closure runs).
-            value = float(all_reduce_mean([loss.detach().reshape(())])[0])  # the same on every rank
-            self.hyper_state["last_loss"] = -value if self.defaults["maximize"] else value
-        return loss
+
     def _advance(self, index: int, group: dict[str, Any], params: list[Tensor],
                  hz: dict[Tensor, Tensor] | None) -> None:
         r"""This group's step of the rule and its tangent update, in place.
@@ -301,57 +354,109 @@ class RuleMarthe(HyperOptimizer):
         grads = [p.grad for p in params]
         buffers, counts = rule.read_state(states, params)
         hypers, options = rule.hypers(group), rule.options(group)
-        tangents = [s["tangent"] for s in states]
-        keys = self.buffer_tangent_keys
-        new_tangents: list[Tensor] | None = None
+        new_tangents: tuple[list[Tensor], dict[str, list[Tensor | None]]] | None = None
         if hz is not None:
+            tangents = [s["tangent"] for s in states]
             n_cols = tangents[0].shape[0]
             buffer_tangents = {
                 name: [None if b is None or s.get(key) is None else _pad(s[key], n_cols)
                        for s, b in zip(states, buffers[name], strict=True)]
-                for name, key in keys.items()}
+                for name, key in self.buffer_tangent_keys.items()}
             seed = tangents[0].new_zeros(n_cols)
             seed[index] = 1.0
-            new_tangents, new_buffer_tangents = rule_tangents(
+            new_tangents = rule_tangents(
                 rule, params, grads, buffers, hypers, tangents, [hz[p] for p in params],
                 buffer_tangents, {"lr": seed}, counts=counts, **options)
         new_buffers, dirs = rule.step_(params, grads, buffers, hypers, counts, **options)
         rule.write_state(states, new_buffers)
+        self._store_tangents(index, states, dirs, new_tangents)
+
+    def _store_tangents(self, index: int, states: list[dict[str, Any]], dirs: list[Tensor],
+                        new_tangents: tuple[list[Tensor], dict[str, list[Tensor | None]]] | None
+                        ) -> None:
+        r"""Keep each direction :math:`d_t` and store :math:`(Z, S)_{t+1}`: the new tangents, or
+        with ``new_tangents=None`` :math:`Z_t - d_t` in column ``index`` and no :math:`S`."""
+        keys = self.buffer_tangent_keys
         for i, (s, d) in enumerate(zip(states, dirs, strict=True)):
             s["direction"] = d
             if new_tangents is None:
                 s["tangent"][index].sub_(d)
                 for key in keys.values():
                     s.pop(key, None)
-            else:
-                s["tangent"] = new_tangents[i]
-                for name, key in keys.items():
-                    c = new_buffer_tangents[name][i]
-                    if c is None:
-                        s.pop(key, None)
-                    else:
-                        s[key] = c
+                continue
+            s["tangent"] = new_tangents[0][i]
+            for name, key in keys.items():
+                c = new_tangents[1][name][i]
+                if c is None:
+                    s.pop(key, None)
+                else:
+                    s[key] = c
 
     def _skip(self, closure: Callable[[], Any] | None, deltas: list[float], val_loss: float) -> Any:
         """The non-finite guard: nothing moves; an overflowed tangent column is reset."""
         self._warn_nonfinite("hypergradient or validation loss")
         bad = [j for j, d in enumerate(deltas) if not math.isfinite(d)]
         if bad and math.isfinite(val_loss):
-            for j in bad:
-                h = self._hyper(j)
-                h["mu"], h["count"] = 0.0, 0.0
-            for group in self.param_groups:
-                for p in group["params"]:
-                    for key in ("tangent", *self.buffer_tangent_keys.values()):
-                        t = self.state[p].get(key)
-                        if t is not None:
-                            t[[j for j in bad if j < t.shape[0]]] = 0.0
+            self._forget(bad)
         loss, _ = self._training_loss(closure)
+        self._record_skipped(deltas)
+        return loss
+
+    def _forget(self, columns: list[int]) -> None:
+        r"""Reset the tangent ``columns`` (and their groups' :math:`\mu, c`) to 0, as
+        :math:`\mu = 0` does."""
+        for j in columns:
+            h = self._hyper(j)
+            h["mu"], h["count"] = 0.0, 0.0
+        for group in self.param_groups:
+            for p in group["params"]:
+                for key in ("tangent", *self.buffer_tangent_keys.values()):
+                    t = self.state[p].get(key)
+                    if t is not None:
+                        t[[j for j in columns if j < t.shape[0]]] = 0.0
+
+    def _record_skipped(self, deltas: list[float]) -> None:
+        """``history`` of a skipped step: the values in force, and the raw hypergradients."""
         for i, group in enumerate(self.param_groups):
             h = self._hyper(i)
             self._record(i, skipped=True, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
                          **{"hypergrad/lr": deltas[i]})
-        return loss
+
+
+class _Hypergradients(NamedTuple):
+    """What one validation gradient tells a step (see :meth:`RuleMarthe._hypergradients`)."""
+
+    deltas: list[float]
+    g1s: list[float]
+    norms: list[float]
+    val_loss: float
+    finite: bool
+    policies: list[HyperStep | None]
+
+
+def _additive_lr(group: dict[str, Any], h: dict[str, Any], delta: float) -> float:
+    r"""MARTHE's own unclipped :math:`a_{t-1} - \beta_t \Delta_t`, with :math:`\beta_t` adapted
+    (or fixed) and :math:`s_t = \partial a_t / \partial \beta_t` staged in ``h``."""
+    clip = group["hypergrad_clip"]
+    d = delta if clip is None else min(max(delta, -clip), clip)
+    if group["adapt_hypergrad_lr"]:
+        h["beta"] = max(h["beta"] - group["hypergrad_lr"] * d * h["lr_beta_grad"], 0.0)
+    else:
+        h["beta"] = group["hypergrad_lr"]
+    raw = group["lr"] - h["beta"] * d
+    h["lr_beta_grad"] = -d if raw >= 0.0 else 0.0
+    return raw
+
+
+def _settle(hypers: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
+    r"""The fixed :math:`\mu` and :math:`\beta` as the groups say, and the learning rate
+    unchanged where nothing proposed one (no tangent yet)."""
+    for group, h in zip(groups, hypers, strict=True):
+        if group["mu"] != "adaptive":
+            h["mu"] = float(group["mu"])
+        if not group["adapt_hypergrad_lr"]:
+            h["beta"] = group["hypergrad_lr"]
+        h.setdefault("new_lr", group["lr"])
 
 
 def _pad(t: Tensor, n_cols: int) -> Tensor:
