@@ -328,30 +328,53 @@ def figure(results: list[Result], steps: int) -> Any:
     ax_lr, ax_time = axes[0], axes[1]
     ax_ep = axes[2] if fds else None
     episode_colors = _fds_colors(len(fds.schedules)) if fds else []
-    baseline = dict(linestyle="--", linewidth=1.3, zorder=5)
     for r in results:
         if r.name == "fds":
-            for k, (sched, curve, color) in enumerate(zip(r.schedules, r.step_curves, episode_colors)):
-                label = f"{LABELS['fds']} episode {k}"
-                xs = list(range(steps))
-                ys = [sched[min(len(sched) - 1, t * len(sched) // steps)] for t in xs]
-                ax_lr.plot(xs, ys, color=color, linewidth=3.0, zorder=3, label=label)
-                if ax_ep is not None:
-                    ax_ep.plot(*zip(*curve), color=color, linewidth=3.0, zorder=3, label=label)
-            # on the time axis, the episodes one after another, each in its own colour
-            points = iter(r.val_curve)
-            for k, (curve, color) in enumerate(zip(r.step_curves, episode_colors)):
-                segment = [next(points) for _ in curve]
-                ax_time.plot(*zip(*segment), color=color, linewidth=2.0, zorder=3,
-                             label=f"{LABELS['fds']} episode {k}")
-            continue
-        style = baseline if r.name in ("sgd-poor", "sgd-tuned", "adam-poor", "adam-tuned") else {
-            "linewidth": 2.0, "zorder": 3}
-        ax_lr.plot(r.lr, color=COLORS[r.name], label=LABELS[r.name], **style)
-        ax_time.plot(*zip(*r.val_curve), color=COLORS[r.name], label=LABELS[r.name], **style)
+            _plot_fds(r, steps, episode_colors, ax_lr, ax_time, ax_ep)
+        else:
+            _plot_method(r, ax_lr, ax_time, ax_ep)
+    _label_axes(ax_lr, ax_time, ax_ep, fds is not None)
+    handles, labels = ax_lr.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize="small",
+               frameon=False)
+    fig.suptitle(_title(results, steps))
+    rows = math.ceil(len(labels) / 5)
+    fig.tight_layout(rect=(0, 0.015 + 0.04 * rows, 1, 1))
+    return fig
+
+
+def _plot_fds(r: Result, steps: int, episode_colors: list[tuple[float, float, float]],
+              ax_lr: Any, ax_time: Any, ax_ep: Any | None) -> None:
+    """FDSSGD's lines, one colour per episode: its schedule, its validation loss in each episode
+    and, on the time axis, the episodes one after another."""
+    for k, (sched, curve, color) in enumerate(zip(r.schedules, r.step_curves, episode_colors)):
+        label = f"{LABELS['fds']} episode {k}"
+        xs = list(range(steps))
+        ys = [sched[min(len(sched) - 1, t * len(sched) // steps)] for t in xs]
+        ax_lr.plot(xs, ys, color=color, linewidth=3.0, zorder=3, label=label)
         if ax_ep is not None:
-            ax_ep.plot(*zip(*r.step_curves[0]), color=COLORS[r.name], label=LABELS[r.name],
-                       **{**style, "linewidth": 1.0, "alpha": 0.5})
+            ax_ep.plot(*zip(*curve), color=color, linewidth=3.0, zorder=3, label=label)
+    points = iter(r.val_curve)
+    for k, (curve, color) in enumerate(zip(r.step_curves, episode_colors)):
+        segment = [next(points) for _ in curve]
+        ax_time.plot(*zip(*segment), color=color, linewidth=2.0, zorder=3,
+                     label=f"{LABELS['fds']} episode {k}")
+
+
+def _plot_method(r: Result, ax_lr: Any, ax_time: Any, ax_ep: Any | None) -> None:
+    """An online method's lines: a fixed baseline thin and dashed on top, a tuned method wide
+    beneath (see :func:`figure`); faint in FDSSGD's episode panel."""
+    style = dict(linestyle="--", linewidth=1.3, zorder=5) if r.name in (
+        "sgd-poor", "sgd-tuned", "adam-poor", "adam-tuned") else {"linewidth": 2.0, "zorder": 3}
+    ax_lr.plot(r.lr, color=COLORS[r.name], label=LABELS[r.name], **style)
+    ax_time.plot(*zip(*r.val_curve), color=COLORS[r.name], label=LABELS[r.name], **style)
+    if ax_ep is not None:
+        ax_ep.plot(*zip(*r.step_curves[0]), color=COLORS[r.name], label=LABELS[r.name],
+                   **{**style, "linewidth": 1.0, "alpha": 0.5})
+
+
+def _label_axes(ax_lr: Any, ax_time: Any, ax_ep: Any | None, fds: bool) -> None:
+    """Scales, labels and titles of the panels (the notes in brackets only with FDSSGD)."""
     ax_lr.set_yscale("log")
     ax_lr.set_xlabel("step")
     ax_lr.set_ylabel("learning rate (log)")
@@ -368,13 +391,6 @@ def figure(results: list[Result], steps: int) -> Any:
         ax_ep.set_xlabel("step (within the episode)")
         ax_ep.set_ylabel("validation loss (log)")
         ax_ep.set_title("FDSSGD: validation loss in each episode\n(faint: the other methods)")
-    handles, labels = ax_lr.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize="small",
-               frameon=False)
-    fig.suptitle(_title(results, steps))
-    rows = math.ceil(len(labels) / 5)
-    fig.tight_layout(rect=(0, 0.015 + 0.04 * rows, 1, 1))
-    return fig
 
 
 def plot(results: list[Result], out: Path, steps: int) -> Path:

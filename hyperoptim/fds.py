@@ -260,13 +260,31 @@ class FDSSGD(RuleFDS):
                        dirs: list[Tensor]) -> None:
         """The tangent update of :meth:`_group_step` (see there), from the buffers ``bufs``
         before the step and its directions ``dirs``; stores :math:`Z_{t+1}, C_{t+1}`."""
-        a, b, c = (group[f"{name}_schedule"][self._window(group, name, t)] for name in NAMES)
+        values = a, b, c = tuple(group[f"{name}_schedule"][self._window(group, name, t)]
+                                 for name in NAMES)
         nesterov = group["nesterov"]
         states = [self.state[p] for p in params]
         grads = [p.grad for p in params]
         momentum = self._needs_momentum(group)
         column = {name: index[gi, ni, self._window(group, name, t)]
                   for ni, name in enumerate(NAMES) if name in group["tune"]}
+        zs, hzs, cs = self._incoming(group, params, n_active, hz, bufs, column)
+        g_tan, c_next, d_tan = sgd_direction(zs, hzs, cs, b, c, nesterov=nesterov)
+        z_next = [z - a * d if a != 0 else z for z, d in zip(zs, d_tan, strict=True)]
+        if momentum:  # as for the buffers in _group_step: v_{t+1} = g_t where b = 0
+            c_next = _kept_velocity(c_next, g_tan, hzs)
+        _add_own_terms(column, z_next, c_next, params, grads, bufs, dirs, values, nesterov)
+        for s, z, cn in zip(states, z_next, c_next, strict=True):
+            s[_Z] = z
+            if momentum:
+                s[_C] = cn
+
+    def _incoming(self, group: dict[str, Any], params: list[Tensor], n_active: int,
+                  hz: dict[Tensor, Tensor], bufs: list[Tensor | None], column: dict[str, int]
+                  ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+        """The tangents a step starts from, with ``n_active`` columns: :math:`Z_t`, :math:`H_t
+        Z_t` (clipped; the weight decay's own term :math:`w_t` added to its column, as it enters
+        the gradient) and :math:`C_t` (``None`` where there is no buffer)."""
         zs = [self._tangent(p, _Z, n_active) for p in params]
         hzs = [self._clipped(p, hz.get(p), n_active, group["hz_clip"]) for p in params]
         if "weight_decay" in column:
@@ -274,16 +292,15 @@ class FDSSGD(RuleFDS):
                 h[column["weight_decay"]] += p
         cs = [self._tangent(p, _C, n_active) if buf is not None else None
               for p, buf in zip(params, bufs, strict=True)]
-        g_tan, c_next, d_tan = sgd_direction(zs, hzs, cs, b, c, nesterov=nesterov)
-        z_next = [z - a * d if a != 0 else z for z, d in zip(zs, d_tan, strict=True)]
-        if momentum:  # as for the buffers in _group_step: v_{t+1} = g_t where b = 0
-            c_next = [cn if cn is not None else (g.clone() if g is h else g)
-                      for cn, g, h in zip(c_next, g_tan, hzs, strict=True)]
-        _add_own_terms(column, z_next, c_next, params, grads, bufs, dirs, (a, b, c), nesterov)
-        for s, z, cn in zip(states, z_next, c_next, strict=True):
-            s[_Z] = z
-            if momentum:
-                s[_C] = cn
+        return zs, hzs, cs
+
+
+def _kept_velocity(new: list[Tensor | None], gs: list[Tensor], raw: list[Tensor]) -> list[Tensor]:
+    """:math:`v_{t+1}` (or its tangent) where the rule made one, else :math:`g_t` (a copy where it
+    is the caller's ``raw`` tensor): PyTorch keeps no buffer at :math:`b = 0`, but the schedule's
+    recursion needs it if :math:`b` changes later."""
+    return [v if v is not None else (g.clone() if g is r else g)
+            for v, g, r in zip(new, gs, raw, strict=True)]
 
 
 def _add_own_terms(column: dict[str, int], z_next: list[Tensor], c_next: list[Tensor | None],
@@ -310,22 +327,33 @@ def _momentum_terms(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor
     first (when dtypes and buffers allow).
     """
     ref = params[0]
-    a, b, c = (torch.tensor(v, dtype=ref.dtype, device=ref.device) for v in values)
+    hypers = tuple(torch.tensor(v, dtype=ref.dtype, device=ref.device) for v in values)
     seeds = (ref.new_zeros(1), ref.new_ones(1), ref.new_zeros(1))
     flat = (len({(p.dtype, p.device) for p in params}) == 1
             and len({buf is None for buf in bufs}) == 1)
     if flat and len(params) > 1:
-        sizes = [p.numel() for p in params]
-        cat = lambda ts: [torch.cat([x.reshape(-1) for x in ts])]  # noqa: E731
-        zero = [ref.new_zeros((1, sum(sizes)))]
-        with_buf = bufs[0] is not None
-        dz, dc = sgd_tangents(cat(params), cat(grads), cat(bufs) if with_buf else [None],
-                              a, b, c, zero, zero, zero if with_buf else [None], *seeds,
-                              nesterov=nesterov)
-        return ([x.view_as(p) for x, p in zip(dz[0][0].split(sizes), params, strict=True)],
-                [x.view_as(p) for x, p in zip(dc[0][0].split(sizes), params, strict=True)])
+        return _flat_momentum_terms(params, grads, bufs, hypers, seeds, nesterov)
     zeros = [p.new_zeros((1, *p.shape)) for p in params]
-    dz, dc = sgd_tangents(params, grads, bufs, a, b, c, zeros, zeros,
+    dz, dc = sgd_tangents(params, grads, bufs, *hypers, zeros, zeros,
                           [None if buf is None else z for buf, z in zip(bufs, zeros, strict=True)],
                           *seeds, nesterov=nesterov)
     return [x[0] for x in dz], [x[0] for x in dc]
+
+
+def _flat_momentum_terms(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
+                         hypers: tuple[Tensor, ...], seeds: tuple[Tensor, ...], nesterov: bool
+                         ) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`_momentum_terms` on the group concatenated into one vector (one dtype and device,
+    every buffer present or none), split back into the parameters' shapes."""
+    sizes = [p.numel() for p in params]
+    zero = [params[0].new_zeros((1, sum(sizes)))]
+    with_buf = bufs[0] is not None
+    dz, dc = sgd_tangents(_cat(params), _cat(grads), _cat(bufs) if with_buf else [None], *hypers,
+                          zero, zero, zero if with_buf else [None], *seeds, nesterov=nesterov)
+    return ([x.view_as(p) for x, p in zip(dz[0][0].split(sizes), params, strict=True)],
+            [x.view_as(p) for x, p in zip(dc[0][0].split(sizes), params, strict=True)])
+
+
+def _cat(ts: list[Tensor] | list[Tensor | None]) -> list[Tensor]:
+    """The tensors as one flat vector, in a list of one."""
+    return [torch.cat([x.reshape(-1) for x in ts])]  # type: ignore[union-attr]

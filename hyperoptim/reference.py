@@ -657,17 +657,9 @@ def unrolled_hypergrad(
 
 
 def finite_difference_hypergrad(
-    train_loss: TrainLoss,
-    val_loss: ValLoss,
-    params: dict[str, Tensor],
-    *,
-    horizon: int,
-    lr: Schedule,
-    momentum: Schedule = 0.0,
-    weight_decay: Schedule = 0.0,
-    dampening: float = 0.0,
-    nesterov: bool = False,
-    momentum_buffers: dict[str, Tensor] | None = None,
+    train_loss: TrainLoss, val_loss: ValLoss, params: dict[str, Tensor], *, horizon: int,
+    lr: Schedule, momentum: Schedule = 0.0, weight_decay: Schedule = 0.0, dampening: float = 0.0,
+    nesterov: bool = False, momentum_buffers: dict[str, Tensor] | None = None,
     eps: float = 1e-6,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     r"""Hypergradients by central differences of the unrolled run, for tests.
@@ -703,17 +695,9 @@ def finite_difference_hypergrad(
 
 
 def drmad_hypergrad(
-    train_loss: TrainLoss,
-    val_loss: ValLoss,
-    params: dict[str, Tensor],
-    *,
-    horizon: int,
-    lr: Schedule,
-    momentum: Schedule = 0.0,
-    weight_decay: Schedule = 0.0,
-    dampening: float = 0.0,
-    nesterov: bool = False,
-    momentum_buffers: dict[str, Tensor] | None = None,
+    train_loss: TrainLoss, val_loss: ValLoss, params: dict[str, Tensor], *, horizon: int,
+    lr: Schedule, momentum: Schedule = 0.0, weight_decay: Schedule = 0.0, dampening: float = 0.0,
+    nesterov: bool = False, momentum_buffers: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     r"""DrMAD's approximate hypergradients: the reverse pass along the straight line ``w_0 -> w_T``.
 
@@ -757,57 +741,82 @@ def drmad_hypergrad(
     names, start, state = _start(params, momentum_buffers, _F64)
     final, _ = _run(SGD, train_loss, names, start, state, plan.horizon,
                     _sgd_values(plan.values, state, _F64), plan.options(), create_graph=False)
-    start_bufs = state["momentum_buffer"]
-    steps = plan.horizon
-
     with torch.enable_grad():
         leaves = [w.clone().requires_grad_() for w in final]
         objective = val_loss(dict(zip(names, leaves, strict=True)))
         val_grads = torch.autograd.grad(objective, leaves, allow_unused=True)
     w_hat = [torch.zeros_like(w) if g is None else g for g, w in zip(val_grads, final, strict=True)]
     v_hat = [torch.zeros_like(w) for w in final]
-    step_size = [(w0 - wT) / steps for w0, wT in zip(start, final, strict=True)]  # Delta
+    line = _Line(train_loss, names, plan, start, final, state["momentum_buffer"])
+    totals = [torch.zeros(len(v), dtype=_F64) for v in plan.values]
+    for t in reversed(range(plan.horizon)):
+        w_hat, v_hat, d_hypers = _drmad_step(line, t, w_hat, v_hat)
+        for total, window, d in zip(totals, plan.windows(t), d_hypers, strict=True):
+            total[window] += d.detach()
+    return objective.detach(), dict(zip(_NAMES, totals, strict=True))
 
-    def point(t: int) -> list[Tensor]:  # Algorithm 3, line 5
-        return [torch.lerp(w0, wT, t / steps) for w0, wT in zip(start, final, strict=True)]
 
-    def buffer(t: int) -> list[Tensor | None]:  # the v_t the line implies, from w_t - w_{t-1}
+@dataclass
+class _Line:
+    """DrMAD's reconstructed run: the weights on the straight line from ``start`` to ``final``
+    and the momentum buffers that line implies (the module notes)."""
+
+    train_loss: TrainLoss
+    names: list[str]
+    plan: _Plan
+    start: list[Tensor]
+    final: list[Tensor]
+    start_bufs: list[Tensor | None]
+
+    def __post_init__(self) -> None:
+        self.step_size = [(w0 - wT) / self.plan.horizon  # Delta
+                          for w0, wT in zip(self.start, self.final, strict=True)]
+
+    def point(self, t: int) -> list[Tensor]:
+        """:math:`\tilde w_t` (Algorithm 3, line 5)."""
+        return [torch.lerp(w0, wT, t / self.plan.horizon)
+                for w0, wT in zip(self.start, self.final, strict=True)]
+
+    def buffer(self, t: int) -> list[Tensor | None]:
+        """:math:`\tilde v_t`, the buffer the line implies from :math:`w_t - w_{t-1}`."""
         if t == 0:
-            return start_bufs
-        a, b, c = plan.at(t - 1)
-        directions = [s / a for s in step_size]  # d_{t-1}
-        if not plan.nesterov:
+            return self.start_bufs
+        a, b, c = self.plan.at(t - 1)
+        directions = [s / a for s in self.step_size]  # d_{t-1}
+        if not self.plan.nesterov:
             return list(directions)  # heavy ball: d_{t-1} = v_t
-        w = point(t - 1)  # Nesterov: d_{t-1} = g_{t-1} + b v_t
+        w = self.point(t - 1)  # Nesterov: d_{t-1} = g_{t-1} + b v_t
         gs = [g + c * wi for g, wi in zip(
-            _train_grads(train_loss, names, w, t - 1, create_graph=False), w, strict=True)]
+            _train_grads(self.train_loss, self.names, w, t - 1, create_graph=False), w,
+            strict=True)]
         if b == 0:
             return gs
         return [(d - g) / b for d, g in zip(directions, gs, strict=True)]
 
-    totals = [torch.zeros(len(v), dtype=_F64) for v in plan.values]
-    for t in reversed(range(steps)):
-        hypers = [torch.tensor(x, dtype=_F64, requires_grad=True) for x in plan.at(t)]
-        weights = [w.requires_grad_() for w in point(t)]
-        bufs = [None if v is None else v.detach().clone().requires_grad_() for v in buffer(t)]
-        live_bufs = [v for v in bufs if v is not None]
-        with torch.enable_grad():
-            grads = _train_grads(train_loss, names, weights, t, create_graph=True)
-            new_w, new_v, _ = sgd_step(weights, grads, bufs, *hypers, dampening=plan.dampening,
-                                       nesterov=plan.nesterov)
-            derivs = torch.autograd.grad(new_w + new_v, weights + live_bufs + hypers,
-                                         grad_outputs=w_hat + v_hat, allow_unused=True)
-        inputs = weights + live_bufs + hypers
-        derivs = [torch.zeros_like(x) if d is None else d
-                  for d, x in zip(derivs, inputs, strict=True)]
-        n = len(weights)
-        w_hat = derivs[:n]
-        it = iter(derivs[n:n + len(live_bufs)])
-        v_hat = [torch.zeros_like(w) if v is None else next(it) for v, w in
-                 zip(bufs, weights, strict=True)]
-        for total, window, d in zip(totals, plan.windows(t), derivs[-3:], strict=True):
-            total[window] += d.detach()
-    return objective.detach(), dict(zip(_NAMES, totals, strict=True))
+
+def _drmad_step(line: _Line, t: int, w_hat: list[Tensor], v_hat: list[Tensor]
+                ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """One step of the reverse recursion, at the reconstructed state of step ``t``: the adjoints
+    of the weights and buffers before it, and the derivatives of its (lr, momentum,
+    weight_decay)."""
+    plan = line.plan
+    hypers = [torch.tensor(x, dtype=_F64, requires_grad=True) for x in plan.at(t)]
+    weights = [w.requires_grad_() for w in line.point(t)]
+    bufs = [None if v is None else v.detach().clone().requires_grad_() for v in line.buffer(t)]
+    live_bufs = [v for v in bufs if v is not None]
+    inputs = weights + live_bufs + hypers
+    with torch.enable_grad():
+        grads = _train_grads(line.train_loss, line.names, weights, t, create_graph=True)
+        new_w, new_v, _ = sgd_step(weights, grads, bufs, *hypers, dampening=plan.dampening,
+                                   nesterov=plan.nesterov)
+        derivs = torch.autograd.grad(new_w + new_v, inputs, grad_outputs=w_hat + v_hat,
+                                     allow_unused=True)
+    derivs = [torch.zeros_like(x) if d is None else d for d, x in zip(derivs, inputs, strict=True)]
+    n = len(weights)
+    it = iter(derivs[n:n + len(live_bufs)])
+    v_hat = [torch.zeros_like(w) if v is None else next(it) for v, w in
+             zip(bufs, weights, strict=True)]
+    return derivs[:n], v_hat, derivs[-3:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,19 +133,10 @@ def adam_step(
 
 @torch.no_grad()
 def adam_step_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    counts: Sequence[float],
-    lr: float | Sequence[Tensor],
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    weight_decay: float = 0.0,
-    *,
-    eps: float = 1e-8,
-    decoupled_weight_decay: bool = False,
-    maximize: bool = False,
+    params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor], counts: Sequence[float], lr: float | Sequence[Tensor],
+    beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.0, *, eps: float = 1e-8,
+    decoupled_weight_decay: bool = False, maximize: bool = False,
 ) -> list[Tensor]:
     r"""One Adam/AdamW step in place, exactly as ``torch.optim.Adam``'s single-tensor path.
 

@@ -268,6 +268,42 @@ def _chunks(rule: UpdateRule, params: Sequence[Tensor], buffers: Buffers,
     return list(out.values())
 
 
+def _flat(ts: Sequence[Tensor], idx: list[int]) -> Tensor:
+    """The tensors ``ts[i]``, ``i`` in ``idx``, as one flat vector."""
+    return ts[idx[0]].reshape(-1) if len(idx) == 1 else torch.cat([ts[i].reshape(-1) for i in idx])
+
+
+def _flat_cols(ts: Sequence[Tensor | None], idx: list[int], z: Sequence[Tensor],
+               params: Sequence[Tensor]) -> Tensor | None:
+    """The tangents ``ts[i]``, ``i`` in ``idx``, as one ``(N, numel)`` matrix (a ``None`` entry
+    as zeros; ``None`` if every entry is)."""
+    if all(ts[i] is None for i in idx):
+        return None
+    n_cols = z[0].shape[0]
+    parts = [z[i].new_zeros((n_cols, params[i].numel())) if ts[i] is None
+             else ts[i].reshape(n_cols, -1) for i in idx]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _per_chunk(names: Sequence[str], buffers: Buffers, source: Buffers, chunks: list[list[int]],
+               flatten: Callable[[Sequence[Any], list[int]], Tensor | None]) -> Buffers:
+    """``source`` (the buffers or their tangents) flattened per chunk, ``None`` where the chunk
+    has no such buffer (its parameters agree on which buffers exist: :func:`_chunks`)."""
+    return {name: [None if buffers[name][idx[0]] is None else flatten(source[name], idx)
+                   for idx in chunks] for name in names}
+
+
+def _split_into(t: Tensor, idx: list[int], params: Sequence[Tensor], n_cols: int,
+                out: list[Tensor | None]) -> None:
+    """A chunk's ``(N, numel)`` tangent split back into ``out[i]`` shaped ``(N, *params[i].shape)``,
+    ``i`` in ``idx``."""
+    pieces = t.split([params[i].numel() for i in idx], dim=1)
+    for i, piece in zip(idx, pieces):
+        piece = piece.reshape(n_cols, *params[i].shape)
+        # One column is contiguous already; several are copied out of the shared layout.
+        out[i] = piece if piece.is_contiguous() else piece.contiguous()
+
+
 def _flat_tangents(rule: UpdateRule, chunks: list[list[int]], params: Sequence[Tensor],
                    grads: Sequence[Tensor], buffers: Buffers, hypers: dict[str, Hyper],
                    z: Sequence[Tensor], hz: Sequence[Tensor], buffer_tangents: Buffers,
@@ -278,52 +314,70 @@ def _flat_tangents(rule: UpdateRule, chunks: list[list[int]], params: Sequence[T
     names = rule.buffer_names
     n_cols = z[0].shape[0]
 
-    def flat(ts: Sequence[Tensor], idx: list[int]) -> Tensor:
-        return ts[idx[0]].reshape(-1) if len(idx) == 1 else torch.cat(
-            [ts[i].reshape(-1) for i in idx])
+    def cols(ts: Sequence[Tensor | None], idx: list[int]) -> Tensor | None:
+        return _flat_cols(ts, idx, z, params)
 
-    def flat_cols(ts: Sequence[Tensor | None], idx: list[int]) -> Tensor | None:
-        if all(ts[i] is None for i in idx):
-            return None
-        parts = [z[i].new_zeros((n_cols, params[i].numel())) if ts[i] is None
-                 else ts[i].reshape(n_cols, -1) for i in idx]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    f_params = [flat(params, idx) for idx in chunks]
-    f_grads = [flat(grads, idx) for idx in chunks]
-    f_bufs: Buffers = {name: [None if buffers[name][idx[0]] is None
-                              else flat(buffers[name], idx) for idx in chunks] for name in names}
-    f_z = [flat_cols(z, idx) for idx in chunks]
-    f_hz = [flat_cols(hz, idx) for idx in chunks]
-    f_tans: Buffers = {name: [None if buffers[name][idx[0]] is None
-                              else flat_cols(buffer_tangents[name], idx) for idx in chunks]
-                       for name in names}
-    f_counts = None if counts is None else [counts[idx[0]] for idx in chunks]
-    zn, sn = _rule_tangents(rule, f_params, f_grads, f_bufs, hypers, f_z, f_hz, f_tans, seeds,
-                            f_counts, options)
-
-    def split(t: Tensor, idx: list[int], out: list[Tensor | None]) -> None:
-        pieces = t.split([params[i].numel() for i in idx], dim=1)
-        for i, piece in zip(idx, pieces):
-            piece = piece.reshape(n_cols, *params[i].shape)
-            # One column is contiguous already; several are copied out of the shared layout.
-            out[i] = piece if piece.is_contiguous() else piece.contiguous()
-
+    zn, sn = _rule_tangents(
+        rule, [_flat(params, idx) for idx in chunks], [_flat(grads, idx) for idx in chunks],
+        _per_chunk(names, buffers, buffers, chunks, _flat), hypers,
+        [cols(z, idx) for idx in chunks], [cols(hz, idx) for idx in chunks],
+        _per_chunk(names, buffers, buffer_tangents, chunks, cols), seeds,
+        None if counts is None else [counts[idx[0]] for idx in chunks], options)
     z_next: list[Tensor | None] = [None] * len(params)
     s_next: Buffers = {name: [None] * len(params) for name in names}
     for c, idx in enumerate(chunks):
-        split(zn[c], idx, z_next)
+        _split_into(zn[c], idx, params, n_cols, z_next)
         for name in names:
             if sn[name][c] is not None:
-                split(sn[name][c], idx, s_next[name])
+                _split_into(sn[name][c], idx, params, n_cols, s_next[name])
     return z_next, s_next  # type: ignore[return-value]
 
 
+def _dtype_device(params: Sequence[Tensor]) -> tuple[torch.dtype, torch.device | None]:
+    """The dtype and device of the 0-d hyperparameter tensors (the parameters')."""
+    if not params:
+        return torch.get_default_dtype(), None
+    return params[0].dtype, params[0].device
+
+
+def _double_vjp(outs: Sequence[Tensor], inputs: Sequence[Tensor], tangents: Sequence[Tensor],
+                n_cols: int) -> tuple[list[int], list[list[Tensor | None]]]:
+    """The Jacobian-vector products of ``outs`` along each column of ``tangents`` by two reverse
+    passes: which outputs carry a graph, and per column the product for each of those."""
+    live = [k for k, o in enumerate(outs) if o.requires_grad]
+    # u -> J^T u is linear in the dummy cotangent u; its vjp along T is J T.
+    us = [torch.zeros_like(outs[k], requires_grad=True) for k in live]
+    pulled = torch.autograd.grad([outs[k] for k in live], inputs, us, create_graph=True,
+                                 allow_unused=True) if live else [None] * len(inputs)
+    pairs = [(v, t) for v, t in zip(pulled, tangents) if v is not None and v.requires_grad]
+    if not pairs:
+        return live, [[None] * len(us) for _ in range(n_cols)]
+    return live, [list(torch.autograd.grad([v for v, _ in pairs], us, [t[j] for _, t in pairs],
+                                           retain_graph=j < n_cols - 1, allow_unused=True))
+                  for j in range(n_cols)]
+
+
+def _stack_columns(outs: Sequence[Tensor], live: list[int], columns: list[list[Tensor | None]],
+                   n_cols: int) -> list[Tensor]:
+    """Per output, its columns stacked ``(N, *shape)`` (zeros where it has no graph or a
+    column did not reach it)."""
+    position = {k: pos for pos, k in enumerate(live)}
+    out: list[Tensor] = []
+    for k, o in enumerate(outs):
+        pos = position.get(k)
+        cols = [None if pos is None else col[pos] for col in columns]
+        if n_cols != 1:
+            out.append(torch.stack([torch.zeros_like(o) if c is None else c for c in cols]))
+        else:
+            out.append((torch.zeros_like(o) if cols[0] is None else cols[0]).unsqueeze(0))
+    return out
+
+
 def _rule_tangents(rule: UpdateRule, params: Sequence[Tensor], grads: Sequence[Tensor],
-                           buffers: Buffers, hypers: dict[str, Hyper], z: Sequence[Tensor],
-                           hz: Sequence[Tensor], buffer_tangents: Buffers,
-                           seeds: dict[str, Tensor], counts: Sequence[float] | None,
-                           options: dict[str, Any]) -> tuple[list[Tensor], Buffers]:
+                   buffers: Buffers, hypers: dict[str, Hyper], z: Sequence[Tensor],
+                   hz: Sequence[Tensor], buffer_tangents: Buffers, seeds: dict[str, Tensor],
+                   counts: Sequence[float] | None, options: dict[str, Any]
+                   ) -> tuple[list[Tensor], Buffers]:
     """:func:`rule_tangents` over lists of parameters (any rule), by two reverse passes."""
     names = rule.buffer_names
     n = len(params)
@@ -331,8 +385,7 @@ def _rule_tangents(rule: UpdateRule, params: Sequence[Tensor], grads: Sequence[T
     flat_tans = [buffer_tangents[names[k]][i] if buffer_tangents[names[k]][i] is not None
                  else z[i].new_zeros(z[i].shape) for k, i in where]
     seeded = list(seeds)
-    dtype = params[0].dtype if params else torch.get_default_dtype()
-    device = params[0].device if params else None
+    dtype, device = _dtype_device(params)
     n_cols = z[0].shape[0] if z else 0
     with torch.enable_grad():
         ps = [p.detach().requires_grad_() for p in params]
@@ -344,29 +397,9 @@ def _rule_tangents(rule: UpdateRule, params: Sequence[Tensor], grads: Sequence[T
         new_p, new_b = rule.step(ps, gs, _unpack(where, bs, names, n), full, counts, **options)
         out_where, flat_new_b = _pack(new_b, names)
         outs = list(new_p) + list(flat_new_b)
-        inputs = ps + gs + bs + hs
         tangents = list(z) + list(hz) + flat_tans + [seeds[k].to(dtype) for k in seeded]
-        live = [k for k, o in enumerate(outs) if o.requires_grad]
-        # u -> J^T u is linear in the dummy cotangent u; its vjp along T is J T.
-        us = [torch.zeros_like(outs[k], requires_grad=True) for k in live]
-        pulled = torch.autograd.grad([outs[k] for k in live], inputs, us, create_graph=True,
-                                     allow_unused=True) if live else [None] * len(inputs)
-        pairs = [(v, t) for v, t in zip(pulled, tangents) if v is not None and v.requires_grad]
-        columns: list[list[Tensor | None]] = []
-        for j in range(n_cols):
-            if pairs:
-                columns.append(list(torch.autograd.grad(
-                    [v for v, _ in pairs], us, [t[j] for _, t in pairs],
-                    retain_graph=j < n_cols - 1, allow_unused=True)))
-            else:
-                columns.append([None] * len(us))
-    out_tangents: list[Tensor] = []
-    for k, o in enumerate(outs):
-        pos = live.index(k) if k in live else None
-        cols = [None if pos is None else col[pos] for col in columns]
-        out_tangents.append(torch.stack([torch.zeros_like(o) if c is None else c for c in cols])
-                            if n_cols != 1 else (torch.zeros_like(o) if cols[0] is None
-                                                 else cols[0]).unsqueeze(0))
+        live, columns = _double_vjp(outs, ps + gs + bs + hs, tangents, n_cols)
+    out_tangents = _stack_columns(outs, live, columns, n_cols)
     return out_tangents[:n], _unpack(out_where, out_tangents[n:], names, n)
 
 
@@ -415,8 +448,7 @@ def rule_vjp(
     names = rule.buffer_names
     fixed = {name: [None if b is None else b.detach() for b in buffers[name]] for name in names}
     wrt = list(wrt)
-    dtype = params[0].dtype if params else torch.get_default_dtype()
-    device = params[0].device if params else None
+    dtype, device = _dtype_device(params)
     hyper_primals = tuple(
         hypers[k].detach() if isinstance(hypers[k], Tensor)
         else torch.tensor(float(hypers[k]), dtype=dtype, device=device) for k in wrt)
