@@ -133,7 +133,9 @@ def internal_step(opt: Optimizer) -> None:
 
 
 class _HyperUpdate:
-    """IFT's hyper-update, a part of :class:`~hyperoptim.methods.ift.RuleIFT`."""
+    """IFT's hyper-update, a part of :class:`~hyperoptim.methods.ift.RuleIFT`: it reaches the
+    tuned values through the host's ``_stored``/``_per_parameter``, the update function through
+    its ``_update_functions``, and ``lookback``, ``_hyper_opt`` and the base's guard and history."""
 
     def _hyper_update(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
                       second: SecondOrder | None, val_loss: Tensor,
