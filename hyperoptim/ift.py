@@ -18,8 +18,9 @@ from .methods.ift import (
     _NAMES,
     MOMENTUM_RANGE,
     WEIGHT_DECAY_FLOOR,
-    HyperOptimizerFactory,
     RuleIFT,
+    ift_keywords,
+    public_signature,
 )
 from .rules.sgd import SGD, sgd_direction
 
@@ -239,7 +240,7 @@ class IFTOptimizer(RuleIFT):
         Differentiation. AISTATS 2020.
     """
 
-
+    @public_signature
     def __init__(
         self,
         params: ParamsT,
@@ -253,30 +254,16 @@ class IFTOptimizer(RuleIFT):
         per_parameter_lr: bool = False,
         per_parameter_weight_decay: bool = False,
         sharing: str = "weight",
-        update_interval: int = 10,
-        lookback: int = 5,
-        hyper_lr: float = 0.05,
-        hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
-        lr_bounds: tuple[float, float] = (1e-10, 1.0),
-        update_timing: str = "taken",
-        val_closure: Closure | None = None,
-        hvp: str = "auto",
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        differentiable: bool = False,
+        **options: Any,
     ) -> None:
+        options = ift_keywords(IFTOptimizer.__init__, options)
         check_arguments(self, lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, tune=tune,
                         per_parameter_lr=per_parameter_lr,
                         per_parameter_weight_decay=per_parameter_weight_decay, sharing=sharing,
-                        lr_bounds=lr_bounds)
-        self._setup(params, defaults, update_interval=update_interval, lookback=lookback,
-                    hyper_lr=hyper_lr, hyper_optimizer=hyper_optimizer,
-                    update_timing=update_timing, val_closure=val_closure, hvp=hvp,
-                    maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
-
+                        lr_bounds=options.pop("lr_bounds"))
+        self._setup(params, defaults, **options)
 
     # ------------------------------------------------------------------ the SGD rule
     rule = SGD

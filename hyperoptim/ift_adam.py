@@ -3,16 +3,22 @@ Adam's and AdamW's weight update."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
-from torch.optim import Optimizer
 
 from .core.options import check_arguments
-from .core.types import Closure, ParamsT
-from .methods.ift import WEIGHT_DECAY_FLOOR, HyperOptimizerFactory, RuleIFT
+from .core.types import ParamsT
+from .methods.ift import (
+    WEIGHT_DECAY_FLOOR,
+    RuleIFT,
+    ift_keywords,
+    public_signature,
+    refuse_unexpected,
+)
 from .rules.adam import ADAM
 
 __all__ = ["IFTAdam", "IFTAdamW"]
@@ -131,6 +137,7 @@ class IFTAdam(RuleIFT):
     rule = ADAM
     _tunable = ("lr", "weight_decay")
 
+    @public_signature
     def __init__(
         self,
         params: ParamsT,
@@ -141,31 +148,18 @@ class IFTAdam(RuleIFT):
         amsgrad: bool = False,
         *,
         tune: Sequence[str] = ("lr", "weight_decay"),
-        update_interval: int = 10,
-        lookback: int = 5,
-        hyper_lr: float = 0.05,
-        hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
-        lr_bounds: tuple[float, float] = (1e-10, 1.0),
-        update_timing: str = "taken",
-        val_closure: Closure | None = None,
-        hvp: str = "auto",
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        differentiable: bool = False,
         decoupled_weight_decay: bool = False,
+        **options: Any,
     ) -> None:
+        options = ift_keywords(IFTAdam.__init__, options)
         check_arguments(self, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize,
+                        amsgrad=amsgrad, maximize=options["maximize"],
                         decoupled_weight_decay=decoupled_weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False,
                         decoupled_weight_decay=decoupled_weight_decay, tune=tune,
                         per_parameter_lr=False, per_parameter_weight_decay=False,
-                        sharing="weight", lr_bounds=lr_bounds)
-        self._setup(params, defaults, update_interval=update_interval, lookback=lookback,
-                    hyper_lr=hyper_lr, hyper_optimizer=hyper_optimizer,
-                    update_timing=update_timing, val_closure=val_closure, hvp=hvp,
-                    maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
+                        sharing="weight", lr_bounds=options.pop("lr_bounds"))
+        self._setup(params, defaults, **options)
 
     # ------------------------------------------------------------------ groups
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -228,24 +222,13 @@ class IFTAdamW(IFTAdam):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
-        *,
-        tune: Sequence[str] = ("lr", "weight_decay"),
-        update_interval: int = 10,
-        lookback: int = 5,
-        hyper_lr: float = 0.05,
-        hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
-        lr_bounds: tuple[float, float] = (1e-10, 1.0),
-        update_timing: str = "taken",
-        val_closure: Closure | None = None,
-        hvp: str = "auto",
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        differentiable: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, tune=tune,
-                         update_interval=update_interval, lookback=lookback, hyper_lr=hyper_lr,
-                         hyper_optimizer=hyper_optimizer, lr_bounds=lr_bounds,
-                         update_timing=update_timing, val_closure=val_closure, hvp=hvp,
-                         maximize=maximize, foreach=foreach, fused=fused,
-                         differentiable=differentiable, decoupled_weight_decay=True)
+        refuse_unexpected(IFTAdamW.__init__, options)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **options,
+                         decoupled_weight_decay=True)
+
+    # IFTAdam's keywords but the decoupled flag, which AdamW fixes.
+    __init__ = public_signature(__init__, [
+        p for p in inspect.signature(IFTAdam.__init__).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name != "decoupled_weight_decay"])

@@ -12,27 +12,30 @@ takes (its state held constant) and :math:`J = \partial\mathbf u/\partial w`,
 
 then one step of a hyper optimizer on the transformed hyperparameters. The public classes pair it
 with a rule: ``IFTOptimizer`` (SGD, :mod:`hyperoptim.ift`) and ``IFTAdam``/``IFTAdamW`` (Adam,
-:mod:`hyperoptim.ift_adam`).
+:mod:`hyperoptim.ift_adam`). This module holds the construction, the groups and their
+transforms, the step and the weight step; the hyper-update (the Neumann series, the hyper
+optimizer's step, publishing and undoing it) is in :mod:`hyperoptim.methods.ift_hypergrad`.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..core.base import LEARNED_LIMIT, HyperOptimizer
+from ..core.base import HyperOptimizer
 from ..core.checks import check_value
 from ..core.options import check_group, check_rule_arguments
 from ..core.types import Closure, ParamsT
-from ..core.warn import warn
 from ..hvp import SecondOrder
 from ..rules.base import Buffers, UpdateRule
+from .ift_hypergrad import _HyperUpdate
 
 __all__ = ["MOMENTUM_RANGE", "WEIGHT_DECAY_FLOOR", "RuleIFT"]
 
@@ -48,11 +51,50 @@ value."""
 MOMENTUM_RANGE = (1e-3, 1.0 - 1e-3)
 """The interval a tuned momentum is held to when set from a float (logit of 0 or 1 is infinite)."""
 
-_PINNED_UPDATES = 5
-"""Consecutive hyper-updates with a learned learning rate at an end of ``lr_bounds`` before the
-optimizer warns that the bound sets it."""
-
 HyperOptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _ift_keywords(*, update_interval: int = 10, lookback: int = 5, hyper_lr: float = 0.05,
+                  hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
+                  lr_bounds: tuple[float, float] = (1e-10, 1.0), update_timing: str = "taken",
+                  val_closure: Closure | None = None, hvp: str = "auto", maximize: bool = False,
+                  foreach: bool | None = None, fused: bool | None = None,
+                  differentiable: bool = False) -> None:
+    """IFT's keyword arguments and their defaults, declared once: every public class's signature
+    ends with them (:func:`public_signature`) and its ``**options`` takes them (:func:`ift_keywords`)."""
+
+
+IFT_KEYWORDS = inspect.signature(_ift_keywords)
+
+
+def public_signature(init: _F, keywords: Iterable[inspect.Parameter] | None = None) -> _F:
+    """Give ``init``, a public class's ``__init__(..., **options)``, the signature its users see
+    (``inspect.signature``, ``help``, the docs): its own parameters, then ``keywords`` (IFT's by
+    default) in place of ``**options``."""
+    own = inspect.signature(init)
+    head = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    tail = IFT_KEYWORDS.parameters.values() if keywords is None else keywords
+    init.__signature__ = own.replace(parameters=[*head, *tail])  # type: ignore[attr-defined]
+    return init
+
+
+def refuse_unexpected(init: Callable[..., Any], given: dict[str, Any]) -> None:
+    """The TypeError Python raises for a keyword that ``init``'s public signature lacks: its
+    ``**options`` stands for an explicit list, and refuses what the list would."""
+    names = inspect.signature(init).parameters
+    for key in given:
+        if key not in names:
+            raise TypeError(f"{init.__qualname__}() got an unexpected keyword argument {key!r}")
+
+
+def ift_keywords(init: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``options``, the keywords ``init`` took as ``**options``, completed with IFT's defaults."""
+    refuse_unexpected(init, options)
+    bound = IFT_KEYWORDS.bind(**options)
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def _into_domain(name: str, value: float, lr_bounds: tuple[float, float]) -> float:
@@ -72,13 +114,6 @@ def _transform(name: str, value: float) -> float:
     return math.log10(value)
 
 
-def _natural(name: str, x: Tensor) -> Tensor:
-    """The inverse of :func:`_transform`, differentiable: ``10 ** x`` or ``sigmoid(x)``."""
-    if name == "momentum":
-        return torch.sigmoid(x)
-    return torch.pow(10.0, x)
-
-
 def _hyper_shape(p: Tensor, sharing: str) -> tuple[int, ...]:
     """Shape of a per-parameter hyperparameter of ``p``: one per weight, or one per output unit
     (shared over every dimension but the first, i.e. over a unit's incoming weights or a
@@ -86,34 +121,6 @@ def _hyper_shape(p: Tensor, sharing: str) -> tuple[int, ...]:
     if sharing == "unit" and p.dim() >= 2:
         return (p.shape[0],) + (1,) * (p.dim() - 1)
     return tuple(p.shape)
-
-
-def _mean_over_weights(values: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """Mean of per-parameter hyperparameters over the weights they apply to (float64, 0-d)."""
-    total = sum(p.numel() for p in params)
-    return torch.stack([a.sum().double() * (p.numel() / a.numel())
-                        for a, p in zip(values, params)]).sum() / total
-
-
-def _vjp_through_update(updates: Sequence[Tensor], params: Sequence[Tensor],
-                        weights: Sequence[Tensor], grads: Sequence[Tensor],
-                        q: Sequence[Tensor], second: SecondOrder) -> list[Tensor]:
-    r""":math:`(\partial\mathbf u/\partial w)^\top q`, ``u`` a function of ``(w, g(w))``: every
-    second-order product IFT takes.
-
-    The rule's own vector-Jacobian product gives the direct term (weight decay) and the
-    gradient's cotangent; the latter goes through :math:`H` by the step's HVP route
-    (:class:`hyperoptim.hvp.SecondOrder`, averaged across ranks):
-    :math:`(\partial u/\partial w)^\top q + H (\partial u/\partial g)^\top q`.
-    """
-    raw = torch.autograd.grad(list(updates), list(weights) + list(grads), grad_outputs=list(q),
-                              retain_graph=True, allow_unused=True)
-    n = len(params)
-    direct = [torch.zeros_like(p) if j is None else j for p, j in zip(params, raw[:n])]
-    through_g = {p: (torch.zeros_like(p) if j is None else j) for p, j in zip(params, raw[n:])}
-    hq = second.hvp([through_g.get(p, torch.zeros_like(p)).unsqueeze(0) for p in second.params])
-    by_param = dict(zip(second.params, hq))
-    return [d + by_param[p][0] if p in by_param else d for p, d in zip(params, direct)]
 
 
 def _rule_call(fn: Callable[..., tuple[Any, Any]], params: Sequence[Tensor],
@@ -130,22 +137,6 @@ def _rule_call(fn: Callable[..., tuple[Any, Any]], params: Sequence[Tensor],
     return _join([a for a, _ in parts]), _join([b for _, b in parts])
 
 
-def _internal_step(opt: Optimizer) -> None:
-    """Step the hyper optimizer without ``torch.optim``'s hook wrapper.
-
-    ``Optimizer.step`` is wrapped to run the process-wide hooks
-    (``torch.optim.optimizer.register_optimizer_step_pre_hook``) and the profiler's record: they
-    belong to the user's optimizers, not to an Adam that lives inside this one. The wrapped
-    function is the same arithmetic, so the result is bit-identical.
-    """
-    step = type(opt).step
-    raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
-    if raw is None:
-        opt.step()
-    else:
-        raw(opt)
-
-
 def _join(pieces: list[Any]) -> Any:
     """Per-parameter results of a rule, each a list or a dict of lists, joined in order."""
     if isinstance(pieces[0], dict):
@@ -153,7 +144,7 @@ def _join(pieces: list[Any]) -> Any:
     return [x for piece in pieces for x in piece]
 
 
-class RuleIFT(HyperOptimizer):
+class RuleIFT(_HyperUpdate, HyperOptimizer):
     r"""IFT over an inner update rule: the algorithm of :class:`~hyperoptim.IFTOptimizer`, written
     once (a base class; see ``IFTOptimizer`` over SGD, ``IFTAdam`` and ``IFTAdamW`` over Adam).
 
@@ -176,7 +167,8 @@ class RuleIFT(HyperOptimizer):
     :math:`-\nabla L_V^\top \sum_{0 \le j < i} (I - J)^j\, \partial\mathbf u/\partial\lambda`;
     no derivative of a rule is typed here. Per-parameter values (a list of tensors for a name)
     step the rule one parameter at a time. Everything else (transforms, look-back, timing, the
-    hyper optimizer, state, history, non-finite skips) is written once below.
+    hyper optimizer, state, history, non-finite skips) is written once, here and, for the
+    hyper-update, in :mod:`hyperoptim.methods.ift_hypergrad`.
 
     Example:
         >>> from hyperoptim.rules import SGD
@@ -352,39 +344,43 @@ class RuleIFT(HyperOptimizer):
         hyper = since + 1 >= self.update_interval if taken else since >= self.update_interval
         second_order = hyper and self.lookback > 1
         if second_order and closure is None:
-            if not any(p.grad is not None for p in self._all_params()):
-                return None
+            self._refuse_missing_closure()
+            return None
+        loss, second = self._training_loss(closure, second_order=second_order)
+        try:
+            stepped = self._step_groups(loss, second, val_closure, hyper=hyper, taken=taken)
+        finally:
+            if second is not None:
+                second.close()
+        if stepped:
+            self.hyper_state["since_update"] = (0 if taken else 1) if hyper else since + 1
+            self.hyper_state["steps"] += 1
+        return loss
+
+    def _refuse_missing_closure(self) -> None:
+        """A hyper-update that needs the training gradient's graph, called without a closure:
+        refused, unless no parameter has a gradient (then the step does nothing, as torch's)."""
+        if any(p.grad is not None for p in self._all_params()):
             raise ValueError(
                 f"{type(self).__name__} needs second-order information at its hyperparameter "
                 f"updates (every update_interval={self.update_interval} steps, lookback="
                 f"{self.lookback}): call step(closure) with a closure that recomputes and returns "
                 "the training loss (it may call backward() itself), or use lookback=1."
             )
-        loss, second = self._training_loss(closure, second_order=second_order)
+
+    def _step_groups(self, loss: Tensor | None, second: SecondOrder | None,
+                     val_closure: Closure | None, *, hyper: bool, taken: bool) -> bool:
+        """The guard, then the weight step (with the hyper-update where one is due); False where
+        nothing was written (no gradients, a guarded or a skipped step)."""
         groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
         if not any(params for _, params in groups):
-            if second is not None:
-                second.close()
-            return loss
+            return False
         if self._guard_step(loss, groups, worst_case=hyper) is not None:
-            if second is not None:
-                second.close()
-            return loss
+            return False
         if hyper:
-            try:
-                done = self._hyper_step(groups, second, val_closure, taken)
-            finally:
-                if second is not None:
-                    second.close()
-            if not done:
-                return loss
-        else:
-            for group, params in groups:
-                if params:
-                    self._weight_step(group, params)
-        self.hyper_state["since_update"] = (0 if taken else 1) if hyper else since + 1
-        self.hyper_state["steps"] += 1
-        return loss
+            return self._hyper_step(groups, second, val_closure, taken)
+        self._weight_steps(groups)
+        return True
 
     def _per_parameter_values(self, group: dict[str, Any], params: Sequence[Tensor], name: str
                               ) -> float | list[Tensor]:
@@ -455,184 +451,58 @@ class RuleIFT(HyperOptimizer):
                             {**self.rule.hypers(group), **values}, counts, self._options(group))
         return [w - n for w, n in zip(weights, new)]
 
+    def _weight_steps(self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]]) -> None:
+        """:meth:`_weight_step` for every group with gradients."""
+        for group, params in groups:
+            if params:
+                self._weight_step(group, params)
+
     def _hyper_step(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
                     second: SecondOrder | None, val_closure: Closure | None,
                     taken: bool) -> bool:
         """A step with a hyper-update; False where it was skipped (nothing changed)."""
         val_closure = self._resolve_val_closure(val_closure, required=True)
         params = [p for _, ps in groups for p in ps]
+        news = None
         if taken:
-            # The update this step takes, as new tensors; the validation gradient at w_t is taken
-            # with w_t in the parameters' storage and w_{t-1} put back bit for bit afterwards
-            # (through .data: the version counters, and the training graph at w_{t-1} that the
-            # exact HVP route differentiates, stay valid). The Hessian products below are then
+            # The update this step takes, as new tensors; the Hessian products below are then
             # taken at w_{t-1} by either route.
             news = [self._weight_values(group, ps) if ps else ([], []) for group, ps in groups]
-            new_weights = [w for ws, _ in news for w in ws]
-            previous = [p.detach().clone() for p in params]
-            try:
-                for p, w in zip(params, new_weights):
-                    p.data.copy_(w)
-                val_loss, val_grads = self._validation_grads(val_closure, params)
-            finally:
-                for p, w in zip(params, previous):
-                    p.data.copy_(w)
-            del previous
+            val_loss, val_grads = self._validation_grads_at([w for ws, _ in news for w in ws],
+                                                            val_closure, params)
         else:
             val_loss, val_grads = self._validation_grads(val_closure, params)
-        result = self._hyper_update(groups, second, val_loss, val_grads, taken)
-        if not result:
+        if not self._hyper_update(groups, second, val_loss, val_grads, taken):
             return False
         # Commit the weights (and buffers) after every fallible call of the step.
-        if taken:
-            for (_, ps), (ws, entries) in zip(groups, news):
-                for p, w, entry in zip(ps, ws, entries):
-                    p.copy_(w)
-                    if entry:
-                        self.state[p].update(entry)
+        if news is None:
+            self._weight_steps(groups)
         else:
-            for group, ps in groups:
-                if ps:
-                    self._weight_step(group, ps)
+            self._write_weights(groups, news)
         return True
 
-    def _hyper_update(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
-                      second: SecondOrder | None, val_loss: Tensor,
-                      val_grads: list[Tensor], taken: bool) -> bool:
-        """The hypergradient of the update u(lambda, w) at the live weights and buffers against
-        ``val_grads``, and one hyper-optimizer step; False (nothing changed) where non-finite."""
-        params = [p for _, ps in groups for p in ps]
-        # Per tuned hyperparameter: the stored tensors the hyper optimizer updates ("targets")
-        # and detached copies of them that carry this step's graph ("leaves").
-        active = [(index, group, ps) for index, (group, ps) in enumerate(groups) if ps]
-        spans: list[tuple[int, str, int, int]] = []  # (group index, name, start, stop)
-        targets: list[Tensor] = []
-        leaves: list[Tensor] = []
-        updates: list[Tensor] = []
-        # u as a function of (w, g): copies, not views (the finite-difference route moves the
-        # live weights in place while it runs).
-        weight_leaves = [p.detach().clone().requires_grad_() for p in params]
-        grad_leaves = [p.grad.detach().requires_grad_() for p in params]
-        weight_of = dict(zip(params, weight_leaves))
-        grad_of = dict(zip(params, grad_leaves))
-        with torch.enable_grad():
-            for index, group, ps in active:
-                values: dict[str, Any] = {n: group[n] for n in self._tunable}
-                for name in group["tune"]:
-                    per_param = self._per_parameter(group, name)
-                    stored = self._stored(index, name, ps)
-                    fresh = [x.detach().requires_grad_() for x in stored]
-                    spans.append((index, name, len(leaves), len(leaves) + len(fresh)))
-                    targets.extend(stored)
-                    leaves.extend(fresh)
-                    natural = [_natural(name, x) for x in fresh]
-                    values[name] = natural if per_param else natural[0]
-                updates.extend(self._update_functions(group, ps, [weight_of[p] for p in ps],
-                                                      [grad_of[p] for p in ps], values))
+    def _validation_grads_at(self, weights: Sequence[Tensor], val_closure: Closure,
+                             params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The validation loss and gradient with ``weights`` in the parameters' storage, the live
+        weights put back bit for bit afterwards (through ``.data``: the version counters, and the
+        training graph at the live weights that the exact HVP route differentiates, stay valid)."""
+        previous = [p.detach().clone() for p in params]
+        try:
+            for p, w in zip(params, weights):
+                p.data.copy_(w)
+            return self._validation_grads(val_closure, params)
+        finally:
+            for p, w in zip(params, previous):
+                p.data.copy_(w)
 
-            # acc = sum_{j < i} ((I - J)^T)^j grad L_V by i - 1 vector-Jacobian products (Eq. 6).
-            q = list(val_grads)  # fresh tensors, owned here: updated in place below
-            acc = [g.clone() for g in val_grads]
-            for _ in range(self.lookback - 1):
-                jq = _vjp_through_update(updates, params, weight_leaves, grad_leaves, q,
-                                         cast(SecondOrder, second))
-                for a, b, c in zip(q, jq, acc):
-                    a.sub_(b)
-                    c.add_(a)
-            raw = torch.autograd.grad(updates, leaves, grad_outputs=acc, allow_unused=True)
-        del updates
-        hypergrads = [torch.zeros_like(x) if g is None else -g for x, g in zip(leaves, raw)]
-
-        # The hyper optimizer steps before the step's one host sync; a skip restores the snapshot.
-        before = [x.clone() for x in targets]
-        snapshot = {k: {n: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
-                        for n, v in entry.items()}
-                    for k, entry in self._hyper_opt.state.items()}
-        for x, g in zip(targets, hypergrads):
-            x.grad = g
-        _internal_step(self._hyper_opt)
-        for x in targets:
-            x.grad = None
-
-        reported: list[Tensor] = [val_loss.double().reshape(())]
-        published: list[Tensor] = []  # (natural value, changed) per span
-        new_values: dict[tuple[int, str], list[Tensor]] = {}
-        for index, name, start, stop in spans:
-            reported.append(torch.stack([g.sum() for g in hypergrads[start:stop]]).sum().double())
-            group, ps = groups[index]
-            if name == "lr":
-                lo, hi = group["lr_bounds"]
-                for x in targets[start:stop]:
-                    x.clamp_(math.log10(lo), math.log10(hi))
-            if name == "weight_decay":
-                for x in targets[start:stop]:
-                    x.clamp_(max=math.log10(LEARNED_LIMIT))
-            if self._per_parameter(group, name):
-                fresh = {p: _natural(name, x) for p, x in zip(ps, targets[start:stop])}
-                new_values[index, name] = list(fresh.values())
-                every = [fresh.get(p, self.state[p][name]) for p in group["params"]]
-                published += [_mean_over_weights(every, group["params"]),
-                              torch.ones((), dtype=torch.float64, device=every[0].device)]
-            else:
-                x = targets[start]
-                published += [_natural(name, x).double(), (x != before[start]).double()]
-        device = reported[0].device
-        values = torch.stack([t.to(device) for t in reported + published]).tolist()
-
-        steps = float(self.hyper_state["steps"] + (1 if taken else 0))
-        if not self._all_finite(*values):
-            for x, old in zip(targets, before):
-                x.copy_(old)
-            self._hyper_opt.state.clear()
-            self._hyper_opt.state.update(snapshot)
-            self._warn_nonfinite("validation loss or hypergradient")
-            for index, group, _ in active:
-                self._record(index, skipped=True, **self._values(group), val_loss=values[0],
-                             step=steps, **{f"hypergrad/{n}": math.nan for n in group["tune"]})
-            return False
-
-        hyper_values = iter(values[1 : 1 + len(spans)])
-        pairs = iter(values[1 + len(spans) :])
-        hypers: dict[int, dict[str, float]] = {index: {} for index, _, _ in active}
-        for index, name, _, _ in spans:
-            group, ps = groups[index]
-            hypers[index][f"hypergrad/{name}"] = next(hyper_values)
-            natural, changed = next(pairs), next(pairs)
-            if changed:
-                group[name] = self.hyper_state["published"][index][name] = natural
-                if self._per_parameter(group, name):
-                    for p, a in zip(ps, new_values[index, name]):
-                        self.state[p][name].copy_(a)
-        for index, group, _ in active:
-            self._record(index, **self._values(group), val_loss=values[0], step=steps,
-                         **hypers[index])
-        self._watch_pinned_lr(active)
-        return True
-
-    def _watch_pinned_lr(self, active: Sequence[tuple[int, dict[str, Any], Any]]) -> None:
-        """Warn once when a learned learning rate sits at an end of ``lr_bounds`` for
-        :data:`_PINNED_UPDATES` consecutive hyper-updates: the bound, not the hypergradient, then
-        sets it (IFTAdam's default upper bound of 1.0 is far above a useful Adam rate)."""
-        runs = self._watch.setdefault("pinned", {})
-        for index, group, _ in active:
-            if "lr" not in group["tune"] or self._watch.get("pinned_warned"):
-                continue
-            lo, hi = group["lr_bounds"]
-            end = next((e for e in (("upper", 1, hi), ("lower", 0, lo))
-                        if math.isclose(group["lr"], e[2], rel_tol=1e-9)), None)
-            runs[index] = runs.get(index, 0) + 1 if end is not None else 0
-            if end is not None and runs[index] >= _PINNED_UPDATES:
-                self._watch["pinned_warned"] = True
-                warn(
-                    f"{type(self).__name__}: the learned learning rate of param group {index} has "
-                    f"sat at its {end[0]} bound lr_bounds[{end[1]}]={end[2]:g} for {runs[index]} "
-                    "consecutive hyper-updates: the bound, not the hypergradient, sets it. If the "
-                    "bound is deliberate, ignore this; otherwise widen lr_bounds or lower hyper_lr. "
-                    "This warning is shown once."
-                )
-
-    def _values(self, group: dict[str, Any]) -> dict[str, float]:
-        return {name: group[name] for name in self._tunable}
+    def _write_weights(self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]],
+                       news: Sequence[tuple[list[Tensor], list[dict[str, Any]]]]) -> None:
+        """Write what :meth:`_weight_values` computed: the new weights and ``state[p]`` entries."""
+        for (_, ps), (ws, entries) in zip(groups, news):
+            for p, w, entry in zip(ps, ws, entries):
+                p.copy_(w)
+                if entry:
+                    self.state[p].update(entry)
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:
