@@ -566,10 +566,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n### {title}\n\nSGD: {1000 * sgd.median('cpu') / args.steps:.3f} ms/step "
                   f"CPU, {1000 * sgd.median('wall') / args.steps:.3f} ms/step wall; "
                   f"{args.threads} thread(s); median of {args.repeats} x {args.steps} steps"
-                  f"{label}")
+                  f"{label}", flush=True)
             for clock, name in (("cpu", cpu_name), ("wall", "wall time")):
                 print(f"\n{name}:\n")
-                print("\n".join(table(times, versions, clock)))
+                print("\n".join(table(times, versions, clock)), flush=True)
             for (name, _), why in failed.items():
                 print(f"\nn/a before: {name}: {why}")
 
