@@ -1,46 +1,70 @@
-"""Per-step time of each hyperoptim optimizer relative to ``torch.optim.SGD``.
+"""Per-step time of each hyperoptim optimizer relative to ``torch.optim.SGD``, Adam and its floor.
 
 Each case is a full training step (forward, backward, optimizer step, and whatever validation work
 the method does) on the same model and the same batches as the SGD baseline. Cases run
-interleaved in one process: every repeat times a block of steps of each case in turn, and the
-reported ratio is median(case block time) / median(SGD block time). Absolute times on shared
-machines drift; the ratio is what to compare.
+interleaved in one process: every repeat times a block of steps of each case in turn (the order
+reversed on every other repeat, so no case always follows the same neighbour), and a ratio is
+median(case block time) / median(baseline block time).
+
+Every block is timed on two clocks: the thread's CPU time (``time.thread_time_ns``; with the
+default ``--threads 1`` the whole step runs on the calling thread, autograd's CPU backward
+included) and wall time. On a loaded machine wall time also counts the time other processes held
+the core (floors came out slower than the steps that contain them); CPU time counts only the work
+this thread did, so its ratios survive the load. With ``--threads`` above 1 the CPU clock is the
+process's (``time.process_time_ns``), which counts torch's worker threads too.
 
 Run:
-    python benchmarks/overhead.py                 # small and medium MLP, all cases
-    python benchmarks/overhead.py --repeats 11 --steps 30 --threads 1
+    python benchmarks/overhead.py                          # small and medium MLP, all cases
+    python benchmarks/overhead.py --before f3039ad         # the package at a git ref beside this one
+    python benchmarks/overhead.py --before main --models small --only "MartheAdam (mu=1, exact)"
+
+``--before REF`` extracts the ``hyperoptim`` package at ``REF`` (``git archive``) into a temporary
+folder, imports it under another module name in this same process, and times every case for both
+versions, interleaved (the two versions of a case run next to each other in every repeat); the
+tables print before and after side by side, with ``after / before`` the ratio of the two
+versions' own median block times. A case the old package cannot build or step (a class or option
+it lacks) prints ``n/a``, with the reason under the table. Baselines and floors use torch alone and
+are timed once.
 
 The Adam-family rows also report their ratio to ``torch.optim.Adam`` (``AdamW`` for the AdamW
 rows, ``foreach=False`` as the hyperoptim classes step one tensor at a time).
 
-To add an optimizer: write a ``make_<name>(model, data) -> step(t)`` factory below and add it
-to ``CASES``.
+To add an optimizer: write a ``make_<name>(hp, model, data) -> step(t)`` factory below (``hp`` is
+the package under test: this checkout's or the ``--before`` one) and add it to ``CASES``.
 
 Second-order methods run on both HVP routes: ``exact`` (the closure returns the loss; double
 backward) and ``finite_difference`` (the closure calls ``backward()``; two extra gradient
-evaluations per tangent column). Each has a *floor*: the passes that route cannot avoid, timed
-alone with no optimizer logic (``FLOORS``): for MARTHE on the exact route one training backward
-that keeps its graph, one HVP and one validation gradient; on the finite-difference route the
-training gradient, two more gradient evaluations and one validation gradient. ``time / floor`` is
-the optimizer's own overhead.
+evaluations per tangent column). The Adam family runs on the exact route only: on this ReLU MLP in
+float32 the finite-difference route warns that its products are unreliable (kinks). Each has a
+*floor*: the passes that route cannot avoid, timed alone with no optimizer logic (``FLOORS``): for
+MARTHE on the exact route one training backward that keeps its graph, one HVP and one validation
+gradient; on the finite-difference route the training gradient, two more gradient evaluations and
+one validation gradient. ``x floor`` is the optimizer's own overhead.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import hyperoptim
-from hyperoptim.hvp import hvp_from_grads
 
 Step = Callable[[int], object]
+REPO = Path(__file__).resolve().parent.parent
+BEFORE_MODULE = "hyperoptim_before"
 
 
 class Data:
@@ -57,6 +81,10 @@ class Data:
 
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.train[t % len(self.train)]
+
+
+#: ``make(hp, model, data) -> step``; ``hp`` is the hyperoptim package under test.
+Factory = Callable[[ModuleType, nn.Module, Data], Step]
 
 
 def mlp(sizes: list[int]) -> nn.Module:
@@ -96,69 +124,129 @@ def _val_closure(model: nn.Module, data: Data):
     return val_closure
 
 
-def make_sgd(model: nn.Module, data: Data) -> Step:
+def _make_closure(route: str, model: nn.Module, opt: torch.optim.Optimizer, data: Data, t: int):
+    return _loss_closure(model, data, t) if route == "exact" else _closure(model, opt, data, t)
+
+
+def make_sgd(hp: ModuleType, model: nn.Module, data: Data) -> Step:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     return lambda t: opt.step(_closure(model, opt, data, t))
 
 
-def make_hd_train(model: nn.Module, data: Data) -> Step:
-    opt = hyperoptim.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-4)
+def make_hd_train(hp: ModuleType, model: nn.Module, data: Data) -> Step:
+    opt = hp.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-4)
     return lambda t: opt.step(_closure(model, opt, data, t))
 
 
-def make_hd_val(model: nn.Module, data: Data) -> Step:
-    opt = hyperoptim.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-4,
-                                  val_closure=_val_closure(model, data))
+def make_hd_val(hp: ModuleType, model: nn.Module, data: Data) -> Step:
+    opt = hp.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-4,
+                          val_closure=_val_closure(model, data))
     return lambda t: opt.step(_closure(model, opt, data, t))
 
 
-def make_ift(route: str) -> Callable[[nn.Module, Data], Step]:
-    def make(model: nn.Module, data: Data) -> Step:
-        opt = hyperoptim.IFTOptimizer(model.parameters(), lr=0.01, momentum=0.9,
-                                      weight_decay=1e-4, update_interval=10, lookback=5,
-                                      val_closure=_val_closure(model, data), hvp=route)
+def make_ift(route: str) -> Factory:
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
+        opt = hp.IFTOptimizer(model.parameters(), lr=0.01, momentum=0.9,
+                              weight_decay=1e-4, update_interval=10, lookback=5,
+                              val_closure=_val_closure(model, data), hvp=route)
         return lambda t: opt.step(_make_closure(route, model, opt, data, t))
 
     return make
-
-
-def _make_closure(route: str, model: nn.Module, opt: torch.optim.Optimizer, data: Data, t: int):
-    return _loss_closure(model, data, t) if route == "exact" else _closure(model, opt, data, t)
 
 
 FDS_HORIZON, FDS_LR_WINDOWS = 50, 5
 
 
-def make_fds(route: str) -> Callable[[nn.Module, Data], Step]:
-    # Episodes of 50 steps, 5 lr + 1 momentum + 1 weight decay values (up to 7 tangent columns);
-    # the hyperstep at each episode's end is part of the measured time. Small outer steps keep
-    # the values near SGD's, as the weights are not re-initialised between episodes here.
-    def make(model: nn.Module, data: Data) -> Step:
-        opt = hyperoptim.FDSSGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
-                                horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
-                                val_closure=_val_closure(model, data), hvp=route,
-                                step_sizes={"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-5})
+def _episodes(opt: torch.optim.Optimizer, closure: Callable[[int], Callable]) -> Step:
+    """A step that closes each FDS episode with its hyperstep (part of the measured time)."""
+    def step(t: int) -> object:
+        loss = opt.step(closure(t))
+        if opt.episode_step == opt.horizon:
+            opt.hyperstep()
+        return loss
 
-        def step(t: int) -> object:
-            loss = opt.step(_make_closure(route, model, opt, data, t))
-            if opt.episode_step == opt.horizon:
-                opt.hyperstep()
-            return loss
+    return step
 
-        return step
+
+def make_fds(route: str) -> Factory:
+    # Episodes of 50 steps, 5 lr + 1 momentum + 1 weight decay values (up to 7 tangent columns).
+    # Small outer steps keep the values near SGD's, as the weights are not re-initialised between
+    # episodes here.
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
+        opt = hp.FDSSGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
+                        horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
+                        val_closure=_val_closure(model, data), hvp=route,
+                        step_sizes={"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-5})
+        return _episodes(opt, lambda t: _make_closure(route, model, opt, data, t))
 
     return make
 
 
-def make_marthe(mu: str | float, route: str) -> Callable[[nn.Module, Data], Step]:
-    def make(model: nn.Module, data: Data) -> Step:
+def make_marthe(mu: str | float, route: str) -> Factory:
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
         # A fixed hyper-step of 0: every step does all of MARTHE's work (validation gradient,
         # HVP, tangents, mu), but the random labels here cannot drive the learning rate into
         # divergence and skipped steps, which would time the guard instead of the method.
-        opt = hyperoptim.MartheSGD(model.parameters(), lr=0.01, momentum=0.9, mu=mu,
-                                   hypergrad_lr=0.0, adapt_hypergrad_lr=False,
-                                   val_closure=_val_closure(model, data), hvp=route)
+        opt = hp.MartheSGD(model.parameters(), lr=0.01, momentum=0.9, mu=mu,
+                           hypergrad_lr=0.0, adapt_hypergrad_lr=False,
+                           val_closure=_val_closure(model, data), hvp=route)
         return lambda t: opt.step(_make_closure(route, model, opt, data, t))
+
+    return make
+
+
+def make_adam(decoupled: bool) -> Factory:
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
+        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+        opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 0.0,
+                  foreach=False)
+        return lambda t: opt.step(_closure(model, opt, data, t))
+
+    return make
+
+
+def make_hd_adam(decoupled: bool, validation: bool) -> Factory:
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
+        cls = hp.HypergradAdamW if decoupled else hp.HypergradAdam
+        opt = cls(model.parameters(), lr=1e-3, hypergrad_lr=1e-7,
+                  val_closure=_val_closure(model, data) if validation else None)
+        return lambda t: opt.step(_closure(model, opt, data, t))
+
+    return make
+
+
+def make_marthe_adam(mu: str | float, decoupled: bool = False) -> Factory:
+    # The exact route (the closure returns the loss): the finite-difference route warns on this
+    # ReLU MLP in float32, and its kink retries would time the warning's cause, not the method.
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
+        cls = hp.MartheAdamW if decoupled else hp.MartheAdam
+        opt = cls(model.parameters(), lr=1e-3, mu=mu, hypergrad_lr=0.0,  # as make_marthe
+                  adapt_hypergrad_lr=False, val_closure=_val_closure(model, data), hvp="exact")
+        return lambda t: opt.step(_loss_closure(model, data, t))
+
+    return make
+
+
+def make_ift_adam(decoupled: bool, route: str = "exact") -> Factory:
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
+        cls = hp.IFTAdamW if decoupled else hp.IFTAdam
+        opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 1e-4,
+                  update_interval=10, lookback=5, val_closure=_val_closure(model, data), hvp=route)
+        return lambda t: opt.step(_make_closure(route, model, opt, data, t))
+
+    return make
+
+
+def make_fds_adam(decoupled: bool) -> Factory:
+    # As make_fds: episodes of 50 steps, here 5 lr + 1 weight decay values (up to 6 columns),
+    # exact HVP route, small outer steps.
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
+        cls = hp.FDSAdamW if decoupled else hp.FDSAdam
+        opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 1e-4,
+                  horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
+                  val_closure=_val_closure(model, data), hvp="exact",
+                  step_sizes={"lr": 1e-5, "weight_decay": 1e-5})
+        return _episodes(opt, lambda t: _loss_closure(model, data, t))
 
     return make
 
@@ -173,6 +261,17 @@ def _val_grad(model: nn.Module, data: Data) -> None:
     torch.autograd.grad(F.cross_entropy(model(x), y), _params(model))
 
 
+def _hvp(grads: list[torch.Tensor], params: list[torch.Tensor], columns: int) -> None:
+    """``columns`` Hessian-vector products by double backward, batched as hyperoptim.hvp batches
+    them (one column: a plain double backward), in torch alone so that a floor does not depend on
+    the package version under test."""
+    vectors = [torch.randn(columns, *p.shape) for p in params]
+    if columns == 1:
+        torch.autograd.grad(grads, params, grad_outputs=[v[0] for v in vectors])
+    else:
+        torch.autograd.grad(grads, params, grad_outputs=vectors, is_grads_batched=True)
+
+
 def _second_order_passes(model: nn.Module, data: Data, t: int, columns: int, route: str) -> None:
     """A training gradient and ``columns`` Hessian-vector products by ``route``, nothing else."""
     params = _params(model)
@@ -180,15 +279,14 @@ def _second_order_passes(model: nn.Module, data: Data, t: int, columns: int, rou
     if route == "exact":
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
         if columns:
-            vectors = [torch.randn(columns, *p.shape) for p in params]
-            hvp_from_grads(grads, params, vectors)
+            _hvp(list(grads), params, columns)
     else:
         torch.autograd.grad(F.cross_entropy(model(x), y), params)
         for _ in range(2 * columns):  # central differences: two gradients per column
             torch.autograd.grad(F.cross_entropy(model(x), y), params)
 
 
-def floor_sgd_val(model: nn.Module, data: Data) -> Step:
+def floor_sgd_val(hp: ModuleType, model: nn.Module, data: Data) -> Step:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step(t: int) -> object:
@@ -199,8 +297,8 @@ def floor_sgd_val(model: nn.Module, data: Data) -> Step:
     return step
 
 
-def floor_marthe(route: str) -> Callable[[nn.Module, Data], Step]:
-    def make(model: nn.Module, data: Data) -> Step:
+def floor_marthe(route: str) -> Factory:
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
         def step(t: int) -> object:
             _second_order_passes(model, data, t, 1, route)
             _val_grad(model, data)
@@ -211,8 +309,8 @@ def floor_marthe(route: str) -> Callable[[nn.Module, Data], Step]:
     return make
 
 
-def floor_ift(route: str) -> Callable[[nn.Module, Data], Step]:
-    def make(model: nn.Module, data: Data) -> Step:
+def floor_ift(route: str) -> Factory:
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
         def step(t: int) -> object:
             if t % 10:
                 return _second_order_passes(model, data, t, 0, "finite_difference")
@@ -225,10 +323,13 @@ def floor_ift(route: str) -> Callable[[nn.Module, Data], Step]:
     return make
 
 
-def floor_fds(route: str) -> Callable[[nn.Module, Data], Step]:
-    starts = [0, 0] + [k * FDS_HORIZON // FDS_LR_WINDOWS for k in range(FDS_LR_WINDOWS)]
+def floor_fds(route: str, constant_columns: int) -> Factory:
+    """FDS's passes: the constant hyperparameters' columns from the episode's start, one lr column
+    per window from the window's start (a column is zero, so skipped, at its first step)."""
+    starts = [0] * constant_columns + [k * FDS_HORIZON // FDS_LR_WINDOWS
+                                       for k in range(FDS_LR_WINDOWS)]
 
-    def make(model: nn.Module, data: Data) -> Step:
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
         def step(t: int) -> object:
             s = t % FDS_HORIZON
             _second_order_passes(model, data, t, sum(k < s for k in starts), route)
@@ -241,68 +342,7 @@ def floor_fds(route: str) -> Callable[[nn.Module, Data], Step]:
     return make
 
 
-def make_adam(decoupled: bool) -> Callable[[nn.Module, Data], Step]:
-    def make(model: nn.Module, data: Data) -> Step:
-        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-        opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 0.0,
-                  foreach=False)
-        return lambda t: opt.step(_closure(model, opt, data, t))
-
-    return make
-
-
-def make_hd_adam(decoupled: bool, validation: bool) -> Callable[[nn.Module, Data], Step]:
-    def make(model: nn.Module, data: Data) -> Step:
-        cls = hyperoptim.HypergradAdamW if decoupled else hyperoptim.HypergradAdam
-        opt = cls(model.parameters(), lr=1e-3, hypergrad_lr=1e-7,
-                  val_closure=_val_closure(model, data) if validation else None)
-        return lambda t: opt.step(_closure(model, opt, data, t))
-
-    return make
-
-
-def make_marthe_adam(mu: str | float, decoupled: bool = False) -> Callable[[nn.Module, Data], Step]:
-    def make(model: nn.Module, data: Data) -> Step:
-        cls = hyperoptim.MartheAdamW if decoupled else hyperoptim.MartheAdam
-        opt = cls(model.parameters(), lr=1e-3, mu=mu, hypergrad_lr=0.0,  # as make_marthe
-                  adapt_hypergrad_lr=False, val_closure=_val_closure(model, data))
-        return lambda t: opt.step(_closure(model, opt, data, t))
-
-    return make
-
-
-def make_ift_adam(decoupled: bool, route: str = "exact") -> Callable[[nn.Module, Data], Step]:
-    def make(model: nn.Module, data: Data) -> Step:
-        cls = hyperoptim.IFTAdamW if decoupled else hyperoptim.IFTAdam
-        opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 1e-4,
-                  update_interval=10, lookback=5, val_closure=_val_closure(model, data), hvp=route)
-        return lambda t: opt.step(_make_closure(route, model, opt, data, t))
-
-    return make
-
-
-def make_fds_adam(decoupled: bool) -> Callable[[nn.Module, Data], Step]:
-    # As make_fds: episodes of 50 steps, here 5 lr + 1 weight decay values (up to 6 columns),
-    # exact HVP route, small outer steps; the hyperstep is part of the measured time.
-    def make(model: nn.Module, data: Data) -> Step:
-        cls = hyperoptim.FDSAdamW if decoupled else hyperoptim.FDSAdam
-        opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 1e-4,
-                  horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
-                  val_closure=_val_closure(model, data),
-                  step_sizes={"lr": 1e-5, "weight_decay": 1e-5})
-
-        def step(t: int) -> object:
-            loss = opt.step(_loss_closure(model, data, t))
-            if opt.episode_step == opt.horizon:
-                opt.hyperstep()
-            return loss
-
-        return step
-
-    return make
-
-
-CASES: dict[str, Callable[[nn.Module, Data], Step]] = {
+CASES: dict[str, Factory] = {
     "torch.optim.SGD": make_sgd,
     "HypergradSGD (training loss)": make_hd_train,
     "HypergradSGD (validation)": make_hd_val,
@@ -321,96 +361,217 @@ CASES.update({
     "HypergradAdam (training loss)": make_hd_adam(False, False),
     "HypergradAdam (validation)": make_hd_adam(False, True),
     "HypergradAdamW (training loss)": make_hd_adam(True, False),
-    "MartheAdam (adaptive mu)": make_marthe_adam("adaptive"),
-    "MartheAdam (mu=1, HVP every step)": make_marthe_adam(1.0),
-    "MartheAdamW (mu=1, HVP every step)": make_marthe_adam(1.0, decoupled=True),
+    "MartheAdam (adaptive mu, exact)": make_marthe_adam("adaptive"),
+    "MartheAdam (mu=1, exact)": make_marthe_adam(1.0),
+    "MartheAdamW (mu=1, exact)": make_marthe_adam(1.0, decoupled=True),
     "IFTAdam (T=10, i=5, exact)": make_ift_adam(False),
     "IFTAdamW (T=10, i=5, exact)": make_ift_adam(True),
     "FDSAdam (T=50, 6 columns, exact)": make_fds_adam(False),
     "FDSAdamW (T=50, 6 columns, exact)": make_fds_adam(True),
 })
 
+#: Cases that use torch alone: timed once, not per package version.
+BASELINES = {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"}
+
 # The passes each case cannot avoid, timed alone (case name -> floor name).
-FLOORS: dict[str, tuple[str, Callable[[nn.Module, Data], Step]]] = {
+FLOORS: dict[str, tuple[str, Factory]] = {
     "HypergradSGD (validation)": ("SGD step + validation gradient", floor_sgd_val),
 }
 for _route, _tag in (("exact", "exact"), ("finite_difference", "fin. diff.")):
     FLOORS[f"MartheSGD (mu=1, {_tag})"] = (f"1 HVP + val. grad ({_tag})", floor_marthe(_route))
     FLOORS[f"MartheSGD (adaptive mu, {_tag})"] = FLOORS[f"MartheSGD (mu=1, {_tag})"]
     FLOORS[f"IFTOptimizer (T=10, i=5, {_tag})"] = (f"IFT passes ({_tag})", floor_ift(_route))
-    FLOORS[f"FDSSGD (T=50, 7 columns, {_tag})"] = (f"FDS passes ({_tag})", floor_fds(_route))
+    FLOORS[f"FDSSGD (T=50, 7 columns, {_tag})"] = (f"FDS passes, 7 columns ({_tag})",
+                                                   floor_fds(_route, 2))
+for _name in ("MartheAdam (adaptive mu, exact)", "MartheAdam (mu=1, exact)",
+              "MartheAdamW (mu=1, exact)"):
+    FLOORS[_name] = FLOORS["MartheSGD (mu=1, exact)"]
 for _name in ("IFTAdam (T=10, i=5, exact)", "IFTAdamW (T=10, i=5, exact)"):
-    FLOORS[_name] = ("IFT passes (exact)", floor_ift("exact"))
+    FLOORS[_name] = FLOORS["IFTOptimizer (T=10, i=5, exact)"]
+for _name in ("FDSAdam (T=50, 6 columns, exact)", "FDSAdamW (T=50, 6 columns, exact)"):
+    FLOORS[_name] = ("FDS passes, 6 columns (exact)", floor_fds("exact", 1))
 
 #: Cases whose ratio is also reported against torch.optim.Adam (AdamW for the AdamW rows).
 ADAM_BASELINE = {name: ("torch.optim.AdamW" if "AdamW" in name else "torch.optim.Adam")
-                 for name in CASES if "Adam" in name and not name.startswith("torch")}
+                 for name in CASES if "Adam" in name and name not in BASELINES}
 
 MODELS = {
-    "small MLP 64-128-10, batch 128": ([64, 128, 10], 128),
-    "medium MLP 784-512-512-10, batch 128": ([784, 512, 512, 10], 128),
+    "small": ("small MLP 64-128-10, batch 128", [64, 128, 10], 128),
+    "medium": ("medium MLP 784-512-512-10, batch 128", [784, 512, 512, 10], 128),
 }
 
 
-def measure(sizes: list[int], batch: int, repeats: int, steps: int, only: list[str] | None
-            ) -> dict[str, float]:
-    """Median block time per case divided by SGD's, cases interleaved in every repeat."""
+# ---------------------------------------------------------------------- the old package
+def load_package(ref: str, into: Path) -> tuple[ModuleType, str]:
+    """The ``hyperoptim`` package at git ``ref``, imported from ``into`` as ``BEFORE_MODULE``.
+
+    Registered in ``sys.modules`` under that name with its folder as the search location, so its
+    relative imports resolve to its own modules, never to this checkout's.
+    """
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", f"{ref}^{{commit}}"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "hyperoptim"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    path = into / "hyperoptim"
+    spec = importlib.util.spec_from_file_location(
+        BEFORE_MODULE, path / "__init__.py", submodule_search_locations=[str(path)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BEFORE_MODULE] = module
+    spec.loader.exec_module(module)
+    return module, sha
+
+
+# ---------------------------------------------------------------------- timing
+Key = tuple[str, str]  # (case or floor name, version: "after", "before" or "" when torch alone)
+
+
+class Clocks:
+    """Block times of one stepper on both clocks, in seconds."""
+
+    def __init__(self) -> None:
+        self.cpu: list[float] = []
+        self.wall: list[float] = []
+
+    def median(self, clock: str) -> float:
+        return statistics.median(getattr(self, clock))
+
+
+def _steppers(sizes: list[int], batch: int, only: list[str] | None,
+              packages: dict[str, ModuleType]) -> tuple[dict[Key, Step], dict[Key, str]]:
+    """Every stepper to time, in interleaving order, and why a before-version could not run."""
     torch.manual_seed(0)
     base = mlp(sizes)
     data = Data(sizes[0], sizes[-1], batch)
     keep = {"torch.optim.SGD"} | {ADAM_BASELINE[n] for n in (only or []) if n in ADAM_BASELINE}
-    names = [n for n in CASES if only is None or n in keep or n in only]
-    steppers = {n: CASES[n](copy.deepcopy(base), data) for n in names}
-    for n in names:
-        if n in FLOORS:
-            floor_name, make = FLOORS[n]
-            if floor_name not in steppers:
-                steppers[floor_name] = make(copy.deepcopy(base), data)
-    times: dict[str, list[float]] = {n: [] for n in steppers}
-    t = {n: 0 for n in steppers}
-    for n in steppers:  # warm-up
-        for _ in range(3):
-            steppers[n](t[n])
-            t[n] += 1
-    for _ in range(repeats):
-        for n in steppers:
-            start = time.perf_counter()
+    steppers: dict[Key, Step] = {}
+    failed: dict[Key, str] = {}
+    for name in CASES:
+        if only is not None and name not in keep and name not in only:
+            continue
+        versions = [""] if name in BASELINES else list(packages)
+        for version in versions:
+            key = (name, version)
+            try:
+                steppers[key] = CASES[name](packages.get(version, hyperoptim),
+                                            copy.deepcopy(base), data)
+            except Exception as err:  # noqa: BLE001 (an old package may lack a class or option)
+                if version != "before":
+                    raise
+                failed[key] = f"{type(err).__name__}: {err}"
+        if name in FLOORS and (FLOORS[name][0], "") not in steppers:
+            floor_name, make = FLOORS[name]
+            steppers[(floor_name, "")] = make(hyperoptim, copy.deepcopy(base), data)
+    return steppers, failed
+
+
+def measure(sizes: list[int], batch: int, repeats: int, steps: int, only: list[str] | None,
+            packages: dict[str, ModuleType], cpu_clock: Callable[[], int]
+            ) -> tuple[dict[Key, Clocks], dict[Key, str]]:
+    """Block times of every stepper, interleaved in every repeat."""
+    steppers, failed = _steppers(sizes, batch, only, packages)
+    t = dict.fromkeys(steppers, 0)
+    for key in list(steppers):  # warm-up
+        try:
+            for _ in range(3):
+                steppers[key](t[key])
+                t[key] += 1
+        except Exception as err:  # noqa: BLE001 (as in _steppers)
+            if key[1] != "before":
+                raise
+            failed[key] = f"{type(err).__name__}: {err}"
+            del steppers[key]
+    times = {key: Clocks() for key in steppers}
+    order = list(steppers)
+    for r in range(repeats):
+        for key in order if r % 2 == 0 else order[::-1]:
+            step = steppers[key]
+            wall, cpu = time.perf_counter_ns(), cpu_clock()
             for _ in range(steps):
-                steppers[n](t[n])
-                t[n] += 1
-            times[n].append(time.perf_counter() - start)
-    ref = statistics.median(times["torch.optim.SGD"])
-    ratios = {n: statistics.median(times[n]) / ref for n in steppers}
-    for n, base in ADAM_BASELINE.items():
-        if n in times and base in times:
-            ratios[f"_vs_adam/{n}"] = statistics.median(times[n]) / statistics.median(times[base])
-    return ratios | {"_sgd_ms_per_step": 1000 * ref / steps}
+                step(t[key])
+                t[key] += 1
+            cpu, wall = cpu_clock() - cpu, time.perf_counter_ns() - wall
+            times[key].cpu.append(cpu * 1e-9)
+            times[key].wall.append(wall * 1e-9)
+    return times, failed
+
+
+# ---------------------------------------------------------------------- report
+def _ratio(times: dict[Key, Clocks], key: Key, base: Key | None, clock: str) -> str:
+    if key not in times:
+        return "n/a" if key[1] == "before" else ""
+    if base is None or base not in times:
+        return ""
+    return f"{times[key].median(clock) / times[base].median(clock):.2f}x"
+
+
+def table(times: dict[Key, Clocks], versions: list[str],
+          clock: str) -> list[str]:
+    """One markdown table on ``clock``: every case against SGD, its floor and Adam(W)."""
+    sgd = ("torch.optim.SGD", "")
+    columns = ["x SGD", "x floor", "x Adam(W)"]
+    head = ["optimizer"]
+    for column in columns:
+        head += [f"{column} {v}" for v in versions] if len(versions) > 1 else [column]
+    if len(versions) > 1:
+        head.append("after / before")
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for name in dict.fromkeys(name for name, _ in times):
+        if name in BASELINES or name not in CASES:
+            row = [name if name in BASELINES else f"floor: {name}"]
+            row += [""] * (len(versions) - 1) + [_ratio(times, (name, ""), sgd, clock)]
+            row += [""] * (2 * len(versions) + (len(versions) > 1))
+        else:
+            floor = (FLOORS[name][0], "") if name in FLOORS else None
+            adam = (ADAM_BASELINE[name], "") if name in ADAM_BASELINE else None
+            row = [name]
+            for base in (sgd, floor, adam):
+                row += [_ratio(times, (name, v), base, clock) for v in versions]
+            if len(versions) > 1:
+                row.append(_ratio(times, (name, "after"), (name, "before"), clock)
+                           if (name, "before") in times else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50,
                         help="steps per timed block (50: one FDS episode, 5 IFT hyper-updates)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--models", nargs="*", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--only", nargs="*", help="case names to run (SGD always runs)")
+    parser.add_argument("--before", metavar="REF",
+                        help="also time the package at this git ref (e.g. main), side by side")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for model_name, (sizes, batch) in MODELS.items():
-        ratios = measure(sizes, batch, args.repeats, args.steps, args.only)
-        sgd_ms = ratios.pop("_sgd_ms_per_step")
-        print(f"\n{model_name}  (SGD: {sgd_ms:.3f} ms/step, {args.threads} thread(s), "
-              f"median of {args.repeats} x {args.steps} steps)")
-        print(f"{'optimizer':<44} {'time / SGD':>10} {'floor / SGD':>11} {'time / floor':>12}"
-              f" {'time / Adam(W)':>15}")
-        for name, ratio in ratios.items():
-            if name not in CASES:
-                continue
-            floor = ratios.get(FLOORS[name][0]) if name in FLOORS else None
-            vs = ratios.get(f"_vs_adam/{name}")
-            extra = f" {floor:>10.2f}x {ratio / floor:>11.2f}x" if floor else " " * 24
-            extra += f" {vs:>14.2f}x" if vs is not None else ""
-            print(f"{name:<44} {ratio:>10.2f}x{extra.rstrip()}")
+    # One thread: the step runs on the calling thread, whose CPU time excludes other processes'.
+    cpu_clock = time.thread_time_ns if args.threads == 1 else time.process_time_ns
+    cpu_name = "thread CPU time" if args.threads == 1 else "process CPU time"
+    with tempfile.TemporaryDirectory() as tmp:
+        packages = {"after": hyperoptim}
+        label = ""
+        if args.before:
+            before, sha = load_package(args.before, Path(tmp))
+            packages = {"before": before, "after": hyperoptim}
+            label = f"; before = {args.before} ({sha}), after = this checkout"
+        versions = list(packages)
+        for model in args.models:
+            title, sizes, batch = MODELS[model]
+            times, failed = measure(sizes, batch, args.repeats, args.steps, args.only, packages,
+                                    cpu_clock)
+            sgd = times[("torch.optim.SGD", "")]
+            print(f"\n### {title}\n\nSGD: {1000 * sgd.median('cpu') / args.steps:.3f} ms/step "
+                  f"CPU, {1000 * sgd.median('wall') / args.steps:.3f} ms/step wall; "
+                  f"{args.threads} thread(s); median of {args.repeats} x {args.steps} steps"
+                  f"{label}", flush=True)
+            for clock, name in (("cpu", cpu_name), ("wall", "wall time")):
+                print(f"\n{name}:\n")
+                print("\n".join(table(times, versions, clock)), flush=True)
+            for (name, _), why in failed.items():
+                print(f"\nn/a before: {name}: {why}")
 
 
 if __name__ == "__main__":
