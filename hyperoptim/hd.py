@@ -11,7 +11,7 @@ from torch import Tensor
 from .core.options import check_arguments
 from .core.types import Closure, ParamsT
 from .hyperstep import HyperStep
-from .methods.hd import RuleHypergrad, hyper_step_option
+from .methods.hd import RuleHypergrad
 from .rules.sgd import SGD
 
 __all__ = ["HypergradSGD"]
@@ -113,20 +113,16 @@ class HypergradSGD(RuleHypergrad):
         val_closure: Closure | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
-        fused: bool | None = None,
         differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         check_arguments(self, lr_bounds=lr_bounds, lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, per_parameter=per_parameter)
-        kappa, policy = hyper_step_option(hypergrad_lr, hyper_step, self.default_hypergrad_lr,
-                                          self.default_hyper_step)
-        defaults = dict(
-            lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, hypergrad_lr=kappa, hyper_step=policy,
-            lr_bounds=(float(lr_bounds[0]), float(lr_bounds[1])), per_parameter=per_parameter,
-        )
-        super().__init__(params, defaults, val_closure=val_closure, maximize=maximize,
-                         foreach=foreach, fused=fused, differentiable=differentiable)
+        rule_defaults = dict(lr=float(lr), momentum=momentum, dampening=dampening,
+                             weight_decay=weight_decay, nesterov=nesterov)
+        self._setup(params, rule_defaults, hypergrad_lr=hypergrad_lr, hyper_step=hyper_step,
+                    lr_bounds=lr_bounds, per_parameter=per_parameter, val_closure=val_closure,
+                    maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
 
     rule = SGD
     _supports_grad_scaler = True

@@ -2,6 +2,7 @@ r"""Hypergradient descent on Adam's and AdamW's learning rate (Baydin et al., 20
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import Tensor
 from .core.options import check_arguments
 from .core.types import Closure, ParamsT
 from .hyperstep import HyperStep
-from .methods.hd import RuleHypergrad, hyper_step_option
+from .methods.hd import RuleHypergrad
 from .rules.adam import ADAM
 
 __all__ = ["HypergradAdam", "HypergradAdamW"]
@@ -130,26 +131,22 @@ class HypergradAdam(RuleHypergrad):
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
         val_closure: Closure | None = None,
-        maximize: bool = False,
         foreach: bool | None = None,
-        fused: bool | None = None,
+        maximize: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
         decoupled_weight_decay: bool = False,
     ) -> None:
         check_arguments(self, lr_bounds=lr_bounds, lr=lr, betas=betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         per_parameter=per_parameter,
                         decoupled_weight_decay=decoupled_weight_decay)
-        kappa, policy = hyper_step_option(hypergrad_lr, hyper_step, self.default_hypergrad_lr,
-                                          self.default_hyper_step)
-        defaults = dict(
-            lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
-            weight_decay=float(weight_decay), amsgrad=False, maximize=False,
-            decoupled_weight_decay=decoupled_weight_decay, hypergrad_lr=kappa, hyper_step=policy,
-            lr_bounds=(float(lr_bounds[0]), float(lr_bounds[1])), per_parameter=per_parameter,
-        )
-        super().__init__(params, defaults, val_closure=val_closure, foreach=foreach, fused=fused,
-                         differentiable=differentiable)
+        rule_defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])),
+                             eps=float(eps), weight_decay=float(weight_decay), amsgrad=False,
+                             maximize=False, decoupled_weight_decay=decoupled_weight_decay)
+        self._setup(params, rule_defaults, hypergrad_lr=hypergrad_lr, hyper_step=hyper_step,
+                    lr_bounds=lr_bounds, per_parameter=per_parameter, val_closure=val_closure,
+                    foreach=foreach, fused=fused, differentiable=differentiable)
 
     @staticmethod
     def _momentum(group: dict[str, Any]) -> float:
@@ -184,27 +181,30 @@ class HypergradAdamW(HypergradAdam):
         True
     """
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        hypergrad_lr: float | None = None,
-        hyper_step: HyperStep | str | None = None,
-        lr_bounds: tuple[float, float] = (0.0, math.inf),
-        per_parameter: bool = False,
-        val_closure: Closure | None = None,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        differentiable: bool = False,
-    ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
-                         hypergrad_lr=hypergrad_lr, hyper_step=hyper_step, lr_bounds=lr_bounds,
-                         per_parameter=per_parameter, val_closure=val_closure,
-                         maximize=maximize, foreach=foreach, fused=fused,
-                         differentiable=differentiable, decoupled_weight_decay=True)
+    def __init__(self, params: ParamsT, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, **options: Any) -> None:
+        # HypergradAdam's keyword options, all but the flag (__signature__ below lists them).
+        unknown = next((name for name in options if name not in _ADAMW_OPTIONS), None)
+        if unknown is not None:
+            raise TypeError(f"HypergradAdamW.__init__() got an unexpected keyword argument "
+                            f"{unknown!r}")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **options,
+                         decoupled_weight_decay=True)
+
+
+def _adamw_signature() -> inspect.Signature:
+    """What ``inspect.signature`` and ``help`` show for ``HypergradAdamW``: its own positional
+    arguments, then ``HypergradAdam``'s keyword options but ``decoupled_weight_decay`` (always
+    on), as ``torch.optim.AdamW`` has ``torch.optim.Adam``'s."""
+    own = inspect.signature(HypergradAdamW.__init__).parameters.values()
+    options = inspect.signature(HypergradAdam.__init__).parameters.values()
+    return inspect.signature(HypergradAdamW.__init__).replace(parameters=[
+        *(p for p in own if p.kind is not p.VAR_KEYWORD),
+        *(p for p in options if p.kind is p.KEYWORD_ONLY and p.name != "decoupled_weight_decay"),
+    ])
+
+
+HypergradAdamW.__init__.__signature__ = _adamw_signature()  # type: ignore[attr-defined]
+_ADAMW_OPTIONS = frozenset(name for name, p in inspect.signature(HypergradAdamW).parameters.items()
+                           if p.kind is p.KEYWORD_ONLY)

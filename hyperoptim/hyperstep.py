@@ -174,6 +174,24 @@ def _bracket(value: float, cos: float, state: dict[str, float], up: float, down:
     return back, {**state, "direction": direction, "phase": 1.0}
 
 
+def _moves(value: float, g: float, state: dict[str, float]) -> bool:
+    r"""Whether :math:`g = a h` moves Adam's moments on :math:`\log a`: finite, :math:`a > 0`, and
+    not a zero gradient before any scale is known."""
+    return math.isfinite(g) and value > 0.0 and not (g == 0.0 and state["v"] == 0.0)
+
+
+def _moments(g: float, state: dict[str, float], beta1: float, beta2: float) -> dict[str, float]:
+    """Adam's moments ``m``, ``v`` and step count ``t`` after the gradient ``g``."""
+    return {"m": beta1 * state["m"] + (1.0 - beta1) * g,
+            "v": beta2 * state["v"] + (1.0 - beta2) * g * g, "t": state["t"] + 1.0}
+
+
+def _corrected(moments: dict[str, float], beta1: float, beta2: float) -> tuple[float, float]:
+    r"""Adam's bias-corrected moments :math:`(\hat m, \hat v)`."""
+    t = moments["t"]
+    return moments["m"] / (1.0 - beta1 ** t), moments["v"] / (1.0 - beta2 ** t)
+
+
 @dataclasses.dataclass(frozen=True)
 class AdamLog(HyperStep):
     r"""Adam on :math:`\log a`: gradient :math:`g = a h` (:math:`= \partial E / \partial \log a`),
@@ -195,16 +213,14 @@ class AdamLog(HyperStep):
                momentum: float = 0.0, loss: float | None = None
                ) -> tuple[float, dict[str, float]]:
         g = value * h
-        if not math.isfinite(g) or value <= 0.0 or (g == 0.0 and state["v"] == 0.0):
+        if not _moves(value, g, state):
             return value, state
-        t = state["t"] + 1.0
-        m = self.beta1 * state["m"] + (1.0 - self.beta1) * g
-        v = self.beta2 * state["v"] + (1.0 - self.beta2) * g * g
-        if v == 0.0:  # g * g underflowed: no scale to normalise by yet
+        moments = _moments(g, state, self.beta1, self.beta2)
+        if moments["v"] == 0.0:  # g * g underflowed: no scale to normalise by yet
             return value, state
-        m_hat, v_hat = m / (1.0 - self.beta1 ** t), v / (1.0 - self.beta2 ** t)
+        m_hat, v_hat = _corrected(moments, self.beta1, self.beta2)
         step = self.lr * m_hat / math.sqrt(v_hat)
-        return value * math.exp(-step), {"m": m, "v": v, "t": t}
+        return value * math.exp(-step), moments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,17 +277,27 @@ class ScaleFree(HyperStep):
     def update(self, value: float, h: float, norm: float, state: dict[str, float], *,
                momentum: float = 0.0, loss: float | None = None
                ) -> tuple[float, dict[str, float]]:
-        g = value * h
-        if math.isfinite(g) and value > 0.0 and not (g == 0.0 and state["v"] == 0.0):
-            t = state["t"] + 1.0
-            m = self.beta1 * state["m"] + (1.0 - self.beta1) * g
-            v = self.beta2 * state["v"] + (1.0 - self.beta2) * g * g
-            if v > 0.0:
-                r = (m / (1.0 - self.beta1 ** t)) / math.sqrt(v / (1.0 - self.beta2 ** t))
-                value *= math.exp(-(self.up if r < 0.0 else self.down) * r)
-                state = {**state, "m": m, "v": v, "t": t}
+        value, state = self._log_step(value, h, state)
         if loss is None or not math.isfinite(loss):
             return value, state
+        return self._react(value, loss, state)
+
+    def _log_step(self, value: float, h: float, state: dict[str, float]
+                  ) -> tuple[float, dict[str, float]]:
+        r"""The normalised step on :math:`\log a` (1. above), :math:`\eta` by its direction."""
+        g = value * h
+        if not _moves(value, g, state):
+            return value, state
+        moments = _moments(g, state, self.beta1, self.beta2)
+        if not moments["v"] > 0.0:
+            return value, state
+        m_hat, v_hat = _corrected(moments, self.beta1, self.beta2)
+        r = m_hat / math.sqrt(v_hat)
+        return value * math.exp(-(self.up if r < 0.0 else self.down) * r), {**state, **moments}
+
+    def _react(self, value: float, loss: float, state: dict[str, float]
+               ) -> tuple[float, dict[str, float]]:
+        """The reactive decrease (2. above), from a finite training ``loss``."""
         if state["seen"] == 0.0:
             return value, {**state, "seen": 1.0, "first": loss, "ema": loss, "low": loss,
                            "prev": loss}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -27,11 +27,31 @@ from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value, is_real
 from ..core.dist import all_reduce_mean, world_size
 from ..core.shard import is_sharded, local, sums_and_norms
-from ..core.types import Closure
+from ..core.types import Closure, ParamsT
 from ..hyperstep import Additive, HyperStep, resolve
 from ..rules.base import UpdateRule
 
 __all__ = ["RuleHypergrad", "hyper_step_option"]
+
+
+#: Each param group with its parameters that have a gradient.
+_Groups = list[tuple[dict[str, Any], list[Tensor]]]
+#: A group's proposed learning rate, its policy's new state and what it adds to ``history``.
+_Stepped = tuple[float, dict[str, float] | None, dict[str, float]]
+
+
+class _Plan(NamedTuple):
+    """A param group's share of one step, proposed and not yet committed."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: list[dict[str, Any]]
+    #: Where the group's <grad E, d_{t-1}> terms stand in the step's scalars; the scale terms
+    #: (a normalised policy) or the per-weight rates' mean and largest value follow them.
+    span: tuple[int, int]
+    #: Candidate per-weight learning rates (``per_parameter`` groups), else None.
+    new_lrs: list[Tensor] | None
 
 
 def hyper_step_option(hypergrad_lr: float | None, hyper_step: HyperStep | str | None,
@@ -83,6 +103,24 @@ class RuleHypergrad(HyperOptimizer):
     rule: ClassVar[UpdateRule]
     _supports_fsdp2 = True
 
+    #: :math:`\kappa` of the additive policy when it is chosen without one (each public class
+    #: sets Baydin et al.'s value for its rule).
+    default_hypergrad_lr: float
+    #: The policy when neither ``hypergrad_lr`` nor ``hyper_step`` is given.
+    default_hyper_step: HyperStep | str = Additive.name
+
+    def _setup(self, params: ParamsT, defaults: dict[str, Any], *, hypergrad_lr: float | None,
+               hyper_step: HyperStep | str | None, lr_bounds: tuple[float, float],
+               per_parameter: bool, **base: Any) -> None:
+        """The rule-independent part of the constructor, after the public class has checked its
+        arguments: the rule's ``defaults`` with HD's options after them, then the groups."""
+        kappa, policy = hyper_step_option(hypergrad_lr, hyper_step, self.default_hypergrad_lr,
+                                          self.default_hyper_step)
+        defaults = {**defaults, "hypergrad_lr": kappa, "hyper_step": policy,
+                    "lr_bounds": (float(lr_bounds[0]), float(lr_bounds[1])),
+                    "per_parameter": per_parameter}
+        super().__init__(params, defaults, **base)
+
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         lo, hi = group["lr_bounds"]
@@ -117,7 +155,7 @@ class RuleHypergrad(HyperOptimizer):
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:
-        """:math:`\nabla E(w_t)` in training-loss mode: the gradient the rule descends."""
+        r""":math:`\nabla E(w_t)` in training-loss mode: the gradient the rule descends."""
         return grads
 
     @staticmethod
@@ -127,9 +165,13 @@ class RuleHypergrad(HyperOptimizer):
 
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None = None, *,
-             val_closure: Closure | None = None) -> Any:
+              val_closure: Closure | None = None) -> Any:
         """Perform one step: update each group's learning rate, then take the rule's step
         (PyTorch's SGD or Adam step) with it.
+
+        The pipeline of docs/design.md §7: propose (the terms of :math:`h_t` and the candidate
+        per-weight rates), one host sync, the hyper-step (each group's new rate), the guard, then
+        commit or skip; nothing is written before the guard's verdict.
 
         Args:
             closure (callable, optional): recomputes and returns the training loss; it may call
@@ -142,63 +184,83 @@ class RuleHypergrad(HyperOptimizer):
         """
         loss, _ = self._training_loss(closure)
         val_closure = self._resolve_val_closure(val_closure, required=False)
-
         groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
         sharded = any(is_sharded(p) for _, ps in groups for p in ps)  # FSDP2
-        objective: dict[Tensor, Tensor] = {}
-        val_loss: Tensor | None = None
-        if val_closure is not None:
-            with_grad = [p for _, ps in groups for p in ps]
-            val_loss, val_grads = self._validation_grads(val_closure, with_grad,
-                                                         average_loss=not sharded)
-            objective = dict(zip(with_grad, val_grads))
+        val_loss, objective = self._validation(val_closure, groups, sharded)
+        plans, scalars = self._propose(groups, objective)
+        values, checked, train_loss = self._gather(scalars, loss, val_loss, groups, sharded)
+        hypergrads = [-_fsum(values[a:b]) for a, b in (plan.span for plan in plans)]
+        stepped = [self._new_lr(i, plan, h, values, train_loss)
+                   for i, (plan, h) in enumerate(zip(plans, hypergrads))]
+        reason = self._verdict(values, checked, groups, plans, stepped)
+        if reason is not None:
+            self._skip(reason, stepped)
+        else:
+            self._commit(plans, hypergrads, stepped)
+        return loss
 
-        # Every scalar of the step goes into one flat list and one host sync: per group, its
-        # <grad E, d_{t-1}> terms (summed on the host), then the mean and the largest of the
-        # per-weight rates.
-        plans = []
+    def _validation(self, val_closure: Closure | None, groups: _Groups, sharded: bool
+                    ) -> tuple[Tensor | None, dict[Tensor, Tensor] | None]:
+        r"""The validation loss and :math:`\nabla E(w_t)` per parameter, or ``(None, None)`` in
+        training-loss mode (the objective's gradient is then :meth:`_objective_grads`)."""
+        if val_closure is None:
+            return None, None
+        with_grad = [p for _, ps in groups for p in ps]
+        # Under FSDP2 the loss is summed in the step's one all-reduce of scalars (_gather).
+        val_loss, val_grads = self._validation_grads(val_closure, with_grad,
+                                                     average_loss=not sharded)
+        return val_loss, dict(zip(with_grad, val_grads))
+
+    def _propose(self, groups: _Groups, objective: dict[Tensor, Tensor] | None
+                 ) -> tuple[list[_Plan], list[Tensor]]:
+        r"""Every group's plan and the step's device scalars, in one flat list for one host sync:
+        per group, its :math:`\langle \nabla E, d_{t-1} \rangle` terms (summed on the host), then
+        the scale of a normalised policy or the mean and the largest of the per-weight rates."""
         scalars: list[Tensor] = []
-        for index, (group, params) in enumerate(groups):
-            grads = [p.grad for p in params]
-            states = [self.state[p] for p in params]
-            prev = [self._previous_direction(group, s) for s in states]
-            # h_t = -<grad E(w_t), d_{t-1}>
-            if val_closure is not None:
-                objs = [objective[p] for p in params]
-            else:
-                objs = self._objective_grads(group, params, grads)
-            start = len(scalars)
-            new_lrs = None
-            if group["per_parameter"]:
-                elementwise = [None if d is None else -(o * d) for o, d in zip(objs, prev)]
-                scalars.extend(-e.sum() for e in elementwise if e is not None)
-                new_lrs = self._per_parameter_lrs(index, group, params, states, elementwise)
-            else:
-                scalars.extend(_dot(o, d) for o, d in zip(objs, prev) if d is not None)
-            span = (start, len(scalars))
-            if not group["per_parameter"] and self._policy(group).normalised:
-                # ||grad E(w_t)||^2 and ||d_{t-1}||^2 over the terms of h_t: its scale (partial
-                # sums under FSDP2, completed with the dots).
-                pairs = [(o, d) for o, d in zip(objs, prev) if d is not None]
-                scalars.append(_squares([o for o, _ in pairs], objs))
-                scalars.append(_squares([d for _, d in pairs], objs))
-            if new_lrs is not None:
-                n = sum(a.numel() for a in new_lrs)
-                scalars.append(torch.stack([a.sum() for a in new_lrs]).sum() / n if n
-                               else torch.tensor(group["lr"]))
-                scalars.append(torch.stack([a.amax() for a in new_lrs]).amax() if n
-                               else torch.tensor(group["lr"]))
-            plans.append((group, params, grads, states, span, new_lrs))
+        plans = [self._propose_group(index, group, params, objective, scalars)
+                 for index, (group, params) in enumerate(groups)]
+        return plans, scalars
 
+    def _propose_group(self, index: int, group: dict[str, Any], params: list[Tensor],
+                       objective: dict[Tensor, Tensor] | None, scalars: list[Tensor]) -> _Plan:
+        """One group's share of :meth:`_propose`: appends its scalars, writes nothing."""
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        prev = [self._previous_direction(group, s) for s in states]
+        if objective is not None:
+            objs = [objective[p] for p in params]
+        else:
+            objs = self._objective_grads(group, params, grads)
+        start = len(scalars)
+        if group["per_parameter"]:
+            new_lrs = self._propose_per_weight(index, group, params, states, objs, prev, scalars)
+            span = (start, len(scalars))
+            scalars.extend(_mean_and_largest(new_lrs, group["lr"]))
+            return _Plan(group, params, grads, states, span, new_lrs)
+        # h_t = -<grad E(w_t), d_{t-1}>
+        scalars.extend(_dot(o, d) for o, d in zip(objs, prev) if d is not None)
+        span = (start, len(scalars))
+        if self._policy(group).normalised:
+            scalars.extend(_scale_terms(objs, prev))
+        return _Plan(group, params, grads, states, span, None)
+
+    def _propose_per_weight(self, index: int, group: dict[str, Any], params: list[Tensor],
+                            states: list[dict[str, Any]], objs: list[Tensor],
+                            prev: list[Tensor | None], scalars: list[Tensor]) -> list[Tensor]:
+        r"""The candidate per-weight rates; appends the terms of :math:`h_t` (the sums of the
+        elementwise :math:`-\nabla E(w_t) \odot d_{t-1}`)."""
+        elementwise = [None if d is None else -(o * d) for o, d in zip(objs, prev)]
+        scalars.extend(-e.sum() for e in elementwise if e is not None)
+        return self._per_parameter_lrs(index, group, params, states, elementwise)
+
+    def _gather(self, scalars: list[Tensor], loss: Tensor | None, val_loss: Tensor | None,
+                groups: _Groups, sharded: bool) -> tuple[list[float], list[float], float | None]:
+        """The step's one host sync: the proposed scalars, then the validation loss and the
+        training loss's mean over ranks where they are read, as ``values``; the guard's scalars as
+        ``checked``; and the training loss a policy reads (``None`` if none does)."""
         norms = None
         if sharded:
-            # FSDP2: one all-reduce completes every dot and the guard's norms, and sums the
-            # ranks' validation losses.
-            tensors = [t for kinds in self._guard_tensors(groups) for ts in kinds for t in ts]
-            sums, norms = sums_and_norms(scalars + ([] if val_loss is None else [val_loss]), tensors)
-            scalars = sums[:len(scalars)]
-            if val_loss is not None:
-                val_loss = sums[-1] / world_size()
+            scalars, val_loss, norms = self._complete_shards(scalars, val_loss, groups)
         if val_loss is not None:
             scalars.append(val_loss)
         # A policy that reads the training loss reads its mean over ranks (every rank's policy
@@ -209,62 +271,78 @@ class RuleHypergrad(HyperOptimizer):
         guard = self._guard_scalars(loss, groups, norms)
         values = _host_floats(scalars + guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
+        if not reads_loss:
+            return values, checked, None
+        return values, checked, -values[-1] if self.defaults["maximize"] else values[-1]
 
-        hypergrads = [-_fsum(values[a:b]) for _, _, _, _, (a, b), _ in plans]
-        # The training loss's mean over ranks (the last scalar), for policies that read it.
-        train_loss = None
-        if reads_loss:
-            train_loss = -values[-1] if self.defaults["maximize"] else values[-1]
-        stepped = [self._new_lr(i, plan, h, values, train_loss)
-                   for i, (plan, h) in enumerate(zip(plans, hypergrads))]
-        group_lrs = [lr for lr, _, _ in stepped]
-        largest = [values[b + 1] if plan[-1] is not None else lr
-                   for plan, (_, b), lr in zip(plans, (p[4] for p in plans), group_lrs)]
-        # One guard for everything the step is about to commit (docs/design.md §7): the hypergradient
-        # and validation loss, the training gradient, and the weights the new rate would give.
-        reason = None if self._all_finite(*values) else "hypergradient or validation loss"
-        if reason is None:
-            reason = self._guard_verdict(checked, groups, [{"lr": a} for a in largest])
-        if reason is not None:
-            self._warn_nonfinite(reason)
-            for i, group in enumerate(self.param_groups):
-                extra = {} if not stepped[i][2] else dict.fromkeys(stepped[i][2], math.nan)
-                self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan},
-                             **extra)
-            return loss
+    def _complete_shards(self, scalars: list[Tensor], val_loss: Tensor | None, groups: _Groups
+                         ) -> tuple[list[Tensor], Tensor | None, list[Tensor]]:
+        """FSDP2: one all-reduce completes every dot and the guard's norms, and sums the ranks'
+        validation losses (returned as their mean)."""
+        tensors = [t for kinds in self._guard_tensors(groups) for ts in kinds for t in ts]
+        sums, norms = sums_and_norms(scalars + ([] if val_loss is None else [val_loss]), tensors)
+        if val_loss is not None:
+            val_loss = sums[-1] / world_size()
+        return sums[:len(scalars)], val_loss, norms
 
-        rule = self.rule
+    def _verdict(self, values: list[float], checked: list[float], groups: _Groups,
+                 plans: list[_Plan], stepped: list[_Stepped]) -> str | None:
+        """Why the step must be skipped (``None``: commit it). One guard for everything the step
+        is about to commit (docs/design.md §7): the hypergradient and validation loss, the
+        training gradient, and the weights the new rate would give (a per-weight group's largest
+        rate)."""
+        if not self._all_finite(*values):
+            return "hypergradient or validation loss"
+        largest = [values[plan.span[1] + 1] if plan.new_lrs is not None else lr
+                   for plan, (lr, _, _) in zip(plans, stepped)]
+        return self._guard_verdict(checked, groups, [{"lr": a} for a in largest])
+
+    def _skip(self, reason: str, stepped: list[_Stepped]) -> None:
+        """Count and record a skipped step: nothing else changes."""
+        self._warn_nonfinite(reason)
+        for i, group in enumerate(self.param_groups):
+            self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan},
+                         **dict.fromkeys(stepped[i][2], math.nan))
+
+    def _commit(self, plans: list[_Plan], hypergrads: list[float], stepped: list[_Stepped]
+                ) -> None:
+        """Write every group's new rate and policy state, take the rule's step with it, and
+        record ``history``."""
         for i, (plan, h, (new_lr, policy_state, extra)) in enumerate(
                 zip(plans, hypergrads, stepped)):
-            group, params, grads, states, _, new_lrs = plan
+            group = plan.group
             group["lr"] = new_lr
             if policy_state is not None:
                 self.hyper_state.setdefault("hyper_step", {})[i] = policy_state
-            hypers: dict[str, Any] = rule.hypers(group)
-            if new_lrs is not None:
+            hypers: dict[str, Any] = self.rule.hypers(group)
+            if plan.new_lrs is not None:
                 self.hyper_state.setdefault("published_lr", {})[i] = new_lr
-                for s, a in zip(states, new_lrs):
+                for s, a in zip(plan.states, plan.new_lrs):
                     s["lr"] = a
-                hypers["lr"] = new_lrs
-            if params:
-                buffers, counts = rule.read_state(states, params)
-                new_buffers, dirs = rule.step_(params, grads, buffers, hypers, counts,
-                                               **rule.options(group))
-                rule.write_state(states, new_buffers)
-                for s, d in zip(states, dirs):
-                    # Kept unless the rule's state already holds it (heavy ball's buffer).
-                    if self._previous_direction(group, s) is not d:
-                        s["direction"] = d
+                hypers["lr"] = plan.new_lrs
+            if plan.params:
+                self._rule_step(plan, hypers)
             self._record(i, lr=group["lr"], **{"hypergrad/lr": h}, **extra)
-        return loss
 
-    def _new_lr(self, index: int, plan: tuple[Any, ...], h: float, values: list[float],
-                train_loss: float | None) -> tuple[float, dict[str, float] | None,
-                                                   dict[str, float]]:
+    def _rule_step(self, plan: _Plan, hypers: dict[str, Any]) -> None:
+        """The rule's step in place; each parameter's direction :math:`d_t` is kept for the next
+        hypergradient."""
+        rule, group, states = self.rule, plan.group, plan.states
+        buffers, counts = rule.read_state(states, plan.params)
+        new_buffers, dirs = rule.step_(plan.params, plan.grads, buffers, hypers, counts,
+                                       **rule.options(group))
+        rule.write_state(states, new_buffers)
+        for s, d in zip(states, dirs):
+            # Kept unless the rule's state already holds it (heavy ball's buffer).
+            if self._previous_direction(group, s) is not d:
+                s["direction"] = d
+
+    def _new_lr(self, index: int, plan: _Plan, h: float, values: list[float],
+                train_loss: float | None) -> _Stepped:
         """A group's new learning rate (per-weight groups: the new mean), the policy's new state
         and what it adds to ``history``; nothing is committed (the step may still be skipped)."""
-        group, *_, (_, end), new_lrs = plan
-        if new_lrs is not None:
+        group, end = plan.group, plan.span[1]
+        if plan.new_lrs is not None:
             return values[end], None, {}
         lo, hi = _learned_bounds(group)
         policy = self._policy(group)
@@ -314,6 +392,24 @@ def _fsum(values: list[float]) -> float:
     """The exact sum of ``values``; NaN if one is not finite (products that overflowed: the guard
     then skips the step), where ``math.fsum`` would raise on ``-inf + inf``."""
     return math.fsum(values) if all(math.isfinite(v) for v in values) else math.nan
+
+
+def _mean_and_largest(rates: list[Tensor], lr: float) -> list[Tensor]:
+    """The mean and the largest element of per-weight ``rates`` (``lr`` twice when there are
+    none)."""
+    n = sum(a.numel() for a in rates)
+    if not n:
+        return [torch.tensor(lr), torch.tensor(lr)]
+    return [torch.stack([a.sum() for a in rates]).sum() / n,
+            torch.stack([a.amax() for a in rates]).amax()]
+
+
+def _scale_terms(objs: list[Tensor], prev: list[Tensor | None]) -> list[Tensor]:
+    r""":math:`\lVert \nabla E(w_t) \rVert^2` and :math:`\lVert d_{t-1} \rVert^2` over the terms
+    of :math:`h_t`: its scale, for a normalised policy (partial sums under FSDP2, completed with
+    the dots)."""
+    pairs = [(o, d) for o, d in zip(objs, prev) if d is not None]
+    return [_squares([o for o, _ in pairs], objs), _squares([d for _, d in pairs], objs)]
 
 
 def _squares(tensors: list[Tensor], like: list[Tensor]) -> Tensor:
