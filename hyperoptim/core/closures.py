@@ -13,7 +13,15 @@ import torch
 from torch import Tensor
 
 from ..hvp import RngReplay, SecondOrder, exact_route_error
-from .dist import all_reduce_mean, ddp_synced_ids
+from .dist import (
+    AGREEMENT_TIMEOUT,
+    all_reduce_mean,
+    ddp_synced_ids,
+    settle,
+    uneven_batches,
+    verdict,
+    world_size,
+)
 from .grads import GradIsolation, ReachedLeaves
 from .ledger import GradLedger
 from .shard import any_nonzero, check_sharded_closure, is_sharded
@@ -53,13 +61,51 @@ class _Closures:
         return [called_backward and (id(p) in self._ddp_synced or is_sharded(p)) for p in params]
 
     @staticmethod
-    def _average(tensors: Sequence[Tensor], synced: Sequence[bool]) -> list[Tensor]:
+    def _average(tensors: Sequence[Tensor], synced: Sequence[bool], *,
+                 timeout: float | None = None) -> list[Tensor]:
         """:func:`all_reduce_mean` of the tensors whose ``synced`` entry is False (one collective);
         the others, already averaged, are returned as they are."""
         own = [i for i, done in enumerate(synced) if not done]
         out = list(tensors)
-        for i, mean in zip(own, all_reduce_mean([tensors[i] for i in own])):
+        for i, mean in zip(own, all_reduce_mean([tensors[i] for i in own], timeout=timeout)):
             out[i] = mean
+        return out
+
+    def _agreed(self, failure: Exception | None, tensors: Sequence[Tensor] = (),
+                synced: Sequence[bool] = ()) -> list[Tensor]:
+        """:meth:`_average` of ``tensors`` carrying this rank's verdict on its step so far
+        (docs/design.md §8, "A step that fails on one rank"): one element more in the collective
+        of the first tensor averaged, or one scalar all-reduce where nothing is averaged. Raises
+        on every rank, here, if the step failed on any (:func:`~hyperoptim.core.dist.settle`).
+        Only under ``torch.distributed``; ``tensors`` of a failed rank are placeholders of the
+        same shapes, so that every rank sends the same collective."""
+        own = next((t for t, done in zip(tensors, synced) if not done), None)
+        params = self._all_params()
+        device = own.device if own is not None else (params[0].device if params else None)
+        batch = self.__dict__.get("local_batch_size")
+        slot = verdict(failure, own, device or torch.device("cpu"), batch)
+        timeout = self.__dict__.get("agreement_timeout", AGREEMENT_TIMEOUT)
+        try:
+            *out, slot = self._average([*tensors, slot], [*synced, False], timeout=timeout)
+        except RuntimeError as err:
+            if failure is None:
+                raise
+            if hasattr(failure, "add_note"):  # Python 3.11+
+                failure.add_note(f"(then, at the step's agreement: {err})")
+            raise failure from None
+        values = settle(type(self).__name__, slot, failure, timeout=timeout)
+        mean = uneven_batches(values, world_size()) if own is None else None
+        if mean is not None and not self.__dict__.get("_uneven_warned"):
+            self.__dict__["_uneven_warned"] = True
+            warn(
+                f"{type(self).__name__}: the ranks declared different local batch sizes "
+                f"(local_batch_size: {batch} here, {mean:g} on average). "
+                "Gradients, validation gradients and Hessian-vector products are averaged with "
+                "one weight per rank, so each example of a smaller batch weighs more than in a "
+                "one-process run over the same data. Give every rank the same number of examples "
+                "(DistributedSampler, drop_last=True), or make each rank's closures return the sum "
+                "of its examples' losses times world_size / (examples over all ranks). Shown once."
+            )
         return out
 
     # ------------------------------------------------------------------ closures
@@ -108,14 +154,25 @@ class _Closures:
         self._grad_ledger.drop_stale()
         before = _grad_snapshot(params)
         rng = RngReplay([p.device for p in params]) if second_order else None
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, Tensor):
-            raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
-        self._reached().note(loss)
-        called_backward = _grads_changed(before, params)
-        check_sharded_closure(type(self).__name__, params, called_backward, "closure")
-        route = self._route(called_backward) if second_order else None
+        try:
+            with torch.enable_grad():
+                loss = closure()
+            if not isinstance(loss, Tensor):
+                raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
+            self._reached().note(loss)
+            called_backward = _grads_changed(before, params)
+            check_sharded_closure(type(self).__name__, params, called_backward, "closure")
+            route = self._route(called_backward) if second_order else None
+        except Exception as err:
+            if world_size() == 1:
+                raise
+            self._agreed(err)  # raises on every rank
+            raise
+        if world_size() > 1:
+            # The step's one scalar agreement: which gradients this closure left is not known
+            # on a rank where it failed, so no averaging below can carry the verdict.
+            self._agreed(None)
+            self.__dict__["_closure_backward"] = called_backward
         graph_grads: list[Tensor] | None = None
         origin_grads: list[Tensor] | None = None
         # A closure that calls backward() replaces p.grad (as for torch.optim); one that does not
@@ -285,11 +342,21 @@ class _Closures:
     def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
         """The closure's training gradient at the live (perturbed) weights, averaged across
         ranks; ``p.grad`` is left exactly as it was (:meth:`_isolated_gradient`)."""
-        _, raw, called_backward = self._isolated_gradient(closure, params, "closure")
-        if raw is None:
-            raise ValueError("Invalid closure return value: the loss does not require grad")
-        out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
-        out = self._average([g.detach() for g in out], self._synced(params, called_backward))
+        failure = None
+        try:
+            _, raw, called_backward = self._isolated_gradient(closure, params, "closure")
+            if raw is None:
+                raise ValueError("Invalid closure return value: the loss does not require grad")
+            out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, raw)]
+        except Exception as err:
+            if world_size() == 1:
+                raise
+            # The same closure as the step's training call: the same style on every rank.
+            failure, called_backward = err, self.__dict__.get("_closure_backward", False)
+            out = [torch.zeros_like(p) for p in params]
+        synced = self._synced(params, called_backward)
+        out = (self._agreed(failure, out, synced) if world_size() > 1 else
+               self._average(out, synced))
         return [-g for g in out] if self.defaults.get("maximize") else out
 
     def _resolve_val_closure(self, val_closure: Closure | None, *, required: bool) -> Closure | None:
@@ -312,17 +379,41 @@ class _Closures:
         collective of its own (FSDP2's one all-reduce of scalars per step).
         """
         params = list(params)
-        loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
-        check_sharded_closure(type(self).__name__, params, called_backward, "val_closure")
-        if raw is None and params:
-            raise ValueError(self._no_graph_message("does not require grad"))
-        if params and not called_backward and all(g is None for g in (raw or [])):
-            raise ValueError(self._no_graph_message("does not depend on the parameters"))
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw or [])]
+        distributed, failure = world_size() > 1, None
+        try:
+            loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
+            check_sharded_closure(type(self).__name__, params, called_backward, "val_closure")
+            if raw is None and params:
+                raise ValueError(self._no_graph_message("does not require grad"))
+            if params and not called_backward and all(g is None for g in (raw or [])):
+                raise ValueError(self._no_graph_message("does not depend on the parameters"))
+            grads = [torch.zeros_like(p) if g is None else g.detach()
+                     for p, g in zip(params, raw or [])]
+        except Exception as err:
+            if not distributed:
+                raise
+            # Placeholders shaped as the other ranks' collective: their closure's style is the
+            # one the last validation call had (it decides which gradients DDP averaged).
+            failure, called_backward = err, bool(self.__dict__.get("_val_backward"))
+            grads, loss = [torch.zeros_like(p) for p in params], torch.zeros(())
         # The loss is averaged too (it is a mean over the data as well): every rank records the
         # same value, and skips the same steps.
-        *grads, loss = self._average([g.detach() for g in grads] + [loss.detach()],
-                                     self._synced(params, called_backward) + [not average_loss])
+        synced = self._synced(params, called_backward) + [not average_loss]
+        if not distributed:
+            *grads, loss = self._average(grads + [loss.detach()], synced)
+        else:
+            # Under torch.distributed the loss travels in the first averaged gradient's dtype, so
+            # that a rank whose closure failed knows the collective's layout.
+            carrier = next((g for g, done in zip(grads, synced) if not done), None)
+            loss = loss.detach().to(carrier.dtype if carrier is not None else torch.float64)
+            guessed = "_val_backward" not in self.__dict__ and any(self._synced(params, True))
+            if guessed:
+                # The first call, with gradients DDP or FSDP2 may average: the layout depends on
+                # a style not seen yet, so the verdict travels alone, once.
+                self._agreed(failure)
+            *grads, loss = (self._average(grads + [loss], synced) if guessed else
+                            self._agreed(failure, grads + [loss], synced))
+            self.__dict__["_val_backward"] = called_backward
         if self.defaults.get("maximize"):
             grads = [-g for g in grads]
         if not self._val_checked and grads:
