@@ -6,8 +6,8 @@ it is not meant to be used on its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -27,6 +27,8 @@ from .ledger import GradLedger
 from .shard import any_nonzero, check_sharded_closure, is_sharded
 from .types import Closure
 from .warn import warn
+
+_T = TypeVar("_T")
 
 
 def _grad_snapshot(params: Sequence[Tensor]) -> list[tuple[Tensor | None, int]]:
@@ -94,7 +96,13 @@ class _Closures:
                 failure.add_note(f"(then, at the step's agreement: {err})")
             raise failure from None
         values = settle(type(self).__name__, slot, failure, timeout=timeout)
-        mean = uneven_batches(values, world_size()) if own is None else None
+        if own is None:
+            self._check_batches(values, batch)
+        return out
+
+    def _check_batches(self, values: list[float], batch: int | None) -> None:
+        """Warn once when the local batch sizes the ranks declared differ."""
+        mean = uneven_batches(values, world_size())
         if mean is not None and not self.__dict__.get("_uneven_warned"):
             self.__dict__["_uneven_warned"] = True
             warn(
@@ -106,7 +114,19 @@ class _Closures:
                 "(DistributedSampler, drop_last=True), or make each rank's closures return the sum "
                 "of its examples' losses times world_size / (examples over all ranks). Shown once."
             )
-        return out
+
+    @staticmethod
+    def _run_local(local: Callable[[], _T], placeholder: Callable[[], _T]
+                   ) -> tuple[_T, Exception | None]:
+        """``(local(), None)``; under ``torch.distributed`` an exception of ``local`` is caught and
+        returned beside ``placeholder()``, for :meth:`_agreed` to send this rank's verdict (in
+        one process it propagates as it is)."""
+        try:
+            return local(), None
+        except Exception as err:
+            if world_size() == 1:
+                raise
+            return placeholder(), err
 
     # ------------------------------------------------------------------ closures
     def _all_params(self) -> list[Tensor]:
@@ -154,24 +174,13 @@ class _Closures:
         self._grad_ledger.drop_stale()
         before = _grad_snapshot(params)
         rng = RngReplay([p.device for p in params]) if second_order else None
-        try:
-            with torch.enable_grad():
-                loss = closure()
-            if not isinstance(loss, Tensor):
-                raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
-            self._reached().note(loss)
-            called_backward = _grads_changed(before, params)
-            check_sharded_closure(type(self).__name__, params, called_backward, "closure")
-            route = self._route(called_backward) if second_order else None
-        except Exception as err:
-            if world_size() == 1:
-                raise
-            self._agreed(err)  # raises on every rank
-            raise
+        (loss, called_backward, route), failure = self._run_local(
+            lambda: self._call_training_closure(closure, params, before, second_order),
+            lambda: (torch.zeros(()), False, None))
         if world_size() > 1:
-            # The step's one scalar agreement: which gradients this closure left is not known
-            # on a rank where it failed, so no averaging below can carry the verdict.
-            self._agreed(None)
+            # The step's scalar agreement: which gradients this closure left is not known on a
+            # rank where it failed, so no average below can carry the verdict.
+            self._agreed(failure)
             self.__dict__["_closure_backward"] = called_backward
         graph_grads: list[Tensor] | None = None
         origin_grads: list[Tensor] | None = None
@@ -225,6 +234,19 @@ class _Closures:
                                           kink_check=not self._fd_rough,
                                           on_rough=self._note_rough_differences,
                                           origin_grads=origin_grads)
+
+    def _call_training_closure(self, closure: Closure, params: list[Tensor],
+                               before: list[tuple[Tensor | None, int]], second_order: bool
+                               ) -> tuple[Tensor, bool, str | None]:
+        """Run the training ``closure``: its loss, whether it called ``backward()``, the HVP route."""
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor):
+            raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
+        self._reached().note(loss)
+        called_backward = _grads_changed(before, params)
+        check_sharded_closure(type(self).__name__, params, called_backward, "closure")
+        return loss, called_backward, self._route(called_backward) if second_order else None
 
     def _prepared_gradients(self, loss: Tensor, prepared: list[Tensor], route: str | None
                             ) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor] | None]:
@@ -342,18 +364,16 @@ class _Closures:
     def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
         """The closure's training gradient at the live (perturbed) weights, averaged across
         ranks; ``p.grad`` is left exactly as it was (:meth:`_isolated_gradient`)."""
-        failure = None
-        try:
+        def local() -> tuple[list[Tensor], bool]:
             _, raw, called_backward = self._isolated_gradient(closure, params, "closure")
             if raw is None:
                 raise ValueError("Invalid closure return value: the loss does not require grad")
-            out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, raw)]
-        except Exception as err:
-            if world_size() == 1:
-                raise
-            # The same closure as the step's training call: the same style on every rank.
-            failure, called_backward = err, self.__dict__.get("_closure_backward", False)
-            out = [torch.zeros_like(p) for p in params]
+            return [torch.zeros_like(p) if g is None else g.detach()
+                    for p, g in zip(params, raw)], called_backward
+
+        # The placeholders' style: the step's training call's, the same closure on every rank.
+        (out, called_backward), failure = self._run_local(local, lambda: (
+            [torch.zeros_like(p) for p in params], self.__dict__.get("_closure_backward", False)))
         synced = self._synced(params, called_backward)
         out = (self._agreed(failure, out, synced) if world_size() > 1 else
                self._average(out, synced))
@@ -379,40 +399,19 @@ class _Closures:
         collective of its own (FSDP2's one all-reduce of scalars per step).
         """
         params = list(params)
-        distributed, failure = world_size() > 1, None
-        try:
-            loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
-            check_sharded_closure(type(self).__name__, params, called_backward, "val_closure")
-            if raw is None and params:
-                raise ValueError(self._no_graph_message("does not require grad"))
-            if params and not called_backward and all(g is None for g in (raw or [])):
-                raise ValueError(self._no_graph_message("does not depend on the parameters"))
-            grads = [torch.zeros_like(p) if g is None else g.detach()
-                     for p, g in zip(params, raw or [])]
-        except Exception as err:
-            if not distributed:
-                raise
-            # Placeholders shaped as the other ranks' collective: their closure's style is the
-            # one the last validation call had (it decides which gradients DDP averaged).
-            failure, called_backward = err, bool(self.__dict__.get("_val_backward"))
-            grads, loss = [torch.zeros_like(p) for p in params], torch.zeros(())
+        # Placeholders shaped as the other ranks' collective: their closure's style is the one
+        # the last validation call had (it decides which gradients DDP averaged).
+        (loss, grads, called_backward), failure = self._run_local(
+            lambda: self._local_validation(val_closure, params),
+            lambda: (torch.zeros(()), [torch.zeros_like(p) for p in params],
+                     bool(self.__dict__.get("_val_backward"))))
         # The loss is averaged too (it is a mean over the data as well): every rank records the
         # same value, and skips the same steps.
         synced = self._synced(params, called_backward) + [not average_loss]
-        if not distributed:
+        if world_size() == 1:
             *grads, loss = self._average(grads + [loss.detach()], synced)
         else:
-            # Under torch.distributed the loss travels in the first averaged gradient's dtype, so
-            # that a rank whose closure failed knows the collective's layout.
-            carrier = next((g for g, done in zip(grads, synced) if not done), None)
-            loss = loss.detach().to(carrier.dtype if carrier is not None else torch.float64)
-            guessed = "_val_backward" not in self.__dict__ and any(self._synced(params, True))
-            if guessed:
-                # The first call, with gradients DDP or FSDP2 may average: the layout depends on
-                # a style not seen yet, so the verdict travels alone, once.
-                self._agreed(failure)
-            *grads, loss = (self._average(grads + [loss], synced) if guessed else
-                            self._agreed(failure, grads + [loss], synced))
+            *grads, loss = self._agreed_validation(failure, params, grads, loss, synced)
             self.__dict__["_val_backward"] = called_backward
         if self.defaults.get("maximize"):
             grads = [-g for g in grads]
@@ -424,6 +423,33 @@ class _Closures:
                                                         "parameter"))
             self._val_checked = True
         return loss.detach(), grads
+
+    def _local_validation(self, val_closure: Closure, params: list[Tensor]
+                          ) -> tuple[Tensor, list[Tensor], bool]:
+        """This rank's validation loss, its gradients (zeros where unused) and whether the
+        closure called ``backward()``; ``ValueError`` for a loss that trains nothing."""
+        loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
+        check_sharded_closure(type(self).__name__, params, called_backward, "val_closure")
+        if raw is None and params:
+            raise ValueError(self._no_graph_message("does not require grad"))
+        if params and not called_backward and all(g is None for g in (raw or [])):
+            raise ValueError(self._no_graph_message("does not depend on the parameters"))
+        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, raw or [])]
+        return loss, grads, called_backward
+
+    def _agreed_validation(self, failure: Exception | None, params: list[Tensor],
+                           grads: list[Tensor], loss: Tensor, synced: list[bool]) -> list[Tensor]:
+        """The validation gradients and loss averaged with the ranks' verdict (docs/design.md
+        §8). The loss travels in the first averaged gradient's dtype, so that a rank whose
+        closure failed knows the collective's layout."""
+        carrier = next((g for g, done in zip(grads, synced) if not done), None)
+        loss = loss.detach().to(carrier.dtype if carrier is not None else torch.float64)
+        if "_val_backward" in self.__dict__ or not any(self._synced(params, True)):
+            return self._agreed(failure, grads + [loss], synced)
+        # The first call, with gradients DDP or FSDP2 may average: the layout depends on a
+        # closure style not seen yet, so the verdict travels alone, once.
+        self._agreed(failure)
+        return self._average(grads + [loss], synced)
 
     def _no_graph_message(self, what: str) -> str:
         return (
