@@ -18,7 +18,7 @@ from ..hvp import HVP_ROUTES
 from .batchnorm import frozen_batchnorm_stats
 from .checks import check_sgd_arguments, check_torch_flags, check_value, is_real
 from .closures import _Closures
-from .dist import all_reduce_mean, check_supported_parameters
+from .dist import AGREEMENT_TIMEOUT, all_reduce_mean, check_supported_parameters
 from .guard import LEARNED_LIMIT, _Guard
 from .ledger import GradLedger
 from .options import (
@@ -84,6 +84,15 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
             called without one (default: None). Loops that call ``optimizer.step()`` with no
             arguments (Hugging Face's Trainer) set it once per step; see
             ``examples/hf_trainer_hyper.py``.
+        local_batch_size (int or None): under ``torch.distributed``, the number of examples in
+            this rank's batch (default: None, not declared). Declared on every rank (once, or
+            before each step), the ranks compare it in the step's agreement at no extra cost
+            and warn once if the batches differ, since every rank's average weighs the same
+            (README, "Distributed training").
+        agreement_timeout (float or None): under ``torch.distributed``, the seconds a rank
+            waits for the others at the step's agreement before raising (default:
+            :data:`~hyperoptim.core.dist.AGREEMENT_TIMEOUT`, 300; None: the process group's
+            own timeout).
     """
 
     history: list[dict[str, list[Any]]]
@@ -109,6 +118,8 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
         self.hyper_state: dict[str, Any] = {}
         self.val_closure = val_closure
         self.train_closure: Closure | None = None
+        self.local_batch_size: int | None = None
+        self.agreement_timeout: float | None = AGREEMENT_TIMEOUT
         self.hvp = hvp
         self._hvp_route: str | None = None
         self._fd_rough = False

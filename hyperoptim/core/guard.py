@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from .dist import world_size
 from .schedulers import outside_factor
-from .shard import tensor_norms
+from .shard import is_sharded, local, tensor_norms
 from .warn import warn
 
 # float16's range, the narrowest floating dtype's: values within it fit every parameter.
@@ -30,6 +32,17 @@ float16 tensor, let alone a wider one: a runaway hyper-step is bounded, not caug
 _DIVERGED_LOSS_RATIO = 100.0
 
 _DIVERGED_LR_RATIO = 1e4
+
+
+def _largest_abs(tensors: Sequence[Tensor]) -> float:
+    """The largest ``|x|`` over every element of ``tensors`` (whole FSDP2 parameters), in float64."""
+    shards = [local(t) for t in tensors]
+    tops = [s.detach().abs().amax().double() for s in shards if s.numel()]
+    top = (torch.stack(tops).amax() if tops else
+           torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else None))
+    if any(is_sharded(t) for t in tensors) and world_size() > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return float(top)
 
 
 class _Guard:
@@ -132,6 +145,8 @@ class _Guard:
             w, g, v = values[1 + 3 * i: 4 + 3 * i]
             if not params:
                 continue
+            if not self._all_finite(w, g, v):
+                w, g, v = self._exact_bounds(plans[i], (w, g, v))
             if not math.isfinite(g):
                 return "training gradient"
             h = {**group, **(hypers[i] if hypers is not None else {})}
@@ -145,6 +160,20 @@ class _Guard:
         self._watch_divergence(loss, [group["lr"] if hypers is None else hypers[i].get("lr", group["lr"])
                                       for i, (group, _) in enumerate(plans)])
         return None
+
+    def _exact_bounds(self, plan: tuple[dict[str, Any], list[Tensor]],
+                      bounds: tuple[float, float, float]) -> tuple[float, float, float]:
+        r"""The non-finite ones of ``bounds`` (a group's :math:`\max|w|`, :math:`\max|g|`,
+        :math:`\max|v|`) taken again as the largest absolute element, which cannot overflow.
+
+        The fast path's 2-norm squares the elements in their dtype: a float32 tensor with an
+        element above about 1.8e19 has an infinite norm although every element is finite. Only
+        then (rare: one more host sync, and under FSDP2 one all-reduce, on every rank alike since
+        the norms were) is the bound recomputed; NaN and inf elements stay non-finite.
+        """
+        kinds = self._guard_tensors([plan])[0]
+        return tuple(b if math.isfinite(b) else _largest_abs(ts)  # type: ignore[return-value]
+                     for b, ts in zip(bounds, kinds))
 
     def _guard_step(self, loss: Tensor | None, plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
                     hypers: Sequence[dict[str, float]] | None = None, *,
