@@ -98,6 +98,8 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
     history: list[dict[str, list[Any]]]
     _learned_names_default: tuple[str, ...] = ("lr",)
     _supports_grad_scaler = False
+    #: Whether a skip caused by the learned rate divides it by guard.BACK_OFF (HD, MARTHE).
+    _backs_off = False
     # FSDP2 (fully_shard): every reduction the class takes goes through hyperoptim.core.shard.
     _supports_fsdp2 = False
     # torch.amp.GradScaler hands the optimizer grad_scale/found_inf instead of unscaling for it;
@@ -261,10 +263,13 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
             return None  # GradScaler found inf/NaN: torch.optim skips the step too
         if closure is None:
             closure = self.train_closure
+        self._skip_reason: str | None = None
         try:
             loss = self._step(closure, val_closure=val_closure)
         finally:
             self._end_step()
+        if self._skip_reason is not None:
+            self._back_off(self._skip_reason)
         self._published()
         return loss
 

@@ -33,6 +33,22 @@ _DIVERGED_LOSS_RATIO = 100.0
 
 _DIVERGED_LR_RATIO = 1e4
 
+# A hyper-update that raises a learning rate so far that one step would move the weights by more
+# than this many times their size (at least 1) is refused: one outlier hypergradient (a loss
+# spike) must not throw the learned value, and the weights with it, out of the run.
+_TRUST_RATIO = 1e4
+
+# After a step skipped because of the learned value itself (the update it proposes overflows or
+# leaves the trust region above), each learned learning rate is divided by this: a skip must not
+# leave the value where it caused the skip (otherwise every later step is skipped too).
+BACK_OFF = 10.0
+
+# The skip reasons that implicate the learned learning rate (see _guard_verdict).
+_OVERFLOW = "step (a learned value would overflow the weights' dtype)"
+_UNTRUSTED = ("step (the new learning rate would move the weights by more than "
+              f"{_TRUST_RATIO:.0e} times their size)")
+LR_REASONS = (_OVERFLOW, _UNTRUSTED)
+
 
 def _largest_abs(tensors: Sequence[Tensor]) -> float:
     """The largest ``|x|`` over every element of ``tensors`` (whole FSDP2 parameters), in float64."""
@@ -52,6 +68,7 @@ class _Guard:
         """Count a skipped step; warn at the 1st, 10th, 100th, ... with how many so far."""
         count = self.skipped_steps + 1
         self.hyper_state["skipped_steps"] = count
+        self._skip_reason = what
         if count == 10 ** round(math.log10(count)):
             warn(
                 f"{type(self).__name__}: non-finite {what}; the step was skipped and neither "
@@ -126,7 +143,8 @@ class _Guard:
 
     def _guard_verdict(self, values: Sequence[float],
                        plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
-                       hypers: Sequence[dict[str, float]] | None = None) -> str | None:
+                       hypers: Sequence[dict[str, float]] | None = None, *,
+                       trust: bool = True) -> str | None:
         r"""Why the step must be skipped (``None``: it is safe), from :meth:`_guard_scalars`' values.
 
         ``hypers[i]`` overrides group ``i``'s ``lr``, ``momentum``, ``weight_decay`` (the values
@@ -134,7 +152,10 @@ class _Guard:
         The bound follows PyTorch's SGD rule with absolute values,
         :math:`|g'| \le |g| + c|w|`, :math:`|v'| \le b|v| + |1-\delta||g'|`,
         :math:`|d| \le |g'| + b|v'|`, :math:`|w'| \le |w| + a|d|`; every bound must stay below
-        the largest finite value of the parameters' dtype. On success it also feeds the
+        the largest finite value of the parameters' dtype. With ``trust`` (and ``hypers``), a
+        learning rate raised by this step is also refused where the step it gives,
+        :math:`a|d|`, would exceed :data:`_TRUST_RATIO` times :math:`\max(|w|, 1)` while the
+        group's current rate would not (:meth:`_trust_region`). On success it also feeds the
         divergence watch.
         """
         loss = values[0]
@@ -156,7 +177,9 @@ class _Guard:
             v1 = b * v + max(damp, 1.0) * g1
             d = g1 + b * v1 if h.get("nesterov") else max(v1, g1)
             if not all(math.isfinite(x) and x <= limit for x in (a, b, c, g1, v1, d, w + a * d)):
-                return "step (a learned value would overflow the weights' dtype)"
+                return _OVERFLOW
+            if trust and hypers is not None and not self._trust_region(a, abs(group["lr"]), d, w):
+                return _UNTRUSTED
         self._watch_divergence(loss, [group["lr"] if hypers is None else hypers[i].get("lr", group["lr"])
                                       for i, (group, _) in enumerate(plans)])
         return None
@@ -175,6 +198,24 @@ class _Guard:
         return tuple(b if math.isfinite(b) else _largest_abs(ts)  # type: ignore[return-value]
                      for b, ts in zip(bounds, kinds))
 
+    @staticmethod
+    def _trust_region(new: float, old: float, d: float, w: float) -> bool:
+        """False when raising the learning rate from ``old`` to ``new`` alone makes one step
+        (bounded by ``new * d``) larger than :data:`_TRUST_RATIO` times the weights' size."""
+        reach = _TRUST_RATIO * max(w, 1.0)
+        return not (new > old and new * d > reach >= old * d)
+
+    def _back_off(self, reason: str) -> None:
+        """After a skip the learned rate caused (``reason`` in :data:`LR_REASONS`), divide each
+        learned learning rate by :data:`BACK_OFF` (not below ``lr_bounds[0]``), so the next step
+        does not propose the same failing update; other skips (non-finite data) change nothing."""
+        if reason not in LR_REASONS or not self._backs_off:
+            return
+        for group in self.param_groups:
+            if "lr" in self._learned_names(group) and group["lr"] > 0.0:
+                low = group.get("lr_bounds", (0.0, None))[0]
+                group["lr"] = max(group["lr"] / BACK_OFF, low)
+
     def _guard_step(self, loss: Tensor | None, plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
                     hypers: Sequence[dict[str, float]] | None = None, *,
                     worst_case: bool = False) -> str | None:
@@ -192,7 +233,7 @@ class _Guard:
                                  "lr_bounds" in group else top.get(name, LEARNED_LIMIT))
                        for name in self._learned_names(group)} for group, _ in plans]
         values = torch.stack(self._guard_scalars(loss, plans)).tolist()
-        reason = self._guard_verdict(values, plans, hypers)
+        reason = self._guard_verdict(values, plans, hypers, trust=not worst_case)
         if reason is not None:
             self._warn_nonfinite(reason)
         return reason

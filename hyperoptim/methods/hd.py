@@ -100,6 +100,8 @@ class RuleHypergrad(HyperOptimizer):
     gradient is (:meth:`_objective_grads`).
     """
 
+    _backs_off = True
+
     rule: ClassVar[UpdateRule]
     _supports_fsdp2 = True
 

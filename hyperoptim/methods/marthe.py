@@ -91,6 +91,8 @@ class RuleMarthe(HyperOptimizer):
     :math:`\mu`, :math:`\beta`, the guard, the atomic order) is shared.
     """
 
+    _backs_off = True
+
     rule: ClassVar[UpdateRule]
     buffer_tangent_keys: ClassVar[dict[str, str]]
 
