@@ -676,3 +676,40 @@ def test_a_subclass_that_calls_super_step_unscales_a_grad_scaler_once():
     assert Logged.calls == 3
     for x, y in zip(a.params(), b.params()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------- a skip must not leave the learned rate where it was
+@pytest.mark.parametrize("name", ["HypergradSGD", "MartheSGD"])
+def test_a_skip_caused_by_the_learned_rate_backs_it_off_and_the_run_goes_on(name):
+    """Issue 20, item 5: a learned rate whose update overflows the weights' dtype was left in
+    place by the skip, so every later step proposed the same update and was skipped too (33 of
+    40 steps after one loss spike pinned the rate at its 1e3 cap). Now the skip divides the rate
+    by 10 and the next step is taken. float16 weights (largest value 65504), gradients of 100
+    (norm 200): a rate of 1e3 would move them by 2e5, a rate of 100 by 2e4."""
+    w = nn.Parameter(torch.zeros(4, dtype=torch.float16))
+
+    def closure():
+        return (w.float() * 100).sum()
+
+    if name == "HypergradSGD":
+        opt = HypergradSGD([w], lr=1e3)
+    else:
+        opt = MartheSGD([w], lr=1e3, mu=0.0, val_closure=lambda: (w.float() * 1e-3).sum())
+    with pytest.warns(RuntimeWarning, match="learned learning rates were divided by 10"):
+        opt.step(closure)
+    assert opt.param_groups[0]["lr"] == 100.0 and torch.equal(w, torch.zeros_like(w))
+    for _ in range(2):  # (the linear loss keeps asking for more: the rate grows again after)
+        opt.step(closure)
+    assert opt.history[0]["skipped"] == [1.0, 0.0, 0.0]
+    assert torch.isfinite(w).all() and (w < 0).all()
+
+
+def test_a_skip_for_non_finite_data_leaves_the_learned_rate_alone():
+    """Only a skip the learned rate caused backs it off; a non-finite loss (bad data) does not."""
+    task = Task()
+    opt = HypergradSGD(task.model.parameters(), lr=0.05)
+    opt.step(task.closure(opt))
+    lr = opt.param_groups[0]["lr"]
+    with pytest.warns(RuntimeWarning, match="neither weights nor hyperparameters changed"):
+        opt.step(task.closure(opt, scale=float("nan")))
+    assert opt.param_groups[0]["lr"] == lr

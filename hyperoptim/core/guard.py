@@ -33,21 +33,12 @@ _DIVERGED_LOSS_RATIO = 100.0
 
 _DIVERGED_LR_RATIO = 1e4
 
-# A hyper-update that raises a learning rate so far that one step would move the weights by more
-# than this many times their size (at least 1) is refused: one outlier hypergradient (a loss
-# spike) must not throw the learned value, and the weights with it, out of the run.
-_TRUST_RATIO = 1e4
-
-# After a step skipped because of the learned value itself (the update it proposes overflows or
-# leaves the trust region above), each learned learning rate is divided by this: a skip must not
-# leave the value where it caused the skip (otherwise every later step is skipped too).
+# After a step skipped because the update the learned values propose would overflow the weights'
+# dtype, each learned learning rate is divided by this: a skip must not leave the value where it
+# caused the skip (otherwise every later step proposes the same update and is skipped too).
 BACK_OFF = 10.0
 
-# The skip reasons that implicate the learned learning rate (see _guard_verdict).
 _OVERFLOW = "step (a learned value would overflow the weights' dtype)"
-_UNTRUSTED = ("step (the new learning rate would move the weights by more than "
-              f"{_TRUST_RATIO:.0e} times their size)")
-LR_REASONS = (_OVERFLOW, _UNTRUSTED)
 
 
 def _largest_abs(tensors: Sequence[Tensor]) -> float:
@@ -70,9 +61,12 @@ class _Guard:
         self.hyper_state["skipped_steps"] = count
         self._skip_reason = what
         if count == 10 ** round(math.log10(count)):
+            changed = ("the learned learning rates were divided by "
+                       f"{BACK_OFF:g}" if what == _OVERFLOW and self._backs_off else
+                       "neither weights nor hyperparameters changed")
             warn(
-                f"{type(self).__name__}: non-finite {what}; the step was skipped and neither "
-                f"weights nor hyperparameters changed ({count} step{'s' if count > 1 else ''} "
+                f"{type(self).__name__}: non-finite {what}; the step was skipped and {changed} "
+                f"({count} step{'s' if count > 1 else ''} "
                 "skipped so far; history[...]['skipped'] marks them). If every step is skipped, "
                 "the weights or the data are non-finite; if it happens after the learning rate "
                 "grew, lower the hyper-step size."
@@ -143,8 +137,7 @@ class _Guard:
 
     def _guard_verdict(self, values: Sequence[float],
                        plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
-                       hypers: Sequence[dict[str, float]] | None = None, *,
-                       trust: bool = True) -> str | None:
+                       hypers: Sequence[dict[str, float]] | None = None) -> str | None:
         r"""Why the step must be skipped (``None``: it is safe), from :meth:`_guard_scalars`' values.
 
         ``hypers[i]`` overrides group ``i``'s ``lr``, ``momentum``, ``weight_decay`` (the values
@@ -152,10 +145,7 @@ class _Guard:
         The bound follows PyTorch's SGD rule with absolute values,
         :math:`|g'| \le |g| + c|w|`, :math:`|v'| \le b|v| + |1-\delta||g'|`,
         :math:`|d| \le |g'| + b|v'|`, :math:`|w'| \le |w| + a|d|`; every bound must stay below
-        the largest finite value of the parameters' dtype. With ``trust`` (and ``hypers``), a
-        learning rate raised by this step is also refused where the step it gives,
-        :math:`a|d|`, would exceed :data:`_TRUST_RATIO` times :math:`\max(|w|, 1)` while the
-        group's current rate would not (:meth:`_trust_region`). On success it also feeds the
+        the largest finite value of the parameters' dtype. On success it also feeds the
         divergence watch.
         """
         loss = values[0]
@@ -178,8 +168,6 @@ class _Guard:
             d = g1 + b * v1 if h.get("nesterov") else max(v1, g1)
             if not all(math.isfinite(x) and x <= limit for x in (a, b, c, g1, v1, d, w + a * d)):
                 return _OVERFLOW
-            if trust and hypers is not None and not self._trust_region(a, abs(group["lr"]), d, w):
-                return _UNTRUSTED
         self._watch_divergence(loss, [group["lr"] if hypers is None else hypers[i].get("lr", group["lr"])
                                       for i, (group, _) in enumerate(plans)])
         return None
@@ -198,18 +186,13 @@ class _Guard:
         return tuple(b if math.isfinite(b) else _largest_abs(ts)  # type: ignore[return-value]
                      for b, ts in zip(bounds, kinds))
 
-    @staticmethod
-    def _trust_region(new: float, old: float, d: float, w: float) -> bool:
-        """False when raising the learning rate from ``old`` to ``new`` alone makes one step
-        (bounded by ``new * d``) larger than :data:`_TRUST_RATIO` times the weights' size."""
-        reach = _TRUST_RATIO * max(w, 1.0)
-        return not (new > old and new * d > reach >= old * d)
-
     def _back_off(self, reason: str) -> None:
-        """After a skip the learned rate caused (``reason`` in :data:`LR_REASONS`), divide each
-        learned learning rate by :data:`BACK_OFF` (not below ``lr_bounds[0]``), so the next step
-        does not propose the same failing update; other skips (non-finite data) change nothing."""
-        if reason not in LR_REASONS or not self._backs_off:
+        """After a skip because the proposed update would overflow the weights' dtype, divide each
+        learned learning rate by :data:`BACK_OFF` (not below ``lr_bounds[0]``), so that the next
+        step does not propose the same update (docs/design.md §7); other skips (a non-finite
+        loss, gradient or hypergradient: the data or the weights, not the rate) change
+        nothing."""
+        if reason != _OVERFLOW or not self._backs_off:
             return
         for group in self.param_groups:
             if "lr" in self._learned_names(group) and group["lr"] > 0.0:
@@ -233,7 +216,7 @@ class _Guard:
                                  "lr_bounds" in group else top.get(name, LEARNED_LIMIT))
                        for name in self._learned_names(group)} for group, _ in plans]
         values = torch.stack(self._guard_scalars(loss, plans)).tolist()
-        reason = self._guard_verdict(values, plans, hypers, trust=not worst_case)
+        reason = self._guard_verdict(values, plans, hypers)
         if reason is not None:
             self._warn_nonfinite(reason)
         return reason
