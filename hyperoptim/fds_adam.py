@@ -3,7 +3,6 @@ torch.optim.Adam's and AdamW's rule."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch  # noqa: F401  (the examples below use it)
 
 from .core.checks import check_value
 from .core.options import check_rule_arguments
+from .core.signatures import adamw_signature, refuse_unexpected
 from .core.types import Closure, ParamsT
 from .methods.fds import RuleFDS
 from .rules.adam import ADAM
@@ -221,28 +221,11 @@ class FDSAdamW(FDSAdam):
         ([0.01, 0.01], True)
     """
 
+    @adamw_signature(FDSAdam.__init__)
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, horizon: int,
                  **options: Any) -> None:
-        # FDSAdam's keyword options but the decoupled flag, which AdamW fixes (__signature__
-        # below lists them); anything else is refused as Python refuses it.
-        unknown = next((name for name in options if name not in _ADAMW_OPTIONS), None)
-        if unknown is not None:
-            raise TypeError(f"FDSAdamW.__init__() got an unexpected keyword argument {unknown!r}")
+        refuse_unexpected(FDSAdamW.__init__, options)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, horizon=horizon,
                          **options, decoupled_weight_decay=True)
-
-
-def _adamw_keywords() -> list[inspect.Parameter]:
-    """FDSAdam's keyword options but those FDSAdamW names itself (``horizon``) and
-    ``decoupled_weight_decay`` (always on), as ``torch.optim.AdamW`` has ``torch.optim.Adam``'s."""
-    return [p for p in inspect.signature(FDSAdam.__init__).parameters.values()
-            if p.kind is p.KEYWORD_ONLY and p.name not in ("horizon", "decoupled_weight_decay")]
-
-
-_ADAMW_OPTIONS = frozenset(p.name for p in _adamw_keywords())
-# What inspect.signature and help show: FDSAdamW's own arguments, then those options.
-FDSAdamW.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    list(inspect.signature(FDSAdamW.__init__).parameters.values())[:-1] + _adamw_keywords(),
-    return_annotation="None")

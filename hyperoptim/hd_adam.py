@@ -2,7 +2,6 @@ r"""Hypergradient descent on Adam's and AdamW's learning rate (Baydin et al., 20
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 
 from .core.options import check_arguments
+from .core.signatures import adamw_signature, refuse_unexpected
 from .core.types import Closure, ParamsT
 from .hyperstep import HyperStep
 from .methods.hd import RuleHypergrad
@@ -181,30 +181,10 @@ class HypergradAdamW(HypergradAdam):
         True
     """
 
+    @adamw_signature(HypergradAdam.__init__)
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, **options: Any) -> None:
-        # HypergradAdam's keyword options, all but the flag (__signature__ below lists them).
-        unknown = next((name for name in options if name not in _ADAMW_OPTIONS), None)
-        if unknown is not None:
-            raise TypeError(f"HypergradAdamW.__init__() got an unexpected keyword argument "
-                            f"{unknown!r}")
+        refuse_unexpected(HypergradAdamW.__init__, options)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **options,
                          decoupled_weight_decay=True)
-
-
-def _adamw_signature() -> inspect.Signature:
-    """What ``inspect.signature`` and ``help`` show for ``HypergradAdamW``: its own positional
-    arguments, then ``HypergradAdam``'s keyword options but ``decoupled_weight_decay`` (always
-    on), as ``torch.optim.AdamW`` has ``torch.optim.Adam``'s."""
-    own = inspect.signature(HypergradAdamW.__init__).parameters.values()
-    options = inspect.signature(HypergradAdam.__init__).parameters.values()
-    return inspect.signature(HypergradAdamW.__init__).replace(parameters=[
-        *(p for p in own if p.kind is not p.VAR_KEYWORD),
-        *(p for p in options if p.kind is p.KEYWORD_ONLY and p.name != "decoupled_weight_decay"),
-    ])
-
-
-HypergradAdamW.__init__.__signature__ = _adamw_signature()  # type: ignore[attr-defined]
-_ADAMW_OPTIONS = frozenset(name for name, p in inspect.signature(HypergradAdamW).parameters.items()
-                           if p.kind is p.KEYWORD_ONLY)

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from .core.options import check_arguments
-from .core.types import Closure, ParamsT
-from .hyperstep import HyperStep
-from .methods.marthe import RuleMarthe, marthe_options
+from .core.signatures import bind_keywords, with_keywords
+from .core.types import ParamsT
+from .methods.marthe import MARTHE_KEYWORDS, RuleMarthe, marthe_options, take_marthe_options
 from .rules.base import apply_update_
 from .rules.sgd import SGD, sgd_direction
 
@@ -186,6 +186,7 @@ class MartheSGD(RuleMarthe):
     rule = SGD
     buffer_tangent_keys = {"momentum_buffer": "tangent_buffer"}
 
+    @with_keywords(MARTHE_KEYWORDS)
     def __init__(
         self,
         params: ParamsT,
@@ -194,29 +195,16 @@ class MartheSGD(RuleMarthe):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
-        *,
-        mu: str | float = "adaptive",
-        hypergrad_lr: float = 1e-6,
-        adapt_hypergrad_lr: bool = True,
-        hypergrad_clip: float | None = None,
-        hyper_step: HyperStep | str | None = None,
-        val_closure: Closure | None = None,
-        hvp: str = "auto",
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        differentiable: bool = False,
+        **options: Any,
     ) -> None:
+        options = bind_keywords(MartheSGD.__init__, options, MARTHE_KEYWORDS)
+        marthe = take_marthe_options(options)
         check_arguments(self, lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, mu=mu,
-                        hypergrad_lr=hypergrad_lr, adapt_hypergrad_lr=adapt_hypergrad_lr,
-                        hypergrad_clip=hypergrad_clip)
-        defaults = dict(
-            lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov,
-            **marthe_options(mu, hypergrad_lr, adapt_hypergrad_lr, hypergrad_clip, hyper_step))
-        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
-                         foreach=foreach, fused=fused, differentiable=differentiable)
+                        weight_decay=weight_decay, nesterov=nesterov,
+                        **{k: v for k, v in marthe.items() if k != "hyper_step"})
+        defaults = dict(lr=float(lr), momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, **marthe_options(**marthe))
+        super().__init__(params, defaults, **options)
 
     @staticmethod
     def _previous_direction(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:

@@ -12,12 +12,39 @@ from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.dist import all_reduce_mean
+from ..core.signatures import declared
 from ..core.types import Closure
 from ..hvp import SecondOrder
 from ..hyperstep import Additive, HyperStep, resolve
 from ..rules.base import UpdateRule, rule_tangents
 
-__all__ = ["RuleMarthe", "adaptive_mu", "marthe_hyper_step", "marthe_options"]
+__all__ = [
+    "MARTHE_KEYWORDS", "RuleMarthe", "adaptive_mu", "marthe_hyper_step", "marthe_options",
+    "take_marthe_options",
+]
+
+
+def _marthe_keywords(*, mu: str | float = "adaptive", hypergrad_lr: float = 1e-6,
+                     adapt_hypergrad_lr: bool = True, hypergrad_clip: float | None = None,
+                     hyper_step: HyperStep | str | None = None, val_closure: Closure | None = None,
+                     hvp: str = "auto", maximize: bool = False, foreach: bool | None = None,
+                     fused: bool | None = None, differentiable: bool = False) -> None:
+    """MARTHE's keyword arguments and their defaults, declared once: every public class's
+    signature ends with them (:func:`~hyperoptim.core.signatures.with_keywords`; a class over
+    another rule may change a default, as ``MartheAdam`` does the hyper-step size's)."""
+
+
+MARTHE_KEYWORDS = declared(_marthe_keywords)
+
+# MARTHE's own options (the rest of MARTHE_KEYWORDS go to the base), the first four checked by
+# the options table.
+_OWN = ("mu", "hypergrad_lr", "adapt_hypergrad_lr", "hypergrad_clip", "hyper_step")
+
+
+def take_marthe_options(options: dict[str, Any]) -> dict[str, Any]:
+    """MARTHE's own options, taken out of ``options`` (the complete keywords a public class was
+    given; what is left goes to the base), in the order :func:`marthe_options` takes them."""
+    return {name: options.pop(name) for name in _OWN}
 
 
 def marthe_hyper_step(hyper_step: HyperStep | str | None) -> str:
