@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core.options import check_arguments
-from .core.signatures import bind_keywords, with_keywords
+from .core.options import check_arguments, renamed_options
+from .core.signatures import bind_keywords, renamed_keywords, with_keywords
 from .core.types import ParamsT
 from .methods.marthe import MARTHE_KEYWORDS, RuleMarthe, marthe_options, take_marthe_options
 from .rules.base import apply_update_
@@ -57,7 +57,7 @@ class MartheSGD(RuleMarthe):
             \qquad \beta_0 = 0.
 
     ``mu`` may also be a fixed number in [0, 1] (then :math:`\mu_t = \mu`), and with
-    ``adapt_hypergrad_lr=False`` :math:`\beta_t` is the fixed ``hypergrad_lr``.
+    ``adapt_hyper_lr=False`` :math:`\beta_t` is the fixed ``hyper_lr``.
 
     *The sign of the* :math:`\beta` *update.* Treat the schedule as a function of :math:`\beta` and
     keep one step (the paper's ":math:`\mu = 0`" at this level): :math:`a_t = a_{t-1} - \beta_t
@@ -111,7 +111,7 @@ class MartheSGD(RuleMarthe):
     (:math:`a_t`), ``"hypergrad/lr"`` (:math:`\Delta_t`, the raw hypergradient that moved
     :math:`a_{t-1}` to :math:`a_t`; 0 at :math:`t = 0`), ``"mu"`` (:math:`\mu_t`, the discount
     used in this step's tangent update), ``"hypergrad_lr"`` (:math:`\beta_t`) and ``"skipped"``.
-    With ``hypergrad_lr=0`` and ``adapt_hypergrad_lr=False`` the weights are bit-identical to
+    With ``hyper_lr=0`` and ``adapt_hyper_lr=False`` the weights are bit-identical to
     ``torch.optim.SGD``'s. A resumed checkpoint continues exactly (tangents, :math:`\mu, c,
     \beta` and counters are in :meth:`state_dict`).
 
@@ -125,17 +125,20 @@ class MartheSGD(RuleMarthe):
         nesterov (bool, optional): Nesterov momentum (default: False).
         mu (str or float, optional): ``"adaptive"`` (Appendix A's rule) or a fixed discount in
             [0, 1]: 0 is HD, 1 is RTHO (default: ``"adaptive"``).
-        hypergrad_lr (float, optional): with ``adapt_hypergrad_lr=True``, the step size
+        hyper_lr (float, optional): with ``adapt_hyper_lr=True``, the step size
             :math:`\kappa` of the hyper-learning rate :math:`\beta` (which starts at 0, as the
             paper suggests); otherwise the fixed hyper-learning rate :math:`\beta`. Its scale
             depends on the scale of :math:`\Delta` (:math:`\kappa` scales like
             :math:`\beta / \Delta^2`): as the paper suggests, start high and divide by 10 until
-            training does not diverge (default: 1e-6, for ``adapt_hypergrad_lr=True``: on
+            training does not diverge (default: 1e-6, for ``adapt_hyper_lr=True``: on
             ``benchmarks/marthe_schedules.py`` (digits MLP, 10 seeds) 1e-7 and 1e-5 both
             train well and 1e-3 diverged on 1 seed of 10, while a small linear regression in
             the tests diverges from 1e-5 on; a fixed :math:`\beta` needs its own value, 1e-4
             on that benchmark).
-        adapt_hypergrad_lr (bool, optional): adapt :math:`\beta` online (default: True).
+        adapt_hyper_lr (bool, optional): adapt :math:`\beta` online (default: True).
+            ``hyper_lr`` and ``adapt_hyper_lr`` were ``hypergrad_lr`` and
+            ``adapt_hypergrad_lr``; the old names are accepted for one release with a
+            ``DeprecationWarning``.
         hypergrad_clip (float, optional): clip :math:`\Delta` to
             :math:`[-\text{clip}, \text{clip}]` in the updates of :math:`a` and :math:`\beta`
             (``history`` keeps the raw value); ``None`` turns it off (default: None).
@@ -186,6 +189,7 @@ class MartheSGD(RuleMarthe):
     rule = SGD
     buffer_tangent_keys = {"momentum_buffer": "tangent_buffer"}
 
+    @renamed_keywords(renamed_options("marthe"))
     @with_keywords(MARTHE_KEYWORDS)
     def __init__(
         self,

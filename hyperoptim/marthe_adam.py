@@ -6,12 +6,13 @@ from typing import Any
 
 import torch  # noqa: F401  (the examples below use it)
 
-from .core.options import check_arguments
+from .core.options import check_arguments, renamed_options
 from .core.signatures import (
     adamw_signature,
     bind_keywords,
     declared,
     refuse_unexpected,
+    renamed_keywords,
     with_defaults,
     with_keywords,
 )
@@ -28,7 +29,7 @@ def _adam_keywords(*, decoupled_weight_decay: bool = False) -> None:
 
 # MARTHE's keywords with Adam's hyper-step size (Adam's hypergradients are larger than SGD's),
 # then AdamW's flag.
-_KEYWORDS = (*with_defaults(MARTHE_KEYWORDS, hypergrad_lr=1e-9), *declared(_adam_keywords))
+_KEYWORDS = (*with_defaults(MARTHE_KEYWORDS, hyper_lr=1e-9), *declared(_adam_keywords))
 
 
 class MartheAdam(RuleMarthe):
@@ -69,7 +70,7 @@ class MartheAdam(RuleMarthe):
     batched Hessian-vector product and the forward-mode pass through the rule; memory is three
     copies of the weights per group (:math:`Z, M, V`) plus the direction.
 
-    With ``hypergrad_lr=0`` and ``adapt_hypergrad_lr=False`` the weights are bit-identical to
+    With ``hyper_lr=0`` and ``adapt_hyper_lr=False`` the weights are bit-identical to
     ``torch.optim.Adam``'s (``torch.optim.AdamW``'s for :class:`MartheAdamW`). ``state[p]``
     holds torch's ``"step"``, ``"exp_avg"``, ``"exp_avg_sq"``, and ``"direction"``,
     ``"tangent"``, ``"tangent_exp_avg"``, ``"tangent_exp_avg_sq"``.
@@ -83,12 +84,14 @@ class MartheAdam(RuleMarthe):
         amsgrad (bool, optional): must be False (not supported).
         mu (str or float, optional): ``"adaptive"`` or a fixed discount in [0, 1]
             (default: ``"adaptive"``).
-        hypergrad_lr (float, optional): with ``adapt_hypergrad_lr=True`` the step size
+        hyper_lr (float, optional): with ``adapt_hyper_lr=True`` the step size
             :math:`\kappa` of :math:`\beta`, otherwise the fixed :math:`\beta`. Adam's
             hypergradients are larger than SGD's (the direction has entries of order 1), so
             the scale is smaller (default: 1e-9; ``benchmarks/marthe_adam.py`` measures the
             grid).
-        adapt_hypergrad_lr (bool, optional): adapt :math:`\beta` online (default: True).
+        adapt_hyper_lr (bool, optional): adapt :math:`\beta` online (default: True).
+            Formerly ``hypergrad_lr`` and ``adapt_hypergrad_lr`` (deprecated, as for
+            :class:`~hyperoptim.MartheSGD`).
         hypergrad_clip (float, optional): clip :math:`\Delta` in the updates (default: None).
         hyper_step (HyperStep or str, optional): a policy of :mod:`hyperoptim.hyperstep` in
             place of MARTHE's step, as for :class:`~hyperoptim.MartheSGD` (default: None).
@@ -109,7 +112,7 @@ class MartheAdam(RuleMarthe):
         >>> x, y = torch.randn(32, 3), torch.randn(32, 1)
         >>> xv, yv = torch.randn(16, 3), torch.randn(16, 1)
         >>> mse = torch.nn.functional.mse_loss
-        >>> opt = MartheAdam(model.parameters(), lr=0.01, hypergrad_lr=1e-6,
+        >>> opt = MartheAdam(model.parameters(), lr=0.01, hyper_lr=1e-6,
         ...                  val_closure=lambda: mse(model(xv), yv))
         >>> for _ in range(5):
         ...     loss = opt.step(lambda: mse(model(x), y))
@@ -126,6 +129,7 @@ class MartheAdam(RuleMarthe):
     rule = ADAM
     buffer_tangent_keys = {"exp_avg": "tangent_exp_avg", "exp_avg_sq": "tangent_exp_avg_sq"}
 
+    @renamed_keywords(renamed_options("marthe"))
     @with_keywords(_KEYWORDS)
     def __init__(
         self,
@@ -172,6 +176,7 @@ class MartheAdamW(MartheAdam):
         (0.01, True)
     """
 
+    @renamed_keywords(renamed_options("marthe"))
     @adamw_signature(MartheAdam.__init__)
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

@@ -4,19 +4,23 @@ A method's keyword options are declared once, as the keyword-only parameters of 
 an empty body (:func:`declared`); a public class's ``__init__(..., **options)`` shows them in
 place of ``**options`` (:func:`with_keywords`), refuses a keyword its signature lacks with
 Python's own ``TypeError`` (:func:`refuse_unexpected`) and completes what it was given with the
-declared defaults (:func:`bind_keywords`). The AdamW classes take their Adam class's signature
+declared defaults (:func:`bind_keywords`). Keywords renamed in this release keep their old names
+for one release (:func:`renamed_keywords`). The AdamW classes take their Adam class's signature
 with ``torch.optim.AdamW``'s changes (:func:`adamw_signature`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from .options import renamed_group
+
 __all__ = [
-    "adamw_signature", "bind_keywords", "declared", "refuse_unexpected", "with_defaults",
-    "with_keywords",
+    "adamw_signature", "bind_keywords", "declared", "refuse_unexpected", "renamed_keywords",
+    "with_defaults", "with_keywords",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -77,3 +81,20 @@ def bind_keywords(init: Callable[..., Any], given: Mapping[str, Any],
     refuse_unexpected(init, given)
     shown = inspect.signature(init).parameters
     return {p.name: given.get(p.name, shown[p.name].default) for p in keywords}
+
+
+def renamed_keywords(renames: Mapping[str, str]) -> Callable[[_F], _F]:
+    """A decorator for a public class's ``__init__``: its keywords' old names (``renames``: old ->
+    new, :func:`~hyperoptim.core.options.renamed_options`) are accepted with a
+    ``DeprecationWarning`` naming the new one; both names at once raise ``ValueError``. The
+    signature shown is the new one."""
+
+    def decorate(init: _F) -> _F:
+        @functools.wraps(init)
+        def accept_old_names(self: Any, *args: Any, **kwargs: Any) -> None:
+            kwargs = renamed_group(type(self).__name__, kwargs, renames, where=" as a keyword")
+            init(self, *args, **kwargs)
+
+        return accept_old_names  # type: ignore[return-value]
+
+    return decorate
