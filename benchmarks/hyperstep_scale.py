@@ -2,7 +2,7 @@
 
 Every optimizer has one hyper-step size, each on its own scale (``HypergradSGD``'s
 ``hyper_lr`` multiplies a raw hypergradient, ``IFTOptimizer``'s ``hyper_lr`` is an Adam step
-on log10(lr), ``FDSSGD``'s ``hyper_lr`` are sign steps per episode, ...). This script measures
+on log10(lr), ``FDSSGD``'s ``hyper_lr`` sizes sign steps per episode, ...). This script measures
 what each knob does on the demo's problem, so that the README's rule of thumb comes from numbers:
 
 - data and model: the demo's (``python -m hyperoptim demo``): scikit-learn's bundled digits (no
