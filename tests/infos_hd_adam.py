@@ -12,7 +12,7 @@ _ERRORS = [
     ErrorOptimizerInput(dict(weight_decay=-1.0), "Invalid weight_decay value", "wd"),
     ErrorOptimizerInput(dict(amsgrad=True), "Invalid amsgrad value: True", "amsgrad"),
     ErrorOptimizerInput(dict(maximize=True), "Invalid maximize value: True", "maximize"),
-    ErrorOptimizerInput(dict(hypergrad_lr=-1.0), "Invalid hypergrad_lr value", "hlr"),
+    ErrorOptimizerInput(dict(hyper_lr=-1.0), "Invalid hyper_lr value", "hlr"),
     ErrorOptimizerInput(dict(lr_bounds=(0.5, 0.1)), "Invalid lr_bounds value", "bounds"),
     ErrorOptimizerInput(dict(lr_bounds=(None, 1.0)), "Invalid lr_bounds value", "bounds_none"),
     ErrorOptimizerInput(dict(lr=2.0, lr_bounds=(0.0, 1.0)), "Invalid lr value", "out"),
@@ -23,12 +23,12 @@ INFOS = [
     OptimizerInfo(
         cls=HypergradAdam,
         inputs=[
-            OptimizerInput(dict(lr=0.01, hypergrad_lr=1e-5), "plain"),
-            OptimizerInput(dict(lr=0.01, weight_decay=0.01, betas=(0.8, 0.99), hypergrad_lr=1e-5),
+            OptimizerInput(dict(lr=0.01, hyper_lr=1e-5), "plain"),
+            OptimizerInput(dict(lr=0.01, weight_decay=0.01, betas=(0.8, 0.99), hyper_lr=1e-5),
                            "l2_betas"),
-            OptimizerInput(dict(lr=0.01, hypergrad_lr=1e-4), "val", use_val=True),
-            OptimizerInput(dict(lr=0.01, per_parameter=True, hypergrad_lr=1e-4), "per_parameter"),
-            OptimizerInput(dict(lr=0.01, per_parameter=True, hypergrad_lr=1e-4),
+            OptimizerInput(dict(lr=0.01, hyper_lr=1e-4), "val", use_val=True),
+            OptimizerInput(dict(lr=0.01, per_parameter=True, hyper_lr=1e-4), "per_parameter"),
+            OptimizerInput(dict(lr=0.01, per_parameter=True, hyper_lr=1e-4),
                            "per_parameter_val", use_val=True),
         ],
         error_inputs=_ERRORS,
@@ -36,8 +36,8 @@ INFOS = [
     OptimizerInfo(
         cls=HypergradAdamW,
         inputs=[
-            OptimizerInput(dict(lr=0.01, hypergrad_lr=1e-5), "plain"),
-            OptimizerInput(dict(lr=0.01, weight_decay=0.1, hypergrad_lr=1e-4), "val",
+            OptimizerInput(dict(lr=0.01, hyper_lr=1e-5), "plain"),
+            OptimizerInput(dict(lr=0.01, weight_decay=0.1, hyper_lr=1e-4), "val",
                            use_val=True),
         ],
         error_inputs=_ERRORS[:2],

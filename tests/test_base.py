@@ -250,7 +250,7 @@ def _ddp_worker(rank: int, world: int, path: str, result_path: str) -> None:
         x, y = torch.randn(8, 3, generator=gen).double(), torch.randn(8, 1, generator=gen).double()
         xv, yv = torch.randn(8, 3, generator=gen).double(), torch.randn(8, 1, generator=gen).double()
         part = slice(rank * 8 // world, (rank + 1) * 8 // world)
-        opt = HypergradSGD(ddp.parameters(), lr=0.1, momentum=0.9, hypergrad_lr=0.05,
+        opt = HypergradSGD(ddp.parameters(), lr=0.1, momentum=0.9, hyper_lr=0.05,
                            val_closure=lambda: F.mse_loss(model(xv[part]), yv[part]))
         for _ in range(4):
             opt.zero_grad()

@@ -34,13 +34,13 @@ STEPS = 8
 WORLDS = [w for w in (int(w) for w in os.environ.get("HYPEROPTIM_DIST_WORLDS", "2").split(",")) if w > 1]
 BUILDERS = {
     "sgd_train": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
-                                                      hypergrad_lr=0.02),
+                                                      hyper_lr=0.02),
     "sgd_val": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5, nesterov=True,
-                                                    hypergrad_lr=0.02, val_closure=v),
+                                                    hyper_lr=0.02, val_closure=v),
     "adam_val": lambda p, v: hyperoptim.HypergradAdam(p, lr=0.01, weight_decay=1e-3,
-                                                      hypergrad_lr=1e-3, val_closure=v),
-    "adamw_train": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01, hypergrad_lr=1e-3),
-    "adamw_val": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01, hypergrad_lr=1e-3,
+                                                      hyper_lr=1e-3, val_closure=v),
+    "adamw_train": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01, hyper_lr=1e-3),
+    "adamw_val": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01, hyper_lr=1e-3,
                                                         val_closure=v),
 }
 REFUSED = ("MartheSGD", "IFTOptimizer", "FDSSGD", "MartheAdam", "MartheAdamW", "IFTAdam", "IFTAdamW")

@@ -110,7 +110,7 @@ def test_validation_gradient_exactly_zero_everywhere_is_refused():
 def _hd_with(sched_fn, per_parameter=False, steps=12):
     task = Task()
     opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, per_parameter=per_parameter,
-                       hypergrad_lr=1e-2)
+                       hyper_lr=1e-2)
     sched = sched_fn(opt)
     for _ in range(steps):
         opt.step(task.closure(opt))
@@ -160,7 +160,7 @@ def test_scheduler_scales_per_weight_rates_instead_of_resetting_them():
 
 
 _SCHEDULED = {
-    "hd": lambda t: HypergradSGD(t.model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-2),
+    "hd": lambda t: HypergradSGD(t.model.parameters(), lr=0.01, momentum=0.9, hyper_lr=1e-2),
     "marthe": lambda t: MartheSGD(t.model.parameters(), lr=0.01, momentum=0.9, val_closure=t.val),
     "ift": lambda t: IFTOptimizer(t.model.parameters(), lr=0.05, momentum=0.5, update_interval=1,
                                   lookback=1, val_closure=t.val),
@@ -262,10 +262,10 @@ def test_huge_learned_lr_is_bounded_and_weights_stay_finite(name):
     task.x, task.y = (torch.randn(12, k, generator=g, dtype=torch.float64) for k in (4, 1))
     task.xv, task.yv = task.x, task.y  # a validation loss that asks for a larger lr
     if name == "hd":
-        opt = HypergradSGD(task.model.parameters(), lr=1e-4, momentum=0.9, hypergrad_lr=1e30)
+        opt = HypergradSGD(task.model.parameters(), lr=1e-4, momentum=0.9, hyper_lr=1e30)
     else:
-        opt = MartheSGD(task.model.parameters(), lr=1e-4, momentum=0.9, mu=0.5, hypergrad_lr=1e30,
-                        adapt_hypergrad_lr=False, val_closure=task.val)
+        opt = MartheSGD(task.model.parameters(), lr=1e-4, momentum=0.9, mu=0.5, hyper_lr=1e30,
+                        adapt_hyper_lr=False, val_closure=task.val)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(15):
@@ -293,9 +293,9 @@ def test_ift_float32_weight_decay_is_bounded_and_never_raises():
 
 def test_fds_outer_steps_and_schedules_are_bounded():
     task = Task()
-    with pytest.raises(ValueError, match="Invalid step_sizes value"):
-        FDSSGD(task.model.parameters(), horizon=3, step_sizes={"lr": 1e30})
-    opt = FDSSGD(task.model.parameters(), horizon=3, step_sizes={"lr": 1e3}, tune=("lr",),
+    with pytest.raises(ValueError, match="Invalid hyper_lr value"):
+        FDSSGD(task.model.parameters(), horizon=3, hyper_lr={"lr": 1e30})
+    opt = FDSSGD(task.model.parameters(), horizon=3, hyper_lr={"lr": 1e3}, tune=("lr",),
                  val_closure=task.val)
     init = copy.deepcopy(task.model.state_dict())
     with warnings.catch_warnings():
@@ -322,7 +322,7 @@ def test_skip_warning_counts_every_decade_of_skips():
 
 def test_divergence_warns_once_and_points_at_the_hyper_step():
     task = Task()
-    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=10.0)
+    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hyper_lr=10.0)
     with pytest.warns(RuntimeWarning, match="divergent.*hyper-step size") as rec:
         for _ in range(60):
             opt.step(task.closure(opt))
@@ -331,7 +331,7 @@ def test_divergence_warns_once_and_points_at_the_hyper_step():
 
 def test_no_divergence_warning_on_a_healthy_run():
     task = Task()
-    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-3)
+    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hyper_lr=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(60):
@@ -341,7 +341,7 @@ def test_no_divergence_warning_on_a_healthy_run():
 # ---------------------------------------------------------------- 3. validation, loading
 BAD_GROUP_VALUES = [
     ("lr", math.nan), ("lr", math.inf), ("lr", -1.0), ("lr", "0.1"), ("lr", None),
-    ("momentum", -0.5), ("lr_bounds", (1.0, 0.0)), ("mu", 7), ("hypergrad_lr", -1.0),
+    ("momentum", -0.5), ("lr_bounds", (1.0, 0.0)), ("mu", 7), ("hyper_lr", -1.0),
 ]
 
 
@@ -464,7 +464,7 @@ def test_maximize_is_bit_identical_to_torch_sgd():
     sgd = torch.optim.SGD(a.model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01,
                           maximize=True)
     hd = HypergradSGD(b.model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01, maximize=True,
-                      hypergrad_lr=0.0)
+                      hyper_lr=0.0)
     for _ in range(5):
         sgd.step(a.closure(sgd, scale=-1.0))
         hd.step(b.closure(hd, scale=-1.0))
@@ -534,8 +534,8 @@ def test_bf16_autocast(name):
 
 def test_grad_scaler_with_hypergrad_sgd_matches_unscaled_run():
     a, b = Task(dtype=torch.float32), Task(dtype=torch.float32)
-    opt_a = HypergradSGD(a.model.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-2)
-    opt_b = HypergradSGD(b.model.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-2)
+    opt_a = HypergradSGD(a.model.parameters(), lr=0.05, momentum=0.9, hyper_lr=1e-2)
+    opt_b = HypergradSGD(b.model.parameters(), lr=0.05, momentum=0.9, hyper_lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     for _ in range(5):
         opt_a.zero_grad()
@@ -557,8 +557,8 @@ def test_grad_scaler_with_hypergrad_adam_matches_unscaled_run(cls):
 
     a, b = Task(dtype=torch.float32), Task(dtype=torch.float32)
     make = getattr(hyperoptim, cls)
-    opt_a = make(a.model.parameters(), lr=0.01, hypergrad_lr=1e-4)
-    opt_b = make(b.model.parameters(), lr=0.01, hypergrad_lr=1e-4)
+    opt_a = make(a.model.parameters(), lr=0.01, hyper_lr=1e-4)
+    opt_b = make(b.model.parameters(), lr=0.01, hyper_lr=1e-4)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     for _ in range(5):
         opt_a.zero_grad()
@@ -637,7 +637,7 @@ def test_warnings_point_at_the_users_line():
     from hyperoptim import HyperoptimWarning
 
     task = Task()
-    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-2)
+    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hyper_lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -662,8 +662,8 @@ def test_a_subclass_that_calls_super_step_unscales_a_grad_scaler_once():
             return super().step(closure, **kwargs)
 
     a, b = Task(dtype=torch.float32), Task(dtype=torch.float32)
-    opt_a = HypergradSGD(a.model.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-2)
-    opt_b = Logged(b.model.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-2)
+    opt_a = HypergradSGD(a.model.parameters(), lr=0.05, momentum=0.9, hyper_lr=1e-2)
+    opt_b = Logged(b.model.parameters(), lr=0.05, momentum=0.9, hyper_lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     for _ in range(3):
         opt_a.zero_grad()

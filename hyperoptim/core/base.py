@@ -25,6 +25,7 @@ from .options import (
     check_group,
     coerce_group,
     fixed_values,
+    renamed_group,
     validate_groups,
 )
 from .replicas import check_replicas_once
@@ -105,6 +106,8 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
     # torch.amp.GradScaler hands the optimizer grad_scale/found_inf instead of unscaling for it;
     # the base unscales (HypergradSGD) or refuses with an error that names bf16 autocast.
     _step_supports_amp_scaling = True
+    # Old name -> new name of the method's options renamed in this release (core.options).
+    _renamed_options: dict[str, str] = {}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *,
                  val_closure: Closure | None = None, hvp: str = "auto", maximize: bool = False,
@@ -151,6 +154,9 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
 
     # ------------------------------------------------------------------ groups, history
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Before torch fills the group from the defaults, which hold only the new names.
+        param_group = renamed_group(type(self).__name__, param_group, self._renamed_options,
+                                    where=" as a param group key")
         super().add_param_group(param_group)
         try:
             group = self.param_groups[-1]
