@@ -179,7 +179,7 @@ def _uneven(rank: int) -> list[str]:
     for sizes in ((6, 6), (5, 7), (None, None)):
         torch.manual_seed(0)
         model = nn.Linear(3, 1).double()
-        opt = hyperoptim.HypergradSGD(model.parameters(), lr=0.05, hypergrad_lr=0.01)
+        opt = hyperoptim.HypergradSGD(model.parameters(), lr=0.05, hyper_lr=0.01)
         n = sizes[rank]
         opt.local_batch_size = n
         part = slice(0, sizes[0] or 6) if rank == 0 else slice(sizes[0] or 6, None)
