@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from .options import (
     check_param_state,
     fixed_values,
 )
+from .warn import warn
 
 HISTORY_LIMIT = 10_000
 """The default of :attr:`HyperOptimizer.history_limit`: entries kept per name and param group."""
@@ -33,6 +35,14 @@ _OPTIONAL_KEYS = frozenset({"maximize", "dampening", "nesterov", "foreach", "dif
 # Optional keys whose absence means what the package did before they existed, whatever this
 # optimizer's value: a checkpoint saved before hyper-step policies took the additive step.
 _LEGACY_VALUES = {"hyper_step": "additive"}
+
+EXTRA_STATE_KEY = "hyperoptim_extra_state"
+"""The key of ``state_dict()["param_groups"][0]`` that repeats, as one opaque ``bytes`` value,
+what a resumed run needs beyond torch's ``state`` and ``param_groups``: torch.distributed.checkpoint
+(``get_optimizer_state_dict``) keeps only those two, and one opaque value survives its
+target-driven load whole (README, "Distributed training")."""
+
+_EXTRA_KEYS = ("optimizer_class", "history", "history_limit", "hyper_state")
 
 def _to_device(obj: Any, device: torch.device | None) -> Any:
     if device is None:
@@ -56,6 +66,36 @@ def _history_fits(history: Any, n_groups: int) -> bool:
                                        for h in history))
 
 
+def _pack_extras(state_dict: dict[str, Any]) -> bytes:
+    """The state dict's own top-level keys, serialised as ``torch.save`` writes them."""
+    buffer = io.BytesIO()
+    torch.save({k: state_dict[k] for k in _EXTRA_KEYS if k in state_dict}, buffer)
+    return buffer.getvalue()
+
+
+def _unpack_extras(name: str, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with :data:`EXTRA_STATE_KEY` taken out of its param groups and its content
+    put back at the top level, where the top level lacks it (a torch.distributed.checkpoint
+    round trip); the caller's dict is not modified."""
+    groups = state_dict.get("param_groups")
+    if not (isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)):
+        return state_dict  # the usual checks report it
+    blob = groups[0].get(EXTRA_STATE_KEY)
+    groups = [{k: v for k, v in g.items() if k != EXTRA_STATE_KEY} for g in groups]
+    state_dict = {**state_dict, "param_groups": groups}
+    if blob is None:
+        return state_dict
+    try:
+        extras = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable value is the same error for the user
+        raise ValueError(f"{name}.load_state_dict: param_groups[0][{EXTRA_STATE_KEY!r}] is not "
+                         f"what {name}.state_dict() wrote ({err})") from None
+    if not isinstance(extras, dict):
+        raise ValueError(f"{name}.load_state_dict: param_groups[0][{EXTRA_STATE_KEY!r}] is not "
+                         f"what {name}.state_dict() wrote")
+    return {**extras, **state_dict}  # what the top level says wins
+
+
 class _Serialization:
     """state_dict, load_state_dict and pickling: everything a resumed run needs."""
 
@@ -66,6 +106,11 @@ class _Serialization:
         ``history`` is copied list by list (its entries are immutable floats or lists never
         changed after they are recorded), not deep-copied, so the call stays cheap; its length is
         bounded by :attr:`history_limit`. State-dict post-hooks see the whole dict.
+
+        ``param_groups[0]`` repeats the four keys torch does not have, as they stand after the
+        hooks, in one ``bytes`` value under :data:`EXTRA_STATE_KEY`, so that they survive
+        ``torch.distributed.checkpoint`` (which keeps only ``state`` and ``param_groups``);
+        :meth:`load_state_dict` reads them from there where the top level lacks them.
         """
         hooks = self._optimizer_state_dict_post_hooks
         self._optimizer_state_dict_post_hooks = OrderedDict()
@@ -81,6 +126,8 @@ class _Serialization:
             result = hook(self, sd)
             if result is not None:
                 sd = result
+        if sd.get("param_groups"):
+            sd["param_groups"][0][EXTRA_STATE_KEY] = _pack_extras(sd)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -107,12 +154,37 @@ class _Serialization:
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = dict(result)
+        state_dict = self._with_extras(state_dict)
         state_dict = from_torch(self, state_dict)  # a torch.optim checkpoint: migrate it
         state_dict = self._check_loadable(state_dict)
         with self._all_or_nothing():
             self._load_checked(state_dict, pre, post)
         for hook in post.values():
             hook(self)
+
+    def _with_extras(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The top-level keys back from :data:`EXTRA_STATE_KEY`; a ``HyperoptimWarning`` for a
+        state dict of this class that lost them (nothing left to restore them from)."""
+        name = type(self).__name__
+        state_dict = _unpack_extras(name, state_dict)
+        if any(k in state_dict for k in _EXTRA_KEYS) or not self._has_own_groups(state_dict):
+            return state_dict
+        warn(f"{name}.load_state_dict: the state dict has {name}'s param groups but not its "
+             "history and hyper_state (torch.distributed.checkpoint with "
+             "flatten_optimizer_state_dict=True drops them, and so did every DCP checkpoint "
+             "written before hyperoptim kept them in param_groups): the learned values in "
+             "param_groups load, history and hyper_state keep this optimizer's current values. "
+             "README, 'Distributed training'.")
+        return {**state_dict, "optimizer_class": name}  # load as it is, not as torch's
+
+    def _has_own_groups(self, state_dict: dict[str, Any]) -> bool:
+        """Has every group of ``state_dict`` every key of this optimizer's (a torch.optim state
+        dict lacks the hyperparameters' own options)?"""
+        groups = state_dict.get("param_groups")
+        return (isinstance(groups, list) and len(groups) == len(self.param_groups)
+                and all(isinstance(saved, dict)
+                        and all(k in saved for k in group if k not in _OPTIONAL_KEYS)
+                        for saved, group in zip(groups, self.param_groups)))
 
     @contextlib.contextmanager
     def _all_or_nothing(self) -> Iterator[None]:
