@@ -339,3 +339,54 @@ def test_dcp_save_at_two_ranks_resumes_on_the_uninterrupted_trajectory(resumed, 
         torch.testing.assert_close(torch.tensor(_floats(first[key]), dtype=torch.float64),
                                    torch.tensor(_floats(ref[key]), dtype=torch.float64),
                                    rtol=1e-6, atol=1e-6, msg=key)
+
+
+def _trained_and_fresh(name: str) -> tuple[nn.Module, Any, nn.Module, Any]:
+    """An unsharded model and optimizer after SPLIT steps, and a fresh pair."""
+    model, opt, step = _setup(DCP_BUILDERS[name], 0, 1, False)
+    for t in range(SPLIT):
+        step(t)
+    fresh_model, fresh, _ = _setup(DCP_BUILDERS[name], 0, 1, False)
+    return model, opt, fresh_model, fresh
+
+
+def test_dcp_optimizer_state_dict_keeps_history_and_hyper_state():
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, opt, fresh_model, fresh = _trained_and_fresh("adam_scale_free")
+    osd = get_optimizer_state_dict(model, opt)
+    assert set(osd) == {"state", "param_groups"}  # all that DCP keeps
+    set_optimizer_state_dict(fresh_model, fresh, osd)
+    assert fresh.history == opt.history and fresh.hyper_state == opt.hyper_state
+    assert fresh.hyper_state["hyper_step"]  # the policy's state, not a fresh one
+    plain = fresh.state_dict()
+    assert hyperoptim.core.serialization.EXTRA_STATE_KEY not in fresh.param_groups[0]
+    assert plain["history"] == opt.history
+
+
+def test_dcp_flattened_optimizer_state_dict_warns_that_hyper_state_is_lost():
+    # flatten_optimizer_state_dict=True (torchtitan's choice) rebuilds param groups from the live
+    # groups' keys only: the repeated hyper state cannot come back, and the load says so.
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, opt, fresh_model, fresh = _trained_and_fresh("adamw_growth")
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    osd = get_optimizer_state_dict(model, opt, options=options)
+    with pytest.warns(hyperoptim.HyperoptimWarning, match="but not its history and hyper_state"):
+        set_optimizer_state_dict(fresh_model, fresh, osd, options=options)
+    assert fresh.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_unreadable_repeated_hyper_state_is_refused():
+    _, opt, _, fresh = _trained_and_fresh("sgd_val")
+    sd = opt.state_dict()
+    groups = [{**g, hyperoptim.core.serialization.EXTRA_STATE_KEY: b"junk"} for g in sd["param_groups"]]
+    with pytest.raises(ValueError, match="hyperoptim_extra_state'] is not what HypergradSGD"):
+        fresh.load_state_dict({"state": sd["state"], "param_groups": groups})
