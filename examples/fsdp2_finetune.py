@@ -143,20 +143,27 @@ def try_marthe(model: nn.Module, val: Callable[[], torch.Tensor],
     return f"MartheAdamW on this model: lr {first_lr:.6g} -> {opt.param_groups[0]['lr']:.6g}"
 
 
+def start() -> tuple[bool, torch.device]:
+    """Under torchrun: join the process group (nccl where every local rank has a GPU, else gloo).
+    Whether it was launched so, and this rank's device."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cuda = launched and torch.cuda.is_available() and torch.cuda.device_count() >= int(
+        os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else (
+        torch.device("cpu"))
+    if cuda:
+        torch.cuda.set_device(device)
+    if launched:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=60))
+    return launched, device
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    cuda = launched and torch.cuda.is_available() and torch.cuda.device_count() >= int(
-        os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    device = torch.device("cpu")
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if launched:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=60))
+    launched, device = start()
     rank, world = (dist.get_rank(), dist.get_world_size()) if launched else (0, 1)
     mine = slice(rank, None, world)  # this rank's share of every batch
     half = args.steps // 2
@@ -197,8 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{len(ropt.history[0]['lr'])} of {len(opt.history[0]['lr'])}")
             print(marthe)
     finally:
-        if launched:
-            dist.barrier()
+        if launched:  # every rank's reads finished inside dcp.load (it ends in a collective)
             dist.destroy_process_group()
         if rank == 0:
             shutil.rmtree(path, ignore_errors=True)

@@ -130,21 +130,30 @@ def _refusals() -> list[str]:
     return out
 
 
-def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
+def _in_gloo_group(rank: int, world: int, store: str, work: Callable[[], None]) -> None:
+    """``work()`` in a gloo process group of ``world`` ranks (60 s timeout on every collective),
+    then leave the process."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
-        results: dict[str, Any] = {name: run_case(name, rank, world, True) for name in BUILDERS}
-        results["refusals"] = _refusals()
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        work()
     finally:
         dist.destroy_process_group()
     # Leave without the interpreter's teardown (the results are written, the group destroyed):
     # in a full run gloo's or the profiler's threads sometimes abort it ("terminate called
     # without an active exception"), which spawn reports as a failed rank.
     os._exit(0)
+
+
+def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    def work() -> None:
+        results: dict[str, Any] = {name: run_case(name, rank, world, True) for name in BUILDERS}
+        results["refusals"] = _refusals()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+    _in_gloo_group(rank, world, store, work)
 
 
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
@@ -268,20 +277,15 @@ def _resume(name: str, rank: int, world: int, path: str, sharded: bool) -> dict[
 
 def _dcp_worker(rank: int, world: int, store: str, ckpt: str) -> None:
     """At 2 ranks: save every case after SPLIT steps; at any world size: resume every case."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.set_num_threads(1)
+    def work() -> None:
         if world == 2:
             for name in DCP_BUILDERS:
                 _save(name, rank, world, os.path.join(ckpt, name))
         results = {name: _resume(name, rank, world, os.path.join(ckpt, name), True)
                    for name in DCP_BUILDERS}
         torch.save(results, os.path.join(ckpt, f"world{world}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # as _worker does
+
+    _in_gloo_group(rank, world, store, work)
 
 
 @pytest.fixture(scope="module")
@@ -327,8 +331,7 @@ def test_dcp_save_at_two_ranks_resumes_on_the_uninterrupted_trajectory(resumed, 
     first = resumed[world][0][name]
     for other in resumed[world][1:]:
         assert first["history"] == other[name]["history"], "ranks disagree"
-        for a, b in zip(first["params"], other[name]["params"], strict=True):
-            assert torch.equal(a, b)
+        assert all(map(torch.equal, first["params"], other[name]["params"]))
     for a, b in zip(ref["params"], first["params"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     # history: every step, the saved ones included; hyper_state: the policy's state.

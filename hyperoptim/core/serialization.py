@@ -85,15 +85,20 @@ def _unpack_extras(name: str, state_dict: dict[str, Any]) -> dict[str, Any]:
     state_dict = {**state_dict, "param_groups": groups}
     if blob is None:
         return state_dict
+    return {**_read_extras(name, blob), **state_dict}  # what the top level says wins
+
+
+def _read_extras(name: str, blob: Any) -> dict[str, Any]:
+    """What :func:`_pack_extras` wrote; ``ValueError`` for anything else."""
     try:
         extras = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        why = "" if isinstance(extras, dict) else f"a {type(extras).__name__}"
     except Exception as err:  # any unreadable value is the same error for the user
+        why = str(err)
+    if why:
         raise ValueError(f"{name}.load_state_dict: param_groups[0][{EXTRA_STATE_KEY!r}] is not "
-                         f"what {name}.state_dict() wrote ({err})") from None
-    if not isinstance(extras, dict):
-        raise ValueError(f"{name}.load_state_dict: param_groups[0][{EXTRA_STATE_KEY!r}] is not "
-                         f"what {name}.state_dict() wrote")
-    return {**extras, **state_dict}  # what the top level says wins
+                         f"what {name}.state_dict() wrote ({why})")
+    return extras
 
 
 class _Serialization:
