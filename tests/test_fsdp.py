@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import io
 import os
 import tempfile
 from collections import Counter
@@ -24,6 +25,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from optim_db import input_id
+from test_conformance import (
+    CASES,
+    Problem,
+    _fresh_kwargs,
+    assert_same_params,
+    build,
+    hyper_groups,
+    run,
+)
 from test_distributed import _data
 from torch import nn
 from torch.nn import functional as F
@@ -393,3 +404,27 @@ def test_unreadable_repeated_hyper_state_is_refused():
     groups = [{**g, hyperoptim.core.serialization.EXTRA_STATE_KEY: b"junk"} for g in sd["param_groups"]]
     with pytest.raises(ValueError, match="hyperoptim_extra_state'] is not what HypergradSGD"):
         fresh.load_state_dict({"state": sd["state"], "param_groups": groups})
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_every_class_resumes_from_the_two_keys_dcp_keeps(case):
+    """Every class and configuration of the conformance table: a state dict cut down to
+    ``state`` and ``param_groups`` (what get_optimizer_state_dict keeps) resumes in lockstep,
+    history and hyper state included (its ``torch.load(weights_only=True)`` reads them all)."""
+    info, inp = case
+    prob = Problem()
+    opt = build(info, inp, prob)
+    run(info, opt, prob, 0, 6)
+    sd = opt.state_dict()
+    buffer = io.BytesIO()  # a copy, as a checkpoint is (the state dict shares opt's tensors)
+    torch.save({"state": sd["state"], "param_groups": sd["param_groups"]}, buffer)
+    buffer.seek(0)
+    prob2 = Problem()
+    prob2.model.load_state_dict(prob.model.state_dict())
+    opt2 = build(info, inp, prob2, **_fresh_kwargs(inp))
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    assert opt2.history == opt.history and opt2.state_dict()["hyper_state"] == sd["hyper_state"]
+    run(info, opt, prob, 6, 4)
+    run(info, opt2, prob2, 6, 4)
+    assert_same_params(prob.params(), prob2.params())
+    assert hyper_groups(opt2) == hyper_groups(opt) and opt2.history == opt.history

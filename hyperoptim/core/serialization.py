@@ -44,6 +44,7 @@ target-driven load whole (README, "Distributed training")."""
 
 _EXTRA_KEYS = ("optimizer_class", "history", "history_limit", "hyper_state")
 
+
 def _to_device(obj: Any, device: torch.device | None) -> Any:
     if device is None:
         return obj
@@ -66,11 +67,16 @@ def _history_fits(history: Any, n_groups: int) -> bool:
                                        for h in history))
 
 
-def _pack_extras(state_dict: dict[str, Any]) -> bytes:
-    """The state dict's own top-level keys, serialised as ``torch.save`` writes them."""
+def repeat_extras(state_dict: dict[str, Any]) -> None:
+    """Put every top-level key of ``state_dict`` but torch's two (``state``, ``param_groups``)
+    into ``param_groups[0][EXTRA_STATE_KEY]``, serialised as ``torch.save`` writes them; for
+    a subclass that adds its own keys after :meth:`_Serialization.state_dict`."""
+    if not state_dict.get("param_groups"):
+        return
     buffer = io.BytesIO()
-    torch.save({k: state_dict[k] for k in _EXTRA_KEYS if k in state_dict}, buffer)
-    return buffer.getvalue()
+    torch.save({k: v for k, v in state_dict.items() if k not in ("state", "param_groups")},
+               buffer)
+    state_dict["param_groups"][0][EXTRA_STATE_KEY] = buffer.getvalue()
 
 
 def _unpack_extras(name: str, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +95,7 @@ def _unpack_extras(name: str, state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_extras(name: str, blob: Any) -> dict[str, Any]:
-    """What :func:`_pack_extras` wrote; ``ValueError`` for anything else."""
+    """What :func:`repeat_extras` wrote; ``ValueError`` for anything else."""
     try:
         extras = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         why = "" if isinstance(extras, dict) else f"a {type(extras).__name__}"
@@ -112,7 +118,7 @@ class _Serialization:
         changed after they are recorded), not deep-copied, so the call stays cheap; its length is
         bounded by :attr:`history_limit`. State-dict post-hooks see the whole dict.
 
-        ``param_groups[0]`` repeats the four keys torch does not have, as they stand after the
+        ``param_groups[0]`` repeats the keys torch does not have, as they stand after the
         hooks, in one ``bytes`` value under :data:`EXTRA_STATE_KEY`, so that they survive
         ``torch.distributed.checkpoint`` (which keeps only ``state`` and ``param_groups``);
         :meth:`load_state_dict` reads them from there where the top level lacks them.
@@ -131,8 +137,7 @@ class _Serialization:
             result = hook(self, sd)
             if result is not None:
                 sd = result
-        if sd.get("param_groups"):
-            sd["param_groups"][0][EXTRA_STATE_KEY] = _pack_extras(sd)
+        repeat_extras(sd)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
