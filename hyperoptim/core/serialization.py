@@ -181,20 +181,20 @@ class _Serialization:
             return state_dict
         warn(f"{name}.load_state_dict: the state dict has {name}'s param groups but not its "
              "history and hyper_state (torch.distributed.checkpoint with "
-             "flatten_optimizer_state_dict=True drops them, and so did every DCP checkpoint "
-             "written before hyperoptim kept them in param_groups): the learned values in "
-             "param_groups load, history and hyper_state keep this optimizer's current values. "
-             "README, 'Distributed training'.")
+             "flatten_optimizer_state_dict=True drops them, as did DCP checkpoints written before "
+             "hyperoptim repeated them in param_groups): the learned values in param_groups and "
+             "the per-parameter state load, history and hyper_state keep this optimizer's "
+             "current values. README, 'Distributed training'.")
         return {**state_dict, "optimizer_class": name}  # load as it is, not as torch's
 
     def _has_own_groups(self, state_dict: dict[str, Any]) -> bool:
-        """Has every group of ``state_dict`` every key of this optimizer's (a torch.optim state
-        dict lacks the hyperparameters' own options)?"""
+        """Has every group of ``state_dict`` every option of this class (a torch.optim state dict
+        lacks the hyperparameters' own)?"""
         groups = state_dict.get("param_groups")
+        own = [k for k in self.defaults if k not in _OPTIONAL_KEYS]
         return (isinstance(groups, list) and len(groups) == len(self.param_groups)
-                and all(isinstance(saved, dict)
-                        and all(k in saved for k in group if k not in _OPTIONAL_KEYS)
-                        for saved, group in zip(groups, self.param_groups)))
+                and all(isinstance(saved, dict) and all(k in saved for k in own)
+                        for saved in groups))
 
     @contextlib.contextmanager
     def _all_or_nothing(self) -> Iterator[None]:
