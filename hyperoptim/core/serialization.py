@@ -174,10 +174,12 @@ class _Serialization:
 
     def _with_extras(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """The top-level keys back from :data:`EXTRA_STATE_KEY`; a ``HyperoptimWarning`` for a
-        state dict of this class that lost them (nothing left to restore them from)."""
+        state dict of this class that lost them in torch.distributed.checkpoint (nothing left to
+        restore them from). A numbered state dict without them loads as before (a torch.optim
+        checkpoint given this class's options migrates)."""
         name = type(self).__name__
         state_dict = _unpack_extras(name, state_dict)
-        if any(k in state_dict for k in _EXTRA_KEYS) or not self._has_own_groups(state_dict):
+        if any(k in state_dict for k in _EXTRA_KEYS) or not self._lost_in_dcp(state_dict):
             return state_dict
         warn(f"{name}.load_state_dict: the state dict has {name}'s param groups but not its "
              "history and hyper_state (torch.distributed.checkpoint with "
@@ -187,14 +189,16 @@ class _Serialization:
              "current values. README, 'Distributed training'.")
         return {**state_dict, "optimizer_class": name}  # load as it is, not as torch's
 
-    def _has_own_groups(self, state_dict: dict[str, Any]) -> bool:
-        """Has every group of ``state_dict`` every option of this class (a torch.optim state dict
-        lacks the hyperparameters' own)?"""
+    def _lost_in_dcp(self, state_dict: dict[str, Any]) -> bool:
+        """Did ``state_dict`` come through torch.distributed.checkpoint (its parameters are
+        named, not numbered) with every option of this class in every group (a torch.optim
+        state dict lacks the hyperparameters' own)?"""
         groups = state_dict.get("param_groups")
         own = [k for k in self.defaults if k not in _OPTIONAL_KEYS]
         return (isinstance(groups, list) and len(groups) == len(self.param_groups)
                 and all(isinstance(saved, dict) and all(k in saved for k in own)
-                        for saved in groups))
+                        for saved in groups)
+                and any(isinstance(k, str) for saved in groups for k in saved.get("params", ())))
 
     @contextlib.contextmanager
     def _all_or_nothing(self) -> Iterator[None]:
