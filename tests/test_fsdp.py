@@ -6,7 +6,8 @@ within 1e-6 in float64, ranks consistent. The hypergradient-descent family suppo
 inner products are per-shard partial sums completed by one all-reduce of scalars); the other
 classes, and FSDP1, are refused with errors that say what works. Every collective has a timeout
 and every loop a fixed length. ``HYPEROPTIM_DIST_WORLDS=2,3`` runs more world sizes (CI runs 2;
-3 ranks shard the 8-row layer unevenly).
+3 ranks shard the 8-row layer unevenly). The last part: torch.distributed.checkpoint, a save at 2
+ranks resumed at 1, 2 and 3.
 """
 
 from __future__ import annotations
