@@ -37,8 +37,9 @@ def test_example_runs(script, monkeypatch, capsys):
     assert capsys.readouterr().out.strip()
 
 
-def test_ddp_example_under_torchrun_with_two_ranks():
-    """The README's command, as a user runs it: two gloo ranks on 127.0.0.1, bounded in time."""
+def _torchrun(script: str, *args: str) -> str:
+    """``torchrun --nproc_per_node 2 examples/<script> <args>`` as a user runs it: two gloo ranks
+    on 127.0.0.1, bounded in time; its stdout."""
     import socket
     import subprocess
 
@@ -46,11 +47,27 @@ def test_ddp_example_under_torchrun_with_two_ranks():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(port),
-           str(EXAMPLES / "ddp_torchrun.py"), "--steps", "6"]
+           "--master_addr", "127.0.0.1", "--master_port", str(port), str(EXAMPLES / script), *args]
     # This checkout's package, not whichever one is installed (an editable install of another).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(EXAMPLES.parent),
                                                                     os.environ.get("PYTHONPATH")]))}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=EXAMPLES, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "ranks 2, HVP route finite_difference" in out.stdout
+    return out.stdout
+
+
+def test_ddp_example_under_torchrun_with_two_ranks():
+    """The README's command, as a user runs it."""
+    assert "ranks 2, HVP route finite_difference" in _torchrun("ddp_torchrun.py", "--steps", "6")
+
+
+def test_fsdp2_example_under_torchrun_with_two_ranks():
+    """Two FSDP2 ranks train, save with torch.distributed.checkpoint and resume exactly."""
+    import re
+
+    out = _torchrun("fsdp2_finetune.py", "--steps", "8")
+    assert "ranks 2, fully_shard on " in out and ": HypergradAdamW lr 0.001 -> " in out, out
+    resumed = re.search(r"resumed from the DCP checkpoint at step 4: largest weight difference "
+                        r"from the uninterrupted run (\S+), history entries 8 of 8", out)
+    assert resumed and float(resumed.group(1)) <= 1e-6, out
+    assert "MartheAdamW on this model: " in out, out

@@ -6,21 +6,36 @@ within 1e-6 in float64, ranks consistent. The hypergradient-descent family suppo
 inner products are per-shard partial sums completed by one all-reduce of scalars); the other
 classes, and FSDP1, are refused with errors that say what works. Every collective has a timeout
 and every loop a fixed length. ``HYPEROPTIM_DIST_WORLDS=2,3`` runs more world sizes (CI runs 2;
-3 ranks shard the 8-row layer unevenly).
+3 ranks shard the 8-row layer unevenly). The last part: torch.distributed.checkpoint, a save at 2
+ranks resumed at 1, 2 and 3.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
+import io
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from optim_db import input_id
+from test_conformance import (
+    CASES,
+    Problem,
+    _fresh_kwargs,
+    assert_same_params,
+    build,
+    hyper_groups,
+    run,
+)
 from test_distributed import _data
 from torch import nn
 from torch.nn import functional as F
@@ -52,8 +67,10 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
 
 
-def run_case(name: str, rank: int, world: int, sharded: bool) -> dict[str, Any]:
-    """8 steps on this rank's share of every batch; both closures call backward()."""
+def _setup(builder: Callable[..., Any], rank: int, world: int, sharded: bool
+           ) -> tuple[nn.Module, Any, Callable[[int], None]]:
+    """The model (sharded or not), its optimizer, and step ``t`` on this rank's share of batch
+    ``t``; both closures call backward()."""
     x, y, xv, yv = _data()
     part = slice(rank * x.shape[1] // world, (rank + 1) * x.shape[1] // world)
     model = _model()
@@ -67,16 +84,26 @@ def run_case(name: str, rank: int, world: int, sharded: bool) -> dict[str, Any]:
         loss.backward()
         return loss
 
-    opt = BUILDERS[name](model.parameters(), val_closure)
+    opt = builder(model.parameters(), val_closure)
+
+    def step(t: int) -> None:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.mse_loss(model(x[t, part]), y[t, part])
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    return model, opt, step
+
+
+def run_case(name: str, rank: int, world: int, sharded: bool) -> dict[str, Any]:
+    """8 steps on this rank's share of every batch."""
+    model, opt, step = _setup(BUILDERS[name], rank, world, sharded)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for t in range(STEPS):
-            def closure(t: int = t) -> torch.Tensor:
-                opt.zero_grad()
-                loss = F.mse_loss(model(x[t, part]), y[t, part])
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+            step(t)
     comm = Counter(e.name for e in prof.events() if e.name.startswith("gloo:"))
     full = [p.full_tensor() if sharded else p for p in model.parameters()]
     state = next(iter(opt.state.values()))
@@ -115,21 +142,30 @@ def _refusals() -> list[str]:
     return out
 
 
-def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
+def _in_gloo_group(rank: int, world: int, store: str, work: Callable[[], None]) -> None:
+    """``work()`` in a gloo process group of ``world`` ranks (60 s timeout on every collective),
+    then leave the process."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
-        results: dict[str, Any] = {name: run_case(name, rank, world, True) for name in BUILDERS}
-        results["refusals"] = _refusals()
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        work()
     finally:
         dist.destroy_process_group()
     # Leave without the interpreter's teardown (the results are written, the group destroyed):
     # in a full run gloo's or the profiler's threads sometimes abort it ("terminate called
     # without an active exception"), which spawn reports as a failed rank.
     os._exit(0)
+
+
+def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    def work() -> None:
+        results: dict[str, Any] = {name: run_case(name, rank, world, True) for name in BUILDERS}
+        results["refusals"] = _refusals()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+    _in_gloo_group(rank, world, store, work)
 
 
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
@@ -203,3 +239,195 @@ def test_fsdp1_flat_parameters_are_refused_naming_fully_shard():
     for cls in (hyperoptim.HypergradSGD, hyperoptim.HypergradAdamW, hyperoptim.MartheSGD):
         with pytest.raises(ValueError, match=r"does not support FSDP1 .*fully_shard"):
             cls([flat], lr=0.1)
+
+
+# ---------------------------------------------------------------- torch.distributed.checkpoint
+# A save after SPLIT steps at 2 ranks resumes at 1 (one plain, unsharded process), 2 and 3 ranks
+# (FSDP2) on the trajectory of the uninterrupted run: weights, learned values, history and the
+# hyper-step policies' state (hyper_state) within 1e-6. The policies' state is what only
+# hyper_state holds: losing it changes the trajectory, losing history changes the record.
+SPLIT = 4
+DCP_BUILDERS = {
+    "sgd_val": BUILDERS["sgd_val"],
+    "adam_scale_free": lambda p, v: hyperoptim.HypergradAdam(p, lr=0.01, hyper_step="scale_free",
+                                                             val_closure=v),
+    "adamw_growth": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01, weight_decay=1e-2,
+                                                           hyper_step="growth"),
+}
+DCP_WORLDS = (1, 2, 3)
+
+
+def _learned(model: nn.Module, opt: Any, sharded: bool) -> dict[str, Any]:
+    return {"params": [(p.full_tensor() if sharded else p).detach().clone()
+                       for p in model.parameters()],
+            "lr": [g["lr"] for g in opt.param_groups], "history": opt.history,
+            "hyper_state": copy.deepcopy(opt.hyper_state)}
+
+
+def _save(name: str, rank: int, world: int, path: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, opt, step = _setup(DCP_BUILDERS[name], rank, world, True)
+    for t in range(SPLIT):
+        step(t)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def _resume(name: str, rank: int, world: int, path: str, sharded: bool) -> dict[str, Any]:
+    """A fresh model and optimizer loaded from ``path`` (the usual DCP idiom: the state dicts of
+    what is being resumed are the load's target), then the steps after SPLIT."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt, step = _setup(DCP_BUILDERS[name], rank, world, sharded)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    target = {"model": model_sd, "optim": optim_sd}
+    dcp.load(target, checkpoint_id=path, no_dist=not sharded)
+    set_state_dict(model, opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    for t in range(SPLIT, STEPS):
+        step(t)
+    return _learned(model, opt, sharded)
+
+
+def _dcp_worker(rank: int, world: int, store: str, ckpt: str) -> None:
+    """At 2 ranks: save every case after SPLIT steps; at any world size: resume every case."""
+    def work() -> None:
+        if world == 2:
+            for name in DCP_BUILDERS:
+                _save(name, rank, world, os.path.join(ckpt, name))
+        results = {name: _resume(name, rank, world, os.path.join(ckpt, name), True)
+                   for name in DCP_BUILDERS}
+        torch.save(results, os.path.join(ckpt, f"world{world}-rank{rank}.pt"))
+
+    _in_gloo_group(rank, world, store, work)
+
+
+@pytest.fixture(scope="module")
+def resumed() -> dict[int, list[dict[str, Any]]]:
+    """Per world size, every rank's results (saved at 2 ranks first)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (2, *(w for w in DCP_WORLDS if w > 2)):
+            store = os.path.join(tmp, f"store{world}")
+            mp.spawn(_dcp_worker, args=(world, store, tmp), nprocs=world, join=True)
+            out[world] = [torch.load(os.path.join(tmp, f"world{world}-rank{r}.pt"))
+                          for r in range(world)]
+        if 1 in DCP_WORLDS:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                out[1] = [{name: _resume(name, 0, 1, os.path.join(tmp, name), False)
+                           for name in DCP_BUILDERS}]
+            finally:
+                torch.set_num_threads(threads)
+    return out
+
+
+def _floats(obj: Any) -> list[float]:
+    """Every number in a nest of dicts and lists, in key order."""
+    if isinstance(obj, dict):
+        return [f for k in sorted(obj, key=str) for f in _floats(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [f for v in obj for f in _floats(v)]
+    return [float(obj)]
+
+
+# DCP's note that the unsharded resume loads in one process, as it is meant to.
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize("world", DCP_WORLDS, ids=lambda w: f"world{w}")
+@pytest.mark.parametrize("name", list(DCP_BUILDERS))
+def test_dcp_save_at_two_ranks_resumes_on_the_uninterrupted_trajectory(resumed, name, world):
+    torch.set_num_threads(1)
+    model, opt, step = _setup(DCP_BUILDERS[name], 0, 1, False)
+    for t in range(STEPS):
+        step(t)
+    ref = _learned(model, opt, False)
+    first = resumed[world][0][name]
+    for other in resumed[world][1:]:
+        assert first["history"] == other[name]["history"], "ranks disagree"
+        assert all(map(torch.equal, first["params"], other[name]["params"]))
+    for a, b in zip(ref["params"], first["params"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # history: every step, the saved ones included; hyper_state: the policy's state.
+    assert [sorted(h) for h in first["history"]] == [sorted(h) for h in ref["history"]]
+    assert len(first["history"][0]["lr"]) == STEPS
+    assert sorted(first["hyper_state"]) == sorted(ref["hyper_state"])
+    for key in ("lr", "history", "hyper_state"):
+        torch.testing.assert_close(torch.tensor(_floats(first[key]), dtype=torch.float64),
+                                   torch.tensor(_floats(ref[key]), dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-6, msg=key)
+
+
+def _trained_and_fresh(name: str) -> tuple[nn.Module, Any, nn.Module, Any]:
+    """An unsharded model and optimizer after SPLIT steps, and a fresh pair."""
+    model, opt, step = _setup(DCP_BUILDERS[name], 0, 1, False)
+    for t in range(SPLIT):
+        step(t)
+    fresh_model, fresh, _ = _setup(DCP_BUILDERS[name], 0, 1, False)
+    return model, opt, fresh_model, fresh
+
+
+def test_dcp_optimizer_state_dict_keeps_history_and_hyper_state():
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, opt, fresh_model, fresh = _trained_and_fresh("adam_scale_free")
+    osd = get_optimizer_state_dict(model, opt)
+    assert set(osd) == {"state", "param_groups"}  # all that DCP keeps
+    set_optimizer_state_dict(fresh_model, fresh, osd)
+    assert fresh.history == opt.history and fresh.hyper_state == opt.hyper_state
+    assert fresh.hyper_state["hyper_step"]  # the policy's state, not a fresh one
+    plain = fresh.state_dict()
+    assert hyperoptim.core.serialization.EXTRA_STATE_KEY not in fresh.param_groups[0]
+    assert plain["history"] == opt.history
+
+
+def test_dcp_flattened_optimizer_state_dict_warns_that_hyper_state_is_lost():
+    # flatten_optimizer_state_dict=True (torchtitan's choice) rebuilds param groups from the live
+    # groups' keys only: the repeated hyper state cannot come back, and the load says so.
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, opt, fresh_model, fresh = _trained_and_fresh("adamw_growth")
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    osd = get_optimizer_state_dict(model, opt, options=options)
+    with pytest.warns(hyperoptim.HyperoptimWarning, match="but not its history and hyper_state"):
+        set_optimizer_state_dict(fresh_model, fresh, osd, options=options)
+    assert fresh.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_unreadable_repeated_hyper_state_is_refused():
+    _, opt, _, fresh = _trained_and_fresh("sgd_val")
+    sd = opt.state_dict()
+    groups = [{**g, hyperoptim.core.serialization.EXTRA_STATE_KEY: b"junk"} for g in sd["param_groups"]]
+    with pytest.raises(ValueError, match="hyperoptim_extra_state'] is not what HypergradSGD"):
+        fresh.load_state_dict({"state": sd["state"], "param_groups": groups})
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_every_class_resumes_from_the_two_keys_dcp_keeps(case):
+    """Every class and configuration of the conformance table: a state dict cut down to
+    ``state`` and ``param_groups`` (what get_optimizer_state_dict keeps) resumes in lockstep,
+    history and hyper state included (its ``torch.load(weights_only=True)`` reads them all)."""
+    info, inp = case
+    prob = Problem()
+    opt = build(info, inp, prob)
+    run(info, opt, prob, 0, 6)
+    sd = opt.state_dict()
+    buffer = io.BytesIO()  # a copy, as a checkpoint is (the state dict shares opt's tensors)
+    torch.save({"state": sd["state"], "param_groups": sd["param_groups"]}, buffer)
+    buffer.seek(0)
+    prob2 = Problem()
+    prob2.model.load_state_dict(prob.model.state_dict())
+    opt2 = build(info, inp, prob2, **_fresh_kwargs(inp))
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    assert opt2.history == opt.history and opt2.state_dict()["hyper_state"] == sd["hyper_state"]
+    run(info, opt, prob, 6, 4)
+    run(info, opt2, prob2, 6, 4)
+    assert_same_params(prob.params(), prob2.params())
+    assert hyper_groups(opt2) == hyper_groups(opt) and opt2.history == opt.history

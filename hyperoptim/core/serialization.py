@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,7 @@ from .options import (
     fixed_values,
     renamed_group,
 )
+from .warn import warn
 
 HISTORY_LIMIT = 10_000
 """The default of :attr:`HyperOptimizer.history_limit`: entries kept per name and param group."""
@@ -34,6 +36,15 @@ _OPTIONAL_KEYS = frozenset({"maximize", "dampening", "nesterov", "foreach", "dif
 # Optional keys whose absence means what the package did before they existed, whatever this
 # optimizer's value: a checkpoint saved before hyper-step policies took the additive step.
 _LEGACY_VALUES = {"hyper_step": "additive"}
+
+EXTRA_STATE_KEY = "hyperoptim_extra_state"
+"""The key of ``state_dict()["param_groups"][0]`` that repeats, as one opaque ``bytes`` value,
+what a resumed run needs beyond torch's ``state`` and ``param_groups``: torch.distributed.checkpoint
+(``get_optimizer_state_dict``) keeps only those two, and one opaque value survives its
+target-driven load whole (README, "Distributed training")."""
+
+_EXTRA_KEYS = ("optimizer_class", "history", "history_limit", "hyper_state")
+
 
 def _to_device(obj: Any, device: torch.device | None) -> Any:
     if device is None:
@@ -57,6 +68,46 @@ def _history_fits(history: Any, n_groups: int) -> bool:
                                        for h in history))
 
 
+def repeat_extras(state_dict: dict[str, Any]) -> None:
+    """Put every top-level key of ``state_dict`` but torch's two (``state``, ``param_groups``)
+    into ``param_groups[0][EXTRA_STATE_KEY]``, serialised as ``torch.save`` writes them; for
+    a subclass that adds its own keys after :meth:`_Serialization.state_dict`."""
+    if not state_dict.get("param_groups"):
+        return
+    buffer = io.BytesIO()
+    torch.save({k: v for k, v in state_dict.items() if k not in ("state", "param_groups")},
+               buffer)
+    state_dict["param_groups"][0][EXTRA_STATE_KEY] = buffer.getvalue()
+
+
+def _unpack_extras(name: str, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with :data:`EXTRA_STATE_KEY` taken out of its param groups and its content
+    put back at the top level, where the top level lacks it (a torch.distributed.checkpoint
+    round trip); the caller's dict is not modified."""
+    groups = state_dict.get("param_groups")
+    if not (isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)):
+        return state_dict  # the usual checks report it
+    blob = groups[0].get(EXTRA_STATE_KEY)
+    groups = [{k: v for k, v in g.items() if k != EXTRA_STATE_KEY} for g in groups]
+    state_dict = {**state_dict, "param_groups": groups}
+    if blob is None:
+        return state_dict
+    return {**_read_extras(name, blob), **state_dict}  # what the top level says wins
+
+
+def _read_extras(name: str, blob: Any) -> dict[str, Any]:
+    """What :func:`repeat_extras` wrote; ``ValueError`` for anything else."""
+    try:
+        extras = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        why = "" if isinstance(extras, dict) else f"a {type(extras).__name__}"
+    except Exception as err:  # any unreadable value is the same error for the user
+        why = str(err)
+    if why:
+        raise ValueError(f"{name}.load_state_dict: param_groups[0][{EXTRA_STATE_KEY!r}] is not "
+                         f"what {name}.state_dict() wrote ({why})")
+    return extras
+
+
 class _Serialization:
     """state_dict, load_state_dict and pickling: everything a resumed run needs."""
 
@@ -67,6 +118,11 @@ class _Serialization:
         ``history`` is copied list by list (its entries are immutable floats or lists never
         changed after they are recorded), not deep-copied, so the call stays cheap; its length is
         bounded by :attr:`history_limit`. State-dict post-hooks see the whole dict.
+
+        ``param_groups[0]`` repeats the keys torch does not have, as they stand after the
+        hooks, in one ``bytes`` value under :data:`EXTRA_STATE_KEY`, so that they survive
+        ``torch.distributed.checkpoint`` (which keeps only ``state`` and ``param_groups``);
+        :meth:`load_state_dict` reads them from there where the top level lacks them.
         """
         hooks = self._optimizer_state_dict_post_hooks
         self._optimizer_state_dict_post_hooks = OrderedDict()
@@ -82,6 +138,7 @@ class _Serialization:
             result = hook(self, sd)
             if result is not None:
                 sd = result
+        repeat_extras(sd)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -108,12 +165,41 @@ class _Serialization:
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = dict(result)
+        state_dict = self._with_extras(state_dict)
         state_dict = from_torch(self, state_dict)  # a torch.optim checkpoint: migrate it
         state_dict = self._check_loadable(state_dict)
         with self._all_or_nothing():
             self._load_checked(state_dict, pre, post)
         for hook in post.values():
             hook(self)
+
+    def _with_extras(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The top-level keys back from :data:`EXTRA_STATE_KEY`; a ``HyperoptimWarning`` for a
+        state dict of this class that lost them in torch.distributed.checkpoint (nothing left to
+        restore them from). A numbered state dict without them loads as before (a torch.optim
+        checkpoint given this class's options migrates)."""
+        name = type(self).__name__
+        state_dict = _unpack_extras(name, state_dict)
+        if any(k in state_dict for k in _EXTRA_KEYS) or not self._lost_in_dcp(state_dict):
+            return state_dict
+        warn(f"{name}.load_state_dict: the state dict has {name}'s param groups but not its "
+             "history and hyper_state (torch.distributed.checkpoint with "
+             "flatten_optimizer_state_dict=True drops them, as did DCP checkpoints written before "
+             "hyperoptim repeated them in param_groups): the learned values in param_groups and "
+             "the per-parameter state load, history and hyper_state keep this optimizer's "
+             "current values. README, 'Distributed training'.")
+        return {**state_dict, "optimizer_class": name}  # load as it is, not as torch's
+
+    def _lost_in_dcp(self, state_dict: dict[str, Any]) -> bool:
+        """Did ``state_dict`` come through torch.distributed.checkpoint (its parameters are
+        named, not numbered) with every option of this class in every group (a torch.optim
+        state dict lacks the hyperparameters' own)?"""
+        groups = state_dict.get("param_groups")
+        own = [k for k in self.defaults if k not in _OPTIONAL_KEYS]
+        return (isinstance(groups, list) and len(groups) == len(self.param_groups)
+                and all(isinstance(saved, dict) and all(k in saved for k in own)
+                        for saved in groups)
+                and any(isinstance(k, str) for saved in groups for k in saved.get("params", ())))
 
     @contextlib.contextmanager
     def _all_or_nothing(self) -> Iterator[None]:

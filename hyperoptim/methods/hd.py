@@ -431,7 +431,8 @@ def _scale_terms(objs: list[Tensor], prev: list[Tensor | None]) -> list[Tensor]:
 def _squares(tensors: list[Tensor], like: list[Tensor]) -> Tensor:
     """The sum of squares of ``tensors`` (0 in ``like``'s dtype when there are none)."""
     if not tensors:
-        return like[0].new_zeros(()) if like else torch.zeros((), dtype=torch.float64)
+        # local(): under FSDP2 a DTensor's zeros would be a DTensor among plain partial sums.
+        return local(like[0]).new_zeros(()) if like else torch.zeros((), dtype=torch.float64)
     return torch.stack([_dot(t, t) for t in tensors]).sum()
 
 

@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 from ..core.base import HyperOptimizer
 from ..core.checks import check_value
 from ..core.options import check_group, check_rule_arguments
+from ..core.serialization import repeat_extras
 from ..core.signatures import bind_keywords, declared
 from ..core.types import Closure, ParamsT
 from ..hvp import SecondOrder
@@ -484,11 +485,12 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         """Everything :class:`HyperOptimizer` saves, plus the hyper optimizer's state dict."""
         sd = super().state_dict()
         sd["hyper_optimizer"] = copy.deepcopy(self._hyper_opt.state_dict())
+        repeat_extras(sd)  # torch.distributed.checkpoint keeps only state and param_groups
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` saved; a resumed run continues exactly."""
-        state_dict = dict(state_dict)
+        state_dict = self._with_extras(dict(state_dict))
         hyper_opt_state = state_dict.pop("hyper_optimizer", None)
         with self._all_or_nothing():
             super().load_state_dict(state_dict)

@@ -1,0 +1,214 @@
+"""HypergradAdamW fine-tunes a small transformer sharded with FSDP2 (``fully_shard``), and a
+torch.distributed.checkpoint (DCP) save resumes it exactly.
+
+Every rank holds a dim-0 shard of every parameter (DTensors) and its share of each batch; FSDP2
+gathers the weights for forward and backward and reduce-scatters the gradients, and
+HypergradAdamW learns its learning rate from per-shard partial sums completed by one all-reduce
+of scalars per step. Halfway, the run is saved with ``get_state_dict`` and ``dcp.save``; a fresh
+model and optimizer (as after a restart) load it with ``dcp.load`` and ``set_state_dict`` and
+continue. The learned learning rate, the Adam state and the optimizer's history come back (the
+history and hyper state ride in ``param_groups``, which DCP keeps), so the resumed run ends on
+the weights of the uninterrupted one. Data are generated here; nothing is downloaded. CPU/gloo,
+or GPU/nccl where every rank has a GPU.
+
+MartheAdamW is tried on the same sharded model: the second-order methods (MARTHE, IFT, FDS)
+do not support FSDP2 yet, and the example prints the refusal (run without torchrun, one
+unsharded process, MartheAdamW trains as well).
+
+Run:  torchrun --nproc_per_node 2 examples/fsdp2_finetune.py [--steps N]
+      python examples/fsdp2_finetune.py             # one unsharded process, same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import hyperoptim
+
+VOCAB, LENGTH, BATCH = 16, 12, 32
+
+
+class Classifier(nn.Module):
+    """Token and position embeddings, a 2-layer transformer encoder, mean pooling, a linear head."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.position = nn.Parameter(torch.randn(LENGTH, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=64, dropout=0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens) + self.position).mean(dim=1))
+
+
+def batch(step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``step`` (the same on every rank and in every run): is token 1 more frequent than 2?"""
+    gen = torch.Generator().manual_seed(step)
+    tokens = torch.randint(VOCAB, (BATCH, LENGTH), generator=gen)
+    labels = ((tokens == 1).sum(1) > (tokens == 2).sum(1)).long()
+    return tokens.to(device), labels.to(device)
+
+
+def build(device: torch.device, sharded: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = Classifier().to(device)
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.encoder.layers:  # one all-gather per layer, then the rest at the root
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def adamw(model: nn.Module) -> hyperoptim.HypergradAdamW:
+    """The scale-free hyper-step: its state (Adam moments on log lr) is the optimizer's
+    hyper_state, which the DCP checkpoint carries along with the learned lr."""
+    return hyperoptim.HypergradAdamW(model.parameters(), lr=1e-3, weight_decay=0.01,
+                                     hyper_step="scale_free")
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, mine: slice,
+          device: torch.device, backward: bool = True) -> float:
+    """``steps`` on this rank's share of each batch; the last training loss (this rank's).
+
+    ``backward=False``: the closure returns the loss and the optimizer differentiates it (the
+    exact Hessian-vector products of the second-order methods); FSDP2 needs ``backward()``."""
+    loss = torch.zeros(())
+    for step in steps:
+        tokens, labels = batch(step, device)
+
+        def closure(tokens: torch.Tensor = tokens[mine], labels: torch.Tensor = labels[mine]
+                    ) -> torch.Tensor:
+            loss = F.cross_entropy(model(tokens), labels)
+            if backward:  # under FSDP2 backward()'s hooks reduce-scatter the grads into shards
+                opt.zero_grad()
+                loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+    return float(loss)
+
+
+@torch.no_grad()
+def largest_difference(a: nn.Module, b: nn.Module, launched: bool) -> float:
+    """max |a - b| over every weight, every rank's shard included."""
+    local = [(p.to_local() if hasattr(p, "to_local") else p) for p in a.parameters()]
+    other = [(p.to_local() if hasattr(p, "to_local") else p) for p in b.parameters()]
+    diff = torch.stack([(x - y).abs().max() if x.numel() else x.new_zeros(())
+                        for x, y in zip(local, other)]).max()
+    if launched:
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
+def checkpoint_dir(rank: int, launched: bool) -> str:
+    """One temporary directory that every rank writes its shards into (rank 0 makes it)."""
+    path = [tempfile.mkdtemp(prefix="fsdp2_finetune_") if rank == 0 else ""]
+    if launched:
+        dist.broadcast_object_list(path, src=0)
+    return path[0]
+
+
+def try_marthe(model: nn.Module, val: Callable[[], torch.Tensor],
+               run: Callable[[torch.optim.Optimizer], object]) -> str:
+    """MartheAdamW on the same model: ``run`` with it, or the first sentence of the error that
+    refuses it."""
+    try:
+        opt = hyperoptim.MartheAdamW(model.parameters(), lr=1e-3, val_closure=val)
+    except ValueError as err:
+        return f"MartheAdamW on this model: refused: {str(err).split('. ')[0]}."
+    first_lr = opt.param_groups[0]["lr"]
+    # The math attention kernel has the double backward that the exact HVPs take (the fused
+    # CPU/flash kernels have none).
+    with sdpa_kernel(SDPBackend.MATH):
+        run(opt)
+    return f"MartheAdamW on this model: lr {first_lr:.6g} -> {opt.param_groups[0]['lr']:.6g}"
+
+
+def start() -> tuple[bool, torch.device]:
+    """Under torchrun: join the process group (nccl where every local rank has a GPU, else gloo).
+    Whether it was launched so, and this rank's device."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cuda = launched and torch.cuda.is_available() and torch.cuda.device_count() >= int(
+        os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else (
+        torch.device("cpu"))
+    if cuda:
+        torch.cuda.set_device(device)
+    if launched:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=60))
+    return launched, device
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    launched, device = start()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if launched else (0, 1)
+    mine = slice(rank, None, world)  # this rank's share of every batch
+    half = args.steps // 2
+    path = checkpoint_dir(rank, launched)
+    try:
+        with warnings.catch_warnings():
+            # DCP's note that one unsharded process loads in one process, as intended.
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            model = build(device, launched)
+            opt = adamw(model)
+            first_lr = opt.param_groups[0]["lr"]
+            train(model, opt, range(half), mine, device)
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path,
+                     no_dist=not launched)
+            loss = train(model, opt, range(half, args.steps), mine, device)  # uninterrupted
+
+            # A restart: a fresh model and optimizer are the load's target, then continue.
+            resumed = build(device, launched)
+            ropt = adamw(resumed)
+            model_sd, optim_sd = get_state_dict(resumed, ropt)
+            target = {"model": model_sd, "optim": optim_sd}
+            dcp.load(target, checkpoint_id=path, no_dist=not launched)
+            set_state_dict(resumed, ropt, model_state_dict=target["model"],
+                           optim_state_dict=target["optim"])
+            train(resumed, ropt, range(half, args.steps), mine, device)
+        gap = largest_difference(model, resumed, launched)
+        tokens, labels = batch(10_000, device)
+        marthe = try_marthe(model, lambda: F.cross_entropy(model(tokens[mine]), labels[mine]),
+                            lambda o: train(model, o, range(args.steps, args.steps + half), mine,
+                                            device, backward=launched))
+        if rank == 0:
+            print(f"ranks {world}, {'fully_shard' if launched else 'unsharded'} on {device.type}: "
+                  f"HypergradAdamW lr {first_lr:.4g} -> {opt.param_groups[0]['lr']:.4g}, "
+                  f"last loss {loss:.3f}")
+            print(f"resumed from the DCP checkpoint at step {half}: largest weight difference "
+                  f"from the uninterrupted run {gap:.3g}, history entries "
+                  f"{len(ropt.history[0]['lr'])} of {len(opt.history[0]['lr'])}")
+            print(marthe)
+    finally:
+        if launched:  # every rank's reads finished inside dcp.load (it ends in a collective)
+            dist.destroy_process_group()
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
