@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hyperoptim.core.schedule import window_of
@@ -576,6 +576,8 @@ def test_adam_unroll_is_bit_identical_to_torch_adam(config, dtype):
     eps=st.sampled_from([1e-8, 1e-3]),
     decoupled=st.booleans(),
 )
+@example(seed=20880, horizon=1, n_lr=1, beta1=0.5, beta2=0.875, weight_decay=0.15478852119424147,
+         eps=1e-8, decoupled=False)  # a bend on the scale of eps (see below)
 def test_adam_oracle_matches_finite_differences(seed, horizon, n_lr, beta1, beta2, weight_decay,
                                                 eps, decoupled):
     """dE/d(lr windows, beta1, beta2, weight decay) through unrolled Adam/AdamW, two ways."""
@@ -586,8 +588,16 @@ def test_adam_oracle_matches_finite_differences(seed, horizon, n_lr, beta1, beta
     e_exact, exact = adam_unrolled_hypergrad(prob.train, prob.val, prob.params, **kwargs)
     e_fd, fd = adam_finite_difference_hypergrad(prob.train, prob.val, prob.params, **kwargs)
     assert e_exact.item() == pytest.approx(e_fd.item(), rel=1e-12)
+    # Adam's g / (sqrt(v) + eps) bends on the scale of eps where an element's gradient is near 0
+    # (eps=1e-8, coupled weight decay moving g' through 0): central differences with a step of
+    # 1e-6 then carry a truncation error of 1e-4 (seed 20880, horizon 1), and a step of 1e-7,
+    # which agrees with the oracle, is the reference.
+    _, fd_fine = adam_finite_difference_hypergrad(prob.train, prob.val, prob.params, step=1e-7,
+                                                  **kwargs)
     for name in ("lr", "beta1", "beta2", "weight_decay"):
-        torch.testing.assert_close(exact[name], fd[name], rtol=1e-5, atol=1e-7, msg=name)
+        smooth = torch.allclose(fd[name], fd_fine[name], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(exact[name], fd[name] if smooth else fd_fine[name], rtol=1e-5,
+                                   atol=1e-7, msg=name)
 
 
 def test_adam_oracle_errors():
