@@ -68,6 +68,9 @@ __all__ = [
 # Every learned value stays within [-LEARNED_LIMIT, LEARNED_LIMIT] (core.base.LEARNED_LIMIT).
 _LIMIT = 1e3
 _NAMES = ("lr", "momentum", "weight_decay")
+# What hypergradient descent learns: the learning rate, and optionally the momentum (SGD's
+# ``momentum``, Adam's ``beta1``).
+_HD_NAMES = ("lr", "momentum")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,11 @@ def _tune(empty_ok: bool) -> Callable[[Any], bool]:
     return check
 
 
+def _hd_tune(v: Any) -> bool:
+    return (isinstance(v, (tuple, list)) and "lr" in v and len(set(v)) == len(v)
+            and all(isinstance(n, str) and n in _HD_NAMES for n in v))
+
+
 def _step_sizes(v: Any) -> bool:
     return isinstance(v, Mapping) and all(k in _NAMES and is_real(s) and 0 < s <= _LIMIT
                                           for k, s in v.items())
@@ -196,6 +204,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("per_parameter", False, _flag, "True or False", ("hd",)),
     Option("hyper_step", "additive", _hyper_step, "a policy of hyperoptim.hyperstep or its name",
            ("hd", "marthe")),
+    Option("tune", ("lr",), _hd_tune, "('lr',) or ('lr', 'momentum')", ("hd",), fixed=True),
     # MARTHE.
     Option("mu", "adaptive", lambda v: v == "adaptive" if isinstance(v, str)
            else is_number(v) and 0.0 <= float(v) <= 1.0, "'adaptive' or a number in [0, 1]",
