@@ -28,14 +28,13 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from hyperstep_policy import TASKS, fmt  # noqa: E402
+from hyperstep_policy import TASKS, fmt, train  # noqa: E402
 
 import hyperoptim  # noqa: E402
 
@@ -68,28 +67,36 @@ def run(task, cls: str, policy: str, tune: tuple[str, ...], seed: int, steps: in
     else:
         kwargs["hyper_step"] = policy
     opt = opt_cls(model.parameters(), **kwargs)
-    diverged = False
     begin = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for idx in task.batches(seed, steps):
-            x, y = (task.x_train, task.y_train) if idx is None else (task.x_train[idx],
-                                                                     task.y_train[idx])
-            loss = opt.step(lambda x=x, y=y: task.loss(model, x, y))
-            if not math.isfinite(float(loss)):
-                diverged = True
-                break
-    _, metric = task.evaluate(model, task.x_test, task.y_test)
-    if diverged:
-        metric = 0.0 if task.higher_is_better else math.inf
+    metric, diverged = train(task, model, opt, seed, steps)
     return dict(metric=metric, lr=opt.param_groups[0]["lr"], momentum=_momentum(opt),
                 diverged=diverged, seconds=time.perf_counter() - begin)
 
 
+def row(task, name: str, cls: str, policy: str, steps: int, args: argparse.Namespace) -> str:
+    """One printed row: both ``tune`` settings over the seeds (every run appended to
+    ``--json``)."""
+    cells, means = [], []
+    for tune in TUNES:
+        runs = [run(task, cls, policy, tune, seed, steps, args.val) for seed in args.seeds]
+        if args.json:
+            with open(args.json, "a") as f:
+                f.writelines(json.dumps(dict(task=name, optimizer=cls, policy=policy,
+                                             tune=list(tune), seed=seed, val=args.val, **r))
+                             + "\n" for seed, r in zip(args.seeds, runs))
+        vals = [r["metric"] for r in runs]
+        means.append(statistics.fmean(vals) if all(map(math.isfinite, vals)) else math.inf)
+        lr = statistics.median(r["lr"] for r in runs)
+        mu = statistics.median(r["momentum"] for r in runs)
+        cells.append(f"{'+'.join(tune):<12} {fmt(task, means[-1])} ({lr:.2g}, {mu:.3f})")
+    diff = (means[1] - means[0]) * (100 if task.metric == "accuracy" else 1)
+    return f"  {cls:<13} {policy:<11} " + "   ".join(cells) + f"   diff {diff:+.3g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=["digits-mlp", "digits-cnn", "diabetes"],
-                        choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS),
+                        default=["digits-mlp", "digits-cnn", "diabetes"])
     parser.add_argument("--optimizers", nargs="+", default=["HypergradSGD"], choices=list(POOR))
     parser.add_argument("--policies", nargs="+", default=["additive", "scale_free"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -108,26 +115,7 @@ def main() -> None:
               "momentum)")
         for cls in args.optimizers:
             for policy in args.policies:
-                cells, means = [], []
-                for tune in TUNES:
-                    runs = [run(task, cls, policy, tune, seed, steps, args.val)
-                            for seed in args.seeds]
-                    if args.json:
-                        with open(args.json, "a") as f:
-                            for seed, r in zip(args.seeds, runs):
-                                f.write(json.dumps(dict(task=name, optimizer=cls, policy=policy,
-                                                        tune=list(tune), seed=seed, val=args.val,
-                                                        **r)) + "\n")
-                    vals = [r["metric"] for r in runs]
-                    mean = statistics.fmean(vals) if all(map(math.isfinite, vals)) else math.inf
-                    means.append(mean)
-                    lr = statistics.median(r["lr"] for r in runs)
-                    mu = statistics.median(r["momentum"] for r in runs)
-                    cells.append(f"{'+'.join(tune):<12} {fmt(task, mean)} ({lr:.2g}, {mu:.3f})")
-                scale = 100 if task.metric == "accuracy" else 1
-                diff = (means[1] - means[0]) * scale
-                print(f"  {cls:<13} {policy:<11} " + "   ".join(cells)
-                      + f"   diff {diff:+.3g}", flush=True)
+                print(row(task, name, cls, policy, steps, args), flush=True)
     print(f"\n{time.perf_counter() - begin:.0f} s")
 
 

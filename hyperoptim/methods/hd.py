@@ -305,22 +305,26 @@ class RuleHypergrad(HyperOptimizer):
             new_lrs = self._propose_per_weight(index, group, params, states, objs, prev, scalars)
             span = (start, len(scalars))
             scalars.extend(_mean_and_largest(new_lrs, group["lr"]))
-        else:
-            # h_t = -<grad E(w_t), d_{t-1}>
-            scalars.extend(_dot(o, d) for o, d in zip(objs, prev) if d is not None)
-            span = (start, len(scalars))
-            if self._policy(group).normalised:
-                scalars.extend(_scale_terms(objs, prev))
+        else:  # h_t = -<grad E(w_t), d_{t-1}>
+            span = self._propose_terms(group, objs, prev, scalars)
         momentum_span = None
-        if _learns_momentum(group):
-            # h^mu_t = <grad E(w_t), Z_{t-1}>, Z_{t-1} = dw_t / dmu_{t-1}
+        if _learns_momentum(group):  # h^mu_t = <grad E(w_t), Z_{t-1}>, Z_{t-1} = dw_t/dmu_{t-1}
             tangents = [s.get("momentum_tangent") for s in states]
-            first = len(scalars)
-            scalars.extend(_dot(o, z) for o, z in zip(objs, tangents) if z is not None)
-            momentum_span = (first, len(scalars))
-            if self._policy(group).normalised:
-                scalars.extend(_scale_terms(objs, tangents))
+            momentum_span = self._propose_terms(group, objs, tangents, scalars)
         return _Plan(group, params, grads, states, span, new_lrs, momentum_span)
+
+    def _propose_terms(self, group: dict[str, Any], objs: list[Tensor],
+                       vectors: list[Tensor | None], scalars: list[Tensor]) -> tuple[int, int]:
+        r"""Appends the terms :math:`\langle \nabla E(w_t), x \rangle` over the ``vectors``
+        that exist (:math:`d_{t-1}` for the learning rate, :math:`Z_{t-1}` for the momentum;
+        summed on the host), then their scale for a normalised policy; returns where the terms
+        stand."""
+        start = len(scalars)
+        scalars.extend(_dot(o, x) for o, x in zip(objs, vectors) if x is not None)
+        span = (start, len(scalars))
+        if self._policy(group).normalised:
+            scalars.extend(_scale_terms(objs, vectors))
+        return span
 
     def _propose_per_weight(self, index: int, group: dict[str, Any], params: list[Tensor],
                             states: list[dict[str, Any]], objs: list[Tensor],
