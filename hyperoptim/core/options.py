@@ -363,6 +363,9 @@ def check_group(owner: Any, group: Mapping[str, Any], defaults: Mapping[str, Any
                 raise _refuse(key, value, f"{name} has no option {key!r}; it would be ignored")
     else:  # a class outside the table (a new rule or method): the checks every group shares
         fallback = _table(_FALLBACK)
+        # ``tune`` names what a method learns, and methods learn different things (IFT and FDS
+        # more than HD): a class of unknown method is held to no one method's list.
+        fallback.pop("tune", None)
         for key, value in group.items():
             if key in fallback:
                 _check_one(fallback[key], value)

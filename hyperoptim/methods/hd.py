@@ -40,6 +40,7 @@ from torch import Tensor
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value, is_real
 from ..core.dist import all_reduce_mean, world_size
+from ..core.options import check_rule_arguments, components
 from ..core.shard import is_sharded, local, sums_and_norms
 from ..core.types import Closure, ParamsT
 from ..hyperstep import Additive, HyperStep, resolve
@@ -178,6 +179,8 @@ class RuleHypergrad(HyperOptimizer):
         if group["per_parameter"] and not isinstance(policy, Additive):
             raise ValueError(f"Invalid hyper_step value: {group['hyper_step']} (per_parameter=True "
                              "takes the additive hyper-step: pass hypergrad_lr)")
+        if components(self) is None and "tune" in group:  # a rule outside the options' table
+            check_rule_arguments("hd", tune=group["tune"])
         if _learns_momentum(group) and any(is_sharded(p) for p in group.get("params", ())):
             raise ValueError(f"{type(self).__name__}(tune=('lr', 'momentum')) does not support "
                              "FSDP2 (fully_shard) yet: tune=('lr',) does.")
