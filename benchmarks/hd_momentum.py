@@ -63,7 +63,7 @@ def run(task, cls: str, policy: str, tune: tuple[str, ...], seed: int, steps: in
     else:
         kwargs["betas"] = (mu, 0.999)
     if policy == "additive":
-        kwargs["hypergrad_lr"] = opt_cls.default_hypergrad_lr
+        kwargs["hyper_lr"] = opt_cls.default_hyper_lr
     else:
         kwargs["hyper_step"] = policy
     opt = opt_cls(model.parameters(), **kwargs)

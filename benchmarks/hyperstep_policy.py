@@ -65,9 +65,9 @@ def make_optimizer(cls: str, params, lr: float, policy: str, val=None) -> torch.
     opt_cls = getattr(hyperoptim, cls)
     kwargs = dict(lr=lr, val_closure=val, **EXTRA[cls])
     if policy == "fixed":
-        return opt_cls(params, hypergrad_lr=0.0, **kwargs)
+        return opt_cls(params, hyper_lr=0.0, **kwargs)
     if policy == "additive":
-        return opt_cls(params, hypergrad_lr=opt_cls.default_hypergrad_lr, **kwargs)
+        return opt_cls(params, hyper_lr=opt_cls.default_hyper_lr, **kwargs)
     return opt_cls(params, hyper_step=policy, **kwargs)
 
 

@@ -1,8 +1,8 @@
 """How large a hyper-step? Each optimizer's knob swept over decades, from a poor and a good start.
 
 Every optimizer has one hyper-step size, each on its own scale (``HypergradSGD``'s
-``hypergrad_lr`` multiplies a raw hypergradient, ``IFTOptimizer``'s ``hyper_lr`` is an Adam step
-on log10(lr), ``FDSSGD``'s ``step_sizes`` are sign steps per episode, ...). This script measures
+``hyper_lr`` multiplies a raw hypergradient, ``IFTOptimizer``'s ``hyper_lr`` is an Adam step
+on log10(lr), ``FDSSGD``'s ``hyper_lr`` sizes sign steps per episode, ...). This script measures
 what each knob does on the demo's problem, so that the README's rule of thumb comes from numbers:
 
 - data and model: the demo's (``python -m hyperoptim demo``): scikit-learn's bundled digits (no
@@ -16,11 +16,11 @@ what each knob does on the demo's problem, so that the README's rule of thumb co
   online methods run ``--steps`` steps; ``FDSSGD`` runs ``--episodes`` episodes of ``--steps``
   steps each from the same initial weights (one window per hyperparameter), so it sees
   ``--episodes`` times the data, and the last episode's model is the one evaluated;
-- knobs, a decade apart around each default: ``HypergradSGD(hypergrad_lr=)`` (default 1e-3),
-  ``MartheSGD(hypergrad_lr=)`` (the step of the adaptive beta, default 1e-6),
-  ``IFTOptimizer(hyper_lr=)`` (default 0.05), ``FDSSGD(step_sizes=)`` as a multiple of its
-  default sizes (lr 0.1, momentum 0.15, weight decay 4e-4), ``HypergradAdam(hypergrad_lr=)``
-  (default 1e-7) and ``MartheAdam(hypergrad_lr=)`` (default 1e-9).
+- knobs, a decade apart around each default: ``HypergradSGD(hyper_lr=)`` (default 1e-3),
+  ``MartheSGD(hyper_lr=)`` (the step of the adaptive beta, default 1e-6),
+  ``IFTOptimizer(hyper_lr=)`` (default 0.05), ``FDSSGD(hyper_lr=)`` as a multiple of its
+  default sizes (lr 0.1, momentum 0.15, weight decay 4e-4), ``HypergradAdam(hyper_lr=)``
+  (default 1e-7) and ``MartheAdam(hyper_lr=)`` (default 1e-9).
 
 Reported per optimizer, start and knob value, over seeds: final validation and test accuracy
 (mean), final learning rate (median) and the largest learning rate reached (median), steps the
@@ -76,21 +76,21 @@ class Sweep:
 def _fds(params: Params, start: dict[str, float], k: float, val: Closure,
          steps: int) -> torch.optim.Optimizer:
     sizes = {name: k * v for name, v in DEFAULT_STEP_SIZES.items()}
-    return FDSSGD(params, **start, horizon=steps, step_sizes=sizes, val_closure=val)
+    return FDSSGD(params, **start, horizon=steps, hyper_lr=sizes, val_closure=val)
 
 
 SWEEPS = [
-    Sweep("HypergradSGD", "hypergrad_lr", 1e-3, [1e-4, 1e-3, 1e-2, 1e-1, 1.0], "sgd",
-          lambda p, s, k, val, n: HypergradSGD(p, **s, hypergrad_lr=k, val_closure=val)),
-    Sweep("MartheSGD", "hypergrad_lr", 1e-6, [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3], "sgd",
-          lambda p, s, k, val, n: MartheSGD(p, **s, hypergrad_lr=k, val_closure=val)),
+    Sweep("HypergradSGD", "hyper_lr", 1e-3, [1e-4, 1e-3, 1e-2, 1e-1, 1.0], "sgd",
+          lambda p, s, k, val, n: HypergradSGD(p, **s, hyper_lr=k, val_closure=val)),
+    Sweep("MartheSGD", "hyper_lr", 1e-6, [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3], "sgd",
+          lambda p, s, k, val, n: MartheSGD(p, **s, hyper_lr=k, val_closure=val)),
     Sweep("IFTOptimizer", "hyper_lr", 0.05, [5e-3, 0.05, 0.5, 5.0], "sgd",
           lambda p, s, k, val, n: IFTOptimizer(p, **s, hyper_lr=k, val_closure=val)),
-    Sweep("FDSSGD", "step_sizes (x default)", 1.0, [0.1, 1.0, 10.0], "sgd", _fds),
-    Sweep("HypergradAdam", "hypergrad_lr", 1e-7, [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2], "adam",
-          lambda p, s, k, val, n: HypergradAdam(p, **s, hypergrad_lr=k, val_closure=val)),
-    Sweep("MartheAdam", "hypergrad_lr", 1e-9, [1e-12, 1e-11, 1e-10, 1e-9, 1e-8], "adam",
-          lambda p, s, k, val, n: MartheAdam(p, **s, hypergrad_lr=k, val_closure=val)),
+    Sweep("FDSSGD", "hyper_lr (x default)", 1.0, [0.1, 1.0, 10.0], "sgd", _fds),
+    Sweep("HypergradAdam", "hyper_lr", 1e-7, [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2], "adam",
+          lambda p, s, k, val, n: HypergradAdam(p, **s, hyper_lr=k, val_closure=val)),
+    Sweep("MartheAdam", "hyper_lr", 1e-9, [1e-12, 1e-11, 1e-10, 1e-9, 1e-8], "adam",
+          lambda p, s, k, val, n: MartheAdam(p, **s, hyper_lr=k, val_closure=val)),
 ]
 
 STARTS = {"sgd": {"poor": POOR, "good": TUNED}, "adam": {"poor": POOR_ADAM, "good": TUNED_ADAM}}

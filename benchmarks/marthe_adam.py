@@ -59,12 +59,12 @@ def methods(scale: float) -> list[Method]:
     return [
         Method("fixed lr", [LR0], lambda p, r, val: torch.optim.Adam(p, lr=r, foreach=False)),
         Method("HD", grid(1e-6, 1e-5, 1e-4),
-               lambda p, r, val: HypergradAdam(p, lr=LR0, hypergrad_lr=r, val_closure=val)),
+               lambda p, r, val: HypergradAdam(p, lr=LR0, hyper_lr=r, val_closure=val)),
         Method("RTHO (mu=1)", grid(1e-7, 1e-6, 1e-5),
-               lambda p, r, val: MartheAdam(p, lr=LR0, mu=1.0, hypergrad_lr=r,
-                                            adapt_hypergrad_lr=False, val_closure=val)),
+               lambda p, r, val: MartheAdam(p, lr=LR0, mu=1.0, hyper_lr=r,
+                                            adapt_hyper_lr=False, val_closure=val)),
         Method("MARTHE adaptive", grid(1e-11, 1e-10, 1e-9),
-               lambda p, r, val: MartheAdam(p, lr=LR0, hypergrad_lr=r, val_closure=val)),
+               lambda p, r, val: MartheAdam(p, lr=LR0, hyper_lr=r, val_closure=val)),
         Method("constant lr", [1e-3, 3e-3],
                lambda p, r, val: torch.optim.Adam(p, lr=r, foreach=False)),
     ]

@@ -134,12 +134,12 @@ def make_sgd(hp: ModuleType, model: nn.Module, data: Data) -> Step:
 
 
 def make_hd_train(hp: ModuleType, model: nn.Module, data: Data) -> Step:
-    opt = hp.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-4)
+    opt = hp.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hyper_lr=1e-4)
     return lambda t: opt.step(_closure(model, opt, data, t))
 
 
 def make_hd_val(hp: ModuleType, model: nn.Module, data: Data) -> Step:
-    opt = hp.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-4,
+    opt = hp.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hyper_lr=1e-4,
                           val_closure=_val_closure(model, data))
     return lambda t: opt.step(_closure(model, opt, data, t))
 
@@ -176,7 +176,7 @@ def make_fds(route: str) -> Factory:
         opt = hp.FDSSGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
                         horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
                         val_closure=_val_closure(model, data), hvp=route,
-                        step_sizes={"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-5})
+                        hyper_lr={"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-5})
         return _episodes(opt, lambda t: _make_closure(route, model, opt, data, t))
 
     return make
@@ -188,7 +188,7 @@ def make_marthe(mu: str | float, route: str) -> Factory:
         # HVP, tangents, mu), but the random labels here cannot drive the learning rate into
         # divergence and skipped steps, which would time the guard instead of the method.
         opt = hp.MartheSGD(model.parameters(), lr=0.01, momentum=0.9, mu=mu,
-                           hypergrad_lr=0.0, adapt_hypergrad_lr=False,
+                           hyper_lr=0.0, adapt_hyper_lr=False,
                            val_closure=_val_closure(model, data), hvp=route)
         return lambda t: opt.step(_make_closure(route, model, opt, data, t))
 
@@ -208,7 +208,7 @@ def make_adam(decoupled: bool) -> Factory:
 def make_hd_adam(decoupled: bool, validation: bool) -> Factory:
     def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
         cls = hp.HypergradAdamW if decoupled else hp.HypergradAdam
-        opt = cls(model.parameters(), lr=1e-3, hypergrad_lr=1e-7,
+        opt = cls(model.parameters(), lr=1e-3, hyper_lr=1e-7,
                   val_closure=_val_closure(model, data) if validation else None)
         return lambda t: opt.step(_closure(model, opt, data, t))
 
@@ -220,8 +220,8 @@ def make_marthe_adam(mu: str | float, decoupled: bool = False) -> Factory:
     # ReLU MLP in float32, and its kink retries would time the warning's cause, not the method.
     def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
         cls = hp.MartheAdamW if decoupled else hp.MartheAdam
-        opt = cls(model.parameters(), lr=1e-3, mu=mu, hypergrad_lr=0.0,  # as make_marthe
-                  adapt_hypergrad_lr=False, val_closure=_val_closure(model, data), hvp="exact")
+        opt = cls(model.parameters(), lr=1e-3, mu=mu, hyper_lr=0.0,  # as make_marthe
+                  adapt_hyper_lr=False, val_closure=_val_closure(model, data), hvp="exact")
         return lambda t: opt.step(_loss_closure(model, data, t))
 
     return make
@@ -245,7 +245,7 @@ def make_fds_adam(decoupled: bool) -> Factory:
         opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 1e-4,
                   horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
                   val_closure=_val_closure(model, data), hvp="exact",
-                  step_sizes={"lr": 1e-5, "weight_decay": 1e-5})
+                  hyper_lr={"lr": 1e-5, "weight_decay": 1e-5})
         return _episodes(opt, lambda t: _loss_closure(model, data, t))
 
     return make

@@ -11,7 +11,7 @@ hyperparameters:
                  loss (training + validation data), on log10 lr, SGD with lr 1e-3, every step:
                  log10 a += 1e-3 * <grad L(w_t), grad L(w_{t-1})> (raw gradients, no chain-rule
                  factor), clipped to [-10, 0]
-    HD-val       hyperoptim.HypergradSGD on the validation loss (learning rate only; hypergrad_lr
+    HD-val       hyperoptim.HypergradSGD on the validation loss (learning rate only; hyper_lr
                  1e-3, lr in [0, 1]); ours, not the paper's row
     Lorraine     IFTOptimizer(tune=("weight_decay",))
     WD+LR        IFTOptimizer(tune=("lr", "weight_decay"))
@@ -225,7 +225,7 @@ def run_one(task: tuple) -> dict:
     elif method == "Baydin":
         opt = BaydinTraining(model.parameters(), **hyper)  # type: ignore[assignment]
     elif method == "HD-val":
-        opt = hyperoptim.HypergradSGD(model.parameters(), **hyper, hypergrad_lr=1e-3,
+        opt = hyperoptim.HypergradSGD(model.parameters(), **hyper, hyper_lr=1e-3,
                                       lr_bounds=(0.0, 1.0), val_closure=val_closure)
     elif method == "Adaptive":
         opt = thesis_adaptive(model.parameters(), **hyper, update_timing=timing,

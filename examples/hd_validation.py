@@ -22,11 +22,11 @@ def main(argv: list[str] | None = None) -> None:
     xtr, ytr, xva, yva, xte, yte = digits()
 
     # Per weight, each hypergradient is one term of the group's sum: it needs a larger step.
-    for per_parameter, hypergrad_lr in ((False, 0.01), (True, 10.0)):
+    for per_parameter, hyper_lr in ((False, 0.01), (True, 10.0)):
         model = mlp()
         # The validation loss drives the learning rate; the training gradients are left alone.
         opt = hyperoptim.HypergradSGD(
-            model.parameters(), lr=0.001, momentum=0.9, hypergrad_lr=hypergrad_lr,
+            model.parameters(), lr=0.001, momentum=0.9, hyper_lr=hyper_lr,
             per_parameter=per_parameter,
             val_closure=lambda model=model: F.cross_entropy(model(xva), yva),
         )

@@ -27,10 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     schedule = batches(len(ytr), 64, args.steps)
 
     settings = {
-        "HD (mu=0)": dict(mu=0.0, hypergrad_lr=1e-2, adapt_hypergrad_lr=False),
-        "mu=0.99": dict(mu=0.99, hypergrad_lr=1e-4, adapt_hypergrad_lr=False),
-        "RTHO (mu=1)": dict(mu=1.0, hypergrad_lr=1e-4, adapt_hypergrad_lr=False),
-        "MARTHE": dict(mu="adaptive", hypergrad_lr=1e-7),
+        "HD (mu=0)": dict(mu=0.0, hyper_lr=1e-2, adapt_hyper_lr=False),
+        "mu=0.99": dict(mu=0.99, hyper_lr=1e-4, adapt_hyper_lr=False),
+        "RTHO (mu=1)": dict(mu=1.0, hyper_lr=1e-4, adapt_hyper_lr=False),
+        "MARTHE": dict(mu="adaptive", hyper_lr=1e-7),
     }
     for name, kwargs in settings.items():
         model = mlp()

@@ -154,10 +154,10 @@ def _optimizer(name: str, model: nn.Module,
     if name == "sgd-tuned":
         return torch.optim.SGD(params, **TUNED)
     if name == "hd":
-        return HypergradSGD(params, **POOR, hypergrad_lr=0.02, val_closure=val_closure)
+        return HypergradSGD(params, **POOR, hyper_lr=0.02, val_closure=val_closure)
     if name == "marthe":
         # beta adapted from 0 with step 1e-7: the best of benchmarks/marthe_schedules.py's grid
-        return MartheSGD(params, **POOR, mu="adaptive", hypergrad_lr=1e-7,
+        return MartheSGD(params, **POOR, mu="adaptive", hyper_lr=1e-7,
                          val_closure=val_closure)
     if name == "ift":
         return IFTOptimizer(params, **POOR, update_interval=10, lookback=5, hyper_lr=0.05,
@@ -167,9 +167,9 @@ def _optimizer(name: str, model: nn.Module,
     if name == "adam-tuned":
         return torch.optim.Adam(params, **TUNED_ADAM)
     if name == "hd-adam":
-        return HypergradAdam(params, **POOR_ADAM, hypergrad_lr=1e-5, val_closure=val_closure)
+        return HypergradAdam(params, **POOR_ADAM, hyper_lr=1e-5, val_closure=val_closure)
     if name == "marthe-adam":
-        return MartheAdam(params, **POOR_ADAM, hypergrad_lr=1e-10, val_closure=val_closure)
+        return MartheAdam(params, **POOR_ADAM, hyper_lr=1e-10, val_closure=val_closure)
     raise ValueError(f"Invalid optimizer value: {name!r}")
 
 

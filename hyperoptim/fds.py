@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 from .core.checks import check_torch_flags, check_value, is_real
+from .core.options import renamed_options
+from .core.signatures import renamed_keywords
 from .core.types import Closure, ParamsT
 from .methods.fds import RuleFDS
 from .rules.base import apply_update_
@@ -101,7 +103,7 @@ class FDSSGD(RuleFDS):
 
     Args:
         params (iterable): parameters or param-group dicts, as for ``torch.optim.SGD``. A group
-            may set its own values and ``*_windows``, ``tune``, ``step_sizes``, ``hz_clip``,
+            may set its own values and ``*_windows``, ``tune``, ``hyper_lr``, ``hz_clip``,
             ``nesterov`` and ``*_schedule`` lists; ``horizon`` is shared.
         lr (float, optional): initial value of every learning-rate window (default: 0).
         momentum (float, optional): initial value of every momentum window (default: 0).
@@ -113,8 +115,10 @@ class FDSSGD(RuleFDS):
         weight_decay_windows (int, optional): weight-decay values (default: 1).
         tune (iterable of str, optional): which schedules learn, a subset of
             ``("lr", "momentum", "weight_decay")`` (default: all three).
-        step_sizes (dict, optional): initial outer step sizes :math:`\gamma` by name; missing
-            names keep the defaults (default: None, i.e. 0.1, 0.15, 4e-4).
+        hyper_lr (float or dict, optional): initial outer step sizes :math:`\gamma`: one for
+            every schedule, or a dict by name where missing names keep the defaults (default:
+            None, i.e. 0.1, 0.15, 4e-4). Formerly ``step_sizes`` (a dict), still accepted for
+            one release with a ``DeprecationWarning``.
         hz_clip (float, optional): clip :math:`H Z` elementwise to this magnitude (default: None,
             exact).
         nesterov (bool, optional): Nesterov momentum (default: False).
@@ -156,6 +160,7 @@ class FDSSGD(RuleFDS):
     default_step_sizes = DEFAULT_STEP_SIZES
     buffer_tangent_keys = {"momentum_buffer": _C}
 
+    @renamed_keywords(renamed_options("fds"))
     def __init__(
         self,
         params: ParamsT,
@@ -170,7 +175,7 @@ class FDSSGD(RuleFDS):
         momentum_windows: int = 1,
         weight_decay_windows: int = 1,
         tune: Iterable[str] = NAMES,
-        step_sizes: Mapping[str, float] | None = None,
+        hyper_lr: float | Mapping[str, float] | None = None,
         hz_clip: float | None = None,
         val_closure: Closure | None = None,
         hvp: str = "auto",
@@ -190,7 +195,7 @@ class FDSSGD(RuleFDS):
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, horizon=horizon,
             lr_windows=lr_windows, momentum_windows=momentum_windows,
-            weight_decay_windows=weight_decay_windows, tune=tune, step_sizes=step_sizes,
+            weight_decay_windows=weight_decay_windows, tune=tune, hyper_lr=hyper_lr,
             hz_clip=hz_clip, nesterov=nesterov, dampening=0.0,
         )
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,

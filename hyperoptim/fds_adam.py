@@ -3,14 +3,14 @@ torch.optim.Adam's and AdamW's rule."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch  # noqa: F401  (the examples below use it)
 
 from .core.checks import check_value
-from .core.options import check_rule_arguments
+from .core.options import check_rule_arguments, renamed_options
+from .core.signatures import adamw_signature, refuse_unexpected, renamed_keywords
 from .core.types import Closure, ParamsT
 from .methods.fds import RuleFDS
 from .rules.adam import ADAM
@@ -23,7 +23,7 @@ NAMES = ("lr", "beta1", "beta2", "weight_decay")
 DEFAULT_STEP_SIZES = {"lr": 1e-3, "beta1": 0.05, "beta2": 1e-3, "weight_decay": 1e-3}
 r"""Initial outer step sizes :math:`\gamma`. The paper gives SGD's only; these are on the scale
 of Adam's usual values (a learning rate of order 1e-3, weight decays of order 1e-3 to 1e-2), not
-tuned: pass ``step_sizes`` for your problem."""
+tuned: pass ``hyper_lr`` for your problem."""
 
 _BETA_MAX = 1.0 - 1e-6  # torch requires beta < 1; the bias corrections divide by 1 - beta^t
 
@@ -82,7 +82,7 @@ class FDSAdam(RuleFDS):
 
     Args:
         params (iterable): parameters or param-group dicts, as for ``torch.optim.Adam``. A group
-            may set its own values and ``*_windows``, ``tune``, ``step_sizes``, ``hz_clip`` and
+            may set its own values and ``*_windows``, ``tune``, ``hyper_lr``, ``hz_clip`` and
             ``*_schedule`` lists; ``horizon`` is shared.
         lr (float, optional): initial value of every learning-rate window (default: 1e-3).
         betas (tuple of float, optional): initial :math:`(\beta_1, \beta_2)` of every window
@@ -95,9 +95,11 @@ class FDSAdam(RuleFDS):
             shared over contiguous steps, :math:`1 \le N \le T` (default: 1 each).
         tune (iterable of str, optional): which schedules learn, a subset of
             ``("lr", "beta1", "beta2", "weight_decay")`` (default: ``("lr", "weight_decay")``).
-        step_sizes (dict, optional): initial outer step sizes :math:`\gamma` by name; missing
-            names keep :data:`DEFAULT_STEP_SIZES` (default: None, i.e. 1e-3 for the learning
-            rate and the weight decay, 0.05 for :math:`\beta_1`, 1e-3 for :math:`\beta_2`).
+        hyper_lr (float or dict, optional): initial outer step sizes :math:`\gamma`: one for
+            every schedule, or a dict by name where missing names keep
+            :data:`DEFAULT_STEP_SIZES` (default: None, i.e. 1e-3 for the learning rate and the
+            weight decay, 0.05 for :math:`\beta_1`, 1e-3 for :math:`\beta_2`). Formerly
+            ``step_sizes`` (deprecated, as for :class:`~hyperoptim.FDSSGD`).
         hz_clip (float, optional): clip :math:`H Z` elementwise to this magnitude (default: None,
             exact).
         val_closure (callable, optional): returns the validation loss from the live parameters,
@@ -114,7 +116,7 @@ class FDSAdam(RuleFDS):
         >>> init = {k: v.clone() for k, v in model.state_dict().items()}
         >>> loss_fn = torch.nn.functional.mse_loss
         >>> opt = FDSAdam(model.parameters(), lr=0.01, horizon=8, lr_windows=2, tune=("lr",),
-        ...               step_sizes={"lr": 0.01},
+        ...               hyper_lr={"lr": 0.01},
         ...               val_closure=lambda: loss_fn(model(x[64:]), y[64:]))
         >>> for episode in range(4):
         ...     _ = model.load_state_dict(init)  # every episode starts from the same weights
@@ -140,6 +142,7 @@ class FDSAdam(RuleFDS):
     buffer_tangent_keys = {"exp_avg": "fds_m", "exp_avg_sq": "fds_v"}
     bounds = {"beta1": (0.0, _BETA_MAX), "beta2": (0.0, _BETA_MAX)}
 
+    @renamed_keywords(renamed_options("fds"))
     def __init__(
         self,
         params: ParamsT,
@@ -155,7 +158,7 @@ class FDSAdam(RuleFDS):
         beta2_windows: int = 1,
         weight_decay_windows: int = 1,
         tune: Iterable[str] = ("lr", "weight_decay"),
-        step_sizes: Mapping[str, float] | None = None,
+        hyper_lr: float | Mapping[str, float] | None = None,
         hz_clip: float | None = None,
         val_closure: Closure | None = None,
         hvp: str = "auto",
@@ -172,7 +175,7 @@ class FDSAdam(RuleFDS):
             lr=lr, betas=tuple(betas), eps=float(eps), weight_decay=weight_decay, amsgrad=False,
             decoupled_weight_decay=decoupled_weight_decay, horizon=horizon,
             lr_windows=lr_windows, beta1_windows=beta1_windows, beta2_windows=beta2_windows,
-            weight_decay_windows=weight_decay_windows, tune=tune, step_sizes=step_sizes,
+            weight_decay_windows=weight_decay_windows, tune=tune, hyper_lr=hyper_lr,
             hz_clip=hz_clip,
         )
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
@@ -221,28 +224,12 @@ class FDSAdamW(FDSAdam):
         ([0.01, 0.01], True)
     """
 
+    @renamed_keywords(renamed_options("fds"))
+    @adamw_signature(FDSAdam.__init__)
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, horizon: int,
                  **options: Any) -> None:
-        # FDSAdam's keyword options but the decoupled flag, which AdamW fixes (__signature__
-        # below lists them); anything else is refused as Python refuses it.
-        unknown = next((name for name in options if name not in _ADAMW_OPTIONS), None)
-        if unknown is not None:
-            raise TypeError(f"FDSAdamW.__init__() got an unexpected keyword argument {unknown!r}")
+        refuse_unexpected(FDSAdamW.__init__, options)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, horizon=horizon,
                          **options, decoupled_weight_decay=True)
-
-
-def _adamw_keywords() -> list[inspect.Parameter]:
-    """FDSAdam's keyword options but those FDSAdamW names itself (``horizon``) and
-    ``decoupled_weight_decay`` (always on), as ``torch.optim.AdamW`` has ``torch.optim.Adam``'s."""
-    return [p for p in inspect.signature(FDSAdam.__init__).parameters.values()
-            if p.kind is p.KEYWORD_ONLY and p.name not in ("horizon", "decoupled_weight_decay")]
-
-
-_ADAMW_OPTIONS = frozenset(p.name for p in _adamw_keywords())
-# What inspect.signature and help show: FDSAdamW's own arguments, then those options.
-FDSAdamW.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    list(inspect.signature(FDSAdamW.__init__).parameters.values())[:-1] + _adamw_keywords(),
-    return_annotation="None")

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core.options import check_arguments
+from .core.options import check_arguments, renamed_options
+from .core.signatures import renamed_keywords
 from .core.types import Closure, ParamsT
 from .hyperstep import HyperStep
 from .methods.hd import RuleHypergrad
@@ -47,7 +48,7 @@ class HypergradSGD(RuleHypergrad):
     ``history[i]`` records per step ``"lr"`` (:math:`a_t`), ``"hypergrad/lr"`` (:math:`h_t`; with
     ``per_parameter``, the sum of the elementwise hypergradients) and ``"skipped"``. A non-finite
     hypergradient or validation loss skips the whole step (weights and learning rate unchanged)
-    with one ``RuntimeWarning``. With ``hypergrad_lr=0`` the weights are bit-identical to
+    with one ``RuntimeWarning``. With ``hyper_lr=0`` the weights are bit-identical to
     ``torch.optim.SGD``'s.
 
     The algorithm is written once, over an update rule (:class:`~hyperoptim.methods.hd.RuleHypergrad`
@@ -62,13 +63,14 @@ class HypergradSGD(RuleHypergrad):
         dampening (float, optional): dampening for momentum (default: 0).
         weight_decay (float, optional): L2 penalty (default: 0).
         nesterov (bool, optional): Nesterov momentum (default: False).
-        hypergrad_lr (float, optional): the hyper-learning rate :math:`\kappa` of the additive
+        hyper_lr (float, optional): the hyper-learning rate :math:`\kappa` of the additive
             hyper-step :math:`a_t = a_{t-1} - \kappa h_t` (Baydin et al.'s value for SGD-HD is
             1e-3). Its scale depends on the gradients' scale: divide it by 10 if the learning rate
-            oscillates. Giving it chooses the additive policy (default: None).
+            oscillates. Giving it chooses the additive policy (default: None). Formerly
+            ``hypergrad_lr``, still accepted for one release with a ``DeprecationWarning``.
         hyper_step (HyperStep or str, optional): the policy that turns :math:`h_t` into
             :math:`a_t` (:mod:`hyperoptim.hyperstep`: a policy, or a name such as
-            ``"scale_free"``); not together with ``hypergrad_lr`` (default: None, the class's
+            ``"scale_free"``); not together with ``hyper_lr`` (default: None, the class's
             :attr:`default_hyper_step`).
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``). Public
@@ -93,7 +95,7 @@ class HypergradSGD(RuleHypergrad):
     Example:
         >>> model = torch.nn.Linear(3, 1)
         >>> x, y = torch.randn(32, 3), torch.randn(32, 1)
-        >>> opt = HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-3)
+        >>> opt = HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hyper_lr=1e-3)
         >>> for _ in range(5):
         ...     opt.zero_grad()
         ...     torch.nn.functional.mse_loss(model(x), y).backward()
@@ -106,6 +108,7 @@ class HypergradSGD(RuleHypergrad):
         Adaptation with Hypergradient Descent. ICLR 2018.
     """
 
+    @renamed_keywords(renamed_options("hd"))
     def __init__(
         self,
         params: ParamsT,
@@ -115,7 +118,7 @@ class HypergradSGD(RuleHypergrad):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
-        hypergrad_lr: float | None = None,
+        hyper_lr: float | None = None,
         hyper_step: HyperStep | str | None = None,
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
@@ -131,7 +134,7 @@ class HypergradSGD(RuleHypergrad):
                         tune=tune)
         rule_defaults = dict(lr=float(lr), momentum=momentum, dampening=dampening,
                              weight_decay=weight_decay, nesterov=nesterov)
-        self._setup(params, rule_defaults, hypergrad_lr=hypergrad_lr, hyper_step=hyper_step,
+        self._setup(params, rule_defaults, hyper_lr=hyper_lr, hyper_step=hyper_step,
                     lr_bounds=lr_bounds, per_parameter=per_parameter, tune=tune,
                     val_closure=val_closure,
                     maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
@@ -139,8 +142,8 @@ class HypergradSGD(RuleHypergrad):
     rule = SGD
     _supports_grad_scaler = True
     #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
-    default_hypergrad_lr = 1e-3
-    #: The policy when neither ``hypergrad_lr`` nor ``hyper_step`` is given.
+    default_hyper_lr = 1e-3
+    #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given.
     default_hyper_step: HyperStep | str = "additive"
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],

@@ -2,14 +2,14 @@ r"""Hypergradient descent on Adam's and AdamW's learning rate (Baydin et al., 20
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
 import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 
-from .core.options import check_arguments
+from .core.options import check_arguments, renamed_options
+from .core.signatures import adamw_signature, refuse_unexpected, renamed_keywords
 from .core.types import Closure, ParamsT
 from .hyperstep import HyperStep
 from .methods.hd import RuleHypergrad
@@ -57,7 +57,7 @@ class HypergradAdam(RuleHypergrad):
     ``history[i]`` records ``"lr"``, ``"hypergrad/lr"`` and ``"skipped"``. A non-finite
     hypergradient, validation loss or training gradient, or a rate that would overflow the
     weights' dtype, skips the whole step with one ``RuntimeWarning`` (the base's guard).
-    With ``hypergrad_lr=0`` the weights are bit-identical to ``torch.optim.Adam``'s
+    With ``hyper_lr=0`` the weights are bit-identical to ``torch.optim.Adam``'s
     (``torch.optim.AdamW``'s for :class:`HypergradAdamW`). ``state[p]`` holds torch's
     ``"step"``, ``"exp_avg"``, ``"exp_avg_sq"`` and the direction ``"direction"``.
 
@@ -69,12 +69,12 @@ class HypergradAdam(RuleHypergrad):
         weight_decay (float, optional): :math:`\lambda`, L2 penalty added to the gradient
             (default: 0).
         amsgrad (bool, optional): must be False (not supported).
-        hypergrad_lr (float, optional): the hyper-learning rate :math:`\kappa` of the additive
+        hyper_lr (float, optional): the hyper-learning rate :math:`\kappa` of the additive
             hyper-step (Baydin et al.'s value for Adam-HD is 1e-7); giving it chooses the
             additive policy (default: None). :math:`h_t` scales like
             :math:`\lVert \nabla E \rVert_1`, so large models need a smaller :math:`\kappa`.
         hyper_step (HyperStep or str, optional): the policy that turns :math:`h_t` into
-            :math:`a_t` (:mod:`hyperoptim.hyperstep`); not together with ``hypergrad_lr``
+            :math:`a_t` (:mod:`hyperoptim.hyperstep`); not together with ``hyper_lr``
             (default: None, the class's :attr:`default_hyper_step`).
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``).
@@ -98,7 +98,7 @@ class HypergradAdam(RuleHypergrad):
         <torch._C.Generator object at ...>
         >>> model = torch.nn.Linear(3, 1)
         >>> x, y = torch.randn(32, 3), torch.randn(32, 1)
-        >>> opt = HypergradAdam(model.parameters(), lr=0.01, hypergrad_lr=1e-4)
+        >>> opt = HypergradAdam(model.parameters(), lr=0.01, hyper_lr=1e-4)
         >>> for _ in range(5):
         ...     opt.zero_grad()
         ...     torch.nn.functional.mse_loss(model(x), y).backward()
@@ -116,13 +116,14 @@ class HypergradAdam(RuleHypergrad):
 
     rule = ADAM
     #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
-    default_hypergrad_lr = 1e-7
-    #: The policy when neither ``hypergrad_lr`` nor ``hyper_step`` is given.
+    default_hyper_lr = 1e-7
+    #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given.
     default_hyper_step: HyperStep | str = "additive"
     # No Hessian-vector product: the base unscales GradScaler's gradients before the step, as for
     # HypergradSGD, and skips the steps where the scaler found inf/NaN.
     _supports_grad_scaler = True
 
+    @renamed_keywords(renamed_options("hd"))
     def __init__(
         self,
         params: ParamsT,
@@ -132,7 +133,7 @@ class HypergradAdam(RuleHypergrad):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
-        hypergrad_lr: float | None = None,
+        hyper_lr: float | None = None,
         hyper_step: HyperStep | str | None = None,
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
@@ -151,7 +152,7 @@ class HypergradAdam(RuleHypergrad):
         rule_defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])),
                              eps=float(eps), weight_decay=float(weight_decay), amsgrad=False,
                              maximize=False, decoupled_weight_decay=decoupled_weight_decay)
-        self._setup(params, rule_defaults, hypergrad_lr=hypergrad_lr, hyper_step=hyper_step,
+        self._setup(params, rule_defaults, hyper_lr=hyper_lr, hyper_step=hyper_step,
                     lr_bounds=lr_bounds, per_parameter=per_parameter, tune=tune,
                     val_closure=val_closure,
                     foreach=foreach, fused=fused, differentiable=differentiable)
@@ -182,7 +183,7 @@ class HypergradAdamW(HypergradAdam):
     :math:`d_{t-1} = \hat m_t / (\sqrt{\hat v_t} + \epsilon) + \lambda w_{t-1}`, because
     :math:`w_t = (1 - a\lambda) w_{t-1} - a\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)`
     (bias corrections and :math:`\epsilon` as torch places them). In training-loss mode
-    :math:`\nabla E` is the loss gradient alone. With ``hypergrad_lr=0`` the weights are
+    :math:`\nabla E` is the loss gradient alone. With ``hyper_lr=0`` the weights are
     bit-identical to ``torch.optim.AdamW``'s. Arguments as :class:`HypergradAdam`.
 
     Example:
@@ -195,30 +196,11 @@ class HypergradAdamW(HypergradAdam):
         True
     """
 
+    @renamed_keywords(renamed_options("hd"))
+    @adamw_signature(HypergradAdam.__init__)
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, **options: Any) -> None:
-        # HypergradAdam's keyword options, all but the flag (__signature__ below lists them).
-        unknown = next((name for name in options if name not in _ADAMW_OPTIONS), None)
-        if unknown is not None:
-            raise TypeError(f"HypergradAdamW.__init__() got an unexpected keyword argument "
-                            f"{unknown!r}")
+        refuse_unexpected(HypergradAdamW.__init__, options)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **options,
                          decoupled_weight_decay=True)
-
-
-def _adamw_signature() -> inspect.Signature:
-    """What ``inspect.signature`` and ``help`` show for ``HypergradAdamW``: its own positional
-    arguments, then ``HypergradAdam``'s keyword options but ``decoupled_weight_decay`` (always
-    on), as ``torch.optim.AdamW`` has ``torch.optim.Adam``'s."""
-    own = inspect.signature(HypergradAdamW.__init__).parameters.values()
-    options = inspect.signature(HypergradAdam.__init__).parameters.values()
-    return inspect.signature(HypergradAdamW.__init__).replace(parameters=[
-        *(p for p in own if p.kind is not p.VAR_KEYWORD),
-        *(p for p in options if p.kind is p.KEYWORD_ONLY and p.name != "decoupled_weight_decay"),
-    ])
-
-
-HypergradAdamW.__init__.__signature__ = _adamw_signature()  # type: ignore[attr-defined]
-_ADAMW_OPTIONS = frozenset(name for name, p in inspect.signature(HypergradAdamW).parameters.items()
-                           if p.kind is p.KEYWORD_ONLY)

@@ -97,7 +97,7 @@ class HyperStep:
 class Additive(HyperStep):
     r""":math:`a \leftarrow a - \kappa h` (Baydin et al., 2018): the raw hypergradient times a
     fixed hyper-learning rate ``kappa``. ``kappa=None`` reads the param group's
-    ``hypergrad_lr``."""
+    ``hyper_lr``."""
 
     kappa: float | None = None
     name: ClassVar[str] = "additive"
@@ -107,7 +107,7 @@ class Additive(HyperStep):
                momentum: float = 0.0, loss: float | None = None
                ) -> tuple[float, dict[str, float]]:
         if self.kappa is None:
-            raise ValueError("Additive(): kappa is read from the param group's hypergrad_lr")
+            raise ValueError("Additive(): kappa is read from the param group's hyper_lr")
         return value - self.kappa * h, state
 
 

@@ -13,14 +13,15 @@ from torch.optim import Optimizer
 
 from .core.checks import check_value, is_real
 from .core.options import check_arguments
+from .core.signatures import with_keywords
 from .core.types import Closure, ParamsT
 from .methods.ift import (
     _NAMES,
+    IFT_KEYWORDS,
     MOMENTUM_RANGE,
     WEIGHT_DECAY_FLOOR,
     RuleIFT,
     ift_keywords,
-    public_signature,
 )
 from .rules.sgd import SGD, sgd_direction
 
@@ -240,7 +241,7 @@ class IFTOptimizer(RuleIFT):
         Differentiation. AISTATS 2020.
     """
 
-    @public_signature
+    @with_keywords(IFT_KEYWORDS)
     def __init__(
         self,
         params: ParamsT,

@@ -3,7 +3,6 @@ Adam's and AdamW's weight update."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,14 +10,9 @@ import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 
 from .core.options import check_arguments
+from .core.signatures import adamw_signature, refuse_unexpected, with_keywords
 from .core.types import ParamsT
-from .methods.ift import (
-    WEIGHT_DECAY_FLOOR,
-    RuleIFT,
-    ift_keywords,
-    public_signature,
-    refuse_unexpected,
-)
+from .methods.ift import IFT_KEYWORDS, WEIGHT_DECAY_FLOOR, RuleIFT, ift_keywords
 from .rules.adam import ADAM
 
 __all__ = ["IFTAdam", "IFTAdamW"]
@@ -137,7 +131,7 @@ class IFTAdam(RuleIFT):
     rule = ADAM
     _tunable = ("lr", "weight_decay")
 
-    @public_signature
+    @with_keywords(IFT_KEYWORDS)
     def __init__(
         self,
         params: ParamsT,
@@ -214,21 +208,10 @@ class IFTAdamW(IFTAdam):
         (True, 2)
     """
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        **options: Any,
-    ) -> None:
+    @adamw_signature(IFTAdam.__init__)
+    def __init__(self, params: ParamsT, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, **options: Any) -> None:
         refuse_unexpected(IFTAdamW.__init__, options)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **options,
                          decoupled_weight_decay=True)
-
-    # IFTAdam's keywords but the decoupled flag, which AdamW fixes.
-    __init__ = public_signature(__init__, [
-        p for p in inspect.signature(IFTAdam.__init__).parameters.values()
-        if p.kind is p.KEYWORD_ONLY and p.name != "decoupled_weight_decay"])

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core.options import check_arguments
-from .core.types import Closure, ParamsT
-from .hyperstep import HyperStep
-from .methods.marthe import RuleMarthe, marthe_options
+from .core.options import check_arguments, renamed_options
+from .core.signatures import bind_keywords, renamed_keywords, with_keywords
+from .core.types import ParamsT
+from .methods.marthe import MARTHE_KEYWORDS, RuleMarthe, marthe_options, take_marthe_options
 from .rules.base import apply_update_
 from .rules.sgd import SGD, sgd_direction
 
@@ -57,7 +57,7 @@ class MartheSGD(RuleMarthe):
             \qquad \beta_0 = 0.
 
     ``mu`` may also be a fixed number in [0, 1] (then :math:`\mu_t = \mu`), and with
-    ``adapt_hypergrad_lr=False`` :math:`\beta_t` is the fixed ``hypergrad_lr``.
+    ``adapt_hyper_lr=False`` :math:`\beta_t` is the fixed ``hyper_lr``.
 
     *The sign of the* :math:`\beta` *update.* Treat the schedule as a function of :math:`\beta` and
     keep one step (the paper's ":math:`\mu = 0`" at this level): :math:`a_t = a_{t-1} - \beta_t
@@ -111,7 +111,7 @@ class MartheSGD(RuleMarthe):
     (:math:`a_t`), ``"hypergrad/lr"`` (:math:`\Delta_t`, the raw hypergradient that moved
     :math:`a_{t-1}` to :math:`a_t`; 0 at :math:`t = 0`), ``"mu"`` (:math:`\mu_t`, the discount
     used in this step's tangent update), ``"hypergrad_lr"`` (:math:`\beta_t`) and ``"skipped"``.
-    With ``hypergrad_lr=0`` and ``adapt_hypergrad_lr=False`` the weights are bit-identical to
+    With ``hyper_lr=0`` and ``adapt_hyper_lr=False`` the weights are bit-identical to
     ``torch.optim.SGD``'s. A resumed checkpoint continues exactly (tangents, :math:`\mu, c,
     \beta` and counters are in :meth:`state_dict`).
 
@@ -125,17 +125,20 @@ class MartheSGD(RuleMarthe):
         nesterov (bool, optional): Nesterov momentum (default: False).
         mu (str or float, optional): ``"adaptive"`` (Appendix A's rule) or a fixed discount in
             [0, 1]: 0 is HD, 1 is RTHO (default: ``"adaptive"``).
-        hypergrad_lr (float, optional): with ``adapt_hypergrad_lr=True``, the step size
+        hyper_lr (float, optional): with ``adapt_hyper_lr=True``, the step size
             :math:`\kappa` of the hyper-learning rate :math:`\beta` (which starts at 0, as the
             paper suggests); otherwise the fixed hyper-learning rate :math:`\beta`. Its scale
             depends on the scale of :math:`\Delta` (:math:`\kappa` scales like
             :math:`\beta / \Delta^2`): as the paper suggests, start high and divide by 10 until
-            training does not diverge (default: 1e-6, for ``adapt_hypergrad_lr=True``: on
+            training does not diverge (default: 1e-6, for ``adapt_hyper_lr=True``: on
             ``benchmarks/marthe_schedules.py`` (digits MLP, 10 seeds) 1e-7 and 1e-5 both
             train well and 1e-3 diverged on 1 seed of 10, while a small linear regression in
             the tests diverges from 1e-5 on; a fixed :math:`\beta` needs its own value, 1e-4
             on that benchmark).
-        adapt_hypergrad_lr (bool, optional): adapt :math:`\beta` online (default: True).
+        adapt_hyper_lr (bool, optional): adapt :math:`\beta` online (default: True).
+            ``hyper_lr`` and ``adapt_hyper_lr`` were ``hypergrad_lr`` and
+            ``adapt_hypergrad_lr``; the old names are accepted for one release with a
+            ``DeprecationWarning``.
         hypergrad_clip (float, optional): clip :math:`\Delta` to
             :math:`[-\text{clip}, \text{clip}]` in the updates of :math:`a` and :math:`\beta`
             (``history`` keeps the raw value); ``None`` turns it off (default: None).
@@ -186,6 +189,8 @@ class MartheSGD(RuleMarthe):
     rule = SGD
     buffer_tangent_keys = {"momentum_buffer": "tangent_buffer"}
 
+    @renamed_keywords(renamed_options("marthe"))
+    @with_keywords(MARTHE_KEYWORDS)
     def __init__(
         self,
         params: ParamsT,
@@ -194,29 +199,16 @@ class MartheSGD(RuleMarthe):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
-        *,
-        mu: str | float = "adaptive",
-        hypergrad_lr: float = 1e-6,
-        adapt_hypergrad_lr: bool = True,
-        hypergrad_clip: float | None = None,
-        hyper_step: HyperStep | str | None = None,
-        val_closure: Closure | None = None,
-        hvp: str = "auto",
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        differentiable: bool = False,
+        **options: Any,
     ) -> None:
+        options = bind_keywords(MartheSGD.__init__, options, MARTHE_KEYWORDS)
+        marthe = take_marthe_options(options)
         check_arguments(self, lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, mu=mu,
-                        hypergrad_lr=hypergrad_lr, adapt_hypergrad_lr=adapt_hypergrad_lr,
-                        hypergrad_clip=hypergrad_clip)
-        defaults = dict(
-            lr=float(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov,
-            **marthe_options(mu, hypergrad_lr, adapt_hypergrad_lr, hypergrad_clip, hyper_step))
-        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
-                         foreach=foreach, fused=fused, differentiable=differentiable)
+                        weight_decay=weight_decay, nesterov=nesterov,
+                        **{k: v for k, v in marthe.items() if k != "hyper_step"})
+        defaults = dict(lr=float(lr), momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, **marthe_options(**marthe))
+        super().__init__(params, defaults, **options)
 
     @staticmethod
     def _previous_direction(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:

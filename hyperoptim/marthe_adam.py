@@ -2,18 +2,34 @@ r"""MARTHE with Adam/AdamW as the inner optimizer (Donini et al., 2020, Section 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch  # noqa: F401  (the examples below use it)
 
-from .core.options import check_arguments
-from .core.types import Closure, ParamsT
-from .hyperstep import HyperStep
-from .methods.marthe import RuleMarthe, marthe_options
+from .core.options import check_arguments, renamed_options
+from .core.signatures import (
+    adamw_signature,
+    bind_keywords,
+    declared,
+    refuse_unexpected,
+    renamed_keywords,
+    with_defaults,
+    with_keywords,
+)
+from .core.types import ParamsT
+from .methods.marthe import MARTHE_KEYWORDS, RuleMarthe, marthe_options, take_marthe_options
 from .rules.adam import ADAM
 
 __all__ = ["MartheAdam", "MartheAdamW"]
+
+
+def _adam_keywords(*, decoupled_weight_decay: bool = False) -> None:
+    """The keyword MartheAdam adds to MARTHE's: AdamW's flag."""
+
+
+# MARTHE's keywords with Adam's hyper-step size (Adam's hypergradients are larger than SGD's),
+# then AdamW's flag.
+_KEYWORDS = (*with_defaults(MARTHE_KEYWORDS, hyper_lr=1e-9), *declared(_adam_keywords))
 
 
 class MartheAdam(RuleMarthe):
@@ -54,7 +70,7 @@ class MartheAdam(RuleMarthe):
     batched Hessian-vector product and the forward-mode pass through the rule; memory is three
     copies of the weights per group (:math:`Z, M, V`) plus the direction.
 
-    With ``hypergrad_lr=0`` and ``adapt_hypergrad_lr=False`` the weights are bit-identical to
+    With ``hyper_lr=0`` and ``adapt_hyper_lr=False`` the weights are bit-identical to
     ``torch.optim.Adam``'s (``torch.optim.AdamW``'s for :class:`MartheAdamW`). ``state[p]``
     holds torch's ``"step"``, ``"exp_avg"``, ``"exp_avg_sq"``, and ``"direction"``,
     ``"tangent"``, ``"tangent_exp_avg"``, ``"tangent_exp_avg_sq"``.
@@ -68,12 +84,14 @@ class MartheAdam(RuleMarthe):
         amsgrad (bool, optional): must be False (not supported).
         mu (str or float, optional): ``"adaptive"`` or a fixed discount in [0, 1]
             (default: ``"adaptive"``).
-        hypergrad_lr (float, optional): with ``adapt_hypergrad_lr=True`` the step size
+        hyper_lr (float, optional): with ``adapt_hyper_lr=True`` the step size
             :math:`\kappa` of :math:`\beta`, otherwise the fixed :math:`\beta`. Adam's
             hypergradients are larger than SGD's (the direction has entries of order 1), so
             the scale is smaller (default: 1e-9; ``benchmarks/marthe_adam.py`` measures the
             grid).
-        adapt_hypergrad_lr (bool, optional): adapt :math:`\beta` online (default: True).
+        adapt_hyper_lr (bool, optional): adapt :math:`\beta` online (default: True).
+            Formerly ``hypergrad_lr`` and ``adapt_hypergrad_lr`` (deprecated, as for
+            :class:`~hyperoptim.MartheSGD`).
         hypergrad_clip (float, optional): clip :math:`\Delta` in the updates (default: None).
         hyper_step (HyperStep or str, optional): a policy of :mod:`hyperoptim.hyperstep` in
             place of MARTHE's step, as for :class:`~hyperoptim.MartheSGD` (default: None).
@@ -94,7 +112,7 @@ class MartheAdam(RuleMarthe):
         >>> x, y = torch.randn(32, 3), torch.randn(32, 1)
         >>> xv, yv = torch.randn(16, 3), torch.randn(16, 1)
         >>> mse = torch.nn.functional.mse_loss
-        >>> opt = MartheAdam(model.parameters(), lr=0.01, hypergrad_lr=1e-6,
+        >>> opt = MartheAdam(model.parameters(), lr=0.01, hyper_lr=1e-6,
         ...                  val_closure=lambda: mse(model(xv), yv))
         >>> for _ in range(5):
         ...     loss = opt.step(lambda: mse(model(x), y))
@@ -111,6 +129,8 @@ class MartheAdam(RuleMarthe):
     rule = ADAM
     buffer_tangent_keys = {"exp_avg": "tangent_exp_avg", "exp_avg_sq": "tangent_exp_avg_sq"}
 
+    @renamed_keywords(renamed_options("marthe"))
+    @with_keywords(_KEYWORDS)
     def __init__(
         self,
         params: ParamsT,
@@ -119,31 +139,19 @@ class MartheAdam(RuleMarthe):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         amsgrad: bool = False,
-        *,
-        mu: str | float = "adaptive",
-        hypergrad_lr: float = 1e-9,
-        adapt_hypergrad_lr: bool = True,
-        hypergrad_clip: float | None = None,
-        hyper_step: HyperStep | str | None = None,
-        val_closure: Closure | None = None,
-        hvp: str = "auto",
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        differentiable: bool = False,
-        decoupled_weight_decay: bool = False,
+        **options: Any,
     ) -> None:
+        options = bind_keywords(MartheAdam.__init__, options, _KEYWORDS)
+        marthe, decoupled = take_marthe_options(options), options.pop("decoupled_weight_decay")
         check_arguments(self, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize, mu=mu, hypergrad_lr=hypergrad_lr,
-                        adapt_hypergrad_lr=adapt_hypergrad_lr, hypergrad_clip=hypergrad_clip,
-                        decoupled_weight_decay=decoupled_weight_decay)
+                        amsgrad=amsgrad, maximize=options["maximize"],
+                        **{k: v for k, v in marthe.items() if k != "hyper_step"},
+                        decoupled_weight_decay=decoupled)
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
             weight_decay=float(weight_decay), amsgrad=False, maximize=False,
-            decoupled_weight_decay=decoupled_weight_decay,
-            **marthe_options(mu, hypergrad_lr, adapt_hypergrad_lr, hypergrad_clip, hyper_step))
-        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, foreach=foreach,
-                         fused=fused, differentiable=differentiable)
+            decoupled_weight_decay=decoupled, **marthe_options(**marthe))
+        super().__init__(params, defaults, **options)
 
     @staticmethod
     def _momentum(group: dict[str, Any]) -> float:
@@ -168,35 +176,11 @@ class MartheAdamW(MartheAdam):
         (0.01, True)
     """
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        **options: Any,
-    ) -> None:
-        # ``options``: MartheAdam's keyword arguments but the one this class fixes (the signature
-        # set below lists them); anything else is refused as Python would refuse it here.
-        known = inspect.signature(MartheAdamW).parameters
-        for name in options:
-            if name not in known:
-                raise TypeError(f"{MartheAdamW.__init__.__qualname__}() got an unexpected "
-                                f"keyword argument {name!r}")
+    @renamed_keywords(renamed_options("marthe"))
+    @adamw_signature(MartheAdam.__init__)
+    def __init__(self, params: ParamsT, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, **options: Any) -> None:
+        refuse_unexpected(MartheAdamW.__init__, options)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **options,
                          decoupled_weight_decay=True)
-
-
-def _adamw_signature() -> inspect.Signature:
-    """MartheAdamW's signature as help() and the docs show it: its own arguments, then
-    MartheAdam's keyword arguments but ``decoupled_weight_decay``."""
-    own = inspect.signature(MartheAdamW.__init__)
-    keywords = [p for p in inspect.signature(MartheAdam.__init__).parameters.values()
-                if p.kind is p.KEYWORD_ONLY and p.name != "decoupled_weight_decay"]
-    positional = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    return own.replace(parameters=[*positional, *keywords])
-
-
-MartheAdamW.__init__.__signature__ = _adamw_signature()  # type: ignore[attr-defined]

@@ -17,12 +17,12 @@ INFOS = [
     OptimizerInfo(
         cls=FDSAdam,
         inputs=[
-            OptimizerInput(dict(lr=0.0, horizon=4, tune=("lr",), step_sizes={"lr": 0.01}), "lr_only"),
+            OptimizerInput(dict(lr=0.0, horizon=4, tune=("lr",), hyper_lr={"lr": 0.01}), "lr_only"),
             OptimizerInput(dict(lr=0.0, weight_decay=0.01, horizon=4, lr_windows=2,
-                                weight_decay_windows=2, step_sizes={"lr": 0.01}), "lr_wd_windows"),
+                                weight_decay_windows=2, hyper_lr={"lr": 0.01}), "lr_wd_windows"),
             OptimizerInput(dict(lr=0.0, betas=(0.8, 0.99), horizon=5, lr_windows=3,
                                 beta1_windows=2, tune=("lr", "beta1", "beta2", "weight_decay"),
-                                hz_clip=100.0, step_sizes={"lr": 0.01}), "all_clip_uneven"),
+                                hz_clip=100.0, hyper_lr={"lr": 0.01}), "all_clip_uneven"),
         ],
         error_inputs=[
             ErrorOptimizerInput(dict(horizon=0), "Invalid horizon value: 0", "horizon"),
@@ -38,8 +38,8 @@ INFOS = [
                                 "windows_above_horizon"),
             ErrorOptimizerInput(dict(horizon=4, tune=("lr", "momentum")), "Invalid tune value",
                                 "tune"),
-            ErrorOptimizerInput(dict(horizon=4, step_sizes={"beta1": 0.0}),
-                                "Invalid step_sizes value", "step_size_zero"),
+            ErrorOptimizerInput(dict(horizon=4, hyper_lr={"beta1": 0.0}),
+                                "Invalid hyper_lr value", "step_size_zero"),
             ErrorOptimizerInput(dict(horizon=4, hz_clip=0.0), "Invalid hz_clip value: 0.0",
                                 "hz_clip"),
             ErrorOptimizerInput(dict(horizon=4, foreach=True), "does not implement foreach=True",
@@ -55,7 +55,7 @@ INFOS = [
         cls=FDSAdamW,
         inputs=[
             OptimizerInput(dict(lr=0.0, weight_decay=0.1, horizon=4, lr_windows=2,
-                                weight_decay_windows=4, step_sizes={"lr": 0.01}), "lr_wd_windows"),
+                                weight_decay_windows=4, hyper_lr={"lr": 0.01}), "lr_wd_windows"),
         ],
         error_inputs=[
             ErrorOptimizerInput(dict(horizon=4, weight_decay=-1.0),

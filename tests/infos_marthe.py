@@ -8,13 +8,13 @@ INFOS = [
     OptimizerInfo(
         cls=MartheSGD,
         inputs=[
-            OptimizerInput(dict(lr=0.05, hypergrad_lr=1e-5), "adaptive"),
-            OptimizerInput(dict(lr=0.05, momentum=0.9, weight_decay=0.01, hypergrad_lr=1e-5),
+            OptimizerInput(dict(lr=0.05, hyper_lr=1e-5), "adaptive"),
+            OptimizerInput(dict(lr=0.05, momentum=0.9, weight_decay=0.01, hyper_lr=1e-5),
                            "adaptive_momentum_wd"),
             OptimizerInput(dict(lr=0.05, momentum=0.9, nesterov=True, mu=0.99,
-                                hypergrad_lr=1e-3, adapt_hypergrad_lr=False), "nesterov_mu099"),
-            OptimizerInput(dict(lr=0.05, momentum=0.5, dampening=0.2, mu=1.0, hypergrad_lr=1e-3,
-                                adapt_hypergrad_lr=False, hypergrad_clip=1.0), "rtho_dampening"),
+                                hyper_lr=1e-3, adapt_hyper_lr=False), "nesterov_mu099"),
+            OptimizerInput(dict(lr=0.05, momentum=0.5, dampening=0.2, mu=1.0, hyper_lr=1e-3,
+                                adapt_hyper_lr=False, hypergrad_clip=1.0), "rtho_dampening"),
         ],
         error_inputs=[
             ErrorOptimizerInput(dict(lr=-0.1), "Invalid lr value: -0.1", "negative_lr"),
@@ -22,9 +22,9 @@ INFOS = [
             ErrorOptimizerInput(dict(weight_decay=-1.0), "Invalid weight_decay value", "wd"),
             ErrorOptimizerInput(dict(mu=1.5), "Invalid mu value: 1.5", "mu_range"),
             ErrorOptimizerInput(dict(mu="auto"), "Invalid mu value: auto", "mu_name"),
-            ErrorOptimizerInput(dict(hypergrad_lr=-1.0), "Invalid hypergrad_lr value", "hlr"),
+            ErrorOptimizerInput(dict(hyper_lr=-1.0), "Invalid hyper_lr value", "hlr"),
             ErrorOptimizerInput(dict(hypergrad_clip=0.0), "Invalid hypergrad_clip value", "clip"),
-            ErrorOptimizerInput(dict(adapt_hypergrad_lr=1), "Invalid adapt_hypergrad_lr value",
+            ErrorOptimizerInput(dict(adapt_hyper_lr=1), "Invalid adapt_hyper_lr value",
                                 "adapt"),
             ErrorOptimizerInput(dict(val_closure=3), "Invalid val_closure value", "val_closure"),
             ErrorOptimizerInput(dict(nesterov=True), "Nesterov momentum requires", "nesterov"),
@@ -36,9 +36,9 @@ INFOS = [
     OptimizerInfo(
         cls=MartheSGD,
         inputs=[
-            OptimizerInput(dict(lr=0.05, momentum=0.9, mu=0.0, hypergrad_lr=1e-3,
-                                adapt_hypergrad_lr=False), "hd_fixed_beta"),
-            OptimizerInput(dict(lr=0.05, mu=0.0, hypergrad_lr=1e-4), "hd_adaptive_beta"),
+            OptimizerInput(dict(lr=0.05, momentum=0.9, mu=0.0, hyper_lr=1e-3,
+                                adapt_hyper_lr=False), "hd_fixed_beta"),
+            OptimizerInput(dict(lr=0.05, mu=0.0, hyper_lr=1e-4), "hd_adaptive_beta"),
         ],
         needs_val=True,
     ),

@@ -250,7 +250,7 @@ def _ddp_worker(rank: int, world: int, path: str, result_path: str) -> None:
         x, y = torch.randn(8, 3, generator=gen).double(), torch.randn(8, 1, generator=gen).double()
         xv, yv = torch.randn(8, 3, generator=gen).double(), torch.randn(8, 1, generator=gen).double()
         part = slice(rank * 8 // world, (rank + 1) * 8 // world)
-        opt = HypergradSGD(ddp.parameters(), lr=0.1, momentum=0.9, hypergrad_lr=0.05,
+        opt = HypergradSGD(ddp.parameters(), lr=0.1, momentum=0.9, hyper_lr=0.05,
                            val_closure=lambda: F.mse_loss(model(xv[part]), yv[part]))
         for _ in range(4):
             opt.zero_grad()
@@ -277,3 +277,25 @@ def test_ddp_two_ranks_follow_the_single_process_trajectory():
     assert results[1]["lr"][-1] != 0.1
     for a, b in zip(results[1]["params"], results[2]["params"]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["HypergradSGD", "HypergradAdam", "IFTOptimizer"])
+def test_the_guard_does_not_skip_a_finite_float32_step_whose_2_norm_overflows(name):
+    # Elements of 3e19 are finite in float32, but their squares are not: a 2-norm taken in
+    # float32 is inf, which the guard read as a non-finite gradient and skipped the step.
+    import hyperoptim
+
+    w = torch.zeros(4, requires_grad=True)
+    kwargs = {"update_interval": 100} if name == "IFTOptimizer" else {}
+    opt = getattr(hyperoptim, name)([w], lr=1e-9, **kwargs)
+    w.grad = torch.full((4,), 3e19)
+    assert torch.linalg.vector_norm(w.grad).isinf()  # what the fast path sees
+    opt.step()
+    assert opt.skipped_steps == 0
+    assert torch.isfinite(w).all() and (w != 0).all()
+    # A gradient that is really non-finite is still a skip.
+    w.grad = torch.tensor([3e19, float("inf"), 0.0, 0.0])
+    before = w.detach().clone()
+    with pytest.warns(hyperoptim.HyperoptimWarning, match="non-finite"):
+        opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(w.detach(), before)

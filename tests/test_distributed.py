@@ -33,11 +33,11 @@ def _builders() -> dict[str, Callable[..., Any]]:
     """name -> (params, val_closure) -> optimizer; one entry per optimizer and mode."""
     out: dict[str, Callable[..., Any]] = {
         "hd_train": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5,
-                                                         hypergrad_lr=0.02),
+                                                         hyper_lr=0.02),
         "hd_val": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5,
-                                                       hypergrad_lr=0.02, val_closure=v),
+                                                       hyper_lr=0.02, val_closure=v),
         "marthe": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
-                                                    hypergrad_lr=1e-4, val_closure=v),
+                                                    hyper_lr=1e-4, val_closure=v),
         # The policies of hyperoptim.hyperstep: their state (the loss-reading ScaleFree's too)
         # must be identical across ranks.
         "hd_scale_free": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5,
@@ -49,7 +49,7 @@ def _builders() -> dict[str, Callable[..., Any]]:
             p, lr=0.05, momentum=0.5, tune=("lr", "momentum"), hyper_step="growth",
             val_closure=v),
         "hd_adam_beta1": lambda p, v: hyperoptim.HypergradAdam(
-            p, lr=0.01, tune=("lr", "momentum"), hypergrad_lr=1e-4),
+            p, lr=0.01, tune=("lr", "momentum"), hyper_lr=1e-4),
         "marthe_scale_free": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5,
                                                                hyper_step="scale_free",
                                                                val_closure=v),
@@ -58,11 +58,11 @@ def _builders() -> dict[str, Callable[..., Any]]:
         "fds": lambda p, v: hyperoptim.FDSSGD(p, horizon=4, lr=0.05, momentum=0.5,
                                               weight_decay=1e-3, lr_windows=2, val_closure=v),
         "fds_adam": lambda p, v: hyperoptim.FDSAdam(p, horizon=4, lr=0.01, weight_decay=1e-3,
-                                                    lr_windows=2, step_sizes={"lr": 0.005},
+                                                    lr_windows=2, hyper_lr={"lr": 0.005},
                                                     val_closure=v),
         "fds_adamw": lambda p, v: hyperoptim.FDSAdamW(p, horizon=4, lr=0.01, lr_windows=2,
                                                       tune=("lr", "beta1", "weight_decay"),
-                                                      step_sizes={"lr": 0.005}, val_closure=v),
+                                                      hyper_lr={"lr": 0.005}, val_closure=v),
     }
     # The Adam family, where it exists.
     ift = dict(update_interval=3, lookback=3)  # hyper-updates within STEPS

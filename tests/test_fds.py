@@ -338,7 +338,7 @@ def test_sign_update_halves_the_step_on_every_flip():
     """Replay the documented rule on the recorded raw hypergradients."""
     prob = Problem(seed=4)
     sizes = {"lr": 0.08, "momentum": 0.2, "weight_decay": 0.01}
-    opt = prob.optimizer(horizon=6, lr_windows=2, weight_decay_windows=2, step_sizes=sizes,
+    opt = prob.optimizer(horizon=6, lr_windows=2, weight_decay_windows=2, hyper_lr=sizes,
                          lr=0.05)
     for _ in range(8):
         prob.reset()

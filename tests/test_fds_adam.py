@@ -257,7 +257,7 @@ def test_values_in_force_follow_the_windows_and_betas_show_them():
 def test_learned_betas_stay_in_range():
     prob = Problem(seed=2)
     opt = make(prob, False, lr=0.02, betas=(0.05, 0.999), horizon=4, tune=("beta1", "beta2"),
-               step_sizes={"beta1": 0.4, "beta2": 0.4})
+               hyper_lr={"beta1": 0.4, "beta2": 0.4})
     for _ in range(3):
         prob.reset()
         episode(prob, opt)
@@ -272,7 +272,7 @@ def test_learned_betas_stay_in_range():
 def test_learns_the_learning_rate_from_a_small_start():
     prob = Problem(seed=5)
     opt = make(prob, True, lr=1e-3, horizon=10, lr_windows=2, tune=("lr",),
-               step_sizes={"lr": 0.01})
+               hyper_lr={"lr": 0.01})
     for _ in range(6):
         prob.reset()
         episode(prob, opt)

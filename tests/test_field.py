@@ -50,8 +50,8 @@ class Task:
 
 SECOND_ORDER = {
     "marthe": lambda p, v, **kw: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5, mu=1.0,
-                                                      hypergrad_lr=1e-3,
-                                                      adapt_hypergrad_lr=False,
+                                                      hyper_lr=1e-3,
+                                                      adapt_hyper_lr=False,
                                                       val_closure=v, **kw),
     "ift": lambda p, v, **kw: hyperoptim.IFTOptimizer(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
                                                       update_interval=2, lookback=3,
@@ -60,7 +60,7 @@ SECOND_ORDER = {
                                                 lr_windows=2, val_closure=v, **kw),
 }
 ALL = dict(SECOND_ORDER, hd=lambda p, v, **kw: hyperoptim.HypergradSGD(
-    p, lr=0.05, momentum=0.5, hypergrad_lr=0.01, val_closure=v))
+    p, lr=0.05, momentum=0.5, hyper_lr=0.01, val_closure=v))
 
 
 def drive(name: str, opt, task: Task, start: int, n: int, backward: bool = True) -> None:

@@ -28,12 +28,12 @@ from hyperoptim import (
 
 _SECOND_ORDER = dict(update_interval=1, lookback=2)
 CLASSES = [
-    (HypergradSGD, dict(lr=0.05, momentum=0.5, hypergrad_lr=1e-3)),
-    (HypergradAdam, dict(lr=1e-2, hypergrad_lr=1e-5)),
-    (HypergradAdamW, dict(lr=1e-2, hypergrad_lr=1e-5)),
-    (MartheSGD, dict(lr=0.05, momentum=0.5, hypergrad_lr=1e-3)),
-    (MartheAdam, dict(lr=1e-2, hypergrad_lr=1e-5)),
-    (MartheAdamW, dict(lr=1e-2, hypergrad_lr=1e-5)),
+    (HypergradSGD, dict(lr=0.05, momentum=0.5, hyper_lr=1e-3)),
+    (HypergradAdam, dict(lr=1e-2, hyper_lr=1e-5)),
+    (HypergradAdamW, dict(lr=1e-2, hyper_lr=1e-5)),
+    (MartheSGD, dict(lr=0.05, momentum=0.5, hyper_lr=1e-3)),
+    (MartheAdam, dict(lr=1e-2, hyper_lr=1e-5)),
+    (MartheAdamW, dict(lr=1e-2, hyper_lr=1e-5)),
     (IFTOptimizer, dict(lr=0.05, momentum=0.5, weight_decay=1e-3, **_SECOND_ORDER)),
     (IFTAdam, dict(lr=1e-2, weight_decay=1e-3, **_SECOND_ORDER)),
     (IFTAdamW, dict(lr=1e-2, weight_decay=1e-3, **_SECOND_ORDER)),
@@ -117,7 +117,7 @@ def test_validation_closure_without_a_training_closure_leaves_an_unseen_backbone
     # Nothing has shown the optimizer the backbone before its val_closure reaches it: the leaf is
     # caught when it first enters an operation.
     backbone, head, loss_of = _net()
-    opt = HypergradSGD(head.parameters(), lr=0.05, hypergrad_lr=1e-3,
+    opt = HypergradSGD(head.parameters(), lr=0.05, hyper_lr=1e-3,
                        val_closure=_closure(loss_of, 1, "backward"))
     for _ in range(3):
         opt.zero_grad()

@@ -29,7 +29,7 @@ def test_frozen_learning_rate_is_bit_identical_to_torch_sgd(config, dtype):
     groups1 = [{"params": m1[0].parameters()}, {"params": m1[2].parameters(), "lr": 0.02}]
     groups2 = [{"params": m2[0].parameters()}, {"params": m2[2].parameters(), "lr": 0.02}]
     o1 = torch.optim.SGD(groups1, lr=0.05, **config)
-    o2 = HypergradSGD(groups2, lr=0.05, hypergrad_lr=0.0, **config)
+    o2 = HypergradSGD(groups2, lr=0.05, hyper_lr=0.0, **config)
     gen = torch.Generator().manual_seed(1)
     for _ in range(25):
         x = torch.randn(8, 5, generator=gen, dtype=dtype)
@@ -90,7 +90,7 @@ def test_hypergradient_matches_finite_differences(
     prob = Quad(seed, *shape)
     # The lower bound keeps a_{t-1} away from 0, so the central difference has room on both sides.
     opt = HypergradSGD(prob.params, lr=0.1, momentum=momentum, nesterov=nesterov,
-                       weight_decay=weight_decay, hypergrad_lr=0.05, lr_bounds=(0.01, math.inf),
+                       weight_decay=weight_decay, hyper_lr=0.05, lr_bounds=(0.01, math.inf),
                        val_closure=prob.val_loss if validation else None)
     for k in range(t - 1):
         opt.step(lambda k=k: prob.train_loss(k))
@@ -126,7 +126,7 @@ def test_hypergradient_matches_finite_differences(
 def test_learning_rate_follows_the_rule_and_is_a_float():
     prob = Quad(0, 3, 4, 2)
     kappa = 0.02
-    opt = HypergradSGD(prob.params, lr=0.1, hypergrad_lr=kappa)
+    opt = HypergradSGD(prob.params, lr=0.1, hyper_lr=kappa)
     lrs, hs = [], []
     for k in range(5):
         opt.step(lambda k=k: prob.train_loss(k))
@@ -142,7 +142,7 @@ def test_learning_rate_follows_the_rule_and_is_a_float():
 
 def test_learning_rate_stays_in_bounds():
     prob = Quad(3, 3, 4, 2)
-    opt = HypergradSGD(prob.params, lr=0.5, momentum=0.9, hypergrad_lr=50.0,
+    opt = HypergradSGD(prob.params, lr=0.5, momentum=0.9, hyper_lr=50.0,
                        lr_bounds=(0.01, 0.6))
     for k in range(30):
         opt.step(lambda k=k: prob.train_loss(k % 6))
@@ -153,7 +153,7 @@ def test_learning_rate_stays_in_bounds():
 def test_each_group_has_its_own_hypergradient():
     prob = Quad(5, 3, 4, 2)
     opt = HypergradSGD([{"params": [prob.params[0]]}, {"params": [prob.params[1]], "lr": 0.05}],
-                       lr=0.1, hypergrad_lr=0.01)
+                       lr=0.1, hyper_lr=0.01)
     opt.step(lambda: prob.train_loss(0))
     d0 = [p.grad.clone() for p in prob.params]  # no momentum: d_0 = g_0
     opt.zero_grad()
@@ -167,7 +167,7 @@ def test_each_group_has_its_own_hypergradient():
 
 def test_validation_mode_leaves_training_gradients_alone():
     prob = Quad(7, 3, 4, 2)
-    opt = HypergradSGD(prob.params, lr=0.1, hypergrad_lr=0.01, val_closure=prob.val_loss)
+    opt = HypergradSGD(prob.params, lr=0.1, hyper_lr=0.01, val_closure=prob.val_loss)
     opt.zero_grad()
     prob.train_loss(0).backward()
     expected = [p.grad.clone() for p in prob.params]
@@ -185,12 +185,12 @@ def test_val_closure_per_step_override_and_backward_inside():
         loss.backward()
         return loss
 
-    a = HypergradSGD(prob.params, lr=0.1, hypergrad_lr=0.01)
+    a = HypergradSGD(prob.params, lr=0.1, hyper_lr=0.01)
     for k in range(3):
         a.step(lambda k=k: prob.train_loss(k), val_closure=val_with_backward)
     assert len(calls) == 3
     prob2 = Quad(8, 3, 4, 2)
-    b = HypergradSGD(prob2.params, lr=0.1, hypergrad_lr=0.01, val_closure=prob2.val_loss)
+    b = HypergradSGD(prob2.params, lr=0.1, hyper_lr=0.01, val_closure=prob2.val_loss)
     for k in range(3):
         b.step(lambda k=k: prob2.train_loss(k))
     assert a.history == b.history
@@ -199,7 +199,7 @@ def test_val_closure_per_step_override_and_backward_inside():
 def test_per_parameter_rule():
     prob = Quad(9, 3, 4, 2)
     kappa = 0.05
-    opt = HypergradSGD(prob.params, lr=0.1, hypergrad_lr=kappa, per_parameter=True)
+    opt = HypergradSGD(prob.params, lr=0.1, hyper_lr=kappa, per_parameter=True)
     opt.step(lambda: prob.train_loss(0))
     d0 = [p.grad.clone() for p in prob.params]
     opt.zero_grad()
@@ -222,8 +222,8 @@ def test_per_parameter_rule():
 
 def test_per_parameter_first_steps_agree_with_scalar_mode():
     a, b = Quad(4, 3, 4, 2), Quad(4, 3, 4, 2)
-    oa = HypergradSGD(a.params, lr=0.1, momentum=0.9, hypergrad_lr=0.01, per_parameter=True)
-    ob = HypergradSGD(b.params, lr=0.1, momentum=0.9, hypergrad_lr=0.01)
+    oa = HypergradSGD(a.params, lr=0.1, momentum=0.9, hyper_lr=0.01, per_parameter=True)
+    ob = HypergradSGD(b.params, lr=0.1, momentum=0.9, hyper_lr=0.01)
     for k in range(2):
         oa.step(lambda k=k: a.train_loss(k))
         ob.step(lambda k=k: b.train_loss(k))
@@ -248,7 +248,7 @@ def test_drop_in_swap_in_a_stock_loop():
 
 def test_nonfinite_training_gradient_skips_step():
     prob = Quad(2, 3, 4, 2)
-    opt = HypergradSGD(prob.params, lr=0.1, hypergrad_lr=0.01)
+    opt = HypergradSGD(prob.params, lr=0.1, hyper_lr=0.01)
     opt.step(lambda: prob.train_loss(0))
     before = [p.detach().clone() for p in prob.params]
     lr = opt.param_groups[0]["lr"]
@@ -261,7 +261,7 @@ def test_nonfinite_training_gradient_skips_step():
 def test_learning_rate_overflowing_float32_is_skipped_not_a_crash():
     """A finite Python float can overflow float32 weights' arithmetic: the guard catches it."""
     w = nn.Parameter(torch.zeros(4))
-    opt = HypergradSGD([w], lr=1e38, hypergrad_lr=1e38)
+    opt = HypergradSGD([w], lr=1e38, hyper_lr=1e38)
     opt.step(lambda: w.sum())  # h_0 = 0: lr stays 1e38, w = -1e38
     before = w.detach().clone()
     with pytest.warns(RuntimeWarning, match="non-finite"):
@@ -274,7 +274,7 @@ def test_overflowing_hypergradient_products_skip_the_step_instead_of_crashing_fs
     # <grad, d_prev> overflows float32 to +inf for one parameter and -inf for the other: the
     # exact sum (math.fsum) would raise "-inf + inf in fsum"; the guard skips the step instead.
     a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
-    opt = HypergradSGD([a, b], lr=0.01, hypergrad_lr=1e-3)
+    opt = HypergradSGD([a, b], lr=0.01, hyper_lr=1e-3)
     opt.step(lambda: 1e20 * (a.sum() + b.sum()))  # d_prev = 1e20 for both
     before = [a.detach().clone(), b.detach().clone()]
     with pytest.warns(RuntimeWarning, match="non-finite"):

@@ -44,7 +44,7 @@ def test_frozen_learning_rate_is_bit_identical_to_torch_adam(case, dtype):
     m1 = _mlp(dtype)
     m2 = copy.deepcopy(m1)
     o1 = torch_cls(_groups(m1), lr=0.05, foreach=False, **config)
-    o2 = cls(_groups(m2), lr=0.05, hypergrad_lr=0.0, **config)
+    o2 = cls(_groups(m2), lr=0.05, hyper_lr=0.0, **config)
     gen = torch.Generator().manual_seed(1)
     for t in range(25):
         x = torch.randn(8, 5, generator=gen, dtype=dtype)
@@ -76,7 +76,7 @@ def test_resumes_from_a_torch_adam_checkpoint():
         F.mse_loss(m1(x), y).backward()
         o1.step()
     m2.load_state_dict(m1.state_dict())
-    o2 = HypergradAdam(m2.parameters(), lr=0.05, hypergrad_lr=0.0)
+    o2 = HypergradAdam(m2.parameters(), lr=0.05, hyper_lr=0.0)
     sd = copy.deepcopy(o1.state_dict())  # in memory, torch would share the step tensors
     sd["param_groups"] = [dict(g, **{k: v for k, v in o2.param_groups[0].items() if k not in g})
                           for g in sd["param_groups"]]
@@ -137,7 +137,7 @@ def test_hypergradient_matches_finite_differences_through_torch_adam(
     cls, torch_cls = (HypergradAdamW, torch.optim.AdamW) if decoupled else \
         (HypergradAdam, torch.optim.Adam)
     opt = cls(prob.params, lr=0.05, betas=betas, eps=eps, weight_decay=weight_decay,
-              hypergrad_lr=1e-3, lr_bounds=(0.01, math.inf),
+              hyper_lr=1e-3, lr_bounds=(0.01, math.inf),
               val_closure=prob.val_loss if validation else None)
     for k in range(t - 1):
         opt.step(lambda k=k: prob.train_loss(k))
@@ -175,7 +175,7 @@ def test_first_hypergradient_is_the_oracle_one_step_derivative(decoupled):
     prob = Quad(3, 3, 4, 2)
     init = {"0": prob.params[0].detach().clone(), "1": prob.params[1].detach().clone()}
     cls = HypergradAdamW if decoupled else HypergradAdam
-    opt = cls(prob.params, lr=0.05, weight_decay=0.1, hypergrad_lr=0.0, val_closure=prob.val_loss)
+    opt = cls(prob.params, lr=0.05, weight_decay=0.1, hyper_lr=0.0, val_closure=prob.val_loss)
     opt.step(lambda: prob.train_loss(0))
     opt.step(lambda: prob.train_loss(1))
     _, exact = adam_unrolled_hypergrad(lambda p, t: prob.train_loss(t, [p["0"], p["1"]]),
@@ -189,7 +189,7 @@ def test_one_learning_rate_per_group_not_per_parameter():
     with its own; here the group's hypergradient sums over its parameters and all share one."""
     prob = Quad(5, 3, 4, 2)
     kappa = 1e-3
-    opt = HypergradAdam(prob.params, lr=0.05, hypergrad_lr=kappa)
+    opt = HypergradAdam(prob.params, lr=0.05, hyper_lr=kappa)
     opt.step(lambda: prob.train_loss(0))
     dirs = [opt.state[p]["direction"].clone() for p in prob.params]
     opt.zero_grad()
@@ -205,9 +205,9 @@ def test_one_learning_rate_per_group_not_per_parameter():
 
 def test_learning_rate_stays_non_negative_and_in_bounds():
     prob = Quad(3, 3, 4, 2)
-    opt = HypergradAdam(prob.params, lr=0.05, hypergrad_lr=10.0)
-    low = HypergradAdam(Quad(3, 3, 4, 2).params, lr=0.05, hypergrad_lr=10.0, lr_bounds=(0.01, 0.06))
-    with pytest.warns(RuntimeWarning, match="divergent"):  # hypergrad_lr=10 is meant to be wild
+    opt = HypergradAdam(prob.params, lr=0.05, hyper_lr=10.0)
+    low = HypergradAdam(Quad(3, 3, 4, 2).params, lr=0.05, hyper_lr=10.0, lr_bounds=(0.01, 0.06))
+    with pytest.warns(RuntimeWarning, match="divergent"):  # hyper_lr=10 is meant to be wild
         for k in range(30):
             opt.step(lambda k=k: prob.train_loss(k % 6))
             assert opt.param_groups[0]["lr"] >= 0.0
@@ -220,7 +220,7 @@ def test_learning_rate_stays_non_negative_and_in_bounds():
 def test_per_parameter_rule():
     prob = Quad(9, 3, 4, 2)
     kappa = 1e-3
-    opt = HypergradAdamW(prob.params, lr=0.05, weight_decay=0.1, hypergrad_lr=kappa,
+    opt = HypergradAdamW(prob.params, lr=0.05, weight_decay=0.1, hyper_lr=kappa,
                          per_parameter=True)
     opt.step(lambda: prob.train_loss(0))
     d0 = [opt.state[p]["direction"].clone() for p in prob.params]
@@ -246,7 +246,7 @@ def test_per_parameter_rule():
 def test_drop_in_swap_in_a_stock_loop():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
-    optimizer = HypergradAdamW(model.parameters(), lr=1e-3, hypergrad_lr=1e-5)  # was AdamW
+    optimizer = HypergradAdamW(model.parameters(), lr=1e-3, hyper_lr=1e-5)  # was AdamW
     x, y = torch.randn(64, 4), torch.randn(64, 1)
     losses = []
     for _ in range(60):

@@ -98,7 +98,7 @@ def test_sgd_momentum_hypergradient_is_exact(case, val):
     problem = Problem()
     params = problem.leaves()
     t = 2
-    opt = HypergradSGD(list(params.values()), lr=0.1, hypergrad_lr=0.0, tune=("lr", "momentum"),
+    opt = HypergradSGD(list(params.values()), lr=0.1, hyper_lr=0.0, tune=("lr", "momentum"),
                        val_closure=(lambda: problem.val(params)) if val else None, **case)
     snap = _run(problem, opt, params, t + 2, snapshot_at=t)
     h = opt.history[0]["hypergrad/momentum"][t + 1]  # dE(w_{t+1}) / dmu_t
@@ -153,7 +153,7 @@ def test_adam_beta1_hypergradient_is_exact(decoupled):
     t = 2
     cls = HypergradAdamW if decoupled else HypergradAdam
     opt = cls(list(params.values()), lr=0.01, betas=(0.8, 0.99), weight_decay=0.05,
-              hypergrad_lr=0.0, tune=("lr", "momentum"), val_closure=lambda: problem.val(params))
+              hyper_lr=0.0, tune=("lr", "momentum"), val_closure=lambda: problem.val(params))
     snap = _run(problem, opt, params, t + 2, snapshot_at=t)
     h = opt.history[0]["hypergrad/momentum"][t + 1]
 
@@ -183,7 +183,7 @@ def test_sgd_fast_path_equals_generic_tangent(case, per_parameter):
     runs = []
     for cls in (HypergradSGD, _Generic):
         params = problem.leaves()
-        opt = cls(list(params.values()), lr=0.05, hypergrad_lr=0.01, tune=("lr", "momentum"),
+        opt = cls(list(params.values()), lr=0.05, hyper_lr=0.01, tune=("lr", "momentum"),
                   per_parameter=per_parameter, **case)
         _run(problem, opt, params, 5)
         runs.append((params, opt))
@@ -217,25 +217,25 @@ def _mlp_run(cls, steps=8, **kwargs):
 def test_without_momentum_in_tune_nothing_changes(cls, kwargs):
     """``tune=("lr",)`` is today's optimizer; learning the momentum with a zero hyper-step
     leaves the weights bit-identical to it (the tangents never touch the step)."""
-    m0, o0 = _mlp_run(cls, hypergrad_lr=1e-3, **kwargs)
-    m1, o1 = _mlp_run(cls, hypergrad_lr=1e-3, tune=("lr",), **kwargs)
+    m0, o0 = _mlp_run(cls, hyper_lr=1e-3, **kwargs)
+    m1, o1 = _mlp_run(cls, hyper_lr=1e-3, tune=("lr",), **kwargs)
     for a, b in zip(m0.parameters(), m1.parameters()):
         assert torch.equal(a, b)
     assert o0.history == o1.history
     assert "momentum" not in o1.history[0]
     assert all("momentum_tangent" not in s for s in o1.state.values())
-    m2, o2 = _mlp_run(cls, hypergrad_lr=0.0, tune=("lr",), **kwargs)
-    m3, o3 = _mlp_run(cls, hypergrad_lr=0.0, tune=("lr", "momentum"), **kwargs)
+    m2, o2 = _mlp_run(cls, hyper_lr=0.0, tune=("lr",), **kwargs)
+    m3, o3 = _mlp_run(cls, hyper_lr=0.0, tune=("lr", "momentum"), **kwargs)
     for a, b in zip(m2.parameters(), m3.parameters()):
         assert torch.equal(a, b)
     assert len(set(o3.history[0]["momentum"])) == 1
 
 
 @pytest.mark.parametrize("cls, kwargs", [
-    (HypergradSGD, dict(lr=0.05, momentum=0.5, hypergrad_lr=0.01)),
+    (HypergradSGD, dict(lr=0.05, momentum=0.5, hyper_lr=0.01)),
     (HypergradSGD, dict(lr=0.05, momentum=0.5, nesterov=True, hyper_step="growth")),
     (HypergradSGD, dict(lr=0.05, momentum=0.5, hyper_step="scale_free")),
-    (HypergradSGD, dict(lr=0.05, momentum=0.5, hypergrad_lr=0.01, per_parameter=True)),
+    (HypergradSGD, dict(lr=0.05, momentum=0.5, hyper_lr=0.01, per_parameter=True)),
     (HypergradAdam, dict(lr=0.01, betas=(0.5, 0.999), hyper_step="adam_log")),
 ])
 def test_resume_mid_run_is_bit_exact(cls, kwargs):
@@ -284,7 +284,7 @@ def test_state_dict_without_tune_loads_as_lr_only():
 def test_momentum_starts_from_zero_and_is_held_to_its_bounds():
     """From momentum 0 (no buffer yet) the first hyper-step takes it into its range; a large
     hyper-step holds it at the top."""
-    _, opt = _mlp_run(HypergradSGD, lr=0.05, hypergrad_lr=1e6, lr_bounds=(0.05, 0.05),
+    _, opt = _mlp_run(HypergradSGD, lr=0.05, hyper_lr=1e6, lr_bounds=(0.05, 0.05),
                       tune=("lr", "momentum"))
     momenta = opt.history[0]["momentum"]
     assert all(MOMENTUM_BOUNDS[0] <= m <= MOMENTUM_BOUNDS[1] for m in momenta)
@@ -340,7 +340,7 @@ def test_learning_momentum_on_an_ill_conditioned_quadratic():
     reported with ``-s``)."""
     scales = torch.logspace(-3, 0, 50, dtype=F64)
     report = []
-    for policy in (dict(hypergrad_lr=1e-2), dict(hyper_step="growth")):
+    for policy in (dict(hyper_lr=1e-2), dict(hyper_step="growth")):
         for tune in (("lr",), ("lr", "momentum")):
             w = torch.ones(50, dtype=F64, requires_grad=True)
             opt = HypergradSGD([w], lr=0.01, momentum=0.5, tune=tune, **policy)

@@ -93,7 +93,7 @@ def test_plain_trainer_scheduler_erasing_the_lr_is_reported(recipe):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = recipe.TinyRegressor()
-    opt = recipe.hyperoptim.HypergradSGD(model.parameters(), lr=0.02, hypergrad_lr=1e-2)
+    opt = recipe.hyperoptim.HypergradSGD(model.parameters(), lr=0.02, hyper_lr=1e-2)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, max_steps=8, per_device_train_batch_size=16,
                                  report_to=[], save_strategy="no", logging_strategy="no",

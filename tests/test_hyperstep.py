@@ -83,15 +83,15 @@ def _reference_hd(net: Net, lr: float, kappa: float, momentum: float, steps: int
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-@pytest.mark.parametrize("spelling", ["hypergrad_lr", "Additive", "name"])
+@pytest.mark.parametrize("spelling", ["hyper_lr", "Additive", "name"])
 def test_additive_is_bit_identical_to_the_rule_before_policies(momentum, spelling):
     kappa, steps = 0.05, 15
     ref_net, net = Net(0), Net(0)
     expected = _reference_hd(ref_net, 0.1, kappa, momentum, steps)
-    option = {"hypergrad_lr": dict(hypergrad_lr=kappa),
+    option = {"hyper_lr": dict(hyper_lr=kappa),
               "Additive": dict(hyper_step=Additive(kappa)),
               "name": dict(hyper_step="additive")}[spelling]
-    cls = type("Hd", (HypergradSGD,), {"default_hypergrad_lr": kappa}) if spelling == "name" \
+    cls = type("Hd", (HypergradSGD,), {"default_hyper_lr": kappa}) if spelling == "name" \
         else HypergradSGD
     opt = cls(net.params, lr=0.1, momentum=momentum, **option)
     _run(opt, net, steps)
@@ -103,14 +103,14 @@ def test_additive_is_bit_identical_to_the_rule_before_policies(momentum, spellin
 
 
 def test_additive_group_kappa_is_the_groups_hypergrad_lr():
-    """A group's own hypergrad_lr (and a later assignment to it) is the additive kappa."""
+    """A group's own hyper_lr (and a later assignment to it) is the additive kappa."""
     net = Net(1)
-    opt = HypergradSGD([{"params": [net.params[0]], "hypergrad_lr": 0.0},
-                        {"params": [net.params[1]]}], lr=0.1, hypergrad_lr=0.05)
+    opt = HypergradSGD([{"params": [net.params[0]], "hyper_lr": 0.0},
+                        {"params": [net.params[1]]}], lr=0.1, hyper_lr=0.05)
     _run(opt, net, 5)
     assert opt.history[0]["lr"] == [0.1] * 5
     assert opt.history[1]["lr"][-1] != 0.1
-    opt.param_groups[1]["hypergrad_lr"] = 0.0
+    opt.param_groups[1]["hyper_lr"] = 0.0
     before = opt.param_groups[1]["lr"]
     _run(opt, net, 3, start=5)
     assert opt.history[1]["lr"][-3:] == [before] * 3
@@ -316,19 +316,19 @@ def test_invalid_hyper_step_raises(bad):
 
 
 def test_hypergrad_lr_and_hyper_step_conflict():
-    with pytest.raises(ValueError, match="hypergrad_lr.*hyper_step"):
-        HypergradSGD(Net(0).params, hypergrad_lr=0.01, hyper_step="growth")
+    with pytest.raises(ValueError, match="hyper_lr.*hyper_step"):
+        HypergradSGD(Net(0).params, hyper_lr=0.01, hyper_step="growth")
 
 
 def test_per_parameter_takes_the_additive_policy_only():
     with pytest.raises(ValueError, match="per_parameter"):
         HypergradSGD(Net(0).params, per_parameter=True, hyper_step="growth")
-    HypergradSGD(Net(0).params, per_parameter=True, hypergrad_lr=0.01)
+    HypergradSGD(Net(0).params, per_parameter=True, hyper_lr=0.01)
 
 
 def test_old_checkpoint_without_hyper_step_is_additive():
     net = Net(7)
-    opt = HypergradSGD(net.params, lr=0.1, hypergrad_lr=0.02)
+    opt = HypergradSGD(net.params, lr=0.1, hyper_lr=0.02)
     _run(opt, net, 3)
     sd = opt.state_dict()
     for group in sd["param_groups"]:
@@ -390,5 +390,5 @@ def test_marthe_default_is_its_own_step_and_resume_mid_growth_is_exact():
 def test_marthe_rejects_an_additive_kappa():
     from hyperoptim import MartheSGD
 
-    with pytest.raises(ValueError, match="hypergrad_lr and adapt_hypergrad_lr"):
+    with pytest.raises(ValueError, match="hyper_lr and adapt_hyper_lr"):
         MartheSGD(Net(0).params, hyper_step=Additive(0.1))

@@ -60,9 +60,9 @@ class EndEpisodes(L.Callback):
 
 
 OPTIMIZERS = {
-    "HypergradSGD": lambda m: HypergradSGD(m.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-2,
+    "HypergradSGD": lambda m: HypergradSGD(m.parameters(), lr=0.05, momentum=0.9, hyper_lr=1e-2,
                                            val_closure=m.val_loss),
-    "MartheSGD": lambda m: MartheSGD(m.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-5,
+    "MartheSGD": lambda m: MartheSGD(m.parameters(), lr=0.05, momentum=0.9, hyper_lr=1e-5,
                                      val_closure=m.val_loss),
     "IFTOptimizer": lambda m: IFTOptimizer(m.parameters(), lr=0.05, momentum=0.5, update_interval=2,
                                            lookback=2, val_closure=m.val_loss),

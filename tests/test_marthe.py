@@ -101,9 +101,9 @@ def test_mu_zero_matches_hypergrad_sgd_in_validation_mode(config, split):
     net = Net(seed=1)
     pa, pb = net.params(), net.params()
     kappa = 0.02
-    hd = HypergradSGD(_groups(pa, split), hypergrad_lr=kappa, val_closure=lambda: net.val_loss(pa),
+    hd = HypergradSGD(_groups(pa, split), hyper_lr=kappa, val_closure=lambda: net.val_loss(pa),
                       **config)
-    ma = MartheSGD(_groups(pb, split), mu=0.0, hypergrad_lr=kappa, adapt_hypergrad_lr=False,
+    ma = MartheSGD(_groups(pb, split), mu=0.0, hyper_lr=kappa, adapt_hyper_lr=False,
                    val_closure=lambda: net.val_loss(pb), **config)
     for t in range(25):
         hd.step(net.closure(pa, hd, t))
@@ -141,7 +141,7 @@ def test_mu_one_constant_lr_hypergradient_is_exact(seed, horizon, momentum, nest
                   dampening=dampening)
     net = Net(seed)
     p = net.params()
-    opt = MartheSGD(list(p.values()), lr=lr, mu=1.0, hypergrad_lr=0.0, adapt_hypergrad_lr=False,
+    opt = MartheSGD(list(p.values()), lr=lr, mu=1.0, hyper_lr=0.0, adapt_hyper_lr=False,
                     val_closure=lambda: net.val_loss(p), **config)
     for t in range(horizon + 1):  # step T computes Delta_T at w_T before it moves on
         opt.step(net.closure(p, opt, t, backward=t % 2 == 0))
@@ -165,7 +165,7 @@ def test_mu_one_two_groups_each_column_is_exact(config):
     other group's weights, and Delta of each group is exactly dE(w_T)/da_group."""
     net, horizon, lrs = Net(seed=3), 5, (0.1, 0.05)
     p = net.params()
-    opt = MartheSGD(_groups(p, True, lrs), mu=1.0, hypergrad_lr=0.0, adapt_hypergrad_lr=False,
+    opt = MartheSGD(_groups(p, True, lrs), mu=1.0, hyper_lr=0.0, adapt_hyper_lr=False,
                     val_closure=lambda: net.val_loss(p), **config)
     for t in range(horizon + 1):
         opt.step(net.closure(p, opt, t))
@@ -185,7 +185,7 @@ def test_tangent_update_is_the_jvp_of_the_sgd_rule(config):
     mu Z, H (mu Z) and mu C, with the step's new learning rates and one column per group."""
     net, mu = Net(seed=11), 0.7
     p = net.params()
-    opt = MartheSGD(_groups(p, True), mu=mu, hypergrad_lr=0.005, adapt_hypergrad_lr=False,
+    opt = MartheSGD(_groups(p, True), mu=mu, hyper_lr=0.005, adapt_hyper_lr=False,
                     val_closure=lambda: net.val_loss(p), **config)
     t = 4  # closures that return the loss: the exact HVP route, as the check below computes
     _run(net, p, opt, 0, t, backward=False)
@@ -259,7 +259,7 @@ def test_adaptive_mu_and_beta_reproduce_appendix_a_by_hand(a0):
 
     w = nn.Parameter(torch.ones(2, dtype=F64))
     ht, ut = torch.tensor(h, dtype=F64), torch.tensor(u, dtype=F64)
-    opt = MartheSGD([w], lr=a0, hypergrad_lr=kappa, val_closure=lambda: 0.5 * ((w - ut) ** 2).sum())
+    opt = MartheSGD([w], lr=a0, hyper_lr=kappa, val_closure=lambda: 0.5 * ((w - ut) ** 2).sum())
     for t in range(steps):
         m = torch.tensor(targets[t], dtype=F64)
         opt.step(lambda m=m: 0.5 * (ht * (w - m) ** 2).sum())
@@ -293,7 +293,7 @@ def test_beta_update_descends_the_one_step_objective(momentum):
     differences through the optimizer itself (mu = 0, so Delta_{t+1} is exactly dE/da_t)."""
     net, kappa = Net(seed=5), 1e-3
     p = net.params()
-    opt = MartheSGD(list(p.values()), lr=0.1, momentum=momentum, mu=0.0, hypergrad_lr=kappa,
+    opt = MartheSGD(list(p.values()), lr=0.1, momentum=momentum, mu=0.0, hyper_lr=kappa,
                     val_closure=lambda: net.val_loss(p))
     t = 6
     _run(net, p, opt, 0, t)
@@ -324,7 +324,7 @@ def test_beta_update_descends_the_one_step_objective(momentum):
 def test_beta_grows_when_hypergradients_agree_and_shrinks_when_they_disagree():
     net = Net(seed=2)
     p = net.params()
-    opt = MartheSGD(list(p.values()), lr=0.05, momentum=0.5, hypergrad_lr=1e-3,
+    opt = MartheSGD(list(p.values()), lr=0.05, momentum=0.5, hyper_lr=1e-3,
                     val_closure=lambda: net.val_loss(p))
     _run(net, p, opt, 0, 40)
     hist = opt.history[0]
@@ -342,7 +342,7 @@ def test_beta_grows_when_hypergradients_agree_and_shrinks_when_they_disagree():
 def test_beta_does_not_grow_while_the_learning_rate_rests_at_zero():
     w = nn.Parameter(torch.tensor([2.0], dtype=F64))
     # Training pulls w to 0, E to 5: Delta > 0 at every step (lower the lr) and the lr hits 0.
-    opt = MartheSGD([w], lr=0.1, mu=0.0, hypergrad_lr=1e-3,
+    opt = MartheSGD([w], lr=0.1, mu=0.0, hyper_lr=1e-3,
                     val_closure=lambda: ((w - 5.0) ** 2).sum())
     for _ in range(12):
         opt.step(lambda: (w**2).sum())
@@ -363,7 +363,7 @@ def test_frozen_learning_rate_is_bit_identical_to_torch_sgd(config, dtype, mu):
     net = Net(seed=4, dtype=dtype)
     pa, pb = net.params(), net.params()
     sgd = torch.optim.SGD(_groups(pa, True), **config)
-    opt = MartheSGD(_groups(pb, True), mu=mu, hypergrad_lr=0.0,
+    opt = MartheSGD(_groups(pb, True), mu=mu, hyper_lr=0.0,
                     val_closure=lambda: net.val_loss(pb), **config)
     for t in range(12):
         sgd.step(net.closure(pa, sgd, t))
@@ -390,7 +390,7 @@ def test_cost_one_validation_gradient_and_one_hvp_per_step(monkeypatch):
             calls["val"] += 1
             return net.val_loss(p)
 
-        opt = MartheSGD(_groups(p, True), mu=mu, hypergrad_lr=1e-4, val_closure=val)
+        opt = MartheSGD(_groups(p, True), mu=mu, hyper_lr=1e-4, val_closure=val)
         calls.update(val=0, train=0, hvp=0)
         for t in range(10):
             inner = net.closure(p, opt, t, backward=False)  # the exact route
@@ -414,7 +414,7 @@ def test_finite_difference_route_costs_its_closure_calls(route, extra_calls):
     retry after a kink costs 2 more, which this smooth problem never needs)."""
     net = Net(seed=6)
     p = net.params()
-    opt = MartheSGD([{"params": list(p.values())}], mu=1.0, hypergrad_lr=1e-4, hvp=route,
+    opt = MartheSGD([{"params": list(p.values())}], mu=1.0, hyper_lr=1e-4, hvp=route,
                     val_closure=lambda: net.val_loss(p))
     calls = 0
     for t in range(6):
@@ -470,8 +470,8 @@ def test_needs_a_validation_closure():
 def test_hypergrad_clip_bounds_the_learning_rate_move():
     net = Net(seed=8)
     p = net.params()
-    opt = MartheSGD(list(p.values()), lr=0.1, mu=1.0, hypergrad_lr=0.01,
-                    adapt_hypergrad_lr=False, hypergrad_clip=0.05,
+    opt = MartheSGD(list(p.values()), lr=0.1, mu=1.0, hyper_lr=0.01,
+                    adapt_hyper_lr=False, hypergrad_clip=0.05,
                     val_closure=lambda: net.val_loss(p))
     _run(net, p, opt, 0, 10)
     hist = opt.history[0]
@@ -506,7 +506,7 @@ def test_two_groups_resume_mid_run_exactly():
     net = Net(seed=10)
     pa = net.params()
     opt = MartheSGD(_groups(pa, True), momentum=0.9, nesterov=True, weight_decay=0.01,
-                    hypergrad_lr=1e-4, val_closure=lambda: net.val_loss(pa))
+                    hyper_lr=1e-4, val_closure=lambda: net.val_loss(pa))
     _run(net, pa, opt, 0, 7)
     saved_model = {k: v.detach().clone() for k, v in pa.items()}
     saved = copy.deepcopy(opt.state_dict())
@@ -514,7 +514,7 @@ def test_two_groups_resume_mid_run_exactly():
 
     pb = {k: nn.Parameter(v) for k, v in saved_model.items()}
     opt2 = MartheSGD(_groups(pb, True, lrs=(1.0, 1.0)), momentum=0.9, nesterov=True,
-                     weight_decay=0.01, hypergrad_lr=1e-4, val_closure=lambda: net.val_loss(pb))
+                     weight_decay=0.01, hyper_lr=1e-4, val_closure=lambda: net.val_loss(pb))
     opt2.load_state_dict(saved)
     _run(net, pb, opt2, 7, 6)
     for a, b in zip(pa.values(), pb.values(), strict=True):
@@ -537,7 +537,7 @@ def test_learns_a_useful_schedule_on_a_small_problem():
         if name == "sgd":
             opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         else:
-            opt = MartheSGD(model.parameters(), lr=1e-3, hypergrad_lr=1e-6, val_closure=val)
+            opt = MartheSGD(model.parameters(), lr=1e-3, hyper_lr=1e-6, val_closure=val)
         for t in range(60):
             i = (t * 32) % 192
             xb, yb = xt[i : i + 32], yt[i : i + 32]
@@ -559,8 +559,8 @@ def test_learns_a_useful_schedule_on_a_small_problem():
 def test_param_group_added_mid_run_gets_its_own_column():
     net = Net(seed=12)
     p = net.params()
-    opt = MartheSGD([p["w1"], p["b1"]], lr=0.1, mu=1.0, hypergrad_lr=0.0,
-                    adapt_hypergrad_lr=False, val_closure=lambda: net.val_loss(p))
+    opt = MartheSGD([p["w1"], p["b1"]], lr=0.1, mu=1.0, hyper_lr=0.0,
+                    adapt_hyper_lr=False, val_closure=lambda: net.val_loss(p))
     p["w2"].requires_grad_(False)
     _run(net, p, opt, 0, 3)
     p["w2"].requires_grad_(True)
@@ -577,7 +577,7 @@ def test_learning_rate_overflowing_float32_is_skipped_not_a_crash():
     (found with RTHO and an adapted hyper-learning rate on digits)."""
     w = torch.nn.Parameter(torch.zeros(4))
     # A scaled validation loss stays finite (-4) at w = -1e38, so only the learning rate overflows.
-    opt = MartheSGD([w], lr=1e38, mu=0.0, hypergrad_lr=1e69, adapt_hypergrad_lr=False,
+    opt = MartheSGD([w], lr=1e38, mu=0.0, hyper_lr=1e69, adapt_hyper_lr=False,
                     val_closure=lambda: (w * 1e-30).sum())
     opt.step(lambda: w.sum())  # no tangent yet: lr stays, w = -1e38
     before = w.detach().clone()

@@ -52,7 +52,7 @@ def test_mu_one_constant_lr_hypergradient_is_exact(seed, horizon, decoupled, wei
     net = Net(seed)
     p = net.params()
     cls = MartheAdamW if decoupled else MartheAdam
-    opt = cls(list(p.values()), lr=lr, mu=1.0, hypergrad_lr=0.0, adapt_hypergrad_lr=False,
+    opt = cls(list(p.values()), lr=lr, mu=1.0, hyper_lr=0.0, adapt_hyper_lr=False,
               val_closure=lambda: net.val_loss(p), **config)
     for t in range(horizon + 1):  # step T computes Delta_T at w_T before it moves on
         opt.step(net.closure(p, opt, t, backward=False))
@@ -75,7 +75,7 @@ def test_mu_one_two_groups_each_column_is_exact(decoupled):
     net, horizon, lrs = Net(seed=3), 5, (0.05, 0.02)
     p = net.params()
     cls = MartheAdamW if decoupled else MartheAdam
-    opt = cls(_groups(p, True, lrs), mu=1.0, hypergrad_lr=0.0, adapt_hypergrad_lr=False,
+    opt = cls(_groups(p, True, lrs), mu=1.0, hyper_lr=0.0, adapt_hyper_lr=False,
               weight_decay=0.05, val_closure=lambda: net.val_loss(p))
     for t in range(horizon + 1):
         opt.step(net.closure(p, opt, t, backward=False))
@@ -95,8 +95,8 @@ def test_finite_difference_route_is_close_to_exact():
     runs = []
     for backward in (False, True):
         p = net.params()
-        opt = MartheAdam(list(p.values()), lr=0.05, mu=1.0, hypergrad_lr=0.0,
-                         adapt_hypergrad_lr=False, val_closure=lambda p=p: net.val_loss(p))
+        opt = MartheAdam(list(p.values()), lr=0.05, mu=1.0, hyper_lr=0.0,
+                         adapt_hyper_lr=False, val_closure=lambda p=p: net.val_loss(p))
         for t in range(5):
             opt.step(net.closure(p, opt, t, backward=backward))
         runs.append((opt.hvp_route, opt.history[0]["hypergrad/lr"]))
@@ -110,10 +110,10 @@ def test_mu_zero_matches_hypergrad_adam_in_validation_mode(decoupled):
     pa, pb = net.params(), net.params()
     kappa = 1e-3
     hd_cls, m_cls = (HypergradAdamW, MartheAdamW) if decoupled else (HypergradAdam, MartheAdam)
-    hd = hd_cls(_groups(pa, True), weight_decay=0.05, hypergrad_lr=kappa,
+    hd = hd_cls(_groups(pa, True), weight_decay=0.05, hyper_lr=kappa,
                 val_closure=lambda: net.val_loss(pa))
-    ma = m_cls(_groups(pb, True), weight_decay=0.05, mu=0.0, hypergrad_lr=kappa,
-               adapt_hypergrad_lr=False, val_closure=lambda: net.val_loss(pb))
+    ma = m_cls(_groups(pb, True), weight_decay=0.05, mu=0.0, hyper_lr=kappa,
+               adapt_hyper_lr=False, val_closure=lambda: net.val_loss(pb))
     for t in range(20):
         hd.step(net.closure(pa, hd, t))
         ma.step(net.closure(pb, ma, t))
@@ -134,7 +134,7 @@ def test_frozen_learning_rate_is_bit_identical_to_torch_adam(decoupled, dtype, m
     pa, pb = net.params(), net.params()
     torch_cls, cls = (torch.optim.AdamW, MartheAdamW) if decoupled else (torch.optim.Adam, MartheAdam)
     ref = torch_cls(_groups(pa, True, (0.01, 0.005)), weight_decay=0.05, foreach=False)
-    opt = cls(_groups(pb, True, (0.01, 0.005)), weight_decay=0.05, mu=mu, hypergrad_lr=0.0,
+    opt = cls(_groups(pb, True, (0.01, 0.005)), weight_decay=0.05, mu=mu, hyper_lr=0.0,
               val_closure=lambda: net.val_loss(pb))
     for t in range(10):
         ref.step(net.closure(pa, ref, t))
@@ -158,9 +158,9 @@ def test_one_implementation_over_rules(config):
     whose tangents take the linear fast path: the abstraction is the algorithm."""
     net = Net(seed=6)
     pa, pb = net.params(), net.params()
-    oa = MartheSGD(_groups(pa, True), mu="adaptive", hypergrad_lr=1e-4,
+    oa = MartheSGD(_groups(pa, True), mu="adaptive", hyper_lr=1e-4,
                    val_closure=lambda: net.val_loss(pa), **config)
-    ob = GenericMartheSGD(_groups(pb, True), mu="adaptive", hypergrad_lr=1e-4,
+    ob = GenericMartheSGD(_groups(pb, True), mu="adaptive", hyper_lr=1e-4,
                           val_closure=lambda: net.val_loss(pb), **config)
     for t in range(12):
         oa.step(net.closure(pa, oa, t, backward=False))
@@ -201,8 +201,8 @@ def test_dead_units_keep_the_tangents_finite():
         model[0].bias[0] = -100.0  # unit 0 is dead for these inputs
     x, y = torch.randn(16, 3, dtype=F64), torch.randn(16, 1, dtype=F64)
     mse = nn.functional.mse_loss
-    opt = MartheAdam(model.parameters(), lr=0.01, mu=1.0, hypergrad_lr=1e-6,
-                     adapt_hypergrad_lr=False, val_closure=lambda: mse(model(x[:8]), y[:8]))
+    opt = MartheAdam(model.parameters(), lr=0.01, mu=1.0, hyper_lr=1e-6,
+                     adapt_hyper_lr=False, val_closure=lambda: mse(model(x[:8]), y[:8]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(5):

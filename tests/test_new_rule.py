@@ -83,9 +83,9 @@ RMSPROP = RULES.get("rmsprop_test") or register_rule(UpdateRule(
 class HypergradRMSprop(RuleHypergrad):
     rule = RMSPROP
 
-    def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-8, *, hypergrad_lr=1e-7,
+    def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-8, *, hyper_lr=1e-7,
                  val_closure=None):
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, hypergrad_lr=hypergrad_lr,
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, hyper_lr=hyper_lr,
                                       lr_bounds=(0.0, math.inf), per_parameter=False),
                          val_closure=val_closure)
 
@@ -95,9 +95,9 @@ class MartheRMSprop(RuleMarthe):
     buffer_tangent_keys = {"square_avg": "tangent_square_avg"}
 
     def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-8, *, mu="adaptive",
-                 hypergrad_lr=1e-9, adapt_hypergrad_lr=True, val_closure=None, hvp="auto"):
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, mu=mu, hypergrad_lr=hypergrad_lr,
-                                      adapt_hypergrad_lr=adapt_hypergrad_lr, hypergrad_clip=None),
+                 hyper_lr=1e-9, adapt_hyper_lr=True, val_closure=None, hvp="auto"):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, mu=mu, hyper_lr=hyper_lr,
+                                      adapt_hyper_lr=adapt_hyper_lr, hypergrad_clip=None),
                          val_closure=val_closure, hvp=hvp)
 
 
@@ -122,11 +122,11 @@ class FDSRMSprop(RuleFDS):
     bounds = {"alpha": (0.0, 1.0)}
 
     def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-8, *, horizon, lr_windows=1,
-                 alpha_windows=1, tune=("lr", "alpha"), step_sizes=None, val_closure=None,
+                 alpha_windows=1, tune=("lr", "alpha"), hyper_lr=None, val_closure=None,
                  hvp="auto"):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, horizon=horizon,
                                       lr_windows=lr_windows, alpha_windows=alpha_windows,
-                                      tune=tune, step_sizes=step_sizes, hz_clip=None),
+                                      tune=tune, hyper_lr=hyper_lr, hz_clip=None),
                          val_closure=val_closure, hvp=hvp)
 
 
@@ -213,9 +213,9 @@ def test_the_rule_is_torch_rmsprop_and_its_oracle_matches_finite_differences():
 
 
 @pytest.mark.parametrize("make", [
-    lambda p, v: HypergradRMSprop(p, lr=0.01, alpha=0.9, hypergrad_lr=0.0, val_closure=v),
-    lambda p, v: MartheRMSprop(p, lr=0.01, alpha=0.9, mu=1.0, hypergrad_lr=0.0,
-                               adapt_hypergrad_lr=False, val_closure=v),
+    lambda p, v: HypergradRMSprop(p, lr=0.01, alpha=0.9, hyper_lr=0.0, val_closure=v),
+    lambda p, v: MartheRMSprop(p, lr=0.01, alpha=0.9, mu=1.0, hyper_lr=0.0,
+                               adapt_hyper_lr=False, val_closure=v),
     lambda p, v: IFTRMSprop(p, lr=0.01, alpha=0.9, update_interval=2, lookback=2, hyper_lr=0.0,
                             val_closure=v),
     lambda p, v: FDSRMSprop(p, lr=0.01, alpha=0.9, horizon=6, lr_windows=2, val_closure=v),
@@ -236,7 +236,7 @@ def test_with_a_zero_hyper_step_every_method_is_torch_rmsprop(make):
 def test_hd_hypergradient_is_the_oracle_one_step_derivative():
     """h_t = -<grad E(w_t), d_{t-1}> = dE(w_t)/da_{t-1}, through step t-1 from its own state."""
     prob = Problem(2)
-    opt = HypergradRMSprop(prob.params, lr=0.02, alpha=0.8, hypergrad_lr=0.0,
+    opt = HypergradRMSprop(prob.params, lr=0.02, alpha=0.8, hyper_lr=0.0,
                            val_closure=lambda: prob.val(prob.live()))
     starts = []
     for t in range(5):
@@ -250,8 +250,8 @@ def test_hd_hypergradient_is_the_oracle_one_step_derivative():
 def test_marthe_mu_one_is_the_oracle_through_the_whole_run():
     """RTHO (mu = 1) with a frozen learning rate: Delta_T = dE(w_T)/da through all T steps."""
     prob = Problem(3)
-    opt = MartheRMSprop(prob.params, lr=0.02, alpha=0.8, mu=1.0, hypergrad_lr=0.0,
-                        adapt_hypergrad_lr=False, val_closure=lambda: prob.val(prob.live()))
+    opt = MartheRMSprop(prob.params, lr=0.02, alpha=0.8, mu=1.0, hyper_lr=0.0,
+                        adapt_hyper_lr=False, val_closure=lambda: prob.val(prob.live()))
     horizon = 5
     for t in range(horizon + 1):  # step T measures Delta_T at w_T before it moves on
         opt.step(prob.closure(opt, t))

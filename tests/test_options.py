@@ -21,6 +21,8 @@ from torch import nn
 
 from hyperoptim import (
     FDSSGD,
+    FDSAdam,
+    FDSAdamW,
     HypergradAdam,
     HypergradAdamW,
     HypergradSGD,
@@ -323,6 +325,35 @@ def test_every_class_is_in_the_table_and_every_option_is_declared_once_per_compo
         groups = Setup(cls).opt.param_groups
         table = options_of(cls)
         assert set(groups[0]) - {"params"} <= set(table), cls.__name__
+
+
+@pytest.mark.parametrize("adamw, adam", [(HypergradAdamW, HypergradAdam),
+                                         (MartheAdamW, MartheAdam), (IFTAdamW, IFTAdam),
+                                         (FDSAdamW, FDSAdam)], ids=lambda c: c.__name__)
+def test_adamw_signatures_are_adams_with_torchs_adamw_changes(adamw, adam):
+    # torch.optim.AdamW's signature is Adam's with weight_decay=1e-2 and no decoupled flag.
+    shown, base = inspect.signature(adamw).parameters, inspect.signature(adam).parameters
+    assert shown["weight_decay"].default == 0.01
+    assert "decoupled_weight_decay" not in shown
+    assert list(shown) == [n for n in base if n != "decoupled_weight_decay"]
+    assert all(shown[n].default == base[n].default for n in shown if n != "weight_decay")
+    assert all(shown[n].kind == base[n].kind for n in shown)
+    extra = dict(horizon=2) if adamw is FDSAdamW else {}
+    params = [nn.Parameter(torch.ones(2))]
+    for cls in (adamw, adam):
+        with pytest.raises(TypeError, match=rf"^{cls.__name__}\.__init__\(\) got an unexpected "
+                           "keyword argument 'not_an_option'$"):
+            cls(params, not_an_option=1, **extra)
+    with pytest.raises(TypeError, match="decoupled_weight_decay"):
+        adamw(params, decoupled_weight_decay=False, **extra)
+
+
+@pytest.mark.parametrize("cls", [MartheSGD, MartheAdam, IFTOptimizer, IFTAdam],
+                         ids=lambda c: c.__name__)
+def test_declared_keywords_refuse_an_unknown_one_as_python_does(cls):
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}\.__init__\(\) got an unexpected "
+                       "keyword argument 'not_an_option'$"):
+        cls([nn.Parameter(torch.ones(2))], not_an_option=1)
 
 
 # ---------------------------------------------------------------------- fuzzers

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 
 def _trained():
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    opt = HypergradSGD([w], lr=0.1, hypergrad_lr=0.01)
+    opt = HypergradSGD([w], lr=0.1, hyper_lr=0.01)
     for _ in range(5):
         opt.step(lambda: (w**2).sum())
     return opt

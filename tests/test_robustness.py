@@ -110,7 +110,7 @@ def test_validation_gradient_exactly_zero_everywhere_is_refused():
 def _hd_with(sched_fn, per_parameter=False, steps=12):
     task = Task()
     opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, per_parameter=per_parameter,
-                       hypergrad_lr=1e-2)
+                       hyper_lr=1e-2)
     sched = sched_fn(opt)
     for _ in range(steps):
         opt.step(task.closure(opt))
@@ -160,7 +160,7 @@ def test_scheduler_scales_per_weight_rates_instead_of_resetting_them():
 
 
 _SCHEDULED = {
-    "hd": lambda t: HypergradSGD(t.model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-2),
+    "hd": lambda t: HypergradSGD(t.model.parameters(), lr=0.01, momentum=0.9, hyper_lr=1e-2),
     "marthe": lambda t: MartheSGD(t.model.parameters(), lr=0.01, momentum=0.9, val_closure=t.val),
     "ift": lambda t: IFTOptimizer(t.model.parameters(), lr=0.05, momentum=0.5, update_interval=1,
                                   lookback=1, val_closure=t.val),
@@ -262,10 +262,10 @@ def test_huge_learned_lr_is_bounded_and_weights_stay_finite(name):
     task.x, task.y = (torch.randn(12, k, generator=g, dtype=torch.float64) for k in (4, 1))
     task.xv, task.yv = task.x, task.y  # a validation loss that asks for a larger lr
     if name == "hd":
-        opt = HypergradSGD(task.model.parameters(), lr=1e-4, momentum=0.9, hypergrad_lr=1e30)
+        opt = HypergradSGD(task.model.parameters(), lr=1e-4, momentum=0.9, hyper_lr=1e30)
     else:
-        opt = MartheSGD(task.model.parameters(), lr=1e-4, momentum=0.9, mu=0.5, hypergrad_lr=1e30,
-                        adapt_hypergrad_lr=False, val_closure=task.val)
+        opt = MartheSGD(task.model.parameters(), lr=1e-4, momentum=0.9, mu=0.5, hyper_lr=1e30,
+                        adapt_hyper_lr=False, val_closure=task.val)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(15):
@@ -293,9 +293,9 @@ def test_ift_float32_weight_decay_is_bounded_and_never_raises():
 
 def test_fds_outer_steps_and_schedules_are_bounded():
     task = Task()
-    with pytest.raises(ValueError, match="Invalid step_sizes value"):
-        FDSSGD(task.model.parameters(), horizon=3, step_sizes={"lr": 1e30})
-    opt = FDSSGD(task.model.parameters(), horizon=3, step_sizes={"lr": 1e3}, tune=("lr",),
+    with pytest.raises(ValueError, match="Invalid hyper_lr value"):
+        FDSSGD(task.model.parameters(), horizon=3, hyper_lr={"lr": 1e30})
+    opt = FDSSGD(task.model.parameters(), horizon=3, hyper_lr={"lr": 1e3}, tune=("lr",),
                  val_closure=task.val)
     init = copy.deepcopy(task.model.state_dict())
     with warnings.catch_warnings():
@@ -322,7 +322,7 @@ def test_skip_warning_counts_every_decade_of_skips():
 
 def test_divergence_warns_once_and_points_at_the_hyper_step():
     task = Task()
-    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=10.0)
+    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hyper_lr=10.0)
     with pytest.warns(RuntimeWarning, match="divergent.*hyper-step size") as rec:
         for _ in range(60):
             opt.step(task.closure(opt))
@@ -331,7 +331,7 @@ def test_divergence_warns_once_and_points_at_the_hyper_step():
 
 def test_no_divergence_warning_on_a_healthy_run():
     task = Task()
-    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-3)
+    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hyper_lr=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(60):
@@ -341,7 +341,7 @@ def test_no_divergence_warning_on_a_healthy_run():
 # ---------------------------------------------------------------- 3. validation, loading
 BAD_GROUP_VALUES = [
     ("lr", math.nan), ("lr", math.inf), ("lr", -1.0), ("lr", "0.1"), ("lr", None),
-    ("momentum", -0.5), ("lr_bounds", (1.0, 0.0)), ("mu", 7), ("hypergrad_lr", -1.0),
+    ("momentum", -0.5), ("lr_bounds", (1.0, 0.0)), ("mu", 7), ("hyper_lr", -1.0),
 ]
 
 
@@ -464,7 +464,7 @@ def test_maximize_is_bit_identical_to_torch_sgd():
     sgd = torch.optim.SGD(a.model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01,
                           maximize=True)
     hd = HypergradSGD(b.model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01, maximize=True,
-                      hypergrad_lr=0.0)
+                      hyper_lr=0.0)
     for _ in range(5):
         sgd.step(a.closure(sgd, scale=-1.0))
         hd.step(b.closure(hd, scale=-1.0))
@@ -534,8 +534,8 @@ def test_bf16_autocast(name):
 
 def test_grad_scaler_with_hypergrad_sgd_matches_unscaled_run():
     a, b = Task(dtype=torch.float32), Task(dtype=torch.float32)
-    opt_a = HypergradSGD(a.model.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-2)
-    opt_b = HypergradSGD(b.model.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-2)
+    opt_a = HypergradSGD(a.model.parameters(), lr=0.05, momentum=0.9, hyper_lr=1e-2)
+    opt_b = HypergradSGD(b.model.parameters(), lr=0.05, momentum=0.9, hyper_lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     for _ in range(5):
         opt_a.zero_grad()
@@ -557,8 +557,8 @@ def test_grad_scaler_with_hypergrad_adam_matches_unscaled_run(cls):
 
     a, b = Task(dtype=torch.float32), Task(dtype=torch.float32)
     make = getattr(hyperoptim, cls)
-    opt_a = make(a.model.parameters(), lr=0.01, hypergrad_lr=1e-4)
-    opt_b = make(b.model.parameters(), lr=0.01, hypergrad_lr=1e-4)
+    opt_a = make(a.model.parameters(), lr=0.01, hyper_lr=1e-4)
+    opt_b = make(b.model.parameters(), lr=0.01, hyper_lr=1e-4)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     for _ in range(5):
         opt_a.zero_grad()
@@ -637,7 +637,7 @@ def test_warnings_point_at_the_users_line():
     from hyperoptim import HyperoptimWarning
 
     task = Task()
-    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hypergrad_lr=1e-2)
+    opt = HypergradSGD(task.model.parameters(), lr=0.01, momentum=0.9, hyper_lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -662,8 +662,8 @@ def test_a_subclass_that_calls_super_step_unscales_a_grad_scaler_once():
             return super().step(closure, **kwargs)
 
     a, b = Task(dtype=torch.float32), Task(dtype=torch.float32)
-    opt_a = HypergradSGD(a.model.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-2)
-    opt_b = Logged(b.model.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=1e-2)
+    opt_a = HypergradSGD(a.model.parameters(), lr=0.05, momentum=0.9, hyper_lr=1e-2)
+    opt_b = Logged(b.model.parameters(), lr=0.05, momentum=0.9, hyper_lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     for _ in range(3):
         opt_a.zero_grad()
@@ -676,3 +676,40 @@ def test_a_subclass_that_calls_super_step_unscales_a_grad_scaler_once():
     assert Logged.calls == 3
     for x, y in zip(a.params(), b.params()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------- a skip must not leave the learned rate where it was
+@pytest.mark.parametrize("name", ["HypergradSGD", "MartheSGD"])
+def test_a_skip_caused_by_the_learned_rate_backs_it_off_and_the_run_goes_on(name):
+    """Issue 20, item 5: a learned rate whose update overflows the weights' dtype was left in
+    place by the skip, so every later step proposed the same update and was skipped too (33 of
+    40 steps after one loss spike pinned the rate at its 1e3 cap). Now the skip divides the rate
+    by 10 and the next step is taken. float16 weights (largest value 65504), gradients of 100
+    (norm 200): a rate of 1e3 would move them by 2e5, a rate of 100 by 2e4."""
+    w = nn.Parameter(torch.zeros(4, dtype=torch.float16))
+
+    def closure():
+        return (w.float() * 100).sum()
+
+    if name == "HypergradSGD":
+        opt = HypergradSGD([w], lr=1e3)
+    else:
+        opt = MartheSGD([w], lr=1e3, mu=0.0, val_closure=lambda: (w.float() * 1e-3).sum())
+    with pytest.warns(RuntimeWarning, match="learned learning rates were divided by 10"):
+        opt.step(closure)
+    assert opt.param_groups[0]["lr"] == 100.0 and torch.equal(w, torch.zeros_like(w))
+    for _ in range(2):  # (the linear loss keeps asking for more: the rate grows again after)
+        opt.step(closure)
+    assert opt.history[0]["skipped"] == [1.0, 0.0, 0.0]
+    assert torch.isfinite(w).all() and (w < 0).all()
+
+
+def test_a_skip_for_non_finite_data_leaves_the_learned_rate_alone():
+    """Only a skip the learned rate caused backs it off; a non-finite loss (bad data) does not."""
+    task = Task()
+    opt = HypergradSGD(task.model.parameters(), lr=0.05)
+    opt.step(task.closure(opt))
+    lr = opt.param_groups[0]["lr"]
+    with pytest.warns(RuntimeWarning, match="neither weights nor hyperparameters changed"):
+        opt.step(task.closure(opt, scale=float("nan")))
+    assert opt.param_groups[0]["lr"] == lr

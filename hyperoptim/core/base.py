@@ -18,13 +18,14 @@ from ..hvp import HVP_ROUTES
 from .batchnorm import frozen_batchnorm_stats
 from .checks import check_sgd_arguments, check_torch_flags, check_value, is_real
 from .closures import _Closures
-from .dist import all_reduce_mean, check_supported_parameters
+from .dist import AGREEMENT_TIMEOUT, all_reduce_mean, check_supported_parameters
 from .guard import LEARNED_LIMIT, _Guard
 from .ledger import GradLedger
 from .options import (
     check_group,
     coerce_group,
     fixed_values,
+    renamed_group,
     validate_groups,
 )
 from .replicas import check_replicas_once
@@ -84,16 +85,29 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
             called without one (default: None). Loops that call ``optimizer.step()`` with no
             arguments (Hugging Face's Trainer) set it once per step; see
             ``examples/hf_trainer_hyper.py``.
+        local_batch_size (int or None): under ``torch.distributed``, the number of examples in
+            this rank's batch (default: None, not declared). Declared on every rank (once, or
+            before each step), the ranks compare it in the step's agreement at no extra cost
+            and warn once if the batches differ, since every rank's average weighs the same
+            (README, "Distributed training").
+        agreement_timeout (float or None): under ``torch.distributed``, the seconds a rank
+            waits for the others at the step's agreement before raising (default:
+            :data:`~hyperoptim.core.dist.AGREEMENT_TIMEOUT`, 300; None: the process group's
+            own timeout).
     """
 
     history: list[dict[str, list[Any]]]
     _learned_names_default: tuple[str, ...] = ("lr",)
     _supports_grad_scaler = False
+    #: Whether a skip caused by the learned rate divides it by guard.BACK_OFF (HD, MARTHE).
+    _backs_off = False
     # FSDP2 (fully_shard): every reduction the class takes goes through hyperoptim.core.shard.
     _supports_fsdp2 = False
     # torch.amp.GradScaler hands the optimizer grad_scale/found_inf instead of unscaling for it;
     # the base unscales (HypergradSGD) or refuses with an error that names bf16 autocast.
     _step_supports_amp_scaling = True
+    # Old name -> new name of the method's options renamed in this release (core.options).
+    _renamed_options: dict[str, str] = {}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *,
                  val_closure: Closure | None = None, hvp: str = "auto", maximize: bool = False,
@@ -109,6 +123,8 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
         self.hyper_state: dict[str, Any] = {}
         self.val_closure = val_closure
         self.train_closure: Closure | None = None
+        self.local_batch_size: int | None = None
+        self.agreement_timeout: float | None = AGREEMENT_TIMEOUT
         self.hvp = hvp
         self._hvp_route: str | None = None
         self._fd_rough = False
@@ -138,6 +154,9 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
 
     # ------------------------------------------------------------------ groups, history
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Before torch fills the group from the defaults, which hold only the new names.
+        param_group = renamed_group(type(self).__name__, param_group, self._renamed_options,
+                                    where=" as a param group key")
         super().add_param_group(param_group)
         try:
             group = self.param_groups[-1]
@@ -250,10 +269,13 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
             return None  # GradScaler found inf/NaN: torch.optim skips the step too
         if closure is None:
             closure = self.train_closure
+        self._skip_reason: str | None = None
         try:
             loss = self._step(closure, val_closure=val_closure)
         finally:
             self._end_step()
+        if self._skip_reason is not None:
+            self._back_off(self._skip_reason)
         self._published()
         return loss
 

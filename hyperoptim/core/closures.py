@@ -6,19 +6,29 @@ it is not meant to be used on its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor
 
 from ..hvp import RngReplay, SecondOrder, exact_route_error
-from .dist import all_reduce_mean, ddp_synced_ids
+from .dist import (
+    AGREEMENT_TIMEOUT,
+    all_reduce_mean,
+    ddp_synced_ids,
+    settle,
+    uneven_batches,
+    verdict,
+    world_size,
+)
 from .grads import GradIsolation, ReachedLeaves
 from .ledger import GradLedger
 from .shard import any_nonzero, check_sharded_closure, is_sharded
 from .types import Closure
 from .warn import warn
+
+_T = TypeVar("_T")
 
 
 def _grad_snapshot(params: Sequence[Tensor]) -> list[tuple[Tensor | None, int]]:
@@ -53,14 +63,70 @@ class _Closures:
         return [called_backward and (id(p) in self._ddp_synced or is_sharded(p)) for p in params]
 
     @staticmethod
-    def _average(tensors: Sequence[Tensor], synced: Sequence[bool]) -> list[Tensor]:
+    def _average(tensors: Sequence[Tensor], synced: Sequence[bool], *,
+                 timeout: float | None = None) -> list[Tensor]:
         """:func:`all_reduce_mean` of the tensors whose ``synced`` entry is False (one collective);
         the others, already averaged, are returned as they are."""
         own = [i for i, done in enumerate(synced) if not done]
         out = list(tensors)
-        for i, mean in zip(own, all_reduce_mean([tensors[i] for i in own])):
+        for i, mean in zip(own, all_reduce_mean([tensors[i] for i in own], timeout=timeout)):
             out[i] = mean
         return out
+
+    def _agreed(self, failure: Exception | None, tensors: Sequence[Tensor] = (),
+                synced: Sequence[bool] = ()) -> list[Tensor]:
+        """:meth:`_average` of ``tensors`` carrying this rank's verdict on its step so far
+        (docs/design.md §8, "A step that fails on one rank"): one element more in the collective
+        of the first tensor averaged, or one scalar all-reduce where nothing is averaged. Raises
+        on every rank, here, if the step failed on any (:func:`~hyperoptim.core.dist.settle`).
+        Only under ``torch.distributed``; ``tensors`` of a failed rank are placeholders of the
+        same shapes, so that every rank sends the same collective."""
+        own = next((t for t, done in zip(tensors, synced) if not done), None)
+        params = self._all_params()
+        device = own.device if own is not None else (params[0].device if params else None)
+        batch = self.__dict__.get("local_batch_size")
+        slot = verdict(failure, own, device or torch.device("cpu"), batch)
+        timeout = self.__dict__.get("agreement_timeout", AGREEMENT_TIMEOUT)
+        try:
+            *out, slot = self._average([*tensors, slot], [*synced, False], timeout=timeout)
+        except RuntimeError as err:
+            if failure is None:
+                raise
+            if hasattr(failure, "add_note"):  # Python 3.11+
+                failure.add_note(f"(then, at the step's agreement: {err})")
+            raise failure from None
+        values = settle(type(self).__name__, slot, failure, timeout=timeout)
+        if own is None:
+            self._check_batches(values, batch)
+        return out
+
+    def _check_batches(self, values: list[float], batch: int | None) -> None:
+        """Warn once when the local batch sizes the ranks declared differ."""
+        mean = uneven_batches(values, world_size())
+        if mean is not None and not self.__dict__.get("_uneven_warned"):
+            self.__dict__["_uneven_warned"] = True
+            warn(
+                f"{type(self).__name__}: the ranks declared different local batch sizes "
+                f"(local_batch_size: {batch} here, {mean:g} on average). "
+                "Gradients, validation gradients and Hessian-vector products are averaged with "
+                "one weight per rank, so each example of a smaller batch weighs more than in a "
+                "one-process run over the same data. Give every rank the same number of examples "
+                "(DistributedSampler, drop_last=True), or make each rank's closures return the sum "
+                "of its examples' losses times world_size / (examples over all ranks). Shown once."
+            )
+
+    @staticmethod
+    def _run_local(local: Callable[[], _T], placeholder: Callable[[], _T]
+                   ) -> tuple[_T, Exception | None]:
+        """``(local(), None)``; under ``torch.distributed`` an exception of ``local`` is caught and
+        returned beside ``placeholder()``, for :meth:`_agreed` to send this rank's verdict (in
+        one process it propagates as it is)."""
+        try:
+            return local(), None
+        except Exception as err:
+            if world_size() == 1:
+                raise
+            return placeholder(), err
 
     # ------------------------------------------------------------------ closures
     def _all_params(self) -> list[Tensor]:
@@ -98,14 +164,14 @@ class _Closures:
         self._grad_ledger.drop_stale()
         before = _grad_snapshot(params)
         rng = RngReplay([p.device for p in params]) if second_order else None
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, Tensor):
-            raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
-        self._reached().note(loss)
-        called_backward = _grads_changed(before, params)
-        check_sharded_closure(type(self).__name__, params, called_backward, "closure")
-        route = self._route(called_backward) if second_order else None
+        (loss, called_backward, route), failure = self._run_local(
+            lambda: self._call_training_closure(closure, params, before, second_order),
+            lambda: (torch.zeros(()), False, None))
+        if world_size() > 1:
+            # The step's scalar agreement: which gradients this closure left is not known on a
+            # rank where it failed, so no average below can carry the verdict.
+            self._agreed(failure)
+            self.__dict__["_closure_backward"] = called_backward
         used, graph_grads, origin_grads = self._step_gradients(loss, params, called_backward, route)
         self._check_dense()
         # Stepped once: left unchanged, these gradients are stale at the next step(closure).
@@ -193,6 +259,19 @@ class _Closures:
         return SecondOrder(used, route, graph_grads=graph_grads, gradient_at=gradient_at, rng=rng,
                            kink_check=not self._fd_rough, on_rough=self._note_rough_differences,
                            origin_grads=origin_grads)
+
+    def _call_training_closure(self, closure: Closure, params: list[Tensor],
+                               before: list[tuple[Tensor | None, int]], second_order: bool
+                               ) -> tuple[Tensor, bool, str | None]:
+        """Run the training ``closure``: its loss, whether it called ``backward()``, the HVP route."""
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor):
+            raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
+        self._reached().note(loss)
+        called_backward = _grads_changed(before, params)
+        check_sharded_closure(type(self).__name__, params, called_backward, "closure")
+        return loss, called_backward, self._route(called_backward) if second_order else None
 
     def _prepared_gradients(self, loss: Tensor, prepared: list[Tensor], route: str | None
                             ) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor] | None]:
@@ -302,11 +381,19 @@ class _Closures:
     def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
         """The closure's training gradient at the live (perturbed) weights, averaged across
         ranks; ``p.grad`` is left exactly as it was (:meth:`_isolated_gradient`)."""
-        _, raw, called_backward = self._isolated_gradient(closure, params, "closure")
-        if raw is None:
-            raise ValueError("Invalid closure return value: the loss does not require grad")
-        out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
-        out = self._average([g.detach() for g in out], self._synced(params, called_backward))
+        def local() -> tuple[list[Tensor], bool]:
+            _, raw, called_backward = self._isolated_gradient(closure, params, "closure")
+            if raw is None:
+                raise ValueError("Invalid closure return value: the loss does not require grad")
+            return [torch.zeros_like(p) if g is None else g.detach()
+                    for p, g in zip(params, raw)], called_backward
+
+        # The placeholders' style: the step's training call's, the same closure on every rank.
+        (out, called_backward), failure = self._run_local(local, lambda: (
+            [torch.zeros_like(p) for p in params], self.__dict__.get("_closure_backward", False)))
+        synced = self._synced(params, called_backward)
+        out = (self._agreed(failure, out, synced) if world_size() > 1 else
+               self._average(out, synced))
         return [-g for g in out] if self.defaults.get("maximize") else out
 
     def _resolve_val_closure(self, val_closure: Closure | None, *, required: bool) -> Closure | None:
@@ -329,22 +416,38 @@ class _Closures:
         collective of its own (FSDP2's one all-reduce of scalars per step).
         """
         params = list(params)
-        loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
-        check_sharded_closure(type(self).__name__, params, called_backward, "val_closure")
-        self._check_val_graph(params, raw, called_backward)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw or [])]
+        # Placeholders shaped as the other ranks' collective: their closure's style is the one
+        # the last validation call had (it decides which gradients DDP averaged).
+        (loss, grads, called_backward), failure = self._run_local(
+            lambda: self._local_validation(val_closure, params),
+            lambda: (torch.zeros(()), [torch.zeros_like(p) for p in params],
+                     bool(self.__dict__.get("_val_backward"))))
         # The loss is averaged too (it is a mean over the data as well): every rank records the
         # same value, and skips the same steps.
-        *grads, loss = self._average([g.detach() for g in grads] + [loss.detach()],
-                                     self._synced(params, called_backward) + [not average_loss])
+        synced = self._synced(params, called_backward) + [not average_loss]
+        if world_size() == 1:
+            *grads, loss = self._average(grads + [loss.detach()], synced)
+        else:
+            *grads, loss = self._agreed_validation(failure, params, grads, loss, synced)
+            self.__dict__["_val_backward"] = called_backward
         if self.defaults.get("maximize"):
             grads = [-g for g in grads]
         if not self._val_checked and grads:
             self._check_val_nonzero(grads)
         return loss.detach(), grads
 
+    def _local_validation(self, val_closure: Closure, params: list[Tensor]
+                          ) -> tuple[Tensor, list[Tensor], bool]:
+        """This rank's validation loss, its gradients (zeros where unused) and whether the
+        closure called ``backward()``; ``ValueError`` for a loss that trains nothing."""
+        loss, raw, called_backward = self._isolated_gradient(val_closure, params, "val_closure")
+        check_sharded_closure(type(self).__name__, params, called_backward, "val_closure")
+        self._check_val_graph(params, raw, called_backward)
+        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, raw or [])]
+        return loss, grads, called_backward
+
     def _check_val_graph(self, params: list[Tensor], raw: list[Tensor | None] | None,
-                         called_backward: bool) -> None:
+                        called_backward: bool) -> None:
         """ValueError unless the validation loss has a graph that reaches ``params``."""
         if raw is None and params:
             raise ValueError(self._no_graph_message("does not require grad"))
@@ -358,6 +461,20 @@ class _Closures:
             raise ValueError(self._no_graph_message("has a gradient of exactly 0 for every "
                                                     "parameter"))
         self._val_checked = True
+
+    def _agreed_validation(self, failure: Exception | None, params: list[Tensor],
+                           grads: list[Tensor], loss: Tensor, synced: list[bool]) -> list[Tensor]:
+        """The validation gradients and loss averaged with the ranks' verdict (docs/design.md
+        §8). The loss travels in the first averaged gradient's dtype, so that a rank whose
+        closure failed knows the collective's layout."""
+        carrier = next((g for g, done in zip(grads, synced) if not done), None)
+        loss = loss.detach().to(carrier.dtype if carrier is not None else torch.float64)
+        if "_val_backward" in self.__dict__ or not any(self._synced(params, True)):
+            return self._agreed(failure, grads + [loss], synced)
+        # The first call, with gradients DDP or FSDP2 may average: the layout depends on a
+        # closure style not seen yet, so the verdict travels alone, once.
+        self._agreed(failure)
+        return self._average(grads + [loss], synced)
 
     def _no_graph_message(self, what: str) -> str:
         return (

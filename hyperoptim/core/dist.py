@@ -8,13 +8,21 @@ return tensors without a graph: a tensor that is still to be differentiated is n
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_mean", "check_supported_parameters", "ddp_synced_ids", "world_size"]
+__all__ = ["AGREEMENT_TIMEOUT", "RankFailedError", "all_reduce_mean", "check_supported_parameters",
+           "ddp_synced_ids", "settle", "uneven_batches", "verdict", "world_size"]
+
+AGREEMENT_TIMEOUT = 300.0
+"""Seconds a rank waits, by default, for the others at a collective that carries the step's
+agreement (docs/design.md §8) before it gives up on them (``optimizer.agreement_timeout``)."""
+
+_CAUSE_CHARS = 300  # of each failing rank's "Type: message", shared on the failure path only
 
 
 def world_size() -> int:
@@ -24,11 +32,12 @@ def world_size() -> int:
     return 1
 
 
-def all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:
+def all_reduce_mean(tensors: Sequence[Tensor], *, timeout: float | None = None) -> list[Tensor]:
     """Average tensors across ranks; a no-op (the same tensors) with one rank.
 
     One flat collective per dtype. The inputs must not need differentiating afterwards: the
-    result carries no graph.
+    result carries no graph. With ``timeout`` (seconds), a rank that waits longer than that for
+    the others raises ``RuntimeError`` instead of waiting for the process group's timeout.
 
     Example:
         >>> t = [torch.ones(2)]
@@ -45,11 +54,92 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:
         kinds.setdefault((t.dtype, t.device), []).append(i)
     for index in kinds.values():
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in index])
-        dist.all_reduce(flat)
+        _all_reduce(flat, timeout)
         flat.div_(world)
         for i, chunk in zip(index, flat.split([tensors[i].numel() for i in index])):
             out[i] = chunk.view_as(tensors[i])
     return out
+
+
+def _all_reduce(flat: Tensor, timeout: float | None) -> None:
+    """``dist.all_reduce(flat)`` (a sum), waiting at most ``timeout`` seconds if given."""
+    if timeout is None:
+        dist.all_reduce(flat)
+        return
+    work = dist.all_reduce(flat, async_op=True)
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=timeout))
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: the other ranks did not reach this step's collective within "
+            f"{timeout:g} s (a rank died, hangs, or is stuck in another collective); the process "
+            "group can no longer be trusted: destroy it and restart from a checkpoint (raise "
+            "optimizer.agreement_timeout if a rank is merely that slow)") from err
+
+
+# ---------------------------------------------------------------- the step's agreement (§8)
+class RankFailedError(RuntimeError):
+    """Raised on every rank whose own part of a step went fine when the step failed on another
+    rank: no rank committed anything, so ``step()`` called again on every rank retries it."""
+
+
+def verdict(failure: BaseException | None, like: Tensor | None, device: torch.device,
+            batch: int | None = None) -> Tensor:
+    """This rank's slot in a collective that carries the step's agreement: 1 if its step failed
+    so far, else 0.
+
+    With ``like`` (the first tensor of the collective it rides in) it is one element of that
+    tensor's dtype and device, so it joins that collective at no cost; without, it is a float64
+    ``[failed, n, n*n]`` of its own (``n``: the local batch size the user declared, 0 if none),
+    which also shows whether the ranks' batches differ (:func:`uneven_batches`).
+    """
+    failed = 0.0 if failure is None else 1.0
+    if like is not None:
+        return torch.full((1,), failed, dtype=like.dtype, device=like.device)
+    n = float(batch or 0)
+    return torch.tensor([failed, n, n * n], dtype=torch.float64, device=device)
+
+
+def settle(owner: str, slot: Tensor, failure: BaseException | None, *,
+           timeout: float | None) -> list[float]:
+    """After the collective: ``slot`` (a :func:`verdict`) averaged over the ranks. If any rank
+    failed, every rank raises here, at the same collective: the failing ranks their own
+    exception (with a note), the others :class:`RankFailedError` naming each failing rank and its
+    cause (one more collective, on this path only). Else returns the averaged slot's values.
+    """
+    values = slot.tolist()
+    if values[0] == 0.0:
+        return values
+    world, rank = dist.get_world_size(), dist.get_rank()
+    causes = torch.zeros(world, _CAUSE_CHARS + 1, dtype=torch.int32, device=slot.device)
+    if failure is not None:
+        text = f"{type(failure).__name__}: {failure}"[:_CAUSE_CHARS]
+        causes[rank, 0] = 1
+        causes[rank, 1:1 + len(text)] = torch.tensor([ord(c) for c in text], dtype=torch.int32)
+    _all_reduce(causes, timeout)
+    failed = {r: "".join(chr(c) for c in row[1:] if c) for r, row in enumerate(causes.tolist())
+              if row[0]}
+    which = ", ".join(f"rank {r} ({cause})" for r, cause in failed.items())
+    if failure is not None:
+        if hasattr(failure, "add_note"):  # Python 3.11+
+            failure.add_note(
+                f"{owner}: the step failed on {which} of {world}; every rank raises at the same "
+                "point (the others RankFailedError) and none committed it: call step() again "
+                "on every rank to retry.")
+        raise failure
+    raise RankFailedError(
+        f"{owner}: the step failed on {which} of {world} ranks; this rank (rank {rank}) raises "
+        "too, at the same point, and no rank committed the step. Fix the failing rank's cause "
+        "and call step() again on every rank to retry.")
+
+
+def uneven_batches(values: Sequence[float], world: int) -> float | None:
+    """From a standalone :func:`verdict` averaged over ``world`` ranks: the mean of the local
+    batch sizes the ranks declared if they differ, else ``None`` (also when none declared)."""
+    total, squares = round(values[1] * world), round(values[2] * world)
+    if total == 0 or world * squares == total * total:  # Cauchy-Schwarz: equal iff all equal
+        return None
+    return total / world
 
 
 def ddp_synced_ids(owner: str, model: object, params: Iterable[Tensor]) -> frozenset[int]:

@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from .dist import world_size
 from .schedulers import outside_factor
-from .shard import tensor_norms
+from .shard import is_sharded, local, tensor_norms
 from .warn import warn
 
 # float16's range, the narrowest floating dtype's: values within it fit every parameter.
@@ -31,6 +33,24 @@ _DIVERGED_LOSS_RATIO = 100.0
 
 _DIVERGED_LR_RATIO = 1e4
 
+# After a step skipped because the update the learned values propose would overflow the weights'
+# dtype, each learned learning rate is divided by this: a skip must not leave the value where it
+# caused the skip (otherwise every later step proposes the same update and is skipped too).
+BACK_OFF = 10.0
+
+_OVERFLOW = "step (a learned value would overflow the weights' dtype)"
+
+
+def _largest_abs(tensors: Sequence[Tensor]) -> float:
+    """The largest ``|x|`` over every element of ``tensors`` (whole FSDP2 parameters), in float64."""
+    shards = [local(t) for t in tensors]
+    tops = [s.detach().abs().amax().double() for s in shards if s.numel()]
+    top = (torch.stack(tops).amax() if tops else
+           torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else None))
+    if any(is_sharded(t) for t in tensors) and world_size() > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return float(top)
+
 
 class _Guard:
     """The step guard and the divergence watch: what decides that a step is skipped."""
@@ -39,10 +59,14 @@ class _Guard:
         """Count a skipped step; warn at the 1st, 10th, 100th, ... with how many so far."""
         count = self.skipped_steps + 1
         self.hyper_state["skipped_steps"] = count
+        self._skip_reason = what
         if count == 10 ** round(math.log10(count)):
+            changed = ("the learned learning rates were divided by "
+                       f"{BACK_OFF:g}" if what == _OVERFLOW and self._backs_off else
+                       "neither weights nor hyperparameters changed")
             warn(
-                f"{type(self).__name__}: non-finite {what}; the step was skipped and neither "
-                f"weights nor hyperparameters changed ({count} step{'s' if count > 1 else ''} "
+                f"{type(self).__name__}: non-finite {what}; the step was skipped and {changed} "
+                f"({count} step{'s' if count > 1 else ''} "
                 "skipped so far; history[...]['skipped'] marks them). If every step is skipped, "
                 "the weights or the data are non-finite; if it happens after the learning rate "
                 "grew, lower the hyper-step size."
@@ -132,6 +156,8 @@ class _Guard:
             w, g, v = values[1 + 3 * i: 4 + 3 * i]
             if not params:
                 continue
+            if not self._all_finite(w, g, v):
+                w, g, v = self._exact_bounds(plans[i], (w, g, v))
             if not math.isfinite(g):
                 return "training gradient"
             h = {**group, **(hypers[i] if hypers is not None else {})}
@@ -141,10 +167,37 @@ class _Guard:
             v1 = b * v + max(damp, 1.0) * g1
             d = g1 + b * v1 if h.get("nesterov") else max(v1, g1)
             if not all(math.isfinite(x) and x <= limit for x in (a, b, c, g1, v1, d, w + a * d)):
-                return "step (a learned value would overflow the weights' dtype)"
+                return _OVERFLOW
         self._watch_divergence(loss, [group["lr"] if hypers is None else hypers[i].get("lr", group["lr"])
                                       for i, (group, _) in enumerate(plans)])
         return None
+
+    def _exact_bounds(self, plan: tuple[dict[str, Any], list[Tensor]],
+                      bounds: tuple[float, float, float]) -> tuple[float, float, float]:
+        r"""The non-finite ones of ``bounds`` (a group's :math:`\max|w|`, :math:`\max|g|`,
+        :math:`\max|v|`) taken again as the largest absolute element, which cannot overflow.
+
+        The fast path's 2-norm squares the elements in their dtype: a float32 tensor with an
+        element above about 1.8e19 has an infinite norm although every element is finite. Only
+        then (rare: one more host sync, and under FSDP2 one all-reduce, on every rank alike since
+        the norms were) is the bound recomputed; NaN and inf elements stay non-finite.
+        """
+        kinds = self._guard_tensors([plan])[0]
+        return tuple(b if math.isfinite(b) else _largest_abs(ts)  # type: ignore[return-value]
+                     for b, ts in zip(bounds, kinds))
+
+    def _back_off(self, reason: str) -> None:
+        """After a skip because the proposed update would overflow the weights' dtype, divide each
+        learned learning rate by :data:`BACK_OFF` (not below ``lr_bounds[0]``), so that the next
+        step does not propose the same update (docs/design.md §7); other skips (a non-finite
+        loss, gradient or hypergradient: the data or the weights, not the rate) change
+        nothing."""
+        if reason != _OVERFLOW or not self._backs_off:
+            return
+        for group in self.param_groups:
+            if "lr" in self._learned_names(group) and group["lr"] > 0.0:
+                low = group.get("lr_bounds", (0.0, None))[0]
+                group["lr"] = max(group["lr"] / BACK_OFF, low)
 
     def _guard_step(self, loss: Tensor | None, plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
                     hypers: Sequence[dict[str, float]] | None = None, *,

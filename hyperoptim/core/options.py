@@ -26,24 +26,28 @@ torch accepts it and stored as a Python float (every learned value in ``param_gr
 
 The hyper-step vocabulary
 -------------------------
-Four names mean "the size of the step the hyperparameters take" today:
+One name means "the size of the step the hyperparameters take" in every method, ``hyper_lr``:
 
-=====================  ======================================================  ===============
-method                 today                                                   unified name
-=====================  ======================================================  ===============
-HD                     ``hypergrad_lr`` (the hyper-learning rate kappa)        ``hyper_lr``
-MARTHE                 ``hypergrad_lr`` (kappa of beta, or the fixed beta)     ``hyper_lr``
-MARTHE                 ``adapt_hypergrad_lr``                                  ``adapt_hyper_lr``
-IFT                    ``hyper_lr`` (the hyper optimizer's learning rate)      ``hyper_lr``
-FDS                    ``step_sizes`` (a step size per scheduled name)         ``hyper_lr``
-                                                                               (float or dict)
-=====================  ======================================================  ===============
+=======  ===========================================================  ========================
+method   ``hyper_lr`` is                                              old name
+=======  ===========================================================  ========================
+HD       the hyper-learning rate kappa                                ``hypergrad_lr``
+MARTHE   kappa of beta (``adapt_hyper_lr=True``), or the fixed beta   ``hypergrad_lr``
+MARTHE   ``adapt_hyper_lr``: whether beta adapts online               ``adapt_hypergrad_lr``
+IFT      the hyper optimizer's learning rate                          (always ``hyper_lr``)
+FDS      the initial outer step size: one for every schedule, or a    ``step_sizes``
+         dict by name
+=======  ===========================================================  ========================
 
 :data:`HYPER_STEP_NAMES` records this mapping. ``hypergrad_clip`` (MARTHE: clips the
-hypergradient) and ``hz_clip`` (FDS: clips :math:`H Z`) clip different things and keep their names.
-The old names stay the accepted ones in this release: renaming them changes ``param_groups`` keys
-and ``history`` names that checkpoints and user code read, and is left to a release that can
-carry the deprecation (old name accepted with a ``DeprecationWarning``).
+hypergradient) and ``hz_clip`` (FDS: clips :math:`H Z`) clip different things and keep their names,
+as do ``history`` names (``"hypergrad/lr"`` is the hypergradient itself; MARTHE's
+``"hypergrad_lr"`` records :math:`\beta_t`, which code that plots it reads). The old names are
+accepted for one release with a ``DeprecationWarning`` naming the new one (:func:`renamed_options`,
+:func:`renamed_group`, :func:`rename_assigned`): as constructor keywords, as keys of a per-group
+dict or :meth:`~torch.optim.Optimizer.add_param_group`, in the param groups of a checkpoint
+(renamed on load), and assigned into ``param_groups`` after construction (applied to the new
+key). Giving both names is a ``ValueError`` naming both.
 """
 
 from __future__ import annotations
@@ -58,11 +62,13 @@ from torch import Tensor
 
 from ..hyperstep import resolve
 from .checks import is_real
+from .warn import warn
 
 __all__ = [
     "CLASS_COMPONENTS", "HYPER_STEP_NAMES", "OPTIONS", "Option", "check_arguments", "check_group",
     "check_hyper_state", "check_param_state", "check_rule_arguments", "coerce_group", "components",
-    "fixed_values", "is_number", "options_of", "validate_groups",
+    "fixed_values", "is_number", "options_of", "rename_assigned", "renamed_group",
+    "renamed_options", "validate_groups",
 ]
 
 # Every learned value stays within [-LEARNED_LIMIT, LEARNED_LIMIT] (core.base.LEARNED_LIMIT).
@@ -149,9 +155,13 @@ def _hd_tune(v: Any) -> bool:
             and all(isinstance(n, str) and n in _HD_NAMES for n in v))
 
 
+def _step_size(v: Any) -> bool:
+    return is_real(v) and 0 < v <= _LIMIT
+
+
 def _step_sizes(v: Any) -> bool:
-    return isinstance(v, Mapping) and all(k in _NAMES and is_real(s) and 0 < s <= _LIMIT
-                                          for k, s in v.items())
+    return _step_size(v) or isinstance(v, Mapping) and all(k in _NAMES and _step_size(s)
+                                                           for k, s in v.items())
 
 
 def _schedule(v: Any) -> bool:
@@ -198,7 +208,7 @@ OPTIONS: tuple[Option, ...] = (
            "negate the loss instead", ("adam",)),
     Option("decoupled_weight_decay", False, _flag, "True or False", ("adam",)),
     # Hypergradient descent.
-    Option("hypergrad_lr", 1e-3, _at_least(0.0), _NON_NEGATIVE, ("hd", "marthe")),
+    Option("hyper_lr", 1e-3, _at_least(0.0), _NON_NEGATIVE, ("hd", "marthe")),
     Option("lr_bounds", (0.0, math.inf), _hd_bounds, "(low, high) with 0 <= low <= high",
            ("hd",)),
     Option("per_parameter", False, _flag, "True or False", ("hd",)),
@@ -209,7 +219,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("mu", "adaptive", lambda v: v == "adaptive" if isinstance(v, str)
            else is_number(v) and 0.0 <= float(v) <= 1.0, "'adaptive' or a number in [0, 1]",
            ("marthe",)),
-    Option("adapt_hypergrad_lr", True, _flag, "True or False", ("marthe",)),
+    Option("adapt_hyper_lr", True, _flag, "True or False", ("marthe",)),
     Option("hypergrad_clip", None, lambda v: v is None or (is_number(v) and float(v) > 0.0),
            "None or a number > 0", ("marthe",)),
     # IFT (one-pass implicit differentiation).
@@ -246,8 +256,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("momentum_windows", 1, _count, "an integer >= 1", ("fds",), fixed=True),
     Option("weight_decay_windows", 1, _count, "an integer >= 1", ("fds",), fixed=True),
     Option("tune", _NAMES, _tune(True), _TUNE, ("fds",), fixed=True),
-    Option("step_sizes", None, lambda v: v is None or _step_sizes(v),
-           f"a dict from names to step sizes in (0, {_LIMIT:g}]", ("fds",)),
+    Option("hyper_lr", None, lambda v: v is None or _step_sizes(v),
+           f"a step size in (0, {_LIMIT:g}], or a dict from names to step sizes", ("fds",)),
     Option("hz_clip", None, lambda v: v is None or (is_real(v) and v > 0), "None or a number > 0",
            ("fds",)),
     Option("lr_schedule", None, _schedule, f"a list of finite numbers within +-{_LIMIT:g}",
@@ -276,13 +286,63 @@ HYPER_STEP_NAMES: dict[tuple[str, str], str] = {
     ("ift", "hyper_lr"): "hyper_lr",
     ("fds", "step_sizes"): "hyper_lr",
 }
-"""(method, today's name) -> the unified name proposed for the hyper-step knobs (module doc)."""
+"""(method, old name) -> the name of the hyper-step knobs since 0.2 (module doc)."""
 
-_VOCABULARY = frozenset(o.name for o in OPTIONS if o.in_group)
+# The old names are still the package's vocabulary: a class that never used one refuses it by
+# name rather than leaving it in a group unread.
+_VOCABULARY = frozenset({*(o.name for o in OPTIONS if o.in_group),
+                         *(old for _, old in HYPER_STEP_NAMES)})
 # Keys torch or the package put in groups that are not options.
 _NOT_OPTIONS = frozenset({"params", "param_names"})
 # Group values given as one-element tensors, stored as floats.
-_FLOATS = frozenset({"lr", "momentum", "dampening", "weight_decay", "eps", "hypergrad_lr"})
+_FLOATS = frozenset({"lr", "momentum", "dampening", "weight_decay", "eps", "hyper_lr"})
+
+
+def renamed_options(method: str) -> dict[str, str]:
+    """Old name -> new name of ``method``'s deprecated options (``"hd"``, ``"marthe"``, ...).
+
+    Example:
+        >>> renamed_options("marthe")
+        {'hypergrad_lr': 'hyper_lr', 'adapt_hypergrad_lr': 'adapt_hyper_lr'}
+    """
+    return {old: new for (m, old), new in HYPER_STEP_NAMES.items() if m == method and old != new}
+
+
+def _deprecated(owner: str, old: str, new: str, where: str) -> None:
+    warn(f"{owner}: {old!r} is deprecated{where}, use {new!r}; the old name will be removed in "
+         "the next release", DeprecationWarning)
+
+
+def renamed_group(owner: str, group: Mapping[str, Any], renames: Mapping[str, str], *,
+                  where: str = "") -> dict[str, Any]:
+    """``group`` (constructor keywords, a per-group dict, a checkpoint's param group) with its old
+    names renamed (``renames``: old -> new), one ``DeprecationWarning`` per old name; a copy if
+    it held any, else ``group`` itself.
+
+    Raises:
+        ValueError: both an old name and its new one are given.
+    """
+    if not any(old in group for old in renames):
+        return group if isinstance(group, dict) else dict(group)
+    out = dict(group)
+    for old, new in renames.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"{owner}: got both {old!r} and {new!r}; {old!r} is the "
+                                 f"deprecated name of {new!r}: pass {new!r} only")
+            _deprecated(owner, old, new, where)
+            out[new] = out.pop(old)
+    return out
+
+
+def rename_assigned(owner: str, group: dict[str, Any], renames: Mapping[str, str]) -> None:
+    """A value assigned to an old name in a live param group moves to the new one (in place), with
+    a ``DeprecationWarning``: the group always holds the new name, so the old one would be
+    ignored."""
+    for old, new in renames.items():
+        if old in group:
+            _deprecated(owner, old, new, " as a param_groups key")
+            group[new] = group.pop(old)
 
 
 def components(owner: Any) -> tuple[str, ...] | None:
@@ -456,7 +516,9 @@ def validate_groups(optimizer: Any) -> None:
     ``load_state_dict``)."""
     fixed = getattr(optimizer, "_fixed_options", None)
     ift = "ift" in (components(optimizer) or ())
+    renames = getattr(optimizer, "_renamed_options", {})
     for i, group in enumerate(optimizer.param_groups):
+        rename_assigned(type(optimizer).__name__, group, renames)
         coerce_group(group)
         bounds, lr = group.get("lr_bounds"), group.get("lr")
         if ift and _ift_bounds(bounds) and is_number(lr) and "lr" in group.get("tune", ()):

@@ -21,6 +21,7 @@ from .options import (
     check_hyper_state,
     check_param_state,
     fixed_values,
+    renamed_group,
 )
 
 HISTORY_LIMIT = 10_000
@@ -157,10 +158,13 @@ class _Serialization:
         not modified."""
         name = type(self).__name__
         self._check_envelope(name, state_dict)
+        # A checkpoint saved under the old names of renamed options loads under the new ones.
+        saved_groups = [renamed_group(name, g, self._renamed_options, where=" in a checkpoint")
+                        for g in state_dict["param_groups"]]
         groups = [{**{k: v for k, v in group.items() if k in _OPTIONAL_KEYS and k != "params"},
                    **{k: v for k, v in _LEGACY_VALUES.items() if k in group},
                    **saved_group}
-                  for saved_group, group in zip(state_dict["param_groups"], self.param_groups)]
+                  for saved_group, group in zip(saved_groups, self.param_groups)]
         state_dict = {**state_dict, "param_groups": groups}
         for i, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
             self._check_saved_group(name, i, saved_group, group)
@@ -241,3 +245,6 @@ class _Serialization:
             if key not in state and key not in self.__dict__:
                 state[key] = value
         super().__setstate__(state)
+        self.param_groups[:] = [renamed_group(type(self).__name__, g, self._renamed_options,
+                                              where=" in a pickled optimizer")
+                                for g in self.param_groups]

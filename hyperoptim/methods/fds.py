@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value, is_real
-from ..core.options import check_group, components, is_number
+from ..core.options import check_group, components, is_number, renamed_group, renamed_options
 from ..core.schedule import window_of
 from ..core.types import Closure, ParamsT
 from ..core.warn import warn
@@ -78,7 +78,7 @@ class RuleFDS(HyperOptimizer):
     ``state[p]`` key of the tangent of each of the rule's buffers) and, where a value must stay in
     a range, :attr:`bounds`; they check their own constructor arguments and pass the group
     defaults (the initial value of every name, ``horizon``, ``<name>_windows``, ``tune``,
-    ``step_sizes``, ``hz_clip`` and the rule's options) to ``__init__``. A subclass whose
+    ``hyper_lr``, ``hz_clip`` and the rule's options) to ``__init__``. A subclass whose
     param groups show a value under another key (Adam's ``betas``) overrides
     :meth:`_get_value`/:meth:`_set_value`.
 
@@ -103,6 +103,7 @@ class RuleFDS(HyperOptimizer):
     default_step_sizes: ClassVar[dict[str, float]]
     buffer_tangent_keys: ClassVar[dict[str, str]]
     bounds: ClassVar[dict[str, tuple[float, float]]] = {}
+    _renamed_options = renamed_options("fds")
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *,
                  val_closure: Closure | None = None, hvp: str = "auto", maximize: bool = False,
@@ -139,6 +140,9 @@ class RuleFDS(HyperOptimizer):
         elif group.get("maximize", False) != self.defaults.get("maximize", False):
             raise ValueError(f"Invalid maximize value: {group['maximize']} (every param group of "
                              "one optimizer shares one objective: set it in the constructor)")
+        if "hyper_lr" in group:  # read at the next hyperstep(): refused now, not then
+            check_value("hyper_lr", group["hyper_lr"],
+                        self._normalise_step_sizes(group["hyper_lr"]) is not None)
         for name in self.names:
             schedule = group.get(f"{name}_schedule")
             if schedule is not None:
@@ -168,16 +172,17 @@ class RuleFDS(HyperOptimizer):
         return tuple(n for n in cls.names if n in names)
 
     @classmethod
-    def _normalise_step_sizes(cls, step_sizes: Any) -> dict[str, float] | None:
-        """``step_sizes`` merged into the defaults, or None if invalid."""
-        if step_sizes is None:
+    def _normalise_step_sizes(cls, hyper_lr: Any) -> dict[str, float] | None:
+        """``hyper_lr`` as one step size per name, or None if invalid: a number is every name's,
+        a dict is merged into :attr:`default_step_sizes`, None is the defaults."""
+        if hyper_lr is None:
             return dict(cls.default_step_sizes)
-        if not isinstance(step_sizes, Mapping):
-            return None
+        if not isinstance(hyper_lr, Mapping):
+            hyper_lr = dict.fromkeys(cls.default_step_sizes, hyper_lr)
         if not all(k in cls.names and is_real(v) and 0 < v <= LEARNED_LIMIT
-                   for k, v in step_sizes.items()):
+                   for k, v in hyper_lr.items()):
             return None
-        return {**cls.default_step_sizes, **{k: float(v) for k, v in step_sizes.items()}}
+        return {**cls.default_step_sizes, **{k: float(v) for k, v in hyper_lr.items()}}
 
     @classmethod
     def _checked_options(cls, group: dict[str, Any], horizon: int) -> dict[str, Any]:
@@ -197,9 +202,9 @@ class RuleFDS(HyperOptimizer):
         tune = cls._normalise_tune(group["tune"])
         check_value("tune", group["tune"], tune is not None)
         group["tune"] = tune
-        sizes = cls._normalise_step_sizes(group["step_sizes"])
-        check_value("step_sizes", group["step_sizes"], sizes is not None)
-        group["step_sizes"] = sizes
+        sizes = cls._normalise_step_sizes(group["hyper_lr"])
+        check_value("hyper_lr", group["hyper_lr"], sizes is not None)
+        group["hyper_lr"] = sizes
         clip = group["hz_clip"]
         check_value("hz_clip", clip, clip is None or (is_real(clip) and clip > 0))
         group["hz_clip"] = None if clip is None else float(clip)
@@ -210,6 +215,8 @@ class RuleFDS(HyperOptimizer):
             # A group's columns would land among those already carried by the tangents.
             raise RuntimeError(f"{type(self).__name__}: add param groups between episodes (after "
                                "hyperstep()), not in the middle of one.")
+        param_group = renamed_group(type(self).__name__, param_group, self._renamed_options,
+                                    where=" as a param group key")
         options = {k: v for k, v in param_group.items() if k != "params"}
         merged = self._checked_options({**self.defaults, **options}, self.defaults["horizon"])
         group = {**param_group, **{k: merged[k] for k in options if k in merged}}
@@ -492,7 +499,10 @@ class RuleFDS(HyperOptimizer):
             n = len(schedule)
             state = outer.get(name)
             if state is None or len(state["step_size"]) != n:
-                state = {"step_size": [group["step_sizes"][name]] * n, "sign": [0.0] * n}
+                # Read through the normalisation: a value assigned after construction may be
+                # a number or a partial dict.
+                size = self._normalise_step_sizes(group["hyper_lr"])[name]
+                state = {"step_size": [size] * n, "sign": [0.0] * n}
                 outer[name] = state
             lo, hi = self._bounds(name)
             for k, h in enumerate(hs):

@@ -40,9 +40,10 @@ from torch import Tensor
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value, is_real
 from ..core.dist import all_reduce_mean, world_size
-from ..core.options import check_rule_arguments, components
+from ..core.options import check_rule_arguments, components, renamed_options
 from ..core.shard import is_sharded, local, sums_and_norms
 from ..core.types import Closure, ParamsT
+from ..core.warn import warn
 from ..hyperstep import Additive, HyperStep, resolve
 from ..rules.base import UpdateRule, rule_tangents
 from .ift import MOMENTUM_RANGE
@@ -86,23 +87,23 @@ class _Plan(NamedTuple):
     momentum_span: tuple[int, int] | None = None
 
 
-def hyper_step_option(hypergrad_lr: float | None, hyper_step: HyperStep | str | None,
+def hyper_step_option(hyper_lr: float | None, hyper_step: HyperStep | str | None,
                       default_kappa: float, default: HyperStep | str) -> tuple[float, str]:
-    r"""The constructor's ``hypergrad_lr`` and ``hyper_step`` as the group's ``(hypergrad_lr,
-    hyper_step)``: a float ``hypergrad_lr`` alone is the additive policy with that
-    :math:`\kappa` (every trajectory as before the policies existed); ``hyper_step`` alone is that
-    policy (``Additive(kappa)`` sets ``hypergrad_lr``); neither is the class default."""
-    if hypergrad_lr is not None and hyper_step is not None:
-        raise ValueError(f"Invalid hyper_step value: {hyper_step!r} (hypergrad_lr={hypergrad_lr} "
-                         "already chooses the additive policy: pass one of hypergrad_lr and "
+    r"""The constructor's ``hyper_lr`` and ``hyper_step`` as the group's ``(hyper_lr,
+    hyper_step)``: a float ``hyper_lr`` alone is the additive policy with that :math:`\kappa`
+    (every trajectory as before the policies existed); ``hyper_step`` alone is that policy
+    (``Additive(kappa)`` sets ``hyper_lr``); neither is the class default."""
+    if hyper_lr is not None and hyper_step is not None:
+        raise ValueError(f"Invalid hyper_step value: {hyper_step!r} (hyper_lr={hyper_lr} "
+                         "already chooses the additive policy: pass one of hyper_lr and "
                          "hyper_step)")
-    if hypergrad_lr is not None:
-        check_value("hypergrad_lr", hypergrad_lr, is_real(hypergrad_lr) and hypergrad_lr >= 0.0)
-        return float(hypergrad_lr), Additive.name
+    if hyper_lr is not None:
+        check_value("hyper_lr", hyper_lr, is_real(hyper_lr) and hyper_lr >= 0.0)
+        return float(hyper_lr), Additive.name
     policy = resolve(default if hyper_step is None else hyper_step)
     if isinstance(policy, Additive):
         kappa = default_kappa if policy.kappa is None else policy.kappa
-        check_value("hypergrad_lr", kappa, is_real(kappa) and kappa >= 0.0)
+        check_value("hyper_lr", kappa, is_real(kappa) and kappa >= 0.0)
         return float(kappa), Additive.name
     return float(default_kappa), repr(policy)
 
@@ -110,8 +111,8 @@ def hyper_step_option(hypergrad_lr: float | None, hyper_step: HyperStep | str | 
 class RuleHypergrad(HyperOptimizer):
     r"""Hypergradient descent over ``rule`` (a base class; see ``HypergradSGD``, ``HypergradAdam``).
 
-    Param groups carry ``lr``, ``hypergrad_lr`` (:math:`\kappa`), ``lr_bounds``,
-    ``per_parameter`` and ``tune`` next to the rule's own hyperparameters. ``state[p]`` holds the rule's state
+    Param groups carry ``lr``, ``hyper_lr`` (:math:`\kappa`), ``lr_bounds``, ``per_parameter``
+    and ``tune`` next to the rule's own hyperparameters. ``state[p]`` holds the rule's state
     (torch's names) and ``"direction"`` (:math:`d_{t-1}`, unless :meth:`_previous_direction` finds
     it in the rule's own state: SGD's heavy-ball direction is its momentum buffer), plus ``"lr"``
     with per-weight learning rates. ``history[i]`` records ``"lr"``, ``"hypergrad/lr"`` and
@@ -145,28 +146,42 @@ class RuleHypergrad(HyperOptimizer):
     :meth:`_momentum_entry`, :attr:`momentum_hyper`).
     """
 
+    _backs_off = True
+
     rule: ClassVar[UpdateRule]
     _supports_fsdp2 = True
 
+    _renamed_options = renamed_options("hd")
+
     #: :math:`\kappa` of the additive policy when it is chosen without one (each public class
     #: sets Baydin et al.'s value for its rule).
-    default_hypergrad_lr: float
-    #: The policy when neither ``hypergrad_lr`` nor ``hyper_step`` is given.
+    default_hyper_lr: float
+    #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given.
     default_hyper_step: HyperStep | str = Additive.name
     #: The rule's name for the momentum that ``tune=("lr", "momentum")`` learns.
     momentum_hyper: ClassVar[str] = "momentum"
 
-    def _setup(self, params: ParamsT, defaults: dict[str, Any], *, hypergrad_lr: float | None,
+    def _setup(self, params: ParamsT, defaults: dict[str, Any], *, hyper_lr: float | None,
                hyper_step: HyperStep | str | None, lr_bounds: tuple[float, float],
                per_parameter: bool, tune: tuple[str, ...] = ("lr",), **base: Any) -> None:
         """The rule-independent part of the constructor, after the public class has checked its
         arguments: the rule's ``defaults`` with HD's options after them, then the groups."""
-        kappa, policy = hyper_step_option(hypergrad_lr, hyper_step, self.default_hypergrad_lr,
+        kappa, policy = hyper_step_option(hyper_lr, hyper_step, self._default_hyper_lr(),
                                           self.default_hyper_step)
-        defaults = {**defaults, "hypergrad_lr": kappa, "hyper_step": policy,
+        defaults = {**defaults, "hyper_lr": kappa, "hyper_step": policy,
                     "lr_bounds": (float(lr_bounds[0]), float(lr_bounds[1])),
                     "per_parameter": per_parameter, "tune": tuple(tune)}
         super().__init__(params, defaults, **base)
+
+    @classmethod
+    def _default_hyper_lr(cls) -> float:
+        """:attr:`default_hyper_lr`, or the value a subclass still sets under its old name."""
+        old = getattr(cls, "default_hypergrad_lr", None)
+        if old is None:
+            return cls.default_hyper_lr
+        warn(f"{cls.__name__}: 'default_hypergrad_lr' is deprecated, use 'default_hyper_lr'; "
+             "the old name will be removed in the next release", DeprecationWarning)
+        return old
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -178,7 +193,7 @@ class RuleHypergrad(HyperOptimizer):
         policy = self._policy(group)
         if group["per_parameter"] and not isinstance(policy, Additive):
             raise ValueError(f"Invalid hyper_step value: {group['hyper_step']} (per_parameter=True "
-                             "takes the additive hyper-step: pass hypergrad_lr)")
+                             "takes the additive hyper-step: pass hyper_lr)")
         if components(self) is None and "tune" in group:  # a rule outside the options' table
             check_rule_arguments("hd", tune=group["tune"])
         if _learns_momentum(group) and any(is_sharded(p) for p in group.get("params", ())):
@@ -205,10 +220,10 @@ class RuleHypergrad(HyperOptimizer):
 
     @staticmethod
     def _policy(group: dict[str, Any]) -> HyperStep:
-        r"""The group's hyper-step policy (``"additive"``: :math:`\kappa` = ``hypergrad_lr``)."""
+        r"""The group's hyper-step policy (``"additive"``: :math:`\kappa` = ``hyper_lr``)."""
         spec = group.get("hyper_step", Additive.name)
         if spec == Additive.name:
-            return Additive(group["hypergrad_lr"])
+            return Additive(group["hyper_lr"])
         return resolve(spec)
 
     @staticmethod
@@ -448,7 +463,7 @@ class RuleHypergrad(HyperOptimizer):
         lo, hi = _learned_bounds(group)
         policy = self._policy(group)
         if isinstance(policy, Additive):
-            return min(max(group["lr"] - group["hypergrad_lr"] * h, lo), hi), None, {}
+            return min(max(group["lr"] - group["hyper_lr"] * h, lo), hi), None, {}
         norm = math.sqrt(values[end]) * math.sqrt(values[end + 1]) if policy.normalised else 0.0
         state = self.hyper_state.get("hyper_step", {}).get(index)
         if state is None:
@@ -471,7 +486,7 @@ class RuleHypergrad(HyperOptimizer):
         policy = self._policy(group)
         state = None
         if isinstance(policy, Additive):
-            new = mu - group["hypergrad_lr"] * h
+            new = mu - group["hyper_lr"] * h
         else:
             # The policy moves u = 1 - mu (dE/du = -h): its horizon, by factors.
             norm = (math.sqrt(values[end]) * math.sqrt(values[end + 1]) if policy.normalised
@@ -513,7 +528,7 @@ class RuleHypergrad(HyperOptimizer):
             elif scale is not None:
                 a = (a * scale).clamp_(group["lr_bounds"][0], max(hi, group["lr"]))
             if h is not None:
-                a = (a - group["hypergrad_lr"] * h).clamp_(lo, hi)
+                a = (a - group["hyper_lr"] * h).clamp_(lo, hi)
             out.append(a)
         return out
 

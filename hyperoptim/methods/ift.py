@@ -20,10 +20,9 @@ optimizer's step, publishing and undoing it) is in :mod:`hyperoptim.methods.ift_
 from __future__ import annotations
 
 import copy
-import inspect
 import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -32,6 +31,7 @@ from torch.optim import Optimizer
 from ..core.base import HyperOptimizer
 from ..core.checks import check_value
 from ..core.options import check_group, check_rule_arguments
+from ..core.signatures import bind_keywords, declared
 from ..core.types import Closure, ParamsT
 from ..hvp import SecondOrder
 from ..rules.base import Buffers, UpdateRule
@@ -53,9 +53,6 @@ MOMENTUM_RANGE = (1e-3, 1.0 - 1e-3)
 
 HyperOptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
 def _ift_keywords(*, update_interval: int = 10, lookback: int = 5, hyper_lr: float = 0.05,
                   hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
                   lr_bounds: tuple[float, float] = (1e-10, 1.0), update_timing: str = "taken",
@@ -63,38 +60,16 @@ def _ift_keywords(*, update_interval: int = 10, lookback: int = 5, hyper_lr: flo
                   foreach: bool | None = None, fused: bool | None = None,
                   differentiable: bool = False) -> None:
     """IFT's keyword arguments and their defaults, declared once: every public class's signature
-    ends with them (:func:`public_signature`) and its ``**options`` takes them (:func:`ift_keywords`)."""
+    ends with them (:func:`~hyperoptim.core.signatures.with_keywords`) and its ``**options``
+    takes them (:func:`ift_keywords`)."""
 
 
-IFT_KEYWORDS = inspect.signature(_ift_keywords)
-
-
-def public_signature(init: _F, keywords: Iterable[inspect.Parameter] | None = None) -> _F:
-    """Give ``init``, a public class's ``__init__(..., **options)``, the signature its users see
-    (``inspect.signature``, ``help``, the docs): its own parameters, then ``keywords`` (IFT's by
-    default) in place of ``**options``."""
-    own = inspect.signature(init)
-    head = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    tail = IFT_KEYWORDS.parameters.values() if keywords is None else keywords
-    init.__signature__ = own.replace(parameters=[*head, *tail])  # type: ignore[attr-defined]
-    return init
-
-
-def refuse_unexpected(init: Callable[..., Any], given: dict[str, Any]) -> None:
-    """The TypeError Python raises for a keyword that ``init``'s public signature lacks: its
-    ``**options`` stands for an explicit list, and refuses what the list would."""
-    names = inspect.signature(init).parameters
-    for key in given:
-        if key not in names:
-            raise TypeError(f"{init.__qualname__}() got an unexpected keyword argument {key!r}")
+IFT_KEYWORDS = declared(_ift_keywords)
 
 
 def ift_keywords(init: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
     """``options``, the keywords ``init`` took as ``**options``, completed with IFT's defaults."""
-    refuse_unexpected(init, options)
-    bound = IFT_KEYWORDS.bind(**options)
-    bound.apply_defaults()
-    return dict(bound.arguments)
+    return bind_keywords(init, options, IFT_KEYWORDS)
 
 
 def _into_domain(name: str, value: float, lr_bounds: tuple[float, float]) -> float:

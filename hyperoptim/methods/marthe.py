@@ -12,17 +12,45 @@ from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.dist import all_reduce_mean
+from ..core.options import renamed_options
+from ..core.signatures import declared
 from ..core.types import Closure
 from ..hvp import SecondOrder
 from ..hyperstep import Additive, HyperStep, resolve
 from ..rules.base import UpdateRule, rule_tangents
 
-__all__ = ["RuleMarthe", "adaptive_mu", "marthe_hyper_step", "marthe_options"]
+__all__ = [
+    "MARTHE_KEYWORDS", "RuleMarthe", "adaptive_mu", "marthe_hyper_step", "marthe_options",
+    "take_marthe_options",
+]
+
+
+def _marthe_keywords(*, mu: str | float = "adaptive", hyper_lr: float = 1e-6,
+                     adapt_hyper_lr: bool = True, hypergrad_clip: float | None = None,
+                     hyper_step: HyperStep | str | None = None, val_closure: Closure | None = None,
+                     hvp: str = "auto", maximize: bool = False, foreach: bool | None = None,
+                     fused: bool | None = None, differentiable: bool = False) -> None:
+    """MARTHE's keyword arguments and their defaults, declared once: every public class's
+    signature ends with them (:func:`~hyperoptim.core.signatures.with_keywords`; a class over
+    another rule may change a default, as ``MartheAdam`` does the hyper-step size's)."""
+
+
+MARTHE_KEYWORDS = declared(_marthe_keywords)
+
+# MARTHE's own options (the rest of MARTHE_KEYWORDS go to the base), the first four checked by
+# the options table.
+_OWN = ("mu", "hyper_lr", "adapt_hyper_lr", "hypergrad_clip", "hyper_step")
+
+
+def take_marthe_options(options: dict[str, Any]) -> dict[str, Any]:
+    """MARTHE's own options, taken out of ``options`` (the complete keywords a public class was
+    given; what is left goes to the base), in the order :func:`marthe_options` takes them."""
+    return {name: options.pop(name) for name in _OWN}
 
 
 def marthe_hyper_step(hyper_step: HyperStep | str | None) -> str:
     r"""The group's ``"hyper_step"`` for MARTHE's constructor option: ``None`` or ``"additive"``
-    is MARTHE's own step (:math:`\beta` from ``hypergrad_lr``/``adapt_hypergrad_lr``); any other
+    is MARTHE's own step (:math:`\beta` from ``hyper_lr``/``adapt_hyper_lr``); any other
     policy (:mod:`hyperoptim.hyperstep`) replaces it."""
     if hyper_step is None:
         return Additive.name
@@ -30,12 +58,12 @@ def marthe_hyper_step(hyper_step: HyperStep | str | None) -> str:
     if isinstance(policy, Additive):
         if policy.kappa is not None:
             raise ValueError(f"Invalid hyper_step value: {hyper_step!r} (MARTHE's additive step "
-                             "takes its size from hypergrad_lr and adapt_hypergrad_lr)")
+                             "takes its size from hyper_lr and adapt_hyper_lr)")
         return Additive.name
     return repr(policy)
 
 
-def marthe_options(mu: str | float, hypergrad_lr: float, adapt_hypergrad_lr: bool,
+def marthe_options(mu: str | float, hyper_lr: float, adapt_hyper_lr: bool,
                    hypergrad_clip: float | None, hyper_step: HyperStep | str | None
                    ) -> dict[str, Any]:
     """MARTHE's entries of a public class's ``defaults``, from its checked constructor arguments:
@@ -43,12 +71,12 @@ def marthe_options(mu: str | float, hypergrad_lr: float, adapt_hypergrad_lr: boo
 
     Example:
         >>> marthe_options(1, 1e-6, True, None, None)
-        {'mu': 1.0, 'hypergrad_lr': 1e-06, 'adapt_hypergrad_lr': True, 'hypergrad_clip': None, \
+        {'mu': 1.0, 'hyper_lr': 1e-06, 'adapt_hyper_lr': True, 'hypergrad_clip': None, \
 'hyper_step': 'additive'}
     """
     policy = marthe_hyper_step(hyper_step)
-    return dict(mu=mu if mu == "adaptive" else float(mu), hypergrad_lr=float(hypergrad_lr),
-                adapt_hypergrad_lr=adapt_hypergrad_lr,
+    return dict(mu=mu if mu == "adaptive" else float(mu), hyper_lr=float(hyper_lr),
+                adapt_hyper_lr=adapt_hyper_lr,
                 hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
                 hyper_step=policy)
 
@@ -91,8 +119,11 @@ class RuleMarthe(HyperOptimizer):
     :math:`\mu`, :math:`\beta`, the guard, the atomic order) is shared.
     """
 
+    _backs_off = True
+
     rule: ClassVar[UpdateRule]
     buffer_tangent_keys: ClassVar[dict[str, str]]
+    _renamed_options = renamed_options("marthe")
 
     # ------------------------------------------------------------------ per-group hyper state
     def _hyper(self, index: int) -> dict[str, float]:
@@ -108,7 +139,7 @@ class RuleMarthe(HyperOptimizer):
         if index < len(groups):
             return dict(groups[index])
         group = self.param_groups[index]
-        beta = 0.0 if group["adapt_hypergrad_lr"] else group["hypergrad_lr"]
+        beta = 0.0 if group["adapt_hyper_lr"] else group["hyper_lr"]
         return dict(mu=0.0, count=0.0, beta=beta, lr_beta_grad=0.0)
 
     @staticmethod
@@ -439,10 +470,10 @@ def _additive_lr(group: dict[str, Any], h: dict[str, Any], delta: float) -> floa
     (or fixed) and :math:`s_t = \partial a_t / \partial \beta_t` staged in ``h``."""
     clip = group["hypergrad_clip"]
     d = delta if clip is None else min(max(delta, -clip), clip)
-    if group["adapt_hypergrad_lr"]:
-        h["beta"] = max(h["beta"] - group["hypergrad_lr"] * d * h["lr_beta_grad"], 0.0)
+    if group["adapt_hyper_lr"]:
+        h["beta"] = max(h["beta"] - group["hyper_lr"] * d * h["lr_beta_grad"], 0.0)
     else:
-        h["beta"] = group["hypergrad_lr"]
+        h["beta"] = group["hyper_lr"]
     raw = group["lr"] - h["beta"] * d
     h["lr_beta_grad"] = -d if raw >= 0.0 else 0.0
     return raw
@@ -454,8 +485,8 @@ def _settle(hypers: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
     for group, h in zip(groups, hypers, strict=True):
         if group["mu"] != "adaptive":
             h["mu"] = float(group["mu"])
-        if not group["adapt_hypergrad_lr"]:
-            h["beta"] = group["hypergrad_lr"]
+        if not group["adapt_hyper_lr"]:
+            h["beta"] = group["hyper_lr"]
         h.setdefault("new_lr", group["lr"])
 
 
