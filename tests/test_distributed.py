@@ -49,7 +49,7 @@ def _builders() -> dict[str, Callable[..., Any]]:
             p, lr=0.05, momentum=0.5, tune=("lr", "momentum"), hyper_step="growth",
             val_closure=v),
         "hd_adam_beta1": lambda p, v: hyperoptim.HypergradAdam(
-            p, lr=0.01, tune=("lr", "momentum"), hyper_lr=1e-4),
+            p, lr=0.01, tune=("lr", "momentum"), hyper_lr=1e-4, val_closure=v),
         "marthe_scale_free": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5,
                                                                hyper_step="scale_free",
                                                                val_closure=v),
