@@ -79,11 +79,10 @@ def starts_for(task: Task, cls: str) -> dict[str, float]:
     return STARTS[cls]
 
 
-def run(task: Task, cls: str, start: str, policy: str, seed: int, steps: int,
-        use_val: bool = False) -> dict:
-    model = task.make_model(seed)
-    val = (lambda: task.loss(model, task.x_val, task.y_val)) if use_val else None
-    opt = make_optimizer(cls, model.parameters(), starts_for(task, cls)[start], policy, val)
+def train(task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int,
+          steps: int) -> tuple[float, bool]:
+    """Run ``steps`` steps of the task's batches (stopping at a non-finite loss): the final
+    test metric (a diverged run's is the worst) and whether the run diverged."""
     diverged = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -97,6 +96,15 @@ def run(task: Task, cls: str, start: str, policy: str, seed: int, steps: int,
     _, metric = task.evaluate(model, task.x_test, task.y_test)
     if diverged:
         metric = 0.0 if task.higher_is_better else math.inf
+    return metric, diverged
+
+
+def run(task: Task, cls: str, start: str, policy: str, seed: int, steps: int,
+        use_val: bool = False) -> dict:
+    model = task.make_model(seed)
+    val = (lambda: task.loss(model, task.x_val, task.y_val)) if use_val else None
+    opt = make_optimizer(cls, model.parameters(), starts_for(task, cls)[start], policy, val)
+    metric, diverged = train(task, model, opt, seed, steps)
     lrs = opt.history[0]["lr"]
     return dict(metric=metric, lr=opt.param_groups[0]["lr"], max_lr=max(lrs), diverged=diverged)
 

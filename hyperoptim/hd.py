@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch  # noqa: F401  (the examples below use it)
+import torch
 from torch import Tensor
 
 from .core.options import check_arguments, renamed_options
@@ -76,6 +76,15 @@ class HypergradSGD(RuleHypergrad):
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``). Public
             implementations let the learning rate go negative; this one does not.
         per_parameter (bool, optional): one learning rate per weight (default: False).
+        tune (tuple of str, optional): what is learned: ``("lr",)``, or ``("lr", "momentum")``
+            to learn the momentum :math:`\mu` too, by its one-step hypergradient
+            :math:`h^\mu_t = \langle \nabla E(w_t), \partial w_t / \partial \mu_{t-1} \rangle`
+            with :math:`\partial w_t / \partial \mu_{t-1} = -a_{t-1} v_{t-1}` (heavy ball;
+            :math:`-a_{t-1}(2\mu_{t-1} v_{t-1} + (1-\delta) g_{t-1})` with Nesterov; 0 and
+            :math:`-a_0 g_0` at the first step), through the same policy as the learning rate
+            (:class:`~hyperoptim.methods.hd.RuleHypergrad`). The momentum is held to
+            [1e-3, 0.999] and ``history`` records ``"momentum"`` and ``"hypergrad/momentum"``
+            (default: ``("lr",)``).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step (default: None, the training-loss rule).
         maximize (bool, optional): maximize the objectives instead, as ``torch.optim.SGD``
@@ -113,6 +122,7 @@ class HypergradSGD(RuleHypergrad):
         hyper_step: HyperStep | str | None = None,
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
+        tune: tuple[str, ...] = ("lr",),
         val_closure: Closure | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -120,11 +130,13 @@ class HypergradSGD(RuleHypergrad):
         fused: bool | None = None,
     ) -> None:
         check_arguments(self, lr_bounds=lr_bounds, lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, per_parameter=per_parameter)
+                        weight_decay=weight_decay, nesterov=nesterov, per_parameter=per_parameter,
+                        tune=tune)
         rule_defaults = dict(lr=float(lr), momentum=momentum, dampening=dampening,
                              weight_decay=weight_decay, nesterov=nesterov)
         self._setup(params, rule_defaults, hyper_lr=hyper_lr, hyper_step=hyper_step,
-                    lr_bounds=lr_bounds, per_parameter=per_parameter, val_closure=val_closure,
+                    lr_bounds=lr_bounds, per_parameter=per_parameter, tune=tune,
+                    val_closure=val_closure,
                     maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
 
     rule = SGD
@@ -139,6 +151,25 @@ class HypergradSGD(RuleHypergrad):
         # In training-loss mode grad E = grad L + wd * w (the gradient SGD descends).
         wd = group["weight_decay"]
         return grads if wd == 0 else [g.add(p, alpha=wd) for g, p in zip(grads, params)]
+
+    def _momentum_tangents(self, plan: Any, buffers: Any, hypers: dict[str, Any],
+                           counts: list[float] | None) -> list[Tensor]:
+        # The generic tangent's closed form for SGD (tested equal to it): d_t depends on mu
+        # through v_{t+1} = mu v_t + (1 - dampening) g'_t, and with Nesterov also through mu v_{t+1}.
+        group = plan.group
+        mu, wd = hypers["momentum"], hypers["weight_decay"]
+        lrs = hypers["lr"] if isinstance(hypers["lr"], list) else [hypers["lr"]] * len(plan.params)
+        out = []
+        for p, g, v, a in zip(plan.params, plan.grads, buffers["momentum_buffer"], lrs):
+            if group["nesterov"]:
+                g1 = g.add(p, alpha=wd) if wd != 0 else g
+                dd = g1.clone() if v is None else v.mul(2.0 * mu).add_(g1,
+                                                                     alpha=1 - group["dampening"])
+            else:
+                dd = torch.zeros_like(p) if v is None else v
+            # -a * dd as a new tensor (dd may be the live buffer, which the step updates)
+            out.append(dd.mul(a).neg_() if isinstance(a, Tensor) else dd.mul(-a))
+        return out
 
     @staticmethod
     def _previous_direction(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:

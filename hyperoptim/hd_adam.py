@@ -79,6 +79,12 @@ class HypergradAdam(RuleHypergrad):
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``).
         per_parameter (bool, optional): one learning rate per weight (default: False).
+        tune (tuple of str, optional): what is learned: ``("lr",)``, or ``("lr", "momentum")``
+            to learn :math:`\beta_1` too by its one-step hypergradient
+            :math:`\langle \nabla E(w_t), \partial w_t / \partial \beta_1 \rangle` (Adam's
+            tangent by autograd of its rule; :class:`~hyperoptim.methods.hd.RuleHypergrad`),
+            held to [1e-3, 0.999] and recorded as ``"momentum"`` and ``"hypergrad/momentum"`` in
+            ``history`` (default: ``("lr",)``).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step (default: None, the training-loss rule).
         foreach, fused, differentiable: ``torch.optim.Adam``'s switches; their defaults
@@ -131,6 +137,7 @@ class HypergradAdam(RuleHypergrad):
         hyper_step: HyperStep | str | None = None,
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
+        tune: tuple[str, ...] = ("lr",),
         val_closure: Closure | None = None,
         foreach: bool | None = None,
         maximize: bool = False,
@@ -140,18 +147,25 @@ class HypergradAdam(RuleHypergrad):
     ) -> None:
         check_arguments(self, lr_bounds=lr_bounds, lr=lr, betas=betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        per_parameter=per_parameter,
+                        per_parameter=per_parameter, tune=tune,
                         decoupled_weight_decay=decoupled_weight_decay)
         rule_defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])),
                              eps=float(eps), weight_decay=float(weight_decay), amsgrad=False,
                              maximize=False, decoupled_weight_decay=decoupled_weight_decay)
         self._setup(params, rule_defaults, hyper_lr=hyper_lr, hyper_step=hyper_step,
-                    lr_bounds=lr_bounds, per_parameter=per_parameter, val_closure=val_closure,
+                    lr_bounds=lr_bounds, per_parameter=per_parameter, tune=tune,
+                    val_closure=val_closure,
                     foreach=foreach, fused=fused, differentiable=differentiable)
+
+    momentum_hyper = "beta1"
 
     @staticmethod
     def _momentum(group: dict[str, Any]) -> float:
         return float(group["betas"][0])
+
+    @staticmethod
+    def _momentum_entry(group: dict[str, Any], value: float) -> dict[str, Any]:
+        return {"betas": (value, group["betas"][1])}
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:

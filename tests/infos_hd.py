@@ -16,6 +16,11 @@ INFOS = [
             OptimizerInput(dict(lr=0.05, per_parameter=True, hyper_lr=0.01), "per_parameter"),
             OptimizerInput(dict(lr=0.05, momentum=0.9, per_parameter=True, hyper_lr=0.01),
                            "per_parameter_val", use_val=True),
+            OptimizerInput(dict(lr=0.05, momentum=0.5, hyper_lr=0.01,
+                                tune=("lr", "momentum")), "momentum_learned"),
+            OptimizerInput(dict(lr=0.05, momentum=0.5, nesterov=True, hyper_step="growth",
+                                tune=("lr", "momentum")), "momentum_learned_growth_val",
+                           use_val=True),
         ],
         error_inputs=[
             ErrorOptimizerInput(dict(lr=-0.1), "Invalid lr value: -0.1", "negative_lr"),
@@ -28,6 +33,7 @@ INFOS = [
             ErrorOptimizerInput(dict(lr=2.0, lr_bounds=(0.0, 1.0)), "Invalid lr value", "out"),
             ErrorOptimizerInput(dict(val_closure=3), "Invalid val_closure value", "val_closure"),
             ErrorOptimizerInput(dict(nesterov=True), "Nesterov momentum requires", "nesterov"),
+            ErrorOptimizerInput(dict(tune=("momentum",)), "Invalid tune value", "tune"),
         ],
     )
 ]

@@ -30,6 +30,8 @@ INFOS = [
             OptimizerInput(dict(lr=0.01, per_parameter=True, hyper_lr=1e-4), "per_parameter"),
             OptimizerInput(dict(lr=0.01, per_parameter=True, hyper_lr=1e-4),
                            "per_parameter_val", use_val=True),
+            OptimizerInput(dict(lr=0.01, hyper_lr=1e-4, tune=("lr", "momentum")),
+                           "beta1_learned", use_val=True),
         ],
         error_inputs=_ERRORS,
     ),

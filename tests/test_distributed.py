@@ -44,6 +44,12 @@ def _builders() -> dict[str, Callable[..., Any]]:
                                                               hyper_step="scale_free"),
         "hd_growth_val": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5,
                                                               hyper_step="growth", val_closure=v),
+        # A learned momentum (its tangent, hypergradient and policy state) in lockstep too.
+        "hd_momentum_growth_val": lambda p, v: hyperoptim.HypergradSGD(
+            p, lr=0.05, momentum=0.5, tune=("lr", "momentum"), hyper_step="growth",
+            val_closure=v),
+        "hd_adam_beta1": lambda p, v: hyperoptim.HypergradAdam(
+            p, lr=0.01, tune=("lr", "momentum"), hyper_lr=1e-4, val_closure=v),
         "marthe_scale_free": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5,
                                                                hyper_step="scale_free",
                                                                val_closure=v),

@@ -74,6 +74,9 @@ __all__ = [
 # Every learned value stays within [-LEARNED_LIMIT, LEARNED_LIMIT] (core.base.LEARNED_LIMIT).
 _LIMIT = 1e3
 _NAMES = ("lr", "momentum", "weight_decay")
+# What hypergradient descent learns: the learning rate, and optionally the momentum (SGD's
+# ``momentum``, Adam's ``beta1``).
+_HD_NAMES = ("lr", "momentum")
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,11 @@ def _tune(empty_ok: bool) -> Callable[[Any], bool]:
     return check
 
 
+def _hd_tune(v: Any) -> bool:
+    return (isinstance(v, (tuple, list)) and "lr" in v and len(set(v)) == len(v)
+            and all(isinstance(n, str) and n in _HD_NAMES for n in v))
+
+
 def _step_size(v: Any) -> bool:
     return is_real(v) and 0 < v <= _LIMIT
 
@@ -206,6 +214,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("per_parameter", False, _flag, "True or False", ("hd",)),
     Option("hyper_step", "additive", _hyper_step, "a policy of hyperoptim.hyperstep or its name",
            ("hd", "marthe")),
+    Option("tune", ("lr",), _hd_tune, "('lr',) or ('lr', 'momentum')", ("hd",), fixed=True),
     # MARTHE.
     Option("mu", "adaptive", lambda v: v == "adaptive" if isinstance(v, str)
            else is_number(v) and 0.0 <= float(v) <= 1.0, "'adaptive' or a number in [0, 1]",
@@ -414,6 +423,9 @@ def check_group(owner: Any, group: Mapping[str, Any], defaults: Mapping[str, Any
                 raise _refuse(key, value, f"{name} has no option {key!r}; it would be ignored")
     else:  # a class outside the table (a new rule or method): the checks every group shares
         fallback = _table(_FALLBACK)
+        # ``tune`` names what a method learns, and methods learn different things (IFT and FDS
+        # more than HD): a class of unknown method is held to no one method's list.
+        fallback.pop("tune", None)
         for key, value in group.items():
             if key in fallback:
                 _check_one(fallback[key], value)

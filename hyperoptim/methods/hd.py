@@ -12,6 +12,20 @@ the previous step's direction *as the rule computes it* (the rule's ``step_`` re
 then the rule's step with :math:`a_t`. Subclasses (``HypergradSGD`` over the SGD rule,
 ``HypergradAdam`` and ``HypergradAdamW`` over Adam's) set the rule, check their arguments, and say
 what the training-loss objective's gradient is.
+
+With ``tune=("lr", "momentum")`` the rule's momentum :math:`\mu` (SGD's ``momentum``, Adam's
+:math:`\beta_1`) is learned the same way, by its one-step hypergradient (as
+gradient-descent-the-ultimate-optimizer computes it: the weights and the buffers before the step
+are constants),
+
+.. math::
+
+    Z_t = \frac{\partial w_{t+1}}{\partial \mu_t} = -a_t \frac{\partial d_t}{\partial \mu_t},
+    \qquad h^\mu_{t+1} = \langle \nabla E(w_{t+1}), Z_t \rangle,
+
+:math:`Z_t` from the rule's own one-step tangent (:func:`~hyperoptim.rules.rule_tangents` with
+one column for the momentum and zero incoming tangents; ``HypergradSGD`` has a closed form as a
+fast path, tested equal to it), kept in ``state[p]["momentum_tangent"]``.
 """
 
 from __future__ import annotations
@@ -26,20 +40,34 @@ from torch import Tensor
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value, is_real
 from ..core.dist import all_reduce_mean, world_size
-from ..core.options import renamed_options
+from ..core.options import check_rule_arguments, components, renamed_options
 from ..core.shard import is_sharded, local, sums_and_norms
 from ..core.types import Closure, ParamsT
 from ..core.warn import warn
 from ..hyperstep import Additive, HyperStep, resolve
-from ..rules.base import UpdateRule
+from ..rules.base import UpdateRule, rule_tangents
+from .ift import MOMENTUM_RANGE
 
 __all__ = ["RuleHypergrad", "hyper_step_option"]
+
+#: Where a learned momentum is held (IFT's range: its horizon :math:`1/(1-\mu)` stays within
+#: 1000 steps, and it never reaches 0, where the rule would stop keeping its buffer).
+MOMENTUM_BOUNDS = MOMENTUM_RANGE
 
 
 #: Each param group with its parameters that have a gradient.
 _Groups = list[tuple[dict[str, Any], list[Tensor]]]
 #: A group's proposed learning rate, its policy's new state and what it adds to ``history``.
 _Stepped = tuple[float, dict[str, float] | None, dict[str, float]]
+
+
+class _Moved(NamedTuple):
+    """A group's proposed momentum (``tune`` with ``"momentum"``), not yet committed."""
+
+    value: float
+    hypergrad: float
+    #: The policy's new state for the momentum (``None``: the additive policy keeps none).
+    state: dict[str, float] | None
 
 
 class _Plan(NamedTuple):
@@ -54,6 +82,9 @@ class _Plan(NamedTuple):
     span: tuple[int, int]
     #: Candidate per-weight learning rates (``per_parameter`` groups), else None.
     new_lrs: list[Tensor] | None
+    #: Where the group's <grad E, Z_{t-1}> terms stand (a normalised policy's two scale terms
+    #: follow them), or None when the momentum is not learned.
+    momentum_span: tuple[int, int] | None = None
 
 
 def hyper_step_option(hyper_lr: float | None, hyper_step: HyperStep | str | None,
@@ -80,8 +111,8 @@ def hyper_step_option(hyper_lr: float | None, hyper_step: HyperStep | str | None
 class RuleHypergrad(HyperOptimizer):
     r"""Hypergradient descent over ``rule`` (a base class; see ``HypergradSGD``, ``HypergradAdam``).
 
-    Param groups carry ``lr``, ``hyper_lr`` (:math:`\kappa`), ``lr_bounds`` and
-    ``per_parameter`` next to the rule's own hyperparameters. ``state[p]`` holds the rule's state
+    Param groups carry ``lr``, ``hyper_lr`` (:math:`\kappa`), ``lr_bounds``, ``per_parameter``
+    and ``tune`` next to the rule's own hyperparameters. ``state[p]`` holds the rule's state
     (torch's names) and ``"direction"`` (:math:`d_{t-1}`, unless :meth:`_previous_direction` finds
     it in the rule's own state: SGD's heavy-ball direction is its momentum buffer), plus ``"lr"``
     with per-weight learning rates. ``history[i]`` records ``"lr"``, ``"hypergrad/lr"`` and
@@ -98,8 +129,21 @@ class RuleHypergrad(HyperOptimizer):
     training loss or gradient, or a rate that would overflow the weights' dtype skips the whole
     step before anything is committed.
 
+    With ``"momentum"`` in ``tune`` the rule's momentum follows its one-step hypergradient
+    :math:`h^\mu` (module docstring) through the group's policy: the additive policy takes
+    :math:`\mu \leftarrow \mu - \kappa h^\mu` with the learning rate's :math:`\kappa` (one
+    hyper-learning rate for every hyperparameter, as gradient-descent-the-ultimate-optimizer has);
+    every other policy acts on :math:`u = 1 - \mu` with the derivative
+    :math:`\partial E / \partial u = -h^\mu`, so a multiplicative or log-space policy moves the
+    momentum's horizon :math:`1/(1-\mu)` by factors, whatever its scale (the policy's reaction to
+    a rising training loss is the learning rate's alone: shrinking :math:`u` would *raise* the
+    momentum). The learned value is held to :data:`MOMENTUM_BOUNDS`; ``history[i]`` records
+    ``"momentum"`` and ``"hypergrad/momentum"``, and ``hyper_state["momentum_step"]`` the
+    policy's state.
+
     Subclasses set ``rule``, check their arguments, and say what the training-loss objective's
-    gradient is (:meth:`_objective_grads`).
+    gradient is (:meth:`_objective_grads`) and where the momentum lives (:meth:`_momentum`,
+    :meth:`_momentum_entry`, :attr:`momentum_hyper`).
     """
 
     _backs_off = True
@@ -114,17 +158,19 @@ class RuleHypergrad(HyperOptimizer):
     default_hyper_lr: float
     #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given.
     default_hyper_step: HyperStep | str = Additive.name
+    #: The rule's name for the momentum that ``tune=("lr", "momentum")`` learns.
+    momentum_hyper: ClassVar[str] = "momentum"
 
     def _setup(self, params: ParamsT, defaults: dict[str, Any], *, hyper_lr: float | None,
                hyper_step: HyperStep | str | None, lr_bounds: tuple[float, float],
-               per_parameter: bool, **base: Any) -> None:
+               per_parameter: bool, tune: tuple[str, ...] = ("lr",), **base: Any) -> None:
         """The rule-independent part of the constructor, after the public class has checked its
         arguments: the rule's ``defaults`` with HD's options after them, then the groups."""
         kappa, policy = hyper_step_option(hyper_lr, hyper_step, self._default_hyper_lr(),
                                           self.default_hyper_step)
         defaults = {**defaults, "hyper_lr": kappa, "hyper_step": policy,
                     "lr_bounds": (float(lr_bounds[0]), float(lr_bounds[1])),
-                    "per_parameter": per_parameter}
+                    "per_parameter": per_parameter, "tune": tuple(tune)}
         super().__init__(params, defaults, **base)
 
     @classmethod
@@ -148,12 +194,29 @@ class RuleHypergrad(HyperOptimizer):
         if group["per_parameter"] and not isinstance(policy, Additive):
             raise ValueError(f"Invalid hyper_step value: {group['hyper_step']} (per_parameter=True "
                              "takes the additive hyper-step: pass hyper_lr)")
+        if components(self) is None and "tune" in group:  # a rule outside the options' table
+            check_rule_arguments("hd", tune=group["tune"])
+        if _learns_momentum(group) and any(is_sharded(p) for p in group.get("params", ())):
+            raise ValueError(f"{type(self).__name__}(tune=('lr', 'momentum')) does not support "
+                             "FSDP2 (fully_shard) yet: tune=('lr',) does.")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             # A checkpoint saved before the policies existed took the additive step.
             group.setdefault("hyper_step", Additive.name)
+            group.setdefault("tune", ("lr",))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A state dict this package saved before HD learned momentum tuned the lr alone (a
+        # torch.optim one takes this optimizer's groups' values: core.migrate).
+        ours = isinstance(state_dict, dict) and ("optimizer_class" in state_dict
+                                                  or "hyper_state" in state_dict)
+        groups = state_dict.get("param_groups") if ours else None
+        if isinstance(groups, list):
+            state_dict = {**state_dict, "param_groups": [
+                {"tune": ("lr",), **g} if isinstance(g, dict) else g for g in groups]}
+        super().load_state_dict(state_dict)
 
     @staticmethod
     def _policy(group: dict[str, Any]) -> HyperStep:
@@ -168,6 +231,10 @@ class RuleHypergrad(HyperOptimizer):
         """The inner rule's momentum, which paces the policy's growth (SGD's ``momentum``)."""
         return float(group.get("momentum", 0.0))
 
+    @staticmethod
+    def _momentum_entry(group: dict[str, Any], value: float) -> dict[str, Any]:
+        """The param-group entries that set the rule's momentum to ``value``."""
+        return {"momentum": value}
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:
@@ -208,11 +275,12 @@ class RuleHypergrad(HyperOptimizer):
         hypergrads = [-_fsum(values[a:b]) for a, b in (plan.span for plan in plans)]
         stepped = [self._new_lr(i, plan, h, values, train_loss)
                    for i, (plan, h) in enumerate(zip(plans, hypergrads))]
-        reason = self._verdict(values, checked, groups, plans, stepped)
+        moved = [self._new_momentum(i, plan, values) for i, plan in enumerate(plans)]
+        reason = self._verdict(values, checked, groups, plans, stepped, moved)
         if reason is not None:
-            self._skip(reason, stepped)
+            self._skip(reason, stepped, moved)
         else:
-            self._commit(plans, hypergrads, stepped)
+            self._commit(plans, hypergrads, stepped, moved)
         return loss
 
     def _validation(self, val_closure: Closure | None, groups: _Groups, sharded: bool
@@ -231,7 +299,9 @@ class RuleHypergrad(HyperOptimizer):
                  ) -> tuple[list[_Plan], list[Tensor]]:
         r"""Every group's plan and the step's device scalars, in one flat list for one host sync:
         per group, its :math:`\langle \nabla E, d_{t-1} \rangle` terms (summed on the host), then
-        the scale of a normalised policy or the mean and the largest of the per-weight rates."""
+        the scale of a normalised policy or the mean and the largest of the per-weight rates,
+        then (a learned momentum) its :math:`\langle \nabla E, Z_{t-1} \rangle` terms and their
+        scale."""
         scalars: list[Tensor] = []
         plans = [self._propose_group(index, group, params, objective, scalars)
                  for index, (group, params) in enumerate(groups)]
@@ -248,17 +318,31 @@ class RuleHypergrad(HyperOptimizer):
         else:
             objs = self._objective_grads(group, params, grads)
         start = len(scalars)
+        new_lrs = None
         if group["per_parameter"]:
             new_lrs = self._propose_per_weight(index, group, params, states, objs, prev, scalars)
             span = (start, len(scalars))
             scalars.extend(_mean_and_largest(new_lrs, group["lr"]))
-            return _Plan(group, params, grads, states, span, new_lrs)
-        # h_t = -<grad E(w_t), d_{t-1}>
-        scalars.extend(_dot(o, d) for o, d in zip(objs, prev) if d is not None)
+        else:  # h_t = -<grad E(w_t), d_{t-1}>
+            span = self._propose_terms(group, objs, prev, scalars)
+        momentum_span = None
+        if _learns_momentum(group):  # h^mu_t = <grad E(w_t), Z_{t-1}>, Z_{t-1} = dw_t/dmu_{t-1}
+            tangents = [s.get("momentum_tangent") for s in states]
+            momentum_span = self._propose_terms(group, objs, tangents, scalars)
+        return _Plan(group, params, grads, states, span, new_lrs, momentum_span)
+
+    def _propose_terms(self, group: dict[str, Any], objs: list[Tensor],
+                       vectors: list[Tensor | None], scalars: list[Tensor]) -> tuple[int, int]:
+        r"""Appends the terms :math:`\langle \nabla E(w_t), x \rangle` over the ``vectors``
+        that exist (:math:`d_{t-1}` for the learning rate, :math:`Z_{t-1}` for the momentum;
+        summed on the host), then their scale for a normalised policy; returns where the terms
+        stand."""
+        start = len(scalars)
+        scalars.extend(_dot(o, x) for o, x in zip(objs, vectors) if x is not None)
         span = (start, len(scalars))
         if self._policy(group).normalised:
-            scalars.extend(_scale_terms(objs, prev))
-        return _Plan(group, params, grads, states, span, None)
+            scalars.extend(_scale_terms(objs, vectors))
+        return span
 
     def _propose_per_weight(self, index: int, group: dict[str, Any], params: list[Tensor],
                             states: list[dict[str, Any]], objs: list[Tensor],
@@ -302,34 +386,44 @@ class RuleHypergrad(HyperOptimizer):
         return sums[:len(scalars)], val_loss, norms
 
     def _verdict(self, values: list[float], checked: list[float], groups: _Groups,
-                 plans: list[_Plan], stepped: list[_Stepped]) -> str | None:
+                 plans: list[_Plan], stepped: list[_Stepped], moved: list[_Moved | None]
+                 ) -> str | None:
         """Why the step must be skipped (``None``: commit it). One guard for everything the step
-        is about to commit (docs/design.md §7): the hypergradient and validation loss, the
-        training gradient, and the weights the new rate would give (a per-weight group's largest
-        rate)."""
+        is about to commit (docs/design.md §7): the hypergradients and validation loss, the
+        training gradient, and the weights the new rate (a per-weight group's largest rate) and
+        momentum would give."""
         if not self._all_finite(*values):
             return "hypergradient or validation loss"
         largest = [values[plan.span[1] + 1] if plan.new_lrs is not None else lr
                    for plan, (lr, _, _) in zip(plans, stepped)]
-        return self._guard_verdict(checked, groups, [{"lr": a} for a in largest])
+        hypers = [{"lr": a, **({} if m is None else self._momentum_entry(plan.group, m.value))}
+                  for a, plan, m in zip(largest, plans, moved)]
+        return self._guard_verdict(checked, groups, hypers)
 
-    def _skip(self, reason: str, stepped: list[_Stepped]) -> None:
+    def _skip(self, reason: str, stepped: list[_Stepped], moved: list[_Moved | None]) -> None:
         """Count and record a skipped step: nothing else changes."""
         self._warn_nonfinite(reason)
         for i, group in enumerate(self.param_groups):
+            momentum = {} if moved[i] is None else {
+                "momentum": self._momentum(group), "hypergrad/momentum": math.nan}
             self._record(i, skipped=True, lr=group["lr"], **{"hypergrad/lr": math.nan},
-                         **dict.fromkeys(stepped[i][2], math.nan))
+                         **dict.fromkeys(stepped[i][2], math.nan), **momentum)
 
-    def _commit(self, plans: list[_Plan], hypergrads: list[float], stepped: list[_Stepped]
-                ) -> None:
-        """Write every group's new rate and policy state, take the rule's step with it, and
-        record ``history``."""
-        for i, (plan, h, (new_lr, policy_state, extra)) in enumerate(
-                zip(plans, hypergrads, stepped)):
+    def _commit(self, plans: list[_Plan], hypergrads: list[float], stepped: list[_Stepped],
+                moved: list[_Moved | None]) -> None:
+        """Write every group's new rate, momentum and policy states, take the rule's step with
+        them, and record ``history``."""
+        for i, (plan, h, (new_lr, policy_state, extra), m) in enumerate(
+                zip(plans, hypergrads, stepped, moved)):
             group = plan.group
             group["lr"] = new_lr
             if policy_state is not None:
                 self.hyper_state.setdefault("hyper_step", {})[i] = policy_state
+            if m is not None:
+                group.update(self._momentum_entry(group, m.value))
+                if m.state is not None:
+                    self.hyper_state.setdefault("momentum_step", {})[i] = m.state
+                extra = {**extra, "momentum": m.value, "hypergrad/momentum": m.hypergrad}
             hypers: dict[str, Any] = self.rule.hypers(group)
             if plan.new_lrs is not None:
                 self.hyper_state.setdefault("published_lr", {})[i] = new_lr
@@ -345,9 +439,15 @@ class RuleHypergrad(HyperOptimizer):
         hypergradient."""
         rule, group, states = self.rule, plan.group, plan.states
         buffers, counts = rule.read_state(states, plan.params)
+        # Z_t = dw_{t+1}/dmu_t, from the state before the step (step_ updates it in place)
+        tangents = (self._momentum_tangents(plan, buffers, hypers, counts)
+                    if plan.momentum_span is not None else None)
         new_buffers, dirs = rule.step_(plan.params, plan.grads, buffers, hypers, counts,
                                        **rule.options(group))
         rule.write_state(states, new_buffers)
+        if tangents is not None:
+            for s, z in zip(states, tangents):
+                s["momentum_tangent"] = z
         for s, d in zip(states, dirs):
             # Kept unless the rule's state already holds it (heavy ball's buffer).
             if self._previous_direction(group, s) is not d:
@@ -375,6 +475,42 @@ class RuleHypergrad(HyperOptimizer):
             extra["hypergrad/lr_cosine"] = h / norm if norm > 0.0 else 0.0
         return min(max(lr, lo), hi), state, extra
 
+    def _new_momentum(self, index: int, plan: _Plan, values: list[float]) -> _Moved | None:
+        r"""A group's new momentum, its hypergradient :math:`h^\mu` and the policy's new state
+        (``None`` when the momentum is not learned); nothing is committed."""
+        if plan.momentum_span is None:
+            return None
+        group, (first, end) = plan.group, plan.momentum_span
+        h = _fsum(values[first:end])
+        mu = self._momentum(group)
+        policy = self._policy(group)
+        state = None
+        if isinstance(policy, Additive):
+            new = mu - group["hyper_lr"] * h
+        else:
+            # The policy moves u = 1 - mu (dE/du = -h): its horizon, by factors.
+            norm = (math.sqrt(values[end]) * math.sqrt(values[end + 1]) if policy.normalised
+                    else 0.0)
+            state = self.hyper_state.get("momentum_step", {}).get(index)
+            if state is None:
+                state = policy.init_state(1.0 - mu)
+            u, state = policy.update(1.0 - mu, -h, norm, state, momentum=mu)
+            new = 1.0 - u
+        return _Moved(min(max(new, MOMENTUM_BOUNDS[0]), MOMENTUM_BOUNDS[1]), h, state)
+
+    def _momentum_tangents(self, plan: _Plan, buffers: Any, hypers: dict[str, Any],
+                           counts: list[float] | None) -> list[Tensor]:
+        r""":math:`Z_t = \partial w_{t+1} / \partial \mu_t` per parameter, the state before the
+        step held constant: the rule's one-step tangent (one column, zero incoming tangents)."""
+        params = plan.params
+        zeros = [p.new_zeros((1, *p.shape)) for p in params]
+        seed = params[0].new_ones(1)
+        z, _ = rule_tangents(self.rule, params, plan.grads, buffers, hypers, zeros, zeros,
+                             {name: [None] * len(params) for name in self.rule.buffer_names},
+                             {self.momentum_hyper: seed}, counts=counts,
+                             **self.rule.options(plan.group))
+        return [t[0] for t in z]
+
     def _per_parameter_lrs(self, index: int, group: dict[str, Any], params: list[Tensor],
                            states: list[dict[str, Any]], hypergrads: list[Tensor | None]
                            ) -> list[Tensor]:
@@ -395,6 +531,11 @@ class RuleHypergrad(HyperOptimizer):
                 a = (a - group["hyper_lr"] * h).clamp_(lo, hi)
             out.append(a)
         return out
+
+
+def _learns_momentum(group: dict[str, Any]) -> bool:
+    """Whether the group learns its momentum (``"momentum"`` in ``tune``)."""
+    return "momentum" in group.get("tune", ())
 
 
 def _learned_bounds(group: dict[str, Any]) -> tuple[float, float]:
