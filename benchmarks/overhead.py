@@ -128,19 +128,31 @@ def _make_closure(route: str, model: nn.Module, opt: torch.optim.Optimizer, data
     return _loss_closure(model, data, t) if route == "exact" else _closure(model, opt, data, t)
 
 
+def _knobs(hp: ModuleType, method: str, **kwargs: object) -> dict[str, object]:
+    """``kwargs`` with the hyper-step knobs under the names ``hp`` takes: a ``--before`` package
+    from before issue 18's rename (no ``core.options.renamed_options``) takes the old ones
+    (``hypergrad_lr``, ``adapt_hypergrad_lr``, ``step_sizes``)."""
+    options = getattr(getattr(hp, "core", None), "options", None)
+    if options is not None and hasattr(options, "renamed_options"):
+        return kwargs
+    old = {new: old for old, new in hyperoptim.core.options.renamed_options(method).items()}
+    return {old.get(name, name): value for name, value in kwargs.items()}
+
+
 def make_sgd(hp: ModuleType, model: nn.Module, data: Data) -> Step:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     return lambda t: opt.step(_closure(model, opt, data, t))
 
 
 def make_hd_train(hp: ModuleType, model: nn.Module, data: Data) -> Step:
-    opt = hp.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hyper_lr=1e-4)
+    opt = hp.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9,
+                          **_knobs(hp, "hd", hyper_lr=1e-4))
     return lambda t: opt.step(_closure(model, opt, data, t))
 
 
 def make_hd_val(hp: ModuleType, model: nn.Module, data: Data) -> Step:
-    opt = hp.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9, hyper_lr=1e-4,
-                          val_closure=_val_closure(model, data))
+    opt = hp.HypergradSGD(model.parameters(), lr=0.01, momentum=0.9,
+                          val_closure=_val_closure(model, data), **_knobs(hp, "hd", hyper_lr=1e-4))
     return lambda t: opt.step(_closure(model, opt, data, t))
 
 
@@ -176,7 +188,8 @@ def make_fds(route: str) -> Factory:
         opt = hp.FDSSGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
                         horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
                         val_closure=_val_closure(model, data), hvp=route,
-                        hyper_lr={"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-5})
+                        **_knobs(hp, "fds", hyper_lr={"lr": 1e-3, "momentum": 1e-3,
+                                                      "weight_decay": 1e-5}))
         return _episodes(opt, lambda t: _make_closure(route, model, opt, data, t))
 
     return make
@@ -188,8 +201,8 @@ def make_marthe(mu: str | float, route: str) -> Factory:
         # HVP, tangents, mu), but the random labels here cannot drive the learning rate into
         # divergence and skipped steps, which would time the guard instead of the method.
         opt = hp.MartheSGD(model.parameters(), lr=0.01, momentum=0.9, mu=mu,
-                           hyper_lr=0.0, adapt_hyper_lr=False,
-                           val_closure=_val_closure(model, data), hvp=route)
+                           val_closure=_val_closure(model, data), hvp=route,
+                           **_knobs(hp, "marthe", hyper_lr=0.0, adapt_hyper_lr=False))
         return lambda t: opt.step(_make_closure(route, model, opt, data, t))
 
     return make
@@ -208,7 +221,7 @@ def make_adam(decoupled: bool) -> Factory:
 def make_hd_adam(decoupled: bool, validation: bool) -> Factory:
     def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
         cls = hp.HypergradAdamW if decoupled else hp.HypergradAdam
-        opt = cls(model.parameters(), lr=1e-3, hyper_lr=1e-7,
+        opt = cls(model.parameters(), lr=1e-3, **_knobs(hp, "hd", hyper_lr=1e-7),
                   val_closure=_val_closure(model, data) if validation else None)
         return lambda t: opt.step(_closure(model, opt, data, t))
 
@@ -220,8 +233,9 @@ def make_marthe_adam(mu: str | float, decoupled: bool = False) -> Factory:
     # ReLU MLP in float32, and its kink retries would time the warning's cause, not the method.
     def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
         cls = hp.MartheAdamW if decoupled else hp.MartheAdam
-        opt = cls(model.parameters(), lr=1e-3, mu=mu, hyper_lr=0.0,  # as make_marthe
-                  adapt_hyper_lr=False, val_closure=_val_closure(model, data), hvp="exact")
+        opt = cls(model.parameters(), lr=1e-3, mu=mu, val_closure=_val_closure(model, data),
+                  hvp="exact",  # the knobs as make_marthe's
+                  **_knobs(hp, "marthe", hyper_lr=0.0, adapt_hyper_lr=False))
         return lambda t: opt.step(_loss_closure(model, data, t))
 
     return make
@@ -245,7 +259,7 @@ def make_fds_adam(decoupled: bool) -> Factory:
         opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 1e-4,
                   horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
                   val_closure=_val_closure(model, data), hvp="exact",
-                  hyper_lr={"lr": 1e-5, "weight_decay": 1e-5})
+                  **_knobs(hp, "fds", hyper_lr={"lr": 1e-5, "weight_decay": 1e-5}))
         return _episodes(opt, lambda t: _loss_closure(model, data, t))
 
     return make

@@ -33,7 +33,8 @@ from hyperoptim import (
     MartheAdamW,
     MartheSGD,
 )
-from hyperoptim.core.options import OPTIONS, options_of
+from hyperoptim.core import options as options_module
+from hyperoptim.core.options import OPTIONS, options_of, validate_groups
 
 CLASSES = [HypergradSGD, HypergradAdam, HypergradAdamW, MartheSGD, MartheAdam, MartheAdamW,
            IFTOptimizer, IFTAdam, IFTAdamW, FDSSGD]
@@ -423,6 +424,75 @@ def test_fuzz_assignment_then_step(cls, data):
             del group[name]
 
     _refused_or_finite(lambda: setup, name, (setup, before), restore)
+
+
+def _lookalikes(value):
+    """Values equal to ``value`` under == but of other types, and in-place changes of it."""
+    kind = type(value)
+    out = []
+    if kind is float and value.is_integer() and abs(value) < 1e15:
+        out.append(int(value))
+    if kind in (float, int) and value in (0, 1):
+        out.append(bool(value))
+    if kind is bool:
+        out.append(int(value))
+    if kind is int:
+        out.append(float(value))
+    if kind in (tuple, list) and value:
+        out.append(list(value) if kind is tuple else tuple(value))
+        out += [kind(v if i else w for i, v in enumerate(value)) for w in _lookalikes(value[0])]
+    return out
+
+
+def _outcome(opt):
+    try:
+        validate_groups(opt)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _fresh_outcome(opt, monkeypatch):
+    """:func:`_outcome` of a copy of ``opt`` with nothing remembered from earlier checks."""
+    fresh = copy.deepcopy(opt)
+    fresh.__dict__.pop("_groups_passed", None)
+    with monkeypatch.context() as patch:
+        patch.setattr(options_module, "_PASSED", {})
+        return _outcome(fresh)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_a_group_that_passed_is_checked_again_whenever_it_could_check_differently(cls,
+                                                                                  monkeypatch):
+    # validate_groups skips a group that holds exactly what passed at the last step: a value of
+    # another type that compares equal (0 for False, True for 1.0, a list for a tuple), a list
+    # changed in place, new parameter lists and a flipped maximize get the verdict of a fresh
+    # check, every time.
+    setup = Setup(cls, lr_bounds=[1e-6, 1.0]) if "lr_bounds" in options_of(cls) else Setup(cls)
+    setup.step()
+    group = setup.opt.param_groups[0]
+    cases = [(k, w) for k in sorted(group) if k != "params" for w in _lookalikes(group[k])]
+    assert cases
+    for key, value in cases:
+        old = group[key]
+        for _ in range(2):
+            group[key] = value
+            expected = _fresh_outcome(setup.opt, monkeypatch)
+            assert _outcome(setup.opt) == expected, key
+        group[key] = old
+        assert _outcome(setup.opt) is None
+    if isinstance(group.get("lr_bounds"), list):
+        group["lr_bounds"][0] = -1.0
+        with pytest.raises(ValueError, match="Invalid lr_bounds value"):
+            setup.step()
+        group["lr_bounds"][0] = 1e-6
+    group["params"] = list(group["params"])
+    setup.step()
+    setup.opt.defaults["maximize"] = True
+    with pytest.raises(ValueError, match="Invalid maximize value"):
+        setup.step()
+    setup.opt.defaults["maximize"] = False
+    setup.step()
 
 
 def _mutations(sd):

@@ -376,7 +376,10 @@ class _Closures:
 
     def _reached(self) -> ReachedLeaves:
         """The leaves outside this optimizer that its closures reach (:mod:`.grads`)."""
-        return self.__dict__.setdefault("_reached_leaves", ReachedLeaves())
+        reached = self.__dict__.get("_reached_leaves")
+        if reached is None:  # not setdefault: that would build one at every call
+            reached = self.__dict__["_reached_leaves"] = ReachedLeaves()
+        return reached
 
     def _gradient_at(self, closure: Closure, params: list[Tensor]) -> list[Tensor]:
         """The closure's training gradient at the live (perturbed) weights, averaged across

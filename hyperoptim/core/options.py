@@ -53,6 +53,7 @@ key). Giving both names is a ``ValueError`` naming both.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,8 @@ _NAMES = ("lr", "momentum", "weight_decay")
 # What hypergradient descent learns: the learning rate, and optionally the momentum (SGD's
 # ``momentum``, Adam's ``beta1``).
 _HD_NAMES = ("lr", "momentum")
+# Types whose values cannot change in place (bool and int told apart from float by the type).
+_ATOMS = frozenset({bool, int, float, str, type(None)})
 
 
 @dataclass(frozen=True)
@@ -345,18 +348,27 @@ def rename_assigned(owner: str, group: dict[str, Any], renames: Mapping[str, str
             group[new] = group.pop(old)
 
 
+# Both are looked up at every step (validate_groups): class -> components, components -> table.
+_COMPONENTS_OF: dict[type, tuple[str, ...] | None] = {}
+_TABLES: dict[tuple[str, ...], dict[str, Option]] = {}
+
+
 def components(owner: Any) -> tuple[str, ...] | None:
     """The components of ``owner`` (an optimizer or its class), None for an unknown class."""
     cls = owner if isinstance(owner, type) else type(owner)
-    for base in cls.__mro__:
-        if base.__name__ in CLASS_COMPONENTS:
-            return CLASS_COMPONENTS[base.__name__]
-    return None
+    try:
+        return _COMPONENTS_OF[cls]
+    except KeyError:
+        pass
+    found = next((CLASS_COMPONENTS[base.__name__] for base in cls.__mro__
+                  if base.__name__ in CLASS_COMPONENTS), None)
+    _COMPONENTS_OF[cls] = found
+    return found
 
 
 def options_of(owner: Any) -> dict[str, Option]:
     """Name -> :class:`Option` for ``owner``'s class (later components override earlier)."""
-    return _table(components(owner) or ())
+    return dict(_table(components(owner) or ()))
 
 
 # A class outside CLASS_COMPONENTS (a new rule or method) gets the checks of these components for
@@ -365,12 +377,15 @@ _FALLBACK = ("torch", "sgd", "hd", "marthe")
 
 
 def _table(parts: tuple[str, ...]) -> dict[str, Option]:
-    out: dict[str, Option] = {}
-    for part in parts:
-        for option in OPTIONS:
-            if part in option.used_by:
-                out[option.name] = option
-    return out
+    """Name -> :class:`Option` for ``parts`` (shared: callers must not change it)."""
+    table = _TABLES.get(parts)
+    if table is None:
+        table = _TABLES[parts] = {}
+        for part in parts:
+            for option in OPTIONS:
+                if part in option.used_by:
+                    table[option.name] = option
+    return table
 
 
 def _refuse(name: str, value: Any, why: str) -> ValueError:
@@ -378,17 +393,29 @@ def _refuse(name: str, value: Any, why: str) -> ValueError:
     return ValueError(f"Invalid {name} value: {value} ({why})")
 
 
+# Per option (by id: OPTIONS lives as long as the module), the (type, value) of an atomic value
+# (see _ATOMS) that passed its check last: a check is a function of the value alone, and a group
+# re-checked at every step mostly holds the values that passed at the last one.
+_PASSED: dict[int, tuple[type, Any]] = {}
+
+
 def _check_one(option: Option, value: Any) -> None:
+    kind = type(value)
+    last = _PASSED.get(id(option))
+    if last is not None and last[0] is kind and last[1] == value:
+        return
     if not option.check(value):
         why = option.expect
         raise _refuse(option.name, value, why if why.startswith(("amsgrad", "not "))
                       else f"expected {why}")
+    if kind in _ATOMS and value == value:  # NaN never equals the last value
+        _PASSED[id(option)] = (kind, value)
 
 
 def check_arguments(owner: Any, **values: Any) -> None:
     """Check constructor arguments by name against ``owner``'s options (in the order given),
     then the constraints between them; ``ValueError("Invalid <name> value: ...")`` otherwise."""
-    table = options_of(owner)
+    table = _table(components(owner) or ())
     for name, value in values.items():
         if name in table:
             _check_one(table[name], value)
@@ -410,7 +437,7 @@ def check_group(owner: Any, group: Mapping[str, Any], defaults: Mapping[str, Any
     A key of the package's vocabulary that this class does not use is refused by name; a key
     outside it is left alone. ``defaults`` (the optimizer's) checks what every group must share.
     """
-    table = options_of(owner)
+    table = _table(components(owner) or ())
     if table:
         name = type(owner).__name__ if not isinstance(owner, type) else owner.__name__
         for key, value in group.items():
@@ -495,15 +522,23 @@ _CONSTRAINTS: tuple[Callable[[tuple[str, ...], Mapping[str, Any]], None], ...] =
 
 def coerce_group(group: dict[str, Any]) -> None:
     """Store one-element floating tensors given for float options as Python floats (in place)."""
+    _coerce(group)
+
+
+def _coerce(group: dict[str, Any]) -> bool:
+    """:func:`coerce_group`; True if it stored anything."""
+    wrote = False
     for key in _FLOATS:
         value = group.get(key)
         if isinstance(value, Tensor) and is_number(value):
             group[key] = float(value.item())
+            wrote = True
+    return wrote
 
 
 def fixed_values(owner: Any, group: Mapping[str, Any]) -> dict[str, Any]:
     """The group's values of ``owner``'s :attr:`Option.fixed` options (kept when it is added)."""
-    return {name: group[name] for name, option in options_of(owner).items()
+    return {name: group[name] for name, option in _table(components(owner) or ()).items()
             if option.fixed and name in group}
 
 
@@ -513,21 +548,46 @@ def validate_groups(optimizer: Any) -> None:
 
     A :attr:`Option.fixed` option must still hold the value it had when the group was added
     (``optimizer._fixed_options``, one dict per group, kept by ``add_param_group`` and
-    ``load_state_dict``)."""
+    ``load_state_dict``).
+
+    A group that holds exactly what it held when it last passed (see :func:`_fingerprint`) passes
+    again without the checks: they depend on nothing else (the class, its defaults' ``maximize``
+    and the fixed options are part of the comparison)."""
     fixed = getattr(optimizer, "_fixed_options", None)
     ift = "ift" in (components(optimizer) or ())
     renames = getattr(optimizer, "_renamed_options", {})
+    maximize = getattr(optimizer, "defaults", {}).get("maximize")
+    passed = optimizer.__dict__.get("_groups_passed") or []
+    now: list[tuple[Any, ...]] = []
     for i, group in enumerate(optimizer.param_groups):
+        fixed_i = fixed[i] if fixed is not None and i < len(fixed) else None
+        params = group.get("params")
+        params = tuple(params) if type(params) is list else None
+        print_ = _fingerprint(group) if params is not None else None
+        if i < len(passed) and print_ is not None:
+            last = passed[i]
+            # Identity for the group, its fixed options and its parameters (tensors do not
+            # compare with ==); the fingerprint and maximize by value. A group that passed holds
+            # no old name (renamed then), so an old name assigned since changes the fingerprint.
+            if (last[0] is group and last[1] is fixed_i and last[2] == maximize
+                    and len(last[3]) == len(params) and all(map(operator.is_, last[3], params))
+                    and last[4] == print_):
+                now.append(last)
+                continue
+        wrote = any(old in group for old in renames)
         rename_assigned(type(optimizer).__name__, group, renames)
-        coerce_group(group)
+        wrote = _coerce(group) or wrote
         bounds, lr = group.get("lr_bounds"), group.get("lr")
         if ift and _ift_bounds(bounds) and is_number(lr) and "lr" in group.get("tune", ()):
             # IFT learns log10(lr) within lr_bounds: a value assigned from outside (a warm-up
             # from 0) is taken into them, as its hyper-update does, rather than refused.
-            group["lr"] = min(max(float(lr), bounds[0]), bounds[1])
+            taken = min(max(float(lr), bounds[0]), bounds[1])
+            if taken is not lr:
+                group["lr"] = taken
+                wrote = True
         try:
-            if fixed is not None and i < len(fixed):
-                for name, value in fixed[i].items():
+            if fixed_i is not None:
+                for name, value in fixed_i.items():
                     if group.get(name) != value:
                         raise _refuse(name, group.get(name), f"it was {value} when the group was "
                                       "added and shapes what the optimizer keeps for it: add a "
@@ -536,6 +596,32 @@ def validate_groups(optimizer: Any) -> None:
         except ValueError as err:
             raise ValueError(f"{err} (param_groups[{i}], assigned after construction, e.g. by a "
                              "scheduler)") from None
+        if wrote and print_ is not None:
+            print_ = _fingerprint(group)
+        now.append((group, fixed_i, maximize, params, print_))
+    optimizer.__dict__["_groups_passed"] = now
+
+
+def _fingerprint(group: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """Every key of ``group`` but ``params`` with its value and its value's type (for a tuple or
+    list, its items' types too): equal fingerprints hold equal values of equal types, which
+    every check treats alike. ``None`` where a value is of any other type (a tensor, a dict, a
+    policy object: it could change in place); such a group is checked at every step."""
+    out: list[Any] = []
+    for key, value in group.items():
+        if key == "params":
+            continue
+        kind = type(value)
+        if kind in _ATOMS:
+            out.append((key, kind, value))
+        elif kind is tuple or kind is list:
+            kinds = tuple(map(type, value))
+            if not _ATOMS.issuperset(kinds):
+                return None
+            out.append((key, kind, kinds, tuple(value)))
+        else:
+            return None
+    return tuple(out)
 
 
 def _shape_fits(value: Tensor, param: Tensor) -> bool:

@@ -11,6 +11,7 @@ few scalars completes them. Nothing here gathers a parameter.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,17 +23,28 @@ __all__ = ["any_nonzero", "check_fsdp2_parameters", "check_sharded_closure", "is
            "sum_across_shards", "sums_and_norms", "tensor_norms"]
 
 
-def _dtensor_type() -> type | None:
-    if not dist.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
+# DTensor, imported at the first is_sharded call (the import takes seconds), None without
+# torch.distributed; _UNKNOWN until then. is_sharded runs dozens of times per step: a cached class
+# costs an isinstance, an import statement a microsecond.
+_UNKNOWN: Any = object()
+_dtensor: type | None = _UNKNOWN
 
-    return DTensor
+
+def _dtensor_type() -> type | None:
+    global _dtensor
+    if _dtensor is _UNKNOWN:
+        if dist.is_available():
+            from torch.distributed.tensor import DTensor
+
+            _dtensor = DTensor
+        else:
+            _dtensor = None
+    return _dtensor
 
 
 def is_sharded(p: Tensor) -> bool:
     """Is ``p`` an FSDP2 parameter (or its gradient, or state kept beside it): a ``DTensor``?"""
-    cls = _dtensor_type()
+    cls = _dtensor if _dtensor is not _UNKNOWN else _dtensor_type()
     return cls is not None and isinstance(p, cls)
 
 
