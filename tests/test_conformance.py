@@ -553,3 +553,82 @@ def test_zero_gradients_are_a_noop(case):
     for t in range(3):
         info.step(opt, lambda: prob.loss(0) * 0.0, t)
     assert_same_params(before, prob.params())
+
+
+# ---------------------------------------------------------------------- schedulers
+def _hf_linear_warmup(warmup: int, total: int):
+    """Hugging Face's get_linear_schedule_with_warmup, as the LambdaLR it builds."""
+    return lambda s: s / warmup if s < warmup else max(0.0, (total - s) / (total - warmup))
+
+
+class _AssignEveryStep:
+    """A user loop that sets a fixed learning rate before every step (no torch scheduler)."""
+
+    def __init__(self, opt, lr: float = 0.01):
+        self.opt, self.lr = opt, lr
+
+    def step(self) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+
+
+_SCALING = {
+    "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.1, 1.0, total_iters=20),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 50),
+    "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.95),
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5),
+}
+_OVERWRITING = {
+    "hf_linear_warmup": lambda o: torch.optim.lr_scheduler.LambdaLR(o, _hf_linear_warmup(10, 100)),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=100),
+    "assigned_every_step": _AssignEveryStep,
+}
+# One row per class; IFT's rows hyper-update at every step, so they are run here at every 5th
+# (between hyper-updates the learned lr does not move, and only the steps after one can tell).
+_SCHEDULED = [(info, info.inputs[0]) for info in OPTIMIZER_DB]
+
+
+def _scheduled_warnings(info: OptimizerInfo, inp: OptimizerInput, schedule, steps: int = 30):
+    prob = Problem()
+    extra = {"update_interval": 5} if "update_interval" in inp.kwargs else {}
+    opt = build(info, inp, prob, **extra)
+    sched = schedule(opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(steps):
+            info.step(opt, prob.closure(opt, t), t)
+            sched.step()
+    return [str(w.message) for w in caught if "set from outside" in str(w.message)]
+
+
+def _learns_lr(info: OptimizerInfo, inp: OptimizerInput) -> bool:
+    return "lr" in inp.kwargs.get("tune", ("lr",))
+
+
+@pytest.mark.parametrize("schedule", list(_SCALING.values()), ids=list(_SCALING))
+@pytest.mark.parametrize("case", _SCHEDULED, ids=input_id)
+def test_scaling_schedulers_compose_without_warning(case, schedule):
+    """torch's chainable schedulers stepped every step multiply the current value: what the
+    optimizer learned is kept, scaled, so nothing is reported, whatever the class (IFT's learned
+    lr moves only every ``update_interval`` steps). FDS learns the schedule itself: any scheduler
+    rewrites a window of it, which it reports in its own words."""
+    info, inp = case
+    messages = _scheduled_warnings(info, inp, schedule)
+    if info.name.startswith("FDS"):
+        assert len(messages) == 1 and "replaced window" in messages[0], messages
+    else:
+        assert not messages, messages
+
+
+@pytest.mark.parametrize("schedule", list(_OVERWRITING.values()), ids=list(_OVERWRITING))
+@pytest.mark.parametrize("case", _SCHEDULED, ids=input_id)
+def test_overwriting_schedules_are_reported_once(case, schedule):
+    """A schedule that sets the value from its own formula, whatever was learned (LambdaLR as
+    Hugging Face builds it, OneCycleLR, a fixed lr assigned before every step), erases what the
+    optimizer learns: one warning, for every class, IFT's hyper-updates every 5 steps included."""
+    info, inp = case
+    messages = _scheduled_warnings(info, inp, schedule)
+    if info.name.startswith("FDS"):
+        assert len(messages) == 1 and "replaced window" in messages[0], messages
+    elif _learns_lr(info, inp):
+        assert len(messages) == 1 and "rather than scaling it" in messages[0], messages
