@@ -7,7 +7,7 @@ it is not meant to be used on its own.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -131,6 +131,12 @@ class _Closures:
             for g, mean in zip(grads, self._average(grads, self._synced(used, True))):
                 if mean is not g:
                     g.copy_(mean)
+        elif not loss.requires_grad and any(p.grad is not None for p in params):
+            # A constant loss over gradients that are all exactly 0 (torch's zero-gradient step):
+            # those zeros are the step's gradient, as for torch.optim; a constant's Hessian is 0.
+            used = [p for p in params if p.grad is not None]
+            if route == "exact":
+                graph_grads = [torch.zeros_like(p) for p in used]
         else:
             if not loss.requires_grad:
                 raise ValueError("Invalid closure return value: the loss does not require grad")
@@ -201,14 +207,13 @@ class _Closures:
             return used, grads, None
         return used, None, all_reduce_mean([g.detach() for g in grads])
 
-    def _nothing_to_train(self, closure: Closure) -> tuple[Tensor | None, None]:
+    def _nothing_to_train(self, closure: Closure) -> tuple[Any, None]:
         """No parameter requires grad (all frozen, empty groups, integer tensors): as with
         ``torch.optim.SGD``, the closure runs and nothing else happens."""
         with torch.enable_grad():
             loss = closure()
-        if not isinstance(loss, Tensor):
-            raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
-        return loss.detach(), None
+        # Nothing is differentiated: whatever the closure returns is returned, as torch does.
+        return (loss.detach() if isinstance(loss, Tensor) else loss), None
 
     def _note_rough_differences(self) -> None:
         """The finite-difference route could not find a step where the gradient is smooth.
