@@ -43,6 +43,8 @@ _RUN = 3
 # steps on.
 _RUN_LONG = 8
 _CLEAR_SHORT = 0.2
+# ... at this many consecutive steps (one step's verdict can be a coincidence of a feedback).
+_VOTES = 3
 # "Exactly", relative to the values (rounding in a schedule's arithmetic is ~1e-16).
 _TOL = 1e-10
 # A learned change (in log) this large is evidence, far above _TOL.
@@ -92,7 +94,8 @@ def detect_overwrites(optimizer: Any) -> None:
                         watch.setdefault("outside", {})[i] = math.inf
                     if not watch.get("overwrite_warned"):
                         watch["overwrite_warned"] = True
-                        _warn(type(optimizer).__name__, i, name, len(watch["runs"][(i, name)]))
+                        count = len(watch["runs"].get((i, name), ())) or _RUN  # or revived
+                        _warn(type(optimizer).__name__, i, name, count)
     starts.clear()
     for i, group in enumerate(groups):
         for name in optimizer._learned_names(group):
@@ -113,6 +116,10 @@ def _observe(watch: dict[str, Any], key: tuple[int, str], new: Any, old: Any,
     value and nothing outside touched it is evidence against an overwrite: it ends the run.
     """
     runs = watch.setdefault("runs", {})
+    if old == 0.0 and start:
+        runs.pop(key, None)
+        return _revived(watch, key, new)
+    watch.get("revived", {}).pop(key, None)
     i, name = key
     r = 0.0 if new == old else _log_ratio(new, old)
     if name == "lr" and r:
@@ -130,12 +137,25 @@ def _observe(watch: dict[str, Any], key: tuple[int, str], new: Any, old: Any,
     return _reads_absolute(run)
 
 
+def _revived(watch: dict[str, Any], key: tuple[int, str], new: Any) -> bool:
+    """The optimizer took the value to 0 (from a start that was not 0) and ``new`` is found: a
+    schedule that scales cannot move a value off 0, so a positive one was set. True once this
+    happened at :data:`_RUN` consecutive steps."""
+    revived = watch.setdefault("revived", {})
+    if isinstance(new, (int, float)) and new > 0:
+        revived[key] = revived.get(key, 0) + 1
+        return revived[key] >= _RUN
+    revived.pop(key, None)
+    return False
+
+
 def _reads_absolute(run: list[tuple[float, float, float]]) -> bool:
     """The verdict on a run of (multiplicative, absolute) log ratios and values found: the
     values set exactly by a schedule (:func:`_set_exactly`) after :data:`_RUN` steps, or the
-    absolute reading clearly smoother, by a wide margin in a short run and a narrower one after
-    :data:`_RUN_LONG` steps (over a few steps a smooth learned change cannot be told from a
-    schedule's own curvature, e.g. ``LinearLR``'s early steps)."""
+    absolute reading clearly smoother at :data:`_VOTES` consecutive steps, by a wide margin in a
+    short run and a narrower one after :data:`_RUN_LONG` steps (over a few steps a smooth
+    learned change cannot be told from a schedule's own curvature, e.g. ``LinearLR``'s early
+    steps)."""
     if len(run) < _RUN:
         return False
     rough_mult = _roughness([e[0] for e in run])
@@ -143,8 +163,19 @@ def _reads_absolute(run: list[tuple[float, float, float]]) -> bool:
         return False
     if _set_exactly(run[-_RUN:]):
         return True
-    clear = _CLEAR if len(run) >= _RUN_LONG else _CLEAR_SHORT if len(run) > _RUN else 0.0
-    return _roughness([e[1] for e in run]) < clear * rough_mult
+    return all(_smoother_absolute(run[: len(run) - k]) for k in range(_VOTES))
+
+
+def _smoother_absolute(run: list[tuple[float, float, float]]) -> bool:
+    """The absolute reading clearly smoother than the multiplicative one, and smoother than the
+    learned changes themselves (where those are as smooth as a schedule, the two readings differ
+    by a smooth term and cannot be told apart)."""
+    if len(run) <= _RUN:
+        return False
+    clear = _CLEAR if len(run) >= _RUN_LONG else _CLEAR_SHORT
+    rough_abs = _roughness([c for _, c, _ in run])
+    return (rough_abs < clear * _roughness([r for r, _, _ in run])
+            and rough_abs < _roughness([c - r for r, c, _ in run]))
 
 
 def _set_exactly(tail: list[tuple[float, float, float]]) -> bool:
