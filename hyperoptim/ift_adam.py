@@ -7,12 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch  # noqa: F401  (the examples below use it)
-from torch import Tensor
 
 from .core.options import check_arguments
 from .core.signatures import adamw_signature, refuse_unexpected, with_keywords
 from .core.types import ParamsT
-from .methods.ift import IFT_KEYWORDS, WEIGHT_DECAY_FLOOR, RuleIFT, ift_keywords
+from .methods.ift import IFT_KEYWORDS, RuleIFT, ift_keywords
 from .rules.adam import ADAM
 
 __all__ = ["IFTAdam", "IFTAdamW"]
@@ -171,19 +170,6 @@ class IFTAdam(RuleIFT):
         out["betas"] = (float(out["betas"][0]), float(out["betas"][1]))
         out["eps"] = float(out["eps"])
         return out
-
-    def _hypers(self, group: dict[str, Any], params: Sequence[Tensor]) -> dict[str, Any]:
-        """The group's values for the weight step: a tuned weight decay at or below
-        :data:`~hyperoptim.ift.WEIGHT_DECAY_FLOOR` (where a tuned 0 starts: its log needs a
-        positive value) steps as 0. Adam normalises the decay term, so even 1e-7 would move a
-        weight whose gradient is 0 by about the learning rate, where
-        ``torch.optim.Adam(weight_decay=0)`` leaves it. The hypergradient is still taken at the
-        floor value (:meth:`_update_functions`), so the decay can learn away from it."""
-        hypers = super()._hypers(group, params)
-        wd = hypers.get("weight_decay")
-        if "weight_decay" in group["tune"] and isinstance(wd, float) and wd <= WEIGHT_DECAY_FLOOR:
-            hypers["weight_decay"] = 0.0
-        return hypers
 
 
 class IFTAdamW(IFTAdam):

@@ -553,3 +553,306 @@ def test_zero_gradients_are_a_noop(case):
     for t in range(3):
         info.step(opt, lambda: prob.loss(0) * 0.0, t)
     assert_same_params(before, prob.params())
+
+
+# ---------------------------------------------------------------------- schedulers
+def _hf_linear_warmup(warmup: int, total: int):
+    """Hugging Face's get_linear_schedule_with_warmup, as the LambdaLR it builds."""
+    return lambda s: s / warmup if s < warmup else max(0.0, (total - s) / (total - warmup))
+
+
+class _AssignEveryStep:
+    """A user loop that sets a fixed learning rate before every step (no torch scheduler)."""
+
+    def __init__(self, opt, lr: float = 0.01):
+        self.opt, self.lr = opt, lr
+
+    def step(self) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+
+
+_SCALING = {
+    "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.1, 1.0, total_iters=20),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 50),
+    "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.95),
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5),
+}
+_OVERWRITING = {
+    "hf_linear_warmup": lambda o: torch.optim.lr_scheduler.LambdaLR(o, _hf_linear_warmup(10, 100)),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=100),
+    "assigned_every_step": _AssignEveryStep,
+}
+# One row per class; IFT's rows hyper-update at every step, so they are run here at every 5th
+# (between hyper-updates the learned lr does not move, and only the steps after one can tell).
+_SCHEDULED = [(info, info.inputs[0]) for info in OPTIMIZER_DB]
+
+
+def _scheduled_warnings(info: OptimizerInfo, inp: OptimizerInput, schedule, steps: int = 30):
+    prob = Problem()
+    extra = {"update_interval": 5} if "update_interval" in inp.kwargs else {}
+    opt = build(info, inp, prob, **extra)
+    sched = schedule(opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(steps):
+            info.step(opt, prob.closure(opt, t), t)
+            sched.step()
+    return [str(w.message) for w in caught if "set from outside" in str(w.message)]
+
+
+def _learns_lr(info: OptimizerInfo, inp: OptimizerInput) -> bool:
+    return "lr" in inp.kwargs.get("tune", ("lr",))
+
+
+@pytest.mark.parametrize("schedule", list(_SCALING.values()), ids=list(_SCALING))
+@pytest.mark.parametrize("case", _SCHEDULED, ids=input_id)
+def test_scaling_schedulers_compose_without_warning(case, schedule):
+    """torch's chainable schedulers stepped every step multiply the current value: what the
+    optimizer learned is kept, scaled, so nothing is reported, whatever the class (IFT's learned
+    lr moves only every ``update_interval`` steps). FDS learns the schedule itself: any scheduler
+    rewrites a window of it, which it reports in its own words."""
+    info, inp = case
+    messages = _scheduled_warnings(info, inp, schedule)
+    if info.name.startswith("FDS"):
+        assert len(messages) == 1 and "replaced window" in messages[0], messages
+    else:
+        assert not messages, messages
+
+
+@pytest.mark.parametrize("schedule", list(_OVERWRITING.values()), ids=list(_OVERWRITING))
+@pytest.mark.parametrize("case", _SCHEDULED, ids=input_id)
+def test_overwriting_schedules_are_reported_once(case, schedule):
+    """A schedule that sets the value from its own formula, whatever was learned (LambdaLR as
+    Hugging Face builds it, OneCycleLR, a fixed lr assigned before every step), erases what the
+    optimizer learns: one warning, for every class, IFT's hyper-updates every 5 steps included."""
+    info, inp = case
+    messages = _scheduled_warnings(info, inp, schedule)
+    if info.name.startswith("FDS"):
+        assert len(messages) == 1 and "replaced window" in messages[0], messages
+    elif _learns_lr(info, inp):
+        assert len(messages) == 1 and "rather than scaling it" in messages[0], messages
+
+
+# ------------------------------------------------------- torch.optim's contracts (TestOptimRenewed)
+# torch's flags added after its optimizers first shipped (OptimizerInfo.not_og_supported_flags):
+# a state dict saved before them lacks them.
+_NEWER_FLAGS = ("foreach", "differentiable", "fused", "maximize", "capturable")
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_older_state_dict_loads_and_steps_alike(case):
+    """torch's test_can_load_older_state_dict and test_load_nontensor_step: a state dict without
+    the newer flags and with a float ``step`` loads, and the run continues exactly."""
+    info, inp = case
+    prob = Problem()
+    opt = build(info, inp, prob)
+    run(info, opt, prob, 0, 3)
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        for flag in _NEWER_FLAGS:
+            group.pop(flag, None)
+    for entry in old["state"].values():
+        if torch.is_tensor(entry.get("step")):
+            entry["step"] = entry["step"].item()
+    twin = Problem()
+    twin.model.load_state_dict(prob.model.state_dict())
+    opt2 = build(info, inp, twin)
+    opt2.load_state_dict(old)
+    run(info, opt, prob, 3, 3)
+    run(info, opt2, twin, 3, 3)
+    assert_same_params(prob.params(), twin.params())
+
+
+@pytest.mark.parametrize("named", [(True, False), (False, True)],
+                         ids=["named_to_plain", "plain_to_named"])
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_named_parameters_state_dict(case, named):
+    """torch's test_can_load_from_to_named_state_dict: parameters given as
+    ``named_parameters()``; the state dict loads either way, the run continues exactly, and the
+    names are kept."""
+    info, inp = case
+    prob, twin = Problem(), Problem()
+
+    def make(p: Problem, is_named: bool):
+        kwargs = dict(inp.kwargs)
+        if inp.use_val or info.needs_val:
+            kwargs["val_closure"] = p.val_loss
+        params = p.model.named_parameters() if is_named else p.model.parameters()
+        return info.cls(params, **kwargs)
+
+    opt = make(prob, named[0])
+    run(info, opt, prob, 0, 3)
+    twin.model.load_state_dict(prob.model.state_dict())
+    opt2 = make(twin, named[1])
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    run(info, opt, prob, 3, 2)
+    run(info, opt2, twin, 3, 2)
+    assert_same_params(prob.params(), twin.params())
+    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert opt2.state_dict()["param_groups"][0]["param_names"] == names
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_param_group_options_take_effect(case):
+    """torch's test_param_groups_lr and test_param_groups_weight_decay: options given in a param
+    group, not the constructor, are the ones used (the run equals the flat one bit for bit); a
+    group whose parameters get no gradient stays put; and values assigned to a group during the
+    run change the next step."""
+    info, inp = case
+    flat, grouped = Problem(), Problem()
+    opt = build(info, inp, flat)
+    per_group = {k: v for k, v in inp.kwargs.items() if k in opt.defaults}
+    outer = dict(inp.kwargs)  # required arguments (FDS's horizon) stay in the constructor
+    if per_group.get("lr"):
+        outer["lr"] = per_group["lr"] * 0.5
+    if per_group.get("weight_decay"):
+        outer["weight_decay"] = per_group["weight_decay"] * 2.0
+    if inp.use_val or info.needs_val:
+        outer["val_closure"] = grouped.val_loss
+    irrelevant = nn.Parameter(torch.randn(2, 2, dtype=torch.float64))
+    before = irrelevant.detach().clone()
+    opt2 = info.cls([{"params": list(grouped.model.parameters()), **per_group},
+                     {"params": [irrelevant]}], **outer)
+    run(info, opt, flat, 0, 4)
+    run(info, opt2, grouped, 0, 4)
+    assert_same_params(flat.params(), grouped.params())
+    assert torch.equal(irrelevant, before)
+    # Assigned values: the lr in one run, the weight decay in the other, each against a third.
+    ref = Problem()
+    opt3 = build(info, inp, ref)
+    run(info, opt3, ref, 0, 5)
+    for name, o, p in (("lr", opt2, grouped), ("weight_decay", opt, flat)):
+        value = o.param_groups[0].get(name)
+        if not isinstance(value, float) or value == 0.0:
+            continue
+        o.param_groups[0][name] = value * 0.5
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run(info, o, p, 4, 1)
+        # FDS learns the schedule itself: the assigned value replaces this window's, and it says so
+        assert all("replaced window" in str(w.message) for w in caught), caught
+        assert any(not torch.equal(a, b) for a, b in zip(p.params(), ref.params())), name
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_tensor_lr_steps_as_the_float(case):
+    """torch's test_tensor_lr: a 0-dim tensor ``lr`` gives the float's run."""
+    info, inp = case
+    if "lr" not in inp.kwargs:
+        pytest.skip("the class's default lr")
+    a, b = Problem(), Problem()
+    opt_a = build(info, inp, a)
+    opt_b = build(info, inp, b, lr=torch.tensor(inp.kwargs["lr"], dtype=torch.float64))
+    run(info, opt_a, a, 0, 5)
+    run(info, opt_b, b, 0, 5)
+    for x, y in zip(a.params(), b.params()):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_torch_style_hooks(case):
+    """torch's test_step_all_hooks, test_state_dict_pre_post_hook and
+    test_load_state_dict_pre_hook_and_prepend / _post_hook, as torch writes them: parameters
+    without gradients and a closure that returns ``1`` (nothing to differentiate: any value is
+    returned, as torch does)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    info, inp = case
+    kwargs = _torch_free(info, inp)
+    params = [torch.tensor([1.0, 1.0], dtype=torch.float64)]
+    opt, other = info.cls(params, **kwargs), torch.optim.SGD(params)
+    data: list[int] = []
+    handles = [register_optimizer_step_pre_hook(lambda *a: data.append(0)),
+               register_optimizer_step_post_hook(lambda *a: data.append(5)),
+               opt.register_step_pre_hook(lambda *a: data.append(1)),
+               opt.register_step_post_hook(lambda *a: data.append(2))]
+    try:
+        assert info.step(opt, lambda: 1, 0) == 1
+        other.step(lambda: 1)
+        info.step(opt, lambda: 1, 1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    info.step(opt, lambda: 1, 2)
+    assert data == [0, 1, 2, 5, 0, 5, 0, 1, 2, 5]
+
+    param = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    opt = info.cls([param], **kwargs)
+
+    def post(o, sd):
+        sd["ran_pre_hook"] = sd["state"].pop("test", None) == 1
+        return sd
+
+    opt.register_state_dict_pre_hook(lambda o: o.state.__setitem__("test", 1))
+    opt.register_state_dict_post_hook(post)
+    saved = opt.state_dict()
+    assert "test" not in saved["state"] and saved["ran_pre_hook"]
+
+    opt = info.cls([param], **kwargs)
+    saved = opt.state_dict()
+
+    def set_lr(value):
+        def hook(o, sd):
+            sd = copy.deepcopy(sd)
+            sd["param_groups"][0]["lr"] = value
+            return sd
+        return hook
+
+    opt.register_load_state_dict_pre_hook(set_lr(0.002))
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.002
+    opt.register_load_state_dict_pre_hook(set_lr(0.003), prepend=True)
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.002  # the prepended hook ran first
+    opt.register_load_state_dict_post_hook(lambda o: o.state.__setitem__("ran_post_hook", True))
+    opt.load_state_dict(saved)
+    assert opt.state["ran_post_hook"] is True
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_torch_style_no_grad_and_zero_grad_steps(case):
+    """torch's test_step_is_noop_when_params_have_no_grad and test_step_is_noop_for_zero_grads
+    as torch writes them: a closure that returns a constant ``tensor([1])``; parameters that do
+    not require grad, or whose gradients were set to exact zeros before the step (without weight
+    decay), stay where they are."""
+    info, inp = case
+    params = [torch.randn(2, 3, dtype=torch.float64) for _ in range(2)]
+    before = [p.clone() for p in params]
+    opt = info.cls(params, **_torch_free(info, inp))
+    info.step(opt, lambda: torch.tensor([1.0], dtype=torch.float64), 0)
+    assert_same_params(before, params)
+    if inp.kwargs.get("weight_decay", 0.0) != 0.0 or info.name.endswith("W"):
+        return  # weight decay moves weights without a gradient
+    param = torch.randn(5, 1, dtype=torch.float64, requires_grad=True)
+    before = [param.detach().clone()]
+    kwargs = dict(inp.kwargs)
+    if info.needs_val or inp.use_val:
+        kwargs["val_closure"] = lambda: (param**2).sum()
+    opt = info.cls([param], **kwargs)
+    param.grad = torch.zeros_like(param)
+    info.step(opt, lambda: torch.tensor([1.0], dtype=torch.float64), 0)
+    assert_same_params(before, [param])
+
+
+@pytest.mark.parametrize("case", CASES, ids=input_id)
+def test_deepcopy_keeps_public_attributes_and_state_dicts_agree(case):
+    """torch's test_deepcopy_copies_all_public_attrs and test_state_dict_deterministic: a deep
+    copy has the same public attributes; an optimizer loaded from another's state dict runs in
+    lockstep and ends with an equal state dict; repeated param groups are saved alike."""
+    info, inp = case
+    prob = Problem()
+    opt = build(info, inp, prob)
+    run(info, opt, prob, 0, 3)
+    public = {k for k in vars(opt) if not k.startswith("_")}
+    assert {k for k in vars(copy.deepcopy(opt)) if not k.startswith("_")} == public
+    twin = Problem()
+    twin.model.load_state_dict(prob.model.state_dict())
+    opt2 = build(info, inp, twin)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    run(info, opt, prob, 3, 4)
+    run(info, opt2, twin, 3, 4)
+    assert_same_params(prob.params(), twin.params())
+    _assert_same_tree(opt.state_dict(), opt2.state_dict())
+    opt2.param_groups.extend(opt2.param_groups)
+    _assert_same_tree(opt.state_dict()["param_groups"][-1], opt2.state_dict()["param_groups"][-1])

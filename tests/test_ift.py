@@ -694,3 +694,30 @@ def test_lr_only_without_momentum_keeps_no_state(timing):
         opt.step(net.closure(opt, t))
     assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
     assert len(opt.history[0]["lr"]) >= 1  # a hyper-update ran
+
+
+@pytest.mark.parametrize("per_parameter", [False, True], ids=["group", "per_parameter"])
+def test_zero_gradient_parameter_stays_with_a_tuned_decay_from_zero(per_parameter):
+    """weight_decay=0, tuned (it starts at the 1e-7 floor): at hyper_lr=0 the floor steps as 0, so
+    a parameter whose gradient is 0 stays where torch.optim.SGD(weight_decay=0) leaves it (it
+    moved by lr * 1e-7 * p per step), and the others step as torch's do, bit for bit."""
+    a, b = Net(0), Net(0)
+    still_a, still_b = (nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(2))
+    ref = torch.optim.SGD(a.params + [still_a], lr=0.05, momentum=0.9, weight_decay=0.0)
+    opt = IFTOptimizer(b.params + [still_b], lr=0.05, momentum=0.9, weight_decay=0.0,
+                       per_parameter_weight_decay=per_parameter, update_interval=3, lookback=2,
+                       hyper_lr=0.0, val_closure=b.val_loss)
+    assert opt.param_groups[0]["weight_decay"] == WEIGHT_DECAY_FLOOR
+    for t in range(9):
+        for net, o, still in ((a, ref, still_a), (b, opt, still_b)):
+            closure = net.closure(o, t)
+
+            def with_zero(closure=closure, still=still):
+                loss = closure()
+                still.grad = torch.zeros_like(still)
+                return loss
+
+            o.step(with_zero)
+    assert torch.equal(still_a, torch.ones(3, dtype=torch.float64)) and torch.equal(still_b, still_a)
+    assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))
+    assert len(opt.history[0]["weight_decay"]) == 3  # hyper-updates at steps 3, 6 and 9 did run

@@ -218,6 +218,25 @@ def test_warmup_growth_is_not_reported_as_divergence():
     assert not any("divergent" in m for m in messages), messages
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_per_weight_rates_follow_a_warmup_from_zero(name):
+    """Hugging Face's warm-up starts the lr at 0: per-weight rates have no ratio to scale by from
+    there and restart at the new lr (HypergradSGD/Adam(per_parameter=True) raised
+    ZeroDivisionError at the second step)."""
+    from hyperoptim import HypergradAdam
+
+    task = Task()
+    cls = HypergradSGD if name == "sgd" else HypergradAdam
+    opt = cls(task.model.parameters(), lr=0.01, per_parameter=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _hf_linear_warmup(10, 100))
+    with pytest.warns(RuntimeWarning, match="set from outside"):
+        for _ in range(12):
+            opt.step(task.closure(opt))
+            sched.step()
+    assert all(torch.isfinite(p).all() for p in task.model.parameters())
+    assert all(torch.isfinite(opt.state[p]["lr"]).all() for p in task.model.parameters())
+
+
 def test_scheduler_on_fds_warns_that_it_rewrites_the_schedule():
     task = Task()
     opt = _make("fds", task)

@@ -7,7 +7,7 @@ it is not meant to be used on its own.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -213,6 +213,11 @@ class _Closures:
         prepared = GradLedger.prepared(params)
         if prepared:
             return self._prepared_gradients(loss, prepared, route)
+        if not loss.requires_grad and any(p.grad is not None for p in params):
+            # A constant loss over gradients that are all exactly 0 (torch's zero-gradient step):
+            # those zeros are the step's gradient, as for torch.optim; a constant's Hessian is 0.
+            used = [p for p in params if p.grad is not None]
+            return used, ([torch.zeros_like(p) for p in used] if route == "exact" else None), None
         grads = self._closure_grads(loss, params, route)
         pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
         used = [p for p, _ in pairs]
@@ -297,14 +302,13 @@ class _Closures:
             return used, grads, None
         return used, None, all_reduce_mean([g.detach() for g in grads])
 
-    def _nothing_to_train(self, closure: Closure) -> tuple[Tensor | None, None]:
+    def _nothing_to_train(self, closure: Closure) -> tuple[Any, None]:
         """No parameter requires grad (all frozen, empty groups, integer tensors): as with
         ``torch.optim.SGD``, the closure runs and nothing else happens."""
         with torch.enable_grad():
             loss = closure()
-        if not isinstance(loss, Tensor):
-            raise ValueError(f"Invalid closure return value: {loss!r} (expected the loss tensor)")
-        return loss.detach(), None
+        # Nothing is differentiated: whatever the closure returns is returned, as torch does.
+        return (loss.detach() if isinstance(loss, Tensor) else loss), None
 
     def _note_rough_differences(self) -> None:
         """The finite-difference route could not find a step where the gradient is smooth.

@@ -115,7 +115,8 @@ class _Guard:
         in the step's one all-reduce).
         """
         device = next((p.device for _, ps in plans for p in ps), None)
-        out = [loss.detach().double().reshape(()) if loss is not None
+        # A closure with nothing to differentiate may return any value (as torch allows): 0 then.
+        out = [loss.detach().double().reshape(()) if isinstance(loss, Tensor)
                else torch.zeros((), dtype=torch.float64, device=device)]
         every = self._guard_tensors(plans)
         # One fused reduction over every list (as torch.nn.utils.clip_grad_norm_ does), with one

@@ -516,9 +516,11 @@ class RuleHypergrad(HyperOptimizer):
                            ) -> list[Tensor]:
         """Candidate per-weight learning rates (not yet stored: the step may still be skipped)."""
         published = self.hyper_state.get("published_lr", {}).get(index)
-        # A new group lr from outside (a scheduler) scales every per-weight rate by new / old.
-        scale = (group["lr"] / published if published is not None and published != group["lr"]
-                 else None)
+        # A new group lr from outside (a scheduler) scales every per-weight rate by new / old;
+        # from an lr of 0 (a warm-up from 0) there is no ratio: the rates restart at the new lr.
+        scale = None
+        if published is not None and published != group["lr"]:
+            scale = group["lr"] / published if published != 0.0 else math.inf
         lo, hi = _learned_bounds(group)
         out = []
         for p, s, h in zip(params, states, hypergrads):

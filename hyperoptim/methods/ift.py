@@ -113,6 +113,14 @@ def _rule_call(fn: Callable[..., tuple[Any, Any]], params: Sequence[Tensor],
     return _join([a for a, _ in parts]), _join([b for _, b in parts])
 
 
+def _floor_as_zero(weight_decay: float | list[Tensor]) -> float | list[Tensor]:
+    """``weight_decay`` (a float or one tensor per parameter) with values at or below
+    :data:`WEIGHT_DECAY_FLOOR` set to 0."""
+    if isinstance(weight_decay, list):
+        return [w.masked_fill(w <= WEIGHT_DECAY_FLOOR, 0.0) for w in weight_decay]
+    return 0.0 if weight_decay <= WEIGHT_DECAY_FLOOR else weight_decay
+
+
 def _join(pieces: list[Any]) -> Any:
     """Per-parameter results of a rule, each a list or a dict of lists, joined in order."""
     if isinstance(pieces[0], dict):
@@ -365,10 +373,18 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         return group[name]
 
     def _hypers(self, group: dict[str, Any], params: Sequence[Tensor]) -> dict[str, Any]:
-        """The group's float hyperparameters for the rule, per-parameter values as lists."""
+        """The group's float hyperparameters for the rule, per-parameter values as lists.
+
+        A tuned weight decay at or below :data:`WEIGHT_DECAY_FLOOR` (where a tuned 0 starts: its
+        log needs a positive value) steps as 0, so a weight whose gradient is 0 stays where the
+        torch optimizer with ``weight_decay=0`` leaves it (Adam's normalisation would turn even
+        1e-7 into a step of about the learning rate). The hypergradient is still taken at the
+        floor value (:meth:`_update_functions`), so the decay can learn away from it."""
         hypers = self.rule.hypers(group)
         for name in self._tunable:
             hypers[name] = self._per_parameter_values(group, params, name)
+        if "weight_decay" in group["tune"]:
+            hypers["weight_decay"] = _floor_as_zero(hypers["weight_decay"])
         return hypers
 
     def _options(self, group: dict[str, Any]) -> dict[str, Any]:
