@@ -214,10 +214,7 @@ class _Closures:
         if prepared:
             return self._prepared_gradients(loss, prepared, route)
         if not loss.requires_grad and any(p.grad is not None for p in params):
-            # A constant loss over gradients that are all exactly 0 (torch's zero-gradient step):
-            # those zeros are the step's gradient, as for torch.optim; a constant's Hessian is 0.
-            used = [p for p in params if p.grad is not None]
-            return used, ([torch.zeros_like(p) for p in used] if route == "exact" else None), None
+            return self._constant_loss(params, route)
         grads = self._closure_grads(loss, params, route)
         pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
         used = [p for p, _ in pairs]
@@ -225,6 +222,14 @@ class _Closures:
         for p, mean in zip(used, all_reduce_mean([g.detach() for _, g in pairs])):
             p.grad = mean
         return used, ([g for _, g in pairs] if route == "exact" else None), None
+
+    @staticmethod
+    def _constant_loss(params: list[Tensor], route: str | None
+                       ) -> tuple[list[Tensor], list[Tensor] | None, None]:
+        """A constant loss over gradients that are all exactly 0 (torch's zero-gradient step):
+        those zeros are the step's gradient, as for torch.optim; a constant's Hessian is 0."""
+        used = [p for p in params if p.grad is not None]
+        return used, ([torch.zeros_like(p) for p in used] if route == "exact" else None), None
 
     def _backward_gradients(self, params: list[Tensor]) -> list[Tensor]:
         """The gradients the closure's ``backward()`` wrote, averaged in place where DDP did not."""

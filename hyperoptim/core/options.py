@@ -67,7 +67,7 @@ from .warn import warn
 
 __all__ = [
     "CLASS_COMPONENTS", "HYPER_STEP_NAMES", "OPTIONS", "Option", "check_arguments", "check_group",
-    "check_hyper_state", "check_param_state", "check_rule_arguments", "coerce_group", "components",
+    "check_rule_arguments", "coerce_group", "components",
     "fixed_values", "is_number", "options_of", "rename_assigned", "renamed_group",
     "renamed_options", "validate_groups",
 ]
@@ -554,8 +554,6 @@ def validate_groups(optimizer: Any) -> None:
     again without the checks: they depend on nothing else (the class, its defaults' ``maximize``
     and the fixed options are part of the comparison)."""
     fixed = getattr(optimizer, "_fixed_options", None)
-    ift = "ift" in (components(optimizer) or ())
-    renames = getattr(optimizer, "_renamed_options", {})
     maximize = getattr(optimizer, "defaults", {}).get("maximize")
     passed = optimizer.__dict__.get("_groups_passed") or []
     now: list[tuple[Any, ...]] = []
@@ -564,42 +562,63 @@ def validate_groups(optimizer: Any) -> None:
         params = group.get("params")
         params = tuple(params) if type(params) is list else None
         print_ = _fingerprint(group) if params is not None else None
-        if i < len(passed) and print_ is not None:
-            last = passed[i]
-            # Identity for the group, its fixed options and its parameters (tensors do not
-            # compare with ==); the fingerprint and maximize by value. A group that passed holds
-            # no old name (renamed then), so an old name assigned since changes the fingerprint.
-            if (last[0] is group and last[1] is fixed_i and last[2] == maximize
-                    and len(last[3]) == len(params) and all(map(operator.is_, last[3], params))
-                    and last[4] == print_):
-                now.append(last)
-                continue
-        wrote = any(old in group for old in renames)
-        rename_assigned(type(optimizer).__name__, group, renames)
-        wrote = _coerce(group) or wrote
-        bounds, lr = group.get("lr_bounds"), group.get("lr")
-        if ift and _ift_bounds(bounds) and is_number(lr) and "lr" in group.get("tune", ()):
-            # IFT learns log10(lr) within lr_bounds: a value assigned from outside (a warm-up
-            # from 0) is taken into them, as its hyper-update does, rather than refused.
-            taken = min(max(float(lr), bounds[0]), bounds[1])
-            if taken is not lr:
-                group["lr"] = taken
-                wrote = True
-        try:
-            if fixed_i is not None:
-                for name, value in fixed_i.items():
-                    if group.get(name) != value:
-                        raise _refuse(name, group.get(name), f"it was {value} when the group was "
-                                      "added and shapes what the optimizer keeps for it: add a "
-                                      "new param group, or build a new optimizer")
-            optimizer._check_group(group)
-        except ValueError as err:
-            raise ValueError(f"{err} (param_groups[{i}], assigned after construction, e.g. by a "
-                             "scheduler)") from None
-        if wrote and print_ is not None:
-            print_ = _fingerprint(group)
-        now.append((group, fixed_i, maximize, params, print_))
+        key = (group, fixed_i, maximize, params, print_)
+        if i < len(passed) and print_ is not None and _unchanged(passed[i], key):
+            now.append(passed[i])
+            continue
+        if _recheck_group(optimizer, i, group, fixed_i) and print_ is not None:
+            key = (group, fixed_i, maximize, params, _fingerprint(group))
+        now.append(key)
     optimizer.__dict__["_groups_passed"] = now
+
+
+def _unchanged(last: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+    """Whether a group holds what it held when it passed (:func:`validate_groups`' cache)."""
+    # Identity for the group, its fixed options and its parameters (tensors do not compare with
+    # ==); the fingerprint and maximize by value. A group that passed holds no old name (renamed
+    # then), so an old name assigned since changes the fingerprint.
+    params, old = now[3], last[3]
+    return (last[0] is now[0] and last[1] is now[1] and last[2] == now[2]
+            and len(old) == len(params) and all(map(operator.is_, old, params))
+            and last[4] == now[4])
+
+
+def _recheck_group(optimizer: Any, i: int, group: dict[str, Any],
+                   fixed_i: dict[str, Any] | None) -> bool:
+    """Every check of one group (old names renamed, tensors stored as floats, an IFT rate taken
+    into its bounds); True if it wrote anything into the group."""
+    renames = getattr(optimizer, "_renamed_options", {})
+    wrote = any(old in group for old in renames)
+    rename_assigned(type(optimizer).__name__, group, renames)
+    wrote = _coerce(group) or wrote
+    wrote = _ift_lr_into_bounds(optimizer, group) or wrote
+    try:
+        if fixed_i is not None:
+            for name, value in fixed_i.items():
+                if group.get(name) != value:
+                    raise _refuse(name, group.get(name), f"it was {value} when the group was "
+                                  "added and shapes what the optimizer keeps for it: add a "
+                                  "new param group, or build a new optimizer")
+        optimizer._check_group(group)
+    except ValueError as err:
+        raise ValueError(f"{err} (param_groups[{i}], assigned after construction, e.g. by a "
+                         "scheduler)") from None
+    return wrote
+
+
+def _ift_lr_into_bounds(optimizer: Any, group: dict[str, Any]) -> bool:
+    """IFT learns log10(lr) within lr_bounds: a value assigned from outside (a warm-up from 0)
+    is taken into them, as its hyper-update does, rather than refused. True if it wrote."""
+    if "ift" not in (components(optimizer) or ()):
+        return False
+    bounds, lr = group.get("lr_bounds"), group.get("lr")
+    if not (_ift_bounds(bounds) and is_number(lr) and "lr" in group.get("tune", ())):
+        return False
+    taken = min(max(float(lr), bounds[0]), bounds[1])
+    if taken is lr:
+        return False
+    group["lr"] = taken
+    return True
 
 
 def _fingerprint(group: Mapping[str, Any]) -> tuple[Any, ...] | None:
@@ -622,102 +641,3 @@ def _fingerprint(group: Mapping[str, Any]) -> tuple[Any, ...] | None:
         else:
             return None
     return tuple(out)
-
-
-def _shape_fits(value: Tensor, param: Tensor) -> bool:
-    """A 0-dim value, the parameter's shape, one broadcast along it (per-unit sharing), or
-    columns of it (a tangent: ``(k, *param.shape)``)."""
-    if value.dim() == 0:
-        return True
-    if value.dim() == param.dim() + 1:
-        return value.shape[1:] == param.shape
-    return value.dim() == param.dim() and all(a in (b, 1) for a, b in zip(value.shape, param.shape))
-
-
-def check_param_state(owner: str, key: Any, state: Any, param: Tensor) -> None:
-    """One parameter's saved state: a dict of tensors of a fitting shape, floating and finite
-    (``"step"`` may hold any real dtype), or numbers / None."""
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{owner}.load_state_dict: state[{key!r}] is not a dict")
-    for name, value in state.items():
-        where = f"{owner}.load_state_dict: state[{key!r}][{name!r}]"
-        if isinstance(value, Tensor):
-            if value.is_complex() or value.dtype == torch.bool or (
-                    not value.is_floating_point() and name != "step"):
-                raise ValueError(f"{where} has dtype {value.dtype}; expected a floating dtype")
-            if not _shape_fits(value, param):
-                raise ValueError(f"{where} has shape {tuple(value.shape)}, which does not fit the "
-                                 f"parameter's shape {tuple(param.shape)}")
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{where} holds non-finite values (NaN or inf)")
-        elif value is not None and not (is_real(value) or isinstance(value, bool)):
-            raise ValueError(f"{where} is {value!r}; expected a tensor or a number")
-
-
-def _finite_numbers(values: Any) -> bool:
-    if isinstance(values, Mapping):
-        return all(_finite_numbers(v) for v in values.values())
-    if isinstance(values, (list, tuple)):
-        return all(_finite_numbers(v) for v in values)
-    if isinstance(values, Tensor):
-        return not values.is_floating_point() or bool(torch.isfinite(values).all())
-    return is_real(values) or values is None or isinstance(values, bool)
-
-
-def _counter(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _ift_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
-                     ) -> dict[str, Callable[[Any], bool]]:
-    def per_group(v: Any) -> bool:
-        return isinstance(v, list) and len(v) == n_groups and all(isinstance(g, Mapping) for g in v)
-    return dict(transformed=per_group, published=per_group, since_update=_counter,
-                steps=_counter)
-
-
-def _fds_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
-                     ) -> dict[str, Callable[[Any], bool]]:
-    required = dict(step=_counter, episode=_counter, outer=lambda v: isinstance(v, Mapping))
-    if "episode_skipped" in hyper_state:  # absent from state dicts saved before it existed
-        required["episode_skipped"] = _counter
-    return required
-
-
-def _marthe_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
-                        ) -> dict[str, Callable[[Any], bool]]:
-    if "groups" not in hyper_state:
-        return {}
-    return dict(groups=lambda v: isinstance(v, list) and len(v) <= n_groups and all(
-        isinstance(g, Mapping) and {"mu", "count", "beta", "lr_beta_grad"} <= set(g) for g in v))
-
-
-# Method -> the keys its hyper_state must hold and a check of each; the first method of the
-# class's components found here decides.
-_HYPER_STATE: dict[str, Callable[[Mapping[str, Any], int], dict[str, Callable[[Any], bool]]]] = {
-    "ift": _ift_hyper_state,
-    "fds": _fds_hyper_state,
-    "marthe": _marthe_hyper_state,
-}
-
-
-def check_hyper_state(owner: Any, hyper_state: Any, n_groups: int) -> None:
-    """The saved ``hyper_state``: a dict whose learned numbers are finite, with the structure the
-    class's method keeps (IFT: ``transformed``/``published`` per group and its counters; MARTHE:
-    one entry per group; FDS: its counters)."""
-    name = type(owner).__name__
-    if not isinstance(hyper_state, Mapping):
-        raise ValueError(f"{name}.load_state_dict: invalid hyper_state (not a dict)")
-    parts = components(owner) or ()
-    method = next((m for m in _HYPER_STATE if m in parts), None)
-    required = _HYPER_STATE[method](hyper_state, n_groups) if method is not None else {}
-    for key, ok in required.items():
-        if key not in hyper_state:
-            raise ValueError(f"{name}.load_state_dict: hyper_state lacks {key!r}")
-        if not ok(hyper_state[key]):
-            raise ValueError(f"{name}.load_state_dict: hyper_state[{key!r}] is malformed: "
-                             f"{hyper_state[key]!r}")
-    for key, value in hyper_state.items():
-        if not _finite_numbers(value):
-            raise ValueError(f"{name}.load_state_dict: hyper_state[{key!r}] holds a non-finite "
-                             "or non-numeric value")

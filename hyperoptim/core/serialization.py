@@ -18,12 +18,8 @@ from torch import Tensor
 
 from .ledger import GradLedger
 from .migrate import from_torch
-from .options import (
-    check_hyper_state,
-    check_param_state,
-    fixed_values,
-    renamed_group,
-)
+from .options import fixed_values, renamed_group
+from .state_checks import check_hyper_state, check_param_state
 from .warn import warn
 
 HISTORY_LIMIT = 10_000
