@@ -44,6 +44,47 @@ def _lr_list(lr: Hyper | Sequence[Tensor], n: int) -> Sequence[Hyper]:
     return lr if isinstance(lr, (list, tuple)) else [lr] * n
 
 
+def _terms(*ts: Tensor | None) -> Tensor | None:
+    """The sum of the terms that are not ``None`` (a tangent with no term is ``None``: zero).
+    For the closed-form tangents, which skip the products of zero tangents."""
+    out = None
+    for t in ts:
+        if t is not None:
+            out = t if out is None else out + t
+    return out
+
+
+def _times(x: Tensor | None, *factors: Any) -> Tensor | None:
+    """``x * factors...`` (``None`` for a zero ``x``)."""
+    if x is None:
+        return None
+    for f in factors:
+        x = x * f
+    return x
+
+
+def _ith(h: Hyper | Sequence[Tensor], i: int) -> Hyper:
+    """Parameter ``i``'s value of a hyperparameter that may be a per-parameter list."""
+    return h[i] if isinstance(h, (list, tuple)) else h
+
+
+def _seed_columns(seeds: dict[str, Tensor], like: Tensor) -> dict[str, Tensor]:
+    """Each seed ``(N,)`` shaped ``(N, 1, ...)`` to broadcast against ``(N, *like.shape)``."""
+    shape = (-1,) + (1,) * like.dim()
+    return {k: e.to(like.dtype).view(shape) for k, e in seeds.items()}
+
+
+def _tangent_out(t: Tensor | None, like: Tensor, n_cols: int, inputs: Sequence[Any]) -> Tensor:
+    """A closed form's output tangent as a new ``(N, *like.shape)`` tensor: zeros for ``None``,
+    a copy where it is one of the caller's ``inputs`` (the generic path never aliases them)."""
+    if t is None:
+        return like.new_zeros((n_cols, *like.shape))
+    if any(t is x for x in inputs):
+        return t.clone()
+    shape = (n_cols, *like.shape)
+    return t if t.shape == shape else t.expand(shape).clone()
+
+
 def apply_update_(params: Sequence[Tensor], directions: Sequence[Tensor],
                   lr: Hyper | Sequence[Tensor]) -> None:
     r"""In place, :math:`w \leftarrow w - a\, d` (``torch.optim.SGD``'s last line; not differentiable).
@@ -108,6 +149,14 @@ class UpdateRule:
             one set per parameter; the numbers are the same up to rounding).
             True for SGD and Adam; a rule with per-tensor norms (LARS, Adafactor) must leave it
             False (default: False).
+        tangents (callable, optional): the rule's closed-form Jacobian-vector product, an
+            optional fast path that :func:`rule_tangents` and :func:`rule_vjp` use in place of
+            autograd: ``tangents(params, grads, buffers, hypers, z, hz, buffer_tangents, seeds,
+            counts, **options) -> (z_next, buffer_tangents_next)`` with :func:`rule_tangents`'s
+            arguments and results (``z``/``hz`` may be ``None``: no incoming tangent; any
+            hyperparameter may be a list of per-parameter tensors). It must equal the generic
+            path to rounding (``tests/test_rule_closed_forms.py`` checks every registered one);
+            ``None`` means autograd only (default: None).
     """
 
     name: str
@@ -120,6 +169,7 @@ class UpdateRule:
     step_: Callable[..., tuple[Buffers, list[Tensor]]]
     init_state: Callable[[Tensor], dict[str, Tensor]] = lambda p: {}
     elementwise: bool = False
+    tangents: Callable[..., tuple[list[Tensor], Buffers]] | None = None
 
     def read_state(self, states: Sequence[dict[str, Any]], params: Sequence[Tensor]
                    ) -> tuple[Buffers, list[float] | None]:
@@ -194,21 +244,24 @@ def rule_tangents(
     grads: Sequence[Tensor],
     buffers: Buffers,
     hypers: dict[str, Hyper],
-    z: Sequence[Tensor],
-    hz: Sequence[Tensor],
+    z: Sequence[Tensor] | None,
+    hz: Sequence[Tensor] | None,
     buffer_tangents: Buffers,
     seeds: dict[str, Tensor],
     *,
     counts: Sequence[float] | None = None,
+    generic: bool = False,
     **options: Any,
 ) -> tuple[list[Tensor], Buffers]:
-    r"""Forward tangents through one step of any rule, by autograd of its ``step``.
+    r"""Forward tangents through one step of any rule: its closed form where it registers one
+    (:attr:`UpdateRule.tangents`), else by autograd of its ``step``.
 
     :math:`(Z, S)_{t+1} = \frac{\partial \Phi}{\partial (w, s)} (Z, S)_t + \frac{\partial
     \Phi}{\partial g} (H Z)_t + \sum_x \frac{\partial \Phi}{\partial x} e_x`, one column per
-    leading index. Nothing here knows the rule's formula.
+    leading index. Nothing here knows the rule's formula: a rule's closed form, where it has one,
+    is its own (and is tested equal to this generic path, ``generic=True``, to rounding).
 
-    *How.* The Jacobian-vector product :math:`J T` comes from two reverse passes (the
+    *How (generic).* The Jacobian-vector product :math:`J T` comes from two reverse passes (the
     "double-vjp" trick): :math:`u \mapsto J^\top u` is linear in the cotangent :math:`u`, so its
     own vector-Jacobian product along :math:`T` is :math:`J T`. One forward pass of ``step`` with
     a graph, one backward pass with ``create_graph=True``, then one backward pass per column. On
@@ -223,13 +276,17 @@ def rule_tangents(
         params, grads, buffers: the primal state before the step (see :class:`UpdateRule`).
         hypers (dict): this step's hyperparameter values (floats); those named in ``seeds`` are
             differentiated (made 0-d tensors of the parameters' dtype here).
-        z (sequence of Tensor): :math:`Z_t`, ``z[i]`` of shape ``(N, *params[i].shape)``.
-        hz (sequence of Tensor): :math:`H_t Z_t`, the tangent of the gradients, shaped like ``z``.
+        z (sequence of Tensor or None): :math:`Z_t`, ``z[i]`` of shape ``(N, *params[i].shape)``;
+            ``None``: :math:`Z_t = 0` (the one-step tangent of a fixed state).
+        hz (sequence of Tensor or None): :math:`H_t Z_t`, the tangent of the gradients, shaped
+            like ``z``; ``None``: 0.
         buffer_tangents (dict): :math:`S_t` by buffer name, shaped like ``z``; ``None`` where the
             buffer is ``None`` (and allowed, meaning 0, where it is not).
         seeds (dict of Tensor): per differentiated hyperparameter, its column seeds, shape
             ``(N,)``: :math:`\partial x / \partial \lambda_j` for each column ``j``.
         counts (sequence of float, optional): the step numbers, for rules that use them.
+        generic (bool, optional): autograd even where the rule has a closed form (the
+            reference the closed forms are tested against; default: False).
         **options: the rule's static options.
 
     Returns:
@@ -246,14 +303,37 @@ def rule_tangents(
         >>> zn[0]  # d w_1 / d lr = -g
         tensor([[-1., -1.]])
     """
+    core = _rule_tangents if generic or rule.tangents is None else _closed_tangents
     if rule.elementwise and len(params) > 1 and not any(
             isinstance(v, (list, tuple)) for v in hypers.values()):
         chunks = _chunks(rule, params, buffers, counts)
         if len(chunks) < len(params):
-            return _flat_tangents(rule, chunks, params, grads, buffers, hypers, z, hz,
+            return _flat_tangents(core, rule, chunks, params, grads, buffers, hypers, z, hz,
                                   buffer_tangents, seeds, counts, options)
-    return _rule_tangents(rule, params, grads, buffers, hypers, z, hz, buffer_tangents, seeds,
-                          counts, options)
+    return core(rule, params, grads, buffers, hypers, z, hz, buffer_tangents, seeds, counts,
+                options)
+
+
+def _closed_tangents(rule: UpdateRule, params: Sequence[Tensor], grads: Sequence[Tensor],
+                     buffers: Buffers, hypers: dict[str, Hyper], z: Sequence[Tensor] | None,
+                     hz: Sequence[Tensor] | None, buffer_tangents: Buffers,
+                     seeds: dict[str, Tensor], counts: Sequence[float] | None,
+                     options: dict[str, Any]) -> tuple[list[Tensor], Buffers]:
+    """:func:`rule_tangents` by the rule's own closed form (:attr:`UpdateRule.tangents`)."""
+    assert rule.tangents is not None
+    return rule.tangents(params, grads, buffers, hypers, z, hz, buffer_tangents, seeds, counts,
+                         **options)
+
+
+def _n_cols(z: Sequence[Tensor] | None, hz: Sequence[Tensor] | None,
+            seeds: dict[str, Tensor]) -> int:
+    """The number of tangent columns ``N``: from ``z``, else ``hz``, else the seeds."""
+    for ts in (z, hz):
+        if ts:
+            return ts[0].shape[0]
+    for e in seeds.values():
+        return e.shape[0]
+    return 0
 
 
 def _chunks(rule: UpdateRule, params: Sequence[Tensor], buffers: Buffers,
@@ -273,14 +353,13 @@ def _flat(ts: Sequence[Tensor], idx: list[int]) -> Tensor:
     return ts[idx[0]].reshape(-1) if len(idx) == 1 else torch.cat([ts[i].reshape(-1) for i in idx])
 
 
-def _flat_cols(ts: Sequence[Tensor | None], idx: list[int], z: Sequence[Tensor],
+def _flat_cols(ts: Sequence[Tensor | None] | None, idx: list[int], n_cols: int,
                params: Sequence[Tensor]) -> Tensor | None:
     """The tangents ``ts[i]``, ``i`` in ``idx``, as one ``(N, numel)`` matrix (a ``None`` entry
-    as zeros; ``None`` if every entry is)."""
-    if all(ts[i] is None for i in idx):
+    as zeros; ``None`` if every entry is, or ``ts`` is)."""
+    if ts is None or all(ts[i] is None for i in idx):
         return None
-    n_cols = z[0].shape[0]
-    parts = [z[i].new_zeros((n_cols, params[i].numel())) if ts[i] is None
+    parts = [params[i].new_zeros((n_cols, params[i].numel())) if ts[i] is None
              else ts[i].reshape(n_cols, -1) for i in idx]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
@@ -304,23 +383,29 @@ def _split_into(t: Tensor, idx: list[int], params: Sequence[Tensor], n_cols: int
         out[i] = piece if piece.is_contiguous() else piece.contiguous()
 
 
-def _flat_tangents(rule: UpdateRule, chunks: list[list[int]], params: Sequence[Tensor],
+def _flat_tangents(core: Callable[..., tuple[list[Tensor], Buffers]], rule: UpdateRule,
+                   chunks: list[list[int]], params: Sequence[Tensor],
                    grads: Sequence[Tensor], buffers: Buffers, hypers: dict[str, Hyper],
-                   z: Sequence[Tensor], hz: Sequence[Tensor], buffer_tangents: Buffers,
-                   seeds: dict[str, Tensor], counts: Sequence[float] | None,
+                   z: Sequence[Tensor] | None, hz: Sequence[Tensor] | None,
+                   buffer_tangents: Buffers, seeds: dict[str, Tensor],
+                   counts: Sequence[float] | None,
                    options: dict[str, Any]) -> tuple[list[Tensor], Buffers]:
     """:func:`rule_tangents` with each chunk of parameters concatenated into one vector (the
-    primal state flat, the tangents ``(N, numel)``), then split back into shapes."""
+    primal state flat, the tangents ``(N, numel)``), then split back into shapes; ``core`` is
+    the generic path or the rule's closed form."""
     names = rule.buffer_names
-    n_cols = z[0].shape[0]
+    n_cols = _n_cols(z, hz, seeds)
 
-    def cols(ts: Sequence[Tensor | None], idx: list[int]) -> Tensor | None:
-        return _flat_cols(ts, idx, z, params)
+    def cols(ts: Sequence[Tensor | None] | None, idx: list[int]) -> Tensor | None:
+        return _flat_cols(ts, idx, n_cols, params)
 
-    zn, sn = _rule_tangents(
+    def all_cols(ts: Sequence[Tensor] | None) -> list[Tensor] | None:
+        return None if ts is None else [cols(ts, idx) for idx in chunks]  # type: ignore[misc]
+
+    zn, sn = core(
         rule, [_flat(params, idx) for idx in chunks], [_flat(grads, idx) for idx in chunks],
         _per_chunk(names, buffers, buffers, chunks, _flat), hypers,
-        [cols(z, idx) for idx in chunks], [cols(hz, idx) for idx in chunks],
+        all_cols(z), all_cols(hz),
         _per_chunk(names, buffers, buffer_tangents, chunks, cols), seeds,
         None if counts is None else [counts[idx[0]] for idx in chunks], options)
     z_next: list[Tensor | None] = [None] * len(params)
@@ -374,19 +459,23 @@ def _stack_columns(outs: Sequence[Tensor], live: list[int], columns: list[list[T
 
 
 def _rule_tangents(rule: UpdateRule, params: Sequence[Tensor], grads: Sequence[Tensor],
-                   buffers: Buffers, hypers: dict[str, Hyper], z: Sequence[Tensor],
-                   hz: Sequence[Tensor], buffer_tangents: Buffers, seeds: dict[str, Tensor],
-                   counts: Sequence[float] | None, options: dict[str, Any]
-                   ) -> tuple[list[Tensor], Buffers]:
+                   buffers: Buffers, hypers: dict[str, Hyper], z: Sequence[Tensor] | None,
+                   hz: Sequence[Tensor] | None, buffer_tangents: Buffers,
+                   seeds: dict[str, Tensor], counts: Sequence[float] | None,
+                   options: dict[str, Any]) -> tuple[list[Tensor], Buffers]:
     """:func:`rule_tangents` over lists of parameters (any rule), by two reverse passes."""
     names = rule.buffer_names
     n = len(params)
+    n_cols = _n_cols(z, hz, seeds)
+    if z is None:
+        z = [p.new_zeros((n_cols, *p.shape)) for p in params]
+    if hz is None:
+        hz = [p.new_zeros((n_cols, *p.shape)) for p in params]
     where, flat_bufs = _pack(buffers, names)
     flat_tans = [buffer_tangents[names[k]][i] if buffer_tangents[names[k]][i] is not None
                  else z[i].new_zeros(z[i].shape) for k, i in where]
     seeded = list(seeds)
     dtype, device = _dtype_device(params)
-    n_cols = z[0].shape[0] if z else 0
     with torch.enable_grad():
         ps = [p.detach().requires_grad_() for p in params]
         gs = [g.detach().requires_grad_() for g in grads]
