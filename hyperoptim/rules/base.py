@@ -23,8 +23,8 @@ from torch import Tensor
 from ..core.types import Hyper
 
 __all__ = [
-    "RULES", "Buffers", "UpdateRule", "apply_update_", "get_rule", "register_rule", "rule_tangents",
-    "rule_vjp",
+    "RULES", "Buffers", "UpdateRule", "apply_update_", "get_rule", "register_rule", "rule_diagonals",
+    "rule_tangents", "rule_vjp",
 ]
 
 
@@ -501,6 +501,7 @@ def rule_vjp(
     *,
     wrt: Sequence[str] = ("lr",),
     counts: Sequence[float] | None = None,
+    generic: bool = False,
     **options: Any,
 ) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], tuple[list[Tensor], list[Tensor],
                                                           dict[str, Tensor]]]]:
@@ -513,12 +514,20 @@ def rule_vjp(
     (\partial u / \partial \lambda)^\top q)`; the total :math:`w`-derivative through
     :math:`g(w)` is the first plus :math:`H` (``SecondOrder.hvp``) times the second.
 
+    An ``elementwise`` rule with a closed form (:attr:`UpdateRule.tangents`) gets the product
+    from it instead: its weight and gradient Jacobians are diagonal (:func:`rule_diagonals`),
+    so the first two are elementwise products, and each hyperparameter's is the sum of ``q``
+    times its tangent column. The closed form's columns are taken once, here; each product is
+    then a few multiplications.
+
     Args:
         rule (UpdateRule): the rule.
         params, grads, buffers: the state before the step (buffers are not differentiated).
         hypers (dict): hyperparameter values (floats or 0-d tensors).
         wrt (sequence of str, optional): the hyperparameters to differentiate (default: lr).
         counts (sequence of float, optional): the step numbers, for rules that use them.
+        generic (bool, optional): ``torch.func.vjp`` even where the rule has a closed form
+            (the reference; default: False).
         **options: the rule's static options.
 
     Returns:
@@ -547,6 +556,11 @@ def rule_vjp(
         new_p, _ = rule.step(list(ps), list(gs), fixed, full, counts, **options)
         return tuple(new_p)
 
+    if not generic and rule.tangents is not None and rule.elementwise and not any(
+            isinstance(v, (list, tuple)) for v in hypers.values()):
+        full = dict(hypers, **dict(zip(wrt, hyper_primals)))
+        return _closed_vjp(rule, [p.detach() for p in params], [g.detach() for g in grads],
+                           fixed, full, wrt, counts, options)
     new_params, pullback = torch.func.vjp(update, tuple(p.detach() for p in params),
                                           tuple(g.detach() for g in grads), hyper_primals)
 
@@ -555,3 +569,76 @@ def rule_vjp(
         return list(dw), list(dg), dict(zip(wrt, dh))
 
     return list(new_params), vjp_fn
+
+
+def _closed_vjp(rule: UpdateRule, params: list[Tensor], grads: list[Tensor], buffers: Buffers,
+                hypers: dict[str, Hyper], wrt: list[str], counts: Sequence[float] | None,
+                options: dict[str, Any]
+                ) -> tuple[list[Tensor], Callable[[Sequence[Tensor]],
+                                                  tuple[list[Tensor], list[Tensor], dict[str, Tensor]]]]:
+    """:func:`rule_vjp` from the rule's closed-form tangents: columns 0 and 1 the diagonals of
+    the weight and gradient Jacobians, then one column per hyperparameter in ``wrt``."""
+    n_cols = 2 + len(wrt)
+    with torch.no_grad():
+        new_params, _ = rule.step(params, grads, buffers, hypers, counts, **options)
+        eye = torch.eye(n_cols, dtype=params[0].dtype, device=params[0].device)
+        cols, _ = rule_tangents(rule, params, grads, buffers, _plain(hypers),
+                                _unit(params, 0, n_cols), _unit(params, 1, n_cols),
+                                {name: [None] * len(params) for name in rule.buffer_names},
+                                {k: eye[2 + j] for j, k in enumerate(wrt)}, counts=counts,
+                                **options)
+
+    def vjp_fn(q: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
+        dw = [qi * c[0] for qi, c in zip(q, cols)]
+        dg = [qi * c[1] for qi, c in zip(q, cols)]
+        dh = {k: torch.stack([(qi * c[2 + j]).sum() for qi, c in zip(q, cols)]).sum()
+              for j, k in enumerate(wrt)}
+        return dw, dg, dh
+
+    return list(new_params), vjp_fn
+
+
+def _unit(params: Sequence[Tensor], j: int, n_cols: int) -> list[Tensor]:
+    """Per parameter an ``(n_cols, *shape)`` tangent of ones in column ``j``, zeros elsewhere."""
+    out = []
+    for p in params:
+        t = p.new_zeros((n_cols, *p.shape))
+        t[j] = 1.0
+        out.append(t)
+    return out
+
+
+def _plain(hypers: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters with every tensor detached (per-parameter lists included)."""
+    return {k: [x.detach() for x in v] if isinstance(v, (list, tuple))
+            else v.detach() if isinstance(v, Tensor) else v for k, v in hypers.items()}
+
+
+def rule_diagonals(rule: UpdateRule, params: Sequence[Tensor], grads: Sequence[Tensor],
+                   buffers: Buffers, hypers: dict[str, Any], counts: Sequence[float] | None = None,
+                   **options: Any) -> tuple[list[Tensor], list[Tensor]]:
+    r"""The diagonals of :math:`\partial w' / \partial w` and :math:`\partial w' / \partial g` of
+    an ``elementwise`` rule with its buffers held constant, shaped like the weights.
+
+    Those Jacobians are diagonal, so their vector-Jacobian products are elementwise products with
+    these: what the implicit method's Neumann series applies at every term (:func:`rule_vjp`
+    gives the same products). From the rule's closed form where it has one
+    (:func:`rule_tangents` with the two columns :math:`(Z, HZ) = (1, 0)` and :math:`(0, 1)`).
+    ``hypers`` may hold floats, tensors (detached here) or per-parameter lists.
+
+    Example:
+        >>> from hyperoptim.rules import SGD
+        >>> dw, dg = rule_diagonals(SGD, [torch.ones(2)], [torch.ones(2)], {"momentum_buffer": [None]},
+        ...                         dict(lr=0.1, momentum=0.0, weight_decay=0.5))
+        >>> dw[0], dg[0]  # w' = w - a (g + c w)
+        (tensor([0.9500, 0.9500]), tensor([-0.1000, -0.1000]))
+    """
+    if not rule.elementwise:
+        raise ValueError(f"Invalid rule value: {rule.name!r} is not elementwise (its Jacobians "
+                         "are not diagonal)")
+    with torch.no_grad():
+        cols, _ = rule_tangents(rule, [p.detach() for p in params], [g.detach() for g in grads],
+                                buffers, _plain(hypers), _unit(params, 0, 2), _unit(params, 1, 2),
+                                {name: [None] * len(params) for name in rule.buffer_names}, {},
+                                counts=counts, **options)
+    return [c[0] for c in cols], [c[1] for c in cols]
