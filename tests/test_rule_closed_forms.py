@@ -336,3 +336,27 @@ def test_fdssgd_momentum_column_follows_torch_func_jvp(nesterov, monkeypatch):
     slow = hypergrads()
     assert all((h != 0).all() for h in fast)
     assert _rel_err(fast, slow) < 1e-12
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_closed_tangents_flattened_or_per_parameter(rule, monkeypatch):
+    """rule_tangents steps a closed form over one concatenated vector or per parameter (with few
+    parameters and several columns); both give the generic path's numbers."""
+    import hyperoptim.rules.base as base
+
+    if rule == "sgd":
+        state, options = _sgd_case(10, False, 0.05, 0.9), dict(nesterov=True, dampening=0.0)
+        names = ("lr", "momentum", "weight_decay")
+    else:
+        state, options = _adam_case(10, False, 0.05), dict(eps=1e-8, decoupled_weight_decay=True,
+                                                           maximize=False)
+        names = ("lr", "beta1", "beta2", "weight_decay")
+    seeds = _seeds(names, state[-1])
+    results = []
+    for few in (0, 100):
+        monkeypatch.setattr(base, "_FEW_PARAMS", few)
+        gen_state = state[:-1] + (torch.Generator().manual_seed(11),)
+        closed, generic = _both(RULES[rule], gen_state, seeds, True, **options)
+        assert _rel_err(_flat(closed), _flat(generic)) < 1e-13
+        results.append(_flat(closed))
+    assert _rel_err(results[0], results[1]) < 1e-14

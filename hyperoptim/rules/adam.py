@@ -54,6 +54,7 @@ from .base import (
     Buffers,
     UpdateRule,
     _active,
+    _axpy,
     _ith,
     _lr_list,
     _n_cols,
@@ -252,29 +253,36 @@ def adam_tangents(
                 own = _terms(_times(e.get("lr"), lam), _times(e_lam, a))
                 pt = _terms(_times(zi, 1 - a * lam), _times(own, -p) if own is not None else None)
             else:
-                grad = grad + lam * p
+                grad = _axpy(grad, lam, p)
                 gt = _terms(gt, _times(zi, lam), _times(e_lam, p))
-        m1 = m + (1 - b1) * (grad - m)
-        v1 = v * b2 + (1 - b2) * grad * grad
+        # The primal moments by the rule's own operations (float hyperparameters: lerp, addcmul).
+        m1 = m.lerp(grad, 1 - b1) if not _is_t(b1) else m + (1 - b1) * (grad - m)
+        v1 = (v.mul(b2).addcmul_(grad, grad, value=1 - b2) if not _is_t(b2)
+              else v * b2 + (1 - b2) * grad * grad)
         mt1 = _terms(_times(mt, b1), _times(gt, 1 - b1),
-                     _times(e.get("beta1"), m - grad) if "beta1" in e else None)
-        vt1 = _terms(_times(vt, b2), _times(gt, 2 * (1 - b2), grad),
-                     _times(e.get("beta2"), v - grad * grad) if "beta2" in e else None)
+                     _times(e["beta1"], m - grad) if "beta1" in e else None)
+        vt1 = _terms(_times(vt, b2), _times(gt, grad, 2 * (1 - b2)),
+                     _times(e["beta2"], v - grad * grad) if "beta2" in e else None)
         bc1, bc2 = 1 - b1**t, 1 - b2**t
         r = bc2**0.5
-        positive = v1 > 0
-        s = torch.where(positive, torch.where(positive, v1, 1.0).sqrt(), 0.0)
-        denom = s / r + eps
+        s = v1.sqrt()  # v1 >= 0; the tangent of sqrt is taken as 0 where v1 = 0 (module docstring)
+        denom = (s / r).add_(eps)
         q = m1 / denom
-        st = _times(vt1, torch.where(positive, 0.5 / torch.where(positive, s, 1.0), 0.0))
-        rt = _times(e.get("beta2"), -t * b2 ** (t - 1) / (2 * r)) if "beta2" in e else None
-        dt = _terms(_times(st, 1 / r), _times(rt, -s / (r * r)) if rt is not None else None)
-        qt = _times(_terms(mt1, _times(dt, -q) if dt is not None else None), 1 / denom)
+        dt = None
+        if vt1 is not None:
+            dt = _times(vt1, torch.where(v1 > 0, s.reciprocal(), 0.0), 0.5 / r)
+        if "beta2" in e:
+            dt = _terms(dt, _times(e["beta2"], s, t * b2 ** (t - 1) / (2 * r * bc2)))
+        qt = mt1 if dt is None else (_terms(mt1, _times(dt, -q)) if mt1 is None
+                                     else torch.addcmul(mt1, q, dt, value=-1))
+        qt = None if qt is None else qt / denom
         step_size = a / bc1
         # d(a / b_1) = e_a / b_1 + a t beta1^(t-1) e_beta1 / b_1^2
         sst = _terms(_times(e.get("lr"), 1 / bc1),
                      _times(e.get("beta1"), step_size * t * b1 ** (t - 1) / bc1))
-        zt = _terms(pt, _times(qt, -step_size), _times(sst, -q) if sst is not None else None)
+        zt = pt if qt is None else (_times(qt, -step_size) if pt is None else _axpy(pt, -step_size, qt))
+        if sst is not None:
+            zt = _terms(zt, _times(sst, -q))
         z_next.append(_tangent_out(zt, p, n_cols, inputs))
         m_next.append(_tangent_out(mt1, p, n_cols, inputs))
         v_next.append(_tangent_out(vt1, p, n_cols, inputs))
