@@ -217,17 +217,17 @@ def adam_tangents(
 
     The tangents (capitals; :math:`e_x` the seed of hyperparameter :math:`x`) of each line of
     :func:`adam_step`, with :math:`G` the gradient's (:math:`\pm H Z`, plus :math:`\lambda Z +
-    e_\lambda w` for Adam's L2 term) and :math:`s = \sqrt{v'}`, :math:`r = \sqrt{1-eta_2^t}`:
+    e_\lambda w` for Adam's L2 term) and :math:`s = \sqrt{v'}`, :math:`r = \sqrt{1-\beta_2^t}`:
 
     .. math::
 
-        M' &= eta_1 M + (1-eta_1) G + e_{eta_1} (m - g) \
-        V' &= eta_2 V + 2 (1-eta_2)\, g\, G + e_{eta_2} (v - g^2) \
-        \delta &= rac{S}{r} - rac{s\, R}{r^2}, \quad S = rac{V'}{2 s}\ (0 	ext{ at } s = 0),
-            \quad R = -rac{t eta_2^{t-1} e_{eta_2}}{2 r} \
-        Z' &= P - rac{a}{b_1} \cdot rac{M' - q\,\delta}{s/r + \epsilon}
-            - \Big(rac{e_a}{b_1} + rac{a\, t eta_1^{t-1} e_{eta_1}}{b_1^2}\Big) q,
-            \qquad q = rac{m'}{s/r + \epsilon},\ b_1 = 1 - eta_1^t
+        M' &= \beta_1 M + (1-\beta_1) G + e_{\beta_1} (m - g) \\
+        V' &= \beta_2 V + 2 (1-\beta_2)\, g\, G + e_{\beta_2} (v - g^2) \\
+        \delta &= \frac{S}{r} - \frac{s\, R}{r^2}, \quad S = \frac{V'}{2 s}\ (0 \text{ at } s = 0),
+            \quad R = -\frac{t \beta_2^{t-1} e_{\beta_2}}{2 r} \\
+        Z' &= P - \frac{a}{b_1} \cdot \frac{M' - q\,\delta}{s/r + \epsilon}
+            - \Big(\frac{e_a}{b_1} + \frac{a\, t \beta_1^{t-1} e_{\beta_1}}{b_1^2}\Big) q,
+            \qquad q = \frac{m'}{s/r + \epsilon},\ b_1 = 1 - \beta_1^t
 
     with :math:`P = Z` (Adam) or :math:`(1 - a\lambda) Z - (e_a \lambda + a e_\lambda) w`
     (AdamW). Arguments and results as :func:`~hyperoptim.rules.rule_tangents`; every

@@ -240,8 +240,8 @@ def sgd_closed_tangents(
 
     .. math::
 
-        C_{t+1} &= b\, C_t + e_b v_t + (1 - \delta) G_t \quad (C_1 = G_0) \
-        D_t &= C_{t+1} \quad	ext{or (Nesterov)}\quad G_t + b\, C_{t+1} + e_b v_{t+1} \
+        C_{t+1} &= b\, C_t + e_b v_t + (1 - \delta) G_t \quad (C_1 = G_0) \\
+        D_t &= C_{t+1} \quad\text{or (Nesterov)}\quad G_t + b\, C_{t+1} + e_b v_{t+1} \\
         Z_{t+1} &= Z_t - a D_t - e_a d_t
 
     Arguments and results as :func:`~hyperoptim.rules.rule_tangents` (``counts`` unused);
