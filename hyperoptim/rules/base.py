@@ -6,7 +6,9 @@ optimizer with float hyperparameters and differentiable with tensor ones, the sa
 (``step_``, which also returns the direction :math:`d = -\partial w' / \partial a`), and how a
 param group and ``state[p]`` feed them. :func:`rule_tangents` (Jacobian-vector products of the
 rule by autograd) and :func:`rule_vjp` (reverse mode, ``torch.func.vjp``, buffers detached) work
-for any rule. Registered: :data:`SGD` here and ``ADAM`` (:mod:`hyperoptim.rules.adam`, Adam and AdamW).
+for any rule; a rule may register its closed-form tangents (:attr:`UpdateRule.tangents`), which
+both then use (``generic=True`` keeps autograd, the reference). Registered: :data:`SGD` here
+and ``ADAM`` (:mod:`hyperoptim.rules.adam`, Adam and AdamW).
 A new rule is one file defining its ``step``/``step_`` and calling :func:`register_rule`, plus its
 import line at the end of this module.
 """
@@ -106,7 +108,8 @@ def apply_update_(params: Sequence[Tensor], directions: Sequence[Tensor],
 
 # ---------------------------------------------------------------------------------------------
 # The rule as a value (docs/design.md §3): every method consumes an UpdateRule; tangents and reverse
-# products come from torch.func on the rule's pure ``step``, never from a typed derivative.
+# products come from autograd on the rule's pure ``step``, or from the rule's own closed form
+# (tested equal to it), never from a derivative typed in a method.
 # ---------------------------------------------------------------------------------------------
 
 Buffers = dict[str, list[Tensor | None]]
