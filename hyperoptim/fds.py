@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .core.checks import check_torch_flags, check_value, is_real
@@ -14,8 +13,8 @@ from .core.options import renamed_options
 from .core.signatures import renamed_keywords
 from .core.types import Closure, ParamsT
 from .methods.fds import RuleFDS
-from .rules.base import apply_update_
-from .rules.sgd import SGD, sgd_direction, sgd_tangents
+from .rules.base import apply_update_, rule_tangents
+from .rules.sgd import SGD, sgd_direction
 
 __all__ = ["FDSSGD"]
 
@@ -232,7 +231,7 @@ class FDSSGD(RuleFDS):
         in: the learning rate's is :math:`-d_t` (from :math:`w_{t+1} = w_t - a_t d_t`); weight
         decay enters the gradient as :math:`c_t w_t`, so its column's gradient tangent gains
         :math:`w_t` before the linear pass; the momentum's, which Nesterov makes non-linear, is
-        ``torch.func.jvp`` of the rule (:func:`sgd_tangents`) on one flat vector. The update is
+        the rule's one-step tangent (its closed form, :func:`rule_tangents`). The update is
         elementwise in the N columns plus a constant.
 
         This replaces the generic :meth:`RuleFDS._group_step` (``rule_tangents``, one reverse pass
@@ -326,39 +325,13 @@ def _add_own_terms(column: dict[str, int], z_next: list[Tensor], c_next: list[Te
 def _momentum_terms(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
                     values: tuple[float, float, float], nesterov: bool
                     ) -> tuple[list[Tensor], list[Tensor]]:
-    r""":math:`\partial(w_{t+1}, v_{t+1}) / \partial b_t`: ``torch.func.jvp`` of the rule.
-
-    Each transformed call has a fixed cost per tensor, so the group is flattened into one vector
-    first (when dtypes and buffers allow).
-    """
-    ref = params[0]
-    hypers = tuple(torch.tensor(v, dtype=ref.dtype, device=ref.device) for v in values)
-    seeds = (ref.new_zeros(1), ref.new_ones(1), ref.new_zeros(1))
-    flat = (len({(p.dtype, p.device) for p in params}) == 1
-            and len({buf is None for buf in bufs}) == 1)
-    if flat and len(params) > 1:
-        return _flat_momentum_terms(params, grads, bufs, hypers, seeds, nesterov)
-    zeros = [p.new_zeros((1, *p.shape)) for p in params]
-    dz, dc = sgd_tangents(params, grads, bufs, *hypers, zeros, zeros,
-                          [None if buf is None else z for buf, z in zip(bufs, zeros, strict=True)],
-                          *seeds, nesterov=nesterov)
-    return [x[0] for x in dz], [x[0] for x in dc]
-
-
-def _flat_momentum_terms(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
-                         hypers: tuple[Tensor, ...], seeds: tuple[Tensor, ...], nesterov: bool
-                         ) -> tuple[list[Tensor], list[Tensor]]:
-    """:func:`_momentum_terms` on the group concatenated into one vector (one dtype and device,
-    every buffer present or none), split back into the parameters' shapes."""
-    sizes = [p.numel() for p in params]
-    zero = [params[0].new_zeros((1, sum(sizes)))]
-    with_buf = bufs[0] is not None
-    dz, dc = sgd_tangents(_cat(params), _cat(grads), _cat(bufs) if with_buf else [None], *hypers,
-                          zero, zero, zero if with_buf else [None], *seeds, nesterov=nesterov)
-    return ([x.view_as(p) for x, p in zip(dz[0][0].split(sizes), params, strict=True)],
-            [x.view_as(p) for x, p in zip(dc[0][0].split(sizes), params, strict=True)])
-
-
-def _cat(ts: list[Tensor] | list[Tensor | None]) -> list[Tensor]:
-    """The tensors as one flat vector, in a list of one."""
-    return [torch.cat([x.reshape(-1) for x in ts])]  # type: ignore[union-attr]
+    r""":math:`\partial(w_{t+1}, v_{t+1}) / \partial b_t` with the state before the step held
+    constant: the SGD rule's one-step tangent seeded by the momentum (its closed form,
+    :func:`~hyperoptim.rules.sgd.sgd_closed_tangents`, tested equal to ``torch.func.jvp`` of the
+    rule)."""
+    lr, momentum, weight_decay = values
+    dz, dc = rule_tangents(SGD, params, grads, {_BUF: bufs},
+                           dict(lr=lr, momentum=momentum, weight_decay=weight_decay), None, None,
+                           {_BUF: [None] * len(params)}, {"momentum": params[0].new_ones(1)},
+                           nesterov=nesterov)
+    return [x[0] for x in dz], [x[0] for x in dc[_BUF]]  # type: ignore[index]

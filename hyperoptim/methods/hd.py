@@ -503,9 +503,8 @@ class RuleHypergrad(HyperOptimizer):
         r""":math:`Z_t = \partial w_{t+1} / \partial \mu_t` per parameter, the state before the
         step held constant: the rule's one-step tangent (one column, zero incoming tangents)."""
         params = plan.params
-        zeros = [p.new_zeros((1, *p.shape)) for p in params]
         seed = params[0].new_ones(1)
-        z, _ = rule_tangents(self.rule, params, plan.grads, buffers, hypers, zeros, zeros,
+        z, _ = rule_tangents(self.rule, params, plan.grads, buffers, hypers, None, None,
                              {name: [None] * len(params) for name in self.rule.buffer_names},
                              {self.momentum_hyper: seed}, counts=counts,
                              **self.rule.options(plan.group))

@@ -20,6 +20,7 @@ optimizer's step, publishing and undoing it) is in :mod:`hyperoptim.methods.ift_
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -35,7 +36,7 @@ from ..core.serialization import repeat_extras
 from ..core.signatures import bind_keywords, declared
 from ..core.types import Closure, ParamsT
 from ..hvp import SecondOrder
-from ..rules.base import Buffers, UpdateRule
+from ..rules.base import Buffers, UpdateRule, rule_diagonals
 from .ift_hypergrad import _HyperUpdate
 
 __all__ = ["MOMENTUM_RANGE", "WEIGHT_DECAY_FLOOR", "RuleIFT"]
@@ -442,6 +443,22 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         new, _ = _rule_call(self.rule.step, list(weights), list(grads), buffers,
                             {**self.rule.hypers(group), **values}, counts, self._options(group))
         return [w - n for w, n in zip(weights, new)]
+
+    def _update_diagonals(self, group: dict[str, Any], params: Sequence[Tensor],
+                          weights: Sequence[Tensor], grads: Sequence[Tensor],
+                          values: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]] | None:
+        r"""The diagonals of :math:`\partial u / \partial w` and :math:`\partial u / \partial g`
+        at what :meth:`_update_functions` differentiates, from the rule's closed form
+        (:func:`~hyperoptim.rules.rule_diagonals`): an elementwise rule's Jacobians are diagonal,
+        so each Neumann term's product is two multiplications. ``None`` for a rule without a
+        closed form (autograd of the update then)."""
+        rule = self.rule
+        if rule.tangents is None or not rule.elementwise:
+            return None
+        _, buffers, counts = self._peek_state(params)
+        dw, dg = _rule_call(functools.partial(rule_diagonals, rule), list(weights), list(grads),
+                            buffers, {**rule.hypers(group), **values}, counts, self._options(group))
+        return [1 - x for x in dw], [x.neg_() for x in dg]
 
     def _weight_steps(self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]]) -> None:
         """:meth:`_weight_step` for every group with gradients."""

@@ -81,20 +81,27 @@ def _mean_over_weights(values: Sequence[Tensor], params: Sequence[Tensor]) -> Te
 
 def vjp_through_update(updates: Sequence[Tensor], params: Sequence[Tensor],
                        weights: Sequence[Tensor], grads: Sequence[Tensor],
-                       q: Sequence[Tensor], second: SecondOrder) -> list[Tensor]:
+                       q: Sequence[Tensor], second: SecondOrder,
+                       diagonals: tuple[list[Tensor], list[Tensor]] | None = None) -> list[Tensor]:
     r""":math:`(\partial\mathbf u/\partial w)^\top q`, ``u`` a function of ``(w, g(w))``: every
     second-order product IFT takes.
 
     The rule's own vector-Jacobian product gives the direct term (weight decay) and the
     gradient's cotangent; the latter goes through :math:`H` by the step's HVP route
     (:class:`hyperoptim.hvp.SecondOrder`, averaged across ranks):
-    :math:`(\partial u/\partial w)^\top q + H (\partial u/\partial g)^\top q`.
+    :math:`(\partial u/\partial w)^\top q + H (\partial u/\partial g)^\top q`. With
+    ``diagonals`` (the rule's diagonal Jacobians of ``u``, per parameter) the first two products
+    are elementwise, with no pass through the update's graph.
     """
-    raw = torch.autograd.grad(list(updates), list(weights) + list(grads), grad_outputs=list(q),
-                              retain_graph=True, allow_unused=True)
-    n = len(params)
-    direct = [torch.zeros_like(p) if j is None else j for p, j in zip(params, raw[:n])]
-    through_g = {p: (torch.zeros_like(p) if j is None else j) for p, j in zip(params, raw[n:])}
+    if diagonals is not None:
+        direct = [qi * d for qi, d in zip(q, diagonals[0])]
+        through_g = {p: qi * d for p, qi, d in zip(params, q, diagonals[1])}
+    else:
+        raw = torch.autograd.grad(list(updates), list(weights) + list(grads), grad_outputs=list(q),
+                                  retain_graph=True, allow_unused=True)
+        n = len(params)
+        direct = [torch.zeros_like(p) if j is None else j for p, j in zip(params, raw[:n])]
+        through_g = {p: (torch.zeros_like(p) if j is None else j) for p, j in zip(params, raw[n:])}
     hq = second.hvp([through_g.get(p, torch.zeros_like(p)).unsqueeze(0) for p in second.params])
     by_param = dict(zip(second.params, hq))
     return [d + by_param[p][0] if p in by_param else d for p, d in zip(params, direct)]
@@ -168,13 +175,19 @@ class _HyperUpdate:
         weight_of = dict(zip(params, weight_leaves))
         grad_of = dict(zip(params, grad_leaves))
         updates: list[Tensor] = []
+        # The rule's closed-form Jacobians, when it has them and the series has terms.
+        diagonals: tuple[list[Tensor], list[Tensor]] | None = ([], []) if self.lookback > 1 else None
         with torch.enable_grad():
             for index, group, ps in active:
                 values = self._tuned_leaves(index, group, ps, tuned)
-                updates.extend(self._update_functions(group, ps, [weight_of[p] for p in ps],
-                                                      [grad_of[p] for p in ps], values))
+                ws, gs = [weight_of[p] for p in ps], [grad_of[p] for p in ps]
+                updates.extend(self._update_functions(group, ps, ws, gs, values))
+                if diagonals is not None:
+                    d = self._update_diagonals(group, ps, ws, gs, values)
+                    diagonals = None if d is None else (diagonals[0] + d[0], diagonals[1] + d[1])
             vjp = functools.partial(vjp_through_update, updates, params, weight_leaves,
-                                    grad_leaves, second=cast(SecondOrder, second))
+                                    grad_leaves, second=cast(SecondOrder, second),
+                                    diagonals=diagonals)
             raw = neumann_hypergrad(updates, tuned.leaves, list(val_grads), self.lookback, vjp)
         del updates, vjp
         tuned.hypergrads = [torch.zeros_like(x) if g is None else -g

@@ -6,8 +6,18 @@ built-in ones. A new rule is one module that defines its step and calls
 """
 
 from .adam import ADAM
-from .base import RULES, Buffers, UpdateRule, apply_update_, get_rule, register_rule, rule_tangents, rule_vjp
+from .base import (
+    RULES,
+    Buffers,
+    UpdateRule,
+    apply_update_,
+    get_rule,
+    register_rule,
+    rule_diagonals,
+    rule_tangents,
+    rule_vjp,
+)
 from .sgd import SGD
 
 __all__ = ["ADAM", "RULES", "SGD", "Buffers", "UpdateRule", "apply_update_", "get_rule", "register_rule",
-           "rule_tangents", "rule_vjp"]
+           "rule_diagonals", "rule_tangents", "rule_vjp"]

@@ -34,6 +34,11 @@ step's direction with respect to the learning rate,
 
 which hypergradient descent and MARTHE need (``tests/test_update.py`` checks it against
 ``torch.func.jvp`` of :func:`adam_step`).
+
+:func:`adam_tangents` is the rule's Jacobian-vector product in closed form, registered as its
+optional fast path (:attr:`~hyperoptim.rules.UpdateRule.tangents`): autograd of
+:func:`adam_step` stays the reference, and ``tests/test_rule_closed_forms.py`` checks that the two
+agree to rounding.
 """
 
 from __future__ import annotations
@@ -45,9 +50,22 @@ import torch
 from torch import Tensor
 
 from ..core.types import Hyper
-from .base import Buffers, UpdateRule, _active, _lr_list, register_rule
+from .base import (
+    Buffers,
+    UpdateRule,
+    _active,
+    _axpy,
+    _ith,
+    _lr_list,
+    _n_cols,
+    _seed_columns,
+    _tangent_out,
+    _terms,
+    _times,
+    register_rule,
+)
 
-__all__ = ["ADAM", "adam_step", "adam_step_", "check_adam_arguments"]
+__all__ = ["ADAM", "adam_step", "adam_step_", "adam_tangents", "check_adam_arguments"]
 
 
 def _sqrt(v: Tensor) -> Tensor:
@@ -180,6 +198,97 @@ def adam_step_(
     return directions
 
 
+def adam_tangents(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Buffers,
+    hypers: dict[str, Any],
+    z: Sequence[Tensor] | None,
+    hz: Sequence[Tensor] | None,
+    buffer_tangents: Buffers,
+    seeds: dict[str, Tensor],
+    counts: Sequence[float],
+    *,
+    eps: float = 1e-8,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> tuple[list[Tensor], Buffers]:
+    r"""The Adam/AdamW rule's Jacobian-vector product in closed form (:attr:`UpdateRule.tangents`).
+
+    The tangents (capitals; :math:`e_x` the seed of hyperparameter :math:`x`) of each line of
+    :func:`adam_step`, with :math:`G` the gradient's (:math:`\pm H Z`, plus :math:`\lambda Z +
+    e_\lambda w` for Adam's L2 term) and :math:`s = \sqrt{v'}`, :math:`r = \sqrt{1-\beta_2^t}`:
+
+    .. math::
+
+        M' &= \beta_1 M + (1-\beta_1) G + e_{\beta_1} (m - g) \\
+        V' &= \beta_2 V + 2 (1-\beta_2)\, g\, G + e_{\beta_2} (v - g^2) \\
+        \delta &= \frac{S}{r} - \frac{s\, R}{r^2}, \quad S = \frac{V'}{2 s}\ (0 \text{ at } s = 0),
+            \quad R = -\frac{t \beta_2^{t-1} e_{\beta_2}}{2 r} \\
+        Z' &= P - \frac{a}{b_1} \cdot \frac{M' - q\,\delta}{s/r + \epsilon}
+            - \Big(\frac{e_a}{b_1} + \frac{a\, t \beta_1^{t-1} e_{\beta_1}}{b_1^2}\Big) q,
+            \qquad q = \frac{m'}{s/r + \epsilon},\ b_1 = 1 - \beta_1^t
+
+    with :math:`P = Z` (Adam) or :math:`(1 - a\lambda) Z - (e_a \lambda + a e_\lambda) w`
+    (AdamW). Arguments and results as :func:`~hyperoptim.rules.rule_tangents`; every
+    hyperparameter may be a float, a tensor or a per-parameter list. Zero tangents (``None``)
+    are skipped. Equal to the generic path (autograd of :func:`adam_step`) to rounding.
+    """
+    n_cols = _n_cols(z, hz, seeds)
+    z_next: list[Tensor] = []
+    m_next: list[Tensor | None] = []
+    v_next: list[Tensor | None] = []
+    for i, (p, g, m, v, t) in enumerate(zip(params, grads, buffers["exp_avg"],
+                                            buffers["exp_avg_sq"], counts)):
+        a, b1, b2, lam = (_ith(hypers[k], i) for k in ("lr", "beta1", "beta2", "weight_decay"))
+        e = _seed_columns(seeds, p)
+        zi, hzi = z[i] if z else None, hz[i] if hz else None
+        mt, vt = buffer_tangents["exp_avg"][i], buffer_tangents["exp_avg_sq"][i]
+        inputs = (zi, hzi, mt, vt)
+        grad, gt = (-g, _times(hzi, -1)) if maximize else (g, hzi)
+        pt = zi
+        e_lam = e.get("weight_decay")
+        if "weight_decay" in e or _active(lam):
+            if decoupled_weight_decay:
+                own = _terms(_times(e.get("lr"), lam), _times(e_lam, a))
+                pt = _terms(_times(zi, 1 - a * lam), _times(own, -p) if own is not None else None)
+            else:
+                grad = _axpy(grad, lam, p)
+                gt = _terms(gt, _times(zi, lam), _times(e_lam, p))
+        # The primal moments by the rule's own operations (float hyperparameters: lerp, addcmul).
+        m1 = m.lerp(grad, 1 - b1) if not _is_t(b1) else m + (1 - b1) * (grad - m)
+        v1 = (v.mul(b2).addcmul_(grad, grad, value=1 - b2) if not _is_t(b2)
+              else v * b2 + (1 - b2) * grad * grad)
+        mt1 = _terms(_times(mt, b1), _times(gt, 1 - b1),
+                     _times(e["beta1"], m - grad) if "beta1" in e else None)
+        vt1 = _terms(_times(vt, b2), _times(gt, grad, 2 * (1 - b2)),
+                     _times(e["beta2"], v - grad * grad) if "beta2" in e else None)
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        r = bc2**0.5
+        s = v1.sqrt()  # v1 >= 0; the tangent of sqrt is taken as 0 where v1 = 0 (module docstring)
+        denom = (s / r).add_(eps)
+        q = m1 / denom
+        dt = None
+        if vt1 is not None:
+            dt = _times(vt1, torch.where(v1 > 0, s.reciprocal(), 0.0), 0.5 / r)
+        if "beta2" in e:
+            dt = _terms(dt, _times(e["beta2"], s, t * b2 ** (t - 1) / (2 * r * bc2)))
+        qt = mt1 if dt is None else (_terms(mt1, _times(dt, -q)) if mt1 is None
+                                     else torch.addcmul(mt1, q, dt, value=-1))
+        qt = None if qt is None else qt / denom
+        step_size = a / bc1
+        # d(a / b_1) = e_a / b_1 + a t beta1^(t-1) e_beta1 / b_1^2
+        sst = _terms(_times(e.get("lr"), 1 / bc1),
+                     _times(e.get("beta1"), step_size * t * b1 ** (t - 1) / bc1))
+        zt = pt if qt is None else (_times(qt, -step_size) if pt is None else _axpy(pt, -step_size, qt))
+        if sst is not None:
+            zt = _terms(zt, _times(sst, -q))
+        z_next.append(_tangent_out(zt, p, n_cols, inputs))
+        m_next.append(_tangent_out(mt1, p, n_cols, inputs))
+        v_next.append(_tangent_out(vt1, p, n_cols, inputs))
+    return z_next, {"exp_avg": m_next, "exp_avg_sq": v_next}
+
+
 def _rule_step(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Buffers,
                hypers: dict[str, Any], counts: Sequence[float], **options: Any
                ) -> tuple[list[Tensor], Buffers]:
@@ -220,6 +329,7 @@ ADAM = register_rule(UpdateRule(
     step_=_rule_step_,
     init_state=_init_state,
     elementwise=True,
+    tangents=adam_tangents,
 ))
 """``torch.optim.Adam``'s rule (and AdamW's, with ``decoupled_weight_decay=True``)."""
 

@@ -22,7 +22,10 @@ hyperparameters it is differentiable, and :func:`sgd_tangents` gets the tangent 
     Z_{t+1} &= Z_t - a\, D_t - e_a d_t
 
 (with :math:`D_t` the tangent of :math:`d_t`) from :func:`torch.func.jvp` of the same function,
-batched over tangent columns with :func:`torch.func.vmap`, so no tangent formula is typed twice.
+batched over tangent columns with :func:`torch.func.vmap`: the reference. The rule registers the
+same recursion as its closed form (:func:`sgd_closed_tangents`, :attr:`UpdateRule.tangents`),
+which :func:`~hyperoptim.rules.rule_tangents` and :func:`~hyperoptim.rules.rule_vjp` use;
+``tests/test_rule_closed_forms.py`` checks it against both autograd routes.
 """
 
 from __future__ import annotations
@@ -34,9 +37,23 @@ from torch import Tensor
 
 from ..core.threads import FORWARD_AD_LOCK
 from ..core.types import Hyper
-from .base import UpdateRule, _active, _axpy, _lr_list, apply_update_, register_rule
+from .base import (
+    Buffers,
+    UpdateRule,
+    _active,
+    _axpy,
+    _ith,
+    _lr_list,
+    _n_cols,
+    _seed_columns,
+    _tangent_out,
+    _terms,
+    _times,
+    apply_update_,
+    register_rule,
+)
 
-__all__ = ["SGD", "sgd_direction", "sgd_step", "sgd_tangents"]
+__all__ = ["SGD", "sgd_closed_tangents", "sgd_direction", "sgd_step", "sgd_tangents"]
 
 
 def sgd_direction(
@@ -203,6 +220,66 @@ def sgd_tangents(
     return list(z_next), list(c_next)
 
 
+def sgd_closed_tangents(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Buffers,
+    hypers: dict[str, Hyper | Sequence[Tensor]],
+    z: Sequence[Tensor] | None,
+    hz: Sequence[Tensor] | None,
+    buffer_tangents: Buffers,
+    seeds: dict[str, Tensor],
+    counts: Sequence[float] | None = None,
+    *,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+) -> tuple[list[Tensor], Buffers]:
+    r"""The SGD rule's Jacobian-vector product in closed form (:attr:`UpdateRule.tangents`).
+
+    With :math:`G_t = H_t Z_t + c Z_t + e_c w_t` the tangent of :math:`g_t`:
+
+    .. math::
+
+        C_{t+1} &= b\, C_t + e_b v_t + (1 - \delta) G_t \quad (C_1 = G_0) \\
+        D_t &= C_{t+1} \quad\text{or (Nesterov)}\quad G_t + b\, C_{t+1} + e_b v_{t+1} \\
+        Z_{t+1} &= Z_t - a D_t - e_a d_t
+
+    Arguments and results as :func:`~hyperoptim.rules.rule_tangents` (``counts`` unused);
+    every hyperparameter may be a float, a tensor or a per-parameter list. Terms whose tangent
+    is zero (``None``: no incoming ``z``/``hz``, no buffer tangent, an unseeded
+    hyperparameter) are skipped, so a one-step tangent of a fixed state costs a few
+    elementwise products. Equal to :func:`sgd_tangents` and to the generic path to rounding.
+    """
+    n_cols = _n_cols(z, hz, seeds)
+    z_next: list[Tensor] = []
+    c_next: list[Tensor | None] = []
+    for i, (p, g, v) in enumerate(zip(params, grads, buffers["momentum_buffer"])):
+        a, b, c = (_ith(hypers[k], i) for k in ("lr", "momentum", "weight_decay"))
+        e = _seed_columns(seeds, p)
+        zi, hzi = z[i] if z else None, hz[i] if hz else None
+        ci = buffer_tangents["momentum_buffer"][i] if v is not None else None
+        gw, gt = g, hzi
+        if "weight_decay" in e or _active(c):
+            gw = _axpy(g, c, p)
+            gt = _terms(hzi, _times(zi, c), _times(e.get("weight_decay"), p))
+        if "momentum" in e or _active(b):
+            if v is None:  # torch's first step: v_1 = g_0
+                vn, cn = gw, gt
+            else:
+                vn = v * b + (1 - dampening) * gw
+                cn = _terms(_times(ci, b), _times(e.get("momentum"), v), _times(gt, 1 - dampening))
+            d, dt = vn, cn
+            if nesterov:
+                d = gw + b * vn
+                dt = _terms(gt, _times(cn, b), _times(e.get("momentum"), vn))
+            c_next.append(_tangent_out(cn, p, n_cols, (zi, hzi, ci)))
+        else:
+            d, dt = gw, gt
+            c_next.append(None)
+        zn = _terms(zi, _times(dt, -a), _times(-e["lr"], d) if "lr" in e else None)
+        z_next.append(_tangent_out(zn, p, n_cols, (zi, hzi, ci)))
+    return z_next, {"momentum_buffer": c_next}
+
 
 # ------------------------------------------------------------------ the SGD rule as a value
 def _sgd_rule_step(params, grads, buffers, hypers, counts, *, dampening=0.0, nesterov=False):
@@ -231,5 +308,6 @@ SGD = register_rule(UpdateRule(
     step=_sgd_rule_step,
     step_=_sgd_rule_step_,
     elementwise=True,
+    tangents=sgd_closed_tangents,
 ))
 """``torch.optim.SGD``'s rule (:func:`sgd_step`)."""
