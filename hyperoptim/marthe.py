@@ -12,7 +12,7 @@ from .core.signatures import bind_keywords, renamed_keywords, with_keywords
 from .core.types import ParamsT
 from .methods.marthe import MARTHE_KEYWORDS, RuleMarthe, marthe_options, take_marthe_options
 from .rules.base import apply_update_
-from .rules.sgd import SGD, sgd_direction
+from .rules.sgd import SGD, sgd_direction, sgd_momentum_tangents
 
 __all__ = ["MartheSGD"]
 
@@ -215,6 +215,14 @@ class MartheSGD(RuleMarthe):
         if group["momentum"] != 0 and not group["nesterov"]:
             return state.get("momentum_buffer")
         return state.get("direction")
+
+    def _momentum_tangents(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        # The generic one-step tangent's closed form for SGD (tested equal to it).
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        return sgd_momentum_tangents(params, [p.grad for p in params], bufs,
+                                     [group["lr"]] * len(params), group["momentum"],
+                                     group["weight_decay"], dampening=group["dampening"],
+                                     nesterov=group["nesterov"])
 
     def _advance(self, index: int, group: dict[str, Any], params: list[Tensor],
                  hz: dict[Tensor, Tensor] | None) -> None:

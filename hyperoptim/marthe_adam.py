@@ -153,9 +153,15 @@ class MartheAdam(RuleMarthe):
             decoupled_weight_decay=decoupled, **marthe_options(**marthe))
         super().__init__(params, defaults, **options)
 
+    momentum_hyper = "beta1"
+
     @staticmethod
     def _momentum(group: dict[str, Any]) -> float:
         return float(group["betas"][0])
+
+    @staticmethod
+    def _momentum_entry(group: dict[str, Any], value: float) -> dict[str, Any]:
+        return {"betas": (value, group["betas"][1])}
 
 
 class MartheAdamW(MartheAdam):

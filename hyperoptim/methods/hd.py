@@ -49,7 +49,8 @@ from ..rules.base import UpdateRule, rule_tangents
 from .ift import MOMENTUM_RANGE
 
 __all__ = [
-    "RuleHypergrad", "hyper_step_option", "momentum_hyper_step", "one_step_momentum_tangents",
+    "RuleHypergrad", "hyper_step_option", "lr_only_when_untuned", "momentum_hyper_step",
+    "one_step_momentum_tangents",
 ]
 
 #: Where a learned momentum is held (IFT's range: its horizon :math:`1/(1-\mu)` stays within
@@ -210,15 +211,7 @@ class RuleHypergrad(HyperOptimizer):
             group.setdefault("tune", ("lr",))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # A state dict this package saved before HD learned momentum tuned the lr alone (a
-        # torch.optim one takes this optimizer's groups' values: core.migrate).
-        ours = isinstance(state_dict, dict) and ("optimizer_class" in state_dict
-                                                  or "hyper_state" in state_dict)
-        groups = state_dict.get("param_groups") if ours else None
-        if isinstance(groups, list):
-            state_dict = {**state_dict, "param_groups": [
-                {"tune": ("lr",), **g} if isinstance(g, dict) else g for g in groups]}
-        super().load_state_dict(state_dict)
+        super().load_state_dict(lr_only_when_untuned(state_dict))
 
     @staticmethod
     def _policy(group: dict[str, Any]) -> HyperStep:
@@ -521,6 +514,20 @@ class RuleHypergrad(HyperOptimizer):
                 a = (a - group["hyper_lr"] * h).clamp_(lo, hi)
             out.append(a)
         return out
+
+
+def lr_only_when_untuned(state_dict: Any) -> Any:
+    """``state_dict`` with ``tune=("lr",)`` in every group saved without one: a state dict this
+    package saved before the method learned momentum tuned the learning rate alone (a torch.optim
+    one, without ``optimizer_class`` or ``hyper_state``, takes this optimizer's groups' values:
+    core.migrate)."""
+    ours = isinstance(state_dict, dict) and ("optimizer_class" in state_dict
+                                              or "hyper_state" in state_dict)
+    groups = state_dict.get("param_groups") if ours else None
+    if not isinstance(groups, list):
+        return state_dict
+    return {**state_dict, "param_groups": [
+        {"tune": ("lr",), **g} if isinstance(g, dict) else g for g in groups]}
 
 
 def _learns_momentum(group: dict[str, Any]) -> bool:
