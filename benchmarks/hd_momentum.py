@@ -130,8 +130,9 @@ def main() -> None:
         task = TASKS[name]()
         steps = max(1, round(task.steps * args.steps_scale))
         unit = "test acc %" if task.metric == "accuracy" else f"test {task.metric}"
+        val = args.val or all(c.startswith("Marthe") for c in args.optimizers)
         print(f"\n{task.title}: {steps} steps, seeds {args.seeds}, E = "
-              f"{'validation' if args.val else 'training'} loss; {unit} (median final lr, "
+              f"{'validation' if val else 'training'} loss; {unit} (median final lr, "
               "momentum)")
         for cls in args.optimizers:
             for start in args.starts:

@@ -147,6 +147,15 @@ class MartheSGD(RuleMarthe):
             \Delta_t` (normalised by :math:`\lVert \nabla E \rVert \lVert Z_t \rVert`; a policy
             that reads the training loss gets the previous step's); ``mu`` still discounts the
             tangent (default: None, MARTHE's own step).
+        tune (tuple of str, optional): what is learned: ``("lr",)``, or ``("lr", "momentum")``
+            to learn the momentum too, by its one-step hypergradient
+            :math:`\partial E(w_{t+1}) / \partial b_t` (the weights and the buffer before the
+            step held constant; from the validation gradient the learning rate's step already
+            takes, no extra Hessian-vector product), moved by MARTHE's own step with
+            :math:`\beta_t` or by the ``hyper_step`` policy on :math:`1 - b`
+            (:class:`~hyperoptim.methods.marthe.RuleMarthe`). It stays in [1e-3, 0.999] and
+            ``history`` records ``"momentum"`` and ``"hypergrad/momentum"`` (default:
+            ``("lr",)``: opt-in, see the README's study).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step. Required, here or in :meth:`step` (default: None).
         hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim.hvp`): ``"exact"``

@@ -327,32 +327,39 @@ class RuleMarthe(HyperOptimizer):
             parts.append(torch.stack([
                 self._tangent(p, n_cols).reshape(n_cols, -1).double().pow(2).sum(1)
                 for p in tracked]).sum(0))
-        learns = [_learns_momentum(g) for g in groups]
-        if any(learns):  # h^b per group, then its scale terms: the last 3 * n_cols before E
-            parts.append(self._momentum_terms(grad_e, delta.new_zeros(())))
+        normalised = len(parts) > 2
+        # h^b per group, then its scale terms: the last 3 * n_cols values before E.
+        parts.append(self._momentum_terms(grad_e, delta.new_zeros(())))
         values = torch.cat([*parts, val_loss.double().reshape(1)]).cpu().tolist()
         norms = ([math.sqrt(values[2 * n_cols]) * math.sqrt(z)
                   for z in values[2 * n_cols + 1:3 * n_cols + 1]]
-                 if len(parts) > 2 + any(learns) else [0.0] * n_cols)
-        momenta = _momentum_hypergradients(values[-1 - 3 * n_cols:-1], learns, policies)
+                 if normalised else [0.0] * n_cols)
+        momenta = _momentum_hypergradients(values[-1 - 3 * n_cols:-1], groups, policies)
         return _Hypergradients(values[:n_cols], values[n_cols:2 * n_cols], norms, values[-1],
                                self._all_finite(*values), policies, momenta)
 
     def _momentum_terms(self, grad_e: dict[Tensor, Tensor], zero: Tensor) -> Tensor:
         r"""Per group :math:`h^b_t = \langle \nabla E(w_t), Y_{t-1} \rangle` and its scale,
         :math:`\lVert \nabla E \rVert^2` and :math:`\lVert Y_{t-1} \rVert^2` over the group's
-        weights that have a :math:`Y` (zeros for a group that does not learn its momentum)."""
+        weights that have a :math:`Y` (zeros for a group that does not learn its momentum; empty
+        when no group does)."""
+        if not any(_learns_momentum(g) for g in self.param_groups):
+            return zero.new_zeros(0)
         terms = []
         for group in self.param_groups:
-            pairs = [(grad_e[p], self.state[p]["momentum_tangent"]) for p in group["params"]
-                     if p in grad_e and "momentum_tangent" in self.state.get(p, ())]
-            if not _learns_momentum(group) or not pairs:
+            pairs = self._momentum_pairs(group, grad_e) if _learns_momentum(group) else []
+            if not pairs:
                 terms.extend([zero, zero, zero])
                 continue
-            objs, ys = [o for o, _ in pairs], [y for _, y in pairs]
             terms.append(torch.stack([_dot(o, y) for o, y in pairs]).double().sum())
-            terms.extend(t.double() for t in _scale_terms(objs, ys))
+            terms.extend(t.double() for t in _scale_terms(*zip(*pairs, strict=True)))
         return torch.stack(terms)
+
+    def _momentum_pairs(self, group: dict[str, Any], grad_e: dict[Tensor, Tensor]
+                        ) -> list[tuple[Tensor, Tensor]]:
+        r""":math:`(\nabla E, Y_{t-1})` of the group's weights that have both."""
+        states = ((p, self.state.get(p, {})) for p in group["params"] if p in grad_e)
+        return [(grad_e[p], s["momentum_tangent"]) for p, s in states if "momentum_tangent" in s]
 
     def _one_step_hypergradients(self, grad_e: dict[Tensor, Tensor], zero: Tensor) -> Tensor:
         r""":math:`g'_1 = -\langle \nabla E, d_{t-1} \rangle` per group (``zero`` where no
@@ -446,14 +453,22 @@ class RuleMarthe(HyperOptimizer):
         for i, ((group, params), h) in enumerate(zip(plans, hypers, strict=True)):
             group["lr"] = h["new_lr"]
             moved = self._move_momentum(group, h)
-            ys = self._momentum_tangents(group, params) if moved and params else None
-            if params:
-                self._advance(i, group, params, hz)
             if moved:
-                self._store_momentum_tangents(group, params, ys)
+                self._step_with_momentum(i, group, params, hz)
+            elif params:
+                self._advance(i, group, params, hz)
             self._record(i, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
                          **{"hypergrad/lr": deltas[i]}, **moved)
         self._store_hypers(hypers)
+
+    def _step_with_momentum(self, index: int, group: dict[str, Any], params: list[Tensor],
+                            hz: dict[Tensor, Tensor] | None) -> None:
+        """:meth:`_advance` of a group that learns its momentum, with :math:`Y_t` taken from the
+        state before the step and stored after it."""
+        ys = self._momentum_tangents(group, params) if params else None
+        if params:
+            self._advance(index, group, params, hz)
+        self._store_momentum_tangents(group, params, ys)
 
     def _move_momentum(self, group: dict[str, Any], h: dict[str, Any]) -> dict[str, float]:
         """Set a group's learned momentum to the staged value (unchanged where none was proposed:
@@ -610,14 +625,14 @@ def _learns_momentum(group: dict[str, Any]) -> bool:
     return "momentum" in group.get("tune", ())
 
 
-def _momentum_hypergradients(values: list[float], learns: list[bool],
+def _momentum_hypergradients(values: list[float], groups: list[dict[str, Any]],
                              policies: list[HyperStep | None]
                              ) -> list[tuple[float, float] | None]:
     r"""Per group :math:`(h^b_t, \text{norm})` from the three values :meth:`_momentum_terms` gave
     it (the norm only for a normalised policy), or None where the momentum is not learned."""
     out: list[tuple[float, float] | None] = []
-    for i, (learn, policy) in enumerate(zip(learns, policies, strict=True)):
-        if not learn:
+    for i, (group, policy) in enumerate(zip(groups, policies, strict=True)):
+        if not _learns_momentum(group):
             out.append(None)
             continue
         h, e2, y2 = values[3 * i:3 * i + 3]
