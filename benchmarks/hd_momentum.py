@@ -1,4 +1,5 @@
-"""Does learning the momentum pay? HD with ``tune=("lr",)`` against ``tune=("lr", "momentum")``.
+"""Does learning the momentum pay? HD and MARTHE with ``tune=("lr",)`` against
+``tune=("lr", "momentum")``.
 
 The question of issue 16, item 3: should ``HypergradSGD`` (and ``HypergradAdam``'s
 :math:`\\beta_1`) learn the momentum by default? Each run is ``HypergradSGD`` (or
@@ -14,9 +15,16 @@ Printed: per task, optimizer and policy, the mean final test metric over seeds (
 MSE, perplexity) with ``tune=("lr",)`` and with ``("lr", "momentum")``, the median final
 learning rate and momentum, and the difference.
 
+``MartheSGD`` and ``MartheAdam`` (``--optimizers``) always take the validation loss as E (MARTHE
+needs it); their ``additive`` policy is MARTHE's own step at the class defaults (the momentum
+moves by the learning rate's adapted :math:`\beta`). ``--starts good`` adds the good start (SGD
+lr 0.1 with momentum 0.9, Adam lr 1e-3 with :math:`\beta_1` 0.9).
+
 Run (1 thread):
     python benchmarks/hd_momentum.py                      # digits MLP, CNN, diabetes; 3 seeds
     python benchmarks/hd_momentum.py --tasks charlm --policies scale_free --seeds 0
+    python benchmarks/hd_momentum.py --optimizers MartheSGD --tasks digits-mlp digits-cnn \
+        --policies additive growth scale_free --starts poor good --seeds 0 1
 """
 
 from __future__ import annotations
@@ -39,7 +47,12 @@ from hyperstep_policy import TASKS, fmt, train  # noqa: E402
 import hyperoptim  # noqa: E402
 
 #: The poor start: (lr, momentum or beta1).
-POOR = {"HypergradSGD": (1e-3, 0.5), "HypergradAdam": (1e-5, 0.5)}
+POOR = {"HypergradSGD": (1e-3, 0.5), "HypergradAdam": (1e-5, 0.5),
+        "MartheSGD": (1e-3, 0.5), "MartheAdam": (1e-5, 0.5)}
+#: The good start (the versus benchmark's hand-tuned values).
+GOOD = {"HypergradSGD": (0.1, 0.9), "HypergradAdam": (1e-3, 0.9),
+        "MartheSGD": (0.1, 0.9), "MartheAdam": (1e-3, 0.9)}
+STARTS = {"poor": POOR, "good": GOOD}
 TUNES = (("lr",), ("lr", "momentum"))
 
 
@@ -49,21 +62,24 @@ def _momentum(opt: torch.optim.Optimizer) -> float:
 
 
 def run(task, cls: str, policy: str, tune: tuple[str, ...], seed: int, steps: int,
-        use_val: bool) -> dict:
+        use_val: bool, start: str = "poor") -> dict:
     model = task.make_model(seed)
-    lr, mu = POOR[cls]
-    if cls == "HypergradSGD" and task.batch is None:
+    lr, mu = STARTS[start][cls]
+    sgd = cls.endswith("SGD")
+    if sgd and task.batch is None:
         lr /= 10  # full batch with momentum: a decade lower, as hyperstep_policy.starts_for
     opt_cls = getattr(hyperoptim, cls)
+    use_val = use_val or cls.startswith("Marthe")
     kwargs = dict(lr=lr, tune=tune,
                   val_closure=(lambda: task.loss(model, task.x_val, task.y_val)) if use_val
                   else None)
-    if cls == "HypergradSGD":
+    if sgd:
         kwargs["momentum"] = mu
     else:
         kwargs["betas"] = (mu, 0.999)
     if policy == "additive":
-        kwargs["hyper_lr"] = opt_cls.default_hyper_lr
+        if hasattr(opt_cls, "default_hyper_lr"):  # MARTHE's own step: its class defaults
+            kwargs["hyper_lr"] = opt_cls.default_hyper_lr
     else:
         kwargs["hyper_step"] = policy
     opt = opt_cls(model.parameters(), **kwargs)
@@ -73,16 +89,18 @@ def run(task, cls: str, policy: str, tune: tuple[str, ...], seed: int, steps: in
                 diverged=diverged, seconds=time.perf_counter() - begin)
 
 
-def row(task, name: str, cls: str, policy: str, steps: int, args: argparse.Namespace) -> str:
+def row(task, name: str, cls: str, policy: str, steps: int, args: argparse.Namespace,
+        start: str = "poor") -> str:
     """One printed row: both ``tune`` settings over the seeds (every run appended to
     ``--json``)."""
     cells, means = [], []
     for tune in TUNES:
-        runs = [run(task, cls, policy, tune, seed, steps, args.val) for seed in args.seeds]
+        runs = [run(task, cls, policy, tune, seed, steps, args.val, start) for seed in args.seeds]
         if args.json:
             with open(args.json, "a") as f:
                 f.writelines(json.dumps(dict(task=name, optimizer=cls, policy=policy,
-                                             tune=list(tune), seed=seed, val=args.val, **r))
+                                             start=start, tune=list(tune), seed=seed,
+                                             val=args.val, **r))
                              + "\n" for seed, r in zip(args.seeds, runs))
         vals = [r["metric"] for r in runs]
         means.append(statistics.fmean(vals) if all(map(math.isfinite, vals)) else math.inf)
@@ -90,7 +108,8 @@ def row(task, name: str, cls: str, policy: str, steps: int, args: argparse.Names
         mu = statistics.median(r["momentum"] for r in runs)
         cells.append(f"{'+'.join(tune):<12} {fmt(task, means[-1])} ({lr:.2g}, {mu:.3f})")
     diff = (means[1] - means[0]) * (100 if task.metric == "accuracy" else 1)
-    return f"  {cls:<13} {policy:<11} " + "   ".join(cells) + f"   diff {diff:+.3g}"
+    return (f"  {cls:<13} {start:<5} {policy:<11} " + "   ".join(cells)
+            + f"   diff {diff:+.3g}")
 
 
 def main() -> None:
@@ -100,6 +119,7 @@ def main() -> None:
     parser.add_argument("--optimizers", nargs="+", default=["HypergradSGD"], choices=list(POOR))
     parser.add_argument("--policies", nargs="+", default=["additive", "scale_free"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--starts", nargs="+", choices=list(STARTS), default=["poor"])
     parser.add_argument("--steps-scale", type=float, default=1.0)
     parser.add_argument("--val", action="store_true", help="E = the validation loss")
     parser.add_argument("--json", default=None, help="append every run as a JSON line here")
@@ -110,12 +130,14 @@ def main() -> None:
         task = TASKS[name]()
         steps = max(1, round(task.steps * args.steps_scale))
         unit = "test acc %" if task.metric == "accuracy" else f"test {task.metric}"
+        val = args.val or all(c.startswith("Marthe") for c in args.optimizers)
         print(f"\n{task.title}: {steps} steps, seeds {args.seeds}, E = "
-              f"{'validation' if args.val else 'training'} loss; {unit} (median final lr, "
+              f"{'validation' if val else 'training'} loss; {unit} (median final lr, "
               "momentum)")
         for cls in args.optimizers:
-            for policy in args.policies:
-                print(row(task, name, cls, policy, steps, args), flush=True)
+            for start in args.starts:
+                for policy in args.policies:
+                    print(row(task, name, cls, policy, steps, args, start), flush=True)
     print(f"\n{time.perf_counter() - begin:.0f} s")
 
 

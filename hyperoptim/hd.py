@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
+import torch  # noqa: F401  (the examples below use it)
 from torch import Tensor
 
 from .core.options import check_arguments, renamed_options
@@ -13,7 +13,7 @@ from .core.signatures import renamed_keywords
 from .core.types import Closure, ParamsT
 from .hyperstep import HyperStep
 from .methods.hd import RuleHypergrad
-from .rules.sgd import SGD
+from .rules.sgd import SGD, sgd_momentum_tangents
 
 __all__ = ["HypergradSGD"]
 
@@ -154,22 +154,12 @@ class HypergradSGD(RuleHypergrad):
 
     def _momentum_tangents(self, plan: Any, buffers: Any, hypers: dict[str, Any],
                            counts: list[float] | None) -> list[Tensor]:
-        # The generic tangent's closed form for SGD (tested equal to it): d_t depends on mu
-        # through v_{t+1} = mu v_t + (1 - dampening) g'_t, and with Nesterov also through mu v_{t+1}.
+        # The generic tangent's closed form for SGD (tested equal to it).
         group = plan.group
-        mu, wd = hypers["momentum"], hypers["weight_decay"]
         lrs = hypers["lr"] if isinstance(hypers["lr"], list) else [hypers["lr"]] * len(plan.params)
-        out = []
-        for p, g, v, a in zip(plan.params, plan.grads, buffers["momentum_buffer"], lrs):
-            if group["nesterov"]:
-                g1 = g.add(p, alpha=wd) if wd != 0 else g
-                dd = g1.clone() if v is None else v.mul(2.0 * mu).add_(g1,
-                                                                     alpha=1 - group["dampening"])
-            else:
-                dd = torch.zeros_like(p) if v is None else v
-            # -a * dd as a new tensor (dd may be the live buffer, which the step updates)
-            out.append(dd.mul(a).neg_() if isinstance(a, Tensor) else dd.mul(-a))
-        return out
+        return sgd_momentum_tangents(plan.params, plan.grads, buffers["momentum_buffer"], lrs,
+                                     hypers["momentum"], hypers["weight_decay"],
+                                     dampening=group["dampening"], nesterov=group["nesterov"])
 
     @staticmethod
     def _previous_direction(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:

@@ -12,7 +12,7 @@ from .core.signatures import bind_keywords, renamed_keywords, with_keywords
 from .core.types import ParamsT
 from .methods.marthe import MARTHE_KEYWORDS, RuleMarthe, marthe_options, take_marthe_options
 from .rules.base import apply_update_
-from .rules.sgd import SGD, sgd_direction
+from .rules.sgd import SGD, sgd_direction, sgd_momentum_tangents
 
 __all__ = ["MartheSGD"]
 
@@ -147,6 +147,15 @@ class MartheSGD(RuleMarthe):
             \Delta_t` (normalised by :math:`\lVert \nabla E \rVert \lVert Z_t \rVert`; a policy
             that reads the training loss gets the previous step's); ``mu`` still discounts the
             tangent (default: None, MARTHE's own step).
+        tune (tuple of str, optional): what is learned: ``("lr",)``, or ``("lr", "momentum")``
+            to learn the momentum too, by its one-step hypergradient
+            :math:`\partial E(w_{t+1}) / \partial b_t` (the weights and the buffer before the
+            step held constant; from the validation gradient the learning rate's step already
+            takes, no extra Hessian-vector product), moved by MARTHE's own step with
+            :math:`\beta_t` or by the ``hyper_step`` policy on :math:`1 - b`
+            (:class:`~hyperoptim.methods.marthe.RuleMarthe`). It stays in [1e-3, 0.999] and
+            ``history`` records ``"momentum"`` and ``"hypergrad/momentum"`` (default:
+            ``("lr",)``: opt-in, see the README's study).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step. Required, here or in :meth:`step` (default: None).
         hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim.hvp`): ``"exact"``
@@ -215,6 +224,14 @@ class MartheSGD(RuleMarthe):
         if group["momentum"] != 0 and not group["nesterov"]:
             return state.get("momentum_buffer")
         return state.get("direction")
+
+    def _momentum_tangents(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        # The generic one-step tangent's closed form for SGD (tested equal to it).
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        return sgd_momentum_tangents(params, [p.grad for p in params], bufs,
+                                     [group["lr"]] * len(params), group["momentum"],
+                                     group["weight_decay"], dampening=group["dampening"],
+                                     nesterov=group["nesterov"])
 
     def _advance(self, index: int, group: dict[str, Any], params: list[Tensor],
                  hz: dict[Tensor, Tensor] | None) -> None:

@@ -95,6 +95,8 @@ class MartheAdam(RuleMarthe):
         hypergrad_clip (float, optional): clip :math:`\Delta` in the updates (default: None).
         hyper_step (HyperStep or str, optional): a policy of :mod:`hyperoptim.hyperstep` in
             place of MARTHE's step, as for :class:`~hyperoptim.MartheSGD` (default: None).
+        tune (tuple of str, optional): ``("lr", "momentum")`` learns :math:`\beta_1` too, by its
+            one-step hypergradient, as for :class:`~hyperoptim.MartheSGD` (default: ``("lr",)``).
         val_closure (callable, optional): the validation loss; required here or in
             :meth:`step` (default: None).
         hvp (str, optional): the Hessian-vector-product route, as for
@@ -153,9 +155,15 @@ class MartheAdam(RuleMarthe):
             decoupled_weight_decay=decoupled, **marthe_options(**marthe))
         super().__init__(params, defaults, **options)
 
+    momentum_hyper = "beta1"
+
     @staticmethod
     def _momentum(group: dict[str, Any]) -> float:
         return float(group["betas"][0])
+
+    @staticmethod
+    def _momentum_entry(group: dict[str, Any], value: float) -> dict[str, Any]:
+        return {"betas": (value, group["betas"][1])}
 
 
 class MartheAdamW(MartheAdam):

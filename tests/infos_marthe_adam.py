@@ -11,6 +11,8 @@ INFOS = [
             OptimizerInput(dict(lr=0.01, hyper_lr=1e-7), "adaptive"),
             OptimizerInput(dict(lr=0.01, weight_decay=0.01, mu=1.0, hyper_lr=1e-5,
                                 adapt_hyper_lr=False, hypergrad_clip=1.0), "rtho_l2_clip"),
+            OptimizerInput(dict(lr=0.01, hyper_step="adam_log", tune=("lr", "momentum")),
+                           "beta1_learned"),
         ],
         error_inputs=[
             ErrorOptimizerInput(dict(lr=-0.1), "Invalid lr value: -0.1", "negative_lr"),

@@ -53,6 +53,12 @@ def _builders() -> dict[str, Callable[..., Any]]:
         "marthe_scale_free": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5,
                                                                hyper_step="scale_free",
                                                                val_closure=v),
+        "marthe_momentum_growth": lambda p, v: hyperoptim.MartheSGD(
+            p, lr=0.05, momentum=0.5, tune=("lr", "momentum"), hyper_step="growth",
+            val_closure=v),
+        "marthe_adam_beta1": lambda p, v: hyperoptim.MartheAdam(
+            p, lr=0.01, tune=("lr", "momentum"), adapt_hyper_lr=False, hyper_lr=1e-4,
+            val_closure=v),
         "ift": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
                                                     update_interval=3, lookback=3, val_closure=v),
         "fds": lambda p, v: hyperoptim.FDSSGD(p, horizon=4, lr=0.05, momentum=0.5,

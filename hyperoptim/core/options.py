@@ -217,7 +217,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("per_parameter", False, _flag, "True or False", ("hd",)),
     Option("hyper_step", "additive", _hyper_step, "a policy of hyperoptim.hyperstep or its name",
            ("hd", "marthe")),
-    Option("tune", ("lr",), _hd_tune, "('lr',) or ('lr', 'momentum')", ("hd",), fixed=True),
+    Option("tune", ("lr",), _hd_tune, "('lr',) or ('lr', 'momentum')", ("hd", "marthe"),
+           fixed=True),
     # MARTHE.
     Option("mu", "adaptive", lambda v: v == "adaptive" if isinstance(v, str)
            else is_number(v) and 0.0 <= float(v) <= 1.0, "'adaptive' or a number in [0, 1]",

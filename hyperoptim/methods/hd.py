@@ -48,7 +48,10 @@ from ..hyperstep import Additive, HyperStep, resolve
 from ..rules.base import UpdateRule, rule_tangents
 from .ift import MOMENTUM_RANGE
 
-__all__ = ["RuleHypergrad", "hyper_step_option"]
+__all__ = [
+    "RuleHypergrad", "hyper_step_option", "lr_only_when_untuned", "momentum_hyper_step",
+    "one_step_momentum_tangents",
+]
 
 #: Where a learned momentum is held (IFT's range: its horizon :math:`1/(1-\mu)` stays within
 #: 1000 steps, and it never reaches 0, where the rule would stop keeping its buffer).
@@ -208,15 +211,7 @@ class RuleHypergrad(HyperOptimizer):
             group.setdefault("tune", ("lr",))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # A state dict this package saved before HD learned momentum tuned the lr alone (a
-        # torch.optim one takes this optimizer's groups' values: core.migrate).
-        ours = isinstance(state_dict, dict) and ("optimizer_class" in state_dict
-                                                  or "hyper_state" in state_dict)
-        groups = state_dict.get("param_groups") if ours else None
-        if isinstance(groups, list):
-            state_dict = {**state_dict, "param_groups": [
-                {"tune": ("lr",), **g} if isinstance(g, dict) else g for g in groups]}
-        super().load_state_dict(state_dict)
+        super().load_state_dict(lr_only_when_untuned(state_dict))
 
     @staticmethod
     def _policy(group: dict[str, Any]) -> HyperStep:
@@ -482,33 +477,20 @@ class RuleHypergrad(HyperOptimizer):
             return None
         group, (first, end) = plan.group, plan.momentum_span
         h = _fsum(values[first:end])
-        mu = self._momentum(group)
         policy = self._policy(group)
-        state = None
-        if isinstance(policy, Additive):
-            new = mu - group["hyper_lr"] * h
-        else:
-            # The policy moves u = 1 - mu (dE/du = -h): its horizon, by factors.
-            norm = (math.sqrt(values[end]) * math.sqrt(values[end + 1]) if policy.normalised
-                    else 0.0)
-            state = self.hyper_state.get("momentum_step", {}).get(index)
-            if state is None:
-                state = policy.init_state(1.0 - mu)
-            u, state = policy.update(1.0 - mu, -h, norm, state, momentum=mu)
-            new = 1.0 - u
-        return _Moved(min(max(new, MOMENTUM_BOUNDS[0]), MOMENTUM_BOUNDS[1]), h, state)
+        norm = (math.sqrt(values[end]) * math.sqrt(values[end + 1]) if policy.normalised
+                else 0.0)
+        new, state = momentum_hyper_step(policy, self._momentum(group), h, norm,
+                                         self.hyper_state.get("momentum_step", {}).get(index))
+        return _Moved(new, h, state)
 
     def _momentum_tangents(self, plan: _Plan, buffers: Any, hypers: dict[str, Any],
                            counts: list[float] | None) -> list[Tensor]:
         r""":math:`Z_t = \partial w_{t+1} / \partial \mu_t` per parameter, the state before the
         step held constant: the rule's one-step tangent (one column, zero incoming tangents)."""
-        params = plan.params
-        seed = params[0].new_ones(1)
-        z, _ = rule_tangents(self.rule, params, plan.grads, buffers, hypers, None, None,
-                             {name: [None] * len(params) for name in self.rule.buffer_names},
-                             {self.momentum_hyper: seed}, counts=counts,
-                             **self.rule.options(plan.group))
-        return [t[0] for t in z]
+        return one_step_momentum_tangents(self.rule, self.momentum_hyper, plan.params,
+                                          plan.grads, buffers, hypers, counts,
+                                          self.rule.options(plan.group))
 
     def _per_parameter_lrs(self, index: int, group: dict[str, Any], params: list[Tensor],
                            states: list[dict[str, Any]], hypergrads: list[Tensor | None]
@@ -534,9 +516,61 @@ class RuleHypergrad(HyperOptimizer):
         return out
 
 
+def lr_only_when_untuned(state_dict: Any) -> Any:
+    """``state_dict`` with ``tune=("lr",)`` in every group saved without one: a state dict this
+    package saved before the method learned momentum tuned the learning rate alone (a torch.optim
+    one, without ``optimizer_class`` or ``hyper_state``, takes this optimizer's groups' values:
+    core.migrate)."""
+    ours = isinstance(state_dict, dict) and ("optimizer_class" in state_dict
+                                              or "hyper_state" in state_dict)
+    groups = state_dict.get("param_groups") if ours else None
+    if not isinstance(groups, list):
+        return state_dict
+    return {**state_dict, "param_groups": [
+        {"tune": ("lr",), **g} if isinstance(g, dict) else g for g in groups]}
+
+
 def _learns_momentum(group: dict[str, Any]) -> bool:
     """Whether the group learns its momentum (``"momentum"`` in ``tune``)."""
     return "momentum" in group.get("tune", ())
+
+
+def momentum_hyper_step(policy: HyperStep, mu: float, h: float, norm: float,
+                        state: dict[str, float] | None) -> tuple[float, dict[str, float] | None]:
+    r"""A learned momentum's next value from its hypergradient :math:`h^\mu`, and the policy's
+    new state (``None`` for the additive policy, which keeps none): ``Additive(kappa)`` takes
+    :math:`\mu - \kappa h^\mu`; every other policy moves :math:`u = 1 - \mu` with
+    :math:`\partial E / \partial u = -h^\mu` (``norm`` is its scale for a normalised policy), so
+    the horizon :math:`1/(1-\mu)` moves by factors. Held to :data:`MOMENTUM_BOUNDS`.
+
+    Example:
+        >>> momentum_hyper_step(Additive(0.1), 0.5, 2.0, 0.0, None)
+        (0.3, None)
+    """
+    if isinstance(policy, Additive):
+        new = mu - cast(float, policy.kappa) * h
+    else:
+        if state is None:
+            state = policy.init_state(1.0 - mu)
+        # The policy's reaction to a rising training loss is the learning rate's alone:
+        # shrinking u would raise the momentum.
+        u, state = policy.update(1.0 - mu, -h, norm, state, momentum=mu)
+        new = 1.0 - u
+    return min(max(new, MOMENTUM_BOUNDS[0]), MOMENTUM_BOUNDS[1]), state
+
+
+def one_step_momentum_tangents(rule: UpdateRule, name: str, params: list[Tensor],
+                               grads: list[Tensor], buffers: Any, hypers: dict[str, Any],
+                               counts: list[float] | None, options: dict[str, Any]
+                               ) -> list[Tensor]:
+    r""":math:`\partial w_{t+1} / \partial \mu_t` per parameter for the rule's momentum
+    hyperparameter ``name``, the weights and buffers before the step held constant: the rule's
+    tangent (:func:`~hyperoptim.rules.rule_tangents`) with one column and no incoming
+    tangents (``None``: the closed forms skip their products). Call it before the rule's in-place step."""
+    z, _ = rule_tangents(rule, params, grads, buffers, hypers, None, None,
+                         {b: [None] * len(params) for b in rule.buffer_names},
+                         {name: params[0].new_ones(1)}, counts=counts, **options)
+    return [t[0] for t in z]
 
 
 def _learned_bounds(group: dict[str, Any]) -> tuple[float, float]:

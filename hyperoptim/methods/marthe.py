@@ -13,11 +13,19 @@ from torch import Tensor
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.dist import all_reduce_mean
 from ..core.options import renamed_options
+from ..core.shard import is_sharded
 from ..core.signatures import declared
 from ..core.types import Closure
 from ..hvp import SecondOrder
 from ..hyperstep import Additive, HyperStep, resolve
 from ..rules.base import UpdateRule, rule_tangents
+from .hd import (
+    _dot,
+    _scale_terms,
+    lr_only_when_untuned,
+    momentum_hyper_step,
+    one_step_momentum_tangents,
+)
 
 __all__ = [
     "MARTHE_KEYWORDS", "RuleMarthe", "adaptive_mu", "marthe_hyper_step", "marthe_options",
@@ -27,7 +35,8 @@ __all__ = [
 
 def _marthe_keywords(*, mu: str | float = "adaptive", hyper_lr: float = 1e-6,
                      adapt_hyper_lr: bool = True, hypergrad_clip: float | None = None,
-                     hyper_step: HyperStep | str | None = None, val_closure: Closure | None = None,
+                     hyper_step: HyperStep | str | None = None, tune: tuple[str, ...] = ("lr",),
+                     val_closure: Closure | None = None,
                      hvp: str = "auto", maximize: bool = False, foreach: bool | None = None,
                      fused: bool | None = None, differentiable: bool = False) -> None:
     """MARTHE's keyword arguments and their defaults, declared once: every public class's
@@ -37,9 +46,9 @@ def _marthe_keywords(*, mu: str | float = "adaptive", hyper_lr: float = 1e-6,
 
 MARTHE_KEYWORDS = declared(_marthe_keywords)
 
-# MARTHE's own options (the rest of MARTHE_KEYWORDS go to the base), the first four checked by
-# the options table.
-_OWN = ("mu", "hyper_lr", "adapt_hyper_lr", "hypergrad_clip", "hyper_step")
+# MARTHE's own options (the rest of MARTHE_KEYWORDS go to the base), all but hyper_step checked
+# by the options table.
+_OWN = ("mu", "hyper_lr", "adapt_hyper_lr", "hypergrad_clip", "hyper_step", "tune")
 
 
 def take_marthe_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -64,21 +73,21 @@ def marthe_hyper_step(hyper_step: HyperStep | str | None) -> str:
 
 
 def marthe_options(mu: str | float, hyper_lr: float, adapt_hyper_lr: bool,
-                   hypergrad_clip: float | None, hyper_step: HyperStep | str | None
-                   ) -> dict[str, Any]:
+                   hypergrad_clip: float | None, hyper_step: HyperStep | str | None,
+                   tune: tuple[str, ...] = ("lr",)) -> dict[str, Any]:
     """MARTHE's entries of a public class's ``defaults``, from its checked constructor arguments:
     numbers as floats, ``"adaptive"`` as it is, the policy as :func:`marthe_hyper_step` names it.
 
     Example:
         >>> marthe_options(1, 1e-6, True, None, None)
         {'mu': 1.0, 'hyper_lr': 1e-06, 'adapt_hyper_lr': True, 'hypergrad_clip': None, \
-'hyper_step': 'additive'}
+'hyper_step': 'additive', 'tune': ('lr',)}
     """
     policy = marthe_hyper_step(hyper_step)
     return dict(mu=mu if mu == "adaptive" else float(mu), hyper_lr=float(hyper_lr),
                 adapt_hyper_lr=adapt_hyper_lr,
                 hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
-                hyper_step=policy)
+                hyper_step=policy, tune=tuple(tune))
 
 
 def adaptive_mu(delta: float, g1: float, count: float) -> float:
@@ -117,6 +126,36 @@ class RuleMarthe(HyperOptimizer):
     :math:`g'_1 = -\langle \nabla E, d_t \rangle` with the direction :math:`d_t` the rule's
     in-place step returns (kept in ``state[p]["direction"]``). Everything else (the hypergradient,
     :math:`\mu`, :math:`\beta`, the guard, the atomic order) is shared.
+
+    **Learning the momentum** (``tune=("lr", "momentum")``, opt-in). The rule's momentum
+    :math:`b` (SGD's ``momentum``, Adam's :math:`\beta_1`) follows its one-step hypergradient, as
+    gradient-descent-the-ultimate-optimizer and :class:`~hyperoptim.HypergradSGD` compute it
+    (the weights and the buffers before step :math:`t` held constant):
+
+    .. math::
+
+        Y_t = \frac{\partial w_{t+1}}{\partial b_t}
+            = \frac{\partial \Phi_t}{\partial b_t}\Big|_{w_t, s_t, g_t}, \qquad
+        h^b_{t+1} = \langle \nabla E(w_{t+1}), Y_t \rangle
+            = \frac{\partial E(w_{t+1})}{\partial b_t},
+
+    (heavy ball: :math:`Y_t = -a_t v_t`), read from the validation gradient that
+    :math:`\Delta_{t+1}` already takes. In MARTHE's terms :math:`Y` is a tangent column for
+    :math:`b` with the discount fixed at 0, :math:`Y_{t+1} = 0 \cdot A_t Y_t + \partial
+    \Phi_t / \partial b_t`: exact for what it claims, and cheap (one more tensor per weight,
+    no Hessian-vector product). A discounted column (:math:`\mu_t A_t Y_t + \ldots`, exactly
+    :math:`dE(w_T)/db` at :math:`\mu = 1` for a constant momentum) would add a second
+    Hessian-vector product per group and step, the cost that dominates MARTHE's, and would need
+    a discount of its own (:math:`\mu_t` is fitted to the learning rate's signals). The group's
+    policy moves :math:`b` as :func:`~hyperoptim.methods.hd.momentum_hyper_step` does for HD:
+    MARTHE's own step takes :math:`b_t = b_{t-1} - \beta_t h^b_t` with the learning rate's
+    :math:`\beta_t` (one hyper-learning rate for every hyperparameter, as
+    gradient-descent-the-ultimate-optimizer has; with ``mu=0`` and a fixed :math:`\beta` this is
+    ``HypergradSGD(tune=("lr", "momentum"))`` on the validation loss), any other policy moves
+    :math:`1 - b` by factors. The learned value stays in [1e-3, 0.999]; ``history[i]`` records
+    ``"momentum"`` and ``"hypergrad/momentum"`` (:math:`h^b_t`; 0 before the first tangent),
+    ``state[p]["momentum_tangent"]`` holds :math:`Y_t` and ``hyper_state["momentum_step"]`` the
+    policy's state.
     """
 
     _backs_off = True
@@ -124,6 +163,8 @@ class RuleMarthe(HyperOptimizer):
     rule: ClassVar[UpdateRule]
     buffer_tangent_keys: ClassVar[dict[str, str]]
     _renamed_options = renamed_options("marthe")
+    #: The rule's name for the momentum that ``tune=("lr", "momentum")`` learns.
+    momentum_hyper: ClassVar[str] = "momentum"
 
     # ------------------------------------------------------------------ per-group hyper state
     def _hyper(self, index: int) -> dict[str, float]:
@@ -149,12 +190,19 @@ class RuleMarthe(HyperOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         self._policy(group)
+        if _learns_momentum(group) and any(is_sharded(p) for p in group.get("params", ())):
+            raise ValueError(f"{type(self).__name__}(tune=('lr', 'momentum')) does not support "
+                             "FSDP2 (fully_shard) yet: tune=('lr',) does.")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             # A checkpoint saved before the policies existed took MARTHE's own step.
             group.setdefault("hyper_step", Additive.name)
+            group.setdefault("tune", ("lr",))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(lr_only_when_untuned(state_dict))
 
     @staticmethod
     def _policy(group: dict[str, Any]) -> HyperStep | None:
@@ -167,6 +215,11 @@ class RuleMarthe(HyperOptimizer):
     def _momentum(group: dict[str, Any]) -> float:
         """The inner rule's momentum, which paces a policy's growth (SGD's ``momentum``)."""
         return float(group.get("momentum", 0.0))
+
+    @staticmethod
+    def _momentum_entry(group: dict[str, Any], value: float) -> dict[str, Any]:
+        """The param-group entries that set the rule's momentum to ``value``."""
+        return {"momentum": value}
 
     def _tangent(self, p: Tensor, n_cols: int) -> Tensor:
         """:math:`Z` of ``p``, shape ``(n_cols, *p.shape)`` (zeros at first; padded when a
@@ -208,7 +261,7 @@ class RuleMarthe(HyperOptimizer):
             measured = self._hypergradients(objective, tracked)
             deltas = measured.deltas
             if not measured.finite:
-                return self._skip(closure, deltas, measured.val_loss)
+                return self._skip(closure, deltas, measured.val_loss, measured.momenta)
             self._propose(hypers, measured)
             if not self._representable(*(h["new_lr"] for h in hypers)):
                 return self._skip(closure, deltas, measured.val_loss)
@@ -227,7 +280,7 @@ class RuleMarthe(HyperOptimizer):
         loss, second = self._training_loss(closure, second_order=bool(active) and tracked)
         plans = [(group, self._params_with_grad(group)) for group in self.param_groups]
         hz = None if second is None else self._hessian_tangents(second, mus, active)
-        if self._guard_step(loss, plans, [{"lr": h["new_lr"]} for h in hypers]) is not None:
+        if self._guard_step(loss, plans, self._proposed(hypers)) is not None:
             self._record_skipped(deltas)
             return loss
         everything = [p for _, ps in plans for p in ps]
@@ -237,6 +290,13 @@ class RuleMarthe(HyperOptimizer):
         if loss is not None:
             self._remember_loss(loss)
         return loss
+
+    def _proposed(self, hypers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The values the guard checks per group: the proposed learning rate, and momentum where
+        it is learned."""
+        return [{"lr": h["new_lr"], **({} if "new_momentum" not in h else
+                                       self._momentum_entry(g, h["new_momentum"]))}
+                for g, h in zip(self.param_groups, hypers, strict=True)]
 
     def _remember_loss(self, loss: Tensor) -> None:
         """Keep the training loss at :math:`w_t` for a policy that reads it: it reaches the policy
@@ -267,12 +327,39 @@ class RuleMarthe(HyperOptimizer):
             parts.append(torch.stack([
                 self._tangent(p, n_cols).reshape(n_cols, -1).double().pow(2).sum(1)
                 for p in tracked]).sum(0))
+        normalised = len(parts) > 2
+        # h^b per group, then its scale terms: the last 3 * n_cols values before E.
+        parts.append(self._momentum_terms(grad_e, delta.new_zeros(())))
         values = torch.cat([*parts, val_loss.double().reshape(1)]).cpu().tolist()
         norms = ([math.sqrt(values[2 * n_cols]) * math.sqrt(z)
                   for z in values[2 * n_cols + 1:3 * n_cols + 1]]
-                 if len(parts) > 2 else [0.0] * n_cols)
+                 if normalised else [0.0] * n_cols)
+        momenta = _momentum_hypergradients(values[-1 - 3 * n_cols:-1], groups, policies)
         return _Hypergradients(values[:n_cols], values[n_cols:2 * n_cols], norms, values[-1],
-                               self._all_finite(*values), policies)
+                               self._all_finite(*values), policies, momenta)
+
+    def _momentum_terms(self, grad_e: dict[Tensor, Tensor], zero: Tensor) -> Tensor:
+        r"""Per group :math:`h^b_t = \langle \nabla E(w_t), Y_{t-1} \rangle` and its scale,
+        :math:`\lVert \nabla E \rVert^2` and :math:`\lVert Y_{t-1} \rVert^2` over the group's
+        weights that have a :math:`Y` (zeros for a group that does not learn its momentum; empty
+        when no group does)."""
+        if not any(_learns_momentum(g) for g in self.param_groups):
+            return zero.new_zeros(0)
+        terms = []
+        for group in self.param_groups:
+            pairs = self._momentum_pairs(group, grad_e) if _learns_momentum(group) else []
+            if not pairs:
+                terms.extend([zero, zero, zero])
+                continue
+            terms.append(torch.stack([_dot(o, y) for o, y in pairs]).double().sum())
+            terms.extend(t.double() for t in _scale_terms(*zip(*pairs, strict=True)))
+        return torch.stack(terms)
+
+    def _momentum_pairs(self, group: dict[str, Any], grad_e: dict[Tensor, Tensor]
+                        ) -> list[tuple[Tensor, Tensor]]:
+        r""":math:`(\nabla E, Y_{t-1})` of the group's weights that have both."""
+        states = ((p, self.state.get(p, {})) for p in group["params"] if p in grad_e)
+        return [(grad_e[p], s["momentum_tangent"]) for p, s in states if "momentum_tangent" in s]
 
     def _one_step_hypergradients(self, grad_e: dict[Tensor, Tensor], zero: Tensor) -> Tensor:
         r""":math:`g'_1 = -\langle \nabla E, d_{t-1} \rangle` per group (``zero`` where no
@@ -303,6 +390,18 @@ class RuleMarthe(HyperOptimizer):
             else:
                 raw = self._policy_lr(i, group, h, d, measured.norms[i], policy)
             h["new_lr"] = min(max(raw, 0.0), max(LEARNED_LIMIT, group["lr"]))
+            if measured.momenta[i] is not None:
+                self._propose_momentum(i, group, h, *measured.momenta[i],
+                                       Additive(h["beta"]) if policy is None else policy)
+
+    def _propose_momentum(self, index: int, group: dict[str, Any], h: dict[str, Any],
+                          hypergrad: float, norm: float, policy: HyperStep) -> None:
+        r"""The proposed momentum :math:`b_t` from :math:`h^b_t` (MARTHE's own step with the
+        group's :math:`\beta_t`, or the group's policy on :math:`1 - b`), staged in ``h``."""
+        h["new_momentum"], h["momentum_state"] = momentum_hyper_step(
+            policy, self._momentum(group), hypergrad, norm,
+            self.hyper_state.get("momentum_step", {}).get(index))
+        h["hypergrad_momentum"] = hypergrad
 
     def _policy_lr(self, index: int, group: dict[str, Any], h: dict[str, Any], delta: float,
                    norm: float, policy: HyperStep) -> float:
@@ -353,11 +452,52 @@ class RuleMarthe(HyperOptimizer):
                 hz.setdefault(p, p.new_zeros((n_cols, *p.shape)))
         for i, ((group, params), h) in enumerate(zip(plans, hypers, strict=True)):
             group["lr"] = h["new_lr"]
-            if params:
+            moved = self._move_momentum(group, h)
+            if moved:
+                self._step_with_momentum(i, group, params, hz)
+            elif params:
                 self._advance(i, group, params, hz)
             self._record(i, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
-                         **{"hypergrad/lr": deltas[i]})
+                         **{"hypergrad/lr": deltas[i]}, **moved)
         self._store_hypers(hypers)
+
+    def _step_with_momentum(self, index: int, group: dict[str, Any], params: list[Tensor],
+                            hz: dict[Tensor, Tensor] | None) -> None:
+        """:meth:`_advance` of a group that learns its momentum, with :math:`Y_t` taken from the
+        state before the step and stored after it."""
+        ys = self._momentum_tangents(group, params) if params else None
+        if params:
+            self._advance(index, group, params, hz)
+        self._store_momentum_tangents(group, params, ys)
+
+    def _move_momentum(self, group: dict[str, Any], h: dict[str, Any]) -> dict[str, float]:
+        """Set a group's learned momentum to the staged value (unchanged where none was proposed:
+        no tangent yet); returns its ``history`` entries (none if it is not learned)."""
+        if not _learns_momentum(group):
+            return {}
+        value = h.pop("new_momentum", self._momentum(group))
+        group.update(self._momentum_entry(group, value))
+        return {"momentum": value, "hypergrad/momentum": h.pop("hypergrad_momentum", 0.0)}
+
+    def _momentum_tangents(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        r""":math:`Y_t = \partial w_{t+1} / \partial b_t` of the group's ``params``, from the
+        state before the rule's step (call it before :meth:`_advance`)."""
+        rule = self.rule
+        buffers, counts = rule.read_state([self.state[p] for p in params], params)
+        return one_step_momentum_tangents(rule, self.momentum_hyper, params,
+                                          [p.grad for p in params], buffers, rule.hypers(group),
+                                          counts, rule.options(group))
+
+    def _store_momentum_tangents(self, group: dict[str, Any], params: list[Tensor],
+                                 ys: list[Tensor] | None) -> None:
+        """Keep :math:`Y_t`; a weight without a gradient this step did not move, so its
+        :math:`Y_t` is 0 (dropped)."""
+        stepped = set(params) if ys is not None else set()
+        for p in group["params"]:
+            if p not in stepped and p in self.state:
+                self.state[p].pop("momentum_tangent", None)
+        for p, y in zip(params, ys or (), strict=False):
+            self.state[p]["momentum_tangent"] = y
 
     def _store_hypers(self, hypers: list[dict[str, Any]]) -> None:
         """The staged per-group hyper-state, and the policies' states, into ``hyper_state``."""
@@ -367,6 +507,11 @@ class RuleMarthe(HyperOptimizer):
             policy_state = h.pop("policy_state", None)
             if policy_state is not None:
                 self.hyper_state.setdefault("hyper_step", {})[i] = policy_state
+            momentum_state = h.pop("momentum_state", None)
+            if momentum_state is not None:
+                self.hyper_state.setdefault("momentum_step", {})[i] = momentum_state
+            h.pop("new_momentum", None)
+            h.pop("hypergrad_momentum", None)
             self.hyper_state["groups"][i] = h
 
     def _advance(self, index: int, group: dict[str, Any], params: list[Tensor],
@@ -423,12 +568,18 @@ class RuleMarthe(HyperOptimizer):
                 else:
                     s[key] = c
 
-    def _skip(self, closure: Callable[[], Any] | None, deltas: list[float], val_loss: float) -> Any:
-        """The non-finite guard: nothing moves; an overflowed tangent column is reset."""
+    def _skip(self, closure: Callable[[], Any] | None, deltas: list[float], val_loss: float,
+              momenta: list[tuple[float, float] | None] | None = None) -> Any:
+        """The non-finite guard: nothing moves; an overflowed tangent column (or momentum
+        tangent) is reset."""
         self._warn_nonfinite("hypergradient or validation loss")
         bad = [j for j, d in enumerate(deltas) if not math.isfinite(d)]
         if bad and math.isfinite(val_loss):
             self._forget(bad)
+        if math.isfinite(val_loss):
+            for group, m in zip(self.param_groups, momenta or (), strict=False):
+                if m is not None and not math.isfinite(m[0]):
+                    self._store_momentum_tangents(group, [], None)
         loss, _ = self._training_loss(closure)
         self._record_skipped(deltas)
         return loss
@@ -450,8 +601,10 @@ class RuleMarthe(HyperOptimizer):
         """``history`` of a skipped step: the values in force, and the raw hypergradients."""
         for i, group in enumerate(self.param_groups):
             h = self._hyper(i)
+            momentum = {} if not _learns_momentum(group) else {
+                "momentum": self._momentum(group), "hypergrad/momentum": math.nan}
             self._record(i, skipped=True, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
-                         **{"hypergrad/lr": deltas[i]})
+                         **{"hypergrad/lr": deltas[i]}, **momentum)
 
 
 class _Hypergradients(NamedTuple):
@@ -463,6 +616,29 @@ class _Hypergradients(NamedTuple):
     val_loss: float
     finite: bool
     policies: list[HyperStep | None]
+    #: Per group :math:`(h^b_t, \text{its scale})`, or None where the momentum is not learned.
+    momenta: list[tuple[float, float] | None]
+
+
+def _learns_momentum(group: dict[str, Any]) -> bool:
+    """Whether the group learns its momentum (``"momentum"`` in ``tune``)."""
+    return "momentum" in group.get("tune", ())
+
+
+def _momentum_hypergradients(values: list[float], groups: list[dict[str, Any]],
+                             policies: list[HyperStep | None]
+                             ) -> list[tuple[float, float] | None]:
+    r"""Per group :math:`(h^b_t, \text{norm})` from the three values :meth:`_momentum_terms` gave
+    it (the norm only for a normalised policy), or None where the momentum is not learned."""
+    out: list[tuple[float, float] | None] = []
+    for i, (group, policy) in enumerate(zip(groups, policies, strict=True)):
+        if not _learns_momentum(group):
+            out.append(None)
+            continue
+        h, e2, y2 = values[3 * i:3 * i + 3]
+        norm = math.sqrt(e2) * math.sqrt(y2) if policy is not None and policy.normalised else 0.0
+        out.append((h, norm))
+    return out
 
 
 def _additive_lr(group: dict[str, Any], h: dict[str, Any], delta: float) -> float:

@@ -53,7 +53,8 @@ from .base import (
     register_rule,
 )
 
-__all__ = ["SGD", "sgd_closed_tangents", "sgd_direction", "sgd_step", "sgd_tangents"]
+__all__ = ["SGD", "sgd_closed_tangents", "sgd_direction", "sgd_momentum_tangents", "sgd_step",
+           "sgd_tangents"]
 
 
 def sgd_direction(
@@ -279,6 +280,39 @@ def sgd_closed_tangents(
         zn = _terms(zi, _times(dt, -a), _times(-e["lr"], d) if "lr" in e else None)
         z_next.append(_tangent_out(zn, p, n_cols, (zi, hzi, ci)))
     return z_next, {"momentum_buffer": c_next}
+
+
+def sgd_momentum_tangents(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor | None],
+    lrs: Sequence[float | Tensor],
+    momentum: float,
+    weight_decay: float = 0.0,
+    *,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+) -> list[Tensor]:
+    r""":math:`\partial w_{t+1} / \partial \mu_t` of one SGD step, the weights and the buffer
+    :math:`v_t` before it held constant: :math:`-a\, \partial d_t / \partial \mu` with
+    :math:`\partial d_t / \partial \mu = v_t` (heavy ball: :math:`d_t = v_{t+1} = \mu v_t +
+    (1 - \tau) g'_t`) or :math:`2 \mu v_t + (1 - \tau) g'_t` (Nesterov: :math:`d_t = g'_t + \mu
+    v_{t+1}`), 0 (heavy ball) or :math:`g'_t` (Nesterov) at the first step, where no buffer
+    exists yet. The closed form of the generic one-step tangent
+    (:func:`hyperoptim.methods.hd.one_step_momentum_tangents`), tested equal to it. Call it before
+    the in-place step (a buffer may be the live one the step updates); ``lrs`` has one rate (or
+    per-weight tensor) per parameter.
+    """
+    out = []
+    for p, g, v, a in zip(params, grads, bufs, lrs, strict=True):
+        if nesterov:
+            g1 = g.add(p, alpha=weight_decay) if weight_decay != 0 else g
+            dd = g1.clone() if v is None else v.mul(2.0 * momentum).add_(g1, alpha=1 - dampening)
+        else:
+            dd = torch.zeros_like(p) if v is None else v
+        # -a * dd as a new tensor (dd may be the live buffer)
+        out.append(dd.mul(a).neg_() if isinstance(a, Tensor) else dd.mul(-a))
+    return out
 
 
 # ------------------------------------------------------------------ the SGD rule as a value
