@@ -1,0 +1,103 @@
+r"""When IFT's hyper-updates run (a part of :class:`~hyperoptim.methods.ift.RuleIFT`): the
+``update_schedule`` option.
+
+- ``"fixed"``: every ``update_interval`` steps, Clarke et al.'s Algorithm 1 (and this package
+  before 0.3, bit for bit).
+- ``"warmup"``: every step until the hypergradient of each param group's learning rate has
+  changed sign once, then every ``update_interval`` steps.
+
+Why a warm-up: the hyper optimizer moves a transformed value by about its step size per
+hyper-update (Adam 0.05 in :math:`\log_{10}` lr), so with the paper's interval of 10 a run of 300
+steps gets 30 hyper-updates, about 1.5 decades at best: a learning rate 100x too small is still
+too small when the run ends. Updating every step while the hypergradient keeps its first sign
+crosses those decades in the first few dozen steps; its first change of sign says the value has
+reached (or passed) the region the hypergradient points to, and from there the paper's interval
+takes over. The sign comes from the hypergradient the hyper-update already reported (the summed
+one of ``history``'s ``"hypergrad/<name>"``, all-reduced across ranks), so the schedule adds no
+host synchronisation and every rank switches at the same step.
+
+The state is plain numbers in ``hyper_state["warmup"]`` (saved by ``state_dict``): ``"active"``
+(whether the warm-up still runs), ``"updates"`` (hyper-updates taken in it), ``"signs"`` (per
+param group, the first non-zero sign of its watched hypergradient, 0 before one) and
+``"changed"`` (per group, whether that sign has changed since). A state dict saved without it (a
+``"fixed"`` run, or a release before the option) resumes with the warm-up over.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["SCHEDULES", "WARMUP_LIMIT", "add_group", "advance", "check_state", "interval",
+           "new_state", "warming", "watched"]
+
+SCHEDULES = ("warmup", "fixed")
+
+WARMUP_LIMIT = 100
+"""Hyper-updates after which the warm-up ends even if some group's hypergradient has not changed
+sign (a learning rate held at an end of ``lr_bounds``, a group without gradients): about 5
+decades of :math:`\\log_{10}` lr at Adam's default 0.05, and a bound on what the warm-up costs
+(one validation gradient and ``lookback - 1`` Hessian-vector products per step)."""
+
+
+def new_state(n_groups: int) -> dict[str, Any]:
+    """The warm-up's state at construction: running, no sign seen in any of ``n_groups``."""
+    return {"active": True, "updates": 0, "signs": [0.0] * n_groups,
+            "changed": [False] * n_groups}
+
+
+def check_state(state: Any, n_groups: int) -> bool:
+    """Whether ``state`` (a saved ``hyper_state["warmup"]``) has the structure :func:`new_state`
+    gives, for ``n_groups`` groups where the warm-up still runs."""
+    if not isinstance(state, Mapping) or set(state) != {"active", "updates", "signs", "changed"}:
+        return False
+    updates, signs, changed = state["updates"], state["signs"], state["changed"]
+    if not (isinstance(state["active"], bool) and isinstance(updates, int)
+            and not isinstance(updates, bool) and updates >= 0
+            and isinstance(signs, list) and isinstance(changed, list)):
+        return False
+    return (not state["active"] or len(signs) == len(changed) == n_groups) and all(
+        s in (-1.0, 0.0, 1.0) for s in signs) and all(isinstance(c, bool) for c in changed)
+
+
+def add_group(state: dict[str, Any] | None) -> None:
+    """A param group added later: no sign seen yet (nothing to do once the warm-up is over)."""
+    if state is not None and state["active"]:
+        state["signs"].append(0.0)
+        state["changed"].append(False)
+
+
+def watched(tune: Sequence[str]) -> str:
+    """The tuned name whose hypergradient ends a group's warm-up: the learning rate where it is
+    tuned, else the first tuned name (Lorraine et al.'s weight decay alone)."""
+    return "lr" if "lr" in tune else tune[0]
+
+
+def warming(schedule: str, state: Mapping[str, Any] | None) -> bool:
+    """Whether the next step is in the warm-up."""
+    return schedule == "warmup" and state is not None and bool(state["active"])
+
+
+def interval(schedule: str, state: Mapping[str, Any] | None, update_interval: int) -> int:
+    """Steps between hyper-updates now: 1 in the warm-up, else ``update_interval``."""
+    return 1 if warming(schedule, state) else update_interval
+
+
+def advance(state: dict[str, Any], hypergrads: Mapping[int, float]) -> None:
+    """Count one applied hyper-update of the warm-up and read its signs: ``hypergrads`` maps each
+    group that took part to its watched hypergradient. A zero (no signal) neither sets nor
+    changes a sign. The warm-up ends once every group's sign has changed, or after
+    :data:`WARMUP_LIMIT` hyper-updates."""
+    state["updates"] += 1
+    signs, changed = state["signs"], state["changed"]
+    for index, h in hypergrads.items():
+        sign = math.copysign(1.0, h) if h != 0.0 and math.isfinite(h) else 0.0
+        if sign == 0.0:
+            continue
+        if signs[index] == 0.0:
+            signs[index] = sign
+        elif sign != signs[index]:
+            changed[index] = True
+    if all(changed) or state["updates"] >= WARMUP_LIMIT:
+        state["active"] = False
