@@ -721,3 +721,157 @@ def test_zero_gradient_parameter_stays_with_a_tuned_decay_from_zero(per_paramete
     assert torch.equal(still_a, torch.ones(3, dtype=torch.float64)) and torch.equal(still_b, still_a)
     assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))
     assert len(opt.history[0]["weight_decay"]) == 3  # hyper-updates at steps 3, 6 and 9 did run
+
+
+# ----------------------------------------------------------------- update_schedule="warmup"
+def _warmup_run(steps: int, **kwargs):
+    """IFTOptimizer from a learning rate 100x too small on Net(5), warm-up schedule."""
+    net = Net(5)
+    opt = IFTOptimizer(net.params, **{**dict(lr=1e-3, momentum=0.5, update_interval=5,
+                                               lookback=2, update_schedule="warmup"), **kwargs},
+                       val_closure=net.val_loss)
+    for t in range(steps):
+        opt.step(net.closure(opt, t))
+    return net, opt
+
+
+@pytest.mark.parametrize("timing", ["taken", "next"])
+def test_warmup_updates_every_step_until_the_lr_hypergradient_changes_sign(timing):
+    """Every step is a hyper-update until the learning rate's hypergradient first changes sign;
+    from there one every update_interval steps (the paper's schedule took 8 hyper-updates in these
+    40 steps, and would have moved log10 lr by at most 8 * 0.05)."""
+    _, opt = _warmup_run(40, update_timing=timing)
+    hist = opt.history[0]
+    signs = [math.copysign(1.0, h) for h in hist["hypergrad/lr"]]
+    flip = next(k for k, s in enumerate(signs) if s != signs[0])  # the first change of sign
+    assert flip >= 3  # a real warm-up: the learning rate was far too small
+    # "step": weight updates taken where each was measured (1 for the first with either timing).
+    assert hist["step"][: flip + 1] == [1.0 + k for k in range(flip + 1)]  # every step
+    assert hist["update_schedule/warmup"] == [1.0] * (flip + 1) + [0.0] * (len(signs) - flip - 1)
+    assert [b - a for a, b in zip(hist["step"][flip:], hist["step"][flip + 1 :])] == \
+        [5.0] * (len(signs) - flip - 1)  # then the paper's interval
+    assert opt.hyper_state["warmup"] == {"active": False, "updates": flip + 1,
+                                         "signs": [signs[0]], "changed": [True]}
+    assert hist["lr"][flip] > 3e-3  # it crossed about half a decade in the warm-up
+
+
+def test_fixed_schedule_takes_a_hyper_update_every_interval_as_before():
+    _, opt = _warmup_run(40, update_schedule="fixed")
+    assert opt.history[0]["step"] == [5.0 * k for k in range(1, 9)]
+    assert "warmup" not in opt.hyper_state and "update_schedule/warmup" not in opt.history[0]
+
+
+def test_warmup_waits_for_every_group_and_ends_at_its_limit():
+    from hyperoptim.methods import ift_schedule
+
+    state = ift_schedule.new_state(2)
+    ift_schedule.advance(state, {0: -1.0, 1: 0.0})  # a zero is no signal
+    ift_schedule.advance(state, {0: 2.0})  # group 1 had no gradients
+    assert state == {"active": True, "updates": 2, "signs": [-1.0, 0.0], "changed": [True, False]}
+    ift_schedule.advance(state, {0: 1.0, 1: 3.0})
+    ift_schedule.advance(state, {0: 1.0, 1: -3.0})
+    assert state == {"active": False, "updates": 4, "signs": [-1.0, 3.0 / 3.0],
+                     "changed": [True, True]}
+    state = ift_schedule.new_state(1)
+    for _ in range(ift_schedule.WARMUP_LIMIT):
+        assert state["active"]
+        ift_schedule.advance(state, {0: -1.0})  # a learning rate held at its bound
+    assert not state["active"]
+
+
+@pytest.mark.parametrize("timing", ["taken", "next"])
+def test_hypergradients_in_the_warmup_equal_the_closed_form(timing):
+    """The warm-up changes when hyper-updates run, not what they compute: each of the first
+    hyper-updates (one per step) equals the explicit-Jacobian closed form at its own step."""
+    net = Net(5)  # both learning rates' hypergradients stay negative
+    groups = [{"params": [net.params[0]], "lr": 1e-3, "momentum": 0.4, "weight_decay": 1e-3},
+              {"params": [net.params[1]], "lr": 2e-3, "momentum": 0.2, "weight_decay": 2e-3}]
+    opt = IFTOptimizer(groups, update_interval=7, lookback=3, update_timing=timing,
+                       update_schedule="warmup", hyper_optimizer=torch.optim.SGD, hyper_lr=0.01,
+                       val_closure=net.val_loss)
+    if timing == "next":
+        opt.step(net.closure(opt, 0))  # "next" first differentiates the second step's update
+    start = len(opt.history[0].get("lr", []))
+    for t in range(1 if timing == "next" else 0, 4):
+        weights = [p.detach().clone() for p in net.params]
+        bufs = [opt.state[p].get("momentum_buffer") for p in net.params]
+        bufs = [None if b is None else b.clone() for b in bufs]
+        transformed = [{n: x.clone() for n, x in entry.items()}
+                       for entry in opt.hyper_state["transformed"]]
+        frozen = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        opt.step(net.closure(opt, t))
+        after = [p.detach().clone() for p in net.params]
+        expected = _closed_form(net, frozen, weights, bufs, transformed, t, 3,
+                                val_weights=after if timing == "taken" else None)
+        k = len(opt.history[0]["lr"]) - 1
+        assert k == start + t - (1 if timing == "next" else 0)  # every step a hyper-update
+        for (gi, name), value in expected.items():
+            got = opt.history[gi][f"hypergrad/{name}"][k]
+            assert got == pytest.approx(value.sum().item(), rel=1e-8, abs=1e-14)
+    assert opt.hyper_state["warmup"]["active"]
+
+
+@pytest.mark.parametrize("cls", ["IFTOptimizer", "IFTAdam"])
+def test_resume_mid_warmup_in_lockstep(cls):
+    import hyperoptim
+
+    def build(net):
+        kwargs = dict(momentum=0.5) if cls == "IFTOptimizer" else {}
+        # Starts whose warm-up ends after the resume: at its 38th (SGD) or 20th (Adam) step.
+        return getattr(hyperoptim, cls)(net.params, lr=1e-3 if cls == "IFTOptimizer" else 1e-2,
+                                        update_interval=4, lookback=3, update_schedule="warmup",
+                                        val_closure=net.val_loss, **kwargs)
+
+    a = Net(0)
+    opt = build(a)
+    for t in range(3):
+        opt.step(a.closure(opt, t))
+    assert opt.hyper_state["warmup"]["active"] and opt.hyper_state["warmup"]["updates"] == 3
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    b = Net(0)
+    with torch.no_grad():
+        for p, q in zip(b.params, a.params):
+            p.copy_(q)
+    opt2 = build(b)
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    assert opt2.hyper_state["warmup"] == opt.hyper_state["warmup"]
+    for t in range(3, 50):
+        opt.step(a.closure(opt, t))
+        opt2.step(b.closure(opt2, t))
+    assert not opt.hyper_state["warmup"]["active"]  # the switch happened after the resume
+    for x, y in zip(a.params, b.params):
+        assert torch.equal(x, y)
+    assert opt2.history == opt.history and opt2.hyper_state["warmup"] == opt.hyper_state["warmup"]
+    assert [dict(g, params=None) for g in opt2.param_groups] == \
+        [dict(g, params=None) for g in opt.param_groups]
+
+
+def test_a_state_dict_without_warmup_state_resumes_on_the_fixed_interval():
+    """A state dict saved by the fixed schedule (or before the option) carries no warm-up: loaded
+    into a warm-up optimizer it goes on every update_interval steps; a malformed one is refused."""
+    _, fixed = _warmup_run(6, update_schedule="fixed")
+    net, opt = _warmup_run(0)
+    opt.load_state_dict(fixed.state_dict())
+    for t in range(6, 16):
+        opt.step(net.closure(opt, t))
+    assert opt.history[0]["step"] == [5.0, 10.0, 15.0]
+    sd = opt.state_dict()
+    sd["hyper_state"]["warmup"] = {"active": True, "updates": 1, "signs": [2.0], "changed": [0]}
+    with pytest.raises(ValueError, match="hyper_state\\['warmup'\\] is malformed"):
+        opt.load_state_dict(sd)
+
+
+def test_closure_needed_at_every_warmup_step_and_the_error_says_so():
+    net = Net(11)
+    opt = IFTOptimizer(net.params, lr=1e-3, update_interval=10, lookback=3,
+                       update_schedule="warmup", val_closure=net.val_loss)
+    opt.zero_grad()
+    net.train_loss(0).backward()
+    with pytest.raises(ValueError, match="every step until the learning rate's hypergradient "
+                       "changes sign \\(update_schedule='warmup'\\), then every "
+                       "update_interval=10 steps, lookback=3\\): call step\\(closure\\)"):
+        opt.step()
+    with pytest.raises(ValueError, match="Invalid update_schedule value: sometimes"):
+        IFTOptimizer(net.params, update_schedule="sometimes")
