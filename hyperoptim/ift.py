@@ -23,6 +23,7 @@ from .methods.ift import (
     RuleIFT,
     ift_keywords,
 )
+from .methods.ift_schedule import momentum_pace
 from .rules.sgd import SGD, sgd_direction
 
 __all__ = ["MOMENTUM_RANGE", "WEIGHT_DECAY_FLOOR", "IFTOptimizer", "SignSGD", "thesis_adaptive"]
@@ -275,6 +276,11 @@ class IFTOptimizer(RuleIFT):
     releases before 0.2, so trajectories stay bit-identical to them) instead of the generic
     ``w - w'`` through the rule's pure step; both are the same function, and their
     hypergradients agree to rounding (``tests/test_ift.py``)."""
+
+    def _warmup_interval(self) -> int:
+        """The warm-up's pace: :func:`~hyperoptim.methods.ift_schedule.momentum_pace` of the
+        largest momentum of the groups (the slowest to show a change of learning rate)."""
+        return momentum_pace(max(group["momentum"] for group in self.param_groups))
 
     def _options(self, group: dict[str, Any]) -> dict[str, Any]:
         """Heavy-ball momentum without dampening (the constructor refuses the others)."""

@@ -320,6 +320,12 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         """Whether this step is in the warm-up of ``update_schedule="warmup"``."""
         return ift_schedule.warming(self.update_schedule, self.hyper_state.get("warmup"))
 
+    def _warmup_interval(self) -> int:
+        """Steps between the warm-up's hyper-updates: 1 (a rule whose step moves each weight by
+        about the learning rate, as Adam's does); heavy-ball SGD paces it by its momentum
+        (:func:`~hyperoptim.methods.ift_schedule.momentum_pace`)."""
+        return 1
+
     def _schedule_record(self) -> dict[str, float]:
         """What ``history`` records of the schedule at a hyper-update: under ``"warmup"``,
         ``"update_schedule/warmup"`` (1.0 for a hyper-update of the warm-up, 0.0 after it)."""
@@ -358,7 +364,7 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         taken = self.update_timing == "taken"
         since = self.hyper_state["since_update"]
         every = ift_schedule.interval(self.update_schedule, self.hyper_state.get("warmup"),
-                                      self.update_interval)
+                                      self.update_interval, self._warmup_interval())
         hyper = since + 1 >= every if taken else since >= every
         second_order = hyper and self.lookback > 1
         if second_order and closure is None:

@@ -3,8 +3,9 @@ r"""When IFT's hyper-updates run (a part of :class:`~hyperoptim.methods.ift.Rule
 
 - ``"fixed"``: every ``update_interval`` steps, Clarke et al.'s Algorithm 1 (and this package
   before 0.3, bit for bit).
-- ``"warmup"``: every step until the hypergradient of each param group's learning rate has
-  changed sign once, then every ``update_interval`` steps.
+- ``"warmup"``: a hyper-update every step (IFTAdam), or every :func:`momentum_pace` steps
+  (IFTOptimizer: 2 at momentum 0.5, 10 at 0.9), until the hypergradient of each param group's
+  learning rate has changed sign once; then every ``update_interval`` steps.
 
 Why a warm-up: the hyper optimizer moves a transformed value by about its step size per
 hyper-update (Adam 0.05 in :math:`\log_{10}` lr), so with the paper's interval of 10 a run of 300
@@ -30,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["SCHEDULES", "WARMUP_LIMIT", "add_group", "advance", "check_state", "interval",
-           "new_state", "warming", "watched"]
+           "momentum_pace", "new_state", "warming", "watched"]
 
 SCHEDULES = ("warmup", "fixed")
 
@@ -39,6 +40,10 @@ WARMUP_LIMIT = 100
 sign (a learning rate held at an end of ``lr_bounds``, a group without gradients): about 5
 decades of :math:`\\log_{10}` lr at Adam's default 0.05, and a bound on what the warm-up costs
 (one validation gradient and ``lookback - 1`` Hessian-vector products per step)."""
+
+
+MOMENTUM_PACE_CAP = 0.999
+"""Momentum above this paces the warm-up as this does (1000 steps; any update_interval is below)."""
 
 
 def new_state(n_groups: int) -> dict[str, Any]:
@@ -79,9 +84,23 @@ def warming(schedule: str, state: Mapping[str, Any] | None) -> bool:
     return schedule == "warmup" and state is not None and bool(state["active"])
 
 
-def interval(schedule: str, state: Mapping[str, Any] | None, update_interval: int) -> int:
-    """Steps between hyper-updates now: 1 in the warm-up, else ``update_interval``."""
-    return 1 if warming(schedule, state) else update_interval
+def interval(schedule: str, state: Mapping[str, Any] | None, update_interval: int,
+             warmup_interval: int = 1) -> int:
+    """Steps between hyper-updates now: ``warmup_interval`` (the rule's pace, at most
+    ``update_interval``) in the warm-up, else ``update_interval``."""
+    if warming(schedule, state):
+        return max(1, min(warmup_interval, update_interval))
+    return update_interval
+
+
+def momentum_pace(momentum: float) -> int:
+    r"""Heavy-ball SGD's warm-up interval, :math:`\operatorname{round}(1 / (1 - m))` steps: the
+    step is the learning rate times a buffer that sums about that many gradients, so a change of
+    learning rate shows in the loss over about that many steps, and hyper-updates taken faster
+    pile up on a signal that has not caught up (measured: from lr 0.1 with momentum 0.9, a
+    hyper-update every step took the digits CNN's learning rate to 0.4 and its accuracy from 98%
+    to 78%). 1 without momentum, 2 at 0.5, 10 (the paper's interval) at 0.9."""
+    return max(1, round(1.0 / (1.0 - min(momentum, MOMENTUM_PACE_CAP))))
 
 
 def advance(state: dict[str, Any], hypergrads: Mapping[int, float]) -> None:
