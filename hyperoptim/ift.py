@@ -232,7 +232,7 @@ class IFTOptimizer(RuleIFT):
         >>> for _ in range(20):
         ...     _ = opt.step(closure)
         >>> len(opt.history[0]["lr"]), sorted(k for k in opt.history[0] if k.startswith("hyper"))
-        (4, ['hypergrad/lr', 'hypergrad/momentum', 'hypergrad/weight_decay'])
+        (9, ['hypergrad/lr', 'hypergrad/momentum', 'hypergrad/weight_decay'])
 
     References:
         R. M. Clarke, E. T. Oldewage, J. M. Hernández-Lobato. Scalable One-Pass Optimisation of

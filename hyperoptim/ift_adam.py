@@ -116,7 +116,7 @@ class IFTAdam(RuleIFT):
         >>> for _ in range(20):
         ...     _ = opt.step(closure)
         >>> len(opt.history[0]["lr"]), sorted(k for k in opt.history[0] if k.startswith("hyper"))
-        (4, ['hypergrad/lr', 'hypergrad/weight_decay'])
+        (20, ['hypergrad/lr', 'hypergrad/weight_decay'])
 
     References:
         R. M. Clarke, E. T. Oldewage, J. M. Hernández-Lobato. Scalable One-Pass Optimisation of
@@ -191,7 +191,7 @@ class IFTAdamW(IFTAdam):
         >>> for _ in range(4):
         ...     _ = opt.step(lambda: model(torch.ones(8, 3)).pow(2).mean())
         >>> opt.param_groups[0]["decoupled_weight_decay"], len(opt.history[0]["weight_decay"])
-        (True, 2)
+        (True, 4)
     """
 
     @adamw_signature(IFTAdam.__init__)

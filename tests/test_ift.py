@@ -189,7 +189,8 @@ def test_hypergradient_equals_closed_form_from_explicit_jacobians(
                "weight_decay": 2 * weight_decay}]
     opt = IFTOptimizer(groups, tune=tune, per_parameter_lr=per_lr,
                        per_parameter_weight_decay=per_wd, sharing=sharing,
-                       update_interval=interval, lookback=lookback, update_timing=timing,
+                       update_interval=interval, update_schedule="fixed", lookback=lookback,
+                       update_timing=timing,
                        lr_bounds=(1e-10, 1e6),  # wide: the learning rate's clamp must not bind
                        hyper_optimizer=torch.optim.SGD, hyper_lr=1.0, val_closure=net.val_loss)
     # "taken": the hyper-update ends step interval - 1 and differentiates that step's update;
@@ -296,7 +297,7 @@ def test_transformed_hypergradients_match_chain_rule_on_natural_finite_differenc
     net = Net(7)
     lr, wd = 0.05, 0.01
     opt = IFTOptimizer(net.params, lr=lr, momentum=momentum, weight_decay=wd, update_interval=3,
-                       lookback=1, val_closure=net.val_loss)
+                       update_schedule="fixed", lookback=1, val_closure=net.val_loss)
     for t in range(2):
         opt.step(net.closure(opt, t))
     weights = [p.detach().clone() for p in net.params]
@@ -366,7 +367,7 @@ def test_gap_to_diff_through_opt_near_the_fixed_point():
     for scale in (0.1, 0.01, 0.001):
         w0 = w_star + scale * direction
         opt, _ = _ridge_run(prob, w0, lookback + 1, lr=lr, weight_decay=wd,
-                            tune=("lr", "weight_decay"), update_interval=lookback,
+                            tune=("lr", "weight_decay"), update_interval=lookback, update_schedule="fixed",
                             lookback=lookback, hyper_lr=0.0)
         _, exact = unrolled_hypergrad(prob.train, prob.val, {"w": w0}, horizon=lookback, lr=lr,
                                       weight_decay=wd)
@@ -423,7 +424,7 @@ def test_zero_hyper_lr_is_bit_identical_to_torch_sgd(config, dtype):
     ref = torch.optim.SGD([{"params": [a.params[0]]}, {"params": [a.params[1]], "lr": 0.02}],
                           lr=0.05, **sgd_kwargs)
     opt = IFTOptimizer([{"params": [b.params[0]]}, {"params": [b.params[1]], "lr": 0.02}],
-                       lr=0.05, update_interval=3, lookback=2, hyper_lr=0.0,
+                       lr=0.05, update_interval=3, update_schedule="fixed", lookback=2, hyper_lr=0.0,
                        val_closure=b.val_loss, **config)
     for t in range(10):
         ref.step(a.closure(ref, t))
@@ -437,8 +438,8 @@ def test_zero_hyper_lr_is_bit_identical_to_torch_sgd(config, dtype):
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_resume_mid_interval_in_lockstep(config):
     a = Net(1)
-    opt = IFTOptimizer(a.params, lr=0.05, update_interval=3, lookback=3, val_closure=a.val_loss,
-                       **config)
+    opt = IFTOptimizer(a.params, lr=0.05, update_interval=3, update_schedule="fixed", lookback=3,
+                       val_closure=a.val_loss, **config)
     for t in range(7):  # two hyper-updates (steps 3, 6), then one step into the next interval
         opt.step(a.closure(opt, t))
     buffer = io.BytesIO()
@@ -449,8 +450,8 @@ def test_resume_mid_interval_in_lockstep(config):
     with torch.no_grad():
         for p, q in zip(b.params, a.params):
             p.copy_(q)
-    opt2 = IFTOptimizer(b.params, lr=0.01, update_interval=3, lookback=3, val_closure=b.val_loss,
-                        **config)
+    opt2 = IFTOptimizer(b.params, lr=0.01, update_interval=3, update_schedule="fixed", lookback=3,
+                        val_closure=b.val_loss, **config)
     opt2.load_state_dict(torch.load(buffer, weights_only=True))
     assert opt2.hyper_state["since_update"] == 1
     assert [s["step"] for s in opt2._hyper_opt.state.values()] == \
@@ -492,7 +493,7 @@ def test_validation_only_at_hyper_updates_and_nan_skips_that_step():
 
     poisoned = False
     opt = IFTOptimizer(net.params, lr=0.05, momentum=0.5, weight_decay=1e-3, update_interval=3,
-                       lookback=2, val_closure=val)
+                       update_schedule="fixed", lookback=2, val_closure=val)
     for t in range(2):
         opt.step(net.closure(opt, t))
     assert calls == []  # steps 0-1 never look at the validation set
@@ -525,7 +526,7 @@ def test_validation_only_at_hyper_updates_and_nan_skips_that_step():
 def test_assignment_to_param_groups_restarts_the_transform():
     net = Net(4)
     opt = IFTOptimizer(net.params, lr=0.05, momentum=0.5, weight_decay=1e-3, update_interval=2,
-                       lookback=2, val_closure=net.val_loss)
+                       update_schedule="fixed", lookback=2, val_closure=net.val_loss)
     for t in range(4):  # hyper-updates end steps 1 and 3
         opt.step(net.closure(opt, t))
     opt.param_groups[0]["lr"] = 0.01
@@ -605,7 +606,7 @@ def test_hyper_optimizer_factory_is_used():
 
 def test_closure_needed_at_hyper_updates_unless_lookback_is_one():
     net = Net(11)
-    opt = IFTOptimizer(net.params, lr=0.05, update_interval=2, lookback=3,
+    opt = IFTOptimizer(net.params, lr=0.05, update_interval=2, update_schedule="fixed", lookback=3,
                        val_closure=net.val_loss)
     opt.zero_grad()
     net.train_loss(0).backward()
@@ -617,7 +618,7 @@ def test_closure_needed_at_hyper_updates_unless_lookback_is_one():
         opt.step()  # the second step ends with a hyper-update
     assert all(torch.equal(p, q) for p, q in zip(net.params, before))
 
-    greedy = IFTOptimizer(net.params, lr=0.05, update_interval=2, lookback=1,
+    greedy = IFTOptimizer(net.params, lr=0.05, update_interval=2, update_schedule="fixed", lookback=1,
                           val_closure=net.val_loss)
     for t in range(6):
         greedy.zero_grad()
@@ -628,7 +629,7 @@ def test_closure_needed_at_hyper_updates_unless_lookback_is_one():
 
 def test_needs_a_validation_loss_at_hyper_updates():
     net = Net(12)
-    opt = IFTOptimizer(net.params, lr=0.05, update_interval=2, lookback=2)
+    opt = IFTOptimizer(net.params, lr=0.05, update_interval=2, update_schedule="fixed", lookback=2)
     opt.step(net.closure(opt, 0))
     before = [p.detach().clone() for p in net.params]
     with pytest.raises(ValueError, match="val_closure"):
@@ -781,7 +782,7 @@ def test_fixed_schedule_takes_a_hyper_update_every_interval_as_before():
 def test_warmup_waits_for_every_group_and_ends_at_its_limit():
     from hyperoptim.methods import ift_schedule
 
-    state = ift_schedule.new_state(2)
+    state = ift_schedule.new_state([("lr",), ("lr", "momentum")])
     ift_schedule.advance(state, {0: -1.0, 1: 0.0})  # a zero is no signal
     ift_schedule.advance(state, {0: 2.0})  # group 1 had no gradients
     assert state == {"active": True, "updates": 2, "signs": [-1.0, 0.0], "changed": [True, False]}
@@ -789,7 +790,9 @@ def test_warmup_waits_for_every_group_and_ends_at_its_limit():
     ift_schedule.advance(state, {0: 1.0, 1: -3.0})
     assert state == {"active": False, "updates": 4, "signs": [-1.0, 3.0 / 3.0],
                      "changed": [True, True]}
-    state = ift_schedule.new_state(1)
+    assert ift_schedule.new_state([("lr",), ("weight_decay",)])["changed"] == [False, True]
+    assert not ift_schedule.new_state([("weight_decay",)])["active"]  # Lorraine et al.'s
+    state = ift_schedule.new_state([("lr",)])
     for _ in range(ift_schedule.WARMUP_LIMIT):
         assert state["active"]
         ift_schedule.advance(state, {0: -1.0})  # a learning rate held at its bound

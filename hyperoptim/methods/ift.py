@@ -58,7 +58,7 @@ HyperOptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 def _ift_keywords(*, update_interval: int = 10, lookback: int = 5, hyper_lr: float = 0.05,
                   hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
                   lr_bounds: tuple[float, float] = (1e-10, 1.0), update_timing: str = "taken",
-                  update_schedule: str = "fixed",
+                  update_schedule: str = "warmup",
                   val_closure: Closure | None = None, hvp: str = "auto", maximize: bool = False,
                   foreach: bool | None = None, fused: bool | None = None,
                   differentiable: bool = False) -> None:
@@ -206,7 +206,8 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                          **flags)
         self.hyper_state.update(since_update=0, steps=0)
         if update_schedule == "warmup":
-            self.hyper_state["warmup"] = ift_schedule.new_state(len(self.param_groups))
+            self.hyper_state["warmup"] = ift_schedule.new_state(
+                [group["tune"] for group in self.param_groups])
         self._hyper_opt = self._build_hyper_optimizer()
 
     # ------------------------------------------------------------------ groups
@@ -246,7 +247,7 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         super().add_param_group({**param_group, **normalised})
         index = len(self.param_groups) - 1
         self._init_group(index, self.param_groups[index])
-        ift_schedule.add_group(self.hyper_state.get("warmup"))
+        ift_schedule.add_group(self.hyper_state.get("warmup"), self.param_groups[index]["tune"])
         if self._hyper_opt is not None:
             for group in self._hyper_groups(index):
                 self._hyper_opt.add_param_group(group)
@@ -335,13 +336,12 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
 
     def _advance_schedule(self, spans: Sequence[tuple[int, str, int, int]],
                           hypergrads: Sequence[float]) -> None:
-        """After an applied hyper-update: the warm-up reads each group's watched hypergradient
-        (the summed one ``history`` records) and ends once each has changed sign."""
+        """After an applied hyper-update: the warm-up reads each group's learning-rate
+        hypergradient (the summed one ``history`` records) and ends once each has changed sign."""
         if not self._warming_up():
             return
-        watched = {index: h for (index, name, _, _), h in zip(spans, hypergrads)
-                   if name == ift_schedule.watched(self.param_groups[index]["tune"])}
-        ift_schedule.advance(self.hyper_state["warmup"], watched)
+        lrs = {index: h for (index, name, _, _), h in zip(spans, hypergrads) if name == "lr"}
+        ift_schedule.advance(self.hyper_state["warmup"], lrs)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

@@ -19,8 +19,9 @@ host synchronisation and every rank switches at the same step.
 
 The state is plain numbers in ``hyper_state["warmup"]`` (saved by ``state_dict``): ``"active"``
 (whether the warm-up still runs), ``"updates"`` (hyper-updates taken in it), ``"signs"`` (per
-param group, the first non-zero sign of its watched hypergradient, 0 before one) and
-``"changed"`` (per group, whether that sign has changed since). A state dict saved without it (a
+param group, the first non-zero sign of its learning rate's hypergradient, 0 before one) and
+``"changed"`` (per group, whether that sign has changed since; True from the start for a group
+that does not tune its learning rate). A state dict saved without it (a
 ``"fixed"`` run, or a release before the option) resumes with the warm-up over.
 """
 
@@ -31,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["SCHEDULES", "WARMUP_LIMIT", "add_group", "advance", "check_state", "interval",
-           "momentum_pace", "new_state", "warming", "watched"]
+           "momentum_pace", "new_state", "tuned", "warming"]
 
 SCHEDULES = ("warmup", "fixed")
 
@@ -46,10 +47,19 @@ MOMENTUM_PACE_CAP = 0.999
 """Momentum above this paces the warm-up as this does (1000 steps; any update_interval is below)."""
 
 
-def new_state(n_groups: int) -> dict[str, Any]:
-    """The warm-up's state at construction: running, no sign seen in any of ``n_groups``."""
-    return {"active": True, "updates": 0, "signs": [0.0] * n_groups,
-            "changed": [False] * n_groups}
+def new_state(tunes: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """The warm-up's state at construction for groups tuning ``tunes``: no sign seen yet. A group
+    that does not tune its learning rate has nothing to wait for (counted as changed): a weight
+    decay tuned alone (Lorraine et al.) keeps the paper's interval, since more decay can look
+    better at every step until the decoupled decay :math:`1 - a c` turns negative."""
+    changed = [not tuned(tune) for tune in tunes]
+    return {"active": not all(changed), "updates": 0, "signs": [0.0] * len(tunes),
+            "changed": changed}
+
+
+def tuned(tune: Sequence[str]) -> bool:
+    """Whether a group tuning ``tune`` takes part in the warm-up: it tunes its learning rate."""
+    return "lr" in tune
 
 
 def check_state(state: Any, n_groups: int) -> bool:
@@ -66,17 +76,11 @@ def check_state(state: Any, n_groups: int) -> bool:
         s in (-1.0, 0.0, 1.0) for s in signs) and all(isinstance(c, bool) for c in changed)
 
 
-def add_group(state: dict[str, Any] | None) -> None:
+def add_group(state: dict[str, Any] | None, tune: Sequence[str]) -> None:
     """A param group added later: no sign seen yet (nothing to do once the warm-up is over)."""
     if state is not None and state["active"]:
         state["signs"].append(0.0)
-        state["changed"].append(False)
-
-
-def watched(tune: Sequence[str]) -> str:
-    """The tuned name whose hypergradient ends a group's warm-up: the learning rate where it is
-    tuned, else the first tuned name (Lorraine et al.'s weight decay alone)."""
-    return "lr" if "lr" in tune else tune[0]
+        state["changed"].append(not tuned(tune))
 
 
 def warming(schedule: str, state: Mapping[str, Any] | None) -> bool:
@@ -105,9 +109,9 @@ def momentum_pace(momentum: float) -> int:
 
 def advance(state: dict[str, Any], hypergrads: Mapping[int, float]) -> None:
     """Count one applied hyper-update of the warm-up and read its signs: ``hypergrads`` maps each
-    group that took part to its watched hypergradient. A zero (no signal) neither sets nor
-    changes a sign. The warm-up ends once every group's sign has changed, or after
-    :data:`WARMUP_LIMIT` hyper-updates."""
+    group that took part and tunes its learning rate to that learning rate's hypergradient. A
+    zero (no signal) neither sets nor changes a sign. The warm-up ends once every group's sign
+    has changed, or after :data:`WARMUP_LIMIT` hyper-updates."""
     state["updates"] += 1
     signs, changed = state["signs"], state["changed"]
     for index, h in hypergrads.items():
