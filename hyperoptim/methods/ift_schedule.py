@@ -2,7 +2,7 @@ r"""When IFT's hyper-updates run (a part of :class:`~hyperoptim.methods.ift.Rule
 ``update_schedule`` option.
 
 - ``"fixed"``: every ``update_interval`` steps, Clarke et al.'s Algorithm 1 (and this package
-  before 0.3, bit for bit).
+  before the option, bit for bit).
 - ``"warmup"``: a hyper-update every step (IFTAdam), or every :func:`momentum_pace` steps
   (IFTOptimizer: 2 at momentum 0.5, 10 at 0.9), until the hypergradient of each param group's
   learning rate has changed sign once; then every ``update_interval`` steps.
