@@ -62,18 +62,22 @@ def tuned(tune: Sequence[str]) -> bool:
     return "lr" in tune
 
 
+_CHECKS = {
+    "active": lambda v: isinstance(v, bool),
+    "updates": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "signs": lambda v: isinstance(v, list) and all(s in (-1.0, 0.0, 1.0) for s in v),
+    "changed": lambda v: isinstance(v, list) and all(isinstance(c, bool) for c in v),
+}
+
+
 def check_state(state: Any, n_groups: int) -> bool:
     """Whether ``state`` (a saved ``hyper_state["warmup"]``) has the structure :func:`new_state`
     gives, for ``n_groups`` groups where the warm-up still runs."""
-    if not isinstance(state, Mapping) or set(state) != {"active", "updates", "signs", "changed"}:
+    if not isinstance(state, Mapping) or set(state) != set(_CHECKS):
         return False
-    updates, signs, changed = state["updates"], state["signs"], state["changed"]
-    if not (isinstance(state["active"], bool) and isinstance(updates, int)
-            and not isinstance(updates, bool) and updates >= 0
-            and isinstance(signs, list) and isinstance(changed, list)):
+    if not all(ok(state[key]) for key, ok in _CHECKS.items()):
         return False
-    return (not state["active"] or len(signs) == len(changed) == n_groups) and all(
-        s in (-1.0, 0.0, 1.0) for s in signs) and all(isinstance(c, bool) for c in changed)
+    return not state["active"] or len(state["signs"]) == len(state["changed"]) == n_groups
 
 
 def add_group(state: dict[str, Any] | None, tune: Sequence[str]) -> None:
