@@ -10,19 +10,20 @@ r"""When IFT's hyper-updates run (a part of :class:`~hyperoptim.methods.ift.Rule
 Why a warm-up: the hyper optimizer moves a transformed value by about its step size per
 hyper-update (Adam 0.05 in :math:`\log_{10}` lr), so with the paper's interval of 10 a run of 300
 steps gets 30 hyper-updates, about 1.5 decades at best: a learning rate 100x too small is still
-too small when the run ends. Updating every step while the hypergradient keeps its first sign
-crosses those decades in the first few dozen steps; its first change of sign says the value has
-reached (or passed) the region the hypergradient points to, and from there the paper's interval
-takes over. The sign comes from the hypergradient the hyper-update already reported (the summed
-one of ``history``'s ``"hypergrad/<name>"``, all-reduced across ranks), so the schedule adds no
-host synchronisation and every rank switches at the same step.
+too small when the run ends. Updating every step (or at the momentum's pace) while the
+hypergradient keeps its first sign crosses those decades in the first few dozen hyper-updates;
+its first change of sign says the learning rate has reached (or passed) the region the
+hypergradient points to, and from there the paper's interval takes over. The sign comes from the
+hypergradient the hyper-update already reported (the summed one of ``history``'s
+``"hypergrad/lr"``, all-reduced across ranks), so the schedule adds no host synchronisation and
+every rank switches at the same step.
 
 The state is plain numbers in ``hyper_state["warmup"]`` (saved by ``state_dict``): ``"active"``
 (whether the warm-up still runs), ``"updates"`` (hyper-updates taken in it), ``"signs"`` (per
 param group, the first non-zero sign of its learning rate's hypergradient, 0 before one) and
 ``"changed"`` (per group, whether that sign has changed since; True from the start for a group
-that does not tune its learning rate). A state dict saved without it (a
-``"fixed"`` run, or a release before the option) resumes with the warm-up over.
+that does not tune its learning rate). A state dict saved without it (a ``"fixed"`` run, or a
+release before the option) resumes with the warm-up over.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ decades of :math:`\\log_{10}` lr at Adam's default 0.05, and a bound on what the
 
 
 MOMENTUM_PACE_CAP = 0.999
-"""Momentum above this paces the warm-up as this does (1000 steps; any update_interval is below)."""
+"""Momentum above this paces the warm-up as this does, 1000 steps (at 1 the pace is infinite); the
+pace is at most ``update_interval`` anyway."""
 
 
 def new_state(tunes: Sequence[Sequence[str]]) -> dict[str, Any]:
