@@ -896,5 +896,10 @@ def test_closure_needed_at_every_warmup_step_and_the_error_says_so():
                        "changes sign \\(update_schedule='warmup'\\), then every "
                        "update_interval=10 steps, lookback=3\\): call step\\(closure\\)"):
         opt.step()
+    paced = IFTOptimizer(net.params, lr=1e-3, momentum=0.5, update_interval=10, lookback=3,
+                         val_closure=net.val_loss)  # the default schedule, paced by momentum
+    paced.step()  # the first step is not a hyper-update
+    with pytest.raises(ValueError, match="\\(every 2 steps until the learning rate's"):
+        paced.step()
     with pytest.raises(ValueError, match="Invalid update_schedule value: sometimes"):
         IFTOptimizer(net.params, update_schedule="sometimes")

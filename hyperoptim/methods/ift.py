@@ -387,7 +387,9 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         if any(p.grad is not None for p in self._all_params()):
             when = f"every update_interval={self.update_interval} steps"
             if self._warming_up():
-                when = (f"every step until the learning rate's hypergradient changes sign "
+                pace = min(self._warmup_interval(), self.update_interval)
+                steps = "every step" if pace == 1 else f"every {pace} steps"
+                when = (f"{steps} until the learning rate's hypergradient changes sign "
                         f"(update_schedule='warmup'), then {when}")
             raise ValueError(
                 f"{type(self).__name__} needs second-order information at its hyperparameter "
