@@ -315,7 +315,6 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 else:
                     self.hyper_state["transformed"][index][name].fill_(_transform(name, value))
 
-    # ------------------------------------------------------------------ step
     # ------------------------------------------------------------------ schedule
     def _warming_up(self) -> bool:
         """Whether this step is in the warm-up of ``update_schedule="warmup"``."""
@@ -348,7 +347,7 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
     def _step(self, closure: Callable[[], Any] | None = None, *,
              val_closure: Closure | None = None) -> Any:
         """One step: the rule's step (PyTorch's), and a hyper-update every ``update_interval`` steps
-        (every step during the warm-up of ``update_schedule="warmup"``).
+        (more often during the warm-up of ``update_schedule="warmup"``).
 
         Args:
             closure (callable, optional): recomputes and returns the training loss; it may call
