@@ -233,8 +233,8 @@ def run_one(task: tuple) -> dict:
     else:
         opt = hyperoptim.IFTOptimizer(model.parameters(), **hyper, update_interval=10,
                                       lookback=5, hyper_lr=0.05, lr_bounds=(1e-10, 1.0),
-                                      update_timing=timing, val_closure=val_closure,
-                                      **IFT_TUNE[method])
+                                      update_timing=timing, update_schedule="fixed",
+                                      val_closure=val_closure, **IFT_TUNE[method])
 
     first_order = method in ("Random", "Baydin")
 
@@ -375,7 +375,7 @@ def hypergradient_gap(data: Split, inits: list[dict[str, float]], model_seed: in
         torch.manual_seed(model_seed + index)
         model = nn.Sequential(nn.Linear(x.shape[1], 50), nn.ReLU(), nn.Linear(50, 1)).double()
         opt = hyperoptim.IFTOptimizer(model.parameters(), **hyper, update_interval=10, lookback=5,
-                                      hyper_lr=0.0, update_timing="next",
+                                      hyper_lr=0.0, update_timing="next", update_schedule="fixed",
                                       val_closure=lambda m=model: F.mse_loss(m(xv), yv))
         for t in range(11):
             if t == 5:

@@ -77,7 +77,8 @@ class IFTAdam(RuleIFT):
     ``"lr"``, ``"weight_decay"``, ``"hypergrad/<name>"``, ``"val_loss"``, ``"step"`` and
     ``"skipped"`` per hyper-update.
 
-    **Cost.** Between hyper-updates, torch's Adam step (single-tensor path). A hyper-update costs
+    **Cost.** Between hyper-updates, torch's Adam step (single-tensor path); the warm-up's
+    steps (at most 100) are hyper-updates. A hyper-update costs
     what :class:`~hyperoptim.IFTOptimizer`'s does: one closure with the graph of the training
     gradient (when ``lookback > 1``), one validation gradient and ``lookback - 1`` Hessian-vector
     products.
@@ -95,8 +96,11 @@ class IFTAdam(RuleIFT):
         tune (sequence of str, optional): which of ``"lr"`` and ``"weight_decay"`` learn
             (default: both).
         update_interval, lookback, hyper_lr, hyper_optimizer, lr_bounds, update_timing,
-            val_closure, hvp: as for :class:`~hyperoptim.IFTOptimizer` (defaults: 10, 5, 0.05,
-            Adam, ``(1e-10, 1.0)``, ``"taken"``, None, ``"auto"``).
+            update_schedule, val_closure, hvp: as for :class:`~hyperoptim.IFTOptimizer`
+            (defaults: 10, 5, 0.05, Adam, ``(1e-10, 1.0)``, ``"taken"``, ``"warmup"``, None,
+            ``"auto"``). Adam's warm-up takes a hyper-update every step (its step moves each
+            weight by about the learning rate, whatever the gradient's scale) until the learning
+            rate's hypergradient changes sign.
         decoupled_weight_decay (bool, optional): AdamW's decay (default: False; see
             :class:`IFTAdamW`).
 
@@ -116,7 +120,7 @@ class IFTAdam(RuleIFT):
         >>> for _ in range(20):
         ...     _ = opt.step(closure)
         >>> len(opt.history[0]["lr"]), sorted(k for k in opt.history[0] if k.startswith("hyper"))
-        (4, ['hypergrad/lr', 'hypergrad/weight_decay'])
+        (20, ['hypergrad/lr', 'hypergrad/weight_decay'])
 
     References:
         R. M. Clarke, E. T. Oldewage, J. M. Hernández-Lobato. Scalable One-Pass Optimisation of
@@ -191,7 +195,7 @@ class IFTAdamW(IFTAdam):
         >>> for _ in range(4):
         ...     _ = opt.step(lambda: model(torch.ones(8, 3)).pow(2).mean())
         >>> opt.param_groups[0]["decoupled_weight_decay"], len(opt.history[0]["weight_decay"])
-        (True, 2)
+        (True, 4)
     """
 
     @adamw_signature(IFTAdam.__init__)

@@ -189,7 +189,8 @@ def test_hypergradient_equals_closed_form_from_explicit_jacobians(
                "weight_decay": 2 * weight_decay}]
     opt = IFTOptimizer(groups, tune=tune, per_parameter_lr=per_lr,
                        per_parameter_weight_decay=per_wd, sharing=sharing,
-                       update_interval=interval, lookback=lookback, update_timing=timing,
+                       update_interval=interval, update_schedule="fixed", lookback=lookback,
+                       update_timing=timing,
                        lr_bounds=(1e-10, 1e6),  # wide: the learning rate's clamp must not bind
                        hyper_optimizer=torch.optim.SGD, hyper_lr=1.0, val_closure=net.val_loss)
     # "taken": the hyper-update ends step interval - 1 and differentiates that step's update;
@@ -296,7 +297,7 @@ def test_transformed_hypergradients_match_chain_rule_on_natural_finite_differenc
     net = Net(7)
     lr, wd = 0.05, 0.01
     opt = IFTOptimizer(net.params, lr=lr, momentum=momentum, weight_decay=wd, update_interval=3,
-                       lookback=1, val_closure=net.val_loss)
+                       update_schedule="fixed", lookback=1, val_closure=net.val_loss)
     for t in range(2):
         opt.step(net.closure(opt, t))
     weights = [p.detach().clone() for p in net.params]
@@ -366,7 +367,7 @@ def test_gap_to_diff_through_opt_near_the_fixed_point():
     for scale in (0.1, 0.01, 0.001):
         w0 = w_star + scale * direction
         opt, _ = _ridge_run(prob, w0, lookback + 1, lr=lr, weight_decay=wd,
-                            tune=("lr", "weight_decay"), update_interval=lookback,
+                            tune=("lr", "weight_decay"), update_interval=lookback, update_schedule="fixed",
                             lookback=lookback, hyper_lr=0.0)
         _, exact = unrolled_hypergrad(prob.train, prob.val, {"w": w0}, horizon=lookback, lr=lr,
                                       weight_decay=wd)
@@ -423,7 +424,7 @@ def test_zero_hyper_lr_is_bit_identical_to_torch_sgd(config, dtype):
     ref = torch.optim.SGD([{"params": [a.params[0]]}, {"params": [a.params[1]], "lr": 0.02}],
                           lr=0.05, **sgd_kwargs)
     opt = IFTOptimizer([{"params": [b.params[0]]}, {"params": [b.params[1]], "lr": 0.02}],
-                       lr=0.05, update_interval=3, lookback=2, hyper_lr=0.0,
+                       lr=0.05, update_interval=3, update_schedule="fixed", lookback=2, hyper_lr=0.0,
                        val_closure=b.val_loss, **config)
     for t in range(10):
         ref.step(a.closure(ref, t))
@@ -437,8 +438,8 @@ def test_zero_hyper_lr_is_bit_identical_to_torch_sgd(config, dtype):
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_resume_mid_interval_in_lockstep(config):
     a = Net(1)
-    opt = IFTOptimizer(a.params, lr=0.05, update_interval=3, lookback=3, val_closure=a.val_loss,
-                       **config)
+    opt = IFTOptimizer(a.params, lr=0.05, update_interval=3, update_schedule="fixed", lookback=3,
+                       val_closure=a.val_loss, **config)
     for t in range(7):  # two hyper-updates (steps 3, 6), then one step into the next interval
         opt.step(a.closure(opt, t))
     buffer = io.BytesIO()
@@ -449,8 +450,8 @@ def test_resume_mid_interval_in_lockstep(config):
     with torch.no_grad():
         for p, q in zip(b.params, a.params):
             p.copy_(q)
-    opt2 = IFTOptimizer(b.params, lr=0.01, update_interval=3, lookback=3, val_closure=b.val_loss,
-                        **config)
+    opt2 = IFTOptimizer(b.params, lr=0.01, update_interval=3, update_schedule="fixed", lookback=3,
+                        val_closure=b.val_loss, **config)
     opt2.load_state_dict(torch.load(buffer, weights_only=True))
     assert opt2.hyper_state["since_update"] == 1
     assert [s["step"] for s in opt2._hyper_opt.state.values()] == \
@@ -492,7 +493,7 @@ def test_validation_only_at_hyper_updates_and_nan_skips_that_step():
 
     poisoned = False
     opt = IFTOptimizer(net.params, lr=0.05, momentum=0.5, weight_decay=1e-3, update_interval=3,
-                       lookback=2, val_closure=val)
+                       update_schedule="fixed", lookback=2, val_closure=val)
     for t in range(2):
         opt.step(net.closure(opt, t))
     assert calls == []  # steps 0-1 never look at the validation set
@@ -525,7 +526,7 @@ def test_validation_only_at_hyper_updates_and_nan_skips_that_step():
 def test_assignment_to_param_groups_restarts_the_transform():
     net = Net(4)
     opt = IFTOptimizer(net.params, lr=0.05, momentum=0.5, weight_decay=1e-3, update_interval=2,
-                       lookback=2, val_closure=net.val_loss)
+                       update_schedule="fixed", lookback=2, val_closure=net.val_loss)
     for t in range(4):  # hyper-updates end steps 1 and 3
         opt.step(net.closure(opt, t))
     opt.param_groups[0]["lr"] = 0.01
@@ -605,7 +606,7 @@ def test_hyper_optimizer_factory_is_used():
 
 def test_closure_needed_at_hyper_updates_unless_lookback_is_one():
     net = Net(11)
-    opt = IFTOptimizer(net.params, lr=0.05, update_interval=2, lookback=3,
+    opt = IFTOptimizer(net.params, lr=0.05, update_interval=2, update_schedule="fixed", lookback=3,
                        val_closure=net.val_loss)
     opt.zero_grad()
     net.train_loss(0).backward()
@@ -617,7 +618,7 @@ def test_closure_needed_at_hyper_updates_unless_lookback_is_one():
         opt.step()  # the second step ends with a hyper-update
     assert all(torch.equal(p, q) for p, q in zip(net.params, before))
 
-    greedy = IFTOptimizer(net.params, lr=0.05, update_interval=2, lookback=1,
+    greedy = IFTOptimizer(net.params, lr=0.05, update_interval=2, update_schedule="fixed", lookback=1,
                           val_closure=net.val_loss)
     for t in range(6):
         greedy.zero_grad()
@@ -628,7 +629,7 @@ def test_closure_needed_at_hyper_updates_unless_lookback_is_one():
 
 def test_needs_a_validation_loss_at_hyper_updates():
     net = Net(12)
-    opt = IFTOptimizer(net.params, lr=0.05, update_interval=2, lookback=2)
+    opt = IFTOptimizer(net.params, lr=0.05, update_interval=2, update_schedule="fixed", lookback=2)
     opt.step(net.closure(opt, 0))
     before = [p.detach().clone() for p in net.params]
     with pytest.raises(ValueError, match="val_closure"):
@@ -721,3 +722,184 @@ def test_zero_gradient_parameter_stays_with_a_tuned_decay_from_zero(per_paramete
     assert torch.equal(still_a, torch.ones(3, dtype=torch.float64)) and torch.equal(still_b, still_a)
     assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))
     assert len(opt.history[0]["weight_decay"]) == 3  # hyper-updates at steps 3, 6 and 9 did run
+
+
+# ----------------------------------------------------------------- update_schedule="warmup"
+def _warmup_run(steps: int, **kwargs):
+    """IFTOptimizer from a learning rate 100x too small on Net(5), warm-up schedule; without
+    momentum (tuned from 1e-3) it paces the warm-up at one hyper-update per step."""
+    net = Net(5)
+    opt = IFTOptimizer(net.params, **{**dict(lr=1e-3, momentum=0.0, update_interval=5,
+                                               lookback=2, update_schedule="warmup"), **kwargs},
+                       val_closure=net.val_loss)
+    for t in range(steps):
+        opt.step(net.closure(opt, t))
+    return net, opt
+
+
+@pytest.mark.parametrize("timing", ["taken", "next"])
+def test_warmup_updates_every_step_until_the_lr_hypergradient_changes_sign(timing):
+    """Every step is a hyper-update until the learning rate's hypergradient first changes sign;
+    from there one every update_interval steps (the paper's schedule took 8 hyper-updates in these
+    40 steps, and would have moved log10 lr by at most 8 * 0.05)."""
+    _, opt = _warmup_run(40, update_timing=timing)
+    hist = opt.history[0]
+    signs = [math.copysign(1.0, h) for h in hist["hypergrad/lr"]]
+    flip = next(k for k, s in enumerate(signs) if s != signs[0])  # the first change of sign
+    assert flip >= 10  # a real warm-up: the learning rate was far too small
+    # "step": weight updates taken where each was measured (1 for the first with either timing).
+    assert hist["step"][: flip + 1] == [1.0 + k for k in range(flip + 1)]  # every step
+    assert hist["update_schedule/warmup"] == [1.0] * (flip + 1) + [0.0] * (len(signs) - flip - 1)
+    assert [b - a for a, b in zip(hist["step"][flip:], hist["step"][flip + 1 :])] == \
+        [5.0] * (len(signs) - flip - 1)  # then the paper's interval
+    assert opt.hyper_state["warmup"] == {"active": False, "updates": flip + 1,
+                                         "signs": [signs[0]], "changed": [True]}
+    assert hist["lr"][flip] > 3e-2  # it crossed more than a decade in the warm-up
+
+
+@pytest.mark.parametrize("timing", ["taken", "next"])
+def test_sgd_warmup_is_paced_by_momentum(timing):
+    """Heavy-ball SGD's warm-up takes a hyper-update every round(1 / (1 - momentum)) steps: 2 at
+    0.5; at 0.9 that is the paper's interval of 10, and the run is bit-identical to "fixed"."""
+    _, opt = _warmup_run(20, momentum=0.5, tune=("lr",), update_timing=timing)
+    assert opt.history[0]["step"][:9] == [2.0 * k for k in range(1, 10)]
+    assert opt.hyper_state["warmup"]["active"]
+    runs = []
+    for schedule in ("warmup", "fixed"):
+        net, opt = _warmup_run(45, momentum=0.9, update_interval=10, update_schedule=schedule,
+                               update_timing=timing)
+        runs.append((net.params, opt.history[0]["lr"]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+    assert runs[0][1] == runs[1][1] and len(runs[0][1]) == 4
+
+
+def test_fixed_schedule_takes_a_hyper_update_every_interval_as_before():
+    _, opt = _warmup_run(40, update_schedule="fixed")
+    assert opt.history[0]["step"] == [5.0 * k for k in range(1, 9)]
+    assert "warmup" not in opt.hyper_state and "update_schedule/warmup" not in opt.history[0]
+
+
+def test_warmup_waits_for_every_group_and_ends_at_its_limit():
+    from hyperoptim.methods import ift_schedule
+
+    state = ift_schedule.new_state([("lr",), ("lr", "momentum")])
+    ift_schedule.advance(state, {0: -1.0, 1: 0.0})  # a zero is no signal
+    ift_schedule.advance(state, {0: 2.0})  # group 1 had no gradients
+    assert state == {"active": True, "updates": 2, "signs": [-1.0, 0.0], "changed": [True, False]}
+    ift_schedule.advance(state, {0: 1.0, 1: 3.0})
+    ift_schedule.advance(state, {0: 1.0, 1: -3.0})
+    assert state == {"active": False, "updates": 4, "signs": [-1.0, 3.0 / 3.0],
+                     "changed": [True, True]}
+    assert ift_schedule.new_state([("lr",), ("weight_decay",)])["changed"] == [False, True]
+    assert not ift_schedule.new_state([("weight_decay",)])["active"]  # Lorraine et al.'s
+    state = ift_schedule.new_state([("lr",)])
+    for _ in range(ift_schedule.WARMUP_LIMIT):
+        assert state["active"]
+        ift_schedule.advance(state, {0: -1.0})  # a learning rate held at its bound
+    assert not state["active"]
+
+
+@pytest.mark.parametrize("timing", ["taken", "next"])
+def test_hypergradients_in_the_warmup_equal_the_closed_form(timing):
+    """The warm-up changes when hyper-updates run, not what they compute: each of the first
+    hyper-updates (one per step) equals the explicit-Jacobian closed form at its own step."""
+    net = Net(5)  # both learning rates' hypergradients stay negative
+    # Momentum below 1/3: one hyper-update per step.
+    groups = [{"params": [net.params[0]], "lr": 1e-3, "momentum": 0.3, "weight_decay": 1e-3},
+              {"params": [net.params[1]], "lr": 2e-3, "momentum": 0.2, "weight_decay": 2e-3}]
+    opt = IFTOptimizer(groups, update_interval=7, lookback=3, update_timing=timing,
+                       update_schedule="warmup", hyper_optimizer=torch.optim.SGD, hyper_lr=0.01,
+                       val_closure=net.val_loss)
+    if timing == "next":
+        opt.step(net.closure(opt, 0))  # "next" first differentiates the second step's update
+    start = len(opt.history[0].get("lr", []))
+    for t in range(1 if timing == "next" else 0, 4):
+        weights = [p.detach().clone() for p in net.params]
+        bufs = [opt.state[p].get("momentum_buffer") for p in net.params]
+        bufs = [None if b is None else b.clone() for b in bufs]
+        transformed = [{n: x.clone() for n, x in entry.items()}
+                       for entry in opt.hyper_state["transformed"]]
+        frozen = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        opt.step(net.closure(opt, t))
+        after = [p.detach().clone() for p in net.params]
+        expected = _closed_form(net, frozen, weights, bufs, transformed, t, 3,
+                                val_weights=after if timing == "taken" else None)
+        k = len(opt.history[0]["lr"]) - 1
+        assert k == start + t - (1 if timing == "next" else 0)  # every step a hyper-update
+        for (gi, name), value in expected.items():
+            got = opt.history[gi][f"hypergrad/{name}"][k]
+            assert got == pytest.approx(value.sum().item(), rel=1e-8, abs=1e-14)
+    assert opt.hyper_state["warmup"]["active"]
+
+
+@pytest.mark.parametrize("cls", ["IFTOptimizer", "IFTAdam"])
+def test_resume_mid_warmup_in_lockstep(cls):
+    import hyperoptim
+
+    def build(net):
+        kwargs = dict(momentum=0.5) if cls == "IFTOptimizer" else {}
+        # Starts whose warm-up ends after the resume (within 100 steps).
+        return getattr(hyperoptim, cls)(net.params, lr=1e-3 if cls == "IFTOptimizer" else 1e-2,
+                                        update_interval=4, lookback=3, update_schedule="warmup",
+                                        val_closure=net.val_loss, **kwargs)
+
+    a = Net(0)
+    opt = build(a)
+    for t in range(3):
+        opt.step(a.closure(opt, t))
+    # Mid-warm-up and, for SGD (momentum 0.5: every other step), mid-interval too.
+    assert opt.hyper_state["warmup"]["active"]
+    assert opt.hyper_state["warmup"]["updates"] == (1 if cls == "IFTOptimizer" else 3)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    b = Net(0)
+    with torch.no_grad():
+        for p, q in zip(b.params, a.params):
+            p.copy_(q)
+    opt2 = build(b)
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    assert opt2.hyper_state["warmup"] == opt.hyper_state["warmup"]
+    for t in range(3, 100):
+        opt.step(a.closure(opt, t))
+        opt2.step(b.closure(opt2, t))
+    assert not opt.hyper_state["warmup"]["active"]  # the switch happened after the resume
+    for x, y in zip(a.params, b.params):
+        assert torch.equal(x, y)
+    assert opt2.history == opt.history and opt2.hyper_state["warmup"] == opt.hyper_state["warmup"]
+    assert [dict(g, params=None) for g in opt2.param_groups] == \
+        [dict(g, params=None) for g in opt.param_groups]
+
+
+def test_a_state_dict_without_warmup_state_resumes_on_the_fixed_interval():
+    """A state dict saved by the fixed schedule (or before the option) carries no warm-up: loaded
+    into a warm-up optimizer it goes on every update_interval steps; a malformed one is refused."""
+    _, fixed = _warmup_run(6, update_schedule="fixed")
+    net, opt = _warmup_run(0)
+    opt.load_state_dict(fixed.state_dict())
+    for t in range(6, 16):
+        opt.step(net.closure(opt, t))
+    assert opt.history[0]["step"] == [5.0, 10.0, 15.0]
+    sd = opt.state_dict()
+    sd["hyper_state"]["warmup"] = {"active": True, "updates": 1, "signs": [2.0], "changed": [0]}
+    with pytest.raises(ValueError, match="hyper_state\\['warmup'\\] is malformed"):
+        opt.load_state_dict(sd)
+
+
+def test_closure_needed_at_every_warmup_step_and_the_error_says_so():
+    net = Net(11)
+    opt = IFTOptimizer(net.params, lr=1e-3, update_interval=10, lookback=3,
+                       update_schedule="warmup", val_closure=net.val_loss)
+    opt.zero_grad()
+    net.train_loss(0).backward()
+    with pytest.raises(ValueError, match="every step until the learning rate's hypergradient "
+                       "changes sign \\(update_schedule='warmup'\\), then every "
+                       "update_interval=10 steps, lookback=3\\): call step\\(closure\\)"):
+        opt.step()
+    paced = IFTOptimizer(net.params, lr=1e-3, momentum=0.5, update_interval=10, lookback=3,
+                         val_closure=net.val_loss)  # the default schedule, paced by momentum
+    paced.step()  # the first step is not a hyper-update
+    with pytest.raises(ValueError, match="\\(every 2 steps until the learning rate's"):
+        paced.step()
+    with pytest.raises(ValueError, match="Invalid update_schedule value: sometimes"):
+        IFTOptimizer(net.params, update_schedule="sometimes")

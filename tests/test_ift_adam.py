@@ -50,7 +50,7 @@ def test_zero_hyper_lr_is_bit_identical_to_torch(kind, config, timing, dtype):
     ref = ref_cls([{"params": [a.params[0]]}, {"params": [a.params[1]], "lr": 0.02}], lr=0.05,
                   foreach=False, **torch_kwargs)
     opt = cls([{"params": [b.params[0]]}, {"params": [b.params[1]], "lr": 0.02}], lr=0.05,
-              update_interval=3, lookback=2, hyper_lr=0.0, update_timing=timing,
+              update_interval=3, update_schedule="fixed", lookback=2, hyper_lr=0.0, update_timing=timing,
               val_closure=b.val_loss, **config)
     for t in range(10):
         ref.step(a.closure(ref, t))
@@ -90,8 +90,8 @@ def test_one_step_hypergradient_matches_finite_differences_of_torch_adam(kind):
     cls, ref_cls = CLASSES[kind]
     net = Net(7)
     lr, wd, betas = 0.03, 0.02, (0.8, 0.95)
-    opt = cls(net.params, lr=lr, betas=betas, weight_decay=wd, update_interval=3, lookback=1,
-              val_closure=net.val_loss)
+    opt = cls(net.params, lr=lr, betas=betas, weight_decay=wd, update_interval=3,
+              update_schedule="fixed", lookback=1, val_closure=net.val_loss)
     for t in range(2):
         opt.step(net.closure(opt, t))
     before = _state_before(opt, net.params)
@@ -145,7 +145,7 @@ def test_lookback_hypergradient_equals_closed_form_from_explicit_jacobians(kind,
     betas, eps = (0.85, 0.97), 1e-8
     groups = [{"params": [net.params[0]], "lr": 0.04, "weight_decay": 0.03},
               {"params": [net.params[1]], "lr": 0.02, "weight_decay": 0.01}]
-    opt = cls(groups, betas=betas, eps=eps, update_interval=3, lookback=lookback,
+    opt = cls(groups, betas=betas, eps=eps, update_interval=3, update_schedule="fixed", lookback=lookback,
               update_timing=timing, hyper_optimizer=torch.optim.SGD, hyper_lr=0.0,
               val_closure=net.val_loss)
     t_hyper = 2 if timing == "taken" else 3
@@ -221,8 +221,8 @@ def _quadratic_run(cls, lr, hyper_lr, steps=60):
         r = w - target
         return 0.5 * r @ hessian @ r
 
-    opt = cls([w], lr=lr, weight_decay=0.0, tune=("lr",), update_interval=5, lookback=5,
-              hyper_lr=hyper_lr, val_closure=loss)
+    opt = cls([w], lr=lr, weight_decay=0.0, tune=("lr",), update_interval=5,
+              update_schedule="fixed", lookback=5, hyper_lr=hyper_lr, val_closure=loss)
     for _ in range(steps):
         opt.step(loss)
     with torch.no_grad():

@@ -97,7 +97,7 @@ def test_matches_a_rederivation_of_the_authors_update(seed):
     params = [nn.Parameter(w.clone()) for w in w0]
     opt = IFTOptimizer(params, lr=lr, momentum=momentum, weight_decay=wd,
                        update_interval=interval, lookback=lookback, hyper_lr=kappa,
-                       val_closure=lambda: val(params))
+                       update_schedule="fixed", val_closure=lambda: val(params))
     for _ in range(steps):
         opt.step(lambda: train(params))
     assert len(opt.history[0]["lr"]) == steps // interval == 3
@@ -112,7 +112,8 @@ def test_matches_a_rederivation_of_the_authors_update(seed):
     params2 = [nn.Parameter(w.clone()) for w in w0]
     other = IFTOptimizer(params2, lr=lr, momentum=momentum, weight_decay=wd,
                          update_interval=interval, lookback=lookback, hyper_lr=kappa,
-                         update_timing="next", val_closure=lambda: val(params2))
+                         update_timing="next", update_schedule="fixed",
+                         val_closure=lambda: val(params2))
     for _ in range(steps + 1):
         other.step(lambda: train(params2))
     assert other.param_groups[0]["lr"] != pytest.approx(opt.param_groups[0]["lr"], rel=1e-6)

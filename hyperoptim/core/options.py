@@ -239,6 +239,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("lookback", 5, _count, "an integer >= 1", ("ift",), in_group=False),
     Option("update_timing", "taken", lambda v: v in ("taken", "next"), "'taken' or 'next'",
            ("ift",), in_group=False),
+    Option("update_schedule", "warmup", lambda v: v in ("warmup", "fixed"), "'warmup' or 'fixed'",
+           ("ift",), in_group=False),
     Option("hyper_optimizer", None, lambda v: v is None or callable(v),
            "None, a torch.optim.Optimizer class or a factory", ("ift",), in_group=False),
     Option("dampening", 0.0, _zero, "0: IFTOptimizer implements heavy-ball momentum "

@@ -37,6 +37,7 @@ from ..core.signatures import bind_keywords, declared
 from ..core.types import Closure, ParamsT
 from ..hvp import SecondOrder
 from ..rules.base import Buffers, UpdateRule, rule_diagonals
+from . import ift_schedule
 from .ift_hypergrad import _HyperUpdate
 
 __all__ = ["MOMENTUM_RANGE", "WEIGHT_DECAY_FLOOR", "RuleIFT"]
@@ -58,6 +59,7 @@ HyperOptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 def _ift_keywords(*, update_interval: int = 10, lookback: int = 5, hyper_lr: float = 0.05,
                   hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
                   lr_bounds: tuple[float, float] = (1e-10, 1.0), update_timing: str = "taken",
+                  update_schedule: str = "warmup",
                   val_closure: Closure | None = None, hvp: str = "auto", maximize: bool = False,
                   foreach: bool | None = None, fused: bool | None = None,
                   differentiable: bool = False) -> None:
@@ -186,21 +188,27 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                lookback: int, hyper_lr: float,
                hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None,
                update_timing: str, val_closure: Closure | None, hvp: str,
-               **flags: Any) -> None:
-        """The rule-independent part of the constructor: IFT's own arguments, then the groups."""
+               update_schedule: str = "fixed", **flags: Any) -> None:
+        """The rule-independent part of the constructor: IFT's own arguments, then the groups.
+        ``update_schedule`` defaults to ``"fixed"`` here so that a rule written before the option
+        (whose constructor does not pass it) keeps its schedule; the public classes pass theirs."""
         check_rule_arguments("ift", update_interval=update_interval, lookback=lookback,
                              hyper_lr=hyper_lr, hyper_optimizer=hyper_optimizer,
-                             update_timing=update_timing)
+                             update_timing=update_timing, update_schedule=update_schedule)
         self._check_group(defaults)
         self.update_interval = update_interval
         self.lookback = lookback
         self.update_timing = update_timing
+        self.update_schedule = update_schedule
         self._hyper_lr = float(hyper_lr)
         self._hyper_factory = hyper_optimizer
         self._hyper_opt: Optimizer | None = None
         super().__init__(params, self._normalised(defaults), val_closure=val_closure, hvp=hvp,
                          **flags)
         self.hyper_state.update(since_update=0, steps=0)
+        if update_schedule == "warmup":
+            self.hyper_state["warmup"] = ift_schedule.new_state(
+                [group["tune"] for group in self.param_groups])
         self._hyper_opt = self._build_hyper_optimizer()
 
     # ------------------------------------------------------------------ groups
@@ -240,6 +248,7 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         super().add_param_group({**param_group, **normalised})
         index = len(self.param_groups) - 1
         self._init_group(index, self.param_groups[index])
+        ift_schedule.add_group(self.hyper_state.get("warmup"), self.param_groups[index]["tune"])
         if self._hyper_opt is not None:
             for group in self._hyper_groups(index):
                 self._hyper_opt.add_param_group(group)
@@ -307,11 +316,39 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 else:
                     self.hyper_state["transformed"][index][name].fill_(_transform(name, value))
 
+    # ------------------------------------------------------------------ schedule
+    def _warming_up(self) -> bool:
+        """Whether this step is in the warm-up of ``update_schedule="warmup"``."""
+        return ift_schedule.warming(self.update_schedule, self.hyper_state.get("warmup"))
+
+    def _warmup_interval(self) -> int:
+        """Steps between the warm-up's hyper-updates: 1 (a rule whose step moves each weight by
+        about the learning rate, as Adam's does); heavy-ball SGD paces it by its momentum
+        (:func:`~hyperoptim.methods.ift_schedule.momentum_pace`)."""
+        return 1
+
+    def _schedule_record(self) -> dict[str, float]:
+        """What ``history`` records of the schedule at a hyper-update: under ``"warmup"``,
+        ``"update_schedule/warmup"`` (1.0 for a hyper-update of the warm-up, 0.0 after it)."""
+        if self.update_schedule != "warmup":
+            return {}
+        return {"update_schedule/warmup": 1.0 if self._warming_up() else 0.0}
+
+    def _advance_schedule(self, spans: Sequence[tuple[int, str, int, int]],
+                          hypergrads: Sequence[float]) -> None:
+        """After an applied hyper-update: the warm-up reads each group's learning-rate
+        hypergradient (the summed one ``history`` records) and ends once each has changed sign."""
+        if not self._warming_up():
+            return
+        lrs = {index: h for (index, name, _, _), h in zip(spans, hypergrads) if name == "lr"}
+        ift_schedule.advance(self.hyper_state["warmup"], lrs)
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None = None, *,
              val_closure: Closure | None = None) -> Any:
-        """One step: the rule's step (PyTorch's), and a hyper-update every ``update_interval`` steps.
+        """One step: the rule's step (PyTorch's), and a hyper-update every ``update_interval`` steps
+        (more often during the warm-up of ``update_schedule="warmup"``).
 
         Args:
             closure (callable, optional): recomputes and returns the training loss; it may call
@@ -326,7 +363,9 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         self._sync_from_groups()
         taken = self.update_timing == "taken"
         since = self.hyper_state["since_update"]
-        hyper = since + 1 >= self.update_interval if taken else since >= self.update_interval
+        every = ift_schedule.interval(self.update_schedule, self.hyper_state.get("warmup"),
+                                      self.update_interval, self._warmup_interval())
+        hyper = since + 1 >= every if taken else since >= every
         second_order = hyper and self.lookback > 1
         if second_order and closure is None:
             self._refuse_missing_closure()
@@ -346,11 +385,17 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         """A hyper-update that needs the training gradient's graph, called without a closure:
         refused, unless no parameter has a gradient (then the step does nothing, as torch's)."""
         if any(p.grad is not None for p in self._all_params()):
+            when = f"every update_interval={self.update_interval} steps"
+            if self._warming_up():
+                pace = min(self._warmup_interval(), self.update_interval)
+                steps = "every step" if pace == 1 else f"every {pace} steps"
+                when = (f"{steps} until the learning rate's hypergradient changes sign "
+                        f"(update_schedule='warmup'), then {when}")
             raise ValueError(
                 f"{type(self).__name__} needs second-order information at its hyperparameter "
-                f"updates (every update_interval={self.update_interval} steps, lookback="
-                f"{self.lookback}): call step(closure) with a closure that recomputes and returns "
-                "the training loss (it may call backward() itself), or use lookback=1."
+                f"updates ({when}, lookback={self.lookback}): call step(closure) with a closure "
+                "that recomputes and returns the training loss (it may call backward() itself), "
+                "or use lookback=1."
             )
 
     def _step_groups(self, loss: Tensor | None, second: SecondOrder | None,
@@ -524,6 +569,12 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` saved; a resumed run continues exactly."""
         state_dict = self._with_extras(dict(state_dict))
+        saved = state_dict.get("hyper_state")
+        warmup = saved.get("warmup") if isinstance(saved, dict) else None
+        if warmup is not None and not ift_schedule.check_state(
+                warmup, len(state_dict.get("param_groups", ()))):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state['warmup'] is "
+                             f"malformed: {warmup!r}")
         hyper_opt_state = state_dict.pop("hyper_optimizer", None)
         with self._all_or_nothing():
             super().load_state_dict(state_dict)

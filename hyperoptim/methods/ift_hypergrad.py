@@ -142,7 +142,8 @@ def internal_step(opt: Optimizer) -> None:
 class _HyperUpdate:
     """IFT's hyper-update, a part of :class:`~hyperoptim.methods.ift.RuleIFT`: it reaches the
     tuned values through the host's ``_stored``/``_per_parameter``, the update function through
-    its ``_update_functions``, and ``lookback``, ``_hyper_opt`` and the base's guard and history."""
+    its ``_update_functions``, the schedule through ``_advance_schedule``/``_schedule_record``,
+    and ``lookback``, ``_hyper_opt`` and the base's guard and history."""
 
     def _hyper_update(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
                       second: SecondOrder | None, val_loss: Tensor,
@@ -159,6 +160,7 @@ class _HyperUpdate:
             self._undo_hyper_update(tuned, active, values[0], steps)
             return False
         self._publish(groups, tuned, active, values, steps)
+        self._advance_schedule(tuned.spans, values[1 : 1 + len(tuned.spans)])
         self._watch_pinned_lr(active)
         return True
 
@@ -257,7 +259,8 @@ class _HyperUpdate:
         self._warn_nonfinite("validation loss or hypergradient")
         for index, group, _ in active:
             self._record(index, skipped=True, **self._values(group), val_loss=val_loss,
-                         step=steps, **{f"hypergrad/{n}": math.nan for n in group["tune"]})
+                         step=steps, **{f"hypergrad/{n}": math.nan for n in group["tune"]},
+                         **self._schedule_record())
 
     def _publish(self, groups: list[tuple[dict[str, Any], list[Tensor]]], tuned: _Tuned,
                  active: Sequence[tuple[int, dict[str, Any], list[Tensor]]],
@@ -279,7 +282,7 @@ class _HyperUpdate:
                         self.state[p][name].copy_(a)
         for index, group, _ in active:
             self._record(index, **self._values(group), val_loss=values[0], step=steps,
-                         **hypers[index])
+                         **hypers[index], **self._schedule_record())
 
     def _watch_pinned_lr(self, active: Sequence[tuple[int, dict[str, Any], Any]]) -> None:
         """Warn once when a learned learning rate sits at an end of ``lr_bounds`` for
