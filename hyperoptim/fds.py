@@ -177,6 +177,7 @@ class FDSSGD(RuleFDS):
         tune: Iterable[str] = NAMES,
         hyper_lr: float | Mapping[str, float] | None = None,
         hz_clip: float | None = None,
+        outer_step: str = "log",
         val_closure: Closure | None = None,
         hvp: str = "auto",
         maximize: bool = False,
@@ -197,6 +198,7 @@ class FDSSGD(RuleFDS):
             lr_windows=lr_windows, momentum_windows=momentum_windows,
             weight_decay_windows=weight_decay_windows, tune=tune, hyper_lr=hyper_lr,
             hz_clip=hz_clip, nesterov=nesterov, dampening=0.0,
+            outer_step=outer_step,
         )
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)

@@ -160,6 +160,7 @@ class FDSAdam(RuleFDS):
         tune: Iterable[str] = ("lr", "weight_decay"),
         hyper_lr: float | Mapping[str, float] | None = None,
         hz_clip: float | None = None,
+        outer_step: str = "log",
         val_closure: Closure | None = None,
         hvp: str = "auto",
         maximize: bool = False,
@@ -177,6 +178,7 @@ class FDSAdam(RuleFDS):
             lr_windows=lr_windows, beta1_windows=beta1_windows, beta2_windows=beta2_windows,
             weight_decay_windows=weight_decay_windows, tune=tune, hyper_lr=hyper_lr,
             hz_clip=hz_clip,
+            outer_step=outer_step,
         )
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)
