@@ -237,3 +237,21 @@ def test_checkpoint_mid_run_resumes_the_log_step_exactly():
     assert opt2.history == opt.history
     assert opt2.hyper_state == opt.hyper_state
     assert [opt2.schedule(n) for n in NAMES] == [opt.schedule(n) for n in NAMES]
+
+
+def test_a_momentum_stepped_in_log_one_minus_momentum_stays_in_its_range():
+    """The hook a subclass can set (``log1m_names``; ``benchmarks/fds_outer_step.py``'s
+    ``log-mu``): factors of 1 - momentum, a decrease stopping at 0, never reaching 1."""
+    cls = type("LogMomentum", (FDSSGD,), {"log1m_names": ("momentum",)})
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = cls([w], horizon=1, lr=0.1, momentum=0.5, tune=("momentum",),
+              val_closure=lambda: (w**2).sum())
+    group = opt.param_groups[0]
+    opt._sign_update(0, group, {"momentum": [-1.0]})  # more momentum: 1 - b halves
+    assert group["momentum_schedule"] == [0.75]
+    for _ in range(60):
+        opt._sign_update(0, group, {"momentum": [-1.0]})
+    assert group["momentum_schedule"] == [1.0 - 1e-6]
+    for _ in range(60):
+        opt._sign_update(0, group, {"momentum": [1.0]})
+    assert group["momentum_schedule"] == [0.0]

@@ -86,16 +86,20 @@ class RuleFDS(HyperOptimizer):
     weights themselves move by the rule's in-place step with float hyperparameters, bit for bit
     the torch optimizer's. :math:`H_t Z_t` is one batched product over the columns already used
     (``hvp=``), optionally clipped elementwise to ``hz_clip``. Only the columns of windows already
-    reached are stored. At the end of an episode, :meth:`hyperstep` moves every tuned value by a
-    fixed step against the sign of its hypergradient, halving the step on a sign flip.
+    reached are stored. At the end of an episode, :meth:`hyperstep` moves every tuned value
+    against the sign of its hypergradient, halving the step on a sign flip: by a fixed step
+    (``outer_step="additive"``, the paper's) or, for the positive values of :attr:`log_names`,
+    by a factor that grows while the sign repeats, undone after a worse episode
+    (``outer_step="log"``; :meth:`_sign_update`, :meth:`_log_outer`).
 
     Subclasses set :attr:`rule`, :attr:`names` (the schedulable hyperparameters, a subset of the
     rule's ``hyper_names``), :attr:`default_step_sizes`, :attr:`buffer_tangent_keys` (the
-    ``state[p]`` key of the tangent of each of the rule's buffers) and, where a value must stay in
-    a range, :attr:`bounds`; they check their own constructor arguments and pass the group
-    defaults (the initial value of every name, ``horizon``, ``<name>_windows``, ``tune``,
-    ``hyper_lr``, ``hz_clip`` and the rule's options) to ``__init__``. A subclass whose
-    param groups show a value under another key (Adam's ``betas``) overrides
+    ``state[p]`` key of the tangent of each of the rule's buffers), where a value must stay in
+    a range, :attr:`bounds`, and, where they differ from the learning rate and weight decay,
+    :attr:`log_names`; they check their own constructor arguments and pass the group defaults
+    (the initial value of every name, ``horizon``, ``<name>_windows``, ``tune``, ``hyper_lr``,
+    ``hz_clip``, ``outer_step`` and the rule's options) to ``__init__``. A subclass whose param
+    groups show a value under another key (Adam's ``betas``) overrides
     :meth:`_get_value`/:meth:`_set_value`.
 
     Args:
@@ -485,8 +489,9 @@ class RuleFDS(HyperOptimizer):
         Must follow exactly ``horizon`` calls of :meth:`step`. Computes
         :math:`\partial E(w_T)/\partial\lambda_j = \langle\nabla E(w_T), Z_T[:, j]\rangle` for
         every tuned schedule value, records them with the updated schedules in ``history``,
-        moves each value by :math:`-\gamma_j \operatorname{sign}` (halving :math:`\gamma_j` on a
-        sign flip), and clears tangents, the rule's state and the step counter. One host sync.
+        moves each value against its sign (:meth:`_sign_update`; with ``outer_step="log"``
+        first checks the episode against the one before, :meth:`_log_outer`), and clears
+        tangents, the rule's state and the step counter. One host sync.
 
         Args:
             val_closure (callable, optional): returns the validation loss from the live
