@@ -520,8 +520,7 @@ class RuleFDS(HyperOptimizer):
         skipped = not self._all_finite(*values)
         logs = [g.get("outer_step", "additive") == "log" for g in self.param_groups]
         if skipped:
-            self._warn_nonfinite("validation loss or hypergradient") if not any(logs) \
-                else self._warn_stepped_back()
+            self._warn_skipped_episode(any(logs))
         per_group: list[dict[str, list[float]]] = [
             {name: [math.nan] * g[f"{name}_windows"] for name in g["tune"]}
             for g in self.param_groups
@@ -530,11 +529,8 @@ class RuleFDS(HyperOptimizer):
             per_group[gi][self.names[ni]][k] = h
         revert = any(logs) and self._revert_due(loss, skipped)
         for gi, group in enumerate(self.param_groups):
-            extra: dict[str, Any] = {}
-            if logs[gi]:
-                extra = self._log_outer(gi, group, per_group[gi], revert=revert, skipped=skipped)
-            elif not skipped:
-                self._sign_update(gi, group, per_group[gi])
+            extra = self._outer_step(gi, group, per_group[gi], log=logs[gi], revert=revert,
+                                     skipped=skipped)
             self._record(gi, skipped=skipped, val_loss=loss,
                          skipped_steps=float(self.hyper_state.get("episode_skipped", 0)),
                          **{name: list(group[f"{name}_schedule"]) for name in self.names},
@@ -544,6 +540,16 @@ class RuleFDS(HyperOptimizer):
             self.hyper_state["val_loss_ref"] = loss
         self._reset_episode()
         return val_loss
+
+    def _outer_step(self, gi: int, group: dict[str, Any], hypergrads: dict[str, list[float]], *,
+                    log: bool, revert: bool, skipped: bool) -> dict[str, Any]:
+        """Group ``gi``'s outer step; returns what it adds to ``history``. The additive step
+        leaves the schedules of a skipped episode as they are."""
+        if log:
+            return self._log_outer(gi, group, hypergrads, revert=revert, skipped=skipped)
+        if not skipped:
+            self._sign_update(gi, group, hypergrads)
+        return {}
 
     # ------------------------------------------------------------------ the log-space outer step
     def _revert_due(self, loss: float, skipped: bool) -> bool:
@@ -606,8 +612,12 @@ class RuleFDS(HyperOptimizer):
                                 for v, s in zip(prev, state["log_step"], strict=True)]
             group[f"{name}_schedule"] = schedule
 
-    def _warn_stepped_back(self) -> None:
-        """Count a non-finite episode with ``outer_step="log"``; warn at the 1st, 10th, ..."""
+    def _warn_skipped_episode(self, log: bool) -> None:
+        """Count a non-finite episode; warn at the 1st, 10th, 100th, ... (with
+        ``outer_step="log"`` in some group, saying that the schedules were stepped back)."""
+        if not log:
+            self._warn_nonfinite("validation loss or hypergradient")
+            return
         count = self.skipped_steps + 1
         self.hyper_state["skipped_steps"] = count
         if count == 10 ** round(math.log10(count)):
@@ -643,36 +653,47 @@ class RuleFDS(HyperOptimizer):
                 size = self._normalise_step_sizes(group["hyper_lr"])[name]
                 state = {"step_size": [size] * n, "sign": [0.0] * n}
                 outer[name] = state
-            logs = log_space and name in self.log_names
-            log1m = log_space and name in self.log1m_names
-            if (logs or log1m) and len(state.get("log_step", ())) != n:
-                state["log_step"] = [self.log_step] * n
+            space = None
+            if log_space and name in (*self.log_names, *self.log1m_names):
+                space = "log" if name in self.log_names else "log1m"
+                if len(state.get("log_step", ())) != n:
+                    state["log_step"] = [self.log_step] * n
             lo, hi = self._bounds(name)
             for k, h in enumerate(hs):
                 sign = float((h > 0) - (h < 0))
-                agree = sign * state["sign"][k]
-                if agree < 0:
-                    state["step_size"][k] *= 0.5
-                    if logs or log1m:
-                        state["log_step"][k] *= 0.5
-                elif agree > 0 and (logs or log1m):
-                    # Rprop's growth: a sign that repeats says the value is still far.
-                    state["log_step"][k] = min(state["log_step"][k] * self.log_growth,
-                                               self.log_step_max)
-                state["sign"][k] = sign
-                if logs and schedule[k] > 0:
-                    # Positive stays positive: an underflow to 0 would hand it to the additive step.
-                    value = max(schedule[k] * math.exp(-sign * state["log_step"][k]),
-                                sys.float_info.min)
-                elif log1m and 0.0 <= schedule[k] < 1.0:
-                    # d/dlog(1 - b) has the opposite sign of d/db; a decrease stops at 0.
-                    value = min(max(1.0 - (1.0 - schedule[k]) * math.exp(sign * state[
-                        "log_step"][k]), 0.0), _LOG1M_MAX)
-                else:
-                    value = schedule[k] - sign * state["step_size"][k]
+                self._adapt_step(state, k, sign)
                 # Bounded (LEARNED_LIMIT or the rule's range): a learned value can never overflow
                 # the next episode.
-                schedule[k] = min(max(value, lo), hi)
+                schedule[k] = min(max(self._moved(schedule[k], sign, state, k, space), lo), hi)
+
+    def _adapt_step(self, state: dict[str, Any], k: int, sign: float) -> None:
+        """Window ``k``'s steps before it moves: halved on a flip of sign; a log step (where
+        the state has one) grows on a repeat, Rprop's growth: a sign that repeats says the
+        value is still far."""
+        agree = sign * state["sign"][k]
+        log_steps = state.get("log_step")
+        if agree < 0:
+            state["step_size"][k] *= 0.5
+            if log_steps is not None:
+                log_steps[k] *= 0.5
+        elif agree > 0 and log_steps is not None:
+            log_steps[k] = min(log_steps[k] * self.log_growth, self.log_step_max)
+        state["sign"][k] = sign
+
+    @staticmethod
+    def _moved(value: float, sign: float, state: dict[str, Any], k: int, space: str | None
+               ) -> float:
+        """``value`` after window ``k``'s step against ``sign``, before the bounds: by a factor
+        in ``space`` (``"log"``: of the value, ``"log1m"``: of 1 - value) where the value is in
+        its domain, else by the additive step."""
+        if space == "log" and value > 0:
+            # Positive stays positive: an underflow to 0 would hand it to the additive step.
+            return max(value * math.exp(-sign * state["log_step"][k]), sys.float_info.min)
+        if space == "log1m" and 0.0 <= value < 1.0:
+            # d/dlog(1 - b) has the opposite sign of d/db; a decrease stops at 0.
+            grown = (1.0 - value) * math.exp(sign * state["log_step"][k])
+            return min(max(1.0 - grown, 0.0), _LOG1M_MAX)
+        return value - sign * state["step_size"][k]
 
     def _reset_episode(self) -> None:
         """A new episode: no tangents, and the rule's state (buffers, step counts) starts fresh."""
