@@ -264,17 +264,6 @@ class RuleFDS(HyperOptimizer):
             self._set_value(group, name, group[key][0])
         super().add_param_group(group)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # A state dict this package saved before outer_step existed took the additive step (a
-        # torch.optim one takes this optimizer's groups' values: core.migrate).
-        ours = isinstance(state_dict, dict) and ("optimizer_class" in state_dict
-                                                  or "hyper_state" in state_dict)
-        groups = state_dict.get("param_groups") if ours else None
-        if isinstance(groups, list):
-            state_dict = {**state_dict, "param_groups": [
-                {"outer_step": "additive", **g} if isinstance(g, dict) else g for g in groups]}
-        super().load_state_dict(state_dict)
-
     def schedule(self, name: str, group: int = 0) -> list[float]:
         """The current values of schedule ``name`` (one of :attr:`names`)."""
         check_value("name", name, name in self.names)
