@@ -279,6 +279,13 @@ class RuleFDS(HyperOptimizer):
         """Inner steps taken in the current episode (``horizon`` when :meth:`hyperstep` is due)."""
         return self.hyper_state["step"]
 
+    def _watch_divergence(self, loss: float, lrs: Any) -> None:
+        # With the log outer step an episode that runs away is part of the search: the next
+        # hyperstep undoes the step that led to it (history's "backtracked"), so the base's
+        # advice to lower a hyper-step size does not apply.
+        if not any(g.get("outer_step") == "log" for g in self.param_groups):
+            super()._watch_divergence(loss, lrs)
+
     def _columns(self) -> list[tuple[int, int, int, int]]:
         """Every tuned schedule value as ``(first step, group, name index, window)``, sorted.
 
