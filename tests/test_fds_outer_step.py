@@ -167,6 +167,7 @@ def test_a_non_finite_first_episode_divides_the_learning_rates_by_ten():
         opt.hyperstep(lambda: prob.val_loss(prob.live) * float("inf"))
     assert opt.schedule("lr") == [0.1 / 10] * 3 and opt.schedule("momentum") == [0.0]
     assert opt.history[0]["skipped"] == [1.0] and opt.skipped_steps == 1
+    assert opt.history[0]["log_step/lr"] == [[LOG_STEP] * 3]  # recorded every hyperstep
 
 
 def test_a_non_finite_episode_after_a_step_undoes_it():

@@ -583,8 +583,10 @@ class RuleFDS(HyperOptimizer):
             self._sign_update(gi, group, hypergrads)
             for name, values in before.items():
                 outer[name]["prev"] = values
-        steps = {f"log_step/{name}": list(outer[name].get("log_step", ()))
-                 for name in group["tune"] if name in self.log_names and name in outer}
+        # One entry per hyperstep, aligned with the other names (the initial s before the first).
+        steps = {f"log_step/{name}": list(outer[name]["log_step"]) if "log_step" in outer.get(
+                     name, {}) else [self.log_step] * group[f"{name}_windows"]
+                 for name in group["tune"] if name in self.log_names}
         return {"backtracked": 1.0 if revert else 0.0, **steps}
 
     def _step_back(self, outer: dict[str, Any], group: dict[str, Any]) -> None:
