@@ -77,6 +77,39 @@ class FDSSGD(RuleFDS):
     paper's search ranges include negative ones). ``lr_windows == horizon`` gives one value per
     step: the exact non-greedy hypergradient without sharing.
 
+    That is ``outer_step="additive"``. A fixed :math:`\gamma` is sized for one problem: 0.1 is
+    right for a learning rate near 0.1 and takes 0.0001 on full-batch diabetes to 0.1 in one
+    episode, where it diverges. The default ``outer_step="log"`` moves a positive learning
+    rate or weight decay by factors instead, from the same signs:
+
+    .. math::
+
+        s_j \leftarrow 2 s_j \ (\le \ln 10) \text{ if } s_j s_j^{\text{prev}} > 0, \quad
+        s_j / 2 \text{ if } < 0, \qquad \log\lambda_j \leftarrow \log\lambda_j - s_j
+        \operatorname{sign}\Big(\frac{\partial E}{\partial\lambda_j}\Big),
+
+    from :math:`s_j = \ln 2` (Rprop's growth: 100x takes 4 episodes of one sign, and a first step
+    of 2x does not spoil a good start). It is invariant to the decade of the start and to the
+    scale of the loss (only signs and comparisons of losses are read: the training loss times
+    :math:`c` learns the learning rates divided by :math:`c`). Because a few large steps can
+    overshoot, an episode that ends with a higher (or non-finite) validation loss than the one
+    before it undoes the last outer step of every schedule, halves every step, forgets the
+    signs, and probes the learning rate below the restored value by the halved step (iRprop+'s
+    backtracking, plus the asymmetry that a learning rate too large costs the run and one too
+    small only time; a worse probe is undone in turn); a non-finite first episode divides the
+    learning rates by 10. The momentum keeps the additive step (its range [0, 1) has no
+    decade to be wrong by; stepping :math:`\log(1 - \mu)` instead lost 3 points on the digits
+    MLP and 28% MSE on diabetes from the poor start in ``benchmarks/fds_outer_step.py``), and so
+    does a value at or below 0 (how the default start at 0 leaves it). ``history`` adds
+    ``"log_step/<name>"`` (the :math:`s_j` after the step) and ``"backtracked"``; the state is in
+    ``hyper_state["outer"]`` and ``hyper_state["val_loss_ref"]``. From the versus starts (lr
+    1e-3, 0.1, 1.0) on the digits MLP and diabetes, 4 episodes, the log step matched or beat the
+    additive one from every start and the additive step diverged on diabetes from all three
+    (README, FDSSGD). The step is FDS's own option rather than a policy of
+    :mod:`hyperoptim.hyperstep`: those turn one hypergradient's size into the next value once
+    per step, with a scale normaliser and the inner momentum; FDS reads only the sign, once per
+    episode and per window, and compares whole episodes.
+
     :meth:`hyperstep` then resets the tangents, the momentum buffers and the step counter for the
     next episode; re-initialising the model is left to the user (see the example). A non-finite
     validation loss or hypergradient leaves the schedules unchanged (one ``RuntimeWarning``,
@@ -120,6 +153,9 @@ class FDSSGD(RuleFDS):
             one release with a ``DeprecationWarning``.
         hz_clip (float, optional): clip :math:`H Z` elementwise to this magnitude (default: None,
             exact).
+        outer_step (str, optional): ``"log"``: positive learning rates and weight decays step by
+            factors, with backtracking after a worse episode; ``"additive"``: the paper's step,
+            every value moves by :math:`\gamma` (default: ``"log"``; see above).
         nesterov (bool, optional): Nesterov momentum (default: False).
         val_closure (callable, optional): returns the validation loss from the live parameters,
             evaluated by :meth:`hyperstep`; may be overridden there (default: None).
@@ -144,7 +180,7 @@ class FDSSGD(RuleFDS):
         ...         batch = slice(8 * t, 8 * t + 8)
         ...         _ = opt.step(lambda: loss_fn(model(x[batch]), y[batch]))
         ...     _ = opt.hyperstep()
-        >>> opt.history[0]["lr"][0]  # from 0, each window moved up by its step size 0.1
+        >>> opt.history[0]["lr"][0]  # from 0, each window moved up by the additive step 0.1
         [0.1, 0.1]
         >>> opt.history[0]["val_loss"][-1] < opt.history[0]["val_loss"][0]
         True
@@ -176,6 +212,7 @@ class FDSSGD(RuleFDS):
         tune: Iterable[str] = NAMES,
         hyper_lr: float | Mapping[str, float] | None = None,
         hz_clip: float | None = None,
+        outer_step: str = "log",
         val_closure: Closure | None = None,
         hvp: str = "auto",
         maximize: bool = False,
@@ -196,6 +233,7 @@ class FDSSGD(RuleFDS):
             lr_windows=lr_windows, momentum_windows=momentum_windows,
             weight_decay_windows=weight_decay_windows, tune=tune, hyper_lr=hyper_lr,
             hz_clip=hz_clip, nesterov=nesterov, dampening=0.0,
+            outer_step=outer_step,
         )
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)

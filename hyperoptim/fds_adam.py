@@ -102,6 +102,10 @@ class FDSAdam(RuleFDS):
             ``step_sizes`` (deprecated, as for :class:`~hyperoptim.FDSSGD`).
         hz_clip (float, optional): clip :math:`H Z` elementwise to this magnitude (default: None,
             exact).
+        outer_step (str, optional): ``"log"`` (positive learning rates and weight decays step by
+            factors, with backtracking) or ``"additive"`` (the paper's step), as for
+            :class:`~hyperoptim.FDSSGD`; :math:`\beta_1, \beta_2` step additively either way
+            (default: ``"log"``).
         val_closure (callable, optional): returns the validation loss from the live parameters,
             evaluated by :meth:`hyperstep`; may be overridden there (default: None).
         hvp (str, optional): how :math:`H Z` is computed, as for :class:`~hyperoptim.FDSSGD`
@@ -116,7 +120,6 @@ class FDSAdam(RuleFDS):
         >>> init = {k: v.clone() for k, v in model.state_dict().items()}
         >>> loss_fn = torch.nn.functional.mse_loss
         >>> opt = FDSAdam(model.parameters(), lr=0.01, horizon=8, lr_windows=2, tune=("lr",),
-        ...               hyper_lr={"lr": 0.01},
         ...               val_closure=lambda: loss_fn(model(x[64:]), y[64:]))
         >>> for episode in range(4):
         ...     _ = model.load_state_dict(init)  # every episode starts from the same weights
@@ -124,7 +127,7 @@ class FDSAdam(RuleFDS):
         ...         batch = slice(8 * t, 8 * t + 8)
         ...         _ = opt.step(lambda: loss_fn(model(x[batch]), y[batch]))
         ...     _ = opt.hyperstep()
-        >>> opt.history[0]["lr"][0]  # each window moved up by its step size
+        >>> opt.history[0]["lr"][0]  # each window doubled: the log step's first factor
         [0.02, 0.02]
         >>> opt.history[0]["val_loss"][-1] < opt.history[0]["val_loss"][0]
         True
@@ -160,6 +163,7 @@ class FDSAdam(RuleFDS):
         tune: Iterable[str] = ("lr", "weight_decay"),
         hyper_lr: float | Mapping[str, float] | None = None,
         hz_clip: float | None = None,
+        outer_step: str = "log",
         val_closure: Closure | None = None,
         hvp: str = "auto",
         maximize: bool = False,
@@ -177,6 +181,7 @@ class FDSAdam(RuleFDS):
             lr_windows=lr_windows, beta1_windows=beta1_windows, beta2_windows=beta2_windows,
             weight_decay_windows=weight_decay_windows, tune=tune, hyper_lr=hyper_lr,
             hz_clip=hz_clip,
+            outer_step=outer_step,
         )
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)

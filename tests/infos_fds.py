@@ -27,7 +27,8 @@ INFOS = [
         cls=FDSSGD,
         inputs=[
             OptimizerInput(dict(lr=0.0, horizon=4, tune=("lr",)), "lr_only"),
-            OptimizerInput(dict(lr=0.0, horizon=4, lr_windows=2), "all_from_zero"),
+            OptimizerInput(dict(lr=0.0, horizon=4, lr_windows=2, outer_step="additive"),
+                           "all_from_zero"),
             OptimizerInput(dict(lr=0.0, momentum=0.5, weight_decay=0.01, horizon=4, lr_windows=4,
                                 momentum_windows=2, nesterov=True), "nesterov_unshared"),
             OptimizerInput(dict(lr=0.0, momentum=0.3, horizon=5, lr_windows=3,

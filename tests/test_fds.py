@@ -339,7 +339,7 @@ def test_sign_update_halves_the_step_on_every_flip():
     prob = Problem(seed=4)
     sizes = {"lr": 0.08, "momentum": 0.2, "weight_decay": 0.01}
     opt = prob.optimizer(horizon=6, lr_windows=2, weight_decay_windows=2, hyper_lr=sizes,
-                         lr=0.05)
+                         lr=0.05, outer_step="additive")
     for _ in range(8):
         prob.reset()
         prob.episode(opt)
@@ -364,7 +364,7 @@ def test_sign_update_halves_the_step_on_every_flip():
 
 def test_learns_from_all_zero_hyperparameters():
     prob = Problem(seed=5)
-    opt = prob.optimizer(horizon=12, lr_windows=3)
+    opt = prob.optimizer(horizon=12, lr_windows=3, outer_step="additive")
     for _ in range(8):
         prob.reset()
         prob.episode(opt)
@@ -375,7 +375,7 @@ def test_learns_from_all_zero_hyperparameters():
 
 def test_nonfinite_hypergradient_is_skipped_and_the_episode_still_ends():
     prob = Problem()
-    opt = prob.optimizer(horizon=3, lr=0.1)
+    opt = prob.optimizer(horizon=3, lr=0.1, outer_step="additive")
     prob.episode(opt)
     before = [opt.schedule(n) for n in NAMES]
     for t in range(3):

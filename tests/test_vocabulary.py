@@ -193,7 +193,7 @@ def test_fds_hyper_lr_takes_one_number_for_every_schedule():
 
 def test_a_number_assigned_to_fds_hyper_lr_sizes_the_next_outer_step():
     prob = Problem()
-    opt = build(FDSSGD, dict(horizon=2), prob, tune=("lr",))
+    opt = build(FDSSGD, dict(horizon=2), prob, tune=("lr",), outer_step="additive")
     opt.param_groups[0]["hyper_lr"] = 0.003
     before = opt.schedule("lr")[0]
     prob.run(opt, 2)

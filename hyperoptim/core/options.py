@@ -266,6 +266,8 @@ OPTIONS: tuple[Option, ...] = (
            f"a step size in (0, {_LIMIT:g}], or a dict from names to step sizes", ("fds",)),
     Option("hz_clip", None, lambda v: v is None or (is_real(v) and v > 0), "None or a number > 0",
            ("fds",)),
+    Option("outer_step", "log", lambda v: isinstance(v, str) and v in ("log", "additive"),
+           "'log' or 'additive'", ("fds",)),
     Option("lr_schedule", None, _schedule, f"a list of finite numbers within +-{_LIMIT:g}",
            ("fds",)),
     Option("momentum_schedule", None, _schedule, f"a list of finite numbers within +-{_LIMIT:g}",

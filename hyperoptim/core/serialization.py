@@ -27,11 +27,12 @@ HISTORY_LIMIT = 10_000
 
 # Group keys that a state dict saved before they existed may lack (filled from the defaults).
 _OPTIONAL_KEYS = frozenset({"maximize", "dampening", "nesterov", "foreach", "differentiable",
-                           "fused", "param_names", "hyper_step"})
+                           "fused", "param_names", "hyper_step", "outer_step"})
 
 # Optional keys whose absence means what the package did before they existed, whatever this
-# optimizer's value: a checkpoint saved before hyper-step policies took the additive step.
-_LEGACY_VALUES = {"hyper_step": "additive"}
+# optimizer's value: a checkpoint saved before hyper-step policies (HD, MARTHE) or FDS's
+# outer_step took the additive step.
+_LEGACY_VALUES = {"hyper_step": "additive", "outer_step": "additive"}
 
 EXTRA_STATE_KEY = "hyperoptim_extra_state"
 """The key of ``state_dict()["param_groups"][0]`` that repeats, as one opaque ``bytes`` value,

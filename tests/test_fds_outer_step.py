@@ -1,0 +1,258 @@
+"""FDS's outer step: the log-space step (``outer_step="log"``, the default) and the paper's additive
+one (``"additive"``): the rule, scale invariance, a start 100x too small, bounds, resuming."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_fds import NAMES, Problem
+
+from hyperoptim import FDSSGD, FDSAdam
+from hyperoptim.core.base import LEARNED_LIMIT
+from hyperoptim.core.warn import HyperoptimWarning
+from hyperoptim.methods.fds import LOG_STEP, LOG_STEP_MAX
+
+
+class Scaled(Problem):
+    """:class:`Problem` with its training loss multiplied by ``scale`` (the validation loss is
+    not): the learning rate that suits it is ``1 / scale`` times the original's."""
+
+    def __init__(self, scale: float = 1.0, seed: int = 0):
+        super().__init__(seed=seed)
+        self.scale = scale
+
+    def train_loss(self, p, t):
+        return self.scale * super().train_loss(p, t)
+
+
+def run(prob: Problem, opt: FDSSGD, episodes: int) -> None:
+    for _ in range(episodes):
+        prob.reset()
+        prob.episode(opt)
+
+
+def test_the_default_is_the_log_step_and_the_additive_step_is_the_papers():
+    prob, other = Problem(), Problem()
+    log = prob.optimizer(horizon=4, lr=0.05, tune=("lr",))
+    additive = other.optimizer(horizon=4, lr=0.05, tune=("lr",), outer_step="additive")
+    assert log.param_groups[0]["outer_step"] == "log"
+    assert "outer_step: log" in repr(log)
+    prob.episode(log)
+    other.episode(additive)
+    h = log.history[0]["hypergrad/lr"][0][0]
+    assert h != 0
+    # The same sign; a factor 2 against it in log space, 0.1 against it in the paper's.
+    assert log.schedule("lr") == [0.05 * math.exp(-math.copysign(LOG_STEP, h))]
+    assert additive.schedule("lr") == [0.05 - math.copysign(0.1, h)]
+    assert log.history[0]["log_step/lr"] == [[LOG_STEP]]
+    assert "log_step/lr" not in additive.history[0] and "backtracked" not in additive.history[0]
+
+
+@pytest.mark.parametrize("value", ["exp", "Log", 1, None])
+def test_an_invalid_outer_step_is_refused(value):
+    prob = Problem()
+    with pytest.raises(ValueError, match="Invalid outer_step value"):
+        prob.optimizer(horizon=2, outer_step=value)
+    opt = prob.optimizer(horizon=2)
+    opt.param_groups[0]["outer_step"] = value
+    with pytest.raises(ValueError, match="Invalid outer_step value"):
+        opt.step(prob.closure(opt, 0))
+
+
+def test_a_checkpoint_saved_before_outer_step_resumes_with_the_additive_step():
+    prob = Problem()
+    opt = prob.optimizer(horizon=3, lr=0.1, outer_step="additive")
+    prob.episode(opt)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["outer_step"]
+    fresh = Problem().optimizer(horizon=3)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["outer_step"] == "additive"
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(k=st.integers(-6, 10))
+def test_scaling_the_loss_scales_the_learned_learning_rates_exactly(k):
+    """The log step reads signs and compares losses only: with the training loss times 2**k and
+    the start divided by 2**k, every learned learning rate is the original's divided by 2**k,
+    bit for bit (powers of two scale floats exactly), backtracking included."""
+    c = 2.0**k
+    kwargs = dict(horizon=5, lr_windows=2, tune=("lr",), momentum=0.5)
+    one, scaled = Scaled(1.0, seed=3), Scaled(c, seed=3)
+    a = one.optimizer(lr=0.02, **kwargs)
+    b = scaled.optimizer(lr=0.02 / c, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HyperoptimWarning)  # the divergence watch, both alike
+        run(one, a, 7)
+        run(scaled, b, 7)
+    for x, y in zip(a.history[0]["lr"], b.history[0]["lr"], strict=True):
+        assert [v / c for v in x] == y
+    assert a.history[0]["backtracked"] == b.history[0]["backtracked"]
+
+
+def test_from_a_start_100x_too_small_the_log_step_learns_in_few_episodes():
+    """Training loss times 100 (the right learning rate a hundredth of the original's), started
+    100x too small: five episodes of the default step reach a good schedule, where the paper's
+    additive step of 0.1 (sized for the original problem) overshoots by decades."""
+    results = {}
+    for outer_step in ("log", "additive"):
+        prob = Scaled(100.0, seed=5)
+        opt = prob.optimizer(horizon=6, lr=3e-5, lr_windows=2, tune=("lr",),
+                             outer_step=outer_step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", HyperoptimWarning)
+            run(prob, opt, 6)
+        results[outer_step] = opt.history[0]["val_loss"]
+    log = results["log"]
+    assert min(log[-2:]) < 0.5 * log[0], log
+    additive = results["additive"]
+    assert not min(additive[-2:]) < 0.5 * additive[0], additive
+
+
+def replay(hist: dict, start: float, n: int) -> int:
+    """The documented log step on the recorded hypergradients and validation losses (``lr``
+    alone tuned); returns how many backtracks it saw."""
+    value, s, sign = [start] * n, [LOG_STEP] * n, [0.0] * n
+    prev: list[float] | None = None
+    ref = None
+    backs = 0
+    for hs, loss, back, recorded in zip(hist["hypergrad/lr"], hist["val_loss"],
+                                        hist["backtracked"], hist["lr"], strict=True):
+        worse = prev is not None and ref is not None and loss > ref
+        assert back == float(worse)
+        if worse:
+            backs += 1
+            s = [x / 2 for x in s]
+            sign = [0.0] * n
+            value = [p * math.exp(-x) for p, x in zip(prev, s, strict=True)]  # probe below
+        else:
+            prev, ref = list(value), loss
+            for k, h in enumerate(hs):
+                sg = float((h > 0) - (h < 0))
+                if sg * sign[k] < 0:
+                    s[k] /= 2
+                elif sg * sign[k] > 0:
+                    s[k] = min(2 * s[k], LOG_STEP_MAX)
+                sign[k] = sg
+                value[k] *= math.exp(-sg * s[k])
+        assert recorded == value
+    return backs
+
+
+def test_the_log_step_follows_its_documented_rule():
+    prob = Problem(seed=4)
+    opt = prob.optimizer(horizon=6, lr=1e-3, lr_windows=2, tune=("lr",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HyperoptimWarning)
+        run(prob, opt, 10)
+    hist = opt.history[0]
+    assert replay(hist, 1e-3, 2) > 0  # the replay exercised a backtrack
+    assert max(max(s) for s in hist["log_step/lr"]) == LOG_STEP_MAX  # and the growth's cap
+    assert opt.hyper_state["outer"][0]["lr"]["log_step"] == hist["log_step/lr"][-1]
+
+
+def test_a_non_finite_first_episode_divides_the_learning_rates_by_ten():
+    prob = Problem()
+    opt = prob.optimizer(horizon=3, lr=0.1, lr_windows=3, tune=("lr", "momentum"))
+    for t in range(3):
+        opt.step(prob.closure(opt, t))
+    with pytest.warns(HyperoptimWarning, match="non-finite validation loss"):
+        opt.hyperstep(lambda: prob.val_loss(prob.live) * float("inf"))
+    assert opt.schedule("lr") == [0.1 / 10] * 3 and opt.schedule("momentum") == [0.0]
+    assert opt.history[0]["skipped"] == [1.0] and opt.skipped_steps == 1
+    assert opt.history[0]["log_step/lr"] == [[LOG_STEP] * 3]  # recorded every hyperstep
+
+
+def test_a_non_finite_episode_after_a_step_undoes_it():
+    prob = Problem()
+    opt = prob.optimizer(horizon=3, lr=0.1, lr_windows=3, tune=("lr", "momentum"))
+    prob.episode(opt)
+    before = {n: opt.schedule(n) for n in NAMES}
+    prob.reset()
+    for t in range(3):
+        opt.step(prob.closure(opt, t))
+    with pytest.warns(HyperoptimWarning, match="put the schedules back"):
+        opt.hyperstep(lambda: prob.val_loss(prob.live) * float("nan"))
+    assert before != {n: opt.schedule(n) for n in NAMES}
+    # Back to the first episode's values, the learning rate probing below by the halved step.
+    assert opt.schedule("momentum") == [0.0]
+    assert opt.schedule("lr") == [0.1 * math.exp(-LOG_STEP / 2)] * 3
+    assert opt.history[0]["backtracked"] == [0.0, 1.0]
+
+
+def test_learned_values_stay_within_their_bounds():
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = FDSSGD([w], horizon=1, lr=0.9 * LEARNED_LIMIT, weight_decay=1e-3, tune=("lr",
+                 "weight_decay"), val_closure=lambda: (w**2).sum())
+    group = opt.param_groups[0]
+    for _ in range(6):  # more learning rate and weight decay, every time: the growth compounds
+        opt._sign_update(0, group, {"lr": [-1.0], "weight_decay": [-1.0]})
+    assert group["lr_schedule"] == [LEARNED_LIMIT]
+    assert 0 < group["weight_decay_schedule"][0] <= LEARNED_LIMIT
+    for _ in range(400):  # less, every time: positive values stay positive, never below 0
+        opt._sign_update(0, group, {"lr": [1.0], "weight_decay": [1.0]})
+    assert group["lr_schedule"][0] > 0 and group["weight_decay_schedule"][0] >= 0
+    adam = FDSAdam([w], horizon=1, betas=(0.9, 0.999), tune=("lr", "beta1", "beta2"),
+                   val_closure=lambda: (w**2).sum())
+    group = adam.param_groups[0]
+    for _ in range(40):
+        adam._sign_update(0, group, {"lr": [-1.0], "beta1": [-1.0], "beta2": [-1.0]})
+    assert group["lr_schedule"] == [LEARNED_LIMIT]
+    assert all(0.0 <= b <= 1.0 - 1e-6 for n in ("beta1", "beta2") for b in group[f"{n}_schedule"])
+
+
+def test_checkpoint_mid_run_resumes_the_log_step_exactly():
+    kwargs = dict(horizon=5, lr=2e-3, momentum=0.5, lr_windows=2)
+    ref = Problem(seed=4)
+    opt = ref.optimizer(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HyperoptimWarning)
+        run(ref, opt, 4)
+        ref.reset()
+        for t in range(3):
+            opt.step(ref.closure(opt, t))
+        assert "prev" in opt.hyper_state["outer"][0]["lr"]
+        buffer = io.BytesIO()
+        torch.save({"opt": opt.state_dict(), "model": {k: v.detach().clone()
+                                                         for k, v in ref.live.items()}}, buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=True)
+        resumed = Problem(seed=4)
+        opt2 = resumed.optimizer(**{**kwargs, "lr": 0.3})
+        with torch.no_grad():
+            for k, v in resumed.live.items():
+                v.copy_(saved["model"][k])
+        opt2.load_state_dict(saved["opt"])
+        for o, prob in ((opt, ref), (opt2, resumed)):
+            for t in range(3, 5):
+                o.step(prob.closure(o, t))
+            o.hyperstep()
+            run(prob, o, 3)
+    assert opt2.history == opt.history
+    assert opt2.hyper_state == opt.hyper_state
+    assert [opt2.schedule(n) for n in NAMES] == [opt.schedule(n) for n in NAMES]
+
+
+def test_a_momentum_stepped_in_log_one_minus_momentum_stays_in_its_range():
+    """The hook a subclass can set (``log1m_names``; ``benchmarks/fds_outer_step.py``'s
+    ``log-mu``): factors of 1 - momentum, a decrease stopping at 0, never reaching 1."""
+    cls = type("LogMomentum", (FDSSGD,), {"log1m_names": ("momentum",)})
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = cls([w], horizon=1, lr=0.1, momentum=0.5, tune=("momentum",),
+              val_closure=lambda: (w**2).sum())
+    group = opt.param_groups[0]
+    opt._sign_update(0, group, {"momentum": [-1.0]})  # more momentum: 1 - b halves
+    assert group["momentum_schedule"] == [0.75]
+    for _ in range(60):
+        opt._sign_update(0, group, {"momentum": [-1.0]})
+    assert group["momentum_schedule"] == [1.0 - 1e-6]
+    for _ in range(60):
+        opt._sign_update(0, group, {"momentum": [1.0]})
+    assert group["momentum_schedule"] == [0.0]
