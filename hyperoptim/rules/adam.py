@@ -247,14 +247,8 @@ def adam_tangents(
         inputs = (zi, hzi, mt, vt)
         grad, gt = (-g, _times(hzi, -1)) if maximize else (g, hzi)
         pt = zi
-        e_lam = e.get("weight_decay")
         if "weight_decay" in e or _active(lam):
-            if decoupled_weight_decay:
-                own = _terms(_times(e.get("lr"), lam), _times(e_lam, a))
-                pt = _terms(_times(zi, 1 - a * lam), _times(own, -p) if own is not None else None)
-            else:
-                grad = _axpy(grad, lam, p)
-                gt = _terms(gt, _times(zi, lam), _times(e_lam, p))
+            grad, gt, pt = _decay_tangents(p, grad, gt, zi, a, lam, e, decoupled_weight_decay)
         # The primal moments by the rule's own operations (float hyperparameters: lerp, addcmul).
         m1 = m.lerp(grad, 1 - b1) if not _is_t(b1) else m + (1 - b1) * (grad - m)
         v1 = (v.mul(b2).addcmul_(grad, grad, value=1 - b2) if not _is_t(b2)
@@ -263,30 +257,47 @@ def adam_tangents(
                      _times(e["beta1"], m - grad) if "beta1" in e else None)
         vt1 = _terms(_times(vt, b2), _times(gt, grad, 2 * (1 - b2)),
                      _times(e["beta2"], v - grad * grad) if "beta2" in e else None)
-        bc1, bc2 = 1 - b1**t, 1 - b2**t
-        r = bc2**0.5
-        s = v1.sqrt()  # v1 >= 0; the tangent of sqrt is taken as 0 where v1 = 0 (module docstring)
-        denom = (s / r).add_(eps)
-        q = m1 / denom
-        dt = None
-        if vt1 is not None:
-            dt = _times(vt1, torch.where(v1 > 0, s.reciprocal(), 0.0), 0.5 / r)
-        if "beta2" in e:
-            dt = _terms(dt, _times(e["beta2"], s, t * b2 ** (t - 1) / (2 * r * bc2)))
-        qt = mt1 if dt is None else (_terms(mt1, _times(dt, -q)) if mt1 is None
-                                     else torch.addcmul(mt1, q, dt, value=-1))
-        qt = None if qt is None else qt / denom
-        step_size = a / bc1
-        # d(a / b_1) = e_a / b_1 + a t beta1^(t-1) e_beta1 / b_1^2
-        sst = _terms(_times(e.get("lr"), 1 / bc1),
-                     _times(e.get("beta1"), step_size * t * b1 ** (t - 1) / bc1))
-        zt = pt if qt is None else (_times(qt, -step_size) if pt is None else _axpy(pt, -step_size, qt))
-        if sst is not None:
-            zt = _terms(zt, _times(sst, -q))
+        zt = _step_tangent(pt, m1, v1, mt1, vt1, a, b1, b2, t, eps, e)
         z_next.append(_tangent_out(zt, p, n_cols, inputs))
         m_next.append(_tangent_out(mt1, p, n_cols, inputs))
         v_next.append(_tangent_out(vt1, p, n_cols, inputs))
     return z_next, {"exp_avg": m_next, "exp_avg_sq": v_next}
+
+
+def _decay_tangents(p: Tensor, grad: Tensor, gt: Tensor | None, zi: Tensor | None, a: Any,
+                    lam: Any, e: dict[str, Tensor], decoupled: bool
+                    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`adam_tangents`' weight decay: the gradient and its tangent with Adam's L2 term, or
+    the decayed weights' tangent :math:`P` (AdamW); ``(grad, G, P)``."""
+    if decoupled:
+        own = _terms(_times(e.get("lr"), lam), _times(e.get("weight_decay"), a))
+        return grad, gt, _terms(_times(zi, 1 - a * lam), None if own is None else _times(own, -p))
+    gt = _terms(gt, _times(zi, lam), _times(e.get("weight_decay"), p))
+    return _axpy(grad, lam, p), gt, zi
+
+
+def _step_tangent(pt: Tensor | None, m1: Tensor, v1: Tensor, mt1: Tensor | None,
+                  vt1: Tensor | None, a: Any, b1: Any, b2: Any, t: float, eps: float,
+                  e: dict[str, Tensor]) -> Tensor | None:
+    r""":func:`adam_tangents`' last line: the tangent of :math:`w' = w - (a / b_1)\, q` from the
+    moments' (``None``: zero)."""
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    r = bc2**0.5
+    s = v1.sqrt()  # v1 >= 0; the tangent of sqrt is taken as 0 where v1 = 0 (module docstring)
+    denom = (s / r).add_(eps)
+    q = m1 / denom
+    dt = None if vt1 is None else _times(vt1, torch.where(v1 > 0, s.reciprocal(), 0.0), 0.5 / r)
+    if "beta2" in e:
+        dt = _terms(dt, _times(e["beta2"], s, t * b2 ** (t - 1) / (2 * r * bc2)))
+    qt = mt1 if dt is None else (_terms(mt1, _times(dt, -q)) if mt1 is None
+                                 else torch.addcmul(mt1, q, dt, value=-1))
+    qt = None if qt is None else qt / denom
+    step_size = a / bc1
+    # d(a / b_1) = e_a / b_1 + a t beta1^(t-1) e_beta1 / b_1^2
+    sst = _terms(_times(e.get("lr"), 1 / bc1),
+                 _times(e.get("beta1"), step_size * t * b1 ** (t - 1) / bc1))
+    zt = pt if qt is None else (_times(qt, -step_size) if pt is None else _axpy(pt, -step_size, qt))
+    return zt if sst is None else _terms(zt, _times(sst, -q))
 
 
 def _rule_step(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Buffers,
