@@ -51,7 +51,7 @@ the FDS classes' ``horizon``, both 3, so that per-step figures are averages over
   benchmark at 2 and 3, where 3 ranks shard some rows unevenly). The exit status is 1 if one
   fails.
 
-Run (about 7 minutes of CPU time at the defaults, 2 of them at 2 ranks; ``--quick`` far less):
+Run (about 7 minutes of CPU time at the defaults; ``--quick`` about half a minute):
     python benchmarks/fsdp_cost.py                 # 2 and 3 ranks, 6 measured steps, width 128
     python benchmarks/fsdp_cost.py --quick         # 3 measured steps, width 32
     python benchmarks/fsdp_cost.py --worlds 3 --only HypergradAdamW,MartheAdamW
@@ -60,6 +60,7 @@ Run (about 7 minutes of CPU time at the defaults, 2 of them at 2 ranks; ``--quic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import math
@@ -317,12 +318,13 @@ def run_case(name: str, mode: str, rank: int, world: int, cfg: argparse.Namespac
     ddp_calls[:] = [0, 0]
     counter = CommCounter()
     # Memory is compared under FSDP2 only: the profiler's memory events slow every step.
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=mode == "fsdp2") as prof:
-        with counter:
-            for t in range(cfg.warmup, total):
-                with record_function(STEP_MARK):
-                    step(t)
-    peak = int(statistics.median(_step_peaks(prof, STEP_MARK))) if mode == "fsdp2" else 0
+    memory = mode == "fsdp2"
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with prof if memory else contextlib.nullcontext(), counter:
+        for t in range(cfg.warmup, total):
+            with record_function(STEP_MARK):
+                step(t)
+    peak = int(statistics.median(_step_peaks(prof, STEP_MARK))) if memory else 0
     history = getattr(opt, "history", None)
     return {"comm": counter.totals(), "ddp": list(ddp_calls), "peak": peak,
             "state": state[0],
@@ -507,10 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
                         help="float64: the lockstep check's precision")
     parser.add_argument("--only", default="", help="row labels, comma-separated (floors kept)")
-    parser.add_argument("--quick", action="store_true", help="3 measured steps, width 32")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 warm-up and 3 measured steps, width 32")
     cfg = parser.parse_args(argv)
     if cfg.quick:
-        cfg.steps, cfg.width = 3, 32
+        cfg.steps, cfg.warmup, cfg.width = 3, 2, 32
     names = list(_cases())
     if cfg.only:
         wanted = {n.strip() for n in cfg.only.split(",")}
