@@ -250,6 +250,32 @@ def _data(total_steps: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     return x, torch.sin(x @ w), xv, torch.sin(xv @ w)
 
 
+def _wrap(net: nn.Module, mode: str, world: int, ddp_calls: list[int]) -> nn.Module:
+    """``net`` under DDP (its all-reduces counted into ``ddp_calls``) or sharded by FSDP2 (each
+    ``nn.Linear``, then the root); as it is in one process."""
+    if world == 1:
+        return net
+    if mode.startswith("ddp"):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        model = nn.parallel.DistributedDataParallel(net)
+
+        def counting_hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP reads annotations
+            ddp_calls[0] += 1
+            ddp_calls[1] += _nbytes([bucket.buffer()])
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counting_hook)
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(net)
+    return net
+
+
 def run_case(name: str, mode: str, rank: int, world: int, cfg: argparse.Namespace
              ) -> dict[str, Any]:
     """Warm-up and measured steps of one optimizer in one set-up on this rank's share.
@@ -263,26 +289,8 @@ def run_case(name: str, mode: str, rank: int, world: int, cfg: argparse.Namespac
     vpart = slice(rank * VAL // world, (rank + 1) * VAL // world)
     net = _model(cfg.width, dtype)
     full_bytes = _nbytes(net.parameters())
-    model: nn.Module = net
-    ddp_calls = [0, 0]
-    if world > 1 and mode.startswith("ddp"):
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-        model = nn.parallel.DistributedDataParallel(net)
-
-        def counting_hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP reads annotations
-            ddp_calls[0] += 1
-            ddp_calls[1] += _nbytes([bucket.buffer()])
-            return allreduce_hook(state, bucket)
-
-        model.register_comm_hook(None, counting_hook)
-    elif world > 1:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(net)
+    ddp_calls = [0, 0]  # DDP's own all-reduces and their bytes
+    model = _wrap(net, mode, world, ddp_calls)
 
     def val_closure() -> torch.Tensor:
         loss = F.mse_loss(model(xv[vpart]), yv[vpart])
