@@ -19,8 +19,9 @@ from torch import Tensor
 
 from .dist import world_size
 
-__all__ = ["any_nonzero", "check_fsdp2_parameters", "check_sharded_closure", "is_sharded", "local",
-           "sum_across_shards", "sums_and_norms", "tensor_norms"]
+__all__ = ["any_nonzero", "check_fsdp2_parameters", "check_sharded_closure", "check_sharded_hvp",
+           "is_sharded", "local", "local_state", "reshard_state", "sum_across_shards",
+           "sums_and_norms", "tensor_norms"]
 
 
 # DTensor, imported at the first is_sharded call (the import takes seconds), None without
@@ -51,6 +52,49 @@ def is_sharded(p: Tensor) -> bool:
 def local(t: Tensor) -> Tensor:
     """This rank's shard of ``t`` (``t`` itself unless it is a ``DTensor``); shares its storage."""
     return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
+
+
+def local_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (a ``state[p]`` dict) with every ``DTensor`` value replaced, in place, by its
+    local shard (shared storage); undone by :func:`reshard_state`."""
+    for key, value in state.items():
+        if is_sharded(value):
+            state[key] = local(value)
+    return state
+
+
+def reshard_state(state: dict[str, Any], p: Tensor) -> None:
+    """Wrap, in place, every plain tensor of ``state`` that holds this rank's shard of a tensor
+    laid out like the FSDP2 parameter ``p`` (its local shape, after any leading dimensions: a
+    tangent's columns) as a ``DTensor`` sharded like ``p`` on the dimension after the leading
+    ones, so that torch.distributed.checkpoint saves and reshards it (torch.optim's own state
+    under FSDP2 is such DTensors). Scalars (Adam's ``step``) stay plain, as torch keeps them."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    shard = local(p)
+    for key, value in state.items():
+        if not isinstance(value, Tensor) or is_sharded(value):
+            continue
+        lead = value.dim() - shard.dim()
+        if shard.dim() == 0 or lead < 0 or value.shape[lead:] != shard.shape:
+            continue
+        shape = (*value.shape[:lead], *p.shape)
+        state[key] = DTensor.from_local(value, p.device_mesh,  # type: ignore[attr-defined]
+                                        [Shard(lead)], run_check=False, shape=torch.Size(shape),
+                                        stride=torch.empty(shape, device="meta").stride())
+
+
+def check_sharded_hvp(owner: str, hvp: str, params: Iterable[Tensor]) -> None:
+    """``ValueError`` for ``hvp="exact"`` over FSDP2 parameters: double backward finds no graph
+    to them (FSDP2 frees the unsharded parameters, the graph's leaves, after the forward)."""
+    if hvp == "exact" and any(is_sharded(p) for p in params):
+        raise ValueError(
+            f"{owner}(hvp='exact') does not support FSDP2 (fully_shard): the exact route "
+            "differentiates the training gradient a second time, and under FSDP2 that gradient "
+            "has no graph to the sharded parameters (its leaves are the unsharded parameters "
+            "FSDP2 frees after the forward). Pass hvp='finite_difference' (or the default "
+            "'auto'): two extra first-order gradient evaluations per tangent column."
+        )
 
 
 def check_fsdp2_parameters(owner: str, params: Iterable[Tensor]) -> None:

@@ -281,7 +281,7 @@ def _flat_cols(ts: Sequence[Tensor | None], idx: list[int], z: Sequence[Tensor],
         return None
     n_cols = z[0].shape[0]
     parts = [z[i].new_zeros((n_cols, params[i].numel())) if ts[i] is None
-             else ts[i].reshape(n_cols, -1) for i in idx]
+             else ts[i].reshape(n_cols, params[i].numel()) for i in idx]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
