@@ -10,7 +10,8 @@ few scalars completes them. Nothing here gathers a parameter.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 from .dist import world_size
 
 __all__ = ["any_nonzero", "check_fsdp2_parameters", "check_sharded_closure", "check_sharded_hvp",
-           "is_sharded", "local", "local_state", "reshard_state", "sum_across_shards",
+           "is_sharded", "local", "local_parameters", "local_state", "reshard_state", "sum_across_shards",
            "sums_and_norms", "tensor_norms"]
 
 
@@ -82,6 +83,48 @@ def reshard_state(state: dict[str, Any], p: Tensor) -> None:
         state[key] = DTensor.from_local(value, p.device_mesh,  # type: ignore[attr-defined]
                                         [Shard(lead)], run_check=False, shape=torch.Size(shape),
                                         stride=torch.empty(shape, device="meta").stride())
+
+
+@contextlib.contextmanager
+def local_parameters(state: MutableMapping[Tensor, dict[str, Any]], params: Sequence[Tensor],
+                     *keyed: MutableMapping[Tensor, Any]) -> Iterator[list[Tensor]]:
+    """Per-parameter code written for plain tensors, run on this rank's FSDP2 shards.
+
+    Yields one tensor per parameter: the parameter itself if it is plain, else a new view of its
+    local shard (the storage FSDP2 gathers from, so in-place updates reach the parameter) with
+    ``.grad`` the local shard of its gradient. While inside, ``state`` (the optimizer's) and
+    each dict in ``keyed`` hold a sharded parameter's entry under its view, with the state's
+    ``DTensor`` values as local shards (:func:`local_state`); afterwards, also on error, the
+    entries are back under the parameters and the state sharded again (:func:`reshard_state`).
+    """
+    views = []
+    moved: list[tuple[Tensor, Tensor]] = []
+    try:
+        for p in params:
+            if not is_sharded(p):
+                views.append(p)
+                continue
+            shard = local(p)
+            view = shard.view_as(shard)  # our own tensor object, sharing the shard's storage
+            if p.grad is not None:
+                view.grad = local(p.grad)
+            moved.append((p, view))
+            views.append(view)
+            if p in state:
+                state[view] = local_state(state.pop(p))
+            for d in keyed:
+                if p in d:
+                    d[view] = d.pop(p)
+        yield views
+    finally:
+        for p, view in moved:
+            view.grad = None
+            if view in state:
+                state[p] = state.pop(view)
+                reshard_state(state[p], p)
+            for d in keyed:
+                if view in d:
+                    d[p] = d.pop(view)
 
 
 def check_sharded_hvp(owner: str, hvp: str, params: Iterable[Tensor]) -> None:
