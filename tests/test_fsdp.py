@@ -2,11 +2,11 @@
 
 Two ranks, each holding half of every batch and a dim-0 shard of every parameter (DTensors), must
 follow one unsharded process that holds the whole batch: final weights and every learned value
-within 1e-6 in float64, ranks consistent. The hypergradient-descent family and MARTHE support
-FSDP2 (inner products are per-shard partial sums completed by one all-reduce of scalars; MARTHE's
-tangents live sharded beside the parameters and its Hessian-vector products are finite
-differences of the gradients FSDP2 reduce-scatters); IFT, FDS, MARTHE's exact HVP route and FSDP1
-are refused with errors that say what works. Under FSDP2 a closure must call backward() (the
+within 1e-6 in float64, ranks consistent. The hypergradient-descent family, MARTHE and FDS
+support FSDP2 (inner products are per-shard partial sums completed by one all-reduce of scalars;
+MARTHE's and FDS's tangents live sharded beside the parameters and their Hessian-vector products
+are finite differences of the gradients FSDP2 reduce-scatters); IFT, the exact HVP route and
+FSDP1 are refused with errors that say what works. Under FSDP2 a closure must call backward() (the
 other closure style is refused, by name). Every collective has a timeout
 and every loop a fixed length. ``HYPEROPTIM_DIST_WORLDS=2,3`` runs more world sizes (CI runs 2;
 3 ranks shard the 8-row layer unevenly). The last part: torch.distributed.checkpoint, a save at 2
@@ -82,8 +82,15 @@ MARTHE_BUILDERS = {
     "marthe_adamw_groups": lambda p, v: hyperoptim.MartheAdamW(_two_groups(p), lr=0.01,
                                                                hyper_lr=1e-5, val_closure=v),
 }
-ALL_BUILDERS = {**BUILDERS, **MARTHE_BUILDERS}
-REFUSED = ("IFTOptimizer", "FDSSGD", "IFTAdam", "IFTAdamW", "FDSAdam", "FDSAdamW")
+# FDS: episodes of 4 steps; SGD learning its three schedules, AdamW its learning rate.
+FDS_BUILDERS = {
+    "fds_sgd": lambda p, v: hyperoptim.FDSSGD(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
+                                              horizon=4, tune=("lr", "momentum", "weight_decay"),
+                                              val_closure=v),
+    "fds_adamw": lambda p, v: hyperoptim.FDSAdamW(p, lr=0.01, horizon=4, val_closure=v),
+}
+ALL_BUILDERS = {**BUILDERS, **MARTHE_BUILDERS, **FDS_BUILDERS}
+REFUSED = ("IFTOptimizer", "IFTAdam", "IFTAdamW")
 
 
 def _model() -> nn.Module:
@@ -124,18 +131,21 @@ def _setup(builder: Callable[..., Any], rank: int, world: int, sharded: bool
 
 
 def run_case(name: str, rank: int, world: int, sharded: bool) -> dict[str, Any]:
-    """8 steps on this rank's share of every batch."""
+    """8 steps on this rank's share of every batch (FDS: two episodes, each ended by
+    hyperstep(), which clears the state: its types are read before)."""
     model, opt, step = _setup(ALL_BUILDERS[name], rank, world, sharded)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for t in range(STEPS):
             step(t)
+            state = next(iter(opt.state.values()))
+            types = sorted({type(v).__name__ for k, v in state.items() if k != "step"})
+            if hasattr(opt, "hyperstep") and opt.episode_step == opt.horizon:
+                opt.hyperstep()
     comm = Counter(e.name for e in prof.events() if e.name.startswith("gloo:"))
     full = [p.full_tensor() if sharded else p for p in model.parameters()]
-    state = next(iter(opt.state.values()))
     return {"params": [p.detach().clone() for p in full],
             "lr": [g["lr"] for g in opt.param_groups], "history": opt.history,
-            "state_types": sorted({type(v).__name__ for k, v in state.items() if k != "step"}),
-            "comm": comm}
+            "state_types": types, "comm": comm}
 
 
 def _refusals() -> list[str]:
@@ -150,9 +160,8 @@ def _refusals() -> list[str]:
     params = list(model.parameters())
     out = []
     for name in REFUSED:
-        kwargs = {"horizon": 4} if name.startswith("FDS") else {}
         try:
-            getattr(hyperoptim, name)(params, lr=0.1, val_closure=lambda: None, **kwargs)
+            getattr(hyperoptim, name)(params, lr=0.1, val_closure=lambda: None)
             out.append(f"{name}: constructed")
         except ValueError as err:
             out.append(f"{name}: {err}")
@@ -223,10 +232,11 @@ def test_fsdp2_ranks_follow_the_single_process_run(ranks, name):
     for a, b in zip(ref["params"], first["params"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     for hist, ref_hist in zip(first["history"], ref["history"], strict=True):
-        lrs = hist["lr"]
-        assert len(lrs) == STEPS and lrs[-1] != lrs[0]  # the learning rate did learn
+        lrs = hist["lr"]  # FDS: one schedule per episode
+        assert len(lrs) == (2 if name.startswith("fds") else STEPS) and lrs[-1] != lrs[0]
         assert not any(hist["skipped"])
-        # Every learned value (MARTHE's mu and hyper-step size too) and raw hypergradient.
+        # Every learned value (MARTHE's mu and hyper-step size, FDS's schedules) and raw
+        # hypergradient.
         assert sorted(hist) == sorted(ref_hist)
         for key in hist:
             torch.testing.assert_close(torch.tensor(hist[key]), torch.tensor(ref_hist[key]),
@@ -293,7 +303,7 @@ def test_fsdp2_refuses_what_it_cannot_do_by_name(ranks):
         assert len(lines) == len(REFUSED) + 4
         for name, line in zip(REFUSED, lines):
             assert line.startswith(f"{name}: {name} does not support FSDP2"), line
-            assert "MartheAdamW support FSDP2" in line and "DistributedDataParallel" in line
+            assert "FDSAdamW support FSDP2" in line and "DistributedDataParallel" in line
         assert "HypergradAdamW(per_parameter=True) does not support FSDP2" in lines[-4], lines[-4]
         assert "MartheAdamW(hvp='exact') does not support FSDP2" in lines[-3], lines[-3]
         assert "hvp='finite_difference'" in lines[-3], lines[-3]
