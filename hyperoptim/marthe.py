@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from .core.options import check_arguments, renamed_options
-from .core.shard import local
 from .core.signatures import bind_keywords, renamed_keywords, with_keywords
 from .core.types import ParamsT
 from .methods.marthe import (
@@ -241,10 +240,7 @@ class MartheSGD(RuleMarthe):
         :math:`(Z, C)_{t+1} = B_t` and :math:`C_{t+1} = 0` is not stored.
         """
         states = [self.state[p] for p in params]
-        hzs = None if hz is None else [hz[p] for p in params]
-        # FSDP2: this rank's shards (the state holds them too during the commit).
-        grads = [local(p.grad) for p in params]
-        params = [local(p) for p in params]
+        params, grads, hzs = self._shards(params, hz)
         config = dict(dampening=group["dampening"], nesterov=group["nesterov"], inplace=True)
         momentum, weight_decay, lr = group["momentum"], group["weight_decay"], group["lr"]
         bufs = [s.get("momentum_buffer") for s in states]

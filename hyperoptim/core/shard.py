@@ -21,7 +21,8 @@ from torch import Tensor
 from .dist import world_size
 
 __all__ = ["any_nonzero", "check_fsdp2_parameters", "check_sharded_closure", "check_sharded_hvp",
-           "is_sharded", "local", "local_parameters", "local_state", "reshard_state", "sum_across_shards",
+           "complete_sums", "is_sharded", "local", "local_parameters", "local_state", "local_states",
+           "reshard_state", "sum_across_shards",
            "sums_and_norms", "tensor_norms"]
 
 
@@ -62,6 +63,33 @@ def local_state(state: dict[str, Any]) -> dict[str, Any]:
         if is_sharded(value):
             state[key] = local(value)
     return state
+
+
+@contextlib.contextmanager
+def local_states(state: MutableMapping[Tensor, dict[str, Any]], params: Sequence[Tensor]
+                 ) -> Iterator[None]:
+    """While inside, each parameter's ``state[p]`` holds local shards (:func:`local_state`);
+    afterwards, also on error, the FSDP2 parameters' state is sharded again
+    (:func:`reshard_state`). Nothing changes for plain parameters."""
+    try:
+        for p in params:
+            local_state(state[p])
+        yield
+    finally:
+        for p in params:
+            if is_sharded(p):
+                reshard_state(state[p], p)
+
+
+def complete_sums(flat: Tensor, sharded: bool) -> Tensor:
+    """``flat`` (float64: per-shard partial sums, then this rank's mean of something last)
+    completed across ranks when ``sharded``: the sums summed, the last entry averaged, in one
+    all-reduce; ``flat`` itself otherwise."""
+    if not sharded:
+        return flat
+    done = torch.stack(sum_across_shards(list(flat.unbind())))
+    done[-1] /= world_size()
+    return done
 
 
 def reshard_state(state: dict[str, Any], p: Tensor) -> None:
@@ -117,14 +145,20 @@ def local_parameters(state: MutableMapping[Tensor, dict[str, Any]], params: Sequ
                     d[view] = d.pop(p)
         yield views
     finally:
-        for p, view in moved:
-            view.grad = None
-            if view in state:
-                state[p] = state.pop(view)
-                reshard_state(state[p], p)
-            for d in keyed:
-                if view in d:
-                    d[p] = d.pop(view)
+        _move_back(state, moved, keyed)
+
+
+def _move_back(state: MutableMapping[Tensor, dict[str, Any]], moved: list[tuple[Tensor, Tensor]],
+               keyed: Sequence[MutableMapping[Tensor, Any]]) -> None:
+    """:func:`local_parameters`' exit: each entry back under its parameter, sharded again."""
+    for p, view in moved:
+        view.grad = None
+        if view in state:
+            state[p] = state.pop(view)
+            reshard_state(state[p], p)
+        for d in keyed:
+            if view in d:
+                d[p] = d.pop(view)
 
 
 def check_sharded_hvp(owner: str, hvp: str, params: Iterable[Tensor]) -> None:

@@ -20,10 +20,9 @@ from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value, is_real
-from ..core.dist import world_size
 from ..core.options import check_group, components, is_number, renamed_group, renamed_options
 from ..core.schedule import window_of
-from ..core.shard import check_sharded_hvp, is_sharded, local, local_parameters, sum_across_shards
+from ..core.shard import check_sharded_hvp, complete_sums, is_sharded, local, local_parameters
 from ..core.types import Closure, ParamsT
 from ..core.warn import warn
 from ..rules.base import UpdateRule, rule_tangents
@@ -480,11 +479,8 @@ class RuleFDS(HyperOptimizer):
             # dE/dlambda_j = <grad E(w_T), Z_T[:, j]>
             contrib = (z.reshape(z.shape[0], g.numel()) @ g.reshape(-1)).double().to(hyper.device)
             hyper[: z.shape[0]] += contrib
-        flat = torch.cat([hyper, val_loss.double().reshape(1).to(hyper.device)])
-        if sharded:
-            flat = torch.stack(sum_across_shards(list(flat.unbind())))
-            flat[-1] /= world_size()
-        values = flat.tolist()
+        values = complete_sums(torch.cat([hyper, val_loss.double().reshape(1).to(hyper.device)]),
+                               sharded).tolist()
         hypergrads, loss = values[:-1], values[-1]
 
         skipped = not self._all_finite(*values)

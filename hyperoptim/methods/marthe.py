@@ -11,16 +11,9 @@ import torch
 from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
-from ..core.dist import all_reduce_mean, world_size
+from ..core.dist import all_reduce_mean
 from ..core.options import renamed_options
-from ..core.shard import (
-    check_sharded_hvp,
-    is_sharded,
-    local,
-    local_state,
-    reshard_state,
-    sum_across_shards,
-)
+from ..core.shard import check_sharded_hvp, complete_sums, is_sharded, local, local_states
 from ..core.signatures import declared
 from ..core.types import Closure
 from ..hvp import SecondOrder
@@ -206,10 +199,7 @@ class RuleMarthe(HyperOptimizer):
             The closure's loss, or None.
         """
         groups = self.param_groups
-        # torch.distributed.checkpoint creates a fresh optimizer's state with a step without a
-        # closure at learning rate 0 (its _init_optim_state): a first step needs no H Z (there
-        # is no tangent yet) and moves nothing, so it is taken, and creates the state DCP loads.
-        creates_state = closure is None and not self.state and all(g["lr"] == 0 for g in groups)
+        creates_state = self._creates_state(closure)
         # required=True: it raises rather than return None.
         objective = cast(Closure, self._resolve_val_closure(val_closure,
                                                             required=not creates_state))
@@ -233,6 +223,21 @@ class RuleMarthe(HyperOptimizer):
                 return self._skip(closure, deltas, measured.val_loss)
         _settle(hypers, groups)
         return self._descend(closure, hypers, deltas, bool(tracked))
+
+    def _creates_state(self, closure: Callable[[], Any] | None) -> bool:
+        """Is this torch.distributed.checkpoint's state-creating step (its _init_optim_state: a
+        fresh optimizer, no closure, every learning rate 0)? A first step needs no H Z (there is
+        no tangent yet) and at rate 0 moves nothing, so it is taken: it creates the state whose
+        keys DCP loads."""
+        return closure is None and not self.state and all(g["lr"] == 0 for g in self.param_groups)
+
+    @staticmethod
+    def _shards(params: list[Tensor], hz: dict[Tensor, Tensor] | None
+                ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
+        r"""The ``params``, their gradients and :math:`H (\mu Z)` as the group step uses them:
+        under FSDP2 this rank's shards (the state holds them too during the commit)."""
+        return ([local(p) for p in params], [local(p.grad) for p in params],
+                None if hz is None else [hz[p] for p in params])
 
     def _descend(self, closure: Callable[[], Any] | None, hypers: list[dict[str, Any]],
                  deltas: list[float], tracked: bool) -> Any:
@@ -288,11 +293,9 @@ class RuleMarthe(HyperOptimizer):
             parts.append(torch.stack([
                 self._tangent(p, n_cols).reshape(n_cols, grad_e[p].numel()).double().pow(2).sum(1)
                 for p in tracked]).sum(0))
-        flat = torch.cat([*parts, val_loss.double().reshape(1)])
-        if sharded:  # one all-reduce: the partial sums, and the ranks' losses to average
-            flat = torch.stack(sum_across_shards(list(flat.unbind())))
-            flat[-1] /= world_size()
-        values = flat.cpu().tolist()
+        # One all-reduce under FSDP2: the partial sums, and the ranks' losses to average.
+        values = complete_sums(torch.cat([*parts, val_loss.double().reshape(1)]), sharded)
+        values = values.cpu().tolist()
         norms = ([math.sqrt(values[2 * n_cols]) * math.sqrt(z)
                   for z in values[2 * n_cols + 1:3 * n_cols + 1]]
                  if len(parts) > 2 else [0.0] * n_cols)
@@ -371,9 +374,9 @@ class RuleMarthe(HyperOptimizer):
         sharded like their parameter at the end."""
         n_cols = len(hypers)
         mus = [h["mu"] for h in hypers]
-        try:
+        with local_states(self.state, everything):
             for p in everything:
-                state = local_state(self.state[p])
+                state = self.state[p]
                 state["tangent"] = _scale_(self._tangent(p, n_cols), mus)
                 for key in self.buffer_tangent_keys.values():
                     if state.get(key) is not None:
@@ -387,10 +390,6 @@ class RuleMarthe(HyperOptimizer):
                     self._advance(i, group, params, hz)
                 self._record(i, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
                              **{"hypergrad/lr": deltas[i]})
-        finally:
-            for p in everything:
-                if is_sharded(p):
-                    reshard_state(self.state[p], p)
         self._store_hypers(hypers)
 
     def _store_hypers(self, hypers: list[dict[str, Any]]) -> None:
@@ -417,10 +416,7 @@ class RuleMarthe(HyperOptimizer):
         """
         rule = self.rule
         states = [self.state[p] for p in params]
-        hzs = None if hz is None else [hz[p] for p in params]
-        # FSDP2: this rank's shards (the state holds them too during the commit).
-        grads = [local(p.grad) for p in params]
-        params = [local(p) for p in params]
+        params, grads, hzs = self._shards(params, hz)
         buffers, counts = rule.read_state(states, params)
         hypers, options = rule.hypers(group), rule.options(group)
         new_tangents: tuple[list[Tensor], dict[str, list[Tensor | None]]] | None = None
