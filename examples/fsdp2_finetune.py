@@ -1,19 +1,20 @@
-"""HypergradAdamW fine-tunes a small transformer sharded with FSDP2 (``fully_shard``), and a
-torch.distributed.checkpoint (DCP) save resumes it exactly.
+"""HypergradAdamW and MartheAdamW fine-tune a small transformer sharded with FSDP2
+(``fully_shard``), and a torch.distributed.checkpoint (DCP) save resumes each exactly.
 
 Every rank holds a dim-0 shard of every parameter (DTensors) and its share of each batch; FSDP2
-gathers the weights for forward and backward and reduce-scatters the gradients, and
-HypergradAdamW learns its learning rate from per-shard partial sums completed by one all-reduce
-of scalars per step. Halfway, the run is saved with ``get_state_dict`` and ``dcp.save``; a fresh
-model and optimizer (as after a restart) load it with ``dcp.load`` and ``set_state_dict`` and
-continue. The learned learning rate, the Adam state and the optimizer's history come back (the
+gathers the weights for forward and backward and reduce-scatters the gradients. HypergradAdamW
+learns its learning rate from per-shard partial sums completed by one all-reduce of scalars per
+step. MartheAdamW learns it from a validation loss through forward-mode tangents that live
+sharded beside the parameters (DTensors, like the Adam moments); its Hessian-vector products are
+finite differences of the gradient (two extra forward/backward passes per step, which FSDP2
+shards like any other), since double backward finds no graph to FSDP2's shards.
+
+Halfway, each run is saved with ``get_state_dict`` and ``dcp.save``; a fresh model and optimizer
+(as after a restart) load it with ``dcp.load`` and ``set_state_dict`` and continue. The learned
+learning rate, the Adam state, MARTHE's tangents and the optimizer's history come back (the
 history and hyper state ride in ``param_groups``, which DCP keeps), so the resumed run ends on
 the weights of the uninterrupted one. Data are generated here; nothing is downloaded. CPU/gloo,
 or GPU/nccl where every rank has a GPU.
-
-MartheAdamW is tried on the same sharded model: the second-order methods (MARTHE, IFT, FDS)
-do not support FSDP2 yet, and the example prints the refusal (run without torchrun, one
-unsharded process, MartheAdamW trains as well).
 
 Run:  torchrun --nproc_per_node 2 examples/fsdp2_finetune.py [--steps N]
       python examples/fsdp2_finetune.py             # one unsharded process, same code
@@ -28,6 +29,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,7 +37,6 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hyperoptim
 
@@ -49,8 +50,10 @@ class Classifier(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, width)
         self.position = nn.Parameter(torch.randn(LENGTH, width) * 0.02)
+        # GELU: smooth, so that MARTHE's finite-difference Hessian-vector products in float32
+        # meet no ReLU kinks.
         layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=64, dropout=0.0,
-                                           batch_first=True)
+                                           activation="gelu", batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
         self.head = nn.Linear(width, 2)
 
@@ -68,7 +71,9 @@ def batch(step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build(device: torch.device, sharded: bool) -> nn.Module:
     torch.manual_seed(0)
-    model = Classifier().to(device)
+    # float64: finite differences of float32 gradients lose to rounding once the loss is small
+    # (MARTHE then warns that its Hessian-vector products are unreliable).
+    model = Classifier().to(device, torch.float64)
     if sharded:
         from torch.distributed.fsdp import fully_shard
 
@@ -78,29 +83,44 @@ def build(device: torch.device, sharded: bool) -> nn.Module:
     return model
 
 
-def adamw(model: nn.Module) -> hyperoptim.HypergradAdamW:
+def adamw(model: nn.Module, mine: slice, device: torch.device) -> hyperoptim.HypergradAdamW:
     """The scale-free hyper-step: its state (Adam moments on log lr) is the optimizer's
     hyper_state, which the DCP checkpoint carries along with the learned lr."""
     return hyperoptim.HypergradAdamW(model.parameters(), lr=1e-3, weight_decay=0.01,
                                      hyper_step="scale_free")
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, mine: slice,
-          device: torch.device, backward: bool = True) -> float:
-    """``steps`` on this rank's share of each batch; the last training loss (this rank's).
+def marthe_adamw(model: nn.Module, mine: slice, device: torch.device) -> hyperoptim.MartheAdamW:
+    """MARTHE on a held-out batch (this rank's share); its closure calls backward() too, so
+    that FSDP2 reduce-scatters the validation gradients into the shards."""
+    tokens, labels = batch(10_000, device)
 
-    ``backward=False``: the closure returns the loss and the optimizer differentiates it (the
-    exact Hessian-vector products of the second-order methods); FSDP2 needs ``backward()``."""
+    def val_closure() -> torch.Tensor:
+        loss = F.cross_entropy(model(tokens[mine]), labels[mine])
+        loss.backward()
+        return loss
+
+    return hyperoptim.MartheAdamW(model.parameters(), lr=1e-3, weight_decay=0.01,
+                                  val_closure=val_closure)
+
+
+OPTIMIZERS: dict[str, Callable[[nn.Module, slice, torch.device], Any]] = {
+    "HypergradAdamW": adamw, "MartheAdamW": marthe_adamw}
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, mine: slice,
+          device: torch.device) -> float:
+    """``steps`` on this rank's share of each batch; the last training loss (this rank's)."""
     loss = torch.zeros(())
     for step in steps:
         tokens, labels = batch(step, device)
 
         def closure(tokens: torch.Tensor = tokens[mine], labels: torch.Tensor = labels[mine]
                     ) -> torch.Tensor:
+            # Under FSDP2 backward()'s hooks reduce-scatter the gradients into the shards.
+            opt.zero_grad()
             loss = F.cross_entropy(model(tokens), labels)
-            if backward:  # under FSDP2 backward()'s hooks reduce-scatter the grads into shards
-                opt.zero_grad()
-                loss.backward()
+            loss.backward()
             return loss
 
         loss = opt.step(closure)
@@ -127,20 +147,36 @@ def checkpoint_dir(rank: int, launched: bool) -> str:
     return path[0]
 
 
-def try_marthe(model: nn.Module, val: Callable[[], torch.Tensor],
-               run: Callable[[torch.optim.Optimizer], object]) -> str:
-    """MartheAdamW on the same model: ``run`` with it, or the first sentence of the error that
-    refuses it."""
-    try:
-        opt = hyperoptim.MartheAdamW(model.parameters(), lr=1e-3, val_closure=val)
-    except ValueError as err:
-        return f"MartheAdamW on this model: refused: {str(err).split('. ')[0]}."
+def run(name: str, steps: int, mine: slice, device: torch.device, launched: bool,
+        path: str) -> list[str]:
+    """Train with optimizer ``name`` for ``steps``, saving at half time to ``path``; resume a
+    fresh model and optimizer from there and finish. What rank 0 prints."""
+    half = steps // 2
+    make = OPTIMIZERS[name]
+    model = build(device, launched)
+    opt = make(model, mine, device)
     first_lr = opt.param_groups[0]["lr"]
-    # The math attention kernel has the double backward that the exact HVPs take (the fused
-    # CPU/flash kernels have none).
-    with sdpa_kernel(SDPBackend.MATH):
-        run(opt)
-    return f"MartheAdamW on this model: lr {first_lr:.6g} -> {opt.param_groups[0]['lr']:.6g}"
+    train(model, opt, range(half), mine, device)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, no_dist=not launched)
+    loss = train(model, opt, range(half, steps), mine, device)  # uninterrupted
+
+    # A restart: a fresh model and optimizer are the load's target, then continue.
+    resumed = build(device, launched)
+    ropt = make(resumed, mine, device)
+    model_sd, optim_sd = get_state_dict(resumed, ropt)
+    target = {"model": model_sd, "optim": optim_sd}
+    dcp.load(target, checkpoint_id=path, no_dist=not launched)
+    set_state_dict(resumed, ropt, model_state_dict=target["model"],
+                   optim_state_dict=target["optim"])
+    train(resumed, ropt, range(half, steps), mine, device)
+    gap = largest_difference(model, resumed, launched)
+    world = dist.get_world_size() if launched else 1
+    return [f"ranks {world}, {'fully_shard' if launched else 'unsharded'} on {device.type}: "
+            f"{name} lr {first_lr:.4g} -> {opt.param_groups[0]['lr']:.4g}, last loss {loss:.3f}",
+            f"  resumed from the DCP checkpoint at step {half}: largest weight difference "
+            f"from the uninterrupted run {gap:.3g}, history entries "
+            f"{len(ropt.history[0]['lr'])} of {len(opt.history[0]['lr'])}"]
 
 
 def start() -> tuple[bool, torch.device]:
@@ -166,43 +202,15 @@ def main(argv: list[str] | None = None) -> None:
     launched, device = start()
     rank, world = (dist.get_rank(), dist.get_world_size()) if launched else (0, 1)
     mine = slice(rank, None, world)  # this rank's share of every batch
-    half = args.steps // 2
     path = checkpoint_dir(rank, launched)
     try:
         with warnings.catch_warnings():
             # DCP's note that one unsharded process loads in one process, as intended.
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            model = build(device, launched)
-            opt = adamw(model)
-            first_lr = opt.param_groups[0]["lr"]
-            train(model, opt, range(half), mine, device)
-            model_sd, optim_sd = get_state_dict(model, opt)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path,
-                     no_dist=not launched)
-            loss = train(model, opt, range(half, args.steps), mine, device)  # uninterrupted
-
-            # A restart: a fresh model and optimizer are the load's target, then continue.
-            resumed = build(device, launched)
-            ropt = adamw(resumed)
-            model_sd, optim_sd = get_state_dict(resumed, ropt)
-            target = {"model": model_sd, "optim": optim_sd}
-            dcp.load(target, checkpoint_id=path, no_dist=not launched)
-            set_state_dict(resumed, ropt, model_state_dict=target["model"],
-                           optim_state_dict=target["optim"])
-            train(resumed, ropt, range(half, args.steps), mine, device)
-        gap = largest_difference(model, resumed, launched)
-        tokens, labels = batch(10_000, device)
-        marthe = try_marthe(model, lambda: F.cross_entropy(model(tokens[mine]), labels[mine]),
-                            lambda o: train(model, o, range(args.steps, args.steps + half), mine,
-                                            device, backward=launched))
-        if rank == 0:
-            print(f"ranks {world}, {'fully_shard' if launched else 'unsharded'} on {device.type}: "
-                  f"HypergradAdamW lr {first_lr:.4g} -> {opt.param_groups[0]['lr']:.4g}, "
-                  f"last loss {loss:.3f}")
-            print(f"resumed from the DCP checkpoint at step {half}: largest weight difference "
-                  f"from the uninterrupted run {gap:.3g}, history entries "
-                  f"{len(ropt.history[0]['lr'])} of {len(opt.history[0]['lr'])}")
-            print(marthe)
+            for name in OPTIMIZERS:
+                lines = run(name, args.steps, mine, device, launched, os.path.join(path, name))
+                if rank == 0:
+                    print("\n".join(lines))
     finally:
         if launched:  # every rank's reads finished inside dcp.load (it ends in a collective)
             dist.destroy_process_group()

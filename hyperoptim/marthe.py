@@ -10,7 +10,13 @@ from torch import Tensor
 from .core.options import check_arguments, renamed_options
 from .core.signatures import bind_keywords, renamed_keywords, with_keywords
 from .core.types import ParamsT
-from .methods.marthe import MARTHE_KEYWORDS, RuleMarthe, marthe_options, take_marthe_options
+from .methods.marthe import (
+    MARTHE_KEYWORDS,
+    RuleMarthe,
+    keep_buffer_tangents,
+    marthe_options,
+    take_marthe_options,
+)
 from .rules.base import apply_update_
 from .rules.sgd import SGD, sgd_direction, sgd_momentum_tangents
 
@@ -251,20 +257,20 @@ class MartheSGD(RuleMarthe):
         :math:`(Z, C)_{t+1} = B_t` and :math:`C_{t+1} = 0` is not stored.
         """
         states = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
+        params, grads, hzs = self._shards(params, hz)
         config = dict(dampening=group["dampening"], nesterov=group["nesterov"], inplace=True)
         momentum, weight_decay, lr = group["momentum"], group["weight_decay"], group["lr"]
         bufs = [s.get("momentum_buffer") for s in states]
         tangents = [s["tangent"] for s in states]
         new_tangent_bufs: list[Tensor | None] = [None] * len(params)
-        if hz is not None:
+        if hzs is not None:
             # The rule on (mu Z, H mu Z, mu C): mu C_{t+1} and D, then Z <- mu Z - a_t D.
             tangent_bufs = [None if b is None else s.get("tangent_buffer") for s, b in zip(
                 states, bufs, strict=True)]
             tangent_bufs = [torch.zeros_like(z) if b is not None and c is None else c
                             for b, c, z in zip(bufs, tangent_bufs, tangents, strict=True)]
             _, new_tangent_bufs, tangent_dirs = sgd_direction(
-                tangents, [hz[p] for p in params], tangent_bufs, momentum, weight_decay, **config)
+                tangents, hzs, tangent_bufs, momentum, weight_decay, **config)
             apply_update_(tangents, tangent_dirs, lr)
         _, new_bufs, dirs = sgd_direction(params, grads, bufs, momentum, weight_decay, **config)
         for z, d in zip(tangents, dirs, strict=True):
@@ -272,6 +278,8 @@ class MartheSGD(RuleMarthe):
         apply_update_(params, dirs, lr)
         _store(states, new_bufs, new_tangent_bufs, dirs, grads,
                keep_direction=momentum == 0 or group["nesterov"])
+        if hzs is None and group["mu"] != 0:
+            keep_buffer_tangents(states, self.buffer_tangent_keys)
 
 
 def _store(states: list[dict[str, Any]], bufs: list[Tensor | None],

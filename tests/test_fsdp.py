@@ -2,9 +2,12 @@
 
 Two ranks, each holding half of every batch and a dim-0 shard of every parameter (DTensors), must
 follow one unsharded process that holds the whole batch: final weights and every learned value
-within 1e-6 in float64, ranks consistent. The hypergradient-descent family supports FSDP2 (its
-inner products are per-shard partial sums completed by one all-reduce of scalars); the other
-classes, and FSDP1, are refused with errors that say what works. Every collective has a timeout
+within 1e-6 in float64, ranks consistent. The hypergradient-descent family, MARTHE and FDS
+support FSDP2 (inner products are per-shard partial sums completed by one all-reduce of scalars;
+MARTHE's and FDS's tangents live sharded beside the parameters and their Hessian-vector products
+are finite differences of the gradients FSDP2 reduce-scatters); IFT, the exact HVP route and
+FSDP1 are refused with errors that say what works. Under FSDP2 a closure must call backward() (the
+other closure style is refused, by name). Every collective has a timeout
 and every loop a fixed length. ``HYPEROPTIM_DIST_WORLDS=2,3`` runs more world sizes (CI runs 2;
 3 ranks shard the 8-row layer unevenly). The last part: torch.distributed.checkpoint, a save at 2
 ranks resumed at 1, 2 and 3.
@@ -58,7 +61,36 @@ BUILDERS = {
     "adamw_val": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01, hyper_lr=1e-3,
                                                         val_closure=v),
 }
-REFUSED = ("MartheSGD", "IFTOptimizer", "FDSSGD", "MartheAdam", "MartheAdamW", "IFTAdam", "IFTAdamW")
+
+
+def _two_groups(params: Any) -> list[dict[str, Any]]:
+    """The first layer and the last at different learning rates: two tangent columns."""
+    params = list(params)
+    return [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}]
+
+
+# MARTHE: adaptive and fixed mu, SGD (momentum, weight decay, Nesterov) and Adam/AdamW (one and
+# two tangent columns), on the finite-difference route (the closure calls backward()).
+MARTHE_BUILDERS = {
+    "marthe_sgd": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
+                                                    hyper_lr=1e-3, val_closure=v),
+    "marthe_sgd_nesterov": lambda p, v: hyperoptim.MartheSGD(
+        p, lr=0.05, momentum=0.5, nesterov=True, mu=0.9, hyper_lr=1e-2, adapt_hyper_lr=False,
+        val_closure=v),
+    "marthe_adam": lambda p, v: hyperoptim.MartheAdam(p, lr=0.01, weight_decay=1e-3,
+                                                      hyper_lr=1e-5, val_closure=v),
+    "marthe_adamw_groups": lambda p, v: hyperoptim.MartheAdamW(_two_groups(p), lr=0.01,
+                                                               hyper_lr=1e-5, val_closure=v),
+}
+# FDS: episodes of 4 steps; SGD learning its three schedules, AdamW its learning rate.
+FDS_BUILDERS = {
+    "fds_sgd": lambda p, v: hyperoptim.FDSSGD(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
+                                              horizon=4, tune=("lr", "momentum", "weight_decay"),
+                                              val_closure=v),
+    "fds_adamw": lambda p, v: hyperoptim.FDSAdamW(p, lr=0.01, horizon=4, val_closure=v),
+}
+ALL_BUILDERS = {**BUILDERS, **MARTHE_BUILDERS, **FDS_BUILDERS}
+REFUSED = ("IFTOptimizer", "IFTAdam", "IFTAdamW")
 
 
 def _model() -> nn.Module:
@@ -99,18 +131,21 @@ def _setup(builder: Callable[..., Any], rank: int, world: int, sharded: bool
 
 
 def run_case(name: str, rank: int, world: int, sharded: bool) -> dict[str, Any]:
-    """8 steps on this rank's share of every batch."""
-    model, opt, step = _setup(BUILDERS[name], rank, world, sharded)
+    """8 steps on this rank's share of every batch (FDS: two episodes, each ended by
+    hyperstep(), which clears the state: its types are read before)."""
+    model, opt, step = _setup(ALL_BUILDERS[name], rank, world, sharded)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for t in range(STEPS):
             step(t)
+            state = next(iter(opt.state.values()))
+            types = sorted({type(v).__name__ for k, v in state.items() if k != "step"})
+            if hasattr(opt, "hyperstep") and opt.episode_step == opt.horizon:
+                opt.hyperstep()
     comm = Counter(e.name for e in prof.events() if e.name.startswith("gloo:"))
     full = [p.full_tensor() if sharded else p for p in model.parameters()]
-    state = next(iter(opt.state.values()))
     return {"params": [p.detach().clone() for p in full],
             "lr": [g["lr"] for g in opt.param_groups], "history": opt.history,
-            "state_types": sorted({type(v).__name__ for k, v in state.items() if k != "step"}),
-            "comm": comm}
+            "state_types": types, "comm": comm}
 
 
 def _refusals() -> list[str]:
@@ -120,25 +155,33 @@ def _refusals() -> list[str]:
 
     model = _model()
     fully_shard(model)
+    # Taken before any forward: between a forward and its backward the module holds FSDP2's
+    # unsharded parameters instead.
+    params = list(model.parameters())
     out = []
     for name in REFUSED:
-        kwargs = {"horizon": 4} if name == "FDSSGD" else {}
         try:
-            getattr(hyperoptim, name)(model.parameters(), lr=0.1, val_closure=lambda: None, **kwargs)
+            getattr(hyperoptim, name)(params, lr=0.1, val_closure=lambda: None)
             out.append(f"{name}: constructed")
         except ValueError as err:
             out.append(f"{name}: {err}")
     try:
-        hyperoptim.HypergradAdamW(model.parameters(), lr=0.1, per_parameter=True)
+        hyperoptim.HypergradAdamW(params, lr=0.1, per_parameter=True)
         out.append("per_parameter: constructed")
     except ValueError as err:
         out.append(f"per_parameter: {err}")
-    opt = hyperoptim.HypergradSGD(model.parameters(), lr=0.1)
     try:
-        opt.step(lambda: model(torch.ones(2, 3, dtype=torch.float64)).sum())
-        out.append("loss-only closure: stepped")
+        hyperoptim.MartheAdamW(params, lr=0.1, hvp="exact", val_closure=lambda: None)
+        out.append("hvp='exact': constructed")
     except ValueError as err:
-        out.append(f"loss-only closure: {err}")
+        out.append(f"hvp='exact': {err}")
+    for cls in (hyperoptim.HypergradSGD, hyperoptim.MartheSGD):
+        opt = cls(params, lr=0.1, val_closure=lambda: model(torch.ones(2, 3)).sum())
+        try:
+            opt.step(lambda: model(torch.ones(2, 3, dtype=torch.float64)).sum())
+            out.append("loss-only closure: stepped")
+        except ValueError as err:
+            out.append(f"loss-only closure: {err}")
     return out
 
 
@@ -161,7 +204,8 @@ def _in_gloo_group(rank: int, world: int, store: str, work: Callable[[], None]) 
 
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     def work() -> None:
-        results: dict[str, Any] = {name: run_case(name, rank, world, True) for name in BUILDERS}
+        results: dict[str, Any] = {name: run_case(name, rank, world, True)
+                                   for name in ALL_BUILDERS}
         results["refusals"] = _refusals()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -176,7 +220,7 @@ def ranks(request) -> list[dict[str, Any]]:
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
 
 
-@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("name", list(ALL_BUILDERS))
 def test_fsdp2_ranks_follow_the_single_process_run(ranks, name):
     torch.set_num_threads(1)
     ref = run_case(name, rank=0, world=1, sharded=False)
@@ -187,9 +231,16 @@ def test_fsdp2_ranks_follow_the_single_process_run(ranks, name):
             assert torch.equal(a, b)
     for a, b in zip(ref["params"], first["params"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    lrs, ref_lrs = first["history"][0]["lr"], ref["history"][0]["lr"]
-    assert len(lrs) == STEPS and lrs[-1] != lrs[0]  # the learning rate did learn
-    torch.testing.assert_close(torch.tensor(lrs), torch.tensor(ref_lrs), rtol=1e-6, atol=1e-6)
+    for hist, ref_hist in zip(first["history"], ref["history"], strict=True):
+        lrs = hist["lr"]  # FDS: one schedule per episode
+        assert len(lrs) == (2 if name.startswith("fds") else STEPS) and lrs[-1] != lrs[0]
+        assert not any(hist["skipped"])
+        # Every learned value (MARTHE's mu and hyper-step size, FDS's schedules) and raw
+        # hypergradient.
+        assert sorted(hist) == sorted(ref_hist)
+        for key in hist:
+            torch.testing.assert_close(torch.tensor(hist[key]), torch.tensor(ref_hist[key]),
+                                       rtol=1e-6, atol=1e-6, msg=key)
     torch.testing.assert_close(torch.tensor(first["lr"]), torch.tensor(ref["lr"]), rtol=1e-6,
                                atol=1e-6)
     # State lives sharded beside the parameter, as torch.optim's does under FSDP2.
@@ -220,15 +271,44 @@ def test_fsdp2_step_sends_one_scalar_all_reduce_of_its_own(ranks):
         assert comm["gloo:reduce_scatter"] + comm["gloo:all_reduce"] - own == backwards, (name, comm)
 
 
+def _marthe_calls(hist: list[dict[str, Any]]) -> tuple[int, int, int]:
+    """From a MARTHE run's history: the validation calls (every step after the first, which
+    has no tangent yet), the steps that took H Z, and the tangent columns it took (the groups
+    with mu != 0 there)."""
+    active = [sum(h["mu"][t] != 0 for h in hist) for t in range(1, STEPS)]
+    return STEPS - 1, sum(a > 0 for a in active), sum(active)
+
+
+def test_fsdp2_marthe_communicates_scalars_only(ranks):
+    # Every all-gather is FSDP2's, one per forward: the training closure, the validation closure
+    # and the two finite-difference evaluations per tangent column. Beside the reductions of
+    # each backward() (FSDP2's), the optimizer all-reduces scalars only: the ranks' verdict after
+    # each closure call (training, validation, perturbed), per step one all-reduce for the
+    # hypergradient's partial sums and the validation loss, one for the guard's norms, per H Z
+    # one for the finite-difference step sizes and per column one for the kink check; once, the
+    # validation gradient's nonzero check and the two of the replica check.
+    for name in MARTHE_BUILDERS:
+        comm = ranks[0][name]["comm"]
+        vals, hvps, cols = _marthe_calls(ranks[0][name]["history"])
+        forwards = STEPS + vals + 2 * cols
+        assert comm["gloo:all_gather"] == forwards, (name, comm)
+        own = (STEPS + vals + 2 * cols) + vals + STEPS + hvps + cols + 3
+        assert comm["gloo:reduce_scatter"] + comm["gloo:all_reduce"] - own == forwards, (name, comm)
+        assert hvps >= STEPS - 2 and cols >= hvps, (name, hvps, cols)  # H Z was taken
+
+
 def test_fsdp2_refuses_what_it_cannot_do_by_name(ranks):
     for rank in ranks:
         lines = rank["refusals"]
-        assert len(lines) == len(REFUSED) + 2
+        assert len(lines) == len(REFUSED) + 4
         for name, line in zip(REFUSED, lines):
             assert line.startswith(f"{name}: {name} does not support FSDP2"), line
-            assert "HypergradAdamW support FSDP2" in line and "DistributedDataParallel" in line
-        assert "HypergradAdamW(per_parameter=True) does not support FSDP2" in lines[-2], lines[-2]
-        assert "must call zero_grad() and backward() itself" in lines[-1], lines[-1]
+            assert "FDSAdamW support FSDP2" in line and "DistributedDataParallel" in line
+        assert "HypergradAdamW(per_parameter=True) does not support FSDP2" in lines[-4], lines[-4]
+        assert "MartheAdamW(hvp='exact') does not support FSDP2" in lines[-3], lines[-3]
+        assert "hvp='finite_difference'" in lines[-3], lines[-3]
+        for line in lines[-2:]:
+            assert "must call zero_grad() and backward() itself" in line, line
 
 
 def test_fsdp1_flat_parameters_are_refused_naming_fully_shard():
@@ -253,6 +333,9 @@ DCP_BUILDERS = {
                                                              val_closure=v),
     "adamw_growth": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01, weight_decay=1e-2,
                                                            hyper_step="growth"),
+    # Tangents (two columns, sharded on the parameter's dim 0 after the columns) and the Adam
+    # moments' tangents, resharded to 1 and 3 ranks.
+    "marthe_adamw_groups": MARTHE_BUILDERS["marthe_adamw_groups"],
 }
 DCP_WORLDS = (1, 2, 3)
 

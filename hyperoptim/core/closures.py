@@ -332,9 +332,13 @@ class _Closures:
             "disagree. Either the model has kinks within the step (ReLU, max-pooling, clamping) "
             f"or the gradient's rounding dominates (weights in {', '.join(dtypes)}; under "
             "torch.autocast the forward pass rounds to bfloat16/float16, far coarser); on a "
-            "784-512-512-10 ReLU MLP in float32 the products were 20x off. Prefer the exact "
-            "route: a closure that returns the loss without calling backward() (hvp='exact'), "
-            "or train in float64 without autocast. Continuing without further retries."
+            "784-512-512-10 ReLU MLP in float32 the products were 20x off. "
+            + ("Under FSDP2 the exact route is not available: train in float64 without autocast, "
+               "or use smooth activations (GELU, SiLU). " if any(is_sharded(p) for p in
+                                                                 self._all_params()) else
+               "Prefer the exact route: a closure that returns the loss without calling "
+               "backward() (hvp='exact'), or train in float64 without autocast. ")
+            + "Continuing without further retries."
         )
 
     def _route(self, called_backward: bool) -> str:

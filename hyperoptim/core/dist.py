@@ -15,12 +15,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["AGREEMENT_TIMEOUT", "RankFailedError", "all_reduce_mean", "check_supported_parameters",
-           "ddp_synced_ids", "settle", "uneven_batches", "verdict", "world_size"]
+__all__ = ["AGREEMENT_TIMEOUT", "FSDP2_CLASSES", "RankFailedError", "all_reduce_mean",
+           "check_supported_parameters", "ddp_synced_ids", "settle", "uneven_batches", "verdict",
+           "world_size"]
 
 AGREEMENT_TIMEOUT = 300.0
 """Seconds a rank waits, by default, for the others at a collective that carries the step's
 agreement (docs/design.md §8) before it gives up on them (``optimizer.agreement_timeout``)."""
+
+FSDP2_CLASSES = ("HypergradSGD, HypergradAdam, HypergradAdamW, MartheSGD, MartheAdam, MartheAdamW, "
+                 "FDSSGD, FDSAdam and FDSAdamW")
+"""The classes that support FSDP2 (``fully_shard``), as the refusals name them."""
 
 _CAUSE_CHARS = 300  # of each failing rank's "Type: message", shared on the failure path only
 
@@ -178,11 +183,11 @@ def check_supported_parameters(owner: str, params: Iterable[Tensor], *, fsdp2: b
     """Refuse parameters sharded by FSDP with an error that says what is supported.
 
     FSDP2 (``fully_shard``: ``DTensor`` parameters sharded on dim 0) is supported by the classes
-    that pass ``fsdp2=True`` (the hypergradient-descent family), whose inner products are sums of
-    per-shard partial sums (:mod:`hyperoptim.core.shard`). The others take Hessian-vector
-    products and tangents over whole parameters and refuse it. FSDP1 (``FullyShardedDataParallel``,
-    flat parameters) is refused by every class: FSDP2 is the way. DistributedDataParallel
-    (replicated parameters) is supported by all.
+    that pass ``fsdp2=True`` (:data:`FSDP2_CLASSES`: the hypergradient-descent family, and MARTHE
+    and FDS on the finite-difference HVP route), whose inner products are sums of per-shard
+    partial sums (:mod:`hyperoptim.core.shard`). The others (IFT) refuse it by name. FSDP1
+    (``FullyShardedDataParallel``, flat parameters) is refused by every class: FSDP2 is the way.
+    DistributedDataParallel (replicated parameters) is supported by all.
     """
     from .shard import check_fsdp2_parameters, is_sharded
 
@@ -193,15 +198,16 @@ def check_supported_parameters(owner: str, params: Iterable[Tensor], *, fsdp2: b
         raise ValueError(
             f"{owner} does not support FSDP1 (FullyShardedDataParallel): its flat parameters "
             "concatenate many tensors and pad them. Shard the model with FSDP2 instead "
-            "(torch.distributed.fsdp.fully_shard, supported by HypergradSGD, HypergradAdam and "
-            "HypergradAdamW), or wrap it in torch.nn.parallel.DistributedDataParallel."
+            f"(torch.distributed.fsdp.fully_shard, supported by {FSDP2_CLASSES}), or wrap it in "
+            "torch.nn.parallel.DistributedDataParallel."
         )
     if any(is_sharded(p) for p in params):
         if not fsdp2:
             raise ValueError(
-                f"{owner} does not support FSDP2 (fully_shard) yet: it takes Hessian-vector "
-                "products and tangents over whole parameters. HypergradSGD, HypergradAdam and "
-                "HypergradAdamW support FSDP2; or wrap the model in "
+                f"{owner} does not support FSDP2 (fully_shard) yet: its hyper-update "
+                "differentiates the update over whole parameters (its vector-Jacobian and "
+                "Hessian-vector products are not taken as per-shard partial sums). "
+                f"{FSDP2_CLASSES} support FSDP2; or wrap the model in "
                 "torch.nn.parallel.DistributedDataParallel (supported by every class)."
             )
         check_fsdp2_parameters(owner, params)

@@ -10,7 +10,8 @@ few scalars completes them. Nothing here gathers a parameter.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -19,8 +20,10 @@ from torch import Tensor
 
 from .dist import world_size
 
-__all__ = ["any_nonzero", "check_fsdp2_parameters", "check_sharded_closure", "is_sharded", "local",
-           "sum_across_shards", "sums_and_norms", "tensor_norms"]
+__all__ = ["any_nonzero", "check_fsdp2_parameters", "check_sharded_closure", "check_sharded_hvp",
+           "complete_sums", "is_sharded", "local", "local_parameters", "local_state", "local_states",
+           "reshard_state", "sum_across_shards",
+           "sums_and_norms", "tensor_norms"]
 
 
 # DTensor, imported at the first is_sharded call (the import takes seconds), None without
@@ -51,6 +54,124 @@ def is_sharded(p: Tensor) -> bool:
 def local(t: Tensor) -> Tensor:
     """This rank's shard of ``t`` (``t`` itself unless it is a ``DTensor``); shares its storage."""
     return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
+
+
+def local_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (a ``state[p]`` dict) with every ``DTensor`` value replaced, in place, by its
+    local shard (shared storage); undone by :func:`reshard_state`."""
+    for key, value in state.items():
+        if is_sharded(value):
+            state[key] = local(value)
+    return state
+
+
+@contextlib.contextmanager
+def local_states(state: MutableMapping[Tensor, dict[str, Any]], params: Sequence[Tensor]
+                 ) -> Iterator[None]:
+    """While inside, each parameter's ``state[p]`` holds local shards (:func:`local_state`);
+    afterwards, also on error, the FSDP2 parameters' state is sharded again
+    (:func:`reshard_state`). Nothing changes for plain parameters."""
+    try:
+        for p in params:
+            local_state(state[p])
+        yield
+    finally:
+        for p in params:
+            if is_sharded(p):
+                reshard_state(state[p], p)
+
+
+def complete_sums(flat: Tensor, sharded: bool) -> Tensor:
+    """``flat`` (float64: per-shard partial sums, then this rank's mean of something last)
+    completed across ranks when ``sharded``: the sums summed, the last entry averaged, in one
+    all-reduce; ``flat`` itself otherwise."""
+    if not sharded:
+        return flat
+    done = torch.stack(sum_across_shards(list(flat.unbind())))
+    done[-1] /= world_size()
+    return done
+
+
+def reshard_state(state: dict[str, Any], p: Tensor) -> None:
+    """Wrap, in place, every plain tensor of ``state`` that holds this rank's shard of a tensor
+    laid out like the FSDP2 parameter ``p`` (its local shape, after any leading dimensions: a
+    tangent's columns) as a ``DTensor`` sharded like ``p`` on the dimension after the leading
+    ones, so that torch.distributed.checkpoint saves and reshards it (torch.optim's own state
+    under FSDP2 is such DTensors). Scalars (Adam's ``step``) stay plain, as torch keeps them."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    shard = local(p)
+    for key, value in state.items():
+        if not isinstance(value, Tensor) or is_sharded(value):
+            continue
+        lead = value.dim() - shard.dim()
+        if shard.dim() == 0 or lead < 0 or value.shape[lead:] != shard.shape:
+            continue
+        shape = (*value.shape[:lead], *p.shape)
+        state[key] = DTensor.from_local(value, p.device_mesh,  # type: ignore[attr-defined]
+                                        [Shard(lead)], run_check=False, shape=torch.Size(shape),
+                                        stride=torch.empty(shape, device="meta").stride())
+
+
+@contextlib.contextmanager
+def local_parameters(state: MutableMapping[Tensor, dict[str, Any]], params: Sequence[Tensor],
+                     *keyed: MutableMapping[Tensor, Any]) -> Iterator[list[Tensor]]:
+    """Per-parameter code written for plain tensors, run on this rank's FSDP2 shards.
+
+    Yields one tensor per parameter: the parameter itself if it is plain, else a new view of its
+    local shard (the storage FSDP2 gathers from, so in-place updates reach the parameter) with
+    ``.grad`` the local shard of its gradient. While inside, ``state`` (the optimizer's) and
+    each dict in ``keyed`` hold a sharded parameter's entry under its view, with the state's
+    ``DTensor`` values as local shards (:func:`local_state`); afterwards, also on error, the
+    entries are back under the parameters and the state sharded again (:func:`reshard_state`).
+    """
+    views = []
+    moved: list[tuple[Tensor, Tensor]] = []
+    try:
+        for p in params:
+            if not is_sharded(p):
+                views.append(p)
+                continue
+            shard = local(p)
+            view = shard.view_as(shard)  # our own tensor object, sharing the shard's storage
+            if p.grad is not None:
+                view.grad = local(p.grad)
+            moved.append((p, view))
+            views.append(view)
+            if p in state:
+                state[view] = local_state(state.pop(p))
+            for d in keyed:
+                if p in d:
+                    d[view] = d.pop(p)
+        yield views
+    finally:
+        _move_back(state, moved, keyed)
+
+
+def _move_back(state: MutableMapping[Tensor, dict[str, Any]], moved: list[tuple[Tensor, Tensor]],
+               keyed: Sequence[MutableMapping[Tensor, Any]]) -> None:
+    """:func:`local_parameters`' exit: each entry back under its parameter, sharded again."""
+    for p, view in moved:
+        view.grad = None
+        if view in state:
+            state[p] = state.pop(view)
+            reshard_state(state[p], p)
+        for d in keyed:
+            if view in d:
+                d[p] = d.pop(view)
+
+
+def check_sharded_hvp(owner: str, hvp: str, params: Iterable[Tensor]) -> None:
+    """``ValueError`` for ``hvp="exact"`` over FSDP2 parameters: double backward finds no graph
+    to them (FSDP2 frees the unsharded parameters, the graph's leaves, after the forward)."""
+    if hvp == "exact" and any(is_sharded(p) for p in params):
+        raise ValueError(
+            f"{owner}(hvp='exact') does not support FSDP2 (fully_shard): the exact route "
+            "differentiates the training gradient a second time, and under FSDP2 that gradient "
+            "has no graph to the sharded parameters (its leaves are the unsharded parameters "
+            "FSDP2 frees after the forward). Pass hvp='finite_difference' (or the default "
+            "'auto'): two extra first-order gradient evaluations per tangent column."
+        )
 
 
 def check_fsdp2_parameters(owner: str, params: Iterable[Tensor]) -> None:

@@ -46,7 +46,13 @@ optimizer's ``hvp=`` argument (never by patching ``Tensor.backward``):
 
 Under ``torch.distributed`` each rank differentiates its own data, and the products (exact) or
 the perturbed gradients (finite differences) are averaged after differentiation
-(:func:`hyperoptim.core.dist.all_reduce_mean`).
+(:func:`hyperoptim.core.dist.all_reduce_mean`). Under FSDP2 (``fully_shard``, parameters sharded
+as ``DTensor``\ s) only finite differences work (double backward finds no graph to the shards):
+each rank perturbs its own shard of the weights along its shard of each column, FSDP2 gathers
+the perturbed weights for the extra forward passes and reduce-scatters their gradients, and the
+norms behind the step sizes and the kink check are per-shard partial sums completed by one
+all-reduce of scalars each (:mod:`hyperoptim.core.shard`); the products come back as this
+rank's shards (plain tensors).
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core.dist import all_reduce_mean
+from ..core.shard import is_sharded, local, sum_across_shards
 from ..core.threads import FORWARD_AD_LOCK
 
 __all__ = ["HVP_ROUTES", "SecondOrder", "exact_route_error", "grad_and_hvp", "hvp_from_grads"]
@@ -114,16 +121,20 @@ KINK_TOLERANCE = 0.01
 """How far the one-sided differences may disagree, relative to their sum, before a retry."""
 
 
-def _asymmetric(plus: Sequence[Tensor], minus: Sequence[Tensor], origin: Sequence[Tensor]) -> bool:
+def _asymmetric(plus: Sequence[Tensor], minus: Sequence[Tensor], origin: Sequence[Tensor],
+                sharded: bool = False) -> bool:
     r"""Did the step cross a kink? Compares :math:`g_+ - g_0` with :math:`g_0 - g_-`.
 
     On a smooth loss the two one-sided differences agree up to :math:`O(h)`; where a ReLU (or any
     piecewise-linear activation) switches inside :math:`[w - hz, w + hz]`, one side jumps and the
-    central difference would be off by that jump over :math:`2h`. One host sync.
+    central difference would be off by that jump over :math:`2h`. One host sync; ``sharded``
+    (FSDP2 shards): the two squared norms summed across ranks, in one all-reduce.
     """
     diff = sum(torch.linalg.vector_norm((a - g) - (g - b)).double() ** 2
                for a, b, g in zip(plus, minus, origin))
     total = sum(torch.linalg.vector_norm(a - b).double() ** 2 for a, b in zip(plus, minus))
+    if sharded:
+        diff, total = sum_across_shards([torch.as_tensor(diff), torch.as_tensor(total)])
     return bool(diff > (KINK_TOLERANCE ** 2) * total)
 
 
@@ -243,10 +254,12 @@ class SecondOrder:
         r"""Batched :math:`H Z`, averaged across ranks.
 
         Args:
-            vectors (sequence of Tensor): ``vectors[i]`` of shape ``(N, *params[i].shape)``.
+            vectors (sequence of Tensor): ``vectors[i]`` of shape ``(N, *params[i].shape)``;
+                under FSDP2, this rank's shard of each column (``(N, *shard.shape)``, plain or
+                a ``DTensor``).
 
         Returns:
-            :math:`H Z`, shaped like ``vectors``.
+            :math:`H Z`, shaped like ``vectors`` (under FSDP2: this rank's shards, plain).
 
         Raises:
             ValueError: the exact route could not differentiate twice (``torch.compile``\ d
@@ -270,20 +283,25 @@ class SecondOrder:
     def _finite_difference(self, vectors: Sequence[Tensor]) -> list[Tensor]:
         if self._gradient_at is None:
             raise RuntimeError("SecondOrder.hvp() after close()")
-        params = self.params
+        # FSDP2: each rank perturbs its own shard (the storage FSDP2 gathers from) along its
+        # shard of each column; norms are completed across the shards.
+        sharded = any(is_sharded(p) for p in self.params)
+        params = [local(p) for p in self.params]
+        vectors = [local(v) for v in vectors]
         n = vectors[0].shape[0] if vectors else 0
         out = [torch.zeros_like(v) for v in vectors]
         if not n:
             return out
-        steps = _step_sizes(params, vectors, n)
+        steps = _step_sizes(params, vectors, n, sharded)
         origin = [p.detach().clone() for p in params]
         # The closure's gradient at w (averaged across ranks): the step's own gradient unless
         # the user prepared p.grad before step() (the gradient contract).
-        at_origin = self._origin_grads if self._origin_grads is not None else [p.grad for p in params]
+        at_origin = [local(g) for g in (self._origin_grads if self._origin_grads is not None
+                                        else [p.grad for p in self.params])]
         try:
             for j, h in enumerate(steps):
                 if h != 0.0:
-                    self._central_difference(out, origin, vectors, at_origin, j, h)
+                    self._central_difference(out, origin, vectors, at_origin, j, h, sharded)
         finally:
             with torch.no_grad():
                 for p, w in zip(params, origin):
@@ -294,7 +312,7 @@ class SecondOrder:
 
     def _central_difference(self, out: list[Tensor], origin: list[Tensor],
                             vectors: Sequence[Tensor], at_origin: Sequence[Tensor], j: int,
-                            h: float) -> None:
+                            h: float, sharded: bool) -> None:
         """Column ``j`` of :math:`H Z` into ``out``, redone with a 10x smaller step while the
         one-sided differences disagree (a kink), at most ``KINK_RETRIES`` times."""
         retries = KINK_RETRIES if self._kink_check else 0
@@ -302,7 +320,7 @@ class SecondOrder:
             # Averaged as they come (gradient_at), so every rank decides alike.
             plus = self._perturbed(origin, vectors, j, h)
             minus = self._perturbed(origin, vectors, j, -h)
-            rough = self._kink_check and _asymmetric(plus, minus, at_origin)
+            rough = self._kink_check and _asymmetric(plus, minus, at_origin, sharded)
             if rough and retry < retries:
                 h *= 0.1
                 continue
@@ -317,11 +335,11 @@ class SecondOrder:
         gradient_at = cast(Callable[[], list[Tensor]], self._gradient_at)
         with torch.no_grad():
             for p, w, v in zip(self.params, origin, vectors):
-                torch.add(w, v[j], alpha=h, out=p)
+                torch.add(w, v[j], alpha=h, out=local(p))
         if self._rng is None:
-            return gradient_at()
+            return [local(g) for g in gradient_at()]
         with self._rng.replay():
-            return gradient_at()
+            return [local(g) for g in gradient_at()]
 
 
 def hvp_from_grads(grads: Sequence[Tensor], params: Sequence[Tensor], vectors: Sequence[Tensor],
@@ -368,17 +386,23 @@ def _local_hvp(grads: Sequence[Tensor], params: Sequence[Tensor], vectors: Seque
     return [o if p is None else p for p, o in zip(prods, out)]
 
 
-def _step_sizes(params: Sequence[Tensor], vectors: Sequence[Tensor], n: int) -> list[float]:
+def _step_sizes(params: Sequence[Tensor], vectors: Sequence[Tensor], n: int,
+                sharded: bool = False) -> list[float]:
     r"""Each column's finite-difference step :math:`h_j = \sqrt{\epsilon}\, (1 + \lVert w
     \rVert) / \lVert z_j \rVert` (0 for a zero or non-finite column), with one host sync for
-    every norm."""
+    every norm; ``sharded`` (FSDP2 shards): the squared norms summed across ranks first, in one
+    all-reduce."""
     eps = max(torch.finfo(p.dtype).eps for p in params if p.is_floating_point())
     norm = torch.linalg.vector_norm
     norm_w = norm(torch.stack([norm(p.detach()).double() for p in params]))
-    norm_z = norm(torch.stack([norm(v.reshape(n, -1), dim=1).double() for v in vectors]), dim=0)
-    sizes = torch.cat([norm_w.reshape(1), norm_z]).tolist()
-    return [math.sqrt(eps) * (1.0 + sizes[0]) / s if s > 0 and math.isfinite(s) else 0.0
-            for s in sizes[1:]]
+    norm_z = norm(torch.stack([norm(v.reshape(n, v.numel() // n), dim=1).double()
+                               for v in vectors]), dim=0)
+    sizes = torch.cat([norm_w.reshape(1), norm_z])
+    if sharded:
+        sizes = torch.stack(sum_across_shards(list(sizes.square().unbind()))).sqrt()
+    norms = sizes.tolist()
+    return [math.sqrt(eps) * (1.0 + norms[0]) / s if s > 0 and math.isfinite(s) else 0.0
+            for s in norms[1:]]
 
 
 def grad_and_hvp(loss_fn: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor],

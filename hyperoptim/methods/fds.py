@@ -24,6 +24,7 @@ from ..core.checks import check_value, is_real
 from ..core.guard import BACK_OFF
 from ..core.options import check_group, components, is_number, renamed_group, renamed_options
 from ..core.schedule import window_of
+from ..core.shard import check_sharded_hvp, complete_sums, is_sharded, local, local_parameters
 from ..core.types import Closure, ParamsT
 from ..core.warn import warn
 from ..rules.base import UpdateRule, rule_tangents
@@ -134,6 +135,8 @@ class RuleFDS(HyperOptimizer):
     log_growth: ClassVar[float] = 2.0
     log_step_max: ClassVar[float] = LOG_STEP_MAX
     _renamed_options = renamed_options("fds")
+    # FSDP2: tangents sharded beside each parameter shard (docs/design.md §8).
+    _supports_fsdp2 = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *,
                  val_closure: Closure | None = None, hvp: str = "auto", maximize: bool = False,
@@ -165,6 +168,7 @@ class RuleFDS(HyperOptimizer):
         # Learned schedule values may be negative (the paper's ranges include them), so the
         # base's SGD checks do not apply. A class in the options table (FDSSGD) gets its checks
         # (hyperoptim.core.options); every class checks its schedules against its rule's ranges.
+        check_sharded_hvp(type(self).__name__, self.hvp, group.get("params", ()))
         if components(self) is not None:
             check_group(self, group, self.defaults)
         elif group.get("maximize", False) != self.defaults.get("maximize", False):
@@ -370,7 +374,9 @@ class RuleFDS(HyperOptimizer):
         # Nothing changes before this line (the closure, the HVP and the guard may raise/skip).
         for gi, group, params in groups:
             if params:
-                self._group_step(gi, group, params, t, n_active, index, hz)
+                # FSDP2: the rule and its tangents are elementwise, run on this rank's shards.
+                with local_parameters(self.state, params, hz) as shards:
+                    self._group_step(gi, group, shards, t, n_active, index, hz)
         self.hyper_state["step"] = t + 1
         self._publish(t + 1)
         return loss
@@ -413,12 +419,14 @@ class RuleFDS(HyperOptimizer):
                     schedule[k] = float(value)
 
     def _tangent(self, p: Tensor, key: str, n: int) -> Tensor:
-        """``state[p][key]`` with ``n`` columns (zeros for columns it does not have yet)."""
-        z = self.state[p].get(key)
+        """``state[p][key]`` with ``n`` columns (zeros for columns it does not have yet); under
+        FSDP2 this rank's shard of it."""
+        z, shard = self.state[p].get(key), local(p)
         if z is None:
-            return p.new_zeros((n, *p.shape))
+            return shard.new_zeros((n, *shard.shape))
+        z = local(z)
         if z.shape[0] < n:
-            return torch.cat([z, z.new_zeros((n - z.shape[0], *p.shape))])
+            return torch.cat([z, z.new_zeros((n - z.shape[0], *shard.shape))])
         return z
 
     @staticmethod
@@ -503,14 +511,17 @@ class RuleFDS(HyperOptimizer):
         val_closure = self._resolve_val_closure(val_closure, required=True)
         columns = self._columns()
         params = [p for g in self.param_groups for p in g["params"] if _Z in self.state[p]]
-        val_loss, val_grads = self._validation_grads(val_closure, params)
+        # FSDP2: partial sums over this rank's shards, completed by one all-reduce below.
+        sharded = any(is_sharded(p) for p in params)
+        val_loss, val_grads = self._validation_grads(val_closure, params, average_loss=not sharded)
         hyper = torch.zeros(len(columns), dtype=torch.float64, device=val_loss.device)
         for p, g in zip(params, val_grads, strict=True):
-            z = self.state[p][_Z]
+            z, g = local(self.state[p][_Z]), local(g)
             # dE/dlambda_j = <grad E(w_T), Z_T[:, j]>
-            contrib = (z.reshape(z.shape[0], -1) @ g.reshape(-1)).double().to(hyper.device)
+            contrib = (z.reshape(z.shape[0], g.numel()) @ g.reshape(-1)).double().to(hyper.device)
             hyper[: z.shape[0]] += contrib
-        values = torch.cat([hyper, val_loss.double().reshape(1).to(hyper.device)]).tolist()
+        values = complete_sums(torch.cat([hyper, val_loss.double().reshape(1).to(hyper.device)]),
+                               sharded).tolist()
         hypergrads, loss = values[:-1], values[-1]
 
         skipped = not self._all_finite(*values)

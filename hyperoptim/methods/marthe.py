@@ -13,7 +13,7 @@ from torch import Tensor
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.dist import all_reduce_mean
 from ..core.options import renamed_options
-from ..core.shard import is_sharded
+from ..core.shard import check_sharded_hvp, complete_sums, is_sharded, local, local_states
 from ..core.signatures import declared
 from ..core.types import Closure
 from ..hvp import SecondOrder
@@ -28,8 +28,8 @@ from .hd import (
 )
 
 __all__ = [
-    "MARTHE_KEYWORDS", "RuleMarthe", "adaptive_mu", "marthe_hyper_step", "marthe_options",
-    "take_marthe_options",
+    "MARTHE_KEYWORDS", "RuleMarthe", "adaptive_mu", "keep_buffer_tangents", "marthe_hyper_step",
+    "marthe_options", "take_marthe_options",
 ]
 
 
@@ -159,6 +159,8 @@ class RuleMarthe(HyperOptimizer):
     """
 
     _backs_off = True
+    # FSDP2: tangents live sharded beside each parameter shard (docs/design.md §8).
+    _supports_fsdp2 = True
 
     rule: ClassVar[UpdateRule]
     buffer_tangent_keys: ClassVar[dict[str, str]]
@@ -190,6 +192,7 @@ class RuleMarthe(HyperOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         self._policy(group)
+        check_sharded_hvp(type(self).__name__, self.hvp, group.get("params", ()))
         if _learns_momentum(group) and any(is_sharded(p) for p in group.get("params", ())):
             raise ValueError(f"{type(self).__name__}(tune=('lr', 'momentum')) does not support "
                              "FSDP2 (fully_shard) yet: tune=('lr',) does.")
@@ -223,9 +226,12 @@ class RuleMarthe(HyperOptimizer):
 
     def _tangent(self, p: Tensor, n_cols: int) -> Tensor:
         """:math:`Z` of ``p``, shape ``(n_cols, *p.shape)`` (zeros at first; padded when a
-        param group was added since)."""
+        param group was added since); under FSDP2 this rank's shard of it (plain)."""
         z = self.state[p].get("tangent")
-        return p.new_zeros((n_cols, *p.shape)) if z is None else _pad(z, n_cols)
+        if z is None:
+            shard = local(p)
+            return shard.new_zeros((n_cols, *shard.shape))
+        return _pad(local(z), n_cols)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -244,11 +250,13 @@ class RuleMarthe(HyperOptimizer):
         Returns:
             The closure's loss, or None.
         """
-        # required=True: it raises rather than return None.
-        objective = cast(Closure, self._resolve_val_closure(val_closure, required=True))
         groups = self.param_groups
+        creates_state = self._creates_state(closure)
+        # required=True: it raises rather than return None.
+        objective = cast(Closure, self._resolve_val_closure(val_closure,
+                                                            required=not creates_state))
         n_cols = len(groups)
-        if closure is None and any(g["mu"] != 0 for g in groups):
+        if closure is None and any(g["mu"] != 0 for g in groups) and not creates_state:
             self._training_loss(None, second_order=True)  # raises: this needs a closure
         hypers = [self._staged_hyper(i) for i in range(n_cols)]  # committed at the end
 
@@ -267,6 +275,21 @@ class RuleMarthe(HyperOptimizer):
                 return self._skip(closure, deltas, measured.val_loss)
         _settle(hypers, groups)
         return self._descend(closure, hypers, deltas, bool(tracked))
+
+    def _creates_state(self, closure: Callable[[], Any] | None) -> bool:
+        """Is this torch.distributed.checkpoint's state-creating step (its _init_optim_state: a
+        fresh optimizer, no closure, every learning rate 0)? A first step needs no H Z (there is
+        no tangent yet) and at rate 0 moves nothing, so it is taken: it creates the state whose
+        keys DCP loads."""
+        return closure is None and not self.state and all(g["lr"] == 0 for g in self.param_groups)
+
+    @staticmethod
+    def _shards(params: list[Tensor], hz: dict[Tensor, Tensor] | None
+                ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
+        r"""The ``params``, their gradients and :math:`H (\mu Z)` as the group step uses them:
+        under FSDP2 this rank's shards (the state holds them too during the commit)."""
+        return ([local(p) for p in params], [local(p.grad) for p in params],
+                None if hz is None else [hz[p] for p in params])
 
     def _descend(self, closure: Callable[[], Any] | None, hypers: list[dict[str, Any]],
                  deltas: list[float], tracked: bool) -> Any:
@@ -312,11 +335,13 @@ class RuleMarthe(HyperOptimizer):
         and the groups' policies: one validation gradient and one host sync."""
         groups = self.param_groups
         n_cols = len(groups)
-        val_loss, val_grads = self._validation_grads(objective, tracked)
-        grad_e = dict(zip(tracked, val_grads, strict=True))
+        # FSDP2: every term below is a partial sum over this rank's shards, completed at the end.
+        sharded = any(is_sharded(p) for p in tracked)
+        val_loss, val_grads = self._validation_grads(objective, tracked, average_loss=not sharded)
+        grad_e = {p: local(g) for p, g in zip(tracked, val_grads, strict=True)}
         delta = torch.stack([
-            torch.mv(self._tangent(p, n_cols).reshape(n_cols, -1), grad_e[p].reshape(-1))
-            .double() for p in tracked]).sum(0)
+            torch.mv(self._tangent(p, n_cols).reshape(n_cols, grad_e[p].numel()),
+                     grad_e[p].reshape(-1)).double() for p in tracked]).sum(0)
         parts = [delta, self._one_step_hypergradients(grad_e, delta.new_zeros(()))]
         policies = [self._policy(g) for g in groups]
         if any(pol is not None and pol.normalised for pol in policies):
@@ -325,12 +350,14 @@ class RuleMarthe(HyperOptimizer):
             parts.append(torch.stack([grad_e[p].double().pow(2).sum() for p in tracked])
                          .sum().reshape(1))
             parts.append(torch.stack([
-                self._tangent(p, n_cols).reshape(n_cols, -1).double().pow(2).sum(1)
+                self._tangent(p, n_cols).reshape(n_cols, grad_e[p].numel()).double().pow(2).sum(1)
                 for p in tracked]).sum(0))
         normalised = len(parts) > 2
         # h^b per group, then its scale terms: the last 3 * n_cols values before E.
         parts.append(self._momentum_terms(grad_e, delta.new_zeros(())))
-        values = torch.cat([*parts, val_loss.double().reshape(1)]).cpu().tolist()
+        # One all-reduce under FSDP2: the partial sums, and the ranks' losses to average.
+        values = complete_sums(torch.cat([*parts, val_loss.double().reshape(1)]), sharded)
+        values = values.cpu().tolist()
         norms = ([math.sqrt(values[2 * n_cols]) * math.sqrt(z)
                   for z in values[2 * n_cols + 1:3 * n_cols + 1]]
                  if normalised else [0.0] * n_cols)
@@ -370,7 +397,7 @@ class RuleMarthe(HyperOptimizer):
             for p in group["params"]:
                 d = self._previous_direction(group, self.state[p])
                 if p in grad_e and d is not None:
-                    terms.append(-torch.dot(grad_e[p].reshape(-1), d.reshape(-1)).double())
+                    terms.append(-torch.dot(grad_e[p].reshape(-1), local(d).reshape(-1)).double())
             g1.append(torch.stack(terms).sum() if terms else zero)
         return torch.stack(g1)
 
@@ -429,7 +456,7 @@ class RuleMarthe(HyperOptimizer):
             if cols is None:
                 hz[p] = _scale_(prod, mus)
             else:
-                hz[p] = prod.new_zeros((n_cols, *p.shape))
+                hz[p] = prod.new_zeros((n_cols, *prod.shape[1:]))
                 hz[p][cols] = _scale_(prod, [mus[j] for j in cols])
         return hz
 
@@ -438,27 +465,32 @@ class RuleMarthe(HyperOptimizer):
                 deltas: list[float]) -> None:
         r"""Steps 4-5, past the guard: :math:`(Z, S) \leftarrow \mu_t (Z, S)`, then per group
         :math:`(Z, S)_{t+1} = \mu_t A_t (Z, S)_t + B_t` with the new :math:`a_t` and the rule's
-        step, ``history``, and the staged hyper-state stored."""
+        step, ``history``, and the staged hyper-state stored.
+
+        Under FSDP2 every ``state[p]`` holds plain local shards during the update (the rule and
+        its tangents are elementwise: no communication), which are wrapped back as ``DTensor``\ s
+        sharded like their parameter at the end."""
         n_cols = len(hypers)
         mus = [h["mu"] for h in hypers]
-        for p in everything:
-            state = self.state[p]
-            state["tangent"] = _scale_(self._tangent(p, n_cols), mus)
-            for key in self.buffer_tangent_keys.values():
-                if state.get(key) is not None:
-                    state[key] = _scale_(_pad(state[key], n_cols), mus)
-        if hz is not None:
+        with local_states(self.state, everything):
             for p in everything:
-                hz.setdefault(p, p.new_zeros((n_cols, *p.shape)))
-        for i, ((group, params), h) in enumerate(zip(plans, hypers, strict=True)):
-            group["lr"] = h["new_lr"]
-            moved = self._move_momentum(group, h)
-            if moved:
-                self._step_with_momentum(i, group, params, hz)
-            elif params:
-                self._advance(i, group, params, hz)
-            self._record(i, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
-                         **{"hypergrad/lr": deltas[i]}, **moved)
+                state = self.state[p]
+                state["tangent"] = _scale_(self._tangent(p, n_cols), mus)
+                for key in self.buffer_tangent_keys.values():
+                    if state.get(key) is not None:
+                        state[key] = _scale_(_pad(state[key], n_cols), mus)
+            if hz is not None:
+                for p in everything:
+                    hz.setdefault(p, torch.zeros_like(self.state[p]["tangent"]))
+            for i, ((group, params), h) in enumerate(zip(plans, hypers, strict=True)):
+                group["lr"] = h["new_lr"]
+                moved = self._move_momentum(group, h)
+                if moved:
+                    self._step_with_momentum(i, group, params, hz)
+                elif params:
+                    self._advance(i, group, params, hz)
+                self._record(i, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
+                             **{"hypergrad/lr": deltas[i]}, **moved)
         self._store_hypers(hypers)
 
     def _step_with_momentum(self, index: int, group: dict[str, Any], params: list[Tensor],
@@ -523,11 +555,12 @@ class RuleMarthe(HyperOptimizer):
         rule with column ``index`` seeded by the learning rate (:math:`B_t`). ``hz=None`` means
         :math:`\mu (Z, S) = 0`: then :math:`Z_{t+1} = B_t = -d_t` (the direction the in-place
         step returns) and :math:`S_{t+1} = 0` (this step's buffers do not depend on
-        :math:`a_t`) is not stored.
+        :math:`a_t`) is stored as zeros only where :math:`\mu \ne 0` may bring it back
+        (:func:`keep_buffer_tangents`).
         """
         rule = self.rule
         states = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
+        params, grads, hzs = self._shards(params, hz)
         buffers, counts = rule.read_state(states, params)
         hypers, options = rule.hypers(group), rule.options(group)
         new_tangents: tuple[list[Tensor], dict[str, list[Tensor | None]]] | None = None
@@ -541,11 +574,13 @@ class RuleMarthe(HyperOptimizer):
             seed = tangents[0].new_zeros(n_cols)
             seed[index] = 1.0
             new_tangents = rule_tangents(
-                rule, params, grads, buffers, hypers, tangents, [hz[p] for p in params],
+                rule, params, grads, buffers, hypers, tangents, cast(list[Tensor], hzs),
                 buffer_tangents, {"lr": seed}, counts=counts, **options)
         new_buffers, dirs = rule.step_(params, grads, buffers, hypers, counts, **options)
         rule.write_state(states, new_buffers)
         self._store_tangents(index, states, dirs, new_tangents)
+        if new_tangents is None and group["mu"] != 0:
+            keep_buffer_tangents(states, self.buffer_tangent_keys)
 
     def _store_tangents(self, index: int, states: list[dict[str, Any]], dirs: list[Tensor],
                         new_tangents: tuple[list[Tensor], dict[str, list[Tensor | None]]] | None
@@ -595,7 +630,7 @@ class RuleMarthe(HyperOptimizer):
                 for key in ("tangent", *self.buffer_tangent_keys.values()):
                     t = self.state[p].get(key)
                     if t is not None:
-                        t[[j for j in columns if j < t.shape[0]]] = 0.0
+                        local(t)[[j for j in columns if j < t.shape[0]]] = 0.0
 
     def _record_skipped(self, deltas: list[float]) -> None:
         """``history`` of a skipped step: the values in force, and the raw hypergradients."""
@@ -664,6 +699,22 @@ def _settle(hypers: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
         if not group["adapt_hyper_lr"]:
             h["beta"] = group["hyper_lr"]
         h.setdefault("new_lr", group["lr"])
+
+
+def keep_buffer_tangents(states: list[dict[str, Any]], keys: dict[str, str]) -> None:
+    r""":math:`S = 0` stored for every buffer that exists (``keys``: buffer name -> its
+    tangent's key), after a step that left none.
+
+    Zeros stored and none stored give the same tangent updates; storing them keeps the keys of
+    ``state[p]`` the same from the first step on (for a group whose :math:`\mu` is not fixed at
+    0), which torch.distributed.checkpoint needs: it loads only the keys of its target, a fresh
+    optimizer's state after DCP's own initialising step, so a tangent that appeared later would
+    be dropped on resume.
+    """
+    for s in states:
+        for name, key in keys.items():
+            if s.get(name) is not None and s.get(key) is None:
+                s[key] = torch.zeros_like(s["tangent"])
 
 
 def _pad(t: Tensor, n_cols: int) -> Tensor:

@@ -376,7 +376,7 @@ def _flat_cols(ts: Sequence[Tensor | None] | None, idx: list[int], n_cols: int,
     if ts is None or all(ts[i] is None for i in idx):
         return None
     parts = [params[i].new_zeros((n_cols, params[i].numel())) if ts[i] is None
-             else ts[i].reshape(n_cols, -1) for i in idx]
+             else ts[i].reshape(n_cols, params[i].numel()) for i in idx]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
