@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import inspect
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,14 @@ def _knobs(hp: ModuleType, method: str, **kwargs: object) -> dict[str, object]:
     return {old.get(name, name): value for name, value in kwargs.items()}
 
 
+def _pinned(cls: type, **kwargs: object) -> dict[str, object]:
+    """The options of ``kwargs`` that ``cls`` takes: they pin the algorithm a case times where a
+    later default changed it (IFT's warm-up schedule, FDS's log-space outer step), and are left
+    out for a ``--before`` package that predates them (it runs that algorithm anyway)."""
+    names = inspect.signature(cls).parameters
+    return {name: value for name, value in kwargs.items() if name in names}
+
+
 def make_sgd(hp: ModuleType, model: nn.Module, data: Data) -> Step:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     return lambda t: opt.step(_closure(model, opt, data, t))
@@ -160,7 +169,8 @@ def make_ift(route: str) -> Factory:
     def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
         opt = hp.IFTOptimizer(model.parameters(), lr=0.01, momentum=0.9,
                               weight_decay=1e-4, update_interval=10, lookback=5,
-                              val_closure=_val_closure(model, data), hvp=route)
+                              val_closure=_val_closure(model, data), hvp=route,
+                              **_pinned(hp.IFTOptimizer, update_schedule="fixed"))
         return lambda t: opt.step(_make_closure(route, model, opt, data, t))
 
     return make
@@ -188,6 +198,7 @@ def make_fds(route: str) -> Factory:
         opt = hp.FDSSGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
                         horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
                         val_closure=_val_closure(model, data), hvp=route,
+                        **_pinned(hp.FDSSGD, outer_step="additive"),
                         **_knobs(hp, "fds", hyper_lr={"lr": 1e-3, "momentum": 1e-3,
                                                       "weight_decay": 1e-5}))
         return _episodes(opt, lambda t: _make_closure(route, model, opt, data, t))
@@ -245,7 +256,8 @@ def make_ift_adam(decoupled: bool, route: str = "exact") -> Factory:
     def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
         cls = hp.IFTAdamW if decoupled else hp.IFTAdam
         opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 1e-4,
-                  update_interval=10, lookback=5, val_closure=_val_closure(model, data), hvp=route)
+                  update_interval=10, lookback=5, val_closure=_val_closure(model, data), hvp=route,
+                  **_pinned(cls, update_schedule="fixed"))
         return lambda t: opt.step(_make_closure(route, model, opt, data, t))
 
     return make
@@ -259,6 +271,7 @@ def make_fds_adam(decoupled: bool) -> Factory:
         opt = cls(model.parameters(), lr=1e-3, weight_decay=1e-2 if decoupled else 1e-4,
                   horizon=FDS_HORIZON, lr_windows=FDS_LR_WINDOWS,
                   val_closure=_val_closure(model, data), hvp="exact",
+                  **_pinned(cls, outer_step="additive"),
                   **_knobs(hp, "fds", hyper_lr={"lr": 1e-5, "weight_decay": 1e-5}))
         return _episodes(opt, lambda t: _loss_closure(model, data, t))
 
