@@ -366,7 +366,9 @@ class _Closures:
             loss carries no graph at all.
         """
         everything = self._all_params()
-        with GradIsolation(everything, self._reached()) as isolation, torch.enable_grad():
+        isolation = GradIsolation(everything, self._reached(), name,
+                                  f"{type(self).__name__}'s {name}")
+        with isolation, torch.enable_grad():
             loss = isolation.call(closure)
             if not isinstance(loss, Tensor):
                 raise ValueError(f"Invalid {name} return value: {loss!r} (expected a tensor)")
