@@ -56,26 +56,26 @@ __all__ = ["GradIsolation", "ReachedLeaves"]
 
 def _graph_leaves(root: Any) -> list[Tensor]:
     """The leaves (``AccumulateGrad`` nodes' tensors) of the graph under autograd node ``root``."""
-    # Up to three times a step: bound methods, no generator. The nodes stay in ``seen``: a node's
-    # Python object dies with its last reference, and a new one could then reuse its id.
-    seen: dict[int, Any] = {}
-    stack = [root]
-    pop, push = stack.pop, stack.append
+    # Twice a step where an extra closure runs, so kept to a few builtin calls per node: the
+    # stack holds next_functions' (node, input) pairs as they come (one extend per node), and
+    # ``seen`` holds the nodes themselves (hashed by identity), which also keeps their Python
+    # objects alive: one that died could hand its id to another node.
+    seen: set[Any] = set()
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    pop, extend, add = stack.pop, stack.extend, seen.add
     leaves: list[Tensor] = []
     while stack:
-        node = pop()
-        if id(node) in seen:
+        node, _ = pop()
+        if node is None or node in seen:
             continue
-        seen[id(node)] = node
+        add(node)
         children = node.next_functions
-        if not children:  # AccumulateGrad has none (so do a few others, without .variable)
+        if children:
+            extend(children)
+        else:  # AccumulateGrad has no inputs (so do a few nodes without .variable)
             leaf = getattr(node, "variable", None)
-            if isinstance(leaf, Tensor):
+            if leaf is not None:
                 leaves.append(leaf)
-            continue
-        for child, _ in children:
-            if child is not None:
-                push(child)
     return leaves
 
 
