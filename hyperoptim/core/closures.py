@@ -366,8 +366,7 @@ class _Closures:
             loss carries no graph at all.
         """
         everything = self._all_params()
-        isolation = GradIsolation(everything, self._reached(), name,
-                                  f"{type(self).__name__}'s {name}")
+        isolation = GradIsolation(everything, self._reached(), name, type(self).__name__)
         with isolation, torch.enable_grad():
             loss = isolation.call(closure)
             if not isinstance(loss, Tensor):

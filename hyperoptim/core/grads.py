@@ -176,20 +176,20 @@ class _FirstUse(TorchFunctionMode):
 
 
 class GradIsolation:
-    """``with GradIsolation(owned, reached, kind, who) as iso: loss = iso.call(closure)``.
+    """``with GradIsolation(owned, reached, kind, owner) as iso: loss = iso.call(closure)``.
 
     On entry, the gradient of every owned and every remembered leaf is set to ``None``; during
     :meth:`call`, if ``reached`` still watches closures of this ``kind``, so is that of any other
     leaf the closure uses; on exit (also on error) each of them gets its original gradient tensor
-    back, and the leaves of the returned loss are remembered for the next call. ``who`` names the
-    closure in the warning (``"MartheSGD's val_closure"``).
+    back, and the leaves of the returned loss are remembered for the next call. ``owner`` (the
+    optimizer's class name) and ``kind`` name the closure in the warning.
     """
 
     def __init__(self, owned: Iterable[Tensor], reached: ReachedLeaves, kind: str,
-                 who: str) -> None:
+                 owner: str) -> None:
         self._reached = reached
         self._kind = kind
-        self._who = who
+        self._owner = owner
         self._saved: dict[int, tuple[Tensor, Tensor | None]] = {}
         for t in [*owned, *reached.leaves()]:
             if id(t) not in self._saved:
@@ -232,8 +232,9 @@ class GradIsolation:
                                   for t in touched[:3])
             more = f" and {len(touched) - 3} more" if len(touched) > 3 else ""
             warn(
-                f"{self._who} reached {len(touched)} tensor(s) that the optimizer does not own "
-                f"and its earlier calls' graphs did not reach ({described}{more}). Once a "
+                f"{self._owner}'s {self._kind} reached {len(touched)} tensor(s) that the "
+                f"optimizer does not own and its earlier calls' graphs did not reach "
+                f"({described}{more}). Once a "
                 "closure's graphs reach no new tensor, its extra calls run without watching for "
                 "new ones; this call's backward() may have accumulated into their .grad, which "
                 "then differs from what torch.optim would leave by this extra evaluation's "
