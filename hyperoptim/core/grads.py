@@ -38,6 +38,11 @@ anyway, checks that they still reach no leaf beyond the known ones:
 
 Known leaves stay known while they live (weak references), so the set of cleared leaves only
 grows; copies and pickles start empty, and watch again.
+
+A cheaper watch would not remove the cost: a mode that passes every operation straight through
+cost about 60% of this one on a small MLP's validation call (the dispatch into Python per
+operation is the cost), and one that acted only on ``Tensor.backward`` would miss
+``torch.autograd.backward``, which does not dispatch to ``__torch_function__``.
 """
 
 from __future__ import annotations
