@@ -61,10 +61,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import hyperoptim
+REPO = Path(__file__).resolve().parent.parent
+# "After" is this checkout: run as a script, the folder on sys.path is benchmarks/, and the
+# import would find whichever checkout the environment installed (another git worktree's).
+sys.path.insert(0, str(REPO))
+
+import hyperoptim  # noqa: E402
 
 Step = Callable[[int], object]
-REPO = Path(__file__).resolve().parent.parent
 BEFORE_MODULE = "hyperoptim_before"
 
 

@@ -18,6 +18,7 @@ from hyperoptim import (
     HypergradAdam,
     HypergradAdamW,
     HypergradSGD,
+    HyperoptimWarning,
     IFTAdam,
     IFTAdamW,
     IFTOptimizer,
@@ -142,3 +143,130 @@ def test_closure_that_zeroes_the_backbone_keeps_its_single_call_gradient():
         for p, g in zip(backbone.parameters(), true):
             assert torch.equal(p.grad, g)
     assert opt.hvp_route == "finite_difference"
+
+
+# ---------------------------------------------------------------------- the watch, and when it is off
+def _watched() -> bool:
+    """Is a ``TorchFunctionMode`` active here (the watch of ``hyperoptim.core.grads``)?"""
+    return bool(torch.overrides._get_current_function_mode_stack())
+
+
+def _spied(closure, log):
+    def spy():
+        log.append(_watched())
+        return closure()
+
+    return spy
+
+
+def test_steady_state_calls_run_unwatched_and_leave_the_backbone_bit_identical():
+    # Once a watched call finds no leaf beyond those the graphs showed, each kind of closure
+    # (validation, finite-difference evaluations) runs without the TorchFunctionMode.
+    backbone, head, loss_of = _net()
+    val_log, train_log = [], []
+    opt = MartheSGD(head.parameters(), lr=0.05, momentum=0.5, hyper_lr=1e-3,
+                    hvp="finite_difference",
+                    val_closure=_spied(_closure(loss_of, 1, "backward"), val_log))
+    train = _spied(_closure(loss_of, 0, "backward"), train_log)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(5):
+        for p in backbone.parameters():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        before = [p.grad.clone() for p in backbone.parameters()]
+        own = torch.autograd.grad(loss_of(0), list(backbone.parameters()))
+        opt.zero_grad()
+        opt.step(train)
+        for p, b, g in zip(backbone.parameters(), before, own):
+            assert torch.equal(p.grad, b + g), f"step {t}"
+    # The step's own training call is never watched; its extra (finite-difference) calls and the
+    # validation calls only at first (MARTHE's first validation call comes before any training
+    # graph was walked: it finds the backbone, and the second call confirms).
+    assert val_log[:2] == [True, True] and not any(val_log[2:]), val_log
+    assert len(train_log) > 10 and not any(train_log[3:]), train_log
+    assert opt.skipped_steps == 0
+
+
+def test_a_new_foreign_leaf_in_an_unwatched_call_warns_and_every_later_call_is_watched():
+    backbone, head, loss_of = _net()
+    expert = nn.Linear(4, 1).double()  # another optimizer's, reached by validation from step 3
+    torch.manual_seed(2)
+    xv = torch.randn(16, 4, dtype=torch.float64)
+    t_now, log = [0], []
+
+    def val():
+        log.append(_watched())
+        loss = loss_of(1)
+        if t_now[0] >= 3:
+            loss = loss + expert(xv).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt = HypergradSGD(head.parameters(), lr=0.05, hyper_lr=1e-3, val_closure=val)
+    train = _closure(loss_of, 0, "backward")
+    for t in range(6):
+        t_now[0] = t
+        for p in expert.parameters():
+            p.grad = torch.full_like(p, float(t))
+        kept = [p.grad for p in expert.parameters()]
+        opt.zero_grad()
+        if t == 3:
+            with pytest.warns(HyperoptimWarning, match=r"val_closure reached 2 tensor\(s\).*"
+                              r"shape \(1, 4\) float64.*watches again"):
+                opt.step(train)
+            continue  # this call could not be isolated: what the warning says
+        opt.step(train)
+        for p, g in zip(expert.parameters(), kept):
+            assert p.grad is g and torch.equal(g, torch.full_like(p, float(t))), f"step {t}"
+    assert log == [True, False, False, False, True, True]
+
+
+def test_a_leaf_used_outside_the_returned_graph_keeps_its_closure_watched():
+    backbone, head, loss_of = _net()
+    aux = nn.Linear(4, 1).double()
+    xv = torch.randn(16, 4, dtype=torch.float64)
+    log = []
+
+    def val():
+        log.append(_watched())
+        aux(xv).pow(2).mean().backward()  # an auxiliary loss, not in the returned graph
+        loss = loss_of(1)
+        loss.backward()
+        return loss
+
+    opt = HypergradSGD(head.parameters(), lr=0.05, hyper_lr=1e-3, val_closure=val)
+    for t in range(4):
+        for p in aux.parameters():
+            p.grad = torch.full_like(p, float(t))
+        kept = [p.grad.clone() for p in aux.parameters()]
+        opt.zero_grad()
+        opt.step(_closure(loss_of, 0, "backward"))
+        for p, g in zip(aux.parameters(), kept):
+            assert torch.equal(p.grad, g)
+    assert all(log), log
+
+
+@pytest.mark.parametrize("detach_from", [0, 2])
+def test_a_closure_returning_no_graph_is_watched(detach_from):
+    # Without a graph to walk, an unwatched call could not be checked: from the first such return,
+    # every call runs watched.
+    backbone, head, loss_of = _net()
+    calls, log = [0], []
+
+    def val():
+        log.append(_watched())
+        loss = loss_of(1)
+        loss.backward()
+        calls[0] += 1
+        return loss.detach() if calls[0] > detach_from else loss
+
+    opt = HypergradSGD(head.parameters(), lr=0.05, hyper_lr=1e-3, val_closure=val)
+    for t in range(5):
+        for p in backbone.parameters():
+            p.grad = torch.full_like(p, float(t))
+        kept = [p.grad for p in backbone.parameters()]
+        opt.zero_grad()
+        opt.step(_closure(loss_of, 0, "return"))
+        for p, g in zip(backbone.parameters(), kept):
+            assert p.grad is g and torch.equal(g, torch.full_like(p, float(t)))
+    expected = [True] * 5 if detach_from == 0 else [True, False, False, True, True]
+    assert log == expected

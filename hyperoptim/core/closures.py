@@ -370,7 +370,8 @@ class _Closures:
             loss carries no graph at all.
         """
         everything = self._all_params()
-        with GradIsolation(everything, self._reached()) as isolation, torch.enable_grad():
+        isolation = GradIsolation(everything, self._reached(), name, type(self).__name__)
+        with isolation, torch.enable_grad():
             loss = isolation.call(closure)
             if not isinstance(loss, Tensor):
                 raise ValueError(f"Invalid {name} return value: {loss!r} (expected a tensor)")

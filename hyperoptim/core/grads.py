@@ -13,9 +13,36 @@ Which leaves are reached is found two ways, both before a closure can accumulate
 - :class:`ReachedLeaves` remembers the leaves of every loss graph the optimizer has seen (the
   training loss of each step, each validation loss): they are cleared before the call, so a
   closure that calls ``zero_grad()`` on them first is covered too.
-- While the closure runs, a thread-local ``TorchFunctionMode`` clears the gradient of any other
-  leaf that requires grad when it first enters an operation (the forward pass reads a weight
-  before ``backward()`` can write its gradient). Another thread's operations are not seen.
+- While the closure runs *watched*, a thread-local ``TorchFunctionMode`` clears the gradient of
+  any other leaf that requires grad when it first enters an operation (the forward pass reads a
+  weight before ``backward()`` can write its gradient). Another thread's operations are not seen.
+
+The watch is the costly part: any Python ``TorchFunctionMode`` costs about 10 us per operation it
+intercepts and more in a backward under it, a tenth of a small MLP's validation step; the rest
+(clearing, restoring, one walk of the returned graph) is a few microseconds. So a kind of closure
+(``"val_closure"``, ``"closure"``) runs watched only until one watched call finds nothing beyond
+the leaves already known (and returns a graph that can be checked); from then on its calls run
+unwatched, and the walk of each call's returned graph, which :meth:`ReachedLeaves.learn` does
+anyway, checks that they still reach no leaf beyond the known ones:
+
+- A leaf the closure uses outside the graph it returns (an auxiliary loss it backpropagates, a
+  weight read under ``no_grad``) is never known, so its closure is found by the watch at every
+  call and never runs unwatched.
+- A dynamic graph that reaches a new leaf in an unwatched call may have accumulated into that
+  leaf's ``.grad``: if the leaf holds a gradient after the call, a ``HyperoptimWarning`` says so
+  (once), and every later call of that optimizer runs watched. An unwatched call whose return
+  value has no graph to walk (``loss.detach()``, ``loss.item()``) cannot be checked: every later
+  call runs watched too.
+- Not caught: a closure that, after running unwatched, starts backpropagating through a new leaf
+  outside the graph it returns (for which it would have to be watched at every call).
+
+Known leaves stay known while they live (weak references), so the set of cleared leaves only
+grows; copies and pickles start empty, and watch again.
+
+A cheaper watch would not remove the cost: a mode that passes every operation straight through
+cost about 60% of this one on a small MLP's validation call (the dispatch into Python per
+operation is the cost), and one that acted only on ``Tensor.backward`` would miss
+``torch.autograd.backward``, which does not dispatch to ``__torch_function__``.
 """
 
 from __future__ import annotations
@@ -27,11 +54,39 @@ from typing import Any
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .warn import warn
+
 __all__ = ["GradIsolation", "ReachedLeaves"]
 
 
+def _graph_leaves(root: Any) -> list[Tensor]:
+    """The leaves (``AccumulateGrad`` nodes' tensors) of the graph under autograd node ``root``."""
+    # Twice a step where an extra closure runs, so kept to a few builtin calls per node: the
+    # stack holds next_functions' (node, input) pairs as they come (one extend per node), and
+    # ``seen`` holds the nodes themselves (hashed by identity), which also keeps their Python
+    # objects alive: one that died could hand its id to another node.
+    seen: set[Any] = set()
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    pop, extend, add = stack.pop, stack.extend, seen.add
+    leaves: list[Tensor] = []
+    while stack:
+        node, _ = pop()
+        if node is None or node in seen:
+            continue
+        add(node)
+        children = node.next_functions
+        if children:
+            extend(children)
+        else:  # AccumulateGrad has no inputs (so do a few nodes without .variable)
+            leaf = getattr(node, "variable", None)
+            if leaf is not None:
+                leaves.append(leaf)
+    return leaves
+
+
 class ReachedLeaves:
-    """Weak references to the leaves reached by the loss graphs an optimizer has seen.
+    """Weak references to the leaves reached by the loss graphs an optimizer has seen, and which
+    kinds of closure need not be watched (see the module).
 
     Not part of the optimizer's state: it is rebuilt from the next step's graph, so copies and
     pickles start empty.
@@ -40,6 +95,8 @@ class ReachedLeaves:
     def __init__(self) -> None:
         self._refs: dict[int, weakref.ref[Tensor]] = {}
         self._pending: Any = None
+        self._settled: set[str] = set()  # closure kinds that run unwatched
+        self._always_watch = False  # an unwatched call could not be vouched for
 
     def __getstate__(self) -> dict[str, Any]:
         return {}
@@ -58,33 +115,25 @@ class ReachedLeaves:
         """Drop the noted graph (at the end of a step: it must not keep activations alive)."""
         self._pending = None
 
-    def learn(self, loss: Any) -> None:
-        """Add the leaves of ``loss``'s graph (nodes stay walkable after ``backward()``)."""
-        if isinstance(loss, Tensor):
-            self._walk(loss.grad_fn)
+    def learn(self, loss: Any) -> list[Tensor] | None:
+        """Add the leaves of ``loss``'s graph (nodes stay walkable after ``backward()``).
 
-    def _walk(self, root: Any) -> None:
-        # Twice a step on the validation path: bound methods and no generator halve its cost.
+        Returns:
+            Those leaves, or ``None`` when ``loss`` has no graph to walk.
+        """
+        root = loss.grad_fn if isinstance(loss, Tensor) else None
+        return None if root is None else self._add(_graph_leaves(root))
+
+    def _add(self, leaves: list[Tensor]) -> list[Tensor]:
         refs = self._refs
-        seen: set[int] = set()
-        stack = [root] if root is not None else []
-        pop, push, add = stack.pop, stack.append, seen.add
-        while stack:
-            node = pop()
-            if id(node) in seen:
-                continue
-            add(id(node))
-            leaf = getattr(node, "variable", None)
-            if isinstance(leaf, Tensor):
-                refs[id(leaf)] = weakref.ref(leaf)
-            for child, _ in node.next_functions:
-                if child is not None:
-                    push(child)
+        for leaf in leaves:
+            refs[id(leaf)] = weakref.ref(leaf)
+        return leaves
 
     def leaves(self) -> list[Tensor]:
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            self._walk(pending)
+            self._add(_graph_leaves(pending))
         out = []
         for key, ref in list(self._refs.items()):
             leaf = ref()
@@ -93,6 +142,16 @@ class ReachedLeaves:
             else:
                 out.append(leaf)
         return out
+
+    def watching(self, kind: str) -> bool:
+        """Whether a call of this kind of closure runs under the watch."""
+        return self._always_watch or kind not in self._settled
+
+    def settle(self, kind: str) -> None:
+        self._settled.add(kind)
+
+    def watch_always(self) -> None:
+        self._always_watch = True
 
 
 class _FirstUse(TorchFunctionMode):
@@ -122,16 +181,20 @@ class _FirstUse(TorchFunctionMode):
 
 
 class GradIsolation:
-    """``with GradIsolation(owned, reached) as iso: loss = iso.call(closure)``.
+    """``with GradIsolation(owned, reached, kind, owner) as iso: loss = iso.call(closure)``.
 
     On entry, the gradient of every owned and every remembered leaf is set to ``None``; during
-    :meth:`call`, so is that of any other leaf the closure uses; on exit (also on error) each of
-    them gets its original gradient tensor back, and the leaves of the returned loss are
-    remembered for the next call.
+    :meth:`call`, if ``reached`` still watches closures of this ``kind``, so is that of any other
+    leaf the closure uses; on exit (also on error) each of them gets its original gradient tensor
+    back, and the leaves of the returned loss are remembered for the next call. ``owner`` (the
+    optimizer's class name) and ``kind`` name the closure in the warning.
     """
 
-    def __init__(self, owned: Iterable[Tensor], reached: ReachedLeaves) -> None:
+    def __init__(self, owned: Iterable[Tensor], reached: ReachedLeaves, kind: str,
+                 owner: str) -> None:
         self._reached = reached
+        self._kind = kind
+        self._owner = owner
         self._saved: dict[int, tuple[Tensor, Tensor | None]] = {}
         for t in [*owned, *reached.leaves()]:
             if id(t) not in self._saved:
@@ -143,10 +206,46 @@ class GradIsolation:
         return self
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        with _FirstUse(self._saved):
+        reached, saved = self._reached, self._saved
+        if not reached.watching(self._kind):
             out = fn()
-        self._reached.learn(out)
+            self._check(reached.learn(out))
+            return out
+        known = len(saved)
+        with _FirstUse(saved):
+            out = fn()
+        leaves = reached.learn(out)
+        # Settled when the watch found no leaf beyond the known ones, nor did the graph's walk.
+        if (leaves is not None and len(saved) == known
+                and all(id(leaf) in saved for leaf in leaves)):
+            reached.settle(self._kind)
         return out
+
+    def _check(self, leaves: list[Tensor] | None) -> None:
+        """After an unwatched call: every leaf of the returned graph must have been cleared."""
+        saved = self._saved
+        if leaves is None:
+            self._reached.watch_always()  # nothing to check this call against
+            return
+        new = [leaf for leaf in leaves if id(leaf) not in saved]
+        if not new:
+            return
+        self._reached.watch_always()
+        touched = [leaf for leaf in new if leaf.grad is not None]
+        if touched:
+            described = ", ".join(f"shape {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                                  for t in touched[:3])
+            more = f" and {len(touched) - 3} more" if len(touched) > 3 else ""
+            warn(
+                f"{self._owner}'s {self._kind} reached {len(touched)} tensor(s) that the "
+                f"optimizer does not own and its earlier calls' graphs did not reach "
+                f"({described}{more}). Once a "
+                "closure's graphs reach no new tensor, its extra calls run without watching for "
+                "new ones; this call's backward() may have accumulated into their .grad, which "
+                "then differs from what torch.optim would leave by this extra evaluation's "
+                "gradient. Every later extra evaluation of this optimizer watches again (as at "
+                "its first calls: slower on small models). Shown once."
+            )
 
     def __exit__(self, *exc: object) -> None:
         for t, g in self._saved.values():
