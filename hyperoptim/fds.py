@@ -167,6 +167,7 @@ class FDSSGD(RuleFDS):
             calling ``backward()``, finite differences if it calls it (default: ``"auto"``).
 
     Example:
+        >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> x, y = torch.randn(96, 3), torch.randn(96, 1)
         >>> model = torch.nn.Linear(3, 1)

@@ -144,7 +144,9 @@ class RuleFDS(HyperOptimizer):
                  differentiable: bool = False) -> None:
         horizon = defaults["horizon"]
         check_value("horizon", horizon, _is_count(horizon) and horizon >= 1)
-        defaults = self._checked_options(defaults, horizon)
+        # A subclass that does not pass outer_step (written before it existed) keeps the
+        # paper's step, as IFT's _setup keeps the paper's interval; the public classes pass "log".
+        defaults = self._checked_options({"outer_step": "additive", **defaults}, horizon)
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)
         self.hyper_state.update(step=0, episode=0, outer={}, episode_skipped=0)
