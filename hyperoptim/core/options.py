@@ -599,12 +599,13 @@ def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str
             continue
         # Keys in the same order (a group's dict keeps its insertion order): any new, removed
         # or reordered key leaves the group to the full check.
+        if any(old[0] != new[0] for old, new in zip(last[4], print_)):
+            continue
         changed = [new[0] for old, new in zip(last[4], print_) if old != new]
         names = learned(group)
         if table is None:
             table = _table(components(optimizer) or ())
-        if any(old[0] != new[0] for old, new in zip(last[4], print_)) or not all(
-                name in names and name in table and table[name].in_group for name in changed):
+        if not all(name in names and name in table and table[name].in_group for name in changed):
             continue
         try:
             for name in changed:
