@@ -577,6 +577,9 @@ def validate_groups(optimizer: Any) -> None:
     optimizer.__dict__["_groups_passed"] = now
 
 
+_KEY = operator.itemgetter(0)  # a fingerprint entry's key
+
+
 def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str, ...]]) -> None:
     """After a step: a group whose only changes since it passed are values of its ``learned``
     names (what the step itself wrote) passes :func:`validate_groups` at the next step unchecked.
@@ -599,13 +602,14 @@ def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str
             continue
         # Keys in the same order (a group's dict keeps its insertion order): any new, removed
         # or reordered key leaves the group to the full check.
-        if any(old[0] != new[0] for old, new in zip(last[4], print_)):
+        if list(map(_KEY, last[4])) != list(map(_KEY, print_)):
             continue
         changed = [new[0] for old, new in zip(last[4], print_) if old != new]
         names = learned(group)
         if table is None:
             table = _table(components(optimizer) or ())
-        if not all(name in names and name in table and table[name].in_group for name in changed):
+        if not all([name in names and name in table and table[name].in_group
+                    for name in changed]):
             continue
         try:
             for name in changed:
