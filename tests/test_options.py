@@ -495,6 +495,34 @@ def test_a_group_that_passed_is_checked_again_whenever_it_could_check_differentl
     setup.step()
 
 
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_what_a_step_learned_is_not_checked_in_full_again_but_a_users_assignment_is(cls,
+                                                                                 monkeypatch):
+    # The values a step wrote itself (its learned lr) get their own checks at the end of the step
+    # and leave the group's full check out at the next one; a value the user assigns between
+    # steps (a learned name included) still gets the verdict of a fresh full check.
+    setup = Setup(cls, lr_bounds=[1e-6, 1.0]) if "lr_bounds" in options_of(cls) else Setup(cls)
+    setup.step(2)
+    group = setup.opt.param_groups[0]
+    rechecked = []
+    recheck = options_module._recheck_group
+    monkeypatch.setattr(options_module, "_recheck_group",
+                        lambda opt, i, *rest: rechecked.append(i) or recheck(opt, i, *rest))
+    lr = group["lr"]
+    setup.step(2)
+    if cls is not FDSSGD:  # FDS's hyperstep() writes its schedules outside step(): checked
+        assert group["lr"] != lr
+        assert rechecked == []
+    for value in (2.0, -1.0, math.nan, "x", 0.5):
+        group["lr"] = value
+        expected = _fresh_outcome(setup.opt, monkeypatch)
+        assert _outcome(setup.opt) == expected, value
+        if value == "x":
+            assert expected is not None
+    group["lr"] = lr
+    assert _outcome(setup.opt) is None
+
+
 def _mutations(sd):
     """(description, the name a refusal must contain, mutated state dict) for one state dict."""
     out = []

@@ -25,6 +25,7 @@ from .options import (
     check_group,
     coerce_group,
     fixed_values,
+    refresh_passed,
     renamed_group,
     validate_groups,
 )
@@ -277,6 +278,7 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
         if self._skip_reason is not None:
             self._back_off(self._skip_reason)
         self._published()
+        refresh_passed(self, self._learned_names)
         return loss
 
     def _step(self, closure: Closure | None, *, val_closure: Closure | None = None) -> Any:

@@ -189,7 +189,7 @@ def check_supported_parameters(owner: str, params: Iterable[Tensor], *, fsdp2: b
     (``FullyShardedDataParallel``, flat parameters) is refused by every class: FSDP2 is the way.
     DistributedDataParallel (replicated parameters) is supported by all.
     """
-    from .shard import check_fsdp2_parameters, is_sharded
+    from .shard import any_sharded, check_fsdp2_parameters
 
     params = list(params)
     # torch's FlatParameter(...) returns an nn.Parameter marked _is_flat_param (its metaclass's
@@ -201,7 +201,7 @@ def check_supported_parameters(owner: str, params: Iterable[Tensor], *, fsdp2: b
             f"(torch.distributed.fsdp.fully_shard, supported by {FSDP2_CLASSES}), or wrap it in "
             "torch.nn.parallel.DistributedDataParallel."
         )
-    if any(is_sharded(p) for p in params):
+    if any_sharded(params):
         if not fsdp2:
             raise ValueError(
                 f"{owner} does not support FSDP2 (fully_shard) yet: its hyper-update "

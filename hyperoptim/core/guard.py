@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .dist import world_size
 from .schedulers import outside_factor
-from .shard import is_sharded, local, tensor_norms
+from .shard import any_sharded, local, tensor_norms
 from .warn import warn
 
 # float16's range, the narrowest floating dtype's: values within it fit every parameter.
@@ -47,7 +47,7 @@ def _largest_abs(tensors: Sequence[Tensor]) -> float:
     tops = [s.detach().abs().amax().double() for s in shards if s.numel()]
     top = (torch.stack(tops).amax() if tops else
            torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else None))
-    if any(is_sharded(t) for t in tensors) and world_size() > 1:
+    if any_sharded(tensors) and world_size() > 1:
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
     return float(top)
 

@@ -69,7 +69,7 @@ __all__ = [
     "CLASS_COMPONENTS", "HYPER_STEP_NAMES", "OPTIONS", "Option", "check_arguments", "check_group",
     "check_rule_arguments", "coerce_group", "components",
     "fixed_values", "is_number", "options_of", "rename_assigned", "renamed_group",
-    "renamed_options", "validate_groups",
+    "refresh_passed", "renamed_options", "validate_groups",
 ]
 
 # Every learned value stays within [-LEARNED_LIMIT, LEARNED_LIMIT] (core.base.LEARNED_LIMIT).
@@ -575,6 +575,49 @@ def validate_groups(optimizer: Any) -> None:
             key = (group, fixed_i, maximize, params, _fingerprint(group))
         now.append(key)
     optimizer.__dict__["_groups_passed"] = now
+
+
+_KEY = operator.itemgetter(0)  # a fingerprint entry's key
+
+
+def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str, ...]]) -> None:
+    """After a step: a group whose only changes since it passed are values of its ``learned``
+    names (what the step itself wrote) passes :func:`validate_groups` at the next step unchecked.
+
+    The changed values still get their own checks and the constraints between options (where
+    one fails, the group is left for the next step's full check, which reports it); the rest of
+    the group is as it passed. Without this, every group of a method that learns its lr would
+    be checked in full at every step."""
+    passed = optimizer.__dict__.get("_groups_passed")
+    groups = optimizer.param_groups
+    if not passed or len(passed) != len(groups):
+        return
+    table: dict[str, Option] | None = None
+    for i, group in enumerate(groups):
+        last = passed[i]
+        if last[0] is not group or last[4] is None:
+            continue
+        print_ = _fingerprint(group)
+        if print_ is None or print_ == last[4] or len(print_) != len(last[4]):
+            continue
+        # Keys in the same order (a group's dict keeps its insertion order): any new, removed
+        # or reordered key leaves the group to the full check.
+        if list(map(_KEY, last[4])) != list(map(_KEY, print_)):
+            continue
+        changed = [new[0] for old, new in zip(last[4], print_) if old != new]
+        names = learned(group)
+        if table is None:
+            table = _table(components(optimizer) or ())
+        if not all([name in names and name in table and table[name].in_group
+                    for name in changed]):
+            continue
+        try:
+            for name in changed:
+                _check_one(table[name], group[name])
+            _check_constraints(optimizer, group)
+        except ValueError:
+            continue
+        passed[i] = (*last[:4], print_)
 
 
 def _unchanged(last: tuple[Any, ...], now: tuple[Any, ...]) -> bool:

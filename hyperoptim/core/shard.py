@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -20,10 +21,10 @@ from torch import Tensor
 
 from .dist import world_size
 
-__all__ = ["any_nonzero", "check_fsdp2_parameters", "check_sharded_closure", "check_sharded_hvp",
-           "complete_sums", "is_sharded", "local", "local_parameters", "local_state", "local_states",
-           "reshard_state", "sum_across_shards",
-           "sums_and_norms", "tensor_norms"]
+__all__ = ["any_nonzero", "any_sharded", "check_fsdp2_parameters", "check_sharded_closure",
+           "check_sharded_hvp", "complete_sums", "is_sharded", "local", "local_parameters",
+           "local_state", "local_states", "reshard_state", "sum_across_shards", "sums_and_norms",
+           "tensor_norms"]
 
 
 # DTensor, imported at the first is_sharded call (the import takes seconds), None without
@@ -51,17 +52,28 @@ def is_sharded(p: Tensor) -> bool:
     return cls is not None and isinstance(p, cls)
 
 
+def any_sharded(tensors: Iterable[Tensor]) -> bool:
+    """Is any of ``tensors`` sharded (:func:`is_sharded`)? One call for a whole list."""
+    cls = _dtensor if _dtensor is not _UNKNOWN else _dtensor_type()
+    return cls is not None and any(map(isinstance, tensors, repeat(cls)))
+
+
 def local(t: Tensor) -> Tensor:
     """This rank's shard of ``t`` (``t`` itself unless it is a ``DTensor``); shares its storage."""
-    return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
+    # is_sharded inlined: this runs for every parameter, gradient and tangent of a step.
+    cls = _dtensor if _dtensor is not _UNKNOWN else _dtensor_type()
+    return t.to_local() if cls is not None and isinstance(t, cls) else t  # type: ignore[attr-defined]
 
 
 def local_state(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` (a ``state[p]`` dict) with every ``DTensor`` value replaced, in place, by its
     local shard (shared storage); undone by :func:`reshard_state`."""
+    cls = _dtensor if _dtensor is not _UNKNOWN else _dtensor_type()
+    if cls is None:
+        return state
     for key, value in state.items():
-        if is_sharded(value):
-            state[key] = local(value)
+        if isinstance(value, cls):
+            state[key] = value.to_local()
     return state
 
 
@@ -76,9 +88,10 @@ def local_states(state: MutableMapping[Tensor, dict[str, Any]], params: Sequence
             local_state(state[p])
         yield
     finally:
-        for p in params:
-            if is_sharded(p):
-                reshard_state(state[p], p)
+        if any_sharded(params):
+            for p in params:
+                if is_sharded(p):
+                    reshard_state(state[p], p)
 
 
 def complete_sums(flat: Tensor, sharded: bool) -> Tensor:
@@ -164,7 +177,7 @@ def _move_back(state: MutableMapping[Tensor, dict[str, Any]], moved: list[tuple[
 def check_sharded_hvp(owner: str, hvp: str, params: Iterable[Tensor]) -> None:
     """``ValueError`` for ``hvp="exact"`` over FSDP2 parameters: double backward finds no graph
     to them (FSDP2 frees the unsharded parameters, the graph's leaves, after the forward)."""
-    if hvp == "exact" and any(is_sharded(p) for p in params):
+    if hvp == "exact" and any_sharded(params):
         raise ValueError(
             f"{owner}(hvp='exact') does not support FSDP2 (fully_shard): the exact route "
             "differentiates the training gradient a second time, and under FSDP2 that gradient "
@@ -203,7 +216,7 @@ def check_fsdp2_parameters(owner: str, params: Iterable[Tensor]) -> None:
 def check_sharded_closure(owner: str, params: Sequence[Tensor], called_backward: bool,
                           name: str) -> None:
     """``ValueError`` for a closure that returned an FSDP2 model's loss without ``backward()``."""
-    if not called_backward and any(is_sharded(p) for p in params):
+    if not called_backward and any_sharded(params):
         raise ValueError(
             f"{owner} under FSDP2 (fully_shard) takes gradients from backward(), whose hooks "
             f"reduce-scatter them into the shards: the {name} must call zero_grad() and "
@@ -229,7 +242,7 @@ def sum_across_shards(partials: Sequence[Tensor]) -> list[Tensor]:
 def tensor_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     """The 2-norm of each whole tensor: ``torch._foreach_norm``, or for ``DTensor`` shards the
     square root of their squared local norms summed across ranks (one all-reduce)."""
-    if not any(is_sharded(t) for t in tensors):
+    if not any_sharded(tensors):
         return list(torch._foreach_norm(list(tensors))) if tensors else []
     return sums_and_norms([], tensors)[1]
 
@@ -248,6 +261,6 @@ def any_nonzero(tensors: Sequence[Tensor]) -> bool:
     if not tensors:
         return False
     flag = torch.stack([local(t).ne(0).any() for t in tensors]).any().double()
-    if any(is_sharded(t) for t in tensors):
+    if any_sharded(tensors):
         flag = sum_across_shards([flag])[0]
     return bool(flag > 0)

@@ -68,7 +68,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core.dist import all_reduce_mean
-from ..core.shard import is_sharded, local, sum_across_shards
+from ..core.shard import any_sharded, local, sum_across_shards
 from ..core.threads import FORWARD_AD_LOCK
 
 __all__ = ["HVP_ROUTES", "SecondOrder", "exact_route_error", "grad_and_hvp", "hvp_from_grads"]
@@ -285,7 +285,7 @@ class SecondOrder:
             raise RuntimeError("SecondOrder.hvp() after close()")
         # FSDP2: each rank perturbs its own shard (the storage FSDP2 gathers from) along its
         # shard of each column; norms are completed across the shards.
-        sharded = any(is_sharded(p) for p in self.params)
+        sharded = any_sharded(self.params)
         params = [local(p) for p in self.params]
         vectors = [local(v) for v in vectors]
         n = vectors[0].shape[0] if vectors else 0

@@ -24,7 +24,13 @@ from ..core.checks import check_value, is_real
 from ..core.guard import BACK_OFF
 from ..core.options import check_group, components, is_number, renamed_group, renamed_options
 from ..core.schedule import window_of
-from ..core.shard import check_sharded_hvp, complete_sums, is_sharded, local, local_parameters
+from ..core.shard import (
+    any_sharded,
+    check_sharded_hvp,
+    complete_sums,
+    local,
+    local_parameters,
+)
 from ..core.types import Closure, ParamsT
 from ..core.warn import warn
 from ..rules.base import UpdateRule, rule_tangents
@@ -514,7 +520,7 @@ class RuleFDS(HyperOptimizer):
         columns = self._columns()
         params = [p for g in self.param_groups for p in g["params"] if _Z in self.state[p]]
         # FSDP2: partial sums over this rank's shards, completed by one all-reduce below.
-        sharded = any(is_sharded(p) for p in params)
+        sharded = any_sharded(params)
         val_loss, val_grads = self._validation_grads(val_closure, params, average_loss=not sharded)
         hyper = torch.zeros(len(columns), dtype=torch.float64, device=val_loss.device)
         for p, g in zip(params, val_grads, strict=True):

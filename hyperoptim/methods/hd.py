@@ -41,7 +41,7 @@ from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value, is_real
 from ..core.dist import all_reduce_mean, world_size
 from ..core.options import check_rule_arguments, components, renamed_options
-from ..core.shard import is_sharded, local, sums_and_norms
+from ..core.shard import any_sharded, is_sharded, local, sums_and_norms
 from ..core.types import Closure, ParamsT
 from ..core.warn import warn
 from ..hyperstep import Additive, HyperStep, resolve
@@ -263,7 +263,7 @@ class RuleHypergrad(HyperOptimizer):
         loss, _ = self._training_loss(closure)
         val_closure = self._resolve_val_closure(val_closure, required=False)
         groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
-        sharded = any(is_sharded(p) for _, ps in groups for p in ps)  # FSDP2
+        sharded = any(any_sharded(ps) for _, ps in groups)  # FSDP2
         val_loss, objective = self._validation(val_closure, groups, sharded)
         plans, scalars = self._propose(groups, objective)
         values, checked, train_loss = self._gather(scalars, loss, val_loss, groups, sharded)

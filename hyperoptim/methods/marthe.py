@@ -13,7 +13,14 @@ from torch import Tensor
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.dist import all_reduce_mean
 from ..core.options import renamed_options
-from ..core.shard import check_sharded_hvp, complete_sums, is_sharded, local, local_states
+from ..core.shard import (
+    any_sharded,
+    check_sharded_hvp,
+    complete_sums,
+    is_sharded,
+    local,
+    local_states,
+)
 from ..core.signatures import declared
 from ..core.types import Closure
 from ..hvp import SecondOrder
@@ -336,7 +343,7 @@ class RuleMarthe(HyperOptimizer):
         groups = self.param_groups
         n_cols = len(groups)
         # FSDP2: every term below is a partial sum over this rank's shards, completed at the end.
-        sharded = any(is_sharded(p) for p in tracked)
+        sharded = any_sharded(tracked)
         val_loss, val_grads = self._validation_grads(objective, tracked, average_loss=not sharded)
         grad_e = {p: local(g) for p, g in zip(tracked, val_grads, strict=True)}
         delta = torch.stack([
