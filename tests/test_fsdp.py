@@ -260,14 +260,18 @@ def test_fsdp2_step_sends_one_scalar_all_reduce_of_its_own(ranks):
     # adds one all-reduce per step (hypergradient partial sums, the guard's norms and the
     # validation loss together), plus, once, the check that the validation gradient is not 0
     # everywhere, and, once at the first step, the two all-reduces of the replica check (the
-    # ranks' hyperparameters agree; shards are not compared). And after each closure the ranks'
-    # verdict on the step, a scalar all-reduce of its own: the reduce-scatter inside backward()
-    # is FSDP2's and carries nothing of the optimizer's (docs/design.md §8).
+    # ranks' hyperparameters agree; shards are not compared). And the ranks' verdict on each
+    # closure (docs/design.md §8; the reduce-scatter inside backward() is FSDP2's and carries
+    # nothing of the optimizer's): with a validation closure a scalar all-reduce of its own after
+    # each closure; in training-loss mode it rides in the step's one all-reduce, whose size a
+    # rank whose closure failed must know: the last step's. The first step sends the verdict
+    # alone, the second its sums twice (they grow as d_{t-1} appears), every later step exactly
+    # one all-reduce of its own.
     for name in BUILDERS:
         comm = ranks[0][name]["comm"]
         val = name.endswith("val")
         backwards = STEPS * (2 if val else 1)
-        own = STEPS + (1 if val else 0) + 2 + backwards
+        own = STEPS + (1 if val else 0) + 2 + (backwards if val else 2)
         assert comm["gloo:reduce_scatter"] + comm["gloo:all_reduce"] - own == backwards, (name, comm)
 
 

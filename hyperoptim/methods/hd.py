@@ -260,8 +260,10 @@ class RuleHypergrad(HyperOptimizer):
         Returns:
             The closure's loss, or None.
         """
-        loss, _ = self._training_loss(closure)
         val_closure = self._resolve_val_closure(val_closure, required=False)
+        # Training-loss mode: the ranks' verdict on the closure rides in the step's one
+        # all-reduce of scalars under FSDP2 (_complete_shards) rather than in one of its own.
+        loss, _ = self._training_loss(closure, defer=val_closure is None)
         groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
         sharded = any(is_sharded(p) for _, ps in groups for p in ps)  # FSDP2
         val_loss, objective = self._validation(val_closure, groups, sharded)
@@ -354,7 +356,9 @@ class RuleHypergrad(HyperOptimizer):
         training loss's mean over ranks where they are read, as ``values``; the guard's scalars as
         ``checked``; and the training loss a policy reads (``None`` if none does)."""
         norms = None
-        if sharded:
+        # A deferred verdict (FSDP2) is sent here even in a step whose closure left no gradient:
+        # a rank whose closure failed waits for it.
+        if sharded or self.__dict__.get("_pending_verdict"):
             scalars, val_loss, norms = self._complete_shards(scalars, val_loss, groups)
         if val_loss is not None:
             scalars.append(val_loss)
@@ -375,7 +379,8 @@ class RuleHypergrad(HyperOptimizer):
         """FSDP2: one all-reduce completes every dot and the guard's norms, and sums the ranks'
         validation losses (returned as their mean)."""
         tensors = [t for kinds in self._guard_tensors(groups) for ts in kinds for t in ts]
-        sums, norms = sums_and_norms(scalars + ([] if val_loss is None else [val_loss]), tensors)
+        sums, norms = sums_and_norms(scalars + ([] if val_loss is None else [val_loss]), tensors,
+                                     reduce=self._sum_with_verdict)
         if val_loss is not None:
             val_loss = sums[-1] / world_size()
         return sums[:len(scalars)], val_loss, norms
