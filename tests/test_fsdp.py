@@ -58,6 +58,9 @@ BUILDERS = {
     "adam_val": lambda p, v: hyperoptim.HypergradAdam(p, lr=0.01, weight_decay=1e-3,
                                                       hyper_lr=1e-3, val_closure=v),
     "adamw_train": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01, hyper_lr=1e-3),
+    # The scale-free policy reads the training loss's mean: in the same all-reduce.
+    "adamw_scale_free_train": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01,
+                                                                 hyper_step="scale_free"),
     "adamw_val": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01, hyper_lr=1e-3,
                                                         val_closure=v),
 }
