@@ -521,3 +521,49 @@ def test_every_class_resumes_from_the_two_keys_dcp_keeps(case):
     run(info, opt2, prob2, 6, 4)
     assert_same_params(prob.params(), prob2.params())
     assert hyper_groups(opt2) == hyper_groups(opt) and opt2.history == opt.history
+
+
+# FDS through DCP: its state-creating step (no closure, lr 0) creates the keys a checkpoint
+# taken within an episode has, and moves nothing; a save two steps into the second episode
+# resumes bit for bit.
+FDS_DCP_BUILDERS = {
+    "fds_sgd": FDS_BUILDERS["fds_sgd"],
+    "fds_adam": lambda p, v: hyperoptim.FDSAdam(p, lr=0.01, weight_decay=1e-3, horizon=4,
+                                                val_closure=v),
+    "fds_adamw": FDS_BUILDERS["fds_adamw"],
+}
+
+
+def _fds_steps(opt: Any, step: Callable[[int], None], steps: range) -> None:
+    for t in steps:
+        step(t)
+        if opt.episode_step == opt.horizon:
+            opt.hyperstep()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize("name", list(FDS_DCP_BUILDERS))
+def test_fds_resumes_bit_for_bit_through_dcp(name, tmp_path):
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt, step = _setup(FDS_DCP_BUILDERS[name], 0, 1, False)
+    _fds_steps(opt, step, range(SPLIT + 2))
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path), no_dist=True)
+    ref_model, ref = model, opt  # the uninterrupted run (the save moved nothing)
+    _fds_steps(ref, step, range(SPLIT + 2, STEPS))
+
+    model, opt, step = _setup(FDS_DCP_BUILDERS[name], 0, 1, False)
+    before = [p.detach().clone() for p in model.parameters()]
+    lrs = [g["lr_schedule"][:] for g in opt.param_groups]
+    model_sd, optim_sd = get_state_dict(model, opt)  # DCP's state-creating step
+    assert all(map(torch.equal, before, model.parameters()))  # it moved nothing
+    assert [g["lr_schedule"] for g in opt.param_groups] == lrs and opt.episode_step == 0
+    target = {"model": model_sd, "optim": optim_sd}
+    dcp.load(target, checkpoint_id=str(tmp_path), no_dist=True)
+    set_state_dict(model, opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    _fds_steps(opt, step, range(SPLIT + 2, STEPS))
+    assert all(map(torch.equal, ref_model.parameters(), model.parameters()))
+    assert opt.history == ref.history and len(opt.history[0]["lr"]) == 2
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in ref.param_groups]

@@ -348,6 +348,11 @@ class RuleFDS(HyperOptimizer):
                                "restore the episode's initial weights and call hyperstep() "
                                "(examples/lightning_fds.py, class EndEpisodes).")
         n_prev, n_active, index = self._column_plan(t)
+        # torch.distributed.checkpoint creates a fresh optimizer's state with a step without a
+        # closure at learning rate 0 (its _init_optim_state), for its load to have keys to fill.
+        if closure is None and not self.state and all(g["lr"] == 0 for g in self.param_groups):
+            self._create_state(t, n_active, index)
+            return None
         if n_active and closure is None:
             raise ValueError(
                 f"{name} needs second-order information: call step(closure) with a closure that "
@@ -380,6 +385,26 @@ class RuleFDS(HyperOptimizer):
         self.hyper_state["step"] = t + 1
         self._publish(t + 1)
         return loss
+
+    def _create_state(self, t: int, n_active: int, index: dict[tuple[int, int, int], int]
+                      ) -> None:
+        """DCP's state-creating step: the rule's step and its tangent update at learning rate 0
+        on the zero gradients DCP gives, so that ``state[p]`` holds the keys (and, with one
+        window per hyperparameter, the shapes) a checkpoint taken within an episode has. The
+        weights do not move, and the episode clock, the schedules and ``history`` are left as
+        they are: DCP's 0 is not a value set from outside (the load that follows replaces the
+        state)."""
+        for gi, group in enumerate(self.param_groups):
+            params = self._params_with_grad(group)
+            if not params:
+                continue
+            schedule = group["lr_schedule"]
+            group["lr_schedule"] = [0.0] * len(schedule)  # the rule's step reads the schedule
+            try:
+                with local_parameters(self.state, params, {}) as shards:
+                    self._group_step(gi, group, shards, t, n_active, index, {})
+            finally:
+                group["lr_schedule"] = schedule
 
     def _column_plan(self, t: int) -> tuple[int, int, dict[tuple[int, int, int], int]]:
         """At step ``t``: the columns already used (:math:`Z` may be non-zero), those in use
