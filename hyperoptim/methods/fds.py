@@ -729,8 +729,18 @@ class RuleFDS(HyperOptimizer):
             return min(max(1.0 - grown, 0.0), _LOG1M_MAX)
         return value - sign * state["step_size"][k]
 
-    def _reset_episode(self) -> None:
-        """A new episode: no tangents, and the rule's state (buffers, step counts) starts fresh."""
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`HyperOptimizer.load_state_dict`; at an episode's start (where this class holds
+        no per-parameter state) the per-parameter state that came with it is dropped: what
+        torch.distributed.checkpoint's state-creating step left in a fresh optimizer's target
+        (``DefaultLoadPlanner(allow_partial_load=True)`` loads a checkpoint taken at an
+        episode's end into it)."""
+        super().load_state_dict(state_dict)
+        if self.hyper_state.get("step") == 0:
+            self._drop_episode_state()
+
+    def _drop_episode_state(self) -> None:
+        """No tangents, and the rule's state (buffers, step counts) fresh."""
         keys = (_Z, *self.buffer_tangent_keys.values(), *self.rule.buffer_names,
                 *(("step",) if self.rule.uses_counts else ()))
         for group in self.param_groups:
@@ -741,6 +751,10 @@ class RuleFDS(HyperOptimizer):
                         state.pop(key, None)
                     if not state:  # torch.optim keeps no empty entries
                         del self.state[p]
+
+    def _reset_episode(self) -> None:
+        """A new episode: no tangents, and the rule's state (buffers, step counts) starts fresh."""
+        self._drop_episode_state()
         self.hyper_state["step"] = 0
         self.hyper_state["episode_skipped"] = 0
         for key in ("first_loss", "min_loss"):  # each episode restarts from fresh weights
