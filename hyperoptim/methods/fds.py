@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -24,7 +24,14 @@ from ..core.checks import check_value, is_real
 from ..core.guard import BACK_OFF
 from ..core.options import check_group, components, is_number, renamed_group, renamed_options
 from ..core.schedule import window_of
-from ..core.shard import check_sharded_hvp, complete_sums, is_sharded, local, local_parameters
+from ..core.shard import (
+    any_nonzero,
+    check_sharded_hvp,
+    complete_sums,
+    is_sharded,
+    local,
+    local_parameters,
+)
 from ..core.types import Closure, ParamsT
 from ..core.warn import warn
 from ..rules.base import UpdateRule, rule_tangents
@@ -348,9 +355,7 @@ class RuleFDS(HyperOptimizer):
                                "restore the episode's initial weights and call hyperstep() "
                                "(examples/lightning_fds.py, class EndEpisodes).")
         n_prev, n_active, index = self._column_plan(t)
-        # torch.distributed.checkpoint creates a fresh optimizer's state with a step without a
-        # closure at learning rate 0 (its _init_optim_state), for its load to have keys to fill.
-        if closure is None and not self.state and all(g["lr"] == 0 for g in self.param_groups):
+        if closure is None and self._dcp_creates_state():
             self._create_state(t, n_active, index)
             return None
         if n_active and closure is None:
@@ -385,6 +390,16 @@ class RuleFDS(HyperOptimizer):
         self.hyper_state["step"] = t + 1
         self._publish(t + 1)
         return loss
+
+    def _dcp_creates_state(self) -> bool:
+        """Is this ``step()`` without a closure torch.distributed.checkpoint's, which creates a
+        fresh optimizer's state for its load to have keys to fill (``_init_optim_state``: every
+        learning rate 0, every gradient a zero tensor)? Anything else without a closure is
+        refused as before."""
+        params = self._all_params()
+        return (not self.state and bool(params) and all(g["lr"] == 0 for g in self.param_groups)
+                and all(p.grad is not None for p in params)
+                and not any_nonzero([cast(Tensor, p.grad) for p in params]))
 
     def _create_state(self, t: int, n_active: int, index: dict[tuple[int, int, int], int]
                       ) -> None:
