@@ -154,7 +154,9 @@ class _Closures:
         if not deferred:
             out = sum_across_shards(partials)
         else:
-            flat = torch.stack([t.detach().double().reshape(()) for t in partials])
+            # A step whose closure left no gradient has nothing to sum: zeros, then its verdict.
+            flat = (torch.stack([t.detach().double().reshape(()) for t in partials]) if partials
+                    else torch.zeros(0, dtype=torch.float64, device=self._all_params()[0].device))
             size = self.__dict__["_verdict_size"]
             deviated = flat.numel() != size
             payload = torch.zeros(size, dtype=torch.float64, device=flat.device) if deviated else flat
