@@ -88,14 +88,8 @@ class _Closures:
         batch = self.__dict__.get("local_batch_size")
         slot = verdict(failure, own, device or torch.device("cpu"), batch)
         timeout = self.__dict__.get("agreement_timeout", AGREEMENT_TIMEOUT)
-        try:
-            *out, slot = self._average([*tensors, slot], [*synced, False], timeout=timeout)
-        except RuntimeError as err:
-            if failure is None:
-                raise
-            if hasattr(failure, "add_note"):  # Python 3.11+
-                failure.add_note(f"(then, at the step's agreement: {err})")
-            raise failure from None
+        *out, slot = self._failing_first(
+            lambda: self._average([*tensors, slot], [*synced, False], timeout=timeout), failure)
         values = settle(type(self).__name__, slot, failure, timeout=timeout)
         if own is None:
             self._check_batches(values, batch)
@@ -131,14 +125,7 @@ class _Closures:
         """All-reduce ``flat`` (partial sums, then :meth:`_deferred_slots`) and settle the
         verdict in its last four slots: raises on every rank if a closure failed on any."""
         timeout = self.__dict__.get("agreement_timeout", AGREEMENT_TIMEOUT)
-        try:
-            all_reduce_sum(flat, timeout=timeout)
-        except RuntimeError as err:
-            if failure is None:
-                raise
-            if hasattr(failure, "add_note"):  # Python 3.11+
-                failure.add_note(f"(then, at the step's agreement: {err})")
-            raise failure from None
+        self._failing_first(lambda: all_reduce_sum(flat, timeout=timeout), failure)
         slots = flat[-4:] / world_size()
         values = settle(type(self).__name__, slots[[0, 2, 3]], failure, timeout=timeout)
         self._check_batches(values, self.__dict__.get("local_batch_size"))
@@ -167,6 +154,19 @@ class _Closures:
                 out = sum_across_shards(partials)
         self.__dict__["_verdict_size"] = len(out)
         return out
+
+    @staticmethod
+    def _failing_first(collective: Callable[[], _T], failure: Exception | None) -> _T:
+        """``collective()``; if it raises (a timeout) on a rank whose own step failed, that
+        rank's exception is raised instead, with the collective's error as a note."""
+        try:
+            return collective()
+        except RuntimeError as err:
+            if failure is None:
+                raise
+            if hasattr(failure, "add_note"):  # Python 3.11+
+                failure.add_note(f"(then, at the step's agreement: {err})")
+            raise failure from None
 
     def _check_batches(self, values: list[float], batch: int | None) -> None:
         """Warn once when the local batch sizes the ranks declared differ."""
