@@ -745,13 +745,13 @@ class RuleFDS(HyperOptimizer):
         return value - sign * state["step_size"][k]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """:meth:`HyperOptimizer.load_state_dict`; at an episode's start (where this class holds
-        no per-parameter state) the per-parameter state that came with it is dropped: what
-        torch.distributed.checkpoint's state-creating step left in a fresh optimizer's target
-        (``DefaultLoadPlanner(allow_partial_load=True)`` loads a checkpoint taken at an
-        episode's end into it)."""
+        """:meth:`HyperOptimizer.load_state_dict`; a tangent at an episode's start (where this
+        class holds none) is what torch.distributed.checkpoint's state-creating step left in a
+        fresh optimizer's target (``DefaultLoadPlanner(allow_partial_load=True)`` loads a
+        checkpoint taken at an episode's end into it): that per-parameter state is dropped. A
+        ``torch.optim`` checkpoint's (migrated: no tangents) is kept."""
         super().load_state_dict(state_dict)
-        if self.hyper_state.get("step") == 0:
+        if self.hyper_state.get("step") == 0 and any(_Z in s for s in self.state.values()):
             self._drop_episode_state()
 
     def _drop_episode_state(self) -> None:
