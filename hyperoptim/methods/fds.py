@@ -751,7 +751,8 @@ class RuleFDS(HyperOptimizer):
         checkpoint taken at an episode's end into it): that per-parameter state is dropped. A
         ``torch.optim`` checkpoint's (migrated: no tangents) is kept."""
         super().load_state_dict(state_dict)
-        if self.hyper_state.get("step") == 0 and any(_Z in s for s in self.state.values()):
+        if self.hyper_state.get("step") == 0 and any(
+                isinstance(s, dict) and _Z in s for s in self.state.values()):
             self._drop_episode_state()
 
     def _drop_episode_state(self) -> None:
