@@ -45,18 +45,22 @@ def _init(rank: int, store: str) -> None:
     torch.set_num_threads(1)
 
 
-def _run(name: str, where: str | None, backward: bool, rank: int, ddp: bool = False
-         ) -> dict[str, Any]:
+def _run(name: str, where: str | None, backward: bool, rank: int, ddp: bool = False,
+         fsdp: bool = False) -> dict[str, Any]:
     """STEPS steps on this rank's half of every batch. With ``where`` ("val" or "closure"),
     the FAILING_RANK's closure of that kind raises once (the validation closure at its 1st call,
     the training closure at its 3rd, a finite-difference evaluation for a second-order class
-    whose closure calls backward(); after backward() for a DDP model, whose hooks run inside
-    backward()), and every rank retries the step that raised."""
+    whose closure calls backward(); after backward() for a DDP or FSDP2 model, whose hooks run
+    inside backward()), and every rank retries the step that raised."""
     x, y, xv, yv = _data()
     part = slice(rank * x.shape[1] // WORLD, (rank + 1) * x.shape[1] // WORLD)
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
     model: nn.Module = nn.parallel.DistributedDataParallel(module) if ddp else module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(module)
     calls = {"val": 0, "closure": 0}
 
     def maybe_fail(kind: str) -> None:
@@ -89,7 +93,7 @@ def _run(name: str, where: str | None, backward: bool, rank: int, ddp: bool = Fa
     for t in range(STEPS):
         def closure(t: int = t) -> torch.Tensor:
             loss = F.mse_loss(model(x[t, part]), y[t, part])
-            if backward or ddp:
+            if backward or ddp or fsdp:
                 opt.zero_grad()
                 loss.backward()
             maybe_fail("closure")
@@ -99,7 +103,8 @@ def _run(name: str, where: str | None, backward: bool, rank: int, ddp: bool = Fa
         if name.startswith("fds") and opt.episode_step == opt.horizon:
             attempt(opt.hyperstep)
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    return {"params": [p.detach().clone() for p in module.parameters()], "groups": hyper,
+    full = [p.full_tensor() if fsdp else p for p in module.parameters()]
+    return {"params": [p.detach().clone() for p in full], "groups": hyper,
             "history": opt.history, "errors": errors}
 
 
@@ -118,6 +123,10 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     # DDP: the closure raises after backward(), where DDP's own all-reduce already ran.
     results["ddp"] = _run("hd_train", "closure", True, rank=rank, ddp=True)
     results["ddp_twin"] = _run("hd_train", None, True, rank=rank, ddp=True)
+    # FSDP2: HD's verdict on the training closure rides in its one all-reduce of scalars from
+    # the third step on, where the closure fails.
+    results["fsdp"] = _run("hd_train", "closure", True, rank=rank, fsdp=True)
+    results["fsdp_twin"] = _run("hd_train", None, True, rank=rank, fsdp=True)
     results["uneven"] = _uneven(rank)
     dist.barrier()
     # Last, as it leaves the process group unusable: a rank that never reaches the agreement.
@@ -169,6 +178,15 @@ def test_a_ddp_closure_that_fails_after_backward_fails_on_all_ranks(ranks):
     _assert_failed_everywhere(ranks, "ddp", "closure")
     for results in ranks:
         for a, b in zip(ranks[0]["ddp_twin"]["params"], results["ddp"]["params"], strict=True):
+            assert torch.equal(a, b)
+
+
+def test_an_fsdp2_closure_that_fails_fails_on_all_ranks_at_the_step_all_reduce(ranks):
+    _assert_failed_everywhere(ranks, "fsdp", "closure")
+    twin = ranks[0]["fsdp_twin"]
+    for results in ranks:
+        assert results["fsdp"]["history"] == twin["history"]
+        for a, b in zip(twin["params"], results["fsdp"]["params"], strict=True):
             assert torch.equal(a, b)
 
 

@@ -58,6 +58,9 @@ BUILDERS = {
     "adam_val": lambda p, v: hyperoptim.HypergradAdam(p, lr=0.01, weight_decay=1e-3,
                                                       hyper_lr=1e-3, val_closure=v),
     "adamw_train": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01, hyper_lr=1e-3),
+    # The scale-free policy reads the training loss's mean: in the same all-reduce.
+    "adamw_scale_free_train": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01,
+                                                                 hyper_step="scale_free"),
     "adamw_val": lambda p, v: hyperoptim.HypergradAdamW(p, lr=0.01, hyper_lr=1e-3,
                                                         val_closure=v),
 }
@@ -260,14 +263,18 @@ def test_fsdp2_step_sends_one_scalar_all_reduce_of_its_own(ranks):
     # adds one all-reduce per step (hypergradient partial sums, the guard's norms and the
     # validation loss together), plus, once, the check that the validation gradient is not 0
     # everywhere, and, once at the first step, the two all-reduces of the replica check (the
-    # ranks' hyperparameters agree; shards are not compared). And after each closure the ranks'
-    # verdict on the step, a scalar all-reduce of its own: the reduce-scatter inside backward()
-    # is FSDP2's and carries nothing of the optimizer's (docs/design.md §8).
+    # ranks' hyperparameters agree; shards are not compared). And the ranks' verdict on each
+    # closure (docs/design.md §8; the reduce-scatter inside backward() is FSDP2's and carries
+    # nothing of the optimizer's): with a validation closure a scalar all-reduce of its own after
+    # each closure; in training-loss mode it rides in the step's one all-reduce, whose size a
+    # rank whose closure failed must know: the last step's. The first step sends the verdict
+    # alone, the second its sums twice (they grow as d_{t-1} appears), every later step exactly
+    # one all-reduce of its own.
     for name in BUILDERS:
         comm = ranks[0][name]["comm"]
         val = name.endswith("val")
         backwards = STEPS * (2 if val else 1)
-        own = STEPS + (1 if val else 0) + 2 + backwards
+        own = STEPS + (1 if val else 0) + 2 + (backwards if val else 2)
         assert comm["gloo:reduce_scatter"] + comm["gloo:all_reduce"] - own == backwards, (name, comm)
 
 
@@ -514,3 +521,55 @@ def test_every_class_resumes_from_the_two_keys_dcp_keeps(case):
     run(info, opt2, prob2, 6, 4)
     assert_same_params(prob.params(), prob2.params())
     assert hyper_groups(opt2) == hyper_groups(opt) and opt2.history == opt.history
+
+
+# FDS through DCP: its state-creating step (no closure, lr 0) creates the keys a checkpoint
+# taken within an episode has, and moves nothing; a save two steps into the second episode
+# resumes bit for bit, and one at the end of the first episode with a partial load.
+FDS_DCP_BUILDERS = {
+    "fds_sgd": FDS_BUILDERS["fds_sgd"],
+    "fds_adam": lambda p, v: hyperoptim.FDSAdam(p, lr=0.01, weight_decay=1e-3, horizon=4,
+                                                val_closure=v),
+    "fds_adamw": FDS_BUILDERS["fds_adamw"],
+}
+
+
+def _fds_steps(opt: Any, step: Callable[[int], None], steps: range) -> None:
+    for t in steps:
+        step(t)
+        if opt.episode_step == opt.horizon:
+            opt.hyperstep()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize("split", [SPLIT + 2, SPLIT], ids=["within", "between"])
+@pytest.mark.parametrize("name", list(FDS_DCP_BUILDERS))
+def test_fds_resumes_bit_for_bit_through_dcp(name, split, tmp_path):
+    # Between episodes FDS holds no per-parameter state: the fresh target's (from DCP's
+    # state-creating step) is loaded partially and dropped.
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt, step = _setup(FDS_DCP_BUILDERS[name], 0, 1, False)
+    _fds_steps(opt, step, range(split))
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path), no_dist=True)
+    ref_model, ref = model, opt  # the uninterrupted run (the save moved nothing)
+    _fds_steps(ref, step, range(split, STEPS))
+
+    model, opt, step = _setup(FDS_DCP_BUILDERS[name], 0, 1, False)
+    before = [p.detach().clone() for p in model.parameters()]
+    lrs = [g["lr_schedule"][:] for g in opt.param_groups]
+    model_sd, optim_sd = get_state_dict(model, opt)  # DCP's state-creating step
+    assert all(map(torch.equal, before, model.parameters()))  # it moved nothing
+    assert [g["lr_schedule"] for g in opt.param_groups] == lrs and opt.episode_step == 0
+    target = {"model": model_sd, "optim": optim_sd}
+    dcp.load(target, checkpoint_id=str(tmp_path), no_dist=True,
+             planner=DefaultLoadPlanner(allow_partial_load=split == SPLIT))
+    set_state_dict(model, opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    assert split != SPLIT or not opt.state
+    _fds_steps(opt, step, range(split, STEPS))
+    assert all(map(torch.equal, ref_model.parameters(), model.parameters()))
+    assert opt.history == ref.history and len(opt.history[0]["lr"]) == 2
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in ref.param_groups]

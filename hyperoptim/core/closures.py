@@ -16,6 +16,7 @@ from ..hvp import RngReplay, SecondOrder, exact_route_error
 from .dist import (
     AGREEMENT_TIMEOUT,
     all_reduce_mean,
+    all_reduce_sum,
     ddp_synced_ids,
     settle,
     uneven_batches,
@@ -24,7 +25,7 @@ from .dist import (
 )
 from .grads import GradIsolation, ReachedLeaves
 from .ledger import GradLedger
-from .shard import any_nonzero, check_sharded_closure, is_sharded
+from .shard import any_nonzero, check_sharded_closure, is_sharded, sum_across_shards
 from .types import Closure
 from .warn import warn
 
@@ -87,18 +88,85 @@ class _Closures:
         batch = self.__dict__.get("local_batch_size")
         slot = verdict(failure, own, device or torch.device("cpu"), batch)
         timeout = self.__dict__.get("agreement_timeout", AGREEMENT_TIMEOUT)
+        *out, slot = self._failing_first(
+            lambda: self._average([*tensors, slot], [*synced, False], timeout=timeout), failure)
+        values = settle(type(self).__name__, slot, failure, timeout=timeout)
+        if own is None:
+            self._check_batches(values, batch)
+        return out
+
+    def _defers_verdict(self, params: Sequence[Tensor]) -> bool:
+        """Can the training closure's verdict ride in the step's one all-reduce of scalars
+        (:meth:`_sum_with_verdict`) instead of a collective of its own? Under FSDP2 (every
+        parameter sharded: a closure that succeeds leaves no gradient to average) from the second
+        such all-reduce on: its size is then known on a rank whose closure failed, which sends
+        zeros of that size. Decided before the closure runs, the same way on every rank."""
+        return (world_size() > 1 and "_verdict_size" in self.__dict__ and bool(params)
+                and all(is_sharded(p) for p in params))
+
+    def _deferred_slots(self, failed: bool, deviated: bool) -> Tensor:
+        """The verdict's four slots in :meth:`_sum_with_verdict`'s all-reduce: failed, the layout
+        deviated from the last step's, and the local batch size and its square
+        (:func:`~hyperoptim.core.dist.uneven_batches`)."""
+        n = float(self.__dict__.get("local_batch_size") or 0)
+        return torch.tensor([float(failed), float(deviated), n, n * n], dtype=torch.float64)
+
+    def _send_deferred_verdict(self, failure: Exception, params: Sequence[Tensor]) -> None:
+        """A rank whose training closure failed, under a deferred verdict: joins the all-reduce
+        the others send at :meth:`_sum_with_verdict` (zeros of the last step's size, then its
+        verdict) and raises there with them."""
+        size = self.__dict__["_verdict_size"]
+        device = params[0].device
+        flat = torch.cat([torch.zeros(size, dtype=torch.float64, device=device),
+                          self._deferred_slots(True, False).to(device)])
+        self._settle_deferred(flat, failure)
+
+    def _settle_deferred(self, flat: Tensor, failure: Exception | None) -> list[float]:
+        """All-reduce ``flat`` (partial sums, then :meth:`_deferred_slots`) and settle the
+        verdict in its last four slots: raises on every rank if a closure failed on any."""
+        timeout = self.__dict__.get("agreement_timeout", AGREEMENT_TIMEOUT)
+        self._failing_first(lambda: all_reduce_sum(flat, timeout=timeout), failure)
+        slots = flat[-4:] / world_size()
+        values = settle(type(self).__name__, slots[[0, 2, 3]], failure, timeout=timeout)
+        self._check_batches(values, self.__dict__.get("local_batch_size"))
+        return slots.tolist()
+
+    def _sum_with_verdict(self, partials: Sequence[Tensor]) -> list[Tensor]:
+        """:func:`~hyperoptim.core.shard.sum_across_shards` of the step's partial sums (one
+        all-reduce, float64), carrying the ranks' verdict on the training closure when it was
+        deferred (:meth:`_defers_verdict`): every rank then sends the last step's number of sums
+        and four slots more. A rank whose own layout changed since sends zeros and says so, and
+        then every rank sends its sums again (that step only)."""
+        deferred = self.__dict__.pop("_pending_verdict", False)
+        if not deferred:
+            out = sum_across_shards(partials)
+        else:
+            # A step whose closure left no gradient has nothing to sum: zeros, then its verdict.
+            flat = (torch.stack([t.detach().double().reshape(()) for t in partials]) if partials
+                    else torch.zeros(0, dtype=torch.float64, device=self._all_params()[0].device))
+            size = self.__dict__["_verdict_size"]
+            deviated = flat.numel() != size
+            payload = torch.zeros(size, dtype=torch.float64, device=flat.device) if deviated else flat
+            sent = torch.cat([payload, self._deferred_slots(False, deviated).to(flat.device)])
+            if self._settle_deferred(sent, None)[1] == 0.0:
+                out = list(sent[:size].unbind())
+            else:
+                out = sum_across_shards(partials)
+        self.__dict__["_verdict_size"] = len(out)
+        return out
+
+    @staticmethod
+    def _failing_first(collective: Callable[[], _T], failure: Exception | None) -> _T:
+        """``collective()``; if it raises (a timeout) on a rank whose own step failed, that
+        rank's exception is raised instead, with the collective's error as a note."""
         try:
-            *out, slot = self._average([*tensors, slot], [*synced, False], timeout=timeout)
+            return collective()
         except RuntimeError as err:
             if failure is None:
                 raise
             if hasattr(failure, "add_note"):  # Python 3.11+
                 failure.add_note(f"(then, at the step's agreement: {err})")
             raise failure from None
-        values = settle(type(self).__name__, slot, failure, timeout=timeout)
-        if own is None:
-            self._check_batches(values, batch)
-        return out
 
     def _check_batches(self, values: list[float], batch: int | None) -> None:
         """Warn once when the local batch sizes the ranks declared differ."""
@@ -132,8 +200,8 @@ class _Closures:
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _training_loss(self, closure: Closure | None, *, second_order: bool = False
-                       ) -> tuple[Tensor | None, SecondOrder | None]:
+    def _training_loss(self, closure: Closure | None, *, second_order: bool = False,
+                       defer: bool = False) -> tuple[Tensor | None, SecondOrder | None]:
         r"""Run the training ``closure`` so that ``p.grad`` holds the gradient of its loss.
 
         The closure recomputes the loss from the live parameters and returns it; it may call
@@ -167,7 +235,13 @@ class _Closures:
         (loss, called_backward, route), failure = self._run_local(
             lambda: self._call_training_closure(closure, params, before, second_order),
             lambda: (torch.zeros(()), False, None))
-        if world_size() > 1:
+        self.__dict__.pop("_pending_verdict", None)
+        if defer and self._defers_verdict(params):
+            if failure is not None:
+                self._send_deferred_verdict(failure, params)  # raises
+            self.__dict__["_pending_verdict"] = True
+            self.__dict__["_closure_backward"] = called_backward
+        elif world_size() > 1:
             # The step's scalar agreement: which gradients this closure left is not known on a
             # rank where it failed, so no average below can carry the verdict.
             self._agreed(failure)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["AGREEMENT_TIMEOUT", "FSDP2_CLASSES", "RankFailedError", "all_reduce_mean",
+__all__ = ["AGREEMENT_TIMEOUT", "FSDP2_CLASSES", "RankFailedError", "all_reduce_mean", "all_reduce_sum",
            "check_supported_parameters", "ddp_synced_ids", "settle", "uneven_batches", "verdict",
            "world_size"]
 
@@ -64,6 +64,12 @@ def all_reduce_mean(tensors: Sequence[Tensor], *, timeout: float | None = None) 
         for i, chunk in zip(index, flat.split([tensors[i].numel() for i in index])):
             out[i] = chunk.view_as(tensors[i])
     return out
+
+
+def all_reduce_sum(flat: Tensor, *, timeout: float | None = None) -> None:
+    """Sum ``flat`` across ranks in place (one collective), waiting at most ``timeout`` seconds
+    for the others if given (then ``RuntimeError``, as :func:`all_reduce_mean`)."""
+    _all_reduce(flat, timeout)
 
 
 def _all_reduce(flat: Tensor, timeout: float | None) -> None:

@@ -11,7 +11,7 @@ few scalars completes them. Nothing here gathers a parameter.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -247,12 +247,14 @@ def tensor_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return sums_and_norms([], tensors)[1]
 
 
-def sums_and_norms(partials: Sequence[Tensor], tensors: Sequence[Tensor]
+def sums_and_norms(partials: Sequence[Tensor], tensors: Sequence[Tensor],
+                   reduce: Callable[[Sequence[Tensor]], list[Tensor]] = sum_across_shards
                    ) -> tuple[list[Tensor], list[Tensor]]:
     """:func:`sum_across_shards` of ``partials`` and the 2-norms of the sharded ``tensors``, in
-    one all-reduce (float64)."""
+    one all-reduce (float64); ``reduce`` takes that all-reduce (an optimizer's, which may carry
+    the step's verdict in it)."""
     local_norms = torch._foreach_norm([local(t) for t in tensors]) if tensors else []
-    done = sum_across_shards(list(partials) + [n.double().square() for n in local_norms])
+    done = reduce(list(partials) + [n.double().square() for n in local_norms])
     return done[:len(partials)], [s.sqrt() for s in done[len(partials):]]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ from ..core.guard import BACK_OFF
 from ..core.options import check_group, components, is_number, renamed_group, renamed_options
 from ..core.schedule import window_of
 from ..core.shard import (
+    any_nonzero,
     any_sharded,
     check_sharded_hvp,
     complete_sums,
@@ -356,6 +357,9 @@ class RuleFDS(HyperOptimizer):
                                "restore the episode's initial weights and call hyperstep() "
                                "(examples/lightning_fds.py, class EndEpisodes).")
         n_prev, n_active, index = self._column_plan(t)
+        if closure is None and self._dcp_creates_state():
+            self._create_state(t, n_active, index)
+            return None
         if n_active and closure is None:
             raise ValueError(
                 f"{name} needs second-order information: call step(closure) with a closure that "
@@ -388,6 +392,36 @@ class RuleFDS(HyperOptimizer):
         self.hyper_state["step"] = t + 1
         self._publish(t + 1)
         return loss
+
+    def _dcp_creates_state(self) -> bool:
+        """Is this ``step()`` without a closure torch.distributed.checkpoint's, which creates a
+        fresh optimizer's state for its load to have keys to fill (``_init_optim_state``: every
+        learning rate 0, every gradient a zero tensor)? Anything else without a closure is
+        refused as before."""
+        params = self._all_params()
+        return (not self.state and bool(params) and all(g["lr"] == 0 for g in self.param_groups)
+                and all(p.grad is not None for p in params)
+                and not any_nonzero([cast(Tensor, p.grad) for p in params]))
+
+    def _create_state(self, t: int, n_active: int, index: dict[tuple[int, int, int], int]
+                      ) -> None:
+        """DCP's state-creating step: the rule's step and its tangent update at learning rate 0
+        on the zero gradients DCP gives, so that ``state[p]`` holds the keys (and, with one
+        window per hyperparameter, the shapes) a checkpoint taken within an episode has. The
+        weights do not move, and the episode clock, the schedules and ``history`` are left as
+        they are: DCP's 0 is not a value set from outside (the load that follows replaces the
+        state)."""
+        for gi, group in enumerate(self.param_groups):
+            params = self._params_with_grad(group)
+            if not params:
+                continue
+            schedule = group["lr_schedule"]
+            group["lr_schedule"] = [0.0] * len(schedule)  # the rule's step reads the schedule
+            try:
+                with local_parameters(self.state, params, {}) as shards:
+                    self._group_step(gi, group, shards, t, n_active, index, {})
+            finally:
+                group["lr_schedule"] = schedule
 
     def _column_plan(self, t: int) -> tuple[int, int, dict[tuple[int, int, int], int]]:
         """At step ``t``: the columns already used (:math:`Z` may be non-zero), those in use
@@ -712,8 +746,19 @@ class RuleFDS(HyperOptimizer):
             return min(max(1.0 - grown, 0.0), _LOG1M_MAX)
         return value - sign * state["step_size"][k]
 
-    def _reset_episode(self) -> None:
-        """A new episode: no tangents, and the rule's state (buffers, step counts) starts fresh."""
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`HyperOptimizer.load_state_dict`; a tangent at an episode's start (where this
+        class holds none) is what torch.distributed.checkpoint's state-creating step left in a
+        fresh optimizer's target (``DefaultLoadPlanner(allow_partial_load=True)`` loads a
+        checkpoint taken at an episode's end into it): that per-parameter state is dropped. A
+        ``torch.optim`` checkpoint's (migrated: no tangents) is kept."""
+        super().load_state_dict(state_dict)
+        if self.hyper_state.get("step") == 0 and any(
+                isinstance(s, dict) and _Z in s for s in self.state.values()):
+            self._drop_episode_state()
+
+    def _drop_episode_state(self) -> None:
+        """No tangents, and the rule's state (buffers, step counts) fresh."""
         keys = (_Z, *self.buffer_tangent_keys.values(), *self.rule.buffer_names,
                 *(("step",) if self.rule.uses_counts else ()))
         for group in self.param_groups:
@@ -724,6 +769,10 @@ class RuleFDS(HyperOptimizer):
                         state.pop(key, None)
                     if not state:  # torch.optim keeps no empty entries
                         del self.state[p]
+
+    def _reset_episode(self) -> None:
+        """A new episode: no tangents, and the rule's state (buffers, step counts) starts fresh."""
+        self._drop_episode_state()
         self.hyper_state["step"] = 0
         self.hyper_state["episode_skipped"] = 0
         for key in ("first_loss", "min_loss"):  # each episode restarts from fresh weights

@@ -260,8 +260,10 @@ class RuleHypergrad(HyperOptimizer):
         Returns:
             The closure's loss, or None.
         """
-        loss, _ = self._training_loss(closure)
         val_closure = self._resolve_val_closure(val_closure, required=False)
+        # Training-loss mode: the ranks' verdict on the closure rides in the step's one
+        # all-reduce of scalars under FSDP2 (_complete_shards) rather than in one of its own.
+        loss, _ = self._training_loss(closure, defer=val_closure is None)
         groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
         sharded = any(any_sharded(ps) for _, ps in groups)  # FSDP2
         val_loss, objective = self._validation(val_closure, groups, sharded)
@@ -354,15 +356,23 @@ class RuleHypergrad(HyperOptimizer):
         training loss's mean over ranks where they are read, as ``values``; the guard's scalars as
         ``checked``; and the training loss a policy reads (``None`` if none does)."""
         norms = None
-        if sharded:
-            scalars, val_loss, norms = self._complete_shards(scalars, val_loss, groups)
-        if val_loss is not None:
-            scalars.append(val_loss)
         # A policy that reads the training loss reads its mean over ranks (every rank's policy
         # state must stay identical; the closure's loss is this rank's own).
         reads_loss = loss is not None and any(self._policy(g).uses_loss for g, _ in groups)
+        train_mean = None
+        # A deferred verdict (FSDP2) is sent here even in a step whose closure left no gradient:
+        # a rank whose closure failed waits for it.
+        if sharded or self.__dict__.get("_pending_verdict"):
+            losses = [cast(Tensor, loss)] if reads_loss else []
+            scalars, means, norms = self._complete_shards(
+                scalars, ([] if val_loss is None else [val_loss]) + losses, groups)
+            val_loss = means[0] if val_loss is not None else None
+            train_mean = means[-1] if reads_loss else None
+        if val_loss is not None:
+            scalars.append(val_loss)
         if reads_loss:
-            scalars.append(all_reduce_mean([cast(Tensor, loss).detach().reshape(())])[0])
+            scalars.append(train_mean if train_mean is not None else
+                           all_reduce_mean([cast(Tensor, loss).detach().reshape(())])[0])
         guard = self._guard_scalars(loss, groups, norms)
         values = _host_floats(scalars + guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
@@ -370,15 +380,16 @@ class RuleHypergrad(HyperOptimizer):
             return values, checked, None
         return values, checked, -values[-1] if self.defaults["maximize"] else values[-1]
 
-    def _complete_shards(self, scalars: list[Tensor], val_loss: Tensor | None, groups: _Groups
-                         ) -> tuple[list[Tensor], Tensor | None, list[Tensor]]:
-        """FSDP2: one all-reduce completes every dot and the guard's norms, and sums the ranks'
-        validation losses (returned as their mean)."""
+    def _complete_shards(self, scalars: list[Tensor], losses: list[Tensor], groups: _Groups
+                         ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """FSDP2: one all-reduce completes every dot and the guard's norms, sums the ranks'
+        ``losses`` (the validation loss, the training loss a policy reads: returned as their
+        means) and, in training-loss mode, carries the ranks' verdict on the closure."""
         tensors = [t for kinds in self._guard_tensors(groups) for ts in kinds for t in ts]
-        sums, norms = sums_and_norms(scalars + ([] if val_loss is None else [val_loss]), tensors)
-        if val_loss is not None:
-            val_loss = sums[-1] / world_size()
-        return sums[:len(scalars)], val_loss, norms
+        sums, norms = sums_and_norms(scalars + [t.detach().reshape(()) for t in losses], tensors,
+                                     reduce=self._sum_with_verdict)
+        means = [t / world_size() for t in sums[len(scalars):]]
+        return sums[:len(scalars)], means, norms
 
     def _verdict(self, values: list[float], checked: list[float], groups: _Groups,
                  plans: list[_Plan], stepped: list[_Stepped], moved: list[_Moved | None]
