@@ -89,8 +89,21 @@ FDS_BUILDERS = {
                                               val_closure=v),
     "fds_adamw": lambda p, v: hyperoptim.FDSAdamW(p, lr=0.01, horizon=4, val_closure=v),
 }
-ALL_BUILDERS = {**BUILDERS, **MARTHE_BUILDERS, **FDS_BUILDERS}
-REFUSED = ("IFTOptimizer", "IFTAdam", "IFTAdamW")
+# IFT: a hyper-update every step (8 in the history), Neumann series of 3 terms (2 HVPs each, by
+# finite differences); SGD learning its three values at either timing, Adam/AdamW lr and decay.
+_IFT = dict(update_interval=1, lookback=3, hyper_lr=0.01, update_schedule="fixed")
+IFT_BUILDERS = {
+    "ift_sgd": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
+                                                    val_closure=v, **_IFT),
+    "ift_sgd_next": lambda p, v: hyperoptim.IFTOptimizer(
+        _two_groups(p), lr=0.05, momentum=0.5, weight_decay=1e-3,
+        update_timing="next", val_closure=v, **_IFT),
+    "ift_adam": lambda p, v: hyperoptim.IFTAdam(p, lr=0.01, weight_decay=1e-3, val_closure=v,
+                                                **_IFT),
+    "ift_adamw_groups": lambda p, v: hyperoptim.IFTAdamW(_two_groups(p), lr=0.01, val_closure=v,
+                                                         **_IFT),
+}
+ALL_BUILDERS = {**BUILDERS, **MARTHE_BUILDERS, **FDS_BUILDERS, **IFT_BUILDERS}
 
 
 def _model() -> nn.Module:
@@ -149,8 +162,8 @@ def run_case(name: str, rank: int, world: int, sharded: bool) -> dict[str, Any]:
 
 
 def _refusals() -> list[str]:
-    """Construction errors under FSDP2 for the classes that do not support it, and for a closure
-    that returns the loss without backward()."""
+    """Construction errors under FSDP2 for what it does not support (per-parameter values, the
+    exact HVP route), and for a closure that returns the loss without backward()."""
     from torch.distributed.fsdp import fully_shard
 
     model = _model()
@@ -159,23 +172,19 @@ def _refusals() -> list[str]:
     # unsharded parameters instead.
     params = list(model.parameters())
     out = []
-    for name in REFUSED:
+    for build in (lambda: hyperoptim.HypergradAdamW(params, lr=0.1, per_parameter=True),
+                  lambda: hyperoptim.IFTOptimizer(params, lr=0.1, per_parameter_lr=True,
+                                                  val_closure=lambda: None),
+                  lambda: hyperoptim.MartheAdamW(params, lr=0.1, hvp="exact",
+                                                 val_closure=lambda: None),
+                  lambda: hyperoptim.IFTAdamW(params, lr=0.1, hvp="exact",
+                                              val_closure=lambda: None)):
         try:
-            getattr(hyperoptim, name)(params, lr=0.1, val_closure=lambda: None)
-            out.append(f"{name}: constructed")
+            build()
+            out.append("constructed")
         except ValueError as err:
-            out.append(f"{name}: {err}")
-    try:
-        hyperoptim.HypergradAdamW(params, lr=0.1, per_parameter=True)
-        out.append("per_parameter: constructed")
-    except ValueError as err:
-        out.append(f"per_parameter: {err}")
-    try:
-        hyperoptim.MartheAdamW(params, lr=0.1, hvp="exact", val_closure=lambda: None)
-        out.append("hvp='exact': constructed")
-    except ValueError as err:
-        out.append(f"hvp='exact': {err}")
-    for cls in (hyperoptim.HypergradSGD, hyperoptim.MartheSGD):
+            out.append(str(err))
+    for cls in (hyperoptim.HypergradSGD, hyperoptim.MartheSGD, hyperoptim.IFTAdam):
         opt = cls(params, lr=0.1, val_closure=lambda: model(torch.ones(2, 3)).sum())
         try:
             opt.step(lambda: model(torch.ones(2, 3, dtype=torch.float64)).sum())
@@ -232,8 +241,9 @@ def test_fsdp2_ranks_follow_the_single_process_run(ranks, name):
     for a, b in zip(ref["params"], first["params"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     for hist, ref_hist in zip(first["history"], ref["history"], strict=True):
-        lrs = hist["lr"]  # FDS: one schedule per episode
-        assert len(lrs) == (2 if name.startswith("fds") else STEPS) and lrs[-1] != lrs[0]
+        lrs = hist["lr"]  # FDS: one schedule per episode; IFT "next": none at the first step
+        updates = 2 if name.startswith("fds") else STEPS - 1 if name.endswith("next") else STEPS
+        assert len(lrs) == updates and lrs[-1] != lrs[0]
         assert not any(hist["skipped"])
         # Every learned value (MARTHE's mu and hyper-step size, FDS's schedules) and raw
         # hypergradient.
@@ -300,14 +310,13 @@ def test_fsdp2_marthe_communicates_scalars_only(ranks):
 def test_fsdp2_refuses_what_it_cannot_do_by_name(ranks):
     for rank in ranks:
         lines = rank["refusals"]
-        assert len(lines) == len(REFUSED) + 4
-        for name, line in zip(REFUSED, lines):
-            assert line.startswith(f"{name}: {name} does not support FSDP2"), line
-            assert "FDSAdamW support FSDP2" in line and "DistributedDataParallel" in line
-        assert "HypergradAdamW(per_parameter=True) does not support FSDP2" in lines[-4], lines[-4]
-        assert "MartheAdamW(hvp='exact') does not support FSDP2" in lines[-3], lines[-3]
-        assert "hvp='finite_difference'" in lines[-3], lines[-3]
-        for line in lines[-2:]:
+        assert len(lines) == 7
+        assert "HypergradAdamW(per_parameter=True) does not support FSDP2" in lines[0], lines[0]
+        assert "IFTOptimizer(per_parameter_lr=True) does not support FSDP2" in lines[1], lines[1]
+        for name, line in zip(("MartheAdamW", "IFTAdamW"), lines[2:4]):
+            assert f"{name}(hvp='exact') does not support FSDP2" in line, line
+            assert "hvp='finite_difference'" in line, line
+        for line in lines[4:]:
             assert "must call zero_grad() and backward() itself" in line, line
 
 
