@@ -172,15 +172,15 @@ def _refusals() -> list[str]:
     # unsharded parameters instead.
     params = list(model.parameters())
     out = []
-    for build in (lambda: hyperoptim.HypergradAdamW(params, lr=0.1, per_parameter=True),
-                  lambda: hyperoptim.IFTOptimizer(params, lr=0.1, per_parameter_lr=True,
-                                                  val_closure=lambda: None),
-                  lambda: hyperoptim.MartheAdamW(params, lr=0.1, hvp="exact",
+    for make in (lambda: hyperoptim.HypergradAdamW(params, lr=0.1, per_parameter=True),
+                 lambda: hyperoptim.IFTOptimizer(params, lr=0.1, per_parameter_lr=True,
                                                  val_closure=lambda: None),
-                  lambda: hyperoptim.IFTAdamW(params, lr=0.1, hvp="exact",
-                                              val_closure=lambda: None)):
+                 lambda: hyperoptim.MartheAdamW(params, lr=0.1, hvp="exact",
+                                                val_closure=lambda: None),
+                 lambda: hyperoptim.IFTAdamW(params, lr=0.1, hvp="exact",
+                                             val_closure=lambda: None)):
         try:
-            build()
+            make()
             out.append("constructed")
         except ValueError as err:
             out.append(str(err))

@@ -531,28 +531,35 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         only the hypergradients' partial sums cross ranks (:meth:`_hyper_update`)."""
         val_closure = self._resolve_val_closure(val_closure, required=True)
         params = [p for _, ps in groups for p in ps]
-        sharded = any(is_sharded(p) for p in params)
         with local_parameters(self.state, params) as views:
             shards = iter(views)
-            groups = [(group, [next(shards) for _ in ps]) for group, ps in groups]
-            news = None
-            if taken:
-                # The update this step takes, as new tensors; the Hessian products below are then
-                # taken at w_{t-1} by either route.
-                news = [self._weight_values(group, ps) if ps else ([], []) for group, ps in groups]
-                val_loss, val_grads = self._validation_grads_at(
-                    [w for ws, _ in news for w in ws], val_closure, params, sharded)
-            else:
-                val_loss, val_grads = self._validation_grads(val_closure, params,
-                                                             average_loss=not sharded)
-            val_grads = [local(g) for g in val_grads]
-            if not self._hyper_update(groups, second, val_loss, val_grads, taken, params):
-                return False
-            # Commit the weights (and buffers) after every fallible call of the step.
-            if news is None:
-                self._weight_steps(groups)
-            else:
-                self._write_weights(groups, news)
+            local_groups = [(group, [next(shards) for _ in ps]) for group, ps in groups]
+            return self._hyper_step_on(local_groups, params, second, val_closure, taken)
+
+    def _hyper_step_on(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
+                       params: list[Tensor], second: SecondOrder | None, val_closure: Closure,
+                       taken: bool) -> bool:
+        """:meth:`_hyper_step` with ``groups`` holding the tensors the rule steps (under FSDP2
+        views of the local shards) and ``params`` the optimizer's own, in the same order."""
+        sharded = any(is_sharded(p) for p in params)
+        news = None
+        if taken:
+            # The update this step takes, as new tensors; the Hessian products below are then
+            # taken at w_{t-1} by either route.
+            news = [self._weight_values(group, ps) if ps else ([], []) for group, ps in groups]
+            val_loss, val_grads = self._validation_grads_at([w for ws, _ in news for w in ws],
+                                                            val_closure, params, sharded)
+        else:
+            val_loss, val_grads = self._validation_grads(val_closure, params,
+                                                         average_loss=not sharded)
+        val_grads = [local(g) for g in val_grads]
+        if not self._hyper_update(groups, second, val_loss, val_grads, taken, params):
+            return False
+        # Commit the weights (and buffers) after every fallible call of the step.
+        if news is None:
+            self._weight_steps(groups)
+        else:
+            self._write_weights(groups, news)
         return True
 
     def _validation_grads_at(self, weights: Sequence[Tensor], val_closure: Closure,
