@@ -2,11 +2,11 @@
 
 Two ranks, each holding half of every batch and a dim-0 shard of every parameter (DTensors), must
 follow one unsharded process that holds the whole batch: final weights and every learned value
-within 1e-6 in float64, ranks consistent. The hypergradient-descent family, MARTHE and FDS
-support FSDP2 (inner products are per-shard partial sums completed by one all-reduce of scalars;
-MARTHE's and FDS's tangents live sharded beside the parameters and their Hessian-vector products
-are finite differences of the gradients FSDP2 reduce-scatters); IFT, the exact HVP route and
-FSDP1 are refused with errors that say what works. Under FSDP2 a closure must call backward() (the
+within 1e-6 in float64, ranks consistent. Every family supports FSDP2 (inner products are
+per-shard partial sums completed by one all-reduce of scalars; MARTHE's and FDS's tangents and
+IFT's Neumann-series vectors live as local shards and their Hessian-vector products are finite
+differences of the gradients FSDP2 reduce-scatters); the exact HVP route, per-parameter values
+and FSDP1 are refused with errors that say what works. Under FSDP2 a closure must call backward() (the
 other closure style is refused, by name). Every collective has a timeout
 and every loop a fixed length. ``HYPEROPTIM_DIST_WORLDS=2,3`` runs more world sizes (CI runs 2;
 3 ranks shard the 8-row layer unevenly). The last part: torch.distributed.checkpoint, a save at 2
@@ -307,6 +307,25 @@ def test_fsdp2_marthe_communicates_scalars_only(ranks):
         assert hvps >= STEPS - 2 and cols >= hvps, (name, hvps, cols)  # H Z was taken
 
 
+def test_fsdp2_ift_communicates_scalars_only(ranks):
+    # Every all-gather is FSDP2's, one per forward: the training closure, and per hyper-update
+    # the validation closure and two finite-difference evaluations for each of the lookback - 1
+    # Hessian products. Beside the reductions of each backward() (FSDP2's), the optimizer
+    # all-reduces scalars only: the ranks' verdict after each closure call, per hyper-update ONE
+    # all-reduce for every hypergradient's partial sums and the validation loss, per step one
+    # for the guard's norms, per Hessian product one for the finite-difference step size and one
+    # for the kink check; once, the validation gradient's nonzero check and the replica check's
+    # two. The Neumann series' vectors never leave the rank.
+    for name in IFT_BUILDERS:
+        comm = ranks[0][name]["comm"]
+        hypers = len(ranks[0][name]["history"][0]["lr"])
+        hvps = 2 * hypers  # lookback=3
+        forwards = STEPS + hypers + 2 * hvps
+        assert comm["gloo:all_gather"] == forwards, (name, comm)
+        own = forwards + hypers + STEPS + 2 * hvps + 3
+        assert comm["gloo:reduce_scatter"] + comm["gloo:all_reduce"] - own == forwards, (name, comm)
+
+
 def test_fsdp2_refuses_what_it_cannot_do_by_name(ranks):
     for rank in ranks:
         lines = rank["refusals"]
@@ -345,6 +364,8 @@ DCP_BUILDERS = {
     # Tangents (two columns, sharded on the parameter's dim 0 after the columns) and the Adam
     # moments' tangents, resharded to 1 and 3 ranks.
     "marthe_adamw_groups": MARTHE_BUILDERS["marthe_adamw_groups"],
+    # IFT: the Adam moments sharded, the hyper optimizer's state in the repeated extras.
+    "ift_adamw_groups": IFT_BUILDERS["ift_adamw_groups"],
 }
 DCP_WORLDS = (1, 2, 3)
 
