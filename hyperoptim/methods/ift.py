@@ -370,12 +370,13 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         Returns:
             The closure's loss, or None.
         """
+        creating = self._creates_state(closure)
         self._sync_from_groups()
         taken = self.update_timing == "taken"
         since = self.hyper_state["since_update"]
         every = ift_schedule.interval(self.update_schedule, self.hyper_state.get("warmup"),
                                       self.update_interval, self._warmup_interval())
-        hyper = since + 1 >= every if taken else since >= every
+        hyper = (since + 1 >= every if taken else since >= every) and not creating
         second_order = hyper and self.lookback > 1
         if second_order and closure is None:
             self._refuse_missing_closure()
@@ -390,6 +391,20 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             self.hyper_state["since_update"] = (0 if taken else 1) if hyper else since + 1
             self.hyper_state["steps"] += 1
         return loss
+
+    def _begin_step(self) -> bool:
+        # Read before the group checks move an lr of 0 into lr_bounds (see _creates_state).
+        self._lr_all_zero = all(g["lr"] == 0 for g in self.param_groups)
+        return super()._begin_step()
+
+    def _creates_state(self, closure: Callable[[], Any] | None) -> bool:
+        """Is this torch.distributed.checkpoint's state-creating step (its ``_init_optim_state``:
+        a fresh optimizer, no closure, every learning rate set to 0)? It is taken as a weight
+        step without a hyper-update (none could run without a closure), to create the state
+        whose keys DCP loads; the load then replaces the state, hyperparameters and
+        ``hyper_state``."""
+        return (closure is None and not self.state
+                and bool(self.__dict__.get("_lr_all_zero", False)))
 
     def _refuse_missing_closure(self) -> None:
         """A hyper-update that needs the training gradient's graph, called without a closure:
