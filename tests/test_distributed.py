@@ -191,10 +191,10 @@ def _fsdp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
         model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
         fully_shard(model)
         messages = []
-        for cls in (hyperoptim.HypergradSGD, hyperoptim.MartheSGD, hyperoptim.IFTOptimizer,
-                    hyperoptim.FDSSGD):
+        for cls, kwargs in ((hyperoptim.HypergradSGD, {}), (hyperoptim.MartheSGD, {}),
+                            (hyperoptim.IFTOptimizer, {}), (hyperoptim.FDSSGD, {"horizon": 4}),
+                            (hyperoptim.IFTOptimizer, {"hvp": "exact"})):
             try:
-                kwargs = {"horizon": 4} if cls is hyperoptim.FDSSGD else {}
                 cls(model.parameters(), lr=0.1, val_closure=lambda: torch.zeros(()), **kwargs)
                 messages.append("constructed")
             except ValueError as err:
@@ -216,11 +216,12 @@ def test_fsdp_is_refused_with_a_clear_error():
         for r in range(2):
             with open(os.path.join(tmp, f"fsdp{r}.txt")) as f:
                 lines = f.read().splitlines()
-            assert len(lines) == 4
-            # HypergradSGD, MartheSGD and FDSSGD support FSDP2 (tests/test_fsdp.py); IFT refuses
-            # it, naming DDP.
-            assert [lines[0], lines[1], lines[3]] == ["constructed"] * 3, lines
-            assert "does not support FSDP" in lines[2] and "DistributedDataParallel" in lines[2]
+            assert len(lines) == 5
+            # Every family supports FSDP2 (tests/test_fsdp.py); the exact HVP route is refused,
+            # naming the finite-difference route.
+            assert lines[:4] == ["constructed"] * 4, lines
+            assert "IFTOptimizer(hvp='exact') does not support FSDP2" in lines[4], lines
+            assert "hvp='finite_difference'" in lines[4], lines
 
 
 def _mismatch_worker(rank: int, world: int, store: str, out_dir: str) -> None:

@@ -2,11 +2,11 @@
 
 Two ranks, each holding half of every batch and a dim-0 shard of every parameter (DTensors), must
 follow one unsharded process that holds the whole batch: final weights and every learned value
-within 1e-6 in float64, ranks consistent. The hypergradient-descent family, MARTHE and FDS
-support FSDP2 (inner products are per-shard partial sums completed by one all-reduce of scalars;
-MARTHE's and FDS's tangents live sharded beside the parameters and their Hessian-vector products
-are finite differences of the gradients FSDP2 reduce-scatters); IFT, the exact HVP route and
-FSDP1 are refused with errors that say what works. Under FSDP2 a closure must call backward() (the
+within 1e-6 in float64, ranks consistent. Every family supports FSDP2 (inner products are
+per-shard partial sums completed by one all-reduce of scalars; MARTHE's and FDS's tangents and
+IFT's Neumann-series vectors live as local shards and their Hessian-vector products are finite
+differences of the gradients FSDP2 reduce-scatters); the exact HVP route, per-parameter values
+and FSDP1 are refused with errors that say what works. Under FSDP2 a closure must call backward() (the
 other closure style is refused, by name). Every collective has a timeout
 and every loop a fixed length. ``HYPEROPTIM_DIST_WORLDS=2,3`` runs more world sizes (CI runs 2;
 3 ranks shard the 8-row layer unevenly). The last part: torch.distributed.checkpoint, a save at 2
@@ -92,8 +92,21 @@ FDS_BUILDERS = {
                                               val_closure=v),
     "fds_adamw": lambda p, v: hyperoptim.FDSAdamW(p, lr=0.01, horizon=4, val_closure=v),
 }
-ALL_BUILDERS = {**BUILDERS, **MARTHE_BUILDERS, **FDS_BUILDERS}
-REFUSED = ("IFTOptimizer", "IFTAdam", "IFTAdamW")
+# IFT: a hyper-update every step (8 in the history), Neumann series of 3 terms (2 HVPs each, by
+# finite differences); SGD learning its three values at either timing, Adam/AdamW lr and decay.
+_IFT = dict(update_interval=1, lookback=3, hyper_lr=0.01, update_schedule="fixed")
+IFT_BUILDERS = {
+    "ift_sgd": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
+                                                    val_closure=v, **_IFT),
+    "ift_sgd_next": lambda p, v: hyperoptim.IFTOptimizer(
+        _two_groups(p), lr=0.05, momentum=0.5, weight_decay=1e-3,
+        update_timing="next", val_closure=v, **_IFT),
+    "ift_adam": lambda p, v: hyperoptim.IFTAdam(p, lr=0.01, weight_decay=1e-3, val_closure=v,
+                                                **_IFT),
+    "ift_adamw_groups": lambda p, v: hyperoptim.IFTAdamW(_two_groups(p), lr=0.01, val_closure=v,
+                                                         **_IFT),
+}
+ALL_BUILDERS = {**BUILDERS, **MARTHE_BUILDERS, **FDS_BUILDERS, **IFT_BUILDERS}
 
 
 def _model() -> nn.Module:
@@ -152,8 +165,8 @@ def run_case(name: str, rank: int, world: int, sharded: bool) -> dict[str, Any]:
 
 
 def _refusals() -> list[str]:
-    """Construction errors under FSDP2 for the classes that do not support it, and for a closure
-    that returns the loss without backward()."""
+    """Construction errors under FSDP2 for what it does not support (per-parameter values, the
+    exact HVP route), and for a closure that returns the loss without backward()."""
     from torch.distributed.fsdp import fully_shard
 
     model = _model()
@@ -162,23 +175,19 @@ def _refusals() -> list[str]:
     # unsharded parameters instead.
     params = list(model.parameters())
     out = []
-    for name in REFUSED:
+    for make in (lambda: hyperoptim.HypergradAdamW(params, lr=0.1, per_parameter=True),
+                 lambda: hyperoptim.IFTOptimizer(params, lr=0.1, per_parameter_lr=True,
+                                                 val_closure=lambda: None),
+                 lambda: hyperoptim.MartheAdamW(params, lr=0.1, hvp="exact",
+                                                val_closure=lambda: None),
+                 lambda: hyperoptim.IFTAdamW(params, lr=0.1, hvp="exact",
+                                             val_closure=lambda: None)):
         try:
-            getattr(hyperoptim, name)(params, lr=0.1, val_closure=lambda: None)
-            out.append(f"{name}: constructed")
+            make()
+            out.append("constructed")
         except ValueError as err:
-            out.append(f"{name}: {err}")
-    try:
-        hyperoptim.HypergradAdamW(params, lr=0.1, per_parameter=True)
-        out.append("per_parameter: constructed")
-    except ValueError as err:
-        out.append(f"per_parameter: {err}")
-    try:
-        hyperoptim.MartheAdamW(params, lr=0.1, hvp="exact", val_closure=lambda: None)
-        out.append("hvp='exact': constructed")
-    except ValueError as err:
-        out.append(f"hvp='exact': {err}")
-    for cls in (hyperoptim.HypergradSGD, hyperoptim.MartheSGD):
+            out.append(str(err))
+    for cls in (hyperoptim.HypergradSGD, hyperoptim.MartheSGD, hyperoptim.IFTAdam):
         opt = cls(params, lr=0.1, val_closure=lambda: model(torch.ones(2, 3)).sum())
         try:
             opt.step(lambda: model(torch.ones(2, 3, dtype=torch.float64)).sum())
@@ -235,8 +244,9 @@ def test_fsdp2_ranks_follow_the_single_process_run(ranks, name):
     for a, b in zip(ref["params"], first["params"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     for hist, ref_hist in zip(first["history"], ref["history"], strict=True):
-        lrs = hist["lr"]  # FDS: one schedule per episode
-        assert len(lrs) == (2 if name.startswith("fds") else STEPS) and lrs[-1] != lrs[0]
+        lrs = hist["lr"]  # FDS: one schedule per episode; IFT "next": none at the first step
+        updates = 2 if name.startswith("fds") else STEPS - 1 if name.endswith("next") else STEPS
+        assert len(lrs) == updates and lrs[-1] != lrs[0]
         assert not any(hist["skipped"])
         # Every learned value (MARTHE's mu and hyper-step size, FDS's schedules) and raw
         # hypergradient.
@@ -304,17 +314,35 @@ def test_fsdp2_marthe_communicates_scalars_only(ranks):
         assert hvps >= STEPS - 2 and cols >= hvps, (name, hvps, cols)  # H Z was taken
 
 
+def test_fsdp2_ift_communicates_scalars_only(ranks):
+    # Every all-gather is FSDP2's, one per forward: the training closure, and per hyper-update
+    # the validation closure and two finite-difference evaluations for each of the lookback - 1
+    # Hessian products. Beside the reductions of each backward() (FSDP2's), the optimizer
+    # all-reduces scalars only: the ranks' verdict after each closure call, per hyper-update ONE
+    # all-reduce for every hypergradient's partial sums and the validation loss, per step one
+    # for the guard's norms, per Hessian product one for the finite-difference step size and one
+    # for the kink check; once, the validation gradient's nonzero check and the replica check's
+    # two. The Neumann series' vectors never leave the rank.
+    for name in IFT_BUILDERS:
+        comm = ranks[0][name]["comm"]
+        hypers = len(ranks[0][name]["history"][0]["lr"])
+        hvps = 2 * hypers  # lookback=3
+        forwards = STEPS + hypers + 2 * hvps
+        assert comm["gloo:all_gather"] == forwards, (name, comm)
+        own = forwards + hypers + STEPS + 2 * hvps + 3
+        assert comm["gloo:reduce_scatter"] + comm["gloo:all_reduce"] - own == forwards, (name, comm)
+
+
 def test_fsdp2_refuses_what_it_cannot_do_by_name(ranks):
     for rank in ranks:
         lines = rank["refusals"]
-        assert len(lines) == len(REFUSED) + 4
-        for name, line in zip(REFUSED, lines):
-            assert line.startswith(f"{name}: {name} does not support FSDP2"), line
-            assert "FDSAdamW support FSDP2" in line and "DistributedDataParallel" in line
-        assert "HypergradAdamW(per_parameter=True) does not support FSDP2" in lines[-4], lines[-4]
-        assert "MartheAdamW(hvp='exact') does not support FSDP2" in lines[-3], lines[-3]
-        assert "hvp='finite_difference'" in lines[-3], lines[-3]
-        for line in lines[-2:]:
+        assert len(lines) == 7
+        assert "HypergradAdamW(per_parameter=True) does not support FSDP2" in lines[0], lines[0]
+        assert "IFTOptimizer(per_parameter_lr=True) does not support FSDP2" in lines[1], lines[1]
+        for name, line in zip(("MartheAdamW", "IFTAdamW"), lines[2:4]):
+            assert f"{name}(hvp='exact') does not support FSDP2" in line, line
+            assert "hvp='finite_difference'" in line, line
+        for line in lines[4:]:
             assert "must call zero_grad() and backward() itself" in line, line
 
 
@@ -343,6 +371,8 @@ DCP_BUILDERS = {
     # Tangents (two columns, sharded on the parameter's dim 0 after the columns) and the Adam
     # moments' tangents, resharded to 1 and 3 ranks.
     "marthe_adamw_groups": MARTHE_BUILDERS["marthe_adamw_groups"],
+    # IFT: the Adam moments sharded, the hyper optimizer's state in the repeated extras.
+    "ift_adamw_groups": IFT_BUILDERS["ift_adamw_groups"],
 }
 DCP_WORLDS = (1, 2, 3)
 

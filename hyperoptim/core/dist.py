@@ -24,7 +24,7 @@ AGREEMENT_TIMEOUT = 300.0
 agreement (docs/design.md §8) before it gives up on them (``optimizer.agreement_timeout``)."""
 
 FSDP2_CLASSES = ("HypergradSGD, HypergradAdam, HypergradAdamW, MartheSGD, MartheAdam, MartheAdamW, "
-                 "FDSSGD, FDSAdam and FDSAdamW")
+                 "FDSSGD, FDSAdam, FDSAdamW, IFTOptimizer, IFTAdam and IFTAdamW")
 """The classes that support FSDP2 (``fully_shard``), as the refusals name them."""
 
 _CAUSE_CHARS = 300  # of each failing rank's "Type: message", shared on the failure path only
@@ -189,9 +189,9 @@ def check_supported_parameters(owner: str, params: Iterable[Tensor], *, fsdp2: b
     """Refuse parameters sharded by FSDP with an error that says what is supported.
 
     FSDP2 (``fully_shard``: ``DTensor`` parameters sharded on dim 0) is supported by the classes
-    that pass ``fsdp2=True`` (:data:`FSDP2_CLASSES`: the hypergradient-descent family, and MARTHE
-    and FDS on the finite-difference HVP route), whose inner products are sums of per-shard
-    partial sums (:mod:`hyperoptim.core.shard`). The others (IFT) refuse it by name. FSDP1
+    that pass ``fsdp2=True`` (:data:`FSDP2_CLASSES`: every public class; the second-order ones
+    on the finite-difference HVP route), whose inner products are sums of per-shard partial sums
+    (:mod:`hyperoptim.core.shard`). A subclass that does not declare it refuses it. FSDP1
     (``FullyShardedDataParallel``, flat parameters) is refused by every class: FSDP2 is the way.
     DistributedDataParallel (replicated parameters) is supported by all.
     """
@@ -210,9 +210,9 @@ def check_supported_parameters(owner: str, params: Iterable[Tensor], *, fsdp2: b
     if any_sharded(params):
         if not fsdp2:
             raise ValueError(
-                f"{owner} does not support FSDP2 (fully_shard) yet: its hyper-update "
-                "differentiates the update over whole parameters (its vector-Jacobian and "
-                "Hessian-vector products are not taken as per-shard partial sums). "
+                f"{owner} does not support FSDP2 (fully_shard): it does not declare "
+                "(_supports_fsdp2) that its reductions over parameters are taken as per-shard "
+                "partial sums. "
                 f"{FSDP2_CLASSES} support FSDP2; or wrap the model in "
                 "torch.nn.parallel.DistributedDataParallel (supported by every class)."
             )

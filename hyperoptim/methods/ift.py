@@ -33,6 +33,7 @@ from ..core.base import HyperOptimizer
 from ..core.checks import check_value
 from ..core.options import check_group, check_rule_arguments
 from ..core.serialization import repeat_extras
+from ..core.shard import check_sharded_hvp, is_sharded, local, local_parameters
 from ..core.signatures import bind_keywords, declared
 from ..core.types import Closure, ParamsT
 from ..hvp import SecondOrder
@@ -177,6 +178,8 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
     """
 
     rule: ClassVar[UpdateRule]
+    # FSDP2: the hyper-update runs on this rank's shards (docs/design.md §8).
+    _supports_fsdp2 = True
 
     # ------------------------------------------------------------------ the inner rule
     # What a public class gives: the rule, the names it can tune and the rule's argument checks.
@@ -225,6 +228,13 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         tune = group.get("tune", ())
         check_value("tune", tune, all(n in self._tunable for n in tune))
         self._check_rule_group(group)
+        params = group.get("params", ())
+        check_sharded_hvp(type(self).__name__, getattr(self, "hvp", "auto"), params)
+        per_parameter = [key for name, key in _PER_PARAMETER.items()
+                         if name in tune and group.get(key)]
+        if per_parameter and any(is_sharded(p) for p in params):
+            raise ValueError(f"{type(self).__name__}({per_parameter[0]}=True) does not support "
+                             "FSDP2 (fully_shard) yet: use one value per param group.")
 
     @classmethod
     def _normalised(cls, group: dict[str, Any]) -> dict[str, Any]:
@@ -360,12 +370,13 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         Returns:
             The closure's loss, or None.
         """
+        creating = self._creates_state(closure)
         self._sync_from_groups()
         taken = self.update_timing == "taken"
         since = self.hyper_state["since_update"]
         every = ift_schedule.interval(self.update_schedule, self.hyper_state.get("warmup"),
                                       self.update_interval, self._warmup_interval())
-        hyper = since + 1 >= every if taken else since >= every
+        hyper = (since + 1 >= every if taken else since >= every) and not creating
         second_order = hyper and self.lookback > 1
         if second_order and closure is None:
             self._refuse_missing_closure()
@@ -380,6 +391,20 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             self.hyper_state["since_update"] = (0 if taken else 1) if hyper else since + 1
             self.hyper_state["steps"] += 1
         return loss
+
+    def _begin_step(self) -> bool:
+        # Read before the group checks move an lr of 0 into lr_bounds (see _creates_state).
+        self._lr_all_zero = all(g["lr"] == 0 for g in self.param_groups)
+        return super()._begin_step()
+
+    def _creates_state(self, closure: Callable[[], Any] | None) -> bool:
+        """Is this torch.distributed.checkpoint's state-creating step (its ``_init_optim_state``:
+        a fresh optimizer, no closure, every learning rate set to 0)? It is taken as a weight
+        step without a hyper-update (none could run without a closure), to create the state
+        whose keys DCP loads; the load then replaces the state, hyperparameters and
+        ``hyper_state``."""
+        return (closure is None and not self.state
+                and bool(self.__dict__.get("_lr_all_zero", False)))
 
     def _refuse_missing_closure(self) -> None:
         """A hyper-update that needs the training gradient's graph, called without a closure:
@@ -514,19 +539,36 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
     def _hyper_step(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
                     second: SecondOrder | None, val_closure: Closure | None,
                     taken: bool) -> bool:
-        """A step with a hyper-update; False where it was skipped (nothing changed)."""
+        """A step with a hyper-update; False where it was skipped (nothing changed).
+
+        Under FSDP2 all of it runs on this rank's shards (:func:`local_parameters`): the rule
+        and its diagonal Jacobians are elementwise, the Neumann series' vectors stay local and
+        only the hypergradients' partial sums cross ranks (:meth:`_hyper_update`)."""
         val_closure = self._resolve_val_closure(val_closure, required=True)
         params = [p for _, ps in groups for p in ps]
+        with local_parameters(self.state, params) as views:
+            shards = iter(views)
+            local_groups = [(group, [next(shards) for _ in ps]) for group, ps in groups]
+            return self._hyper_step_on(local_groups, params, second, val_closure, taken)
+
+    def _hyper_step_on(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
+                       params: list[Tensor], second: SecondOrder | None, val_closure: Closure,
+                       taken: bool) -> bool:
+        """:meth:`_hyper_step` with ``groups`` holding the tensors the rule steps (under FSDP2
+        views of the local shards) and ``params`` the optimizer's own, in the same order."""
+        sharded = any(is_sharded(p) for p in params)
         news = None
         if taken:
             # The update this step takes, as new tensors; the Hessian products below are then
             # taken at w_{t-1} by either route.
             news = [self._weight_values(group, ps) if ps else ([], []) for group, ps in groups]
             val_loss, val_grads = self._validation_grads_at([w for ws, _ in news for w in ws],
-                                                            val_closure, params)
+                                                            val_closure, params, sharded)
         else:
-            val_loss, val_grads = self._validation_grads(val_closure, params)
-        if not self._hyper_update(groups, second, val_loss, val_grads, taken):
+            val_loss, val_grads = self._validation_grads(val_closure, params,
+                                                         average_loss=not sharded)
+        val_grads = [local(g) for g in val_grads]
+        if not self._hyper_update(groups, second, val_loss, val_grads, taken, params):
             return False
         # Commit the weights (and buffers) after every fallible call of the step.
         if news is None:
@@ -536,18 +578,21 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         return True
 
     def _validation_grads_at(self, weights: Sequence[Tensor], val_closure: Closure,
-                             params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+                             params: list[Tensor], sharded: bool = False
+                             ) -> tuple[Tensor, list[Tensor]]:
         """The validation loss and gradient with ``weights`` in the parameters' storage, the live
         weights put back bit for bit afterwards (through ``.data``: the version counters, and the
-        training graph at the live weights that the exact HVP route differentiates, stay valid)."""
-        previous = [p.detach().clone() for p in params]
+        training graph at the live weights that the exact HVP route differentiates, stay valid).
+        Under FSDP2 (``sharded``) ``weights`` are this rank's shards and the loss is this
+        rank's (:meth:`_hyper_update` averages it)."""
+        previous = [local(p.data).clone() for p in params]
         try:
             for p, w in zip(params, weights):
-                p.data.copy_(w)
-            return self._validation_grads(val_closure, params)
+                local(p.data).copy_(w)
+            return self._validation_grads(val_closure, params, average_loss=not sharded)
         finally:
             for p, w in zip(params, previous):
-                p.data.copy_(w)
+                local(p.data).copy_(w)
 
     def _write_weights(self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]],
                        news: Sequence[tuple[list[Tensor], list[dict[str, Any]]]]) -> None:

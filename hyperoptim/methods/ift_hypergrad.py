@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..core.base import LEARNED_LIMIT
+from ..core.shard import complete_sums, is_sharded, local
 from ..core.warn import warn
 from ..hvp import SecondOrder
 
@@ -91,7 +92,9 @@ def vjp_through_update(updates: Sequence[Tensor], params: Sequence[Tensor],
     (:class:`hyperoptim.hvp.SecondOrder`, averaged across ranks):
     :math:`(\partial u/\partial w)^\top q + H (\partial u/\partial g)^\top q`. With
     ``diagonals`` (the rule's diagonal Jacobians of ``u``, per parameter) the first two products
-    are elementwise, with no pass through the update's graph.
+    are elementwise, with no pass through the update's graph. ``params`` (the parameters, which
+    key ``second``'s products) may be FSDP2 DTensors; everything else is then this rank's
+    shards, plain tensors, and so is the result.
     """
     if diagonals is not None:
         direct = [qi * d for qi, d in zip(q, diagonals[0])]
@@ -100,9 +103,11 @@ def vjp_through_update(updates: Sequence[Tensor], params: Sequence[Tensor],
         raw = torch.autograd.grad(list(updates), list(weights) + list(grads), grad_outputs=list(q),
                                   retain_graph=True, allow_unused=True)
         n = len(params)
-        direct = [torch.zeros_like(p) if j is None else j for p, j in zip(params, raw[:n])]
-        through_g = {p: (torch.zeros_like(p) if j is None else j) for p, j in zip(params, raw[n:])}
-    hq = second.hvp([through_g.get(p, torch.zeros_like(p)).unsqueeze(0) for p in second.params])
+        direct = [torch.zeros_like(w) if j is None else j for w, j in zip(weights, raw[:n])]
+        through_g = {p: (torch.zeros_like(w) if j is None else j)
+                     for p, w, j in zip(params, weights, raw[n:])}
+    hq = second.hvp([through_g.get(p, torch.zeros_like(local(p))).unsqueeze(0)
+                     for p in second.params])
     by_param = dict(zip(second.params, hq))
     return [d + by_param[p][0] if p in by_param else d for p, d in zip(params, direct)]
 
@@ -147,11 +152,18 @@ class _HyperUpdate:
 
     def _hyper_update(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
                       second: SecondOrder | None, val_loss: Tensor,
-                      val_grads: list[Tensor], taken: bool) -> bool:
+                      val_grads: list[Tensor], taken: bool, originals: Sequence[Tensor]) -> bool:
         """The hypergradient of the update u(lambda, w) at the live weights and buffers against
-        ``val_grads``, and one hyper-optimizer step; False (nothing changed) where non-finite."""
+        ``val_grads``, and one hyper-optimizer step; False (nothing changed) where non-finite.
+
+        ``groups`` hold the parameters the rule steps and ``originals`` the optimizer's own, in
+        the same order: the same tensors, or under FSDP2 views of this rank's shards (with the
+        state and ``val_grads`` local too) beside the DTensors that key the HVPs. The
+        hypergradients are then per-shard partial sums and ``val_loss`` this rank's: one
+        all-reduce of scalars completes them all."""
         active = [(index, group, ps) for index, (group, ps) in enumerate(groups) if ps]
-        tuned = self._hypergradients(groups, active, second, val_grads)
+        tuned = self._hypergradients(groups, active, second, val_grads, originals)
+        val_loss = self._complete_shards(tuned, val_loss, any(is_sharded(p) for p in originals))
         # The hyper optimizer steps before the step's one host sync; a skip restores the snapshot.
         self._hyper_optimizer_step(tuned)
         values = self._read_back(groups, tuned, val_loss)
@@ -164,10 +176,28 @@ class _HyperUpdate:
         self._watch_pinned_lr(active)
         return True
 
+    @staticmethod
+    def _complete_shards(tuned: _Tuned, val_loss: Tensor, sharded: bool) -> Tensor:
+        """Under FSDP2: the hypergradients' partial sums summed across ranks and the ranks'
+        validation losses averaged, in one all-reduce (in place of ``tuned.hypergrads``); the
+        validation loss to report."""
+        if not sharded:
+            return val_loss
+        hypergrads = tuned.hypergrads
+        device = hypergrads[0].device if hypergrads else val_loss.device
+        flat = torch.cat([*(h.detach().double().reshape(-1) for h in hypergrads),
+                          val_loss.detach().double().reshape(1).to(device)])
+        done = complete_sums(flat, True)
+        parts = done[:-1].split([h.numel() for h in hypergrads])
+        tuned.hypergrads = [d.to(h.dtype).reshape(h.shape) for d, h in zip(parts, hypergrads)]
+        return done[-1]
+
     def _hypergradients(self, groups: list[tuple[dict[str, Any], list[Tensor]]],
                         active: Sequence[tuple[int, dict[str, Any], list[Tensor]]],
-                        second: SecondOrder | None, val_grads: list[Tensor]) -> _Tuned:
-        """The tuned values' leaves and their hypergradients (Eq. 6 by :func:`neumann_hypergrad`)."""
+                        second: SecondOrder | None, val_grads: list[Tensor],
+                        originals: Sequence[Tensor]) -> _Tuned:
+        """The tuned values' leaves and their hypergradients (Eq. 6 by :func:`neumann_hypergrad`);
+        under FSDP2 this rank's partial sums (see :meth:`_hyper_update`)."""
         params = [p for _, ps in groups for p in ps]
         tuned = _Tuned()
         # u as a function of (w, g): copies, not views (the finite-difference route moves the
@@ -187,7 +217,7 @@ class _HyperUpdate:
                 if diagonals is not None:
                     d = self._update_diagonals(group, ps, ws, gs, values)
                     diagonals = None if d is None else (diagonals[0] + d[0], diagonals[1] + d[1])
-            vjp = functools.partial(vjp_through_update, updates, params, weight_leaves,
+            vjp = functools.partial(vjp_through_update, updates, list(originals), weight_leaves,
                                     grad_leaves, second=cast(SecondOrder, second),
                                     diagonals=diagonals)
             raw = neumann_hypergrad(updates, tuned.leaves, list(val_grads), self.lookback, vjp)
