@@ -264,7 +264,7 @@ class ScaleFree(HyperStep):
     down: float = 0.2
     beta1: float = 0.5
     beta2: float = 0.999
-    shrink: float = 2.0
+    shrink: float = 10.0
     smooth: float = 0.1
     name: ClassVar[str] = "scale_free"
     normalised: ClassVar[bool] = False
@@ -277,10 +277,15 @@ class ScaleFree(HyperStep):
     def update(self, value: float, h: float, norm: float, state: dict[str, float], *,
                momentum: float = 0.0, loss: float | None = None
                ) -> tuple[float, dict[str, float]]:
-        value, state = self._log_step(value, h, state)
         if loss is None or not math.isfinite(loss):
-            return value, state
-        return self._react(value, loss, state)
+            return self._log_step(value, h, state)
+        alarm, rising, state = self._watch(loss, state)
+        if not alarm:
+            return self._log_step(value, h, state)
+        # A runaway: no step on its hypergradient (the one-step signal can still ask for more
+        # as the loss explodes), and its hypergradients are kept out of the moments (a second
+        # moment that remembers them holds the value still for hundreds of steps afterwards).
+        return value / self.shrink if rising else value, {**state, "m": 0.0, "v": 0.0, "t": 0.0}
 
     def _log_step(self, value: float, h: float, state: dict[str, float]
                   ) -> tuple[float, dict[str, float]]:
@@ -295,21 +300,18 @@ class ScaleFree(HyperStep):
         r = m_hat / math.sqrt(v_hat)
         return value * math.exp(-(self.up if r < 0.0 else self.down) * r), {**state, **moments}
 
-    def _react(self, value: float, loss: float, state: dict[str, float]
-               ) -> tuple[float, dict[str, float]]:
-        """The reactive decrease (2. above), from a finite training ``loss``."""
+    def _watch(self, loss: float, state: dict[str, float]
+               ) -> tuple[bool, bool, dict[str, float]]:
+        """``(alarm, rising, state)``: whether the finite training ``loss`` is above the run's
+        own scale, whether it is still rising, and the state with the loss recorded."""
         if state["seen"] == 0.0:
-            return value, {**state, "seen": 1.0, "first": loss, "ema": loss, "low": loss,
-                           "prev": loss}
+            return False, False, {**state, "seen": 1.0, "first": loss, "ema": loss, "low": loss,
+                                  "prev": loss}
         ema = (1.0 - self.smooth) * state["ema"] + self.smooth * loss
         low = min(state["low"], ema)
         scale = max(state["first"] - low, abs(low))
-        if loss > low + scale and loss > state["prev"]:
-            # Forget the moments too: the runaway's hypergradients are not this run's scale, and
-            # a second moment that remembers them holds the value still for many steps.
-            value /= self.shrink
-            state = {**state, "m": 0.0, "v": 0.0, "t": 0.0}
-        return value, {**state, "ema": ema, "low": low, "prev": loss}
+        return (loss > low + scale, loss > state["prev"],
+                {**state, "ema": ema, "low": low, "prev": loss})
 
     def phase(self, state: dict[str, float]) -> float:
         return 1.0
