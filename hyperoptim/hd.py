@@ -144,7 +144,7 @@ class HypergradSGD(RuleHypergrad):
     #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
     default_hyper_lr = 1e-3
     #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given.
-    default_hyper_step: HyperStep | str = "additive"
+    default_hyper_step: HyperStep | str = "scale_free"
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:

@@ -118,7 +118,7 @@ class HypergradAdam(RuleHypergrad):
     #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
     default_hyper_lr = 1e-7
     #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given.
-    default_hyper_step: HyperStep | str = "additive"
+    default_hyper_step: HyperStep | str = "scale_free"
     # No Hessian-vector product: the base unscales GradScaler's gradients before the step, as for
     # HypergradSGD, and skips the steps where the scaler found inf/NaN.
     _supports_grad_scaler = True

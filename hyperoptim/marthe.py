@@ -10,7 +10,14 @@ from torch import Tensor
 from .core.options import check_arguments, renamed_options
 from .core.signatures import bind_keywords, renamed_keywords, with_keywords
 from .core.types import ParamsT
-from .methods.marthe import MARTHE_KEYWORDS, RuleMarthe, marthe_options, take_marthe_options
+from .hyperstep import Additive, HyperStep
+from .methods.marthe import (
+    MARTHE_KEYWORDS,
+    RuleMarthe,
+    marthe_options,
+    own_step_given,
+    take_marthe_options,
+)
 from .rules.base import apply_update_
 from .rules.sgd import SGD, sgd_direction
 
@@ -187,6 +194,9 @@ class MartheSGD(RuleMarthe):
     """
 
     rule = SGD
+    #: The policy when none of ``hyper_step``, ``hyper_lr`` and ``adapt_hyper_lr`` is given
+    #: (with either of the last two: MARTHE's own additive step).
+    default_hyper_step: HyperStep | str = "scale_free"
     buffer_tangent_keys = {"momentum_buffer": "tangent_buffer"}
 
     @renamed_keywords(renamed_options("marthe"))
@@ -201,13 +211,15 @@ class MartheSGD(RuleMarthe):
         nesterov: bool = False,
         **options: Any,
     ) -> None:
+        own_step = own_step_given(options)
         options = bind_keywords(MartheSGD.__init__, options, MARTHE_KEYWORDS)
         marthe = take_marthe_options(options)
         check_arguments(self, lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov,
                         **{k: v for k, v in marthe.items() if k != "hyper_step"})
         defaults = dict(lr=float(lr), momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, **marthe_options(**marthe))
+                        weight_decay=weight_decay, nesterov=nesterov, **marthe_options(
+            **marthe, default=Additive.name if own_step else self.default_hyper_step))
         super().__init__(params, defaults, **options)
 
     @staticmethod

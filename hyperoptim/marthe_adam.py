@@ -17,7 +17,14 @@ from .core.signatures import (
     with_keywords,
 )
 from .core.types import ParamsT
-from .methods.marthe import MARTHE_KEYWORDS, RuleMarthe, marthe_options, take_marthe_options
+from .hyperstep import Additive, HyperStep
+from .methods.marthe import (
+    MARTHE_KEYWORDS,
+    RuleMarthe,
+    marthe_options,
+    own_step_given,
+    take_marthe_options,
+)
 from .rules.adam import ADAM
 
 __all__ = ["MartheAdam", "MartheAdamW"]
@@ -127,6 +134,9 @@ class MartheAdam(RuleMarthe):
     """
 
     rule = ADAM
+    #: The policy when none of ``hyper_step``, ``hyper_lr`` and ``adapt_hyper_lr`` is given
+    #: (with either of the last two: MARTHE's own additive step).
+    default_hyper_step: HyperStep | str = "scale_free"
     buffer_tangent_keys = {"exp_avg": "tangent_exp_avg", "exp_avg_sq": "tangent_exp_avg_sq"}
 
     @renamed_keywords(renamed_options("marthe"))
@@ -141,6 +151,7 @@ class MartheAdam(RuleMarthe):
         amsgrad: bool = False,
         **options: Any,
     ) -> None:
+        own_step = own_step_given(options)
         options = bind_keywords(MartheAdam.__init__, options, _KEYWORDS)
         marthe, decoupled = take_marthe_options(options), options.pop("decoupled_weight_decay")
         check_arguments(self, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -150,7 +161,8 @@ class MartheAdam(RuleMarthe):
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
             weight_decay=float(weight_decay), amsgrad=False, maximize=False,
-            decoupled_weight_decay=decoupled, **marthe_options(**marthe))
+            decoupled_weight_decay=decoupled, **marthe_options(
+            **marthe, default=Additive.name if own_step else self.default_hyper_step))
         super().__init__(params, defaults, **options)
 
     @staticmethod

@@ -166,8 +166,10 @@ class RuleHypergrad(HyperOptimizer):
                per_parameter: bool, tune: tuple[str, ...] = ("lr",), **base: Any) -> None:
         """The rule-independent part of the constructor, after the public class has checked its
         arguments: the rule's ``defaults`` with HD's options after them, then the groups."""
+        # Per-weight rates take the additive policy only: it is their default too.
         kappa, policy = hyper_step_option(hyper_lr, hyper_step, self._default_hyper_lr(),
-                                          self.default_hyper_step)
+                                          Additive.name if per_parameter
+                                          else self.default_hyper_step)
         defaults = {**defaults, "hyper_lr": kappa, "hyper_step": policy,
                     "lr_bounds": (float(lr_bounds[0]), float(lr_bounds[1])),
                     "per_parameter": per_parameter, "tune": tuple(tune)}
