@@ -225,6 +225,34 @@ def test_scale_free_takes_no_step_on_a_runaways_hypergradient():
         assert value == shrunk and (state["m"], state["v"], state["t"]) == (0.0, 0.0, 0.0)
 
 
+def test_scale_free_shrinks_again_only_at_a_new_high():
+    """A run the runaway broke sits at a high, noisy loss: each rise of that noise is no new
+    runaway, and shrinking at each would take the value to 0 (MartheSGD on the digits MLP went
+    to 1e-188); only a new high since the alarm began shrinks again."""
+    policy = ScaleFree()
+    value, state = 1.0, policy.init_state(1.0)
+    for loss in (1.0, 0.5, 0.4, 20.0, 30.0):  # two new highs: two shrinks
+        value, state = policy.update(value, 0.0, 0.0, state, loss=loss)
+    assert value == pytest.approx(policy.shrink ** -2, rel=1e-12)
+    for loss in (8.0, 9.0, 7.0, 9.5, 8.0, 9.9):  # stuck high, rising half the time
+        value, state = policy.update(value, 0.0, 0.0, state, loss=loss)
+    assert value == pytest.approx(policy.shrink ** -2, rel=1e-12)
+    value, state = policy.update(value, 0.0, 0.0, state, loss=31.0)
+    assert value == pytest.approx(policy.shrink ** -3, rel=1e-12)
+
+
+def test_scale_free_growth_is_capped_at_up_per_step():
+    """g = a h grows with a: Adam's ratio then exceeds 1 (its second moment remembers the
+    smaller values), and uncapped the digits MLP's lr grew 37x in 8 steps past its edge."""
+    policy = ScaleFree()
+    value, state = 1.0, policy.init_state(1.0)
+    for t in range(30):
+        new, state = policy.update(value, -(3.0 ** t), 1.0, state)
+        assert math.log(new / value) <= policy.up * (1 + 1e-12)
+        value = new
+    assert math.log(value) == pytest.approx(30 * policy.up)
+
+
 def test_scale_free_default_survives_a_catapult_on_a_tiny_full_batch_regression():
     """HypergradSGD(lr=0.05) at ScaleFree on a 24-row regression (test_robustness's Task): the
     one-step hypergradient asks for more until the lr reaches about 2.9, where one step throws
