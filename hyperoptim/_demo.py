@@ -153,12 +153,10 @@ def _optimizer(name: str, model: nn.Module,
         return torch.optim.SGD(params, **POOR)
     if name == "sgd-tuned":
         return torch.optim.SGD(params, **TUNED)
-    if name == "hd":
-        return HypergradSGD(params, **POOR, hyper_lr=0.02, val_closure=val_closure)
+    if name == "hd":  # the defaults: the ScaleFree hyper-step
+        return HypergradSGD(params, **POOR, val_closure=val_closure)
     if name == "marthe":
-        # beta adapted from 0 with step 1e-7: the best of benchmarks/marthe_schedules.py's grid
-        return MartheSGD(params, **POOR, mu="adaptive", hyper_lr=1e-7,
-                         val_closure=val_closure)
+        return MartheSGD(params, **POOR, val_closure=val_closure)
     if name == "ift":
         return IFTOptimizer(params, **POOR, update_interval=10, lookback=5, hyper_lr=0.05,
                             val_closure=val_closure)
@@ -167,9 +165,9 @@ def _optimizer(name: str, model: nn.Module,
     if name == "adam-tuned":
         return torch.optim.Adam(params, **TUNED_ADAM)
     if name == "hd-adam":
-        return HypergradAdam(params, **POOR_ADAM, hyper_lr=1e-5, val_closure=val_closure)
+        return HypergradAdam(params, **POOR_ADAM, val_closure=val_closure)
     if name == "marthe-adam":
-        return MartheAdam(params, **POOR_ADAM, hyper_lr=1e-10, val_closure=val_closure)
+        return MartheAdam(params, **POOR_ADAM, val_closure=val_closure)
     raise ValueError(f"Invalid optimizer value: {name!r}")
 
 

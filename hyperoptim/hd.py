@@ -71,7 +71,7 @@ class HypergradSGD(RuleHypergrad):
         hyper_step (HyperStep or str, optional): the policy that turns :math:`h_t` into
             :math:`a_t` (:mod:`hyperoptim.hyperstep`: a policy, or a name such as
             ``"scale_free"``); not together with ``hyper_lr`` (default: None, the class's
-            :attr:`default_hyper_step`).
+            :attr:`default_hyper_step`, ``ScaleFree()``).
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``). Public
             implementations let the learning rate go negative; this one does not.

@@ -153,7 +153,8 @@ class MartheSGD(RuleMarthe):
             turns :math:`\Delta_t` into :math:`a_t` instead of MARTHE's :math:`a_{t-1} - \beta_t
             \Delta_t` (normalised by :math:`\lVert \nabla E \rVert \lVert Z_t \rVert`; a policy
             that reads the training loss gets the previous step's); ``mu`` still discounts the
-            tangent (default: None, MARTHE's own step).
+            tangent (default: None: :attr:`default_hyper_step`, ``ScaleFree()``, unless
+            ``hyper_lr`` or ``adapt_hyper_lr`` is given, which choose MARTHE's own step).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step. Required, here or in :meth:`step` (default: None).
         hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim.hvp`): ``"exact"``

@@ -101,7 +101,8 @@ class MartheAdam(RuleMarthe):
             :class:`~hyperoptim.MartheSGD`).
         hypergrad_clip (float, optional): clip :math:`\Delta` in the updates (default: None).
         hyper_step (HyperStep or str, optional): a policy of :mod:`hyperoptim.hyperstep` in
-            place of MARTHE's step, as for :class:`~hyperoptim.MartheSGD` (default: None).
+            place of MARTHE's step, as for :class:`~hyperoptim.MartheSGD` (default: None:
+            ``ScaleFree()``, unless ``hyper_lr`` or ``adapt_hyper_lr`` is given).
         val_closure (callable, optional): the validation loss; required here or in
             :meth:`step` (default: None).
         hvp (str, optional): the Hessian-vector-product route, as for
