@@ -53,6 +53,12 @@ def _builders() -> dict[str, Callable[..., Any]]:
         "marthe_scale_free": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5,
                                                                hyper_step="scale_free",
                                                                val_closure=v),
+        # The defaults (issue 16: ScaleFree, no hyper-step size given) in lockstep, as
+        # benchmarks/versus.py runs them; the Adam family below is built at its defaults too.
+        "hd_default_val": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5,
+                                                               val_closure=v),
+        "marthe_default": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5,
+                                                            val_closure=v),
         "ift": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
                                                     update_interval=3, lookback=3, val_closure=v),
         "fds": lambda p, v: hyperoptim.FDSSGD(p, horizon=4, lr=0.05, momentum=0.5,
