@@ -367,9 +367,10 @@ class RuleHypergrad(HyperOptimizer):
             scalars.append(val_loss)
         # A policy that reads the training loss reads its mean over ranks (every rank's policy
         # state must stay identical; the closure's loss is this rank's own).
-        reads_loss = loss is not None and any(self._policy(g).uses_loss for g, _ in groups)
+        read = _loss_tensor(loss, scalars)
+        reads_loss = read is not None and any(self._policy(g).uses_loss for g, _ in groups)
         if reads_loss:
-            scalars.append(all_reduce_mean([cast(Tensor, loss).detach().reshape(())])[0])
+            scalars.append(all_reduce_mean([cast(Tensor, read)])[0])
         guard = self._guard_scalars(loss, groups, norms)
         values = _host_floats(scalars + guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
@@ -535,6 +536,20 @@ class RuleHypergrad(HyperOptimizer):
                 a = (a - group["hyper_lr"] * h).clamp_(lo, hi)
             out.append(a)
         return out
+
+
+def _loss_tensor(loss: Any, scalars: list[Tensor]) -> Tensor | None:
+    """The closure's loss as a 0-d tensor for a policy to read, beside ``scalars`` (their
+    device): a closure may return a plain number (torch's own tests return ``1``) or something
+    that is not a number at all, which leaves the policy without a loss."""
+    if isinstance(loss, Tensor):
+        return loss.detach().reshape(())
+    if loss is None or not scalars:
+        return None
+    try:
+        return torch.tensor(float(loss), dtype=scalars[0].dtype, device=scalars[0].device)
+    except (TypeError, ValueError):
+        return None
 
 
 def _learns_momentum(group: dict[str, Any]) -> bool:
