@@ -18,7 +18,9 @@ the class's default kappa: 1e-3 for SGD, 1e-7 for Adam), ``multiplicative``, ``g
 ``repr``, e.g. ``"ScaleFree(tau=0.3)"``).
 
 ``--val`` makes E the validation loss (``val_closure``), as ``benchmarks/versus.py`` runs the
-hyperoptim rows; by default E is the training loss.
+hyperoptim rows; by default E is the training loss. ``--optimizers MartheSGD MartheAdam`` adds
+MARTHE (same starts; E is always the validation loss, which MARTHE needs; ``additive`` is MARTHE's
+own adaptive step at its class's default ``hyper_lr``).
 
 Printed: per task and optimizer, one row per policy, the mean final test metric over seeds
 (accuracy in %, MSE) from each start, the median final learning rate, and whether the issue's
@@ -34,6 +36,7 @@ Run (1 thread):
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -55,7 +58,11 @@ STARTS = {
     "HypergradSGD": dict(good=0.1, poor=1e-3, large=1.0),
     "HypergradAdam": dict(good=1e-3, poor=1e-5, large=1e-2),
 }
-EXTRA = {"HypergradSGD": dict(momentum=0.9), "HypergradAdam": {}}
+STARTS.update(MartheSGD=STARTS["HypergradSGD"], MartheAdam=STARTS["HypergradAdam"])
+EXTRA = {"HypergradSGD": dict(momentum=0.9), "HypergradAdam": {}, "MartheSGD": dict(momentum=0.9),
+         "MartheAdam": {}}
+#: MARTHE needs a validation loss: its rows always take E = the validation loss.
+NEEDS_VAL = ("MartheSGD", "MartheAdam")
 TASKS = {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn, "diabetes": regression,
          "charlm": charlm}
 POLICIES = ("fixed", "additive", "multiplicative", "growth", "adam_log", "scale_free")
@@ -64,17 +71,21 @@ POLICIES = ("fixed", "additive", "multiplicative", "growth", "adam_log", "scale_
 def make_optimizer(cls: str, params, lr: float, policy: str, val=None) -> torch.optim.Optimizer:
     opt_cls = getattr(hyperoptim, cls)
     kwargs = dict(lr=lr, val_closure=val, **EXTRA[cls])
+    marthe = cls in NEEDS_VAL
     if policy == "fixed":
-        return opt_cls(params, hyper_lr=0.0, **kwargs)
+        return opt_cls(params, hyper_lr=0.0, **(dict(adapt_hyper_lr=False) if marthe else {}),
+                       **kwargs)
     if policy == "additive":
-        return opt_cls(params, hyper_lr=opt_cls.default_hyper_lr, **kwargs)
+        kappa = (inspect.signature(opt_cls).parameters["hyper_lr"].default if marthe
+                 else opt_cls.default_hyper_lr)
+        return opt_cls(params, hyper_lr=kappa, **kwargs)
     return opt_cls(params, hyper_step=policy, **kwargs)
 
 
 def starts_for(task: Task, cls: str) -> dict[str, float]:
     """The three starts; full-batch diabetes with momentum 0.9 diverges at SGD lr 0.1, so its
     SGD starts are a decade lower (good 0.01)."""
-    if cls == "HypergradSGD" and task.batch is None:
+    if cls in ("HypergradSGD", "MartheSGD") and task.batch is None:
         return {k: v / 10 for k, v in STARTS[cls].items()}
     return STARTS[cls]
 
@@ -102,7 +113,8 @@ def train(task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer, seed: 
 def run(task: Task, cls: str, start: str, policy: str, seed: int, steps: int,
         use_val: bool = False) -> dict:
     model = task.make_model(seed)
-    val = (lambda: task.loss(model, task.x_val, task.y_val)) if use_val else None
+    val = ((lambda: task.loss(model, task.x_val, task.y_val)) if use_val or cls in NEEDS_VAL
+           else None)
     opt = make_optimizer(cls, model.parameters(), starts_for(task, cls)[start], policy, val)
     metric, diverged = train(task, model, opt, seed, steps)
     lrs = opt.history[0]["lr"]
@@ -127,7 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["digits-mlp", "digits-cnn", "diabetes"],
                         choices=list(TASKS))
-    parser.add_argument("--optimizers", nargs="+", default=list(STARTS), choices=list(STARTS))
+    parser.add_argument("--optimizers", nargs="+", default=["HypergradSGD", "HypergradAdam"],
+                        choices=list(STARTS), help="MartheSGD and MartheAdam always take E = the "
+                        "validation loss")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps-scale", type=float, default=1.0)
@@ -148,7 +162,8 @@ def main() -> None:
         for cls in args.optimizers:
             starts = starts_for(task, cls)
             print(f"  {cls:<14} " + "".join(f"{s} ({starts[s]:g})".ljust(22) for s in starts)
-                  + "poor/large targets")
+                  + "poor/large targets"
+                  + (" (E = validation loss)" if cls in NEEDS_VAL and not args.val else ""))
             for policy in args.policies:
                 cells, means = [], {}
                 for start in starts:

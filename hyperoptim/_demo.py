@@ -69,6 +69,12 @@ LABELS = {
 }
 
 
+#: Line widths of the tuned online methods, narrower in the order they are drawn: at their
+#: defaults HypergradSGD and MartheSGD (MARTHE starts at mu = 0, HD on the validation loss) take
+#: the same learning rates for their first steps, and the later line must not hide the earlier.
+TUNED_WIDTHS = {"hd": 2.8, "marthe": 2.2, "ift": 1.8, "hd-adam": 2.8, "marthe-adam": 2.2}
+
+
 class DemoExtrasMissing(ImportError):
     """The demo's optional dependencies are not installed."""
 
@@ -153,12 +159,10 @@ def _optimizer(name: str, model: nn.Module,
         return torch.optim.SGD(params, **POOR)
     if name == "sgd-tuned":
         return torch.optim.SGD(params, **TUNED)
-    if name == "hd":
-        return HypergradSGD(params, **POOR, hyper_lr=0.02, val_closure=val_closure)
+    if name == "hd":  # the defaults: the ScaleFree hyper-step
+        return HypergradSGD(params, **POOR, val_closure=val_closure)
     if name == "marthe":
-        # beta adapted from 0 with step 1e-7: the best of benchmarks/marthe_schedules.py's grid
-        return MartheSGD(params, **POOR, mu="adaptive", hyper_lr=1e-7,
-                         val_closure=val_closure)
+        return MartheSGD(params, **POOR, val_closure=val_closure)
     if name == "ift":
         return IFTOptimizer(params, **POOR, update_interval=10, lookback=5, hyper_lr=0.05,
                             val_closure=val_closure)
@@ -167,9 +171,9 @@ def _optimizer(name: str, model: nn.Module,
     if name == "adam-tuned":
         return torch.optim.Adam(params, **TUNED_ADAM)
     if name == "hd-adam":
-        return HypergradAdam(params, **POOR_ADAM, hyper_lr=1e-5, val_closure=val_closure)
+        return HypergradAdam(params, **POOR_ADAM, val_closure=val_closure)
     if name == "marthe-adam":
-        return MartheAdam(params, **POOR_ADAM, hyper_lr=1e-10, val_closure=val_closure)
+        return MartheAdam(params, **POOR_ADAM, val_closure=val_closure)
     raise ValueError(f"Invalid optimizer value: {name!r}")
 
 
@@ -317,8 +321,9 @@ def figure(results: list[Result], steps: int) -> Any:
     Panels: learning rate against step; validation loss against wall time on a log axis (so that
     the fast methods are not crushed by FDSSGD's episodes); with FDSSGD, validation loss against
     step in each of its episodes. The fixed baselines are thin dashed lines drawn on top, the
-    tuned methods wide lines beneath, so that a method that sits on a baseline (FDSSGD's episode 0
-    runs the poor start) stays visible.
+    tuned methods wide lines beneath (each narrower than the one drawn before it:
+    :data:`TUNED_WIDTHS`), so that a method that sits on another line (FDSSGD's episode 0 runs
+    the poor start) stays visible.
     """
     _, _, matplotlib = _require_extras()
     import matplotlib.pyplot as plt
@@ -365,12 +370,13 @@ def _plot_method(r: Result, ax_lr: Any, ax_time: Any, ax_ep: Any | None) -> None
     """An online method's lines: a fixed baseline thin and dashed on top, a tuned method wide
     beneath (see :func:`figure`); faint in FDSSGD's episode panel."""
     style = dict(linestyle="--", linewidth=1.3, zorder=5) if r.name in (
-        "sgd-poor", "sgd-tuned", "adam-poor", "adam-tuned") else {"linewidth": 2.0, "zorder": 3}
+        "sgd-poor", "sgd-tuned", "adam-poor", "adam-tuned") else {
+            "linewidth": TUNED_WIDTHS.get(r.name, 2.0), "zorder": 3}
     ax_lr.plot(r.lr, color=COLORS[r.name], label=LABELS[r.name], **style)
     ax_time.plot(*zip(*r.val_curve), color=COLORS[r.name], label=LABELS[r.name], **style)
     if ax_ep is not None:
         ax_ep.plot(*zip(*r.step_curves[0]), color=COLORS[r.name], label=LABELS[r.name],
-                   **{**style, "linewidth": 1.0, "alpha": 0.5})
+                   **{**style, "linewidth": style["linewidth"] / 2, "alpha": 0.5})
 
 
 def _label_axes(ax_lr: Any, ax_time: Any, ax_ep: Any | None, fds: bool) -> None:

@@ -71,7 +71,7 @@ class HypergradSGD(RuleHypergrad):
         hyper_step (HyperStep or str, optional): the policy that turns :math:`h_t` into
             :math:`a_t` (:mod:`hyperoptim.hyperstep`: a policy, or a name such as
             ``"scale_free"``); not together with ``hyper_lr`` (default: None, the class's
-            :attr:`default_hyper_step`).
+            :attr:`default_hyper_step`, ``ScaleFree()``).
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``). Public
             implementations let the learning rate go negative; this one does not.
@@ -144,7 +144,7 @@ class HypergradSGD(RuleHypergrad):
     #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
     default_hyper_lr = 1e-3
     #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given.
-    default_hyper_step: HyperStep | str = "additive"
+    default_hyper_step: HyperStep | str = "scale_free"
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:

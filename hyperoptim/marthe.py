@@ -10,11 +10,13 @@ from torch import Tensor
 from .core.options import check_arguments, renamed_options
 from .core.signatures import bind_keywords, renamed_keywords, with_keywords
 from .core.types import ParamsT
+from .hyperstep import Additive, HyperStep
 from .methods.marthe import (
     MARTHE_KEYWORDS,
     RuleMarthe,
     keep_buffer_tangents,
     marthe_options,
+    own_step_given,
     take_marthe_options,
 )
 from .rules.base import apply_update_
@@ -152,7 +154,8 @@ class MartheSGD(RuleMarthe):
             turns :math:`\Delta_t` into :math:`a_t` instead of MARTHE's :math:`a_{t-1} - \beta_t
             \Delta_t` (normalised by :math:`\lVert \nabla E \rVert \lVert Z_t \rVert`; a policy
             that reads the training loss gets the previous step's); ``mu`` still discounts the
-            tangent (default: None, MARTHE's own step).
+            tangent (default: None: :attr:`default_hyper_step`, ``ScaleFree()``, unless
+            ``hyper_lr`` or ``adapt_hyper_lr`` is given, which choose MARTHE's own step).
         tune (tuple of str, optional): what is learned: ``("lr",)``, or ``("lr", "momentum")``
             to learn the momentum too, by its one-step hypergradient
             :math:`\partial E(w_{t+1}) / \partial b_t` (the weights and the buffer before the
@@ -202,6 +205,9 @@ class MartheSGD(RuleMarthe):
     """
 
     rule = SGD
+    #: The policy when none of ``hyper_step``, ``hyper_lr`` and ``adapt_hyper_lr`` is given
+    #: (with either of the last two: MARTHE's own additive step).
+    default_hyper_step: HyperStep | str = "scale_free"
     buffer_tangent_keys = {"momentum_buffer": "tangent_buffer"}
 
     @renamed_keywords(renamed_options("marthe"))
@@ -216,13 +222,15 @@ class MartheSGD(RuleMarthe):
         nesterov: bool = False,
         **options: Any,
     ) -> None:
+        own_step = own_step_given(options)
         options = bind_keywords(MartheSGD.__init__, options, MARTHE_KEYWORDS)
         marthe = take_marthe_options(options)
         check_arguments(self, lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov,
                         **{k: v for k, v in marthe.items() if k != "hyper_step"})
         defaults = dict(lr=float(lr), momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, **marthe_options(**marthe))
+                        weight_decay=weight_decay, nesterov=nesterov, **marthe_options(
+            **marthe, default=Additive.name if own_step else self.default_hyper_step))
         super().__init__(params, defaults, **options)
 
     @staticmethod

@@ -17,7 +17,14 @@ from .core.signatures import (
     with_keywords,
 )
 from .core.types import ParamsT
-from .methods.marthe import MARTHE_KEYWORDS, RuleMarthe, marthe_options, take_marthe_options
+from .hyperstep import Additive, HyperStep
+from .methods.marthe import (
+    MARTHE_KEYWORDS,
+    RuleMarthe,
+    marthe_options,
+    own_step_given,
+    take_marthe_options,
+)
 from .rules.adam import ADAM
 
 __all__ = ["MartheAdam", "MartheAdamW"]
@@ -94,7 +101,8 @@ class MartheAdam(RuleMarthe):
             :class:`~hyperoptim.MartheSGD`).
         hypergrad_clip (float, optional): clip :math:`\Delta` in the updates (default: None).
         hyper_step (HyperStep or str, optional): a policy of :mod:`hyperoptim.hyperstep` in
-            place of MARTHE's step, as for :class:`~hyperoptim.MartheSGD` (default: None).
+            place of MARTHE's step, as for :class:`~hyperoptim.MartheSGD` (default: None:
+            ``ScaleFree()``, unless ``hyper_lr`` or ``adapt_hyper_lr`` is given).
         tune (tuple of str, optional): ``("lr", "momentum")`` learns :math:`\beta_1` too, by its
             one-step hypergradient, as for :class:`~hyperoptim.MartheSGD` (default: ``("lr",)``).
         val_closure (callable, optional): the validation loss; required here or in
@@ -129,6 +137,9 @@ class MartheAdam(RuleMarthe):
     """
 
     rule = ADAM
+    #: The policy when none of ``hyper_step``, ``hyper_lr`` and ``adapt_hyper_lr`` is given
+    #: (with either of the last two: MARTHE's own additive step).
+    default_hyper_step: HyperStep | str = "scale_free"
     buffer_tangent_keys = {"exp_avg": "tangent_exp_avg", "exp_avg_sq": "tangent_exp_avg_sq"}
 
     @renamed_keywords(renamed_options("marthe"))
@@ -143,6 +154,7 @@ class MartheAdam(RuleMarthe):
         amsgrad: bool = False,
         **options: Any,
     ) -> None:
+        own_step = own_step_given(options)
         options = bind_keywords(MartheAdam.__init__, options, _KEYWORDS)
         marthe, decoupled = take_marthe_options(options), options.pop("decoupled_weight_decay")
         check_arguments(self, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -152,7 +164,8 @@ class MartheAdam(RuleMarthe):
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
             weight_decay=float(weight_decay), amsgrad=False, maximize=False,
-            decoupled_weight_decay=decoupled, **marthe_options(**marthe))
+            decoupled_weight_decay=decoupled, **marthe_options(
+            **marthe, default=Additive.name if own_step else self.default_hyper_step))
         super().__init__(params, defaults, **options)
 
     momentum_hyper = "beta1"

@@ -59,6 +59,12 @@ def _builders() -> dict[str, Callable[..., Any]]:
         "marthe_adam_beta1": lambda p, v: hyperoptim.MartheAdam(
             p, lr=0.01, tune=("lr", "momentum"), adapt_hyper_lr=False, hyper_lr=1e-4,
             val_closure=v),
+        # The defaults (issue 16: ScaleFree, no hyper-step size given) in lockstep, as
+        # benchmarks/versus.py runs them; the Adam family below is built at its defaults too.
+        "hd_default_val": lambda p, v: hyperoptim.HypergradSGD(p, lr=0.05, momentum=0.5,
+                                                               val_closure=v),
+        "marthe_default": lambda p, v: hyperoptim.MartheSGD(p, lr=0.05, momentum=0.5,
+                                                            val_closure=v),
         "ift": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
                                                     update_interval=3, lookback=3, val_closure=v),
         "fds": lambda p, v: hyperoptim.FDSSGD(p, horizon=4, lr=0.05, momentum=0.5,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -173,7 +174,8 @@ def test_a_start_ten_to_the_k_away_follows_the_same_trajectory_scaled(index, k, 
 
 def test_scale_free_brings_a_runaway_loss_down_fast():
     """While the loss is above its smoothed minimum by the run's own scale and rising, the value
-    halves per step; minibatch noise far below the first loss does not trip it."""
+    is divided by ``shrink`` per step; minibatch noise far below the first loss does not trip
+    it."""
     policy = ScaleFree()
     value, state = 1.0, policy.init_state(1.0)
     for loss in (1.0, 0.8, 0.6, 0.5):
@@ -181,9 +183,10 @@ def test_scale_free_brings_a_runaway_loss_down_fast():
     assert value == 1.0
     for loss in (2.0, 4.0, 8.0):
         value, state = policy.update(value, 0.0, 0.0, state, loss=loss)
-    assert value == 1.0 / 8  # each above 0.90 + max(1 - 0.90, 0.90) (the EMA's low) and rising
-    value, state = policy.update(value, 0.0, 0.0, state, loss=7.0)  # falling: no reaction
-    assert value == 1.0 / 8
+    # each above 0.90 + max(1 - 0.90, 0.90) (the EMA's low) and rising
+    assert value == pytest.approx(policy.shrink ** -3, rel=1e-12)
+    value, state = policy.update(value, -1.0, 1.0, state, loss=7.0)  # falling: held, no growth
+    assert value == pytest.approx(policy.shrink ** -3, rel=1e-12)
 
     value, state = 1.0, policy.init_state(1.0)
     gen = torch.Generator().manual_seed(0)
@@ -205,6 +208,67 @@ def test_scale_free_restarts_its_moments_after_a_runaway():
     assert value < grown / 1.9 and (state["m"], state["v"], state["t"]) == (0.0, 0.0, 0.0)
     value, state = policy.update(value, -1.0, 1.0, state, loss=0.4)  # full steps again
     assert state["t"] == 1.0
+
+
+def test_scale_free_takes_no_step_on_a_runaways_hypergradient():
+    """Above the run's own scale the one-step hypergradient can still ask for more (the loss of a
+    catapult keeps falling along the last step): the value is held and nothing enters the
+    moments until the loss is back below."""
+    policy = ScaleFree()
+    value, state = 1.0, policy.init_state(1.0)
+    for loss in (1.0, 0.5, 0.4):
+        value, state = policy.update(value, -1.0, 1.0, state, loss=loss)
+    value, state = policy.update(value, -1.0, 1.0, state, loss=50.0)  # rising: shrink
+    shrunk = value
+    for loss in (40.0, 20.0, 5.0):  # falling but still far above: held
+        value, state = policy.update(value, -1e6, 1.0, state, loss=loss)
+        assert value == shrunk and (state["m"], state["v"], state["t"]) == (0.0, 0.0, 0.0)
+
+
+def test_scale_free_shrinks_again_only_at_a_new_high():
+    """A run the runaway broke sits at a high, noisy loss: each rise of that noise is no new
+    runaway, and shrinking at each would take the value to 0 (MartheSGD on the digits MLP went
+    to 1e-188); only a new high since the alarm began shrinks again."""
+    policy = ScaleFree()
+    value, state = 1.0, policy.init_state(1.0)
+    for loss in (1.0, 0.5, 0.4, 20.0, 30.0):  # two new highs: two shrinks
+        value, state = policy.update(value, 0.0, 0.0, state, loss=loss)
+    assert value == pytest.approx(policy.shrink ** -2, rel=1e-12)
+    for loss in (8.0, 9.0, 7.0, 9.5, 8.0, 9.9):  # stuck high, rising half the time
+        value, state = policy.update(value, 0.0, 0.0, state, loss=loss)
+    assert value == pytest.approx(policy.shrink ** -2, rel=1e-12)
+    value, state = policy.update(value, 0.0, 0.0, state, loss=31.0)
+    assert value == pytest.approx(policy.shrink ** -3, rel=1e-12)
+
+
+def test_scale_free_growth_is_capped_at_up_per_step():
+    """g = a h grows with a: Adam's ratio then exceeds 1 (its second moment remembers the
+    smaller values), and uncapped the digits MLP's lr grew 37x in 8 steps past its edge."""
+    policy = ScaleFree()
+    value, state = 1.0, policy.init_state(1.0)
+    for t in range(30):
+        new, state = policy.update(value, -(3.0 ** t), 1.0, state)
+        assert math.log(new / value) <= policy.up * (1 + 1e-12)
+        value = new
+    assert math.log(value) == pytest.approx(30 * policy.up)
+
+
+def test_scale_free_default_survives_a_catapult_on_a_tiny_full_batch_regression():
+    """HypergradSGD(lr=0.05) at ScaleFree on a 24-row regression (test_robustness's Task): the
+    one-step hypergradient asks for more until the lr reaches about 2.9, where one step throws
+    the loss from 0.27 to 11; halving per step, and a full step up after each restart of the
+    moments, then ran it to 489 (the divergence warning). Now the loss stays far below that
+    and the run ends below its start."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(24, k, generator=gen, dtype=torch.float64) for k in (4, 1))
+    for momentum in (0.0, 0.9):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(torch.float64)
+        opt = HypergradSGD(model.parameters(), lr=0.05, momentum=momentum,
+                           hyper_step="scale_free")
+        losses = [float(opt.step(lambda m=model: torch.nn.functional.mse_loss(m(x), y)))
+                  for _ in range(200)]  # a divergence warning is an error here
+        assert max(losses) < 50.0 and losses[-1] < losses[0]
 
 
 def test_scale_free_steps_are_normalised():
@@ -315,6 +379,20 @@ def test_invalid_hyper_step_raises(bad):
         HypergradSGD(Net(0).params, hyper_step=bad)
 
 
+@pytest.mark.parametrize("name", ["HypergradSGD", "HypergradAdam", "HypergradAdamW", "MartheSGD",
+                                  "MartheAdam", "MartheAdamW"])
+def test_default_policy_is_scale_free_and_a_float_hyper_lr_is_the_additive_rule(name):
+    import hyperoptim
+
+    cls = getattr(hyperoptim, name)
+    net = Net(0)
+    assert resolve(cls(net.params).param_groups[0]["hyper_step"]) == ScaleFree()
+    assert cls(net.params, hyper_lr=1e-3).param_groups[0]["hyper_step"] == "additive"
+    assert cls(net.params, hyper_lr=0.0).param_groups[0]["hyper_step"] == "additive"
+    if name.startswith("Hypergrad"):  # per-weight rates: the additive rule, their only one
+        assert cls(net.params, per_parameter=True).param_groups[0]["hyper_step"] == "additive"
+
+
 def test_hypergrad_lr_and_hyper_step_conflict():
     with pytest.raises(ValueError, match="hyper_lr.*hyper_step"):
         HypergradSGD(Net(0).params, hyper_lr=0.01, hyper_step="growth")
@@ -365,11 +443,17 @@ def test_marthe_policy_is_loss_scale_invariant(policy):
     assert oa.history[0]["lr"][-1] != 0.05
 
 
-def test_marthe_default_is_its_own_step_and_resume_mid_growth_is_exact():
+def test_marthe_default_is_scale_free_its_own_step_when_sized_and_resume_mid_growth_is_exact():
     from hyperoptim import MartheSGD
 
     default = _marthe(Net(9), 1e-3, None)
-    assert isinstance(default, MartheSGD) and default.param_groups[0]["hyper_step"] == "additive"
+    assert isinstance(default, MartheSGD)
+    assert resolve(default.param_groups[0]["hyper_step"]) == ScaleFree()
+    for sized in (dict(hyper_lr=1e-6), dict(adapt_hyper_lr=False), dict(hypergrad_lr=1e-6)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # hypergrad_lr: the old name
+            own = _marthe(Net(9), 1e-3, None, **sized)
+        assert own.param_groups[0]["hyper_step"] == "additive"
     net2 = Net(9, steps=30)
     net = Net(9, steps=30)
     opt = _marthe(net, 1e-4, Growth())

@@ -169,8 +169,10 @@ class RuleHypergrad(HyperOptimizer):
                per_parameter: bool, tune: tuple[str, ...] = ("lr",), **base: Any) -> None:
         """The rule-independent part of the constructor, after the public class has checked its
         arguments: the rule's ``defaults`` with HD's options after them, then the groups."""
+        # Per-weight rates take the additive policy only: it is their default too.
         kappa, policy = hyper_step_option(hyper_lr, hyper_step, self._default_hyper_lr(),
-                                          self.default_hyper_step)
+                                          Additive.name if per_parameter
+                                          else self.default_hyper_step)
         defaults = {**defaults, "hyper_lr": kappa, "hyper_step": policy,
                     "lr_bounds": (float(lr_bounds[0]), float(lr_bounds[1])),
                     "per_parameter": per_parameter, "tune": tuple(tune)}
@@ -358,12 +360,13 @@ class RuleHypergrad(HyperOptimizer):
         norms = None
         # A policy that reads the training loss reads its mean over ranks (every rank's policy
         # state must stay identical; the closure's loss is this rank's own).
-        reads_loss = loss is not None and any(self._policy(g).uses_loss for g, _ in groups)
+        read = _loss_tensor(loss, scalars)
+        reads_loss = read is not None and any(self._policy(g).uses_loss for g, _ in groups)
         train_mean = None
         # A deferred verdict (FSDP2) is sent here even in a step whose closure left no gradient:
         # a rank whose closure failed waits for it.
         if sharded or self.__dict__.get("_pending_verdict"):
-            losses = [cast(Tensor, loss)] if reads_loss else []
+            losses = [cast(Tensor, read)] if reads_loss else []
             scalars, means, norms = self._complete_shards(
                 scalars, ([] if val_loss is None else [val_loss]) + losses, groups)
             val_loss = means[0] if val_loss is not None else None
@@ -372,7 +375,7 @@ class RuleHypergrad(HyperOptimizer):
             scalars.append(val_loss)
         if reads_loss:
             scalars.append(train_mean if train_mean is not None else
-                           all_reduce_mean([cast(Tensor, loss).detach().reshape(())])[0])
+                           all_reduce_mean([cast(Tensor, read)])[0])
         guard = self._guard_scalars(loss, groups, norms)
         values = _host_floats(scalars + guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
@@ -539,6 +542,20 @@ def lr_only_when_untuned(state_dict: Any) -> Any:
         return state_dict
     return {**state_dict, "param_groups": [
         {"tune": ("lr",), **g} if isinstance(g, dict) else g for g in groups]}
+
+
+def _loss_tensor(loss: Any, scalars: list[Tensor]) -> Tensor | None:
+    """The closure's loss as a 0-d tensor for a policy to read, beside ``scalars`` (their
+    device): a closure may return a plain number (torch's own tests return ``1``) or something
+    that is not a number at all, which leaves the policy without a loss."""
+    if isinstance(loss, Tensor):
+        return loss.detach().reshape(())
+    if loss is None or not scalars:
+        return None
+    try:
+        return torch.tensor(float(loss), dtype=scalars[0].dtype, device=scalars[0].device)
+    except (TypeError, ValueError):
+        return None
 
 
 def _learns_momentum(group: dict[str, Any]) -> bool:

@@ -36,7 +36,7 @@ from .hd import (
 
 __all__ = [
     "MARTHE_KEYWORDS", "RuleMarthe", "adaptive_mu", "keep_buffer_tangents", "marthe_hyper_step",
-    "marthe_options", "take_marthe_options",
+    "marthe_options", "own_step_given", "take_marthe_options",
 ]
 
 
@@ -64,13 +64,14 @@ def take_marthe_options(options: dict[str, Any]) -> dict[str, Any]:
     return {name: options.pop(name) for name in _OWN}
 
 
-def marthe_hyper_step(hyper_step: HyperStep | str | None) -> str:
-    r"""The group's ``"hyper_step"`` for MARTHE's constructor option: ``None`` or ``"additive"``
-    is MARTHE's own step (:math:`\beta` from ``hyper_lr``/``adapt_hyper_lr``); any other
-    policy (:mod:`hyperoptim.hyperstep`) replaces it."""
-    if hyper_step is None:
-        return Additive.name
-    policy = resolve(hyper_step)
+def marthe_hyper_step(hyper_step: HyperStep | str | None,
+                      default: HyperStep | str = Additive.name) -> str:
+    r"""The group's ``"hyper_step"`` for MARTHE's constructor option: ``"additive"`` is MARTHE's
+    own step (:math:`\beta` from ``hyper_lr``/``adapt_hyper_lr``); any other policy
+    (:mod:`hyperoptim.hyperstep`) replaces it; ``None`` is ``default`` (the class's
+    ``default_hyper_step``, or ``"additive"`` when ``hyper_lr`` or ``adapt_hyper_lr`` was
+    given)."""
+    policy = resolve(default if hyper_step is None else hyper_step)
     if isinstance(policy, Additive):
         if policy.kappa is not None:
             raise ValueError(f"Invalid hyper_step value: {hyper_step!r} (MARTHE's additive step "
@@ -79,18 +80,27 @@ def marthe_hyper_step(hyper_step: HyperStep | str | None) -> str:
     return repr(policy)
 
 
+def own_step_given(given: dict[str, Any]) -> bool:
+    """Whether a public class's keywords (as given, before the defaults are filled in) size
+    MARTHE's own additive step: then that step, bit for bit as in the paper, is the default
+    policy."""
+    return "hyper_lr" in given or "adapt_hyper_lr" in given
+
+
 def marthe_options(mu: str | float, hyper_lr: float, adapt_hyper_lr: bool,
                    hypergrad_clip: float | None, hyper_step: HyperStep | str | None,
-                   tune: tuple[str, ...] = ("lr",)) -> dict[str, Any]:
+                   tune: tuple[str, ...] = ("lr",),
+                   default: HyperStep | str = Additive.name) -> dict[str, Any]:
     """MARTHE's entries of a public class's ``defaults``, from its checked constructor arguments:
-    numbers as floats, ``"adaptive"`` as it is, the policy as :func:`marthe_hyper_step` names it.
+    numbers as floats, ``"adaptive"`` as it is, the policy as :func:`marthe_hyper_step` names it
+    (``default`` when ``hyper_step`` is None).
 
     Example:
         >>> marthe_options(1, 1e-6, True, None, None)
         {'mu': 1.0, 'hyper_lr': 1e-06, 'adapt_hyper_lr': True, 'hypergrad_clip': None, \
 'hyper_step': 'additive', 'tune': ('lr',)}
     """
-    policy = marthe_hyper_step(hyper_step)
+    policy = marthe_hyper_step(hyper_step, default)
     return dict(mu=mu if mu == "adaptive" else float(mu), hyper_lr=float(hyper_lr),
                 adapt_hyper_lr=adapt_hyper_lr,
                 hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
