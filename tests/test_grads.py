@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import hyperoptim.core.grads as grads_module
 from hyperoptim import (
     FDSSGD,
     HypergradAdam,
@@ -270,3 +271,69 @@ def test_a_closure_returning_no_graph_is_watched(detach_from):
             assert p.grad is g and torch.equal(g, torch.full_like(p, float(t)))
     expected = [True] * 5 if detach_from == 0 else [True, False, False, True, True]
     assert log == expected
+
+
+def _counting_walks(monkeypatch):
+    """The number of loss graphs ``hyperoptim.core.grads`` walks, as a one-element list."""
+    walks, walk = [0], grads_module._graph_leaves
+
+    def counted(root):
+        walks[0] += 1
+        return walk(root)
+
+    monkeypatch.setattr(grads_module, "_graph_leaves", counted)
+    return walks
+
+
+def test_settled_calls_that_never_call_backward_walk_no_graph(monkeypatch):
+    # A validation closure that returns its loss (the optimizer takes the gradient with
+    # torch.autograd.grad, which writes no .grad) cannot accumulate into a leaf: once its calls
+    # run unwatched they walk neither the step's training graph nor their own. The backbone
+    # keeps its gradient bit for bit.
+    backbone, head, loss_of = _net()
+    walks = _counting_walks(monkeypatch)
+    log = []
+    opt = HypergradSGD(head.parameters(), lr=0.05, momentum=0.5, hyper_lr=1e-3,
+                       val_closure=_spied(_closure(loss_of, 1, "return"), log))
+    for t in range(6):
+        for p in backbone.parameters():
+            p.grad = torch.full_like(p, float(t))
+        before = [p.grad.clone() for p in backbone.parameters()]
+        own = torch.autograd.grad(loss_of(0), list(backbone.parameters()))
+        opt.zero_grad()
+        opt.step(_closure(loss_of, 0, "backward"))
+        for p, b, g in zip(backbone.parameters(), before, own):
+            assert torch.equal(p.grad, b + g), f"step {t}"
+        if t == 1:
+            walked = walks[0]
+    assert log[:1] == [True] and not any(log[1:]), log
+    assert walks[0] == walked
+
+
+def test_a_closure_that_starts_calling_backward_walks_again_and_keeps_the_backbone(monkeypatch):
+    # From the first call of a kind that calls backward() after its calls settled, its calls walk
+    # the graphs again: the backbone's gradient stays bit-identical from that call on.
+    backbone, head, loss_of = _net()
+    walks = _counting_walks(monkeypatch)
+    t_now = [0]
+
+    def val():
+        loss = loss_of(1)
+        if t_now[0] >= 3:
+            loss.backward()
+        return loss
+
+    opt = HypergradSGD(head.parameters(), lr=0.05, momentum=0.5, hyper_lr=1e-3, val_closure=val)
+    counts = []
+    for t in range(6):
+        t_now[0] = t
+        for p in backbone.parameters():
+            p.grad = torch.full_like(p, float(t))
+        kept = [p.grad for p in backbone.parameters()]
+        opt.zero_grad()
+        opt.step(_closure(loss_of, 0, "return"))
+        counts.append(walks[0])
+        for p, g in zip(backbone.parameters(), kept):
+            assert p.grad is g and torch.equal(g, torch.full_like(p, float(t))), f"step {t}"
+    assert counts[2] == counts[1] and counts[3] > counts[2]
+    assert counts[5] - counts[4] == counts[4] - counts[3] == 2  # the training graph and its own

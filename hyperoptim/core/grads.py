@@ -19,7 +19,8 @@ Which leaves are reached is found two ways, both before a closure can accumulate
 
 The watch is the costly part: any Python ``TorchFunctionMode`` costs about 10 us per operation it
 intercepts and more in a backward under it, a tenth of a small MLP's validation step; the rest
-(clearing, restoring, one walk of the returned graph) is a few microseconds. So a kind of closure
+(clearing, restoring, a walk of the step's training graph and one of the returned graph) is a
+few tens of microseconds. So a kind of closure
 (``"val_closure"``, ``"closure"``) runs watched only until one watched call finds nothing beyond
 the leaves already known (and returns a graph that can be checked); from then on its calls run
 unwatched, and the walk of each call's returned graph, which :meth:`ReachedLeaves.learn` does
@@ -33,6 +34,14 @@ anyway, checks that they still reach no leaf beyond the known ones:
   (once), and every later call of that optimizer runs watched. An unwatched call whose return
   value has no graph to walk (``loss.detach()``, ``loss.item()``) cannot be checked: every later
   call runs watched too.
+- A kind of closure whose calls never called ``backward()`` (it returns the loss, and the
+  optimizer takes its gradient with ``torch.autograd.grad``, which writes no ``.grad``) cannot
+  accumulate into any leaf: once settled, its calls walk no graph at all (a walk of a fresh graph
+  costs about 1 us a node, most of the isolation's cost on a small model); the known leaves are
+  still cleared. The first such call that does call ``backward()`` (a cleared gradient is found
+  written after it) walks the step's training graph and its own graph as above, and every later
+  call of that kind walks both: only a leaf new in that step's training graph (not known yet)
+  was not cleared before that one call, and is warned about as above if its graph reached it.
 - Not caught: a closure that, after running unwatched, starts backpropagating through a new leaf
   outside the graph it returns (for which it would have to be watched at every call).
 
@@ -96,6 +105,8 @@ class ReachedLeaves:
         self._refs: dict[int, weakref.ref[Tensor]] = {}
         self._pending: Any = None
         self._settled: set[str] = set()  # closure kinds that run unwatched
+        # Closure kinds seen calling backward(): only their calls can accumulate into a leaf.
+        self._accumulating: set[str] = set()
         self._always_watch = False  # an unwatched call could not be vouched for
 
     def __getstate__(self) -> dict[str, Any]:
@@ -130,10 +141,16 @@ class ReachedLeaves:
             refs[id(leaf)] = weakref.ref(leaf)
         return leaves
 
-    def leaves(self) -> list[Tensor]:
+    def learn_pending(self) -> None:
+        """Add the leaves of the graph :meth:`note` remembered (if not walked yet)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._add(_graph_leaves(pending))
+
+    def leaves(self, *, walk: bool = True) -> list[Tensor]:
+        """The known leaves that are alive; with ``walk``, the noted graph's leaves first added."""
+        if walk:
+            self.learn_pending()
         out = []
         for key, ref in list(self._refs.items()):
             leaf = ref()
@@ -147,8 +164,15 @@ class ReachedLeaves:
         """Whether a call of this kind of closure runs under the watch."""
         return self._always_watch or kind not in self._settled
 
+    def walks(self, kind: str) -> bool:
+        """Whether a call of this kind walks the loss graphs around it (see :class:`GradIsolation`)."""
+        return kind in self._accumulating or self.watching(kind)
+
     def settle(self, kind: str) -> None:
         self._settled.add(kind)
+
+    def accumulates(self, kind: str) -> None:
+        self._accumulating.add(kind)
 
     def watch_always(self) -> None:
         self._always_watch = True
@@ -196,7 +220,8 @@ class GradIsolation:
         self._kind = kind
         self._owner = owner
         self._saved: dict[int, tuple[Tensor, Tensor | None]] = {}
-        for t in [*owned, *reached.leaves()]:
+        self._walks = reached.walks(kind)
+        for t in [*owned, *reached.leaves(walk=self._walks)]:
             if id(t) not in self._saved:
                 self._saved[id(t)] = (t, t.grad)
 
@@ -209,17 +234,33 @@ class GradIsolation:
         reached, saved = self._reached, self._saved
         if not reached.watching(self._kind):
             out = fn()
-            self._check(reached.learn(out))
+            if self._walks:
+                self._check(reached.learn(out))
+            elif self._accumulated():
+                # The first call of this kind to call backward() since its calls settled: the
+                # leaves of the step's training graph were not cleared before it (nor walked);
+                # its own graph is checked as any unwatched call's.
+                reached.accumulates(self._kind)
+                reached.learn_pending()
+                self._check(reached.learn(out))
+            elif getattr(out, "grad_fn", None) is None:
+                reached.watch_always()  # as _check: nothing to vouch for this call with
             return out
         known = len(saved)
         with _FirstUse(saved):
             out = fn()
+        if self._accumulated():
+            reached.accumulates(self._kind)
         leaves = reached.learn(out)
         # Settled when the watch found no leaf beyond the known ones, nor did the graph's walk.
         if (leaves is not None and len(saved) == known
                 and all(id(leaf) in saved for leaf in leaves)):
             reached.settle(self._kind)
         return out
+
+    def _accumulated(self) -> bool:
+        """Did the call write a gradient (call ``backward()``) into a tensor cleared for it?"""
+        return any(t.grad is not None for t, _ in self._saved.values())
 
     def _check(self, leaves: list[Tensor] | None) -> None:
         """After an unwatched call: every leaf of the returned graph must have been cleared."""

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -468,12 +468,15 @@ def check_group(owner: Any, group: Mapping[str, Any], defaults: Mapping[str, Any
                          "one optimizer shares one objective: set it in the constructor)")
 
 
-def _check_constraints(owner: Any, group: Mapping[str, Any]) -> None:
+def _check_constraints(owner: Any, group: Mapping[str, Any],
+                       changed: Collection[str] | None = None) -> None:
     """The constraints between options (each message names the options involved), checked in
-    the order of :data:`_CONSTRAINTS`."""
+    the order of :data:`_CONSTRAINTS`; with ``changed``, only those that read one of these
+    names (the others held when the group last passed, and it holds the same values for them)."""
     parts = owner if isinstance(owner, tuple) else components(owner) or ()
-    for check in _CONSTRAINTS:
-        check(parts, group)
+    for check, reads in _CONSTRAINTS:
+        if changed is None or not reads.isdisjoint(changed):
+            check(parts, group)
 
 
 def _nesterov_needs_momentum(parts: tuple[str, ...], group: Mapping[str, Any]) -> None:
@@ -519,9 +522,16 @@ def _fds_windows_fit(parts: tuple[str, ...], group: Mapping[str, Any]) -> None:
             raise _refuse(f"{name}_schedule", schedule, f"expected {n} values, one per window")
 
 
-# In this order: where a group breaks two constraints, the first one here is reported.
-_CONSTRAINTS: tuple[Callable[[tuple[str, ...], Mapping[str, Any]], None], ...] = (
-    _nesterov_needs_momentum, _lr_within_bounds, _ift_tune_fits, _fds_windows_fit,
+# In this order: where a group breaks two constraints, the first one here is reported. Beside
+# each, every group key it reads (refresh_passed re-checks only those a step changed).
+_CONSTRAINTS: tuple[tuple[Callable[[tuple[str, ...], Mapping[str, Any]], None], frozenset[str]],
+                    ...] = (
+    (_nesterov_needs_momentum, frozenset({"nesterov", "momentum", "dampening"})),
+    (_lr_within_bounds, frozenset({"lr_bounds", "lr", "tune"})),
+    (_ift_tune_fits, frozenset({"tune", "momentum", "per_parameter_lr",
+                                "per_parameter_weight_decay"})),
+    (_fds_windows_fit, frozenset({"horizon", *(f"{name}_{part}" for name in _NAMES
+                                               for part in ("windows", "schedule"))})),
 )
 
 
@@ -584,9 +594,9 @@ def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str
     """After a step: a group whose only changes since it passed are values of its ``learned``
     names (what the step itself wrote) passes :func:`validate_groups` at the next step unchecked.
 
-    The changed values still get their own checks and the constraints between options (where
-    one fails, the group is left for the next step's full check, which reports it); the rest of
-    the group is as it passed. Without this, every group of a method that learns its lr would
+    The changed values still get their own checks and the constraints between options that read
+    them (where one fails, the group is left for the next step's full check, which reports it);
+    the rest of the group is as it passed. Without this, every group of a method that learns its lr would
     be checked in full at every step."""
     passed = optimizer.__dict__.get("_groups_passed")
     groups = optimizer.param_groups
@@ -614,7 +624,7 @@ def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str
         try:
             for name in changed:
                 _check_one(table[name], group[name])
-            _check_constraints(optimizer, group)
+            _check_constraints(optimizer, group, changed)
         except ValueError:
             continue
         passed[i] = (*last[:4], print_)
