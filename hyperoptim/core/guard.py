@@ -6,6 +6,7 @@ it is not meant to be used on its own.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,12 @@ _DIVERGED_LR_RATIO = 1e4
 BACK_OFF = 10.0
 
 _OVERFLOW = "step (a learned value would overflow the weights' dtype)"
+
+
+@functools.cache
+def _finfo_max(dtype: torch.dtype) -> float:
+    """The largest finite value of a floating ``dtype`` (read at every step's guard)."""
+    return torch.finfo(dtype).max
 
 
 def _largest_abs(tensors: Sequence[Tensor]) -> float:
@@ -88,7 +95,7 @@ class _Guard:
         return all(math.isfinite(v) and abs(v) <= limit for v in values)
 
     def _dtype_max(self) -> float:
-        return min((torch.finfo(p.dtype).max for g in self.param_groups for p in g["params"]
+        return min((_finfo_max(p.dtype) for g in self.param_groups for p in g["params"]
                     if p.is_floating_point()), default=math.inf)
 
     # ------------------------------------------------------------------ the guard
@@ -134,7 +141,9 @@ class _Guard:
                 start += len(ts)
                 out.append(torch.stack(part).max().double() if part else
                            torch.zeros((), dtype=torch.float64, device=device))
-        return [t.to(out[0].device) for t in out]
+        # A Tensor.to() that changes nothing still costs a dispatch: only where a device differs.
+        device = out[0].device
+        return [t if t.device == device else t.to(device) for t in out]
 
     def _guard_verdict(self, values: Sequence[float],
                        plans: Sequence[tuple[dict[str, Any], list[Tensor]]],

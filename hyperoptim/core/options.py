@@ -132,9 +132,12 @@ def _bounded(v: Any) -> bool:
 
 
 def _hd_bounds(v: Any) -> bool:
-    return (isinstance(v, (tuple, list)) and len(v) == 2
-            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v)
-            and not math.isnan(v[0]) and not math.isnan(v[1]) and 0.0 <= v[0] <= v[1])
+    if not (isinstance(v, (tuple, list)) and len(v) == 2):
+        return False
+    lo, hi = v  # unrolled: checked at every step where the step moved lr (refresh_passed)
+    return (isinstance(lo, (int, float)) and not isinstance(lo, bool)
+            and isinstance(hi, (int, float)) and not isinstance(hi, bool)
+            and not math.isnan(lo) and not math.isnan(hi) and 0.0 <= lo <= hi)
 
 
 def _ift_bounds(v: Any) -> bool:
@@ -587,17 +590,21 @@ def validate_groups(optimizer: Any) -> None:
     optimizer.__dict__["_groups_passed"] = now
 
 
-_KEY = operator.itemgetter(0)  # a fingerprint entry's key
+_MISSING = object()  # a learned name that a group no longer holds
 
 
 def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str, ...]]) -> None:
-    """After a step: a group whose only changes since it passed are values of its ``learned``
-    names (what the step itself wrote) passes :func:`validate_groups` at the next step unchecked.
+    """After a step: a group whose learned values (its ``learned`` names, what the step itself
+    writes) changed passes :func:`validate_groups` at the next step unchecked, as long as nothing
+    else in it changed.
 
     The changed values still get their own checks and the constraints between options that read
-    them (where one fails, the group is left for the next step's full check, which reports it);
-    the rest of the group is as it passed. Without this, every group of a method that learns its lr would
-    be checked in full at every step."""
+    them (where one fails, the group is left for the next step's full check, which reports it).
+    Only the learned names are compared here: their entries in the fingerprint that passed are
+    replaced by the values found now, and any other change since (a new or removed key, another
+    value) leaves that fingerprint different from the group's at the next step, whose full check
+    then runs. Without this, every group of a method that learns its lr would be checked in full
+    at every step."""
     passed = optimizer.__dict__.get("_groups_passed")
     groups = optimizer.param_groups
     if not passed or len(passed) != len(groups):
@@ -605,21 +612,31 @@ def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str
     table: dict[str, Option] | None = None
     for i, group in enumerate(groups):
         last = passed[i]
-        if last[0] is not group or last[4] is None:
+        old = last[4]
+        if last[0] is not group or old is None:
             continue
-        print_ = _fingerprint(group)
-        if print_ is None or print_ == last[4] or len(print_) != len(last[4]):
+        # Where each key's entry stands in the fingerprint (kept beside it after the first step).
+        at = last[5] if len(last) > 5 else {entry[0]: k for k, entry in enumerate(old)}
+        entries: list[Any] | None = None
+        changed = []
+        for name in learned(group):
+            k = at.get(name)
+            if k is None:
+                continue
+            value = group.get(name, _MISSING)
+            if type(value) not in _ATOMS:
+                changed = []  # not an atom (or removed): the next step checks the group in full
+                break
+            entry = (name, type(value), value)
+            if entry != old[k]:  # NaN never equals: checked, refused, left to the full check
+                entries = list(old) if entries is None else entries
+                entries[k] = entry
+                changed.append(name)
+        if not changed or entries is None:
             continue
-        # Keys in the same order (a group's dict keeps its insertion order): any new, removed
-        # or reordered key leaves the group to the full check.
-        if list(map(_KEY, last[4])) != list(map(_KEY, print_)):
-            continue
-        changed = [new[0] for old, new in zip(last[4], print_) if old != new]
-        names = learned(group)
         if table is None:
             table = _table(components(optimizer) or ())
-        if not all([name in names and name in table and table[name].in_group
-                    for name in changed]):
+        if not all([name in table and table[name].in_group for name in changed]):
             continue
         try:
             for name in changed:
@@ -627,7 +644,7 @@ def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str
             _check_constraints(optimizer, group, changed)
         except ValueError:
             continue
-        passed[i] = (*last[:4], print_)
+        passed[i] = (*last[:4], tuple(entries), at)
 
 
 def _unchanged(last: tuple[Any, ...], now: tuple[Any, ...]) -> bool:

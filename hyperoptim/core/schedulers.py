@@ -87,9 +87,16 @@ def detect_overwrites(optimizer: Any) -> None:
     groups = optimizer.param_groups
     starts = watch.setdefault("starts", {})
     if published is not None and len(published) == len(groups):
+        runs, revived = watch.get("runs", ()), watch.get("revived", ())
         for i, (group, before) in enumerate(zip(groups, published)):
             for name, old in before.items():
-                if _observe(watch, (i, name), group.get(name), old, starts.get((i, name))):
+                new = group.get(name)
+                # What _observe concludes, without its work, for the usual step: nothing outside
+                # touched the value, no run to continue and none to revive.
+                if (new == old and (i, name) not in runs and (i, name) not in revived
+                        and not (old == 0.0 and starts.get((i, name)))):
+                    continue
+                if _observe(watch, (i, name), new, old, starts.get((i, name))):
                     if name == "lr":  # erased each step: its growth is the schedule's, not learned
                         watch.setdefault("outside", {})[i] = math.inf
                     if not watch.get("overwrite_warned"):

@@ -30,6 +30,7 @@ fast path, tested equal to it), kept in ``state[p]["momentum_tangent"]``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, cast
@@ -220,7 +221,7 @@ class RuleHypergrad(HyperOptimizer):
         r"""The group's hyper-step policy (``"additive"``: :math:`\kappa` = ``hyper_lr``)."""
         spec = group.get("hyper_step", Additive.name)
         if spec == Additive.name:
-            return Additive(group["hyper_lr"])
+            return _additive(group["hyper_lr"])
         return resolve(spec)
 
     @staticmethod
@@ -360,8 +361,9 @@ class RuleHypergrad(HyperOptimizer):
         norms = None
         # A policy that reads the training loss reads its mean over ranks (every rank's policy
         # state must stay identical; the closure's loss is this rank's own).
-        read = _loss_tensor(loss, scalars)
-        reads_loss = read is not None and any(self._policy(g).uses_loss for g, _ in groups)
+        read = (_loss_tensor(loss, scalars) if any(self._policy(g).uses_loss for g, _ in groups)
+                else None)
+        reads_loss = read is not None
         train_mean = None
         # A deferred verdict (FSDP2) is sent here even in a step whose closure left no gradient:
         # a rank whose closure failed waits for it.
@@ -556,6 +558,11 @@ def _loss_tensor(loss: Any, scalars: list[Tensor]) -> Tensor | None:
         return torch.tensor(float(loss), dtype=scalars[0].dtype, device=scalars[0].device)
     except (TypeError, ValueError):
         return None
+
+
+# The additive policy of a group's hyper_lr, read three times a step: policies are immutable, and
+# building the dataclass cost more than the lookup.
+_additive = functools.lru_cache(maxsize=64, typed=True)(Additive)
 
 
 def _learns_momentum(group: dict[str, Any]) -> bool:
