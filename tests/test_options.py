@@ -568,3 +568,39 @@ def test_fuzz_load_state_dict(cls, data):
         warnings.simplefilter("ignore")
         setup.step(2)
     assert weights_finite(setup), f"{desc} loaded and the weights went non-finite"
+
+
+class _Reads(dict):
+    """A param group that records every key a check reads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+@pytest.mark.parametrize("parts", [("torch", "sgd", "hd"), ("torch", "sgd", "ift", "ift-sgd"),
+                                   ("torch", "sgd", "fds"), ("torch", "adam", "marthe")])
+def test_each_constraint_declares_every_group_key_it_reads(parts):
+    # refresh_passed re-checks only the constraints that read a value the step changed: a
+    # constraint that read an undeclared key would be skipped when that key changed.
+    group = {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "nesterov": True,
+             "lr_bounds": (0.0, 1.0), "tune": ["lr", "momentum", "weight_decay"],
+             "per_parameter_lr": True, "per_parameter_weight_decay": True, "horizon": 10,
+             **{f"{n}_windows": 2 for n in ("lr", "momentum", "weight_decay")},
+             **{f"{n}_schedule": [0.1, 0.1] for n in ("lr", "momentum", "weight_decay")}}
+    for check, reads in options_module._CONSTRAINTS:
+        recorded = _Reads(group)
+        check(parts, recorded)
+        assert recorded.read <= reads, (check.__name__, recorded.read - reads)
