@@ -308,8 +308,6 @@ class _Closures:
     def _backward_gradients(self, params: list[Tensor]) -> list[Tensor]:
         """The gradients the closure's ``backward()`` wrote, averaged in place where DDP did not."""
         used = [p for p in params if p.grad is not None]
-        if world_size() == 1:  # nothing to average (checked first: this runs at every step)
-            return used
         grads = [p.grad for p in used]
         for g, mean in zip(grads, self._average(grads, self._synced(used, True))):
             if mean is not g:
@@ -517,10 +515,10 @@ class _Closures:
                      bool(self.__dict__.get("_val_backward"))))
         # The loss is averaged too (it is a mean over the data as well): every rank records the
         # same value, and skips the same steps.
-        if world_size() == 1:  # nothing to average
-            loss = loss.detach()
+        synced = self._synced(params, called_backward) + [not average_loss]
+        if world_size() == 1:
+            *grads, loss = self._average(grads + [loss.detach()], synced)
         else:
-            synced = self._synced(params, called_backward) + [not average_loss]
             *grads, loss = self._agreed_validation(failure, params, grads, loss, synced)
             self.__dict__["_val_backward"] = called_backward
         if self.defaults.get("maximize"):
