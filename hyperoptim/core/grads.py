@@ -219,11 +219,11 @@ class GradIsolation:
         self._reached = reached
         self._kind = kind
         self._owner = owner
-        self._saved: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._walks = reached.walks(kind)
-        for t in [*owned, *reached.leaves(walk=self._walks)]:
-            if id(t) not in self._saved:
-                self._saved[id(t)] = (t, t.grad)
+        saved = self._saved = {id(t): (t, t.grad) for t in owned}
+        for t in reached.leaves(walk=self._walks):
+            if id(t) not in saved:
+                saved[id(t)] = (t, t.grad)
 
     def __enter__(self) -> GradIsolation:
         for t, _ in self._saved.values():

@@ -649,7 +649,8 @@ def _squares(tensors: list[Tensor], like: list[Tensor]) -> Tensor:
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """<a, b> over all elements (1-D tensors skip the reshape: biases are many and small)."""
-    a, b = local(a), local(b)  # FSDP2: this rank's partial sum
+    if type(a) is not Tensor or type(b) is not Tensor:  # a plain tensor is no DTensor: no call
+        a, b = local(a), local(b)  # FSDP2: this rank's partial sum
     return torch.dot(a, b) if a.dim() == 1 else torch.dot(a.reshape(-1), b.reshape(-1))
 
 
