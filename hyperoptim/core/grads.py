@@ -104,6 +104,9 @@ class ReachedLeaves:
     def __init__(self) -> None:
         self._refs: dict[int, weakref.ref[Tensor]] = {}
         self._pending: Any = None
+        # others(): the known leaves outside the owned ones, for the owned ids it was asked for
+        # (None: to be recomputed, as after any change of _refs).
+        self._others: tuple[tuple[int, ...], list[weakref.ref[Tensor]]] | None = None
         self._settled: set[str] = set()  # closure kinds that run unwatched
         # Closure kinds seen calling backward(): only their calls can accumulate into a leaf.
         self._accumulating: set[str] = set()
@@ -139,6 +142,7 @@ class ReachedLeaves:
         refs = self._refs
         for leaf in leaves:
             refs[id(leaf)] = weakref.ref(leaf)
+        self._others = None
         return leaves
 
     def learn_pending(self) -> None:
@@ -156,9 +160,26 @@ class ReachedLeaves:
             leaf = ref()
             if leaf is None:
                 del self._refs[key]
+                self._others = None
             else:
                 out.append(leaf)
         return out
+
+    def others(self, owned: list[Tensor]) -> list[Tensor]:
+        """The known leaves that are alive and not among ``owned``, without walking a graph.
+
+        Kept between calls while neither the known leaves nor ``owned`` change (a settled call
+        that walks nothing asks this at every step, and mostly gets an empty list: the optimizer
+        owns every leaf its closures reach)."""
+        key = tuple(map(id, owned))
+        if self._others is None or self._others[0] != key:
+            mine = set(key)
+            self._others = key, [ref for k, ref in self._refs.items() if k not in mine]
+        out = [ref() for ref in self._others[1]]
+        if any(leaf is None for leaf in out):  # some died: forget them
+            self.leaves(walk=False)
+            return self.others(owned)
+        return out  # type: ignore[return-value]
 
     def watching(self, kind: str) -> bool:
         """Whether a call of this kind of closure runs under the watch."""
@@ -220,8 +241,9 @@ class GradIsolation:
         self._kind = kind
         self._owner = owner
         self._walks = reached.walks(kind)
+        owned = list(owned)
         saved = self._saved = {id(t): (t, t.grad) for t in owned}
-        for t in reached.leaves(walk=self._walks):
+        for t in reached.leaves() if self._walks else reached.others(owned):
             if id(t) not in saved:
                 saved[id(t)] = (t, t.grad)
 
