@@ -132,12 +132,9 @@ def _bounded(v: Any) -> bool:
 
 
 def _hd_bounds(v: Any) -> bool:
-    if not (isinstance(v, (tuple, list)) and len(v) == 2):
-        return False
-    lo, hi = v  # unrolled: checked at every step where the step moved lr (refresh_passed)
-    return (isinstance(lo, (int, float)) and not isinstance(lo, bool)
-            and isinstance(hi, (int, float)) and not isinstance(hi, bool)
-            and not math.isnan(lo) and not math.isnan(hi) and 0.0 <= lo <= hi)
+    return (isinstance(v, (tuple, list)) and len(v) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v)
+            and not math.isnan(v[0]) and not math.isnan(v[1]) and 0.0 <= v[0] <= v[1])
 
 
 def _ift_bounds(v: Any) -> bool:
@@ -533,8 +530,9 @@ _CONSTRAINTS: tuple[tuple[Callable[[tuple[str, ...], Mapping[str, Any]], None], 
     (_lr_within_bounds, frozenset({"lr_bounds", "lr", "tune"})),
     (_ift_tune_fits, frozenset({"tune", "momentum", "per_parameter_lr",
                                 "per_parameter_weight_decay"})),
-    (_fds_windows_fit, frozenset({"horizon", *(f"{name}_{part}" for name in _NAMES
-                                               for part in ("windows", "schedule"))})),
+    (_fds_windows_fit, frozenset({"horizon", "lr_windows", "momentum_windows",
+                                  "weight_decay_windows", "lr_schedule", "momentum_schedule",
+                                  "weight_decay_schedule"})),
 )
 
 
@@ -609,7 +607,6 @@ def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str
     groups = optimizer.param_groups
     if not passed or len(passed) != len(groups):
         return
-    table: dict[str, Option] | None = None
     for i, group in enumerate(groups):
         last = passed[i]
         old = last[4]
@@ -617,34 +614,45 @@ def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str
             continue
         # Where each key's entry stands in the fingerprint (kept beside it after the first step).
         at = last[5] if len(last) > 5 else {entry[0]: k for k, entry in enumerate(old)}
-        entries: list[Any] | None = None
-        changed = []
-        for name in learned(group):
-            k = at.get(name)
-            if k is None:
-                continue
-            value = group.get(name, _MISSING)
-            if type(value) not in _ATOMS:
-                changed = []  # not an atom (or removed): the next step checks the group in full
-                break
-            entry = (name, type(value), value)
-            if entry != old[k]:  # NaN never equals: checked, refused, left to the full check
-                entries = list(old) if entries is None else entries
-                entries[k] = entry
-                changed.append(name)
-        if not changed or entries is None:
+        entries, changed = _learned_entries(group, old, at, learned(group))
+        if changed and _changed_values_pass(optimizer, group, changed):
+            passed[i] = (*last[:4], entries, at)
+
+
+def _changed_values_pass(optimizer: Any, group: Mapping[str, Any], changed: list[str]) -> bool:
+    """Do the ``changed`` values of ``group`` (options of ``optimizer``'s class that a group
+    holds) pass their own checks and the constraints that read them?"""
+    table = _table(components(optimizer) or ())
+    if not all([name in table and table[name].in_group for name in changed]):
+        return False
+    try:
+        for name in changed:
+            _check_one(table[name], group[name])
+        _check_constraints(optimizer, group, changed)
+    except ValueError:
+        return False
+    return True
+
+
+def _learned_entries(group: Mapping[str, Any], old: tuple[Any, ...], at: Mapping[str, int],
+                     names: tuple[str, ...]) -> tuple[tuple[Any, ...], list[str]]:
+    """``old`` (a fingerprint) with the entries of the learned ``names`` replaced by what
+    ``group`` holds now, and which of them changed; none where one is no longer an atom (or was
+    removed): the next step then checks the group in full."""
+    entries = list(old)
+    changed = []
+    for name in names:
+        k = at.get(name)
+        if k is None:
             continue
-        if table is None:
-            table = _table(components(optimizer) or ())
-        if not all([name in table and table[name].in_group for name in changed]):
-            continue
-        try:
-            for name in changed:
-                _check_one(table[name], group[name])
-            _check_constraints(optimizer, group, changed)
-        except ValueError:
-            continue
-        passed[i] = (*last[:4], tuple(entries), at)
+        value = group.get(name, _MISSING)
+        if type(value) not in _ATOMS:
+            return old, []
+        entry = (name, type(value), value)
+        if entry != old[k]:  # NaN never equals: checked, refused, left to the full check
+            entries[k] = entry
+            changed.append(name)
+    return tuple(entries), changed
 
 
 def _unchanged(last: tuple[Any, ...], now: tuple[Any, ...]) -> bool:

@@ -87,14 +87,10 @@ def detect_overwrites(optimizer: Any) -> None:
     groups = optimizer.param_groups
     starts = watch.setdefault("starts", {})
     if published is not None and len(published) == len(groups):
-        runs, revived = watch.get("runs", ()), watch.get("revived", ())
         for i, (group, before) in enumerate(zip(groups, published)):
             for name, old in before.items():
                 new = group.get(name)
-                # What _observe concludes, without its work, for the usual step: nothing outside
-                # touched the value, no run to continue and none to revive.
-                if (new == old and (i, name) not in runs and (i, name) not in revived
-                        and not (old == 0.0 and starts.get((i, name)))):
+                if _untouched(watch, (i, name), new, old, starts.get((i, name))):
                     continue
                 if _observe(watch, (i, name), new, old, starts.get((i, name))):
                     if name == "lr":  # erased each step: its growth is the schedule's, not learned
@@ -108,6 +104,15 @@ def detect_overwrites(optimizer: Any) -> None:
         for name in optimizer._learned_names(group):
             if name in group:
                 starts[(i, name)] = group[name]
+
+
+def _untouched(watch: dict[str, Any], key: tuple[int, str], new: Any, old: Any,
+               start: Any) -> bool:
+    """What :func:`_observe` concludes, without its work, for the usual step: nothing outside
+    touched the value, there is no run to continue and none to revive (it would return False
+    and change nothing)."""
+    return (new == old and key not in watch.get("runs", ()) and key not in watch.get("revived", ())
+            and not (old == 0.0 and start))
 
 
 def _observe(watch: dict[str, Any], key: tuple[int, str], new: Any, old: Any,
