@@ -594,30 +594,48 @@ def refresh_passed(optimizer: Any, learned: Callable[[dict[str, Any]], tuple[str
         return
     table: dict[str, Option] | None = None
     for i, group in enumerate(groups):
-        last = passed[i]
-        if last[0] is not group or last[4] is None:
+        since = _changed_since(passed[i], group)
+        if since is None:
             continue
-        print_ = _fingerprint(group)
-        if print_ is None or print_ == last[4] or len(print_) != len(last[4]):
-            continue
-        # Keys in the same order (a group's dict keeps its insertion order): any new, removed
-        # or reordered key leaves the group to the full check.
-        if list(map(_KEY, last[4])) != list(map(_KEY, print_)):
-            continue
-        changed = [new[0] for old, new in zip(last[4], print_) if old != new]
+        print_, changed = since
         names = learned(group)
         if table is None:
             table = _table(components(optimizer) or ())
-        if not all([name in names and name in table and table[name].in_group
-                    for name in changed]):
-            continue
-        try:
-            for name in changed:
-                _check_one(table[name], group[name])
-            _check_constraints(optimizer, group)
-        except ValueError:
-            continue
-        passed[i] = (*last[:4], print_)
+        if _still_passes(optimizer, group, changed, names, table):
+            passed[i] = (*passed[i][:4], print_)
+
+
+def _changed_since(last: tuple[Any, ...], group: dict[str, Any]
+                   ) -> tuple[tuple[Any, ...], list[str]] | None:
+    """The fingerprint of ``group`` now and the names whose values changed since it passed as
+    ``last`` (:func:`validate_groups`' cache entry); None where it is not that group, nothing
+    changed, or its keys did."""
+    if last[0] is not group or last[4] is None:
+        return None
+    print_ = _fingerprint(group)
+    if print_ is None or print_ == last[4] or len(print_) != len(last[4]):
+        return None
+    # Keys in the same order (a group's dict keeps its insertion order): any new, removed
+    # or reordered key leaves the group to the full check.
+    if list(map(_KEY, last[4])) != list(map(_KEY, print_)):
+        return None
+    return print_, [new[0] for old, new in zip(last[4], print_) if old != new]
+
+
+def _still_passes(optimizer: Any, group: dict[str, Any], changed: list[str],
+                  names: tuple[str, ...], table: dict[str, Option]) -> bool:
+    """Whether every ``changed`` name is a learned one (``names``) of the group's table and its
+    value, and the constraints between options, still pass."""
+    if not all([name in names and name in table and table[name].in_group
+                for name in changed]):
+        return False
+    try:
+        for name in changed:
+            _check_one(table[name], group[name])
+        _check_constraints(optimizer, group)
+    except ValueError:
+        return False
+    return True
 
 
 def _unchanged(last: tuple[Any, ...], now: tuple[Any, ...]) -> bool:

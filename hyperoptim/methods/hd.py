@@ -47,6 +47,7 @@ from ..core.warn import warn
 from ..hyperstep import Additive, HyperStep, resolve
 from ..rules.base import UpdateRule, rule_tangents
 from .ift import MOMENTUM_RANGE
+from .tuning import TunedGroups, _learns_momentum, lr_only_when_untuned
 
 __all__ = [
     "RuleHypergrad", "hyper_step_option", "lr_only_when_untuned", "momentum_hyper_step",
@@ -111,7 +112,7 @@ def hyper_step_option(hyper_lr: float | None, hyper_step: HyperStep | str | None
     return float(default_kappa), repr(policy)
 
 
-class RuleHypergrad(HyperOptimizer):
+class RuleHypergrad(TunedGroups, HyperOptimizer):
     r"""Hypergradient descent over ``rule`` (a base class; see ``HypergradSGD``, ``HypergradAdam``).
 
     Param groups carry ``lr``, ``hyper_lr`` (:math:`\kappa`), ``lr_bounds``, ``per_parameter``
@@ -201,19 +202,7 @@ class RuleHypergrad(HyperOptimizer):
                              "takes the additive hyper-step: pass hyper_lr)")
         if components(self) is None and "tune" in group:  # a rule outside the options' table
             check_rule_arguments("hd", tune=group["tune"])
-        if _learns_momentum(group) and any(is_sharded(p) for p in group.get("params", ())):
-            raise ValueError(f"{type(self).__name__}(tune=('lr', 'momentum')) does not support "
-                             "FSDP2 (fully_shard) yet: tune=('lr',) does.")
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            # A checkpoint saved before the policies existed took the additive step.
-            group.setdefault("hyper_step", Additive.name)
-            group.setdefault("tune", ("lr",))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(lr_only_when_untuned(state_dict))
+        self._refuse_sharded_momentum(group)
 
     @staticmethod
     def _policy(group: dict[str, Any]) -> HyperStep:
@@ -222,16 +211,6 @@ class RuleHypergrad(HyperOptimizer):
         if spec == Additive.name:
             return Additive(group["hyper_lr"])
         return resolve(spec)
-
-    @staticmethod
-    def _momentum(group: dict[str, Any]) -> float:
-        """The inner rule's momentum, which paces the policy's growth (SGD's ``momentum``)."""
-        return float(group.get("momentum", 0.0))
-
-    @staticmethod
-    def _momentum_entry(group: dict[str, Any], value: float) -> dict[str, Any]:
-        """The param-group entries that set the rule's momentum to ``value``."""
-        return {"momentum": value}
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:
@@ -530,20 +509,6 @@ class RuleHypergrad(HyperOptimizer):
         return out
 
 
-def lr_only_when_untuned(state_dict: Any) -> Any:
-    """``state_dict`` with ``tune=("lr",)`` in every group saved without one: a state dict this
-    package saved before the method learned momentum tuned the learning rate alone (a torch.optim
-    one, without ``optimizer_class`` or ``hyper_state``, takes this optimizer's groups' values:
-    core.migrate)."""
-    ours = isinstance(state_dict, dict) and ("optimizer_class" in state_dict
-                                              or "hyper_state" in state_dict)
-    groups = state_dict.get("param_groups") if ours else None
-    if not isinstance(groups, list):
-        return state_dict
-    return {**state_dict, "param_groups": [
-        {"tune": ("lr",), **g} if isinstance(g, dict) else g for g in groups]}
-
-
 def _loss_tensor(loss: Any, scalars: list[Tensor]) -> Tensor | None:
     """The closure's loss as a 0-d tensor for a policy to read, beside ``scalars`` (their
     device): a closure may return a plain number (torch's own tests return ``1``) or something
@@ -556,11 +521,6 @@ def _loss_tensor(loss: Any, scalars: list[Tensor]) -> Tensor | None:
         return torch.tensor(float(loss), dtype=scalars[0].dtype, device=scalars[0].device)
     except (TypeError, ValueError):
         return None
-
-
-def _learns_momentum(group: dict[str, Any]) -> bool:
-    """Whether the group learns its momentum (``"momentum"`` in ``tune``)."""
-    return "momentum" in group.get("tune", ())
 
 
 def momentum_hyper_step(policy: HyperStep, mu: float, h: float, norm: float,
