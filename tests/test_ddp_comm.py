@@ -30,7 +30,7 @@ STEPS = 4
 WORLD = 2
 # (optimizer, closure calls backward(), validation closure calls backward())
 CASES = [("hd_train", True, False), ("hd_train", False, False), ("hd_val", True, True),
-         ("marthe", True, True), ("HypergradAdamW", True, False)]
+         ("marthe", True, True), ("HypergradAdamW", True, False), ("hd_default_val", True, True)]
 
 
 def _run(name: str, backward: bool, val_backward: bool, declare: bool, rank: int
@@ -163,6 +163,21 @@ def test_declared_ddp_drops_the_second_all_reduce(counts, case):
     # validation call's rides in its loss's all-reduce).
     evaluations = after["ddp"] - (validations if val_backward else 0)
     assert evaluations >= STEPS, (before, after)
+    if name != "marthe":
+        # The HD family: one scalar all-reduce of its own per step, whatever it carries (the
+        # validation loss, the training loss a policy reads, the verdicts on both closures: they
+        # ride together, docs/design.md §8), beside the average of validation gradients taken
+        # with autograd.grad (DDP never saw them). It sent up to three scalar all-reduces
+        # before: the training closure's verdict, the validation loss with its verdict, the
+        # training loss's mean.
+        assert after["own"] == STEPS + (0 if val_backward else validations), (before, after)
+        # Undeclared, it re-averages the training and validation gradients (the latter carry
+        # the validation call's verdict), the training closure's verdict travels alone (the
+        # gradients' layout is unknown on a rank whose closure failed), and the losses in one
+        # all-reduce where there are any.
+        losses = STEPS if validations or after["reads_loss"] else 0
+        assert before["own"] == STEPS + STEPS + validations + losses, (before, after)
+        return
     assert after["own"] == validations + policy + evaluations, (before, after)
     # Undeclared, it re-averaged the training gradients and every perturbed gradient of the
     # finite-difference route (one all-reduce for each backward() DDP ran outside validation,

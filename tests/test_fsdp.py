@@ -275,16 +275,17 @@ def test_fsdp2_step_sends_one_scalar_all_reduce_of_its_own(ranks):
     # everywhere, and, once at the first step, the two all-reduces of the replica check (the
     # ranks' hyperparameters agree; shards are not compared). And the ranks' verdict on each
     # closure (docs/design.md §8; the reduce-scatter inside backward() is FSDP2's and carries
-    # nothing of the optimizer's): with a validation closure a scalar all-reduce of its own after
-    # each closure; in training-loss mode it rides in the step's one all-reduce, whose size a
-    # rank whose closure failed must know: the last step's. The first step sends the verdict
-    # alone, the second its sums twice (they grow as d_{t-1} appears), every later step exactly
-    # one all-reduce of its own.
+    # nothing of the optimizer's), training and validation alike, rides in the step's one
+    # all-reduce, whose size a rank whose closure failed must know: the last step's. So the
+    # first step sends each closure's verdict alone (one, or two with a validation closure),
+    # the second its sums twice (they grow as d_{t-1} appears), every later step exactly one
+    # all-reduce of its own (with a validation closure it sent three before: each closure's
+    # verdict alone).
     for name in BUILDERS:
         comm = ranks[0][name]["comm"]
         val = name.endswith("val")
         backwards = STEPS * (2 if val else 1)
-        own = STEPS + (1 if val else 0) + 2 + (backwards if val else 2)
+        own = STEPS + (1 if val else 0) + 2 + (3 if val else 2)
         assert comm["gloo:reduce_scatter"] + comm["gloo:all_reduce"] - own == backwards, (name, comm)
 
 
