@@ -149,20 +149,9 @@ def test_declared_ddp_drops_the_second_all_reduce(counts, case):
     if not backward:  # autograd.grad bypasses DDP's hooks: the optimizer must still average
         assert after["own"] == before["own"] >= STEPS, (before, after)
         return
-    # Every gradient that went through backward() is sent once: by DDP. The optimizer keeps one
-    # all-reduce per validation loss (DDP never averages a loss), which also carries the
-    # validation gradients when they were taken with autograd.grad.
+    # Every gradient that went through backward() is sent once: by DDP.
     validations = after["val"]
     assert validations == before["val"] and (validations > 0) == (name != "hd_train")
-    # A hyper-step policy that reads the training loss reads its mean over ranks: one scalar
-    # all-reduce per step (hyperoptim.hyperstep.ScaleFree, HD's default).
-    policy = STEPS if after["reads_loss"] else 0
-    # The ranks' verdict on the step (docs/design.md §8, a step that fails on one rank): one
-    # scalar all-reduce after each evaluation of the training closure whose gradients DDP
-    # averaged, since no collective of the optimizer's follows it to carry the verdict (the
-    # validation call's rides in its loss's all-reduce).
-    evaluations = after["ddp"] - (validations if val_backward else 0)
-    assert evaluations >= STEPS, (before, after)
     if name != "marthe":
         # The HD family: one scalar all-reduce of its own per step, whatever it carries (the
         # validation loss, the training loss a policy reads, the verdicts on both closures: they
@@ -178,6 +167,17 @@ def test_declared_ddp_drops_the_second_all_reduce(counts, case):
         losses = STEPS if validations or after["reads_loss"] else 0
         assert before["own"] == STEPS + STEPS + validations + losses, (before, after)
         return
+    # MARTHE keeps one all-reduce per validation loss (DDP never averages a loss), which also
+    # carries the validation gradients when they were taken with autograd.grad, and a policy
+    # that reads the training loss reads its mean over ranks in one scalar all-reduce per step
+    # (hyperoptim.hyperstep.ScaleFree, the default).
+    policy = STEPS if after["reads_loss"] else 0
+    # The ranks' verdict on the step (docs/design.md §8, a step that fails on one rank): one
+    # scalar all-reduce after each evaluation of the training closure whose gradients DDP
+    # averaged, since no collective of the optimizer's follows it to carry the verdict (the
+    # validation call's rides in its loss's all-reduce).
+    evaluations = after["ddp"] - (validations if val_backward else 0)
+    assert evaluations >= STEPS, (before, after)
     assert after["own"] == validations + policy + evaluations, (before, after)
     # Undeclared, it re-averaged the training gradients and every perturbed gradient of the
     # finite-difference route (one all-reduce for each backward() DDP ran outside validation,

@@ -582,10 +582,7 @@ class _Closures:
         closure failed knows the collective's layout."""
         carrier = next((g for g, done in zip(grads, synced) if not done), None)
         loss = loss.detach().to(carrier.dtype if carrier is not None else torch.float64)
-        if (all(synced) and self.__dict__.get("_pending_verdict") and self._val_checked
-                and "_val_backward" in self.__dict__):
-            # Nothing to average, and the step's all-reduce of scalars carries the training
-            # closure's verdict: this one rides there too (the loss as well, average_loss=False).
+        if self._rides_deferred(synced):
             if failure is not None and "_pending_failure" not in self.__dict__:
                 self.__dict__["_pending_failure"] = failure
             return grads + [loss]
@@ -595,6 +592,15 @@ class _Closures:
         # closure style not seen yet, so the verdict travels alone, once.
         self._agreed(failure)
         return self._average(grads + [loss], synced)
+
+    def _rides_deferred(self, synced: list[bool]) -> bool:
+        """Does the validation call's verdict wait for the step's all-reduce of scalars too? When
+        nothing of it is averaged here (its gradients averaged by DDP or FSDP2, its loss left to
+        that all-reduce) and the training closure's verdict waits there (:meth:`_defers_verdict`);
+        not at the first call, whose style is unknown, nor before its gradient was checked
+        (:meth:`_check_val_nonzero`, a collective under FSDP2)."""
+        return (all(synced) and bool(self.__dict__.get("_pending_verdict"))
+                and self._val_checked and "_val_backward" in self.__dict__)
 
     def _no_graph_message(self, what: str) -> str:
         return (
