@@ -21,13 +21,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # tiny model: one thread is fastest and never oversubscribes
     xtr, ytr, xva, yva, xte, yte = digits()
 
-    # Per weight, each hypergradient is one term of the group's sum: it needs a larger step.
-    for per_parameter, hyper_lr in ((False, 0.01), (True, 10.0)):
+    # Per group the default scale-free hyper-step needs no size. Per weight the step is the
+    # additive one, and each hypergradient is one term of the group's sum: it needs a large size.
+    for per_parameter, hyper in ((False, {}), (True, {"hyper_lr": 10.0})):
         model = mlp()
         # The validation loss drives the learning rate; the training gradients are left alone.
         opt = hyperoptim.HypergradSGD(
-            model.parameters(), lr=0.001, momentum=0.9, hyper_lr=hyper_lr,
-            per_parameter=per_parameter,
+            model.parameters(), lr=0.001, momentum=0.9, per_parameter=per_parameter, **hyper,
             val_closure=lambda model=model: F.cross_entropy(model(xva), yva),
         )
         for idx in batches(len(ytr), 64, args.steps):

@@ -122,9 +122,9 @@ def train(name: str, steps: int, **arguments: Any) -> hyperoptim.HyperOptimizer:
     val = lambda: F.mse_loss(model.net(xv), yv)  # noqa: E731 - the live model, autograd on
     factories = {
         "HypergradSGD": lambda m: hyperoptim.HypergradSGD(m.parameters(), lr=0.02, momentum=0.9,
-                                                          hyper_lr=1e-2, val_closure=val),
+                                                          val_closure=val),
         "MartheSGD": lambda m: hyperoptim.MartheSGD(m.parameters(), lr=0.02, momentum=0.9,
-                                                    hyper_lr=1e-5, val_closure=val),
+                                                    val_closure=val),
         "IFTOptimizer": lambda m: hyperoptim.IFTOptimizer(m.parameters(), lr=0.02, momentum=0.5,
                                                           update_interval=2, lookback=2,
                                                           val_closure=val),

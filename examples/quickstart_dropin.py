@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch.optim.SGD         lr 0.001 (fixed)    final loss {loss:.4f}")
 
     # The one-line change: torch.optim.SGD -> hyperoptim.HypergradSGD
-    loss, opt = train(hyperoptim.HypergradSGD, args.steps, lr=0.001, momentum=0.9,
-                      hyper_lr=1e-3)
+    loss, opt = train(hyperoptim.HypergradSGD, args.steps, lr=0.001, momentum=0.9)
     lrs = opt.history[0]["lr"]
     print(f"hyperoptim.HypergradSGD lr 0.001 -> {lrs[-1]:.4f}   final loss {loss:.4f}")
     print("learned learning rate along the run:",

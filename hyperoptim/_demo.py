@@ -159,13 +159,14 @@ def _optimizer(name: str, model: nn.Module,
         return torch.optim.SGD(params, **POOR)
     if name == "sgd-tuned":
         return torch.optim.SGD(params, **TUNED)
-    if name == "hd":  # the defaults: the ScaleFree hyper-step
+    # Every hyperoptim class at its defaults (HD, MARTHE: the ScaleFree hyper-step; IFT: the
+    # warm-up schedule): the demo shows what a user gets without choosing a hyper-step.
+    if name == "hd":
         return HypergradSGD(params, **POOR, val_closure=val_closure)
     if name == "marthe":
         return MartheSGD(params, **POOR, val_closure=val_closure)
     if name == "ift":
-        return IFTOptimizer(params, **POOR, update_interval=10, lookback=5, hyper_lr=0.05,
-                            val_closure=val_closure)
+        return IFTOptimizer(params, **POOR, val_closure=val_closure)
     if name == "adam-poor":
         return torch.optim.Adam(params, **POOR_ADAM)
     if name == "adam-tuned":
@@ -218,6 +219,8 @@ def _fds(data: Splits, steps: int, batch: int, seed: int, outer: int, bar: Any) 
     model = make_model(seed)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     val_closure = lambda: F.cross_entropy(model(data.x_val), data.y_val)  # noqa: E731
+    # At its defaults (the log outer step) but for the episode's length, which FDS requires,
+    # and a learning-rate schedule of 5 windows, which the figure shows.
     opt = FDSSGD(model.parameters(), **POOR, horizon=steps, lr_windows=5,
                  val_closure=val_closure)
     result = Result("fds")

@@ -30,7 +30,7 @@ STEPS = 4
 WORLD = 2
 # (optimizer, closure calls backward(), validation closure calls backward())
 CASES = [("hd_train", True, False), ("hd_train", False, False), ("hd_val", True, True),
-         ("marthe", True, True), ("HypergradAdamW", True, False)]
+         ("marthe", True, True), ("HypergradAdamW", True, False), ("hd_default_val", True, True)]
 
 
 def _run(name: str, backward: bool, val_backward: bool, declare: bool, rank: int
@@ -149,13 +149,28 @@ def test_declared_ddp_drops_the_second_all_reduce(counts, case):
     if not backward:  # autograd.grad bypasses DDP's hooks: the optimizer must still average
         assert after["own"] == before["own"] >= STEPS, (before, after)
         return
-    # Every gradient that went through backward() is sent once: by DDP. The optimizer keeps one
-    # all-reduce per validation loss (DDP never averages a loss), which also carries the
-    # validation gradients when they were taken with autograd.grad.
+    # Every gradient that went through backward() is sent once: by DDP.
     validations = after["val"]
     assert validations == before["val"] and (validations > 0) == (name != "hd_train")
-    # A hyper-step policy that reads the training loss reads its mean over ranks: one scalar
-    # all-reduce per step (hyperoptim.hyperstep.ScaleFree, HD's default).
+    if name != "marthe":
+        # The HD family: one scalar all-reduce of its own per step, whatever it carries (the
+        # validation loss, the training loss a policy reads, the verdicts on both closures: they
+        # ride together, docs/design.md §8), beside the average of validation gradients taken
+        # with autograd.grad (DDP never saw them). It sent up to three scalar all-reduces
+        # before: the training closure's verdict, the validation loss with its verdict, the
+        # training loss's mean.
+        assert after["own"] == STEPS + (0 if val_backward else validations), (before, after)
+        # Undeclared, it re-averages the training and validation gradients (the latter carry
+        # the validation call's verdict), the training closure's verdict travels alone (the
+        # gradients' layout is unknown on a rank whose closure failed), and the losses in one
+        # all-reduce where there are any.
+        losses = STEPS if validations or after["reads_loss"] else 0
+        assert before["own"] == STEPS + STEPS + validations + losses, (before, after)
+        return
+    # MARTHE keeps one all-reduce per validation loss (DDP never averages a loss), which also
+    # carries the validation gradients when they were taken with autograd.grad, and a policy
+    # that reads the training loss reads its mean over ranks in one scalar all-reduce per step
+    # (hyperoptim.hyperstep.ScaleFree, the default).
     policy = STEPS if after["reads_loss"] else 0
     # The ranks' verdict on the step (docs/design.md §8, a step that fails on one rank): one
     # scalar all-reduce after each evaluation of the training closure whose gradients DDP

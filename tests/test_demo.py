@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -158,3 +159,40 @@ def test_the_time_axis_shows_every_method(demo_figure):
         assert inside.size >= 0.9 * xs.size and inside.size > 0, r.name
         fractions = to_axes.transform(np.column_stack([inside, np.ones_like(inside)]))[:, 0]
         assert fractions.max() - fractions.min() >= 0.15, (r.name, fractions.min(), fractions.max())
+
+
+# --------------------------------------------------------------------------- at the defaults
+class _Built(Exception):
+    """Raised by a recording constructor once the demo has called it."""
+
+
+def _recorder(calls):
+    def build(params, **kwargs):
+        calls.append(kwargs)
+        raise _Built
+
+    return build
+
+
+@pytest.mark.parametrize("name", ["hd", "marthe", "ift", "fds", "hd-adam", "marthe-adam"])
+def test_demo_runs_every_hyperoptim_class_at_its_defaults(name, monkeypatch):
+    """The demo shows what a user gets without choosing anything: each class is given only the
+    poor start and the validation closure (FDSSGD also its episode's length, which it requires,
+    and the learning-rate windows the figure draws)."""
+    import hyperoptim._demo as demo
+
+    classes = {"hd": "HypergradSGD", "marthe": "MartheSGD", "ift": "IFTOptimizer",
+               "fds": "FDSSGD", "hd-adam": "HypergradAdam", "marthe-adam": "MartheAdam"}
+    calls: list[dict] = []
+    monkeypatch.setattr(demo, classes[name], _recorder(calls))
+    model = demo.make_model(0)
+    with pytest.raises(_Built):
+        if name == "fds":
+            demo._fds(demo.load_digits(0), 4, 8, 0, 2, bar=None)
+        else:
+            demo._optimizer(name, model, lambda: model(torch.zeros(1, 64)).sum())
+    start = demo.POOR_ADAM if "adam" in name else demo.POOR
+    allowed = {*start, "val_closure", *(("horizon", "lr_windows") if name == "fds" else ())}
+    (kwargs,) = calls
+    assert set(kwargs) <= allowed, sorted(set(kwargs) - allowed)
+    assert {k: kwargs[k] for k in start} == start

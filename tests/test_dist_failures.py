@@ -46,12 +46,13 @@ def _init(rank: int, store: str) -> None:
 
 
 def _run(name: str, where: str | None, backward: bool, rank: int, ddp: bool = False,
-         fsdp: bool = False) -> dict[str, Any]:
+         fsdp: bool = False, val_backward: bool = False) -> dict[str, Any]:
     """STEPS steps on this rank's half of every batch. With ``where`` ("val" or "closure"),
     the FAILING_RANK's closure of that kind raises once (the validation closure at its 1st call,
-    the training closure at its 3rd, a finite-difference evaluation for a second-order class
-    whose closure calls backward(); after backward() for a DDP or FSDP2 model, whose hooks run
-    inside backward()), and every rank retries the step that raised."""
+    or its 3rd if it calls backward() (``val_backward``), the training closure at its 3rd, a
+    finite-difference evaluation for a second-order class whose closure calls backward(); after
+    backward() for a DDP or FSDP2 model, whose hooks run inside backward()), and every rank
+    retries the step that raised."""
     x, y, xv, yv = _data()
     part = slice(rank * x.shape[1] // WORLD, (rank + 1) * x.shape[1] // WORLD)
     torch.manual_seed(0)
@@ -65,12 +66,15 @@ def _run(name: str, where: str | None, backward: bool, rank: int, ddp: bool = Fa
 
     def maybe_fail(kind: str) -> None:
         calls[kind] += 1
-        if where == kind and rank == FAILING_RANK and calls[kind] == (1 if kind == "val" else 3):
+        first = 1 if kind == "val" and not val_backward else 3
+        if where == kind and rank == FAILING_RANK and calls[kind] == first:
             raise Boom(f"{kind} broke on rank {rank}")
 
     def val_closure() -> torch.Tensor:
         loss = F.mse_loss(model(xv[part]), yv[part])
-        if not ddp:
+        if val_backward:
+            loss.backward()
+        if val_backward or not ddp:
             maybe_fail("val")
         return loss
 
@@ -127,6 +131,17 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     # the third step on, where the closure fails.
     results["fsdp"] = _run("hd_train", "closure", True, rank=rank, fsdp=True)
     results["fsdp_twin"] = _run("hd_train", None, True, rank=rank, fsdp=True)
+    # With a validation closure that calls backward() too, under DDP and FSDP2: both closures'
+    # verdicts ride in HD's one all-reduce of scalars from the second step on (a rank whose
+    # training closure failed still runs the validation closure, whose backward() the others'
+    # hooks wait in); the third call of either closure fails.
+    for model in ("ddp", "fsdp"):
+        wrap = {model: True}
+        for where in ("closure", "val"):
+            results[(model, "val", where)] = _run("hd_default_val", where, True, rank=rank,
+                                                  val_backward=True, **wrap)
+        results[(model, "val", "twin")] = _run("hd_default_val", None, True, rank=rank,
+                                               val_backward=True, **wrap)
     results["uneven"] = _uneven(rank)
     dist.barrier()
     # Last, as it leaves the process group unusable: a rank that never reaches the agreement.
@@ -187,6 +202,19 @@ def test_an_fsdp2_closure_that_fails_fails_on_all_ranks_at_the_step_all_reduce(r
     for results in ranks:
         assert results["fsdp"]["history"] == twin["history"]
         for a, b in zip(twin["params"], results["fsdp"]["params"], strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("model", ["ddp", "fsdp"])
+@pytest.mark.parametrize("where", ["closure", "val"])
+def test_hd_with_a_validation_closure_fails_on_all_ranks_at_its_one_all_reduce(ranks, model,
+                                                                                where):
+    _assert_failed_everywhere(ranks, (model, "val", where), where)
+    twin = ranks[0][(model, "val", "twin")]
+    for results in ranks:
+        run = results[(model, "val", where)]
+        assert run["history"] == twin["history"] and run["groups"] == twin["groups"]
+        for a, b in zip(twin["params"], run["params"], strict=True):
             assert torch.equal(a, b)
 
 

@@ -10,7 +10,7 @@ and FSDP1 are refused with errors that say what works. Under FSDP2 a closure mus
 other closure style is refused, by name). Every collective has a timeout
 and every loop a fixed length. ``HYPEROPTIM_DIST_WORLDS=2,3`` runs more world sizes (CI runs 2;
 3 ranks shard the 8-row layer unevenly). The last part: torch.distributed.checkpoint, a save at 2
-ranks resumed at 1, 2 and 3.
+ranks resumed at 1, 2 and 3 (every family: HD, MARTHE, IFT, FDS).
 """
 
 from __future__ import annotations
@@ -275,16 +275,17 @@ def test_fsdp2_step_sends_one_scalar_all_reduce_of_its_own(ranks):
     # everywhere, and, once at the first step, the two all-reduces of the replica check (the
     # ranks' hyperparameters agree; shards are not compared). And the ranks' verdict on each
     # closure (docs/design.md §8; the reduce-scatter inside backward() is FSDP2's and carries
-    # nothing of the optimizer's): with a validation closure a scalar all-reduce of its own after
-    # each closure; in training-loss mode it rides in the step's one all-reduce, whose size a
-    # rank whose closure failed must know: the last step's. The first step sends the verdict
-    # alone, the second its sums twice (they grow as d_{t-1} appears), every later step exactly
-    # one all-reduce of its own.
+    # nothing of the optimizer's), training and validation alike, rides in the step's one
+    # all-reduce, whose size a rank whose closure failed must know: the last step's. So the
+    # first step sends each closure's verdict alone (one, or two with a validation closure),
+    # the second its sums twice (they grow as d_{t-1} appears), every later step exactly one
+    # all-reduce of its own (with a validation closure it sent three before: each closure's
+    # verdict alone).
     for name in BUILDERS:
         comm = ranks[0][name]["comm"]
         val = name.endswith("val")
         backwards = STEPS * (2 if val else 1)
-        own = STEPS + (1 if val else 0) + 2 + (backwards if val else 2)
+        own = STEPS + (1 if val else 0) + 2 + (3 if val else 2)
         assert comm["gloo:reduce_scatter"] + comm["gloo:all_reduce"] - own == backwards, (name, comm)
 
 
@@ -373,8 +374,22 @@ DCP_BUILDERS = {
     "marthe_adamw_groups": MARTHE_BUILDERS["marthe_adamw_groups"],
     # IFT: the Adam moments sharded, the hyper optimizer's state in the repeated extras.
     "ift_adamw_groups": IFT_BUILDERS["ift_adamw_groups"],
+    # FDS: saved two steps into its second episode (the tangent columns, sharded on the
+    # parameter's dim 0 after the columns, the episode clock and the schedules), each episode
+    # ended by hyperstep().
+    "fds_sgd": FDS_BUILDERS["fds_sgd"],
+    "fds_adamw": FDS_BUILDERS["fds_adamw"],
 }
 DCP_WORLDS = (1, 2, 3)
+DCP_SPLITS = {"fds_sgd": SPLIT + 2, "fds_adamw": SPLIT + 2}
+
+
+def _advance(opt: Any, step: Callable[[int], None], steps: range) -> None:
+    """Steps ``steps``; an FDS optimizer's episode ended by ``hyperstep()`` where it is due."""
+    for t in steps:
+        step(t)
+        if hasattr(opt, "hyperstep") and opt.episode_step == opt.horizon:
+            opt.hyperstep()
 
 
 def _learned(model: nn.Module, opt: Any, sharded: bool) -> dict[str, Any]:
@@ -388,8 +403,7 @@ def _save(name: str, rank: int, world: int, path: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model, opt, step = _setup(DCP_BUILDERS[name], rank, world, True)
-    for t in range(SPLIT):
-        step(t)
+    _advance(opt, step, range(DCP_SPLITS.get(name, SPLIT)))
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
@@ -404,8 +418,7 @@ def _resume(name: str, rank: int, world: int, path: str, sharded: bool) -> dict[
     target = {"model": model_sd, "optim": optim_sd}
     dcp.load(target, checkpoint_id=path, no_dist=not sharded)
     set_state_dict(model, opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
-    for t in range(SPLIT, STEPS):
-        step(t)
+    _advance(opt, step, range(DCP_SPLITS.get(name, SPLIT), STEPS))
     return _learned(model, opt, sharded)
 
 
@@ -459,8 +472,7 @@ def _floats(obj: Any) -> list[float]:
 def test_dcp_save_at_two_ranks_resumes_on_the_uninterrupted_trajectory(resumed, name, world):
     torch.set_num_threads(1)
     model, opt, step = _setup(DCP_BUILDERS[name], 0, 1, False)
-    for t in range(STEPS):
-        step(t)
+    _advance(opt, step, range(STEPS))
     ref = _learned(model, opt, False)
     first = resumed[world][0][name]
     for other in resumed[world][1:]:
@@ -470,7 +482,7 @@ def test_dcp_save_at_two_ranks_resumes_on_the_uninterrupted_trajectory(resumed, 
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     # history: every step, the saved ones included; hyper_state: the policy's state.
     assert [sorted(h) for h in first["history"]] == [sorted(h) for h in ref["history"]]
-    assert len(first["history"][0]["lr"]) == STEPS
+    assert len(first["history"][0]["lr"]) == (2 if name.startswith("fds") else STEPS)
     assert sorted(first["hyper_state"]) == sorted(ref["hyper_state"])
     for key in ("lr", "history", "hyper_state"):
         torch.testing.assert_close(torch.tensor(_floats(first[key]), dtype=torch.float64),

@@ -82,6 +82,8 @@ class _Closures:
         on every rank, here, if the step failed on any (:func:`~hyperoptim.core.dist.settle`).
         Only under ``torch.distributed``; ``tensors`` of a failed rank are placeholders of the
         same shapes, so that every rank sends the same collective."""
+        if failure is None:  # a training closure that failed under a deferred verdict
+            failure = self.__dict__.get("_pending_failure")
         own = next((t for t, done in zip(tensors, synced) if not done), None)
         params = self._all_params()
         device = own.device if own is not None else (params[0].device if params else None)
@@ -97,12 +99,27 @@ class _Closures:
 
     def _defers_verdict(self, params: Sequence[Tensor]) -> bool:
         """Can the training closure's verdict ride in the step's one all-reduce of scalars
-        (:meth:`_sum_with_verdict`) instead of a collective of its own? Under FSDP2 (every
-        parameter sharded: a closure that succeeds leaves no gradient to average) from the second
-        such all-reduce on: its size is then known on a rank whose closure failed, which sends
-        zeros of that size. Decided before the closure runs, the same way on every rank."""
-        return (world_size() > 1 and "_verdict_size" in self.__dict__ and bool(params)
-                and all(is_sharded(p) for p in params))
+        (:meth:`_sum_with_verdict`) instead of a collective of its own? When no collective of
+        the optimizer's follows the closure: under FSDP2 (every parameter sharded: a closure
+        that succeeds has called ``backward()``, whose reduce-scatter averaged every gradient),
+        or under declared DDP over every parameter while the closure calls ``backward()`` (its
+        style at the last step); and from the second such all-reduce on, whose size a rank
+        whose closure failed then knows and sends as zeros. Decided before the closure runs,
+        the same way on every rank."""
+        if world_size() == 1 or "_verdict_size" not in self.__dict__ or not params:
+            return False
+        if all(is_sharded(p) for p in params):
+            return True
+        return (bool(self.__dict__.get("_closure_backward"))
+                and all(id(p) in self._ddp_synced for p in params))
+
+    def _settle_pending(self) -> None:
+        """Where the step's all-reduce of scalars comes next: a rank whose closure failed under
+        a deferred verdict (:meth:`_defers_verdict`) joins it here, with zeros, and raises with
+        the others (:meth:`_send_deferred_verdict`); nothing for a rank whose step went fine."""
+        failure = self.__dict__.get("_pending_failure")
+        if failure is not None:
+            self._send_deferred_verdict(failure, self._all_params())
 
     def _deferred_slots(self, failed: bool, deviated: bool) -> Tensor:
         """The verdict's four slots in :meth:`_sum_with_verdict`'s all-reduce: failed, the layout
@@ -112,7 +129,7 @@ class _Closures:
         return torch.tensor([float(failed), float(deviated), n, n * n], dtype=torch.float64)
 
     def _send_deferred_verdict(self, failure: Exception, params: Sequence[Tensor]) -> None:
-        """A rank whose training closure failed, under a deferred verdict: joins the all-reduce
+        """A rank whose closure failed, under a deferred verdict: joins the all-reduce
         the others send at :meth:`_sum_with_verdict` (zeros of the last step's size, then its
         verdict) and raises there with them."""
         size = self.__dict__["_verdict_size"]
@@ -224,6 +241,9 @@ class _Closures:
             ValueError: no closure where one is needed, a closure that returns no tensor, or
                 ``hvp="exact"`` with a closure that calls ``backward()`` itself.
         """
+        # A step that raised left these behind (on every rank alike).
+        self.__dict__.pop("_pending_verdict", None)
+        self.__dict__.pop("_pending_failure", None)
         if closure is None:
             return self._without_closure(second_order)
         params = self._all_params()
@@ -235,11 +255,13 @@ class _Closures:
         (loss, called_backward, route), failure = self._run_local(
             lambda: self._call_training_closure(closure, params, before, second_order),
             lambda: (torch.zeros(()), False, None))
-        self.__dict__.pop("_pending_verdict", None)
         if defer and self._defers_verdict(params):
-            if failure is not None:
-                self._send_deferred_verdict(failure, params)  # raises
             self.__dict__["_pending_verdict"] = True
+            if failure is not None:
+                # The caller goes on to the step's all-reduce of scalars (_settle_pending), through
+                # the validation call whose collectives (DDP's, FSDP2's) the others run meanwhile.
+                self.__dict__["_pending_failure"] = failure
+                return loss, None
             self.__dict__["_closure_backward"] = called_backward
         elif world_size() > 1:
             # The step's scalar agreement: which gradients this closure left is not known on a
@@ -560,12 +582,25 @@ class _Closures:
         closure failed knows the collective's layout."""
         carrier = next((g for g, done in zip(grads, synced) if not done), None)
         loss = loss.detach().to(carrier.dtype if carrier is not None else torch.float64)
+        if self._rides_deferred(synced):
+            if failure is not None and "_pending_failure" not in self.__dict__:
+                self.__dict__["_pending_failure"] = failure
+            return grads + [loss]
         if "_val_backward" in self.__dict__ or not any(self._synced(params, True)):
             return self._agreed(failure, grads + [loss], synced)
         # The first call, with gradients DDP or FSDP2 may average: the layout depends on a
         # closure style not seen yet, so the verdict travels alone, once.
         self._agreed(failure)
         return self._average(grads + [loss], synced)
+
+    def _rides_deferred(self, synced: list[bool]) -> bool:
+        """Does the validation call's verdict wait for the step's all-reduce of scalars too? When
+        nothing of it is averaged here (its gradients averaged by DDP or FSDP2, its loss left to
+        that all-reduce) and the training closure's verdict waits there (:meth:`_defers_verdict`);
+        not at the first call, whose style is unknown, nor before its gradient was checked
+        (:meth:`_check_val_nonzero`, a collective under FSDP2)."""
+        return (all(synced) and bool(self.__dict__.get("_pending_verdict"))
+                and self._val_checked and "_val_backward" in self.__dict__)
 
     def _no_graph_message(self, what: str) -> str:
         return (

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value, is_real
-from ..core.dist import all_reduce_mean, world_size
+from ..core.dist import world_size
 from ..core.options import check_rule_arguments, components, renamed_options
 from ..core.shard import any_sharded, is_sharded, local, sums_and_norms
 from ..core.types import Closure, ParamsT
@@ -48,6 +48,7 @@ from ..core.warn import warn
 from ..hyperstep import Additive, HyperStep, resolve
 from ..rules.base import UpdateRule, rule_tangents
 from .ift import MOMENTUM_RANGE
+from .tuning import TunedGroups, _learns_momentum, lr_only_when_untuned
 
 __all__ = [
     "RuleHypergrad", "hyper_step_option", "lr_only_when_untuned", "momentum_hyper_step",
@@ -112,7 +113,7 @@ def hyper_step_option(hyper_lr: float | None, hyper_step: HyperStep | str | None
     return float(default_kappa), repr(policy)
 
 
-class RuleHypergrad(HyperOptimizer):
+class RuleHypergrad(TunedGroups, HyperOptimizer):
     r"""Hypergradient descent over ``rule`` (a base class; see ``HypergradSGD``, ``HypergradAdam``).
 
     Param groups carry ``lr``, ``hyper_lr`` (:math:`\kappa`), ``lr_bounds``, ``per_parameter``
@@ -202,19 +203,7 @@ class RuleHypergrad(HyperOptimizer):
                              "takes the additive hyper-step: pass hyper_lr)")
         if components(self) is None and "tune" in group:  # a rule outside the options' table
             check_rule_arguments("hd", tune=group["tune"])
-        if _learns_momentum(group) and any(is_sharded(p) for p in group.get("params", ())):
-            raise ValueError(f"{type(self).__name__}(tune=('lr', 'momentum')) does not support "
-                             "FSDP2 (fully_shard) yet: tune=('lr',) does.")
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            # A checkpoint saved before the policies existed took the additive step.
-            group.setdefault("hyper_step", Additive.name)
-            group.setdefault("tune", ("lr",))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(lr_only_when_untuned(state_dict))
+        self._refuse_sharded_momentum(group)
 
     @staticmethod
     def _policy(group: dict[str, Any]) -> HyperStep:
@@ -223,16 +212,6 @@ class RuleHypergrad(HyperOptimizer):
         if spec == Additive.name:
             return _additive(group["hyper_lr"])
         return resolve(spec)
-
-    @staticmethod
-    def _momentum(group: dict[str, Any]) -> float:
-        """The inner rule's momentum, which paces the policy's growth (SGD's ``momentum``)."""
-        return float(group.get("momentum", 0.0))
-
-    @staticmethod
-    def _momentum_entry(group: dict[str, Any], value: float) -> dict[str, Any]:
-        """The param-group entries that set the rule's momentum to ``value``."""
-        return {"momentum": value}
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:
@@ -264,12 +243,14 @@ class RuleHypergrad(HyperOptimizer):
             The closure's loss, or None.
         """
         val_closure = self._resolve_val_closure(val_closure, required=False)
-        # Training-loss mode: the ranks' verdict on the closure rides in the step's one
-        # all-reduce of scalars under FSDP2 (_complete_shards) rather than in one of its own.
-        loss, _ = self._training_loss(closure, defer=val_closure is None)
+        # The ranks' verdicts on the closures ride in the step's one all-reduce of scalars
+        # (_complete_shards) where no collective of the optimizer's follows a closure (FSDP2,
+        # declared DDP): docs/design.md §8.
+        loss, _ = self._training_loss(closure, defer=True)
         groups = [(group, self._params_with_grad(group)) for group in self.param_groups]
         sharded = any(any_sharded(ps) for _, ps in groups)  # FSDP2
-        val_loss, objective = self._validation(val_closure, groups, sharded)
+        val_loss, objective = self._validation(val_closure, groups)
+        self._settle_pending()  # a rank whose closure failed raises here, with the others
         plans, scalars = self._propose(groups, objective)
         values, checked, train_loss = self._gather(scalars, loss, val_loss, groups, sharded)
         hypergrads = [-_fsum(values[a:b]) for a, b in (plan.span for plan in plans)]
@@ -283,16 +264,16 @@ class RuleHypergrad(HyperOptimizer):
             self._commit(plans, hypergrads, stepped, moved)
         return loss
 
-    def _validation(self, val_closure: Closure | None, groups: _Groups, sharded: bool
+    def _validation(self, val_closure: Closure | None, groups: _Groups
                     ) -> tuple[Tensor | None, dict[Tensor, Tensor] | None]:
-        r"""The validation loss and :math:`\nabla E(w_t)` per parameter, or ``(None, None)`` in
-        training-loss mode (the objective's gradient is then :meth:`_objective_grads`)."""
+        r"""The validation loss (this rank's) and :math:`\nabla E(w_t)` per parameter, or
+        ``(None, None)`` in training-loss mode (the objective's gradient is then
+        :meth:`_objective_grads`)."""
         if val_closure is None:
             return None, None
         with_grad = [p for _, ps in groups for p in ps]
-        # Under FSDP2 the loss is summed in the step's one all-reduce of scalars (_gather).
-        val_loss, val_grads = self._validation_grads(val_closure, with_grad,
-                                                     average_loss=not sharded)
+        # The loss is averaged in the step's one all-reduce of scalars (_gather).
+        val_loss, val_grads = self._validation_grads(val_closure, with_grad, average_loss=False)
         return val_loss, dict(zip(with_grad, val_grads))
 
     def _propose(self, groups: _Groups, objective: dict[Tensor, Tensor] | None
@@ -364,20 +345,13 @@ class RuleHypergrad(HyperOptimizer):
         read = (_loss_tensor(loss, scalars) if any(self._policy(g).uses_loss for g, _ in groups)
                 else None)
         reads_loss = read is not None
-        train_mean = None
-        # A deferred verdict (FSDP2) is sent here even in a step whose closure left no gradient:
-        # a rank whose closure failed waits for it.
-        if sharded or self.__dict__.get("_pending_verdict"):
-            losses = [cast(Tensor, read)] if reads_loss else []
-            scalars, means, norms = self._complete_shards(
-                scalars, ([] if val_loss is None else [val_loss]) + losses, groups)
-            val_loss = means[0] if val_loss is not None else None
-            train_mean = means[-1] if reads_loss else None
-        if val_loss is not None:
-            scalars.append(val_loss)
-        if reads_loss:
-            scalars.append(train_mean if train_mean is not None else
-                           all_reduce_mean([cast(Tensor, read)])[0])
+        losses = ([] if val_loss is None else [val_loss]) + ([cast(Tensor, read)] if reads_loss
+                                                             else [])
+        # Sent at every step under torch.distributed, even one without a loss to average: a
+        # deferred verdict rides in it, and a rank whose closure failed waits for it.
+        if world_size() > 1:
+            scalars, losses, norms = self._complete_shards(scalars, losses, groups, sharded)
+        scalars = scalars + losses
         guard = self._guard_scalars(loss, groups, norms)
         values = _host_floats(scalars + guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
@@ -385,16 +359,20 @@ class RuleHypergrad(HyperOptimizer):
             return values, checked, None
         return values, checked, -values[-1] if self.defaults["maximize"] else values[-1]
 
-    def _complete_shards(self, scalars: list[Tensor], losses: list[Tensor], groups: _Groups
-                         ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """FSDP2: one all-reduce completes every dot and the guard's norms, sums the ranks'
-        ``losses`` (the validation loss, the training loss a policy reads: returned as their
-        means) and, in training-loss mode, carries the ranks' verdict on the closure."""
-        tensors = [t for kinds in self._guard_tensors(groups) for ts in kinds for t in ts]
-        sums, norms = sums_and_norms(scalars + [t.detach().reshape(()) for t in losses], tensors,
+    def _complete_shards(self, scalars: list[Tensor], losses: list[Tensor], groups: _Groups,
+                         sharded: bool) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
+        """The step's one all-reduce of scalars: it sums the ranks' ``losses`` (the validation
+        loss, the training loss a policy reads: returned as their means), carries the ranks'
+        verdicts where they were deferred (:meth:`_defers_verdict`) and, under FSDP2
+        (``sharded``), completes every dot and the guard's norms (returned; ``None``
+        otherwise, where ``scalars`` are whole already)."""
+        own = scalars if sharded else []
+        tensors = ([t for kinds in self._guard_tensors(groups) for ts in kinds for t in ts]
+                   if sharded else [])
+        sums, norms = sums_and_norms(own + [t.detach().reshape(()) for t in losses], tensors,
                                      reduce=self._sum_with_verdict)
-        means = [t / world_size() for t in sums[len(scalars):]]
-        return sums[:len(scalars)], means, norms
+        means = [t / world_size() for t in sums[len(own):]]
+        return (sums[:len(own)] if sharded else scalars), means, norms if sharded else None
 
     def _verdict(self, values: list[float], checked: list[float], groups: _Groups,
                  plans: list[_Plan], stepped: list[_Stepped], moved: list[_Moved | None]
@@ -532,20 +510,6 @@ class RuleHypergrad(HyperOptimizer):
         return out
 
 
-def lr_only_when_untuned(state_dict: Any) -> Any:
-    """``state_dict`` with ``tune=("lr",)`` in every group saved without one: a state dict this
-    package saved before the method learned momentum tuned the learning rate alone (a torch.optim
-    one, without ``optimizer_class`` or ``hyper_state``, takes this optimizer's groups' values:
-    core.migrate)."""
-    ours = isinstance(state_dict, dict) and ("optimizer_class" in state_dict
-                                              or "hyper_state" in state_dict)
-    groups = state_dict.get("param_groups") if ours else None
-    if not isinstance(groups, list):
-        return state_dict
-    return {**state_dict, "param_groups": [
-        {"tune": ("lr",), **g} if isinstance(g, dict) else g for g in groups]}
-
-
 def _loss_tensor(loss: Any, scalars: list[Tensor]) -> Tensor | None:
     """The closure's loss as a 0-d tensor for a policy to read, beside ``scalars`` (their
     device): a closure may return a plain number (torch's own tests return ``1``) or something
@@ -563,11 +527,6 @@ def _loss_tensor(loss: Any, scalars: list[Tensor]) -> Tensor | None:
 # The additive policy of a group's hyper_lr, read three times a step: policies are immutable, and
 # building the dataclass cost more than the lookup.
 _additive = functools.lru_cache(maxsize=64, typed=True)(Additive)
-
-
-def _learns_momentum(group: dict[str, Any]) -> bool:
-    """Whether the group learns its momentum (``"momentum"`` in ``tune``)."""
-    return "momentum" in group.get("tune", ())
 
 
 def momentum_hyper_step(policy: HyperStep, mu: float, h: float, norm: float,

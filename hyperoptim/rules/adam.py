@@ -50,20 +50,8 @@ import torch
 from torch import Tensor
 
 from ..core.types import Hyper
-from .base import (
-    Buffers,
-    UpdateRule,
-    _active,
-    _axpy,
-    _ith,
-    _lr_list,
-    _n_cols,
-    _seed_columns,
-    _tangent_out,
-    _terms,
-    _times,
-    register_rule,
-)
+from .algebra import _active, _axpy, _ith, _lr_list, _n_cols, _seed_columns, _tangent_out, _terms, _times
+from .base import Buffers, UpdateRule, register_rule
 
 __all__ = ["ADAM", "adam_step", "adam_step_", "adam_tangents", "check_adam_arguments"]
 

@@ -37,21 +37,8 @@ from torch import Tensor
 
 from ..core.threads import FORWARD_AD_LOCK
 from ..core.types import Hyper
-from .base import (
-    Buffers,
-    UpdateRule,
-    _active,
-    _axpy,
-    _ith,
-    _lr_list,
-    _n_cols,
-    _seed_columns,
-    _tangent_out,
-    _terms,
-    _times,
-    apply_update_,
-    register_rule,
-)
+from .algebra import _active, _axpy, _ith, _lr_list, _n_cols, _seed_columns, _tangent_out, _terms, _times
+from .base import Buffers, UpdateRule, apply_update_, register_rule
 
 __all__ = ["SGD", "sgd_closed_tangents", "sgd_direction", "sgd_momentum_tangents", "sgd_step",
            "sgd_tangents"]

@@ -1,0 +1,280 @@
+r"""The end of an FDS episode (docs/design.md §4): the outer step of
+:class:`~hyperoptim.methods.fds.RuleFDS`.
+
+
+:meth:`FDSOuterStep.hyperstep` takes the episode's hypergradients (one per tuned schedule value,
+from the tangents :class:`~hyperoptim.methods.fds.RuleFDS` carried through the episode) and moves
+every value against its sign: the paper's additive step (``outer_step="additive"``), or the
+scale-free step of the positive scales in log space with iRprop+'s backtracking after a worse
+episode (``outer_step="log"``). A part of ``RuleFDS``, kept in its own module; it is not meant to
+be used on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..core.guard import BACK_OFF
+from ..core.types import Closure
+from ..core.warn import warn
+
+__all__ = ["LOG_STEP", "LOG_STEP_MAX", "OUTER_STEPS", "FDSOuterStep"]
+
+OUTER_STEPS = ("log", "additive")
+"""The values of ``outer_step``: the scale-free step of the positive scales in log space, or the
+paper's additive step for every value (:meth:`FDSOuterStep._sign_update`)."""
+
+LOG_STEP = math.log(2.0)
+r"""The initial log-space step :math:`s` of every window (a factor of 2), before it doubles on
+repeated signs or halves on flips."""
+
+LOG_STEP_MAX = math.log(10.0)
+"""The largest log-space step: one decade per episode."""
+
+# The largest momentum the log step reaches (1 - b stays a positive float).
+_LOG1M_MAX = 1.0 - 1e-6
+
+
+class FDSOuterStep:
+    """The outer step of :class:`~hyperoptim.methods.fds.RuleFDS`: hypergradients of an episode
+    in, schedules out.
+
+    It reads from the optimizer it is part of: :attr:`names`, the ``horizon``, the schedules and
+    options of each param group, ``_bounds`` and ``_normalise_step_sizes`` (a name's range and
+    step sizes), ``_columns`` (the tuned values, in tangent-column order),
+    ``_episode_hypergradients`` and ``_reset_episode``, besides the base's ``hyper_state``,
+    ``_record`` and guard.
+    """
+
+    #: The names whose values are positive scales (a learning rate, a weight decay): with
+    #: ``outer_step="log"`` a positive value of one of them steps by factors.
+    log_names: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
+    #: The names whose values live in [0, 1) (a momentum): with ``outer_step="log"`` a value
+    #: there steps by factors of :math:`1 - b`.
+    log1m_names: ClassVar[tuple[str, ...]] = ()
+    #: The log-space step's initial size, growth factor on a repeated sign, and largest size.
+    log_step: ClassVar[float] = LOG_STEP
+    log_growth: ClassVar[float] = 2.0
+    log_step_max: ClassVar[float] = LOG_STEP_MAX
+
+    @torch.no_grad()
+    def hyperstep(self, val_closure: Closure | None = None) -> Tensor:
+        r"""End the episode: hypergradients, sign-based update of the schedules, reset.
+
+        Must follow exactly ``horizon`` calls of :meth:`step`. Computes
+        :math:`\partial E(w_T)/\partial\lambda_j = \langle\nabla E(w_T), Z_T[:, j]\rangle` for
+        every tuned schedule value, records them with the updated schedules in ``history``,
+        moves each value against its sign (:meth:`_sign_update`; with ``outer_step="log"``
+        first checks the episode against the one before, :meth:`_log_outer`), and clears
+        tangents, the rule's state and the step counter. One host sync.
+
+        Args:
+            val_closure (callable, optional): returns the validation loss from the live
+                parameters (default: the constructor's).
+
+        Returns:
+            The validation loss :math:`E(w_T)` (detached).
+        """
+        t = self.hyper_state["step"]
+        if t != self.horizon:
+            raise RuntimeError(f"{type(self).__name__}.hyperstep() ends an episode of exactly "
+                               f"horizon={self.horizon} steps, but {t} step(s) have been taken.")
+        val_closure = self._resolve_val_closure(val_closure, required=True)
+        columns = self._columns()
+        val_loss, hypergrads, loss = self._episode_hypergradients(val_closure, len(columns))
+        skipped = not self._all_finite(*hypergrads, loss)
+        logs = [g.get("outer_step", "additive") == "log" for g in self.param_groups]
+        if skipped:
+            self._warn_skipped_episode(any(logs))
+        self._outer_steps(self._by_group(columns, hypergrads), loss, skipped, logs)
+        self._reset_episode()
+        return val_loss
+
+    def _by_group(self, columns: list[tuple[int, int, int, int]], hypergrads: list[float]
+                  ) -> list[dict[str, list[float]]]:
+        """The hypergradients of ``columns`` (:meth:`RuleFDS._columns`) as one list per window by
+        tuned name, per group."""
+        per_group: list[dict[str, list[float]]] = [
+            {name: [math.nan] * g[f"{name}_windows"] for name in g["tune"]}
+            for g in self.param_groups
+        ]
+        for (_, gi, ni, k), h in zip(columns, hypergrads, strict=True):
+            per_group[gi][self.names[ni]][k] = h
+        return per_group
+
+    def _outer_steps(self, per_group: list[dict[str, list[float]]], loss: float, skipped: bool,
+                     logs: list[bool]) -> None:
+        """Every group's outer step and ``history`` entry; the validation loss becomes the
+        reference of the next log-space check when this episode's step stands."""
+        revert = any(logs) and self._revert_due(loss, skipped)
+        for gi, group in enumerate(self.param_groups):
+            extra = self._outer_step(gi, group, per_group[gi], log=logs[gi], revert=revert,
+                                     skipped=skipped)
+            self._record(gi, skipped=skipped, val_loss=loss,
+                         skipped_steps=float(self.hyper_state.get("episode_skipped", 0)),
+                         **{name: list(group[f"{name}_schedule"]) for name in self.names},
+                         **{f"hypergrad/{name}": h for name, h in per_group[gi].items()},
+                         **extra)
+        if any(logs) and not (skipped or revert):
+            self.hyper_state["val_loss_ref"] = loss
+
+    def _outer_step(self, gi: int, group: dict[str, Any], hypergrads: dict[str, list[float]], *,
+                    log: bool, revert: bool, skipped: bool) -> dict[str, Any]:
+        """Group ``gi``'s outer step; returns what it adds to ``history``. The additive step
+        leaves the schedules of a skipped episode as they are."""
+        if log:
+            return self._log_outer(gi, group, hypergrads, revert=revert, skipped=skipped)
+        if not skipped:
+            self._sign_update(gi, group, hypergrads)
+        return {}
+
+    # ------------------------------------------------------------------ the log-space outer step
+    def _revert_due(self, loss: float, skipped: bool) -> bool:
+        """Whether the last log-space outer step is undone: the episode it led to ended with a
+        non-finite or a higher validation loss than the episode before it."""
+        outer = self.hyper_state["outer"]
+        if not any("prev" in s for o in outer.values() for s in o.values()):
+            return False
+        ref = self.hyper_state.get("val_loss_ref")
+        return skipped or (ref is not None and loss > ref)
+
+    def _log_outer(self, gi: int, group: dict[str, Any], hypergrads: dict[str, list[float]], *,
+                   revert: bool, skipped: bool) -> dict[str, Any]:
+        r"""The outer step of a group with ``outer_step="log"``; returns its ``history`` entries.
+
+        The sign step (:meth:`_sign_update`) moves the values from where they are, remembering
+        them. When the episode that step led to ended worse (:meth:`_revert_due`) its
+        hypergradients describe a point already rejected: the values go back, every step halves
+        and the signs are forgotten (iRprop+'s backtracking, Igel & Huesken 2000), and the
+        learning rate probes below (:meth:`_step_back`). A non-finite
+        episode with no step to undo (the start itself diverged) divides the learning rates by
+        :data:`~hyperoptim.core.guard.BACK_OFF`, as HD and MARTHE do after an overflow.
+        """
+        outer = self.hyper_state["outer"].setdefault(gi, {})
+        if revert:
+            self._step_back(outer, group)
+        elif skipped:
+            for state in outer.values():
+                state.pop("prev", None)
+            if "lr" in group["tune"]:
+                lo = self._bounds("lr")[0]
+                group["lr_schedule"] = [max(v / BACK_OFF, lo) for v in group["lr_schedule"]]
+        else:
+            before = {name: list(group[f"{name}_schedule"]) for name in hypergrads}
+            self._sign_update(gi, group, hypergrads)
+            for name, values in before.items():
+                outer[name]["prev"] = values
+        # One entry per hyperstep, aligned with the other names (the initial s before the first).
+        steps = {f"log_step/{name}": list(outer[name]["log_step"]) if "log_step" in outer.get(
+                     name, {}) else [self.log_step] * group[f"{name}_windows"]
+                 for name in group["tune"] if name in self.log_names}
+        return {"backtracked": 1.0 if revert else 0.0, **steps}
+
+    def _step_back(self, outer: dict[str, Any], group: dict[str, Any]) -> None:
+        """Put every schedule of the group back where the last step took it from, halve every
+        step and forget the signs; then probe the learning rate below that point by the halved
+        log step (the loss-increase signal: a learning rate too large costs the run, one too
+        small only time). The probe is a step like any other: a worse episode undoes it."""
+        for name, state in outer.items():
+            prev = state.pop("prev", None)
+            if prev is None or len(prev) != len(group[f"{name}_schedule"]):
+                continue
+            state["step_size"] = [v * 0.5 for v in state["step_size"]]
+            state["sign"] = [0.0] * len(state["sign"])
+            schedule = list(prev)
+            if "log_step" in state:
+                state["log_step"] = [v * 0.5 for v in state["log_step"]]
+                if name == "lr":
+                    state["prev"] = list(prev)
+                    lo, hi = self._bounds(name)
+                    schedule = [min(max(v * math.exp(-s), lo), hi) if v > 0 else v
+                                for v, s in zip(prev, state["log_step"], strict=True)]
+            group[f"{name}_schedule"] = schedule
+
+    def _warn_skipped_episode(self, log: bool) -> None:
+        """Count a non-finite episode; warn at the 1st, 10th, 100th, ... (with
+        ``outer_step="log"`` in some group, saying that the schedules were stepped back)."""
+        if not log:
+            self._warn_nonfinite("validation loss or hypergradient")
+            return
+        count = self.skipped_steps + 1
+        self.hyper_state["skipped_steps"] = count
+        if count == 10 ** round(math.log10(count)):
+            warn(f"{type(self).__name__}: non-finite validation loss or hypergradient at the end "
+                 "of an episode; outer_step='log' put the schedules back where the last outer "
+                 "step took them from, with half the step (or, with no step to undo, divided "
+                 f"the learning rates by {BACK_OFF:g}) ({count} episode"
+                 f"{'s' if count > 1 else ''} so far; history[...]['skipped'] marks them).")
+
+    def _sign_update(self, gi: int, group: dict[str, Any], hypergrads: dict[str, list[float]]
+                     ) -> None:
+        r"""Move every tuned value of group ``gi`` against the sign of its hypergradient.
+
+        The step of each window halves when the sign flips between consecutive hypersteps (a
+        zero sign neither moves nor counts as a flip). With ``outer_step="additive"`` (the
+        paper's) the value moves by :math:`\gamma`. With ``"log"``, a positive value of a
+        name in :attr:`log_names` moves by a factor, :math:`\log\lambda \leftarrow
+        \log\lambda - s\,\operatorname{sign}`, :math:`s` starting at :attr:`log_step` and
+        doubling (up to :attr:`log_step_max`) while the sign repeats; every other value (the
+        momentum, a value at or below zero) takes the additive step. The state is per window in
+        ``hyper_state["outer"][gi][name]``: ``step_size`` (:math:`\gamma`), ``sign`` and, for
+        the log step, ``log_step`` (:math:`s`).
+        """
+        outer = self.hyper_state["outer"].setdefault(gi, {})
+        log_space = group.get("outer_step", "additive") == "log"
+        for name, hs in hypergrads.items():
+            schedule = group[f"{name}_schedule"]
+            n = len(schedule)
+            state = outer.get(name)
+            if state is None or len(state["step_size"]) != n:
+                # Read through the normalisation: a value assigned after construction may be
+                # a number or a partial dict.
+                size = self._normalise_step_sizes(group["hyper_lr"])[name]
+                state = {"step_size": [size] * n, "sign": [0.0] * n}
+                outer[name] = state
+            space = None
+            if log_space and name in (*self.log_names, *self.log1m_names):
+                space = "log" if name in self.log_names else "log1m"
+                if len(state.get("log_step", ())) != n:
+                    state["log_step"] = [self.log_step] * n
+            lo, hi = self._bounds(name)
+            for k, h in enumerate(hs):
+                sign = float((h > 0) - (h < 0))
+                self._adapt_step(state, k, sign)
+                # Bounded (LEARNED_LIMIT or the rule's range): a learned value can never overflow
+                # the next episode.
+                schedule[k] = min(max(self._moved(schedule[k], sign, state, k, space), lo), hi)
+
+    def _adapt_step(self, state: dict[str, Any], k: int, sign: float) -> None:
+        """Window ``k``'s steps before it moves: halved on a flip of sign; a log step (where
+        the state has one) grows on a repeat, Rprop's growth: a sign that repeats says the
+        value is still far."""
+        agree = sign * state["sign"][k]
+        log_steps = state.get("log_step")
+        if agree < 0:
+            state["step_size"][k] *= 0.5
+            if log_steps is not None:
+                log_steps[k] *= 0.5
+        elif agree > 0 and log_steps is not None:
+            log_steps[k] = min(log_steps[k] * self.log_growth, self.log_step_max)
+        state["sign"][k] = sign
+
+    @staticmethod
+    def _moved(value: float, sign: float, state: dict[str, Any], k: int, space: str | None
+               ) -> float:
+        """``value`` after window ``k``'s step against ``sign``, before the bounds: by a factor
+        in ``space`` (``"log"``: of the value, ``"log1m"``: of 1 - value) where the value is in
+        its domain, else by the additive step."""
+        if space == "log" and value > 0:
+            # Positive stays positive: an underflow to 0 would hand it to the additive step.
+            return max(value * math.exp(-sign * state["log_step"][k]), sys.float_info.min)
+        if space == "log1m" and 0.0 <= value < 1.0:
+            # d/dlog(1 - b) has the opposite sign of d/db; a decrease stops at 0.
+            grown = (1.0 - value) * math.exp(sign * state["log_step"][k])
+            return min(max(1.0 - grown, 0.0), _LOG1M_MAX)
+        return value - sign * state["step_size"][k]
