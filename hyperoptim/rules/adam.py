@@ -50,7 +50,18 @@ import torch
 from torch import Tensor
 
 from ..core.types import Hyper
-from .algebra import _active, _axpy, _ith, _lr_list, _n_cols, _seed_columns, _tangent_out, _terms, _times
+from .algebra import (
+    _active,
+    _axpy,
+    _fits,
+    _ith,
+    _lr_list,
+    _n_cols,
+    _seed_columns,
+    _tangent_out,
+    _terms,
+    _times,
+)
 from .base import Buffers, UpdateRule, register_rule
 
 __all__ = ["ADAM", "adam_step", "adam_step_", "adam_tangents", "check_adam_arguments"]
@@ -271,21 +282,39 @@ def _step_tangent(pt: Tensor | None, m1: Tensor, v1: Tensor, mt1: Tensor | None,
     moments' (``None``: zero)."""
     bc1, bc2 = 1 - b1**t, 1 - b2**t
     r = bc2**0.5
+    # Temporaries are freed (del) or updated in place as soon as they are consumed: under FSDP2
+    # each is a whole shard of every column, and the peak of a step is made here. The in-place
+    # ops are the same operations on the same operands as the out-of-place ones (same rounding).
     s = v1.sqrt()  # v1 >= 0; the tangent of sqrt is taken as 0 where v1 = 0 (module docstring)
     denom = (s / r).add_(eps)
     q = m1 / denom
-    dt = None if vt1 is None else _times(vt1, torch.where(v1 > 0, s.reciprocal(), 0.0), 0.5 / r)
+    dt = None
+    if vt1 is not None:
+        # torch.where(v1 > 0, 1 / s, 0.0), in the reciprocal's own storage.
+        inverse = s.reciprocal().masked_fill_((v1 > 0).logical_not_(), 0.0)
+        dt = _times(vt1, inverse, 0.5 / r)
+        del inverse
     if "beta2" in e:
         dt = _terms(dt, _times(e["beta2"], s, t * b2 ** (t - 1) / (2 * r * bc2)))
+    del s
     qt = mt1 if dt is None else (_terms(mt1, _times(dt, -q)) if mt1 is None
                                  else torch.addcmul(mt1, q, dt, value=-1))
-    qt = None if qt is None else qt / denom
+    del dt
+    qt = None if qt is None else (qt / denom if qt is mt1 else qt.div_(denom))
+    del denom
     step_size = a / bc1
     # d(a / b_1) = e_a / b_1 + a t beta1^(t-1) e_beta1 / b_1^2
     sst = _terms(_times(e.get("lr"), 1 / bc1),
                  _times(e.get("beta1"), step_size * t * b1 ** (t - 1) / bc1))
     zt = pt if qt is None else (_times(qt, -step_size) if pt is None else _axpy(pt, -step_size, qt))
-    return zt if sst is None else _terms(zt, _times(sst, -q))
+    del qt
+    if sst is None:
+        return zt
+    own = _times(sst, -q)
+    del q
+    if zt is None or zt is pt or own is None or not _fits(zt, own):
+        return _terms(zt, own)
+    return zt.add_(own)  # zt was made here
 
 
 def _rule_step(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Buffers,
