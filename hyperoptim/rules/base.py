@@ -294,7 +294,33 @@ def _chunks(rule: UpdateRule, params: Sequence[Tensor], buffers: Buffers,
 
 def _flat(ts: Sequence[Tensor], idx: list[int]) -> Tensor:
     """The tensors ``ts[i]``, ``i`` in ``idx``, as one flat vector."""
-    return ts[idx[0]].reshape(-1) if len(idx) == 1 else torch.cat([ts[i].reshape(-1) for i in idx])
+    if len(idx) == 1:
+        return ts[idx[0]].reshape(-1)
+    joined = _side_by_side([ts[i] for i in idx], 1)
+    return torch.cat([ts[i].reshape(-1) for i in idx]) if joined is None else joined.reshape(-1)
+
+
+def _side_by_side(ts: Sequence[Tensor], n_cols: int) -> Tensor | None:
+    """``ts`` as one ``(1, numel)`` view of the storage they share, without a copy, where they
+    already lie in it back to back (the tangents a flat step stored: :func:`_split_into` keeps
+    one column as views of its output), else ``None``.
+
+    The view holds the same values in the same layout as their concatenation, so the flat step
+    computes the same numbers; it saves a copy of each such input (under FSDP2 a whole shard per
+    tangent, at the step's memory peak). Not for several columns (stored as separate copies),
+    nor for tensors autograd tracks (the view would differentiate through the first alone).
+    """
+    first = ts[0]
+    if n_cols != 1 or any(t.requires_grad for t in ts):
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in ts:
+        if (t.dtype != first.dtype or t.device != first.device or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    total = offset - first.storage_offset()
+    return first.as_strided((1, total), (total, 1), first.storage_offset())
 
 
 def _flat_cols(ts: Sequence[Tensor | None] | None, idx: list[int], n_cols: int,
@@ -303,6 +329,10 @@ def _flat_cols(ts: Sequence[Tensor | None] | None, idx: list[int], n_cols: int,
     as zeros; ``None`` if every entry is, or ``ts`` is)."""
     if ts is None or all(ts[i] is None for i in idx):
         return None
+    if len(idx) > 1 and all(ts[i] is not None for i in idx):
+        joined = _side_by_side([ts[i] for i in idx], n_cols)  # type: ignore[misc]
+        if joined is not None:
+            return joined
     parts = [params[i].new_zeros((n_cols, params[i].numel())) if ts[i] is None
              else ts[i].reshape(n_cols, params[i].numel()) for i in idx]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
