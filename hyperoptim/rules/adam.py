@@ -256,7 +256,9 @@ def adam_tangents(
                      _times(e["beta1"], m - grad) if "beta1" in e else None)
         vt1 = _terms(_times(vt, b2), _times(gt, grad, 2 * (1 - b2)),
                      _times(e["beta2"], v - grad * grad) if "beta2" in e else None)
-        zt = _step_tangent(pt, m1, v1, mt1, vt1, a, b1, b2, t, eps, e)
+        moments = [m1, v1]
+        del m1, v1  # _step_tangent frees them once consumed
+        zt = _step_tangent(pt, moments, mt1, vt1, a, b1, b2, t, eps, e)
         z_next.append(_tangent_out(zt, p, n_cols, inputs))
         m_next.append(_tangent_out(mt1, p, n_cols, inputs))
         v_next.append(_tangent_out(vt1, p, n_cols, inputs))
@@ -275,23 +277,30 @@ def _decay_tangents(p: Tensor, grad: Tensor, gt: Tensor | None, zi: Tensor | Non
     return _axpy(grad, lam, p), gt, zi
 
 
-def _step_tangent(pt: Tensor | None, m1: Tensor, v1: Tensor, mt1: Tensor | None,
+def _step_tangent(pt: Tensor | None, moments: list[Tensor], mt1: Tensor | None,
                   vt1: Tensor | None, a: Any, b1: Any, b2: Any, t: float, eps: float,
                   e: dict[str, Tensor]) -> Tensor | None:
     r""":func:`adam_tangents`' last line: the tangent of :math:`w' = w - (a / b_1)\, q` from the
-    moments' (``None``: zero)."""
+    moments' (``None``: zero); ``moments`` is :math:`[m', v']`, emptied here."""
     bc1, bc2 = 1 - b1**t, 1 - b2**t
     r = bc2**0.5
-    # Temporaries are freed (del) or updated in place as soon as they are consumed: under FSDP2
-    # each is a whole shard of every column, and the peak of a step is made here. The in-place
-    # ops are the same operations on the same operands as the out-of-place ones (same rounding).
+    # Temporaries (the new moments included) are freed or updated in place as soon as they are
+    # consumed: under FSDP2 each is a whole shard of every column, and the step's memory peaks
+    # here. The in-place ops are the same operations on the same operands as the out-of-place
+    # ones (the same rounding).
+    m1, v1 = moments
+    moments.clear()
     s = v1.sqrt()  # v1 >= 0; the tangent of sqrt is taken as 0 where v1 = 0 (module docstring)
+    zero = None if vt1 is None else (v1 > 0).logical_not_()
+    del v1
     denom = (s / r).add_(eps)
     q = m1 / denom
+    del m1
     dt = None
-    if vt1 is not None:
-        # torch.where(v1 > 0, 1 / s, 0.0), in the reciprocal's own storage.
-        inverse = s.reciprocal().masked_fill_((v1 > 0).logical_not_(), 0.0)
+    if zero is not None:
+        # torch.where(v1 > 0, 1 / s, 0.0), in s's storage where s is not needed after.
+        inverse = (s.reciprocal() if "beta2" in e else s.reciprocal_()).masked_fill_(zero, 0.0)
+        del zero
         dt = _times(vt1, inverse, 0.5 / r)
         del inverse
     if "beta2" in e:
