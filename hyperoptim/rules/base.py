@@ -125,13 +125,19 @@ class UpdateRule:
 
         Reading a count is a ``.item()`` of a CPU tensor, as torch's Adam does: no device sync.
         """
+        fresh: dict[str, list[tuple[dict[str, Any], Tensor]]] = {}
         for s, p in zip(states, params):
             # Only a parameter that lacks some of the rule's state is initialised: building fresh
             # zero buffers for every parameter at every step, to throw them away, cost Adam
             # ~80 us per step on a small MLP.
             if any(name not in s for name in self.buffer_names) or (self.uses_counts and "step" not in s):
                 for key, value in self.init_state(p).items():
-                    s.setdefault(key, value)
+                    if key not in s:
+                        s[key] = value
+                        if key in self.buffer_names and isinstance(value, Tensor):
+                            fresh.setdefault(key, []).append((s, value))
+        for key, made in fresh.items():
+            _side_by_side_buffers(key, made)
         buffers = {name: [s.get(name) for s in states] for name in self.buffer_names}
         counts = [float(s["step"]) + 1.0 for s in states] if self.uses_counts else None
         return buffers, counts
@@ -145,6 +151,24 @@ class UpdateRule:
         if self.uses_counts:
             for s in states:
                 s["step"] += 1
+
+
+def _side_by_side_buffers(key: str, made: list[tuple[dict[str, Any], Tensor]]) -> None:
+    """Move the buffers ``key`` just initialised for several parameters (``(state, buffer)``
+    pairs) into one storage, back to back, values unchanged: an elementwise rule's flat
+    tangent step then reads them as one vector without a copy (:func:`_flat`; under FSDP2 a
+    whole shard per buffer at the step's memory peak). Each stays its own tensor, updated in
+    place per parameter as before; buffers of mixed dtypes or devices, or that autograd tracks,
+    are left as they are."""
+    if len(made) < 2:
+        return
+    first = made[0][1]
+    if any(b.dtype != first.dtype or b.device != first.device or b.requires_grad
+           or not b.is_contiguous() for _, b in made):
+        return
+    joined = torch.cat([b.reshape(-1) for _, b in made])
+    for (s, b), part in zip(made, joined.split([b.numel() for _, b in made]), strict=True):
+        s[key] = part.view(b.shape)
 
 
 RULES: dict[str, UpdateRule] = {}
