@@ -158,13 +158,13 @@ def _side_by_side_buffers(key: str, made: list[tuple[dict[str, Any], Tensor]]) -
     pairs) into one storage, back to back, values unchanged: an elementwise rule's flat
     tangent step then reads them as one vector without a copy (:func:`_flat`; under FSDP2 a
     whole shard per buffer at the step's memory peak). Each stays its own tensor, updated in
-    place per parameter as before; buffers of mixed dtypes or devices, or that autograd tracks,
-    are left as they are."""
+    place per parameter as before; buffers of mixed dtypes or devices, that autograd tracks, or
+    that are not plain tensors (a ``DTensor`` of a sharded parameter) are left as they are."""
     if len(made) < 2:
         return
     first = made[0][1]
-    if any(b.dtype != first.dtype or b.device != first.device or b.requires_grad
-           or not b.is_contiguous() for _, b in made):
+    if any(type(b) is not Tensor or b.dtype != first.dtype or b.device != first.device
+           or b.requires_grad or not b.is_contiguous() for _, b in made):
         return
     joined = torch.cat([b.reshape(-1) for _, b in made])
     for (s, b), part in zip(made, joined.split([b.numel() for _, b in made]), strict=True):
@@ -332,10 +332,11 @@ def _side_by_side(ts: Sequence[Tensor], n_cols: int) -> Tensor | None:
     The view holds the same values in the same layout as their concatenation, so the flat step
     computes the same numbers; it saves a copy of each such input (under FSDP2 a whole shard per
     tangent, at the step's memory peak). Not for several columns (stored as separate copies),
-    nor for tensors autograd tracks (the view would differentiate through the first alone).
+    nor for tensors autograd tracks (the view would differentiate through the first alone) or
+    that are not plain tensors.
     """
     first = ts[0]
-    if n_cols != 1 or any(t.requires_grad for t in ts):
+    if n_cols != 1 or any(type(t) is not Tensor or t.requires_grad for t in ts):
         return None
     storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
     for t in ts:
