@@ -323,9 +323,6 @@ class FDSSGD(RuleFDS):
         z_next = [z.sub_(a * d) if a != 0 else z for z, d in zip(zs, d_tan, strict=True)]
         if momentum:  # as for the buffers in _group_step: v_{t+1} = g_t where b = 0
             c_next = _kept_velocity(c_next, g_tan, hzs)
-        # The gradient's and the direction's tangents (N columns each) are consumed: free them
-        # before the own terms, where the step's memory peaks (FSDP2 measures it per rank).
-        del g_tan, d_tan
         _add_own_terms(column, z_next, c_next, dirs, own)
         for s, z, cn in zip(states, z_next, c_next, strict=True):
             s[_Z] = z
