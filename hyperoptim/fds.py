@@ -311,12 +311,19 @@ class FDSSGD(RuleFDS):
         momentum = self._needs_momentum(group)
         column = {name: index[gi, ni, self._window(group, name, t)]
                   for ni, name in enumerate(NAMES) if name in group["tune"]}
+        # The momentum's own terms depend on the state before the step alone: taken first, so
+        # that their (flat, shard-sized) temporaries are gone before the N-column tangents are
+        # built, where the step's memory peaks under FSDP2. Added where they were (same sums).
+        own = (_momentum_terms(params, grads, bufs, values, nesterov)
+               if "momentum" in column else None)
         zs, hzs, cs = self._incoming(group, params, n_active, hz, bufs, column)
         g_tan, c_next, d_tan = sgd_direction(zs, hzs, cs, b, c, nesterov=nesterov)
-        z_next = [z - a * d if a != 0 else z for z, d in zip(zs, d_tan, strict=True)]
+        # In place: Z_t is not read again (stored back below), and a new Z_{t+1} beside it would
+        # be N more columns at the step's memory peak. Same operation as z - a * d.
+        z_next = [z.sub_(a * d) if a != 0 else z for z, d in zip(zs, d_tan, strict=True)]
         if momentum:  # as for the buffers in _group_step: v_{t+1} = g_t where b = 0
             c_next = _kept_velocity(c_next, g_tan, hzs)
-        _add_own_terms(column, z_next, c_next, params, grads, bufs, dirs, values, nesterov)
+        _add_own_terms(column, z_next, c_next, dirs, own)
         for s, z, cn in zip(states, z_next, c_next, strict=True):
             s[_Z] = z
             if momentum:
@@ -347,15 +354,15 @@ def _kept_velocity(new: list[Tensor | None], gs: list[Tensor], raw: list[Tensor]
 
 
 def _add_own_terms(column: dict[str, int], z_next: list[Tensor], c_next: list[Tensor | None],
-                   params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
-                   dirs: list[Tensor], values: tuple[float, float, float], nesterov: bool) -> None:
+                   dirs: list[Tensor], own: tuple[list[Tensor], list[Tensor]] | None) -> None:
     r"""Add the learning rate's and the momentum's own terms :math:`B_t` to their columns, in
-    place (the weight decay's entered the gradient's tangent before the linear pass)."""
+    place (the weight decay's entered the gradient's tangent before the linear pass); ``own``:
+    the momentum's, from :func:`_momentum_terms` (``None`` where it is not tuned)."""
     if "lr" in column:
         for z, d in zip(z_next, dirs, strict=True):
             z[column["lr"]] -= d
-    if "momentum" in column:
-        dz, dc = _momentum_terms(params, grads, bufs, values, nesterov)
+    if "momentum" in column and own is not None:
+        dz, dc = own
         for z, cn, dzi, dci in zip(z_next, c_next, dz, dc, strict=True):
             z[column["momentum"]] += dzi
             cn[column["momentum"]] += dci

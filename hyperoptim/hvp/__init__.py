@@ -289,7 +289,7 @@ class SecondOrder:
         params = [local(p) for p in self.params]
         vectors = [local(v) for v in vectors]
         n = vectors[0].shape[0] if vectors else 0
-        out = [torch.zeros_like(v) for v in vectors]
+        out = _zeros_side_by_side(vectors, n)
         if not n:
             return out
         steps = _step_sizes(params, vectors, n, sharded)
@@ -340,6 +340,19 @@ class SecondOrder:
             return [local(g) for g in gradient_at()]
         with self._rng.replay():
             return [local(g) for g in gradient_at()]
+
+
+def _zeros_side_by_side(vectors: Sequence[Tensor], n: int) -> list[Tensor]:
+    """Zeros shaped like ``vectors``: for one column, views of one buffer back to back, which a
+    rule's flat tangent step (:func:`hyperoptim.rules.rule_tangents`) reads as one vector
+    without a copy of its own (under FSDP2 a whole shard, at the step's memory peak)."""
+    first = vectors[0] if vectors else None
+    if first is None or n != 1 or any(
+            v.dtype != first.dtype or v.device != first.device for v in vectors):
+        return [torch.zeros_like(v) for v in vectors]
+    flat = first.new_zeros(sum(v.numel() for v in vectors))
+    return [part.view(v.shape) for part, v in zip(flat.split([v.numel() for v in vectors]),
+                                                  vectors, strict=True)]
 
 
 def hvp_from_grads(grads: Sequence[Tensor], params: Sequence[Tensor], vectors: Sequence[Tensor],

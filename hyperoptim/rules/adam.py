@@ -50,7 +50,18 @@ import torch
 from torch import Tensor
 
 from ..core.types import Hyper
-from .algebra import _active, _axpy, _ith, _lr_list, _n_cols, _seed_columns, _tangent_out, _terms, _times
+from .algebra import (
+    _active,
+    _axpy,
+    _fits,
+    _ith,
+    _lr_list,
+    _n_cols,
+    _seed_columns,
+    _tangent_out,
+    _terms,
+    _times,
+)
 from .base import Buffers, UpdateRule, register_rule
 
 __all__ = ["ADAM", "adam_step", "adam_step_", "adam_tangents", "check_adam_arguments"]
@@ -245,7 +256,9 @@ def adam_tangents(
                      _times(e["beta1"], m - grad) if "beta1" in e else None)
         vt1 = _terms(_times(vt, b2), _times(gt, grad, 2 * (1 - b2)),
                      _times(e["beta2"], v - grad * grad) if "beta2" in e else None)
-        zt = _step_tangent(pt, m1, v1, mt1, vt1, a, b1, b2, t, eps, e)
+        moments = [m1, v1]
+        del m1, v1  # _step_tangent frees them once consumed
+        zt = _step_tangent(pt, moments, mt1, vt1, a, b1, b2, t, eps, e)
         z_next.append(_tangent_out(zt, p, n_cols, inputs))
         m_next.append(_tangent_out(mt1, p, n_cols, inputs))
         v_next.append(_tangent_out(vt1, p, n_cols, inputs))
@@ -264,28 +277,61 @@ def _decay_tangents(p: Tensor, grad: Tensor, gt: Tensor | None, zi: Tensor | Non
     return _axpy(grad, lam, p), gt, zi
 
 
-def _step_tangent(pt: Tensor | None, m1: Tensor, v1: Tensor, mt1: Tensor | None,
+def _step_tangent(pt: Tensor | None, moments: list[Tensor], mt1: Tensor | None,
                   vt1: Tensor | None, a: Any, b1: Any, b2: Any, t: float, eps: float,
                   e: dict[str, Tensor]) -> Tensor | None:
     r""":func:`adam_tangents`' last line: the tangent of :math:`w' = w - (a / b_1)\, q` from the
-    moments' (``None``: zero)."""
-    bc1, bc2 = 1 - b1**t, 1 - b2**t
-    r = bc2**0.5
-    s = v1.sqrt()  # v1 >= 0; the tangent of sqrt is taken as 0 where v1 = 0 (module docstring)
-    denom = (s / r).add_(eps)
-    q = m1 / denom
-    dt = None if vt1 is None else _times(vt1, torch.where(v1 > 0, s.reciprocal(), 0.0), 0.5 / r)
-    if "beta2" in e:
-        dt = _terms(dt, _times(e["beta2"], s, t * b2 ** (t - 1) / (2 * r * bc2)))
-    qt = mt1 if dt is None else (_terms(mt1, _times(dt, -q)) if mt1 is None
-                                 else torch.addcmul(mt1, q, dt, value=-1))
-    qt = None if qt is None else qt / denom
+    moments' (``None``: zero); ``moments`` is :math:`[m', v']`, emptied here."""
+    bc1 = 1 - b1**t
+    q, qt = _quotient_tangent(moments, mt1, vt1, b2, t, eps, e)
     step_size = a / bc1
     # d(a / b_1) = e_a / b_1 + a t beta1^(t-1) e_beta1 / b_1^2
     sst = _terms(_times(e.get("lr"), 1 / bc1),
                  _times(e.get("beta1"), step_size * t * b1 ** (t - 1) / bc1))
     zt = pt if qt is None else (_times(qt, -step_size) if pt is None else _axpy(pt, -step_size, qt))
-    return zt if sst is None else _terms(zt, _times(sst, -q))
+    del qt
+    if sst is None:
+        return zt
+    own = _times(sst, -q)
+    del q
+    if zt is None or zt is pt or own is None or not _fits(zt, own):
+        return _terms(zt, own)
+    return zt.add_(own)  # zt was made here
+
+
+def _quotient_tangent(moments: list[Tensor], mt1: Tensor | None, vt1: Tensor | None, b2: Any,
+                      t: float, eps: float, e: dict[str, Tensor]
+                      ) -> tuple[Tensor, Tensor | None]:
+    r""":math:`q = m' / (s / r + \epsilon)` and its tangent (``None``: zero), from
+    ``moments`` :math:`= [m', v']`, emptied here (:func:`_step_tangent`)."""
+    bc2 = 1 - b2**t
+    r = bc2**0.5
+    # Temporaries (the new moments included) are freed or updated in place as soon as they are
+    # consumed: under FSDP2 each is a whole shard of every column, and the step's memory peaks
+    # here. The in-place ops are the same operations on the same operands as the out-of-place
+    # ones (the same rounding).
+    m1, v1 = moments
+    moments.clear()
+    s = v1.sqrt()  # v1 >= 0; the tangent of sqrt is taken as 0 where v1 = 0 (module docstring)
+    zero = None if vt1 is None else (v1 > 0).logical_not_()
+    del v1
+    denom = (s / r).add_(eps)
+    q = m1 / denom
+    del m1
+    dt = None
+    if zero is not None:
+        # torch.where(v1 > 0, 1 / s, 0.0), in s's storage where s is not needed after.
+        inverse = (s.reciprocal() if "beta2" in e else s.reciprocal_()).masked_fill_(zero, 0.0)
+        del zero
+        dt = _times(vt1, inverse, 0.5 / r)
+        del inverse
+    if "beta2" in e:
+        dt = _terms(dt, _times(e["beta2"], s, t * b2 ** (t - 1) / (2 * r * bc2)))
+    del s
+    qt = mt1 if dt is None else (_terms(mt1, _times(dt, -q)) if mt1 is None
+                                 else torch.addcmul(mt1, q, dt, value=-1))
+    del dt
+    return q, None if qt is None else (qt / denom if qt is mt1 else qt.div_(denom))
 
 
 def _rule_step(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Buffers,

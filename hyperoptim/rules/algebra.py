@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..core.types import Hyper
@@ -37,11 +38,29 @@ def _lr_list(lr: Hyper | Sequence[Tensor], n: int) -> Sequence[Hyper]:
 def _terms(*ts: Tensor | None) -> Tensor | None:
     """The sum of the terms that are not ``None`` (a tangent with no term is ``None``: zero).
     For the closed-form tangents, which skip the products of zero tangents."""
-    out = None
+    out, owned = None, False
     for t in ts:
-        if t is not None:
-            out = t if out is None else out + t
+        if t is None:
+            continue
+        if out is None:
+            out = t
+        elif owned and _fits(out, t):
+            out.add_(t)  # the sum made here: no new tensor per further term (same rounding)
+        else:
+            out, owned = out + t, True
     return out
+
+
+def _fits(out: Tensor, other: Any) -> bool:
+    """Can ``out`` take an in-place op with ``other`` and keep the out-of-place result's shape
+    and dtype (so the in-place op rounds as the out-of-place one)? Not where autograd records
+    the op (a differentiable closed form keeps its out-of-place graph)."""
+    if torch.is_grad_enabled() and (out.requires_grad or getattr(other, "requires_grad", False)):
+        return False
+    if torch.result_type(out, other) != out.dtype:
+        return False
+    return not isinstance(other, Tensor) or (
+        torch.broadcast_shapes(out.shape, other.shape) == out.shape)
 
 
 def _times(x: Tensor | None, *factors: Any) -> Tensor | None:
@@ -49,13 +68,17 @@ def _times(x: Tensor | None, *factors: Any) -> Tensor | None:
     multiplied together first, so each costs no pass over a tensor."""
     if x is None:
         return None
-    scalar = 1.0
+    scalar, owned = 1.0, False
     for f in factors:
-        if isinstance(f, Tensor):
-            x = x * f
-        else:
+        if not isinstance(f, Tensor):
             scalar *= f
-    return x if scalar == 1.0 else x * scalar
+        elif owned and _fits(x, f):
+            x.mul_(f)  # the product made here: multiplied in place (same rounding)
+        else:
+            x, owned = x * f, True
+    if scalar == 1.0:
+        return x
+    return x.mul_(scalar) if owned and _fits(x, scalar) else x * scalar
 
 
 def _ith(h: Hyper | Sequence[Tensor], i: int) -> Hyper:

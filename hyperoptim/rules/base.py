@@ -125,13 +125,19 @@ class UpdateRule:
 
         Reading a count is a ``.item()`` of a CPU tensor, as torch's Adam does: no device sync.
         """
+        fresh: dict[str, list[tuple[dict[str, Any], Tensor]]] = {}
         for s, p in zip(states, params):
             # Only a parameter that lacks some of the rule's state is initialised: building fresh
             # zero buffers for every parameter at every step, to throw them away, cost Adam
             # ~80 us per step on a small MLP.
             if any(name not in s for name in self.buffer_names) or (self.uses_counts and "step" not in s):
                 for key, value in self.init_state(p).items():
-                    s.setdefault(key, value)
+                    if key not in s:
+                        s[key] = value
+                        if key in self.buffer_names and isinstance(value, Tensor):
+                            fresh.setdefault(key, []).append((s, value))
+        for key, made in fresh.items():
+            _side_by_side_buffers(key, made)
         buffers = {name: [s.get(name) for s in states] for name in self.buffer_names}
         counts = [float(s["step"]) + 1.0 for s in states] if self.uses_counts else None
         return buffers, counts
@@ -145,6 +151,24 @@ class UpdateRule:
         if self.uses_counts:
             for s in states:
                 s["step"] += 1
+
+
+def _side_by_side_buffers(key: str, made: list[tuple[dict[str, Any], Tensor]]) -> None:
+    """Move the buffers ``key`` just initialised for several parameters (``(state, buffer)``
+    pairs) into one storage, back to back, values unchanged: an elementwise rule's flat
+    tangent step then reads them as one vector without a copy (:func:`_flat`; under FSDP2 a
+    whole shard per buffer at the step's memory peak). Each stays its own tensor, updated in
+    place per parameter as before; buffers of mixed dtypes or devices, that autograd tracks, or
+    that are not plain tensors (a ``DTensor`` of a sharded parameter) are left as they are."""
+    if len(made) < 2:
+        return
+    first = made[0][1]
+    if any(type(b) is not Tensor or b.dtype != first.dtype or b.device != first.device
+           or b.requires_grad or not b.is_contiguous() for _, b in made):
+        return
+    joined = torch.cat([b.reshape(-1) for _, b in made])
+    for (s, b), part in zip(made, joined.split([b.numel() for _, b in made]), strict=True):
+        s[key] = part.view(b.shape)
 
 
 RULES: dict[str, UpdateRule] = {}
@@ -294,7 +318,34 @@ def _chunks(rule: UpdateRule, params: Sequence[Tensor], buffers: Buffers,
 
 def _flat(ts: Sequence[Tensor], idx: list[int]) -> Tensor:
     """The tensors ``ts[i]``, ``i`` in ``idx``, as one flat vector."""
-    return ts[idx[0]].reshape(-1) if len(idx) == 1 else torch.cat([ts[i].reshape(-1) for i in idx])
+    if len(idx) == 1:
+        return ts[idx[0]].reshape(-1)
+    joined = _side_by_side([ts[i] for i in idx], 1)
+    return torch.cat([ts[i].reshape(-1) for i in idx]) if joined is None else joined.reshape(-1)
+
+
+def _side_by_side(ts: Sequence[Tensor], n_cols: int) -> Tensor | None:
+    """``ts`` as one ``(1, numel)`` view of the storage they share, without a copy, where they
+    already lie in it back to back (the tangents a flat step stored: :func:`_split_into` keeps
+    one column as views of its output), else ``None``.
+
+    The view holds the same values in the same layout as their concatenation, so the flat step
+    computes the same numbers; it saves a copy of each such input (under FSDP2 a whole shard per
+    tangent, at the step's memory peak). Not for several columns (stored as separate copies),
+    nor for tensors autograd tracks (the view would differentiate through the first alone) or
+    that are not plain tensors.
+    """
+    first = ts[0]
+    if n_cols != 1 or any(type(t) is not Tensor or t.requires_grad for t in ts):
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in ts:
+        if (t.dtype != first.dtype or t.device != first.device or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    total = offset - first.storage_offset()
+    return first.as_strided((1, total), (total, 1), first.storage_offset())
 
 
 def _flat_cols(ts: Sequence[Tensor | None] | None, idx: list[int], n_cols: int,
@@ -303,6 +354,10 @@ def _flat_cols(ts: Sequence[Tensor | None] | None, idx: list[int], n_cols: int,
     as zeros; ``None`` if every entry is, or ``ts`` is)."""
     if ts is None or all(ts[i] is None for i in idx):
         return None
+    if len(idx) > 1 and all(ts[i] is not None for i in idx):
+        joined = _side_by_side([ts[i] for i in idx], n_cols)  # type: ignore[misc]
+        if joined is not None:
+            return joined
     parts = [params[i].new_zeros((n_cols, params[i].numel())) if ts[i] is None
              else ts[i].reshape(n_cols, params[i].numel()) for i in idx]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
