@@ -91,12 +91,14 @@ def last_hypergrads(opt: FDSSGD, group: int = 0) -> dict[str, torch.Tensor]:
             for n in NAMES if f"hypergrad/{n}" in hist}
 
 
-def assert_rel_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], tol: float):
-    """max |ours - ref| <= tol * max |ref| over every tuned value (the relative error)."""
+def assert_rel_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], tol: float,
+                     scale: torch.Tensor | None = None):
+    """max |ours - ref| <= tol * max |ref| over every tuned value (the relative error), or
+    ``tol * scale`` where the caller names the scale the values are summed at."""
     names = sorted(ours)
     a = torch.cat([ours[n] for n in names])
     b = torch.cat([ref[n] for n in names])
-    scale = b.abs().max()
+    scale = b.abs().max() if scale is None else scale
     if scale == 0:  # e.g. momentum with one window and a horizon of one step: v_0 = 0
         assert torch.equal(a, b), (ours, ref)
         return

@@ -104,7 +104,12 @@ def test_random_lr_schedules_match_the_oracle(data):
                                        decoupled_weight_decay=decoupled)
     ours = hypergrads(opt)
     assert set(ours) == set(tune)
-    assert_rel_close(ours, {name: exact[name] for name in tune}, 1e-12)
+    # Relative to the largest hypergradient of the episode, not of the tuned ones alone: a beta's
+    # can cancel to 1e-3 of the lr's (horizon 4, beta2 0.964: -9.9e-4 against 1.31), and then
+    # forward mode (ours, closed form and autograd alike) and the oracle's reverse mode, both
+    # exact, differ in the last bits of the terms (1.1e-15 absolute, 1.1e-12 of the beta's).
+    scale = max(v.abs().max() for v in exact.values())
+    assert_rel_close(ours, {name: exact[name] for name in tune}, 1e-12, scale)
 
 
 @pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
