@@ -318,20 +318,17 @@ class SecondOrder:
         Column by column the same steps and verdicts as one column at a time, but the kink
         verdicts of all the columns of a round come back in one host read."""
         pending = [(j, h) for j, h in enumerate(steps) if h != 0.0]
-        retries = KINK_RETRIES if self._kink_check else 0
-        for retry in range(retries + 1):
+        for retry in range(KINK_RETRIES + 1):
             flags = [self._central_difference(out, origin, vectors, at_origin, j, h, sharded)
                      for j, h in pending]
             if not self._kink_check or not pending:
                 return
             verdicts = torch.stack(cast(list[Tensor], flags)).tolist()
-            rough = [column for column, r in zip(pending, verdicts, strict=True) if r]
-            if retry == retries:
-                if self._on_rough is not None:
-                    for _ in rough:
-                        self._on_rough()  # still rough at the smallest step: say so
-                return
-            pending = [(j, h * 0.1) for j, h in rough]
+            pending = [(j, h * 0.1) for (j, h), rough in zip(pending, verdicts, strict=True)
+                       if rough]
+            if retry == KINK_RETRIES and self._on_rough is not None:
+                for _ in pending:
+                    self._on_rough()  # still rough at the smallest step: say so
 
     def _central_difference(self, out: list[Tensor], origin: list[Tensor],
                             vectors: Sequence[Tensor], at_origin: Sequence[Tensor], j: int,
