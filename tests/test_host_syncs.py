@@ -46,7 +46,7 @@ CEILINGS: dict[str, tuple[int, int]] = {
     "HypergradAdam": (1, 1),
     "HypergradAdamW": (1, 1),
     # The guard's verdict and the hypergradients' .cpu().tolist(); the finite-difference route
-    # adds, per product, one .tolist() of its step sizes and one kink check (hvp/__init__.py).
+    # adds, per product, one .tolist() of its step sizes and one of its kink verdicts (hvp/).
     "MartheSGD": (2, 4),
     "MartheAdam": (2, 4),
     "MartheAdamW": (2, 4),
@@ -54,11 +54,11 @@ CEILINGS: dict[str, tuple[int, int]] = {
     "IFTOptimizer": (2, 10),
     "IFTAdam": (2, 6),
     "IFTAdamW": (2, 6),
-    # The guard's verdict, and at an episode's end the hypergradients; finite differences: one
-    # kink check per column.
-    "FDSSGD": (2, 9),
-    "FDSAdam": (2, 9),
-    "FDSAdamW": (2, 8),
+    # The guard's verdict, and at an episode's end the hypergradients; finite differences: the
+    # step sizes' .tolist() and one .tolist() of every column's kink verdict.
+    "FDSSGD": (2, 4),
+    "FDSAdam": (2, 4),
+    "FDSAdamW": (2, 4),
 }
 
 #: Torch functions that always hand a value to the host.

@@ -115,6 +115,31 @@ def test_a_kink_that_no_retry_escapes_warns_once_and_stops_retrying():
     assert calls[0] == 2
 
 
+def test_columns_of_one_product_retry_their_kinks_alone():
+    """Column 0 crosses the kink of relu(w0) (two retries), column 1 is smooth: the batched
+    product equals each column's own product bit for bit, and only column 0 is redone (the
+    verdicts of all the columns come back in one host read per round)."""
+    w = nn.Parameter(torch.tensor([1e-9, 1.0], dtype=torch.float64))
+    calls = [0]
+
+    def loss():
+        calls[0] += 1
+        return 0.5 * torch.relu(w[0]).pow(2) + 0.5 * w.pow(2).sum()
+
+    opt = _Probe([w], "finite_difference")
+    eye = torch.eye(2, dtype=torch.float64)
+    _, second = opt._training_loss(loss, second_order=True)
+    calls[0] = 0
+    (both,) = second.hvp([eye])
+    assert calls[0] == 6 + 2  # column 0: three step sizes; column 1: one
+    torch.testing.assert_close(both, torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64)),
+                               rtol=1e-6, atol=1e-6)
+    for j in range(2):
+        _, second = opt._training_loss(loss, second_order=True)
+        (alone,) = second.hvp([eye[j:j + 1]])
+        assert torch.equal(alone[0], both[j])
+
+
 # ---------------------------------------------------------------------- errors keep their type
 class _RaiseInBackward(torch.autograd.Function):
     """Identity whose backward raises ``error`` (set per test): reached only by double backward

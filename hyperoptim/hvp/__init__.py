@@ -122,20 +122,21 @@ KINK_TOLERANCE = 0.01
 
 
 def _asymmetric(plus: Sequence[Tensor], minus: Sequence[Tensor], origin: Sequence[Tensor],
-                sharded: bool = False) -> bool:
+                sharded: bool = False) -> Tensor:
     r"""Did the step cross a kink? Compares :math:`g_+ - g_0` with :math:`g_0 - g_-`.
 
     On a smooth loss the two one-sided differences agree up to :math:`O(h)`; where a ReLU (or any
     piecewise-linear activation) switches inside :math:`[w - hz, w + hz]`, one side jumps and the
-    central difference would be off by that jump over :math:`2h`. One host sync; ``sharded``
-    (FSDP2 shards): the two squared norms summed across ranks, in one all-reduce.
+    central difference would be off by that jump over :math:`2h`. A 0-d bool tensor, left on the
+    device so that the verdicts of every column come back in one host read; ``sharded`` (FSDP2
+    shards): the two squared norms summed across ranks, in one all-reduce.
     """
     diff = sum(torch.linalg.vector_norm((a - g) - (g - b)).double() ** 2
                for a, b, g in zip(plus, minus, origin))
     total = sum(torch.linalg.vector_norm(a - b).double() ** 2 for a, b in zip(plus, minus))
     if sharded:
         diff, total = sum_across_shards([torch.as_tensor(diff), torch.as_tensor(total)])
-    return bool(diff > (KINK_TOLERANCE ** 2) * total)
+    return torch.as_tensor(diff > (KINK_TOLERANCE ** 2) * total)
 
 
 class _PrivateCpuGenerator(TorchDispatchMode):
@@ -299,9 +300,7 @@ class SecondOrder:
         at_origin = [local(g) for g in (self._origin_grads if self._origin_grads is not None
                                         else [p.grad for p in self.params])]
         try:
-            for j, h in enumerate(steps):
-                if h != 0.0:
-                    self._central_difference(out, origin, vectors, at_origin, j, h, sharded)
+            self._central_differences(out, origin, vectors, at_origin, steps, sharded)
         finally:
             with torch.no_grad():
                 for p, w in zip(params, origin):
@@ -310,25 +309,38 @@ class SecondOrder:
                 self._rng.restore()
         return out
 
+    def _central_differences(self, out: list[Tensor], origin: list[Tensor],
+                             vectors: Sequence[Tensor], at_origin: Sequence[Tensor],
+                             steps: Sequence[float], sharded: bool) -> None:
+        """Every column of :math:`H Z` into ``out``; the columns whose one-sided differences
+        disagree (a kink) are redone with a 10x smaller step, at most ``KINK_RETRIES`` times.
+
+        Column by column the same steps and verdicts as one column at a time, but the kink
+        verdicts of all the columns of a round come back in one host read."""
+        pending = [(j, h) for j, h in enumerate(steps) if h != 0.0]
+        for retry in range(KINK_RETRIES + 1):
+            flags = [self._central_difference(out, origin, vectors, at_origin, j, h, sharded)
+                     for j, h in pending]
+            if not self._kink_check or not pending:
+                return
+            verdicts = torch.stack(cast(list[Tensor], flags)).tolist()
+            pending = [(j, h * 0.1) for (j, h), rough in zip(pending, verdicts, strict=True)
+                       if rough]
+            if retry == KINK_RETRIES and self._on_rough is not None:
+                for _ in pending:
+                    self._on_rough()  # still rough at the smallest step: say so
+
     def _central_difference(self, out: list[Tensor], origin: list[Tensor],
                             vectors: Sequence[Tensor], at_origin: Sequence[Tensor], j: int,
-                            h: float, sharded: bool) -> None:
-        """Column ``j`` of :math:`H Z` into ``out``, redone with a 10x smaller step while the
-        one-sided differences disagree (a kink), at most ``KINK_RETRIES`` times."""
-        retries = KINK_RETRIES if self._kink_check else 0
-        for retry in range(retries + 1):
-            # Averaged as they come (gradient_at), so every rank decides alike.
-            plus = self._perturbed(origin, vectors, j, h)
-            minus = self._perturbed(origin, vectors, j, -h)
-            rough = self._kink_check and _asymmetric(plus, minus, at_origin, sharded)
-            if rough and retry < retries:
-                h *= 0.1
-                continue
-            if rough and self._on_rough is not None:
-                self._on_rough()  # still rough at the smallest step: say so
-            for o, a, b in zip(out, plus, minus):
-                torch.sub(a, b, out=o[j]).div_(2.0 * h)
-            break
+                            h: float, sharded: bool) -> Tensor | None:
+        """Column ``j`` of :math:`H Z` into ``out`` with step ``h``; the kink verdict on the
+        device (None without the kink check)."""
+        # Averaged as they come (gradient_at), so every rank decides alike.
+        plus = self._perturbed(origin, vectors, j, h)
+        minus = self._perturbed(origin, vectors, j, -h)
+        for o, a, b in zip(out, plus, minus):
+            torch.sub(a, b, out=o[j]).div_(2.0 * h)
+        return _asymmetric(plus, minus, at_origin, sharded) if self._kink_check else None
 
     def _perturbed(self, origin: list[Tensor], vectors: Sequence[Tensor], j: int, h: float
                    ) -> list[Tensor]:
