@@ -223,6 +223,8 @@ class SecondOrder:
         params (list of Tensor): the parameters that received a gradient, in a fixed order;
             :meth:`hvp` takes and returns one tensor per entry.
         route (str): ``"exact"`` or ``"finite_difference"``.
+        columns (int): finite-difference columns taken so far (two closure calls each).
+        retried (int): of those, the ones redone with a 10x smaller step after a kink.
     """
 
     def __init__(self, params: list[Tensor], route: str, *,
@@ -233,6 +235,10 @@ class SecondOrder:
                  on_rough: Callable[[], None] | None = None,
                  origin_grads: list[Tensor] | None = None) -> None:
         self.params = params
+        #: Finite differences taken so far: columns, and columns redone with a smaller step
+        #: (a kink); each costs two closure calls.
+        self.columns = 0
+        self.retried = 0
         self._origin_grads = origin_grads
         self.route = route
         self._graph_grads = graph_grads
@@ -361,7 +367,9 @@ class SecondOrder:
         Column by column the same steps and verdicts as one column at a time, but the kink
         verdicts of all the columns of a round come back in one host read."""
         pending = [(j, h) for j, h in enumerate(steps) if h != 0.0]
+        self.columns += len(pending)
         for retry in range(KINK_RETRIES + 1):
+            self.retried += len(pending) if retry else 0
             flags = [self._central_difference(out, origin, vectors, at_origin, j, h, sharded)
                      for j, h in pending]
             if not self._kink_check or not pending:
