@@ -361,6 +361,76 @@ def memory_rows(horizons: list[int], hidden: int, batch: int, lr_windows: int
     return rows
 
 
+# ------------------------------------------------------------------------- 5. a recurrent model
+def lstm_step_times(repeats: int, steps: int, lr_windows: int = 5
+                    ) -> list[tuple[str, float, float]]:
+    """(route, FDSSGD step / SGD step, ms per FDSSGD step) on ``benchmarks/versus.py``'s
+    character LSTM, every column in use (``lr_windows`` learning rates, momentum, weight
+    decay), in thread CPU time; the ``auto`` row names the route its measurement chose."""
+    from _versus_tasks import charlm  # benchmarks/ is on sys.path when run as a script
+
+    task = charlm()
+    batches = task.batches(0, 64)
+
+    def batch(t: int) -> tuple[Tensor, Tensor]:
+        idx = batches[t % len(batches)]
+        return task.x_train[idx], task.y_train[idx]
+
+    sgd_model = task.make_model(0)
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+
+    def sgd_block(t0: int) -> None:
+        for t in range(t0, t0 + steps):
+            x, y = batch(t)
+            sgd.zero_grad()
+            task.loss(sgd_model, x, y).backward()
+            sgd.step()
+
+    cases: dict[str, Callable[[int], None]] = {"SGD": sgd_block}
+    chosen = {}
+    for name, hvp, columns in (("exact, batched", "exact", "batched"),
+                               ("exact, per-column loop", "exact", "loop"),
+                               ("exact, auto", "exact", "auto"),
+                               ("finite differences", "finite_difference", "batched")):
+        model = task.make_model(0)
+        horizon = 10 * lr_windows
+        opt = FDSSGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD,
+                     horizon=horizon, lr_windows=lr_windows, hvp=hvp, hvp_columns=columns,
+                     val_closure=lambda m=model: task.loss(m, task.x_val, task.y_val))
+        start = horizon - 9  # the last window: every column in use
+        for t in range(start):
+            opt.step(lambda t=t, m=model: task.loss(m, *batch(t)))
+        checkpoint = (copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict()))
+        if columns == "auto":
+            chosen[name] = opt.hyper_state.get("loop_columns", {})
+
+        def block(t0: int, opt=opt, model=model, checkpoint=checkpoint, start=start) -> None:
+            opt.load_state_dict(checkpoint[0])
+            model.load_state_dict(checkpoint[1])
+            for t in range(start, start + min(steps, 8)):
+                opt.step(lambda t=t, m=model: task.loss(m, *batch(t)))
+
+        cases[name] = block
+    for case in cases.values():  # warm-up
+        case(0)
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(repeats):
+        for name, case in cases.items():
+            begin = time.thread_time()
+            case(r * steps)
+            times[name].append(time.thread_time() - begin)
+    per_step = {k: statistics.median(v) / (steps if k == "SGD" else min(steps, 8))
+                for k, v in times.items()}
+    rows = []
+    for name in cases:
+        label = name
+        if name in chosen:
+            picks = sorted({"loop" if v else "batched" for v in chosen[name].values()})
+            label = f"{name} (chose {' and '.join(picks) or 'nothing'})"
+        rows.append((label, per_step[name] / per_step["SGD"], 1000 * per_step[name]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -370,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--columns", type=int, nargs="+", default=[1, 3, 9, 27])
     parser.add_argument("--horizons", type=int, nargs="+", default=[10, 20, 40, 80])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--no-lstm", action="store_true",
+                        help="skip table 5 (the character LSTM)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes]
@@ -402,6 +474,14 @@ def main(argv: list[str] | None = None) -> None:
         for width, jvp_ms, fds_ms, generic_ms in rows:
             print(f"{width:>10} {jvp_ms:>24.2f} {generic_ms:>24.2f} {fds_ms:>8.2f} "
                   f"{fds_ms / jvp_ms:>12.2f}x {fds_ms / generic_ms:>16.2f}x")
+
+    if not args.no_lstm:
+        rows = lstm_step_times(args.repeats, args.steps)
+        print("\n5. FDSSGD step on benchmarks/versus.py's character LSTM (32-64, windows of 24, "
+              "batch 32), 5 lr + momentum + weight decay columns in use, thread CPU time")
+        print(f"{'route':>46} {'x SGD step':>11} {'ms/step':>9}")
+        for label, ratio, ms in rows:
+            print(f"{label:>46} {ratio:>10.2f}x {ms:>9.2f}")
 
     hidden, batch = sizes[0]
     rows = memory_rows(args.horizons, hidden, batch, lr_windows=5)

@@ -17,6 +17,7 @@ Run:
     python benchmarks/overhead.py                          # small and medium MLP, all cases
     python benchmarks/overhead.py --before f3039ad         # the package at a git ref beside this one
     python benchmarks/overhead.py --before main --models small --only "MartheAdam (mu=1, exact)"
+    python benchmarks/overhead.py --peers ~/src/hypergradient-descent   # with the peers' rows
 
 ``--before REF`` extracts the ``hyperoptim`` package at ``REF`` (``git archive``) into a temporary
 folder, imports it under another module name in this same process, and times every case for both
@@ -40,6 +41,30 @@ float32 the finite-difference route warns that its products are unreliable (kink
 MARTHE on the exact route one training backward that keeps its graph, one HVP and one validation
 gradient; on the finite-difference route the training gradient, two more gradient evaluations and
 one validation gradient. ``x floor`` is the optimizer's own overhead.
+
+Peers: other implementations of hypergradient descent, timed in the same run on the same model and
+batches, are rows ``peer: ...`` reported like the cases (``x SGD``, ``x Adam``; ``n/a`` before, as
+they are no part of the package ``--before`` swaps). They use torch alone and are timed once.
+
+- ``--peers PATH``: Baydin et al.'s reference code, ``SGDHD`` and ``AdamHD`` from a checkout of
+  github.com/gbaydin/hypergradient-descent (``PATH`` holds its ``hypergrad/`` folder; not on PyPI,
+  whose ``hypergrad`` is another project). Each file is imported from its path under a private
+  module name, so nothing else named ``hypergrad`` is shadowed. Configured as our training-loss
+  rows: SGDHD with lr 0.01, momentum 0.9, hyper-step 1e-4; AdamHD with lr 1e-3, hyper-step 1e-7;
+  ``weight_decay=0`` as in our rows. The code calls torch's deprecated ``add_(Number, Tensor)``
+  overloads, which torch 2.13 still takes (one UserWarning per process), and keeps the learning
+  rate as a 0-dim tensor once the first hyper-step has run.
+  Without ``--peers`` the two rows are skipped with a printed line.
+- gradient-descent-the-ultimate-optimizer (``pip install gradient-descent-the-ultimate-optimizer``,
+  in the ``bench`` extra), Chandra et al.: ``SGD(alpha=0.01, mu=0.9, optimizer=SGD(1e-4))`` and
+  ``AdamBaydin(alpha=1e-3, optimizer=SGD(1e-7))`` (Adam whose hyper-optimizer tunes the learning
+  rate only, as HypergradAdam) in ``ModuleWrapper``, in the loop its README prescribes:
+  ``begin()``, forward, ``zero_grad()``, ``backward(create_graph=True)``, ``step()``. Not quite the
+  same step: its hypergradient comes from autograd through the previous update (the parameters are
+  non-leaf tensors of the learning rate), ``create_graph=True`` makes every backward record a graph
+  of itself (needed only by taller optimizer stacks), and its SGD also tunes the momentum (the
+  hyper-SGD steps every entry of the optimizer's ``parameters``). Skipped with a printed line when
+  the package is not installed.
 """
 
 from __future__ import annotations
@@ -426,6 +451,95 @@ for _name in ("FDSAdam (T=50, 6 columns, exact)", "FDSAdamW (T=50, 6 columns, ex
 ADAM_BASELINE = {name: ("torch.optim.AdamW" if "AdamW" in name else "torch.optim.Adam")
                  for name in CASES if "Adam" in name and name not in BASELINES}
 
+
+# ---------------------------------------------------------------------- peers
+BAYDIN_URL = "github.com/gbaydin/hypergradient-descent"
+GDTUO = "gradient_descent_the_ultimate_optimizer"
+
+#: The peers' cases that ``add_peers`` registered in ``CASES``: timed once, as the baselines,
+#: but reported as cases (the ``after`` column).
+PEERS: set[str] = set()
+
+
+def _import_path(name: str, path: Path) -> ModuleType:
+    """The module in file ``path``, imported as ``name`` (never registered as ``hypergrad``)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_baydin(cls: type, **options: object) -> Factory:
+    """Baydin et al.'s optimizers follow ``torch.optim``: the same closure as our rows."""
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
+        opt = cls(model.parameters(), **options)
+        return lambda t: opt.step(_closure(model, opt, data, t))
+
+    return make
+
+
+def make_gdtuo(gdtuo: ModuleType, optimizer: Callable[[], object]) -> Factory:
+    """gdtuo's loop, as its README writes it: the whole of it is the step timed."""
+    def make(hp: ModuleType, model: nn.Module, data: Data) -> Step:
+        wrapper = gdtuo.ModuleWrapper(model, optimizer=optimizer())
+        wrapper.initialize()
+
+        def step(t: int) -> object:
+            x, y = data.batch(t)
+            wrapper.begin()
+            loss = F.cross_entropy(wrapper.forward(x), y)
+            wrapper.zero_grad()
+            loss.backward(create_graph=True)
+            wrapper.step()
+            return loss
+
+        return step
+
+    return make
+
+
+def peer_cases(checkout: Path | None) -> tuple[dict[str, Factory], list[str]]:
+    """The peers' cases that can run here, and one line for each peer left out, saying why."""
+    cases: dict[str, Factory] = {}
+    skipped: list[str] = []
+    if checkout is None:
+        skipped.append(f"peers: Baydin SGDHD, AdamHD skipped: no --peers PATH (a checkout of "
+                       f"{BAYDIN_URL})")
+    else:
+        folder = checkout / "hypergrad"
+        sgd_hd = _import_path("_overhead_peer_sgd_hd", folder / "sgd_hd.py")
+        adam_hd = _import_path("_overhead_peer_adam_hd", folder / "adam_hd.py")
+        cases["peer: Baydin SGDHD (training loss)"] = make_baydin(  # as make_hd_train
+            sgd_hd.SGDHD, lr=0.01, momentum=0.9, hypergrad_lr=1e-4)
+        cases["peer: Baydin AdamHD (training loss)"] = make_baydin(  # as make_hd_adam
+            adam_hd.AdamHD, lr=1e-3, hypergrad_lr=1e-7)
+    try:
+        gdtuo = importlib.import_module(f"{GDTUO}.gdtuo")
+    except ImportError as err:
+        skipped.append(f"peers: gdtuo SGD, AdamBaydin skipped: not installed (pip install "
+                       f"{GDTUO.replace('_', '-')}; {type(err).__name__}: {err})")
+    else:
+        cases["peer: gdtuo SGD (training loss)"] = make_gdtuo(
+            gdtuo, lambda: gdtuo.SGD(alpha=0.01, mu=0.9, optimizer=gdtuo.SGD(1e-4)))
+        cases["peer: gdtuo AdamBaydin (training loss)"] = make_gdtuo(
+            gdtuo, lambda: gdtuo.AdamBaydin(alpha=1e-3, optimizer=gdtuo.SGD(1e-7)))
+    return cases, skipped
+
+
+def add_peers(checkout: Path | None) -> list[str]:
+    """Register the peers' cases that can run (replacing any earlier call's); why others cannot."""
+    for name in PEERS:
+        del CASES[name]
+        ADAM_BASELINE.pop(name, None)
+    cases, skipped = peer_cases(checkout)
+    CASES.update(cases)
+    PEERS.clear()
+    PEERS.update(cases)
+    ADAM_BASELINE.update({name: "torch.optim.Adam" for name in cases if "Adam" in name})
+    return skipped
+
+
 MODELS = {
     "small": ("small MLP 64-128-10, batch 128", [64, 128, 10], 128),
     "medium": ("medium MLP 784-512-512-10, batch 128", [784, 512, 512, 10], 128),
@@ -481,7 +595,9 @@ def _steppers(sizes: list[int], batch: int, only: list[str] | None,
     for name in CASES:
         if only is not None and name not in keep and name not in only:
             continue
-        versions = [""] if name in BASELINES else list(packages)
+        versions = [""] if name in BASELINES else ["after"] if name in PEERS else list(packages)
+        if name in PEERS and "before" in packages:
+            failed[(name, "before")] = "not hyperoptim: timed once, as this checkout's row"
         for version in versions:
             key = (name, version)
             try:
@@ -576,7 +692,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", help="case names to run (SGD always runs)")
     parser.add_argument("--before", metavar="REF",
                         help="also time the package at this git ref (e.g. main), side by side")
+    parser.add_argument("--peers", metavar="PATH", type=Path,
+                        help=f"a checkout of {BAYDIN_URL} (the folder holding hypergrad/): "
+                             "adds Baydin et al.'s SGDHD and AdamHD rows")
     args = parser.parse_args(argv)
+    if args.peers is not None and not (args.peers / "hypergrad" / "sgd_hd.py").is_file():
+        parser.error(f"--peers {args.peers}: no hypergrad/sgd_hd.py there (a checkout of "
+                     f"{BAYDIN_URL})")
+    for line in add_peers(args.peers):
+        print(line)
     torch.set_num_threads(args.threads)
     # One thread: the step runs on the calling thread, whose CPU time excludes other processes'.
     cpu_clock = time.thread_time_ns if args.threads == 1 else time.process_time_ns

@@ -28,8 +28,8 @@ batches per seed, the same step budget per run, the same evaluation code:
   starts, poor (learning rate 100x too small), good (the hand-picked settings) and large (10x too
   large: SGD lr 1.0 with momentum 0.9, Adam lr 1e-2), and from its constructor defaults, with
   the library's default hyper-learning rates and a ``val_closure`` on the validation split;
-  FDSSGD runs ``--episodes`` episodes of the budget from the same initial weights (5 learning-rate
-  windows), all counted in its wall time.
+  FDSSGD and FDSAdamW run ``--episodes`` episodes of the budget from the same initial weights
+  (5 learning-rate windows), all counted in their wall time.
 
 Reported per task (mean and standard deviation over seeds): the test metric (accuracy, MSE on the
 standardised target, perplexity), the wall time, and, per seed, whether the run reaches the test
@@ -236,13 +236,21 @@ def _registry() -> list[Method]:
                                poor_start=name == "poor", start=name))
         rows.append(Method(f"{cls}-default", f"{cls}, defaults", "hyperoptim", _hyperoptim(cls, {}),
                            hyperoptim_class=cls))
-    for name, settings in STARTS["sgd"].items():
-        rows.append(Method(f"FDSSGD-{name}", f"FDSSGD, {name} start", "hyperoptim",
-                           hyperoptim_class="FDSSGD", poor_start=name == "poor", start=name,
-                           extra=dict(start=settings)))
-    rows.append(Method("FDSSGD-default", "FDSSGD, defaults", "hyperoptim", hyperoptim_class="FDSSGD",
-                       extra=dict(start={})))
+    # FDS runs episodes (train_fds); its Adam variant with AdamW's decay, as the other Adam rows.
+    for cls, family in (("FDSSGD", "sgd"), ("FDSAdamW", "adam")):
+        if not hasattr(hyperoptim, cls):
+            continue
+        for name, settings in STARTS[family].items():
+            rows.append(Method(f"{cls}-{name}", f"{cls}, {name} start", "hyperoptim",
+                               hyperoptim_class=cls, poor_start=name == "poor", start=name,
+                               extra=dict(start=settings)))
+        rows.append(Method(f"{cls}-default", f"{cls}, defaults", "hyperoptim",
+                           hyperoptim_class=cls, extra=dict(start={})))
     return rows
+
+
+#: The classes whose rows run episodes (train_fds).
+FDS_CLASSES = ("FDSSGD", "FDSAdamW")
 
 
 REGISTRY = _registry()
@@ -323,8 +331,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def train_fds(task: Task, method: Method, seed: int, steps: int, episodes: int) -> dict[str, Any]:
-    """FDSSGD: ``episodes`` episodes of ``steps`` steps from the same initial weights, all timed;
-    the last episode's model is tested."""
+    """FDSSGD or FDSAdamW: ``episodes`` episodes of ``steps`` steps from the same initial
+    weights, all timed; the last episode's model is tested."""
     model = task.make_model(seed)
     init = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -333,8 +341,9 @@ def train_fds(task: Task, method: Method, seed: int, steps: int, episodes: int) 
 
     batches = task.batches(seed, steps)
     start = time.perf_counter()
-    opt = hyperoptim.FDSSGD(model.parameters(), **method.extra["start"], horizon=steps,
-                            lr_windows=5, val_closure=val)
+    cls = getattr(hyperoptim, method.hyperoptim_class or "FDSSGD")
+    opt = cls(model.parameters(), **method.extra["start"], horizon=steps, lr_windows=5,
+              val_closure=val)
     diverged = False
     for episode in range(episodes):
         model.load_state_dict(init)
@@ -347,7 +356,9 @@ def train_fds(task: Task, method: Method, seed: int, steps: int, episodes: int) 
             opt.hyperstep()
     wall = time.perf_counter() - start
     out = _finish(task, model, wall, diverged, None)
-    out["final"] = {name: opt.schedule(name) for name in ("lr", "momentum", "weight_decay")}
+    out["final"] = {name: opt.schedule(name) for name in ("lr", "momentum", "beta1", "beta2",
+                                                          "weight_decay")
+                    if f"{name}_schedule" in opt.param_groups[0]}
     return out
 
 
@@ -432,7 +443,7 @@ def run_method(task: Task, method: Method, seed: int, config: Config) -> dict[st
         if method.kind == "optuna":
             return optuna_study(task, seed, steps, config.trials[method.key],
                                 method.extra.get("pruner", False))
-        if method.hyperoptim_class == "FDSSGD":
+        if method.hyperoptim_class in FDS_CLASSES:
             return train_fds(task, method, seed, steps, config.episodes)
         assert method.build is not None
         return train_once(task, method.build, seed, steps)
@@ -440,7 +451,7 @@ def run_method(task: Task, method: Method, seed: int, config: Config) -> dict[st
 
 def record_key(task: str, method: str, seed: int, steps: int, config: Config) -> str:
     tag = ""
-    if method.startswith("FDSSGD"):
+    if method.startswith(FDS_CLASSES):
         tag = f"|episodes={config.episodes}"
     elif method in config.trials:
         tag = f"|trials={config.trials[method]}"
@@ -595,7 +606,7 @@ def table(task: Task, summary: list[dict[str, Any]], config: Config) -> str:
     seeds = max((s["n"] for s in summary), default=0)
     lines = [
         f"**{task.title}**, {config.steps[task.name]} steps per run, {seeds} seeds "
-        f"(FDSSGD: {config.episodes} episodes)",
+        f"(FDSSGD, FDSAdamW: {config.episodes} episodes)",
         "",
         f"| method | {name[task.metric]} (mean ± sd) | wall s (mean) | reaches Optuna-50's best "
         f"(within {tol}) | wall / Optuna-50's wall (median) |",
@@ -724,7 +735,7 @@ def figure(task: Task, summary: list[dict[str, Any]], config: Config,
                 ax.step(wall, value, where="post", color=color, alpha=0.7, lw=1.2, zorder=2)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("wall time per run or search (s, log; FDSSGD: all episodes; Optuna: whole search)")
+    ax.set_xlabel("wall time per run or search (s, log; FDS: all episodes; Optuna: whole search)")
     ylabel = {"accuracy": "test error (%, 100 - accuracy)", "mse": "test MSE (standardised target)",
               "perplexity": "test perplexity"}[task.metric]
     ax.set_ylabel(ylabel)
@@ -763,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; quick 1)")
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply every task's step budget by this")
-    parser.add_argument("--episodes", type=int, default=None, help="FDSSGD episodes (default 3)")
+    parser.add_argument("--episodes", type=int, default=None, help="FDSSGD and FDSAdamW episodes (default 3)")
     parser.add_argument("--tasks", nargs="*", help="task names (default: all)")
     parser.add_argument("--methods", nargs="*", help="method keys (default: all available)")
     parser.add_argument("--data", help="a regression CSV (header row, target last) for the "

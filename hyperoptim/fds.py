@@ -165,6 +165,15 @@ class FDSSGD(RuleFDS):
             per tangent column; works with ``backward()`` in the closure, DDP,
             ``torch.compile``), or ``"auto"``: exact if the closure returns the loss without
             calling ``backward()``, finite differences if it calls it (default: ``"auto"``).
+        hvp_columns (str, optional): on the exact route, ``"batched"`` takes :math:`H Z` for
+            all columns in one batched double backward, ``"loop"`` one double backward per
+            column, ``"auto"`` measures both the first time each number of columns is in use
+            and keeps the cheaper (``hyper_state["loop_columns"]``; it is saved, so a resumed
+            run takes the same route). Both are exact and agree to rounding, not bit for bit:
+            ``"auto"``, like ``torch.backends.cudnn.benchmark``, can pick differently on
+            another machine. On a CPU the loop was cheaper for layers of width 256 and more,
+            the batch for small models and the character LSTM of ``benchmarks/versus.py``
+            (``benchmarks/fds_scaling.py``). Default: ``"batched"``.
 
     Example:
         >>> import torch
@@ -216,6 +225,7 @@ class FDSSGD(RuleFDS):
         outer_step: str = "log",
         val_closure: Closure | None = None,
         hvp: str = "auto",
+        hvp_columns: str = "batched",
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -236,7 +246,8 @@ class FDSSGD(RuleFDS):
             hz_clip=hz_clip, nesterov=nesterov, dampening=0.0,
             outer_step=outer_step,
         )
-        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
+        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp,
+                         hvp_columns=hvp_columns, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)
 
     def __setstate__(self, state: dict[str, Any]) -> None:

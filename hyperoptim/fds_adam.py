@@ -110,6 +110,8 @@ class FDSAdam(RuleFDS):
             evaluated by :meth:`hyperstep`; may be overridden there (default: None).
         hvp (str, optional): how :math:`H Z` is computed, as for :class:`~hyperoptim.FDSSGD`
             (default: ``"auto"``).
+        hvp_columns (str, optional): batched, per-column or measured :math:`H Z` on the exact
+            route, as for :class:`~hyperoptim.FDSSGD` (default: ``"batched"``).
         decoupled_weight_decay (bool, optional): AdamW's decay (default: False; see
             :class:`FDSAdamW`).
 
@@ -166,6 +168,7 @@ class FDSAdam(RuleFDS):
         outer_step: str = "log",
         val_closure: Closure | None = None,
         hvp: str = "auto",
+        hvp_columns: str = "batched",
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -183,7 +186,8 @@ class FDSAdam(RuleFDS):
             hz_clip=hz_clip,
             outer_step=outer_step,
         )
-        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
+        super().__init__(params, defaults, val_closure=val_closure, hvp=hvp,
+                         hvp_columns=hvp_columns, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)
 
     @classmethod

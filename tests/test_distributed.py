@@ -69,6 +69,11 @@ def _builders() -> dict[str, Callable[..., Any]]:
                                                     update_interval=3, lookback=3, val_closure=v),
         "fds": lambda p, v: hyperoptim.FDSSGD(p, horizon=4, lr=0.05, momentum=0.5,
                                               weight_decay=1e-3, lr_windows=2, val_closure=v),
+        # hvp_columns="auto" times the batched and the looped H Z on each rank: the ranks
+        # must still take one route (the times are averaged), or they would part at rounding.
+        "fds_auto_columns": lambda p, v: hyperoptim.FDSSGD(
+            p, horizon=4, lr=0.05, momentum=0.5, weight_decay=1e-3, lr_windows=2,
+            hvp_columns="auto", val_closure=v),
         "fds_adam": lambda p, v: hyperoptim.FDSAdam(p, horizon=4, lr=0.01, weight_decay=1e-3,
                                                     lr_windows=2, hyper_lr={"lr": 0.005},
                                                     val_closure=v),

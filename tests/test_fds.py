@@ -276,9 +276,10 @@ def test_only_reached_columns_are_stored_and_one_batched_hvp_per_step(monkeypatc
     calls = []
     original = SecondOrder.hvp
 
-    def spy(self, vectors):
+    def spy(self, vectors, **kwargs):
+        assert not kwargs.get("loop", False)  # hvp_columns="batched" by default
         calls.append({v.shape[0] for v in vectors})
-        return original(self, vectors)
+        return original(self, vectors, **kwargs)
 
     monkeypatch.setattr(SecondOrder, "hvp", spy)
     horizon = 9
@@ -508,3 +509,121 @@ def test_a_checkpoint_with_a_nan_value_is_refused_at_load_not_blamed_on_a_schedu
         fresh.load_state_dict(saved)
     assert "scheduler" not in str(info.value)
     assert fresh.state_dict() == before
+
+
+# ----------------------------------------------------------------------------- hvp_columns
+_COLUMNS = dict(horizon=9, lr=0.1, momentum=0.5, lr_windows=3, momentum_windows=2,
+                weight_decay_windows=2, weight_decay=1e-3)
+
+
+def _columns_run(hvp_columns: str, episodes: int = 2, loop_columns: dict | None = None):
+    prob = Problem()
+    opt = prob.optimizer(hvp_columns=hvp_columns, **_COLUMNS)
+    if loop_columns is not None:
+        opt.hyper_state["loop_columns"] = dict(loop_columns)
+    hypergrads = []
+    for _ in range(episodes):
+        prob.reset()
+        hypergrads.append(prob.episode(opt))
+    return prob, opt, hypergrads
+
+
+def test_hvp_columns_loop_equals_the_batched_product_to_rounding():
+    ref, opt_b, h_b = _columns_run("batched")
+    prob, opt_l, h_l = _columns_run("loop")
+    for a, b in zip(h_b, h_l):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+    for k in ref.live:
+        assert torch.allclose(ref.live[k], prob.live[k], rtol=1e-12, atol=1e-15)
+    for n in NAMES:
+        assert opt_l.schedule(n) == pytest.approx(opt_b.schedule(n), rel=1e-12, abs=1e-15)
+    assert "loop_columns" not in opt_l.hyper_state  # a fixed choice measures nothing
+    assert "hvp_columns: loop" in repr(opt_l) and "hvp_columns" not in repr(opt_b)
+
+
+def test_hvp_columns_loop_calls_one_double_backward_per_column(monkeypatch):
+    calls = []
+    original = torch.autograd.grad
+
+    def spy(outputs, inputs, grad_outputs=None, **kwargs):
+        if kwargs.get("is_grads_batched") is not None or grad_outputs is not None:
+            calls.append(bool(kwargs.get("is_grads_batched")))
+        return original(outputs, inputs, grad_outputs=grad_outputs, **kwargs)
+
+    prob = Problem()
+    opt = prob.optimizer(hvp_columns="loop", **_COLUMNS)
+    for t in range(4):
+        opt.step(prob.closure(opt, t))
+    with monkeypatch.context() as m:
+        m.setattr(torch.autograd, "grad", spy)
+        opt.step(prob.closure(opt, 4))
+    n_columns = opt.state[prob.live["w1"]]["fds_z"].shape[0]
+    assert n_columns >= 3 and calls == [False] * n_columns
+
+
+def test_hvp_columns_auto_measures_each_column_count_once_and_keeps_the_choice(monkeypatch):
+    measured = []
+    original = SecondOrder.cheaper_columns
+
+    def spy(self, vectors, repeats=2):
+        measured.append(vectors[0].shape[0])
+        return original(self, vectors, repeats)
+
+    monkeypatch.setattr(SecondOrder, "cheaper_columns", spy)
+    _, opt, _ = _columns_run("auto")
+    chosen = opt.hyper_state["loop_columns"]
+    # One measurement per column count of two or more, in the first episode only.
+    assert measured == sorted(set(measured)) and min(measured) >= 2
+    assert sorted(chosen, key=int) == [str(n) for n in measured]
+    assert all(isinstance(v, bool) for v in chosen.values())
+    assert "hvp_columns: auto" in repr(opt)
+
+
+@pytest.mark.parametrize("loop", [True, False])
+def test_hvp_columns_auto_follows_its_recorded_choice_bit_for_bit(loop):
+    # A recorded choice (a resumed run's) is taken as is, without measuring again: the
+    # trajectory is the fixed route's, bit for bit.
+    counts = {str(n): loop for n in range(2, 8)}
+    ref, opt_fixed, h_fixed = _columns_run("loop" if loop else "batched")
+    prob, opt_auto, h_auto = _columns_run("auto", loop_columns=counts)
+    assert all(torch.equal(a, b) for a, b in zip(h_fixed, h_auto))
+    assert all(torch.equal(ref.live[k], prob.live[k]) for k in ref.live)
+    assert opt_auto.hyper_state["loop_columns"] == counts
+
+
+def test_hvp_columns_auto_choice_resumes_from_a_checkpoint():
+    kwargs = dict(_COLUMNS, hvp_columns="auto")
+    ref = Problem()
+    opt = ref.optimizer(**kwargs)
+    ref.episode(opt)
+    ref.reset()
+    for t in range(5):
+        opt.step(ref.closure(opt, t))
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["hyper_state"]["loop_columns"]
+    resumed = Problem()
+    opt2 = resumed.optimizer(**kwargs)
+    with torch.no_grad():
+        for k, v in resumed.live.items():
+            v.copy_(ref.live[k])
+    opt2.load_state_dict(saved)
+    for o, prob in ((opt, ref), (opt2, resumed)):
+        for t in range(5, 9):
+            o.step(prob.closure(o, t))
+        o.hyperstep()
+    assert opt2.hyper_state == opt.hyper_state
+    assert all(torch.equal(ref.live[k], resumed.live[k]) for k in ref.live)
+
+
+def test_hvp_columns_has_no_choice_on_the_finite_difference_route():
+    prob = Problem()
+    opt = prob.optimizer(hvp_columns="auto", **_COLUMNS)
+    prob.episode(opt, backward=True)
+    assert opt.hvp_route == "finite_difference"
+    assert "loop_columns" not in opt.hyper_state
+
+
+@pytest.mark.parametrize("bad", ["fast", None, 1, "Loop"])
+def test_hvp_columns_rejects_unknown_values(bad):
+    with pytest.raises(ValueError, match="hvp_columns"):
+        Problem().optimizer(hvp_columns=bad, horizon=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import hyperoptim
 import hyperoptim.hvp as hvp_module
 from hyperoptim.core.base import HyperOptimizer
 from hyperoptim.hvp import hvp_from_grads
@@ -132,12 +134,75 @@ def test_columns_of_one_product_retry_their_kinks_alone():
     calls[0] = 0
     (both,) = second.hvp([eye])
     assert calls[0] == 6 + 2  # column 0: three step sizes; column 1: one
+    assert (second.columns, second.retried) == (2, 2)  # what the optimizer counts (below)
     torch.testing.assert_close(both, torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64)),
                                rtol=1e-6, atol=1e-6)
     for j in range(2):
         _, second = opt._training_loss(loss, second_order=True)
         (alone,) = second.hvp([eye[j:j + 1]])
         assert torch.equal(alone[0], both[j])
+
+
+@pytest.mark.parametrize("cls", [hyperoptim.MartheSGD, hyperoptim.FDSSGD])
+def test_the_optimizer_counts_finite_difference_columns_and_kink_retries(cls):
+    """``hyper_state["finite_differences"]`` adds up every column and every kink retry, each two
+    closure calls: with the step's own call, they account for every call of the closure."""
+    w = nn.Parameter(torch.tensor([1e-9, 1.0], dtype=torch.float64))
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        opt.zero_grad()
+        loss = 0.5 * torch.relu(w[0]).pow(2) + 0.5 * w.pow(2).sum() + w.sum()
+        loss.backward()
+        return loss
+
+    kwargs = dict(horizon=6, lr_windows=2) if cls is hyperoptim.FDSSGD else {}
+    opt = cls([w], lr=1e-10, momentum=0.5, val_closure=lambda: (w ** 2).sum(), **kwargs)
+    steps = 5
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            opt.step(closure)
+    # The kink no retry escapes is reported once (then the retries stop), nothing else.
+    assert all("unreliable" in str(r.message) for r in rec), [str(r.message) for r in rec]
+    counts = opt.hyper_state["finite_differences"]
+    assert opt.hvp_route == "finite_difference"
+    assert counts["columns"] > 0 and counts["retried"] > 0  # w0 = 1e-9 sits on the kink
+    assert calls[0] == steps + 2 * (counts["columns"] + counts["retried"])
+
+
+def test_a_step_that_raises_does_not_count_its_finite_differences(monkeypatch):
+    """A step that fails after its product (here in the guard, injected) leaves the counts as
+    they were, with everything else it would have written."""
+    w = nn.Parameter(torch.tensor([0.5, 1.0], dtype=torch.float64))
+    opt = hyperoptim.FDSSGD([w], lr=0.1, momentum=0.5, horizon=6, lr_windows=2)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w ** 4).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    before = copy.deepcopy(opt.hyper_state["finite_differences"])
+    products = []
+    original = hvp_module.SecondOrder._central_differences
+
+    def spy(self, *args):
+        original(self, *args)
+        products.append(self.columns)
+
+    def failing_guard(*args, **kwargs):
+        raise _Boom("the guard failed after the product")
+
+    monkeypatch.setattr(hvp_module.SecondOrder, "_central_differences", spy)
+    monkeypatch.setattr(HyperOptimizer, "_guard_scalars", failing_guard)
+    with pytest.raises(_Boom):
+        opt.step(closure)
+    assert products and products[-1] > 0  # the failing step did take its product
+    assert opt.hyper_state["finite_differences"] == before
 
 
 # ---------------------------------------------------------------------- errors keep their type

@@ -271,10 +271,13 @@ class HyperOptimizer(_Guard, _Closures, _Watchers, _Serialization, Optimizer):
         if closure is None:
             closure = self.train_closure
         self._skip_reason: str | None = None
+        returned = False
         try:
             loss = self._step(closure, val_closure=val_closure)
+            returned = True
         finally:
             self._end_step()
+            self._count_differences(returned)
         if self._skip_reason is not None:
             self._back_off(self._skip_reason)
         self._published()

@@ -362,9 +362,26 @@ class _Closures:
             if origin_grads is not None:
                 origin_grads = [-g for g in origin_grads]
         gradient_at = None if route == "exact" else (lambda: self._gradient_at(closure, used))
-        return SecondOrder(used, route, graph_grads=graph_grads, gradient_at=gradient_at, rng=rng,
-                           kink_check=not self._fd_rough, on_rough=self._note_rough_differences,
-                           origin_grads=origin_grads)
+        handle = SecondOrder(used, route, graph_grads=graph_grads, gradient_at=gradient_at,
+                             rng=rng, kink_check=not self._fd_rough,
+                             on_rough=self._note_rough_differences, origin_grads=origin_grads)
+        if route != "exact":  # its columns and kink retries are counted when the step returns
+            self.__dict__.setdefault("_differences", []).append(handle)
+        return handle
+
+    def _count_differences(self, commit: bool) -> None:
+        """Add this step's finite-difference columns and kink retries to
+        ``hyper_state["finite_differences"]`` (``commit``: the step returned, taken or skipped;
+        otherwise they are dropped with the step)."""
+        handles = self.__dict__.pop("_differences", None)
+        if not commit or not handles:
+            return
+        columns = sum(h.columns for h in handles)
+        retried = sum(h.retried for h in handles)
+        if columns or retried:
+            counts = self.hyper_state.get("finite_differences", {"columns": 0, "retried": 0})
+            self.hyper_state["finite_differences"] = {"columns": counts["columns"] + columns,
+                                                      "retried": counts["retried"] + retried}
 
     def _call_training_closure(self, closure: Closure, params: list[Tensor],
                                before: list[tuple[Tensor | None, int]], second_order: bool

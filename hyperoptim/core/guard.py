@@ -111,44 +111,43 @@ class _Guard:
 
     def _guard_scalars(self, loss: Tensor | None,
                        plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
-                       norms: Sequence[Tensor] | None = None) -> list[Tensor]:
-        r"""Device scalars the guard needs, to join the step's one host sync.
+                       norms: Sequence[Tensor] | None = None) -> Tensor:
+        r"""What the guard reads, as one float64 vector to join the step's one host sync.
 
-        The training loss (0 without one), then per group bounds of :math:`\max|w|`,
-        :math:`\max|g|` and :math:`\max|v|` (weights, training gradients, momentum buffers: the
-        largest 2-norm of their tensors; NaN propagates, so a non-finite gradient shows here).
-        Float64, one fused reduction for all groups. ``norms``: the 2-norms of
-        :meth:`_guard_tensors`' tensors in order, if the caller took them already (under FSDP2,
-        in the step's one all-reduce).
+        The training loss (0 without one), then the 2-norm of every weight, training gradient
+        and momentum buffer of :meth:`_guard_tensors`, group by group (the largest 2-norm of each
+        kind bounds its largest element; NaN propagates, so a non-finite gradient shows here).
+        One fused reduction for all groups, one ``stack``: the maxima per kind are taken on the
+        host by :meth:`_guard_verdict`, which reads the layout this call leaves. ``norms``: the
+        2-norms of :meth:`_guard_tensors`' tensors in order, if the caller took them already
+        (under FSDP2, in the step's one all-reduce).
         """
-        device = next((p.device for _, ps in plans for p in ps), None)
-        # A closure with nothing to differentiate may return any value (as torch allows): 0 then.
-        out = [loss.detach().double().reshape(()) if isinstance(loss, Tensor)
-               else torch.zeros((), dtype=torch.float64, device=device)]
         every = self._guard_tensors(plans)
+        self._guard_layout = [tuple(len(ts) for ts in kinds) for kinds in every]
         # One fused reduction over every list (as torch.nn.utils.clip_grad_norm_ does), with one
         # all-reduce of the squared shard norms under FSDP2. The 2-norm bounds the largest element
         # and is 20x faster on a CPU than the inf-norm; NaN and inf propagate through it.
         all_norms = (list(norms) if norms is not None else
                      tensor_norms([t for kinds in every for ts in kinds for t in ts]))
-        at = 0
-        for kinds in every:
-            norms = all_norms[at:at + sum(len(ts) for ts in kinds)]
-            at += len(norms)
-            start = 0
-            for ts in kinds:
-                part = norms[start:start + len(ts)]
-                start += len(ts)
-                out.append(torch.stack(part).max().double() if part else
-                           torch.zeros((), dtype=torch.float64, device=device))
+        # A closure with nothing to differentiate may return any value (as torch allows): 0 then.
+        if isinstance(loss, Tensor):
+            head = loss.detach().double().reshape(1)
+        else:
+            device = next((p.device for _, ps in plans for p in ps), None)
+            head = torch.zeros(1, dtype=torch.float64, device=device)
+        if not all_norms:
+            return head
         # A Tensor.to() that changes nothing still costs a dispatch: only where a device differs.
-        device = out[0].device
-        return [t if t.device == device else t.to(device) for t in out]
+        device = head.device
+        if any(n.device != device for n in all_norms):
+            all_norms = [n.to(device) for n in all_norms]
+        return torch.cat([head, torch.stack(all_norms).double()])
 
     def _guard_verdict(self, values: Sequence[float],
                        plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
                        hypers: Sequence[dict[str, float]] | None = None) -> str | None:
-        r"""Why the step must be skipped (``None``: it is safe), from :meth:`_guard_scalars`' values.
+        r"""Why the step must be skipped (``None``: it is safe), from :meth:`_guard_scalars`' values
+        (on the host).
 
         ``hypers[i]`` overrides group ``i``'s ``lr``, ``momentum``, ``weight_decay`` (the values
         the step is about to use; a per-weight learning rate is given by its largest element).
@@ -161,23 +160,35 @@ class _Guard:
         loss = values[0]
         if not math.isfinite(loss):
             return "training loss"
-        limit = self._dtype_max()
+        at = 1
         for i, (group, params) in enumerate(plans):
-            w, g, v = values[1 + 3 * i: 4 + 3 * i]
+            w, g, v = _largest_per_kind(values, at, self._guard_layout[i])
+            at += sum(self._guard_layout[i])
             if not params:
                 continue
             if not self._all_finite(w, g, v):
                 w, g, v = self._exact_bounds(plans[i], (w, g, v))
             if not math.isfinite(g):
                 return "training gradient"
-            h = {**group, **(hypers[i] if hypers is not None else {})}
-            a, b, c = abs(h["lr"]), abs(h.get("momentum", 0.0)), abs(h.get("weight_decay", 0.0))
-            damp = abs(1.0 - h.get("dampening", 0.0))
+            over = hypers[i] if hypers is not None else {}
+
+            def value(name: str, default: Any, group: dict[str, Any] = group,
+                      over: dict[str, float] = over) -> Any:
+                return over[name] if name in over else group.get(name, default)
+
+            a, b, c = (abs(value("lr", None)), abs(value("momentum", 0.0)),
+                       abs(value("weight_decay", 0.0)))
+            damp = abs(1.0 - value("dampening", 0.0))
             g1 = g + c * w
             v1 = b * v + max(damp, 1.0) * g1
-            d = g1 + b * v1 if h.get("nesterov") else max(v1, g1)
-            if not all(math.isfinite(x) and x <= limit for x in (a, b, c, g1, v1, d, w + a * d)):
-                return _OVERFLOW
+            d = g1 + b * v1 if value("nesterov", False) else max(v1, g1)
+            bounds = (a, b, c, g1, v1, d, w + a * d)
+            # Within float16's range every dtype holds them (NaN fails the comparison): only
+            # otherwise is the parameters' narrowest range looked up.
+            if not all(x <= _SMALLEST_FLOAT_MAX for x in bounds):
+                limit = self._dtype_max()
+                if not all(math.isfinite(x) and x <= limit for x in bounds):
+                    return _OVERFLOW
         self._watch_divergence(loss, [group["lr"] if hypers is None else hypers[i].get("lr", group["lr"])
                                       for i, (group, _) in enumerate(plans)])
         return None
@@ -225,7 +236,7 @@ class _Guard:
             hypers = [{name: max(group[name], group["lr_bounds"][1] if name == "lr" and
                                  "lr_bounds" in group else top.get(name, LEARNED_LIMIT))
                        for name in self._learned_names(group)} for group, _ in plans]
-        values = torch.stack(self._guard_scalars(loss, plans)).tolist()
+        values = self._guard_scalars(loss, plans).tolist()
         reason = self._guard_verdict(values, plans, hypers)
         if reason is not None:
             self._warn_nonfinite(reason)
@@ -260,3 +271,15 @@ class _Guard:
                 "size is probably too large for this problem's gradient scale: divide it by 10 "
                 "(see README, 'Choosing the hyper-step size'). This warning is shown once."
             )
+
+
+def _largest_per_kind(values: Sequence[float], at: int, layout: tuple[int, ...]
+                      ) -> tuple[float, ...]:
+    """Per kind (weights, gradients, buffers) the largest of its ``layout[k]`` norms in
+    ``values`` from ``at`` on, as ``torch.max`` would give it (NaN wins; 0 for none)."""
+    out = []
+    for count in layout:
+        part = values[at:at + count]
+        at += count
+        out.append(0.0 if not part else math.nan if any(x != x for x in part) else max(part))
+    return tuple(out)

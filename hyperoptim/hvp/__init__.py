@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -222,6 +223,8 @@ class SecondOrder:
         params (list of Tensor): the parameters that received a gradient, in a fixed order;
             :meth:`hvp` takes and returns one tensor per entry.
         route (str): ``"exact"`` or ``"finite_difference"``.
+        columns (int): finite-difference columns taken so far (two closure calls each).
+        retried (int): of those, the ones redone with a 10x smaller step after a kink.
     """
 
     def __init__(self, params: list[Tensor], route: str, *,
@@ -232,6 +235,10 @@ class SecondOrder:
                  on_rough: Callable[[], None] | None = None,
                  origin_grads: list[Tensor] | None = None) -> None:
         self.params = params
+        #: Finite differences taken so far: columns, and columns redone with a smaller step
+        #: (a kink); each costs two closure calls.
+        self.columns = 0
+        self.retried = 0
         self._origin_grads = origin_grads
         self.route = route
         self._graph_grads = graph_grads
@@ -251,13 +258,18 @@ class SecondOrder:
         self._graph_grads = None
         self._gradient_at = None
 
-    def hvp(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+    def hvp(self, vectors: Sequence[Tensor], *, loop: bool = False) -> list[Tensor]:
         r"""Batched :math:`H Z`, averaged across ranks.
 
         Args:
             vectors (sequence of Tensor): ``vectors[i]`` of shape ``(N, *params[i].shape)``;
                 under FSDP2, this rank's shard of each column (``(N, *shard.shape)``, plain or
                 a ``DTensor``).
+            loop (bool): on the exact route, one double backward per column in a Python loop
+                instead of one batched double backward over all columns (``is_grads_batched``).
+                Both are exact and agree to rounding; which is cheaper depends on the model and
+                the device (:meth:`cheaper_columns` measures it). The finite-difference route
+                differentiates column by column either way.
 
         Returns:
             :math:`H Z`, shaped like ``vectors`` (under FSDP2: this rank's shards, plain).
@@ -275,11 +287,48 @@ class SecondOrder:
             if self._graph_grads is None:
                 raise RuntimeError("SecondOrder.hvp() after close()")
             try:
-                local = _local_hvp(self._graph_grads, self.params, vectors, retain_graph=True)
+                local = _local_hvp(self._graph_grads, self.params, vectors, retain_graph=True,
+                                   loop=loop)
             except RuntimeError as err:
                 raise exact_route_error(err) from err
             return all_reduce_mean(local)
         return self._finite_difference(vectors)
+
+    def cheaper_columns(self, vectors: Sequence[Tensor], repeats: int = 2) -> bool:
+        r"""Whether the per-column loop computes this :math:`H Z` faster than the batched
+        double backward, measured on this rank's data (``True``: the loop).
+
+        Each way runs ``repeats`` times, alternating, and the faster time of each counts (the
+        first call of either pays one-off costs). On CUDA the device is synchronised around
+        each timing. Under ``torch.distributed`` the times are averaged across ranks first, so
+        every rank takes the same route and the averaged products stay in lockstep. Only the
+        exact route has the choice (``False`` on the finite-difference route). The products
+        computed here are discarded: the caller asks :meth:`hvp` for the one it uses.
+        """
+        if self.route != "exact" or self._graph_grads is None or not vectors:
+            return False
+        device = vectors[0].device
+
+        def timed(loop: bool) -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            try:
+                _local_hvp(self._graph_grads, self.params, vectors,  # type: ignore[arg-type]
+                           retain_graph=True, loop=loop)
+            except RuntimeError as err:
+                raise exact_route_error(err) from err
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+
+        best = [math.inf, math.inf]
+        for _ in range(repeats):
+            for way in (0, 1):
+                best[way] = min(best[way], timed(bool(way)))
+        (mean,) = all_reduce_mean([torch.tensor(best, dtype=torch.float64, device=device)])
+        batched, looped = mean.tolist()
+        return looped < batched
 
     def _finite_difference(self, vectors: Sequence[Tensor]) -> list[Tensor]:
         if self._gradient_at is None:
@@ -318,7 +367,9 @@ class SecondOrder:
         Column by column the same steps and verdicts as one column at a time, but the kink
         verdicts of all the columns of a round come back in one host read."""
         pending = [(j, h) for j, h in enumerate(steps) if h != 0.0]
+        self.columns += len(pending)
         for retry in range(KINK_RETRIES + 1):
+            self.retried += len(pending) if retry else 0
             flags = [self._central_difference(out, origin, vectors, at_origin, j, h, sharded)
                      for j, h in pending]
             if not self._kink_check or not pending:
@@ -392,11 +443,24 @@ def hvp_from_grads(grads: Sequence[Tensor], params: Sequence[Tensor], vectors: S
 
 
 def _local_hvp(grads: Sequence[Tensor], params: Sequence[Tensor], vectors: Sequence[Tensor],
-               *, retain_graph: bool) -> list[Tensor]:
-    """:func:`hvp_from_grads` on this rank's data alone (no averaging)."""
+               *, retain_graph: bool, loop: bool = False) -> list[Tensor]:
+    """:func:`hvp_from_grads` on this rank's data alone (no averaging); ``loop``: one double
+    backward per column (see :meth:`SecondOrder.hvp`)."""
     out = [torch.zeros_like(v) for v in vectors]
     live = [i for i, g in enumerate(grads) if g.requires_grad]
     if not live:
+        return out
+    n = vectors[live[0]].shape[0]
+    if loop and n > 1:
+        for j in range(n):
+            prods = torch.autograd.grad(
+                [grads[i] for i in live], list(params),
+                grad_outputs=[vectors[i][j] for i in live], allow_unused=True,
+                retain_graph=retain_graph or j < n - 1,
+            )
+            for o, p in zip(out, prods):
+                if p is not None:
+                    o[j] = p
         return out
     # One column: a plain double backward, without vmap over the autograd engine (its per-call
     # overhead is not worth it for a batch of one).

@@ -31,12 +31,16 @@ from ..core.shard import (
 )
 from ..core.types import Closure, ParamsT
 from ..core.warn import warn
+from ..hvp import SecondOrder
 from ..rules.base import UpdateRule, rule_tangents
 from .fds_outer import LOG_STEP, LOG_STEP_MAX, OUTER_STEPS, FDSOuterStep
 
 __all__ = ["LOG_STEP", "LOG_STEP_MAX", "OUTER_STEPS", "RuleFDS"]
 
 _Z = "fds_z"
+#: How :math:`H Z` runs over its columns on the exact route: one batched double backward, a
+#: per-column loop, or whichever a measurement at each new column count finds cheaper.
+HVP_COLUMNS = ("batched", "loop", "auto")
 
 
 def _is_count(value: Any) -> bool:
@@ -120,17 +124,31 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
     _supports_fsdp2 = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *,
-                 val_closure: Closure | None = None, hvp: str = "auto", maximize: bool = False,
+                 val_closure: Closure | None = None, hvp: str = "auto",
+                 hvp_columns: str = "batched", maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None,
                  differentiable: bool = False) -> None:
         horizon = defaults["horizon"]
         check_value("horizon", horizon, _is_count(horizon) and horizon >= 1)
+        check_value("hvp_columns", hvp_columns,
+                    isinstance(hvp_columns, str) and hvp_columns in HVP_COLUMNS)
+        self.hvp_columns = hvp_columns
         # A subclass that does not pass outer_step (written before it existed) keeps the
         # paper's step, as IFT's _setup keeps the paper's interval; the public classes pass "log".
         defaults = self._checked_options({"outer_step": "additive", **defaults}, horizon)
         super().__init__(params, defaults, val_closure=val_closure, hvp=hvp, maximize=maximize,
                          foreach=foreach, fused=fused, differentiable=differentiable)
         self.hyper_state.update(step=0, episode=0, outer={}, episode_skipped=0)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("hvp_columns", "batched")  # pickled before the choice existed
+        super().__setstate__(state)
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        if self.hvp_columns != "batched":
+            text = text[:-1] + f"hvp_columns: {self.hvp_columns}\n)"
+        return text
 
     # ------------------------------------------------------------------ values in groups
     @classmethod
@@ -341,10 +359,12 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
             )
         loss, second = self._training_loss(closure, second_order=n_prev > 0)
         hz: dict[Tensor, Tensor] = {}
+        measured: dict[str, bool] = {}
         if second is not None:
             with second:
                 zs = [self._tangent(p, _Z, n_prev) for p in second.params]
-                hz = dict(zip(second.params, second.hvp(zs), strict=True))
+                loop, measured = self._loop_columns(second, zs, n_prev)
+                hz = dict(zip(second.params, second.hvp(zs, loop=loop), strict=True))
         self._take_user_values(t)
         groups = [(gi, group, self._params_with_grad(group))
                   for gi, group in enumerate(self.param_groups)]
@@ -354,6 +374,7 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
             # tangent is Z itself); the episode clock still advances so that the loop's horizon
             # holds. hyperstep() records the count as "skipped_steps".
             self.hyper_state["episode_skipped"] = self.hyper_state.get("episode_skipped", 0) + 1
+            self._commit_columns(measured)
             self.hyper_state["step"] = t + 1
             self._publish(t + 1)
             return loss
@@ -363,9 +384,32 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
                 # FSDP2: the rule and its tangents are elementwise, run on this rank's shards.
                 with local_parameters(self.state, params, hz) as shards:
                     self._group_step(gi, group, shards, t, n_active, index, hz)
+        self._commit_columns(measured)
         self.hyper_state["step"] = t + 1
         self._publish(t + 1)
         return loss
+
+    def _loop_columns(self, second: SecondOrder, zs: list[Tensor], n: int
+                      ) -> tuple[bool, dict[str, bool]]:
+        """Whether :math:`H Z` of ``n`` columns runs as a per-column loop (``hvp_columns``), and
+        a new measurement to keep (``"auto"`` measures once per column count, on the exact
+        route; :meth:`~hyperoptim.hvp.SecondOrder.cheaper_columns`)."""
+        if self.hvp_columns != "auto":
+            return self.hvp_columns == "loop", {}
+        if second.route != "exact" or n < 2:
+            return False, {}
+        chosen = self.hyper_state.get("loop_columns", {})
+        if str(n) in chosen:
+            return bool(chosen[str(n)]), {}
+        loop = second.cheaper_columns(zs)
+        return loop, {str(n): loop}
+
+    def _commit_columns(self, measured: dict[str, bool]) -> None:
+        """Keep a measured choice with the step (``hyper_state["loop_columns"]``: column count
+        -> loop or not), so that a resumed run takes the same route."""
+        if measured:
+            self.hyper_state["loop_columns"] = {**self.hyper_state.get("loop_columns", {}),
+                                                **measured}
 
     def _dcp_creates_state(self) -> bool:
         """Is this ``step()`` without a closure torch.distributed.checkpoint's, which creates a

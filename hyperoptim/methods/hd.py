@@ -353,7 +353,7 @@ class RuleHypergrad(TunedGroups, HyperOptimizer):
             scalars, losses, norms = self._complete_shards(scalars, losses, groups, sharded)
         scalars = scalars + losses
         guard = self._guard_scalars(loss, groups, norms)
-        values = _host_floats(scalars + guard)
+        values = _host_floats(scalars, guard)
         values, checked = values[: len(scalars)], values[len(scalars):]
         if not reads_loss:
             return values, checked, None
@@ -613,11 +613,12 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a, b) if a.dim() == 1 else torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def _host_floats(scalars: list[Tensor]) -> list[float]:
-    """0-d tensors to Python floats with one host sync (one ``stack`` when dtypes agree)."""
+def _host_floats(scalars: list[Tensor], tail: Tensor) -> list[float]:
+    """0-d tensors, then the float64 vector ``tail``, to Python floats with one host sync (one
+    ``stack`` of the scalars, one conversion when their dtypes agree)."""
     if not scalars:
-        return []
+        return tail.tolist()
     dtype = scalars[0].dtype
     if any(t.dtype != dtype for t in scalars):
         scalars = [t.double() for t in scalars]
-    return torch.stack(scalars).tolist()
+    return torch.cat([torch.stack(scalars).double(), tail]).tolist()
