@@ -1,6 +1,6 @@
 """FDSSGD's cost as the number of tangent columns N and the horizon T grow.
 
-Four measurements, each printed as a table:
+Five measurements, each printed as a table:
 
 1. **Per-step time** of a full training step (forward, backward, optimizer) for N = 1, 3, 9, 27
    learning-rate columns, relative to ``torch.optim.SGD`` on the same model and batches:
@@ -23,6 +23,10 @@ Four measurements, each printed as a table:
    buffer, peak over the episode, plus the largest autograd graph one step keeps for its HVP)
    against the exact reverse-mode unroll (``hyperoptim.reference.unrolled_hypergrad``: the tensors
    its graph saves for backward, counted with ``saved_tensors_hooks``), float64 on the same MLP.
+
+5. **A recurrent model**: an FDSSGD step on ``benchmarks/versus.py``'s character LSTM against an
+   SGD step, on the exact route batched, looped and ``hvp_columns="auto"``, and on the
+   finite-difference route, in thread CPU time (``--no-lstm`` skips it).
 
 Run:
     python benchmarks/fds_scaling.py                      # a few minutes on 2 CPU cores
@@ -131,13 +135,12 @@ def per_step_times(n_columns: list[int], hidden: int, batch: int, repeats: int, 
         fds = FDSSGD(fds_model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD,
                      horizon=horizon, lr_windows=n, tune=("lr",))
 
-        def fds_closure(t: int, model=fds_model, opt=fds) -> Callable[[], Tensor]:
+        def fds_closure(t: int, model=fds_model) -> Callable[[], Tensor]:
+            # Returns the loss without backward(): the exact route (batched double backward),
+            # what the loop below computes column by column.
             def closure() -> Tensor:
                 x, y = data.batch(t)
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
+                return F.cross_entropy(model(x), y)
             return closure
 
         start = horizon - window + 1
