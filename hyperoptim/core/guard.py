@@ -131,17 +131,16 @@ class _Guard:
                      tensor_norms([t for kinds in every for ts in kinds for t in ts]))
         # A closure with nothing to differentiate may return any value (as torch allows): 0 then.
         if isinstance(loss, Tensor):
-            head = loss.detach().double().reshape(1)
+            head = loss.detach().double().reshape(())
         else:
             device = next((p.device for _, ps in plans for p in ps), None)
-            head = torch.zeros(1, dtype=torch.float64, device=device)
-        if not all_norms:
-            return head
+            head = torch.zeros((), dtype=torch.float64, device=device)
         # A Tensor.to() that changes nothing still costs a dispatch: only where a device differs.
         device = head.device
         if any(n.device != device for n in all_norms):
             all_norms = [n.to(device) for n in all_norms]
-        return torch.cat([head, torch.stack(all_norms).double()])
+        # One stack; the float64 loss promotes the norms (exactly) to float64.
+        return torch.stack([head, *all_norms])
 
     def _guard_verdict(self, values: Sequence[float],
                        plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
