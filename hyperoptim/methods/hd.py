@@ -615,10 +615,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 def _host_floats(scalars: list[Tensor], tail: Tensor) -> list[float]:
     """0-d tensors, then the float64 vector ``tail``, to Python floats with one host sync (one
-    ``stack`` of the scalars, one conversion when their dtypes agree)."""
+    ``stack``; type promotion takes every value to float64 exactly)."""
     if not scalars:
         return tail.tolist()
-    dtype = scalars[0].dtype
-    if any(t.dtype != dtype for t in scalars):
-        scalars = [t.double() for t in scalars]
-    return torch.cat([torch.stack(scalars).double(), tail]).tolist()
+    return torch.cat([torch.stack(scalars), tail]).tolist()
