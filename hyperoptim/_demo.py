@@ -3,9 +3,9 @@
 The data ship with scikit-learn (no download). A small MLP trains from deliberately poor
 hyperparameters with ``torch.optim.SGD`` at those settings, ``torch.optim.SGD`` at hand-tuned
 settings (the reference), and the four hyperoptim optimizers; with ``--inner adam``, Adam at a
-poor and at its default learning rate, ``HypergradAdam`` and ``MartheAdam``. Train, validation and test splits
-are separate; the hypergradients see the validation split only, the test split is used once, for
-the final table.
+poor and at its default learning rate, ``HypergradAdam``, ``MartheAdam`` and ``IFTAdam``. Train,
+validation and test splits are separate; the hypergradients see the validation split only, the
+test split is used once, for the final table.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .fds import FDSSGD
 from .hd import HypergradSGD
 from .hd_adam import HypergradAdam
 from .ift import IFTOptimizer
+from .ift_adam import IFTAdam
 from .marthe import MartheSGD
 from .marthe_adam import MartheAdam
 
@@ -41,7 +42,7 @@ TUNED_ADAM = dict(lr=1e-3)
 
 METHODS = ("sgd-poor", "sgd-tuned", "hd", "marthe", "ift", "fds")
 #: ``--inner adam``: the same comparison with Adam as the inner optimizer.
-ADAM_METHODS = ("adam-poor", "adam-tuned", "hd-adam", "marthe-adam")
+ADAM_METHODS = ("adam-poor", "adam-tuned", "hd-adam", "marthe-adam", "ift-adam")
 ALL_METHODS = METHODS + ADAM_METHODS
 COLORS = {
     "sgd-poor": "tab:gray",
@@ -54,6 +55,7 @@ COLORS = {
     "adam-tuned": "black",
     "hd-adam": "tab:olive",
     "marthe-adam": "tab:orange",
+    "ift-adam": "tab:cyan",
 }
 LABELS = {
     "sgd-poor": "SGD (poor start, fixed)",
@@ -66,13 +68,15 @@ LABELS = {
     "adam-tuned": "Adam (default lr, fixed)",
     "hd-adam": "HypergradAdam",
     "marthe-adam": "MartheAdam",
+    "ift-adam": "IFTAdam",
 }
 
 
 #: Line widths of the tuned online methods, narrower in the order they are drawn: at their
 #: defaults HypergradSGD and MartheSGD (MARTHE starts at mu = 0, HD on the validation loss) take
 #: the same learning rates for their first steps, and the later line must not hide the earlier.
-TUNED_WIDTHS = {"hd": 2.8, "marthe": 2.2, "ift": 1.8, "hd-adam": 2.8, "marthe-adam": 2.2}
+TUNED_WIDTHS = {"hd": 2.8, "marthe": 2.2, "ift": 1.8, "hd-adam": 2.8, "marthe-adam": 2.2,
+                "ift-adam": 1.8}
 
 
 class DemoExtrasMissing(ImportError):
@@ -175,6 +179,8 @@ def _optimizer(name: str, model: nn.Module,
         return HypergradAdam(params, **POOR_ADAM, val_closure=val_closure)
     if name == "marthe-adam":
         return MartheAdam(params, **POOR_ADAM, val_closure=val_closure)
+    if name == "ift-adam":
+        return IFTAdam(params, **POOR_ADAM, val_closure=val_closure)
     raise ValueError(f"Invalid optimizer value: {name!r}")
 
 

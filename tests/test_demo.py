@@ -174,7 +174,8 @@ def _recorder(calls):
     return build
 
 
-@pytest.mark.parametrize("name", ["hd", "marthe", "ift", "fds", "hd-adam", "marthe-adam"])
+@pytest.mark.parametrize("name", ["hd", "marthe", "ift", "fds", "hd-adam", "marthe-adam",
+                                  "ift-adam"])
 def test_demo_runs_every_hyperoptim_class_at_its_defaults(name, monkeypatch):
     """The demo shows what a user gets without choosing anything: each class is given only the
     poor start and the validation closure (FDSSGD also its episode's length, which it requires,
@@ -182,7 +183,8 @@ def test_demo_runs_every_hyperoptim_class_at_its_defaults(name, monkeypatch):
     import hyperoptim._demo as demo
 
     classes = {"hd": "HypergradSGD", "marthe": "MartheSGD", "ift": "IFTOptimizer",
-               "fds": "FDSSGD", "hd-adam": "HypergradAdam", "marthe-adam": "MartheAdam"}
+               "fds": "FDSSGD", "hd-adam": "HypergradAdam", "marthe-adam": "MartheAdam",
+               "ift-adam": "IFTAdam"}
     calls: list[dict] = []
     monkeypatch.setattr(demo, classes[name], _recorder(calls))
     model = demo.make_model(0)
