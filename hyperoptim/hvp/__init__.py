@@ -286,13 +286,16 @@ class SecondOrder:
         if self.route == "exact":
             if self._graph_grads is None:
                 raise RuntimeError("SecondOrder.hvp() after close()")
-            try:
-                local = _local_hvp(self._graph_grads, self.params, vectors, retain_graph=True,
-                                   loop=loop)
-            except RuntimeError as err:
-                raise exact_route_error(err) from err
-            return all_reduce_mean(local)
+            return all_reduce_mean(self._exact_local(vectors, loop))
         return self._finite_difference(vectors)
+
+    def _exact_local(self, vectors: Sequence[Tensor], loop: bool) -> list[Tensor]:
+        """This rank's :math:`H Z` by double backward; an error names the other route."""
+        try:
+            return _local_hvp(cast(list[Tensor], self._graph_grads), self.params, vectors,
+                              retain_graph=True, loop=loop)
+        except RuntimeError as err:
+            raise exact_route_error(err) from err
 
     def cheaper_columns(self, vectors: Sequence[Tensor], repeats: int = 2) -> bool:
         r"""Whether the per-column loop computes this :math:`H Z` faster than the batched
@@ -313,11 +316,7 @@ class SecondOrder:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            try:
-                _local_hvp(self._graph_grads, self.params, vectors,  # type: ignore[arg-type]
-                           retain_graph=True, loop=loop)
-            except RuntimeError as err:
-                raise exact_route_error(err) from err
+            self._exact_local(vectors, loop)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return time.perf_counter() - start
@@ -369,7 +368,8 @@ class SecondOrder:
         pending = [(j, h) for j, h in enumerate(steps) if h != 0.0]
         self.columns += len(pending)
         for retry in range(KINK_RETRIES + 1):
-            self.retried += len(pending) if retry else 0
+            if retry:
+                self.retried += len(pending)
             flags = [self._central_difference(out, origin, vectors, at_origin, j, h, sharded)
                      for j, h in pending]
             if not self._kink_check or not pending:
