@@ -57,8 +57,8 @@ import functools
 import math
 from typing import Any, ClassVar
 
-__all__ = ["POLICIES", "AdamLog", "Additive", "Growth", "HyperStep", "Multiplicative",
-           "ScaleFree", "resolve"]
+__all__ = ["POLICIES", "RUNAWAY_STATE", "AdamLog", "Additive", "Growth", "HyperStep",
+           "Multiplicative", "ScaleFree", "react", "resolve"]
 
 
 def _cosine(h: float, norm: float) -> float | None:
@@ -278,26 +278,21 @@ class ScaleFree(HyperStep):
     uses_loss: ClassVar[bool] = True
 
     def init_state(self, value: float) -> dict[str, float]:
-        return {"m": 0.0, "v": 0.0, "t": 0.0, "seen": 0.0, "first": 0.0, "ema": 0.0,
-                "low": 0.0, "prev": 0.0, "alarmed": 0.0, "peak": 0.0}
+        return {"m": 0.0, "v": 0.0, "t": 0.0, **RUNAWAY_STATE}
 
     def update(self, value: float, h: float, norm: float, state: dict[str, float], *,
                momentum: float = 0.0, loss: float | None = None
                ) -> tuple[float, dict[str, float]]:
         if loss is None or not math.isfinite(loss):
             return self._log_step(value, h, state)
-        alarm, rising, state = self._watch(loss, state)
-        if not alarm:
-            return self._log_step(value, h, {**state, "alarmed": 0.0})
+        divisor, state = react(loss, state, shrink=self.shrink, smooth=self.smooth)
+        if divisor is None:
+            return self._log_step(value, h, state)
         # A runaway: no step on its hypergradient (the one-step signal can still ask for more
         # as the loss explodes), and its hypergradients are kept out of the moments (a second
         # moment that remembers them holds the value still for hundreds of steps afterwards).
-        # Only a new high since the alarm began shrinks again: a loss stuck high (a broken run,
-        # minibatch noise around it) would otherwise take the value to 0.
-        higher = not state.get("alarmed", 0.0) or loss > state["peak"]
-        return (value / self.shrink if rising and higher else value,
-                {**state, "m": 0.0, "v": 0.0, "t": 0.0, "alarmed": 1.0,
-                 "peak": loss if higher else state["peak"]})
+        return value / divisor if divisor != 1.0 else value, {**state, "m": 0.0, "v": 0.0,
+                                                              "t": 0.0}
 
     def _log_step(self, value: float, h: float, state: dict[str, float]
                   ) -> tuple[float, dict[str, float]]:
@@ -315,21 +310,56 @@ class ScaleFree(HyperStep):
         step = self.up * max(r, -self.cap) if r < 0.0 else self.down * r
         return value * math.exp(-step), {**state, **moments}
 
-    def _watch(self, loss: float, state: dict[str, float]
-               ) -> tuple[bool, bool, dict[str, float]]:
-        """``(alarm, rising, state)``: whether the finite training ``loss`` is above the run's
-        own scale, whether it is still rising, and the state with the loss recorded."""
-        if state["seen"] == 0.0:
-            return False, False, {**state, "seen": 1.0, "first": loss, "ema": loss, "low": loss,
-                                  "prev": loss}
-        ema = (1.0 - self.smooth) * state["ema"] + self.smooth * loss
-        low = min(state["low"], ema)
-        scale = max(state["first"] - low, abs(low))
-        return (loss > low + scale, loss > state["prev"],
-                {**state, "ema": ema, "low": low, "prev": loss})
-
     def phase(self, state: dict[str, float]) -> float:
         return 1.0
+
+
+#: The state :func:`react` starts from (plain floats: a ``state_dict`` resumes it exactly).
+RUNAWAY_STATE: dict[str, float] = {"seen": 0.0, "first": 0.0, "ema": 0.0, "low": 0.0, "prev": 0.0,
+                                   "alarmed": 0.0, "peak": 0.0}
+
+
+def react(loss: float, state: dict[str, float], *, shrink: float = 10.0, smooth: float = 0.1,
+          margin: float = 1.0) -> tuple[float | None, dict[str, float]]:
+    r"""The reactive decrease of :class:`ScaleFree` (2. in its docstring), on its own: what a
+    finite training ``loss`` says about the learning rate, and the watch's next state.
+
+    Returns ``(divisor, state)``: ``divisor`` is ``None`` while the loss stays within the run's
+    own scale (:math:`L_t \le \ell + \max(L_0 - \ell, |\ell|)`, :math:`\ell` the smoothed
+    running minimum), else ``shrink`` at a new high of a loss still rising since the alarm began,
+    and ``1.0`` otherwise (a loss stuck high, or noise around it: shrinking there would take the
+    value to 0). Nothing is modified; the caller commits ``state`` when its step is taken.
+    :class:`ScaleFree` reads it at every hyper-step, and :class:`~hyperoptim.IFTOptimizer` (and
+    the other IFT classes) at every step, where their hyper-updates come too seldom to catch a
+    runaway (``reactive_decrease``).
+
+    Example:
+        >>> state = dict(RUNAWAY_STATE)
+        >>> for loss in (1.0, 0.9, 3.0, 9.0):
+        ...     divisor, state = react(loss, state)
+        >>> divisor   # 9.0 is a new high of a runaway
+        10.0
+    """
+    alarm, rising, state = _watch(loss, state, smooth, margin)
+    if not alarm:
+        return None, {**state, "alarmed": 0.0}
+    higher = not state.get("alarmed", 0.0) or loss > state["peak"]
+    return (shrink if rising and higher else 1.0,
+            {**state, "alarmed": 1.0, "peak": loss if higher else state["peak"]})
+
+
+def _watch(loss: float, state: dict[str, float], smooth: float, margin: float
+           ) -> tuple[bool, bool, dict[str, float]]:
+    """``(alarm, rising, state)``: whether the finite training ``loss`` is above the run's own
+    scale, whether it is still rising, and the state with the loss recorded."""
+    if state["seen"] == 0.0:
+        return False, False, {**state, "seen": 1.0, "first": loss, "ema": loss, "low": loss,
+                              "prev": loss}
+    ema = (1.0 - smooth) * state["ema"] + smooth * loss
+    low = min(state["low"], ema)
+    scale = max(state["first"] - low, abs(low))
+    return loss > low + margin * scale, loss > state["prev"], {**state, "ema": ema, "low": low,
+                                                                "prev": loss}
 
 
 #: Every policy by its name.

@@ -342,8 +342,8 @@ def thesis_adaptive(params: ParamsT, lr: float = 0.1, momentum: float = 0.9,
                     weight_decay: float = 1e-4, *, sharing: str = "unit",
                     update_interval: int = 100, lookback: int = 5,
                     weight_decay_step: float = 0.01, lr_step: float = 0.2,
-                    update_schedule: str = "fixed", val_closure: Closure | None = None,
-                    **kwargs: Any) -> IFTOptimizer:
+                    update_schedule: str = "fixed", reactive_decrease: bool = False,
+                    val_closure: Closure | None = None, **kwargs: Any) -> IFTOptimizer:
     r"""The adaptive method of the DrMAD thesis (Sections 2.2, 2.4, 3.2.2) as an IFTOptimizer.
 
     Per-unit (``sharing="unit"``, the thesis' choice for dense layers) or per-weight
@@ -365,6 +365,8 @@ def thesis_adaptive(params: ParamsT, lr: float = 0.1, momentum: float = 0.9,
         lr_step (float, optional): sign step in natural-log learning rate (default: 0.2).
         update_schedule (str, optional): as for :class:`IFTOptimizer`; the thesis' fixed
             interval by default (default: ``"fixed"``).
+        reactive_decrease (bool, optional): as for :class:`IFTOptimizer`; off by default, as in
+            the thesis (default: False).
         val_closure (callable, optional): the validation loss.
         **kwargs: passed on to :class:`IFTOptimizer` (e.g. ``update_timing``, ``lr_bounds``).
 
@@ -386,5 +388,6 @@ def thesis_adaptive(params: ParamsT, lr: float = 0.1, momentum: float = 0.9,
                         tune=("lr", "weight_decay"), per_parameter_lr=True,
                         per_parameter_weight_decay=True, sharing=sharing,
                         update_interval=update_interval, lookback=lookback,
-                        update_schedule=update_schedule, hyper_optimizer=factory,
+                        update_schedule=update_schedule, reactive_decrease=reactive_decrease,
+                        hyper_optimizer=factory,
                         val_closure=val_closure, **kwargs)

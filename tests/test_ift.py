@@ -192,7 +192,8 @@ def test_hypergradient_equals_closed_form_from_explicit_jacobians(
                        update_interval=interval, update_schedule="fixed", lookback=lookback,
                        update_timing=timing,
                        lr_bounds=(1e-10, 1e6),  # wide: the learning rate's clamp must not bind
-                       hyper_optimizer=torch.optim.SGD, hyper_lr=1.0, val_closure=net.val_loss)
+                       hyper_optimizer=torch.optim.SGD, hyper_lr=1.0, val_closure=net.val_loss,
+                       reactive_decrease=False)  # the hypergradient at the values it froze
     # "taken": the hyper-update ends step interval - 1 and differentiates that step's update;
     # "next": it starts step interval and differentiates the update that step takes.
     t_hyper = interval - 1 if timing == "taken" else interval
@@ -425,7 +426,7 @@ def test_zero_hyper_lr_is_bit_identical_to_torch_sgd(config, dtype):
                           lr=0.05, **sgd_kwargs)
     opt = IFTOptimizer([{"params": [b.params[0]]}, {"params": [b.params[1]], "lr": 0.02}],
                        lr=0.05, update_interval=3, update_schedule="fixed", lookback=2, hyper_lr=0.0,
-                       val_closure=b.val_loss, **config)
+                       val_closure=b.val_loss, reactive_decrease=False, **config)
     for t in range(10):
         ref.step(a.closure(ref, t))
         opt.step(b.closure(opt, t))
@@ -526,7 +527,8 @@ def test_validation_only_at_hyper_updates_and_nan_skips_that_step():
 def test_assignment_to_param_groups_restarts_the_transform():
     net = Net(4)
     opt = IFTOptimizer(net.params, lr=0.05, momentum=0.5, weight_decay=1e-3, update_interval=2,
-                       update_schedule="fixed", lookback=2, val_closure=net.val_loss)
+                       update_schedule="fixed", lookback=2, val_closure=net.val_loss,
+                       reactive_decrease=False)  # only the assignment changes the lr here
     for t in range(4):  # hyper-updates end steps 1 and 3
         opt.step(net.closure(opt, t))
     opt.param_groups[0]["lr"] = 0.01
@@ -560,7 +562,8 @@ def test_tuned_values_at_the_edge_of_their_transform_start_inside_it():
     opt = IFTOptimizer(net.params, lr=0.05, val_closure=net.val_loss)
     group = opt.param_groups[0]
     assert group["momentum"] == MOMENTUM_RANGE[0] and group["weight_decay"] == WEIGHT_DECAY_FLOOR
-    fixed = IFTOptimizer(net.params, lr=0.05, tune=("lr",), val_closure=net.val_loss)
+    fixed = IFTOptimizer(net.params, lr=0.05, tune=("lr",), val_closure=net.val_loss,
+                         reactive_decrease=False)  # this net's noisy batches would trip it
     assert fixed.param_groups[0]["momentum"] == 0.0 and fixed.param_groups[0]["weight_decay"] == 0.0
     for t in range(3):
         fixed.step(net.closure(fixed, t))
@@ -707,7 +710,7 @@ def test_zero_gradient_parameter_stays_with_a_tuned_decay_from_zero(per_paramete
     ref = torch.optim.SGD(a.params + [still_a], lr=0.05, momentum=0.9, weight_decay=0.0)
     opt = IFTOptimizer(b.params + [still_b], lr=0.05, momentum=0.9, weight_decay=0.0,
                        per_parameter_weight_decay=per_parameter, update_interval=3, lookback=2,
-                       hyper_lr=0.0, val_closure=b.val_loss)
+                       hyper_lr=0.0, val_closure=b.val_loss, reactive_decrease=False)
     assert opt.param_groups[0]["weight_decay"] == WEIGHT_DECAY_FLOOR
     for t in range(9):
         for net, o, still in ((a, ref, still_a), (b, opt, still_b)):
@@ -841,7 +844,8 @@ def test_resume_mid_warmup_in_lockstep(cls):
         # Starts whose warm-up ends after the resume (within 100 steps).
         return getattr(hyperoptim, cls)(net.params, lr=1e-3 if cls == "IFTOptimizer" else 1e-2,
                                         update_interval=4, lookback=3, update_schedule="warmup",
-                                        val_closure=net.val_loss, **kwargs)
+                                        val_closure=net.val_loss, reactive_decrease=False,
+                                        **kwargs)
 
     a = Net(0)
     opt = build(a)

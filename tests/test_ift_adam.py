@@ -51,6 +51,7 @@ def test_zero_hyper_lr_is_bit_identical_to_torch(kind, config, timing, dtype):
                   foreach=False, **torch_kwargs)
     opt = cls([{"params": [b.params[0]]}, {"params": [b.params[1]], "lr": 0.02}], lr=0.05,
               update_interval=3, update_schedule="fixed", lookback=2, hyper_lr=0.0, update_timing=timing,
+              reactive_decrease=False,
               val_closure=b.val_loss, **config)
     for t in range(10):
         ref.step(a.closure(ref, t))
@@ -333,7 +334,7 @@ def test_zero_gradient_parameter_stays_at_zero_hyper_lr(kind):
         torch.ones(3, dtype=b.params[0].dtype))
     ref = ref_cls(a.params + [still_a], lr=0.05, weight_decay=0.0, foreach=False)
     opt = cls(b.params + [still_b], lr=0.05, weight_decay=0.0, update_interval=3, lookback=2,
-              hyper_lr=0.0, val_closure=b.val_loss)
+              hyper_lr=0.0, val_closure=b.val_loss, reactive_decrease=False)
     for t in range(9):
         for net, o, still in ((a, ref, still_a), (b, opt, still_b)):
             closure = net.closure(o, t)

@@ -29,7 +29,9 @@ class GenericIFT(IFTOptimizer):
 
 def _run(cls, config: dict, steps: int, seed: int = 0):
     net = Net(seed)
-    kwargs = dict(update_interval=2, lookback=3, hyper_lr=0.05) | config
+    # The fast path and the generic function are compared on the hyper-updates; the reactive
+    # decrease (which this net's 4x batch-to-batch losses trip) is beside that comparison.
+    kwargs = dict(update_interval=2, lookback=3, hyper_lr=0.05, reactive_decrease=False) | config
     opt = cls(net.params, val_closure=net.val_loss, **kwargs)
     for t in range(steps):
         opt.step(net.closure(opt, t))

@@ -32,6 +32,14 @@ from .warn import warn
 _T = TypeVar("_T")
 
 
+def _loss_scalar(loss: Any, params: Sequence[Tensor]) -> Tensor:
+    """The closure's loss as a float64 0-d tensor to average across ranks (NaN where it is not a
+    one-element tensor: a closure may return any value where nothing is differentiated)."""
+    if isinstance(loss, Tensor) and loss.numel() == 1:
+        return loss.detach().reshape(()).double()
+    return torch.full((), float("nan"), dtype=torch.float64, device=params[0].device)
+
+
 def _grad_snapshot(params: Sequence[Tensor]) -> list[tuple[Tensor | None, int]]:
     # Holding the tensors keeps their ids from being reused; the version catches in-place accumulation.
     return [(p.grad, p.grad._version if p.grad is not None else -1) for p in params]
@@ -75,13 +83,15 @@ class _Closures:
         return out
 
     def _agreed(self, failure: Exception | None, tensors: Sequence[Tensor] = (),
-                synced: Sequence[bool] = ()) -> list[Tensor]:
+                synced: Sequence[bool] = (), scalars: Sequence[Tensor] = ()) -> list[Tensor]:
         """:meth:`_average` of ``tensors`` carrying this rank's verdict on its step so far
         (docs/design.md §8, "A step that fails on one rank"): one element more in the collective
         of the first tensor averaged, or one scalar all-reduce where nothing is averaged. Raises
         on every rank, here, if the step failed on any (:func:`~hyperoptim.core.dist.settle`).
         Only under ``torch.distributed``; ``tensors`` of a failed rank are placeholders of the
-        same shapes, so that every rank sends the same collective."""
+        same shapes, so that every rank sends the same collective. ``scalars`` (0-d tensors)
+        ride in the verdict's slot; their means over the ranks are left, as floats, in
+        ``_agreed_scalars`` (read on the host with the verdict: no sync of their own)."""
         if failure is None:  # a training closure that failed under a deferred verdict
             failure = self.__dict__.get("_pending_failure")
         own = next((t for t, done in zip(tensors, synced) if not done), None)
@@ -89,12 +99,16 @@ class _Closures:
         device = own.device if own is not None else (params[0].device if params else None)
         batch = self.__dict__.get("local_batch_size")
         slot = verdict(failure, own, device or torch.device("cpu"), batch)
+        width = slot.numel()
+        if scalars:
+            slot = torch.cat([slot, torch.stack([s.detach().reshape(()).to(slot) for s in scalars])])
         timeout = self.__dict__.get("agreement_timeout", AGREEMENT_TIMEOUT)
         *out, slot = self._failing_first(
             lambda: self._average([*tensors, slot], [*synced, False], timeout=timeout), failure)
         values = settle(type(self).__name__, slot, failure, timeout=timeout)
         if own is None:
-            self._check_batches(values, batch)
+            self._check_batches(values[:width], batch)
+        self.__dict__["_agreed_scalars"] = values[width:]
         return out
 
     def _defers_verdict(self, params: Sequence[Tensor]) -> bool:
@@ -218,7 +232,8 @@ class _Closures:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def _training_loss(self, closure: Closure | None, *, second_order: bool = False,
-                       defer: bool = False) -> tuple[Tensor | None, SecondOrder | None]:
+                       defer: bool = False, share_loss: bool = False
+                       ) -> tuple[Tensor | None, SecondOrder | None]:
         r"""Run the training ``closure`` so that ``p.grad`` holds the gradient of its loss.
 
         The closure recomputes the loss from the live parameters and returns it; it may call
@@ -233,6 +248,11 @@ class _Closures:
         returned the loss without calling ``backward()``, finite differences if it called it).
         Callers close it when done.
 
+        With ``share_loss=True`` under ``torch.distributed`` (and a verdict that is not
+        deferred), the loss's mean over the ranks rides in the step's agreement and is left in
+        ``_agreed_scalars`` (NaN where a closure returned no tensor), for a caller whose
+        decisions read the loss and must be the same on every rank.
+
         Returns:
             ``(loss, second)``: the closure's loss (``None`` without a closure) and the
             second-order handle (``None`` unless ``second_order``).
@@ -242,6 +262,7 @@ class _Closures:
                 ``hvp="exact"`` with a closure that calls ``backward()`` itself.
         """
         # A step that raised left these behind (on every rank alike).
+        self.__dict__.pop("_shared_loss", None)
         self.__dict__.pop("_pending_verdict", None)
         self.__dict__.pop("_pending_failure", None)
         if closure is None:
@@ -266,7 +287,9 @@ class _Closures:
         elif world_size() > 1:
             # The step's scalar agreement: which gradients this closure left is not known on a
             # rank where it failed, so no average below can carry the verdict.
-            self._agreed(failure)
+            self._agreed(failure, scalars=[_loss_scalar(loss, params)] if share_loss else ())
+            if share_loss:
+                self.__dict__["_shared_loss"] = self.__dict__["_agreed_scalars"][0]
             self.__dict__["_closure_backward"] = called_backward
         used, graph_grads, origin_grads = self._step_gradients(loss, params, called_backward, route)
         self._check_dense()

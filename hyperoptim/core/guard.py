@@ -230,6 +230,13 @@ class _Guard:
         :data:`LEARNED_LIMIT`) for a learning rate, 1 for a momentum, :data:`LEARNED_LIMIT` for a
         weight decay.
         """
+        return self._guard_read(loss, plans, hypers, worst_case=worst_case)[0]
+
+    def _guard_read(self, loss: Tensor | None, plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
+                    hypers: Sequence[dict[str, float]] | None = None, *,
+                    worst_case: bool = False) -> tuple[str | None, list[float]]:
+        """:meth:`_guard_step`, also returning the values it read on the host (the training loss
+        first, 0 without one), for a caller that reads the loss without a sync of its own."""
         if worst_case:
             top = {"momentum": 1.0, "weight_decay": LEARNED_LIMIT}
             hypers = [{name: max(group[name], group["lr_bounds"][1] if name == "lr" and
@@ -239,7 +246,7 @@ class _Guard:
         reason = self._guard_verdict(values, plans, hypers)
         if reason is not None:
             self._warn_nonfinite(reason)
-        return reason
+        return reason, values
 
     def _watch_divergence(self, loss: float, lrs: Sequence[float]) -> None:
         """One warning when the training loss or a learning rate runs away."""

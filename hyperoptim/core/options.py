@@ -241,6 +241,7 @@ OPTIONS: tuple[Option, ...] = (
            ("ift",), in_group=False),
     Option("update_schedule", "warmup", lambda v: v in ("warmup", "fixed"), "'warmup' or 'fixed'",
            ("ift",), in_group=False),
+    Option("reactive_decrease", True, _flag, "True or False", ("ift",), in_group=False),
     Option("hyper_optimizer", None, lambda v: v is None or callable(v),
            "None, a torch.optim.Optimizer class or a factory", ("ift",), in_group=False),
     Option("dampening", 0.0, _zero, "0: IFTOptimizer implements heavy-ball momentum "
