@@ -67,9 +67,9 @@ def _builders() -> dict[str, Callable[..., Any]]:
                                                             val_closure=v),
         "ift": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
                                                     update_interval=3, lookback=3, val_closure=v),
-        # IFT's reactive decrease from lr 1.0 (it acts twice within STEPS): every rank reads
+        # IFT's reactive decrease from lr 0.9 (it acts twice within STEPS): every rank reads
         # the loss's mean over the ranks, so every rank divides at the same step.
-        "ift_runaway": lambda p, v: hyperoptim.IFTOptimizer(p, lr=1.0, momentum=0.9,
+        "ift_runaway": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.9, momentum=0.9,
                                                             update_interval=3, lookback=3,
                                                             val_closure=v),
         "fds": lambda p, v: hyperoptim.FDSSGD(p, horizon=4, lr=0.05, momentum=0.5,
