@@ -601,3 +601,40 @@ def test_a_failed_first_step_leaves_no_state_entry_and_no_hyper_state():
     assert opt.state_dict() == empty
     opt.step(lambda: (w**3).sum())  # and the retried step works
     assert "direction" in opt.state[w] and len(opt.hyper_state["groups"]) == 1
+
+
+# ----------------------------------------------------------------- the runaway, in its own step
+@pytest.mark.filterwarnings("ignore:.*training looks divergent:hyperoptim.HyperoptimWarning")
+@pytest.mark.parametrize("closure_backward", [False, True], ids=["returns", "backward"])
+def test_scale_free_meets_a_runaway_in_the_step_that_sees_it(closure_backward):
+    """ScaleFree's watch reads the training loss at w_t in the step whose update it sets (as
+    HD's does): at the first step whose loss :func:`~hyperoptim.hyperstep.react` flags, the
+    learning rate that step uses is the previous one divided by 10, exactly. (Read a step late,
+    as before, the first division came when full-batch diabetes' loss was 15-470x its start.)"""
+    from hyperoptim.hyperstep import RUNAWAY_STATE, react
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(5, generator=gen, dtype=torch.float64)
+    w = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = MartheSGD([w], lr=5.0, momentum=0.9, val_closure=lambda: 0.5 * ((x @ w - y) ** 2).mean())
+
+    def closure():
+        loss = 0.5 * ((x @ w - y) ** 2).mean()
+        if closure_backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    watch, lr = dict(RUNAWAY_STATE), opt.param_groups[0]["lr"]
+    for t in range(30):
+        loss = opt.step(closure).item()
+        divisor, watch = react(loss, watch)
+        if divisor == 10.0:
+            assert opt.param_groups[0]["lr"] == lr / 10.0, t
+            break
+        lr = opt.param_groups[0]["lr"]
+    else:
+        pytest.fail("the loss never ran away")
+    assert t >= 1
+    assert {k: opt.hyper_state["hyper_step"][0][k] for k in watch} == watch

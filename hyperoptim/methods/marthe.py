@@ -211,7 +211,7 @@ class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
             if not measured.finite:
                 return self._skip(closure, deltas, measured.val_loss, measured.momenta)
             self._propose(hypers, measured)
-            if not self._representable(*(h["new_lr"] for h in hypers)):
+            if not self._representable(*(h["new_lr"] for h in hypers if "new_lr" in h)):
                 return self._skip(closure, deltas, measured.val_loss)
         _settle(hypers, groups)
         return self._descend(closure, hypers, deltas, bool(tracked))
@@ -243,6 +243,12 @@ class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
         loss, second = self._training_loss(closure, second_order=bool(active) and tracked)
         plans = [(group, self._params_with_grad(group)) for group in self.param_groups]
         hz = None if second is None else self._hessian_tangents(second, mus, active)
+        if self._reads_loss():
+            self._propose_with_loss(hypers, self._policy_loss(loss))
+            if not self._representable(*(h["new_lr"] for h in hypers)):
+                self._warn_nonfinite("hypergradient or validation loss")
+                self._record_skipped(deltas)
+                return loss
         if self._guard_step(loss, plans, self._proposed(hypers)) is not None:
             self._record_skipped(deltas)
             return loss
@@ -250,8 +256,6 @@ class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
         if not everything:  # nothing to step: nothing changes
             return loss
         self._commit(plans, everything, hypers, hz, deltas)
-        if loss is not None:
-            self._remember_loss(loss)
         return loss
 
     def _hessian_tangents(self, second: SecondOrder, mus: list[float], active: list[int]

@@ -105,12 +105,35 @@ class MartheHyperStep:
                                        self._momentum_entry(g, h["new_momentum"]))}
                 for g, h in zip(self.param_groups, hypers, strict=True)]
 
-    def _remember_loss(self, loss: Tensor) -> None:
-        """Keep the training loss at :math:`w_t` for a policy that reads it: it reaches the policy
-        at the next step (MARTHE updates the learning rate before the training closure runs)."""
-        if any(getattr(self._policy(g), "uses_loss", False) for g in self.param_groups):
-            value = float(all_reduce_mean([loss.detach().reshape(())])[0])  # the same on every rank
-            self.hyper_state["last_loss"] = -value if self.defaults["maximize"] else value
+    def _reads_loss(self) -> bool:
+        """Whether some group's policy reads the training loss (``ScaleFree``'s runaway watch)."""
+        return any(getattr(self._policy(g), "uses_loss", False) for g in self.param_groups)
+
+    def _policy_loss(self, loss: Tensor | None) -> float | None:
+        """The training loss at :math:`w_t` as a policy reads it: its mean over the ranks (every
+        rank's policy state must stay identical), negated under ``maximize``; ``None`` without
+        one."""
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            return None
+        value = float(all_reduce_mean([loss.detach().reshape(())])[0])
+        return -value if self.defaults["maximize"] else value
+
+    def _propose_with_loss(self, hypers: list[dict[str, Any]], loss: float | None) -> None:
+        r"""The learning rates of the groups whose policy reads the training loss, proposed once
+        the training closure has run: the policy sees :math:`L(w_t)` in the step whose update it
+        sets, as HD's does (a runaway is met in the step that sees it; read at the next step, as
+        before, the first division by 10 came when diabetes' loss was already 15-470x its start).
+        A group without a hypergradient (the first step: no tangent yet) still shows the policy
+        its loss, with a NaN for the hypergradient (no signal: ``ScaleFree`` takes no step on
+        it), so the watch knows the run's first loss and a runaway is met there too."""
+        for i, (group, h) in enumerate(zip(self.param_groups, hypers, strict=True)):
+            pending = h.pop("pending_policy", None)
+            policy = self._policy(group)
+            if policy is None or not policy.uses_loss:
+                continue
+            delta, norm = pending if pending is not None else (math.nan, 0.0)
+            raw = self._policy_lr(i, group, h, delta, norm, policy, loss)
+            h["new_lr"] = min(max(raw, 0.0), max(LEARNED_LIMIT, group["lr"]))
 
     # ------------------------------------------------------------------ step 1: the hypergradients
     def _hypergradients(self, objective: Closure, tracked: list[Tensor]) -> _Hypergradients:
@@ -198,11 +221,13 @@ class MartheHyperStep:
                 h["count"] = h["mu"] * (1.0 + h["count"])
                 h["mu"] = mu
             policy = measured.policies[i]
-            if policy is None:
-                raw = _additive_lr(group, h, d)
+            if policy is not None and policy.uses_loss:
+                # Proposed after the training closure (_propose_with_loss), with its loss.
+                h["pending_policy"] = (d, measured.norms[i])
             else:
-                raw = self._policy_lr(i, group, h, d, measured.norms[i], policy)
-            h["new_lr"] = min(max(raw, 0.0), max(LEARNED_LIMIT, group["lr"]))
+                raw = (_additive_lr(group, h, d) if policy is None else
+                       self._policy_lr(i, group, h, d, measured.norms[i], policy, None))
+                h["new_lr"] = min(max(raw, 0.0), max(LEARNED_LIMIT, group["lr"]))
             if measured.momenta[i] is not None:
                 self._propose_momentum(i, group, h, *measured.momenta[i],
                                        Additive(h["beta"]) if policy is None else policy)
@@ -217,15 +242,15 @@ class MartheHyperStep:
         h["hypergrad_momentum"] = hypergrad
 
     def _policy_lr(self, index: int, group: dict[str, Any], h: dict[str, Any], delta: float,
-                   norm: float, policy: HyperStep) -> float:
+                   norm: float, policy: HyperStep, loss: float | None) -> float:
         r"""The unclipped :math:`a_t` a policy makes of the unclipped :math:`\Delta_t`
-        (:math:`\beta` is not used); its new state is staged in ``h``."""
+        (:math:`\beta` is not used) and the training loss at :math:`w_t` (for a policy that
+        reads it); its new state is staged in ``h``."""
         state = self.hyper_state.get("hyper_step", {}).get(index)
         if state is None:
             state = policy.init_state(group["lr"])
         raw, h["policy_state"] = policy.update(
-            group["lr"], delta, norm, state, momentum=self._momentum(group),
-            loss=self.hyper_state.get("last_loss"))
+            group["lr"], delta, norm, state, momentum=self._momentum(group), loss=loss)
         return raw
 
     # ------------------------------------------------------------------ the commit
