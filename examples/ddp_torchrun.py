@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             print(f"ranks {world}, HVP route {opt.hvp_route}: learned lr "
                   f"{opt.param_groups[0]['lr']:.4g}, test accuracy {accuracy(module, xte, yte):.1%}")
+        if launched:
+            # Every rank done before the group goes away: a rank that tears gloo down while its
+            # peer still uses the connection can abort (SIGABRT, seen once in a loaded test run).
+            dist.barrier()
     finally:
         if launched:
             dist.destroy_process_group()
