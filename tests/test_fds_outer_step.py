@@ -17,6 +17,7 @@ from hyperoptim import FDSSGD, FDSAdam
 from hyperoptim.core.base import LEARNED_LIMIT
 from hyperoptim.core.warn import HyperoptimWarning
 from hyperoptim.methods.fds import LOG_STEP, LOG_STEP_MAX
+from hyperoptim.methods.fds_outer import LINEAR_RATIO
 
 
 class Scaled(Problem):
@@ -37,21 +38,55 @@ def run(prob: Problem, opt: FDSSGD, episodes: int) -> None:
         prob.episode(opt)
 
 
-def test_the_default_is_the_log_step_and_the_additive_step_is_the_papers():
+def _ratio(start_loss: float, end_loss: float, lrs: list[float], hs: list[float]) -> float:
+    """The documented linear-regime ratio (LINEAR_RATIO), from the test's own numbers."""
+    return -sum(a * h for a, h in zip(lrs, hs, strict=True)) / (start_loss - end_loss)
+
+
+@pytest.mark.parametrize("lr", [0.05, 0.3, 0.5])
+def test_the_default_is_the_log_step_and_the_additive_step_is_the_papers(lr):
+    """A factor against the hypergradient's sign: 10 where the episode was far below its
+    learning rate (the ratio of LINEAR_RATIO, from the validation loss at the episode's initial
+    weights), else Rprop's first factor of 2; the paper's additive step moves by 0.1."""
     prob, other = Problem(), Problem()
-    log = prob.optimizer(horizon=4, lr=0.05, tune=("lr",))
-    additive = other.optimizer(horizon=4, lr=0.05, tune=("lr",), outer_step="additive")
+    start_loss = prob.val_loss(prob.live).item()
+    log = prob.optimizer(horizon=4, lr=lr, tune=("lr",))
+    additive = other.optimizer(horizon=4, lr=lr, tune=("lr",), outer_step="additive")
     assert log.param_groups[0]["outer_step"] == "log"
     assert "outer_step: log" in repr(log)
-    prob.episode(log)
+    end_loss = prob.episode(log).item()
     other.episode(additive)
     h = log.history[0]["hypergrad/lr"][0][0]
     assert h != 0
-    # The same sign; a factor 2 against it in log space, 0.1 against it in the paper's.
-    assert log.schedule("lr") == [0.05 * math.exp(-math.copysign(LOG_STEP, h))]
-    assert additive.schedule("lr") == [0.05 - math.copysign(0.1, h)]
-    assert log.history[0]["log_step/lr"] == [[LOG_STEP]]
+    far = _ratio(start_loss, end_loss, [lr], [h]) >= LINEAR_RATIO
+    assert far == (lr == 0.05)  # this problem: 0.05 is far below its rate; 0.3, 0.5 are not
+    step = LOG_STEP_MAX if far else LOG_STEP
+    assert log.schedule("lr") == [lr * math.exp(-math.copysign(step, h))]
+    assert additive.schedule("lr") == [lr - math.copysign(0.1, h)]
+    assert log.history[0]["log_step/lr"] == [[step]]
     assert "log_step/lr" not in additive.history[0] and "backtracked" not in additive.history[0]
+
+
+def test_without_a_constructor_val_closure_the_sign_rule_alone():
+    """The start loss needs the validation closure at the episode's first step: given only to
+    hyperstep(), nothing is measured and the first step is Rprop's factor of 2."""
+    prob = Problem()
+    opt = prob.optimizer(horizon=4, lr=0.05, tune=("lr",), val_closure=None)
+    for t in range(4):
+        opt.step(prob.closure(opt, t))
+    opt.hyperstep(lambda: prob.val_loss(prob.live))
+    h = opt.history[0]["hypergrad/lr"][0][0]
+    assert "start_loss" not in opt.hyper_state
+    assert opt.schedule("lr") == [0.05 * math.exp(-math.copysign(LOG_STEP, h))]
+
+
+def test_far_below_its_rate_two_episodes_cross_two_decades():
+    """Training loss times 100 from lr 3e-5: each episode far below its rate steps up a decade."""
+    prob = Scaled(100.0, seed=5)
+    opt = prob.optimizer(horizon=6, lr=3e-5, lr_windows=2, tune=("lr",))
+    run(prob, opt, 2)
+    assert opt.schedule("lr") == pytest.approx([3e-3, 3e-3], rel=1e-12)
+    assert opt.history[0]["log_step/lr"] == [[LOG_STEP_MAX] * 2] * 2
 
 
 @pytest.mark.parametrize("value", ["exp", "Log", 1, None])
@@ -116,9 +151,10 @@ def test_from_a_start_100x_too_small_the_log_step_learns_in_few_episodes():
     assert not min(additive[-2:]) < 0.5 * additive[0], additive
 
 
-def replay(hist: dict, start: float, n: int) -> int:
+def replay(hist: dict, start: float, n: int, start_loss: float) -> int:
     """The documented log step on the recorded hypergradients and validation losses (``lr``
-    alone tuned); returns how many backtracks it saw."""
+    alone tuned; every episode from the same weights, whose validation loss is ``start_loss``);
+    returns how many backtracks it saw."""
     value, s, sign = [start] * n, [LOG_STEP] * n, [0.0] * n
     prev: list[float] | None = None
     ref = None
@@ -134,6 +170,8 @@ def replay(hist: dict, start: float, n: int) -> int:
             value = [p * math.exp(-x) for p, x in zip(prev, s, strict=True)]  # probe below
         else:
             prev, ref = list(value), loss
+            if start_loss > loss and _ratio(start_loss, loss, value, hs) >= LINEAR_RATIO:
+                s = [LOG_STEP_MAX] * n
             for k, h in enumerate(hs):
                 sg = float((h > 0) - (h < 0))
                 if sg * sign[k] < 0:
@@ -148,12 +186,13 @@ def replay(hist: dict, start: float, n: int) -> int:
 
 def test_the_log_step_follows_its_documented_rule():
     prob = Problem(seed=4)
+    start_loss = prob.val_loss(prob.live).item()
     opt = prob.optimizer(horizon=6, lr=1e-3, lr_windows=2, tune=("lr",))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HyperoptimWarning)
         run(prob, opt, 10)
     hist = opt.history[0]
-    assert replay(hist, 1e-3, 2) > 0  # the replay exercised a backtrack
+    assert replay(hist, 1e-3, 2, start_loss) > 0  # the replay exercised a backtrack
     assert max(max(s) for s in hist["log_step/lr"]) == LOG_STEP_MAX  # and the growth's cap
     assert opt.hyper_state["outer"][0]["lr"]["log_step"] == hist["log_step/lr"][-1]
 
@@ -181,9 +220,12 @@ def test_a_non_finite_episode_after_a_step_undoes_it():
     with pytest.warns(HyperoptimWarning, match="put the schedules back"):
         opt.hyperstep(lambda: prob.val_loss(prob.live) * float("nan"))
     assert before != {n: opt.schedule(n) for n in NAMES}
-    # Back to the first episode's values, the learning rate probing below by the halved step.
+    # Back to the first episode's values, the learning rate probing below by the halved step
+    # (the step the first outer step took: Rprop's first, or a decade far below the rate).
+    first = opt.history[0]["log_step/lr"][0][0]
+    assert first in (LOG_STEP, LOG_STEP_MAX)
     assert opt.schedule("momentum") == [0.0]
-    assert opt.schedule("lr") == [0.1 * math.exp(-LOG_STEP / 2)] * 3
+    assert opt.schedule("lr") == pytest.approx([0.1 * math.exp(-first / 2)] * 3, rel=1e-12)
     assert opt.history[0]["backtracked"] == [0.0, 1.0]
 
 

@@ -11,6 +11,7 @@ The public classes pair it with a rule: :class:`~hyperoptim.FDSSGD` (SGD),
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, cast
 
@@ -357,6 +358,8 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
                 f"{name} needs second-order information: call step(closure) with a closure that "
                 "recomputes and returns the training loss (it may call backward() itself)."
             )
+        if t == 0:
+            self._measure_start()
         loss, second = self._training_loss(closure, second_order=n_prev > 0)
         hz: dict[Tensor, Tensor] = {}
         measured: dict[str, bool] = {}
@@ -388,6 +391,25 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
         self.hyper_state["step"] = t + 1
         self._publish(t + 1)
         return loss
+
+    def _measure_start(self) -> None:
+        r"""At an episode's first step, with ``outer_step="log"`` tuning a learning rate and the
+        constructor's ``val_closure``: the validation loss :math:`E(w_0)` at the episode's initial
+        weights (averaged over the ranks; one validation gradient per episode), kept in
+        ``hyper_state["start_loss"]`` for the outer step's linear-regime test
+        (:meth:`~hyperoptim.methods.fds_outer.FDSOuterStep._far_below`). Without a
+        ``val_closure`` here (one given only to :meth:`hyperstep`) nothing is measured and the
+        outer step keeps its sign rule."""
+        self.hyper_state.pop("start_loss", None)
+        val_closure = self.val_closure
+        if val_closure is None or not any(
+                g.get("outer_step") == "log" and "lr" in g["tune"] for g in self.param_groups):
+            return
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        loss, _ = self._validation_grads(val_closure, params)
+        value = float(loss)
+        if math.isfinite(value):
+            self.hyper_state["start_loss"] = value
 
     def _loop_columns(self, second: SecondOrder, zs: list[Tensor], n: int
                       ) -> tuple[bool, dict[str, bool]]:
