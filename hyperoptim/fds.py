@@ -89,10 +89,18 @@ class FDSSGD(RuleFDS):
         \operatorname{sign}\Big(\frac{\partial E}{\partial\lambda_j}\Big),
 
     from :math:`s_j = \ln 2` (Rprop's growth: 100x takes 4 episodes of one sign, and a first step
-    of 2x does not spoil a good start). It is invariant to the decade of the start and to the
-    scale of the loss (only signs and comparisons of losses are read: the training loss times
-    :math:`c` learns the learning rates divided by :math:`c`). Because a few large steps can
-    overshoot, an episode that ends with a higher (or non-finite) validation loss than the one
+    of 2x does not spoil a good start). An episode far below its learning rate, where the
+    validation loss gained over the episode is nearly linear in the learning rate
+    (:data:`~hyperoptim.methods.fds_outer.LINEAR_RATIO`: :math:`\rho = -\sum_j a_j\,
+    \partial E_T/\partial a_j \,/\, (E_0 - E_T) \ge 0.5`, with :math:`E_0` the validation loss
+    at the episode's first step, measured when the constructor has the ``val_closure``), steps
+    every window of the learning rate up by the largest step, a decade: from 100x too small two
+    episodes instead of four, while a good start, where :math:`\rho` is small, keeps the factor
+    of 2 (a decade regardless killed FDSAdamW's digits CNN from its good start); after a decade
+    Rprop starts afresh (its first step, the sign forgotten). It is invariant to the decade of
+    the start and to the scale of the loss (only signs and comparisons of losses are read: the
+    training loss times :math:`c` learns the learning rates divided by :math:`c`). Because a few
+    large steps can overshoot, an episode that ends with a higher (or non-finite) validation loss than the one
     before it undoes the last outer step of every schedule, halves every step, forgets the
     signs, and probes the learning rate below the restored value by the halved step (iRprop+'s
     backtracking, plus the asymmetry that a learning rate too large costs the run and one too

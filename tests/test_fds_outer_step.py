@@ -63,7 +63,9 @@ def test_the_default_is_the_log_step_and_the_additive_step_is_the_papers(lr):
     step = LOG_STEP_MAX if far else LOG_STEP
     assert log.schedule("lr") == [lr * math.exp(-math.copysign(step, h))]
     assert additive.schedule("lr") == [lr - math.copysign(0.1, h)]
-    assert log.history[0]["log_step/lr"] == [[step]]
+    # After a decade Rprop starts afresh: its first step, the sign forgotten.
+    assert log.history[0]["log_step/lr"] == [[LOG_STEP]]
+    assert log.hyper_state["outer"][0]["lr"]["sign"] == [0.0 if far else math.copysign(1.0, h)]
     assert "log_step/lr" not in additive.history[0] and "backtracked" not in additive.history[0]
 
 
@@ -86,7 +88,6 @@ def test_far_below_its_rate_two_episodes_cross_two_decades():
     opt = prob.optimizer(horizon=6, lr=3e-5, lr_windows=2, tune=("lr",))
     run(prob, opt, 2)
     assert opt.schedule("lr") == pytest.approx([3e-3, 3e-3], rel=1e-12)
-    assert opt.history[0]["log_step/lr"] == [[LOG_STEP_MAX] * 2] * 2
 
 
 @pytest.mark.parametrize("value", ["exp", "Log", 1, None])
@@ -170,9 +171,12 @@ def replay(hist: dict, start: float, n: int, start_loss: float) -> int:
             value = [p * math.exp(-x) for p, x in zip(prev, s, strict=True)]  # probe below
         else:
             prev, ref = list(value), loss
-            if start_loss > loss and _ratio(start_loss, loss, value, hs) >= LINEAR_RATIO:
-                s = [LOG_STEP_MAX] * n
+            far = start_loss > loss and _ratio(start_loss, loss, value, hs) >= LINEAR_RATIO
             for k, h in enumerate(hs):
+                if far and h < 0:  # a decade up; Rprop afresh
+                    value[k] *= math.exp(LOG_STEP_MAX)
+                    s[k], sign[k] = LOG_STEP, 0.0
+                    continue
                 sg = float((h > 0) - (h < 0))
                 if sg * sign[k] < 0:
                     s[k] /= 2
@@ -184,16 +188,30 @@ def replay(hist: dict, start: float, n: int, start_loss: float) -> int:
     return backs
 
 
-def test_the_log_step_follows_its_documented_rule():
+@pytest.mark.parametrize("start_loss_known", [True, False], ids=["linear_test", "sign_rule"])
+def test_the_log_step_follows_its_documented_rule(start_loss_known):
+    """The replay of the documented rule matches the recorded schedules: with the constructor's
+    val_closure (the start loss measured: decades while far below the rate), and with it given
+    only to hyperstep() (Rprop's sign rule alone, up to its cap)."""
     prob = Problem(seed=4)
     start_loss = prob.val_loss(prob.live).item()
-    opt = prob.optimizer(horizon=6, lr=1e-3, lr_windows=2, tune=("lr",))
+    opt = prob.optimizer(horizon=6, lr=1e-3, lr_windows=2, tune=("lr",),
+                         **({} if start_loss_known else {"val_closure": None}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HyperoptimWarning)
-        run(prob, opt, 10)
+        for _ in range(10):
+            prob.reset()
+            for t in range(opt.horizon):
+                opt.step(prob.closure(opt, t))
+            opt.hyperstep(lambda: prob.val_loss(prob.live))
     hist = opt.history[0]
-    assert replay(hist, 1e-3, 2, start_loss) > 0  # the replay exercised a backtrack
-    assert max(max(s) for s in hist["log_step/lr"]) == LOG_STEP_MAX  # and the growth's cap
+    known = start_loss if start_loss_known else -math.inf
+    assert replay(hist, 1e-3, 2, known) > 0  # the replay exercised a backtrack
+    steps = [x for s in hist["log_step/lr"] for x in s]
+    if start_loss_known:  # a first outer step of a decade (lr 1e-3 is far below this rate)
+        assert hist["lr"][0] == pytest.approx([1e-2, 1e-2], rel=1e-12)
+    else:
+        assert max(steps) == LOG_STEP_MAX  # the growth's cap
     assert opt.hyper_state["outer"][0]["lr"]["log_step"] == hist["log_step/lr"][-1]
 
 
@@ -221,11 +239,9 @@ def test_a_non_finite_episode_after_a_step_undoes_it():
         opt.hyperstep(lambda: prob.val_loss(prob.live) * float("nan"))
     assert before != {n: opt.schedule(n) for n in NAMES}
     # Back to the first episode's values, the learning rate probing below by the halved step
-    # (the step the first outer step took: Rprop's first, or a decade far below the rate).
-    first = opt.history[0]["log_step/lr"][0][0]
-    assert first in (LOG_STEP, LOG_STEP_MAX)
+    # (Rprop's first: a decade far below the rate leaves Rprop starting afresh).
     assert opt.schedule("momentum") == [0.0]
-    assert opt.schedule("lr") == pytest.approx([0.1 * math.exp(-first / 2)] * 3, rel=1e-12)
+    assert opt.schedule("lr") == [0.1 * math.exp(-LOG_STEP / 2)] * 3
     assert opt.history[0]["backtracked"] == [0.0, 1.0]
 
 

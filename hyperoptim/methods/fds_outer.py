@@ -280,11 +280,19 @@ class FDSOuterStep:
                 space = "log" if name in self.log_names else "log1m"
                 if len(state.get("log_step", ())) != n:
                     state["log_step"] = [self.log_step] * n
-                if far and name == "lr":
-                    state["log_step"] = [self.log_step_max] * n
+            boost = far and name == "lr" and space == "log"
             lo, hi = self._bounds(name)
             for k, h in enumerate(hs):
                 sign = float((h > 0) - (h < 0))
+                if boost and sign < 0:
+                    # A decade up, and Rprop starts afresh from its first step in the new
+                    # decade (the sign forgotten, as after a backtrack): a step kept at a decade
+                    # took the demo's 4th episode from 0.1 to 1 once rho had fallen to 0.01.
+                    state["log_step"][k], state["sign"][k] = self.log_step_max, 0.0
+                    schedule[k] = min(max(self._moved(schedule[k], sign, state, k, space), lo),
+                                      hi)
+                    state["log_step"][k] = self.log_step
+                    continue
                 self._adapt_step(state, k, sign)
                 # Bounded (LEARNED_LIMIT or the rule's range): a learned value can never overflow
                 # the next episode.
