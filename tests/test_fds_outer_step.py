@@ -17,7 +17,7 @@ from hyperoptim import FDSSGD, FDSAdam
 from hyperoptim.core.base import LEARNED_LIMIT
 from hyperoptim.core.warn import HyperoptimWarning
 from hyperoptim.methods.fds import LOG_STEP, LOG_STEP_MAX
-from hyperoptim.methods.fds_outer import LINEAR_RATIO
+from hyperoptim.methods.fds_outer import LINEAR_RATIO, far_step
 
 
 class Scaled(Problem):
@@ -58,9 +58,11 @@ def test_the_default_is_the_log_step_and_the_additive_step_is_the_papers(lr):
     other.episode(additive)
     h = log.history[0]["hypergrad/lr"][0][0]
     assert h != 0
-    far = _ratio(start_loss, end_loss, [lr], [h]) >= LINEAR_RATIO
+    ratio = _ratio(start_loss, end_loss, [lr], [h])
+    far = ratio >= LINEAR_RATIO
     assert far == (lr == 0.05)  # this problem: 0.05 is far below its rate; 0.3, 0.5 are not
-    step = LOG_STEP_MAX if far else LOG_STEP
+    step = far_step(ratio) if far else LOG_STEP
+    assert step > LOG_STEP or not far
     assert log.schedule("lr") == [lr * math.exp(-math.copysign(step, h))]
     assert additive.schedule("lr") == [lr - math.copysign(0.1, h)]
     # After a decade Rprop starts afresh: its first step, the sign forgotten.
@@ -82,12 +84,15 @@ def test_without_a_constructor_val_closure_the_sign_rule_alone():
     assert opt.schedule("lr") == [0.05 * math.exp(-math.copysign(LOG_STEP, h))]
 
 
-def test_far_below_its_rate_two_episodes_cross_two_decades():
-    """Training loss times 100 from lr 3e-5: each episode far below its rate steps up a decade."""
+def test_far_below_its_rate_two_episodes_cross_more_than_a_decade():
+    """Training loss times 100 from lr 3e-5: the first episode, deep in the linear regime, steps
+    up a decade, the second again by more than Rprop's growth (x2 then x4 before the rule)."""
     prob = Scaled(100.0, seed=5)
     opt = prob.optimizer(horizon=6, lr=3e-5, lr_windows=2, tune=("lr",))
-    run(prob, opt, 2)
-    assert opt.schedule("lr") == pytest.approx([3e-3, 3e-3], rel=1e-12)
+    run(prob, opt, 1)
+    assert opt.schedule("lr") == pytest.approx([3e-4, 3e-4], rel=1e-12)
+    run(prob, opt, 1)
+    assert min(opt.schedule("lr")) > 3e-5 * 10 * 4
 
 
 @pytest.mark.parametrize("value", ["exp", "Log", 1, None])
@@ -173,8 +178,8 @@ def replay(hist: dict, start: float, n: int, start_loss: float) -> int:
             prev, ref = list(value), loss
             far = start_loss > loss and _ratio(start_loss, loss, value, hs) >= LINEAR_RATIO
             for k, h in enumerate(hs):
-                if far and h < 0:  # a decade up; Rprop afresh
-                    value[k] *= math.exp(LOG_STEP_MAX)
+                if far and h < 0:  # the far step up; Rprop afresh
+                    value[k] *= math.exp(far_step(_ratio(start_loss, loss, prev, hs)))
                     s[k], sign[k] = LOG_STEP, 0.0
                     continue
                 sg = float((h > 0) - (h < 0))

@@ -23,7 +23,8 @@ from ..core.guard import BACK_OFF
 from ..core.types import Closure
 from ..core.warn import warn
 
-__all__ = ["LINEAR_RATIO", "LOG_STEP", "LOG_STEP_MAX", "OUTER_STEPS", "FDSOuterStep"]
+__all__ = ["LINEAR_RATIO", "LINEAR_TARGET", "LOG_STEP", "LOG_STEP_MAX", "OUTER_STEPS",
+           "FDSOuterStep", "far_step"]
 
 OUTER_STEPS = ("log", "additive")
 """The values of ``outer_step``: the scale-free step of the positive scales in log space, or the
@@ -54,6 +55,36 @@ instead of four. Measured (``benchmarks/versus.py``'s starts, 3 episodes, 3 seed
 digits MLP from 100x too small 91.1 -> 96.6%, CNN 81.4 -> 98.5%; FDSAdamW MLP 68.0 -> 94.3%, CNN
 51.4 -> 94.9%; the good starts unchanged (the test never passed there), where a first step of a
 decade regardless killed FDSAdamW's CNN in 2 of 3 seeds (the sign asked for more twice)."""
+
+LINEAR_TARGET = 2.5
+r"""Where the far step aims, in units of the saturation scale of the model below
+(:math:`ho(x) = 2.5` is :math:`ho pprox 0.21`)."""
+
+
+def far_step(ratio: float) -> float:
+    r"""The log step of a learning rate after an episode far below it (:data:`LINEAR_RATIO`).
+
+    Model: the validation loss an episode gains saturates in the learning rate's scale
+    :math:`a` as :math:`1 - e^{-a / a^*}`, whose :math:`ho` is :math:`x / (e^x - 1)` at
+    :math:`x = a / a^*` (1 at 0, 0.58 at 1, 0.16 at 3). The measured ratio gives :math:`x`, and
+    the step aims at :data:`LINEAR_TARGET`: :math:`\ln(2.5 / x)`, held between Rprop's first step
+    (:math:`\ln 2`) and a decade. :math:`ho \ge 1` (the linear regime itself): a decade.
+
+    Example:
+        >>> round(math.exp(far_step(0.97)), 2), round(math.exp(far_step(0.75)), 2)
+        (10.0, 4.54)
+    """
+    if ratio >= 1.0:
+        return LOG_STEP_MAX
+    lo, hi = 1e-9, 50.0  # x / (e^x - 1) falls from 1 to 0 on (0, inf): bisect for x
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if mid / math.expm1(mid) > ratio:
+            lo = mid
+        else:
+            hi = mid
+    return min(LOG_STEP_MAX, max(LOG_STEP, math.log(LINEAR_TARGET / lo)))
+
 
 # The largest momentum the log step reaches (1 - b stays a positive float).
 _LOG1M_MAX = 1.0 - 1e-6
@@ -189,7 +220,8 @@ class FDSOuterStep:
             before = {name: list(group[f"{name}_schedule"]) for name in hypergrads}
             ratio = self._linear_ratio(group, hypergrads, loss)
             self._sign_update(gi, group, hypergrads,
-                              far=ratio is not None and ratio >= LINEAR_RATIO)
+                              far=far_step(ratio) if ratio is not None and ratio >= LINEAR_RATIO
+                              else None)
             for name, values in before.items():
                 outer[name]["prev"] = values
         # One entry per hyperstep, aligned with the other names (the initial s before the first).
@@ -248,7 +280,7 @@ class FDSOuterStep:
                  f"{'s' if count > 1 else ''} so far; history[...]['skipped'] marks them).")
 
     def _sign_update(self, gi: int, group: dict[str, Any], hypergrads: dict[str, list[float]],
-                     *, far: bool = False) -> None:
+                     *, far: float | None = None) -> None:
         r"""Move every tuned value of group ``gi`` against the sign of its hypergradient.
 
         The step of each window halves when the sign flips between consecutive hypersteps (a
@@ -259,9 +291,9 @@ class FDSOuterStep:
         doubling (up to :attr:`log_step_max`) while the sign repeats; every other value (the
         momentum, a value at or below zero) takes the additive step. The state is per window in
         ``hyper_state["outer"][gi][name]``: ``step_size`` (:math:`\gamma`), ``sign`` and, for
-        the log step, ``log_step`` (:math:`s`). ``far`` (the episode is far below its learning
-        rate, :data:`LINEAR_RATIO`): every learning-rate window's log step is the largest before
-        it moves.
+        the log step, ``log_step`` (:math:`s`). ``far``: the log step (:func:`far_step`) every
+        learning-rate window that asks for more takes after an episode far below its rate
+        (:data:`LINEAR_RATIO`), after which Rprop starts afresh.
         """
         outer = self.hyper_state["outer"].setdefault(gi, {})
         log_space = group.get("outer_step", "additive") == "log"
@@ -280,7 +312,7 @@ class FDSOuterStep:
                 space = "log" if name in self.log_names else "log1m"
                 if len(state.get("log_step", ())) != n:
                     state["log_step"] = [self.log_step] * n
-            boost = far and name == "lr" and space == "log"
+            boost = far is not None and name == "lr" and space == "log"
             lo, hi = self._bounds(name)
             for k, h in enumerate(hs):
                 sign = float((h > 0) - (h < 0))
@@ -288,7 +320,7 @@ class FDSOuterStep:
                     # A decade up, and Rprop starts afresh from its first step in the new
                     # decade (the sign forgotten, as after a backtrack): a step kept at a decade
                     # took the demo's 4th episode from 0.1 to 1 once rho had fallen to 0.01.
-                    state["log_step"][k], state["sign"][k] = self.log_step_max, 0.0
+                    state["log_step"][k], state["sign"][k] = far, 0.0
                     schedule[k] = min(max(self._moved(schedule[k], sign, state, k, space), lo),
                                       hi)
                     state["log_step"][k] = self.log_step
