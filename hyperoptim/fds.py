@@ -94,10 +94,12 @@ class FDSSGD(RuleFDS):
     (:data:`~hyperoptim.methods.fds_outer.LINEAR_RATIO`: :math:`\rho = -\sum_j a_j\,
     \partial E_T/\partial a_j \,/\, (E_0 - E_T) \ge 0.5`, with :math:`E_0` the validation loss
     at the episode's first step, measured when the constructor has the ``val_closure``), steps
-    every window of the learning rate up by the largest step, a decade: from 100x too small two
-    episodes instead of four, while a good start, where :math:`\rho` is small, keeps the factor
-    of 2 (a decade regardless killed FDSAdamW's digits CNN from its good start); after a decade
-    Rprop starts afresh (its first step, the sign forgotten). It is invariant to the decade of
+    every window of the learning rate that asks for more up by
+    :func:`~hyperoptim.methods.fds_outer.far_step` of :math:`\rho` (a decade deep in the linear
+    regime, less as :math:`\rho` falls to 0.5): from 100x too small two episodes instead of
+    four, while a good start, where :math:`\rho` is small, keeps the factor of 2 (a decade
+    regardless killed FDSAdamW's digits CNN from its good start); after such a step Rprop
+    starts afresh (its first step, the sign forgotten). It is invariant to the decade of
     the start and to the scale of the loss (only signs and comparisons of losses are read: the
     training loss times :math:`c` learns the learning rates divided by :math:`c`). Because a few
     large steps can overshoot, an episode that ends with a higher (or non-finite) validation loss than the one

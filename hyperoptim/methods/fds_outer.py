@@ -49,26 +49,31 @@ learning rates, the episode counts as far below its learning rate when
 the derivative of :math:`E_T` by a common log-scale of every window, over what the episode
 gained. While every step is small, :math:`E_0 - E_T` grows linearly with the learning rate and
 :math:`\rho \approx 1`; near the best rate the derivative vanishes and :math:`\rho \approx 0`;
-above it :math:`\rho < 0`. Then every window of the learning rate steps up by the largest step,
-a decade, instead of Rprop's growth from a factor of 2: from 100x too small, two outer steps
-instead of four. Measured (``benchmarks/versus.py``'s starts, 3 episodes, 3 seeds): FDSSGD on the
+above it :math:`\rho < 0`. Then every window of the learning rate that asks for more steps up
+by :func:`far_step` (a decade deep in the linear regime) instead of Rprop's growth from a factor
+of 2, and Rprop starts afresh from there: from 100x too small, two outer steps instead of four.
+Measured (``benchmarks/versus.py``'s starts, 3 episodes, 3 seeds): FDSSGD on the
 digits MLP from 100x too small 91.1 -> 96.6%, CNN 81.4 -> 98.5%; FDSAdamW MLP 68.0 -> 94.3%, CNN
 51.4 -> 94.9%; the good starts unchanged (the test never passed there), where a first step of a
 decade regardless killed FDSAdamW's CNN in 2 of 3 seeds (the sign asked for more twice)."""
 
 LINEAR_TARGET = 2.5
 r"""Where the far step aims, in units of the saturation scale of the model below
-(:math:`ho(x) = 2.5` is :math:`ho pprox 0.21`)."""
+(:math:`
+ho(x) = 2.5` is :math:`
+ho pprox 0.21`)."""
 
 
 def far_step(ratio: float) -> float:
     r"""The log step of a learning rate after an episode far below it (:data:`LINEAR_RATIO`).
 
     Model: the validation loss an episode gains saturates in the learning rate's scale
-    :math:`a` as :math:`1 - e^{-a / a^*}`, whose :math:`ho` is :math:`x / (e^x - 1)` at
+    :math:`a` as :math:`1 - e^{-a / a^*}`, whose :math:`
+ho` is :math:`x / (e^x - 1)` at
     :math:`x = a / a^*` (1 at 0, 0.58 at 1, 0.16 at 3). The measured ratio gives :math:`x`, and
     the step aims at :data:`LINEAR_TARGET`: :math:`\ln(2.5 / x)`, held between Rprop's first step
-    (:math:`\ln 2`) and a decade. :math:`ho \ge 1` (the linear regime itself): a decade.
+    (:math:`\ln 2`) and a decade. :math:`
+ho \ge 1` (the linear regime itself): a decade.
 
     Example:
         >>> round(math.exp(far_step(0.97)), 2), round(math.exp(far_step(0.75)), 2)
