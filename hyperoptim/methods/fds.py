@@ -358,9 +358,9 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
                 f"{name} needs second-order information: call step(closure) with a closure that "
                 "recomputes and returns the training loss (it may call backward() itself)."
             )
-        if t == 0:
-            self._measure_start()
         loss, second = self._training_loss(closure, second_order=n_prev > 0)
+        if t == 0:  # after the closure: its checks (sparse gradients, ...) speak first
+            self._measure_start()
         hz: dict[Tensor, Tensor] = {}
         measured: dict[str, bool] = {}
         if second is not None:
