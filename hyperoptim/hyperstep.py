@@ -325,10 +325,11 @@ def react(loss: float, state: dict[str, float], *, shrink: float = 10.0, smooth:
     finite training ``loss`` says about the learning rate, and the watch's next state.
 
     Returns ``(divisor, state)``: ``divisor`` is ``None`` while the loss stays within the run's
-    own scale (:math:`L_t \le \ell + \max(L_0 - \ell, |\ell|)`, :math:`\ell` the smoothed
-    running minimum), else ``shrink`` at a new high of a loss still rising since the alarm began,
-    and ``1.0`` otherwise (a loss stuck high, or noise around it: shrinking there would take the
-    value to 0). Nothing is modified; the caller commits ``state`` when its step is taken.
+    own scale (:math:`L_t \le \ell + m \max(L_0 - \ell, |\ell|)`, :math:`\ell` the smoothed
+    running minimum, :math:`m` the ``margin``: 1 for :class:`ScaleFree`, 2 for IFT), else
+    ``shrink`` at a new high of a loss still rising since the alarm began, and ``1.0`` otherwise
+    (a loss stuck high, or noise around it: shrinking there would take the value to 0). Nothing
+    is modified; the caller commits ``state`` when its step is taken.
     :class:`ScaleFree` reads it at every hyper-step, and :class:`~hyperoptim.IFTOptimizer` (and
     the other IFT classes) at every step, where their hyper-updates come too seldom to catch a
     runaway (``reactive_decrease``).

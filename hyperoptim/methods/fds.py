@@ -397,7 +397,7 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
         constructor's ``val_closure``: the validation loss :math:`E(w_0)` at the episode's initial
         weights (averaged over the ranks; one validation gradient per episode), kept in
         ``hyper_state["start_loss"]`` for the outer step's linear-regime test
-        (:meth:`~hyperoptim.methods.fds_outer.FDSOuterStep._far_below`). Without a
+        (:meth:`~hyperoptim.methods.fds_outer.FDSOuterStep._linear_ratio`). Without a
         ``val_closure`` here (one given only to :meth:`hyperstep`) nothing is measured and the
         outer step keeps its sign rule."""
         self.hyper_state.pop("start_loss", None)
