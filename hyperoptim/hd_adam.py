@@ -75,7 +75,7 @@ class HypergradAdam(RuleHypergrad):
             :math:`\lVert \nabla E \rVert_1`, so large models need a smaller :math:`\kappa`.
         hyper_step (HyperStep or str, optional): the policy that turns :math:`h_t` into
             :math:`a_t` (:mod:`hyperoptim.hyperstep`); not together with ``hyper_lr``
-            (default: None, the class's :attr:`default_hyper_step`, ``ScaleFree()``).
+            (default: None, the class's :attr:`default_hyper_step`, ``ScaleFree(accel=1.5)``).
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``).
         per_parameter (bool, optional): one learning rate per weight (default: False).
@@ -117,8 +117,10 @@ class HypergradAdam(RuleHypergrad):
     rule = ADAM
     #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
     default_hyper_lr = 1e-7
-    #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given.
-    default_hyper_step: HyperStep | str = "scale_free"
+    #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given: ``ScaleFree`` whose
+    #: growth accelerates while the run is stalled (its one-step hypergradient answers a new
+    #: learning rate within a step, so a fast climb does not overshoot; MARTHE's does not).
+    default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5)"
     # No Hessian-vector product: the base unscales GradScaler's gradients before the step, as for
     # HypergradSGD, and skips the steps where the scaler found inf/NaN.
     _supports_grad_scaler = True

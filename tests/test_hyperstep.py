@@ -25,7 +25,7 @@ from hyperoptim.hyperstep import (
     resolve,
 )
 
-NORMALISED = [Multiplicative(), Growth(), AdamLog(), ScaleFree()]
+NORMALISED = [Multiplicative(), Growth(), AdamLog(), ScaleFree(), ScaleFree(accel=1.5)]
 
 
 class Net:
@@ -253,6 +253,71 @@ def test_scale_free_growth_is_capped_at_up_per_step():
     assert math.log(value) == pytest.approx(30 * policy.up)
 
 
+def test_scale_free_accelerates_growth_only_while_the_run_is_stalled():
+    """While the training loss stays within ``gate`` of its first value and the growth signal
+    keeps hitting the cap, each step grows by ``accel`` times the last, up to ``reach`` times the
+    capped step; once the loss has fallen by more than ``gate``, growth is back to ``up``."""
+    policy = ScaleFree(accel=1.5)
+    value, state = 1.0, policy.init_state(1.0)
+    steps = []
+    for t in range(10):  # a flat loss: stalled; the signal grows with the value (capped)
+        new, state = policy.update(value, -(3.0 ** t), 1.0, state, loss=2.0)
+        steps.append(math.log(new / value))
+        value = new
+    expected = [policy.up * min(1.5 ** k, policy.reach) for k in range(10)]
+    assert steps == pytest.approx(expected, rel=1e-12)
+    assert expected[-1] == policy.up * policy.reach  # reach bounds it: at most e^1.6 a step
+    # The loss falls below 97% of its first value: the last accelerated step, taken before the
+    # loss could answer it, is stepped back, and growth is back to ``up`` for good.
+    new, state = policy.update(value, -(3.0 ** 10), 1.0, state, loss=1.9)
+    assert math.log(new / value) == pytest.approx(-expected[-1]) and state["settled"] == 1.0
+    value = new
+    for t in range(11, 40):
+        new, state = policy.update(value, -(3.0 ** t), 1.0, state, loss=2.0)  # stalled again
+        value, last = new, math.log(new / value)
+    assert last == pytest.approx(policy.up) and state["run"] == 0.0
+
+
+def test_scale_free_acceleration_restarts_at_each_break_of_the_signal():
+    """An unsaturated step, a runaway or a step without a loss ends the run of capped steps."""
+    policy = ScaleFree(accel=2.0, reach=100.0)
+
+    def grown(signals):
+        value, state = 1.0, policy.init_state(1.0)
+        for h, loss in signals:
+            value, state = policy.update(value, h, 1.0, state, loss=loss)
+        return math.log(value), state
+
+    base = [(-1.0, 1.0)] * 3  # steps of up, 2 up, 4 up
+    assert grown(base)[0] == pytest.approx(7 * policy.up)
+    _, state = grown(base + [(1.0, 1.0)])  # the signal turns: no acceleration left
+    assert state["run"] == 0.0
+    log_value, state = grown(base + [(-1.0, None)])  # no loss: a plain capped step
+    assert log_value == pytest.approx(8 * policy.up) and state["run"] == 0.0
+    _, state = grown(base + [(-1.0, 50.0)])  # a runaway ends acceleration for good
+    assert state["run"] == 0.0 and state["t"] == 0.0 and state["settled"] == 1.0
+    log_value, _ = grown(base + [(-1.0, 50.0)] + [(-1.0, 1.0)] * 3)
+    assert log_value == pytest.approx(7 * policy.up - math.log(policy.shrink) + 3 * policy.up)
+
+
+def test_scale_free_without_acceleration_is_the_capped_rule_bit_for_bit():
+    """``accel=1`` (ScaleFree's default, MARTHE's policy) steps exactly as before the
+    acceleration existed: ``up * max(r, -cap)`` when growing, ``down * r`` when shrinking."""
+    policy = ScaleFree()
+    gen = torch.Generator().manual_seed(3)
+    value, state = 0.01, policy.init_state(0.01)
+    m = v = 0.0
+    for t in range(1, 60):
+        h = float(torch.randn((), generator=gen)) - 0.5
+        g = value * h
+        m, v = 0.5 * m + (1.0 - 0.5) * g, 0.999 * v + (1.0 - 0.999) * g * g
+        r = (m / (1.0 - 0.5 ** t)) / math.sqrt(v / (1.0 - 0.999 ** t))
+        step = policy.up * max(r, -policy.cap) if r < 0.0 else policy.down * r
+        expected = value * math.exp(-step)
+        value, state = policy.update(value, h, 1.0, state, loss=1.0)
+        assert value == expected
+
+
 def test_scale_free_default_survives_a_catapult_on_a_tiny_full_batch_regression():
     """HypergradSGD(lr=0.05) at ScaleFree on a 24-row regression (test_robustness's Task): the
     one-step hypergradient asks for more until the lr reaches about 2.9, where one step throws
@@ -294,7 +359,8 @@ def test_growth_grows_at_the_momentum_pace_then_steps_back_once():
 # ----------------------------------------------------------------------------- state, bounds
 
 
-@pytest.mark.parametrize("policy", [Growth(), ScaleFree(), AdamLog()], ids=repr)
+@pytest.mark.parametrize("policy", [Growth(), ScaleFree(), ScaleFree(accel=1.5), AdamLog()],
+                         ids=repr)
 def test_resume_mid_growth_is_bit_exact(policy):
     net, net2 = Net(2, steps=30), Net(2, steps=30)
     opt = HypergradSGD(net.params, lr=1e-4, momentum=0.5, hyper_step=policy)
@@ -386,7 +452,10 @@ def test_default_policy_is_scale_free_and_a_float_hyper_lr_is_the_additive_rule(
 
     cls = getattr(hyperoptim, name)
     net = Net(0)
-    assert resolve(cls(net.params).param_groups[0]["hyper_step"]) == ScaleFree()
+    # HD's one-step signal answers within a step: its growth accelerates while stalled; MARTHE's
+    # lags (its tangent carries the past), and accelerated it killed the digits CNN.
+    expected = ScaleFree(accel=1.5) if name.startswith("Hypergrad") else ScaleFree()
+    assert resolve(cls(net.params).param_groups[0]["hyper_step"]) == expected
     assert cls(net.params, hyper_lr=1e-3).param_groups[0]["hyper_step"] == "additive"
     assert cls(net.params, hyper_lr=0.0).param_groups[0]["hyper_step"] == "additive"
     if name.startswith("Hypergrad"):  # per-weight rates: the additive rule, their only one
