@@ -74,7 +74,8 @@ LABELS = {
 
 #: Line widths of the tuned online methods, narrower in the order they are drawn: at their
 #: defaults HypergradSGD and MartheSGD (MARTHE starts at mu = 0, HD on the validation loss) take
-#: the same learning rates for their first steps, and the later line must not hide the earlier.
+#: the same learning rates for their first two steps, and the later line must not hide the
+#: earlier.
 TUNED_WIDTHS = {"hd": 2.8, "marthe": 2.2, "ift": 1.8, "hd-adam": 2.8, "marthe-adam": 2.2,
                 "ift-adam": 1.8}
 

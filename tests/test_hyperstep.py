@@ -545,3 +545,25 @@ def test_marthe_rejects_an_additive_kappa():
 
     with pytest.raises(ValueError, match="hyper_lr and adapt_hyper_lr"):
         MartheSGD(Net(0).params, hyper_step=Additive(0.1))
+
+
+@pytest.mark.parametrize("cls", [HypergradSGD, HypergradAdam])
+def test_hd_default_climbs_decades_before_the_loss_moves(cls):
+    """From a learning rate far too small the loss does not move, so the default accelerates:
+    more than 50x within 12 steps, where ``ScaleFree()`` is held to e^(0.2 * 12) = 11x; and once
+    the loss falls, the growth is back to at most ``up`` per step."""
+    start = 1e-3 if cls is HypergradSGD else 1e-4  # about 100x and 1000x below this net's
+    net, ref = Net(4, steps=1), Net(4, steps=1)  # one batch: a steady signal
+    opt = cls(net.params, lr=start)
+    plain = cls(ref.params, lr=start, hyper_step=ScaleFree())
+    _run(opt, net, 12)
+    _run(plain, ref, 12)
+    assert max(opt.history[0]["lr"]) > 50 * start
+    assert max(plain.history[0]["lr"]) <= math.exp(12 * 0.2) * start * (1 + 1e-9)
+    _run(opt, net, 28, start=12)
+    state = opt.hyper_state["hyper_step"][0]
+    assert state["settled"] == 1.0  # its loss fell: no acceleration any more
+    lrs = opt.history[0]["lr"]
+    settled_at = next(t for t in range(1, len(lrs)) if lrs[t] < lrs[t - 1])  # the step back
+    assert all(b / a <= math.exp(0.2) * (1 + 1e-9) for a, b in zip(lrs[settled_at:],
+                                                                   lrs[settled_at + 1:]))
