@@ -265,19 +265,20 @@ class ScaleFree(HyperStep):
        1 while :math:`g = a h` grows with :math:`a`, and uncapped a digits MLP's lr grew 37x in 8
        steps, past its edge) are what prevent those.
     3. *Accelerated growth while the run is stalled* (``accel`` > 1; off in ``ScaleFree()``,
-       on in the hypergradient-descent classes' default ``ScaleFree(accel=1.5)``). At ``up`` =
-       0.2 a start 1000x too small (the character LSTM's from lr 1e-5 or 1e-3) spends 35 of a
-       100-step budget climbing. While the training loss is still within ``gate`` (3%) of its
-       first value, the run has not started learning, and each growth step that hits the cap
-       is ``accel`` times the last, up to ``reach`` times ``up`` (:math:`e^{1.6}` = 5x a step
-       at the defaults): 100x in 7 steps, 1000x in 9. The first loss ``gate`` below the first
-       ends it for good and steps back the last accelerated step, which the loss had not yet
-       answered (on the digits MLP from Adam's good start, ungated by the loss's own fall, the
-       climb ran to lr 0.32 in 8 steps and the run died in 1 of 5 seeds); so does a runaway,
-       and an unsaturated step restarts the run at ``up``. Gated by a smoothed loss instead,
-       the climb overshot while the raw loss was already falling. It is for a signal that
-       answers a new value within a step: MARTHE's hypergradient carries a tangent over past
-       steps, and accelerated it killed MartheSGD's digits CNN from the poor start (7.8%).
+       on in the defaults ``ScaleFree(accel=1.5)`` of the hypergradient-descent classes and of
+       MARTHE over Adam). At ``up`` = 0.2 a start 1000x too small (the character LSTM's from lr
+       1e-5 or 1e-3) spends 35 of a 100-step budget climbing. While the training loss is still
+       within ``gate`` (3%) of its first value, the run has not started learning, and each
+       growth step that hits the cap is ``accel`` times the last, up to ``reach`` times ``up``
+       (:math:`e^{1.6}` = 5x a step at the defaults): 100x in 7 steps, 1000x in 9. The first
+       loss that leaves that band ends it for good and steps back the last accelerated step,
+       which the loss had not yet answered: a fall (on the digits MLP from Adam's good start,
+       gated by a smoothed loss instead, the climb ran to lr 0.32 in 8 steps and the run died in
+       1 of 5 seeds) or a rise (MartheAdamW's digits CNN: 2.30 -> 2.87 after a step at lr 0.078,
+       below the runaway alarm, and the net died at 0.45). A runaway ends it too, and an
+       unsaturated step restarts the run at ``up``. It is for a signal that answers a new value
+       within a step or two: over heavy-ball SGD MARTHE's tangent carries the momentum's past,
+       and accelerated it killed MartheSGD's digits CNN from the poor start (7.8%).
        Invariant to the loss's scale (the gate is relative) and to the start's decade.
     """
 
@@ -306,8 +307,9 @@ class ScaleFree(HyperStep):
         divisor, state = react(loss, state, shrink=self.shrink, smooth=self.smooth)
         if divisor is None:
             if self.accel != 1.0 and not state.get("settled", 1.0) and self._learning(loss, state):
-                # The loss has started to fall: acceleration ends for good, and its last step,
-                # taken before the loss could answer it, is stepped back (no step this time).
+                # The loss has moved (fallen, or risen on an overshoot): acceleration ends for
+                # good, and its last step, taken before the loss could answer it, is stepped back
+                # (no step this time).
                 run, state = state.get("run", 0.0), {**state, "run": 0.0, "settled": 1.0}
                 if run > 1.0:
                     return value * math.exp(-self._growth(run - 1.0)), state
@@ -320,9 +322,9 @@ class ScaleFree(HyperStep):
                                                               "settled": 1.0}
 
     def _learning(self, loss: float, state: dict[str, float]) -> bool:
-        """Whether the training ``loss`` has fallen below its first value by ``gate`` of it (the
-        run has started learning; 3. above)."""
-        return state["first"] - loss > self.gate * abs(state["first"])
+        """Whether the training ``loss`` has moved from its first value by more than ``gate`` of
+        it, down (the run has started learning) or up (the climb overshot; 3. above)."""
+        return abs(state["first"] - loss) > self.gate * abs(state["first"])
 
     def _growth(self, run: float) -> float:
         """The log-step of growth after ``run`` capped steps of a stalled run (3. above)."""
