@@ -145,7 +145,8 @@ class HypergradSGD(RuleHypergrad):
     default_hyper_lr = 1e-3
     #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given: ``ScaleFree`` whose
     #: growth accelerates while the run is stalled (its one-step hypergradient answers a new
-    #: learning rate within a step, so a fast climb does not overshoot; MARTHE's does not).
+    #: learning rate within a step, so a fast climb does not overshoot; MARTHE's over
+    #: heavy-ball SGD does not).
     default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5)"
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],

@@ -119,7 +119,8 @@ class HypergradAdam(RuleHypergrad):
     default_hyper_lr = 1e-7
     #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given: ``ScaleFree`` whose
     #: growth accelerates while the run is stalled (its one-step hypergradient answers a new
-    #: learning rate within a step, so a fast climb does not overshoot; MARTHE's does not).
+    #: learning rate within a step, so a fast climb does not overshoot; MARTHE's over
+    #: heavy-ball SGD does not).
     default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5)"
     # No Hessian-vector product: the base unscales GradScaler's gradients before the step, as for
     # HypergradSGD, and skips the steps where the scaler found inf/NaN.

@@ -33,7 +33,7 @@ Policies:
   :math:`\partial E / \partial \log a = a h`; each step moves :math:`\log a` by about ``lr``.
 - :class:`ScaleFree` (the reasoning is in its docstring): Adam-normalised steps on
   :math:`\log a` with little hyper-momentum, a fast reactive decrease while the training
-  loss runs away and, with ``accel`` > 1, accelerated growth until the loss starts to fall.
+  loss runs away and, with ``accel`` > 1, accelerated growth until the loss first moves.
 
 :func:`resolve` turns a policy, its name (``"scale_free"``) or its ``repr``
 (``"ScaleFree(beta=0.05)"``) into a policy; param groups keep the ``repr`` (a plain string, so a
@@ -306,7 +306,7 @@ class ScaleFree(HyperStep):
             return self._log_step(value, h, state, stalled=False)
         divisor, state = react(loss, state, shrink=self.shrink, smooth=self.smooth)
         if divisor is None:
-            if self.accel != 1.0 and not state.get("settled", 1.0) and self._learning(loss, state):
+            if self.accel != 1.0 and not state.get("settled", 1.0) and self._moved(loss, state):
                 # The loss has moved (fallen, or risen on an overshoot): acceleration ends for
                 # good, and its last step, taken before the loss could answer it, is stepped back
                 # (no step this time).
@@ -321,7 +321,7 @@ class ScaleFree(HyperStep):
                                                               "t": 0.0, "run": 0.0,
                                                               "settled": 1.0}
 
-    def _learning(self, loss: float, state: dict[str, float]) -> bool:
+    def _moved(self, loss: float, state: dict[str, float]) -> bool:
         """Whether the training ``loss`` has moved from its first value by more than ``gate`` of
         it, down (the run has started learning) or up (the climb overshot; 3. above)."""
         return abs(state["first"] - loss) > self.gate * abs(state["first"])
