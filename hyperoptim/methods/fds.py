@@ -405,7 +405,7 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
         if val_closure is None or not any(
                 g.get("outer_step") == "log" and "lr" in g["tune"] for g in self.param_groups):
             return
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        params = self._all_params()
         loss, _ = self._validation_grads(val_closure, params)
         value = float(loss)
         if math.isfinite(value):

@@ -59,21 +59,17 @@ decade regardless killed FDSAdamW's CNN in 2 of 3 seeds (the sign asked for more
 
 LINEAR_TARGET = 2.5
 r"""Where the far step aims, in units of the saturation scale of the model below
-(:math:`
-ho(x) = 2.5` is :math:`
-ho pprox 0.21`)."""
+(:math:`x = 2.5`, where :math:`\rho = x / (e^x - 1) \approx 0.22`)."""
 
 
 def far_step(ratio: float) -> float:
     r"""The log step of a learning rate after an episode far below it (:data:`LINEAR_RATIO`).
 
     Model: the validation loss an episode gains saturates in the learning rate's scale
-    :math:`a` as :math:`1 - e^{-a / a^*}`, whose :math:`
-ho` is :math:`x / (e^x - 1)` at
+    :math:`a` as :math:`1 - e^{-a / a^*}`, whose :math:`\rho` is :math:`x / (e^x - 1)` at
     :math:`x = a / a^*` (1 at 0, 0.58 at 1, 0.16 at 3). The measured ratio gives :math:`x`, and
     the step aims at :data:`LINEAR_TARGET`: :math:`\ln(2.5 / x)`, held between Rprop's first step
-    (:math:`\ln 2`) and a decade. :math:`
-ho \ge 1` (the linear regime itself): a decade.
+    (:math:`\ln 2`) and a decade. :math:`\rho \ge 1` (the linear regime itself): a decade.
 
     Example:
         >>> round(math.exp(far_step(0.97)), 2), round(math.exp(far_step(0.75)), 2)
