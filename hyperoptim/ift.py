@@ -149,7 +149,11 @@ class IFTOptimizer(RuleIFT):
     weight decay alone) keep the interval. A warm-up step with ``lookback > 1`` needs the closure
     as every hyper-update does. ``hyper_state["warmup"]`` holds its state (saved and resumed
     exactly) and ``history`` records ``"update_schedule/warmup"`` (1.0 for a hyper-update of
-    the warm-up). ``benchmarks/ift_schedule.py`` measures both (README, "IFTOptimizer").
+    the warm-up). ``benchmarks/ift_schedule.py`` measures both (README, "IFTOptimizer"). While
+    the run has not started learning (every training loss within 3% of the first) the warm-up
+    accelerates (``warmup_accel``): the learning rate's step size grows 1.5x per hyper-update, up
+    to 8x, so a start 1000x too small is crossed in about a dozen hyper-updates; ``history``
+    records the factor used (``"update_schedule/accel"``).
 
     **Transforms** (Table 5). The hyper optimizer works on :math:`\log_{10}` of the learning rate
     and the weight decay and on :math:`\operatorname{logit}` of the momentum, and the hypergradient
@@ -227,6 +231,16 @@ class IFTOptimizer(RuleIFT):
             (above; default: ``"taken"``, the authors').
         update_schedule (str, optional): ``"warmup"`` or ``"fixed"``, when hyper-updates run
             (above; default: ``"warmup"``; ``"fixed"`` is the paper's every ``update_interval``).
+        reactive_decrease (bool, optional): read every step's training loss with
+            :class:`~hyperoptim.ScaleFree`'s runaway watch (at twice its margin) and divide every
+            learned learning rate by 10 at each new high of a runaway, in the step that sees it
+            (default: True; False is the paper's).
+        warmup_accel (float, optional): the accelerated warm-up: while the training loss stays
+            within 3% of its first value, the warm-up's :math:`k`-th hyper-update moves the
+            learning rate with ``min(warmup_accel ** k, 8)`` times the hyper optimizer's step size
+            (Adam's 0.05 in :math:`\log_{10}` lr becomes up to 0.4); the first loss outside that
+            band ends it for good (:mod:`~hyperoptim.methods.ift_schedule`). 1 is the plain
+            warm-up (default: 1.5).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be given to :meth:`step` instead (default: None).
         hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim.hvp`): ``"exact"``

@@ -96,11 +96,11 @@ class IFTAdam(RuleIFT):
         tune (sequence of str, optional): which of ``"lr"`` and ``"weight_decay"`` learn
             (default: both).
         update_interval, lookback, hyper_lr, hyper_optimizer, lr_bounds, update_timing,
-            update_schedule, val_closure, hvp: as for :class:`~hyperoptim.IFTOptimizer`
-            (defaults: 10, 5, 0.05, Adam, ``(1e-10, 1.0)``, ``"taken"``, ``"warmup"``, None,
-            ``"auto"``). Adam's warm-up takes a hyper-update every step (its step moves each
-            weight by about the learning rate, whatever the gradient's scale) until the learning
-            rate's hypergradient changes sign.
+            update_schedule, reactive_decrease, warmup_accel, val_closure, hvp: as for
+            :class:`~hyperoptim.IFTOptimizer` (defaults: 10, 5, 0.05, Adam, ``(1e-10, 1.0)``,
+            ``"taken"``, ``"warmup"``, True, 1.5, None, ``"auto"``). Adam's warm-up takes a
+            hyper-update every step (its step moves each weight by about the learning rate,
+            whatever the gradient's scale) until the learning rate's hypergradient changes sign.
         decoupled_weight_decay (bool, optional): AdamW's decay (default: False; see
             :class:`IFTAdamW`).
 

@@ -64,9 +64,9 @@ def _ift_keywords(*, update_interval: int = 10, lookback: int = 5, hyper_lr: flo
                   hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
                   lr_bounds: tuple[float, float] = (1e-10, 1.0), update_timing: str = "taken",
                   update_schedule: str = "warmup", reactive_decrease: bool = True,
-                  val_closure: Closure | None = None, hvp: str = "auto", maximize: bool = False,
-                  foreach: bool | None = None, fused: bool | None = None,
-                  differentiable: bool = False) -> None:
+                  warmup_accel: float = 1.5, val_closure: Closure | None = None,
+                  hvp: str = "auto", maximize: bool = False, foreach: bool | None = None,
+                  fused: bool | None = None, differentiable: bool = False) -> None:
     """IFT's keyword arguments and their defaults, declared once: every public class's signature
     ends with them (:func:`~hyperoptim.core.signatures.with_keywords`) and its ``**options``
     takes them (:func:`ift_keywords`)."""
@@ -206,21 +206,22 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None,
                update_timing: str, val_closure: Closure | None, hvp: str,
                update_schedule: str = "fixed", reactive_decrease: bool = False,
-               **flags: Any) -> None:
+               warmup_accel: float = 1.0, **flags: Any) -> None:
         """The rule-independent part of the constructor: IFT's own arguments, then the groups.
-        ``update_schedule`` and ``reactive_decrease`` default to the paper's behaviour here so
-        that a rule written before those options (whose constructor does not pass them) keeps
-        it; the public classes pass theirs."""
+        ``update_schedule``, ``reactive_decrease`` and ``warmup_accel`` default to the paper's
+        behaviour here so that a rule written before those options (whose constructor does not
+        pass them) keeps it; the public classes pass theirs."""
         check_rule_arguments("ift", update_interval=update_interval, lookback=lookback,
                              hyper_lr=hyper_lr, hyper_optimizer=hyper_optimizer,
                              update_timing=update_timing, update_schedule=update_schedule,
-                             reactive_decrease=reactive_decrease)
+                             reactive_decrease=reactive_decrease, warmup_accel=warmup_accel)
         self._check_group(defaults)
         self.update_interval = update_interval
         self.lookback = lookback
         self.update_timing = update_timing
         self.update_schedule = update_schedule
         self.reactive_decrease = reactive_decrease
+        self.warmup_accel = float(warmup_accel)
         self._hyper_lr = float(hyper_lr)
         self._hyper_factory = hyper_optimizer
         self._hyper_opt: Optimizer | None = None
@@ -232,6 +233,8 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 [group["tune"] for group in self.param_groups])
         if reactive_decrease:
             self.hyper_state["runaway"] = dict(RUNAWAY_STATE)
+        if self._accelerates():
+            self.hyper_state["stall"] = ift_schedule.new_stall()
         self._hyper_opt = self._build_hyper_optimizer()
 
     # ------------------------------------------------------------------ groups
@@ -351,6 +354,17 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         """Whether this step is in the warm-up of ``update_schedule="warmup"``."""
         return ift_schedule.warming(self.update_schedule, self.hyper_state.get("warmup"))
 
+    def _accelerates(self) -> bool:
+        """Whether this optimizer's warm-up accelerates (``warmup_accel`` above 1)."""
+        return self.update_schedule == "warmup" and self.warmup_accel != 1.0
+
+    def _watching_stall(self) -> bool:
+        """Whether this step's training loss is read for the accelerated warm-up (it runs and no
+        loss has left the band yet): under ``torch.distributed`` its mean rides in the step's
+        agreement, as ``reactive_decrease``'s does."""
+        stall = self.hyper_state.get("stall")
+        return stall is not None and stall["stalled"] and self._warming_up()
+
     def _warmup_interval(self) -> int:
         """Steps between the warm-up's hyper-updates: 1 (a rule whose step moves each weight by
         about the learning rate, as Adam's does); heavy-ball SGD paces it by its momentum
@@ -362,7 +376,10 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         ``"update_schedule/warmup"`` (1.0 for a hyper-update of the warm-up, 0.0 after it)."""
         if self.update_schedule != "warmup":
             return {}
-        return {"update_schedule/warmup": 1.0 if self._warming_up() else 0.0}
+        record = {"update_schedule/warmup": 1.0 if self._warming_up() else 0.0}
+        if self._accelerates():
+            record["update_schedule/accel"] = self.__dict__.get("_accel_scale", 1.0)
+        return record
 
     def _advance_schedule(self, spans: Sequence[tuple[int, str, int, int]],
                           hypergrads: Sequence[float]) -> None:
@@ -402,7 +419,8 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             self._refuse_missing_closure()
             return None
         loss, second = self._training_loss(closure, second_order=second_order,
-                                           share_loss=self.reactive_decrease)
+                                           share_loss=self.reactive_decrease
+                                           or self._watching_stall())
         try:
             stepped = self._step_groups(loss, second, val_closure, hyper=hyper, taken=taken)
         finally:
@@ -454,7 +472,13 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         reason, values = self._guard_read(loss, groups, worst_case=hyper)
         if reason is not None:
             return False
-        undo, watched = self._runaway(loss, values[0])
+        value = self._step_loss(loss, values[0])
+        undo, watched = self._runaway(value)
+        stall = self._stall(value)
+        # The accelerated warm-up's factor for this step's hyper-update (read by
+        # _hyper_optimizer_step and _schedule_record; gone after the step).
+        self.__dict__["_accel_scale"] = ift_schedule.accel_scale(
+            self.update_schedule, self.hyper_state.get("warmup"), stall, self.warmup_accel)
         try:
             stepped = True
             if hyper:
@@ -465,13 +489,34 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             if undo is not None:
                 undo()
             raise
+        finally:
+            self.__dict__.pop("_accel_scale", None)
         if not stepped and undo is not None:
             undo()
         if stepped and watched is not None:
             self.hyper_state["runaway"] = watched
             if undo is not None:
                 self._warn_runaway(values[0])
+        if stepped and stall is not None:
+            self.hyper_state["stall"] = stall
         return stepped
+
+    def _step_loss(self, loss: Tensor | None, host_loss: float) -> float | None:
+        """This step's training loss as the watches read it: its mean over ranks under
+        ``torch.distributed`` (it rode in the step's agreement), else ``host_loss``, the guard's
+        host copy (no sync of its own); ``None`` where the closure gave no single-valued loss."""
+        shared = self.__dict__.pop("_shared_loss", None)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            return None
+        return shared if world_size() > 1 and shared is not None else host_loss
+
+    def _stall(self, value: float | None) -> dict[str, Any] | None:
+        """The accelerated warm-up's next stall state after this step's loss ``value``
+        (:func:`~hyperoptim.methods.ift_schedule.watch_stall`), for the caller to commit if the
+        step is taken; ``None`` where nothing is watched (no acceleration, or it has ended)."""
+        if not self._watching_stall():
+            return None
+        return ift_schedule.watch_stall(self.hyper_state["stall"], value)
 
     def _warn_runaway(self, loss: float) -> None:
         """Say once that the reactive decrease cut the learning rates, and how to turn it off."""
@@ -486,11 +531,10 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
              "This warning is shown once.")
 
     # ------------------------------------------------------------------ reactive decrease
-    def _runaway(self, loss: Tensor | None, host_loss: float
+    def _runaway(self, value: float | None
                  ) -> tuple[Callable[[], None] | None, dict[str, float] | None]:
         r"""``reactive_decrease``: the runaway watch of :func:`~hyperoptim.hyperstep.react` on
-        this step's training loss (its mean over ranks under ``torch.distributed``, which rode in
-        the step's agreement; else ``host_loss``, the guard's host copy: no sync of its own).
+        this step's training loss ``value`` (:meth:`_step_loss`; ``None``: none).
         On a new high of a runaway every learned learning rate is divided by 10 before this
         step's update uses it. Returns ``(undo, state)``: how to restore the learning rates
         (``None`` where none changed) and the watch's next state (``None``: nothing to commit),
@@ -501,11 +545,9 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         lr by about ``hyper_lr`` each, so a learning rate 10x too large runs away first: on
         full-batch diabetes from SGD's lr 1.0 with momentum 0.9 the loss overflowed at step 5,
         before any hyper-update; on the digits CNN the ReLUs died within 15 steps."""
-        shared = self.__dict__.pop("_shared_loss", None)
         state = self.hyper_state.get("runaway")
-        if state is None or not isinstance(loss, Tensor) or loss.numel() != 1:
+        if state is None or value is None:
             return None, None
-        value = shared if world_size() > 1 and shared is not None else host_loss
         if not math.isfinite(value):
             return None, None
         divisor, watched = react(-value if self.defaults["maximize"] else value, state,
@@ -730,6 +772,10 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 warmup, len(state_dict.get("param_groups", ()))):
             raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state['warmup'] is "
                              f"malformed: {warmup!r}")
+        stall = saved.get("stall") if isinstance(saved, dict) else None
+        if stall is not None and not ift_schedule.check_stall(stall):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state['stall'] is "
+                             f"malformed: {stall!r}")
         runaway = saved.get("runaway") if isinstance(saved, dict) else None
         if runaway is not None and not (isinstance(runaway, dict)
                                         and set(runaway) == set(RUNAWAY_STATE)):
@@ -744,6 +790,12 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 self.hyper_state.setdefault("runaway", dict(RUNAWAY_STATE))
             else:
                 self.hyper_state.pop("runaway", None)
+            # So does the accelerated warm-up's state: a state dict saved without it resumes
+            # without acceleration (the run it continues had none).
+            if self._accelerates():
+                self.hyper_state.setdefault("stall", {"first": None, "stalled": False})
+            else:
+                self.hyper_state.pop("stall", None)
             self._hyper_opt = self._build_hyper_optimizer()
             if hyper_opt_state is not None:
                 try:

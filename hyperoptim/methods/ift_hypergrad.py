@@ -249,9 +249,20 @@ class _HyperUpdate:
                           for k, entry in self._hyper_opt.state.items()}
         for x, g in zip(tuned.targets, tuned.hypergrads):
             x.grad = g
-        internal_step(self._hyper_opt)
-        for x in tuned.targets:
-            x.grad = None
+        # The accelerated warm-up scales the learning rates' step size for this step alone.
+        scale = self.__dict__.get("_accel_scale", 1.0)
+        scaled = [g for g in self._hyper_opt.param_groups
+                  if g.get("name") == "lr" and "lr" in g] if scale != 1.0 else []
+        sizes = [g["lr"] for g in scaled]
+        try:
+            for g in scaled:
+                g["lr"] = g["lr"] * scale
+            internal_step(self._hyper_opt)
+        finally:
+            for g, size in zip(scaled, sizes):
+                g["lr"] = size
+            for x in tuned.targets:
+                x.grad = None
 
     def _read_back(self, groups: list[tuple[dict[str, Any], list[Tensor]]], tuned: _Tuned,
                    val_loss: Tensor) -> list[float]:

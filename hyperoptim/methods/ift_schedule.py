@@ -24,6 +24,25 @@ param group, the first non-zero sign of its learning rate's hypergradient, 0 bef
 ``"changed"`` (per group, whether that sign has changed since; True from the start for a group
 that does not tune its learning rate). A state dict saved without it (a ``"fixed"`` run, or a
 release before the option) resumes with the warm-up over.
+
+The accelerated warm-up (``warmup_accel``, 1.5 by default; 1 is the warm-up above, bit for bit):
+while the run is *stalled*, every training loss so far within :data:`WARMUP_GATE` (3%) of the
+first one, the hyper optimizer's step size for the learning rate is
+:math:`\min(a^k, R)` times ``hyper_lr`` at the warm-up's :math:`k`-th hyper-update (:math:`a` the
+``warmup_accel``, :math:`R` = :data:`WARMUP_REACH` = 8): Adam's 0.05 in :math:`\log_{10}` lr
+grows to 0.4, so two decades take about 10 hyper-updates instead of 40. The first loss outside
+the band (a fall: the run has started to learn; or a rise: an overshoot) or a step without a
+finite loss ends it for good, as does the warm-up's end. It is :class:`~hyperoptim.ScaleFree`'s
+``accel`` (the same 1.5, reach and gate), for IFT's hyper optimizer. Why: the warm-up's
+hyper-updates move :math:`\log_{10}` lr by about 0.05 each, so from 1000x too small the
+character LSTM of ``benchmarks/versus.py`` (100 steps) spent its whole run climbing:
+``IFTAdam`` ended at perplexity 11.8 against 10.1 from its good start, ``IFTOptimizer`` (one
+hyper-update every 2 steps at momentum 0.5) at 31.9 with its learning rate still 30x too small.
+Ungated (measured, 5 seeds) the climb overshot on the digits CNN (``IFTOptimizer``: 1 of 5
+seeds died from the poor start) and on full-batch diabetes (0.50 -> 0.61 MSE); an
+``accel`` of 2.25 (1.5 per step at ``IFTOptimizer``'s pace of 2) killed a CNN seed even gated.
+Its state is ``hyper_state["stall"]``: ``"first"`` (the first training loss, None before one)
+and ``"stalled"``; a state dict saved without it resumes without acceleration.
 """
 
 from __future__ import annotations
@@ -32,8 +51,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["SCHEDULES", "WARMUP_LIMIT", "add_group", "advance", "check_state", "interval",
-           "momentum_pace", "new_state", "tuned", "warming"]
+__all__ = ["SCHEDULES", "WARMUP_GATE", "WARMUP_LIMIT", "WARMUP_REACH", "accel_scale", "add_group",
+           "advance", "check_stall", "check_state", "interval", "momentum_pace", "new_stall",
+           "new_state", "tuned", "warming", "watch_stall"]
 
 SCHEDULES = ("warmup", "fixed")
 
@@ -42,6 +62,15 @@ WARMUP_LIMIT = 100
 sign (a learning rate held at an end of ``lr_bounds``, a group without gradients): about 5
 decades of :math:`\\log_{10}` lr at Adam's default 0.05, and a bound on what the warm-up costs
 (one validation gradient and ``lookback - 1`` Hessian-vector products per step)."""
+
+
+WARMUP_REACH = 8.0
+r"""The accelerated warm-up's largest factor on the hyper optimizer's step size (Adam's 0.05 in
+:math:`\log_{10}` lr becomes 0.4): :class:`~hyperoptim.ScaleFree`'s ``reach``."""
+
+WARMUP_GATE = 0.03
+"""How far (relative) the training loss may move from its first value while the run still counts
+as stalled and the warm-up accelerates: :class:`~hyperoptim.ScaleFree`'s ``gate``."""
 
 
 MOMENTUM_PACE_CAP = 0.999
@@ -130,3 +159,58 @@ def advance(state: dict[str, Any], hypergrads: Mapping[int, float]) -> None:
             changed[index] = True
     if all(changed) or state["updates"] >= WARMUP_LIMIT:
         state["active"] = False
+
+
+def new_stall() -> dict[str, Any]:
+    """The accelerated warm-up's state at construction: no loss seen yet, stalled."""
+    return {"first": None, "stalled": True}
+
+
+def check_stall(state: Any) -> bool:
+    """Whether ``state`` (a saved ``hyper_state["stall"]``) has the structure :func:`new_stall`
+    gives."""
+    return (isinstance(state, Mapping) and set(state) == {"first", "stalled"}
+            and isinstance(state["stalled"], bool)
+            and (state["first"] is None or isinstance(state["first"], float)
+                 and math.isfinite(state["first"])))
+
+
+def watch_stall(state: Mapping[str, Any], loss: float | None) -> dict[str, Any]:
+    r"""The stall state after a step whose training loss is ``loss`` (``None``: the step gave
+    none). Stalled while every loss so far is within :data:`WARMUP_GATE` of the first,
+    :math:`|L_t - L_0| \le 0.03 |L_0|`; a loss outside it, or a step without a finite loss,
+    ends it for good. Nothing is modified: the caller commits the result when its step is taken.
+
+    Example:
+        >>> state = new_stall()
+        >>> for loss in (2.0, 2.05, 1.9):
+        ...     state = watch_stall(state, loss)
+        >>> state
+        {'first': 2.0, 'stalled': False}
+    """
+    if not state["stalled"]:
+        return dict(state)
+    if loss is None or not math.isfinite(loss):
+        return {**state, "stalled": False}
+    if state["first"] is None:
+        return {"first": float(loss), "stalled": True}
+    first = state["first"]
+    return {**state, "stalled": abs(loss - first) <= WARMUP_GATE * abs(first)}
+
+
+def accel_scale(schedule: str, warmup: Mapping[str, Any] | None,
+                stall: Mapping[str, Any] | None, accel: float) -> float:
+    r"""The factor on the hyper optimizer's step size for the learning rate at a hyper-update
+    whose step left the stall state ``stall`` (:func:`watch_stall`'s result, ``None`` without
+    acceleration): :math:`\min(a^k, R)` while the warm-up runs and the run is stalled, :math:`k`
+    the warm-up's hyper-updates so far and :math:`a` = ``accel``; else 1.
+
+    Example:
+        >>> warmup = {"active": True, "updates": 3, "signs": [-1.0], "changed": [False]}
+        >>> accel_scale("warmup", warmup, {"first": 2.0, "stalled": True}, 1.5)
+        3.375
+    """
+    if stall is None or not stall["stalled"] or not warming(schedule, warmup):
+        return 1.0
+    assert warmup is not None  # warming() said so
+    return min(accel ** warmup["updates"], WARMUP_REACH)
