@@ -144,7 +144,8 @@ class _Guard:
 
     def _guard_verdict(self, values: Sequence[float],
                        plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
-                       hypers: Sequence[dict[str, float]] | None = None) -> str | None:
+                       hypers: Sequence[dict[str, float]] | None = None, *,
+                       bounds_only: bool = False) -> str | None:
         r"""Why the step must be skipped (``None``: it is safe), from :meth:`_guard_scalars`' values
         (on the host).
 
@@ -154,7 +155,9 @@ class _Guard:
         :math:`|g'| \le |g| + c|w|`, :math:`|v'| \le b|v| + |1-\delta||g'|`,
         :math:`|d| \le |g'| + b|v'|`, :math:`|w'| \le |w| + a|d|`; every bound must stay below
         the largest finite value of the parameters' dtype. On success it also feeds the
-        divergence watch.
+        divergence watch, with the learning rates of ``hypers``, or of the groups where
+        ``bounds_only`` (``hypers`` are a worst case: the top of each range, which no run has
+        reached).
         """
         loss = values[0]
         if not math.isfinite(loss):
@@ -188,7 +191,8 @@ class _Guard:
                 limit = self._dtype_max()
                 if not all(math.isfinite(x) and x <= limit for x in bounds):
                     return _OVERFLOW
-        self._watch_divergence(loss, [group["lr"] if hypers is None else hypers[i].get("lr", group["lr"])
+        self._watch_divergence(loss, [group["lr"] if hypers is None or bounds_only
+                                      else hypers[i].get("lr", group["lr"])
                                       for i, (group, _) in enumerate(plans)])
         return None
 
@@ -243,7 +247,7 @@ class _Guard:
                                  "lr_bounds" in group else top.get(name, LEARNED_LIMIT))
                        for name in self._learned_names(group)} for group, _ in plans]
         values = self._guard_scalars(loss, plans).tolist()
-        reason = self._guard_verdict(values, plans, hypers)
+        reason = self._guard_verdict(values, plans, hypers, bounds_only=worst_case)
         if reason is not None:
             self._warn_nonfinite(reason)
         return reason, values
