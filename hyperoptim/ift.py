@@ -151,8 +151,8 @@ class IFTOptimizer(RuleIFT):
     exactly) and ``history`` records ``"update_schedule/warmup"`` (1.0 for a hyper-update of
     the warm-up). ``benchmarks/ift_schedule.py`` measures both (README, "IFTOptimizer"). While
     the run has not started learning (every training loss within 3% of the first) the warm-up
-    accelerates (``warmup_accel``): the learning rate's step size grows 1.5x per hyper-update, up
-    to 8x, so a start 1000x too small is crossed in about a dozen hyper-updates; ``history``
+    accelerates (``warmup_accel``): after 3 plain hyper-updates the learning rate's step size grows
+    1.5x per hyper-update, up to 8x, so a start 1000x too small is crossed in about 16; ``history``
     records the factor used (``"update_schedule/accel"``).
 
     **Transforms** (Table 5). The hyper optimizer works on :math:`\log_{10}` of the learning rate
@@ -236,11 +236,11 @@ class IFTOptimizer(RuleIFT):
             learned learning rate by 10 at each new high of a runaway, in the step that sees it
             (default: True; False is the paper's).
         warmup_accel (float, optional): the accelerated warm-up: while the training loss stays
-            within 3% of its first value, the warm-up's :math:`k`-th hyper-update moves the
-            learning rate with ``min(warmup_accel ** k, 8)`` times the hyper optimizer's step size
-            (Adam's 0.05 in :math:`\log_{10}` lr becomes up to 0.4); the first loss outside that
-            band ends it for good (:mod:`~hyperoptim.methods.ift_schedule`). 1 is the plain
-            warm-up (default: 1.5).
+            within 3% of its first value, the warm-up's :math:`k`-th hyper-update (from 0) moves
+            the learning rate with ``min(warmup_accel ** max(k - 3, 0), 8)`` times the hyper
+            optimizer's step size (Adam's 0.05 in :math:`\log_{10}` lr becomes up to 0.4); the
+            first loss outside that band ends it for good
+            (:mod:`~hyperoptim.methods.ift_schedule`). 1 is the plain warm-up (default: 1.5).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be given to :meth:`step` instead (default: None).
         hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim.hvp`): ``"exact"``

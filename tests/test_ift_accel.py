@@ -1,7 +1,7 @@
 """IFT's accelerated warm-up (``warmup_accel``, 1.5 by default): while every training loss is
 within 3% of the first, the warm-up's k-th hyper-update moves the learning rate with
-min(1.5**k, 8) times the hyper optimizer's step size; the first loss outside that band ends it
-for good. Atomic, resumed exactly, decided alike on every rank, and ``warmup_accel=1`` is the
+min(1.5**max(k - 3, 0), 8) times the hyper optimizer's step size; the first loss outside that
+band ends it for good. Atomic, resumed exactly, decided alike on every rank, and ``warmup_accel=1`` is the
 plain warm-up."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 
 from hyperoptim import IFTAdam, IFTOptimizer
 from hyperoptim.methods import ift_schedule
-from hyperoptim.methods.ift_schedule import WARMUP_GATE, WARMUP_REACH
+from hyperoptim.methods.ift_schedule import WARMUP_GATE, WARMUP_PATIENCE, WARMUP_REACH
 
 # These runs start 1e4x below the learning rate their problem wants, on purpose: the guard's
 # one-time warning that a learning rate grew 1e4x is their premise, not a finding.
@@ -59,6 +59,11 @@ class Regression:
             loss.backward()
             return loss
         return closure
+
+
+def factor(k: int, accel: float = 1.5) -> float:
+    """The documented factor of the warm-up's k-th hyper-update (from 0) while stalled."""
+    return min(accel ** max(k - 3, 0), 8.0)
 
 
 def _adam(prob: Regression, **kwargs) -> IFTAdam:
@@ -104,7 +109,8 @@ def test_the_factor_grows_while_stalled_and_warming_and_is_bounded():
         assert ift_schedule.accel_scale("warmup", warmup, None, 1.5) == 1.0
         assert ift_schedule.accel_scale("fixed", warmup, stalled, 1.5) == 1.0
         ift_schedule.advance(warmup, {0: -1.0})
-    assert factors == [min(1.5 ** k, WARMUP_REACH) for k in range(12)]
+    assert factors == [factor(k) for k in range(12)]
+    assert factors[:4] == [1.0] * 4 and factors[4] == 1.5 and WARMUP_PATIENCE == 3
     assert factors[-1] == WARMUP_REACH == 8.0
     ift_schedule.advance(warmup, {0: 1.0})  # the sign changed: the warm-up is over
     assert ift_schedule.accel_scale("warmup", warmup, stalled, 1.5) == 1.0
@@ -113,24 +119,26 @@ def test_the_factor_grows_while_stalled_and_warming_and_is_bounded():
 # ----------------------------------------------------------------- in the optimizer
 def test_the_warmup_climbs_faster_while_the_loss_is_flat():
     """From lr 1e-6 the plain warm-up moves log10 lr by about 0.05 per hyper-update; accelerated,
-    the k-th moves it by up to min(1.5**k, 8) * 0.05, and history records the factor used."""
+    the k-th moves it by up to factor(k) * 0.05, and history records the factor used."""
     runs = {}
     for accel in (1.0, 1.5):
         prob = Regression()
         opt = _adam(prob, warmup_accel=accel)
-        _run(opt, prob, 10)
+        _run(opt, prob, 11)
         runs[accel] = opt
     plain, fast = runs[1.0].history[0], runs[1.5].history[0]
     assert "update_schedule/accel" not in plain and "stall" not in runs[1.0].hyper_state
-    assert fast["update_schedule/accel"] == [min(1.5 ** k, 8.0) for k in range(10)]
+    assert fast["update_schedule/accel"] == [factor(k) for k in range(11)]
     assert runs[1.5].hyper_state["stall"]["stalled"]  # the loss is still within 3%
     climb = {a: math.log10(h["lr"][-1] / 1e-6) for a, h in ((1.0, plain), (1.5, fast))}
-    assert climb[1.0] < 10 * 0.05 * 1.05
-    assert climb[1.5] > 3 * climb[1.0] and climb[1.5] > 1.5  # 1.5 decades in 10 steps
+    assert climb[1.0] < 11 * 0.05 * 1.05
+    assert climb[1.5] > 3 * climb[1.0] and climb[1.5] > 1.5  # 1.5 decades in 11 steps
+    # The patience: the first hyper-updates are the plain warm-up's, bit for bit.
+    assert fast["lr"][:4] == plain["lr"][:4]
     steps = [b - a for a, b in zip([-6.0] + [math.log10(x) for x in fast["lr"]],
                                    [math.log10(x) for x in fast["lr"]])]
     for k, step in enumerate(steps):  # Adam's step is at most about its size (here: its lr)
-        assert step <= 0.05 * min(1.5 ** k, 8.0) * 1.05, (k, step)
+        assert step <= 0.05 * factor(k) * 1.05, (k, step)
     # The hyper optimizer's own step size is left as it was.
     assert [g["lr"] for g in runs[1.5]._hyper_opt.param_groups] == [0.05]
 
@@ -144,7 +152,7 @@ def test_a_loss_that_leaves_the_band_ends_the_acceleration_for_good():
     out = next(t for t, loss in enumerate(losses) if abs(loss - first) > WARMUP_GATE * first)
     factors = history["update_schedule/accel"]
     # The step whose loss left the band already takes its hyper-update at 1, as do all after it.
-    assert factors[:out] == [min(1.5 ** k, 8.0) for k in range(out)]
+    assert out > 6 and factors[:out] == [factor(k) for k in range(out)]
     assert all(f == 1.0 for f in factors[out:])
     assert opt.hyper_state["stall"] == {"first": first, "stalled": False}
 
@@ -191,7 +199,7 @@ def test_the_trajectory_ignores_the_loss_scale(scale):
         _run(opt, prob, 30)
         runs.append(opt.history[0])
     assert runs[0]["update_schedule/accel"] == runs[1]["update_schedule/accel"]
-    assert runs[0]["update_schedule/accel"][6] == 8.0  # it did accelerate, then stopped
+    assert runs[0]["update_schedule/accel"][9] == 8.0  # it did accelerate, then stopped
     assert 1.0 in runs[0]["update_schedule/accel"][7:]
     torch.testing.assert_close(torch.tensor(runs[1]["lr"], dtype=torch.float64),
                                torch.tensor(runs[0]["lr"], dtype=torch.float64),
@@ -207,7 +215,7 @@ def test_sgd_accelerates_at_its_momentum_pace():
     _run(opt, prob, 12)
     history = opt.history[0]
     assert history["step"] == [2.0 * k for k in range(1, 7)]
-    assert history["update_schedule/accel"] == [1.5 ** k for k in range(6)]
+    assert history["update_schedule/accel"] == [factor(k) for k in range(6)]
 
 
 def test_a_failing_step_leaves_the_stall_and_the_hyper_optimizer_as_they_were():
@@ -240,7 +248,7 @@ def test_a_failing_step_leaves_the_stall_and_the_hyper_optimizer_as_they_were():
 def test_resume_mid_acceleration_is_exact():
     a = Regression()
     opt = _adam(a)
-    _run(opt, a, 5)
+    _run(opt, a, 8)
     assert opt.hyper_state["stall"]["stalled"] and opt.history[0]["update_schedule/accel"][-1] > 4
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
@@ -250,8 +258,8 @@ def test_resume_mid_acceleration_is_exact():
         b.w.copy_(a.w)
     opt2 = _adam(b)
     opt2.load_state_dict(torch.load(buffer, weights_only=True))
-    _run(opt, a, 25)
-    _run(opt2, b, 25)
+    _run(opt, a, 22)
+    _run(opt2, b, 22)
     assert not opt.hyper_state["stall"]["stalled"]  # it ended after the resume
     assert torch.equal(a.w, b.w) and opt2.history == opt.history
     assert opt2.hyper_state["stall"] == opt.hyper_state["stall"]
@@ -351,13 +359,14 @@ def test_a_start_far_below_the_lr_bound_is_not_reported_as_divergence(cls):
     """IFT's guard bounds a hyper-update's step with every learning rate at the top of
     ``lr_bounds`` (1 by default). That worst case is not a learning rate the run reached: a start
     below 1e-4 (1e4x under it) was reported as divergent at its first hyper-update. The run's
-    own growth still is (a sign step of a decade per hyper-update below)."""
+    own growth still is (a sign step of a decade per step below, 1e-8 to above 1e-2)."""
     from hyperoptim.ift import SignSGD
 
     for hyper_lr, expected in ((0.05, False), (1.0, True)):
         prob = Regression()
-        opt = cls([prob.w], lr=1e-6, tune=("lr",), lookback=1, hyper_lr=hyper_lr,
-                  hyper_optimizer=SignSGD if hyper_lr == 1.0 else None, val_closure=prob.val)
+        sign = dict(hyper_optimizer=SignSGD, update_schedule="fixed", update_interval=1)
+        opt = cls([prob.w], lr=1e-8, tune=("lr",), lookback=1, hyper_lr=hyper_lr,
+                  **(sign if hyper_lr == 1.0 else {}), val_closure=prob.val)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _run(opt, prob, 8)
