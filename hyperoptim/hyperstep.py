@@ -58,7 +58,7 @@ import math
 from typing import Any, ClassVar
 
 __all__ = ["POLICIES", "RUNAWAY_STATE", "AdamLog", "Additive", "Growth", "HyperStep",
-           "Multiplicative", "ScaleFree", "react", "resolve"]
+           "Multiplicative", "ScaleFree", "moved", "react", "resolve"]
 
 
 def _cosine(h: float, norm: float) -> float | None:
@@ -324,7 +324,7 @@ class ScaleFree(HyperStep):
     def _moved(self, loss: float, state: dict[str, float]) -> bool:
         """Whether the training ``loss`` has moved from its first value by more than ``gate`` of
         it, down (the run has started learning) or up (the climb overshot; 3. above)."""
-        return abs(state["first"] - loss) > self.gate * abs(state["first"])
+        return moved(state["first"], loss, self.gate)
 
     def _growth(self, run: float) -> float:
         """The log-step of growth after ``run`` capped steps of a stalled run (3. above)."""
@@ -390,6 +390,18 @@ def react(loss: float, state: dict[str, float], *, shrink: float = 10.0, smooth:
     higher = not state.get("alarmed", 0.0) or loss > state["peak"]
     return (shrink if rising and higher else 1.0,
             {**state, "alarmed": 1.0, "peak": loss if higher else state["peak"]})
+
+
+def moved(first: float, loss: float, gate: float) -> bool:
+    r"""Whether a training ``loss`` has left the band of a stalled run around its ``first`` value,
+    :math:`|L_t - L_0| > g |L_0|`, either way: the gate of :class:`ScaleFree`'s accelerated growth
+    and of IFT's accelerated warm-up.
+
+    Example:
+        >>> moved(2.0, 2.05, 0.03), moved(2.0, 1.9, 0.03)
+        (False, True)
+    """
+    return abs(first - loss) > gate * abs(first)
 
 
 def _watch(loss: float, state: dict[str, float], smooth: float, margin: float

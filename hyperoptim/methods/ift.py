@@ -793,7 +793,7 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             # So does the accelerated warm-up's state: a state dict saved without it resumes
             # without acceleration (the run it continues had none).
             if self._accelerates():
-                self.hyper_state.setdefault("stall", {"first": None, "stalled": False})
+                self.hyper_state.setdefault("stall", {**ift_schedule.new_stall(), "stalled": False})
             else:
                 self.hyper_state.pop("stall", None)
             self._hyper_opt = self._build_hyper_optimizer()

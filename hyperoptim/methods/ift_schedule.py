@@ -54,6 +54,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..hyperstep import ScaleFree, moved
+
 __all__ = ["SCHEDULES", "WARMUP_GATE", "WARMUP_LIMIT", "WARMUP_PATIENCE", "WARMUP_REACH",
            "accel_scale", "add_group", "advance", "check_stall", "check_state", "interval",
            "momentum_pace", "new_stall", "new_state", "tuned", "warming", "watch_stall"]
@@ -67,7 +69,7 @@ decades of :math:`\\log_{10}` lr at Adam's default 0.05, and a bound on what the
 (one validation gradient and ``lookback - 1`` Hessian-vector products per step)."""
 
 
-WARMUP_REACH = 8.0
+WARMUP_REACH = ScaleFree.reach
 r"""The accelerated warm-up's largest factor on the hyper optimizer's step size (Adam's 0.05 in
 :math:`\log_{10}` lr becomes 0.4): :class:`~hyperoptim.ScaleFree`'s ``reach``."""
 
@@ -75,7 +77,7 @@ WARMUP_PATIENCE = 3
 """Hyper-updates of the warm-up taken at the plain step size before it accelerates: a start that
 is already about right moves the loss out of the band within them."""
 
-WARMUP_GATE = 0.03
+WARMUP_GATE = ScaleFree.gate
 """How far (relative) the training loss may move from its first value while the run still counts
 as stalled and the warm-up accelerates: :class:`~hyperoptim.ScaleFree`'s ``gate``."""
 
@@ -201,8 +203,7 @@ def watch_stall(state: Mapping[str, Any], loss: float | None) -> dict[str, Any]:
         return {**state, "stalled": False}
     if state["first"] is None:
         return {"first": float(loss), "stalled": True}
-    first = state["first"]
-    return {**state, "stalled": abs(loss - first) <= WARMUP_GATE * abs(first)}
+    return {**state, "stalled": not moved(state["first"], loss, WARMUP_GATE)}
 
 
 def accel_scale(schedule: str, warmup: Mapping[str, Any] | None,
