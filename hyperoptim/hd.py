@@ -84,7 +84,16 @@ class HypergradSGD(RuleHypergrad):
             :math:`-a_0 g_0` at the first step), through the same policy as the learning rate
             (:class:`~hyperoptim.methods.hd.RuleHypergrad`). The momentum is held to
             [1e-3, 0.999] and ``history`` records ``"momentum"`` and ``"hypergrad/momentum"``
-            (default: ``("lr",)``).
+            (default: None: ``("lr", "momentum")`` when ``momentum`` > 0 and the policy is not
+            the additive one, else ``("lr",)``).
+        momentum_phase (str, optional): when a learned momentum is learned: ``"stall"``, while
+            every training loss so far is within 3% of the first (the run has not started
+            learning), then held where it stands; or ``"run"``, at every step. Learned all run,
+            the one-step hypergradient's short horizon drives a good momentum down (0.9 -> 0.03
+            in 40 steps on a small CNN); learned while stalled it lifts a poor start's momentum
+            (0.5 -> 0.91 on a character LSTM from 100x too small) and then leaves it alone. Needs
+            a closure that returns the loss: without one the momentum is held from the first
+            step (default: ``"stall"``).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step (default: None, the training-loss rule).
         maximize (bool, optional): maximize the objectives instead, as ``torch.optim.SGD``
@@ -122,7 +131,8 @@ class HypergradSGD(RuleHypergrad):
         hyper_step: HyperStep | str | None = None,
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
-        tune: tuple[str, ...] = ("lr",),
+        tune: tuple[str, ...] | None = None,
+        momentum_phase: str = "stall",
         val_closure: Closure | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -131,16 +141,20 @@ class HypergradSGD(RuleHypergrad):
     ) -> None:
         check_arguments(self, lr_bounds=lr_bounds, lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, per_parameter=per_parameter,
-                        tune=tune)
+                        momentum_phase=momentum_phase,
+                        **({} if tune is None else {"tune": tune}))
         rule_defaults = dict(lr=float(lr), momentum=momentum, dampening=dampening,
                              weight_decay=weight_decay, nesterov=nesterov)
         self._setup(params, rule_defaults, hyper_lr=hyper_lr, hyper_step=hyper_step,
                     lr_bounds=lr_bounds, per_parameter=per_parameter, tune=tune,
+                    momentum_phase=momentum_phase,
                     val_closure=val_closure,
                     maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
 
     rule = SGD
     _supports_grad_scaler = True
+    #: ``tune=None`` learns the momentum while the run is stalled (``momentum_phase``).
+    default_learns_momentum = True
     #: :math:`\kappa` of the additive policy when it is chosen without one (Baydin et al.'s).
     default_hyper_lr = 1e-3
     #: The policy when neither ``hyper_lr`` nor ``hyper_step`` is given: ``ScaleFree`` whose

@@ -85,6 +85,9 @@ class HypergradAdam(RuleHypergrad):
             tangent by autograd of its rule; :class:`~hyperoptim.methods.hd.RuleHypergrad`),
             held to [1e-3, 0.999] and recorded as ``"momentum"`` and ``"hypergrad/momentum"`` in
             ``history`` (default: ``("lr",)``).
+        momentum_phase (str, optional): when a learned :math:`\beta_1` is learned:
+            ``"stall"``, while every training loss so far is within 3% of the first, then held;
+            or ``"run"``, at every step (``HypergradSGD`` says why; default: ``"stall"``).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step (default: None, the training-loss rule).
         foreach, fused, differentiable: ``torch.optim.Adam``'s switches; their defaults
@@ -141,6 +144,7 @@ class HypergradAdam(RuleHypergrad):
         lr_bounds: tuple[float, float] = (0.0, math.inf),
         per_parameter: bool = False,
         tune: tuple[str, ...] = ("lr",),
+        momentum_phase: str = "stall",
         val_closure: Closure | None = None,
         foreach: bool | None = None,
         maximize: bool = False,
@@ -150,14 +154,14 @@ class HypergradAdam(RuleHypergrad):
     ) -> None:
         check_arguments(self, lr_bounds=lr_bounds, lr=lr, betas=betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        per_parameter=per_parameter, tune=tune,
+                        per_parameter=per_parameter, tune=tune, momentum_phase=momentum_phase,
                         decoupled_weight_decay=decoupled_weight_decay)
         rule_defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])),
                              eps=float(eps), weight_decay=float(weight_decay), amsgrad=False,
                              maximize=False, decoupled_weight_decay=decoupled_weight_decay)
         self._setup(params, rule_defaults, hyper_lr=hyper_lr, hyper_step=hyper_step,
                     lr_bounds=lr_bounds, per_parameter=per_parameter, tune=tune,
-                    val_closure=val_closure,
+                    momentum_phase=momentum_phase, val_closure=val_closure,
                     foreach=foreach, fused=fused, differentiable=differentiable)
 
     momentum_hyper = "beta1"

@@ -55,10 +55,12 @@ import ast
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 __all__ = ["POLICIES", "RUNAWAY_STATE", "AdamLog", "Additive", "Growth", "HyperStep",
-           "Multiplicative", "ScaleFree", "moved", "react", "resolve"]
+           "Multiplicative", "ScaleFree", "check_stall", "moved", "new_stall", "react", "resolve",
+           "watch_stall"]
 
 
 def _cosine(h: float, norm: float) -> float | None:
@@ -402,6 +404,43 @@ def moved(first: float, loss: float, gate: float) -> bool:
         (False, True)
     """
     return abs(first - loss) > gate * abs(first)
+
+
+def new_stall() -> dict[str, Any]:
+    """A stall watch's state at the start of a run: no loss seen yet, stalled (IFT's accelerated
+    warm-up, and a momentum learned while the run is stalled)."""
+    return {"first": None, "stalled": True}
+
+
+def check_stall(state: Any) -> bool:
+    """Whether ``state`` (a saved ``hyper_state["stall"]``) has the structure :func:`new_stall`
+    gives."""
+    return (isinstance(state, Mapping) and set(state) == {"first", "stalled"}
+            and isinstance(state["stalled"], bool)
+            and (state["first"] is None or isinstance(state["first"], float)
+                 and math.isfinite(state["first"])))
+
+
+def watch_stall(state: Mapping[str, Any], loss: float | None) -> dict[str, Any]:
+    r"""The stall state after a step whose training loss is ``loss`` (``None``: the step gave
+    none). Stalled while every loss so far is within :class:`ScaleFree`'s ``gate`` of the first,
+    :math:`|L_t - L_0| \le 0.03 |L_0|`; a loss outside it, or a step without a finite loss,
+    ends it for good. Nothing is modified: the caller commits the result when its step is taken.
+
+    Example:
+        >>> state = new_stall()
+        >>> for loss in (2.0, 2.05, 1.9):
+        ...     state = watch_stall(state, loss)
+        >>> state
+        {'first': 2.0, 'stalled': False}
+    """
+    if not state["stalled"]:
+        return dict(state)
+    if loss is None or not math.isfinite(loss):
+        return {**state, "stalled": False}
+    if state["first"] is None:
+        return {"first": float(loss), "stalled": True}
+    return {**state, "stalled": not moved(state["first"], loss, ScaleFree.gate)}
 
 
 def _watch(loss: float, state: dict[str, float], smooth: float, margin: float

@@ -99,6 +99,7 @@ def test_sgd_momentum_hypergradient_is_exact(case, val):
     params = problem.leaves()
     t = 2
     opt = HypergradSGD(list(params.values()), lr=0.1, hyper_lr=0.0, tune=("lr", "momentum"),
+                       momentum_phase="run",
                        val_closure=(lambda: problem.val(params)) if val else None, **case)
     snap = _run(problem, opt, params, t + 2, snapshot_at=t)
     h = opt.history[0]["hypergrad/momentum"][t + 1]  # dE(w_{t+1}) / dmu_t
@@ -153,7 +154,8 @@ def test_adam_beta1_hypergradient_is_exact(decoupled):
     t = 2
     cls = HypergradAdamW if decoupled else HypergradAdam
     opt = cls(list(params.values()), lr=0.01, betas=(0.8, 0.99), weight_decay=0.05,
-              hyper_lr=0.0, tune=("lr", "momentum"), val_closure=lambda: problem.val(params))
+              hyper_lr=0.0, tune=("lr", "momentum"), momentum_phase="run",
+              val_closure=lambda: problem.val(params))
     snap = _run(problem, opt, params, t + 2, snapshot_at=t)
     h = opt.history[0]["hypergrad/momentum"][t + 1]
 
@@ -184,7 +186,7 @@ def test_sgd_fast_path_equals_generic_tangent(case, per_parameter):
     for cls in (HypergradSGD, _Generic):
         params = problem.leaves()
         opt = cls(list(params.values()), lr=0.05, hyper_lr=0.01, tune=("lr", "momentum"),
-                  per_parameter=per_parameter, **case)
+                  momentum_phase="run", per_parameter=per_parameter, **case)
         _run(problem, opt, params, 5)
         runs.append((params, opt))
     (p1, o1), (p2, o2) = runs
@@ -225,7 +227,7 @@ def test_without_momentum_in_tune_nothing_changes(cls, kwargs):
     assert "momentum" not in o1.history[0]
     assert all("momentum_tangent" not in s for s in o1.state.values())
     m2, o2 = _mlp_run(cls, hyper_lr=0.0, tune=("lr",), **kwargs)
-    m3, o3 = _mlp_run(cls, hyper_lr=0.0, tune=("lr", "momentum"), **kwargs)
+    m3, o3 = _mlp_run(cls, hyper_lr=0.0, tune=("lr", "momentum"), momentum_phase="run", **kwargs)
     for a, b in zip(m2.parameters(), m3.parameters()):
         assert torch.equal(a, b)
     assert len(set(o3.history[0]["momentum"])) == 1
@@ -239,7 +241,7 @@ def test_without_momentum_in_tune_nothing_changes(cls, kwargs):
     (HypergradAdam, dict(lr=0.01, betas=(0.5, 0.999), hyper_step="adam_log")),
 ])
 def test_resume_mid_run_is_bit_exact(cls, kwargs):
-    kwargs = dict(kwargs, tune=("lr", "momentum"))
+    kwargs = dict(kwargs, tune=("lr", "momentum"), momentum_phase="run")
     m_full, o_full = _mlp_run(cls, steps=10, **kwargs)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
@@ -285,7 +287,7 @@ def test_momentum_starts_from_zero_and_is_held_to_its_bounds():
     """From momentum 0 (no buffer yet) the first hyper-step takes it into its range; a large
     hyper-step holds it at the top."""
     _, opt = _mlp_run(HypergradSGD, lr=0.05, hyper_lr=1e6, lr_bounds=(0.05, 0.05),
-                      tune=("lr", "momentum"))
+                      tune=("lr", "momentum"), momentum_phase="run")
     momenta = opt.history[0]["momentum"]
     assert all(MOMENTUM_BOUNDS[0] <= m <= MOMENTUM_BOUNDS[1] for m in momenta)
     assert opt.param_groups[0]["momentum"] in MOMENTUM_BOUNDS
@@ -301,7 +303,7 @@ def test_skipped_step_records_nan_and_keeps_the_momentum():
         return out * math.nan if bad["on"] else out
 
     opt = HypergradSGD(model.parameters(), lr=0.1, momentum=0.5, tune=("lr", "momentum"),
-                       val_closure=val)
+                       momentum_phase="run", val_closure=val)
     for i in range(4):
         bad["on"] = i == 3
         opt.zero_grad()
@@ -324,7 +326,7 @@ def test_invalid_tune_is_refused(tune):
 
 
 def test_tune_is_fixed_after_the_group_is_added():
-    opt = HypergradSGD(torch.nn.Linear(2, 1).parameters(), momentum=0.9)
+    opt = HypergradSGD(torch.nn.Linear(2, 1).parameters(), momentum=0.9, tune=("lr",))
     opt.param_groups[0]["tune"] = ("lr", "momentum")
     with pytest.raises(ValueError, match="Invalid tune value"):
         opt.step()
@@ -343,7 +345,7 @@ def test_learning_momentum_on_an_ill_conditioned_quadratic():
     for policy in (dict(hyper_lr=1e-2), dict(hyper_step="growth")):
         for tune in (("lr",), ("lr", "momentum")):
             w = torch.ones(50, dtype=F64, requires_grad=True)
-            opt = HypergradSGD([w], lr=0.01, momentum=0.5, tune=tune, **policy)
+            opt = HypergradSGD([w], lr=0.01, momentum=0.5, tune=tune, momentum_phase="run", **policy)
             for _ in range(300):
                 opt.zero_grad()
                 loss = 0.5 * (scales * w * w).sum()

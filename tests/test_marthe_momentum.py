@@ -109,6 +109,7 @@ def test_mu_zero_is_hd_learning_the_momentum_on_the_validation_loss(case):
     pa, pb = problem.leaves(), problem.leaves()
     kappa = 0.05
     hd = HypergradSGD(list(pa.values()), lr=0.05, hyper_lr=kappa, tune=("lr", "momentum"),
+                      momentum_phase="run",
                       val_closure=lambda: problem.val(pa), **case)
     ma = MartheSGD(list(pb.values()), lr=0.05, mu=0.0, hyper_lr=kappa, adapt_hyper_lr=False,
                    tune=("lr", "momentum"), val_closure=lambda: problem.val(pb), **case)

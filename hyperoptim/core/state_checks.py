@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..hyperstep import check_stall
 from .checks import is_real
 from .options import components
 
@@ -84,12 +85,20 @@ def _marthe_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
         isinstance(g, Mapping) and {"mu", "count", "beta", "lr_beta_grad"} <= set(g) for g in v))
 
 
+def _hd_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
+                    ) -> dict[str, Callable[[Any], bool]]:
+    # The stall watch of a momentum learned while the run is stalled (absent before its first
+    # step, and from state dicts saved before it existed).
+    return {"stall": check_stall} if "stall" in hyper_state else {}
+
+
 # Method -> the keys its hyper_state must hold and a check of each; the first method of the
 # class's components found here decides.
 _HYPER_STATE: dict[str, Callable[[Mapping[str, Any], int], dict[str, Callable[[Any], bool]]]] = {
     "ift": _ift_hyper_state,
     "fds": _fds_hyper_state,
     "marthe": _marthe_hyper_state,
+    "hd": _hd_hyper_state,
 }
 
 

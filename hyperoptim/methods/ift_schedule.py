@@ -54,7 +54,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..hyperstep import ScaleFree, moved
+from ..hyperstep import ScaleFree, check_stall, new_stall, watch_stall
 
 __all__ = ["SCHEDULES", "WARMUP_GATE", "WARMUP_LIMIT", "WARMUP_PATIENCE", "WARMUP_REACH",
            "accel_scale", "add_group", "advance", "check_stall", "check_state", "interval",
@@ -168,42 +168,6 @@ def advance(state: dict[str, Any], hypergrads: Mapping[int, float]) -> None:
             changed[index] = True
     if all(changed) or state["updates"] >= WARMUP_LIMIT:
         state["active"] = False
-
-
-def new_stall() -> dict[str, Any]:
-    """The accelerated warm-up's state at construction: no loss seen yet, stalled."""
-    return {"first": None, "stalled": True}
-
-
-def check_stall(state: Any) -> bool:
-    """Whether ``state`` (a saved ``hyper_state["stall"]``) has the structure :func:`new_stall`
-    gives."""
-    return (isinstance(state, Mapping) and set(state) == {"first", "stalled"}
-            and isinstance(state["stalled"], bool)
-            and (state["first"] is None or isinstance(state["first"], float)
-                 and math.isfinite(state["first"])))
-
-
-def watch_stall(state: Mapping[str, Any], loss: float | None) -> dict[str, Any]:
-    r"""The stall state after a step whose training loss is ``loss`` (``None``: the step gave
-    none). Stalled while every loss so far is within :data:`WARMUP_GATE` of the first,
-    :math:`|L_t - L_0| \le 0.03 |L_0|`; a loss outside it, or a step without a finite loss,
-    ends it for good. Nothing is modified: the caller commits the result when its step is taken.
-
-    Example:
-        >>> state = new_stall()
-        >>> for loss in (2.0, 2.05, 1.9):
-        ...     state = watch_stall(state, loss)
-        >>> state
-        {'first': 2.0, 'stalled': False}
-    """
-    if not state["stalled"]:
-        return dict(state)
-    if loss is None or not math.isfinite(loss):
-        return {**state, "stalled": False}
-    if state["first"] is None:
-        return {"first": float(loss), "stalled": True}
-    return {**state, "stalled": not moved(state["first"], loss, WARMUP_GATE)}
 
 
 def accel_scale(schedule: str, warmup: Mapping[str, Any] | None,

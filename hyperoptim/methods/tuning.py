@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.shard import is_sharded
-from ..hyperstep import Additive
+from ..hyperstep import Additive, new_stall
 
 __all__ = ["TunedGroups", "lr_only_when_untuned"]
 
@@ -51,9 +51,40 @@ class TunedGroups:
             # own), and one saved before the momentum was learned tuned the learning rate alone.
             group.setdefault("hyper_step", Additive.name)
             group.setdefault("tune", ("lr",))
+            if self._phases_momentum():
+                # Saved before momentum_phase existed: a learned momentum was learned all run.
+                group.setdefault("momentum_phase", "run")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(lr_only_when_untuned(state_dict))
+        state_dict = lr_only_when_untuned(state_dict)
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if self._phases_momentum() and isinstance(groups, list) and (
+                "optimizer_class" in state_dict or "hyper_state" in state_dict):
+            # Saved before momentum_phase existed: a learned momentum was learned all run.
+            state_dict = {**state_dict, "param_groups": [
+                {"momentum_phase": "run", **g} if isinstance(g, dict) else g for g in groups]}
+        super().load_state_dict(state_dict)
+
+    def _phases_momentum(self) -> bool:
+        """Whether the class has the ``momentum_phase`` option (HD's classes)."""
+        return "momentum_phase" in getattr(self, "defaults", {})
+
+    def _stall(self) -> dict[str, Any]:
+        """The run's stall state (:func:`~hyperoptim.hyperstep.watch_stall`; ``hyper_state
+        ["stall"]``, a new one before the first step that watched it)."""
+        return self.hyper_state.get("stall") or new_stall()
+
+    def _watches_stall(self) -> bool:
+        """Whether this step's training loss goes to the stall watch: some group learns its
+        momentum while the run is stalled (``momentum_phase="stall"``) and the run still is."""
+        return any(_learns_momentum(g) and g.get("momentum_phase", "run") == "stall"
+                   for g in self.param_groups) and self._stall()["stalled"]
+
+    def _momentum_live(self, group: dict[str, Any]) -> bool:
+        """Whether the group's momentum is learned at this step: it is tuned, and either all run
+        (``momentum_phase="run"``) or while the run is stalled and the run still is."""
+        return _learns_momentum(group) and (group.get("momentum_phase", "run") == "run"
+                                            or self._stall()["stalled"])
 
     @staticmethod
     def _momentum(group: dict[str, Any]) -> float:
