@@ -17,9 +17,10 @@ INFOS = [
             OptimizerInput(dict(lr=0.05, momentum=0.9, per_parameter=True, hyper_lr=0.01),
                            "per_parameter_val", use_val=True),
             OptimizerInput(dict(lr=0.05, momentum=0.5, hyper_lr=0.01,
-                                tune=("lr", "momentum")), "momentum_learned"),
+                                tune=("lr", "momentum"), momentum_phase="run"), "momentum_learned"),
             OptimizerInput(dict(lr=0.05, momentum=0.5, nesterov=True, hyper_step="growth",
-                                tune=("lr", "momentum")), "momentum_learned_growth_val",
+                                tune=("lr", "momentum"), momentum_phase="run"),
+                           "momentum_learned_growth_val",
                            use_val=True),
         ],
         error_inputs=[

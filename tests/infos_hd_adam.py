@@ -30,7 +30,7 @@ INFOS = [
             OptimizerInput(dict(lr=0.01, per_parameter=True, hyper_lr=1e-4), "per_parameter"),
             OptimizerInput(dict(lr=0.01, per_parameter=True, hyper_lr=1e-4),
                            "per_parameter_val", use_val=True),
-            OptimizerInput(dict(lr=0.01, hyper_lr=1e-4, tune=("lr", "momentum")),
+            OptimizerInput(dict(lr=0.01, hyper_lr=1e-4, tune=("lr", "momentum"), momentum_phase="run"),
                            "beta1_learned", use_val=True),
         ],
         error_inputs=_ERRORS,
