@@ -165,6 +165,10 @@ class MartheSGD(RuleMarthe):
             (:class:`~hyperoptim.methods.marthe.RuleMarthe`). It stays in [1e-3, 0.999] and
             ``history`` records ``"momentum"`` and ``"hypergrad/momentum"`` (default:
             ``("lr",)``: opt-in, see the README's study).
+        momentum_phase (str, optional): when a learned momentum is learned: ``"stall"``, while
+            every training loss so far is within 3% of the first, then held (its tangents
+            dropped); or ``"run"``, at every step (as :class:`~hyperoptim.HypergradSGD`;
+            default: ``"stall"``).
         val_closure (callable, optional): returns the validation loss from the live parameters;
             may be overridden per step. Required, here or in :meth:`step` (default: None).
         hvp (str, optional): how :math:`H Z` is computed (:mod:`hyperoptim.hvp`): ``"exact"``

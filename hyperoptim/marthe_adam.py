@@ -105,6 +105,8 @@ class MartheAdam(RuleMarthe):
             ``ScaleFree(accel=1.5)``, unless ``hyper_lr`` or ``adapt_hyper_lr`` is given).
         tune (tuple of str, optional): ``("lr", "momentum")`` learns :math:`\beta_1` too, by its
             one-step hypergradient, as for :class:`~hyperoptim.MartheSGD` (default: ``("lr",)``).
+        momentum_phase (str, optional): ``"stall"`` or ``"run"``, when a learned :math:`\beta_1`
+            is learned, as for :class:`~hyperoptim.MartheSGD` (default: ``"stall"``).
         val_closure (callable, optional): the validation loss; required here or in
             :meth:`step` (default: None).
         hvp (str, optional): the Hessian-vector-product route, as for

@@ -48,7 +48,8 @@ def test_sgd_momentum_hypergradient_is_exact(case, mu):
     params = problem.leaves()
     t = 2
     opt = MartheSGD(list(params.values()), lr=0.1, mu=mu, hyper_lr=0.0, adapt_hyper_lr=False,
-                    tune=("lr", "momentum"), val_closure=lambda: problem.val(params), **case)
+                    tune=("lr", "momentum"), momentum_phase="run",
+                    val_closure=lambda: problem.val(params), **case)
     snap = _run(problem, opt, params, t + 2, snapshot_at=t)
     h = opt.history[0]["hypergrad/momentum"][t + 1]
     assert opt.history[0]["hypergrad/momentum"][0] == 0.0  # no tangent before the first step
@@ -82,7 +83,7 @@ def test_adam_beta1_hypergradient_is_exact(cls):
     params = problem.leaves()
     t = 2
     opt = cls(list(params.values()), lr=0.01, betas=(0.8, 0.99), weight_decay=0.05, mu=1.0,
-              hyper_lr=0.0, adapt_hyper_lr=False, tune=("lr", "momentum"),
+              hyper_lr=0.0, adapt_hyper_lr=False, tune=("lr", "momentum"), momentum_phase="run",
               val_closure=lambda: problem.val(params))
     snap = _run(problem, opt, params, t + 2, snapshot_at=t)
     h = opt.history[0]["hypergrad/momentum"][t + 1]
@@ -112,7 +113,7 @@ def test_mu_zero_is_hd_learning_the_momentum_on_the_validation_loss(case):
                       momentum_phase="run",
                       val_closure=lambda: problem.val(pa), **case)
     ma = MartheSGD(list(pb.values()), lr=0.05, mu=0.0, hyper_lr=kappa, adapt_hyper_lr=False,
-                   tune=("lr", "momentum"), val_closure=lambda: problem.val(pb), **case)
+                   tune=("lr", "momentum"), momentum_phase="run", val_closure=lambda: problem.val(pb), **case)
     for t in range(12):
         hd.zero_grad()
         problem.train(pa, t).backward()
@@ -140,7 +141,7 @@ def test_sgd_fast_path_equals_generic_tangent(case):
     for cls in (MartheSGD, _Generic):
         params = problem.leaves()
         opt = cls(list(params.values()), lr=0.05, hyper_step="growth", tune=("lr", "momentum"),
-                  val_closure=lambda params=params: problem.val(params), **case)
+                  momentum_phase="run", val_closure=lambda params=params: problem.val(params), **case)
         _run(problem, opt, params, 5)
         runs.append((params, opt))
     (p1, o1), (p2, o2) = runs
@@ -196,7 +197,7 @@ def test_without_momentum_in_tune_nothing_changes(cls, kwargs):
     assert all("momentum_tangent" not in s for s in o1.state.values())
     fixed = dict(kwargs, hyper_lr=1e-3, adapt_hyper_lr=False)
     m2, o2 = _mlp_run(cls, tune=("lr",), **fixed)
-    m3, o3 = _mlp_run(cls, tune=("lr", "momentum"), **dict(fixed, hyper_lr=0.0))
+    m3, o3 = _mlp_run(cls, tune=("lr", "momentum"), momentum_phase="run", **dict(fixed, hyper_lr=0.0))
     m4, o4 = _mlp_run(cls, tune=("lr",), **dict(fixed, hyper_lr=0.0))
     for a, b in zip(m4.parameters(), m3.parameters()):
         assert torch.equal(a, b)
@@ -211,7 +212,7 @@ def test_without_momentum_in_tune_nothing_changes(cls, kwargs):
     (MartheAdamW, dict(lr=0.01, betas=(0.5, 0.999), hyper_step="adam_log")),
 ])
 def test_resume_mid_run_is_bit_exact(cls, kwargs):
-    kwargs = dict(kwargs, tune=("lr", "momentum"))
+    kwargs = dict(kwargs, tune=("lr", "momentum"), momentum_phase="run")
     m_full, o_full = _mlp_run(cls, steps=10, **kwargs)
     model, opt = _mlp_run(cls, steps=10, resume_at=5, **kwargs)
     for a, b in zip(m_full.parameters(), model.parameters()):
@@ -230,7 +231,7 @@ def test_state_dict_without_tune_loads_as_lr_only():
     saved = opt.state_dict()
     for group in saved["param_groups"]:
         del group["tune"]
-    _, other = _mlp_run(MartheSGD, lr=0.05, momentum=0.9, tune=("lr", "momentum"))
+    _, other = _mlp_run(MartheSGD, lr=0.05, momentum=0.9, tune=("lr", "momentum"), momentum_phase="run")
     other.load_state_dict(saved)
     assert other.param_groups[0]["tune"] == ("lr",)
 
@@ -250,7 +251,7 @@ def test_skipped_step_records_nan_keeps_the_momentum_and_forgets_an_overflowed_t
         out = model(torch.ones(2, 3)).pow(2).mean()
         return out * math.nan if bad["on"] else out
 
-    opt = MartheSGD(model.parameters(), lr=0.1, momentum=0.5, tune=("lr", "momentum"),
+    opt = MartheSGD(model.parameters(), lr=0.1, momentum=0.5, tune=("lr", "momentum"), momentum_phase="run",
                     hyper_step="growth", val_closure=val)
     for i in range(5):
         bad["on"] = i == 3
@@ -279,7 +280,7 @@ def test_the_guard_checks_the_proposed_momentum():
     """The guard sees the momentum the step would use (the proposed one), not the old one."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
-    opt = MartheSGD(model.parameters(), lr=0.1, momentum=0.5, tune=("lr", "momentum"),
+    opt = MartheSGD(model.parameters(), lr=0.1, momentum=0.5, tune=("lr", "momentum"), momentum_phase="run",
                     hyper_lr=0.5, adapt_hyper_lr=False, val_closure=lambda: model(
                         torch.ones(2, 3)).pow(2).mean())
     seen = []

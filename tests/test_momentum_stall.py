@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hyperoptim import HypergradAdam, HypergradSGD
+from hyperoptim import HypergradAdam, HypergradSGD, MartheSGD
 
 STEPS = 14
 
@@ -271,3 +271,62 @@ def test_ranks_watch_the_mean_loss_in_lockstep():
     assert ranks[0]["history"][0]["momentum"] == pytest.approx(opt.history[0]["momentum"],
                                                                rel=1e-9)
     torch.testing.assert_close(ranks[0]["w"], ref.w.detach(), rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- MARTHE (tune is opt-in there)
+MARTHE = dict(lr=1e-3, momentum=0.5, tune=("lr", "momentum"))
+
+
+def _marthe_run(steps=STEPS, model=None, opt=None, start=0, **kwargs):
+    data = _data()
+    model = _model() if model is None else model
+    x_val, y_val = data[0][0][:16] + 0.1, data[0][1][:16]
+
+    def val():
+        return torch.nn.functional.mse_loss(model(x_val), y_val)
+
+    opt = MartheSGD(model.parameters(), val_closure=val, **kwargs) if opt is None else opt
+    stalled = []
+    for x, y in data[start:steps]:
+        stalled.append(opt._stall()["stalled"])
+        opt.step(lambda x=x, y=y: torch.nn.functional.mse_loss(model(x), y))
+    return model, opt, stalled
+
+
+def test_marthe_learns_it_while_stalled_then_holds_it():
+    _, opt, stalled = _marthe_run(**MARTHE)
+    _, run, _ = _marthe_run(**MARTHE, momentum_phase="run")
+    hist = opt.history[0]
+    assert stalled[0] and not stalled[-1]
+    ended = stalled.index(False)
+    assert len(set(hist["momentum"][:ended])) > 1  # it moved while stalled
+    assert len(set(hist["momentum"][ended - 1:])) == 1  # and is held from then on
+    assert hist["hypergrad/momentum"][ended:] == [0.0] * (STEPS - ended)
+    assert all("momentum_tangent" not in s for s in opt.state.values())
+    for key in ("lr", "momentum", "hypergrad/momentum"):  # the whole-run rule until then
+        assert hist[key][:ended] == run.history[0][key][:ended]
+    assert run.history[0]["momentum"][ended:] != hist["momentum"][ended:]
+
+
+def test_marthe_resumes_mid_stall_exactly_and_refuses_a_malformed_watch():
+    m_full, o_full, stalled = _marthe_run(**MARTHE)
+    assert stalled[3]
+    model, opt, _ = _marthe_run(steps=3, **MARTHE)
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = copy.deepcopy(model)
+    x_val, y_val = _data()[0][0][:16] + 0.1, _data()[0][1][:16]
+    opt2 = MartheSGD(fresh.parameters(), **MARTHE,
+                     val_closure=lambda: torch.nn.functional.mse_loss(fresh(x_val), y_val))
+    opt2.load_state_dict(saved)
+    _marthe_run(model=fresh, opt=opt2, start=3)
+    for a, b in zip(m_full.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.history == o_full.history
+    saved["hyper_state"]["stall"] = {"first": 1.0, "stalled": "yes"}
+    with pytest.raises(ValueError, match="stall"):
+        opt2.load_state_dict(saved)
+    del saved["hyper_state"]["stall"]
+    for group in saved["param_groups"]:
+        del group["momentum_phase"]  # saved before the option: learned all run
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["momentum_phase"] == "run"

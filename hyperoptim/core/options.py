@@ -220,7 +220,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("tune", ("lr",), _hd_tune, "('lr',) or ('lr', 'momentum')", ("hd", "marthe"),
            fixed=True),
     Option("momentum_phase", "stall", lambda v: v in ("stall", "run"), "'stall' or 'run'",
-           ("hd",)),
+           ("hd", "marthe")),
     # MARTHE.
     Option("mu", "adaptive", lambda v: v == "adaptive" if isinstance(v, str)
            else is_number(v) and 0.0 <= float(v) <= 1.0, "'adaptive' or a number in [0, 1]",

@@ -79,9 +79,10 @@ def _fds_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
 
 def _marthe_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
                         ) -> dict[str, Callable[[Any], bool]]:
+    stall = {"stall": check_stall} if "stall" in hyper_state else {}
     if "groups" not in hyper_state:
-        return {}
-    return dict(groups=lambda v: isinstance(v, list) and len(v) <= n_groups and all(
+        return stall
+    return dict(stall, groups=lambda v: isinstance(v, list) and len(v) <= n_groups and all(
         isinstance(g, Mapping) and {"mu", "count", "beta", "lr_beta_grad"} <= set(g) for g in v))
 
 

@@ -20,7 +20,7 @@ from ..core.shard import check_sharded_hvp, local, local_states
 from ..core.signatures import declared
 from ..core.types import Closure
 from ..hvp import SecondOrder
-from ..hyperstep import Additive, HyperStep, resolve
+from ..hyperstep import Additive, HyperStep, resolve, watch_stall
 from ..rules.base import UpdateRule, rule_tangents
 from .marthe_hyper import MartheHyperStep, _settle, adaptive_mu
 from .tuning import TunedGroups, _learns_momentum
@@ -34,7 +34,7 @@ __all__ = [
 def _marthe_keywords(*, mu: str | float = "adaptive", hyper_lr: float = 1e-6,
                      adapt_hyper_lr: bool = True, hypergrad_clip: float | None = None,
                      hyper_step: HyperStep | str | None = None, tune: tuple[str, ...] = ("lr",),
-                     val_closure: Closure | None = None,
+                     momentum_phase: str = "stall", val_closure: Closure | None = None,
                      hvp: str = "auto", maximize: bool = False, foreach: bool | None = None,
                      fused: bool | None = None, differentiable: bool = False) -> None:
     """MARTHE's keyword arguments and their defaults, declared once: every public class's
@@ -46,7 +46,8 @@ MARTHE_KEYWORDS = declared(_marthe_keywords)
 
 # MARTHE's own options (the rest of MARTHE_KEYWORDS go to the base), all but hyper_step checked
 # by the options table.
-_OWN = ("mu", "hyper_lr", "adapt_hyper_lr", "hypergrad_clip", "hyper_step", "tune")
+_OWN = ("mu", "hyper_lr", "adapt_hyper_lr", "hypergrad_clip", "hyper_step", "tune",
+        "momentum_phase")
 
 
 def take_marthe_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +81,7 @@ def own_step_given(given: dict[str, Any]) -> bool:
 
 def marthe_options(mu: str | float, hyper_lr: float, adapt_hyper_lr: bool,
                    hypergrad_clip: float | None, hyper_step: HyperStep | str | None,
-                   tune: tuple[str, ...] = ("lr",),
+                   tune: tuple[str, ...] = ("lr",), momentum_phase: str = "stall",
                    default: HyperStep | str = Additive.name) -> dict[str, Any]:
     """MARTHE's entries of a public class's ``defaults``, from its checked constructor arguments:
     numbers as floats, ``"adaptive"`` as it is, the policy as :func:`marthe_hyper_step` names it
@@ -89,13 +90,13 @@ def marthe_options(mu: str | float, hyper_lr: float, adapt_hyper_lr: bool,
     Example:
         >>> marthe_options(1, 1e-6, True, None, None)
         {'mu': 1.0, 'hyper_lr': 1e-06, 'adapt_hyper_lr': True, 'hypergrad_clip': None, \
-'hyper_step': 'additive', 'tune': ('lr',)}
+'hyper_step': 'additive', 'tune': ('lr',), 'momentum_phase': 'stall'}
     """
     policy = marthe_hyper_step(hyper_step, default)
     return dict(mu=mu if mu == "adaptive" else float(mu), hyper_lr=float(hyper_lr),
                 adapt_hyper_lr=adapt_hyper_lr,
                 hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
-                hyper_step=policy, tune=tuple(tune))
+                hyper_step=policy, tune=tuple(tune), momentum_phase=momentum_phase)
 
 
 class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
@@ -243,8 +244,10 @@ class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
         loss, second = self._training_loss(closure, second_order=bool(active) and tracked)
         plans = [(group, self._params_with_grad(group)) for group in self.param_groups]
         hz = None if second is None else self._hessian_tangents(second, mus, active)
+        policy_loss = None
         if self._reads_loss():
-            self._propose_with_loss(hypers, self._policy_loss(loss))
+            policy_loss = self._policy_loss(loss)
+            self._propose_with_loss(hypers, policy_loss)
             if not self._representable(*(h["new_lr"] for h in hypers)):
                 self._warn_nonfinite("hypergradient or validation loss")
                 self._record_skipped(deltas)
@@ -256,6 +259,8 @@ class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
         if not everything:  # nothing to step: nothing changes
             return loss
         self._commit(plans, everything, hypers, hz, deltas)
+        if self._watches_stall():  # the stall before this step decided what was learned
+            self.hyper_state["stall"] = watch_stall(self._stall(), policy_loss)
         return loss
 
     def _hessian_tangents(self, second: SecondOrder, mus: list[float], active: list[int]
@@ -301,10 +306,13 @@ class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
             for i, ((group, params), h) in enumerate(zip(plans, hypers, strict=True)):
                 group["lr"] = h["new_lr"]
                 moved = self._move_momentum(group, h)
-                if moved:
+                if moved and self._momentum_live(group):
                     self._step_with_momentum(i, group, params, hz)
-                elif params:
-                    self._advance(i, group, params, hz)
+                else:
+                    if moved:  # held (momentum_phase="stall" after the stall): no Y is read
+                        self._store_momentum_tangents(group, [], None)
+                    if params:
+                        self._advance(i, group, params, hz)
                 self._record(i, lr=group["lr"], mu=h["mu"], hypergrad_lr=h["beta"],
                              **{"hypergrad/lr": deltas[i]}, **moved)
         self._store_hypers(hypers)

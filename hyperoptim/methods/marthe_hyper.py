@@ -107,7 +107,8 @@ class MartheHyperStep:
 
     def _reads_loss(self) -> bool:
         """Whether some group's policy reads the training loss (``ScaleFree``'s runaway watch)."""
-        return any(getattr(self._policy(g), "uses_loss", False) for g in self.param_groups)
+        return self._watches_stall() or any(getattr(self._policy(g), "uses_loss", False)
+                                            for g in self.param_groups)
 
     def _policy_loss(self, loss: Tensor | None) -> float | None:
         """The training loss at :math:`w_t` as a policy reads it: its mean over the ranks (every
@@ -169,7 +170,8 @@ class MartheHyperStep:
         norms = ([math.sqrt(values[2 * n_cols]) * math.sqrt(z)
                   for z in values[2 * n_cols + 1:3 * n_cols + 1]]
                  if normalised else [0.0] * n_cols)
-        momenta = _momentum_hypergradients(values[-1 - 3 * n_cols:-1], groups, policies)
+        momenta = _momentum_hypergradients(values[-1 - 3 * n_cols:-1], policies,
+                                           [self._momentum_live(g) for g in groups])
         return _Hypergradients(values[:n_cols], values[n_cols:2 * n_cols], norms, values[-1],
                                self._all_finite(*values), policies, momenta)
 
@@ -180,9 +182,11 @@ class MartheHyperStep:
         when no group does)."""
         if not any(_learns_momentum(g) for g in self.param_groups):
             return zero.new_zeros(0)
+        # A held momentum (momentum_phase="stall" after the stall) gives zeros, as an unlearned
+        # one does: the layout stays one triple per group.
         terms = []
         for group in self.param_groups:
-            pairs = self._momentum_pairs(group, grad_e) if _learns_momentum(group) else []
+            pairs = self._momentum_pairs(group, grad_e) if self._momentum_live(group) else []
             if not pairs:
                 terms.extend([zero, zero, zero])
                 continue
@@ -299,14 +303,15 @@ class MartheHyperStep:
             self.hyper_state["groups"][i] = h
 
 
-def _momentum_hypergradients(values: list[float], groups: list[dict[str, Any]],
-                             policies: list[HyperStep | None]
+def _momentum_hypergradients(values: list[float], policies: list[HyperStep | None],
+                             live: list[bool]
                              ) -> list[tuple[float, float] | None]:
     r"""Per group :math:`(h^b_t, \text{norm})` from the three values :meth:`_momentum_terms` gave
-    it (the norm only for a normalised policy), or None where the momentum is not learned."""
+    it (the norm only for a normalised policy), or None where the momentum is not learned at
+    this step (not tuned, or held: ``live``)."""
     out: list[tuple[float, float] | None] = []
-    for i, (group, policy) in enumerate(zip(groups, policies, strict=True)):
-        if not _learns_momentum(group):
+    for i, (policy, learned) in enumerate(zip(policies, live, strict=True)):
+        if not learned:
             out.append(None)
             continue
         h, e2, y2 = values[3 * i:3 * i + 3]
