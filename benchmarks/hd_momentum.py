@@ -62,7 +62,7 @@ def _momentum(opt: torch.optim.Optimizer) -> float:
 
 
 def run(task, cls: str, policy: str, tune: tuple[str, ...], seed: int, steps: int,
-        use_val: bool, start: str = "poor") -> dict:
+        use_val: bool, start: str = "poor", phase: str = "run") -> dict:
     model = task.make_model(seed)
     lr, mu = STARTS[start][cls]
     sgd = cls.endswith("SGD")
@@ -70,7 +70,7 @@ def run(task, cls: str, policy: str, tune: tuple[str, ...], seed: int, steps: in
         lr /= 10  # full batch with momentum: a decade lower, as hyperstep_policy.starts_for
     opt_cls = getattr(hyperoptim, cls)
     use_val = use_val or cls.startswith("Marthe")
-    kwargs = dict(lr=lr, tune=tune,
+    kwargs = dict(lr=lr, tune=tune, momentum_phase=phase,
                   val_closure=(lambda: task.loss(model, task.x_val, task.y_val)) if use_val
                   else None)
     if sgd:
@@ -95,7 +95,8 @@ def row(task, name: str, cls: str, policy: str, steps: int, args: argparse.Names
     ``--json``)."""
     cells, means = [], []
     for tune in TUNES:
-        runs = [run(task, cls, policy, tune, seed, steps, args.val, start) for seed in args.seeds]
+        runs = [run(task, cls, policy, tune, seed, steps, args.val, start,
+                    args.momentum_phase) for seed in args.seeds]
         if args.json:
             with open(args.json, "a") as f:
                 f.writelines(json.dumps(dict(task=name, optimizer=cls, policy=policy,
@@ -122,6 +123,8 @@ def main() -> None:
     parser.add_argument("--starts", nargs="+", choices=list(STARTS), default=["poor"])
     parser.add_argument("--steps-scale", type=float, default=1.0)
     parser.add_argument("--val", action="store_true", help="E = the validation loss")
+    parser.add_argument("--momentum-phase", choices=["run", "stall"], default="run",
+                        help="when the momentum is learned (default: run, the study's rule)")
     parser.add_argument("--json", default=None, help="append every run as a JSON line here")
     args = parser.parse_args()
     torch.set_num_threads(1)
