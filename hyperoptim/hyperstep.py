@@ -267,8 +267,8 @@ class ScaleFree(HyperStep):
        1 while :math:`g = a h` grows with :math:`a`, and uncapped a digits MLP's lr grew 37x in 8
        steps, past its edge) are what prevent those.
     3. *Accelerated growth while the run is stalled* (``accel`` > 1; off in ``ScaleFree()``,
-       on in the defaults ``ScaleFree(accel=1.5)`` of the hypergradient-descent classes and of
-       MARTHE over Adam). At ``up`` = 0.2 a start 1000x too small (the character LSTM's from lr
+       on in the defaults ``ScaleFree(accel=1.5)`` of the hypergradient-descent and MARTHE
+       classes). At ``up`` = 0.2 a start 1000x too small (the character LSTM's from lr
        1e-5 or 1e-3) spends 35 of a 100-step budget climbing. While the training loss is still
        within ``gate`` (3%) of its first value, the run has not started learning, and each
        growth step that hits the cap is ``accel`` times the last, up to ``reach`` times ``up``
@@ -280,7 +280,8 @@ class ScaleFree(HyperStep):
        below the runaway alarm, and the net died at 0.45). A runaway ends it too, and an
        unsaturated step restarts the run at ``up``. It is for a signal that answers a new value
        within a step or two: over heavy-ball SGD MARTHE's tangent carries the momentum's past,
-       and accelerated it killed MartheSGD's digits CNN from the poor start (7.8%).
+       and accelerated alone it killed MartheSGD's digits CNN from the poor start (7.8%);
+       ``MartheSGD`` takes it with its momentum learned in the same stall, which keeps up.
        Invariant to the loss's scale (the gate is relative) and to the start's decade.
     """
 

@@ -154,7 +154,7 @@ class MartheSGD(RuleMarthe):
             turns :math:`\Delta_t` into :math:`a_t` instead of MARTHE's :math:`a_{t-1} - \beta_t
             \Delta_t` (normalised by :math:`\lVert \nabla E \rVert \lVert Z_t \rVert`; a policy
             that reads the training loss gets the previous step's); ``mu`` still discounts the
-            tangent (default: None: :attr:`default_hyper_step`, ``ScaleFree()``, unless
+            tangent (default: None: :attr:`default_hyper_step`, ``ScaleFree(accel=1.5)``, unless
             ``hyper_lr`` or ``adapt_hyper_lr`` is given, which choose MARTHE's own step).
         tune (tuple of str, optional): what is learned: ``("lr",)``, or ``("lr", "momentum")``
             to learn the momentum too, by its one-step hypergradient
@@ -163,8 +163,9 @@ class MartheSGD(RuleMarthe):
             takes, no extra Hessian-vector product), moved by MARTHE's own step with
             :math:`\beta_t` or by the ``hyper_step`` policy on :math:`1 - b`
             (:class:`~hyperoptim.methods.marthe.RuleMarthe`). It stays in [1e-3, 0.999] and
-            ``history`` records ``"momentum"`` and ``"hypergrad/momentum"`` (default:
-            ``("lr",)``: opt-in, see the README's study).
+            ``history`` records ``"momentum"`` and ``"hypergrad/momentum"`` (default: None:
+            ``("lr", "momentum")`` when ``momentum`` > 0 and the policy reads the loss (not
+            MARTHE's own step), else ``("lr",)``).
         momentum_phase (str, optional): when a learned momentum is learned: ``"stall"``, while
             every training loss so far is within 3% of the first, then held (its tangents
             dropped); or ``"run"``, at every step (as :class:`~hyperoptim.HypergradSGD`;
@@ -210,8 +211,14 @@ class MartheSGD(RuleMarthe):
 
     rule = SGD
     #: The policy when none of ``hyper_step``, ``hyper_lr`` and ``adapt_hyper_lr`` is given
-    #: (with either of the last two: MARTHE's own additive step).
-    default_hyper_step: HyperStep | str = "scale_free"
+    #: (with either of the last two: MARTHE's own additive step): ``ScaleFree`` whose growth
+    #: accelerates while the run is stalled, with the momentum learned in that stall
+    #: (:attr:`default_learns_momentum`): accelerated alone it overshot the digits CNN from its
+    #: poor start (7.8%), its tangent lagging heavy ball; with the momentum lifted as it climbs,
+    #: every versus task meets the scale-free target (docs/hyperstep.md).
+    default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5)"
+    #: ``tune=None`` learns the momentum while the run is stalled (``momentum_phase``).
+    default_learns_momentum = True
     buffer_tangent_keys = {"momentum_buffer": "tangent_buffer"}
 
     @renamed_keywords(renamed_options("marthe"))
@@ -231,7 +238,8 @@ class MartheSGD(RuleMarthe):
         marthe = take_marthe_options(options)
         check_arguments(self, lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov,
-                        **{k: v for k, v in marthe.items() if k != "hyper_step"})
+                        **{k: v for k, v in marthe.items()
+                           if k != "hyper_step" and not (k == "tune" and v is None)})
         defaults = dict(lr=float(lr), momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, **marthe_options(
             **marthe, default=Additive.name if own_step else self.default_hyper_step))

@@ -163,7 +163,8 @@ class MartheAdam(RuleMarthe):
         marthe, decoupled = take_marthe_options(options), options.pop("decoupled_weight_decay")
         check_arguments(self, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=options["maximize"],
-                        **{k: v for k, v in marthe.items() if k != "hyper_step"},
+                        **{k: v for k, v in marthe.items()
+                           if k != "hyper_step" and not (k == "tune" and v is None)},
                         decoupled_weight_decay=decoupled)
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),

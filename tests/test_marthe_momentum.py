@@ -190,9 +190,12 @@ def test_without_momentum_in_tune_nothing_changes(cls, kwargs):
     weights bit-identical to it (the momentum tangents never touch the step)."""
     m0, o0 = _mlp_run(cls, **kwargs)
     m1, o1 = _mlp_run(cls, tune=("lr",), **kwargs)
-    for a, b in zip(m0.parameters(), m1.parameters()):
-        assert torch.equal(a, b)
-    assert o0.history == o1.history
+    if cls is MartheSGD:  # with a momentum, its default learns it while the run is stalled
+        assert o0.param_groups[0]["tune"] == ("lr", "momentum") and "momentum" in o0.history[0]
+    else:
+        for a, b in zip(m0.parameters(), m1.parameters()):
+            assert torch.equal(a, b)
+        assert o0.history == o1.history
     assert "momentum" not in o1.history[0]
     assert all("momentum_tangent" not in s for s in o1.state.values())
     fixed = dict(kwargs, hyper_lr=1e-3, adapt_hyper_lr=False)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hyperoptim import HypergradAdam, HypergradSGD, MartheSGD
+from hyperoptim import HypergradAdam, HypergradSGD, MartheAdam, MartheSGD
 
 STEPS = 14
 
@@ -67,6 +67,16 @@ def test_default_tune_learns_the_momentum_only_where_it_can():
     opt = HypergradSGD(model.parameters(), momentum=0.9)
     assert len(opt.param_groups[0]["params"]) == 4
     opt = HypergradSGD([{"params": (p for p in model.parameters())}], momentum=0.9)
+    assert len(opt.param_groups[0]["params"]) == 4
+    # MARTHE over SGD too (its own step, hyper_lr=, keeps the learning rate alone); over Adam not.
+    val = lambda: model(torch.ones(2, 4, dtype=torch.float64)).sum()  # noqa: E731
+    assert MartheSGD(model.parameters(), momentum=0.9,
+                     val_closure=val).param_groups[0]["tune"] == ("lr", "momentum")
+    assert MartheSGD(model.parameters(), val_closure=val).param_groups[0]["tune"] == ("lr",)
+    assert MartheSGD(model.parameters(), momentum=0.9, hyper_lr=1e-6,
+                     val_closure=val).param_groups[0]["tune"] == ("lr",)
+    assert MartheAdam(model.parameters(), val_closure=val).param_groups[0]["tune"] == ("lr",)
+    opt = MartheSGD((p for p in model.parameters()), momentum=0.9, val_closure=val)
     assert len(opt.param_groups[0]["params"]) == 4
 
 

@@ -59,7 +59,7 @@ from ..core.warn import warn
 from ..hyperstep import Additive, HyperStep, resolve, watch_stall
 from ..rules.base import UpdateRule, rule_tangents
 from .ift import MOMENTUM_RANGE
-from .tuning import TunedGroups, _learns_momentum, lr_only_when_untuned
+from .tuning import TunedGroups, _learns_momentum, _listed, lr_only_when_untuned
 
 __all__ = [
     "RuleHypergrad", "hyper_step_option", "lr_only_when_untuned", "momentum_hyper_step",
@@ -101,20 +101,6 @@ class _Plan(NamedTuple):
     #: Where the group's <grad E, Z_{t-1}> terms stand (a normalised policy's two scale terms
     #: follow them), or None when the momentum is not learned.
     momentum_span: tuple[int, int] | None = None
-
-
-def _listed(params: ParamsT) -> list[Any]:
-    """``params`` as a list whose groups' ``"params"`` are lists too (each is read twice: once
-    for the defaults, once by ``torch.optim``; a generator would be empty the second time)."""
-    if isinstance(params, Tensor):
-        return [params]
-    out: list[Any] = []
-    for item in params:
-        if isinstance(item, dict) and "params" in item:
-            ps = item["params"]
-            item = {**item, "params": [ps] if isinstance(ps, Tensor) else list(ps)}
-        out.append(item)
-    return out
 
 
 def hyper_step_option(hyper_lr: float | None, hyper_step: HyperStep | str | None,
@@ -190,8 +176,6 @@ class RuleHypergrad(TunedGroups, HyperOptimizer):
     default_hyper_step: HyperStep | str = Additive.name
     #: The rule's name for the momentum that ``tune=("lr", "momentum")`` learns.
     momentum_hyper: ClassVar[str] = "momentum"
-    #: Whether ``tune=None`` learns the momentum (see :meth:`_default_tune`).
-    default_learns_momentum: ClassVar[bool] = False
 
     def _setup(self, params: ParamsT, defaults: dict[str, Any], *, hyper_lr: float | None,
                hyper_step: HyperStep | str | None, lr_bounds: tuple[float, float],
@@ -225,20 +209,6 @@ class RuleHypergrad(TunedGroups, HyperOptimizer):
                  "training loss is within 3% of its first value, and this step has no loss: "
                  "the momentum is held from now on. Pass step(closure) with a closure that "
                  "returns the loss, or momentum_phase='run'.")
-
-    def _default_tune(self, defaults: dict[str, Any], policy: str, params: list[Any]
-                      ) -> tuple[str, ...]:
-        """What ``tune=None`` learns: the momentum too where the class learns it by default
-        (:attr:`default_learns_momentum`), the rule has one (a momentum above 0: torch's
-        ``SGD(momentum=0)`` stays plain SGD), the policy reads the training loss, which
-        ``momentum_phase="stall"`` watches, and no parameter is FSDP2-sharded (a learned
-        momentum does not support them yet); else the learning rate alone, so the additive
-        policy (the papers' settings, ``hyper_lr=``) keeps every trajectory it had before."""
-        learns = (self.default_learns_momentum and self._momentum(defaults) > 0.0
-                  and resolve(policy).uses_loss
-                  and not any(is_sharded(p[-1] if isinstance(p, tuple) else p) for item in params
-                              for p in (item["params"] if isinstance(item, dict) else [item])))
-        return ("lr", "momentum") if learns else ("lr",)
 
     @classmethod
     def _default_hyper_lr(cls) -> float:

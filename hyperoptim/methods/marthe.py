@@ -18,12 +18,12 @@ from ..core.base import HyperOptimizer
 from ..core.options import renamed_options
 from ..core.shard import check_sharded_hvp, local, local_states
 from ..core.signatures import declared
-from ..core.types import Closure
+from ..core.types import Closure, ParamsT
 from ..hvp import SecondOrder
 from ..hyperstep import Additive, HyperStep, resolve, watch_stall
 from ..rules.base import UpdateRule, rule_tangents
 from .marthe_hyper import MartheHyperStep, _settle, adaptive_mu
-from .tuning import TunedGroups, _learns_momentum
+from .tuning import TunedGroups, _learns_momentum, _listed
 
 __all__ = [
     "MARTHE_KEYWORDS", "RuleMarthe", "adaptive_mu", "keep_buffer_tangents", "marthe_hyper_step",
@@ -33,8 +33,9 @@ __all__ = [
 
 def _marthe_keywords(*, mu: str | float = "adaptive", hyper_lr: float = 1e-6,
                      adapt_hyper_lr: bool = True, hypergrad_clip: float | None = None,
-                     hyper_step: HyperStep | str | None = None, tune: tuple[str, ...] = ("lr",),
-                     momentum_phase: str = "stall", val_closure: Closure | None = None,
+                     hyper_step: HyperStep | str | None = None,
+                     tune: tuple[str, ...] | None = None, momentum_phase: str = "stall",
+                     val_closure: Closure | None = None,
                      hvp: str = "auto", maximize: bool = False, foreach: bool | None = None,
                      fused: bool | None = None, differentiable: bool = False) -> None:
     """MARTHE's keyword arguments and their defaults, declared once: every public class's
@@ -81,7 +82,7 @@ def own_step_given(given: dict[str, Any]) -> bool:
 
 def marthe_options(mu: str | float, hyper_lr: float, adapt_hyper_lr: bool,
                    hypergrad_clip: float | None, hyper_step: HyperStep | str | None,
-                   tune: tuple[str, ...] = ("lr",), momentum_phase: str = "stall",
+                   tune: tuple[str, ...] | None = ("lr",), momentum_phase: str = "stall",
                    default: HyperStep | str = Additive.name) -> dict[str, Any]:
     """MARTHE's entries of a public class's ``defaults``, from its checked constructor arguments:
     numbers as floats, ``"adaptive"`` as it is, the policy as :func:`marthe_hyper_step` names it
@@ -96,7 +97,8 @@ def marthe_options(mu: str | float, hyper_lr: float, adapt_hyper_lr: bool,
     return dict(mu=mu if mu == "adaptive" else float(mu), hyper_lr=float(hyper_lr),
                 adapt_hyper_lr=adapt_hyper_lr,
                 hypergrad_clip=None if hypergrad_clip is None else float(hypergrad_clip),
-                hyper_step=policy, tune=tuple(tune), momentum_phase=momentum_phase)
+                hyper_step=policy, tune=None if tune is None else tuple(tune),
+                momentum_phase=momentum_phase)
 
 
 class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
@@ -158,6 +160,13 @@ class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
     _renamed_options = renamed_options("marthe")
     #: The rule's name for the momentum that ``tune=("lr", "momentum")`` learns.
     momentum_hyper: ClassVar[str] = "momentum"
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], **options: Any) -> None:
+        if defaults.get("tune", ("lr",)) is None:  # tune=None: the class's default
+            params = _listed(params)
+            defaults = {**defaults, "tune": self._default_tune(defaults, defaults["hyper_step"],
+                                                               params)}
+        super().__init__(params, defaults, **options)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

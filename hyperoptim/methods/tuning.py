@@ -4,10 +4,13 @@ existed, and the entries of a learned momentum."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
+
+from torch import Tensor
 
 from ..core.shard import is_sharded
-from ..hyperstep import Additive, new_stall
+from ..core.types import ParamsT
+from ..hyperstep import Additive, new_stall, resolve
 
 __all__ = ["TunedGroups", "lr_only_when_untuned"]
 
@@ -26,6 +29,20 @@ def lr_only_when_untuned(state_dict: Any) -> Any:
         {"tune": ("lr",), **g} if isinstance(g, dict) else g for g in groups]}
 
 
+def _listed(params: ParamsT) -> list[Any]:
+    """``params`` as a list whose groups' ``"params"`` are lists too (each is read twice: once
+    for the defaults, once by ``torch.optim``; a generator would be empty the second time)."""
+    if isinstance(params, Tensor):
+        return [params]
+    out: list[Any] = []
+    for item in params:
+        if isinstance(item, dict) and "params" in item:
+            ps = item["params"]
+            item = {**item, "params": [ps] if isinstance(ps, Tensor) else list(ps)}
+        out.append(item)
+    return out
+
+
 def _learns_momentum(group: dict[str, Any]) -> bool:
     """Whether the group learns its momentum (``"momentum"`` in ``tune``)."""
     return "momentum" in group.get("tune", ())
@@ -37,6 +54,23 @@ class TunedGroups:
     :class:`~hyperoptim.core.base.HyperOptimizer` in their bases). A class over a rule that names
     its momentum otherwise (Adam's ``betas``) overrides :meth:`_momentum` and
     :meth:`_momentum_entry`."""
+
+    #: Whether ``tune=None`` learns the momentum (see :meth:`_default_tune`).
+    default_learns_momentum: ClassVar[bool] = False
+
+    def _default_tune(self, defaults: dict[str, Any], policy: str, params: list[Any]
+                      ) -> tuple[str, ...]:
+        """What ``tune=None`` learns: the momentum too where the class learns it by default
+        (:attr:`default_learns_momentum`), the rule has one (a momentum above 0: torch's
+        ``SGD(momentum=0)`` stays plain SGD), the policy reads the training loss, which
+        ``momentum_phase="stall"`` watches, and no parameter is FSDP2-sharded (a learned
+        momentum does not support them yet); else the learning rate alone, so the additive
+        policy (the papers' settings, ``hyper_lr=``) keeps every trajectory it had before."""
+        learns = (self.default_learns_momentum and self._momentum(defaults) > 0.0
+                  and resolve(policy).uses_loss
+                  and not any(is_sharded(p[-1] if isinstance(p, tuple) else p) for item in params
+                              for p in (item["params"] if isinstance(item, dict) else [item])))
+        return ("lr", "momentum") if learns else ("lr",)
 
     def _refuse_sharded_momentum(self, group: dict[str, Any]) -> None:
         """A group that learns its momentum cannot hold FSDP2 (``fully_shard``) parameters yet."""
