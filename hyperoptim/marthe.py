@@ -196,7 +196,7 @@ class MartheSGD(RuleMarthe):
         >>> for _ in range(5):
         ...     loss = opt.step(closure)
         >>> sorted(opt.history[0]), isinstance(opt.param_groups[0]["lr"], float)
-        (['hypergrad/lr', 'hypergrad_lr', 'lr', 'mu', 'skipped'], True)
+        (['hypergrad/lr', 'hypergrad/momentum', 'hypergrad_lr', 'lr', 'momentum', 'mu', 'skipped'], True)
 
     References:
         M. Donini, L. Franceschi, O. Majumder, M. Pontil, P. Frasconi. MARTHE: Scheduling the
