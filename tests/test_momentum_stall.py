@@ -78,6 +78,16 @@ def test_default_tune_learns_the_momentum_only_where_it_can():
     assert MartheAdam(model.parameters(), val_closure=val).param_groups[0]["tune"] == ("lr",)
     opt = MartheSGD((p for p in model.parameters()), momentum=0.9, val_closure=val)
     assert len(opt.param_groups[0]["params"]) == 4
+    # Each group resolves it for its own momentum: plain SGD's group stays plain (no 1e-3 floor).
+    first, second, third = list(model.parameters())[:3]
+    for cls, extra in ((HypergradSGD, {}), (MartheSGD, dict(val_closure=val))):
+        opt = cls([{"params": [first], "momentum": 0.0}, {"params": [second]}], momentum=0.9,
+                  **extra)
+        opt.add_param_group({"params": [third], "momentum": 0.0})
+        assert [g["tune"] for g in opt.param_groups] == [("lr",), ("lr", "momentum"), ("lr",)]
+    opt = HypergradSGD([first], momentum=0.9, tune=("lr",))  # an explicit tune is the default
+    opt.add_param_group({"params": [second]})
+    assert opt.param_groups[1]["tune"] == ("lr",)
 
 
 def test_learned_while_stalled_then_held():

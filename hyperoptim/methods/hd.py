@@ -188,7 +188,8 @@ class RuleHypergrad(TunedGroups, HyperOptimizer):
                                           Additive.name if per_parameter
                                           else self.default_hyper_step)
         # An explicit tune asked for a learned momentum: a step that cannot learn it says so.
-        self._tune_given = tune is not None
+        # Under tune=None each group's own values resolve it (add_param_group).
+        self._default_tuned = tune is None
         if tune is None:
             params = _listed(params)
             tune = self._default_tune(defaults, policy, params)
@@ -203,7 +204,8 @@ class RuleHypergrad(TunedGroups, HyperOptimizer):
         watch_stall`), and a momentum learned while stalled is held from then on: said once
         where ``tune`` asked for it (the default's momentum stays where it was set, as
         before it was learned)."""
-        if getattr(self, "_tune_given", False) and not getattr(self, "_warned_lossless", False):
+        if not getattr(self, "_default_tuned", True) \
+                and not getattr(self, "_warned_lossless", False):
             self._warned_lossless = True
             warn(f"{type(self).__name__}: momentum_phase='stall' learns the momentum while the "
                  "training loss is within 3% of its first value, and this step has no loss: "

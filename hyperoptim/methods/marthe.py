@@ -162,7 +162,9 @@ class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
     momentum_hyper: ClassVar[str] = "momentum"
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], **options: Any) -> None:
-        if defaults.get("tune", ("lr",)) is None:  # tune=None: the class's default
+        # tune=None: the class's default, resolved for each group's own values (add_param_group)
+        self._default_tuned = defaults.get("tune", ("lr",)) is None
+        if self._default_tuned:
             params = _listed(params)
             defaults = {**defaults, "tune": self._default_tune(defaults, defaults["hyper_step"],
                                                                params)}

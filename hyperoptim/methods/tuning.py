@@ -78,6 +78,18 @@ class TunedGroups:
             raise ValueError(f"{type(self).__name__}(tune=('lr', 'momentum')) does not support "
                              "FSDP2 (fully_shard) yet: tune=('lr',) does.")
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``; under ``tune=None`` a group that does not set its ``tune``
+        takes the default resolved for its own values (a group with ``momentum=0`` stays plain
+        SGD while the others learn theirs)."""
+        if getattr(self, "_default_tuned", False) and isinstance(param_group, dict) \
+                and "tune" not in param_group:
+            param_group = _listed([param_group])[0]
+            values = {**self.defaults, **param_group}
+            param_group = {**param_group, "tune": self._default_tune(
+                values, values.get("hyper_step", Additive.name), [param_group])}
+        super().add_param_group(param_group)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
