@@ -59,7 +59,7 @@ from ..core.warn import warn
 from ..hyperstep import Additive, HyperStep, resolve, watch_stall
 from ..rules.base import UpdateRule, rule_tangents
 from .ift import MOMENTUM_RANGE
-from .tuning import TunedGroups, _learns_momentum, _listed, lr_only_when_untuned
+from .tuning import TunedGroups, _learns_momentum, lr_only_when_untuned
 
 __all__ = [
     "RuleHypergrad", "hyper_step_option", "lr_only_when_untuned", "momentum_hyper_step",
@@ -191,8 +191,7 @@ class RuleHypergrad(TunedGroups, HyperOptimizer):
         # Under tune=None each group's own values resolve it (add_param_group).
         self._default_tuned = tune is None
         if tune is None:
-            params = _listed(params)
-            tune = self._default_tune(defaults, policy, params)
+            tune = self._default_tune(defaults, policy, [])
         defaults = {**defaults, "hyper_lr": kappa, "hyper_step": policy,
                     "lr_bounds": (float(lr_bounds[0]), float(lr_bounds[1])),
                     "per_parameter": per_parameter, "tune": tuple(tune),

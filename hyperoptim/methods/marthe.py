@@ -23,7 +23,7 @@ from ..hvp import SecondOrder
 from ..hyperstep import Additive, HyperStep, resolve, watch_stall
 from ..rules.base import UpdateRule, rule_tangents
 from .marthe_hyper import MartheHyperStep, _settle, adaptive_mu
-from .tuning import TunedGroups, _learns_momentum, _listed
+from .tuning import TunedGroups, _learns_momentum
 
 __all__ = [
     "MARTHE_KEYWORDS", "RuleMarthe", "adaptive_mu", "keep_buffer_tangents", "marthe_hyper_step",
@@ -165,9 +165,8 @@ class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
         # tune=None: the class's default, resolved for each group's own values (add_param_group)
         self._default_tuned = defaults.get("tune", ("lr",)) is None
         if self._default_tuned:
-            params = _listed(params)
             defaults = {**defaults, "tune": self._default_tune(defaults, defaults["hyper_step"],
-                                                               params)}
+                                                               [])}
         super().__init__(params, defaults, **options)
 
     def _check_group(self, group: dict[str, Any]) -> None:

@@ -60,8 +60,9 @@ class TunedGroups:
 
     def _default_tune(self, defaults: dict[str, Any], policy: str, params: list[Any]
                       ) -> tuple[str, ...]:
-        """What ``tune=None`` learns: the momentum too where the class learns it by default
-        (:attr:`default_learns_momentum`), the rule has one (a momentum above 0: torch's
+        """What ``tune=None`` learns (for the ``defaults``, and for each group with its own
+        values and ``params``, by :meth:`add_param_group`): the momentum too where the class
+        learns it by default (:attr:`default_learns_momentum`), the rule has one (a momentum above 0: torch's
         ``SGD(momentum=0)`` stays plain SGD), the policy reads the training loss, which
         ``momentum_phase="stall"`` watches, and no parameter is FSDP2-sharded (a learned
         momentum does not support them yet); else the learning rate alone, so the additive
@@ -112,7 +113,7 @@ class TunedGroups:
         super().load_state_dict(state_dict)
 
     def _phases_momentum(self) -> bool:
-        """Whether the class has the ``momentum_phase`` option (HD's classes)."""
+        """Whether the class has the ``momentum_phase`` option (HD's and MARTHE's classes)."""
         return "momentum_phase" in getattr(self, "defaults", {})
 
     def _stall(self) -> dict[str, Any]:
