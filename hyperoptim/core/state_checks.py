@@ -79,18 +79,22 @@ def _fds_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
 
 def _marthe_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
                         ) -> dict[str, Callable[[Any], bool]]:
-    stall = {"stall": check_stall} if "stall" in hyper_state else {}
+    stall = _stall_watch(hyper_state)
     if "groups" not in hyper_state:
         return stall
     return dict(stall, groups=lambda v: isinstance(v, list) and len(v) <= n_groups and all(
         isinstance(g, Mapping) and {"mu", "count", "beta", "lr_beta_grad"} <= set(g) for g in v))
 
 
+def _stall_watch(hyper_state: Mapping[str, Any]) -> dict[str, Callable[[Any], bool]]:
+    """The stall watch of a momentum learned while the run is stalled, HD's and MARTHE's (absent
+    before its first step, and from state dicts saved before it existed)."""
+    return {"stall": check_stall} if "stall" in hyper_state else {}
+
+
 def _hd_hyper_state(hyper_state: Mapping[str, Any], n_groups: int
                     ) -> dict[str, Callable[[Any], bool]]:
-    # The stall watch of a momentum learned while the run is stalled (absent before its first
-    # step, and from state dicts saved before it existed).
-    return {"stall": check_stall} if "stall" in hyper_state else {}
+    return _stall_watch(hyper_state)
 
 
 # Method -> the keys its hyper_state must hold and a check of each; the first method of the

@@ -187,11 +187,8 @@ class RuleHypergrad(TunedGroups, HyperOptimizer):
         kappa, policy = hyper_step_option(hyper_lr, hyper_step, self._default_hyper_lr(),
                                           Additive.name if per_parameter
                                           else self.default_hyper_step)
-        # An explicit tune asked for a learned momentum: a step that cannot learn it says so.
-        # Under tune=None each group's own values resolve it (add_param_group).
-        self._default_tuned = tune is None
-        if tune is None:
-            tune = self._default_tune(defaults, policy, [])
+        # An explicit tune that asks for a learned momentum: a step that cannot learn it says so.
+        tune = self._resolved_tune(defaults, tune, policy)
         defaults = {**defaults, "hyper_lr": kappa, "hyper_step": policy,
                     "lr_bounds": (float(lr_bounds[0]), float(lr_bounds[1])),
                     "per_parameter": per_parameter, "tune": tuple(tune),

@@ -162,11 +162,8 @@ class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
     momentum_hyper: ClassVar[str] = "momentum"
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], **options: Any) -> None:
-        # tune=None: the class's default, resolved for each group's own values (add_param_group)
-        self._default_tuned = defaults.get("tune", ("lr",)) is None
-        if self._default_tuned:
-            defaults = {**defaults, "tune": self._default_tune(defaults, defaults["hyper_step"],
-                                                               [])}
+        defaults = {**defaults, "tune": self._resolved_tune(
+            defaults, defaults.get("tune", ("lr",)), defaults["hyper_step"])}
         super().__init__(params, defaults, **options)
 
     def _check_group(self, group: dict[str, Any]) -> None:

@@ -73,6 +73,13 @@ class TunedGroups:
                               for p in (item["params"] if isinstance(item, dict) else [item])))
         return ("lr", "momentum") if learns else ("lr",)
 
+    def _resolved_tune(self, defaults: dict[str, Any], tune: Any, policy: str) -> tuple[str, ...]:
+        """The constructor's ``tune`` for the ``defaults``: as given, or under ``tune=None`` the
+        class's default (:meth:`_default_tune`), which each group then resolves for its own
+        values (:meth:`add_param_group`)."""
+        self._default_tuned = tune is None
+        return self._default_tune(defaults, policy, []) if tune is None else tuple(tune)
+
     def _refuse_sharded_momentum(self, group: dict[str, Any]) -> None:
         """A group that learns its momentum cannot hold FSDP2 (``fully_shard``) parameters yet."""
         if _learns_momentum(group) and any(is_sharded(p) for p in group.get("params", ())):
