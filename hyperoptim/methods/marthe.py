@@ -163,7 +163,7 @@ class RuleMarthe(MartheHyperStep, TunedGroups, HyperOptimizer):
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], **options: Any) -> None:
         defaults = {**defaults, "tune": self._resolved_tune(
-            defaults, defaults.get("tune", ("lr",)), defaults["hyper_step"])}
+            defaults, defaults.get("tune", ("lr",)), defaults.get("hyper_step", Additive.name))}
         super().__init__(params, defaults, **options)
 
     def _check_group(self, group: dict[str, Any]) -> None:
