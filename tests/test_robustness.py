@@ -506,6 +506,27 @@ def test_maximize_equals_minimizing_the_negated_losses(name):
         assert p.grad is None or torch.isfinite(p.grad).all()
 
 
+@pytest.mark.parametrize("name", ["marthe", "ift", "fds"])
+def test_maximize_on_the_exact_route_equals_minimizing_the_negated_losses(name):
+    """Closures that return the loss without backward() take the exact H·Z (double backward):
+    under ``maximize`` the gradient's graph is negated inside ``step()``'s no_grad, where a
+    plain negation cut it and left H·Z = 0 (FDS's tangents, MARTHE's, IFT's solve)."""
+    a, b = Task(), Task()
+    opt_a = _make(name, a)
+    opt_b = _make(name, b, maximize=True)
+    opt_b.val_closure = lambda: -b.val()
+    for t in range(8):
+        _step(opt_a, lambda: a.loss(), t)
+        _step(opt_b, lambda: -b.loss(), t)
+    assert opt_a.hvp_route == opt_b.hvp_route == "exact"
+    for x, y in zip(a.params(), b.params()):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+    key = next(k for k in opt_a.history[0] if k.startswith("hypergrad/"))
+    assert any(v != 0 for v in torch.tensor(opt_a.history[0][key]).flatten().tolist())
+    torch.testing.assert_close(torch.tensor(opt_b.history[0][key]),
+                               torch.tensor(opt_a.history[0][key]), rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["hd", "marthe", "ift", "fds"])
 def test_sparse_gradients_are_refused_clearly_and_atomically(name):
     torch.manual_seed(0)

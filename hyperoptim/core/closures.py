@@ -381,7 +381,10 @@ class _Closures:
         self._hvp_route = route
         if self.defaults.get("maximize"):
             if graph_grads is not None:
-                graph_grads = [-g for g in graph_grads]  # H of -L
+                # H of -L: negated inside the graph (step() runs under no_grad, where a plain
+                # negation would cut it and leave H·Z = 0).
+                with torch.enable_grad():
+                    graph_grads = [-g for g in graph_grads]
             if origin_grads is not None:
                 origin_grads = [-g for g in origin_grads]
         gradient_at = None if route == "exact" else (lambda: self._gradient_at(closure, used))
