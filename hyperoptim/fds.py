@@ -107,7 +107,14 @@ class FDSSGD(RuleFDS):
     signs, and probes the learning rate below the restored value by the halved step (iRprop+'s
     backtracking, plus the asymmetry that a learning rate too large costs the run and one too
     small only time; a worse probe is undone in turn); a non-finite first episode divides the
-    learning rates by 10. The momentum keeps the additive step (its range [0, 1) has no
+    learning rates by 10, and so does a first episode that gained nothing (its validation loss
+    ended at or above :math:`E_0`: from lr 1 the digits CNN's ReLUs die and the loss stays at
+    chance; a later one is undone as a worse one). At the edge of stability, where
+    :math:`|\rho| > 10` (:data:`~hyperoptim.methods.fds_outer.EDGE_RATIO`: the end loss far
+    more sensitive to the learning rates than the episode's gain), the signs are chaos: every
+    learning-rate window steps down by its step and the other values hold. The momentum keeps
+    the additive step, up at most halfway to 1 (0.9 + 0.15 would be 1.05, where heavy ball
+    diverges; its range [0, 1) has no
     decade to be wrong by; stepping :math:`\log(1 - \mu)` instead lost 3 points on the digits
     MLP and 28% MSE on diabetes from the poor start in ``benchmarks/fds_outer_step.py``), and so
     does a value at or below 0 (how the default start at 0 leaves it). ``history`` adds

@@ -17,7 +17,7 @@ from hyperoptim import FDSSGD, FDSAdam
 from hyperoptim.core.base import LEARNED_LIMIT
 from hyperoptim.core.warn import HyperoptimWarning
 from hyperoptim.methods.fds import LOG_STEP, LOG_STEP_MAX
-from hyperoptim.methods.fds_outer import LINEAR_RATIO, far_step
+from hyperoptim.methods.fds_outer import EDGE_RATIO, LINEAR_RATIO, far_step
 
 
 class Scaled(Problem):
@@ -319,3 +319,178 @@ def test_a_momentum_stepped_in_log_one_minus_momentum_stays_in_its_range():
     for _ in range(60):
         opt._sign_update(0, group, {"momentum": [1.0]})
     assert group["momentum_schedule"] == [0.0]
+
+
+def _adam(lr: float = 1e-5) -> tuple[FDSAdam, dict]:
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = FDSAdam([w], horizon=2, lr=lr, lr_windows=2, tune=("lr",),
+                  val_closure=lambda: (w**2).sum())
+    return opt, opt.param_groups[0]
+
+
+def test_fdsadam_grows_a_far_step_repeated_in_the_linear_regime_fdssgd_does_not():
+    """FDSAdam (``far_growth`` 2): a window whose last step was a far step, asked for a full
+    decade again, doubles it in log space, up to two decades; a far step short of a decade is
+    the model's, and a window that takes Rprop's step forgets its far step. FDSSGD's far steps
+    stay at a decade."""
+    opt, group = _adam()
+    up = {"lr": [-1.0, -1.0]}
+    opt._sign_update(0, group, up, far=LOG_STEP_MAX)  # the first: a decade
+    assert group["lr_schedule"] == pytest.approx([1e-4] * 2, rel=1e-12)
+    assert opt.hyper_state["outer"][0]["lr"]["far"] == [LOG_STEP_MAX] * 2
+    opt._sign_update(0, group, up, far=LOG_STEP_MAX)  # repeated: two decades
+    assert group["lr_schedule"] == pytest.approx([1e-2] * 2, rel=1e-12)
+    opt._sign_update(0, group, up, far=LOG_STEP_MAX)  # capped at two
+    assert group["lr_schedule"] == pytest.approx([1.0] * 2, rel=1e-12)
+    # Below the linear regime the model's step, whatever came before.
+    opt._sign_update(0, group, up, far=far_step(0.75))
+    assert group["lr_schedule"] == pytest.approx([math.exp(far_step(0.75))] * 2, rel=1e-12)
+    # A window that asks for less takes Rprop's step and forgets its far step.
+    opt._sign_update(0, group, {"lr": [-1.0, 1.0]}, far=LOG_STEP_MAX)
+    assert opt.hyper_state["outer"][0]["lr"]["far"] == [far_step(0.75) * 2, 0.0]
+    # An Rprop step (no far step) resets it too.
+    opt._sign_update(0, group, up)
+    assert opt.hyper_state["outer"][0]["lr"]["far"] == [0.0, 0.0]
+    sgd = FDSSGD([torch.nn.Parameter(torch.ones(2, dtype=torch.float64))], horizon=1, lr=1e-5,
+                 tune=("lr",), val_closure=lambda: torch.zeros(()))
+    for _ in range(2):
+        sgd._sign_update(0, sgd.param_groups[0], {"lr": [-1.0]}, far=LOG_STEP_MAX)
+    assert sgd.schedule("lr") == pytest.approx([1e-3], rel=1e-12)
+    assert "far" not in sgd.hyper_state["outer"][0]["lr"]
+
+
+def test_fdsadam_far_step_growth_end_to_end_and_resumed():
+    """From a start far below its rate (the loss scaled up 1e4 for FDSAdam's lr 1e-6), two
+    episodes in the linear regime step the learning rate by a decade, then by two; the state
+    that says so survives a checkpoint, and a reverted step forgets it."""
+    prob = Problem(seed=5)
+    kwargs = dict(horizon=6, lr=1e-7, lr_windows=1, tune=("lr",),
+                  val_closure=lambda: prob.val_loss(prob.live))
+    opt = FDSAdam(list(prob.live.values()), **kwargs)
+    run(prob, opt, 1)
+    assert opt.schedule("lr") == pytest.approx([1e-6], rel=1e-12)
+    saved = opt.state_dict()
+    other = FDSAdam(list(prob.live.values()), **{**kwargs, "lr": 0.5})
+    other.load_state_dict(saved)
+    assert other.hyper_state["outer"] == opt.hyper_state["outer"]
+    run(prob, opt, 1)
+    assert opt.schedule("lr") == pytest.approx([1e-4], rel=1e-12)
+    run(prob, other, 1)
+    assert other.schedule("lr") == opt.schedule("lr")
+
+
+def test_an_episode_that_gains_nothing_is_lost():
+    """Under the log step a finite episode whose validation loss ends at or above where it
+    started is treated as a non-finite one: the first divides the learning rates by 10, a later
+    one undoes the step before it. The additive step (the paper's) does not read it."""
+    prob, other = Problem(), Problem()
+    log = prob.optimizer(horizon=3, lr=0.1, lr_windows=3, momentum=0.5, tune=("lr", "momentum"))
+    additive = other.optimizer(horizon=3, lr=0.1, lr_windows=3, momentum=0.5,
+                               tune=("lr", "momentum"), outer_step="additive")
+    for opt, p in ((log, prob), (additive, other)):
+        for t in range(3):
+            opt.step(p.closure(opt, t))
+        # The same hypergradients, the loss lifted above the episode's start.
+        opt.hyperstep(lambda p=p: p.val_loss(p.live) + 100.0)
+    assert log.schedule("lr") == [0.1 / 10] * 3 and log.schedule("momentum") == [0.5]
+    assert log.history[0]["skipped"] == [0.0] and log.skipped_steps == 0
+    assert "val_loss_ref" not in log.hyper_state
+    assert additive.schedule("lr") != [0.1] * 3  # moved by the paper's rule as before
+    # From lr 0 (the constructor's default) an episode gains nothing by itself: not lost.
+    zp = Problem()
+    zero = zp.optimizer(horizon=3, tune=("lr",))
+    zero_start = zp.val_loss(zp.live).item()
+    assert zp.episode(zero).item() == zero_start  # lr 0: nothing moved
+    assert zero.schedule("lr") != [0.0] and zero.schedule("lr")[0] > 0
+    # A step, then an episode that gains nothing: the step is undone.
+    prob.reset()
+    prob.episode(log)
+    before = log.schedule("lr")
+    prob.reset()
+    for t in range(3):
+        log.step(prob.closure(log, t))
+    log.hyperstep(lambda: prob.val_loss(prob.live) + 100.0)
+    assert log.history[0]["backtracked"][-1] == 1.0
+    assert log.schedule("lr") != before and log.schedule("momentum") == [0.5]
+
+
+def test_a_momentum_step_under_the_log_step_goes_at_most_halfway_to_one():
+    """The momentum keeps the additive step but stays below 1 under ``outer_step="log"``: a
+    step up goes at most halfway to 1 (0.9 + 0.15 would be 1.05, where heavy ball diverges).
+    The paper's additive step is unchanged."""
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+    def make(**kw):
+        opt = FDSSGD([w], horizon=1, lr=0.1, momentum=0.9, tune=("momentum",),
+                     val_closure=lambda: (w**2).sum(), **kw)
+        return opt, opt.param_groups[0]
+
+    opt, group = make()
+    more, less = {"momentum": [-1.0]}, {"momentum": [1.0]}
+    opt._sign_update(0, group, more)
+    assert group["momentum_schedule"] == [0.95]
+    opt._sign_update(0, group, more)
+    assert group["momentum_schedule"] == [0.975]
+    for _ in range(60):
+        opt._sign_update(0, group, more)
+    assert group["momentum_schedule"][0] < 1.0
+    group["momentum_schedule"] = [0.05]
+    opt.hyper_state["outer"][0]["momentum"]["step_size"] = [0.15]
+    opt.hyper_state["outer"][0]["momentum"]["sign"] = [0.0]
+    opt._sign_update(0, group, less)  # below 0 as the paper's step (its ranges include it)
+    assert group["momentum_schedule"] == [pytest.approx(-0.1)]
+    paper, group = make(outer_step="additive")
+    paper._sign_update(0, group, more)
+    assert group["momentum_schedule"] == [pytest.approx(1.05)]
+
+
+def test_at_the_edge_of_stability_only_the_learning_rate_moves_and_down():
+    """|rho| > EDGE_RATIO (the end loss far more sensitive to the learning rates' scale than
+    the episode's gain): every learning-rate window steps down by Rprop's step whatever its
+    sign, the momentum holds; the same hypergradients with a real gain move both."""
+    results = {}
+    for gain in (1e-9, None):
+        prob = Problem()
+        start = prob.val_loss(prob.live).item()
+        opt = prob.optimizer(horizon=3, lr=0.1, lr_windows=3, momentum=0.5,
+                             tune=("lr", "momentum"))
+        for t in range(3):
+            opt.step(prob.closure(opt, t))
+
+        def val(prob=prob, gain=gain, start=start):
+            v = prob.val_loss(prob.live)
+            return v if gain is None else v - v.detach() + (start - gain)
+
+        opt.hyperstep(val)
+        hs = opt.history[0]["hypergrad/lr"][0]
+        results[gain] = opt
+        if gain is not None:
+            assert abs(_ratio(start, start - gain, [0.1] * 3, hs)) > EDGE_RATIO
+            assert opt.schedule("lr") == [0.1 * math.exp(-LOG_STEP)] * 3
+            assert opt.schedule("momentum") == [0.5]
+            assert opt.hyper_state["outer"][0]["lr"]["prev"] == [0.1] * 3
+    assert results[None].schedule("momentum") != [0.5]
+
+
+def test_maximize_learns_the_schedules_of_minimising_the_negated_losses():
+    """The log step compares the objective the hypergradients descend: with ``maximize=True``
+    and every loss negated, the far step, the backtracking and the lost-episode test read the
+    same episodes the same way, so the schedules match the plain run's over many episodes."""
+    kwargs = dict(horizon=5, lr=1e-3, momentum=0.5, lr_windows=2, tune=("lr", "momentum"))
+    plain, neg = Problem(seed=4), Problem(seed=4)
+    a = plain.optimizer(**kwargs)
+    b = neg.optimizer(**kwargs, maximize=True, val_closure=lambda: -neg.val_loss(neg.live))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HyperoptimWarning)
+        for _ in range(8):
+            for prob, opt, sign in ((plain, a, 1.0), (neg, b, -1.0)):
+                prob.reset()
+                for t in range(5):
+                    opt.step(lambda prob=prob, t=t, sign=sign: sign * prob.train_loss(prob.live, t))
+                opt.hyperstep()
+    assert max(a.history[0]["lr"][1]) >= 1e-2  # the far step ran
+    assert sum(a.history[0]["backtracked"]) >= 1  # and a backtrack
+    for name in ("lr", "momentum", "backtracked"):
+        for x, y in zip(a.history[0][name], b.history[0][name], strict=True):
+            assert x == pytest.approx(y, rel=1e-9, abs=1e-15)
+    assert b.history[0]["val_loss"] == pytest.approx([-v for v in a.history[0]["val_loss"]])

@@ -396,7 +396,8 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
         r"""At an episode's first step, with ``outer_step="log"`` tuning a learning rate and the
         constructor's ``val_closure``: the validation loss :math:`E(w_0)` at the episode's initial
         weights (averaged over the ranks; one validation gradient per episode), kept in
-        ``hyper_state["start_loss"]`` for the outer step's linear-regime test
+        ``hyper_state["start_loss"]`` (negated under ``maximize``, as the outer step compares
+        it) for the outer step's linear-regime test
         (:meth:`~hyperoptim.methods.fds_outer.FDSOuterStep._linear_ratio`). Without a
         ``val_closure`` here (one given only to :meth:`hyperstep`) nothing is measured and the
         outer step keeps its sign rule."""
@@ -407,7 +408,7 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
             return
         params = self._all_params()
         loss, _ = self._validation_grads(val_closure, params)
-        value = float(loss)
+        value = self._objective(float(loss))
         if math.isfinite(value):
             self.hyper_state["start_loss"] = value
 

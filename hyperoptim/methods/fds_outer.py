@@ -23,8 +23,8 @@ from ..core.guard import BACK_OFF
 from ..core.types import Closure
 from ..core.warn import warn
 
-__all__ = ["LINEAR_RATIO", "LINEAR_TARGET", "LOG_STEP", "LOG_STEP_MAX", "OUTER_STEPS",
-           "FDSOuterStep", "far_step"]
+__all__ = ["EDGE_RATIO", "LINEAR_RATIO", "LINEAR_TARGET", "LOG_STEP", "LOG_STEP_MAX",
+           "OUTER_STEPS", "FDSOuterStep", "far_step"]
 
 OUTER_STEPS = ("log", "additive")
 """The values of ``outer_step``: the scale-free step of the positive scales in log space, or the
@@ -60,6 +60,19 @@ decade regardless killed FDSAdamW's CNN in 2 of 3 seeds (the sign asked for more
 LINEAR_TARGET = 2.5
 r"""Where the far step aims, in units of the saturation scale of the model below
 (:math:`x = 2.5`, where :math:`\rho = x / (e^x - 1) \approx 0.22`)."""
+
+
+EDGE_RATIO = 10.0
+r"""The edge-of-stability test of the same :math:`\rho` (:data:`LINEAR_RATIO`): where
+:math:`|\rho| > 10`, the end loss is ten times more sensitive to a common scale of the learning
+rates than the whole episode's gain, far above the linear regime's 1 (the largest seen on the
+versus tasks from a start too small: 3.4). The trajectory is near a learning rate it cannot
+take, and the hypergradient's signs are chaos: SGD on full-batch diabetes from lr 0.1,
+momentum 0.9, read :math:`\rho = 1.4 \times 10^5`, and the far step it allowed took three windows
+to lr 1, where the next episode diverged; the character LSTM from lr 2 read :math:`-1.7 \times
+10^3`, and the signs took windows to lr 8 with the momentum at 0.975, a dead run. There every
+learning-rate window steps down by its Rprop step (as if its hypergradient said so) and the other
+values hold: a learning rate too large costs the run, one too small only time."""
 
 
 def far_step(ratio: float) -> float:
@@ -108,10 +121,21 @@ class FDSOuterStep:
     #: The names whose values live in [0, 1) (a momentum): with ``outer_step="log"`` a value
     #: there steps by factors of :math:`1 - b`.
     log1m_names: ClassVar[tuple[str, ...]] = ()
+    #: The names whose values must stay below 1 and take the additive step (a momentum): with
+    #: ``outer_step="log"`` a step up goes at most halfway to 1.
+    unit_names: ClassVar[tuple[str, ...]] = ("momentum", "beta1", "beta2")
     #: The log-space step's initial size, growth factor on a repeated sign, and largest size.
     log_step: ClassVar[float] = LOG_STEP
     log_growth: ClassVar[float] = 2.0
     log_step_max: ClassVar[float] = LOG_STEP_MAX
+    #: How a far step (:func:`far_step`) grows when the episode it led to asks for a full decade
+    #: again (:math:`\rho \ge 0.88`, where the saturation model puts the rate at least a decade
+    #: further and cannot say how far): that window's next step is its last far step times this
+    #: factor, up to :attr:`log_step_max` times it, Rprop's growth on a repeated sign. 1
+    #: (FDSSGD): every far step is at most a decade. A rule whose step is bounded by its
+    #: learning rate (Adam's) sets 2: a decade, then two (:class:`~hyperoptim.FDSAdam` has the
+    #: measurement).
+    far_growth: ClassVar[float] = 1.0
 
     @torch.no_grad()
     def hyperstep(self, val_closure: Closure | None = None) -> Tensor:
@@ -161,18 +185,29 @@ class FDSOuterStep:
     def _outer_steps(self, per_group: list[dict[str, list[float]]], loss: float, skipped: bool,
                      logs: list[bool]) -> None:
         """Every group's outer step and ``history`` entry; the validation loss becomes the
-        reference of the next log-space check when this episode's step stands."""
-        revert = any(logs) and self._revert_due(loss, skipped)
+        reference of the next log-space check when this episode's step stands. The log step
+        compares the objective the hypergradients descend: the validation loss, negated under
+        ``maximize`` (:meth:`_objective`); ``history`` keeps the loss as the closure returned it."""
+        objective = self._objective(loss)
+        # Under the log step an episode that gained nothing counts as lost, as a non-finite one.
+        failed = skipped or (any(logs) and self._lost(objective))
+        revert = any(logs) and self._revert_due(objective, failed)
         for gi, group in enumerate(self.param_groups):
             extra = self._outer_step(gi, group, per_group[gi], log=logs[gi], revert=revert,
-                                     skipped=skipped, loss=loss)
+                                     skipped=failed if logs[gi] else skipped, loss=objective)
             self._record(gi, skipped=skipped, val_loss=loss,
                          skipped_steps=float(self.hyper_state.get("episode_skipped", 0)),
                          **{name: list(group[f"{name}_schedule"]) for name in self.names},
                          **{f"hypergrad/{name}": h for name, h in per_group[gi].items()},
                          **extra)
-        if any(logs) and not (skipped or revert):
-            self.hyper_state["val_loss_ref"] = loss
+        if any(logs) and not (failed or revert):
+            self.hyper_state["val_loss_ref"] = objective
+
+    def _objective(self, loss: float) -> float:
+        """The validation loss as the hypergradients descend it: negated under ``maximize``
+        (whose validation gradients the base negates), so that lower is better for every
+        comparison of the log step (:data:`LINEAR_RATIO`, :meth:`_lost`, :meth:`_revert_due`)."""
+        return -loss if self.defaults.get("maximize") else loss
 
     def _outer_step(self, gi: int, group: dict[str, Any], hypergrads: dict[str, list[float]], *,
                     log: bool, revert: bool, skipped: bool, loss: float) -> dict[str, Any]:
@@ -186,6 +221,20 @@ class FDSOuterStep:
         return {}
 
     # ------------------------------------------------------------------ the log-space outer step
+    def _lost(self, loss: float) -> bool:
+        r"""Whether a finite episode with positive learning rates gained nothing: its validation
+        loss ends at or above :math:`E_0`, the loss at its first step
+        (``hyper_state["start_loss"]``; never where that was not measured, nor where a group
+        under the log step has a learning rate at or below 0, which gains nothing by itself).
+        From the user's initial weights that is a learning rate past stability (the digits CNN
+        from lr 1: its ReLUs die within 15 steps and the loss stays at chance), not one too
+        small, whose gain is small but positive; the outer step treats it as a non-finite
+        episode (:meth:`_log_outer`)."""
+        start = self.hyper_state.get("start_loss")
+        return (start is not None and math.isfinite(loss) and loss >= start
+                and all(v > 0 for g in self.param_groups if g.get("outer_step") == "log"
+                        and "lr" in g["tune"] for v in g["lr_schedule"]))
+
     def _revert_due(self, loss: float, skipped: bool) -> bool:
         """Whether the last log-space outer step is undone: the episode it led to ended with a
         non-finite or a higher validation loss than the episode before it."""
@@ -220,9 +269,16 @@ class FDSOuterStep:
         else:
             before = {name: list(group[f"{name}_schedule"]) for name in hypergrads}
             ratio = self._linear_ratio(group, hypergrads, loss)
-            self._sign_update(gi, group, hypergrads,
-                              far=far_step(ratio) if ratio is not None and ratio >= LINEAR_RATIO
-                              else None)
+            edge = ratio is not None and abs(ratio) > EDGE_RATIO
+            if edge:
+                # Only the learning rate moves, down in every window (EDGE_RATIO); a zero sign
+                # holds the other values (and forgets their last sign).
+                self._sign_update(gi, group, {name: [1.0 if name == "lr" else 0.0] * len(hs)
+                                              for name, hs in hypergrads.items()})
+            else:
+                self._sign_update(gi, group, hypergrads,
+                                  far=far_step(ratio) if ratio is not None
+                                  and ratio >= LINEAR_RATIO else None)
             for name, values in before.items():
                 outer[name]["prev"] = values
         # One entry per hyperstep, aligned with the other names (the initial s before the first).
@@ -255,6 +311,8 @@ class FDSOuterStep:
                 continue
             state["step_size"] = [v * 0.5 for v in state["step_size"]]
             state["sign"] = [0.0] * len(state["sign"])
+            if "far" in state:
+                state["far"] = [0.0] * len(state["far"])
             schedule = list(prev)
             if "log_step" in state:
                 state["log_step"] = [v * 0.5 for v in state["log_step"]]
@@ -294,7 +352,10 @@ class FDSOuterStep:
         ``hyper_state["outer"][gi][name]``: ``step_size`` (:math:`\gamma`), ``sign`` and, for
         the log step, ``log_step`` (:math:`s`). ``far``: the log step (:func:`far_step`) every
         learning-rate window that asks for more takes after an episode far below its rate
-        (:data:`LINEAR_RATIO`), after which Rprop starts afresh.
+        (:data:`LINEAR_RATIO`), after which Rprop starts afresh. Where that step is a full
+        decade (the model puts the rate at least that far) and a window's last step was a far
+        step too, the window's step is that one times :attr:`far_growth` (its size kept in
+        ``"far"``, 0 after any other step, where :attr:`far_growth` is above 1).
         """
         outer = self.hyper_state["outer"].setdefault(gi, {})
         log_space = group.get("outer_step", "additive") == "log"
@@ -313,7 +374,12 @@ class FDSOuterStep:
                 space = "log" if name in self.log_names else "log1m"
                 if len(state.get("log_step", ())) != n:
                     state["log_step"] = [self.log_step] * n
+            elif log_space and name in self.unit_names:
+                space = "unit"
             boost = far is not None and name == "lr" and space == "log"
+            grows = name == "lr" and space == "log" and self.far_growth > 1.0
+            if grows and len(state.get("far", ())) != n:
+                state["far"] = [0.0] * n
             lo, hi = self._bounds(name)
             for k, h in enumerate(hs):
                 sign = float((h > 0) - (h < 0))
@@ -321,11 +387,19 @@ class FDSOuterStep:
                     # A decade up, and Rprop starts afresh from its first step in the new
                     # decade (the sign forgotten, as after a backtrack): a step kept at a decade
                     # took the demo's 4th episode from 0.1 to 1 once rho had fallen to 0.01.
-                    state["log_step"][k], state["sign"][k] = far, 0.0
+                    size = far
+                    if grows and far >= LOG_STEP_MAX and state["far"][k] > 0.0:
+                        size = min(state["far"][k] * self.far_growth,
+                                   self.log_step_max * self.far_growth)
+                    state["log_step"][k], state["sign"][k] = size, 0.0
                     schedule[k] = min(max(self._moved(schedule[k], sign, state, k, space), lo),
                                       hi)
                     state["log_step"][k] = self.log_step
+                    if grows:
+                        state["far"][k] = size
                     continue
+                if grows:
+                    state["far"][k] = 0.0
                 self._adapt_step(state, k, sign)
                 # Bounded (LEARNED_LIMIT or the rule's range): a learned value can never overflow
                 # the next episode.
@@ -354,6 +428,11 @@ class FDSOuterStep:
         if space == "log" and value > 0:
             # Positive stays positive: an underflow to 0 would hand it to the additive step.
             return max(value * math.exp(-sign * state["log_step"][k]), sys.float_info.min)
+        if space == "unit" and value < 1.0:
+            # The additive step, up at most halfway to 1: heavy ball diverges at a momentum of
+            # 1 (0.9 + 0.15 made it 1.05 in one step). Down, below 0 too, as the paper's.
+            moved = value - sign * state["step_size"][k]
+            return min(moved, (value + 1.0) / 2, _LOG1M_MAX)
         if space == "log1m" and 0.0 <= value < 1.0:
             # d/dlog(1 - b) has the opposite sign of d/db; a decrease stops at 0.
             grown = (1.0 - value) * math.exp(sign * state["log_step"][k])
