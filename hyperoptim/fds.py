@@ -107,9 +107,11 @@ class FDSSGD(RuleFDS):
     signs, and probes the learning rate below the restored value by the halved step (iRprop+'s
     backtracking, plus the asymmetry that a learning rate too large costs the run and one too
     small only time; a worse probe is undone in turn); a non-finite first episode divides the
-    learning rates by 10, and so does a first episode that gained nothing (its validation loss
-    ended at or above :math:`E_0`: from lr 1 the digits CNN's ReLUs die and the loss stays at
-    chance; a later one is undone as a worse one). At the edge of stability, where
+    learning rates by 100 (:data:`~hyperoptim.methods.fds_outer.LOST_BACK_OFF`: below the
+    stable range costs a far step, at its edge the run), and so does a first episode that
+    gained nothing (its validation loss ended at or above :math:`E_0`: from lr 1 the digits
+    CNN's ReLUs die and the loss stays at chance; a later one is undone as a worse one;
+    ``history`` marks it in ``"lost"``). At the edge of stability, where
     :math:`|\rho| > 10` (:data:`~hyperoptim.methods.fds_outer.EDGE_RATIO`: the end loss far
     more sensitive to the learning rates than the episode's gain), the signs are chaos: every
     learning-rate window steps down by its step and the other values hold. The momentum keeps
@@ -118,11 +120,11 @@ class FDSSGD(RuleFDS):
     decade to be wrong by; stepping :math:`\log(1 - \mu)` instead lost 3 points on the digits
     MLP and 28% MSE on diabetes from the poor start in ``benchmarks/fds_outer_step.py``), and so
     does a value at or below 0 (how the default start at 0 leaves it). ``history`` adds
-    ``"log_step/<name>"`` (the :math:`s_j` after the step) and ``"backtracked"``; the state is in
-    ``hyper_state["outer"]`` and ``hyper_state["val_loss_ref"]``. From the versus starts (lr
-    1e-3, 0.1, 1.0) on the digits MLP and diabetes, 4 episodes, the log step matched or beat the
-    additive one from every start and the additive step diverged on diabetes from all three
-    (README, FDSSGD). The step is FDS's own option rather than a policy of
+    ``"log_step/<name>"`` (the :math:`s_j` after the step), ``"backtracked"`` and ``"lost"``;
+    the state is in ``hyper_state["outer"]`` and ``hyper_state["val_loss_ref"]``. From the
+    versus starts (lr 1e-3, 0.1, 1.0) on the digits MLP and diabetes, 4 episodes, the log step
+    matched or beat the additive one from every start and the additive step diverged on
+    diabetes from all three (README, FDSSGD). The step is FDS's own option rather than a policy of
     :mod:`hyperoptim.hyperstep`: those turn one hypergradient's size into the next value once
     per step, with a scale normaliser and the inner momentum; FDS reads only the sign, once per
     episode and per window, and compares whole episodes.

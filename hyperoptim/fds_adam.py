@@ -105,14 +105,15 @@ class FDSAdam(RuleFDS):
         outer_step (str, optional): ``"log"`` (positive learning rates and weight decays step by
             factors, with backtracking) or ``"additive"`` (the paper's step), as for
             :class:`~hyperoptim.FDSSGD`; :math:`\beta_1, \beta_2` step additively either way
-            (default: ``"log"``). One difference under ``"log"``: a far step of a decade
-            followed by an episode that asks for a full decade again doubles, to two decades
-            (``far_growth = 2``; FDSSGD's stay at one). Adam's step is bounded by its learning
-            rate, so a rate somewhat too large costs little (the versus tasks end as well or
-            better at 1e-2 as at 4e-3), while from 1e-5 two decades in the two outer steps of a
-            3-episode budget left every task at 1e-3 (MLP 94.5% against 97.0% from the good
-            start, CNN 94.6 against 98.2%, LSTM 17.4 against 10.5 perplexity); a decade then
-            two reach 1e-2. FDSSGD's CNN died from its poor start with the same growth.
+            (under ``"log"`` up at most halfway to 1, as FDSSGD's momentum) (default:
+            ``"log"``). One difference under ``"log"``: a far step of a decade followed by an
+            episode that asks for a full decade again doubles, to two decades (``far_growth =
+            2``; FDSSGD's stay at one). Adam's step is bounded by its learning rate, so a rate
+            somewhat too large costs little (the versus tasks end as well or better at 1e-2 as
+            at 4e-3), while from 1e-5 two decades in the two outer steps of a 3-episode budget
+            left every task at 1e-3 (MLP 94.5% against 97.0% from the good start, CNN 94.6
+            against 98.2%, LSTM 17.4 against 10.5 perplexity); a decade then two reach 1e-2.
+            FDSSGD's CNN died from its poor start with the same growth.
         val_closure (callable, optional): returns the validation loss from the live parameters,
             evaluated by :meth:`hyperstep`; may be overridden there (default: None).
         hvp (str, optional): how :math:`H Z` is computed, as for :class:`~hyperoptim.FDSSGD`

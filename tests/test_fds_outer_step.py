@@ -17,7 +17,7 @@ from hyperoptim import FDSSGD, FDSAdam
 from hyperoptim.core.base import LEARNED_LIMIT
 from hyperoptim.core.warn import HyperoptimWarning
 from hyperoptim.methods.fds import LOG_STEP, LOG_STEP_MAX
-from hyperoptim.methods.fds_outer import EDGE_RATIO, LINEAR_RATIO, far_step
+from hyperoptim.methods.fds_outer import EDGE_RATIO, LINEAR_RATIO, LOST_BACK_OFF, far_step
 
 
 class Scaled(Problem):
@@ -220,14 +220,15 @@ def test_the_log_step_follows_its_documented_rule(start_loss_known):
     assert opt.hyper_state["outer"][0]["lr"]["log_step"] == hist["log_step/lr"][-1]
 
 
-def test_a_non_finite_first_episode_divides_the_learning_rates_by_ten():
+def test_a_non_finite_first_episode_divides_the_learning_rates_by_a_hundred():
     prob = Problem()
     opt = prob.optimizer(horizon=3, lr=0.1, lr_windows=3, tune=("lr", "momentum"))
     for t in range(3):
         opt.step(prob.closure(opt, t))
     with pytest.warns(HyperoptimWarning, match="non-finite validation loss"):
         opt.hyperstep(lambda: prob.val_loss(prob.live) * float("inf"))
-    assert opt.schedule("lr") == [0.1 / 10] * 3 and opt.schedule("momentum") == [0.0]
+    assert opt.schedule("lr") == [0.1 / LOST_BACK_OFF] * 3 and LOST_BACK_OFF == 100
+    assert opt.schedule("momentum") == [0.0]
     assert opt.history[0]["skipped"] == [1.0] and opt.skipped_steps == 1
     assert opt.history[0]["log_step/lr"] == [[LOG_STEP] * 3]  # recorded every hyperstep
 
@@ -381,7 +382,7 @@ def test_fdsadam_far_step_growth_end_to_end_and_resumed():
 
 def test_an_episode_that_gains_nothing_is_lost():
     """Under the log step a finite episode whose validation loss ends at or above where it
-    started is treated as a non-finite one: the first divides the learning rates by 10, a later
+    started is treated as a non-finite one: the first divides the learning rates by 100, a later
     one undoes the step before it. The additive step (the paper's) does not read it."""
     prob, other = Problem(), Problem()
     log = prob.optimizer(horizon=3, lr=0.1, lr_windows=3, momentum=0.5, tune=("lr", "momentum"))
@@ -392,8 +393,9 @@ def test_an_episode_that_gains_nothing_is_lost():
             opt.step(p.closure(opt, t))
         # The same hypergradients, the loss lifted above the episode's start.
         opt.hyperstep(lambda p=p: p.val_loss(p.live) + 100.0)
-    assert log.schedule("lr") == [0.1 / 10] * 3 and log.schedule("momentum") == [0.5]
+    assert log.schedule("lr") == [0.1 / LOST_BACK_OFF] * 3 and log.schedule("momentum") == [0.5]
     assert log.history[0]["skipped"] == [0.0] and log.skipped_steps == 0
+    assert log.history[0]["lost"] == [1.0] and "lost" not in additive.history[0]
     assert "val_loss_ref" not in log.hyper_state
     assert additive.schedule("lr") != [0.1] * 3  # moved by the paper's rule as before
     # From lr 0 (the constructor's default) an episode gains nothing by itself: not lost.
@@ -411,6 +413,7 @@ def test_an_episode_that_gains_nothing_is_lost():
         log.step(prob.closure(log, t))
     log.hyperstep(lambda: prob.val_loss(prob.live) + 100.0)
     assert log.history[0]["backtracked"][-1] == 1.0
+    assert log.history[0]["lost"] == [1.0, 0.0, 1.0]
     assert log.schedule("lr") != before and log.schedule("momentum") == [0.5]
 
 
