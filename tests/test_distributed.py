@@ -80,6 +80,10 @@ def _builders() -> dict[str, Callable[..., Any]]:
                                               weight_decay=1e-3, lr_windows=2, val_closure=v),
         # hvp_columns="auto" times the batched and the looped H Z on each rank: the ranks
         # must still take one route (the times are averaged), or they would part at rounding.
+        # From lr 1 the first episode's validation loss ends above where it started: lost, the
+        # learning rates divided by 100, on every rank at once (the losses are the ranks' mean).
+        "fds_runaway": lambda p, v: hyperoptim.FDSSGD(p, horizon=4, lr=1.0, momentum=0.9,
+                                                      lr_windows=2, val_closure=v),
         "fds_auto_columns": lambda p, v: hyperoptim.FDSSGD(
             p, horizon=4, lr=0.05, momentum=0.5, weight_decay=1e-3, lr_windows=2,
             hvp_columns="auto", val_closure=v),
@@ -202,6 +206,9 @@ def test_ranks_follow_the_single_process_run(world, single_process):
     for case in CASES:
         if case[0] in ("ift_runaway", "marthe_runaway"):  # the watch did act (two divisions)
             assert min(single_process[case]["history"][0]["lr"]) < 0.01, case
+        if case[0] == "fds_runaway":  # the first episode was lost
+            hist = single_process[case]["history"][0]
+            assert hist["lost"][0] == 1.0 and hist["lr"][0] == [0.01, 0.01], case
         lrs = single_process[case]["history"][0].get("lr", [])
         assert any(lr != lrs[0] for lr in lrs) or case[0] == "fds", case
 
