@@ -116,10 +116,10 @@ class FDSSGD(RuleFDS):
     more sensitive to the learning rates than the episode's gain), the signs are chaos: every
     learning-rate window steps down by its step and the other values hold. The momentum keeps
     the additive step, up at most halfway to 1 (0.9 + 0.15 would be 1.05, where heavy ball
-    diverges; its range [0, 1) has no
-    decade to be wrong by; stepping :math:`\log(1 - \mu)` instead lost 3 points on the digits
-    MLP and 28% MSE on diabetes from the poor start in ``benchmarks/fds_outer_step.py``), and so
-    does a value at or below 0 (how the default start at 0 leaves it). ``history`` adds
+    diverges; its range [0, 1) has no decade to be wrong by; stepping :math:`\log(1 - \mu)`
+    instead lost 3 points on the digits MLP and 28% MSE on diabetes from the poor start in
+    ``benchmarks/fds_outer_step.py``), and so does a value at or below 0 (how the default start
+    at 0 leaves it). ``history`` adds
     ``"log_step/<name>"`` (the :math:`s_j` after the step), ``"backtracked"`` and ``"lost"``;
     the state is in ``hyper_state["outer"]`` and ``hyper_state["val_loss_ref"]``. From the
     versus starts (lr 1e-3, 0.1, 1.0) on the digits MLP and diabetes, 4 episodes, the log step
