@@ -101,6 +101,10 @@ class IFTAdam(RuleIFT):
             ``"taken"``, ``"warmup"``, True, 1.5, None, ``"auto"``). Adam's warm-up takes a
             hyper-update every step (its step moves each weight by about the learning rate,
             whatever the gradient's scale) until the learning rate's hypergradient changes sign.
+        stability_guard (bool or None, optional): :class:`~hyperoptim.IFTOptimizer`'s guard
+            needs the rule's edge of stability, and the Adam rule has none in this package (its
+            preconditioner moves the edge with the second moments): None leaves it off, True is
+            refused (default: None).
         decoupled_weight_decay (bool, optional): AdamW's decay (default: False; see
             :class:`IFTAdamW`).
 

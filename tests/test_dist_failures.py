@@ -272,8 +272,10 @@ def test_a_rank_that_never_arrives_times_out_the_agreement(ranks):
     assert "did not reach this step's collective within 1 s" in message, message
 
 
-# test_distributed's ift_runaway case runs away on purpose: its warning is expected here.
+# test_distributed's ift_runaway case runs away on purpose, and its ift_edge case starts past the
+# edge of stability: their warnings are expected here.
 @pytest.mark.filterwarnings("ignore:.*the training loss ran away:hyperoptim.HyperoptimWarning")
+@pytest.mark.filterwarnings("ignore:.*past the edge of stability:hyperoptim.HyperoptimWarning")
 def test_one_process_pays_nothing_for_the_agreement(monkeypatch):
     def never(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the agreement ran in one process")

@@ -68,10 +68,17 @@ def _builders() -> dict[str, Callable[..., Any]]:
         "ift": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.05, momentum=0.5, weight_decay=1e-3,
                                                     update_interval=3, lookback=3, val_closure=v),
         # IFT's reactive decrease from lr 0.9 (it acts twice within STEPS): every rank reads
-        # the loss's mean over the ranks, so every rank divides at the same step.
+        # the loss's mean over the ranks, so every rank divides at the same step. The stability
+        # guard, which would act first, is off here (ift_edge has it).
         "ift_runaway": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.9, momentum=0.9,
                                                             update_interval=3, lookback=3,
+                                                            stability_guard=False,
                                                             val_closure=v),
+        # IFT's stability guard from lr 0.9 at its defaults: H g averaged over the ranks, its
+        # Rayleigh quotient read in the step's one sync, the same cut at the same step everywhere.
+        "ift_edge": lambda p, v: hyperoptim.IFTOptimizer(p, lr=0.9, momentum=0.9,
+                                                         update_interval=3, lookback=3,
+                                                         val_closure=v),
         # MARTHE's ScaleFree reads the loss of the step it sets, its mean over the ranks: from
         # lr 0.9 it divides twice within STEPS, at the same step on every rank.
         "marthe_runaway": lambda p, v: hyperoptim.MartheSGD(p, lr=0.9, momentum=0.9,
@@ -182,8 +189,10 @@ def single_process() -> dict[tuple[str, str, bool], dict[str, Any]]:
     return {case: run_case(case[0], "plain", case[2], rank=0, world=1) for case in CASES}
 
 
-# ift_runaway's loss runs away on purpose: its warning (the fixture's, in this process) is expected.
+# ift_runaway's loss runs away on purpose, and ift_edge's learning rate starts past the edge of
+# stability: their warnings (the fixture's, in this process) are expected.
 @pytest.mark.filterwarnings("ignore:.*the training loss ran away:hyperoptim.HyperoptimWarning")
+@pytest.mark.filterwarnings("ignore:.*past the edge of stability:hyperoptim.HyperoptimWarning")
 @pytest.mark.parametrize("world", WORLDS)
 def test_ranks_follow_the_single_process_run(world, single_process):
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,6 +215,9 @@ def test_ranks_follow_the_single_process_run(world, single_process):
     for case in CASES:
         if case[0] in ("ift_runaway", "marthe_runaway"):  # the watch did act (two divisions)
             assert min(single_process[case]["history"][0]["lr"]) < 0.01, case
+        if case[0] == "ift_edge":  # the guard did act: Adam's first hyper-step (0.05 in log10)
+            # alone leaves 0.80 from 0.9, and a runaway's division would leave below 0.09
+            assert 0.1 < single_process[case]["history"][0]["lr"][0] < 0.6, case
         if case[0] == "fds_runaway":  # the first episode was lost
             hist = single_process[case]["history"][0]
             assert hist["lost"][0] == 1.0 and hist["lr"][0] == [0.01, 0.01], case

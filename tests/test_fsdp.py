@@ -323,14 +323,17 @@ def test_fsdp2_ift_communicates_scalars_only(ranks):
     # all-reduce for every hypergradient's partial sums and the validation loss, per step one
     # for the guard's norms, per Hessian product one for the finite-difference step size and one
     # for the kink check; once, the validation gradient's nonzero check and the replica check's
-    # two. The Neumann series' vectors never leave the rank.
+    # two. The Neumann series' vectors never leave the rank. IFTOptimizer's stability guard
+    # (SGD's edge; the Adam rule has none) takes one more Hessian product at every hyper-update
+    # (every step here), and one all-reduce of its per-group sums.
     for name in IFT_BUILDERS:
         comm = ranks[0][name]["comm"]
         hypers = len(ranks[0][name]["history"][0]["lr"])
-        hvps = 2 * hypers  # lookback=3
+        guarded = hypers if name.startswith("ift_sgd") else 0
+        hvps = 2 * hypers + guarded  # lookback=3
         forwards = STEPS + hypers + 2 * hvps
         assert comm["gloo:all_gather"] == forwards, (name, comm)
-        own = forwards + hypers + STEPS + 2 * hvps + 3
+        own = forwards + hypers + STEPS + 2 * hvps + 3 + guarded
         assert comm["gloo:reduce_scatter"] + comm["gloo:all_reduce"] - own == forwards, (name, comm)
 
 

@@ -49,11 +49,12 @@ LARGE = dict(lr=5.0, momentum=0.9, weight_decay=0.0)
 
 
 def _ift(prob: Ridge, **kwargs) -> IFTOptimizer:
-    # hyper_lr=0 and no hyper-update in the run: the reactive decrease is the only thing that
-    # moves the learning rate.
+    # hyper_lr=0, no hyper-update in the run and no stability guard (its own tests are in
+    # test_ift_stability.py): the reactive decrease is the only thing that moves the learning
+    # rate.
     options = dict(LARGE, tune=("lr",), lr_bounds=(1e-10, 10.0), hyper_lr=0.0,
                    update_interval=100, update_schedule="fixed", lookback=1,
-                   val_closure=prob.val) | kwargs
+                   stability_guard=False, val_closure=prob.val) | kwargs
     return IFTOptimizer([prob.w], **options)
 
 

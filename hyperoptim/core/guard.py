@@ -238,16 +238,22 @@ class _Guard:
 
     def _guard_read(self, loss: Tensor | None, plans: Sequence[tuple[dict[str, Any], list[Tensor]]],
                     hypers: Sequence[dict[str, float]] | None = None, *,
-                    worst_case: bool = False) -> tuple[str | None, list[float]]:
+                    worst_case: bool = False, extra: Tensor | None = None
+                    ) -> tuple[str | None, list[float]]:
         """:meth:`_guard_step`, also returning the values it read on the host (the training loss
-        first, 0 without one), for a caller that reads the loss without a sync of its own."""
+        first, 0 without one), for a caller that reads the loss without a sync of its own.
+        ``extra`` (a 1-d float64 tensor) rides in the same sync; its values end the list."""
         if worst_case:
             top = {"momentum": 1.0, "weight_decay": LEARNED_LIMIT}
             hypers = [{name: max(group[name], group["lr_bounds"][1] if name == "lr" and
                                  "lr_bounds" in group else top.get(name, LEARNED_LIMIT))
                        for name in self._learned_names(group)} for group, _ in plans]
-        values = self._guard_scalars(loss, plans).tolist()
-        reason = self._guard_verdict(values, plans, hypers, bounds_only=worst_case)
+        scalars = self._guard_scalars(loss, plans)
+        if extra is not None:
+            scalars = torch.cat([scalars, extra.to(scalars.device)])
+        values = scalars.tolist()
+        head = values[:len(values) - (0 if extra is None else extra.numel())]
+        reason = self._guard_verdict(head, plans, hypers, bounds_only=worst_case)
         if reason is not None:
             self._warn_nonfinite(reason)
         return reason, values

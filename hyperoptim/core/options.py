@@ -244,6 +244,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("update_schedule", "warmup", lambda v: v in ("warmup", "fixed"), "'warmup' or 'fixed'",
            ("ift",), in_group=False),
     Option("reactive_decrease", True, _flag, "True or False", ("ift",), in_group=False),
+    Option("stability_guard", None, lambda v: v is None or _flag(v), "None, True or False",
+           ("ift",), in_group=False),
     Option("warmup_accel", 1.5, lambda v: is_real(v) and 1.0 <= v <= _LIMIT,
            f"a number in [1, {_LIMIT:g}]", ("ift",), in_group=False),
     Option("hyper_optimizer", None, lambda v: v is None or callable(v),

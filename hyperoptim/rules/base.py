@@ -104,6 +104,13 @@ class UpdateRule:
             hyperparameter may be a list of per-parameter tensors). It must equal the generic
             path to rounding (``tests/test_rule_closed_forms.py`` checks every registered one);
             ``None`` means autograd only (default: None).
+        edge (callable, optional): ``edge(hypers, options) -> float``, the rule's edge of
+            stability: on a quadratic whose Hessian has eigenvalue :math:`\lambda` along
+            :math:`q`, the rule's iteration is stable exactly while the Rayleigh quotient of the
+            update's weight Jacobian, :math:`\rho = q^\top (\partial u / \partial w)\, q /
+            q^\top q` (:math:`u = w - w'`, the rule's state held constant, as IFT's update
+            function is), stays below it. The IFT classes' ``stability_guard`` reads it; ``None``
+            means the rule has none (default: None).
     """
 
     name: str
@@ -117,6 +124,7 @@ class UpdateRule:
     init_state: Callable[[Tensor], dict[str, Tensor]] = lambda p: {}
     elementwise: bool = False
     tangents: Callable[..., tuple[list[Tensor], Buffers]] | None = None
+    edge: Callable[[dict[str, Any], dict[str, Any]], float] | None = None
 
     def read_state(self, states: Sequence[dict[str, Any]], params: Sequence[Tensor]
                    ) -> tuple[Buffers, list[float] | None]:

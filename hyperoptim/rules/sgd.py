@@ -40,7 +40,7 @@ from ..core.types import Hyper
 from .algebra import _active, _axpy, _ith, _lr_list, _n_cols, _seed_columns, _tangent_out, _terms, _times
 from .base import Buffers, UpdateRule, apply_update_, register_rule
 
-__all__ = ["SGD", "sgd_closed_tangents", "sgd_direction", "sgd_momentum_tangents", "sgd_step",
+__all__ = ["SGD", "sgd_closed_tangents", "sgd_direction", "sgd_edge", "sgd_momentum_tangents", "sgd_step",
            "sgd_tangents"]
 
 
@@ -302,6 +302,41 @@ def sgd_momentum_tangents(
     return out
 
 
+def sgd_edge(hypers: dict[str, float], options: dict[str, float]) -> float:
+    r"""The edge of stability of PyTorch's SGD in terms of its update's weight Jacobian.
+
+    On a quadratic with curvature :math:`\lambda` (weight decay included) along an eigenvector,
+    heavy-ball momentum :math:`m` with dampening :math:`\tau`, :math:`v \leftarrow m v + (1 -
+    \tau) g,\ w \leftarrow w - a v`, moves :math:`(w, v)` by a matrix with trace
+    :math:`1 + m - a (1 - \tau) \lambda` and determinant :math:`m`; by Jury's criterion it is
+    stable exactly while :math:`a (1 - \tau) \lambda < 2 (1 + m)`. With the buffer held
+    constant the update :math:`u = a (m v + (1 - \tau) g)` has :math:`\partial u / \partial w
+    = a (1 - \tau) H`, whose Rayleigh quotient along the eigenvector is that product: the edge
+    is :math:`2 (1 + m)`, plain SGD's :math:`a \lambda < 2` at :math:`m = 0`. Nesterov's
+    :math:`d = g + m (m v + g)` gives trace :math:`(1 + m)(1 - a \lambda) + m` and determinant
+    :math:`m (1 - a \lambda) + a m^2 \lambda`, stable while :math:`a \lambda (1 + 2m) < 2 (1 +
+    m)`; there :math:`\partial u / \partial w = a (1 + m) H`, so the edge is
+    :math:`2 (1 + m)^2 / (1 + 2 m)`.
+
+    Args:
+        hypers (dict): the rule's hyperparameters (``"momentum"`` is read).
+        options (dict): ``"nesterov"`` (``"dampening"`` is inside the Jacobian already).
+
+    Returns:
+        float: the largest stable Rayleigh quotient of :math:`\partial u / \partial w`.
+
+    Example:
+        >>> sgd_edge({"momentum": 0.9}, {"nesterov": False})
+        3.8
+        >>> round(sgd_edge({"momentum": 0.0}, {"nesterov": True}), 6)
+        2.0
+    """
+    m = float(hypers["momentum"])
+    if options.get("nesterov", False):
+        return 2.0 * (1.0 + m) ** 2 / (1.0 + 2.0 * m)
+    return 2.0 * (1.0 + m)
+
+
 # ------------------------------------------------------------------ the SGD rule as a value
 def _sgd_rule_step(params, grads, buffers, hypers, counts, *, dampening=0.0, nesterov=False):
     new_p, new_b, _ = sgd_step(params, grads, buffers["momentum_buffer"], hypers["lr"],
@@ -330,5 +365,6 @@ SGD = register_rule(UpdateRule(
     step_=_sgd_rule_step_,
     elementwise=True,
     tangents=sgd_closed_tangents,
+    edge=sgd_edge,
 ))
 """``torch.optim.SGD``'s rule (:func:`sgd_step`)."""
