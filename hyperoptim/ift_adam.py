@@ -105,6 +105,11 @@ class IFTAdam(RuleIFT):
             needs the rule's edge of stability, and the Adam rule has none in this package (its
             preconditioner moves the edge with the second moments): None leaves it off, True is
             refused (default: None).
+        decay_accel (float or None, optional): :class:`~hyperoptim.IFTOptimizer`'s accelerated
+            weight decay; None is off here (measured on ``benchmarks/versus.py``: it took
+            ``IFTAdam``'s diabetes test MSE from 1.0-1.1 to 0.47, but cost the digits CNN 1.3
+            points, and ``IFTAdamW``'s decoupled decay overshot to 3-5 and left 2 of 5 diabetes
+            seeds from the poor start at 0.59-0.72) (default: None).
         decoupled_weight_decay (bool, optional): AdamW's decay (default: False; see
             :class:`IFTAdamW`).
 

@@ -64,7 +64,7 @@ def _ift_keywords(*, update_interval: int = 10, lookback: int = 5, hyper_lr: flo
                   hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None = None,
                   lr_bounds: tuple[float, float] = (1e-10, 1.0), update_timing: str = "taken",
                   update_schedule: str = "warmup", reactive_decrease: bool = True,
-                  stability_guard: bool | None = None,
+                  stability_guard: bool | None = None, decay_accel: float | None = None,
                   warmup_accel: float = 1.5, val_closure: Closure | None = None,
                   hvp: str = "auto", maximize: bool = False, foreach: bool | None = None,
                   fused: bool | None = None, differentiable: bool = False) -> None:
@@ -216,28 +216,35 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
     """The hyperparameters ``tune`` may name, in their canonical order (also recorded in
     ``history``)."""
 
+    decay_accel_default: ClassVar[float] = 1.0
+    """``decay_accel`` where the constructor gets None: off (the paper's) unless a class measured
+    that it pays (:class:`~hyperoptim.IFTOptimizer`: 1.5)."""
+
     def _setup(self, params: ParamsT, defaults: dict[str, Any], *, update_interval: int,
                lookback: int, hyper_lr: float,
                hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None,
                update_timing: str, val_closure: Closure | None, hvp: str,
                update_schedule: str = "fixed", reactive_decrease: bool = False,
                warmup_accel: float = 1.0, stability_guard: bool | None = False,
-               **flags: Any) -> None:
+               decay_accel: float | None = 1.0, **flags: Any) -> None:
         """The rule-independent part of the constructor: IFT's own arguments, then the groups.
-        ``update_schedule``, ``reactive_decrease``, ``warmup_accel`` and ``stability_guard``
-        default to the paper's behaviour here so that a rule written before those options (whose
-        constructor does not pass them) keeps it; the public classes pass theirs."""
+        ``update_schedule``, ``reactive_decrease``, ``warmup_accel``, ``stability_guard`` and
+        ``decay_accel`` default to the paper's behaviour here so that a rule written before those
+        options (whose constructor does not pass them) keeps it; the public classes pass theirs
+        (``decay_accel=None``: the class's :attr:`decay_accel_default`)."""
         check_rule_arguments("ift", update_interval=update_interval, lookback=lookback,
                              hyper_lr=hyper_lr, hyper_optimizer=hyper_optimizer,
                              update_timing=update_timing, update_schedule=update_schedule,
                              reactive_decrease=reactive_decrease, warmup_accel=warmup_accel,
-                             stability_guard=stability_guard)
+                             stability_guard=stability_guard, decay_accel=decay_accel)
         if stability_guard and self.rule.edge is None:
             raise ValueError(f"Invalid stability_guard value: True ({type(self).__name__}'s "
                              f"{self.rule.name!r} rule has no edge of stability to guard; pass "
                              "None or False)")
         self.stability_guard = self.rule.edge is not None if stability_guard is None \
             else stability_guard
+        self.decay_accel = float(self.decay_accel_default if decay_accel is None
+                                 else decay_accel)
         self._check_group(defaults)
         self.update_interval = update_interval
         self.lookback = lookback
@@ -258,6 +265,8 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             self.hyper_state["runaway"] = dict(RUNAWAY_STATE)
         if self._accelerates():
             self.hyper_state["stall"] = ift_schedule.new_stall()
+        if self.decay_accel != 1.0:
+            self.hyper_state["decay"] = [0] * len(self.param_groups)
         self._hyper_opt = self._build_hyper_optimizer()
 
     # ------------------------------------------------------------------ groups
@@ -305,6 +314,8 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         index = len(self.param_groups) - 1
         self._init_group(index, self.param_groups[index])
         ift_schedule.add_group(self.hyper_state.get("warmup"), self.param_groups[index]["tune"])
+        if "decay" in self.hyper_state:
+            self.hyper_state["decay"].append(0)
         if self._hyper_opt is not None:
             for group in self._hyper_groups(index):
                 self._hyper_opt.add_param_group(group)
@@ -407,7 +418,13 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
     def _advance_schedule(self, spans: Sequence[tuple[int, str, int, int]],
                           hypergrads: Sequence[float]) -> None:
         """After an applied hyper-update: the warm-up reads each group's learning-rate
-        hypergradient (the summed one ``history`` records) and ends once each has changed sign."""
+        hypergradient (the summed one ``history`` records) and ends once each has changed sign;
+        ``decay_accel``'s runs read the weight decays' (:func:`~hyperoptim.methods.ift_schedule.
+        advance_decay`)."""
+        runs = self.hyper_state.get("decay")
+        if runs is not None:
+            ift_schedule.advance_decay(runs, {index: h for (index, name, _, _), h
+                                              in zip(spans, hypergrads) if name == "weight_decay"})
         if not self._warming_up():
             return
         lrs = {index: h for (index, name, _, _), h in zip(spans, hypergrads) if name == "lr"}
@@ -938,6 +955,11 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 warmup, len(state_dict.get("param_groups", ()))):
             raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state['warmup'] is "
                              f"malformed: {warmup!r}")
+        decay = saved.get("decay") if isinstance(saved, dict) else None
+        if decay is not None and not ift_schedule.check_decay(
+                decay, len(state_dict.get("param_groups", ()))):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state['decay'] is "
+                             f"malformed: {decay!r}")
         stall = saved.get("stall") if isinstance(saved, dict) else None
         if stall is not None and not ift_schedule.check_stall(stall):
             raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state['stall'] is "
@@ -962,6 +984,11 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 self.hyper_state.setdefault("stall", {**ift_schedule.new_stall(), "stalled": False})
             else:
                 self.hyper_state.pop("stall", None)
+            # And decay_accel's runs: a state dict saved without them starts them at 0.
+            if self.decay_accel != 1.0:
+                self.hyper_state.setdefault("decay", [0] * len(self.param_groups))
+            else:
+                self.hyper_state.pop("decay", None)
             self._hyper_opt = self._build_hyper_optimizer()
             if hyper_opt_state is not None:
                 try:

@@ -31,6 +31,7 @@ from ..core.base import LEARNED_LIMIT
 from ..core.shard import complete_sums, is_sharded, local
 from ..core.warn import warn
 from ..hvp import SecondOrder
+from . import ift_schedule
 
 _PINNED_UPDATES = 5
 """Consecutive hyper-updates with a learned learning rate at an end of ``lr_bounds`` before the
@@ -249,17 +250,29 @@ class _HyperUpdate:
                           for k, entry in self._hyper_opt.state.items()}
         for x, g in zip(tuned.targets, tuned.hypergrads):
             x.grad = g
-        # The accelerated warm-up scales the learning rates' step size for this step alone.
+        # The accelerated warm-up scales the learning rates' step size for this step alone, and
+        # decay_accel the weight decays' (the hyper optimizer's groups follow the param groups,
+        # one per tuned name: _build_hyper_optimizer).
         scale = self.__dict__.get("_accel_scale", 1.0)
-        scaled = [g for g in self._hyper_opt.param_groups
-                  if g.get("name") == "lr" and "lr" in g] if scale != 1.0 else []
-        sizes = [g["lr"] for g in scaled]
+        runs = self.hyper_state.get("decay")
+        owners = [(index, name) for index, group in enumerate(self.param_groups)
+                  for name in group["tune"]]
+        scaled = []
+        for position, g in enumerate(self._hyper_opt.param_groups):
+            name = g.get("name")
+            factor = scale if name == "lr" else 1.0
+            # A factory that reorders its groups loses decay_accel, never scales the wrong one.
+            if name == "weight_decay" and position < len(owners) and owners[position][1] == name:
+                factor = ift_schedule.decay_scale(runs, owners[position][0], self.decay_accel)
+            if factor != 1.0 and "lr" in g:
+                scaled.append((g, factor))
+        sizes = [g["lr"] for g, _ in scaled]
         try:
-            for g in scaled:
-                g["lr"] = g["lr"] * scale
+            for g, f in scaled:
+                g["lr"] = g["lr"] * f
             internal_step(self._hyper_opt)
         finally:
-            for g, size in zip(scaled, sizes):
+            for (g, _), size in zip(scaled, sizes):
                 g["lr"] = size
             for x in tuned.targets:
                 x.grad = None
