@@ -172,30 +172,32 @@ class IFTOptimizer(RuleIFT):
     along a direction of curvature :math:`\lambda` exactly when :math:`a \lambda > 2 (1 + b)`.
     It costs one Hessian-vector product (by the step's HVP route, averaged across ranks) and no
     host synchronisation of its own (its two numbers per group ride in the step's one), and it
-    runs at every step of the warm-up, where the learning rate is being found, and at every
-    hyper-update after it, the only steps that raise it then. On the digits CNN of
-    ``benchmarks/versus.py`` from lr 1.0 with momentum 0.9, :math:`\rho / E` rose from 0.3 to 2.1
-    between steps 4 and 7 and the run died at steps 11-16 without the guard (41% over 5 seeds);
-    with it the run ends at 98.1%, and from the good start (lr 0.1, :math:`\rho / E \le 0.5`)
+    runs in the warm-up, where the learning rate is being found (at every step while
+    :math:`\rho / E` is above 1/4, further apart below: :func:`~hyperoptim.methods.ift.edge_skip`),
+    and at every hyper-update after it, the only steps that raise it then. On the digits CNN of
+    ``benchmarks/versus.py`` from lr 1.0 with momentum 0.9 (seed 0), :math:`\rho / E` went 0.12,
+    0.51 and 1.30 at steps 5, 7 and 8 while the loss still sat near 2.2, and without the guard
+    the runs died at steps 11-16 (41% over 5 seeds); with it they end at 97%, and from the good
+    start (lr 0.1, :math:`\rho / E \le 0.4`)
     it never acts and the trajectory is bit-identical. Groups that do not learn their learning
     rate are left alone; a step without a closure (``lookback=1``) is not checked. A
     ``HyperoptimWarning`` says once that it acted.
 
     **Accelerated decay** (``decay_accel``, 1.5 by default here). A weight decay learns at the
     hyper optimizer's pace, about 0.05 in :math:`\log_{10}` per hyper-update, and the need for
-    more shows late, when the validation loss turns up: at the paper's interval a decade takes
-    200 steps. So while a group's weight-decay hypergradient keeps asking for more, the
-    :math:`k`-th hyper-update in a row moves it with :math:`\min(1.5^{\max(k - 3, 0)}, 8)` times
-    the hyper optimizer's step size (up to 0.4 in :math:`\log_{10}`); the first one that asks
-    for less (or nothing) ends the run. Only upwards: early, while a run underfits, the
-    hypergradient asks for less, and accelerated that way too it took the decay to 4e-9, too
-    small to climb back from (:func:`~hyperoptim.methods.ift_schedule.decay_scale` has the
-    numbers). On ``benchmarks/versus.py``'s diabetes task (265 rows, 600 full-batch steps) it
-    took the test MSE over 10 seeds from 0.496 to 0.459 from the poor start, 0.552 to 0.464
-    from the large start and 0.471 to 0.462 from the good one; on the other three tasks every
-    start stayed within seed noise. ``hyper_state["decay"]`` holds each group's run (saved and
-    resumed exactly). :class:`~hyperoptim.IFTAdam` leaves it off by default: there it cost the
-    digits CNN 1.3 points, and AdamW's decoupled decay overshot to 3-5.
+    more shows late, when the validation loss turns up: at the paper's interval a decade takes 200
+    steps. So while a group's weight-decay hypergradient keeps asking for more, the :math:`k`-th
+    hyper-update in a row moves it with :math:`\min(1.5^{\max(k - 3, 0)}, 8)` times the hyper
+    optimizer's step size (up to 0.4 in :math:`\log_{10}`); the first one that asks for less (or
+    nothing) ends the run. Only upwards: early, while a run underfits, the hypergradient asks for
+    less, and accelerated that way too it took the decay to 4e-9, too small to climb back from
+    (:func:`~hyperoptim.methods.ift_schedule.decay_scale` has the numbers). On
+    ``benchmarks/versus.py``'s diabetes task (265 rows, 600 full-batch steps) it took the test MSE
+    over 10 seeds from 0.496 to 0.459 from the poor start, 0.552 to 0.464 from the large start and
+    0.471 to 0.462 from the good one; on the other three tasks no start moved by more than 0.9
+    points (the CNN's large start, 98.2 to 97.3%). ``hyper_state["decay"]`` holds each group's run
+    (saved and resumed exactly). :class:`~hyperoptim.IFTAdam` leaves it off by default: there it
+    cost the digits CNN 1.3 points, and AdamW's decoupled decay overshot to 3-5.
 
     **Transforms** (Table 5). The hyper optimizer works on :math:`\log_{10}` of the learning rate
     and the weight decay and on :math:`\operatorname{logit}` of the momentum, and the hypergradient

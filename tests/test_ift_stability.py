@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hyperoptim import IFTAdam, IFTAdamW, IFTOptimizer
-from hyperoptim.methods.ift import EDGE_MAX_CUT, EDGE_TARGET
+from hyperoptim.methods.ift import EDGE_GROWTH, EDGE_MAX_CUT, EDGE_MAX_SKIP, EDGE_TARGET, edge_skip
 from hyperoptim.rules.sgd import sgd_edge
 
 EDGE = "ignore:.*past the edge of stability:hyperoptim.HyperoptimWarning"
@@ -177,6 +177,47 @@ def test_after_the_warmup_only_hyper_updates_are_checked():
     opt = _ift(prob, 0.5, update_interval=4)
     opt.step(_closure(prob, opt, False))
     assert opt.param_groups[0]["lr"] < 0.5
+
+
+@settings(max_examples=200, deadline=None)
+@given(ratio=st.floats(-10.0, 10.0))
+def test_the_checks_skipped_stay_below_the_edge_at_the_growth_allowed(ratio):
+    n = edge_skip(ratio)
+    assert 0 <= n <= EDGE_MAX_SKIP
+    if ratio > 0:
+        # every skipped step stays below the edge, and one more would not (unless capped)
+        assert ratio * EDGE_GROWTH ** n < 1.0 or n == 0
+        assert n == EDGE_MAX_SKIP or ratio * EDGE_GROWTH ** (n + 1) >= 1.0
+    else:
+        assert n == EDGE_MAX_SKIP
+
+
+def test_far_below_the_edge_the_warmup_checks_are_spaced():
+    # lr 0.01: rho / edge <= 0.01 * 10.001 / 3.8 = 0.026, so a check lets 2 steps pass (0.026 * 16
+    # < 1 <= 0.026 * 64). The finite-difference route shows it: a checked step calls the closure
+    # three times (the step, and one Hessian product's two), an unchecked one once.
+    prob = Quadratic()
+    opt = _ift(prob, 0.01, update_interval=100)
+    calls = []
+    for _ in range(7):
+        count = [0]
+        inner = _closure(prob, opt, True)
+
+        def closure(inner=inner, count=count):
+            count[0] += 1
+            return inner()
+
+        opt.step(closure)
+        calls.append(count[0])
+        assert opt._warming_up()
+    assert calls == [3, 1, 1, 3, 1, 1, 3]
+    assert opt.hyper_state["edge"] == {"skip": 2}
+    # A malformed spacing is refused on load, by name.
+    state = opt.state_dict()
+    for bad in ({"skip": -1}, {"skip": EDGE_MAX_SKIP + 1}, {"skip": 1.0}, {"wait": 0}):
+        broken = {**state, "hyper_state": {**state["hyper_state"], "edge": bad}}
+        with pytest.raises(ValueError, match=r"hyper_state\['edge'\] is malformed"):
+            _ift(Quadratic(), 0.01).load_state_dict(broken)
 
 
 def test_a_warning_says_so_once():

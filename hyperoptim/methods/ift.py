@@ -106,6 +106,40 @@ at most 10x per step, it ended at 9.67, and a genuine runaway trips the guard ag
 step."""
 
 
+EDGE_GROWTH = 4.0
+r"""The fastest growth per step of :math:`\rho / E` that ``stability_guard``'s spacing of its
+warm-up checks allows for (:func:`edge_skip`): on the digits CNN from lr 1.0 with momentum 0.9 it
+went 0.12, 0.51, 1.30 at steps 5, 7 and 8 (2.5x in the last step), and later in the same run
+0.18 to 2.7 in two steps (3.9x a step). At 3 another seed's check came a step late and its run
+ended 5 points lower (92.8%); at 4 the versus benchmark's runs ended within seed noise of those
+checked at every step of the warm-up."""
+
+EDGE_MAX_SKIP = 7
+"""The most warm-up steps ``stability_guard`` lets pass between two checks."""
+
+
+def edge_skip(ratio: float) -> int:
+    r"""The warm-up steps the stability guard may leave unchecked after a check whose largest
+    :math:`\rho / E` (after any cut) is ``ratio``: the most :math:`n` with
+    :math:`\text{ratio} \cdot G^{n} < 1` for every skipped step, :math:`G` =
+    :data:`EDGE_GROWTH`, at most :data:`EDGE_MAX_SKIP`; 0 (check the next step) from 1/4 up, the
+    most for a direction of zero or negative curvature. Why: a check costs a Hessian-vector
+    product, and the character LSTM of ``benchmarks/versus.py`` spends its whole 100-step run in
+    the warm-up at :math:`\rho / E` of 0.001-0.05: checked at every step, ``IFTOptimizer``'s run
+    took 2.5x as long; spaced, it checks 31 of the 100 steps.
+
+    Example:
+        >>> edge_skip(0.8), edge_skip(0.2), edge_skip(0.02), edge_skip(-0.1)
+        (0, 1, 2, 7)
+    """
+    if not ratio > 0.0:
+        return EDGE_MAX_SKIP
+    n = 0
+    while n < EDGE_MAX_SKIP and ratio * EDGE_GROWTH ** (n + 1) < 1.0:
+        n += 1
+    return n
+
+
 def _into_domain(name: str, value: float, lr_bounds: tuple[float, float]) -> float:
     """``value`` moved into the domain where its transform is finite (a no-op inside it)."""
     value = float(value)
@@ -267,6 +301,8 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             self.hyper_state["stall"] = ift_schedule.new_stall()
         if self.decay_accel != 1.0:
             self.hyper_state["decay"] = [0] * len(self.param_groups)
+        if self.stability_guard:
+            self.hyper_state["edge"] = {"skip": 0}
         self._hyper_opt = self._build_hyper_optimizer()
 
     # ------------------------------------------------------------------ groups
@@ -520,8 +556,9 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             return False
         value = self._step_loss(loss, values[0])
         undo, watched = self._runaway(value)
+        skip = None
         if sums is not None:
-            undo = self._guard_stability(groups, values[len(values) - sums.numel():], undo)
+            undo, skip = self._guard_stability(groups, values[len(values) - sums.numel():], undo)
         stall = self._stall(value)
         # The accelerated warm-up's factor for this step's hyper-update (read by
         # _hyper_optimizer_step and _schedule_record; gone after the step).
@@ -547,6 +584,9 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 self._warn_runaway(values[0])
         if stepped and stall is not None:
             self.hyper_state["stall"] = stall
+        if stepped and "edge" in self.hyper_state:
+            left = self.hyper_state["edge"]["skip"]
+            self.hyper_state["edge"] = {"skip": skip if skip is not None else max(left - 1, 0)}
         return stepped
 
     def _step_loss(self, loss: Tensor | None, host_loss: float) -> float | None:
@@ -642,11 +682,14 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
 
     # ------------------------------------------------------------------ stability guard
     def _guarding(self, hyper: bool) -> bool:
-        """Whether ``stability_guard`` checks this step: at every step of the warm-up, where the
-        learning rate is still being found and moves fastest (and where a start 10x too large
-        dies), and at every hyper-update after it, the only steps that move it then (the reactive
-        decrease only lowers it); never for groups that do not learn their learning rate."""
-        return (self.stability_guard and (hyper or self._warming_up())
+        """Whether ``stability_guard`` checks this step: in the warm-up, where the learning rate
+        is still being found and moves fastest (and where a start 10x too large dies), as often
+        as the last check's margin requires (:func:`edge_skip`), and at every hyper-update, the
+        only steps that raise the learning rate after it (the reactive decrease only lowers it);
+        never for groups that do not learn their learning rate."""
+        edge = self.hyper_state.get("edge")
+        due = hyper or (self._warming_up() and edge is not None and edge["skip"] == 0)
+        return (self.stability_guard and due
                 and any("lr" in group["tune"] for group in self.param_groups))
 
     def _edge_sums(self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]],
@@ -713,7 +756,7 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
 
     def _guard_stability(self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]],
                          sums: Sequence[float], undo: Callable[[], None] | None
-                         ) -> Callable[[], None] | None:
+                         ) -> tuple[Callable[[], None] | None, int]:
         r"""``stability_guard``: each learned learning rate that puts this step's update past the
         rule's edge of stability is cut to :data:`EDGE_TARGET` of it, before the step uses it.
 
@@ -728,15 +771,17 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         the learning rate is divided by :math:`\min(\rho / (0.8 E), 10)` (:data:`EDGE_MAX_CUT`).
         Returns the undo of everything this step changed so far (``undo``, the reactive
         decrease's, composed with the guard's), for the caller to apply if the step is not
-        taken.
+        taken, and the warm-up steps the next check may skip (:func:`edge_skip` of the largest
+        :math:`\rho / E` left after the cut).
 
         Why: from a learning rate 10x too large the loss stays flat for a few steps while the
         sharpness along the gradient grows (progressive sharpening), then one step throws the
         network over the edge and kills its ReLUs, before a hyper-update (every 10 steps at
         momentum 0.9) or a loss watch sees anything: on the digits CNN of
-        ``benchmarks/versus.py`` from SGD's lr 1.0 with momentum 0.9, :math:`\rho / E` went 0.3,
-        0.3, 0.9, 2.1 at steps 4-7, and the runs that died did so at steps 11-16. From the good
-        start (lr 0.1) it stayed below 0.5 for the whole run, so the guard never acts there."""
+        ``benchmarks/versus.py`` from SGD's lr 1.0 with momentum 0.9 (seed 0), :math:`\rho / E`
+        went 0.12, 0.51 and 1.30 at steps 5, 7 and 8, and the runs that died did so at steps
+        11-16. From the good start (lr 0.1) it stayed below 0.4 for the whole run, so the guard
+        never acts there."""
         ratios = []
         for k, (group, ps) in enumerate(groups):
             num, den = sums[2 * k], sums[2 * k + 1]
@@ -747,19 +792,20 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             ratios.append(num / den / edge)
         divisors = [min(r / EDGE_TARGET, EDGE_MAX_CUT) if r > 1.0 and math.isfinite(r) else 1.0
                     for r in ratios]
+        skip = edge_skip(max(r / d for r, d in zip(ratios, divisors)))
         cut = self._shrink_lrs(divisors) if any(d != 1.0 for d in divisors) else None
         if cut is None:
-            return undo
+            return undo, skip
         self._warn_edge(max(r for r, d in zip(ratios, divisors) if d != 1.0))
         if undo is None:
-            return cut
+            return cut, skip
         first = undo
 
         def both() -> None:
             cut()
             first()
 
-        return both
+        return both, skip
 
     def _warn_edge(self, worst: float) -> None:
         """Say once that the stability guard cut a learning rate, and how to turn it off."""
@@ -955,6 +1001,13 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 warmup, len(state_dict.get("param_groups", ()))):
             raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state['warmup'] is "
                              f"malformed: {warmup!r}")
+        edge = saved.get("edge") if isinstance(saved, dict) else None
+        if edge is not None and not (isinstance(edge, dict) and set(edge) == {"skip"}
+                                     and isinstance(edge["skip"], int)
+                                     and not isinstance(edge["skip"], bool)
+                                     and 0 <= edge["skip"] <= EDGE_MAX_SKIP):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state['edge'] is "
+                             f"malformed: {edge!r}")
         decay = saved.get("decay") if isinstance(saved, dict) else None
         if decay is not None and not ift_schedule.check_decay(
                 decay, len(state_dict.get("param_groups", ()))):
@@ -984,6 +1037,11 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 self.hyper_state.setdefault("stall", {**ift_schedule.new_stall(), "stalled": False})
             else:
                 self.hyper_state.pop("stall", None)
+            # The stability guard's spacing: one saved without it checks the next step.
+            if self.stability_guard:
+                self.hyper_state.setdefault("edge", {"skip": 0})
+            else:
+                self.hyper_state.pop("edge", None)
             # And decay_accel's runs: a state dict saved without them starts them at 0.
             if self.decay_accel != 1.0:
                 self.hyper_state.setdefault("decay", [0] * len(self.param_groups))

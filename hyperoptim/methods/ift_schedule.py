@@ -206,9 +206,9 @@ def decay_scale(runs: Sequence[int] | None, index: int, accel: float) -> float:
     (overfitting), and from there the hyper optimizer's 0.05 in :math:`\log_{10}` per
     hyper-update climbs a decade in 20 of them, 200 steps at the paper's interval: on
     ``benchmarks/versus.py``'s diabetes task (265 rows, full batch) ``IFTOptimizer``'s weight
-    decay reached the 0.01-0.1 the task wants only in the last 100 of 600 steps, and 3 of 10
-    seeds from the large start (1 of 10 from the poor start) overfit first (test MSE 0.56-0.91
-    against 0.47). Early on, while the run still underfits, the hypergradient asks for *less*
+    decay reached the 0.01-0.1 the task wants only in the last 100 of 600 steps, and 2 of 10
+    seeds from the large start and 2 from the poor one overfit first (test MSE 0.56-0.91 against
+    0.47). Early on, while the run still underfits, the hypergradient asks for *less*
     decay, and accelerated that way too it took the decay to 4e-9 within 50 steps, where
     :math:`\partial L_V / \partial \log_{10} c` is too small for the climb back: every seed from
     the poor start ended at 0.57-0.64.
