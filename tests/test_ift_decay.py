@@ -131,16 +131,16 @@ def test_resume_is_exact_and_the_state_is_checked():
         prob = Overfit(sign=-1)
         opt = _ift(prob, hyper_optimizer=None, hyper_lr=0.05)
         for t in range(14):
-            if t == split:
-                buf = io.BytesIO()
-                torch.save({"opt": opt.state_dict(), "w": prob.w.detach().clone()}, buf)
-                buf.seek(0)
-                saved = torch.load(buf, weights_only=False)
+            if t == split:  # a checkpoint, loaded as torch.load's default does
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                buffer.seek(0)
+                weights = prob.w.detach().clone()
                 prob = Overfit(sign=-1)
                 with torch.no_grad():
-                    prob.w.copy_(saved["w"])
+                    prob.w.copy_(weights)
                 opt = _ift(prob, hyper_optimizer=None, hyper_lr=0.05)
-                opt.load_state_dict(saved["opt"])
+                opt.load_state_dict(torch.load(buffer, weights_only=True))
             opt.step(prob.train)
         return prob.w.detach().clone(), opt.param_groups[0]["weight_decay"], opt.hyper_state
 

@@ -287,16 +287,16 @@ def test_resume_is_exact_across_a_cut():
         prob = Quadratic()
         opt = _ift(prob, 0.5, hyper_lr=0.05, update_interval=3)
         for t in range(12):
-            if t == split:
-                buf = io.BytesIO()
-                torch.save({"opt": opt.state_dict(), "w": prob.w.detach().clone()}, buf)
-                buf.seek(0)
-                saved = torch.load(buf, weights_only=False)
+            if t == split:  # a checkpoint, loaded as torch.load's default does
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                buffer.seek(0)
+                weights = prob.w.detach().clone()
                 prob = Quadratic()
                 with torch.no_grad():
-                    prob.w.copy_(saved["w"])
+                    prob.w.copy_(weights)
                 opt = _ift(prob, 0.5, hyper_lr=0.05, update_interval=3)
-                opt.load_state_dict(saved["opt"])
+                opt.load_state_dict(torch.load(buffer, weights_only=True))
             opt.step(_closure(prob, opt, False))
         return prob.w.detach().clone(), opt.param_groups[0]["lr"], opt.history[0]
 

@@ -815,8 +815,8 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         warn(f"{type(self).__name__}: the learning rate put this step past the edge of stability "
              f"(the update's sharpness along the gradient was {worst:.3g}x the rule's edge): it "
              f"was cut to {EDGE_TARGET:g} of the edge for this step (stability_guard), and will "
-             "be at every step that crosses it. Pass stability_guard=False to turn the guard "
-             "off. This warning is shown once.")
+             "be at every checked step that crosses it. Pass stability_guard=False to turn the "
+             "guard off. This warning is shown once.")
 
     def _per_parameter_values(self, group: dict[str, Any], params: Sequence[Tensor], name: str
                               ) -> float | list[Tensor]:
