@@ -95,9 +95,12 @@ def test_matches_a_rederivation_of_the_authors_update(seed):
     want_w, want_lam = _authors_loop(w0, train, val, lam0, steps, interval, lookback, kappa)
 
     params = [nn.Parameter(w.clone()) for w in w0]
+    # The paper's algorithm: its schedule, no stability guard, no accelerated decay (neither
+    # acts in these 3 hyper-updates at this learning rate, but the comparison names them).
     opt = IFTOptimizer(params, lr=lr, momentum=momentum, weight_decay=wd,
                        update_interval=interval, lookback=lookback, hyper_lr=kappa,
-                       update_schedule="fixed", val_closure=lambda: val(params))
+                       update_schedule="fixed", stability_guard=False, decay_accel=1.0,
+                       val_closure=lambda: val(params))
     for _ in range(steps):
         opt.step(lambda: train(params))
     assert len(opt.history[0]["lr"]) == steps // interval == 3
