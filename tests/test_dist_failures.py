@@ -46,13 +46,17 @@ def _init(rank: int, store: str) -> None:
 
 
 def _run(name: str, where: str | None, backward: bool, rank: int, ddp: bool = False,
-         fsdp: bool = False, val_backward: bool = False) -> dict[str, Any]:
+         fsdp: bool = False, val_backward: bool = False,
+         columns: dict[str, bool] | None = None) -> dict[str, Any]:
     """STEPS steps on this rank's half of every batch. With ``where`` ("val" or "closure"),
     the FAILING_RANK's closure of that kind raises once (the validation closure at its 1st call,
     or its 3rd if it calls backward() (``val_backward``), the training closure at its 3rd, a
     finite-difference evaluation for a second-order class whose closure calls backward(); after
     backward() for a DDP or FSDP2 model, whose hooks run inside backward()), and every rank
-    retries the step that raised."""
+    retries the step that raised. ``columns``: the routes of ``hvp_columns="auto"`` as a run
+    measured them, loaded as a resumed run loads them (a twin takes the route of the run it
+    is compared with: the timings of two runs may pick differently, and the routes agree to
+    rounding, not bit for bit)."""
     x, y, xv, yv = _data()
     part = slice(rank * x.shape[1] // WORLD, (rank + 1) * x.shape[1] // WORLD)
     torch.manual_seed(0)
@@ -81,6 +85,10 @@ def _run(name: str, where: str | None, backward: bool, rank: int, ddp: bool = Fa
     opt = _builders()[name](list(model.parameters()), val_closure)
     if ddp:
         opt.declare_ddp(model)
+    if columns is not None:
+        state = opt.state_dict()
+        state["hyper_state"]["loop_columns"] = dict(columns)
+        opt.load_state_dict(state)
     errors: list[tuple[str, str, float]] = []
 
     def attempt(fn: Any) -> None:
@@ -109,7 +117,8 @@ def _run(name: str, where: str | None, backward: bool, rank: int, ddp: bool = Fa
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     full = [p.full_tensor() if fsdp else p for p in module.parameters()]
     return {"params": [p.detach().clone() for p in full], "groups": hyper,
-            "history": opt.history, "errors": errors}
+            "history": opt.history, "errors": errors,
+            "columns": dict(getattr(opt, "hyper_state", {}).get("loop_columns", {}))}
 
 
 NAMES = list(_builders())
@@ -124,6 +133,10 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         results[case] = _run(*case, rank=rank)
     for name, backward in dict.fromkeys((name, backward) for name, _, backward in CASES):
         results[(name, backward, "twin")] = _run(name, None, backward, rank=rank)
+    for case in CASES:  # hvp_columns="auto": a twin on the routes the failed run measured
+        if case[0] == "fds_auto_columns":
+            results[(case, "twin")] = _run(case[0], None, case[2], rank=rank,
+                                           columns=results[case]["columns"])
     # DDP: the closure raises after backward(), where DDP's own all-reduce already ran.
     results["ddp"] = _run("hd_train", "closure", True, rank=rank, ddp=True)
     results["ddp_twin"] = _run("hd_train", None, True, rank=rank, ddp=True)
@@ -181,7 +194,10 @@ def test_a_step_that_fails_on_one_rank_fails_on_all_and_its_retry_equals_a_clean
         assert where == "val" and name in ("hd_train", "hd_scale_free"), case
     else:
         _assert_failed_everywhere(ranks, case, where)
-    twin = ranks[0][(name, backward, "twin")]
+    twin = ranks[0].get((case, "twin"), ranks[0][(name, backward, "twin")])
+    if name == "fds_auto_columns":  # exact route: it measured, every rank took the same routes
+        assert bool(ranks[0][case]["columns"]) is not backward, case  # finite differences: none
+        assert all(results[case]["columns"] == twin["columns"] for results in ranks), case
     for results in ranks:  # every rank, bit for bit as the run that never failed
         for a, b in zip(twin["params"], results[case]["params"], strict=True):
             assert torch.equal(a, b), case
