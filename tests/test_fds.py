@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hyperoptim.fds as fds_module
+import hyperoptim.hvp as hvp_module
 from hyperoptim.core.schedule import window_of
 from hyperoptim.fds import FDSSGD, NAMES
 from hyperoptim.hvp import SecondOrder
@@ -613,6 +614,31 @@ def test_hvp_columns_auto_choice_resumes_from_a_checkpoint():
         o.hyperstep()
     assert opt2.hyper_state == opt.hyper_state
     assert all(torch.equal(ref.live[k], resumed.live[k]) for k in ref.live)
+
+
+@pytest.mark.parametrize("hvp_columns", ["loop", "auto"])
+def test_hvp_columns_survives_load_state_dict_and_the_loaded_route_is_taken(hvp_columns,
+                                                                            monkeypatch):
+    # torch's load_state_dict calls __setstate__ with state and param_groups only: the
+    # optimizer's hvp_columns stays, and a recorded loop is looped after the load.
+    prob = Problem()
+    opt = prob.optimizer(hvp_columns=hvp_columns, **_COLUMNS)
+    saved = opt.state_dict()
+    saved["hyper_state"]["loop_columns"] = {str(n): True for n in range(2, 8)}
+    opt.load_state_dict(saved)
+    assert opt.hvp_columns == hvp_columns and f"hvp_columns: {hvp_columns}" in repr(opt)
+    loops = []
+    original = hvp_module._local_hvp
+
+    def spy(*args, **kwargs):
+        loops.append(kwargs.get("loop", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hvp_module, "_local_hvp", spy)
+    prob.episode(opt)
+    assert loops and all(loops), loops
+    copied = copy.deepcopy(opt)  # a pickled optimizer keeps it too
+    assert copied.hvp_columns == hvp_columns
 
 
 def test_hvp_columns_has_no_choice_on_the_finite_difference_route():

@@ -142,7 +142,10 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
         self.hyper_state.update(step=0, episode=0, outer={}, episode_skipped=0)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("hvp_columns", "batched")  # pickled before the choice existed
+        # Pickled before the choice existed: "batched". torch's load_state_dict calls this too,
+        # with state and param_groups only: the optimizer's own choice stays.
+        if "hvp_columns" not in state and "hvp_columns" not in self.__dict__:
+            state["hvp_columns"] = "batched"
         super().__setstate__(state)
 
     def __repr__(self) -> str:
