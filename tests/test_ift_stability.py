@@ -232,6 +232,23 @@ def test_a_warning_says_so_once():
     assert "stability_guard=False" in str(edge[0].message)
 
 
+def test_the_guards_cut_is_not_reported_as_a_runaway():
+    # Without momentum the cut (to 0.8 of the edge 2) makes the loss fall at once: nothing ran
+    # away, and the reactive decrease (the default's watch, reading every loss) says nothing.
+    # It named the guard's cuts as its own before.
+    prob = Quadratic()
+    opt = _ift(prob, 0.5, momentum=0.0, reactive_decrease=True)
+    losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            losses.append(float(opt.step(_closure(prob, opt, False))))
+    assert losses == sorted(losses, reverse=True), losses
+    assert opt.param_groups[0]["lr"] < 0.5  # the guard did cut
+    assert [w for w in caught if "past the edge of stability" in str(w.message)]
+    assert not [w for w in caught if "ran away" in str(w.message)], caught
+
+
 @pytest.mark.filterwarnings(EDGE, DIVERGENT)
 def test_a_group_whose_lr_is_not_learned_or_is_within_the_edge_keeps_it():
     sharp = nn.Parameter(torch.zeros(2, dtype=torch.float64))

@@ -556,6 +556,7 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             return False
         value = self._step_loss(loss, values[0])
         undo, watched = self._runaway(value)
+        ran_away = undo is not None  # the guard's cut below joins undo, not this warning
         skip = None
         if sums is not None:
             undo, skip = self._guard_stability(groups, values[len(values) - sums.numel():], undo)
@@ -580,7 +581,7 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             undo()
         if stepped and watched is not None:
             self.hyper_state["runaway"] = watched
-            if undo is not None:
+            if ran_away:
                 self._warn_runaway(values[0])
         if stepped and stall is not None:
             self.hyper_state["stall"] = stall
