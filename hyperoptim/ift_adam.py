@@ -110,6 +110,10 @@ class IFTAdam(RuleIFT):
             ``IFTAdam``'s diabetes test MSE from 1.0-1.1 to 0.47, but cost the digits CNN 1.3
             points, and ``IFTAdamW``'s decoupled decay overshot to 3-5 and left 2 of 5 diabetes
             seeds from the poor start at 0.59-0.72) (default: None).
+        lr_accel (float or None, optional): :class:`~hyperoptim.IFTOptimizer`'s accelerated
+            climb; None is off here (a climb at 1.5 that also ran after the warm-up cost
+            ``IFTAdam``'s digits CNN 0.6 points and left its character LSTM's poor start worse)
+            (default: None).
         decoupled_weight_decay (bool, optional): AdamW's decay (default: False; see
             :class:`IFTAdamW`).
 

@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hyperoptim import IFTAdam, IFTAdamW, IFTOptimizer
-from hyperoptim.methods.ift import EDGE_GROWTH, EDGE_MAX_CUT, EDGE_MAX_SKIP, EDGE_TARGET, edge_skip
+from hyperoptim.methods.ift import (
+    EDGE_GROWTH,
+    EDGE_MAX_CUT,
+    EDGE_MAX_SKIP,
+    EDGE_TARGET,
+    EDGE_WARN_CUT,
+    edge_skip,
+)
 from hyperoptim.rules.sgd import sgd_edge
 
 EDGE = "ignore:.*past the edge of stability:hyperoptim.HyperoptimWarning"
@@ -220,9 +227,9 @@ def test_far_below_the_edge_the_warmup_checks_are_spaced():
             _ift(Quadratic(), 0.01).load_state_dict(broken)
 
 
-def test_a_warning_says_so_once():
+def test_a_warning_says_so_once_for_a_cut_of_2x_or_more():
     prob = Quadratic()
-    opt = _ift(prob, 0.5)
+    opt = _ift(prob, 1.0)  # rho / edge ~ 2.6: cut ~3.3x
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
@@ -230,6 +237,15 @@ def test_a_warning_says_so_once():
     edge = [w for w in caught if "past the edge of stability" in str(w.message)]
     assert len(edge) == 1
     assert "stability_guard=False" in str(edge[0].message)
+    # A smaller cut holds a learning rate at the edge (where lr_accel's climb can take it)
+    # without a word; it is still made.
+    prob = Quadratic()
+    opt = _ift(prob, 0.5)  # rho / edge ~ 1.3: cut ~1.65x
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(_closure(prob, opt, False))
+    assert 1.0 < 0.5 / opt.param_groups[0]["lr"] < EDGE_WARN_CUT
+    assert not [w for w in caught if "past the edge of stability" in str(w.message)]
 
 
 def test_the_guards_cut_is_not_reported_as_a_runaway():

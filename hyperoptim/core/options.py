@@ -248,6 +248,8 @@ OPTIONS: tuple[Option, ...] = (
            ("ift",), in_group=False),
     Option("decay_accel", None, lambda v: v is None or (is_real(v) and 1.0 <= v <= _LIMIT),
            f"None or a number in [1, {_LIMIT:g}]", ("ift",), in_group=False),
+    Option("lr_accel", None, lambda v: v is None or (is_real(v) and 1.0 <= v <= _LIMIT),
+           f"None or a number in [1, {_LIMIT:g}]", ("ift",), in_group=False),
     Option("warmup_accel", 1.5, lambda v: is_real(v) and 1.0 <= v <= _LIMIT,
            f"a number in [1, {_LIMIT:g}]", ("ift",), in_group=False),
     Option("hyper_optimizer", None, lambda v: v is None or callable(v),

@@ -65,7 +65,8 @@ def _ift_keywords(*, update_interval: int = 10, lookback: int = 5, hyper_lr: flo
                   lr_bounds: tuple[float, float] = (1e-10, 1.0), update_timing: str = "taken",
                   update_schedule: str = "warmup", reactive_decrease: bool = True,
                   stability_guard: bool | None = None, decay_accel: float | None = None,
-                  warmup_accel: float = 1.5, val_closure: Closure | None = None,
+                  lr_accel: float | None = None, warmup_accel: float = 1.5,
+                  val_closure: Closure | None = None,
                   hvp: str = "auto", maximize: bool = False, foreach: bool | None = None,
                   fused: bool | None = None, differentiable: bool = False) -> None:
     """IFT's keyword arguments and their defaults, declared once: every public class's signature
@@ -116,6 +117,12 @@ checked at every step of the warm-up."""
 
 EDGE_MAX_SKIP = 7
 """The most warm-up steps ``stability_guard`` lets pass between two checks."""
+
+EDGE_WARN_CUT = 2.0
+"""The smallest cut (divisor) ``stability_guard``'s one warning speaks for. A smaller one holds a
+learning rate the hyper-updates raised to the edge (``lr_accel``'s climb takes a learning rate
+there on small full-batch problems: 1.1-1.4x cuts from step 110 on a tanh regression whose loss
+kept falling); a start 10x too large is cut 2-10x (the digits CNN from lr 1.0: 3-10x)."""
 
 
 def edge_skip(ratio: float) -> int:
@@ -254,23 +261,30 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
     """``decay_accel`` where the constructor gets None: off (the paper's) unless a class measured
     that it pays (:class:`~hyperoptim.IFTOptimizer`: 1.5)."""
 
+    lr_accel_default: ClassVar[float] = 1.0
+    """``lr_accel`` where the constructor gets None: off unless a class measured that it pays
+    (:class:`~hyperoptim.IFTOptimizer`: 1.5)."""
+
     def _setup(self, params: ParamsT, defaults: dict[str, Any], *, update_interval: int,
                lookback: int, hyper_lr: float,
                hyper_optimizer: type[Optimizer] | HyperOptimizerFactory | None,
                update_timing: str, val_closure: Closure | None, hvp: str,
                update_schedule: str = "fixed", reactive_decrease: bool = False,
                warmup_accel: float = 1.0, stability_guard: bool | None = False,
-               decay_accel: float | None = 1.0, **flags: Any) -> None:
+               decay_accel: float | None = 1.0, lr_accel: float | None = 1.0,
+               **flags: Any) -> None:
         """The rule-independent part of the constructor: IFT's own arguments, then the groups.
-        ``update_schedule``, ``reactive_decrease``, ``warmup_accel``, ``stability_guard`` and
-        ``decay_accel`` default to the paper's behaviour here so that a rule written before those
-        options (whose constructor does not pass them) keeps it; the public classes pass theirs
-        (``decay_accel=None``: the class's :attr:`decay_accel_default`)."""
+        ``update_schedule``, ``reactive_decrease``, ``warmup_accel``, ``stability_guard``,
+        ``decay_accel`` and ``lr_accel`` default to the paper's behaviour here so that a rule
+        written before those options (whose constructor does not pass them) keeps it; the public
+        classes pass theirs (``decay_accel=None``, ``lr_accel=None``: the class's
+        :attr:`decay_accel_default`, :attr:`lr_accel_default`)."""
         check_rule_arguments("ift", update_interval=update_interval, lookback=lookback,
                              hyper_lr=hyper_lr, hyper_optimizer=hyper_optimizer,
                              update_timing=update_timing, update_schedule=update_schedule,
                              reactive_decrease=reactive_decrease, warmup_accel=warmup_accel,
-                             stability_guard=stability_guard, decay_accel=decay_accel)
+                             stability_guard=stability_guard, decay_accel=decay_accel,
+                             lr_accel=lr_accel)
         if stability_guard and self.rule.edge is None:
             raise ValueError(f"Invalid stability_guard value: True ({type(self).__name__}'s "
                              f"{self.rule.name!r} rule has no edge of stability to guard; pass "
@@ -279,6 +293,7 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             else stability_guard
         self.decay_accel = float(self.decay_accel_default if decay_accel is None
                                  else decay_accel)
+        self.lr_accel = float(self.lr_accel_default if lr_accel is None else lr_accel)
         self._check_group(defaults)
         self.update_interval = update_interval
         self.lookback = lookback
@@ -301,6 +316,8 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             self.hyper_state["stall"] = ift_schedule.new_stall()
         if self.decay_accel != 1.0:
             self.hyper_state["decay"] = [0] * len(self.param_groups)
+        if self._climbs():
+            self.hyper_state["climb"] = [0] * len(self.param_groups)
         if self.stability_guard:
             self.hyper_state["edge"] = {"skip": 0}
         self._hyper_opt = self._build_hyper_optimizer()
@@ -352,6 +369,8 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         ift_schedule.add_group(self.hyper_state.get("warmup"), self.param_groups[index]["tune"])
         if "decay" in self.hyper_state:
             self.hyper_state["decay"].append(0)
+        if "climb" in self.hyper_state:
+            self.hyper_state["climb"].append(0)
         if self._hyper_opt is not None:
             for group in self._hyper_groups(index):
                 self._hyper_opt.add_param_group(group)
@@ -428,6 +447,11 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         """Whether this optimizer's warm-up accelerates (``warmup_accel`` above 1)."""
         return self.update_schedule == "warmup" and self.warmup_accel != 1.0
 
+    def _climbs(self) -> bool:
+        """Whether this optimizer's warm-up has ``lr_accel``'s climb (above 1; it acts only in
+        the warm-up of ``update_schedule="warmup"``)."""
+        return self.update_schedule == "warmup" and self.lr_accel != 1.0
+
     def _watching_stall(self) -> bool:
         """Whether this step's training loss is read for the accelerated warm-up (it runs and no
         loss has left the band yet): under ``torch.distributed`` its mean rides in the step's
@@ -441,22 +465,39 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         (:func:`~hyperoptim.methods.ift_schedule.momentum_pace`)."""
         return 1
 
-    def _schedule_record(self) -> dict[str, float]:
+    def _schedule_record(self, index: int | None = None) -> dict[str, float]:
         """What ``history`` records of the schedule at a hyper-update: under ``"warmup"``,
-        ``"update_schedule/warmup"`` (1.0 for a hyper-update of the warm-up, 0.0 after it)."""
+        ``"update_schedule/warmup"`` (1.0 for a hyper-update of the warm-up, 0.0 after it), the
+        accelerated warm-up's factor (``"update_schedule/accel"``) and ``lr_accel``'s for param
+        group ``index`` (``"update_schedule/climb"``)."""
         if self.update_schedule != "warmup":
             return {}
         record = {"update_schedule/warmup": 1.0 if self._warming_up() else 0.0}
         if self._accelerates():
             record["update_schedule/accel"] = self.__dict__.get("_accel_scale", 1.0)
+        if self._climbs():
+            record["update_schedule/climb"] = self.__dict__.get("_climb_scales", {}).get(
+                index, 1.0)
         return record
+
+    def _climb_scales(self) -> dict[int, float]:
+        """``lr_accel``'s factor on each param group's learning-rate step at this step's
+        hyper-update (:func:`~hyperoptim.methods.ift_schedule.climb_scale`); empty where it does
+        not act (off, after the warm-up, or while the accelerated warm-up's factor is in
+        force)."""
+        climb = self.hyper_state.get("climb")
+        if (climb is None or not self._warming_up()
+                or self.__dict__.get("_accel_scale", 1.0) != 1.0):
+            return {}
+        return {index: ift_schedule.climb_scale(climb, index, self.lr_accel)
+                for index in range(len(climb))}
 
     def _advance_schedule(self, spans: Sequence[tuple[int, str, int, int]],
                           hypergrads: Sequence[float]) -> None:
         """After an applied hyper-update: the warm-up reads each group's learning-rate
         hypergradient (the summed one ``history`` records) and ends once each has changed sign;
-        ``decay_accel``'s runs read the weight decays' (:func:`~hyperoptim.methods.ift_schedule.
-        advance_decay`)."""
+        ``decay_accel``'s runs read the weight decays' and, in the warm-up, ``lr_accel``'s the
+        learning rates' (:func:`~hyperoptim.methods.ift_schedule.advance_decay`)."""
         runs = self.hyper_state.get("decay")
         if runs is not None:
             ift_schedule.advance_decay(runs, {index: h for (index, name, _, _), h
@@ -464,6 +505,9 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         if not self._warming_up():
             return
         lrs = {index: h for (index, name, _, _), h in zip(spans, hypergrads) if name == "lr"}
+        climb = self.hyper_state.get("climb")
+        if climb is not None:
+            ift_schedule.advance_decay(climb, lrs)
         ift_schedule.advance(self.hyper_state["warmup"], lrs)
 
     # ------------------------------------------------------------------ step
@@ -557,14 +601,17 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         value = self._step_loss(loss, values[0])
         undo, watched = self._runaway(value)
         ran_away = undo is not None  # the guard's cut below joins undo, not this warning
-        skip = None
+        skip, cut = None, []
         if sums is not None:
-            undo, skip = self._guard_stability(groups, values[len(values) - sums.numel():], undo)
+            undo, skip, cut = self._guard_stability(groups, values[len(values) - sums.numel():],
+                                                    undo)
         stall = self._stall(value)
         # The accelerated warm-up's factor for this step's hyper-update (read by
         # _hyper_optimizer_step and _schedule_record; gone after the step).
         self.__dict__["_accel_scale"] = ift_schedule.accel_scale(
             self.update_schedule, self.hyper_state.get("warmup"), stall, self.warmup_accel)
+        # lr_accel's, per param group, where the accelerated warm-up's is not in force.
+        self.__dict__["_climb_scales"] = self._climb_scales()
         try:
             stepped = True
             if hyper:
@@ -577,6 +624,7 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
             raise
         finally:
             self.__dict__.pop("_accel_scale", None)
+            self.__dict__.pop("_climb_scales", None)
         if not stepped and undo is not None:
             undo()
         if stepped and watched is not None:
@@ -585,6 +633,11 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 self._warn_runaway(values[0])
         if stepped and stall is not None:
             self.hyper_state["stall"] = stall
+        if stepped and "climb" in self.hyper_state and (ran_away or cut):
+            # A cut ends lr_accel's climb: the learning rate it was raising is past where it can
+            # go (after the hyper-update's own count, so a cut at a hyper-update ends it too).
+            self.hyper_state["climb"] = [0 if ran_away or k in cut else n
+                                         for k, n in enumerate(self.hyper_state["climb"])]
         if stepped and "edge" in self.hyper_state:
             left = self.hyper_state["edge"]["skip"]
             self.hyper_state["edge"] = {"skip": skip if skip is not None else max(left - 1, 0)}
@@ -757,7 +810,7 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
 
     def _guard_stability(self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]],
                          sums: Sequence[float], undo: Callable[[], None] | None
-                         ) -> tuple[Callable[[], None] | None, int]:
+                         ) -> tuple[Callable[[], None] | None, int, list[int]]:
         r"""``stability_guard``: each learned learning rate that puts this step's update past the
         rule's edge of stability is cut to :data:`EDGE_TARGET` of it, before the step uses it.
 
@@ -772,8 +825,8 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         the learning rate is divided by :math:`\min(\rho / (0.8 E), 10)` (:data:`EDGE_MAX_CUT`).
         Returns the undo of everything this step changed so far (``undo``, the reactive
         decrease's, composed with the guard's), for the caller to apply if the step is not
-        taken, and the warm-up steps the next check may skip (:func:`edge_skip` of the largest
-        :math:`\rho / E` left after the cut).
+        taken, the warm-up steps the next check may skip (:func:`edge_skip` of the largest
+        :math:`\rho / E` left after the cut), and the param groups it cut.
 
         Why: from a learning rate 10x too large the loss stays flat for a few steps while the
         sharpness along the gradient grows (progressive sharpening), then one step throws the
@@ -796,17 +849,19 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
         skip = edge_skip(max(r / d for r, d in zip(ratios, divisors)))
         cut = self._shrink_lrs(divisors) if any(d != 1.0 for d in divisors) else None
         if cut is None:
-            return undo, skip
-        self._warn_edge(max(r for r, d in zip(ratios, divisors) if d != 1.0))
+            return undo, skip, []
+        if max(divisors) >= EDGE_WARN_CUT:
+            self._warn_edge(max(r for r, d in zip(ratios, divisors) if d >= EDGE_WARN_CUT))
+        groups_cut = [k for k, d in enumerate(divisors) if d != 1.0]
         if undo is None:
-            return cut, skip
+            return cut, skip, groups_cut
         first = undo
 
         def both() -> None:
             cut()
             first()
 
-        return both, skip
+        return both, skip, groups_cut
 
     def _warn_edge(self, worst: float) -> None:
         """Say once that the stability guard cut a learning rate, and how to turn it off."""
@@ -1009,11 +1064,12 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                                      and 0 <= edge["skip"] <= EDGE_MAX_SKIP):
             raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state['edge'] is "
                              f"malformed: {edge!r}")
-        decay = saved.get("decay") if isinstance(saved, dict) else None
-        if decay is not None and not ift_schedule.check_decay(
-                decay, len(state_dict.get("param_groups", ()))):
-            raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state['decay'] is "
-                             f"malformed: {decay!r}")
+        for key in ("decay", "climb"):
+            runs = saved.get(key) if isinstance(saved, dict) else None
+            if runs is not None and not ift_schedule.check_decay(
+                    runs, len(state_dict.get("param_groups", ()))):
+                raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state[{key!r}] "
+                                 f"is malformed: {runs!r}")
         stall = saved.get("stall") if isinstance(saved, dict) else None
         if stall is not None and not ift_schedule.check_stall(stall):
             raise ValueError(f"{type(self).__name__}.load_state_dict: hyper_state['stall'] is "
@@ -1048,6 +1104,11 @@ class RuleIFT(_HyperUpdate, HyperOptimizer):
                 self.hyper_state.setdefault("decay", [0] * len(self.param_groups))
             else:
                 self.hyper_state.pop("decay", None)
+            # And lr_accel's: one saved without them starts them at 0.
+            if self._climbs():
+                self.hyper_state.setdefault("climb", [0] * len(self.param_groups))
+            else:
+                self.hyper_state.pop("climb", None)
             self._hyper_opt = self._build_hyper_optimizer()
             if hyper_opt_state is not None:
                 try:

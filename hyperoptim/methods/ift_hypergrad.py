@@ -250,10 +250,11 @@ class _HyperUpdate:
                           for k, entry in self._hyper_opt.state.items()}
         for x, g in zip(tuned.targets, tuned.hypergrads):
             x.grad = g
-        # The accelerated warm-up scales the learning rates' step size for this step alone, and
-        # decay_accel the weight decays' (the hyper optimizer's groups follow the param groups,
-        # one per tuned name: _build_hyper_optimizer).
+        # The accelerated warm-up (or lr_accel's climb) scales the learning rates' step size for
+        # this step alone, and decay_accel the weight decays' (the hyper optimizer's groups
+        # follow the param groups, one per tuned name: _build_hyper_optimizer).
         scale = self.__dict__.get("_accel_scale", 1.0)
+        climbs = self.__dict__.get("_climb_scales", {})
         runs = self.hyper_state.get("decay")
         owners = [(index, name) for index, group in enumerate(self.param_groups)
                   for name in group["tune"]]
@@ -261,7 +262,10 @@ class _HyperUpdate:
         for position, g in enumerate(self._hyper_opt.param_groups):
             name = g.get("name")
             factor = scale if name == "lr" else 1.0
-            # A factory that reorders its groups loses decay_accel, never scales the wrong one.
+            if name == "lr" and position < len(owners) and owners[position][1] == name:
+                factor *= climbs.get(owners[position][0], 1.0)  # 1 where accel is in force
+            # A factory that reorders its groups loses decay_accel and lr_accel, never scales
+            # the wrong one.
             if name == "weight_decay" and position < len(owners) and owners[position][1] == name:
                 factor = ift_schedule.decay_scale(runs, owners[position][0], self.decay_accel)
             if factor != 1.0 and "lr" in g:
@@ -314,7 +318,7 @@ class _HyperUpdate:
         for index, group, _ in active:
             self._record(index, skipped=True, **self._values(group), val_loss=val_loss,
                          step=steps, **{f"hypergrad/{n}": math.nan for n in group["tune"]},
-                         **self._schedule_record())
+                         **self._schedule_record(index))
 
     def _publish(self, groups: list[tuple[dict[str, Any], list[Tensor]]], tuned: _Tuned,
                  active: Sequence[tuple[int, dict[str, Any], list[Tensor]]],
@@ -336,7 +340,7 @@ class _HyperUpdate:
                         self.state[p][name].copy_(a)
         for index, group, _ in active:
             self._record(index, **self._values(group), val_loss=values[0], step=steps,
-                         **hypers[index], **self._schedule_record())
+                         **hypers[index], **self._schedule_record(index))
 
     def _watch_pinned_lr(self, active: Sequence[tuple[int, dict[str, Any], Any]]) -> None:
         """Warn once when a learned learning rate sits at an end of ``lr_bounds`` for
