@@ -428,7 +428,8 @@ def thesis_adaptive(params: ParamsT, lr: float = 0.1, momentum: float = 0.9,
                     weight_decay_step: float = 0.01, lr_step: float = 0.2,
                     update_schedule: str = "fixed", reactive_decrease: bool = False,
                     stability_guard: bool | None = False, decay_accel: float | None = 1.0,
-                    val_closure: Closure | None = None, **kwargs: Any) -> IFTOptimizer:
+                    lr_accel: float | None = 1.0, val_closure: Closure | None = None,
+                    **kwargs: Any) -> IFTOptimizer:
     r"""The adaptive method of the DrMAD thesis (Sections 2.2, 2.4, 3.2.2) as an IFTOptimizer.
 
     Per-unit (``sharing="unit"``, the thesis' choice for dense layers) or per-weight
@@ -456,6 +457,9 @@ def thesis_adaptive(params: ParamsT, lr: float = 0.1, momentum: float = 0.9,
             as in the thesis (default: False).
         decay_accel (float or None, optional): as for :class:`IFTOptimizer`; 1 (off) by default,
             the thesis' constant sign steps (default: 1.0).
+        lr_accel (float or None, optional): as for :class:`IFTOptimizer` (it acts only with
+            ``update_schedule="warmup"``); 1 (off) by default, the thesis' constant sign steps
+            (default: 1.0).
         val_closure (callable, optional): the validation loss.
         **kwargs: passed on to :class:`IFTOptimizer` (e.g. ``update_timing``, ``lr_bounds``).
 
@@ -479,5 +483,5 @@ def thesis_adaptive(params: ParamsT, lr: float = 0.1, momentum: float = 0.9,
                         update_interval=update_interval, lookback=lookback,
                         update_schedule=update_schedule, reactive_decrease=reactive_decrease,
                         stability_guard=stability_guard, decay_accel=decay_accel,
-                        hyper_optimizer=factory,
+                        lr_accel=lr_accel, hyper_optimizer=factory,
                         val_closure=val_closure, **kwargs)

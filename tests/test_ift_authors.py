@@ -164,6 +164,10 @@ def test_thesis_adaptive_takes_constant_sign_steps_per_unit():
             torch.testing.assert_close(opt.state[p][name], 10 ** now)
     # The log learning rate is clipped below 0.
     assert all((opt.state[p]["log10_lr"] <= 0).all() for p in params)
+    # Constant sign steps even with the warm-up schedule: no accelerated decay or climb.
+    warm = thesis_adaptive(params, update_schedule="warmup", val_closure=lambda: val(params))
+    assert warm.decay_accel == warm.lr_accel == 1.0
+    assert "climb" not in warm.hyper_state and "decay" not in warm.hyper_state
 
 
 def test_sign_sgd_checks_its_step():
