@@ -71,7 +71,7 @@ class HypergradSGD(RuleHypergrad):
         hyper_step (HyperStep or str, optional): the policy that turns :math:`h_t` into
             :math:`a_t` (:mod:`hyperoptim.hyperstep`: a policy, or a name such as
             ``"scale_free"``); not together with ``hyper_lr`` (default: None, the class's
-            :attr:`default_hyper_step`, ``ScaleFree(accel=1.5)``).
+            :attr:`default_hyper_step`, ``ScaleFree(accel=1.5, streak=20)``).
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``). Public
             implementations let the learning rate go negative; this one does not.
@@ -161,7 +161,7 @@ class HypergradSGD(RuleHypergrad):
     #: growth accelerates while the run is stalled (its one-step hypergradient answers a new
     #: learning rate within a step, so a fast climb does not overshoot; MARTHE's over
     #: heavy-ball SGD does not).
-    default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5)"
+    default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5, streak=20)"
 
     def _objective_grads(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> list[Tensor]:

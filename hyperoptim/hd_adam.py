@@ -75,7 +75,7 @@ class HypergradAdam(RuleHypergrad):
             :math:`\lVert \nabla E \rVert_1`, so large models need a smaller :math:`\kappa`.
         hyper_step (HyperStep or str, optional): the policy that turns :math:`h_t` into
             :math:`a_t` (:mod:`hyperoptim.hyperstep`); not together with ``hyper_lr``
-            (default: None, the class's :attr:`default_hyper_step`, ``ScaleFree(accel=1.5)``).
+            (default: None, the class's :attr:`default_hyper_step`, ``ScaleFree(accel=1.5, streak=20)``).
         lr_bounds (tuple of float, optional): :math:`(a_{\min}, a_{\max})`, with
             :math:`0 \le a_{\min} \le a_{\max}` (default: ``(0.0, inf)``).
         per_parameter (bool, optional): one learning rate per weight (default: False).
@@ -124,7 +124,7 @@ class HypergradAdam(RuleHypergrad):
     #: growth accelerates while the run is stalled (its one-step hypergradient answers a new
     #: learning rate within a step, so a fast climb does not overshoot; MARTHE's over
     #: heavy-ball SGD does not).
-    default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5)"
+    default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5, streak=20)"
     # No Hessian-vector product: the base unscales GradScaler's gradients before the step, as for
     # HypergradSGD, and skips the steps where the scaler found inf/NaN.
     _supports_grad_scaler = True

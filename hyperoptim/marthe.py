@@ -154,7 +154,7 @@ class MartheSGD(RuleMarthe):
             turns :math:`\Delta_t` into :math:`a_t` instead of MARTHE's :math:`a_{t-1} - \beta_t
             \Delta_t` (normalised by :math:`\lVert \nabla E \rVert \lVert Z_t \rVert`; a policy
             that reads the training loss gets the previous step's); ``mu`` still discounts the
-            tangent (default: None: :attr:`default_hyper_step`, ``ScaleFree(accel=1.5)``, unless
+            tangent (default: None: :attr:`default_hyper_step`, ``ScaleFree(accel=1.5, streak=20)``, unless
             ``hyper_lr`` or ``adapt_hyper_lr`` is given, which choose MARTHE's own step).
         tune (tuple of str, optional): what is learned: ``("lr",)``, or ``("lr", "momentum")``
             to learn the momentum too, by its one-step hypergradient
@@ -216,7 +216,7 @@ class MartheSGD(RuleMarthe):
     #: (:attr:`default_learns_momentum`): accelerated alone it overshot the digits CNN from its
     #: poor start (7.8%), its tangent lagging heavy ball; with the momentum lifted as it climbs,
     #: every versus task meets the scale-free target (docs/hyperstep.md).
-    default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5)"
+    default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5, streak=20)"
     #: ``tune=None`` learns the momentum while the run is stalled (``momentum_phase``).
     default_learns_momentum = True
     buffer_tangent_keys = {"momentum_buffer": "tangent_buffer"}

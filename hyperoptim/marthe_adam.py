@@ -102,7 +102,7 @@ class MartheAdam(RuleMarthe):
         hypergrad_clip (float, optional): clip :math:`\Delta` in the updates (default: None).
         hyper_step (HyperStep or str, optional): a policy of :mod:`hyperoptim.hyperstep` in
             place of MARTHE's step, as for :class:`~hyperoptim.MartheSGD` (default: None:
-            ``ScaleFree(accel=1.5)``, unless ``hyper_lr`` or ``adapt_hyper_lr`` is given).
+            ``ScaleFree(accel=1.5, streak=20)``, unless ``hyper_lr`` or ``adapt_hyper_lr`` is given).
         tune (tuple of str, optional): ``("lr", "momentum")`` learns :math:`\beta_1` too, by its
             one-step hypergradient, as for :class:`~hyperoptim.MartheSGD` (default: ``("lr",)``).
         momentum_phase (str, optional): ``"stall"`` or ``"run"``, when a learned :math:`\beta_1`
@@ -143,7 +143,7 @@ class MartheAdam(RuleMarthe):
     #: (with either of the last two: MARTHE's own additive step): ``ScaleFree`` whose growth
     #: accelerates while the run is stalled, as for HD (over heavy-ball SGD MARTHE's signal answers
     #: too late for it, and ``MartheSGD`` keeps ``ScaleFree()``).
-    default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5)"
+    default_hyper_step: HyperStep | str = "ScaleFree(accel=1.5, streak=20)"
     buffer_tangent_keys = {"exp_avg": "tangent_exp_avg", "exp_avg_sq": "tangent_exp_avg_sq"}
 
     @renamed_keywords(renamed_options("marthe"))

@@ -48,7 +48,7 @@ def _run(steps=STEPS, data=None, model=None, opt=None, start=0, **kwargs):
 
 
 # A poor start: the loss sits within 3% of its first value for a few steps, then falls.
-POOR = dict(lr=1e-3, momentum=0.5)  # the class default policy, ScaleFree(accel=1.5)
+POOR = dict(lr=1e-3, momentum=0.5)  # the class default policy, ScaleFree(accel=1.5, streak=20)
 
 
 def test_default_tune_learns_the_momentum_only_where_it_can():
