@@ -27,7 +27,8 @@ batches per seed, the same step budget per run, the same evaluation code:
 - every hyperoptim optimizer (``REGISTRY`` picks up any listed class that exists) from three
   starts, poor (learning rate 100x too small), good (the hand-picked settings) and large (10x too
   large: SGD lr 1.0 with momentum 0.9, Adam lr 1e-2), and from its constructor defaults, with
-  the library's default hyper-learning rates and a ``val_closure`` on the validation split;
+  the library's default hyper-learning rates and a ``val_closure`` on the validation split
+  (``HypergradAdam``, the recommended drop-in, also without one, in training-loss mode);
   FDSSGD and FDSAdamW run ``--episodes`` episodes of the budget from the same initial weights
   (5 learning-rate windows), all counted in their wall time.
 
@@ -189,12 +190,20 @@ def _mechanic(cls: str) -> Build:
     return build
 
 
-def _hyperoptim(cls: str, start: dict[str, float]) -> Build:
+def _hyperoptim(cls: str, start: dict[str, float], training_loss: bool = False) -> Build:
+    """A hyperoptim class from ``start``, with a ``val_closure`` on the validation split unless
+    ``training_loss`` (the drop-in use: the hypergradient of the training loss, no validation
+    set)."""
     def build(model: nn.Module, val: Callable, steps: int) -> Setup:
-        return Setup(getattr(hyperoptim, cls)(model.parameters(), **start, val_closure=val),
-                     hyper=True)
+        closure = {} if training_loss else dict(val_closure=val)
+        return Setup(getattr(hyperoptim, cls)(model.parameters(), **start, **closure), hyper=True)
 
     return build
+
+
+#: Classes that also run in training-loss mode (no ``val_closure``): the README's recommended
+#: optimizer, whose drop-in use needs no validation set.
+TRAINING_LOSS_CLASSES = ("HypergradAdam",)
 
 
 def _registry() -> list[Method]:
@@ -236,6 +245,17 @@ def _registry() -> list[Method]:
                                poor_start=name == "poor", start=name))
         rows.append(Method(f"{cls}-default", f"{cls}, defaults", "hyperoptim", _hyperoptim(cls, {}),
                            hyperoptim_class=cls))
+        if cls in TRAINING_LOSS_CLASSES:
+            # The recommended drop-in as the README recommends it: no validation set.
+            group = f"{cls} (training loss)"
+            for name, settings in starts.items():
+                rows.append(Method(f"{cls}-train-{name}", f"{group}, {name} start", "hyperoptim",
+                                   _hyperoptim(cls, settings, training_loss=True),
+                                   hyperoptim_class=cls, poor_start=name == "poor", start=name,
+                                   extra=dict(group=group)))
+            rows.append(Method(f"{cls}-train-default", f"{group}, defaults", "hyperoptim",
+                               _hyperoptim(cls, {}, training_loss=True), hyperoptim_class=cls,
+                               extra=dict(group=group)))
     # FDS runs episodes (train_fds); its Adam variant with AdamW's decay, as the other Adam rows.
     for cls, family in (("FDSSGD", "sgd"), ("FDSAdamW", "adam")):
         if not hasattr(hyperoptim, cls):
@@ -670,7 +690,8 @@ def _scale_free_verdict(task: Task, ours: list[dict[str, Any]],
     by_class: dict[str, dict[str, dict[str, Any]]] = {}
     for s in ours:
         if s["method"].start:
-            by_class.setdefault(s["method"].hyperoptim_class or "", {})[s["method"].start] = s
+            group = s["method"].extra.get("group") or s["method"].hyperoptim_class or ""
+            by_class.setdefault(group, {})[s["method"].start] = s
     out = []
     for cls, starts in by_class.items():
         good = starts.get("good")

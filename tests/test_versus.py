@@ -48,7 +48,7 @@ def test_quick_without_the_bench_extras_runs_ours_and_torch(tmp_path, monkeypatc
         assert f"| {label}" not in out
     for label in ("SGD, poor start", "SGD, hand-picked", "AdamW, hand-picked",
                   "HypergradSGD, poor start", "MartheSGD, defaults", "IFTOptimizer, poor start",
-                  "FDSSGD, poor start"):
+                  "FDSSGD, poor start", "HypergradAdam (training loss), poor start"):
         assert f"| {label} |" in out
     assert "no Optuna-50 reference" in out
     rows = _lines(results)
@@ -113,3 +113,26 @@ def test_tolerances_are_the_issues(metric, best, good, bad):
     task.metric = metric
     assert task.within(good, best) and not task.within(bad, best)
     assert not task.within(math.nan, best) and not task.within(math.inf, best)
+
+
+def test_training_loss_rows_take_no_validation_closure_and_are_their_own_group():
+    """The recommended drop-in's training-loss rows build the class without ``val_closure``
+    (the other hyperoptim rows pass one), and target 3 reads them as a group of their own, not
+    mixed with the same class's validation-mode starts."""
+    import torch
+
+    rows = {m.key: m for m in versus.REGISTRY}
+    model = torch.nn.Linear(2, 1)
+    val = lambda: model(torch.ones(1, 2)).sum()  # noqa: E731
+    assert rows["HypergradAdam-train-poor"].build(model, val, 10).opt.val_closure is None
+    assert rows["HypergradAdam-poor"].build(model, val, 10).opt.val_closure is val
+    task = sys.modules["_versus_tasks"].digits_mlp()
+
+    def summary(key, metric):
+        return dict(method=rows[key], metrics=[metric])
+
+    ours = [summary("HypergradAdam-good", 0.97), summary("HypergradAdam-poor", 0.90),
+            summary("HypergradAdam-train-good", 0.97), summary("HypergradAdam-train-poor", 0.96)]
+    lines = versus._scale_free_verdict(task, ours, lambda s: s["metrics"][0])
+    assert lines == ["- target 3 (scale-free), HypergradAdam: poor MISSED (-7.0 points)",
+                     "- target 3 (scale-free), HypergradAdam (training loss): poor ok (-1.0 points)"]
