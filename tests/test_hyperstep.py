@@ -591,6 +591,26 @@ def test_old_checkpoint_without_hyper_step_is_additive():
     assert resumed.history[0]["lr"] == opt.history[0]["lr"]
 
 
+def test_checkpoint_of_the_old_default_resumes_without_the_streak():
+    """A checkpoint saved before ``streak`` existed names ``ScaleFree(..., gate=0.03)``: it
+    resumes that policy (``streak=0``), step for step, not the new default."""
+    old = ("ScaleFree(up=0.2, down=0.2, beta1=0.5, beta2=0.999, shrink=10.0, smooth=0.1, cap=1.0, "
+           "accel=1.5, reach=8.0, gate=0.03)")
+    net = Net(7, steps=30)
+    opt = HypergradSGD(net.params, lr=0.3, momentum=0.5, hyper_step=old)
+    _run(opt, net, 3)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)  # a copy: the live state_dict shares momentum buffers
+    buffer.seek(0)
+    net2 = copy.deepcopy(net)
+    resumed = HypergradSGD(net2.params, lr=0.3, momentum=0.5)  # the new default
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resolve(resumed.param_groups[0]["hyper_step"]) == ScaleFree(accel=1.5)
+    _run(opt, net, 20, start=3)
+    _run(resumed, net2, 20, start=3)
+    assert resumed.history[0]["lr"] == opt.history[0]["lr"]
+
+
 # ----------------------------------------------------------------------------- MARTHE
 
 
