@@ -318,6 +318,13 @@ class ScaleFree(HyperStep):
     normalised: ClassVar[bool] = False
     uses_loss: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.streak, int) and not isinstance(self.streak, bool)
+                and self.streak >= 0):
+            raise ValueError(f"Invalid streak value: {self.streak!r} (an int >= 0; 0 is off)")
+        if not 0.0 <= self.fast_beta2 < 1.0:
+            raise ValueError(f"Invalid fast_beta2 value: {self.fast_beta2!r} (in [0, 1))")
+
     def init_state(self, value: float) -> dict[str, float]:
         fast = {"streak": 0.0, "vf": 0.0} if self.streak else {}
         return {"m": 0.0, "v": 0.0, "t": 0.0, "run": 0.0, "settled": 0.0, **RUNAWAY_STATE, **fast}

@@ -380,6 +380,16 @@ def test_scale_free_fast_decrease_after_a_streak_of_signals_to_decrease():
     assert sum(fast_moves[end - 20:end]) > 3.0 * sum(plain_moves[end - 20:end]) > 0.0
 
 
+@pytest.mark.parametrize("bad", [dict(streak=-1), dict(streak=2.5), dict(streak=True),
+                                 dict(fast_beta2=1.0), dict(fast_beta2=-0.1)])
+def test_scale_free_rejects_a_bad_streak(bad):
+    with pytest.raises(ValueError, match="Invalid"):
+        ScaleFree(**bad)
+    (key, value), = bad.items()
+    with pytest.raises(ValueError, match="Invalid hyper_step"):
+        HypergradSGD(Net(0).params, lr=0.1, hyper_step=f"ScaleFree({key}={value!r})")
+
+
 def test_scale_free_runaway_clears_the_streak():
     policy = ScaleFree(streak=2)
     value, state = 1.0, policy.init_state(1.0)
