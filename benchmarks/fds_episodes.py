@@ -1,0 +1,89 @@
+"""What FDSSGD reads after each episode of a versus task: the validation gain and its elasticity.
+
+The readings behind the log outer step's far step (``hyperoptim.methods.fds_outer``): after each
+episode, the validation loss at its initial weights :math:`E_0`, at its end :math:`E_T`, the gain
+:math:`E_0 - E_T`, and :math:`\\rho = -\\sum_j a_j\\, \\partial E_T / \\partial a_j / (E_0 - E_T)`
+(``LINEAR_RATIO``: about 1 while the gain grows linearly with the learning rate, about 0 near the
+best rate), with the schedules the episode ran and its test metric. Each run is ``FDSSGD`` on a
+task of ``_versus_tasks.py`` from one of ``versus.py``'s SGD starts, 5 learning-rate windows, as
+``versus.py`` runs it.
+
+Run (1 thread per process):
+    python benchmarks/fds_episodes.py --tasks charlm digits-cnn --start poor --episodes 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+from _versus_tasks import all_tasks  # noqa: E402
+from versus import STARTS, _batch  # noqa: E402
+
+import hyperoptim  # noqa: E402
+
+
+def episodes(task_name: str, start: str, seed: int, n: int) -> list[dict[str, Any]]:
+    """``n`` episodes of FDSSGD on the task from ``start``; one reading per episode."""
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    task = next(t for t in all_tasks() if t.name == task_name)
+    model = task.make_model(seed)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = task.batches(seed, task.steps)
+    opt = hyperoptim.FDSSGD(model.parameters(), **STARTS["sgd"][start], horizon=task.steps,
+                            lr_windows=5,
+                            val_closure=lambda: task.loss(model, task.x_val, task.y_val))
+    out = []
+    for episode in range(n):
+        model.load_state_dict(init)
+        for idx in batches:
+            x, y = _batch(task, idx)
+            opt.step(lambda x=x, y=y: task.loss(model, x, y))
+        lrs = list(opt.param_groups[0]["lr_schedule"])
+        momentum = opt.param_groups[0]["momentum_schedule"][0]
+        start_loss = opt.hyper_state["start_loss"]
+        end_loss = float(opt.hyperstep())
+        hypergrads = opt.history[0]["hypergrad/lr"][-1]
+        gain = start_loss - end_loss
+        rho = (-sum(a * h for a, h in zip(lrs, hypergrads)) / gain) if gain > 0 else float("nan")
+        _, test = task.evaluate(model, task.x_test, task.y_test)
+        out.append(dict(episode=episode, lr=lrs, momentum=momentum, start_loss=start_loss,
+                        end_loss=end_loss, gain=gain, rho=rho, test=test))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["charlm", "digits-cnn"])
+    parser.add_argument("--start", default="poor", choices=sorted(STARTS["sgd"]))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--episodes", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    jobs = [(t, args.start, s, args.episodes) for t in args.tasks for s in args.seeds]
+    print("task        seed  episode  lr (first window)  momentum  E_0     E_T     gain    "
+          "gain / last   rho     test")
+    with ProcessPoolExecutor(args.workers) as pool:
+        for (task, _, seed, _), readings in zip(jobs, pool.map(episodes, *zip(*jobs))):
+            last = None
+            for r in readings:
+                growth = f"{r['gain'] / last:8.1f}x" if last else "        -"
+                print(f"{task:<11} {seed:>4}  {r['episode']:>7}  {r['lr'][0]:>17.4g}  "
+                      f"{r['momentum']:>8.3f}  {r['start_loss']:.4f}  {r['end_loss']:.4f}  "
+                      f"{r['gain']:.4f}  {growth:>11}  {r['rho']:6.3f}  {r['test']:.3f}")
+                last = r["gain"]
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
