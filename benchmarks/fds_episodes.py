@@ -15,6 +15,7 @@ Run (1 thread per process):
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -55,7 +56,10 @@ def episodes(task_name: str, start: str, seed: int, n: int) -> list[dict[str, An
         end_loss = float(opt.hyperstep())
         hypergrads = opt.history[0]["hypergrad/lr"][-1]
         gain = start_loss - end_loss
-        rho = (-sum(a * h for a, h in zip(lrs, hypergrads)) / gain) if gain > 0 else float("nan")
+        # The outer step's own reading (start_loss stays until the next episode's first step),
+        # on the schedule this episode ran.
+        rho = opt._linear_ratio({"lr_schedule": lrs}, {"lr": hypergrads}, end_loss)
+        rho = math.nan if rho is None else rho
         _, test = task.evaluate(model, task.x_test, task.y_test)
         out.append(dict(episode=episode, lr=lrs, momentum=momentum, start_loss=start_loss,
                         end_loss=end_loss, gain=gain, rho=rho, test=test))
