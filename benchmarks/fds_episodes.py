@@ -10,6 +10,9 @@ task of ``_versus_tasks.py`` from one of ``versus.py``'s SGD starts, 5 learning-
 
 Run (1 thread per process):
     python benchmarks/fds_episodes.py --tasks charlm digits-cnn --start poor --episodes 2
+
+``--episodes`` past ``versus.py``'s 3 shows where further outer steps take a start (the README's
+account of FDSSGD's misses: ``--tasks charlm --start poor --episodes 5``).
 """
 
 from __future__ import annotations
