@@ -12,24 +12,65 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fds import NAMES, Problem
+from torch.nn import functional as F
 
 from hyperoptim import FDSSGD, FDSAdam
 from hyperoptim.core.base import LEARNED_LIMIT
 from hyperoptim.core.warn import HyperoptimWarning
 from hyperoptim.methods.fds import LOG_STEP, LOG_STEP_MAX
-from hyperoptim.methods.fds_outer import EDGE_RATIO, LINEAR_RATIO, LOST_BACK_OFF, far_step
+from hyperoptim.methods.fds_outer import (
+    EDGE_RATIO,
+    FAR_STEP_MAX,
+    LINEAR_RATIO,
+    LOST_BACK_OFF,
+    STABLE_GAIN,
+    STABLE_SHARE,
+    far_step,
+)
 
 
 class Scaled(Problem):
-    """:class:`Problem` with its training loss multiplied by ``scale`` (the validation loss is
-    not): the learning rate that suits it is ``1 / scale`` times the original's."""
+    """:class:`Problem` with its training loss multiplied by ``scale``, and with ``both`` its
+    validation loss too: the learning rate that suits it is ``1 / scale`` times the original's.
+    Only the training loss (``both=False``) is a validation loss on another scale, as a
+    training loss summed over its batch and a validation loss averaged give."""
 
-    def __init__(self, scale: float = 1.0, seed: int = 0):
+    def __init__(self, scale: float = 1.0, seed: int = 0, both: bool = False):
         super().__init__(seed=seed)
         self.scale = scale
+        self.both = both
 
     def train_loss(self, p, t):
         return self.scale * super().train_loss(p, t)
+
+    def val_loss(self, p):
+        return (self.scale if self.both else 1.0) * super().val_loss(p)
+
+
+def exact_stable_rate(prob: Problem, momentum: float, weight_decay: float = 0.0) -> float:
+    """Heavy-ball SGD's largest stable learning rate on the validation loss at the live
+    weights, from its exact Hessian: 2 (1 + m) / (lambda_max + c)."""
+    names = list(prob.live)
+    shapes = [prob.live[k].shape for k in names]
+    flat = torch.cat([prob.live[k].detach().reshape(-1) for k in names])
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        parts, i = {}, 0
+        for k, shape in zip(names, shapes, strict=True):
+            n = math.prod(shape)
+            parts[k] = v[i : i + n].reshape(shape)
+            i += n
+        return prob.val_loss(parts)
+
+    top = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).max().item()
+    return 2.0 * (1.0 + momentum) / (top + weight_decay)
+
+
+def aimed(stable: float, lr: float) -> float | None:
+    """The documented far step read by the curvature: to a third of the stable rate, at most
+    two decades; None (Rprop's own step) below Rprop's first step."""
+    aim = math.log(STABLE_SHARE * stable / lr)
+    return min(aim, FAR_STEP_MAX) if aim >= LOG_STEP else None
 
 
 def run(prob: Problem, opt: FDSSGD, episodes: int) -> None:
@@ -45,9 +86,11 @@ def _ratio(start_loss: float, end_loss: float, lrs: list[float], hs: list[float]
 
 @pytest.mark.parametrize("lr", [0.05, 0.3, 0.5])
 def test_the_default_is_the_log_step_and_the_additive_step_is_the_papers(lr):
-    """A factor against the hypergradient's sign: 10 where the episode was far below its
-    learning rate (the ratio of LINEAR_RATIO, from the validation loss at the episode's initial
-    weights), else Rprop's first factor of 2; the paper's additive step moves by 0.1."""
+    """A factor against the hypergradient's sign: where the episode was far below its learning
+    rate (the ratio of LINEAR_RATIO, from the validation loss at the episode's initial weights)
+    and gained STABLE_GAIN of its start loss, to a third of SGD's stable rate at the end weights
+    (the exact Hessian's, here), else Rprop's first factor of 2; the paper's additive step moves
+    by 0.1."""
     prob, other = Problem(), Problem()
     start_loss = prob.val_loss(prob.live).item()
     log = prob.optimizer(horizon=4, lr=lr, tune=("lr",))
@@ -61,11 +104,19 @@ def test_the_default_is_the_log_step_and_the_additive_step_is_the_papers(lr):
     ratio = _ratio(start_loss, end_loss, [lr], [h])
     far = ratio >= LINEAR_RATIO
     assert far == (lr == 0.05)  # this problem: 0.05 is far below its rate; 0.3, 0.5 are not
-    step = far_step(ratio) if far else LOG_STEP
-    assert step > LOG_STEP or not far
-    assert log.schedule("lr") == [lr * math.exp(-math.copysign(step, h))]
+    stable = log.history[0]["stable_lr"][0]
+    if far:
+        assert start_loss - end_loss >= STABLE_GAIN * start_loss  # trained: the curvature read
+        assert stable == pytest.approx(exact_stable_rate(prob, 0.0), rel=1e-6)
+        step = aimed(stable, lr)
+        assert step is not None
+    else:
+        assert stable == 0.0  # not read
+        step = None
+    factor = math.exp(step) if step is not None else math.exp(-math.copysign(LOG_STEP, h))
+    assert log.schedule("lr") == [lr * factor]
     assert additive.schedule("lr") == [lr - math.copysign(0.1, h)]
-    # After a decade Rprop starts afresh: its first step, the sign forgotten.
+    # After a far step Rprop starts afresh: its first step, the sign forgotten.
     assert log.history[0]["log_step/lr"] == [[LOG_STEP]]
     assert log.hyper_state["outer"][0]["lr"]["sign"] == [0.0 if far else math.copysign(1.0, h)]
     assert "log_step/lr" not in additive.history[0] and "backtracked" not in additive.history[0]
@@ -86,13 +137,17 @@ def test_without_a_constructor_val_closure_the_sign_rule_alone():
 
 def test_far_below_its_rate_two_episodes_cross_more_than_a_decade():
     """Training loss times 100 from lr 3e-5: the first episode, deep in the linear regime, steps
-    up a decade, the second again by more than Rprop's growth (x2 then x4 before the rule)."""
+    up a decade, the second again by more than Rprop's growth (x2 then x4 before the rule). The
+    saturation model's steps: the validation loss is not on the training loss's scale, so its
+    curvature is not read (and the run says so)."""
     prob = Scaled(100.0, seed=5)
     opt = prob.optimizer(horizon=6, lr=3e-5, lr_windows=2, tune=("lr",))
     run(prob, opt, 1)
     assert opt.schedule("lr") == pytest.approx([3e-4, 3e-4], rel=1e-12)
-    run(prob, opt, 1)
+    with pytest.warns(HyperoptimWarning, match="more than 4x apart"):
+        run(prob, opt, 1)
     assert min(opt.schedule("lr")) > 3e-5 * 10 * 4
+    assert opt.history[0]["stable_lr"] == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("value", ["exp", "Log", 1, None])
@@ -121,12 +176,13 @@ def test_a_checkpoint_saved_before_outer_step_resumes_with_the_additive_step():
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(k=st.integers(-6, 10))
 def test_scaling_the_loss_scales_the_learned_learning_rates_exactly(k):
-    """The log step reads signs and compares losses only: with the training loss times 2**k and
-    the start divided by 2**k, every learned learning rate is the original's divided by 2**k,
-    bit for bit (powers of two scale floats exactly), backtracking included."""
+    """The log step reads signs, compares losses and reads the curvature: with the training and
+    validation losses times 2**k and the start divided by 2**k, every learned learning rate is
+    the original's divided by 2**k, bit for bit (powers of two scale floats exactly; the
+    curvature by 2**k), backtracking included."""
     c = 2.0**k
     kwargs = dict(horizon=5, lr_windows=2, tune=("lr",), momentum=0.5)
-    one, scaled = Scaled(1.0, seed=3), Scaled(c, seed=3)
+    one, scaled = Scaled(1.0, seed=3, both=True), Scaled(c, seed=3, both=True)
     a = one.optimizer(lr=0.02, **kwargs)
     b = scaled.optimizer(lr=0.02 / c, **kwargs)
     with warnings.catch_warnings():
@@ -139,12 +195,12 @@ def test_scaling_the_loss_scales_the_learned_learning_rates_exactly(k):
 
 
 def test_from_a_start_100x_too_small_the_log_step_learns_in_few_episodes():
-    """Training loss times 100 (the right learning rate a hundredth of the original's), started
-    100x too small: five episodes of the default step reach a good schedule, where the paper's
+    """Losses times 100 (the right learning rate a hundredth of the original's), started 100x
+    too small: five episodes of the default step reach a good schedule, where the paper's
     additive step of 0.1 (sized for the original problem) overshoots by decades."""
     results = {}
     for outer_step in ("log", "additive"):
-        prob = Scaled(100.0, seed=5)
+        prob = Scaled(100.0, seed=5, both=True)
         opt = prob.optimizer(horizon=6, lr=3e-5, lr_windows=2, tune=("lr",),
                              outer_step=outer_step)
         with warnings.catch_warnings():
@@ -165,8 +221,9 @@ def replay(hist: dict, start: float, n: int, start_loss: float) -> int:
     prev: list[float] | None = None
     ref = None
     backs = 0
-    for hs, loss, back, recorded in zip(hist["hypergrad/lr"], hist["val_loss"],
-                                        hist["backtracked"], hist["lr"], strict=True):
+    for hs, loss, back, recorded, stable in zip(hist["hypergrad/lr"], hist["val_loss"],
+                                                hist["backtracked"], hist["lr"],
+                                                hist["stable_lr"], strict=True):
         worse = prev is not None and ref is not None and loss > ref
         assert back == float(worse)
         if worse:
@@ -177,9 +234,14 @@ def replay(hist: dict, start: float, n: int, start_loss: float) -> int:
         else:
             prev, ref = list(value), loss
             far = start_loss > loss and _ratio(start_loss, loss, value, hs) >= LINEAR_RATIO
+            # The curvature is read exactly where a far step follows a trained episode.
+            assert (stable > 0) == (far and start_loss - loss >= STABLE_GAIN * start_loss)
+            step = far_step(_ratio(start_loss, loss, prev, hs)) if far else None
+            if stable > 0:
+                step = aimed(stable, max(prev))
             for k, h in enumerate(hs):
-                if far and h < 0:  # the far step up; Rprop afresh
-                    value[k] *= math.exp(far_step(_ratio(start_loss, loss, prev, hs)))
+                if step is not None and h < 0:  # the far step up; Rprop afresh
+                    value[k] *= math.exp(step)
                     s[k], sign[k] = LOG_STEP, 0.0
                     continue
                 sg = float((h > 0) - (h < 0))
@@ -497,3 +559,65 @@ def test_maximize_learns_the_schedules_of_minimising_the_negated_losses():
         for x, y in zip(a.history[0][name], b.history[0][name], strict=True):
             assert x == pytest.approx(y, rel=1e-9, abs=1e-15)
     assert b.history[0]["val_loss"] == pytest.approx([-v for v in a.history[0]["val_loss"]])
+
+
+# ---------------------------------------------------------------------- the curvature's far step
+def test_reading_the_curvature_leaves_weights_gradients_and_random_state_alone():
+    """The far step's reading of the curvature (20 extra validation gradients at perturbed
+    weights) puts the weights back bit for bit, leaves p.grad alone, and draws its dropout
+    masks from the state the episode's own validation call drew from: the global generator
+    ends where that one call leaves it."""
+    prob = Problem()
+
+    def val():
+        out = F.dropout(prob.f(prob.live, prob.xv), 0.1, training=True)
+        return ((out - prob.yv) ** 2).mean()
+
+    opt = prob.optimizer(horizon=4, lr=0.05, tune=("lr",), val_closure=val)
+    for t in range(4):
+        opt.step(prob.closure(opt, t))
+    weights = {k: v.detach().clone() for k, v in prob.live.items()}
+    marks = {k: torch.full_like(v, 7.0) for k, v in prob.live.items()}
+    for k, v in prob.live.items():
+        v.grad = marks[k].clone()
+    torch.manual_seed(11)
+    with torch.no_grad():
+        val()  # what the episode's own validation call draws
+    after_one_call = torch.get_rng_state()
+    torch.manual_seed(11)
+    opt.hyperstep()
+    assert opt.history[0]["stable_lr"][0] > 0  # the curvature was read
+    assert torch.equal(torch.get_rng_state(), after_one_call)
+    for k, v in prob.live.items():
+        assert torch.equal(v.detach(), weights[k]) and torch.equal(v.grad, marks[k])
+
+
+def test_a_training_loss_on_another_scale_keeps_the_saturation_model_and_says_so():
+    """A training loss 100x its validation loss (as a sum over the batch against a mean): the
+    validation loss's curvature would put the stable rate 100x too high, so the far step keeps
+    the saturation model, with one warning; the run trains as before the curvature's step."""
+    prob = Scaled(100.0, seed=5)
+    opt = prob.optimizer(horizon=6, lr=3e-5, lr_windows=2, tune=("lr",))
+    with pytest.warns(HyperoptimWarning, match="more than 4x apart"):
+        run(prob, opt, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HyperoptimWarning)  # said once
+        run(prob, opt, 2)
+    hist = opt.history[0]
+    assert hist["stable_lr"] == [0.0] * 4
+    assert all(math.isfinite(v) for v in hist["val_loss"])
+    assert hist["val_loss"][-1] < 0.5 * hist["val_loss"][0]
+
+
+def test_a_rule_without_an_edge_of_stability_never_reads_the_curvature():
+    """Adam's step has no edge of stability (its steps are bounded by its rate): FDSAdam's far
+    steps keep the saturation model and its growth, and nothing is read."""
+    prob = Problem(seed=4)
+    opt = FDSAdam(list(prob.live.values()), horizon=6, lr=1e-5, lr_windows=2, tune=("lr",),
+                  val_closure=lambda: prob.val_loss(prob.live))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HyperoptimWarning)
+        run(prob, opt, 4)
+    hist = opt.history[0]
+    assert hist["stable_lr"] == [0.0] * 4
+    assert max(hist["lr"][-1]) >= 1e-3  # far steps were taken: two decades in four episodes

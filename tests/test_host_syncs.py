@@ -55,8 +55,11 @@ CEILINGS: dict[str, tuple[int, int]] = {
     "IFTAdam": (2, 6),
     "IFTAdamW": (2, 6),
     # The guard's verdict, and at an episode's end the hypergradients; finite differences: the
-    # step sizes' .tolist() and one .tolist() of every column's kink verdict.
-    "FDSSGD": (2, 4),
+    # step sizes' .tolist() and one .tolist() of every column's kink verdict. FDSSGD: one more
+    # at an episode's end whose far step reads the curvature (methods/fds_outer.py
+    # _stable_rate, the largest eigenvalue's one read; raised from (2, 4) with it: it decides a
+    # step of up to two decades, once per episode at most, never per inner step).
+    "FDSSGD": (3, 5),
     "FDSAdam": (2, 4),
     "FDSAdamW": (2, 4),
 }

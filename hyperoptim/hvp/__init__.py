@@ -72,7 +72,8 @@ from ..core.dist import all_reduce_mean
 from ..core.shard import any_sharded, local, sum_across_shards
 from ..core.threads import FORWARD_AD_LOCK
 
-__all__ = ["HVP_ROUTES", "SecondOrder", "exact_route_error", "grad_and_hvp", "hvp_from_grads"]
+__all__ = ["HVP_ROUTES", "SecondOrder", "exact_route_error", "grad_and_hvp", "hvp_from_grads",
+           "top_curvature"]
 
 HVP_ROUTES = ("auto", "exact", "finite_difference")
 """The values of every second-order optimizer's ``hvp=`` argument."""
@@ -403,6 +404,84 @@ class SecondOrder:
             return [local(g) for g in gradient_at()]
         with self._rng.replay():
             return [local(g) for g in gradient_at()]
+
+
+def top_curvature(product: Callable[[list[Tensor]], list[Tensor]], like: Sequence[Tensor], *,
+                  iterations: int, sharded: bool = False) -> float:
+    r"""The largest eigenvalue of a symmetric operator (a Hessian) by ``iterations`` steps of
+    Lanczos from a fixed random start.
+
+    Lanczos builds the tridiagonal matrix :math:`T_k` of the operator on the Krylov space of the
+    start vector; the largest eigenvalue of :math:`T_k` approaches the operator's largest from
+    below, fast where it stands apart from the rest (the top of a network's Hessian does). The
+    three-term recurrence keeps three vectors, without reorthogonalisation: a loss of
+    orthogonality repeats converged eigenvalues but does not move the largest. The recurrence's
+    scalars stay on the device: one host read, of the result.
+
+    Args:
+        product: maps a vector of unit norm (one tensor per entry of ``like``) to the operator
+            times it.
+        like (sequence of Tensor): the vector's layout (shapes, dtypes, devices); under FSDP2
+            this rank's shards, and ``product`` takes and returns shards.
+        iterations (int): the Krylov dimension :math:`k` (``product`` is called k times).
+        sharded (bool): the vectors are shards, whose inner products are completed across the
+            ranks (one all-reduce of a scalar each).
+
+    Returns:
+        float: the largest Ritz value (NaN if a product was not finite). Every rank gets the
+        same value where ``product`` averages across ranks.
+
+    Example:
+        >>> a = torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64))
+        >>> round(top_curvature(lambda v: [a @ v[0]], [torch.zeros(3, dtype=torch.float64)],
+        ...                     iterations=3), 6)
+        3.0
+    """
+    gen = torch.Generator().manual_seed(0)
+    q = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+         for t in like]
+
+    def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+        partial = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).sum()
+        return sum_across_shards([partial])[0] if sharded else partial
+
+    def scaled(a: Sequence[Tensor], c: Tensor) -> list[Tensor]:
+        return [x * c.to(x.dtype) for x in a]
+
+    q = scaled(q, dot(q, q).rsqrt())
+    previous: list[Tensor] | None = None
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    alive = [torch.ones((), dtype=torch.bool, device=q[0].device if q else None)]
+    for j in range(iterations):
+        w = [x.detach().clone() for x in product(q)]
+        alpha = dot(w, q)
+        alphas.append(alpha)
+        if j == iterations - 1:
+            break
+        for x, y in zip(w, q):
+            x.sub_(y * alpha.to(x.dtype))
+        if previous is not None:
+            for x, y in zip(w, previous):
+                x.sub_(y * betas[-1].to(x.dtype))
+        beta = dot(w, w).clamp_min(0.0).sqrt()
+        # A breakdown (w = 0 up to rounding: the Krylov space is invariant, its Ritz values
+        # exact) ends the recurrence; the vectors after it are rounding noise, and their
+        # entries of T are masked out below (without a host read to stop the loop).
+        scale = torch.stack(alphas).abs().max()
+        alive.append(alive[-1] & (beta > 1e-10 * scale))
+        betas.append(beta)
+        previous, q = q, scaled(w, 1.0 / beta.clamp_min(torch.finfo(torch.float64).tiny))
+    keep = torch.stack(alive[: len(alphas)])
+    # A masked diagonal entry is the first Rayleigh quotient, never above the largest.
+    diagonal = torch.where(keep, torch.stack(alphas), alphas[0])
+    t = torch.diag(diagonal)
+    if betas:
+        off = torch.where(keep[1:], torch.stack(betas), torch.zeros_like(betas[0]))
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    finite = t.isfinite().all()
+    top = torch.linalg.eigvalsh(torch.where(finite, t, torch.zeros_like(t))).max()
+    return float(torch.where(finite, top, torch.full_like(top, math.nan)))
 
 
 def _zeros_side_by_side(vectors: Sequence[Tensor], n: int) -> list[Tensor]:

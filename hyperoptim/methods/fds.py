@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..core.base import LEARNED_LIMIT, HyperOptimizer
 from ..core.checks import check_value, is_real
+from ..core.dist import all_reduce_mean, world_size
 from ..core.options import check_group, components, is_number, renamed_group, renamed_options
 from ..core.schedule import window_of
 from ..core.shard import (
@@ -363,7 +364,7 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
             )
         loss, second = self._training_loss(closure, second_order=n_prev > 0)
         if t == 0:  # after the closure: its checks (sparse gradients, ...) speak first
-            self._measure_start()
+            self._measure_start(loss)
         hz: dict[Tensor, Tensor] = {}
         measured: dict[str, bool] = {}
         if second is not None:
@@ -395,25 +396,35 @@ class RuleFDS(FDSOuterStep, HyperOptimizer):
         self._publish(t + 1)
         return loss
 
-    def _measure_start(self) -> None:
+    def _measure_start(self, train_loss: Tensor | None) -> None:
         r"""At an episode's first step, with ``outer_step="log"`` tuning a learning rate and the
         constructor's ``val_closure``: the validation loss :math:`E(w_0)` at the episode's initial
         weights (averaged over the ranks; one validation gradient per episode), kept in
         ``hyper_state["start_loss"]`` (negated under ``maximize``, as the outer step compares
         it) for the outer step's linear-regime test
-        (:meth:`~hyperoptim.methods.fds_outer.FDSOuterStep._linear_ratio`). Without a
-        ``val_closure`` here (one given only to :meth:`hyperstep`) nothing is measured and the
-        outer step keeps its sign rule."""
+        (:meth:`~hyperoptim.methods.fds_outer.FDSOuterStep._linear_ratio`), and the step's
+        training loss ``train_loss`` (averaged over the ranks too) in
+        ``hyper_state["start_train_loss"]``, whose scale the curvature's reading checks
+        (:meth:`~hyperoptim.methods.fds_outer.FDSOuterStep._stable_rate`). Both in one host
+        read. Without a ``val_closure`` here (one given only to :meth:`hyperstep`) nothing is
+        measured and the outer step keeps its sign rule."""
         self.hyper_state.pop("start_loss", None)
+        self.hyper_state.pop("start_train_loss", None)
         val_closure = self.val_closure
         if val_closure is None or not any(
                 g.get("outer_step") == "log" and "lr" in g["tune"] for g in self.param_groups):
             return
         params = self._all_params()
         loss, _ = self._validation_grads(val_closure, params)
-        value = self._objective(float(loss))
-        if math.isfinite(value):
-            self.hyper_state["start_loss"] = value
+        pair = [loss.detach().double().reshape(())]
+        if isinstance(train_loss, Tensor) and train_loss.numel() == 1:
+            train = train_loss.detach().double().reshape(()).to(pair[0].device)
+            pair.append(all_reduce_mean([train])[0] if world_size() > 1 else train)
+        values = [self._objective(v) for v in torch.stack(pair).tolist()]
+        if math.isfinite(values[0]):
+            self.hyper_state["start_loss"] = values[0]
+        if len(values) > 1 and math.isfinite(values[1]):
+            self.hyper_state["start_train_loss"] = values[1]
 
     def _loop_columns(self, second: SecondOrder, zs: list[Tensor], n: int
                       ) -> tuple[bool, dict[str, bool]]:

@@ -19,11 +19,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..core.shard import any_sharded, local, sum_across_shards
 from ..core.types import Closure
 from ..core.warn import warn
+from ..hvp import RngReplay, top_curvature
 
-__all__ = ["EDGE_RATIO", "LINEAR_RATIO", "LINEAR_TARGET", "LOG_STEP", "LOG_STEP_MAX",
-           "LOST_BACK_OFF", "OUTER_STEPS", "FDSOuterStep", "far_step"]
+__all__ = ["CURVATURE_ITERATIONS", "EDGE_RATIO", "FAR_STEP_MAX", "LINEAR_RATIO", "LINEAR_TARGET",
+           "LOG_STEP", "LOG_STEP_MAX", "LOST_BACK_OFF", "OUTER_STEPS", "SCALE_MATCH",
+           "STABLE_GAIN", "STABLE_SHARE", "FDSOuterStep", "far_step"]
 
 OUTER_STEPS = ("log", "additive")
 """The values of ``outer_step``: the scale-free step of the positive scales in log space, or the
@@ -54,7 +57,9 @@ of 2, and Rprop starts afresh from there: from 100x too small, two outer steps i
 Measured (``benchmarks/versus.py``'s starts, 3 episodes, 3 seeds): FDSSGD on the
 digits MLP from 100x too small 91.1 -> 96.6%, CNN 81.4 -> 98.5%; FDSAdamW MLP 68.0 -> 94.3%, CNN
 51.4 -> 94.9%; the good starts unchanged (the test never passed there), where a first step of a
-decade regardless killed FDSAdamW's CNN in 2 of 3 seeds (the sign asked for more twice)."""
+decade regardless killed FDSAdamW's CNN in 2 of 3 seeds (the sign asked for more twice). After
+an episode that has trained (:data:`STABLE_GAIN`) a rule with an edge of stability aims by the
+curvature instead (:data:`STABLE_SHARE`)."""
 
 LINEAR_TARGET = 2.5
 r"""Where the far step aims, in units of the saturation scale of the model below
@@ -85,8 +90,47 @@ learning-rate window steps down by its Rprop step (as if its hypergradient said 
 values hold: a learning rate too large costs the run, one too small only time."""
 
 
+STABLE_GAIN = 0.1
+r"""The gain from which a far step (:data:`LINEAR_RATIO`) of a rule with an edge of stability
+(SGD's) aims by the curvature instead of the saturation model (:func:`far_step`): an episode
+whose validation loss ended at least 10% below :math:`E_0`. Such an episode has trained its
+network enough to show the curvature of training (it sharpens as it trains: the digits CNN's
+largest validation Hessian eigenvalue went from 0.9 at its initial weights to 4-28 after an
+episode at lr 0.01), where an episode that barely moved (0.5-2% from 100x too small on the
+versus tasks, against 15-58% in the episode after it) shows the initial weights' curvature,
+which puts the edge 5-10x too far."""
+
+STABLE_SHARE = 1.0 / 3.0
+r"""Where a far step read by the curvature aims: at a third of the stable learning rate
+:math:`E / (\lambda + c)` (:meth:`FDSOuterStep._stable_rate`), held between Rprop's first step
+and :data:`FAR_STEP_MAX`. Measured from the versus tasks' poor start (3 episodes, 5 seeds;
+the saturation model alone: MLP 96.4%, CNN 98.1%, LSTM perplexity 19.35): a third, 97.2%, 98.3%,
+9.45; a fifth, 96.5%, 97.2%, 9.57; a tenth, LSTM 11.13. The episode at lr 0.01 read a stable
+rate of 1.0 on the MLP, 0.12-0.78 on the CNN and 4.0-6.1 on the character LSTM, whose best
+rates are about 0.1-0.5, 0.1 and 1."""
+
+FAR_STEP_MAX = math.log(100.0)
+"""The largest far step read by the curvature (:data:`STABLE_SHARE`): two decades."""
+
+SCALE_MATCH = 4.0
+r"""How far apart the training and the validation loss may start for the validation loss's
+curvature to stand for the training loss's (:meth:`FDSOuterStep._stable_rate`): their ratio at
+the episode's first step within :math:`[1/4, 4]`. A training loss summed over a batch of 64
+against a validation loss averaged starts 64x apart; read there, the curvature puts the
+stable rate 64x too high (a test problem with its training loss 100x its validation loss:
+its far step went x100 and that episode diverged). Outside the range the far step keeps
+the saturation model (:func:`far_step`), with one warning."""
+
+CURVATURE_ITERATIONS = 10
+"""Lanczos steps behind the largest eigenvalue of the validation loss's Hessian
+(:func:`~hyperoptim.hvp.top_curvature`): each one Hessian-vector product by central
+differences of two validation gradients, once per episode that takes a far step read by the
+curvature."""
+
+
 def far_step(ratio: float) -> float:
-    r"""The log step of a learning rate after an episode far below it (:data:`LINEAR_RATIO`).
+    r"""The log step of a learning rate after an episode far below it (:data:`LINEAR_RATIO`),
+    where the curvature is not read (:data:`STABLE_GAIN`).
 
     Model: the validation loss an episode gains saturates in the learning rate's scale
     :math:`a` as :math:`1 - e^{-a / a^*}`, whose :math:`\rho` is :math:`x / (e^x - 1)` at
@@ -171,12 +215,16 @@ class FDSOuterStep:
                                f"horizon={self.horizon} steps, but {t} step(s) have been taken.")
         val_closure = self._resolve_val_closure(val_closure, required=True)
         columns = self._columns()
+        # What the validation call draws (dropout), for the curvature's extra calls to replay.
+        rng = RngReplay([p.device for g in self.param_groups for p in g["params"]])
         val_loss, hypergrads, loss = self._episode_hypergradients(val_closure, len(columns))
+        rng.mark_after()
         skipped = not self._all_finite(*hypergrads, loss)
         logs = [g.get("outer_step", "additive") == "log" for g in self.param_groups]
         if skipped:
             self._warn_skipped_episode(any(logs))
-        self._outer_steps(self._by_group(columns, hypergrads), loss, skipped, logs)
+        self._outer_steps(self._by_group(columns, hypergrads), loss, skipped, logs,
+                          (val_closure, rng))
         self._reset_episode()
         return val_loss
 
@@ -193,21 +241,32 @@ class FDSOuterStep:
         return per_group
 
     def _outer_steps(self, per_group: list[dict[str, list[float]]], loss: float, skipped: bool,
-                     logs: list[bool]) -> None:
+                     logs: list[bool], validation: tuple[Closure, RngReplay]) -> None:
         """Every group's outer step and ``history`` entry; the validation loss becomes the
         reference of the next log-space check when this episode's step stands. The log step
         compares the objective the hypergradients descend: the validation loss, negated under
-        ``maximize`` (:meth:`_objective`); ``history`` keeps the loss as the closure returned it."""
+        ``maximize`` (:meth:`_objective`); ``history`` keeps the loss as the closure returned it.
+        The stable rates a far step reads (:meth:`_stable_rate`, extra validation gradients
+        from ``validation``: the closure, and the random-number state its call at the episode's
+        end drew from) are measured for every group before any schedule moves: an error there
+        changes nothing."""
         objective = self._objective(loss)
         # Under the log step an episode that gained nothing counts as lost, as a non-finite one.
         lost = not skipped and any(logs) and self._lost(objective)
         failed = skipped or lost
         revert = any(logs) and self._revert_due(objective, failed)
+        stable = [self._stable_rate(group, per_group[gi], objective, *validation)
+                  if logs[gi] and not (failed or revert) else None
+                  for gi, group in enumerate(self.param_groups)]
         for gi, group in enumerate(self.param_groups):
             extra = self._outer_step(gi, group, per_group[gi], log=logs[gi], revert=revert,
-                                     skipped=failed if logs[gi] else skipped, loss=objective)
+                                     skipped=failed if logs[gi] else skipped, loss=objective,
+                                     stable=stable[gi])
             if logs[gi]:
                 extra["lost"] = 1.0 if lost else 0.0
+                # 0 where not read (a stable rate is positive; NaN would not compare equal
+                # after a checkpoint's round trip).
+                extra["stable_lr"] = 0.0 if stable[gi] is None else stable[gi]
             self._record(gi, skipped=skipped, val_loss=loss,
                          skipped_steps=float(self.hyper_state.get("episode_skipped", 0)),
                          **{name: list(group[f"{name}_schedule"]) for name in self.names},
@@ -223,12 +282,13 @@ class FDSOuterStep:
         return -loss if self.defaults.get("maximize") else loss
 
     def _outer_step(self, gi: int, group: dict[str, Any], hypergrads: dict[str, list[float]], *,
-                    log: bool, revert: bool, skipped: bool, loss: float) -> dict[str, Any]:
+                    log: bool, revert: bool, skipped: bool, loss: float,
+                    stable: float | None = None) -> dict[str, Any]:
         """Group ``gi``'s outer step; returns what it adds to ``history``. The additive step
         leaves the schedules of a skipped episode as they are."""
         if log:
             return self._log_outer(gi, group, hypergrads, revert=revert, skipped=skipped,
-                                   loss=loss)
+                                   loss=loss, stable=stable)
         if not skipped:
             self._sign_update(gi, group, hypergrads)
         return {}
@@ -258,7 +318,8 @@ class FDSOuterStep:
         return skipped or (ref is not None and loss > ref)
 
     def _log_outer(self, gi: int, group: dict[str, Any], hypergrads: dict[str, list[float]], *,
-                   revert: bool, skipped: bool, loss: float) -> dict[str, Any]:
+                   revert: bool, skipped: bool, loss: float,
+                   stable: float | None = None) -> dict[str, Any]:
         r"""The outer step of a group with ``outer_step="log"``; returns its ``history`` entries.
 
         The sign step (:meth:`_sign_update`) moves the values from where they are, remembering
@@ -266,7 +327,9 @@ class FDSOuterStep:
         hypergradients describe a point already rejected: the values go back, every step halves
         and the signs are forgotten (iRprop+'s backtracking, Igel & Huesken 2000), and the
         learning rate probes below (:meth:`_step_back`). An episode far below its learning rate
-        (:data:`LINEAR_RATIO`) steps every window of it up by a decade. A lost episode
+        (:data:`LINEAR_RATIO`) steps every window of it up by up to a decade (:func:`far_step`),
+        or, given the group's ``stable`` learning rate (:meth:`_stable_rate`), towards
+        :data:`STABLE_SHARE` of it (:meth:`_aimed_far_step`). A lost episode
         (non-finite, or :meth:`_lost`) with no step to undo (the start itself was past
         stability) divides the learning rates by :data:`LOST_BACK_OFF`.
         """
@@ -289,9 +352,11 @@ class FDSOuterStep:
                 self._sign_update(gi, group, {name: [1.0 if name == "lr" else 0.0] * len(hs)
                                               for name, hs in hypergrads.items()})
             else:
-                self._sign_update(gi, group, hypergrads,
-                                  far=far_step(ratio) if ratio is not None
-                                  and ratio >= LINEAR_RATIO else None)
+                far = None
+                if ratio is not None and ratio >= LINEAR_RATIO:
+                    far = far_step(ratio) if stable is None else self._aimed_far_step(group,
+                                                                                      stable)
+                self._sign_update(gi, group, hypergrads, far=far)
             for name, values in before.items():
                 outer[name]["prev"] = values
         # One entry per hyperstep, aligned with the other names (the initial s before the first).
@@ -312,6 +377,113 @@ class FDSOuterStep:
             return None
         g = sum(a * h for a, h in zip(group["lr_schedule"], hs, strict=True))
         return -g / (start - loss) if math.isfinite(g) else None
+
+    def _stable_rate(self, group: dict[str, Any], hypergrads: dict[str, list[float]],
+                     loss: float, val_closure: Closure, rng: RngReplay) -> float | None:
+        r"""The largest stable learning rate of the group's rule at the episode's end weights,
+        where a far step will read it; else ``None``.
+
+        Read only where the episode will take a far step (:data:`LINEAR_RATIO`, not at the edge,
+        :data:`EDGE_RATIO`), gained at least :data:`STABLE_GAIN` of its start loss, and the rule
+        has an edge of stability (:attr:`~hyperoptim.rules.base.UpdateRule.edge`; SGD's,
+        :func:`~hyperoptim.rules.sgd.sgd_edge`: :math:`E = 2 (1 + m)` for heavy-ball momentum
+        :math:`m`; Adam's step has none). Then, with :math:`\lambda` the largest eigenvalue of
+        the validation loss's Hessian over the group's parameters
+        (:func:`~hyperoptim.hvp.top_curvature`, :data:`CURVATURE_ITERATIONS` products by central
+        differences of validation gradients, averaged across ranks like every validation
+        gradient, each call drawing what the episode's own validation call drew from ``rng``)
+        and :math:`c` the group's largest weight decay, the rate is :math:`E /
+        (\lambda + c)` at the group's smallest momentum: above it a quadratic with that
+        curvature diverges. The validation loss's curvature stands for the training loss's,
+        read only where the two losses started the episode on one scale
+        (:data:`SCALE_MATCH`). The weights and every random-number generator are left as they
+        were, and ``p.grad`` is not touched.
+        """
+        if (self.rule.edge is None or "lr" not in group["tune"]
+                or group.get("outer_step") != "log"):
+            return None
+        ratio = self._linear_ratio(group, hypergrads, loss)
+        start = self.hyper_state.get("start_loss")
+        if (ratio is None or not LINEAR_RATIO <= ratio <= EDGE_RATIO or start is None
+                or not start - loss >= STABLE_GAIN * abs(start)):
+            return None
+        params = [p for p in group["params"] if p.requires_grad]
+        if not params or not self._scales_match(start):
+            return None
+        curvature = self._validation_curvature(val_closure, params, rng)
+        hypers = dict(self.rule.hypers(group))
+        if "momentum" in group["tune"] or "momentum_schedule" in group:
+            hypers["momentum"] = min(group["momentum_schedule"])
+        decay = max(group["weight_decay_schedule"]) if "weight_decay_schedule" in group \
+            else float(group.get("weight_decay", 0.0))
+        edge = self.rule.edge(hypers, self.rule.options(group))
+        sharpness = curvature + max(decay, 0.0)
+        return edge / sharpness if math.isfinite(sharpness) and sharpness > 0.0 else None
+
+    def _scales_match(self, start: float) -> bool:
+        """Whether the training loss at the episode's first step (``start_train_loss``) and the
+        validation loss ``start`` there are on one scale (:data:`SCALE_MATCH`); unknown (no
+        training loss) counts as a match. Warns once where they are not."""
+        train = self.hyper_state.get("start_train_loss")
+        if train is None or (start != 0.0 and 1.0 / SCALE_MATCH <= train / start <= SCALE_MATCH):
+            return True
+        if not self.__dict__.get("_warned_scales"):
+            self.__dict__["_warned_scales"] = True
+            warn(f"{type(self).__name__}: the training loss started this episode at {train:.4g} "
+                 f"and the validation loss at {start:.4g}, more than {SCALE_MATCH:g}x apart (a "
+                 "loss summed over the batch against one averaged?). The far step reads the "
+                 "validation loss's curvature in place of the training loss's only where both "
+                 "are on one scale; it keeps the saturation model here. Put both losses on one "
+                 "scale (the same reduction) for the curvature's step.")
+        return False
+
+    def _validation_curvature(self, val_closure: Closure, params: list[Tensor], rng: RngReplay
+                              ) -> float:
+        """The largest eigenvalue of the validation loss's Hessian over ``params`` at the live
+        weights (:meth:`_stable_rate`); the weights are put back bit for bit."""
+        sharded = any_sharded(params)
+        shards = [local(p) for p in params]
+        origin = [s.detach().clone() for s in shards]
+        # The products' step h = sqrt(eps) (1 + |w|) along a unit vector (the finite-difference
+        # route's, hvp/), kept on the device.
+        eps = max(torch.finfo(s.dtype).eps for s in shards if s.is_floating_point())
+        norm = torch.stack([s.detach().double().square().sum() for s in shards]).sum()
+        norm = (sum_across_shards([norm])[0] if sharded else norm).sqrt()
+        h = math.sqrt(eps) * (1.0 + norm)
+
+        def gradient_at(vector: list[Tensor], sign: float) -> list[Tensor]:
+            with torch.no_grad():
+                for s, w, v in zip(shards, origin, vector, strict=True):
+                    s.copy_(w + (sign * h).to(s.dtype) * v)
+            with rng.replay():
+                _, grads = self._validation_grads(val_closure, params)
+            return [local(g) for g in grads]
+
+        def product(vector: list[Tensor]) -> list[Tensor]:
+            plus = gradient_at(vector, 1.0)
+            minus = gradient_at(vector, -1.0)
+            return [(a - b).div_((2.0 * h).to(a.dtype)) for a, b in zip(plus, minus, strict=True)]
+
+        try:
+            with torch.enable_grad():
+                return top_curvature(product, shards, iterations=CURVATURE_ITERATIONS,
+                                     sharded=sharded)
+        finally:
+            with torch.no_grad():
+                for s, w in zip(shards, origin, strict=True):
+                    s.copy_(w)
+            rng.restore()
+
+    def _aimed_far_step(self, group: dict[str, Any], stable: float) -> float | None:
+        """The log step of a far step read by the curvature: from the group's largest
+        learning rate to :data:`STABLE_SHARE` of the ``stable`` one, at most
+        :data:`FAR_STEP_MAX`; ``None`` (Rprop's own step) where that is less than its first
+        step: the rate is near or past the share already."""
+        rates = [v for v in group["lr_schedule"] if v > 0]
+        if not rates:
+            return None
+        aim = math.log(STABLE_SHARE * stable / max(rates))
+        return min(aim, FAR_STEP_MAX) if aim >= self.log_step else None
 
     def _step_back(self, outer: dict[str, Any], group: dict[str, Any]) -> None:
         """Put every schedule of the group back where the last step took it from, halve every
