@@ -3,6 +3,7 @@ one (``"additive"``): the rule, scale invariance, a start 100x too small, bounds
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import warnings
@@ -621,3 +622,35 @@ def test_a_rule_without_an_edge_of_stability_never_reads_the_curvature():
     hist = opt.history[0]
     assert hist["stable_lr"] == [0.0] * 4
     assert max(hist["lr"][-1]) >= 1e-3  # far steps were taken: two decades in four episodes
+
+
+def test_an_error_while_reading_the_curvature_changes_nothing():
+    """The validation closure raising during the curvature's extra calls: hyperstep() raises,
+    and the weights, schedules, history and outer state are as before it; the same hyperstep
+    then completes as an uninterrupted one does."""
+    twin, prob = Problem(), Problem()
+    calls = {"n": 0, "fail": None}
+
+    def val():
+        calls["n"] += 1
+        if calls["n"] == calls["fail"]:
+            raise RuntimeError("boom")
+        return prob.val_loss(prob.live)
+
+    ref = twin.optimizer(horizon=4, lr=0.05, tune=("lr",))
+    opt = prob.optimizer(horizon=4, lr=0.05, tune=("lr",), val_closure=val)
+    twin.episode(ref)
+    for t in range(4):
+        opt.step(prob.closure(opt, t))
+    weights = {k: v.detach().clone() for k, v in prob.live.items()}
+    snapshot = lambda: copy.deepcopy((opt.schedule("lr"), opt.history, opt.hyper_state))  # noqa: E731
+    before = snapshot()
+    calls["fail"] = calls["n"] + 6  # inside the Lanczos products
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.hyperstep()
+    assert snapshot() == before
+    for k, v in prob.live.items():
+        assert torch.equal(v.detach(), weights[k])
+    opt.hyperstep()
+    assert opt.history[0]["stable_lr"] == ref.history[0]["stable_lr"] != [0.0]
+    assert opt.schedule("lr") == ref.schedule("lr")
