@@ -28,6 +28,7 @@ from hyperoptim.methods.fds_outer import (
     STABLE_SHARE,
     far_step,
 )
+from hyperoptim.rules.sgd import sgd_edge
 
 
 class Scaled(Problem):
@@ -540,8 +541,9 @@ def test_at_the_edge_of_stability_only_the_learning_rate_moves_and_down():
 
 def test_maximize_learns_the_schedules_of_minimising_the_negated_losses():
     """The log step compares the objective the hypergradients descend: with ``maximize=True``
-    and every loss negated, the far step, the backtracking and the lost-episode test read the
-    same episodes the same way, so the schedules match the plain run's over many episodes."""
+    and every loss negated, the far step, the curvature it reads (of the negated losses), the
+    backtracking and the lost-episode test read the same episodes the same way, so the
+    schedules match the plain run's over many episodes."""
     kwargs = dict(horizon=5, lr=1e-3, momentum=0.5, lr_windows=2, tune=("lr", "momentum"))
     plain, neg = Problem(seed=4), Problem(seed=4)
     a = plain.optimizer(**kwargs)
@@ -556,7 +558,8 @@ def test_maximize_learns_the_schedules_of_minimising_the_negated_losses():
                 opt.hyperstep()
     assert max(a.history[0]["lr"][1]) >= 1e-2  # the far step ran
     assert sum(a.history[0]["backtracked"]) >= 1  # and a backtrack
-    for name in ("lr", "momentum", "backtracked"):
+    assert max(a.history[0]["stable_lr"]) > 0  # and the curvature's far step
+    for name in ("lr", "momentum", "backtracked", "stable_lr"):
         for x, y in zip(a.history[0][name], b.history[0][name], strict=True):
             assert x == pytest.approx(y, rel=1e-9, abs=1e-15)
     assert b.history[0]["val_loss"] == pytest.approx([-v for v in a.history[0]["val_loss"]])
@@ -654,3 +657,22 @@ def test_an_error_while_reading_the_curvature_changes_nothing():
     opt.hyperstep()
     assert opt.history[0]["stable_lr"] == ref.history[0]["stable_lr"] != [0.0]
     assert opt.schedule("lr") == ref.schedule("lr")
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_stable_rate_is_the_rules_edge_over_the_curvature_and_the_weight_decay(nesterov):
+    """With momentum and weight decay: the stable rate read is SGD's edge at the episode's
+    momentum (Nesterov's too) over the validation Hessian's largest eigenvalue (exact, here)
+    plus the weight decay, and the far step aims at a third of it."""
+    prob = Problem()
+    opt = prob.optimizer(horizon=4, lr=0.02, momentum=0.5, weight_decay=1e-3, nesterov=nesterov,
+                         tune=("lr",))
+    prob.episode(opt)
+    stable = opt.history[0]["stable_lr"][0]
+    assert stable > 0
+    exact = exact_stable_rate(prob, 0.0, 1e-3) / 2.0  # 2 / (lambda + c)
+    assert stable == pytest.approx(exact * sgd_edge({"momentum": 0.5}, {"nesterov": nesterov}),
+                                   rel=1e-6)
+    step = aimed(stable, 0.02)
+    assert step is not None and opt.schedule("lr") == pytest.approx([0.02 * math.exp(step)],
+                                                                    rel=1e-12)
