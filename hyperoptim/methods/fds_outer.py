@@ -411,13 +411,10 @@ class FDSOuterStep:
         if not params or not self._scales_match(start):
             return None
         curvature = self._validation_curvature(val_closure, params, rng)
-        hypers = dict(self.rule.hypers(group))
-        if "momentum" in group["tune"] or "momentum_schedule" in group:
-            hypers["momentum"] = min(group["momentum_schedule"])
-        decay = max(group["weight_decay_schedule"]) if "weight_decay_schedule" in group \
-            else float(group.get("weight_decay", 0.0))
+        # The schedules' values the episode ran (every name of the rule has one).
+        hypers = {**self.rule.hypers(group), "momentum": min(group["momentum_schedule"])}
         edge = self.rule.edge(hypers, self.rule.options(group))
-        sharpness = curvature + max(decay, 0.0)
+        sharpness = curvature + max(max(group["weight_decay_schedule"]), 0.0)
         return edge / sharpness if math.isfinite(sharpness) and sharpness > 0.0 else None
 
     def _scales_match(self, start: float) -> bool:
