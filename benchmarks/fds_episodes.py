@@ -4,7 +4,8 @@ The readings behind the log outer step's far step (``hyperoptim.methods.fds_oute
 episode, the validation loss at its initial weights :math:`E_0`, at its end :math:`E_T`, the gain
 :math:`E_0 - E_T`, and :math:`\\rho = -\\sum_j a_j\\, \\partial E_T / \\partial a_j / (E_0 - E_T)`
 (``LINEAR_RATIO``: about 1 while the gain grows linearly with the learning rate, about 0 near the
-best rate), with the schedules the episode ran and its test metric. Each run is ``FDSSGD`` on a
+best rate), the stable learning rate a far step read from the curvature (``STABLE_SHARE``; 0
+where none was read), with the schedules the episode ran and its test metric. Each run is ``FDSSGD`` on a
 task of ``_versus_tasks.py`` from one of ``versus.py``'s SGD starts, 5 learning-rate windows, as
 ``versus.py`` runs it.
 
@@ -64,8 +65,9 @@ def episodes(task_name: str, start: str, seed: int, n: int) -> list[dict[str, An
         rho = opt._linear_ratio({"lr_schedule": lrs}, {"lr": hypergrads}, end_loss)
         rho = math.nan if rho is None else rho
         _, test = task.evaluate(model, task.x_test, task.y_test)
+        stable = opt.history[0]["stable_lr"][-1]  # the rate the far step read (0: none)
         out.append(dict(episode=episode, lr=lrs, momentum=momentum, start_loss=start_loss,
-                        end_loss=end_loss, gain=gain, rho=rho, test=test))
+                        end_loss=end_loss, gain=gain, rho=rho, stable=stable, test=test))
     return out
 
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     jobs = [(t, args.start, s, args.episodes) for t in args.tasks for s in args.seeds]
     print("task        seed  episode  lr (first window)  momentum  E_0     E_T     gain    "
-          "gain / last   rho     test")
+          "gain / last   rho     stable lr  test")
     with ProcessPoolExecutor(args.workers) as pool:
         for (task, _, seed, _), readings in zip(jobs, pool.map(episodes, *zip(*jobs))):
             last = None
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 growth = f"{r['gain'] / last:8.1f}x" if last else "        -"
                 print(f"{task:<11} {seed:>4}  {r['episode']:>7}  {r['lr'][0]:>17.4g}  "
                       f"{r['momentum']:>8.3f}  {r['start_loss']:.4f}  {r['end_loss']:.4f}  "
-                      f"{r['gain']:.4f}  {growth:>11}  {r['rho']:6.3f}  {r['test']:.3f}")
+                      f"{r['gain']:.4f}  {growth:>11}  {r['rho']:6.3f}  {r['stable']:9.4g}  "
+                      f"{r['test']:.3f}")
                 last = r["gain"]
     return 0
 
