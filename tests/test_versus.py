@@ -136,3 +136,20 @@ def test_training_loss_rows_take_no_validation_closure_and_are_their_own_group()
     lines = versus._scale_free_verdict(task, ours, lambda s: s["metrics"][0])
     assert lines == ["- target 3 (scale-free), HypergradAdam: poor MISSED (-7.0 points)",
                      "- target 3 (scale-free), HypergradAdam (training loss): poor ok (-1.0 points)"]
+
+
+def test_fds_episodes_reads_what_the_outer_step_reads():
+    """``benchmarks/fds_episodes.py`` (the readings behind FDSSGD's far step): from 100x too small
+    on the digits MLP the first episode barely trains (the saturation model's decade, no
+    curvature read), the second has trained and reads a stable rate, and every reading is the
+    outer step's own (its history)."""
+    spec = importlib.util.spec_from_file_location("_fds_episodes_benchmark",
+                                                  ROOT / "benchmarks" / "fds_episodes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    first, second = module.episodes("digits-mlp", "poor", 0, 2)
+    assert first["lr"] == [1e-3] * 5 and second["lr"] == pytest.approx([1e-2] * 5)
+    assert first["gain"] < 0.1 * first["start_loss"] and first["rho"] > 0.5
+    assert first["stable"] == 0.0
+    assert second["gain"] > 0.1 * second["start_loss"] and second["rho"] > 0.5
+    assert 0.1 < second["stable"] < 10.0  # SGD's stable rate at lr 0.01 on this MLP: about 1
