@@ -676,3 +676,36 @@ def test_the_stable_rate_is_the_rules_edge_over_the_curvature_and_the_weight_dec
     step = aimed(stable, 0.02)
     assert step is not None and opt.schedule("lr") == pytest.approx([0.02 * math.exp(step)],
                                                                     rel=1e-12)
+
+
+def test_after_the_back_off_the_next_step_raises_or_holds_the_learning_rate():
+    """A lost first episode divides the learning rates by 100, below the stable range on
+    purpose: the next outer step holds a window whose hypergradient asks for less (0.3 stays,
+    where Rprop would halve it) and raises the others; the momentum moves as ever. The mark
+    survives a checkpoint and is cleared after that step."""
+    results = []
+    for resume in (False, True):
+        prob = Problem()
+        opt = prob.optimizer(horizon=4, lr=30.0, lr_windows=2, tune=("lr", "momentum"))
+        for t in range(4):
+            opt.step(prob.closure(opt, t))
+        with pytest.warns(HyperoptimWarning, match="non-finite validation loss"):
+            opt.hyperstep(lambda prob=prob: prob.val_loss(prob.live) * float("inf"))
+        assert opt.schedule("lr") == [0.3, 0.3] and opt.hyper_state["backed_off"] == [0]
+        if resume:
+            buffer = io.BytesIO()
+            torch.save(opt.state_dict(), buffer)
+            buffer.seek(0)
+            for p in prob.live.values():
+                p.grad = None  # as in a fresh process (a .grad there is one the user prepared)
+            opt = prob.optimizer(horizon=4, lr=1.0, lr_windows=2, tune=("lr", "momentum"))
+            opt.load_state_dict(torch.load(buffer, weights_only=True))
+        prob.reset()
+        prob.episode(opt)
+        h = opt.history[0]["hypergrad/lr"][-1]
+        assert h[0] > 0 > h[1]  # the first window asks for less, the second for more
+        assert opt.schedule("lr") == [0.3, 0.6]
+        assert opt.schedule("momentum") != [0.0]
+        assert opt.hyper_state["backed_off"] == []
+        results.append((opt.schedule("lr"), opt.schedule("momentum")))
+    assert results[0] == results[1]

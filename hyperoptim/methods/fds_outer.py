@@ -331,9 +331,12 @@ class FDSOuterStep:
         or, given the group's ``stable`` learning rate (:meth:`_stable_rate`), towards
         :data:`STABLE_SHARE` of it (:meth:`_aimed_far_step`). A lost episode
         (non-finite, or :meth:`_lost`) with no step to undo (the start itself was past
-        stability) divides the learning rates by :data:`LOST_BACK_OFF`.
+        stability) divides the learning rates by :data:`LOST_BACK_OFF`, and the next outer step
+        that is not lost raises or holds them (``hyper_state["backed_off"]``, the groups it
+        applies to), at the edge of stability (:data:`EDGE_RATIO`) excepted.
         """
         outer = self.hyper_state["outer"].setdefault(gi, {})
+        backed_off = self.hyper_state.get("backed_off", [])
         if revert:
             self._step_back(outer, group)
         elif skipped:
@@ -342,6 +345,7 @@ class FDSOuterStep:
             if "lr" in group["tune"]:
                 lo = self._bounds("lr")[0]
                 group["lr_schedule"] = [max(v / LOST_BACK_OFF, lo) for v in group["lr_schedule"]]
+                self.hyper_state["backed_off"] = sorted({*backed_off, gi})
         else:
             before = {name: list(group[f"{name}_schedule"]) for name in hypergrads}
             ratio = self._linear_ratio(group, hypergrads, loss)
@@ -356,9 +360,16 @@ class FDSOuterStep:
                 if ratio is not None and ratio >= LINEAR_RATIO:
                     far = far_step(ratio) if stable is None else self._aimed_far_step(group,
                                                                                       stable)
+                if gi in backed_off and "lr" in hypergrads:
+                    # The back-off put the rate below the stable range on purpose
+                    # (LOST_BACK_OFF): the first step after it raises the rate or holds it (a
+                    # zero sign), never lowers it further.
+                    hypergrads = {**hypergrads, "lr": [min(h, 0.0) for h in hypergrads["lr"]]}
                 self._sign_update(gi, group, hypergrads, far=far)
             for name, values in before.items():
                 outer[name]["prev"] = values
+        if not skipped and gi in backed_off:
+            self.hyper_state["backed_off"] = [g for g in backed_off if g != gi]
         # One entry per hyperstep, aligned with the other names (the initial s before the first).
         steps = {f"log_step/{name}": list(outer[name]["log_step"]) if "log_step" in outer.get(
                      name, {}) else [self.log_step] * group[f"{name}_windows"]
