@@ -118,7 +118,8 @@ class FDSSGD(RuleFDS):
     stable range costs a far step, at its edge the run), and so does a first episode that
     gained nothing (its validation loss ended at or above :math:`E_0`: from lr 1 the digits
     CNN's ReLUs die and the loss stays at chance; a later one is undone as a worse one;
-    ``history`` marks it in ``"lost"``). At the edge of stability, where
+    ``history`` marks it in ``"lost"``); the outer step after such a back-off raises or holds
+    the learning rate, never lowers it further. At the edge of stability, where
     :math:`|\rho| > 10` (:data:`~hyperoptim.methods.fds_outer.EDGE_RATIO`: the end loss far
     more sensitive to the learning rates than the episode's gain), the signs are chaos: every
     learning-rate window steps down by its step and the other values hold. The momentum keeps
