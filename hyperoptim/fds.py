@@ -130,7 +130,8 @@ class FDSSGD(RuleFDS):
     at 0 leaves it). ``history`` adds
     ``"log_step/<name>"`` (the :math:`s_j` after the step), ``"backtracked"``, ``"lost"`` and
     ``"stable_lr"`` (the stable rate a far step read; 0 where none);
-    the state is in ``hyper_state["outer"]`` and ``hyper_state["val_loss_ref"]``. From the
+    the state is in ``hyper_state["outer"]``, ``hyper_state["val_loss_ref"]`` and
+    ``hyper_state["backed_off"]`` (the groups whose next step may not lower the rate). From the
     versus starts (lr 1e-3, 0.1, 1.0) on the digits MLP and diabetes, 4 episodes, the log step
     matched or beat the additive one from every start and the additive step diverged on
     diabetes from all three (README, FDSSGD). The step is FDS's own option rather than a policy of
