@@ -13,7 +13,9 @@ Run (1 thread per process):
     python benchmarks/fds_episodes.py --tasks charlm digits-cnn --start poor --episodes 2
 
 ``--episodes`` past ``versus.py``'s 3 shows where further outer steps take a start (the README's
-account of FDSSGD's misses: ``--tasks charlm --start poor --episodes 5``).
+account of FDSSGD's misses: ``--tasks charlm --start poor --episodes 5``); ``--start default``
+runs the constructor's defaults (lr 0, the paper's: the first outer step is additive), the
+versus tables' "defaults" rows (``--tasks diabetes --start default --episodes 3``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def episodes(task_name: str, start: str, seed: int, n: int) -> list[dict[str, An
     model = task.make_model(seed)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     batches = task.batches(seed, task.steps)
-    opt = hyperoptim.FDSSGD(model.parameters(), **STARTS["sgd"][start], horizon=task.steps,
+    settings = {} if start == "default" else STARTS["sgd"][start]  # default: lr 0, the paper's
+    opt = hyperoptim.FDSSGD(model.parameters(), **settings, horizon=task.steps,
                             lr_windows=5,
                             val_closure=lambda: task.loss(model, task.x_val, task.y_val))
     out = []
@@ -74,20 +77,22 @@ def episodes(task_name: str, start: str, seed: int, n: int) -> list[dict[str, An
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["charlm", "digits-cnn"])
-    parser.add_argument("--start", default="poor", choices=sorted(STARTS["sgd"]))
+    parser.add_argument("--start", default="poor", choices=[*sorted(STARTS["sgd"]), "default"],
+                        help="a versus start, or default: the constructor's (lr 0)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     jobs = [(t, args.start, s, args.episodes) for t in args.tasks for s in args.seeds]
-    print("task        seed  episode  lr (first window)  momentum  E_0     E_T     gain    "
+    print("task        seed  episode  lr (first, largest)  momentum  E_0     E_T     gain    "
           "gain / last   rho     stable lr  test")
     with ProcessPoolExecutor(args.workers) as pool:
         for (task, _, seed, _), readings in zip(jobs, pool.map(episodes, *zip(*jobs))):
             last = None
             for r in readings:
                 growth = f"{r['gain'] / last:8.1f}x" if last else "        -"
-                print(f"{task:<11} {seed:>4}  {r['episode']:>7}  {r['lr'][0]:>17.4g}  "
+                lrs = f"{r['lr'][0]:.4g}, {max(r['lr']):.4g}"
+                print(f"{task:<11} {seed:>4}  {r['episode']:>7}  {lrs:>19}  "
                       f"{r['momentum']:>8.3f}  {r['start_loss']:.4f}  {r['end_loss']:.4f}  "
                       f"{r['gain']:.4f}  {growth:>11}  {r['rho']:6.3f}  {r['stable']:9.4g}  "
                       f"{r['test']:.3f}")

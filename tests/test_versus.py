@@ -153,3 +153,18 @@ def test_fds_episodes_reads_what_the_outer_step_reads():
     assert first["stable"] == 0.0
     assert second["gain"] > 0.1 * second["start_loss"] and second["rho"] > 0.5
     assert 0.1 < second["stable"] < 10.0  # SGD's stable rate at lr 0.01 on this MLP: about 1
+
+
+def test_fds_episodes_runs_the_constructor_defaults():
+    """``--start default``: the versus tables' "defaults" rows, from lr 0 (the paper's start).
+    The first episode trains nothing and reads no ratio; the first outer step is additive (the
+    paper's 0.1)."""
+    spec = importlib.util.spec_from_file_location("_fds_episodes_benchmark",
+                                                  ROOT / "benchmarks" / "fds_episodes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    first, second = module.episodes("digits-mlp", "default", 0, 2)
+    assert first["lr"] == [0.0] * 5 and first["gain"] == 0.0 and math.isnan(first["rho"])
+    assert second["lr"] == pytest.approx([0.1] * 5) and second["gain"] > 0.0
+    with pytest.raises(SystemExit):
+        module.main(["--start", "nonsense"])
