@@ -99,8 +99,11 @@ class FDSSGD(RuleFDS):
     regime, less as :math:`\rho` falls to 0.5): from 100x too small two episodes instead of
     four, while a good start, where :math:`\rho` is small, keeps the factor of 2 (a decade
     regardless killed FDSAdamW's digits CNN from its good start); after such a step Rprop
-    starts afresh (its first step, the sign forgotten). Once an episode has trained (its
-    validation loss ended at least 10% below :math:`E_0`) the far step reads the curvature
+    starts afresh (its first step, the sign forgotten), and where the episode reads its rate near
+    or past its best (:math:`\rho \le 0`, or a far step the curvature declined) a window of the
+    learning rate that asks for more again keeps its step instead of doubling it
+    (:meth:`~hyperoptim.methods.fds_outer.FDSOuterStep._near_best`). Once an episode has
+    trained (its validation loss ended at least 10% below :math:`E_0`) the far step reads the curvature
     instead: it aims at a third of SGD's stable learning rate :math:`2 (1 + \mu) / (\lambda +
     c)`, :math:`\lambda` the largest eigenvalue of the validation loss's Hessian at the
     episode's end weights, up to two decades

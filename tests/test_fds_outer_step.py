@@ -215,14 +215,14 @@ def test_from_a_start_100x_too_small_the_log_step_learns_in_few_episodes():
     assert not min(additive[-2:]) < 0.5 * additive[0], additive
 
 
-def replay(hist: dict, start: float, n: int, start_loss: float) -> int:
+def replay(hist: dict, start: float, n: int, start_loss: float) -> tuple[int, int]:
     """The documented log step on the recorded hypergradients and validation losses (``lr``
     alone tuned; every episode from the same weights, whose validation loss is ``start_loss``);
-    returns how many backtracks it saw."""
+    returns how many backtracks it saw, and how many repeated raises it did not grow."""
     value, s, sign = [start] * n, [LOG_STEP] * n, [0.0] * n
     prev: list[float] | None = None
     ref = None
-    backs = 0
+    backs = held = 0
     for hs, loss, back, recorded, stable in zip(hist["hypergrad/lr"], hist["val_loss"],
                                                 hist["backtracked"], hist["lr"],
                                                 hist["stable_lr"], strict=True):
@@ -235,12 +235,15 @@ def replay(hist: dict, start: float, n: int, start_loss: float) -> int:
             value = [p * math.exp(-x) for p, x in zip(prev, s, strict=True)]  # probe below
         else:
             prev, ref = list(value), loss
-            far = start_loss > loss and _ratio(start_loss, loss, value, hs) >= LINEAR_RATIO
+            ratio = _ratio(start_loss, loss, value, hs) if start_loss > loss else None
+            far = ratio is not None and ratio >= LINEAR_RATIO
             # The curvature is read exactly where a far step follows a trained episode.
             assert (stable > 0) == (far and start_loss - loss >= STABLE_GAIN * start_loss)
-            step = far_step(_ratio(start_loss, loss, prev, hs)) if far else None
+            step = far_step(ratio) if far else None
             if stable > 0:
                 step = aimed(stable, max(prev))
+            # Near or past its best: a repeated raise keeps its step (no growth).
+            near = ratio is not None and (ratio <= 0 or (stable > 0 and step is None))
             for k, h in enumerate(hs):
                 if step is not None and h < 0:  # the far step up; Rprop afresh
                     value[k] *= math.exp(step)
@@ -249,12 +252,14 @@ def replay(hist: dict, start: float, n: int, start_loss: float) -> int:
                 sg = float((h > 0) - (h < 0))
                 if sg * sign[k] < 0:
                     s[k] /= 2
+                elif sg * sign[k] > 0 and near and sg < 0:
+                    held += 1
                 elif sg * sign[k] > 0:
                     s[k] = min(2 * s[k], LOG_STEP_MAX)
                 sign[k] = sg
                 value[k] *= math.exp(-sg * s[k])
         assert recorded == value
-    return backs
+    return backs, held
 
 
 @pytest.mark.parametrize("start_loss_known", [True, False], ids=["linear_test", "sign_rule"])
@@ -275,13 +280,42 @@ def test_the_log_step_follows_its_documented_rule(start_loss_known):
             opt.hyperstep(lambda: prob.val_loss(prob.live))
     hist = opt.history[0]
     known = start_loss if start_loss_known else -math.inf
-    assert replay(hist, 1e-3, 2, known) > 0  # the replay exercised a backtrack
+    backs, held = replay(hist, 1e-3, 2, known)
+    assert backs > 0  # the replay exercised a backtrack
     steps = [x for s in hist["log_step/lr"] for x in s]
     if start_loss_known:  # a first outer step of a decade (lr 1e-3 is far below this rate)
         assert hist["lr"][0] == pytest.approx([1e-2, 1e-2], rel=1e-12)
     else:
         assert max(steps) == LOG_STEP_MAX  # the growth's cap
     assert opt.hyper_state["outer"][0]["lr"]["log_step"] == hist["log_step/lr"][-1]
+
+
+def test_a_raise_near_its_best_keeps_its_step_a_fall_still_grows():
+    """Rprop's growth on a repeated sign applies to a raise of the learning rate only where the
+    episode does not read the rate near or past its best: with ``near`` a window that asks for
+    more again keeps its log step (x2, not x4), one that asks for less again still doubles its
+    step; the momentum's additive step is untouched. On a real run the replay of the rule (rho
+    <= 0, or a far step the curvature declined) matches the recorded schedules, holds included."""
+    opt, group = _adam(lr=0.1)
+    opt._sign_update(0, group, {"lr": [-1.0, 1.0]})  # x2 up, /2 down
+    assert group["lr_schedule"] == pytest.approx([0.2, 0.05], rel=1e-12)
+    opt._sign_update(0, group, {"lr": [-1.0, 1.0]}, near=True)
+    assert group["lr_schedule"] == pytest.approx([0.4, 0.0125], rel=1e-12)  # x2 kept; /4 grown
+    assert opt.hyper_state["outer"][0]["lr"]["log_step"] == pytest.approx(
+        [LOG_STEP, 2 * LOG_STEP], rel=1e-12)
+    opt._sign_update(0, group, {"lr": [-1.0, 1.0]})  # not near: the raise grows again
+    assert group["lr_schedule"][0] == pytest.approx(1.6, rel=1e-12)
+
+    prob = Problem(seed=5)
+    start_loss = prob.val_loss(prob.live).item()
+    opt = prob.optimizer(horizon=6, lr=0.3, lr_windows=2, tune=("lr",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HyperoptimWarning)
+        for _ in range(10):
+            prob.reset()
+            prob.episode(opt)
+    backs, held = replay(opt.history[0], 0.3, 2, start_loss)
+    assert held > 0 and backs > 0
 
 
 def test_a_non_finite_first_episode_divides_the_learning_rates_by_a_hundred():
