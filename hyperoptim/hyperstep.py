@@ -372,7 +372,10 @@ class ScaleFree(HyperStep):
         if not moments["v"] > 0.0:
             return value, state
         m_hat, v_hat = _corrected(moments, self.beta1, self.beta2)
-        r = m_hat / math.sqrt(v_hat)
+        # Adam's ratio at a first step is the sign of g exactly; computed, it lands an ulp or two
+        # either side of the cap by g's mantissa (about 3% of values), so a start's decade could
+        # decide whether its first growth step counted as capped (the run of 3. above).
+        r = math.copysign(1.0, m_hat) if moments["t"] == 1.0 else m_hat / math.sqrt(v_hat)
         if self.streak:
             moments.update(self._fast_moment(g, state))
             if moments["streak"] >= self.streak:  # 4. above: a consistent signal to decrease
