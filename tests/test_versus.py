@@ -138,15 +138,21 @@ def test_training_loss_rows_take_no_validation_closure_and_are_their_own_group()
                      "- target 3 (scale-free), HypergradAdam (training loss): poor ok (-1.0 points)"]
 
 
+def _fds_episodes():
+    """``benchmarks/fds_episodes.py`` as a module."""
+    spec = importlib.util.spec_from_file_location("_fds_episodes_benchmark",
+                                                  ROOT / "benchmarks" / "fds_episodes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_fds_episodes_reads_what_the_outer_step_reads():
     """``benchmarks/fds_episodes.py`` (the readings behind FDSSGD's far step): from 100x too small
     on the digits MLP the first episode barely trains (the saturation model's decade, no
     curvature read), the second has trained and reads a stable rate, and every reading is the
     outer step's own (its history)."""
-    spec = importlib.util.spec_from_file_location("_fds_episodes_benchmark",
-                                                  ROOT / "benchmarks" / "fds_episodes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _fds_episodes()
     first, second = module.episodes("digits-mlp", "poor", 0, 2)
     assert first["lr"] == [1e-3] * 5 and second["lr"] == pytest.approx([1e-2] * 5)
     assert first["gain"] < 0.1 * first["start_loss"] and first["rho"] > 0.5
@@ -159,10 +165,7 @@ def test_fds_episodes_runs_the_constructor_defaults():
     """``--start default``: the versus tables' "defaults" rows, from lr 0 (the paper's start).
     The first episode trains nothing and reads no ratio; the first outer step is additive (the
     paper's 0.1)."""
-    spec = importlib.util.spec_from_file_location("_fds_episodes_benchmark",
-                                                  ROOT / "benchmarks" / "fds_episodes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _fds_episodes()
     first, second = module.episodes("digits-mlp", "default", 0, 2)
     assert first["lr"] == [0.0] * 5 and first["gain"] == 0.0 and math.isnan(first["rho"])
     assert second["lr"] == pytest.approx([0.1] * 5) and second["gain"] > 0.0
